@@ -1,0 +1,92 @@
+"""The error- and warning-code catalogue of SPEC §6, with Chinese and English messages.
+
+Codes are stable: extend, never rename.  ``docs/error-codes.md`` is generated from this table
+(``python -m contracts.export``) and a test fails when the two drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Severity(StrEnum):
+    ERROR = "error"
+    WARNING = "warning"
+
+
+@dataclass(frozen=True)
+class CodeInfo:
+    code: str
+    severity: Severity
+    http_status: int | None
+    message_en: str
+    message_zh: str
+
+
+def _e(code: str, status: int | None, en: str, zh: str) -> CodeInfo:
+    return CodeInfo(code, Severity.ERROR, status, en, zh)
+
+
+def _w(code: str, en: str, zh: str) -> CodeInfo:
+    return CodeInfo(code, Severity.WARNING, None, en, zh)
+
+
+CATALOGUE: dict[str, CodeInfo] = {
+    c.code: c
+    for c in (
+        _e("SCHEMA", 422, "The record does not match the contract.", "记录不符合数据规范。"),
+        _e("ID_NUMBER_INVALID", 422, "The identity number is not valid (GB 11643 check digit or birth date).",
+           "身份证号码无效（GB 11643 校验码或出生日期错误）。"),
+        _e("REGION_UNKNOWN", 422, "The region code is not a known administrative division.",
+           "地区代码不是已知的行政区划代码。"),
+        _e("PUBLIC_SUBJECT_SOURCE", 422, "Public-subject hours are only accepted from the Cadre Network College.",
+           "公需科目学时只能来自青海干部网络学院。"),
+        _e("ACTIVITY_NOT_COUNTABLE", 422, "This activity does not count towards continuing education.",
+           "该活动不计入继续教育学时。"),
+        _e("BASE_NOT_RECOGNIZED", 422, "The training base is not in the directory of assessed bases, or was revoked.",
+           "培训基地不在评估认定的目录清单内，或已被撤销。"),
+        _e("PLAN_NOT_FILED", 422, "The training plan was not filed by 31 July of the year.",
+           "培训计划未在当年7月31日前备案。"),
+        _e("ASSESSMENT_FAILED", 422, "The assessment was failed; no hours are earned.",
+           "考核不合格，不计学时。"),
+        _e("OUTSIDE_YEAR", 422, "The completion date lies outside the continuing-education year.",
+           "完成日期不在该继续教育年度内。"),
+        _e("YEAR_CLOSED", 422, "The continuing-education year is closed for new records.",
+           "该继续教育年度已关闭，不再接收记录。"),
+        _e("SCOPE_VIOLATION", 403, "The partner may not submit for this adapter or base code.",
+           "合作方无权以该适配器或基地代码提交数据。"),
+        _e("CONFLICT_WITH_EXISTING", 409, "Another source already reported this activity with different hours; held for review.",
+           "其他来源已报送同一活动但学时不同，已暂停待运维处理。"),
+        _e("DOWNSTREAM_REJECTED", None, "The management system rejected the record.",
+           "继续教育管理系统拒收该记录。"),
+        _e("RETRIES_EXHAUSTED", None, "Delivery failed after all scheduled retries.",
+           "按计划重试后仍未送达。"),
+        _e("UNAUTHENTICATED", 401, "The request is not signed, badly signed or stale.",
+           "请求未签名、签名错误或已过期。"),
+        _e("REPLAYED", 401, "The request nonce was already used.", "请求随机数已被使用（重放）。"),
+        _e("PAYLOAD_TOO_LARGE", 413, "The request body or batch is too large.", "请求体或批次过大。"),
+        _e("NOT_FOUND", 404, "No such resource.", "资源不存在。"),
+        _e("FORBIDDEN", 403, "The operator's role does not allow this action.", "操作员角色无权执行此操作。"),
+        _w("TITLE_APPLICANT_LATE", "Title applicants must finish by 30 November.",
+           "申报职称人员须在11月30日前完成学习。"),
+        _w("CAP_APPLIED", "Hours were reduced to the yearly cap for this activity type.",
+           "已按该类活动年度上限核减学时。"),
+        _w("ID_REGION_UNKNOWN", "The identity number's region prefix is not in today's code list.",
+           "身份证号码的地区码不在现行代码表中。"),
+        _w("USCC_INVALID", "The unified social credit code fails its check digit.",
+           "统一社会信用代码校验位错误。"),
+        _w("INTEGRITY_DAY_OVER_24H", "More than 24 hours claimed for one person in one day.",
+           "同一人同一天申报超过24学时。"),
+        _w("INTEGRITY_OVERLAP", "Overlapping offline trainings for one person.", "同一人线下培训时间重叠。"),
+        _w("INTEGRITY_ABOVE_PLAN", "Hours far above the filed plan's.", "学时远超备案计划学时。"),
+    )
+}
+
+ErrorCode = StrEnum("ErrorCode", {c: c for c in CATALOGUE})  # type: ignore[misc]
+
+
+def message(code: str) -> tuple[str, str]:
+    """The (English, Chinese) message of a code; unknown codes are a programming error."""
+    info = CATALOGUE[code]
+    return info.message_en, info.message_zh

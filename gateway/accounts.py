@@ -1,0 +1,82 @@
+"""Partners and operators: registration and lookup (secrets encrypted, tokens hashed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, insert, select
+
+from gateway import audit
+from gateway.secrets_box import SecretBox, hash_token, new_app_key, new_operator_token, new_secret
+from gateway.store.tables import operators, partners
+
+ADAPTERS_WITH_PUSH = {"canonical", "training_base", "health", "finance", "cadre_college"}
+ROLES = ("viewer", "operator")
+
+
+@dataclass(frozen=True)
+class Partner:
+    partner_id: str
+    adapter: str
+    base_code: str | None
+    app_key: str
+    secret: str
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    role: str
+
+    @property
+    def can_act(self) -> bool:
+        return self.role == "operator"
+
+
+def add_partner(engine: Engine, box: SecretBox, partner_id: str, adapter: str,
+                base_code: str | None = None) -> Partner:
+    if adapter not in ADAPTERS_WITH_PUSH:
+        raise ValueError(f"unknown adapter {adapter!r}; known: {', '.join(sorted(ADAPTERS_WITH_PUSH))}")
+    app_key, secret, now = new_app_key(), new_secret(), datetime.now(UTC)
+    with engine.begin() as conn:
+        if conn.execute(select(partners.c.partner_id).where(partners.c.partner_id == partner_id)).first():
+            raise ValueError(f"partner {partner_id!r} already exists")
+        conn.execute(insert(partners).values(
+            partner_id=partner_id, adapter=adapter, base_code=base_code, app_key=app_key,
+            secret_enc=box.encrypt(secret), active=True, created_at=now))
+        audit.append(conn, [audit.Event("partner_added", actor="cli", detail={
+            "partner_id": partner_id, "adapter": adapter, "base_code": base_code,
+            "app_key": app_key})], now)
+    return Partner(partner_id, adapter, base_code, app_key, secret)
+
+
+def partner_by_app_key(engine: Engine, box: SecretBox, app_key: str) -> Partner | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(partners).where(partners.c.app_key == app_key,
+                                                  partners.c.active.is_(True))).mappings().first()
+    if row is None:
+        return None
+    return Partner(row["partner_id"], row["adapter"], row["base_code"], row["app_key"],
+                   box.decrypt(row["secret_enc"]))
+
+
+def add_operator(engine: Engine, name: str, role: str) -> tuple[Operator, str]:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}")
+    token, now = new_operator_token(), datetime.now(UTC)
+    with engine.begin() as conn:
+        if conn.execute(select(operators.c.id).where(operators.c.name == name)).first():
+            raise ValueError(f"operator {name!r} already exists")
+        conn.execute(insert(operators).values(name=name, role=role, token_hash=hash_token(token),
+                                              created_at=now))
+        audit.append(conn, [audit.Event("operator_added", actor="cli",
+                                        detail={"name": name, "role": role})], now)
+    return Operator(name, role), token
+
+
+def operator_by_token(engine: Engine, token: str) -> Operator | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(operators.c.name, operators.c.role)
+                           .where(operators.c.token_hash == hash_token(token))).first()
+    return Operator(row.name, row.role) if row else None

@@ -1,0 +1,114 @@
+"""The FastAPI application: partner routes, ops routes, health, coded errors, the worker.
+
+``create_app(settings)`` builds one gateway process.  With ``run_worker`` the delivery
+worker runs in a background thread beside the HTTP server (``serve``); ``serve --no-worker``
+leaves delivery to ``ce-gateway worker`` processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from contracts.errors import message
+from gateway.api.routes import ops, partner
+from gateway.config import Settings
+from gateway.delivery.worker import DeliveryWorker
+from gateway.errors import PayloadRejected
+from gateway.masking import install_log_masking, mask_text
+from gateway.state import AppState
+from gateway.store.db import is_sqlite, upgrade
+
+log = logging.getLogger(__name__)
+
+
+def _coded(status: int, code: str, detail: str | None = None, field: str | None = None) -> JSONResponse:
+    en, zh = message(code)
+    return JSONResponse(status_code=status, content={"error": {
+        "code": code, "field": field, "message": f"{en} {detail}" if detail else en,
+        "message_zh": zh}})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PayloadRejected)
+    async def _rejected(_: Request, exc: PayloadRejected) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content=exc.as_body())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        return _coded(422, "SCHEMA", mask_text(f"({loc}: {first.get('msg', 'invalid')})"), loc or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND", 413: "PAYLOAD_TOO_LARGE"
+                }.get(exc.status_code, "SCHEMA")
+        return _coded(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(status_code=500, content={"error": {
+            "code": "INTERNAL", "field": None, "message": "Internal error; nothing was committed.",
+            "message_zh": "内部错误，本次请求未提交。"}})
+
+
+def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | None = None) -> FastAPI:
+    install_log_masking()
+    state = AppState.build(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if migrate if migrate is not None else is_sqlite(state.engine):
+            upgrade(settings.database_url)
+        thread = None
+        if run_worker:
+            state.worker = DeliveryWorker(state.engine, settings)
+            thread = threading.Thread(target=state.worker.run_forever, name="delivery-worker",
+                                      daemon=True)
+            thread.start()
+        try:
+            yield
+        finally:
+            if state.worker is not None and thread is not None:
+                state.worker.stop()
+                thread.join(timeout=30)
+                state.worker.close()
+            state.engine.dispose()
+
+    app = FastAPI(title="CE Gateway", version="1.0.0", lifespan=lifespan,
+                  description="青海省专业技术人员继续教育学时对接网关 — partner intake, "
+                              "validation, dedup, durable delivery and audit.")
+    app.state.gateway = state
+    _install_error_handlers(app)
+    app.include_router(partner.router)
+    app.include_router(ops.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        try:
+            with state.engine.connect() as conn:
+                conn.execute(text("SELECT 1 FROM audit_head"))
+        except Exception as exc:  # the probe reports, it does not crash
+            return JSONResponse(status_code=503, content={"status": "not ready", "reason": type(exc).__name__})
+        worker = state.worker
+        return JSONResponse(content={
+            "status": "ready",
+            "worker": None if worker is None else {"name": worker.name, "circuit": worker.breaker.state.value},
+        })
+
+    return app

@@ -1,0 +1,74 @@
+"""Partner side of the API (signed, SPEC §5 and §7): submit and withdraw records."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+
+from contracts import RecordAnswer, SubmissionResult
+from gateway.accounts import Partner
+from gateway.api.deps import signed_partner, state_of
+from gateway.errors import NotFound, PayloadRejected, PayloadTooLarge, ScopeViolation
+from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
+
+router = APIRouter(prefix="/v1", tags=["partner"])
+SignedPartner = Annotated[tuple[Partner, bytes], Depends(signed_partner)]
+SIGNED = {"description": "Signed with the X-CE-* headers of SPEC §7"}
+
+
+def _records_of(body: bytes, limit: int) -> list[Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadRejected("SCHEMA", detail=f"(body is not JSON: {exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        raise PayloadRejected("SCHEMA", field="records", detail='(expected {"records": [...]})')
+    extra = sorted(set(data) - {"records"})
+    if extra:
+        raise PayloadRejected("SCHEMA", field=extra[0], detail=f"(unknown field {extra[0]!r})")
+    records: list[Any] = data["records"]
+    if not records:
+        raise PayloadRejected("SCHEMA", field="records", detail="(1–1,000 records per request)")
+    if len(records) > limit:
+        raise PayloadTooLarge(detail=f"({len(records)} records; at most {limit} per request)")
+    return records
+
+
+def _scope_partner(partner: Partner, adapter: str) -> PartnerRef:
+    if partner.adapter != adapter:
+        raise ScopeViolation(detail=f"(partner is registered for {partner.adapter!r}, not {adapter!r})")
+    return PartnerRef(partner.partner_id, partner.adapter, partner.base_code)
+
+
+def _result(answers: list[RecordAnswer]) -> SubmissionResult:
+    counts = Counter(a.status.value for a in answers)
+    return SubmissionResult(results=answers, counts={
+        k: counts.get(k, 0) for k in ("accepted", "duplicate", "corrected", "conflict", "rejected")})
+
+
+@router.post("/records", response_model=SubmissionResult, openapi_extra=SIGNED,
+             summary="Submit 1–1,000 canonical records; one answer per record")
+async def submit_records(request: Request, signed: SignedPartner) -> SubmissionResult:
+    partner, body = signed
+    state = state_of(request)
+    ref = _scope_partner(partner, "canonical")
+    records = _records_of(body, state.settings.max_records_per_request)
+    answers = await run_in_threadpool(ingest, state.engine, ref, records)
+    return _result(answers)
+
+
+@router.delete("/records/{source_record_id}", response_model=RecordAnswer, openapi_extra=SIGNED,
+               summary="Withdraw a record the partner sent (a new, withdrawn version)")
+async def withdraw_record(source_record_id: str, request: Request,
+                          signed: SignedPartner) -> RecordAnswer:
+    partner, _ = signed
+    state = state_of(request)
+    ref = PartnerRef(partner.partner_id, partner.adapter, partner.base_code)
+    answer = await run_in_threadpool(withdraw, state.engine, ref, source_record_id)
+    if answer is None:
+        raise NotFound(detail=f"(no record {source_record_id!r} from this partner)")
+    return answer

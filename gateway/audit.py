@@ -1,0 +1,148 @@
+"""Append-only, hash-chained audit trail (SPEC §7 "Audit").
+
+Every state change of a record and every operator action becomes an event whose hash covers
+the previous event's hash, its own sequence number and its content.  ``verify`` walks the chain
+and names the first event that was edited, deleted or moved; the one-row ``audit_head`` table
+(locked by every appender, so the chain stays linear across processes) also exposes truncation
+of the tail.  Identity numbers are masked before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, insert, select, update
+
+from gateway.masking import mask_text
+from gateway.store.tables import audit_events, audit_head
+
+GENESIS_HASH = "0" * 64
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    record_id: str | None = None
+    version: int | None = None
+    actor: str = "gateway"
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _canonical_detail(detail: dict[str, Any]) -> str:
+    text = orjson.dumps(detail, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
+    return mask_text(text.decode())
+
+
+def _hash(prev_hash: str, seq: int, row: dict[str, Any]) -> str:
+    material = "\x1f".join(
+        [
+            prev_hash,
+            str(seq),
+            row["event_id"],
+            row["occurred_at"].astimezone(UTC).isoformat(),
+            row["kind"],
+            row["record_id"] or "",
+            "" if row["version"] is None else str(row["version"]),
+            row["actor"],
+            row["detail"],
+        ]
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def append(conn: Connection, events: Sequence[Event], now: datetime | None = None) -> None:
+    """Append ``events`` in order inside the caller's transaction."""
+    if not events:
+        return
+    now = now or datetime.now(UTC)
+    head = conn.execute(
+        select(audit_head.c.last_seq, audit_head.c.last_hash)
+        .where(audit_head.c.id == 1)
+        .with_for_update()
+    ).one()
+    seq, prev = int(head.last_seq), str(head.last_hash)
+    rows = []
+    for event in events:
+        seq += 1
+        row = {
+            "seq": seq,
+            "event_id": uuid.uuid4().hex,
+            "occurred_at": now,
+            "kind": event.kind,
+            "record_id": event.record_id,
+            "version": event.version,
+            "actor": mask_text(event.actor),
+            "detail": _canonical_detail(event.detail),
+        }
+        row["prev_hash"] = prev
+        row["hash"] = prev = _hash(prev, seq, row)
+        rows.append(row)
+    conn.execute(insert(audit_events), rows)
+    conn.execute(update(audit_head).where(audit_head.c.id == 1).values(last_seq=seq, last_hash=prev))
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    checked: int
+    first_bad_seq: int | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checked": self.checked, "first_bad_seq": self.first_bad_seq,
+                "reason": self.reason}
+
+
+def verify(conn: Connection, chunk: int = 5000) -> VerifyResult:
+    """Walk the whole chain; the first mismatch is reported, with its sequence number."""
+    prev, expected_seq, checked = GENESIS_HASH, 1, 0
+    last_seq = 0
+    while True:
+        rows = conn.execute(
+            select(audit_events).where(audit_events.c.seq >= expected_seq)
+            .order_by(audit_events.c.seq).limit(chunk)
+        ).mappings().all()
+        if not rows:
+            break
+        for row in rows:
+            seq = int(row["seq"])
+            if seq != expected_seq:
+                return VerifyResult(False, checked, expected_seq,
+                                    f"event {expected_seq} is missing (next present is {seq})")
+            if row["prev_hash"] != prev:
+                return VerifyResult(False, checked, seq, "prev_hash does not match the previous event")
+            if _hash(prev, seq, dict(row)) != row["hash"]:
+                return VerifyResult(False, checked, seq, "event content does not match its hash")
+            prev, expected_seq, last_seq = row["hash"], seq + 1, seq
+            checked += 1
+    head = conn.execute(select(audit_head).where(audit_head.c.id == 1)).mappings().one()
+    if int(head["last_seq"]) != last_seq or head["last_hash"] != prev:
+        return VerifyResult(False, checked, last_seq + 1,
+                            f"chain ends at {last_seq} but the head says {head['last_seq']}")
+    return VerifyResult(True, checked)
+
+
+def events_for(conn: Connection, record_ids: Iterable[str]) -> list[dict[str, Any]]:
+    ids = list(record_ids)
+    rows = conn.execute(
+        select(audit_events).where(audit_events.c.record_id.in_(ids)).order_by(audit_events.c.seq)
+    ).mappings().all()
+    return [
+        {
+            "seq": int(r["seq"]),
+            "at": r["occurred_at"].isoformat(),
+            "kind": r["kind"],
+            "record_id": r["record_id"],
+            "version": r["version"],
+            "actor": r["actor"],
+            "detail": orjson.loads(r["detail"]),
+            "hash": r["hash"],
+        }
+        for r in rows
+    ]

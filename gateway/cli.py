@@ -1,0 +1,183 @@
+"""``ce-gateway``: the command line of the gateway (Typer + Rich).
+
+Every command reads the one :class:`~gateway.config.Settings` (``CE_GATEWAY_*`` environment);
+commands meant for scripts take ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from gateway.config import Settings, get_settings
+
+app = typer.Typer(help="CE Gateway — 青海省继续教育学时对接网关", no_args_is_help=True)
+db_app = typer.Typer(help="Database migrations", no_args_is_help=True)
+partner_app = typer.Typer(help="Partner registration", no_args_is_help=True)
+operator_app = typer.Typer(help="Operator tokens", no_args_is_help=True)
+audit_app = typer.Typer(help="Audit trail", no_args_is_help=True)
+mock_app = typer.Typer(help="Mock partner systems for tests and the demo", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(partner_app, name="partner")
+app.add_typer(operator_app, name="operator")
+app.add_typer(audit_app, name="audit")
+app.add_typer(mock_app, name="mock")
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    return get_settings()
+
+
+def _setup_logging(settings: Settings) -> None:
+    from gateway.masking import install_log_masking
+
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    install_log_masking()
+
+
+def _engine(settings: Settings, migrate: bool = True):  # type: ignore[no-untyped-def]
+    from gateway.store.db import is_sqlite, make_engine, upgrade
+
+    engine = make_engine(settings.database_url)
+    if migrate and is_sqlite(engine):
+        upgrade(settings.database_url)
+    return engine
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8000,
+          no_worker: Annotated[bool, typer.Option("--no-worker", help="HTTP only; delivery runs in `worker` processes")] = False,
+          ) -> None:
+    """Run the gateway HTTP server (and, unless --no-worker, the delivery worker)."""
+    import uvicorn
+
+    from gateway.api.app import create_app
+
+    settings = _settings()
+    _setup_logging(settings)
+    uvicorn.run(create_app(settings, run_worker=not no_worker), host=host, port=port,
+                log_level="warning", timeout_graceful_shutdown=10)
+
+
+@app.command()
+def worker() -> None:
+    """Run a standalone delivery worker (several may share one PostgreSQL store)."""
+    import signal
+
+    from gateway.delivery.worker import DeliveryWorker
+
+    settings = _settings()
+    _setup_logging(settings)
+    w = DeliveryWorker(_engine(settings), settings)
+    signal.signal(signal.SIGTERM, lambda *_: w.stop())
+    try:
+        w.run_forever()
+    except KeyboardInterrupt:
+        w.stop()
+    finally:
+        w.close()
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply Alembic migrations to CE_GATEWAY_DATABASE_URL."""
+    from gateway.store.db import upgrade
+
+    upgrade(_settings().database_url, revision)
+    console.print(f"database at revision {revision}")
+
+
+@partner_app.command("add")
+def partner_add(
+    id: Annotated[str, typer.Option("--id", help="partner id, e.g. qh-base-001")],
+    adapter: Annotated[str, typer.Option(help="canonical | training_base | health | finance")],
+    base_code: Annotated[str | None, typer.Option(help="training base code this partner may submit for")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Register a partner; prints its app key and secret ONCE."""
+    from gateway.accounts import add_partner
+    from gateway.secrets_box import SecretBox
+
+    settings = _settings()
+    try:
+        p = add_partner(_engine(settings), SecretBox(settings.secret_key.get_secret_value()),
+                        id, adapter, base_code)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    out = {"partner_id": p.partner_id, "app_key": p.app_key, "secret": p.secret}
+    if as_json:
+        print(json.dumps(out))
+    else:
+        console.print(f"partner [bold]{p.partner_id}[/bold] ({adapter})\n  app key: {p.app_key}\n"
+                      f"  secret:  {p.secret}\n[yellow]The secret is shown once; store it now.[/yellow]")
+
+
+@operator_app.command("add")
+def operator_add(
+    name: Annotated[str, typer.Option("--name")],
+    role: Annotated[str, typer.Option("--role", help="viewer | operator")] = "operator",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Create an operator token (shown once; only its hash is stored)."""
+    from gateway.accounts import add_operator
+
+    try:
+        op, token = add_operator(_engine(_settings()), name, role)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    if as_json:
+        print(json.dumps({"name": op.name, "role": op.role, "token": token}))
+    else:
+        console.print(f"operator {op.name} ({op.role}) token: {token}")
+
+
+@audit_app.command("verify")
+def audit_verify(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Walk the hash chain; exit 1 and name the first bad event on any edit, deletion or move."""
+    from gateway import audit
+
+    with _engine(_settings(), migrate=False).connect() as conn:
+        result = audit.verify(conn)
+    if as_json:
+        print(json.dumps(result.as_dict()))
+    elif result.ok:
+        console.print(f"[green]audit chain intact[/green]: {result.checked} events")
+    else:
+        console.print(f"[red]audit chain broken at event {result.first_bad_seq}[/red]: {result.reason}")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@mock_app.command("ce-system")
+def mock_ce_system(
+    port: int = 8780, host: str = "127.0.0.1",
+    error_rate: float = 0.0, latency_ms: int = 0, rate_limit_every: int = 0,
+    lost_reply_rate: float = 0.0, seed: int | None = None,
+) -> None:
+    """Run the mock CE management system (intake + reference API) with fault injection."""
+    from mock_partners.ce_system import Faults, serve
+
+    serve(host=host, port=port, faults=Faults(
+        error_rate=error_rate, latency_ms=latency_ms, rate_limit_every=rate_limit_every,
+        lost_reply_rate=lost_reply_rate, seed=seed))
+
+
+@app.command()
+def demo(records: int = 300, keep: bool = False) -> None:
+    """End to end on SQLite: mock with faults, gateway, a partner, records, a summary."""
+    from gateway.demo import run_demo
+
+    raise typer.Exit(run_demo(console, n_records=records, keep=keep))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

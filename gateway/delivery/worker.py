@@ -1,0 +1,376 @@
+"""The delivery worker: outbox → management system, effectively once and in order (SPEC §7).
+
+One cycle claims a *delivery batch* — a group of outbox rows sent together under one
+``Idempotency-Key`` — by lease, sends it, and records the outcome:
+
+* a due batch that failed before is re-sent whole, with the same key, so a reply lost after
+  the management system applied it is answered from its idempotency cache, never applied twice;
+* otherwise up to ``DELIVERY_BATCH_SIZE`` pending rows form a new batch; a row whose record has
+  an earlier version still undelivered waits, so versions arrive in order;
+* short in-call retries (tenacity, full jitter, ``Retry-After`` honoured) ride out blips; after
+  them the batch's attempt count and next-attempt time go on its row, so a restart never resets
+  the schedule; the last scheduled attempt dead-letters the rows with ``RETRIES_EXHAUSTED``;
+* a per-record ``rejected`` receipt dead-letters that record only; a 400 on the whole request
+  splits the batch in halves until the bad record stands alone;
+* a circuit breaker stops claiming while the downstream keeps failing.
+
+Leases (``lease_owner``/``lease_until``, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL) let several
+workers share one store; a crashed worker's batch is re-claimed when its lease expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+from sqlalchemy import Connection, Engine, and_, exists, insert, or_, select, update
+from sqlalchemy.orm import aliased
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from contracts.errors import message
+from gateway import audit
+from gateway.config import Settings
+from gateway.delivery.circuit import CircuitBreaker, CircuitState
+from gateway.delivery.policy import Action, classify, classify_exception, retry_after_seconds
+from gateway.errors import PermanentDeliveryError, RetriableDeliveryError
+from gateway.store.tables import delivery_batches, outbox, record_versions
+
+log = logging.getLogger(__name__)
+INTAKE_PATH = "/api/v1/ce-records/batch"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    batch_key: str
+    attempts: int
+    rows: list[dict[str, Any]]  # outbox id, record_id, version
+
+
+@dataclass
+class CycleStats:
+    sent: int = 0
+    delivered: int = 0
+    dead: int = 0
+    retried: int = 0
+    http_calls: int = 0
+
+
+@dataclass
+class _Reply:
+    action: Action
+    status: int | None
+    receipts: list[dict[str, Any]] = field(default_factory=list)
+    reason: str = ""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class DeliveryWorker:
+    def __init__(self, engine: Engine, settings: Settings, *, client: httpx.Client | None = None,
+                 name: str | None = None, clock: Callable[[], datetime] | None = None) -> None:
+        self.engine, self.settings = engine, settings
+        self.name = name or worker_id()
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._client = client or httpx.Client(base_url=settings.downstream_url,
+                                              timeout=settings.downstream_timeout_seconds)
+        self.breaker = CircuitBreaker(settings.circuit_failure_threshold,
+                                      settings.circuit_reset_seconds)
+        self.stats = CycleStats()
+        self._stop = threading.Event()
+
+    # -- claiming -------------------------------------------------------------------------
+    def _lease(self, now: datetime) -> dict[str, Any]:
+        return {"lease_owner": self.name,
+                "lease_until": now + timedelta(seconds=self.settings.delivery_lease_seconds)}
+
+    def claim(self) -> Claimed | None:
+        now = self._clock()
+        with self.engine.begin() as conn:
+            return self._claim_due_batch(conn, now) or self._form_batch(conn, now)
+
+    def _claim_due_batch(self, conn: Connection, now: datetime) -> Claimed | None:
+        row = conn.execute(
+            select(delivery_batches.c.batch_key, delivery_batches.c.attempts)
+            .where(delivery_batches.c.status == "pending",
+                   delivery_batches.c.next_attempt_at <= now,
+                   or_(delivery_batches.c.lease_until.is_(None),
+                       delivery_batches.c.lease_until < now))
+            .order_by(delivery_batches.c.next_attempt_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).first()
+        if row is None:
+            return None
+        conn.execute(update(delivery_batches).where(delivery_batches.c.batch_key == row.batch_key)
+                     .values(**self._lease(now), updated_at=now))
+        rows = conn.execute(
+            select(outbox.c.id, outbox.c.record_id, outbox.c.version)
+            .where(outbox.c.batch_key == row.batch_key, outbox.c.status == "pending")
+            .order_by(outbox.c.id)
+        ).mappings().all()
+        return Claimed(row.batch_key, int(row.attempts), [dict(r) for r in rows])
+
+    def _form_batch(self, conn: Connection, now: datetime) -> Claimed | None:
+        earlier = aliased(outbox)
+        waiting_for_earlier = exists().where(
+            and_(earlier.c.record_id == outbox.c.record_id, earlier.c.version < outbox.c.version,
+                 earlier.c.status == "pending"))
+        rows = conn.execute(
+            select(outbox.c.id, outbox.c.record_id, outbox.c.version)
+            .where(outbox.c.status == "pending", outbox.c.batch_key.is_(None), ~waiting_for_earlier)
+            .order_by(outbox.c.id)
+            .limit(self.settings.delivery_batch_size)
+            .with_for_update(skip_locked=True)
+        ).mappings().all()
+        if not rows:
+            return None
+        key = uuid.uuid4().hex
+        conn.execute(insert(delivery_batches).values(
+            batch_key=key, status="pending", attempts=0, next_attempt_at=now, created_at=now,
+            updated_at=now, **self._lease(now)))
+        ids = [r["id"] for r in rows]
+        conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(batch_key=key, updated_at=now))
+        return Claimed(key, 0, [dict(r) for r in rows])
+
+    # -- sending --------------------------------------------------------------------------
+    def _body(self, rows: Sequence[dict[str, Any]]) -> bytes:
+        with self.engine.connect() as conn:
+            payloads = {
+                (r.record_id, r.version): r.payload
+                for r in conn.execute(select(record_versions.c.record_id, record_versions.c.version,
+                                             record_versions.c.payload)
+                                      .where(record_versions.c.record_id.in_([x["record_id"] for x in rows])))
+            }
+        parts = [payloads[(r["record_id"], r["version"])].encode() for r in rows]
+        return b'{"records":[' + b",".join(parts) + b"]}"
+
+    def _post_once(self, key: str, body: bytes) -> _Reply:
+        self.stats.http_calls += 1
+        try:
+            response = self._client.post(INTAKE_PATH, content=body, headers={
+                "Idempotency-Key": key, "Content-Type": "application/json"})
+        except httpx.HTTPError as exc:
+            classify_exception(exc)  # every httpx error is transient; others propagate
+            self.breaker.record_failure()
+            raise RetriableDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        action = classify(response.status_code)
+        if action in (Action.RETRY, Action.RATE_LIMITED):
+            self.breaker.record_failure()
+            raise RetriableDeliveryError(
+                f"HTTP {response.status_code}", status_code=response.status_code,
+                retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+        self.breaker.record_success()
+        if action is Action.SPLIT:
+            raise PermanentDeliveryError(f"HTTP {response.status_code}: {response.text[:200]}",
+                                         status_code=response.status_code)
+        receipts: list[dict[str, Any]] = []
+        if action is Action.DELIVERED:
+            try:
+                receipts = list(orjson.loads(response.content)["receipts"])
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                raise RetriableDeliveryError("unreadable receipts", status_code=response.status_code) from exc
+        return _Reply(action, response.status_code, receipts)
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        jitter = wait_random_exponential(multiplier=0.2, max=self.settings.inline_retry_max_wait_seconds)
+        if isinstance(exc, RetriableDeliveryError) and exc.retry_after is not None:
+            return min(exc.retry_after, self.settings.inline_retry_max_wait_seconds)
+        return float(jitter(state))
+
+    def send(self, claimed: Claimed, body: bytes) -> tuple[_Reply, list[dict[str, Any]]]:
+        """Send with short in-call retries; returns the final reply and every try's record."""
+        tries: list[dict[str, Any]] = []
+
+        def one_try() -> _Reply:
+            started = time.perf_counter()
+            try:
+                reply = self._post_once(claimed.batch_key, body)
+                tries.append({"status": reply.status, "ms": round((time.perf_counter() - started) * 1000)})
+                return reply
+            except (RetriableDeliveryError, PermanentDeliveryError) as exc:
+                tries.append({"status": exc.status_code, "error": exc.reason,
+                              "ms": round((time.perf_counter() - started) * 1000)})
+                raise
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(RetriableDeliveryError),
+            stop=stop_after_attempt(self.settings.inline_retries),
+            wait=self._wait,
+            retry_error_callback=lambda s: _Reply(Action.RETRY, None, reason=str(s.outcome.exception()) if s.outcome else ""),
+            before_sleep=lambda s: self._abort_if_open(),
+        )
+        try:
+            return retrying(one_try), tries
+        except PermanentDeliveryError as exc:
+            return _Reply(Action.SPLIT, exc.status_code, reason=exc.reason), tries
+        except _CircuitOpened as exc:
+            return _Reply(Action.RETRY, None, reason=str(exc)), tries
+
+    def _abort_if_open(self) -> None:
+        if self.breaker.state is not CircuitState.CLOSED:
+            raise _CircuitOpened("circuit open: stop retrying in-call")
+
+    # -- recording outcomes ---------------------------------------------------------------
+    def run_once(self) -> int:
+        """One cycle; returns how many records were sent (0 = nothing to do or circuit open)."""
+        if not self.breaker.allow():
+            return 0
+        claimed = self.claim()
+        if claimed is None:
+            self.breaker.release_probe()
+            return 0
+        if not claimed.rows:
+            self._finish_batch(claimed.batch_key)
+            return 0
+        body = self._body(claimed.rows)
+        reply, tries = self.send(claimed, body)
+        self.stats.sent += len(claimed.rows)
+        self._record(claimed, reply, tries)
+        return len(claimed.rows)
+
+    def _finish_batch(self, key: str, status: str = "done") -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(delivery_batches).where(delivery_batches.c.batch_key == key)
+                         .values(status=status, lease_owner=None, lease_until=None, updated_at=self._clock()))
+
+    def _record(self, claimed: Claimed, reply: _Reply, tries: list[dict[str, Any]]) -> None:
+        now = self._clock()
+        events = [audit.Event("attempt", r["record_id"], r["version"], self.name,
+                              {"batch": claimed.batch_key, "try": i + 1, **t})
+                  for r in claimed.rows for i, t in enumerate(tries)]
+        with self.engine.begin() as conn:
+            if reply.action in (Action.DELIVERED, Action.ALREADY_APPLIED):
+                events += self._apply_receipts(conn, claimed, reply, now)
+            elif reply.action is Action.SPLIT:
+                events += self._split(conn, claimed, reply, now)
+            else:
+                events += self._schedule_retry(conn, claimed, reply, now)
+            audit.append(conn, events, now)
+
+    def _dead(self, conn: Connection, row: dict[str, Any], code: str, reason: str,
+              now: datetime) -> audit.Event:
+        conn.execute(update(outbox).where(outbox.c.id == row["id"]).values(
+            status="dead", error_code=code, last_error=reason[:2000], updated_at=now))
+        self.stats.dead += 1
+        return audit.Event("dead", row["record_id"], row["version"], self.name,
+                           {"code": code, "reason": reason[:500], "message_zh": message(code)[1]})
+
+    def _apply_receipts(self, conn: Connection, claimed: Claimed, reply: _Reply,
+                        now: datetime) -> list[audit.Event]:
+        by_key = {(str(r.get("record_id")), int(r.get("version", 0))): r for r in reply.receipts}
+        events = []
+        for row in claimed.rows:
+            receipt = by_key.get((row["record_id"], row["version"]))
+            if reply.action is Action.ALREADY_APPLIED:
+                receipt = {"status": "duplicate", "receipt_no": None}
+            if receipt is None:
+                # No receipt for it: not applied as far as we know; it re-enters a new batch.
+                conn.execute(update(outbox).where(outbox.c.id == row["id"]).values(
+                    batch_key=None, last_error="no receipt in the reply", updated_at=now))
+                events.append(audit.Event("requeued", row["record_id"], row["version"], self.name,
+                                          {"reason": "no receipt"}))
+                continue
+            if receipt.get("status") == "rejected":
+                events.append(self._dead(conn, row, "DOWNSTREAM_REJECTED",
+                                         str(receipt.get("reason") or "rejected"), now))
+                continue
+            conn.execute(update(outbox).where(outbox.c.id == row["id"]).values(
+                status="delivered", receipt_status=str(receipt.get("status")),
+                receipt_no=receipt.get("receipt_no"), attempts=claimed.attempts + 1,
+                delivered_at=now, updated_at=now))
+            self.stats.delivered += 1
+            events.append(audit.Event("delivered", row["record_id"], row["version"], self.name, {
+                "receipt_no": receipt.get("receipt_no"), "receipt_status": receipt.get("status"),
+                "batch": claimed.batch_key}))
+        conn.execute(update(delivery_batches).where(delivery_batches.c.batch_key == claimed.batch_key)
+                     .values(status="done", attempts=claimed.attempts + 1, lease_owner=None,
+                             lease_until=None, updated_at=now))
+        return events
+
+    def _split(self, conn: Connection, claimed: Claimed, reply: _Reply,
+               now: datetime) -> list[audit.Event]:
+        conn.execute(update(delivery_batches).where(delivery_batches.c.batch_key == claimed.batch_key)
+                     .values(status="split", attempts=claimed.attempts + 1, last_error=reply.reason,
+                             lease_owner=None, lease_until=None, updated_at=now))
+        if len(claimed.rows) == 1:
+            return [self._dead(conn, claimed.rows[0], "DOWNSTREAM_REJECTED", reply.reason, now)]
+        half = len(claimed.rows) // 2
+        for part in (claimed.rows[:half], claimed.rows[half:]):
+            # The refused request was not applied, so the halves may carry new keys.
+            key = uuid.uuid4().hex
+            conn.execute(insert(delivery_batches).values(
+                batch_key=key, status="pending", attempts=0, next_attempt_at=now,
+                parent_key=claimed.batch_key, created_at=now, updated_at=now))
+            conn.execute(update(outbox).where(outbox.c.id.in_([r["id"] for r in part]))
+                         .values(batch_key=key, updated_at=now))
+        return [audit.Event("split", r["record_id"], r["version"], self.name,
+                            {"batch": claimed.batch_key, "reason": reply.reason[:300]})
+                for r in claimed.rows]
+
+    def _schedule_retry(self, conn: Connection, claimed: Claimed, reply: _Reply,
+                        now: datetime) -> list[audit.Event]:
+        attempts = claimed.attempts + 1
+        ids = [r["id"] for r in claimed.rows]
+        if attempts >= self.settings.max_attempts:
+            conn.execute(update(delivery_batches).where(delivery_batches.c.batch_key == claimed.batch_key)
+                         .values(status="dead", attempts=attempts, last_error=reply.reason,
+                                 lease_owner=None, lease_until=None, updated_at=now))
+            return [self._dead(conn, r, "RETRIES_EXHAUSTED",
+                               f"{attempts} attempts; last: {reply.reason}", now) for r in claimed.rows]
+        delay = self.settings.retry_delay(attempts)
+        due = now + timedelta(seconds=delay)
+        conn.execute(update(delivery_batches).where(delivery_batches.c.batch_key == claimed.batch_key)
+                     .values(attempts=attempts, next_attempt_at=due, last_error=reply.reason,
+                             lease_owner=None, lease_until=None, updated_at=now))
+        conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(
+            attempts=attempts, last_error=reply.reason[:2000], updated_at=now))
+        self.stats.retried += len(ids)
+        return [audit.Event("retry_scheduled", r["record_id"], r["version"], self.name,
+                            {"attempts": attempts, "next_attempt_at": due.isoformat(),
+                             "reason": reply.reason[:300]}) for r in claimed.rows]
+
+    # -- running ----------------------------------------------------------------------------
+    def run_forever(self) -> None:
+        log.info("delivery worker %s started", self.name)
+        while not self._stop.is_set():
+            try:
+                sent = self.run_once()
+            except Exception:  # the loop must survive a database blip; the row keeps state
+                log.exception("delivery cycle failed; retrying after a pause")
+                sent = 0
+                self._stop.wait(min(5.0, self.settings.delivery_poll_seconds * 4))
+            if sent == 0:
+                wait = self.settings.delivery_poll_seconds
+                if self.breaker.state is CircuitState.OPEN:
+                    wait = max(wait, min(self.breaker.seconds_until_probe(), 5.0))
+                self._stop.wait(wait)
+        log.info("delivery worker %s stopped", self.name)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class _CircuitOpened(Exception):
+    pass

@@ -1,0 +1,60 @@
+"""Keys that decide dedup (SPEC §7 "Dedup").
+
+- ``content_hash``: what the partner said, canonically serialised — same partner + source id +
+  same hash is a resend (``duplicate``), a different hash is a correction (``corrected``).
+- ``natural_key``: who did what and when — id number, CE year, activity identity (type,
+  provider, plan, normalised title) and completion date.  Another source with the same key is
+  a ``duplicate`` when the claim matches and a ``conflict`` (held for ops) when it does not.
+- ``person_key``: a keyed digest of the identity number, so indexes never hold it in clear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+import orjson
+
+from contracts import CESubmission
+
+_SPACES = re.compile(r"\s+")
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def normalise_title(title: str) -> str:
+    # Full-width letters and digits fold to ASCII (NFKC), case and whitespace do not matter.
+    return _SPACES.sub("", unicodedata.normalize("NFKC", title)).casefold()
+
+
+def content_hash(submission: CESubmission) -> str:
+    payload = submission.model_dump(mode="json")
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def person_key(submission: CESubmission) -> str:
+    person = submission.person
+    return _digest("person", person.id_type.value, person.id_number.upper())
+
+
+def natural_key(submission: CESubmission) -> str:
+    activity = submission.activity
+    return _digest(
+        "natural",
+        submission.person.id_type.value,
+        submission.person.id_number.upper(),
+        str(submission.year),
+        submission.activity_type.value,
+        activity.provider_code or "",
+        activity.plan_id or "",
+        normalise_title(activity.title),
+        activity.completed_on.isoformat(),
+    )
+
+
+def same_claim(a: CESubmission, b: CESubmission) -> bool:
+    """Whether two reports of one activity claim the same thing (else: conflict)."""
+    return a.claimed.unit == b.claimed.unit and a.claimed.quantity == b.claimed.quantity

@@ -1,0 +1,212 @@
+"""SQLAlchemy Core tables of the gateway's store (one schema for SQLite and PostgreSQL).
+
+The hot paths (ingest, outbox claim) use Core statements on these tables, not the ORM (STYLE.md:
+ORM ``add_all`` is 3–5× slower).  Alembic migrations under ``migrations/`` create them; a test
+checks that the migrated schema and this metadata agree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite has no time zones of its own)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime refused: the store keeps aware times only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # pragma: no cover - defensive, SQLite returns datetime
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+partners = Table(
+    "partners",
+    metadata,
+    Column("partner_id", String(64), primary_key=True),
+    Column("adapter", String(32), nullable=False),
+    Column("base_code", String(64)),
+    Column("app_key", String(64), nullable=False, unique=True),
+    Column("secret_enc", Text, nullable=False),
+    Column("active", Boolean, nullable=False, default=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+operators = Table(
+    "operators",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+nonces = Table(
+    "nonces",
+    metadata,
+    Column("app_key", String(64), nullable=False),
+    Column("nonce", String(128), nullable=False),
+    Column("seen_at", UTCDateTime, nullable=False, index=True),
+    PrimaryKeyConstraint("app_key", "nonce"),
+)
+
+# One row per partner record; its versions live in record_versions.
+records = Table(
+    "records",
+    metadata,
+    Column("record_id", String(32), primary_key=True),
+    Column("partner_id", String(64), nullable=False),
+    Column("adapter", String(32), nullable=False),
+    Column("source_record_id", String(64), nullable=False),
+    Column("current_version", Integer, nullable=False),
+    # accepted | duplicate | conflict  (withdrawal is a version with withdrawn = true)
+    Column("status", String(16), nullable=False),
+    Column("withdrawn", Boolean, nullable=False, default=False),
+    Column("duplicate_of", String(32)),
+    Column("natural_key", String(64), nullable=False, index=True),
+    Column("content_hash", String(64), nullable=False),
+    Column("person_key", String(64), nullable=False, index=True),
+    Column("year", Integer, nullable=False),
+    Column("batch_id", String(64)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("partner_id", "source_record_id"),
+)
+
+record_versions = Table(
+    "record_versions",
+    metadata,
+    Column("record_id", String(32), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("payload", Text, nullable=False),  # the CERecord as JSON
+    Column("created_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("record_id", "version"),
+)
+
+# The first record that claimed a natural key (id number, year, activity, completion date).
+natural_keys = Table(
+    "natural_keys",
+    metadata,
+    Column("natural_key", String(64), primary_key=True),
+    Column("record_id", String(32), nullable=False),
+)
+
+rejections = Table(
+    "rejections",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("partner_id", String(64), nullable=False, index=True),
+    Column("adapter", String(32), nullable=False),
+    Column("source_record_id", String(64)),
+    Column("batch_id", String(64)),
+    Column("payload", Text, nullable=False),  # the raw submission, as received
+    Column("errors", Text, nullable=False),  # JSON list of notes
+    Column("status", String(16), nullable=False, default="open"),
+    Column("received_at", UTCDateTime, nullable=False, index=True),
+)
+
+# A group of outbox rows sent together under one Idempotency-Key, retried as a whole.
+delivery_batches = Table(
+    "delivery_batches",
+    metadata,
+    Column("batch_key", String(40), primary_key=True),
+    Column("status", String(16), nullable=False),  # pending | done
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("lease_owner", String(64)),
+    Column("lease_until", UTCDateTime),
+    Column("last_error", Text),
+    Column("parent_key", String(40)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_delivery_batches_due", "status", "next_attempt_at"),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("record_id", String(32), nullable=False),
+    Column("version", Integer, nullable=False),
+    # pending | delivered | dead
+    Column("status", String(16), nullable=False),
+    Column("batch_key", String(40)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error_code", String(32)),
+    Column("last_error", Text),
+    Column("receipt_status", String(16)),
+    Column("receipt_no", String(64)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("delivered_at", UTCDateTime),
+    UniqueConstraint("record_id", "version"),
+    Index("ix_outbox_status_batch", "status", "batch_key"),
+    Index("ix_outbox_batch_key", "batch_key"),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False),
+    Column("event_id", String(32), nullable=False, unique=True),
+    Column("occurred_at", UTCDateTime, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("record_id", String(32), index=True),
+    Column("version", Integer),
+    Column("actor", String(64), nullable=False),
+    Column("detail", Text, nullable=False),  # canonical JSON, identity numbers masked
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# One row: the chain's head.  Appenders lock it (SELECT … FOR UPDATE) so the chain stays
+# linear across processes; verify compares it with the last event, so truncation shows.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("last_hash", String(64), nullable=False),
+)

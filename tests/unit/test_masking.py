@@ -1,0 +1,153 @@
+"""Identity numbers never reach a log handler whole (SPEC §7)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.masking import MaskingFilter, install_log_masking, mask_id, mask_text
+
+ID18 = "630102198704139126"
+ID18X = "63212319870413912X"
+ID15 = "630102870413912"
+
+
+@pytest.mark.parametrize(
+    ("value", "masked"),
+    [
+        (ID18, "630102********9126"),
+        (ID18X, "632123********912X"),
+        (ID15, "63***********12"),
+        ("G1234567", "G1****67"),
+        ("abcd", "****"),
+        ("", ""),
+    ],
+)
+def test_mask_id(value: str, masked: str) -> None:
+    assert mask_id(value) == masked
+    assert len(mask_id(value)) == len(value)
+
+
+def test_mask_text_in_a_sentence() -> None:
+    text = f"赵伟 ({ID18}) and 63212319870413912x, old id {ID15}; 证件号 {ID18}。"
+    assert mask_text(text) == (
+        "赵伟 (630102********9126) and 632123********912x, old id 63***********12; "
+        "证件号 630102********9126。"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "order 6301021987041391260",  # 19 digits: part of a longer run
+        "ts 1234567890123",  # 13 digits
+        "1234567890123456",  # 16 digits
+        "plain words",
+    ],
+)
+def test_mask_text_leaves_other_numbers(text: str) -> None:
+    assert mask_text(text) == text
+
+
+@pytest.fixture
+def captured() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.addFilter(MaskingFilter())
+    logger = logging.getLogger("tests.masking")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield logger, stream
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def test_filter_masks_args_and_message(captured: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, stream = captured
+    logger.info("record for %s accepted", ID18)
+    logger.info("direct %s", {"id_number": ID18X})
+    logger.info(f"f-string {ID18}")
+    logger.info("by name %(id)s", {"id": ID18})
+    out = stream.getvalue()
+    assert ID18 not in out and ID18X not in out
+    assert "record for 630102********9126 accepted" in out
+    assert "632123********912X" in out
+    assert "by name 630102********9126" in out
+
+
+def test_filter_masks_exceptions_and_extra(captured: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, stream = captured
+    try:
+        raise ValueError(f"bad id {ID18}")
+    except ValueError:
+        logger.exception("failed")
+    logger.info("plain", extra={"who": ID18})
+    out = stream.getvalue()
+    assert ID18 not in out
+    assert "ValueError: bad id 630102********9126" in out
+
+
+def test_filter_keeps_positional_args_for_uvicorn_access_formatter() -> None:
+    from uvicorn.logging import AccessFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(AccessFormatter('%(client_addr)s "%(request_line)s" %(status_code)s'))
+    handler.addFilter(MaskingFilter())
+    logger = logging.getLogger("tests.masking.access")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning(
+            '%s - "%s %s HTTP/%s" %d',
+            "127.0.0.1:5000",
+            "GET",
+            f"/v1/compliance/{ID18}/2026",
+            "1.1",
+            200,
+        )
+    finally:
+        logger.removeHandler(handler)
+    out = stream.getvalue()
+    assert ID18 not in out
+    assert "GET /v1/compliance/630102********9126/2026 HTTP/1.1" in out
+    assert "200" in out
+
+
+def test_filter_leaves_clean_records_alone() -> None:
+    record = logging.makeLogRecord({"msg": "%s rows", "args": (5,)})
+    assert MaskingFilter().filter(record) is True
+    assert record.args == (5,)
+    assert record.getMessage() == "5 rows"
+
+
+def test_filter_survives_a_broken_format_string() -> None:
+    record = logging.makeLogRecord({"msg": "%d for " + ID18, "args": ("x",)})
+    assert MaskingFilter().filter(record) is True
+    assert ID18 not in record.getMessage()
+
+
+def test_install_log_masking_is_idempotent() -> None:
+    root = logging.getLogger()
+    handler = logging.StreamHandler(io.StringIO())
+    root.addHandler(handler)
+    try:
+        install_log_masking()
+        install_log_masking()
+        assert sum(isinstance(f, MaskingFilter) for f in handler.filters) == 1
+        for name in ("uvicorn", "uvicorn.access", "uvicorn.error"):
+            logger = logging.getLogger(name)
+            assert sum(isinstance(f, MaskingFilter) for f in logger.filters) == 1
+    finally:
+        root.removeHandler(handler)
+        for name in ("uvicorn", "uvicorn.access", "uvicorn.error"):
+            logger = logging.getLogger(name)
+            for f in [f for f in logger.filters if isinstance(f, MaskingFilter)]:
+                logger.removeFilter(f)
