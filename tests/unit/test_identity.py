@@ -78,7 +78,8 @@ def test_birth_date_in_the_future() -> None:
 
 
 @pytest.mark.parametrize(
-    "number", ["", "63010219870413912", "6301021987041391260", "63010219870413912A", "6301O2198704139126"]
+    "number",
+    ["", "63010219870413912", "6301021987041391260", "63010219870413912A", "6301O2198704139126"],
 )
 def test_malformed_ids(number: str) -> None:
     assert check_resident_id(number, today=TODAY) == (["ID_NUMBER_INVALID"], [])
@@ -102,7 +103,14 @@ def test_uscc() -> None:
 
 def test_prefectures() -> None:
     assert set(QINGHAI_PREFECTURES) == {
-        "630100", "630200", "632200", "632300", "632500", "632600", "632700", "632800",
+        "630100",
+        "630200",
+        "632200",
+        "632300",
+        "632500",
+        "632600",
+        "632700",
+        "632800",
     }
     assert QINGHAI_PREFECTURES["630200"] == "海东市"
     assert QINGHAI_PREFECTURES["632800"] == "海西蒙古族藏族自治州"

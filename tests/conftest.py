@@ -1,0 +1,135 @@
+"""Shared fixtures: the store on SQLite and PostgreSQL, real servers, partners, operators.
+
+PostgreSQL runs when ``CE_GATEWAY_TEST_POSTGRES_URL`` is set (CI sets it); then an unreachable
+database fails the run.  Without it the PostgreSQL cases skip with the reason.  Each
+PostgreSQL test gets its own schema, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+from gateway.accounts import Partner, add_operator, add_partner
+from gateway.config import Settings
+from gateway.secrets_box import SecretBox
+from gateway.store.db import make_engine, normalize_url, upgrade
+from mock_partners.ce_system import Faults, create_app
+from tests.support.servers import uvicorn_thread
+
+PG_ENV = "CE_GATEWAY_TEST_POSTGRES_URL"
+SECRET_KEY = "test-secret-key"
+
+
+def _postgres_schema_url(base: str) -> Iterator[str]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(normalize_url(base), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # CI asked for PostgreSQL: an unreachable one is a failure
+        admin.dispose()
+        pytest.fail(f"{PG_ENV} is set but PostgreSQL is unreachable: {exc}")
+    url = make_url(normalize_url(base)).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty store on each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+        upgrade(url)
+        yield url
+        return
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(f"PostgreSQL store tests need {PG_ENV} (CI sets it; e.g. "
+                    "postgresql://postgres@127.0.0.1/test)")
+    yield from _with_upgrade(_postgres_schema_url(base))
+
+
+def _with_upgrade(urls: Iterator[str]) -> Iterator[str]:
+    for url in urls:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(f"needs {PG_ENV}")
+    yield from _with_upgrade(_postgres_schema_url(base))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def make_settings() -> Callable[..., Settings]:
+    def build(db_url: str, downstream_url: str = "http://127.0.0.1:9", **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": db_url, "downstream_url": downstream_url,
+            "secret_key": SECRET_KEY, "retry_schedule": (1, 1, 1), "inline_retries": 2,
+            "inline_retry_max_wait_seconds": 0.05, "delivery_poll_seconds": 0.05,
+            "delivery_lease_seconds": 5, "circuit_failure_threshold": 50,
+            "circuit_reset_seconds": 0.5, "downstream_timeout_seconds": 5,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return build
+
+
+@pytest.fixture
+def box() -> SecretBox:
+    return SecretBox(SECRET_KEY)
+
+
+@pytest.fixture
+def new_partner(box: SecretBox) -> Callable[..., Partner]:
+    def build(engine: Engine, partner_id: str | None = None, adapter: str = "canonical",
+              base_code: str | None = None) -> Partner:
+        return add_partner(engine, box, partner_id or f"p-{uuid.uuid4().hex[:8]}", adapter, base_code)
+
+    return build
+
+
+@pytest.fixture
+def new_operator() -> Callable[..., str]:
+    def build(engine: Engine, role: str = "operator") -> str:
+        return add_operator(engine, f"op-{uuid.uuid4().hex[:8]}", role)[1]
+
+    return build
+
+
+@pytest.fixture
+def mock_ce() -> Iterator[tuple[str, Faults]]:
+    """The mock management system on a real uvicorn; yields (base URL, live Faults)."""
+    faults = Faults(seed=1)
+    with uvicorn_thread(create_app(faults)) as url:
+        yield url, faults

@@ -1,0 +1,166 @@
+"""The store suite, run on SQLite and PostgreSQL: ingest, dedup, withdrawal, audit chain."""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, delete, func, select, update
+
+from gateway import audit
+from gateway.accounts import Partner
+from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
+from gateway.store.tables import audit_events, outbox, record_versions, records, rejections
+from mock_partners import generators as gen
+
+
+def _ref(p: Partner) -> PartnerRef:
+    return PartnerRef(p.partner_id, p.adapter, p.base_code)
+
+
+def _count(engine: Engine, table: Any, *where: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one())
+
+
+@pytest.fixture
+def sub() -> dict[str, Any]:
+    return gen.canonical_submission(random.Random(5), "SRC-1", hours="24")
+
+
+def test_accepted_record_version_outbox_and_audit_commit_together(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    p = new_partner(engine)
+    [answer] = ingest(engine, _ref(p), [sub])
+    assert answer.status == "accepted" and answer.version == 1
+    assert _count(engine, records, records.c.record_id == answer.record_id) == 1
+    assert _count(engine, record_versions, record_versions.c.record_id == answer.record_id) == 1
+    assert _count(engine, outbox, outbox.c.record_id == answer.record_id,
+                  outbox.c.status == "pending") == 1
+    with engine.connect() as conn:
+        kinds = [e["kind"] for e in audit.events_for(conn, [answer.record_id])]
+        assert kinds == ["received", "queued"]
+        assert audit.verify(conn).ok
+
+
+def test_resend_is_duplicate_and_new_content_is_a_correction(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    p = new_partner(engine)
+    [first] = ingest(engine, _ref(p), [sub])
+    [again] = ingest(engine, _ref(p), [copy.deepcopy(sub)])
+    assert (again.status, again.record_id, again.version) == ("duplicate", first.record_id, 1)
+    changed = copy.deepcopy(sub)
+    changed["claimed"]["quantity"] = "30"
+    [fixed] = ingest(engine, _ref(p), [changed])
+    assert (fixed.status, fixed.record_id, fixed.version) == ("corrected", first.record_id, 2)
+    # Each version queued once, in order; the resend queued nothing.
+    with engine.connect() as conn:
+        versions = conn.execute(select(outbox.c.version).where(outbox.c.record_id == first.record_id)
+                                .order_by(outbox.c.id)).scalars().all()
+    assert versions == [1, 2]
+
+
+def test_other_source_same_activity_is_duplicate_or_conflict(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    a, b = new_partner(engine), new_partner(engine)
+    [first] = ingest(engine, _ref(a), [sub])
+    same = copy.deepcopy(sub) | {"source_record_id": "B-1"}
+    more = copy.deepcopy(sub) | {"source_record_id": "B-2"}
+    more["claimed"] = {**more["claimed"], "quantity": "40"}
+    dup, conflict = ingest(engine, _ref(b), [same, more])
+    assert dup.status == "duplicate" and dup.record_id != first.record_id
+    assert conflict.status == "conflict"
+    assert [e.code for e in conflict.errors] == ["CONFLICT_WITH_EXISTING"]
+    with engine.connect() as conn:
+        rows = {r.record_id: r for r in conn.execute(select(records))}
+    assert rows[dup.record_id].duplicate_of == first.record_id
+    assert rows[conflict.record_id].status == "conflict"
+    # Neither is forwarded: only the first report is in the outbox.
+    assert _count(engine, outbox) == 1
+
+
+def test_rejected_submission_is_kept_for_revalidation_and_neighbours_pass(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    p = new_partner(engine)
+    bad = copy.deepcopy(sub) | {"source_record_id": "SRC-BAD"}
+    bad["person"] = {**bad["person"], "id_number": gen.corrupt_check_digit(sub["person"]["id_number"])}
+    good, rejected, junk = ingest(engine, _ref(p), [sub, bad, "not an object"])
+    assert good.status == "accepted"
+    assert rejected.status == "rejected" and rejected.errors[0].code == "ID_NUMBER_INVALID"
+    assert junk.status == "rejected" and junk.errors[0].code == "SCHEMA"
+    assert _count(engine, rejections, rejections.c.partner_id == p.partner_id) == 2
+    with engine.connect() as conn:
+        details = conn.execute(select(audit_events.c.detail)).scalars().all()
+    assert all(bad["person"]["id_number"] not in d and sub["person"]["id_number"] not in d
+               for d in details)
+
+
+def test_withdrawal_is_a_new_forwarded_version_and_frees_the_activity(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    a, b = new_partner(engine), new_partner(engine)
+    [first] = ingest(engine, _ref(a), [sub])
+    answer = withdraw(engine, _ref(a), "SRC-1")
+    assert answer is not None and answer.version == 2
+    assert withdraw(engine, _ref(a), "NO-SUCH") is None
+    with engine.connect() as conn:
+        row = conn.execute(select(records).where(records.c.record_id == first.record_id)).one()
+    assert row.withdrawn and row.current_version == 2
+    assert _count(engine, outbox, outbox.c.record_id == first.record_id) == 2
+    # The withdrawn report no longer holds the activity: another source's report is accepted.
+    [other] = ingest(engine, _ref(b), [copy.deepcopy(sub) | {"source_record_id": "B-9"}])
+    assert other.status == "accepted"
+
+
+def test_audit_verify_names_edits_deletions_and_reordering(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    p = new_partner(engine)
+    ingest(engine, _ref(p), [sub, copy.deepcopy(sub) | {"source_record_id": "SRC-2"}])
+    with engine.connect() as conn:
+        assert audit.verify(conn).ok
+        seqs = conn.execute(select(audit_events.c.seq).order_by(audit_events.c.seq)).scalars().all()
+    assert len(seqs) >= 4
+    target = seqs[2]
+
+    with engine.begin() as conn:  # edit
+        conn.execute(update(audit_events).where(audit_events.c.seq == target)
+                     .values(actor="someone-else"))
+    with engine.connect() as conn:
+        result = audit.verify(conn)
+    assert not result.ok and result.first_bad_seq == target
+
+
+def test_audit_verify_detects_deletion_and_truncation(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    p = new_partner(engine)
+    ingest(engine, _ref(p), [sub, copy.deepcopy(sub) | {"source_record_id": "SRC-2"}])
+    with engine.connect() as conn:
+        seqs = conn.execute(select(audit_events.c.seq).order_by(audit_events.c.seq)).scalars().all()
+    with engine.begin() as conn:
+        conn.execute(delete(audit_events).where(audit_events.c.seq == seqs[1]))
+    with engine.connect() as conn:
+        result = audit.verify(conn)
+    assert not result.ok and result.first_bad_seq == seqs[1]
+    with engine.begin() as conn:  # restore nothing; now cut the tail instead
+        conn.execute(delete(audit_events).where(audit_events.c.seq >= seqs[1]))
+    with engine.connect() as conn:
+        result = audit.verify(conn)
+    assert not result.ok and "head" in (result.reason or "")
+
+
+def test_audit_verify_detects_swapped_events(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    p = new_partner(engine)
+    ingest(engine, _ref(p), [sub, copy.deepcopy(sub) | {"source_record_id": "SRC-2"}])
+    with engine.connect() as conn:
+        rows = conn.execute(select(audit_events).order_by(audit_events.c.seq)).mappings().all()
+    a, b = dict(rows[1]), dict(rows[2])
+    with engine.begin() as conn:  # swap the contents of two neighbours, keeping their seq
+        for src, dst in ((a, b), (b, a)):
+            values = {k: v for k, v in src.items() if k not in ("seq", "event_id")}
+            conn.execute(update(audit_events).where(audit_events.c.seq == dst["seq"]).values(**values))
+    with engine.connect() as conn:
+        result = audit.verify(conn)
+    assert not result.ok and result.first_bad_seq == a["seq"]
