@@ -170,7 +170,7 @@ def run_demo(console: Console, n_records: int = 300, keep: bool = False) -> int:
         with console.status("waiting for deliveries to settle (faults are on)…"):
             wait_until(settled, SETTLE_TIMEOUT_SECONDS, "deliveries to settle", interval=0.5)
         with engine.connect() as conn:
-            by_status = dict(conn.execute(select(outbox.c.status, func.count())
+            by_status: dict[str, int] = dict(conn.execute(select(outbox.c.status, func.count())
                                           .group_by(outbox.c.status)).all())
             retried = conn.execute(select(func.count()).select_from(outbox)
                                    .where(outbox.c.attempts > 1)).scalar_one()

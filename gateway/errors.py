@@ -1,14 +1,16 @@
-"""The gateway's exception tree.  Callers catch by what they will do about it::
+"""The gateway's exception tree: callers catch by what they will do about it.
 
-    GatewayError
-    ├── PayloadRejected          the partner's request is refused as a whole (coded, 4xx)
-    │   ├── Unauthenticated      401 UNAUTHENTICATED / REPLAYED
-    │   ├── ScopeViolation       403 SCOPE_VIOLATION
-    │   └── PayloadTooLarge      413 PAYLOAD_TOO_LARGE
-    ├── DeliveryError            raised inside delivery/, never past it
-    │   ├── RetriableDeliveryError   try again (in-call, then on the schedule)
-    │   └── PermanentDeliveryError   the request can never succeed as sent
-    └── ConfigError              the deployment is wrong; fail fast at start
+::
+
+GatewayError
+├── PayloadRejected          the partner's request is refused as a whole (coded, 4xx)
+│   ├── Unauthenticated      401 UNAUTHENTICATED / REPLAYED
+│   ├── ScopeViolation       403 SCOPE_VIOLATION
+│   └── PayloadTooLarge      413 PAYLOAD_TOO_LARGE
+├── DeliveryError            raised inside delivery/, never past it
+│   ├── RetriableDeliveryError   try again (in-call, then on the schedule)
+│   └── PermanentDeliveryError   the request can never succeed as sent
+└── ConfigError              the deployment is wrong; fail fast at start
 """
 
 from __future__ import annotations

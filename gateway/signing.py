@@ -1,6 +1,6 @@
-"""Request signing of SPEC §7, shared by the gateway (verifying) and partners (signing).
+r"""Request signing of SPEC §7, shared by the gateway (verifying) and partners (signing).
 
-``signature = hex(HMAC-SHA256(secret, METHOD \\n path-with-query \\n timestamp \\n nonce \\n
+``signature = hex(HMAC-SHA256(secret, METHOD \n path-with-query \n timestamp \n nonce \n
 hex(SHA-256(body))))``.  ``SigningClient`` wraps httpx so a partner (and our mocks, demo and
 tests) signs every request the same way::
 

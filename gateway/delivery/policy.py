@@ -6,8 +6,8 @@ exception into an :class:`Action`; the worker acts on the action only.
 
 from __future__ import annotations
 
-from email.utils import parsedate_to_datetime
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from enum import StrEnum
 
 import httpx

@@ -97,10 +97,10 @@ def convert(
     if unit is Unit.LECTURE_HOURS or kind is ActivityType.LECTURE:
         return _round(qty * LECTURE_FACTOR.hours), [_note("CONVERSION", LECTURE_FACTOR.clause)]
     if unit is Unit.AWARD or kind is ActivityType.COMPETITION:
-        conv = COMPETITION.get((details.get("tier", ""), details.get("award", "")))
-        if conv is None:
+        award = COMPETITION.get((details.get("tier", ""), details.get("award", "")))
+        if award is None:
             return Decimal(0), [_note("CONVERSION", "竞赛级别/奖项不在认定范围内，计0学时")]
-        return conv.hours, [_note("CONVERSION", conv.clause)]
+        return award.hours, [_note("CONVERSION", award.clause)]
     if unit is Unit.CREDITS:
         table = credit_hours or DEFAULT_CREDIT_HOURS
         industry = sub.person.industry or "health"

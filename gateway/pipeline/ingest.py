@@ -26,8 +26,8 @@ from gateway import audit
 from gateway.masking import mask_id
 from gateway.pipeline import credit, dedup
 from gateway.pipeline.validate import Validated, validate_submission
-from gateway.store.util import insert_ignore
 from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
+from gateway.store.util import insert_ignore
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,15 @@ def _current_payload(conn: Connection, record_id: str, version: int) -> str:
     )
 
 
+def _scope_errors(partner: PartnerRef, sub: CESubmission) -> list[Note]:
+    """A partner registered for a base may only report that base's activities (SPEC §7)."""
+    provider = sub.activity.provider_code
+    if partner.base_code and provider and provider != partner.base_code:
+        return [_error("SCOPE_VIOLATION", "activity.provider_code",
+                       f"(partner is registered for base {partner.base_code})")]
+    return []
+
+
 def _ingest_one(
     ctx: _Context,
     index: int,
@@ -232,6 +241,8 @@ def _ingest_one(
     errors: list[Note],
     warnings: list[Note],
 ) -> RecordAnswer:
+    if sub is not None and not errors:
+        errors = _scope_errors(ctx.partner, sub)
     if sub is None or errors:
         return _reject(ctx, index, raw, errors, warnings)
     chash = dedup.content_hash(sub)

@@ -164,3 +164,16 @@ def test_audit_verify_detects_swapped_events(
     with engine.connect() as conn:
         result = audit.verify(conn)
     assert not result.ok and result.first_bad_seq == a["seq"]
+
+
+def test_partner_bound_to_a_base_cannot_report_another_base(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    p = new_partner(engine, base_code="QH-BASE-01")
+    own = copy.deepcopy(sub)
+    own["activity"] = {**own["activity"], "provider_code": "QH-BASE-01"}
+    foreign = copy.deepcopy(sub) | {"source_record_id": "SRC-F"}
+    foreign["activity"] = {**foreign["activity"], "provider_code": "QH-BASE-99"}
+    ok, refused = ingest(engine, _ref(p), [own, foreign])
+    assert ok.status == "accepted"
+    assert refused.status == "rejected"
+    assert [(e.code, e.field) for e in refused.errors] == [("SCOPE_VIOLATION", "activity.provider_code")]
