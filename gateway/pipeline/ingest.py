@@ -1,22 +1,28 @@
-"""Ingest: validated submissions → dedup → record + outbox + audit, in one transaction.
+"""Ingest: judged submissions → dedup → records + versions + outbox + audit, one transaction.
 
 This is the only writer of partner records.  A call takes one request's (or one file chunk's)
-submissions and commits them together, so a 2xx always means committed (SPEC §7), while one
-bad record never fails its neighbours: it is answered ``rejected`` and kept in ``rejections``
-for revalidation.
+items and commits them together, so a 2xx always means committed (SPEC §7), while one bad
+record never fails its neighbours: it is answered ``rejected`` and kept in ``rejections`` for
+revalidation.
+
+The work is set-based (STYLE.md, "the hot path"): a handful of ``IN (…)`` reads load what the
+chunk needs to know, the decisions are taken in memory in input order (so a chunk may resend or
+correct its own earlier rows), and every table gets one ``executemany``.  Natural keys are
+claimed with ``ON CONFLICT DO NOTHING`` and read back: if a concurrent replica won a key between
+our read and our write, the chunk is rolled back and judged again.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
@@ -25,7 +31,7 @@ from contracts.errors import message
 from gateway import audit
 from gateway.masking import mask_id
 from gateway.pipeline import credit, dedup
-from gateway.pipeline.validate import Validated, validate_submission
+from gateway.pipeline.validate import validate_submission
 from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
 from gateway.store.util import insert_ignore
 
@@ -38,66 +44,70 @@ class PartnerRef:
 
 
 @dataclass
-class _Context:
-    conn: Connection
-    partner: PartnerRef
-    now: datetime
-    batch_id: str | None
-    events: list[audit.Event] = field(default_factory=list)
+class Item:
+    """One submission on its way in: the raw form (kept if rejected) and what was judged."""
+
+    raw: object
+    submission: CESubmission | None
+    errors: list[Note] = field(default_factory=list)
+    warnings: list[Note] = field(default_factory=list)
+    credited_hours: Decimal | None = None  # set by the judging step; else converted here
+    rule_notes: list[Note] = field(default_factory=list)
+    row: int | None = None  # row number in a batch file
+
+
+class _KeyRaceLost(Exception):
+    """A concurrent writer claimed one of this chunk's natural keys first: judge again."""
 
 
 def new_record_id() -> str:
     return "R" + uuid.uuid4().hex[:24]
 
 
-def _error(code: str, field_name: str | None = None, detail: str | None = None) -> Note:
+def error_note(code: str, field_name: str | None = None, detail: str | None = None) -> Note:
     en, zh = message(code)
-    return Note(
-        code=code, field=field_name, message=f"{en} {detail}" if detail else en, message_zh=zh
-    )
+    return Note(code=code, field=field_name, message=f"{en} {detail}" if detail else en,
+                message_zh=zh)
 
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
-def ingest(
-    engine: Engine,
-    partner: PartnerRef,
-    raws: Sequence[object],
-    *,
-    batch_id: str | None = None,
-    now: datetime | None = None,
-) -> list[RecordAnswer]:
-    """Judge and store ``raws`` (dicts from JSON) for ``partner``; one answer per input."""
+def item_from_raw(raw: object) -> Item:
+    v = validate_submission(raw)
+    return Item(raw, v.submission, list(v.errors), list(v.warnings))
+
+
+def ingest(engine: Engine, partner: PartnerRef, raws: Sequence[object], *,
+           batch_id: str | None = None, now: datetime | None = None) -> list[RecordAnswer]:
+    """Validate and store canonical ``raws`` (dicts from JSON); one answer per input."""
+    return ingest_items(engine, partner, [item_from_raw(raw) for raw in raws],
+                        batch_id=batch_id, now=now)
+
+
+def ingest_items(engine: Engine, partner: PartnerRef, items: Sequence[Item], *,
+                 batch_id: str | None = None, now: datetime | None = None) -> list[RecordAnswer]:
     now = now or datetime.now(UTC)
-    validated = [validate_submission(raw) for raw in raws]
-    for attempt in Retrying(
-        retry=retry_if_exception_type(IntegrityError), stop=stop_after_attempt(3), reraise=True
-    ):
-        with attempt:
-            # A concurrent twin of this request (same partner, same source ids) may commit
-            # first; the retry then sees its rows and answers duplicate/corrected.
-            return _ingest_tx(engine, partner, raws, validated, batch_id, now)
+    for item in items:
+        if item.submission is not None and not item.errors:
+            item.errors = _scope_errors(partner, item.submission)
+    for attempt in Retrying(retry=retry_if_exception_type((IntegrityError, _KeyRaceLost)),
+                            stop=stop_after_attempt(4), reraise=True):
+        with attempt, engine.begin() as conn:
+            # A concurrent twin (same partner and source ids, or the same activity from
+            # another source) may commit first; the retry then sees its rows.
+            return _Chunk(conn, partner, now, batch_id).run(items)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _ingest_tx(
-    engine: Engine,
-    partner: PartnerRef,
-    raws: Sequence[object],
-    validated: list[Validated],
-    batch_id: str | None,
-    now: datetime,
-) -> list[RecordAnswer]:
-    with engine.begin() as conn:
-        ctx = _Context(conn, partner, now, batch_id)
-        answers = [
-            _ingest_one(ctx, index, raw, v.submission, v.errors, v.warnings)
-            for index, (raw, v) in enumerate(zip(raws, validated, strict=True))
-        ]
-        audit.append(conn, ctx.events, now)
-    return answers
+def _scope_errors(partner: PartnerRef, sub: CESubmission) -> list[Note]:
+    """A partner registered for a base may only report that base's activities (SPEC §7)."""
+    provider = sub.activity.provider_code
+    if partner.base_code and provider and provider != partner.base_code:
+        return [error_note("SCOPE_VIOLATION", "activity.provider_code",
+                           f"(partner is registered for base {partner.base_code})")]
+    return []
 
 
 def _source_id_of(raw: object) -> str | None:
@@ -107,380 +117,286 @@ def _source_id_of(raw: object) -> str | None:
     return None
 
 
-def _reject(
-    ctx: _Context, index: int, raw: object, errors: list[Note], warnings: list[Note]
-) -> RecordAnswer:
-    source_id = _source_id_of(raw)
-    ctx.conn.execute(
-        insert(rejections).values(
-            partner_id=ctx.partner.partner_id,
-            adapter=ctx.partner.adapter,
-            source_record_id=source_id,
-            batch_id=ctx.batch_id,
-            payload=_dumps(raw),
-            errors=_dumps([e.model_dump(mode="json") for e in errors]),
-            status="open",
-            received_at=ctx.now,
-        )
-    )
-    ctx.events.append(
-        audit.Event(
-            "rejected",
-            actor=ctx.partner.partner_id,
-            detail={
-                "source_record_id": source_id,
-                "codes": [e.code for e in errors],
-                "fields": [e.field for e in errors],
-            },
-        )
-    )
-    return RecordAnswer(
-        index=index,
-        source_record_id=source_id,
-        status=RecordStatus.REJECTED,
-        errors=errors,
-        warnings=warnings,
-    )
+@dataclass
+class _Known:
+    """What the chunk knows of a stored (or just decided) record."""
+
+    record_id: str
+    version: int
+    content_hash: str
+    withdrawn: bool
+    status: str
+    duplicate_of: str | None
+    claim: tuple[str, str]  # (unit, quantity) of the current version
 
 
-def _build_record(
-    ctx: _Context,
-    sub: CESubmission,
-    record_id: str,
-    version: int,
-    warnings: list[Note],
-    withdrawn: bool = False,
-) -> CERecord:
-    hours, notes = credit.convert(sub)
-    return CERecord(
-        record_id=record_id,
-        version=version,
-        withdrawn=withdrawn,
-        source=Source(
-            partner_id=ctx.partner.partner_id,
-            adapter=ctx.partner.adapter,
-            source_record_id=sub.source_record_id,
-            batch_id=ctx.batch_id,
-            received_at=ctx.now,
-        ),
-        person=sub.person,
-        year=sub.year,
-        category=sub.category,
-        activity_type=sub.activity_type,
-        activity=sub.activity,
-        claimed=sub.claimed,
-        credited_hours=Decimal(0) if withdrawn else hours,
-        rule_notes=notes,
-        evidence=sub.evidence,
-        warnings=warnings,
-    )
+def _claim_of(sub: CESubmission) -> tuple[str, str]:
+    return sub.claimed.unit.value, str(sub.claimed.quantity.normalize())
 
 
-def _store_version(ctx: _Context, record: CERecord, chash: str, queue: bool) -> None:
-    ctx.conn.execute(
-        insert(record_versions).values(
-            record_id=record.record_id,
-            version=record.version,
-            content_hash=chash,
-            payload=record.model_dump_json(),
-            created_at=ctx.now,
-        )
-    )
-    if queue:
-        ctx.conn.execute(
-            insert(outbox).values(
-                record_id=record.record_id,
-                version=record.version,
-                status="pending",
-                attempts=0,
-                created_at=ctx.now,
-                updated_at=ctx.now,
-            )
-        )
-        ctx.events.append(audit.Event("queued", record.record_id, record.version))
+class _Chunk:
+    def __init__(self, conn: Connection, partner: PartnerRef, now: datetime,
+                 batch_id: str | None) -> None:
+        self.conn, self.partner, self.now, self.batch_id = conn, partner, now, batch_id
+        self.events: list[audit.Event] = []
+        self.by_source: dict[str, _Known] = {}
+        self.by_record: dict[str, _Known] = {}
+        self.holders: dict[str, str] = {}  # natural key → record id holding it
+        self.claimed_keys: dict[str, str] = {}  # keys this chunk claims (new)
+        self.moved_keys: dict[str, str] = {}  # keys taken over from withdrawn holders
+        self.new_records: list[dict[str, Any]] = []
+        self.record_updates: list[dict[str, Any]] = []
+        self.versions: list[dict[str, Any]] = []
+        self.outbox_rows: list[dict[str, Any]] = []
+        self.rejected: list[dict[str, Any]] = []
 
+    # -- reads ----------------------------------------------------------------------------
+    def _load(self, items: Sequence[Item]) -> None:
+        subs = [i.submission for i in items if i.submission is not None and not i.errors]
+        source_ids = sorted({s.source_record_id for s in subs})
+        for part in _chunks(source_ids):
+            rows = self.conn.execute(select(records).where(
+                records.c.partner_id == self.partner.partner_id,
+                records.c.source_record_id.in_(part))).mappings().all()
+            self._remember(rows)
+        keys = sorted({dedup.natural_key(s) for s in subs})
+        for part in _chunks(keys):
+            self.holders.update((r.natural_key, r.record_id) for r in self.conn.execute(
+                select(natural_keys.c.natural_key, natural_keys.c.record_id)
+                .where(natural_keys.c.natural_key.in_(part))))
+        missing = sorted(set(self.holders.values()) - set(self.by_record))
+        for part in _chunks(missing):
+            self._remember(self.conn.execute(select(records).where(
+                records.c.record_id.in_(part))).mappings().all(), by_source=False)
 
-def _submission_of(payload: str) -> CESubmission:
-    rec = CERecord.model_validate_json(payload)
-    return CESubmission(
-        source_record_id=rec.source.source_record_id,
-        person=rec.person,
-        year=rec.year,
-        category=rec.category,
-        activity_type=rec.activity_type,
-        activity=rec.activity,
-        claimed=rec.claimed,
-        evidence=rec.evidence,
-    )
+    def _remember(self, rows: Iterable[Any], by_source: bool = True) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        wanted = [(r["record_id"], r["current_version"]) for r in rows]
+        claims = {}
+        for part in _chunks(wanted):
+            for v in self.conn.execute(select(record_versions.c.record_id, record_versions.c.payload)
+                                       .where(tuple_(record_versions.c.record_id,
+                                                     record_versions.c.version).in_(part))):
+                claimed = orjson.loads(v.payload)["claimed"]
+                claims[v.record_id] = (claimed["unit"], str(Decimal(claimed["quantity"]).normalize()))
+        for r in rows:
+            known = _Known(r["record_id"], int(r["current_version"]), r["content_hash"],
+                           bool(r["withdrawn"]), r["status"], r["duplicate_of"],
+                           claims.get(r["record_id"], ("", "")))
+            self.by_record[known.record_id] = known
+            if by_source:
+                self.by_source[r["source_record_id"]] = known
 
+    # -- decisions --------------------------------------------------------------------------
+    def run(self, items: Sequence[Item]) -> list[RecordAnswer]:
+        self._load(items)
+        answers = [self._decide(index, item) for index, item in enumerate(items)]
+        self._write()
+        return answers
 
-def _current_payload(conn: Connection, record_id: str, version: int) -> str:
-    return str(
-        conn.execute(
-            select(record_versions.c.payload).where(
-                record_versions.c.record_id == record_id, record_versions.c.version == version
-            )
-        ).scalar_one()
-    )
+    def _decide(self, index: int, item: Item) -> RecordAnswer:
+        sub = item.submission
+        if sub is None or item.errors:
+            return self._reject(index, item)
+        known = self.by_source.get(sub.source_record_id)
+        if known is None:
+            return self._first_seen(index, item, sub)
+        return self._resubmitted(index, item, sub, known)
 
+    def _reject(self, index: int, item: Item) -> RecordAnswer:
+        source_id = (item.submission.source_record_id if item.submission
+                     else _source_id_of(item.raw))
+        self.rejected.append({
+            "partner_id": self.partner.partner_id, "adapter": self.partner.adapter,
+            "source_record_id": source_id, "batch_id": self.batch_id, "payload": _dumps(item.raw),
+            "errors": _dumps([e.model_dump(mode="json") for e in item.errors]), "status": "open",
+            "received_at": self.now})
+        self.events.append(audit.Event("rejected", actor=self.partner.partner_id, detail={
+            "source_record_id": source_id, "row": item.row, "batch_id": self.batch_id,
+            "codes": [e.code for e in item.errors], "fields": [e.field for e in item.errors]}))
+        return RecordAnswer(index=index, source_record_id=source_id, status=RecordStatus.REJECTED,
+                            errors=item.errors, warnings=item.warnings)
 
-def _scope_errors(partner: PartnerRef, sub: CESubmission) -> list[Note]:
-    """A partner registered for a base may only report that base's activities (SPEC §7)."""
-    provider = sub.activity.provider_code
-    if partner.base_code and provider and provider != partner.base_code:
-        return [_error("SCOPE_VIOLATION", "activity.provider_code",
-                       f"(partner is registered for base {partner.base_code})")]
-    return []
-
-
-def _ingest_one(
-    ctx: _Context,
-    index: int,
-    raw: object,
-    sub: CESubmission | None,
-    errors: list[Note],
-    warnings: list[Note],
-) -> RecordAnswer:
-    if sub is not None and not errors:
-        errors = _scope_errors(ctx.partner, sub)
-    if sub is None or errors:
-        return _reject(ctx, index, raw, errors, warnings)
-    chash = dedup.content_hash(sub)
-    existing = (
-        ctx.conn.execute(
-            select(records).where(
-                records.c.partner_id == ctx.partner.partner_id,
-                records.c.source_record_id == sub.source_record_id,
-            )
-        )
-        .mappings()
-        .first()
-    )
-    if existing is not None:
-        return _resubmitted(ctx, index, sub, chash, warnings, existing)
-    return _first_seen(ctx, index, sub, chash, warnings)
-
-
-def _answer(
-    index: int,
-    sub: CESubmission,
-    status: RecordStatus,
-    record_id: str,
-    version: int,
-    warnings: list[Note],
-    errors: list[Note] | None = None,
-) -> RecordAnswer:
-    return RecordAnswer(
-        index=index,
-        source_record_id=sub.source_record_id,
-        status=status,
-        record_id=record_id,
-        version=version,
-        warnings=warnings,
-        errors=errors or [],
-    )
-
-
-def _owner_of(ctx: _Context, key: str, record_id: str) -> str:
-    """Claim ``key`` for ``record_id`` unless someone holds it; returns the holder."""
-    # ON CONFLICT DO NOTHING: two replicas racing for one key cannot both win it.
-    insert_ignore(ctx.conn, natural_keys, {"natural_key": key, "record_id": record_id})
-    holder = ctx.conn.execute(
-        select(natural_keys.c.record_id).where(natural_keys.c.natural_key == key)
-    ).scalar_one()
-    if holder == record_id:
+    def _holder(self, key: str, record_id: str) -> str:
+        """The record holding ``key``; ``record_id`` takes it if it is free or withdrawn."""
+        holder = self.holders.get(key)
+        if holder is None:
+            self.claimed_keys[key] = record_id
+        elif self.by_record[holder].withdrawn:
+            # A withdrawn record gives its activity back: the newcomer becomes the holder.
+            self.moved_keys[key] = record_id
+        else:
+            return holder
+        self.holders[key] = record_id
         return record_id
-    owner = (
-        ctx.conn.execute(
-            select(records.c.withdrawn, records.c.status).where(records.c.record_id == holder)
-        )
-        .mappings()
-        .first()
-    )
-    if owner is None or owner["withdrawn"]:
-        # A withdrawn record gives its activity back: the newcomer becomes the holder.
-        ctx.conn.execute(
-            update(natural_keys)
-            .where(natural_keys.c.natural_key == key)
-            .values(record_id=record_id)
-        )
-        return record_id
-    return str(holder)
+
+    def _judge(self, sub: CESubmission, holder: str) -> RecordStatus:
+        same = self.by_record[holder].claim == _claim_of(sub)
+        return RecordStatus.DUPLICATE if same else RecordStatus.CONFLICT
+
+    def _build(self, item: Item, sub: CESubmission, record_id: str, version: int) -> CERecord:
+        if item.credited_hours is None:
+            item.credited_hours, item.rule_notes = credit.convert(sub)
+        return CERecord(
+            record_id=record_id, version=version, withdrawn=False,
+            source=Source(partner_id=self.partner.partner_id, adapter=self.partner.adapter,
+                          source_record_id=sub.source_record_id, batch_id=self.batch_id,
+                          received_at=self.now),
+            person=sub.person, year=sub.year, category=sub.category,
+            activity_type=sub.activity_type, activity=sub.activity, claimed=sub.claimed,
+            credited_hours=item.credited_hours, rule_notes=item.rule_notes,
+            evidence=sub.evidence, warnings=item.warnings)
+
+    def _store_version(self, record: CERecord, chash: str, queue: bool) -> None:
+        self.versions.append({"record_id": record.record_id, "version": record.version,
+                              "content_hash": chash, "payload": record.model_dump_json(),
+                              "created_at": self.now})
+        if queue:
+            self.outbox_rows.append({"record_id": record.record_id, "version": record.version,
+                                     "status": "pending", "attempts": 0, "created_at": self.now,
+                                     "updated_at": self.now})
+            self.events.append(audit.Event("queued", record.record_id, record.version))
+
+    def _first_seen(self, index: int, item: Item, sub: CESubmission) -> RecordAnswer:
+        record_id, chash, key = new_record_id(), dedup.content_hash(sub), dedup.natural_key(sub)
+        holder = self._holder(key, record_id)
+        status = RecordStatus.ACCEPTED if holder == record_id else self._judge(sub, holder)
+        duplicate_of = None if holder == record_id else holder
+        known = _Known(record_id, 1, chash, False, status.value, duplicate_of, _claim_of(sub))
+        self.by_source[sub.source_record_id] = self.by_record[record_id] = known
+        self.new_records.append({
+            "record_id": record_id, "partner_id": self.partner.partner_id,
+            "adapter": self.partner.adapter, "source_record_id": sub.source_record_id,
+            "current_version": 1, "status": status.value, "withdrawn": False,
+            "duplicate_of": duplicate_of, "natural_key": key, "content_hash": chash,
+            "person_key": dedup.person_key(sub), "year": sub.year, "batch_id": self.batch_id,
+            "created_at": self.now, "updated_at": self.now})
+        record = self._build(item, sub, record_id, 1)
+        self.events.append(audit.Event("received", record_id, 1, self.partner.partner_id, {
+            "source_record_id": sub.source_record_id, "person": mask_id(sub.person.id_number),
+            "credited_hours": str(record.credited_hours), "batch_id": self.batch_id,
+            "row": item.row, "warnings": [w.code for w in item.warnings]}))
+        errors: list[Note] = []
+        if status is RecordStatus.DUPLICATE:
+            self.events.append(audit.Event("duplicate", record_id, 1, detail={"duplicate_of": holder}))
+        elif status is RecordStatus.CONFLICT:
+            errors = [error_note("CONFLICT_WITH_EXISTING", "claimed", f"(record {holder})")]
+            self.events.append(audit.Event("conflict", record_id, 1, detail={"conflicts_with": holder}))
+        self._store_version(record, chash, queue=status is RecordStatus.ACCEPTED)
+        return RecordAnswer(index=index, source_record_id=sub.source_record_id, status=status,
+                            record_id=record_id, version=1, warnings=item.warnings, errors=errors)
+
+    def _resubmitted(self, index: int, item: Item, sub: CESubmission, known: _Known) -> RecordAnswer:
+        chash = dedup.content_hash(sub)
+        if known.content_hash == chash and not known.withdrawn:
+            self.events.append(audit.Event("duplicate", known.record_id, known.version,
+                                           self.partner.partner_id, {"resend_of": known.record_id,
+                                                                     "row": item.row}))
+            return RecordAnswer(index=index, source_record_id=sub.source_record_id,
+                                status=RecordStatus.DUPLICATE, record_id=known.record_id,
+                                version=known.version, warnings=item.warnings)
+        status = RecordStatus.ACCEPTED
+        if known.duplicate_of and known.duplicate_of in self.by_record:
+            # It was judged against another source's report: judge the correction the same way.
+            status = self._judge(sub, known.duplicate_of)
+        elif known.duplicate_of:
+            self._remember(self.conn.execute(select(records).where(
+                records.c.record_id == known.duplicate_of)).mappings().all(), by_source=False)
+            status = self._judge(sub, known.duplicate_of)
+        known.version += 1
+        known.content_hash, known.withdrawn, known.status = chash, False, status.value
+        known.claim = _claim_of(sub)
+        self.record_updates.append({"rid": known.record_id, "current_version": known.version,
+                                    "content_hash": chash, "withdrawn": False,
+                                    "status": status.value, "updated_at": self.now})
+        record = self._build(item, sub, known.record_id, known.version)
+        self.events.append(audit.Event("corrected", known.record_id, known.version,
+                                       self.partner.partner_id, {
+                                           "previous_version": known.version - 1, "row": item.row,
+                                           "credited_hours": str(record.credited_hours),
+                                           "judged": status.value}))
+        self._store_version(record, chash, queue=status is RecordStatus.ACCEPTED)
+        answer = RecordStatus.CORRECTED if status is RecordStatus.ACCEPTED else status
+        errors = ([error_note("CONFLICT_WITH_EXISTING", "claimed")]
+                  if status is RecordStatus.CONFLICT else [])
+        return RecordAnswer(index=index, source_record_id=sub.source_record_id, status=answer,
+                            record_id=known.record_id, version=known.version,
+                            warnings=item.warnings, errors=errors)
+
+    # -- writes ---------------------------------------------------------------------------
+    def _write(self) -> None:
+        conn = self.conn
+        if self.claimed_keys:
+            rows = [{"natural_key": k, "record_id": r} for k, r in self.claimed_keys.items()]
+            insert_ignore(conn, natural_keys, rows)
+            for part in _chunks(sorted(self.claimed_keys)):
+                for row in conn.execute(select(natural_keys.c.natural_key, natural_keys.c.record_id)
+                                        .where(natural_keys.c.natural_key.in_(part))):
+                    if self.claimed_keys[row.natural_key] != row.record_id:
+                        raise _KeyRaceLost(row.natural_key)
+        if self.moved_keys:
+            conn.execute(update(natural_keys).where(natural_keys.c.natural_key == bindparam("k"))
+                         .values(record_id=bindparam("r")),
+                         [{"k": k, "r": r} for k, r in self.moved_keys.items()])
+        if self.new_records:
+            conn.execute(insert(records), self.new_records)
+        if self.record_updates:
+            conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
+                         .values(current_version=bindparam("current_version"),
+                                 content_hash=bindparam("content_hash"),
+                                 withdrawn=bindparam("withdrawn"), status=bindparam("status"),
+                                 updated_at=bindparam("updated_at")),
+                         self.record_updates)
+        if self.versions:
+            conn.execute(insert(record_versions), self.versions)
+        if self.outbox_rows:
+            conn.execute(insert(outbox), self.outbox_rows)
+        if self.rejected:
+            conn.execute(insert(rejections), self.rejected)
+        audit.append(conn, self.events, self.now)
 
 
-def _judge_against_owner(ctx: _Context, sub: CESubmission, owner_id: str) -> RecordStatus:
-    row = ctx.conn.execute(
-        select(records.c.current_version).where(records.c.record_id == owner_id)
-    ).scalar_one()
-    owner_sub = _submission_of(_current_payload(ctx.conn, owner_id, int(row)))
-    return RecordStatus.DUPLICATE if dedup.same_claim(sub, owner_sub) else RecordStatus.CONFLICT
+def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start: start + size]
 
 
-def _first_seen(
-    ctx: _Context, index: int, sub: CESubmission, chash: str, warnings: list[Note]
-) -> RecordAnswer:
-    record_id = new_record_id()
-    key = dedup.natural_key(sub)
-    owner_id = _owner_of(ctx, key, record_id)
-    status = (
-        RecordStatus.ACCEPTED if owner_id == record_id else _judge_against_owner(ctx, sub, owner_id)
-    )
-    ctx.conn.execute(
-        insert(records).values(
-            record_id=record_id,
-            partner_id=ctx.partner.partner_id,
-            adapter=ctx.partner.adapter,
-            source_record_id=sub.source_record_id,
-            current_version=1,
-            status=status.value,
-            withdrawn=False,
-            duplicate_of=None if owner_id == record_id else owner_id,
-            natural_key=key,
-            content_hash=chash,
-            person_key=dedup.person_key(sub),
-            year=sub.year,
-            batch_id=ctx.batch_id,
-            created_at=ctx.now,
-            updated_at=ctx.now,
-        )
-    )
-    record = _build_record(ctx, sub, record_id, 1, warnings)
-    ctx.events.append(
-        audit.Event(
-            "received",
-            record_id,
-            1,
-            ctx.partner.partner_id,
-            {
-                "source_record_id": sub.source_record_id,
-                "person": mask_id(sub.person.id_number),
-                "credited_hours": str(record.credited_hours),
-                "batch_id": ctx.batch_id,
-                "warnings": [w.code for w in warnings],
-            },
-        )
-    )
-    errors: list[Note] = []
-    if status is RecordStatus.DUPLICATE:
-        ctx.events.append(audit.Event("duplicate", record_id, 1, detail={"duplicate_of": owner_id}))
-    elif status is RecordStatus.CONFLICT:
-        errors = [_error("CONFLICT_WITH_EXISTING", "claimed", f"(record {owner_id})")]
-        ctx.events.append(
-            audit.Event("conflict", record_id, 1, detail={"conflicts_with": owner_id})
-        )
-    _store_version(ctx, record, chash, queue=status is RecordStatus.ACCEPTED)
-    return _answer(index, sub, status, record_id, 1, warnings, errors)
-
-
-def _resubmitted(
-    ctx: _Context, index: int, sub: CESubmission, chash: str, warnings: list[Note], existing: Any
-) -> RecordAnswer:
-    record_id, version = str(existing["record_id"]), int(existing["current_version"])
-    if existing["content_hash"] == chash and not existing["withdrawn"]:
-        ctx.events.append(
-            audit.Event(
-                "duplicate", record_id, version, ctx.partner.partner_id, {"resend_of": record_id}
-            )
-        )
-        return _answer(index, sub, RecordStatus.DUPLICATE, record_id, version, warnings)
-    version += 1
-    status = RecordStatus(existing["status"])
-    if existing["duplicate_of"]:
-        # It was judged against another source's report: judge the correction the same way.
-        status = _judge_against_owner(ctx, sub, str(existing["duplicate_of"]))
-    ctx.conn.execute(
-        update(records)
-        .where(records.c.record_id == record_id)
-        .values(
-            current_version=version,
-            content_hash=chash,
-            withdrawn=False,
-            status=status.value,
-            updated_at=ctx.now,
-        )
-    )
-    record = _build_record(ctx, sub, record_id, version, warnings)
-    ctx.events.append(
-        audit.Event(
-            "corrected",
-            record_id,
-            version,
-            ctx.partner.partner_id,
-            {
-                "previous_version": version - 1,
-                "credited_hours": str(record.credited_hours),
-                "judged": status.value,
-            },
-        )
-    )
-    _store_version(ctx, record, chash, queue=status is RecordStatus.ACCEPTED)
-    answer_status = RecordStatus.CORRECTED if status is RecordStatus.ACCEPTED else status
-    errors = (
-        [_error("CONFLICT_WITH_EXISTING", "claimed")] if status is RecordStatus.CONFLICT else []
-    )
-    return _answer(index, sub, answer_status, record_id, version, warnings, errors)
-
-
-def withdraw(
-    engine: Engine, partner: PartnerRef, source_record_id: str, now: datetime | None = None
-) -> RecordAnswer | None:
+def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
+             now: datetime | None = None) -> RecordAnswer | None:
     """Withdraw a partner's record: a new version with ``withdrawn = true``, forwarded."""
     now = now or datetime.now(UTC)
     with engine.begin() as conn:
-        ctx = _Context(conn, partner, now, None)
-        existing = (
-            conn.execute(
-                select(records).where(
-                    records.c.partner_id == partner.partner_id,
-                    records.c.source_record_id == source_record_id,
-                )
-            )
-            .mappings()
-            .first()
-        )
+        existing = conn.execute(select(records).where(
+            records.c.partner_id == partner.partner_id,
+            records.c.source_record_id == source_record_id)).mappings().first()
         if existing is None:
             return None
         record_id, version = str(existing["record_id"]), int(existing["current_version"])
         if existing["withdrawn"]:
-            return RecordAnswer(
-                index=0,
-                source_record_id=source_record_id,
-                status=RecordStatus.DUPLICATE,
-                record_id=record_id,
-                version=version,
-            )
-        current = CERecord.model_validate_json(_current_payload(conn, record_id, version))
-        record = current.model_copy(
-            update={
-                "version": version + 1,
-                "withdrawn": True,
-                "credited_hours": Decimal(0),
-                "source": current.source.model_copy(update={"received_at": now}),
-            }
-        )
-        conn.execute(
-            update(records)
-            .where(records.c.record_id == record_id)
-            .values(current_version=version + 1, withdrawn=True, updated_at=now)
-        )
-        ctx.events.append(
-            audit.Event(
-                "withdrawn",
-                record_id,
-                version + 1,
-                partner.partner_id,
-                {"source_record_id": source_record_id},
-            )
-        )
+            return RecordAnswer(index=0, source_record_id=source_record_id,
+                                status=RecordStatus.DUPLICATE, record_id=record_id, version=version)
+        payload = conn.execute(select(record_versions.c.payload).where(
+            record_versions.c.record_id == record_id,
+            record_versions.c.version == version)).scalar_one()
+        current = CERecord.model_validate_json(payload)
+        record = current.model_copy(update={
+            "version": version + 1, "withdrawn": True, "credited_hours": Decimal(0),
+            "source": current.source.model_copy(update={"received_at": now})})
+        conn.execute(update(records).where(records.c.record_id == record_id).values(
+            current_version=version + 1, withdrawn=True, updated_at=now))
+        conn.execute(insert(record_versions).values(
+            record_id=record_id, version=version + 1, content_hash=existing["content_hash"],
+            payload=record.model_dump_json(), created_at=now))
+        events = [audit.Event("withdrawn", record_id, version + 1, partner.partner_id,
+                              {"source_record_id": source_record_id})]
         # Only a record the management system has (or will have) needs the withdrawal.
-        _store_version(
-            ctx, record, existing["content_hash"], queue=existing["status"] == "accepted"
-        )
-        audit.append(conn, ctx.events, now)
-    return RecordAnswer(
-        index=0,
-        source_record_id=source_record_id,
-        status=RecordStatus.ACCEPTED,
-        record_id=record_id,
-        version=version + 1,
-    )
+        if existing["status"] == "accepted":
+            conn.execute(insert(outbox).values(record_id=record_id, version=version + 1,
+                                               status="pending", attempts=0, created_at=now,
+                                               updated_at=now))
+            events.append(audit.Event("queued", record_id, version + 1))
+        audit.append(conn, events, now)
+    return RecordAnswer(index=0, source_record_id=source_record_id, status=RecordStatus.ACCEPTED,
+                        record_id=record_id, version=version + 1)
