@@ -240,6 +240,7 @@ class DeliveryWorker:
             return 0
         if not claimed.rows:
             self._finish_batch(claimed.batch_key)
+            self.breaker.release_probe()  # nothing was sent: a half-open probe slot goes back
             return 0
         body = self._body(claimed.rows)
         reply, tries = self.send(claimed, body)
