@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,11 +23,13 @@ partner_app = typer.Typer(help="Partner registration", no_args_is_help=True)
 operator_app = typer.Typer(help="Operator tokens", no_args_is_help=True)
 audit_app = typer.Typer(help="Audit trail", no_args_is_help=True)
 mock_app = typer.Typer(help="Mock partner systems for tests and the demo", no_args_is_help=True)
+pull_app = typer.Typer(help="Pull partners (the Cadre Network College)", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(partner_app, name="partner")
 app.add_typer(operator_app, name="operator")
 app.add_typer(audit_app, name="audit")
 app.add_typer(mock_app, name="mock")
+app.add_typer(pull_app, name="pull")
 console = Console()
 err = Console(stderr=True)
 
@@ -169,6 +172,124 @@ def mock_ce_system(
     serve(host=host, port=port, faults=Faults(
         error_rate=error_rate, latency_ms=latency_ms, rate_limit_every=rate_limit_every,
         lost_reply_rate=lost_reply_rate, seed=seed))
+
+
+@app.command()
+def ingest(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    adapter: Annotated[str, typer.Option(help="health | finance | training_base")],
+    kind: Annotated[str, typer.Option(help="monthly | annual | roster")],
+    period: Annotated[str, typer.Option(help="YYYY-MM (monthly) or YYYY (annual)")],
+    partner_id: Annotated[str | None, typer.Option(help="whose batch this is (default: <adapter>-local)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Ingest a batch file locally, exactly as an upload would be processed (progress bar)."""
+    from adapters.tabular import count_rows, detect_format
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from gateway.batches import (
+        BatchProcessor,
+        NewBatch,
+        batch_status,
+        check_batch_request,
+        new_batch_id,
+        record_batch,
+    )
+    from gateway.errors import PayloadRejected
+    from gateway.signing import file_sha256
+
+    settings = _settings()
+    _setup_logging(settings)
+    try:
+        check_batch_request(adapter, kind, period)
+    except PayloadRejected as exc:
+        err.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(2) from exc
+    engine = _engine(settings)
+    with file.open("rb") as handle:
+        fmt = detect_format(handle.read(4096), file.name, None)
+    batch = NewBatch(new_batch_id(), partner_id or f"{adapter}-local", adapter, kind, period,
+                     file.resolve(), fmt, file.stat().st_size, file_sha256(file))
+    record_batch(engine, batch, actor="cli")
+    total = count_rows(file, fmt)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err, disable=as_json) as bar:
+        task = bar.add_task(f"{file.name} → {batch.batch_id}", total=total)
+        processor = BatchProcessor(engine, settings, progress=lambda row: bar.update(task, completed=row - 1))
+        claimed = processor.claim()
+        while claimed is not None and claimed["batch_id"] != batch.batch_id:
+            processor.process(claimed)  # an older queued batch first: keep arrival order
+            claimed = processor.claim()
+        if claimed is not None:
+            processor.process(claimed)
+        bar.update(task, completed=total)
+    with engine.connect() as conn:
+        status = batch_status(conn, batch.batch_id, limit=20)
+    assert status is not None
+    if as_json:
+        print(json.dumps(status, ensure_ascii=False))
+    else:
+        console.print_json(data={k: status[k] for k in ("batch_id", "status", "counts", "error")})
+        for row in status["rejected_rows"]:
+            console.print(f"  row {row['row']} {row['column'] or ''} {row['code']}: {row['message_zh']}")
+    raise typer.Exit(0 if status["status"] == "done" else 1)
+
+
+@app.command()
+def reconcile(adapter: Annotated[str, typer.Argument(help="health | finance")],
+              year: Annotated[int, typer.Argument()],
+              as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Annual vs monthly batches: per month what the annual adds, corrects, conflicts, lacks."""
+    from rich.table import Table
+
+    from gateway.reconcile import CATEGORIES, report
+
+    with _engine(_settings()).connect() as conn:
+        result = report(conn, adapter, year)
+    if as_json:
+        print(json.dumps(result, ensure_ascii=False))
+        return
+    table = Table(title=f"{adapter} {year} 年度与月度对账 (annual {result['annual_batch_id'] or '—'})")
+    table.add_column("month")
+    for c in CATEGORIES:
+        table.add_column(c, justify="right")
+    for m in result["months"]:
+        table.add_row(m["month"], *(str(m[c]) for c in CATEGORIES))
+    table.add_row("[bold]total", *(f"[bold]{result['totals'][c]}" for c in CATEGORIES))
+    console.print(table)
+    console.print(f"months never pushed: {', '.join(result['months_never_pushed']) or 'none'}")
+
+
+@pull_app.command("cadre-college")
+def pull_cadre_college(max_pages: int | None = None,
+                       as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Pull new completions from the Cadre Network College now (cursor kept in the store)."""
+    from dataclasses import asdict
+
+    from gateway.pull.cadre_college import pull_once
+
+    settings = _settings()
+    _setup_logging(settings)
+    result = pull_once(_engine(settings), settings, max_pages=max_pages)
+    if as_json:
+        print(json.dumps(asdict(result), ensure_ascii=False, default=str))
+    else:
+        console.print(result)
+
+
+@mock_app.command("cadre-college")
+def mock_cadre_college(port: int = 8781, host: str = "127.0.0.1", seed: int = 1,
+                       initial: int = 500, growth_per_call: int = 0) -> None:
+    """Run the mock Cadre Network College (paged completions with pinyin keys)."""
+    from mock_partners.cadre_college import serve
+
+    serve(host=host, port=port, seed=seed, initial=initial, growth_per_call=growth_per_call)
 
 
 @app.command()

@@ -5,6 +5,7 @@ Nothing else in the code base reads ``os.environ``; components receive a :class:
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -42,6 +43,16 @@ class Settings(BaseSettings):
     max_records_per_request: int = 1000
     max_body_bytes: int = 16 * 1024 * 1024
     log_level: str = "INFO"
+    # Batch files (health, finance, rosters): kept here until processed.  With several
+    # replicas this must be a shared volume (docs/operations.md).
+    batch_dir: Path = Path("var") / "batches"
+    max_batch_bytes: int = 1024 * 1024 * 1024
+    max_batch_rows: int = 2_000_000
+    batch_chunk_rows: Annotated[int, Field(ge=1, le=20_000)] = 2000
+    batch_lease_seconds: float = 120.0
+    # Credit → hour tables (SPEC §4 defaults; documented in docs/error-codes.md notes).
+    health_hours_per_credit: Decimal = Decimal("3.6")
+    finance_hours_per_credit: Decimal = Decimal("1")
 
     @field_validator("retry_schedule", mode="before")
     @classmethod

@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,15 +27,29 @@ HEADER_NONCE = "X-CE-Nonce"
 HEADER_SIGNATURE = "X-CE-Signature"
 
 
-def string_to_sign(method: str, path_with_query: str, timestamp: str, nonce: str, body: bytes) -> str:
-    return "\n".join(
-        [method.upper(), path_with_query, timestamp, nonce, hashlib.sha256(body).hexdigest()]
-    )
+def string_to_sign(method: str, path_with_query: str, timestamp: str, nonce: str,
+                   body_sha256: str) -> str:
+    return "\n".join([method.upper(), path_with_query, timestamp, nonce, body_sha256])
+
+
+def sign_digest(secret: str, method: str, path_with_query: str, timestamp: str, nonce: str,
+                body_sha256: str) -> str:
+    """The signature from the body's hex SHA-256 (so a large file is hashed while streamed)."""
+    message = string_to_sign(method, path_with_query, timestamp, nonce, body_sha256)
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
 
 
 def sign(secret: str, method: str, path_with_query: str, timestamp: str, nonce: str, body: bytes) -> str:
-    message = string_to_sign(method, path_with_query, timestamp, nonce, body)
-    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+    return sign_digest(secret, method, path_with_query, timestamp, nonce,
+                       hashlib.sha256(body).hexdigest())
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def signed_headers(app_key: str, secret: str, method: str, path_with_query: str, body: bytes,
@@ -71,6 +87,32 @@ class SigningClient(httpx.Client):
     def __init__(self, base_url: str, app_key: str, secret: str, **kwargs: Any) -> None:
         kwargs.setdefault("timeout", 60.0)
         super().__init__(base_url=base_url, auth=_SigningAuth(app_key, secret), **kwargs)
+        self._app_key, self._secret = app_key, secret
+
+    def upload_batch(self, path: str | Path, *, adapter: str, kind: str, period: str,
+                     row_count: int | None = None, total_credits: str | None = None,
+                     ) -> httpx.Response:
+        """Stream a batch file to ``POST /v1/batches`` (hashed first, never held in memory)."""
+        query = httpx.QueryParams({"adapter": adapter, "kind": kind, "period": period})
+        target = f"/v1/batches?{query}"
+        ts, nonce = str(int(time.time())), secrets.token_hex(16)
+        headers = {HEADER_APP_KEY: self._app_key, HEADER_TIMESTAMP: ts, HEADER_NONCE: nonce,
+                   HEADER_SIGNATURE: sign_digest(self._secret, "POST", target, ts, nonce,
+                                                 file_sha256(path)),
+                   "Content-Type": "application/octet-stream",
+                   "X-CE-Filename": Path(path).name}
+        if row_count is not None:
+            headers["X-CE-Row-Count"] = str(row_count)
+        if total_credits is not None:
+            headers["X-CE-Total-Credits"] = total_credits
+
+        def chunks() -> Iterator[bytes]:
+            with open(path, "rb") as handle:
+                while block := handle.read(1 << 20):
+                    yield block
+
+        request = self.build_request("POST", target, headers=headers, content=chunks())
+        return self.send(request, auth=None)
 
     def submit(self, records: list[dict[str, Any]]) -> httpx.Response:
         """POST canonical submissions (1–1,000) to ``/v1/records``."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from fastapi import Request
@@ -17,7 +19,7 @@ from gateway.signing import (
     HEADER_NONCE,
     HEADER_SIGNATURE,
     HEADER_TIMESTAMP,
-    sign,
+    sign_digest,
 )
 from gateway.state import AppState
 from gateway.store.tables import nonces
@@ -66,8 +68,16 @@ def _remember_nonce(state: AppState, app_key: str, nonce: str) -> None:
         raise Unauthenticated("REPLAYED", detail="(nonce already used)") from exc
 
 
-async def signed_partner(request: Request) -> tuple[Partner, bytes]:
-    """Authenticate a partner request; returns the partner and the raw body it signed."""
+@dataclass(frozen=True)
+class SignatureHeaders:
+    app_key: str
+    timestamp: str
+    nonce: str
+    signature: str
+
+
+def signature_headers(request: Request) -> SignatureHeaders:
+    """The X-CE-* headers, present and within the window, before any body is read."""
     state = state_of(request)
     headers = request.headers
     app_key, ts, nonce, signature = (headers.get(HEADER_APP_KEY), headers.get(HEADER_TIMESTAMP),
@@ -82,15 +92,28 @@ async def signed_partner(request: Request) -> tuple[Partner, bytes]:
         raise Unauthenticated("UNAUTHENTICATED", detail="(timestamp is not unix seconds)") from exc
     if skew > state.settings.signature_window_seconds:
         raise Unauthenticated("UNAUTHENTICATED", detail="(timestamp outside the 300 s window)")
-    partner = partner_by_app_key(state.engine, state.box, app_key)
-    body = await read_body(request)
+    return SignatureHeaders(app_key, ts, nonce, signature)
+
+
+def verify_signature(request: Request, sig: SignatureHeaders, body_sha256: str) -> Partner:
+    """Check the signature over the body's hash; remember the nonce (replays are refused)."""
+    state = state_of(request)
+    partner = partner_by_app_key(state.engine, state.box, sig.app_key)
     if partner is None:
         raise Unauthenticated("UNAUTHENTICATED", detail="(unknown app key)")
-    expected = sign(partner.secret, request.method, _path_with_query(request), ts, nonce, body)
-    if not hmac.compare_digest(expected, signature.lower()):
+    expected = sign_digest(partner.secret, request.method, _path_with_query(request),
+                           sig.timestamp, sig.nonce, body_sha256)
+    if not hmac.compare_digest(expected, sig.signature.lower()):
         raise Unauthenticated("UNAUTHENTICATED", detail="(signature does not match)")
-    _remember_nonce(state, app_key, nonce)
-    return partner, body
+    _remember_nonce(state, sig.app_key, sig.nonce)
+    return partner
+
+
+async def signed_partner(request: Request) -> tuple[Partner, bytes]:
+    """Authenticate a partner request; returns the partner and the raw body it signed."""
+    sig = signature_headers(request)
+    body = await read_body(request)
+    return verify_signature(request, sig, hashlib.sha256(body).hexdigest()), body
 
 
 def operator(request: Request) -> Operator:

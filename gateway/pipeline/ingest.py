@@ -15,19 +15,21 @@ our read and our write, the chunk is rolled back and judged again.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine, bindparam, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from contracts import CERecord, CESubmission, Note, RecordAnswer, RecordStatus, Source
 from contracts.errors import message
+from contracts.records import Hours
 from gateway import audit
 from gateway.masking import mask_id
 from gateway.pipeline import credit, dedup
@@ -87,17 +89,27 @@ def ingest(engine: Engine, partner: PartnerRef, raws: Sequence[object], *,
 
 
 def ingest_items(engine: Engine, partner: PartnerRef, items: Sequence[Item], *,
-                 batch_id: str | None = None, now: datetime | None = None) -> list[RecordAnswer]:
+                 batch_id: str | None = None, now: datetime | None = None,
+                 in_tx: Callable[[Connection, list[RecordAnswer]], None] | None = None,
+                 ) -> list[RecordAnswer]:
+    """Judge and store ``items`` in one transaction.
+
+    ``in_tx`` runs inside that transaction before commit (a pull advances its cursor there, a
+    batch its checkpoint), so both commit or neither.
+    """
     now = now or datetime.now(UTC)
     for item in items:
         if item.submission is not None and not item.errors:
-            item.errors = _scope_errors(partner, item.submission)
+            item.errors = _scope_errors(partner, item.submission) or _unstorable(item)
     for attempt in Retrying(retry=retry_if_exception_type((IntegrityError, _KeyRaceLost)),
                             stop=stop_after_attempt(4), reraise=True):
         with attempt, engine.begin() as conn:
             # A concurrent twin (same partner and source ids, or the same activity from
             # another source) may commit first; the retry then sees its rows.
-            return _Chunk(conn, partner, now, batch_id).run(items)
+            answers = _Chunk(conn, partner, now, batch_id).run(items)
+            if in_tx is not None:
+                in_tx(conn, answers)
+            return answers
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -108,6 +120,34 @@ def _scope_errors(partner: PartnerRef, sub: CESubmission) -> list[Note]:
         return [error_note("SCOPE_VIOLATION", "activity.provider_code",
                            f"(partner is registered for base {partner.base_code})")]
     return []
+
+
+_HOURS = TypeAdapter(Hours)
+
+
+def _unstorable(item: Item) -> list[Note]:
+    """Errors for a submission that parses but cannot be stored, so it fails alone.
+
+    PostgreSQL text refuses NUL, and credited hours beyond ``CERecord``'s 999999.9 could not be
+    built: either would otherwise fail the whole chunk (SPEC §5 "one bad record never fails
+    its neighbours").
+    """
+    sub = item.submission
+    assert sub is not None
+    if "\x00" in sub.source_record_id:
+        return [error_note("SCHEMA", "source_record_id", "(contains a NUL character)")]
+    if item.credited_hours is None:
+        item.credited_hours, item.rule_notes = credit.convert(sub)
+    try:
+        _HOURS.validate_python(item.credited_hours)
+    except ValidationError:
+        return [error_note("SCHEMA", "claimed.quantity",
+                           f"(worth {item.credited_hours} hours; at most 999999.9)")]
+    return []
+
+
+def _no_nul(text: str | None) -> str | None:
+    return None if text is None else text.replace("\x00", "\ufffd")
 
 
 def _source_id_of(raw: object) -> str | None:
@@ -149,6 +189,7 @@ class _Chunk:
         self.versions: list[dict[str, Any]] = []
         self.outbox_rows: list[dict[str, Any]] = []
         self.rejected: list[dict[str, Any]] = []
+        self.seen_again: list[dict[str, Any]] = []
 
     # -- reads ----------------------------------------------------------------------------
     def _load(self, items: Sequence[Item]) -> None:
@@ -206,8 +247,8 @@ class _Chunk:
         return self._resubmitted(index, item, sub, known)
 
     def _reject(self, index: int, item: Item) -> RecordAnswer:
-        source_id = (item.submission.source_record_id if item.submission
-                     else _source_id_of(item.raw))
+        source_id = _no_nul(item.submission.source_record_id if item.submission
+                            else _source_id_of(item.raw))
         self.rejected.append({
             "partner_id": self.partner.partner_id, "adapter": self.partner.adapter,
             "source_record_id": source_id, "batch_id": self.batch_id, "payload": _dumps(item.raw),
@@ -252,7 +293,7 @@ class _Chunk:
     def _store_version(self, record: CERecord, chash: str, queue: bool) -> None:
         self.versions.append({"record_id": record.record_id, "version": record.version,
                               "content_hash": chash, "payload": record.model_dump_json(),
-                              "created_at": self.now})
+                              "batch_id": self.batch_id, "created_at": self.now})
         if queue:
             self.outbox_rows.append({"record_id": record.record_id, "version": record.version,
                                      "status": "pending", "attempts": 0, "created_at": self.now,
@@ -272,6 +313,7 @@ class _Chunk:
             "current_version": 1, "status": status.value, "withdrawn": False,
             "duplicate_of": duplicate_of, "natural_key": key, "content_hash": chash,
             "person_key": dedup.person_key(sub), "year": sub.year, "batch_id": self.batch_id,
+            "completed_on": sub.activity.completed_on, "last_batch_id": self.batch_id,
             "created_at": self.now, "updated_at": self.now})
         record = self._build(item, sub, record_id, 1)
         self.events.append(audit.Event("received", record_id, 1, self.partner.partner_id, {
@@ -291,6 +333,8 @@ class _Chunk:
     def _resubmitted(self, index: int, item: Item, sub: CESubmission, known: _Known) -> RecordAnswer:
         chash = dedup.content_hash(sub)
         if known.content_hash == chash and not known.withdrawn:
+            if self.batch_id is not None:
+                self.seen_again.append({"rid": known.record_id, "b": self.batch_id})
             self.events.append(audit.Event("duplicate", known.record_id, known.version,
                                            self.partner.partner_id, {"resend_of": known.record_id,
                                                                      "row": item.row}))
@@ -310,7 +354,9 @@ class _Chunk:
         known.claim = _claim_of(sub)
         self.record_updates.append({"rid": known.record_id, "current_version": known.version,
                                     "content_hash": chash, "withdrawn": False,
-                                    "status": status.value, "updated_at": self.now})
+                                    "status": status.value, "updated_at": self.now,
+                                    "completed_on": sub.activity.completed_on,
+                                    "last_batch_id": self.batch_id})
         record = self._build(item, sub, known.record_id, known.version)
         self.events.append(audit.Event("corrected", known.record_id, known.version,
                                        self.partner.partner_id, {
@@ -347,8 +393,14 @@ class _Chunk:
                          .values(current_version=bindparam("current_version"),
                                  content_hash=bindparam("content_hash"),
                                  withdrawn=bindparam("withdrawn"), status=bindparam("status"),
-                                 updated_at=bindparam("updated_at")),
+                                 updated_at=bindparam("updated_at"),
+                                 completed_on=bindparam("completed_on"),
+                                 last_batch_id=bindparam("last_batch_id")),
                          self.record_updates)
+        if self.seen_again:
+            # Reconciliation needs to know which batches repeated a record unchanged.
+            conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
+                         .values(last_batch_id=bindparam("b")), self.seen_again)
         if self.versions:
             conn.execute(insert(record_versions), self.versions)
         if self.outbox_rows:

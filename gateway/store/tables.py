@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Date,
     DateTime,
     Dialect,
     Index,
@@ -110,9 +111,13 @@ records = Table(
     Column("person_key", String(64), nullable=False, index=True),
     Column("year", Integer, nullable=False),
     Column("batch_id", String(64)),
+    Column("completed_on", Date),
+    Column("last_batch_id", String(40)),  # the last batch that carried it (reconciliation)
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     UniqueConstraint("partner_id", "source_record_id"),
+    Index("ix_records_batch_id", "batch_id"),
+    Index("ix_records_last_batch_id", "last_batch_id"),
 )
 
 record_versions = Table(
@@ -122,6 +127,7 @@ record_versions = Table(
     Column("version", Integer, nullable=False),
     Column("content_hash", String(64), nullable=False),
     Column("payload", Text, nullable=False),  # the CERecord as JSON
+    Column("batch_id", String(40)),  # the batch whose row made this version
     Column("created_at", UTCDateTime, nullable=False),
     PrimaryKeyConstraint("record_id", "version"),
 )
@@ -210,4 +216,75 @@ audit_head = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("last_seq", BigInteger, nullable=False),
     Column("last_hash", String(64), nullable=False),
+)
+
+# -- batches, pulls and cluster-wide jobs (issue 3) ---------------------------------------------
+
+# An uploaded file: committed (file on disk + this row) before the 202; processed in chunks whose
+# commits advance ``rows_done`` in the same transaction, so a crash resumes without duplicates.
+batches = Table(
+    "batches",
+    metadata,
+    Column("batch_id", String(40), primary_key=True),
+    Column("partner_id", String(64), nullable=False, index=True),
+    Column("adapter", String(32), nullable=False),
+    Column("kind", String(16), nullable=False),  # monthly | annual | roster
+    Column("period", String(7), nullable=False),  # YYYY-MM or YYYY
+    Column("status", String(16), nullable=False),  # queued | processing | done | failed
+    Column("file_path", Text, nullable=False),
+    Column("file_format", String(8), nullable=False),  # csv | xlsx | ndjson
+    Column("file_size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("declared_rows", BigInteger),
+    Column("declared_credits", String(32)),
+    Column("rows_done", BigInteger, nullable=False, default=0),
+    Column("rows_total", BigInteger),
+    Column("accepted", BigInteger, nullable=False, default=0),
+    Column("duplicate", BigInteger, nullable=False, default=0),
+    Column("corrected", BigInteger, nullable=False, default=0),
+    Column("conflict", BigInteger, nullable=False, default=0),
+    Column("rejected", BigInteger, nullable=False, default=0),
+    Column("credits_total", String(32), nullable=False, default="0"),
+    Column("error", Text),
+    Column("lease_owner", String(64)),
+    Column("lease_until", UTCDateTime),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Index("ix_batches_adapter_period", "adapter", "period"),
+)
+
+batch_errors = Table(
+    "batch_errors",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("batch_id", String(40), nullable=False),
+    Column("row_no", BigInteger, nullable=False),
+    Column("column_name", String(64)),
+    Column("code", String(32), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("message_zh", Text, nullable=False),
+    Index("ix_batch_errors_batch_row", "batch_id", "row_no"),
+)
+
+# Incremental pulls (the Cadre Network College): the cursor advances in the same transaction
+# as the records it produced.
+pull_state = Table(
+    "pull_state",
+    metadata,
+    Column("source", String(32), primary_key=True),
+    Column("cursor", Text),
+    Column("pulled_total", BigInteger, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("last_success_at", UTCDateTime),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Cluster-wide leases for scheduled jobs: whoever holds a name's lease runs that job.
+job_locks = Table(
+    "job_locks",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("owner", String(64)),
+    Column("until", UTCDateTime),
 )

@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import select
 
-from gateway import audit
+from gateway import audit, reconcile
 from gateway.accounts import Operator
 from gateway.api.deps import operator, state_of
 from gateway.errors import NotFound
@@ -32,7 +32,9 @@ def delivery_status(record_status: str, rows: list[dict[str, Any]], version: int
 def get_record(record_id: str, request: Request, _: Viewer) -> dict[str, Any]:
     state = state_of(request)
     with state.engine.connect() as conn:
-        rec = conn.execute(select(records).where(records.c.record_id == record_id)).mappings().first()
+        # No record id holds NUL, and PostgreSQL cannot even compare one: not found, not a 500.
+        rec = None if "\x00" in record_id else conn.execute(
+            select(records).where(records.c.record_id == record_id)).mappings().first()
         if rec is None:
             raise NotFound(detail=f"(record {record_id})")
         versions = conn.execute(select(record_versions.c.version, record_versions.c.payload,
@@ -58,8 +60,19 @@ def get_record(record_id: str, request: Request, _: Viewer) -> dict[str, Any]:
     }
 
 
+@router.get("/reconciliation/{adapter}/{year}",
+            summary="What the annual batch adds, corrects, conflicts with and lacks, per month")
+def get_reconciliation(adapter: str, year: int, request: Request, _: Viewer) -> dict[str, Any]:
+    if adapter not in ("health", "finance"):
+        raise NotFound(detail="(reconciliation covers the monthly/annual partners: health, finance)")
+    with state_of(request).engine.connect() as conn:
+        return reconcile.report(conn, adapter, year)
+
+
 @router.get("/audit", summary="Audit events of a record")
 def get_audit(request: Request, _: Viewer, record_id: Annotated[str, Query()]) -> dict[str, Any]:
+    if "\x00" in record_id:  # no record id holds NUL; PostgreSQL cannot compare one
+        return {"items": [], "total": 0, "next": None}
     with state_of(request).engine.connect() as conn:
         items = audit.events_for(conn, [record_id])
     return {"items": items, "total": len(items), "next": None}

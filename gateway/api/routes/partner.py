@@ -38,13 +38,13 @@ def _records_of(body: bytes, limit: int) -> list[Any]:
     return records
 
 
-def _scope_partner(partner: Partner, adapter: str) -> PartnerRef:
+def scope_partner(partner: Partner, adapter: str) -> PartnerRef:
     if partner.adapter != adapter:
         raise ScopeViolation(detail=f"(partner is registered for {partner.adapter!r}, not {adapter!r})")
     return PartnerRef(partner.partner_id, partner.adapter, partner.base_code)
 
 
-def _result(answers: list[RecordAnswer]) -> SubmissionResult:
+def records_result(answers: list[RecordAnswer]) -> SubmissionResult:
     counts = Counter(a.status.value for a in answers)
     return SubmissionResult(results=answers, counts={
         k: counts.get(k, 0) for k in ("accepted", "duplicate", "corrected", "conflict", "rejected")})
@@ -55,10 +55,10 @@ def _result(answers: list[RecordAnswer]) -> SubmissionResult:
 async def submit_records(request: Request, signed: SignedPartner) -> SubmissionResult:
     partner, body = signed
     state = state_of(request)
-    ref = _scope_partner(partner, "canonical")
+    ref = scope_partner(partner, "canonical")
     records = _records_of(body, state.settings.max_records_per_request)
     answers = await run_in_threadpool(ingest, state.engine, ref, records)
-    return _result(answers)
+    return records_result(answers)
 
 
 @router.delete("/records/{source_record_id}", response_model=RecordAnswer, openapi_extra=SIGNED,
@@ -68,7 +68,9 @@ async def withdraw_record(source_record_id: str, request: Request,
     partner, _ = signed
     state = state_of(request)
     ref = PartnerRef(partner.partner_id, partner.adapter, partner.base_code)
-    answer = await run_in_threadpool(withdraw, state.engine, ref, source_record_id)
+    # No stored id holds NUL (ingest refuses it), and PostgreSQL cannot even compare one.
+    answer = None if "\x00" in source_record_id else await run_in_threadpool(
+        withdraw, state.engine, ref, source_record_id)
     if answer is None:
         raise NotFound(detail=f"(no record {source_record_id!r} from this partner)")
     return answer

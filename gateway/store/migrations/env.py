@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 
 from gateway.store.db import make_engine
@@ -11,6 +13,13 @@ config = context.config
 target_metadata = metadata
 
 
+def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
+    """Render our aware-datetime type as plain ``sa.DateTime(timezone=True)`` in migrations."""
+    if type_ == "type" and type(obj).__name__ == "UTCDateTime":
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
 def run_migrations_online() -> None:
     engine = make_engine(config.get_main_option("sqlalchemy.url") or "")
     with engine.connect() as connection:
@@ -18,6 +27,7 @@ def run_migrations_online() -> None:
             connection=connection,
             target_metadata=target_metadata,
             render_as_batch=connection.dialect.name == "sqlite",
+            render_item=render_item,
         )
         with context.begin_transaction():
             context.run_migrations()

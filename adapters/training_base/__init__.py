@@ -1,0 +1,116 @@
+"""The ``training_base`` adapter: national and provincial CE bases (SPEC §8).
+
+Bases POST ``{"base_code", "plan_id", "results": [...]}`` or upload a roster file with the
+same columns plus ``base_code`` and ``plan_id``.  Results are training hours against a filed
+plan (备案); the plan and base are judged by the rules (R9), not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import date
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from adapters.base import Adapter, ParsedRow
+from contracts import Note
+from contracts.errors import message
+from gateway.pipeline.validate import validate_submission
+
+RESULT_KEYS = ("result_id", "id_no", "name", "region", "hours", "completed_on")
+# Canonical field → native key, to name the partner's own key in errors.
+NATIVE_FIELD = {"source_record_id": "result_id", "person.id_number": "id_no",
+                "person.name": "name", "person.employer_name": "employer",
+                "person.region_code": "region", "claimed.quantity": "hours",
+                "activity.started_on": "started_on", "activity.completed_on": "completed_on",
+                "evidence.certificate_no": "certificate_no", "activity.provider_code": "base_code",
+                "activity.plan_id": "plan_id"}
+TRUE = {True, "true", "True", "1", 1, "是", "合格", "通过", "yes", "Y", "y"}
+FALSE = {False, "false", "False", "0", 0, "否", "不合格", "未通过", "no", "N", "n"}
+
+
+def _schema(key: str, detail: str) -> Note:
+    en, zh = message("SCHEMA")
+    return Note(code="SCHEMA", field=key, message=f"{en} ({key}: {detail})",
+                message_zh=f"{zh}（{key}：{detail}）")
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _year_of(value: Any) -> int | None:
+    try:
+        return date.fromisoformat(_text(value)[:10]).year
+    except ValueError:
+        return None
+
+
+def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> ParsedRow:
+    """One trainee's result → a canonical submission (or coded errors); never raises."""
+    if not isinstance(result, dict):
+        return ParsedRow(row=index, raw=result, errors=[_schema("results", "each result must be an object")])
+    missing = [k for k in RESULT_KEYS if _text(result.get(k)) == ""]
+    if missing:
+        return ParsedRow(row=index, raw=result, errors=[_schema(k, "required") for k in missing])
+    passed = result.get("passed", True)
+    if passed not in TRUE and passed not in FALSE:
+        return ParsedRow(row=index, raw=result, errors=[_schema("passed", "expected true or false")])
+    plan = _text(plan_id) or None
+    submission = {
+        "source_record_id": _text(result["result_id"]),
+        "person": {"id_type": "resident_id", "id_number": _text(result["id_no"]),
+                   "name": _text(result["name"]), "region_code": _text(result["region"]),
+                   **({"employer_name": _text(result["employer"])} if _text(result.get("employer")) else {})},
+        "year": _year_of(result["completed_on"]) or 0,
+        "category": "professional", "activity_type": "training",
+        "activity": {"title": _text(result.get("title")) or f"继续教育基地培训 {plan or _text(base_code)}",
+                     "provider_code": _text(base_code) or None, "plan_id": plan, "mode": "offline",
+                     "started_on": _text(result.get("started_on")) or None,
+                     "completed_on": _text(result["completed_on"])},
+        "claimed": {"quantity": _text(result["hours"]), "unit": "hours", "details": {}},
+        "evidence": {"certificate_no": _text(result.get("certificate_no")) or None,
+                     "assessment": "passed" if passed in TRUE else "failed"},
+    }
+    v = validate_submission(submission)
+    errors = [e.model_copy(update={"field": NATIVE_FIELD.get(e.field or "", e.field)}) for e in v.errors]
+    return ParsedRow(row=index, raw=result, submission=v.submission, errors=errors,
+                     warnings=list(v.warnings))
+
+
+class TrainingBaseAdapter(Adapter):
+    """``parse`` takes the pushed JSON document and yields one row per result."""
+
+    name: ClassVar[str] = "training_base"
+
+    def parse(self, raw: Any) -> Iterator[ParsedRow]:
+        if not isinstance(raw, dict):
+            yield ParsedRow(row=0, raw=raw, errors=[_schema("body", "expected a JSON object")])
+            return
+        results = raw.get("results")
+        if not isinstance(results, list):
+            yield ParsedRow(row=0, raw=raw, errors=[_schema("results", "expected a list")])
+            return
+        for index, result in enumerate(results):
+            yield result_to_row(index, raw.get("base_code"), raw.get("plan_id"), result)
+
+
+class TrainingBaseRosterAdapter(Adapter):
+    """A roster file's row: the result columns plus ``base_code`` and ``plan_id``."""
+
+    name: ClassVar[str] = "training_base_roster"
+
+    def parse(self, raw: Any) -> Iterator[ParsedRow]:
+        row_no, cells = raw if isinstance(raw, tuple) and len(raw) == 2 else (None, raw)
+        if not isinstance(cells, dict):
+            yield ParsedRow(row=row_no, raw=cells, errors=[_schema("row", "unreadable row")])
+            return
+        parsed = result_to_row(row_no or 0, cells.get("base_code"), cells.get("plan_id"), cells)
+        parsed.row = row_no
+        if _text(cells.get("base_code")) == "":
+            parsed.errors.append(_schema("base_code", "required"))
+        yield parsed
+
+
+def total_hours(rows: list[ParsedRow]) -> Decimal:
+    return sum((r.submission.claimed.quantity for r in rows if r.submission), Decimal(0))

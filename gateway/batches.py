@@ -1,0 +1,297 @@
+"""Batch files (health, finance, training-base rosters): accept at once, process streaming.
+
+Accepting (``POST /v1/batches``): the body is streamed to a file under ``BATCH_DIR`` while its
+SHA-256 is computed (the signature covers that hash), fsynced, renamed into place, and the
+``batches`` row committed — only then the 202 with the batch id (SPEC §7: acknowledged means
+durable).
+
+Processing (:class:`BatchProcessor`, a thread beside the delivery worker): a batch is claimed
+by lease, its rows read in constant memory, parsed by the adapter and ingested a chunk at a
+time; each chunk's transaction also advances the batch's checkpoint (last row done, counts,
+row errors), so a crash resumes after the last committed chunk with nothing lost or doubled.
+Optional control totals (``X-CE-Row-Count``, ``X-CE-Total-Credits``) are checked in a first
+pass before anything is ingested: a truncated or wrong file fails whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from adapters.finance import FinanceAdapter
+from adapters.health import HealthAdapter
+from adapters.tabular import iter_rows
+from sqlalchemy import Connection, Engine, insert, or_, select, update
+
+from adapters.base import Adapter, ParsedRow
+from adapters.registry import BATCH_ADAPTERS, get_adapter
+from contracts import RecordAnswer
+from gateway import audit
+from gateway.config import Settings
+from gateway.delivery.worker import worker_id
+from gateway.errors import PayloadRejected
+from gateway.pipeline.ingest import Item, PartnerRef, error_note, ingest_items
+from gateway.store.tables import batch_errors, batches
+
+log = logging.getLogger(__name__)
+PERIOD = {"monthly": re.compile(r"^\d{4}-(0[1-9]|1[0-2])$"), "annual": re.compile(r"^\d{4}$"),
+          "roster": re.compile(r"^\d{4}(-(0[1-9]|1[0-2]))?$")}
+
+
+def check_batch_request(adapter: str, kind: str, period: str) -> None:
+    if (adapter, kind) not in BATCH_ADAPTERS:
+        allowed = ", ".join(f"{a}/{k}" for a, k in sorted(BATCH_ADAPTERS))
+        raise PayloadRejected("SCHEMA", field="adapter", detail=f"(adapter/kind must be one of {allowed})")
+    if not PERIOD[kind].match(period or ""):
+        raise PayloadRejected("SCHEMA", field="period",
+                              detail="(monthly: YYYY-MM; annual: YYYY; roster: YYYY or YYYY-MM)")
+
+
+def parse_control_totals(row_count: str | None, credits: str | None) -> tuple[int | None, str | None]:
+    try:
+        rows = int(row_count) if row_count not in (None, "") else None
+        total = str(Decimal(credits)) if credits not in (None, "") else None
+    except (ValueError, InvalidOperation) as exc:
+        raise PayloadRejected("SCHEMA", field="X-CE-Row-Count",
+                              detail="(control totals must be numbers)") from exc
+    return rows, total
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    batch_id: str
+    partner_id: str
+    adapter: str
+    kind: str
+    period: str
+    file_path: Path
+    file_format: str
+    file_size: int
+    sha256: str
+    declared_rows: int | None = None
+    declared_credits: str | None = None
+
+
+def new_batch_id() -> str:
+    return "B" + uuid.uuid4().hex[:24]
+
+
+def record_batch(engine: Engine, batch: NewBatch, actor: str) -> None:
+    """Commit the batch row (the file is already durable): from here it is acknowledged."""
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(insert(batches).values(
+            batch_id=batch.batch_id, partner_id=batch.partner_id, adapter=batch.adapter,
+            kind=batch.kind, period=batch.period, status="queued", file_path=str(batch.file_path),
+            file_format=batch.file_format, file_size=batch.file_size, sha256=batch.sha256,
+            declared_rows=batch.declared_rows, declared_credits=batch.declared_credits,
+            rows_done=0, accepted=0, duplicate=0, corrected=0, conflict=0, rejected=0,
+            credits_total="0", created_at=now))
+        audit.append(conn, [audit.Event("batch_received", actor=actor, detail={
+            "batch_id": batch.batch_id, "adapter": batch.adapter, "kind": batch.kind,
+            "period": batch.period, "bytes": batch.file_size, "sha256": batch.sha256,
+            "format": batch.file_format})], now)
+
+
+def fsync_into_place(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def make_adapter(adapter: str, kind: str, settings: Settings) -> Adapter:
+    name = BATCH_ADAPTERS[(adapter, kind)]
+    if name == "health":
+        return HealthAdapter(HealthAdapter.config_model(hours_per_credit=settings.health_hours_per_credit))
+    if name == "finance":
+        return FinanceAdapter(FinanceAdapter.config_model(hours_per_credit=settings.finance_hours_per_credit))
+    return get_adapter(name)
+
+
+def _year_check(parsed: ParsedRow, period: str) -> None:
+    """A batch is for one CE year: a row completed in another year is ``OUTSIDE_YEAR``."""
+    if parsed.submission is None or parsed.errors:
+        return
+    if parsed.submission.year != int(period[:4]):
+        parsed.errors.append(error_note("OUTSIDE_YEAR", "完成日期",
+                                        f"(completed in {parsed.submission.year}, batch is for {period[:4]})"))
+
+
+class BatchProcessor:
+    """Claims queued batches by lease and processes them a chunk at a time."""
+
+    def __init__(self, engine: Engine, settings: Settings, name: str | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.engine, self.settings = engine, settings
+        self.name = name or worker_id()
+        self.progress = progress  # called with the last committed row number
+        self._stop = threading.Event()
+
+    def claim(self) -> dict[str, Any] | None:
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(batches).where(batches.c.status.in_(("queued", "processing")),
+                                      or_(batches.c.lease_until.is_(None), batches.c.lease_until < now))
+                .order_by(batches.c.created_at).limit(1).with_for_update(skip_locked=True)
+            ).mappings().first()
+            if row is None:
+                return None
+            conn.execute(update(batches).where(batches.c.batch_id == row["batch_id"]).values(
+                status="processing", lease_owner=self.name, started_at=row["started_at"] or now,
+                lease_until=now + timedelta(seconds=self.settings.batch_lease_seconds)))
+            return dict(row)
+
+    def _parsed_rows(self, batch: dict[str, Any], adapter: Adapter) -> Iterator[ParsedRow]:
+        for row_no, cells in iter_rows(Path(batch["file_path"]), batch["file_format"]):
+            for parsed in adapter.parse((row_no, cells)):
+                parsed.row = row_no
+                yield parsed
+
+    def _control_totals_ok(self, batch: dict[str, Any], adapter: Adapter) -> str | None:
+        if batch["declared_rows"] is None and batch["declared_credits"] is None:
+            return None
+        rows, credits = 0, Decimal(0)
+        for parsed in self._parsed_rows(batch, adapter):
+            rows += 1
+            credits += parsed.credits or Decimal(0)
+        if batch["declared_rows"] is not None and rows != int(batch["declared_rows"]):
+            return f"X-CE-Row-Count says {batch['declared_rows']} rows, the file has {rows}"
+        if batch["declared_credits"] is not None and credits != Decimal(batch["declared_credits"]):
+            return f"X-CE-Total-Credits says {batch['declared_credits']}, the file sums to {credits}"
+        return None
+
+    def process(self, batch: dict[str, Any]) -> None:
+        batch_id = batch["batch_id"]
+        adapter = make_adapter(batch["adapter"], batch["kind"], self.settings)
+        if int(batch["rows_done"]) == 0:
+            problem = self._control_totals_ok(batch, adapter)
+            if problem:
+                self._finish(batch_id, "failed", problem)
+                return
+        partner = PartnerRef(batch["partner_id"], batch["adapter"])
+        done_through = int(batch["rows_done"])
+        chunk: list[ParsedRow] = []
+        for parsed in self._parsed_rows(batch, adapter):
+            if parsed.row is not None and parsed.row <= done_through:
+                continue  # committed before a crash or a lost lease
+            _year_check(parsed, batch["period"])
+            chunk.append(parsed)
+            if len(chunk) >= self.settings.batch_chunk_rows:
+                self._ingest_chunk(batch_id, partner, chunk)
+                chunk = []
+                if self._stop.is_set():
+                    return  # the lease runs out; whoever claims it next resumes here
+        if chunk:
+            self._ingest_chunk(batch_id, partner, chunk)
+        self._finish(batch_id, "done", None)
+
+    def _ingest_chunk(self, batch_id: str, partner: PartnerRef, chunk: list[ParsedRow]) -> None:
+        items = [Item(raw=p.raw, submission=p.submission, errors=list(p.errors),
+                      warnings=list(p.warnings), credited_hours=p.credited_hours if p.ok else None,
+                      rule_notes=list(p.rule_notes), row=p.row) for p in chunk]
+        credits = sum((p.credits or Decimal(0) for p in chunk), Decimal(0))
+        last_row = max(p.row or 0 for p in chunk)
+
+        def checkpoint(conn: Connection, answers: list[RecordAnswer]) -> None:
+            counts = {k: 0 for k in ("accepted", "duplicate", "corrected", "conflict", "rejected")}
+            errors = []
+            for parsed, answer in zip(chunk, answers, strict=True):
+                counts[answer.status.value] += 1
+                for e in answer.errors if answer.status.value in ("rejected", "conflict") else []:
+                    errors.append({"batch_id": batch_id, "row_no": parsed.row or 0,
+                                   "column_name": (e.field or "")[:64] or None, "code": e.code,
+                                   "message": e.message, "message_zh": e.message_zh or ""})
+            current = conn.execute(select(batches.c.credits_total, batches.c.lease_owner)
+                                   .where(batches.c.batch_id == batch_id)).one()
+            now = datetime.now(UTC)
+            conn.execute(update(batches).where(batches.c.batch_id == batch_id).values(
+                rows_done=last_row,
+                accepted=batches.c.accepted + counts["accepted"],
+                duplicate=batches.c.duplicate + counts["duplicate"],
+                corrected=batches.c.corrected + counts["corrected"],
+                conflict=batches.c.conflict + counts["conflict"],
+                rejected=batches.c.rejected + counts["rejected"],
+                credits_total=str(Decimal(current.credits_total) + credits),
+                lease_until=now + timedelta(seconds=self.settings.batch_lease_seconds)))
+            if errors:
+                conn.execute(insert(batch_errors), errors)
+
+        ingest_items(self.engine, partner, items, batch_id=batch_id, in_tx=checkpoint)
+        if self.progress is not None:
+            self.progress(last_row)
+
+    def _finish(self, batch_id: str, status: str, error: str | None) -> None:
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).mappings().one()
+            conn.execute(update(batches).where(batches.c.batch_id == batch_id).values(
+                status=status, error=error, finished_at=now, lease_owner=None, lease_until=None,
+                rows_total=row["accepted"] + row["duplicate"] + row["corrected"] + row["conflict"]
+                + row["rejected"]))
+            audit.append(conn, [audit.Event(f"batch_{status}", actor=self.name, detail={
+                "batch_id": batch_id, "error": error,
+                **{k: row[k] for k in ("accepted", "duplicate", "corrected", "conflict", "rejected")}})],
+                now)
+
+    def run_once(self) -> bool:
+        batch = self.claim()
+        if batch is None:
+            return False
+        try:
+            self.process(batch)
+        except Exception as exc:  # one broken file must not stop the processor
+            log.exception("batch %s failed", batch["batch_id"])
+            self._finish(batch["batch_id"], "failed", f"{type(exc).__name__}: {exc}"[:500])
+        return True
+
+    def run_forever(self, poll_seconds: float = 0.5) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # a database blip: the lease keeps the batch safe
+                log.exception("batch processor cycle failed")
+                busy = False
+            if not busy:
+                self._stop.wait(poll_seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def batch_status(conn: Connection, batch_id: str, cursor: int = 0, limit: int = 100) -> dict[str, Any] | None:
+    row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).mappings().first()
+    if row is None:
+        return None
+    errors = conn.execute(select(batch_errors).where(batch_errors.c.batch_id == batch_id,
+                                                     batch_errors.c.id > cursor)
+                          .order_by(batch_errors.c.id).limit(limit + 1)).mappings().all()
+    more = len(errors) > limit
+    errors = errors[:limit]
+    counts = {k: int(row[k]) for k in ("accepted", "duplicate", "corrected", "conflict", "rejected")}
+    return {
+        "batch_id": batch_id, "adapter": row["adapter"], "kind": row["kind"], "period": row["period"],
+        "status": row["status"], "error": row["error"],
+        "counts": {"rows": sum(counts.values()), **counts},
+        "rows_done": int(row["rows_done"]), "credits_total": row["credits_total"],
+        "declared": {"rows": row["declared_rows"], "credits": row["declared_credits"]},
+        "created_at": row["created_at"].isoformat(),
+        "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
+        "rejected_rows": [{"row": int(e["row_no"]), "column": e["column_name"], "code": e["code"],
+                           "message": e["message"], "message_zh": e["message_zh"]} for e in errors],
+        "next": str(errors[-1]["id"]) if more and errors else None,
+    }
