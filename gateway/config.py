@@ -37,6 +37,15 @@ class Settings(BaseSettings):
     year_close: str = "12-30"
     timezone: str = "Asia/Shanghai"
     pull_interval_seconds: int = 300
+    # The Cadre Network College pull (gateway/pull/): page size, pages per scheduled run,
+    # in-call retries of one page (Retry-After beyond the wait cap ends the run instead).
+    pull_page_size: Annotated[int, Field(ge=1, le=1000)] = 500
+    pull_max_pages_per_run: Annotated[int, Field(ge=1)] = 200
+    pull_timeout_seconds: float = 30.0
+    pull_retries: Annotated[int, Field(ge=1, le=10)] = 4
+    pull_retry_max_wait_seconds: float = 30.0
+    # Cluster-wide job leases (gateway/scheduling.py): renewed while the job runs.
+    job_lease_seconds: Annotated[float, Field(gt=0)] = 120.0
     alert_webhook_url: str | None = None
     secret_key: SecretStr = SecretStr("dev-only-change-me-ce-gateway-secret-key")
     signature_window_seconds: int = 300
