@@ -1,0 +1,191 @@
+"""Scheduled jobs that run once cluster-wide (SPEC §7 "Scale-out").
+
+Every replica builds the same APScheduler; each tick first takes a *lease* on the job's row in
+``job_locks``, so however many replicas or processes tick, one runs the job at a time::
+
+    INSERT job_locks(name) … ON CONFLICT DO NOTHING            -- the row exists
+    UPDATE job_locks SET owner = :me, until = :now + ttl
+     WHERE name = :name AND (until IS NULL OR until < :now OR owner = :me)
+    rowcount 1 → we hold it: run, renewing the lease every ttl/3, then set until = now
+
+The UPDATE is atomic on both stores: SQLite serialises writers (``BEGIN IMMEDIATE``), and
+PostgreSQL re-checks the WHERE clause on the row it locked, so two callers never both see
+rowcount 1.  A holder that crashes stops renewing; its lease expires after ``ttl`` and the next
+tick anywhere takes over.  Times come from the callers' clocks (UTC): keep replicas NTP-synced
+and ``ttl`` well above any skew.
+
+Jobs are rows of :data:`JOBS` (name, interval, what to run); later features (reference sync,
+alerts, retention) add a row with :func:`register`.  :func:`build_scheduler` returns the
+scheduler unstarted: whoever owns the process (``ce-gateway serve``) starts and stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import Engine, or_, update
+
+from gateway.config import Settings
+from gateway.store.tables import job_locks
+from gateway.store.util import insert_ignore
+
+__all__ = ["JOBS", "PULL_CADRE_COLLEGE", "Job", "acquire", "build_scheduler", "default_owner",
+           "register", "release", "renew", "run_exclusive", "run_job"]
+
+log = logging.getLogger(__name__)
+
+
+def default_owner() -> str:
+    """A lease owner unique to this call: host, process and a random suffix."""
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def acquire(engine: Engine, name: str, ttl_seconds: float, owner: str,
+            now: datetime | None = None) -> bool:
+    """Take (or extend) the lease on ``name`` for ``ttl_seconds``; ``True`` if we hold it."""
+    now = now or datetime.now(UTC)
+    with engine.begin() as conn:
+        insert_ignore(conn, job_locks, {"name": name, "owner": None, "until": None})
+        taken = conn.execute(
+            update(job_locks)
+            .where(job_locks.c.name == name,
+                   or_(job_locks.c.until.is_(None), job_locks.c.until < now,
+                       job_locks.c.owner == owner))
+            .values(owner=owner, until=now + timedelta(seconds=ttl_seconds))).rowcount
+    return taken == 1
+
+
+def renew(engine: Engine, name: str, ttl_seconds: float, owner: str) -> bool:
+    """Extend a lease we still hold; ``False`` if it was lost (expired and taken over)."""
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        kept = conn.execute(
+            update(job_locks)
+            .where(job_locks.c.name == name, job_locks.c.owner == owner, job_locks.c.until >= now)
+            .values(until=now + timedelta(seconds=ttl_seconds))).rowcount
+    return kept == 1
+
+
+def release(engine: Engine, name: str, owner: str) -> None:
+    """End our lease now (a no-op if someone else holds it); the owner stays for the record."""
+    with engine.begin() as conn:
+        conn.execute(update(job_locks)
+                     .where(job_locks.c.name == name, job_locks.c.owner == owner)
+                     .values(until=datetime.now(UTC)))
+
+
+def _keep_alive(engine: Engine, name: str, ttl_seconds: float, owner: str,
+                done: threading.Event) -> None:
+    while not done.wait(ttl_seconds / 3):
+        try:
+            if not renew(engine, name, ttl_seconds, owner):
+                log.warning("lease %s lost by %s while its job ran", name, owner)
+                return
+        except Exception:  # noqa: BLE001 - a store blip; the next beat tries again
+            log.warning("could not renew lease %s", name, exc_info=True)
+
+
+def run_exclusive(engine: Engine, name: str, ttl_seconds: float, fn: Callable[[], Any],
+                  owner: str | None = None, *, keep_alive: bool = True) -> bool:
+    """Run ``fn`` if we can take the cluster-wide lease ``name``; ``False`` if someone holds it.
+
+    While ``fn`` runs the lease is renewed every ``ttl_seconds / 3`` (``keep_alive``), so a
+    long run keeps it and a crashed holder loses it within ``ttl_seconds``.  Exceptions from
+    ``fn`` propagate after the lease is released.
+    """
+    me = owner or default_owner()
+    if not acquire(engine, name, ttl_seconds, me):
+        return False
+    done = threading.Event()
+    beat = threading.Thread(target=_keep_alive, args=(engine, name, ttl_seconds, me, done),
+                            name=f"lease:{name}", daemon=True)
+    if keep_alive:
+        beat.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        if keep_alive:
+            beat.join()
+        release(engine, name, me)
+    return True
+
+
+# -- the jobs ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """One scheduled job: also the name of its lease."""
+
+    name: str
+    run: Callable[[Engine, Settings], object]
+    interval_seconds: Callable[[Settings], float]  # ≤ 0 turns the job off
+    lease_seconds: Callable[[Settings], float] = lambda s: s.job_lease_seconds
+    run_at_start: bool = True  # first tick as soon as the scheduler starts
+
+
+def _pull_cadre_college(engine: Engine, settings: Settings) -> object:
+    from gateway.pull.cadre_college import pull_once  # keeps this module light to import
+
+    return pull_once(engine, settings)
+
+
+PULL_CADRE_COLLEGE = Job("pull:cadre_college", _pull_cadre_college,
+                         lambda s: s.pull_interval_seconds)
+
+JOBS: dict[str, Job] = {job.name: job for job in (PULL_CADRE_COLLEGE,)}
+
+
+def register(job: Job) -> Job:
+    """Add a job to :data:`JOBS` (a later feature's own row); names are unique."""
+    if job.name in JOBS and JOBS[job.name] is not job:
+        raise ValueError(f"a job named {job.name!r} is already registered")
+    JOBS[job.name] = job
+    return job
+
+
+def run_job(engine: Engine, settings: Settings, job: Job) -> bool:
+    """One tick of ``job`` under its lease; ``True`` if this process ran it to completion."""
+    try:
+        ran = run_exclusive(engine, job.name, job.lease_seconds(settings),
+                            lambda: job.run(engine, settings))
+    except Exception:  # noqa: BLE001 - one failed tick must not stop the schedule
+        log.exception("scheduled job %s failed", job.name)
+        return False
+    if not ran:
+        log.debug("scheduled job %s is running elsewhere; skipped", job.name)
+    return ran
+
+
+def build_scheduler(engine: Engine, settings: Settings,
+                    jobs: dict[str, Job] | None = None) -> BackgroundScheduler:
+    """A scheduler with every enabled job of ``jobs`` (default :data:`JOBS`); not started.
+
+    ``coalesce`` folds missed ticks into one, ``max_instances=1`` keeps this process from
+    overlapping itself, and the lease keeps the cluster from doing so.
+    """
+    tz = ZoneInfo(settings.timezone)
+    scheduler = BackgroundScheduler(timezone=tz)
+    for job in (JOBS if jobs is None else jobs).values():
+        interval = float(job.interval_seconds(settings))
+        if interval <= 0:
+            log.info("scheduled job %s is off (interval %s)", job.name, interval)
+            continue
+        extra: dict[str, Any] = {"next_run_time": datetime.now(tz)} if job.run_at_start else {}
+        scheduler.add_job(run_job, trigger=IntervalTrigger(seconds=interval, timezone=tz),
+                          args=(engine, settings, job), id=job.name, name=job.name,
+                          coalesce=True, max_instances=1,
+                          misfire_grace_time=max(1, int(interval)), replace_existing=True,
+                          **extra)
+    return scheduler
