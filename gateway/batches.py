@@ -27,13 +27,13 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from adapters.finance import FinanceAdapter
-from adapters.health import HealthAdapter
-from adapters.tabular import iter_rows
 from sqlalchemy import Connection, Engine, insert, or_, select, update
 
 from adapters.base import Adapter, ParsedRow
+from adapters.finance import FinanceAdapter, FinanceConfig
+from adapters.health import HealthAdapter, HealthConfig
 from adapters.registry import BATCH_ADAPTERS, get_adapter
+from adapters.tabular import iter_rows
 from contracts import RecordAnswer
 from gateway import audit
 from gateway.config import Settings
@@ -116,9 +116,9 @@ def fsync_into_place(tmp: Path, final: Path) -> None:
 def make_adapter(adapter: str, kind: str, settings: Settings) -> Adapter:
     name = BATCH_ADAPTERS[(adapter, kind)]
     if name == "health":
-        return HealthAdapter(HealthAdapter.config_model(hours_per_credit=settings.health_hours_per_credit))
+        return HealthAdapter(HealthConfig(hours_per_credit=settings.health_hours_per_credit))
     if name == "finance":
-        return FinanceAdapter(FinanceAdapter.config_model(hours_per_credit=settings.finance_hours_per_credit))
+        return FinanceAdapter(FinanceConfig(hours_per_credit=settings.finance_hours_per_credit))
     return get_adapter(name)
 
 

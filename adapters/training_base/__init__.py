@@ -25,8 +25,8 @@ NATIVE_FIELD = {"source_record_id": "result_id", "person.id_number": "id_no",
                 "activity.started_on": "started_on", "activity.completed_on": "completed_on",
                 "evidence.certificate_no": "certificate_no", "activity.provider_code": "base_code",
                 "activity.plan_id": "plan_id"}
-TRUE = {True, "true", "True", "1", 1, "是", "合格", "通过", "yes", "Y", "y"}
-FALSE = {False, "false", "False", "0", 0, "否", "不合格", "未通过", "no", "N", "n"}
+TRUE = {True, "true", "True", "1", "是", "合格", "通过", "yes", "Y", "y"}
+FALSE = {False, "false", "False", "0", "否", "不合格", "未通过", "no", "N", "n"}
 
 
 def _schema(key: str, detail: str) -> Note:

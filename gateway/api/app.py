@@ -1,14 +1,13 @@
 """The FastAPI application: partner routes, ops routes, health, coded errors, the worker.
 
-``create_app(settings)`` builds one gateway process.  With ``run_worker`` the delivery
-worker runs in a background thread beside the HTTP server (``serve``); ``serve --no-worker``
-leaves delivery to ``ce-gateway worker`` processes.
+``create_app(settings)`` builds one gateway process.  With ``run_worker`` the background half
+(:class:`gateway.runtime.Background`: delivery worker, batch processor, scheduler) runs beside
+the HTTP server (``serve``); ``serve --no-worker`` leaves it to ``ce-gateway worker``.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,11 +19,11 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts.errors import message
-from gateway.api.routes import ops, partner
+from gateway.api.routes import batches, ops, partner
 from gateway.config import Settings
-from gateway.delivery.worker import DeliveryWorker
 from gateway.errors import PayloadRejected
 from gateway.masking import install_log_masking, mask_text
+from gateway.runtime import Background
 from gateway.state import AppState
 from gateway.store.db import is_sqlite, upgrade
 
@@ -63,7 +62,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             "message_zh": "内部错误，本次请求未提交。"}})
 
 
-def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | None = None) -> FastAPI:
+def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | None = None,
+               run_scheduler: bool = True) -> FastAPI:
     install_log_masking()
     state = AppState.build(settings)
 
@@ -71,19 +71,13 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if migrate if migrate is not None else is_sqlite(state.engine):
             upgrade(settings.database_url)
-        thread = None
-        if run_worker:
-            state.worker = DeliveryWorker(state.engine, settings)
-            thread = threading.Thread(target=state.worker.run_forever, name="delivery-worker",
-                                      daemon=True)
-            thread.start()
+        background = Background(state.engine, settings, scheduler_enabled=run_scheduler).start() if run_worker else None
+        state.worker = background.worker if background else None
         try:
             yield
         finally:
-            if state.worker is not None and thread is not None:
-                state.worker.stop()
-                thread.join(timeout=30)
-                state.worker.close()
+            if background is not None:
+                background.stop()
             state.engine.dispose()
 
     app = FastAPI(title="CE Gateway", version="1.0.0", lifespan=lifespan,
@@ -92,6 +86,7 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
     app.state.gateway = state
     _install_error_handlers(app)
     app.include_router(partner.router)
+    app.include_router(batches.router)
     app.include_router(ops.router)
 
     @app.get("/healthz", tags=["health"])

@@ -1,0 +1,205 @@
+"""Cell normalization for partner files: text, numbers and dates as partners really write them.
+
+Pure functions over the standard library; no I/O, no imports from ``gateway``.  Every parser
+raises :class:`ValueError` with a message fit for a row error (the adapter wraps it in a
+``SCHEMA`` note naming the column); nothing else escapes for any input.
+
+- :func:`to_ascii_digits` — full-width digits, letters and spaces → ASCII (Unicode NFKC), stripped.
+- :func:`cell_text` — any cell value (CSV string, Excel number, JSON value) → stripped text.
+- :func:`parse_decimal` — ``"1,234.5"``, ``"２.５"``, ``" 3 "``, Excel floats → :class:`Decimal`.
+- :func:`parse_date` — the date forms of SPEC §8, their full-width variants, Excel date cells
+  and Excel serial numbers → :class:`datetime.date`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from datetime import date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+
+__all__ = ["cell_text", "parse_date", "parse_decimal", "show_value", "to_ascii_digits"]
+
+# Lone surrogates come from undecodable bytes (``errors="surrogateescape"``); they are not text
+# and could not be stored or serialised later.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_WHITESPACE = re.compile(r"\s+")
+
+# A plain decimal, or one with thousands separators in their proper places ("1,234,567.5").
+# "1,5" is refused rather than guessed (a decimal comma or a typo?).
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+_GROUPED_NUMBER = re.compile(r"[+-]?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?")
+# Floats read from Excel carry binary noise (0.1 + 0.2 = 0.30000000000000004); credits and
+# hours never need more than this many places.
+_FLOAT_PLACES = Decimal("1e-6")
+
+# An optional time of day after a date ("2026-03-05 08:30:00", "2026-03-05T08:30"): dropped.
+_TIME = r"(?:[ T][0-9]{1,2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?)?"
+_DATE_FORMS = (
+    # 2026-03-05, 2026/3/5, 2026.3.5 (one separator throughout)
+    re.compile(r"(?P<y>[0-9]{4})(?P<sep>[-/.])(?P<m>[0-9]{1,2})(?P=sep)(?P<d>[0-9]{1,2})" + _TIME),
+    # 20260305
+    re.compile(r"(?P<y>[0-9]{4})(?P<m>[0-9]{2})(?P<d>[0-9]{2})"),
+    # 2026年3月5日 (the 日 is sometimes left off); spaces around the parts are removed first
+    re.compile(r"(?P<y>[0-9]{4})年(?P<m>[0-9]{1,2})月(?P<d>[0-9]{1,2})日?" + _TIME),
+)
+_DATE_HELP = "expected a date like 2026-03-05, 2026/3/5, 20260305 or 2026年3月5日"
+
+# Excel's 1900 date system: serial 1 = 1900-01-01, and serial 60 is the 29 February 1900 that
+# Lotus 1-2-3 invented and Excel kept.  From serial 61 on, day 0 is 1899-12-30.
+_EXCEL_EPOCH = date(1899, 12, 30)
+_EXCEL_MAX_SERIAL = 2958465  # 9999-12-31
+
+
+def to_ascii_digits(s: str) -> str:
+    """Full-width digits, letters, punctuation and spaces → ASCII (NFKC), stripped.
+
+    ``"６３０１０２"`` → ``"630102"``, ``"\u3000ＡＢ１\u3000"`` → ``"AB1"``.  Chinese characters are
+    unchanged; roman-numeral signs fold too (``"Ⅱ类"`` → ``"II类"``).
+    """
+    if s.isascii():
+        return s.strip()
+    return unicodedata.normalize("NFKC", s).strip()
+
+
+def _check_text(s: str) -> str:
+    if "\x00" in s:
+        raise ValueError("contains a NUL character")
+    if not s.isascii() and _SURROGATES.search(s):
+        raise ValueError("contains bytes that are not valid text in the file's encoding")
+    return s
+
+
+def cell_text(value: object) -> str:
+    """Any cell value → stripped text; ``None`` → ``""``.
+
+    Excel stores numbers as floats, so a region code typed as a number arrives as ``630102`` or
+    ``630102.0``: integral numbers are written without a decimal point.  Lists and objects
+    (from NDJSON) are not text: :class:`ValueError`.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return _check_text(value.strip())
+    if isinstance(value, bool):
+        raise ValueError("expected text, got a boolean")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"expected text, got the number {value!r}")
+        if value.is_integer() and abs(value) < 1e16:
+            return str(int(value))
+        return repr(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (date, datetime)):
+        return value.isoformat()
+    raise ValueError(f"expected text, got {type(value).__name__}")
+
+
+def show_value(value: object) -> str:
+    """A short, always-printable rendering of a bad value for an error message."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return "'" + text.encode("utf-8", "replace").decode("utf-8") + "'"
+
+
+def _from_float(value: float) -> Decimal:
+    if not math.isfinite(value):
+        raise ValueError(f"not a number: {value!r}")
+    if value.is_integer() and abs(value) < 1e16:
+        return Decimal(int(value))
+    # repr is the shortest string that round-trips, so 2.5 → "2.5", never 2.5000000000000000001.
+    exact = Decimal(repr(value))
+    exponent = exact.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -6:
+        rounded = exact.quantize(_FLOAT_PLACES)
+        # Strip the zeros the quantize added, but never into exponent form ("1E+1").
+        exact = rounded.normalize() if rounded != rounded.to_integral() else rounded.to_integral()
+    return exact
+
+
+def parse_decimal(value: object) -> Decimal:
+    """A number as partners write it → :class:`Decimal`; :class:`ValueError` otherwise.
+
+    Accepts ``int``, ``float`` (Excel: via ``repr``, noise past 6 places rounded away),
+    :class:`Decimal`, and text with full-width digits (``"２.５"``), spaces anywhere
+    (``" 1 234 "``) and thousands commas in their places (``"1,234.5"``).  The text's own
+    precision is kept (``"2.50"`` → ``Decimal("2.50")``).  Refused: empty text, ``NaN`` and
+    infinities, exponents (``"1e3"``), booleans, and ambiguous commas (``"1,5"``).
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        return _from_float(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"not a number: {value}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a number, got {type(value).__name__}")
+    text = _WHITESPACE.sub("", to_ascii_digits(value))
+    if not text:
+        raise ValueError("expected a number, got an empty value")
+    if _PLAIN_NUMBER.fullmatch(text) is None:
+        if _GROUPED_NUMBER.fullmatch(text) is None:
+            raise ValueError(f"not a number: {show_value(value)}")
+        text = text.replace(",", "")
+    try:
+        return Decimal(text)
+    except InvalidOperation:  # pragma: no cover - the patterns admit only valid literals
+        raise ValueError(f"not a number: {show_value(value)}") from None
+
+
+def _excel_serial(serial: float) -> date:
+    if not math.isfinite(serial):
+        raise ValueError(f"not a date: {serial!r}")
+    day = math.floor(serial)  # the fraction is the time of day
+    if day < 1 or day > _EXCEL_MAX_SERIAL:
+        raise ValueError(f"Excel date serial {serial!r} is out of range")
+    if day == 60:
+        raise ValueError("Excel date serial 60 is 1900-02-29, a day that does not exist")
+    if day < 60:
+        return date(1899, 12, 31) + timedelta(days=day)
+    return _EXCEL_EPOCH + timedelta(days=day)
+
+
+def parse_date(value: object) -> date:
+    """A date as partners write it → :class:`date`; :class:`ValueError` otherwise.
+
+    Accepts ``2026-03-05``, ``2026/3/5``, ``2026.3.5``, ``20260305``, ``2026年3月5日`` (and
+    ``2026年3月5``), each also in full-width characters, optionally followed by a time of day
+    (``2026-03-05 08:30:00``, dropped); :class:`date` and :class:`datetime` objects (openpyxl's
+    date cells); and Excel serial numbers (``46086`` → 2026-03-05, 1900 date system) as
+    ``int`` or ``float``.  Text made only of 5 digits is *not* read as a serial: a CSV cell
+    is what the partner typed.  Impossible dates (``2026-02-30``) are refused.
+    """
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a date, got a boolean")
+    if isinstance(value, (int, float)):
+        return _excel_serial(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a date, got {type(value).__name__}")
+    text = to_ascii_digits(value)
+    if not text:
+        raise ValueError("expected a date, got an empty value")
+    if "年" in text:
+        text = _WHITESPACE.sub("", text)
+    for form in _DATE_FORMS:
+        m = form.fullmatch(text)
+        if m is not None:
+            y, mo, d = int(m["y"]), int(m["m"]), int(m["d"])
+            try:
+                return date(y, mo, d)
+            except ValueError:
+                raise ValueError(f"no such date: {show_value(value)}") from None
+    raise ValueError(f"not a date: {show_value(value)}; {_DATE_HELP}")

@@ -1,0 +1,138 @@
+"""Cell normalization: every date form of SPEC §8, full-width text, Excel values, bad values."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from adapters.normalize import cell_text, parse_date, parse_decimal, to_ascii_digits
+
+MARCH_5 = date(2026, 3, 5)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("６３０１０２", "630102"),
+        ("\u3000ＡＢ１２\u3000", "AB12"),
+        ("  630102 ", "630102"),
+        ("Ⅱ类", "II类"),
+        ("西宁市", "西宁市"),
+        ("", ""),
+    ],
+)
+def test_to_ascii_digits(raw: str, expected: str) -> None:
+    assert to_ascii_digits(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "2026-03-05", "2026-3-5", "2026/3/5", "2026/03/05", "2026.3.5", "20260305",
+        "2026年3月5日", "2026年03月05日", "2026年3月5", "2026 年 3 月 5 日",
+        " 2026-03-05 ", "2026-03-05 00:00:00", "2026-03-05T08:30", "2026/3/5 8:30",
+        # full-width variants
+        "２０２６－０３－０５", "２０２６／３／５", "２０２６．３．５", "２０２６０３０５",
+        "２０２６年３月５日", "\u30002026年3月5日\u3000",
+    ],
+)
+def test_parse_date_text_forms(raw: str) -> None:
+    assert parse_date(raw) == MARCH_5
+
+
+def test_parse_date_excel_cells_and_serials() -> None:
+    assert parse_date(MARCH_5) == MARCH_5
+    assert parse_date(datetime(2026, 3, 5, 0, 0)) == MARCH_5  # noqa: DTZ001 - openpyxl's are naive
+    assert parse_date(46086) == MARCH_5
+    assert parse_date(46086.75) == MARCH_5  # the fraction is the time of day
+    assert parse_date(1) == date(1900, 1, 1)
+    assert parse_date(59) == date(1900, 2, 28)
+    assert parse_date(61) == date(1900, 3, 1)  # after Lotus's phantom 1900-02-29
+    assert parse_date(45658) == date(2025, 1, 1)
+    assert parse_date(2958465) == date(9999, 12, 31)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "2026-02-30", "2026/2/29", "20261301", "2026年13月1日", "2026-00-10",  # no such day
+        "2026-03/05",  # mixed separators
+        "", "   ", "下月补报", "N/A", "2026-03", "26-3-5", "46086", "3/5/2026",
+        "2026-03-05 25", "2026-03-05x",
+        0, -1, 60, 2958466, float("nan"), float("inf"), True, None, [2026, 3, 5], {"y": 2026},
+        Decimal("46086"),
+    ],
+)
+def test_parse_date_refuses(raw: object) -> None:
+    with pytest.raises(ValueError):
+        parse_date(raw)
+
+
+def test_parse_date_message_names_the_forms() -> None:
+    with pytest.raises(ValueError, match="2026年3月5日"):
+        parse_date("下月补报")
+    with pytest.raises(ValueError, match="no such date"):
+        parse_date("2026-02-30")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("2", Decimal("2")),
+        ("2.50", Decimal("2.50")),
+        (" 1.5 ", Decimal("1.5")),
+        ("２．５", Decimal("2.5")),
+        ("１０", Decimal("10")),
+        ("1,234.5", Decimal("1234.5")),
+        ("1，234", Decimal("1234")),  # full-width comma
+        ("1 234", Decimal("1234")),
+        (".5", Decimal("0.5")),
+        ("-3", Decimal("-3")),
+        (3, Decimal(3)),
+        (2.5, Decimal("2.5")),
+        (3.0, Decimal("3")),
+        (0.1 + 0.2, Decimal("0.3")),  # Excel float noise rounded away
+        (1.0000000001, Decimal("1")),
+        (Decimal("1.25"), Decimal("1.25")),
+    ],
+)
+def test_parse_decimal(raw: object, expected: Decimal) -> None:
+    got = parse_decimal(raw)
+    assert got == expected
+    assert str(got) == str(expected)  # no exponent forms, the text's own precision kept
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", " ", "abc", "两学分", "1,5", "1,23", "1e3", "NaN", "inf", "1.2.3", "--1", "1-",
+     float("nan"), float("inf"), Decimal("NaN"), Decimal("Infinity"), True, None, [1], {"a": 1}],
+)
+def test_parse_decimal_refuses(raw: object) -> None:
+    with pytest.raises(ValueError):
+        parse_decimal(raw)
+
+
+def test_cell_text() -> None:
+    assert cell_text(None) == ""
+    assert cell_text("  王伟 ") == "王伟"
+    assert cell_text(630102) == "630102"
+    assert cell_text(630102.0) == "630102"  # a region code typed as a number in Excel
+    assert cell_text(Decimal("1.5")) == "1.5"
+    assert cell_text(MARCH_5) == "2026-03-05"
+    for bad in (True, [1], {"a": 1}, float("nan"), "a\x00b", "王\udcff"):
+        with pytest.raises(ValueError):
+            cell_text(bad)
+
+
+@given(st.one_of(st.text(), st.integers(), st.floats(), st.decimals(), st.none(), st.booleans(),
+                 st.dates(), st.lists(st.integers(), max_size=2)))
+def test_parsers_raise_only_value_error(value: object) -> None:
+    for parse in (parse_date, parse_decimal, cell_text):
+        try:
+            parse(value)
+        except ValueError:
+            pass
