@@ -10,16 +10,17 @@ of the tail.  Identity numbers are masked before anything is written.
 from __future__ import annotations
 
 import hashlib
-import uuid
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, select, update
 
 from gateway.masking import mask_text
+from gateway.store.bulk import bulk_insert
 from gateway.store.tables import audit_events, audit_head
 
 GENESIS_HASH = "0" * 64
@@ -72,7 +73,7 @@ def append(conn: Connection, events: Sequence[Event], now: datetime | None = Non
         seq += 1
         row = {
             "seq": seq,
-            "event_id": uuid.uuid4().hex,
+            "event_id": os.urandom(12).hex(),
             "occurred_at": now,
             "kind": event.kind,
             "record_id": event.record_id,
@@ -83,7 +84,7 @@ def append(conn: Connection, events: Sequence[Event], now: datetime | None = Non
         row["prev_hash"] = prev
         row["hash"] = prev = _hash(prev, seq, row)
         rows.append(row)
-    conn.execute(insert(audit_events), rows)
+    bulk_insert(conn, audit_events, rows)
     conn.execute(update(audit_head).where(audit_head.c.id == 1).values(last_seq=seq, last_hash=prev))
 
 

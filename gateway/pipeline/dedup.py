@@ -14,8 +14,6 @@ import hashlib
 import re
 import unicodedata
 
-import orjson
-
 from contracts import CESubmission
 
 _SPACES = re.compile(r"\s+")
@@ -31,8 +29,14 @@ def normalise_title(title: str) -> str:
 
 
 def content_hash(submission: CESubmission) -> str:
-    payload = submission.model_dump(mode="json")
-    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    # Field order is the model's and ``claimed.details`` is sorted on validation, so the JSON
+    # of equal submissions is byte-equal whatever key order the partner used.
+    return hash_json(submission.model_dump_json())
+
+
+def hash_json(submission_json: str) -> str:
+    """``content_hash`` from the submission's JSON, when the caller serialised it already."""
+    return hashlib.sha256(submission_json.encode()).hexdigest()
 
 
 def person_key(submission: CESubmission) -> str:

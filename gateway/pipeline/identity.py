@@ -131,15 +131,32 @@ def _bad(detail: str, detail_zh: str) -> IdFinding:
     return IdFinding("ID_NUMBER_INVALID", detail, detail_zh)
 
 
+def _slow_compact(number: str) -> str | None:
+    try:
+        return str(ric.compact(number))
+    except (ValidationError, TypeError):
+        return None
+
+
+def _birth_date(compact: str) -> date:
+    try:
+        return date(int(compact[6:10]), int(compact[10:12]), int(compact[12:14]))
+    except ValueError:
+        raise InvalidComponent() from None
+
+
 def resident_id_findings(number: str, *, today: date | None = None) -> list[IdFinding]:
     """Check a resident id; errors and warnings with details that show the id only masked.
 
     Lowercase ``x`` is accepted (stdnum upper-cases).  At most one ``ID_NUMBER_INVALID``;
     the region is judged only for an otherwise valid number.
     """
-    try:
-        compact = ric.compact(number)
-    except (ValidationError, TypeError):
+    if not isinstance(number, str):
+        return [IdFinding("ID_NUMBER_INVALID", "not a text value", "不是文本")]
+    # stdnum's compact() (strip spaces/dashes, upper-case) is a tenth of a batch row's cost;
+    # a clean 18-character number, the usual case, needs only upper().
+    compact = number.upper() if len(number) == 18 and number.isalnum() else _slow_compact(number)
+    if compact is None:
         return [IdFinding("ID_NUMBER_INVALID", "not a text value", "不是文本")]
     shown = mask_id(compact)
     try:
@@ -149,7 +166,7 @@ def resident_id_findings(number: str, *, today: date | None = None) -> list[IdFi
             raise InvalidFormat()
         if compact[-1] != ric.calc_check_digit(compact):
             raise InvalidChecksum()
-        born = ric.get_birth_date(compact)  # InvalidComponent when there is no such day
+        born = _birth_date(compact)  # InvalidComponent when there is no such day
         if born > (today or _today()):
             raise InvalidComponent("the birth date lies in the future", "出生日期晚于今天")
         if born < _EARLIEST_BIRTH:

@@ -1,0 +1,77 @@
+"""Bulk inserts for the hot path: one ``executemany`` straight to the driver.
+
+SQLAlchemy Core's per-row parameter processing cost more than SQLite's own insert work on the
+ingest path (measured: ~75 µs of ~300 µs a record).  Here the statement is compiled once per
+table and column set, values are converted to what the driver stores — the same text format
+SQLAlchemy uses for SQLite datetimes, so Core reads the rows back unchanged — and the rows go
+to the DB-API cursor as tuples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Connection, Table
+
+
+@lru_cache(maxsize=64)
+def _statement(table: Table, columns: tuple[str, ...], paramstyle: str, ignore: bool) -> str:
+    marker = "?" if paramstyle == "qmark" else "%s"
+    names = ", ".join(f'"{c}"' for c in columns)
+    values = ", ".join([marker] * len(columns))
+    # ON CONFLICT DO NOTHING: SQLite ≥ 3.24 and PostgreSQL spell it the same.
+    tail = " ON CONFLICT DO NOTHING" if ignore else ""
+    return f"INSERT INTO {table.name} ({names}) VALUES ({values}){tail}"
+
+
+def _sqlite_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("naive datetime refused: the store keeps aware times only")
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+@lru_cache(maxsize=256)
+def _sqlite_time(value: datetime) -> str:
+    # A chunk's rows share one timestamp: convert it once.
+    return str(_sqlite_value(value))
+
+
+def _column_converter(sample: Any) -> Callable[[Any], Any] | None:
+    """A converter chosen from the first row's value; ``None`` when values pass as they are."""
+    if isinstance(sample, datetime):
+        return lambda v: None if v is None else _sqlite_time(v)
+    if isinstance(sample, bool):
+        return lambda v: None if v is None else int(v)
+    if isinstance(sample, date):
+        return lambda v: None if v is None else v.isoformat()
+    if sample is None:
+        return _sqlite_value
+    return None
+
+
+def bulk_insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *,
+                ignore_conflicts: bool = False) -> None:
+    """Insert ``rows`` (all with the same keys) into ``table`` in one ``executemany``."""
+    if not rows:
+        return
+    columns = tuple(rows[0])
+    sql = _statement(table, columns, conn.dialect.paramstyle, ignore_conflicts)
+    if conn.dialect.name == "sqlite":
+        converters = [_column_converter(rows[0][c]) for c in columns]
+        if all(c is None for c in converters):
+            params = [tuple(row[c] for c in columns) for row in rows]
+        else:
+            pairs = list(zip(columns, converters, strict=True))
+            params = [tuple(row[c] if f is None else f(row[c]) for c, f in pairs) for row in rows]
+    else:
+        params = [tuple(row[c] for c in columns) for row in rows]
+    conn.exec_driver_sql(sql, params)
