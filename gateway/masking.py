@@ -19,6 +19,7 @@ __all__ = ["MaskingFilter", "install_log_masking", "mask_id", "mask_text"]
 
 # 17 digits + a digit or X (18-character resident id), or 15 digits (first-generation id);
 # never a slice of a longer digit run (an order number, a timestamp in ms, …).
+_FIFTEEN_DIGITS = re.compile(r"\d{15}")
 _ID_TOKEN = re.compile(r"(?<!\d)(?:\d{17}[\dXx]|\d{15})(?!\d)")
 
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.access", "uvicorn.error")
@@ -48,6 +49,8 @@ def mask_id(id_number: str) -> str:
 
 def mask_text(text: str) -> str:
     """Replace every identity-number-looking token in ``text`` with its masked form."""
+    if _FIFTEEN_DIGITS.search(text) is None:  # the common case, 3× cheaper than sub()
+        return text
     return _ID_TOKEN.sub(lambda m: mask_id(m.group(0)), text)
 
 

@@ -106,7 +106,7 @@ records = Table(
     Column("status", String(16), nullable=False),
     Column("withdrawn", Boolean, nullable=False, default=False),
     Column("duplicate_of", String(32)),
-    Column("natural_key", String(64), nullable=False, index=True),
+    Column("natural_key", String(64), nullable=False),  # looked up in natural_keys
     Column("content_hash", String(64), nullable=False),
     Column("person_key", String(64), nullable=False, index=True),
     Column("year", Integer, nullable=False),
@@ -117,7 +117,6 @@ records = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     UniqueConstraint("partner_id", "source_record_id"),
     Index("ix_records_batch_id", "batch_id"),
-    Index("ix_records_last_batch_id", "last_batch_id"),
 )
 
 record_versions = Table(
@@ -190,14 +189,13 @@ outbox = Table(
     Column("delivered_at", UTCDateTime),
     UniqueConstraint("record_id", "version"),
     Index("ix_outbox_status_batch", "status", "batch_key"),
-    Index("ix_outbox_batch_key", "batch_key"),
 )
 
 audit_events = Table(
     "audit_events",
     metadata,
     Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False),
-    Column("event_id", String(32), nullable=False, unique=True),
+    Column("event_id", String(32), nullable=False),
     Column("occurred_at", UTCDateTime, nullable=False),
     Column("kind", String(32), nullable=False),
     Column("record_id", String(32), index=True),
