@@ -161,7 +161,7 @@ def _summarise(console: Console, engine: Engine, ops: httpx.Client, mock_url: st
                                .where(outbox.c.attempts > 1)).scalar_one()
         dead_codes = Counter(r[0] for r in conn.execute(
             select(outbox.c.error_code).where(outbox.c.status == "dead")))
-        by_family = dict(conn.execute(select(records.c.adapter, func.count())
+        by_family: dict[str, int] = dict(conn.execute(select(records.c.adapter, func.count())
                                       .group_by(records.c.adapter)).all())
     mock = httpx.get(f"{mock_url}/_mock/applied", timeout=30).json()
     verify = _cli(env, "audit", "verify", "--json")

@@ -11,7 +11,7 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -92,7 +92,8 @@ def upload(client: SigningClient, path: Path, adapter: str, kind: str, period: s
 def run_batches(clients: dict[str, SigningClient], workdir: Path, year: int) -> list[str]:
     """Monthly and annual batches of both departments, in every file format; their ids."""
     ids: list[str] = []
-    for adapter, seed in (("health", 31), ("finance", 32)):
+    families: tuple[tuple[Literal["health", "finance"], int], ...] = (("health", 31), ("finance", 32))
+    for adapter, seed in families:
         data = files.year_dataset(seed, year, people=60, per_month=12, adapter=adapter)
         headers = files.HEALTH_HEADERS if adapter == "health" else files.FINANCE_HEADERS
         for month, rows in enumerate(data.monthly, start=1):
@@ -103,8 +104,10 @@ def run_batches(clients: dict[str, SigningClient], workdir: Path, year: int) -> 
                 files.write_xlsx(path.with_suffix(".xlsx"), rows, headers)
                 path = path.with_suffix(".xlsx")
             else:
-                encoding = "gb18030" if month % 3 == 1 else "utf-8-sig"
-                files.write_csv(path.with_suffix(".csv"), rows, headers, encoding=encoding)
+                if month % 3 == 1:
+                    files.write_csv(path.with_suffix(".csv"), rows, headers, encoding="gb18030")
+                else:
+                    files.write_csv(path.with_suffix(".csv"), rows, headers, encoding="utf-8-sig")
                 path = path.with_suffix(".csv")
             ids.append(upload(clients[adapter], path, adapter, "monthly", f"{year}-{month:02d}"))
         annual = workdir / f"{adapter}_{year}_annual.csv"
