@@ -16,7 +16,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 CONTRACT_VERSION = 1
 
@@ -111,6 +111,12 @@ class Claimed(_Strict):
     quantity: Quantity
     unit: Unit
     details: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("details")
+    @classmethod
+    def _sorted(cls, value: dict[str, str]) -> dict[str, str]:
+        # One order for the same facts, so a record serialises (and hashes) one way.
+        return dict(sorted(value.items()))
 
 
 class Evidence(_Strict):
