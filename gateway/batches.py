@@ -26,24 +26,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, or_, select, update
 
 from adapters.base import Adapter, ParsedRow
-from adapters.finance import FinanceAdapter, FinanceConfig
-from adapters.health import HealthAdapter, HealthConfig
-from adapters.registry import BATCH_ADAPTERS, get_adapter
+from adapters.registry import BATCH_ADAPTERS
 from adapters.tabular import iter_rows
 from contracts import RecordAnswer
 from gateway import audit
+from gateway.batch_parse import ParseJob, RowParser, make_adapter
 from gateway.config import Settings
 from gateway.delivery.worker import worker_id
 from gateway.errors import PayloadRejected
-from gateway.pipeline.ingest import Item, PartnerRef, error_note, ingest_items
-from gateway.store.tables import batch_errors, batches
+from gateway.pipeline.ingest import Item, PartnerRef, ingest_items
+from gateway.store.tables import batch_errors, batches, partners
 
 log = logging.getLogger(__name__)
 PERIOD = {"monthly": re.compile(r"^\d{4}-(0[1-9]|1[0-2])$"), "annual": re.compile(r"^\d{4}$"),
@@ -116,24 +114,6 @@ def fsync_into_place(tmp: Path, final: Path) -> None:
         os.close(dir_fd)
 
 
-def make_adapter(adapter: str, kind: str, settings: Settings) -> Adapter:
-    name = BATCH_ADAPTERS[(adapter, kind)]
-    if name == "health":
-        return HealthAdapter(HealthConfig(hours_per_credit=settings.health_hours_per_credit))
-    if name == "finance":
-        return FinanceAdapter(FinanceConfig(hours_per_credit=settings.finance_hours_per_credit))
-    return get_adapter(name)
-
-
-def _year_check(parsed: ParsedRow, period: str, column: str) -> None:
-    """A batch is for one CE year: a row completed in another year is ``OUTSIDE_YEAR``."""
-    if parsed.submission is None or parsed.errors:
-        return
-    if parsed.submission.year != int(period[:4]):
-        parsed.errors.append(error_note("OUTSIDE_YEAR", column,
-                                        f"(completed in {parsed.submission.year}, batch is for {period[:4]})"))
-
-
 @contextmanager
 def paused_gc() -> Iterator[None]:
     """Pause the cyclic GC for one chunk.
@@ -194,49 +174,60 @@ class BatchProcessor:
             return f"X-CE-Total-Credits says {batch['declared_credits']}, the file sums to {credits}"
         return None
 
+    def _job(self, batch: dict[str, Any]) -> ParseJob:
+        return ParseJob(batch["adapter"], batch["kind"], batch["period"], batch["partner_id"],
+                        self._base_code(batch["partner_id"]),
+                        self.settings.health_hours_per_credit, self.settings.finance_hours_per_credit)
+
+    def _base_code(self, partner_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(partners.c.base_code)
+                                .where(partners.c.partner_id == partner_id)).scalar()
+
+    def _workers(self, batch: dict[str, Any]) -> int:
+        # A worker process costs ~1 s to start: worth it only for files of some size.
+        if int(batch["file_size"]) < self.settings.batch_parse_min_bytes:
+            return 0
+        configured = self.settings.batch_parse_workers
+        return max(0, (os.cpu_count() or 1) - 1) if configured < 0 else configured
+
     def process(self, batch: dict[str, Any]) -> None:
         batch_id = batch["batch_id"]
-        adapter = make_adapter(batch["adapter"], batch["kind"], self.settings)
+        job = self._job(batch)
         if int(batch["rows_done"]) == 0:
-            problem = self._control_totals_ok(batch, adapter)
+            problem = self._control_totals_ok(batch, make_adapter(job))
             if problem:
                 self._finish(batch_id, "failed", problem)
                 return
-        partner = PartnerRef(batch["partner_id"], batch["adapter"])
-        completion_column = "completed_on" if batch["adapter"] == "training_base" else "完成日期"
+        partner = PartnerRef(batch["partner_id"], batch["adapter"], job.base_code)
         done_through = int(batch["rows_done"])
-        pending = (p for p in self._parsed_rows(batch, adapter)
-                   if p.row is None or p.row > done_through)  # else committed before a crash
-        while True:
-            with paused_gc():
-                chunk = list(islice(pending, self.settings.batch_chunk_rows))
-                if not chunk:
-                    break
-                for parsed in chunk:
-                    _year_check(parsed, batch["period"], completion_column)
-                self._ingest_chunk(batch_id, partner, chunk)
-            if self._stop.is_set():
-                return  # the lease runs out; whoever claims it next resumes here
+        rows = ((n, cells) for n, cells in iter_rows(Path(batch["file_path"]), batch["file_format"])
+                if n > done_through)  # rows up to the checkpoint were committed before a crash
+        with RowParser(job, self._workers(batch)) as parser:
+            for chunk in parser.chunks(rows, self.settings.batch_chunk_rows):
+                with paused_gc():
+                    self._ingest_chunk(batch_id, partner, chunk)
+                if self._stop.is_set():
+                    return  # the lease runs out; whoever claims it next resumes here
         self._finish(batch_id, "done", None)
 
-    def _ingest_chunk(self, batch_id: str, partner: PartnerRef, chunk: list[ParsedRow]) -> None:
-        items = [Item(raw=p.raw, submission=p.submission, errors=list(p.errors),
-                      warnings=list(p.warnings), credited_hours=p.credited_hours if p.ok else None,
-                      rule_notes=list(p.rule_notes), row=p.row) for p in chunk]
-        credits = sum((p.credits or Decimal(0) for p in chunk), Decimal(0))
-        last_row = max(p.row or 0 for p in chunk)
+    def _ingest_chunk(self, batch_id: str, partner: PartnerRef,
+                      chunk: list[tuple[Item, Decimal]]) -> None:
+        items = [item for item, _ in chunk]
+        credits = sum((c for _, c in chunk), Decimal(0))
+        last_row = max(item.row or 0 for item in items)
 
         def checkpoint(conn: Connection, answers: list[RecordAnswer]) -> None:
             counts = {k: 0 for k in ("accepted", "duplicate", "corrected", "conflict", "rejected")}
             errors = []
-            for parsed, answer in zip(chunk, answers, strict=True):
+            for item, answer in zip(items, answers, strict=True):
                 counts[answer.status.value] += 1
                 for e in answer.errors if answer.status.value in ("rejected", "conflict") else []:
-                    errors.append({"batch_id": batch_id, "row_no": parsed.row or 0,
+                    errors.append({"batch_id": batch_id, "row_no": item.row or 0,
                                    "column_name": (e.field or "")[:64] or None, "code": e.code,
                                    "message": e.message, "message_zh": e.message_zh or ""})
-            current = conn.execute(select(batches.c.credits_total, batches.c.lease_owner)
-                                   .where(batches.c.batch_id == batch_id)).one()
+            current = conn.execute(select(batches.c.credits_total)
+                                   .where(batches.c.batch_id == batch_id)).scalar_one()
             now = datetime.now(UTC)
             conn.execute(update(batches).where(batches.c.batch_id == batch_id).values(
                 rows_done=last_row,
@@ -245,7 +236,7 @@ class BatchProcessor:
                 corrected=batches.c.corrected + counts["corrected"],
                 conflict=batches.c.conflict + counts["conflict"],
                 rejected=batches.c.rejected + counts["rejected"],
-                credits_total=str(Decimal(current.credits_total) + credits),
+                credits_total=str(Decimal(current) + credits),
                 lease_until=now + timedelta(seconds=self.settings.batch_lease_seconds)))
             if errors:
                 conn.execute(insert(batch_errors), errors)

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     max_batch_rows: int = 2_000_000
     batch_chunk_rows: Annotated[int, Field(ge=1, le=20_000)] = 2000
     batch_lease_seconds: float = 120.0
+    # Parse worker processes for large batch files: -1 = one per core but one (the database
+    # writer keeps its core), 0 = parse in the processing thread.
+    batch_parse_workers: int = -1
+    batch_parse_min_bytes: int = 4 * 1024 * 1024
     # Credit → hour tables (SPEC §4 defaults; documented in docs/error-codes.md notes).
     health_hours_per_credit: Decimal = Decimal("3.6")
     finance_hours_per_credit: Decimal = Decimal("1")

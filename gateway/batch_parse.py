@@ -1,0 +1,140 @@
+"""Batch rows → ingest items, in this process or in parse worker processes.
+
+Parsing a row (adapter, validation, identity checks, credit conversion, serialising and
+hashing the submission) is the CPU-heavy, database-free half of batch ingest.  With
+``BATCH_PARSE_WORKERS`` > 0 it runs in that many worker processes while this process keeps
+the single database writer busy: rows travel as plain ``(row_number, cells)`` tuples and come
+back as :class:`~gateway.pipeline.ingest.Prepared` values, which pickle cheaply (the pydantic
+models would cost ~25 µs a row each way).  Chunks come back in file order, and at most two
+per worker are in flight, so memory stays flat whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import lru_cache
+from itertools import islice
+from typing import Any
+
+from adapters.base import Adapter, ParsedRow
+from adapters.finance import FinanceAdapter, FinanceConfig
+from adapters.health import HealthAdapter, HealthConfig
+from adapters.registry import BATCH_ADAPTERS, get_adapter
+from contracts import Note
+from gateway.pipeline.ingest import Item, PartnerRef, Prepared, error_note, prepare
+
+Row = tuple[int, dict[str, Any]]
+# (row, raw cells when rejected, errors as dicts, native credits, prepared, native source id)
+Shipped = tuple[int | None, Any, list[dict[str, Any]], str | None, Prepared | None, str | None]
+
+
+@dataclass(frozen=True)
+class ParseJob:
+    adapter: str
+    kind: str
+    period: str
+    partner_id: str
+    base_code: str | None
+    health_hours_per_credit: Decimal
+    finance_hours_per_credit: Decimal
+
+    @property
+    def completion_column(self) -> str:
+        return "completed_on" if self.adapter == "training_base" else "完成日期"
+
+
+@lru_cache(maxsize=8)
+def make_adapter(job: ParseJob) -> Adapter:
+    name = BATCH_ADAPTERS[(job.adapter, job.kind)]
+    if name == "health":
+        return HealthAdapter(HealthConfig(hours_per_credit=job.health_hours_per_credit))
+    if name == "finance":
+        return FinanceAdapter(FinanceConfig(hours_per_credit=job.finance_hours_per_credit))
+    return get_adapter(name)
+
+
+def _year_check(parsed: ParsedRow, job: ParseJob) -> None:
+    """A batch is for one CE year: a row completed in another year is ``OUTSIDE_YEAR``."""
+    if parsed.submission is None or parsed.errors:
+        return
+    if parsed.submission.year != int(job.period[:4]):
+        parsed.errors.append(error_note(
+            "OUTSIDE_YEAR", job.completion_column,
+            f"(completed in {parsed.submission.year}, batch is for {job.period[:4]})"))
+
+
+def _native_id(cells: Any) -> str | None:
+    if isinstance(cells, dict):
+        for key in ("记录编号", "流水号", "result_id"):
+            value = cells.get(key)
+            if value not in (None, ""):
+                return str(value)[:64]
+    return None
+
+
+def parse_rows(job: ParseJob, rows: list[Row]) -> list[Shipped]:
+    """Parse and prepare rows (the worker's entry point; also used in-process)."""
+    adapter = make_adapter(job)
+    partner = PartnerRef(job.partner_id, job.adapter, job.base_code)
+    shipped: list[Shipped] = []
+    for row_no, cells in rows:
+        for parsed in adapter.parse((row_no, cells)):
+            _year_check(parsed, job)
+            item = Item(raw=parsed.raw, submission=parsed.submission, errors=list(parsed.errors),
+                        warnings=list(parsed.warnings),
+                        credited_hours=parsed.credited_hours if parsed.ok else None,
+                        rule_notes=list(parsed.rule_notes), row=row_no)
+            prepare(item, partner)
+            credits = None if parsed.credits is None else str(parsed.credits)
+            errors = [e.model_dump(mode="json") for e in item.errors]
+            shipped.append((row_no, cells if errors else None, errors, credits, item.prepared,
+                            _native_id(cells)))
+    return shipped
+
+
+def to_item(shipped: Shipped) -> tuple[Item, Decimal]:
+    row, raw, errors, credits, prepared, native_id = shipped
+    item = Item(raw=raw, submission=None, errors=[Note.model_construct(**e) for e in errors],
+                row=row, prepared=prepared, source_record_id=native_id)
+    return item, Decimal(credits) if credits is not None else Decimal(0)
+
+
+class RowParser:
+    """Turns a stream of rows into chunks of ingest items, with or without workers."""
+
+    def __init__(self, job: ParseJob, workers: int) -> None:
+        self.job, self.workers = job, workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> RowParser:
+        if self.workers > 0:
+            # spawn, not fork: the parent runs threads (server, worker, scheduler).
+            self._pool = ProcessPoolExecutor(self.workers,
+                                             mp_context=multiprocessing.get_context("spawn"))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def chunks(self, rows: Iterable[Row], size: int) -> Iterator[list[tuple[Item, Decimal]]]:
+        source = iter(rows)
+        if self._pool is None:
+            while batch := list(islice(source, size)):
+                yield [to_item(s) for s in parse_rows(self.job, batch)]
+            return
+        in_flight: deque[Future[list[Shipped]]] = deque()
+        while True:
+            while len(in_flight) < 2 * self.workers:
+                batch = list(islice(source, size))
+                if not batch:
+                    break
+                in_flight.append(self._pool.submit(parse_rows, self.job, batch))
+            if not in_flight:
+                return
+            yield [to_item(s) for s in in_flight.popleft().result()]
