@@ -22,7 +22,10 @@ from pathlib import Path
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process or of its largest parse worker, whichever is higher."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
 
 
 def baseline(path: Path, workdir: Path) -> dict[str, float]:
@@ -94,7 +97,7 @@ def gateway(path: Path, workdir: Path) -> dict[str, float]:
             "rejected": int(row["rejected"])}
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the guard matters: parse workers are spawned and re-import this
     mode, file, work = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     result = baseline(file, work) if mode == "baseline" else gateway(file, work)
     print(json.dumps(result))
