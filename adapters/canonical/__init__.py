@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from adapters.base import Adapter, ParsedRow
-from gateway.pipeline.validate import validate_submission
+from gateway.pipeline.validate import note, validate_submission
 
 
 class CanonicalAdapter(Adapter):
@@ -17,6 +17,11 @@ class CanonicalAdapter(Adapter):
         items = raw.get("records") if isinstance(raw, dict) else raw
         if not isinstance(items, list):
             items = [raw]
+        if not items:  # SPEC §5: 1-1,000 records a request; an empty list is malformed, not "nothing"
+            yield ParsedRow(row=0, raw=raw, errors=[note("SCHEMA", "no records (expected 1-1,000)",
+                                                         field="records",
+                                                         detail_zh="没有记录（应为 1-1,000 条）")])
+            return
         for index, item in enumerate(items):
             v = validate_submission(item)
             yield ParsedRow(row=index, raw=item, submission=v.submission, errors=list(v.errors),

@@ -18,6 +18,10 @@ from contracts.errors import message
 from gateway.pipeline.validate import validate_submission
 
 RESULT_KEYS = ("result_id", "id_no", "name", "region", "hours", "completed_on")
+OPTIONAL_KEYS = ("employer", "started_on", "passed", "certificate_no", "title")
+# What a JSON value or a file cell may hold where the adapter reads text (bool is an int):
+# a nested object or list is refused rather than turned into its Python repr.
+SCALARS = (str, int, float, Decimal, date)
 # Canonical field → native key, to name the partner's own key in errors.
 NATIVE_FIELD = {"source_record_id": "result_id", "person.id_number": "id_no",
                 "person.name": "name", "person.employer_name": "employer",
@@ -46,10 +50,19 @@ def _year_of(value: Any) -> int | None:
         return None
 
 
+def _not_scalar(values: dict[str, Any]) -> list[Note]:
+    return [_schema(key, f"expected text or a number, got {type(value).__name__}")
+            for key, value in values.items() if value is not None and not isinstance(value, SCALARS)]
+
+
 def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> ParsedRow:
     """One trainee's result → a canonical submission (or coded errors); never raises."""
     if not isinstance(result, dict):
         return ParsedRow(row=index, raw=result, errors=[_schema("results", "each result must be an object")])
+    nested = _not_scalar({"base_code": base_code, "plan_id": plan_id,
+                          **{k: result.get(k) for k in (*RESULT_KEYS, *OPTIONAL_KEYS)}})
+    if nested:
+        return ParsedRow(row=index, raw=result, errors=nested)
     missing = [k for k in RESULT_KEYS if _text(result.get(k)) == ""]
     if missing:
         return ParsedRow(row=index, raw=result, errors=[_schema(k, "required") for k in missing])
@@ -90,6 +103,9 @@ class TrainingBaseAdapter(Adapter):
         results = raw.get("results")
         if not isinstance(results, list):
             yield ParsedRow(row=0, raw=raw, errors=[_schema("results", "expected a list")])
+            return
+        if not results:  # SPEC §2: 1-1,000 results a request
+            yield ParsedRow(row=0, raw=raw, errors=[_schema("results", "expected at least one result")])
             return
         for index, result in enumerate(results):
             yield result_to_row(index, raw.get("base_code"), raw.get("plan_id"), result)
