@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     year_close: str = "12-30"
     timezone: str = "Asia/Shanghai"
     pull_interval_seconds: int = 300
+    reference_sync_interval_seconds: int = 3600  # 0 turns the scheduled sync off
     # The Cadre Network College pull (gateway/pull/): page size, pages per scheduled run,
     # in-call retries of one page (Retry-After beyond the wait cap ends the run instead).
     pull_page_size: Annotated[int, Field(ge=1, le=1000)] = 500

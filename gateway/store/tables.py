@@ -286,3 +286,84 @@ job_locks = Table(
     Column("owner", String(64)),
     Column("until", UTCDateTime),
 )
+
+# -- reference data (SPEC §4, last paragraph; gateway/reference.py) ----------------------------
+
+# One row per change set: a sync that changed something, or a CSV import.  Its ``version_id``
+# ("ref-000012") is what the rules write beside a judgement, so ops can see which reference
+# data judged a record.  Watermarks live in ``pull_state`` rows named ``reference:<kind>``.
+reference_versions = Table(
+    "reference_versions",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("version_id", String(16), nullable=False, unique=True),
+    Column("source", String(8), nullable=False),  # sync | import
+    Column("kinds", String(64), nullable=False),  # the kinds it changed, comma-separated
+    Column("actor", String(64), nullable=False),
+    Column("counts", Text, nullable=False),  # JSON: kind → {inserted, updated, ...}
+    Column("cursors", Text),  # JSON: kind → upstream ``since`` watermark after a sync
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+# The current row per natural key, with the version that last changed it.
+reference_bases = Table(
+    "reference_bases",
+    metadata,
+    Column("code", String(64), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("level", String(16), nullable=False),  # national | provincial
+    Column("status", String(16), nullable=False),  # active | revoked
+    Column("assessed_on", Date, nullable=False),
+    Column("version", String(16), nullable=False),
+)
+
+reference_plans = Table(
+    "reference_plans",
+    metadata,
+    Column("plan_id", String(64), primary_key=True),
+    Column("base_code", String(64), nullable=False),
+    Column("title", Text, nullable=False),
+    Column("category", String(16), nullable=False),
+    Column("hours", String(32), nullable=False),  # Decimal as text, never float
+    Column("starts_on", Date, nullable=False),
+    Column("ends_on", Date, nullable=False),
+    Column("filed_on", Date, nullable=False),
+    Column("version", String(16), nullable=False),
+)
+
+# Identity numbers are never stored in clear: ``person_key`` is the dedup-style digest and
+# ``id_masked`` is for display only.
+reference_deferrals = Table(
+    "reference_deferrals",
+    metadata,
+    Column("person_key", String(64), nullable=False),
+    Column("from_year", Integer, nullable=False),
+    Column("id_masked", String(32), nullable=False),
+    Column("reason", String(16), nullable=False),  # post_transfer | illness | pregnancy
+    Column("approved_on", Date, nullable=False),
+    Column("version", String(16), nullable=False),
+    PrimaryKeyConstraint("person_key", "from_year"),
+)
+
+reference_title_applicants = Table(
+    "reference_title_applicants",
+    metadata,
+    Column("person_key", String(64), nullable=False),
+    Column("year", Integer, nullable=False),
+    Column("id_masked", String(32), nullable=False),
+    Column("version", String(16), nullable=False),
+    PrimaryKeyConstraint("person_key", "year"),
+)
+
+# Every change of every reference row: which version said what (payloads hold no clear ids).
+reference_history = Table(
+    "reference_history",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("kind", String(32), nullable=False),
+    Column("key", String(160), nullable=False),
+    Column("version", String(16), nullable=False),
+    Column("payload", Text, nullable=False),  # JSON of the stored row
+    Column("at", UTCDateTime, nullable=False),
+    Index("ix_reference_history_kind_key", "kind", "key"),
+)
