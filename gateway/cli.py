@@ -24,12 +24,15 @@ operator_app = typer.Typer(help="Operator tokens", no_args_is_help=True)
 audit_app = typer.Typer(help="Audit trail", no_args_is_help=True)
 mock_app = typer.Typer(help="Mock partner systems for tests and the demo", no_args_is_help=True)
 pull_app = typer.Typer(help="Pull partners (the Cadre Network College)", no_args_is_help=True)
+reference_app = typer.Typer(help="Reference data: bases, plans, deferrals, title applicants",
+                            no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(partner_app, name="partner")
 app.add_typer(operator_app, name="operator")
 app.add_typer(audit_app, name="audit")
 app.add_typer(mock_app, name="mock")
 app.add_typer(pull_app, name="pull")
+app.add_typer(reference_app, name="reference")
 console = Console()
 err = Console(stderr=True)
 
@@ -184,7 +187,6 @@ def ingest(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Ingest a batch file locally, exactly as an upload would be processed (progress bar)."""
-    from adapters.tabular import count_rows, detect_format
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -193,6 +195,7 @@ def ingest(
         TimeRemainingColumn,
     )
 
+    from adapters.tabular import count_rows, detect_format
     from gateway.batches import (
         BatchProcessor,
         NewBatch,
@@ -281,6 +284,39 @@ def pull_cadre_college(max_pages: int | None = None,
         print(json.dumps(asdict(result), ensure_ascii=False, default=str))
     else:
         console.print(result)
+
+
+@reference_app.command("import")
+def reference_import(
+    kind: Annotated[str, typer.Argument(help="bases | plans | deferrals | title-applicants")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    actor: Annotated[str, typer.Option(help="who is importing (kept in the audit trail)")] = "cli",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Import reference data from a CSV file (a new version; bad rows are listed, not imported)."""
+    from gateway.reference import import_csv
+
+    result = import_csv(_engine(_settings()), kind, file, actor)
+    if as_json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False, default=str))
+    else:
+        console.print(result.as_dict())
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@reference_app.command("sync")
+def reference_sync(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Pull changed reference data from the management system's reference API now."""
+    from gateway.reference import sync
+
+    settings = _settings()
+    _setup_logging(settings)
+    result = sync(_engine(settings), settings, actor="cli")
+    if as_json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False, default=str))
+    else:
+        console.print(result.as_dict())
+    raise typer.Exit(0 if result.ok else 1)
 
 
 @mock_app.command("cadre-college")

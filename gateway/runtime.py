@@ -40,6 +40,7 @@ class Background:
             thread.start()
             self._threads.append(thread)
         if self.scheduler_enabled:
+            import gateway.reference  # noqa: F401 - registers the reference sync job
             from gateway.scheduling import build_scheduler
 
             self.scheduler = build_scheduler(self.engine, self.settings)
