@@ -30,7 +30,7 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from gateway.config import Settings
 from gateway.delivery.policy import retry_after_seconds
 from gateway.errors import GatewayError
 from gateway.masking import mask_text
+from gateway.pipeline.rules_tables import BaseInfo, DeferralInfo, PlanInfo
 from gateway.reference_store import (
     KINDS,
     ReferenceKind,
@@ -81,34 +82,8 @@ DEFAULT_SYNC_INTERVAL_SECONDS = 3600.0
 _STORE_ERRORS = (OperationalError, InterfaceError)  # the store is down or locked: report it
 
 
-# -- what the rules see (plain values, no dependencies) -------------------------------------
-
-@dataclass(frozen=True)
-class BaseInfo:
-    code: str
-    name: str
-    level: str  # national | provincial
-    status: str  # active | revoked
-    assessed_on: date
-
-
-@dataclass(frozen=True)
-class PlanInfo:
-    plan_id: str
-    base_code: str
-    title: str
-    category: str  # public | professional
-    hours: Decimal
-    starts_on: date
-    ends_on: date
-    filed_on: date
-
-
-@dataclass(frozen=True)
-class DeferralInfo:
-    from_year: int
-    reason: str  # post_transfer | illness | pregnancy
-    approved_on: date
+# What the rules see (BaseInfo, PlanInfo, DeferralInfo) is defined once, beside the rules'
+# Reference protocol in gateway.pipeline.rules_tables, and re-exported here.
 
 
 class StoreReference:

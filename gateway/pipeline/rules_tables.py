@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
 
 from contracts import ActivityType, Unit
@@ -247,9 +247,9 @@ class RulesConfig:
 class BaseInfo:
     code: str
     name: str
-    level: Literal["national", "provincial"]
-    status: Literal["active", "revoked"]
-    assessed_on: date | None = None
+    level: str  # national | provincial
+    status: str  # active | revoked
+    assessed_on: date
 
 
 @dataclass(frozen=True)
@@ -257,19 +257,18 @@ class PlanInfo:
     plan_id: str
     base_code: str
     title: str
-    category: str
+    category: str  # public | professional
     hours: Decimal
-    starts_on: date | None
-    ends_on: date | None
+    starts_on: date
+    ends_on: date
     filed_on: date
 
 
 @dataclass(frozen=True)
 class DeferralInfo:
-    id_number: str
     from_year: int
-    reason: Literal["post_transfer", "illness", "pregnancy"]
-    approved_on: date | None = None
+    reason: str  # post_transfer | illness | pregnancy
+    approved_on: date
 
 
 class Reference(Protocol):

@@ -108,15 +108,26 @@ records = Table(
     Column("duplicate_of", String(32)),
     Column("natural_key", String(64), nullable=False),  # looked up in natural_keys
     Column("content_hash", String(64), nullable=False),
-    Column("person_key", String(64), nullable=False, index=True),
+    Column("person_key", String(64), nullable=False),
     Column("year", Integer, nullable=False),
     Column("batch_id", String(64)),
     Column("completed_on", Date),
     Column("last_batch_id", String(40)),  # the last batch that carried it (reconciliation)
+    # What the rules decided for the current version (issue 4): the compliance read-model and
+    # the caps ledger read these instead of parsing payloads.
+    Column("category", String(16)),
+    Column("activity_type", String(24)),
+    Column("counts_year", Integer),  # the CE year it counts toward (Y, or Y+1 when deferred)
+    Column("hours", String(16)),  # hours after conversion, before caps
+    Column("credited_hours", String(16)),  # after caps
+    Column("cap_type", String(16)),
+    Column("review_authority", String(32)),
+    Column("reference_version", String(32)),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     UniqueConstraint("partner_id", "source_record_id"),
     Index("ix_records_batch_id", "batch_id"),
+    Index("ix_records_person_year", "person_key", "counts_year"),
 )
 
 record_versions = Table(
@@ -366,4 +377,21 @@ reference_history = Table(
     Column("payload", Text, nullable=False),  # JSON of the stored row
     Column("at", UTCDateTime, nullable=False),
     Index("ix_reference_history_kind_key", "kind", "key"),
+)
+
+
+# -- caps ledger (issue 4, R10) ------------------------------------------------------------------
+
+# One row per person, CE year and capped activity type.  Ingest locks it (SELECT … FOR UPDATE)
+# before re-allocating that group's hours, so two replicas crediting papers for one person at
+# the same moment queue here instead of both crediting the last free hours.
+caps_ledger = Table(
+    "caps_ledger",
+    metadata,
+    Column("person_key", String(64), nullable=False),
+    Column("year", Integer, nullable=False),
+    Column("cap_type", String(16), nullable=False),
+    Column("credited", String(16), nullable=False, default="0"),
+    Column("updated_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("person_key", "year", "cap_type"),
 )

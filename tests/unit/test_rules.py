@@ -59,7 +59,7 @@ REFERENCE = StaticReference(
         "P-0801": _plan("P-0801", date(2026, 8, 1)),
         "P-OTHER": _plan("P-OTHER", date(2026, 3, 1), base="GJJD01"),
     },
-    deferrals={(ID, 2026): DeferralInfo(ID, 2026, "illness", date(2026, 11, 2))},
+    deferrals={(ID, 2026): DeferralInfo(2026, "illness", date(2026, 11, 2))},
     title_applicants={(ID, 2026)},
     version="ref-2026-06-01",
 )
