@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from functools import lru_cache
 from itertools import islice
@@ -26,7 +27,17 @@ from adapters.finance import FinanceAdapter, FinanceConfig
 from adapters.health import HealthAdapter, HealthConfig
 from adapters.registry import BATCH_ADAPTERS, get_adapter
 from contracts import Note
-from gateway.pipeline.ingest import Item, PartnerRef, Prepared, error_note, prepare
+from gateway.pipeline.ingest import (
+    Item,
+    PartnerRef,
+    Prepared,
+    RulesContext,
+    error_note,
+    prepare,
+)
+from gateway.pipeline.rules_tables import RulesConfig
+from gateway.reference import ReferenceCache
+from gateway.store.db import make_engine
 
 Row = tuple[int, dict[str, Any]]
 # (row, raw cells when rejected, errors as dicts, native credits, prepared, native source id)
@@ -42,6 +53,10 @@ class ParseJob:
     base_code: str | None
     health_hours_per_credit: Decimal
     finance_hours_per_credit: Decimal
+    database_url: str  # a worker reads the reference data itself (cached per version)
+    received_at: datetime  # when the batch was accepted: the rules' "arrival" (R11)
+    year_close: str = "12-30"
+    timezone: str = "Asia/Shanghai"
 
     @property
     def completion_column(self) -> str:
@@ -77,10 +92,23 @@ def _native_id(cells: Any) -> str | None:
     return None
 
 
+@lru_cache(maxsize=4)
+def _reference_cache(database_url: str) -> ReferenceCache:
+    return ReferenceCache(make_engine(database_url))
+
+
+def rules_for(job: ParseJob) -> RulesContext:
+    config = RulesConfig(year_close=job.year_close, timezone=job.timezone,
+                         health_hours_per_credit=job.health_hours_per_credit,
+                         finance_hours_per_credit=job.finance_hours_per_credit)
+    return RulesContext(_reference_cache(job.database_url).current(), config)
+
+
 def parse_rows(job: ParseJob, rows: list[Row]) -> list[Shipped]:
-    """Parse and prepare rows (the worker's entry point; also used in-process)."""
+    """Parse and judge rows (the worker's entry point; also used in-process)."""
     adapter = make_adapter(job)
     partner = PartnerRef(job.partner_id, job.adapter, job.base_code)
+    rules = rules_for(job)
     shipped: list[Shipped] = []
     for row_no, cells in rows:
         for parsed in adapter.parse((row_no, cells)):
@@ -89,7 +117,7 @@ def parse_rows(job: ParseJob, rows: list[Row]) -> list[Shipped]:
                         warnings=list(parsed.warnings),
                         credited_hours=parsed.credited_hours if parsed.ok else None,
                         rule_notes=list(parsed.rule_notes), row=row_no)
-            prepare(item, partner)
+            prepare(item, partner, job.received_at, rules)
             credits = None if parsed.credits is None else str(parsed.credits)
             errors = [e.model_dump(mode="json") for e in item.errors]
             shipped.append((row_no, cells if errors else None, errors, credits, item.prepared,

@@ -36,11 +36,11 @@ from adapters.registry import BATCH_ADAPTERS
 from adapters.tabular import iter_rows
 from contracts import RecordAnswer
 from gateway import audit
-from gateway.batch_parse import ParseJob, RowParser, make_adapter
+from gateway.batch_parse import ParseJob, RowParser, make_adapter, rules_for
 from gateway.config import Settings
 from gateway.delivery.worker import worker_id
 from gateway.errors import PayloadRejected
-from gateway.pipeline.ingest import Item, PartnerRef, ingest_items
+from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items
 from gateway.store.tables import batch_errors, batches, partners
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ class BatchProcessor:
         self.engine, self.settings = engine, settings
         self.name = name or worker_id()
         self.progress = progress  # called with the last committed row number
+        self._rules: RulesContext | None = None
         self._stop = threading.Event()
 
     def claim(self) -> dict[str, Any] | None:
@@ -177,7 +178,9 @@ class BatchProcessor:
     def _job(self, batch: dict[str, Any]) -> ParseJob:
         return ParseJob(batch["adapter"], batch["kind"], batch["period"], batch["partner_id"],
                         self._base_code(batch["partner_id"]),
-                        self.settings.health_hours_per_credit, self.settings.finance_hours_per_credit)
+                        self.settings.health_hours_per_credit, self.settings.finance_hours_per_credit,
+                        self.settings.database_url, batch["created_at"],
+                        self.settings.year_close, self.settings.timezone)
 
     def _base_code(self, partner_id: str) -> str | None:
         with self.engine.connect() as conn:
@@ -203,6 +206,9 @@ class BatchProcessor:
         done_through = int(batch["rows_done"])
         rows = ((n, cells) for n, cells in iter_rows(Path(batch["file_path"]), batch["file_format"])
                 if n > done_through)  # rows up to the checkpoint were committed before a crash
+        # Rows come judged (prepared) from the parser; the context is only used for any the
+        # parser left unprepared, and for its configuration (caps).
+        self._rules = rules_for(job)
         with RowParser(job, self._workers(batch)) as parser:
             for chunk in parser.chunks(rows, self.settings.batch_chunk_rows):
                 with paused_gc():
@@ -241,7 +247,8 @@ class BatchProcessor:
             if errors:
                 conn.execute(insert(batch_errors), errors)
 
-        ingest_items(self.engine, partner, items, batch_id=batch_id, in_tx=checkpoint)
+        ingest_items(self.engine, partner, items, batch_id=batch_id, in_tx=checkpoint,
+                     rules=self._rules)
         if self.progress is not None:
             self.progress(last_row)
 

@@ -114,6 +114,11 @@ def run_demo(console: Console, n_records: int = 300, keep: bool = False) -> int:
                     ("health", "qh-health-commission", "health", ()),
                     ("finance", "qh-finance-dept", "finance", ()))}
         token = _cli(env, "operator", "add", "--name", "demo-ops", "--role", "operator", "--json")["token"]
+        # Reference data as the management system publishes it: the base and its filed plan
+        # (R9), synced the way the scheduled job does it.
+        fam.publish_reference(mock_url, year)
+        synced = _cli(env, "reference", "sync", "--json")
+        console.print(f"reference data synced from the management system: version {synced['version']}")
         _spawn(stack, env, workdir / "gateway.log", "serve", "--port", str(gw_port))
         wait_until(lambda: httpx.get(f"{gw_url}/readyz").status_code == 200, 60, "the gateway")
         clients = {name: stack.enter_context(SigningClient(gw_url, k["app_key"], k["secret"]))

@@ -77,6 +77,18 @@ def run_canonical(clients: dict[str, SigningClient], rng: random.Random, n: int,
     clients["base"].delete("/v1/records/DEMO-00000").raise_for_status()  # a withdrawal
 
 
+def publish_reference(mock_url: str, year: int) -> None:
+    """Put the demo base and its plan (filed in March) into the mock's reference API."""
+    bases = [{"code": "QHJD-001", "name": "青海省高原生态继续教育基地", "level": "provincial",
+              "status": "active", "assessed_on": f"{year - 1}-06-30"}]
+    plans = [{"plan_id": "PLAN-2026-001", "base_code": "QHJD-001", "title": "高原生态修复技术研修班",
+              "category": "professional", "hours": "40", "starts_on": f"{year}-03-01",
+              "ends_on": f"{year}-12-15", "filed_on": f"{year}-03-01"}]
+    for kind, items in (("bases", bases), ("plans", plans)):
+        httpx.post(f"{mock_url}/_mock/reference/{kind}", json={"items": items},
+                   timeout=10).raise_for_status()
+
+
 def run_training_base(client: SigningClient, rng: random.Random, answers: Tally, codes: Tally) -> None:
     rows = tb.results(rng, 120, prefix="QHJD", bad_every=15)
     tally(tb.push(client, "QHJD-001", "PLAN-2026-001", rows, per_request=50), answers, codes)

@@ -8,6 +8,9 @@ from sqlalchemy import Engine
 
 from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
+from gateway.pipeline.ingest import RulesContext
+from gateway.pipeline.rules_tables import RulesConfig
+from gateway.reference import ReferenceCache
 from gateway.secrets_box import SecretBox
 from gateway.store.db import make_engine
 
@@ -17,10 +20,17 @@ class AppState:
     settings: Settings
     engine: Engine
     box: SecretBox
+    references: ReferenceCache
+    rules_config: RulesConfig
     worker: DeliveryWorker | None = None
     nonce_inserts: int = field(default=0)
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
-        return cls(settings, make_engine(settings.database_url),
-                   SecretBox(settings.secret_key.get_secret_value()))
+        engine = make_engine(settings.database_url)
+        return cls(settings, engine, SecretBox(settings.secret_key.get_secret_value()),
+                   ReferenceCache(engine), RulesConfig.from_settings(settings))
+
+    def rules(self) -> RulesContext:
+        """The rules context for one request: call it before opening the ingest transaction."""
+        return RulesContext(self.references.current(), self.rules_config)

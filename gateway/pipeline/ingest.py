@@ -24,13 +24,12 @@ from typing import Any
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import Connection, Engine, bindparam, insert, select, tuple_, update
+from sqlalchemy import Connection, Engine, bindparam, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from contracts import (
     CONTRACT_VERSION,
-    CERecord,
     CESubmission,
     Note,
     RecordAnswer,
@@ -40,7 +39,10 @@ from contracts.errors import message
 from contracts.records import Hours
 from gateway import audit
 from gateway.masking import mask_id
-from gateway.pipeline import credit, dedup
+from gateway.pipeline import caps, dedup
+from gateway.pipeline.credit import cap_note
+from gateway.pipeline.rules import judge
+from gateway.pipeline.rules_tables import EmptyReference, Reference, RulesConfig
 from gateway.pipeline.validate import validate_submission
 from gateway.store.bulk import bulk_insert
 from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
@@ -86,29 +88,62 @@ class Prepared:
     year: int
     completed_on: date
     masked_id: str
-    hours: Decimal
+    hours: Decimal  # after conversion, before caps
     rule_notes: tuple[dict[str, Any], ...]
     warnings: tuple[dict[str, Any], ...]
+    category: str
+    activity_type: str
+    counts_year: int
+    cap_type: str | None
+    review_authority: str
+    reference_version: str
 
 
-def prepare(item: Item, partner: PartnerRef) -> None:
-    """Fill ``item.prepared`` (or ``item.errors``) for an item with a parsed submission."""
+@dataclass(frozen=True)
+class RulesContext:
+    """What the rules judge with: reference data (one version per chunk) and configuration."""
+
+    reference: Reference
+    config: RulesConfig
+
+    @classmethod
+    def empty(cls) -> RulesContext:
+        return cls(EmptyReference(), RulesConfig())
+
+
+def prepare(item: Item, partner: PartnerRef, now: datetime, rules: RulesContext) -> None:
+    """Judge an item with a parsed submission: fill ``item.prepared`` or ``item.errors``."""
     sub = item.submission
     if item.prepared is not None or sub is None or item.errors:
         return
-    item.errors = _scope_errors(partner, sub) or _unstorable(item)
+    item.errors = _scope_errors(partner, sub) or _unstorable(sub)
     if item.errors:
         return
-    assert item.credited_hours is not None  # _unstorable converted it
+    verdict = judge(sub, adapter=partner.adapter, received_at=now, reference=rules.reference,
+                    config=rules.config)
+    item.warnings = [*item.warnings, *verdict.warnings]
+    if verdict.errors:
+        item.errors = verdict.errors
+        return
+    try:
+        _HOURS.validate_python(verdict.hours)
+    except ValidationError:
+        item.errors = [error_note("SCHEMA", "claimed.quantity",
+                                  f"(worth {verdict.hours} hours; at most 999999.9)")]
+        return
+    item.credited_hours, item.rule_notes = verdict.hours, verdict.rule_notes
     sub_json = sub.model_dump_json()
     item.prepared = Prepared(
         source_record_id=sub.source_record_id, sub_json=sub_json,
         content_hash=dedup.hash_json(sub_json), natural_key=dedup.natural_key(sub),
         person_key=dedup.person_key(sub), claim=_claim_of(sub), year=sub.year,
         completed_on=sub.activity.completed_on, masked_id=mask_id(sub.person.id_number),
-        hours=item.credited_hours,
+        hours=verdict.hours,
         rule_notes=tuple(n.model_dump(mode="json") for n in item.rule_notes),
-        warnings=tuple(n.model_dump(mode="json") for n in item.warnings))
+        warnings=tuple(n.model_dump(mode="json") for n in item.warnings),
+        category=sub.category.value, activity_type=sub.activity_type.value,
+        counts_year=verdict.counts_toward_year, cap_type=verdict.cap_type,
+        review_authority=verdict.review_authority, reference_version=verdict.reference_version)
 
 
 class _KeyRaceLost(Exception):
@@ -140,30 +175,32 @@ def item_from_raw(raw: object) -> Item:
 
 
 def ingest(engine: Engine, partner: PartnerRef, raws: Sequence[object], *,
-           batch_id: str | None = None, now: datetime | None = None) -> list[RecordAnswer]:
+           batch_id: str | None = None, now: datetime | None = None,
+           rules: RulesContext | None = None) -> list[RecordAnswer]:
     """Validate and store canonical ``raws`` (dicts from JSON); one answer per input."""
     return ingest_items(engine, partner, [item_from_raw(raw) for raw in raws],
-                        batch_id=batch_id, now=now)
+                        batch_id=batch_id, now=now, rules=rules)
 
 
 def ingest_items(engine: Engine, partner: PartnerRef, items: Sequence[Item], *,
                  batch_id: str | None = None, now: datetime | None = None,
                  in_tx: Callable[[Connection, list[RecordAnswer]], None] | None = None,
-                 ) -> list[RecordAnswer]:
+                 rules: RulesContext | None = None) -> list[RecordAnswer]:
     """Judge and store ``items`` in one transaction.
 
     ``in_tx`` runs inside that transaction before commit (a pull advances its cursor there, a
     batch its checkpoint), so both commit or neither.
     """
     now = now or datetime.now(UTC)
+    rules = rules or RulesContext.empty()
     for item in items:
-        prepare(item, partner)
+        prepare(item, partner, now, rules)
     for attempt in Retrying(retry=retry_if_exception_type((IntegrityError, _KeyRaceLost)),
                             stop=stop_after_attempt(4), reraise=True):
         with attempt, engine.begin() as conn:
             # A concurrent twin (same partner and source ids, or the same activity from
             # another source) may commit first; the retry then sees its rows.
-            answers = _Chunk(conn, partner, now, batch_id).run(items)
+            answers = _Chunk(conn, partner, now, batch_id, rules.config).run(items)
             if in_tx is not None:
                 in_tx(conn, answers)
             return answers
@@ -182,24 +219,15 @@ def _scope_errors(partner: PartnerRef, sub: CESubmission) -> list[Note]:
 _HOURS = TypeAdapter(Hours)
 
 
-def _unstorable(item: Item) -> list[Note]:
+def _unstorable(sub: CESubmission) -> list[Note]:
     """Errors for a submission that parses but cannot be stored, so it fails alone.
 
-    PostgreSQL text refuses NUL, and credited hours beyond ``CERecord``'s 999999.9 could not be
-    built: either would otherwise fail the whole chunk (SPEC §5 "one bad record never fails
-    its neighbours").
+    PostgreSQL text refuses NUL (and credited hours beyond ``CERecord``'s 999999.9 are refused
+    after judging): either would otherwise fail the whole chunk (SPEC §5 "one bad record never
+    fails its neighbours").
     """
-    sub = item.submission
-    assert sub is not None
     if "\x00" in sub.source_record_id:
         return [error_note("SCHEMA", "source_record_id", "(contains a NUL character)")]
-    if item.credited_hours is None:
-        item.credited_hours, item.rule_notes = credit.convert(sub)
-    try:
-        _HOURS.validate_python(item.credited_hours)
-    except ValidationError:
-        return [error_note("SCHEMA", "claimed.quantity",
-                           f"(worth {item.credited_hours} hours; at most 999999.9)")]
     return []
 
 
@@ -231,10 +259,40 @@ def _claim_of(sub: CESubmission) -> tuple[str, str]:
     return sub.claimed.unit.value, str(sub.claimed.quantity.normalize())
 
 
+RULES_COLUMNS = ("category", "activity_type", "counts_year", "hours", "credited_hours",
+                 "cap_type", "review_authority", "reference_version")
+
+
+def _rules_columns(sub: Prepared) -> dict[str, Any]:
+    """The rules' verdict as record columns; ``credited_hours`` is final after caps."""
+    return {"category": sub.category, "activity_type": sub.activity_type,
+            "counts_year": sub.counts_year, "hours": str(sub.hours),
+            "credited_hours": str(sub.hours), "cap_type": sub.cap_type,
+            "review_authority": sub.review_authority, "reference_version": sub.reference_version}
+
+
+@dataclass
+class _Pending:
+    """A version decided in this chunk; its payload is built once caps are allocated."""
+
+    record_id: str
+    version: int
+    sub: Prepared
+    content_hash: str
+    queue: bool
+    row: dict[str, Any]  # its records insert/update row, to carry the credited hours
+    answer: RecordAnswer
+    credited: Decimal
+    cap: tuple[Note, Note] | None = None  # the CAP_APPLIED warning and rule note
+
+
 class _Chunk:
     def __init__(self, conn: Connection, partner: PartnerRef, now: datetime,
-                 batch_id: str | None) -> None:
+                 batch_id: str | None, config: RulesConfig) -> None:
         self.conn, self.partner, self.now, self.batch_id = conn, partner, now, batch_id
+        self.config = config
+        self.pending: list[_Pending] = []
+        self.recredited: list[dict[str, Any]] = []
         self.now_iso = now.isoformat()
         self.events: list[audit.Event] = []
         self.by_source: dict[str, _Known] = {}
@@ -292,8 +350,56 @@ class _Chunk:
     def run(self, items: Sequence[Item]) -> list[RecordAnswer]:
         self._load(items)
         answers = [self._decide(index, item) for index, item in enumerate(items)]
+        self._apply_caps()
+        for p in self.pending:
+            self._store_version(p.record_id, p.version, self._build(p), p.content_hash, p.queue)
         self._write()
         return answers
+
+    # -- caps (R10) -----------------------------------------------------------------------
+    def _apply_caps(self) -> None:
+        groups: dict[caps.Group, dict[str, _Pending]] = {}
+        for p in self.pending:
+            if p.queue and p.sub.cap_type:
+                group = (p.sub.person_key, p.sub.counts_year, p.sub.cap_type)
+                groups.setdefault(group, {})[p.record_id] = p
+        for group in sorted(groups):  # one lock order for every writer: no deadlocks
+            mine = groups[group]
+            cap = self.config.caps[group[2]]
+            caps.lock_group(self.conn, group, self.now)
+            credited, stored = caps.reallocate(self.conn, group, cap, self.now,
+                                               {rid: p.sub.hours for rid, p in mine.items()})
+            for rid, p in mine.items():
+                p.credited = credited[rid]
+                p.row["credited_hours"] = str(p.credited)
+                p.cap = cap_note(p.sub.hours, p.credited, cap, group[2])
+                if p.cap is not None:
+                    p.answer.warnings.append(p.cap[0])
+            for rid, old in stored.items():
+                if rid not in mine and credited[rid] != old.credited:
+                    self._recredit(old, credited[rid], cap, group[2])
+
+    def _recredit(self, old: caps.Stored, credited: Decimal, cap: Decimal, cap_type: str) -> None:
+        """Re-issue a stored record whose share of a cap moved (another record came or went)."""
+        payload = self.conn.execute(select(record_versions.c.payload, record_versions.c.content_hash)
+                                    .where(record_versions.c.record_id == old.record_id,
+                                           record_versions.c.version == old.version)).one()
+        record = orjson.loads(payload.payload)
+        note = cap_note(old.hours, credited, cap, cap_type)
+        keep = [n for n in record["warnings"] if n["code"] != "CAP_APPLIED"]
+        notes = [n for n in record["rule_notes"] if n["code"] != "CAP_APPLIED"]
+        version = old.version + 1
+        record.update(version=version, credited_hours=str(credited),
+                      warnings=keep + ([note[0].model_dump(mode="json")] if note else []),
+                      rule_notes=notes + ([note[1].model_dump(mode="json")] if note else []))
+        record["source"]["received_at"] = self.now_iso
+        self._store_version(old.record_id, version, orjson.dumps(record).decode(),
+                            payload.content_hash, True)
+        self.recredited.append({"rid": old.record_id, "current_version": version,
+                                "credited_hours": str(credited), "updated_at": self.now})
+        self.events.append(audit.Event("recredited", old.record_id, version, "gateway", {
+            "cap_type": cap_type, "credited_hours": str(credited),
+            "previous_credited_hours": str(old.credited)}))
 
     def _decide(self, index: int, item: Item) -> RecordAnswer:
         sub = item.prepared
@@ -335,7 +441,7 @@ class _Chunk:
         same = self.by_record[holder].claim == sub.claim
         return RecordStatus.DUPLICATE if same else RecordStatus.CONFLICT
 
-    def _build(self, sub: Prepared, record_id: str, version: int) -> str:
+    def _build(self, p: _Pending) -> str:
         """The CERecord's JSON for this version.
 
         Every part was validated already (the submission, the notes, hours rounded to one
@@ -343,19 +449,22 @@ class _Chunk:
         validated again as a model: this runs for every row of a million-row batch.  Tests
         check that the result validates as a :class:`CERecord`.
         """
+        sub = p.sub
         body = orjson.loads(sub.sub_json)
         source_record_id = body.pop("source_record_id")
+        cap_warning, cap_rule = ((p.cap[0].model_dump(mode="json"),), (p.cap[1].model_dump(mode="json"),)) \
+            if p.cap else ((), ())
         record = {
-            "contract_version": CONTRACT_VERSION, "record_id": record_id, "version": version,
+            "contract_version": CONTRACT_VERSION, "record_id": p.record_id, "version": p.version,
             "withdrawn": False,
             "source": {"partner_id": self.partner.partner_id, "adapter": self.partner.adapter,
                        "source_record_id": source_record_id, "batch_id": self.batch_id,
                        "received_at": self.now_iso},
             **body,
-            "credited_hours": str(sub.hours),
-            "rule_notes": sub.rule_notes,
-            "review_authority": None,
-            "warnings": sub.warnings,
+            "credited_hours": str(p.credited),
+            "rule_notes": sub.rule_notes + cap_rule,
+            "review_authority": sub.review_authority,
+            "warnings": sub.warnings + cap_warning,
         }
         return orjson.dumps(record).decode()
 
@@ -384,7 +493,7 @@ class _Chunk:
             "duplicate_of": duplicate_of, "natural_key": key, "content_hash": chash,
             "person_key": sub.person_key, "year": sub.year, "batch_id": self.batch_id,
             "completed_on": sub.completed_on, "last_batch_id": self.batch_id,
-            "created_at": self.now, "updated_at": self.now})
+            **_rules_columns(sub), "created_at": self.now, "updated_at": self.now})
         self.events.append(audit.Event("received", record_id, 1, self.partner.partner_id, {
             "source_record_id": sub.source_record_id, "person": sub.masked_id,
             "credited_hours": str(sub.hours), "batch_id": self.batch_id,
@@ -395,11 +504,12 @@ class _Chunk:
         elif status is RecordStatus.CONFLICT:
             errors = [error_note("CONFLICT_WITH_EXISTING", "claimed", f"(record {holder})")]
             self.events.append(audit.Event("conflict", record_id, 1, detail={"conflicts_with": holder}))
-        self._store_version(record_id, 1, self._build(sub, record_id, 1), chash,
-                            queue=status is RecordStatus.ACCEPTED)
-        return RecordAnswer.model_construct(
+        answer = RecordAnswer.model_construct(
             index=index, source_record_id=sub.source_record_id, status=status,
-            record_id=record_id, version=1, warnings=item.warnings, errors=errors)
+            record_id=record_id, version=1, warnings=list(item.warnings), errors=errors)
+        self.pending.append(_Pending(record_id, 1, sub, chash, status is RecordStatus.ACCEPTED,
+                                     self.new_records[-1], answer, sub.hours))
+        return answer
 
     def _resubmitted(self, index: int, item: Item, sub: Prepared, known: _Known) -> RecordAnswer:
         chash = sub.content_hash
@@ -427,21 +537,23 @@ class _Chunk:
                                     "content_hash": chash, "withdrawn": False,
                                     "status": status.value, "updated_at": self.now,
                                     "completed_on": sub.completed_on,
-                                    "last_batch_id": self.batch_id})
+                                    "last_batch_id": self.batch_id, **_rules_columns(sub)})
         self.events.append(audit.Event("corrected", known.record_id, known.version,
                                        self.partner.partner_id, {
                                            "previous_version": known.version - 1, "row": item.row,
                                            "credited_hours": str(sub.hours),
                                            "judged": status.value}))
-        self._store_version(known.record_id, known.version,
-                            self._build(sub, known.record_id, known.version), chash,
-                            queue=status is RecordStatus.ACCEPTED)
-        answer = RecordStatus.CORRECTED if status is RecordStatus.ACCEPTED else status
+        answer_status = RecordStatus.CORRECTED if status is RecordStatus.ACCEPTED else status
         errors = ([error_note("CONFLICT_WITH_EXISTING", "claimed")]
                   if status is RecordStatus.CONFLICT else [])
-        return RecordAnswer(index=index, source_record_id=sub.source_record_id, status=answer,
-                            record_id=known.record_id, version=known.version,
-                            warnings=item.warnings, errors=errors)
+        answer = RecordAnswer.model_construct(
+            index=index, source_record_id=sub.source_record_id, status=answer_status,
+            record_id=known.record_id, version=known.version, warnings=list(item.warnings),
+            errors=errors)
+        self.pending.append(_Pending(known.record_id, known.version, sub, chash,
+                                     status is RecordStatus.ACCEPTED, self.record_updates[-1],
+                                     answer, sub.hours))
+        return answer
 
     # -- writes ---------------------------------------------------------------------------
     def _write(self) -> None:
@@ -466,8 +578,14 @@ class _Chunk:
                                  withdrawn=bindparam("withdrawn"), status=bindparam("status"),
                                  updated_at=bindparam("updated_at"),
                                  completed_on=bindparam("completed_on"),
-                                 last_batch_id=bindparam("last_batch_id")),
+                                 last_batch_id=bindparam("last_batch_id"),
+                                 **{c: bindparam(c) for c in RULES_COLUMNS}),
                          self.record_updates)
+        if self.recredited:
+            conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
+                         .values(current_version=bindparam("current_version"),
+                                 credited_hours=bindparam("credited_hours"),
+                                 updated_at=bindparam("updated_at")), self.recredited)
         if self.seen_again:
             # Reconciliation needs to know which batches repeated a record unchanged.
             conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
@@ -484,8 +602,13 @@ def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
 
 
 def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
-             now: datetime | None = None) -> RecordAnswer | None:
-    """Withdraw a partner's record: a new version with ``withdrawn = true``, forwarded."""
+             now: datetime | None = None, config: RulesConfig | None = None,
+             ) -> RecordAnswer | None:
+    """Withdraw a partner's record: a new version with ``withdrawn = true``, forwarded.
+
+    A withdrawn record gives its capped hours back: the rest of its cap group is allocated
+    again, and records that gain are re-issued (SPEC §4 R10).
+    """
     now = now or datetime.now(UTC)
     with engine.begin() as conn:
         existing = conn.execute(select(records).where(
@@ -497,26 +620,30 @@ def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
         if existing["withdrawn"]:
             return RecordAnswer(index=0, source_record_id=source_record_id,
                                 status=RecordStatus.DUPLICATE, record_id=record_id, version=version)
+        chunk = _Chunk(conn, partner, now, None, config or RulesConfig())
         payload = conn.execute(select(record_versions.c.payload).where(
             record_versions.c.record_id == record_id,
             record_versions.c.version == version)).scalar_one()
-        current = CERecord.model_validate_json(payload)
-        record = current.model_copy(update={
-            "version": version + 1, "withdrawn": True, "credited_hours": Decimal(0),
-            "source": current.source.model_copy(update={"received_at": now})})
+        record = orjson.loads(payload)
+        record.update(version=version + 1, withdrawn=True, credited_hours="0")
+        record["source"]["received_at"] = chunk.now_iso
         conn.execute(update(records).where(records.c.record_id == record_id).values(
-            current_version=version + 1, withdrawn=True, updated_at=now))
-        conn.execute(insert(record_versions).values(
-            record_id=record_id, version=version + 1, content_hash=existing["content_hash"],
-            payload=record.model_dump_json(), created_at=now))
-        events = [audit.Event("withdrawn", record_id, version + 1, partner.partner_id,
-                              {"source_record_id": source_record_id})]
+            current_version=version + 1, withdrawn=True, credited_hours="0", updated_at=now))
+        chunk.events.append(audit.Event("withdrawn", record_id, version + 1, partner.partner_id,
+                                        {"source_record_id": source_record_id}))
         # Only a record the management system has (or will have) needs the withdrawal.
-        if existing["status"] == "accepted":
-            conn.execute(insert(outbox).values(record_id=record_id, version=version + 1,
-                                               status="pending", attempts=0, created_at=now,
-                                               updated_at=now))
-            events.append(audit.Event("queued", record_id, version + 1))
-        audit.append(conn, events, now)
+        accepted = existing["status"] == "accepted"
+        chunk._store_version(record_id, version + 1, orjson.dumps(record).decode(),
+                             existing["content_hash"], queue=accepted)
+        if accepted and existing["cap_type"]:
+            group = (existing["person_key"], int(existing["counts_year"]), existing["cap_type"])
+            cap = chunk.config.caps[group[2]]
+            caps.lock_group(conn, group, now)
+            credited, stored = caps.reallocate(conn, group, cap, now, {},
+                                               gone=frozenset({record_id}))
+            for rid, old in stored.items():
+                if rid != record_id and credited[rid] != old.credited:
+                    chunk._recredit(old, credited[rid], cap, group[2])
+        chunk._write()
     return RecordAnswer(index=0, source_record_id=source_record_id, status=RecordStatus.ACCEPTED,
                         record_id=record_id, version=version + 1)

@@ -51,7 +51,9 @@ from contracts import RecordAnswer
 from gateway.config import Settings
 from gateway.delivery.policy import retry_after_seconds
 from gateway.errors import GatewayError
-from gateway.pipeline.ingest import Item, PartnerRef, ingest_items
+from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items
+from gateway.pipeline.rules_tables import RulesConfig
+from gateway.reference import ReferenceCache
 from gateway.store.tables import pull_state
 from gateway.store.util import insert_ignore
 
@@ -289,6 +291,8 @@ def pull_once(engine: Engine, settings: Settings, client: httpx.Client | None = 
     adapter = CadreCollegeAdapter()
     own_client = client is None
     http = client or httpx.Client(timeout=settings.pull_timeout_seconds)
+    # Judged with one reference version for the whole run, read before any transaction opens.
+    rules = RulesContext(ReferenceCache(engine).current(), RulesConfig.from_settings(settings))
     try:
         while result.pages < limit_pages:
             try:
@@ -297,7 +301,7 @@ def pull_once(engine: Engine, settings: Settings, client: httpx.Client | None = 
                 step = _advance(cursor, page.next_cursor, len(page.data), now)
                 if page.data:
                     result.count(ingest_items(engine, PARTNER, _items(page.data, adapter),
-                                              now=now, in_tx=step))
+                                              now=now, in_tx=step, rules=rules))
                 else:
                     with engine.begin() as conn:
                         step(conn, [])

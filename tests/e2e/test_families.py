@@ -35,6 +35,7 @@ from mock_partners import cadre_college as college_mock
 from mock_partners import files
 from mock_partners import training_base as tb
 from mock_partners.ce_system import Faults
+from tests.support.reference import load_base_and_plan
 from tests.support.servers import poll, uvicorn_thread
 
 YEAR = 2026
@@ -123,6 +124,7 @@ def test_training_base_push(db_url: str, engine: Engine, tmp_path: Path,
                             make_settings: Callable[..., Settings]) -> None:
     mock_url, _ = mock_ce
     partner = new_partner(engine, adapter="training_base", base_code=BASE)
+    load_base_and_plan(engine, BASE, PLAN)  # R9: a recognised base and a plan filed in time
     rows = tb.results(random.Random(11), 30, year=YEAR, prefix="QHJD", bad_every=6)
     bad_ids = {r["result_id"] for i, r in enumerate(rows) if i % 6 == 5}
     by_id = {r["result_id"]: r for r in rows}

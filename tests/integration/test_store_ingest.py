@@ -12,9 +12,12 @@ from sqlalchemy import Engine, delete, func, select, update
 
 from gateway import audit
 from gateway.accounts import Partner
-from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
+from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest, withdraw
+from gateway.pipeline.rules_tables import RulesConfig
+from gateway.reference import ReferenceCache
 from gateway.store.tables import audit_events, outbox, record_versions, records, rejections
 from mock_partners import generators as gen
+from tests.support.reference import load_base_and_plan
 
 
 def _ref(p: Partner) -> PartnerRef:
@@ -169,11 +172,13 @@ def test_audit_verify_detects_swapped_events(
 def test_partner_bound_to_a_base_cannot_report_another_base(
         engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
     p = new_partner(engine, base_code="QH-BASE-01")
+    load_base_and_plan(engine, "QH-BASE-01", "QH-PLAN-01")
     own = copy.deepcopy(sub)
-    own["activity"] = {**own["activity"], "provider_code": "QH-BASE-01"}
+    own["activity"] = {**own["activity"], "provider_code": "QH-BASE-01", "plan_id": "QH-PLAN-01"}
     foreign = copy.deepcopy(sub) | {"source_record_id": "SRC-F"}
     foreign["activity"] = {**foreign["activity"], "provider_code": "QH-BASE-99"}
-    ok, refused = ingest(engine, _ref(p), [own, foreign])
+    rules = RulesContext(ReferenceCache(engine).current(), RulesConfig())
+    ok, refused = ingest(engine, _ref(p), [own, foreign], rules=rules)
     assert ok.status == "accepted"
     assert refused.status == "rejected"
     assert [(e.code, e.field) for e in refused.errors] == [("SCOPE_VIOLATION", "activity.provider_code")]

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
-from adapters.tabular import detect_format
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
+from adapters.tabular import detect_format
 from adapters.training_base import TrainingBaseAdapter
 from contracts import SubmissionResult
 from gateway.accounts import Partner
@@ -134,6 +135,7 @@ async def native_records(adapter: str, request: Request,
         raise PayloadTooLarge(detail=f"(at most {state.settings.max_records_per_request} results)")
     items = [Item(raw=r.raw, submission=r.submission, errors=r.errors, warnings=r.warnings, row=r.row)
              for r in rows]
-    answers = await run_in_threadpool(ingest_items, state.engine, ref, items)
+    rules = await run_in_threadpool(state.rules)
+    answers = await run_in_threadpool(partial(ingest_items, rules=rules), state.engine, ref, items)
     return records_result(answers)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 from typing import Annotated, Any
 
 import orjson
@@ -57,7 +58,8 @@ async def submit_records(request: Request, signed: SignedPartner) -> SubmissionR
     state = state_of(request)
     ref = scope_partner(partner, "canonical")
     records = _records_of(body, state.settings.max_records_per_request)
-    answers = await run_in_threadpool(ingest, state.engine, ref, records)
+    rules = await run_in_threadpool(state.rules)
+    answers = await run_in_threadpool(partial(ingest, rules=rules), state.engine, ref, records)
     return records_result(answers)
 
 

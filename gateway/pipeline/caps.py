@@ -1,0 +1,80 @@
+"""The caps ledger (SPEC §4 R10): per person, CE year and capped type, across all sources.
+
+Papers, books, lectures and exam setting have yearly caps (青人社厅函〔2022〕394号 四(二)).
+Whenever a record of such a group is accepted, corrected or withdrawn, the group's hours are
+allocated again in arrival order (:func:`gateway.pipeline.credit.allocate`), so the credited
+total is always ``min(cap, sum of hours)`` — also after a withdrawal frees hours that an earlier
+record was cut short of.  Records whose share moved get a new version (forwarded like any
+correction).
+
+Concurrency: the group's ``caps_ledger`` row is locked (``SELECT … FOR UPDATE``) before its
+records are read, so two replicas crediting the same person at the same moment queue on it;
+SQLite's single writer serialises them anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import Connection, select, update
+
+from gateway.pipeline.credit import allocate
+from gateway.store.bulk import bulk_insert
+from gateway.store.tables import caps_ledger, records
+
+Group = tuple[str, int, str]  # (person_key, counts_year, cap_type)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A stored, accepted, not withdrawn record of a group."""
+
+    record_id: str
+    version: int
+    hours: Decimal
+    credited: Decimal
+
+
+def lock_group(conn: Connection, group: Group, now: datetime) -> None:
+    person_key, year, cap_type = group
+    bulk_insert(conn, caps_ledger, [{"person_key": person_key, "year": year, "cap_type": cap_type,
+                                     "credited": "0", "updated_at": now}], ignore_conflicts=True)
+    conn.execute(select(caps_ledger.c.credited).where(
+        caps_ledger.c.person_key == person_key, caps_ledger.c.year == year,
+        caps_ledger.c.cap_type == cap_type).with_for_update()).one()
+
+
+def stored_records(conn: Connection, group: Group) -> dict[str, Stored]:
+    person_key, year, cap_type = group
+    rows = conn.execute(select(records.c.record_id, records.c.current_version, records.c.hours,
+                               records.c.credited_hours)
+                        .where(records.c.person_key == person_key, records.c.counts_year == year,
+                               records.c.cap_type == cap_type, records.c.status == "accepted",
+                               records.c.withdrawn.is_(False)))
+    return {r.record_id: Stored(r.record_id, int(r.current_version), Decimal(r.hours or "0"),
+                                Decimal(r.credited_hours or "0")) for r in rows}
+
+
+def reallocate(conn: Connection, group: Group, cap: Decimal, now: datetime,
+               hours: Mapping[str, Decimal], gone: frozenset[str] = frozenset(),
+               ) -> tuple[dict[str, Decimal], dict[str, Stored]]:
+    """Allocate ``group`` again after a change; returns (credited by record, stored records).
+
+    ``hours`` overrides or adds records of this transaction (new versions not yet written);
+    ``gone`` are records leaving the group (withdrawn).  The caller re-issues every stored
+    record whose credited hours changed.
+    """
+    stored = stored_records(conn, group)
+    claims = {rid: s.hours for rid, s in stored.items() if rid not in gone}
+    claims.update({rid: h for rid, h in hours.items() if rid not in gone})
+    # Record ids are time-ordered: sorting them is arrival order (a correction keeps its place).
+    credited = allocate(sorted(claims.items()), cap)
+    person_key, year, cap_type = group
+    conn.execute(update(caps_ledger).where(
+        caps_ledger.c.person_key == person_key, caps_ledger.c.year == year,
+        caps_ledger.c.cap_type == cap_type).values(
+        credited=str(sum(credited.values(), Decimal(0))), updated_at=now))
+    return credited, stored

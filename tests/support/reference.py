@@ -1,0 +1,35 @@
+"""Reference data for tests: a recognised base with a plan filed in time (SPEC §4 R9)."""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from gateway.reference import import_csv
+
+
+def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def load_base_and_plan(engine: Engine, base_code: str, plan_id: str, year: int = 2026,
+                       hours: str = "40") -> None:
+    """Import one active provincial base and one plan filed on 1 March of ``year``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bases = _write(Path(tmp) / "bases.csv", ["code", "name", "level", "status", "assessed_on"],
+                       [[base_code, f"测试基地 {base_code}", "provincial", "active", f"{year - 1}-06-01"]])
+        plans = _write(Path(tmp) / "plans.csv",
+                       ["plan_id", "base_code", "title", "category", "hours", "starts_on", "ends_on",
+                        "filed_on"],
+                       [[plan_id, base_code, "专业技术人员能力提升研修班", "professional", hours,
+                         f"{year}-03-01", f"{year}-12-15", f"{year}-03-01"]])
+        for kind, path in (("bases", bases), ("plans", plans)):
+            result = import_csv(engine, kind, path, actor="test")
+            assert result.ok, result.as_dict()
