@@ -269,6 +269,29 @@ def reconcile(adapter: Annotated[str, typer.Argument(help="health | finance")],
     console.print(f"months never pushed: {', '.join(result['months_never_pushed']) or 'none'}")
 
 
+@app.command("compliance")
+def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's identity number")],
+                   year: Annotated[int, typer.Argument()],
+                   as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """One person's year: credited hours by category and type, what is missing, which records."""
+    from rich.table import Table
+
+    from gateway.compliance import report
+
+    with _engine(_settings()).connect() as conn:
+        result = report(conn, id_number, year)
+    if as_json:
+        print(json.dumps(result, ensure_ascii=False))
+        return
+    console.print(f"{result['person']} {year}: credited {result['credited']} "
+                  f"missing {result['missing']} ({'compliant' if result['compliant'] else 'not yet'})")
+    table = Table("record", "partner", "category", "type", "hours", "credited")
+    for r in result["records"]:
+        table.add_row(r["source_record_id"], r["partner_id"], r["category"], r["activity_type"],
+                      r["hours"], r["credited_hours"])
+    console.print(table)
+
+
 @pull_app.command("cadre-college")
 def pull_cadre_college(max_pages: int | None = None,
                        as_json: Annotated[bool, typer.Option("--json")] = False) -> None:

@@ -41,7 +41,11 @@ def hash_json(submission_json: str) -> str:
 
 def person_key(submission: CESubmission) -> str:
     person = submission.person
-    return _digest("person", person.id_type.value, person.id_number.upper())
+    return person_key_of(person.id_type.value, person.id_number)
+
+
+def person_key_of(id_type: str, id_number: str) -> str:
+    return _digest("person", id_type, id_number.strip().upper())
 
 
 def natural_key(submission: CESubmission) -> str:

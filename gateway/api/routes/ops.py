@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import select
 
-from gateway import audit, reconcile
+from gateway import audit, compliance, reconcile
 from gateway.accounts import Operator
 from gateway.api.deps import operator, state_of
 from gateway.errors import NotFound
@@ -67,6 +67,15 @@ def get_reconciliation(adapter: str, year: int, request: Request, _: Viewer) -> 
         raise NotFound(detail="(reconciliation covers the monthly/annual partners: health, finance)")
     with state_of(request).engine.connect() as conn:
         return reconcile.report(conn, adapter, year)
+
+
+@router.get("/compliance/{id_number}/{year}",
+            summary="One person's year: hours credited by category and type, and what is missing")
+def get_compliance(id_number: str, year: int, request: Request, _: Viewer) -> dict[str, Any]:
+    if "\x00" in id_number or len(id_number) > 32:
+        raise NotFound(detail="(no such person)")
+    with state_of(request).engine.connect() as conn:
+        return compliance.report(conn, id_number, year)
 
 
 @router.get("/audit", summary="Audit events of a record")

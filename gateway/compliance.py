@@ -1,0 +1,65 @@
+"""The compliance read-model (SPEC §4 R1): one person's year against 135 = 45 + 90 hours.
+
+Reads the rules' verdicts kept on each record (category, type, hours before and after caps),
+so it answers from one indexed query on ``(person_key, counts_year)``: current, accepted,
+not withdrawn records only — a duplicate or a conflict never counts twice.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from gateway.masking import mask_id
+from gateway.pipeline.credit import compliance_gap
+from gateway.pipeline.dedup import person_key_of
+from gateway.pipeline.rules_tables import REQUIREMENT
+from gateway.store.tables import records
+
+ZERO = Decimal(0)
+
+
+def report(conn: Connection, id_number: str, year: int, id_type: str = "resident_id") -> dict[str, Any]:
+    rows = conn.execute(
+        select(records.c.record_id, records.c.partner_id, records.c.adapter,
+               records.c.source_record_id, records.c.category, records.c.activity_type,
+               records.c.hours, records.c.credited_hours, records.c.cap_type,
+               records.c.completed_on)
+        .where(records.c.person_key == person_key_of(id_type, id_number),
+               records.c.counts_year == year, records.c.status == "accepted",
+               records.c.withdrawn.is_(False))
+        .order_by(records.c.completed_on, records.c.record_id)).all()
+    credited: dict[str, Decimal] = defaultdict(Decimal)
+    claimed: dict[str, Decimal] = defaultdict(Decimal)
+    by_type: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+    by_partner: dict[str, Decimal] = defaultdict(Decimal)
+    items = []
+    for r in rows:
+        hours, got = Decimal(r.hours or "0"), Decimal(r.credited_hours or "0")
+        credited[r.category] += got
+        claimed[r.category] += hours
+        by_type[r.activity_type]["claimed"] += hours
+        by_type[r.activity_type]["credited"] += got
+        by_partner[r.partner_id] += got
+        items.append({"record_id": r.record_id, "partner_id": r.partner_id, "adapter": r.adapter,
+                      "source_record_id": r.source_record_id, "category": r.category,
+                      "activity_type": r.activity_type, "completed_on": r.completed_on.isoformat()
+                      if r.completed_on else None, "hours": str(hours), "credited_hours": str(got),
+                      "capped": got < hours})
+    missing = compliance_gap(credited)
+    total = credited["public"] + credited["professional"]
+    return {
+        "person": mask_id(id_number.strip().upper()), "year": year,
+        "requirement": dict(REQUIREMENT),
+        "credited": {"total": str(total), "public": str(credited["public"]),
+                     "professional": str(credited["professional"])},
+        "claimed": {"public": str(claimed["public"]), "professional": str(claimed["professional"])},
+        "by_type": {t: {k: str(v) for k, v in d.items()} for t, d in sorted(by_type.items())},
+        "by_partner": {p: str(v) for p, v in sorted(by_partner.items())},
+        "missing": {k: str(v) for k, v in missing.items()},
+        "compliant": all(v == ZERO for v in missing.values()),
+        "records": items,
+    }
