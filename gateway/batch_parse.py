@@ -97,18 +97,27 @@ def _reference_cache(database_url: str) -> ReferenceCache:
     return ReferenceCache(make_engine(database_url))
 
 
-def rules_for(job: ParseJob) -> RulesContext:
-    config = RulesConfig(year_close=job.year_close, timezone=job.timezone,
-                         health_hours_per_credit=job.health_hours_per_credit,
-                         finance_hours_per_credit=job.finance_hours_per_credit)
-    return RulesContext(_reference_cache(job.database_url).current(), config)
+def rules_config(job: ParseJob) -> RulesConfig:
+    return RulesConfig(year_close=job.year_close, timezone=job.timezone,
+                       health_hours_per_credit=job.health_hours_per_credit,
+                       finance_hours_per_credit=job.finance_hours_per_credit)
 
 
-def parse_rows(job: ParseJob, rows: list[Row]) -> list[Shipped]:
-    """Parse and judge rows (the worker's entry point; also used in-process)."""
+def rules_for(job: ParseJob, cache: ReferenceCache | None = None) -> RulesContext:
+    """The rules for a batch.
+
+    A worker process reads the reference through its own engine (kept for the process's
+    life); in-process callers pass their own engine's cache.
+    """
+    cache = cache or _reference_cache(job.database_url)
+    return RulesContext(cache.current(), rules_config(job))
+
+
+def parse_rows(job: ParseJob, rows: list[Row], rules: RulesContext | None = None) -> list[Shipped]:
+    """Parse and judge rows (the worker's entry point; also used in-process with ``rules``)."""
     adapter = make_adapter(job)
     partner = PartnerRef(job.partner_id, job.adapter, job.base_code)
-    rules = rules_for(job)
+    rules = rules or rules_for(job)
     shipped: list[Shipped] = []
     for row_no, cells in rows:
         for parsed in adapter.parse((row_no, cells)):
@@ -135,8 +144,8 @@ def to_item(shipped: Shipped) -> tuple[Item, Decimal]:
 class RowParser:
     """Turns a stream of rows into chunks of ingest items, with or without workers."""
 
-    def __init__(self, job: ParseJob, workers: int) -> None:
-        self.job, self.workers = job, workers
+    def __init__(self, job: ParseJob, workers: int, rules: RulesContext) -> None:
+        self.job, self.workers, self.rules = job, workers, rules
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> RowParser:
@@ -154,7 +163,7 @@ class RowParser:
         source = iter(rows)
         if self._pool is None:
             while batch := list(islice(source, size)):
-                yield [to_item(s) for s in parse_rows(self.job, batch)]
+                yield [to_item(s) for s in parse_rows(self.job, batch, self.rules)]
             return
         in_flight: deque[Future[list[Shipped]]] = deque()
         while True:

@@ -21,7 +21,7 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,8 +32,11 @@ from typing import Any
 from sqlalchemy import Connection, Engine, insert, or_, select, update
 
 from adapters.base import Adapter, ParsedRow
+from adapters.finance import COLUMNS_OF as FINANCE_COLUMNS
+from adapters.health import COLUMNS_OF as HEALTH_COLUMNS
 from adapters.registry import BATCH_ADAPTERS
 from adapters.tabular import iter_rows
+from adapters.training_base import NATIVE_FIELD as ROSTER_COLUMNS
 from contracts import RecordAnswer
 from gateway import audit
 from gateway.batch_parse import ParseJob, RowParser, make_adapter, rules_for
@@ -41,9 +44,14 @@ from gateway.config import Settings
 from gateway.delivery.worker import worker_id
 from gateway.errors import PayloadRejected
 from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items
+from gateway.reference import ReferenceCache
 from gateway.store.tables import batch_errors, batches, partners
 
 log = logging.getLogger(__name__)
+# Canonical field → the file's column, per adapter: the rules (and scope checks) name canonical
+# fields, but a partner reading ``rejected_rows`` looks for its own headers (SPEC §8).
+NATIVE_COLUMNS: dict[str, Mapping[str, str]] = {
+    "health": HEALTH_COLUMNS, "finance": FINANCE_COLUMNS, "training_base": ROSTER_COLUMNS}
 PERIOD = {"monthly": re.compile(r"^\d{4}-(0[1-9]|1[0-2])$"), "annual": re.compile(r"^\d{4}$"),
           "roster": re.compile(r"^\d{4}(-(0[1-9]|1[0-2]))?$")}
 
@@ -55,6 +63,12 @@ def check_batch_request(adapter: str, kind: str, period: str) -> None:
     if not PERIOD[kind].match(period or ""):
         raise PayloadRejected("SCHEMA", field="period",
                               detail="(monthly: YYYY-MM; annual: YYYY; roster: YYYY or YYYY-MM)")
+
+
+def native_column(adapter: str, field: str | None) -> str | None:
+    if not field:
+        return None
+    return NATIVE_COLUMNS.get(adapter, {}).get(field, field)[:64]
 
 
 def parse_control_totals(row_count: str | None, credits: str | None) -> tuple[int | None, str | None]:
@@ -139,6 +153,7 @@ class BatchProcessor:
         self.name = name or worker_id()
         self.progress = progress  # called with the last committed row number
         self._rules: RulesContext | None = None
+        self._references = ReferenceCache(engine)
         self._stop = threading.Event()
 
     def claim(self) -> dict[str, Any] | None:
@@ -208,8 +223,8 @@ class BatchProcessor:
                 if n > done_through)  # rows up to the checkpoint were committed before a crash
         # Rows come judged (prepared) from the parser; the context is only used for any the
         # parser left unprepared, and for its configuration (caps).
-        self._rules = rules_for(job)
-        with RowParser(job, self._workers(batch)) as parser:
+        self._rules = rules_for(job, self._references)
+        with RowParser(job, self._workers(batch), self._rules) as parser:
             for chunk in parser.chunks(rows, self.settings.batch_chunk_rows):
                 with paused_gc():
                     self._ingest_chunk(batch_id, partner, chunk)
@@ -230,7 +245,8 @@ class BatchProcessor:
                 counts[answer.status.value] += 1
                 for e in answer.errors if answer.status.value in ("rejected", "conflict") else []:
                     errors.append({"batch_id": batch_id, "row_no": item.row or 0,
-                                   "column_name": (e.field or "")[:64] or None, "code": e.code,
+                                   "column_name": native_column(partner.adapter, e.field),
+                                   "code": e.code,
                                    "message": e.message, "message_zh": e.message_zh or ""})
             current = conn.execute(select(batches.c.credits_total)
                                    .where(batches.c.batch_id == batch_id)).scalar_one()
