@@ -49,7 +49,8 @@ class Background:
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=False)
+            # Let a running job (a pull, a sync) finish its transaction before the engine goes.
+            self.scheduler.shutdown(wait=True)
         for part in (self.worker, self.batches):
             if part is not None:
                 part.stop()
