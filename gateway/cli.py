@@ -359,5 +359,68 @@ def demo(records: int = 300, keep: bool = False) -> None:
     raise typer.Exit(run_demo(console, n_records=records, keep=keep))
 
 
+@app.command()
+def revalidate(
+    partner_id: Annotated[str | None, typer.Option(help="only this partner's rejections")] = None,
+    adapter: Annotated[str | None, typer.Option(help="canonical | training_base | health | finance | cadre_college")] = None,
+    error_code: Annotated[str | None, typer.Option(help="only rejections with this code, e.g. BASE_NOT_RECOGNIZED")] = None,
+    batch_id: Annotated[str | None, typer.Option(help="only rows of this batch")] = None,
+    since: Annotated[str | None, typer.Option(help="received at or after (ISO 8601; no offset: CE_GATEWAY_TIMEZONE)")] = None,
+    until: Annotated[str | None, typer.Option(help="received before (ISO 8601)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="count only; change nothing")] = False,
+    reason: Annotated[str | None, typer.Option(help="why (required unless --dry-run; kept in the audit trail)")] = None,
+    actor: Annotated[str, typer.Option(help="who is acting (kept in the audit trail)")] = "cli",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Re-run validation for rejected records after reference data was fixed (progress bar)."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from gateway.pipeline.ingest import RulesContext
+    from gateway.pipeline.rules_tables import RulesConfig
+    from gateway.reference import ReferenceCache
+    from gateway.revalidate import RevalidationFilter, RevalidationRefused
+    from gateway.revalidate import revalidate as run_revalidation
+
+    def aware(value: str | None, name: str) -> datetime | None:
+        """An ISO 8601 time or date; without an offset it is in the configured timezone."""
+        if value is None:
+            return None
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError as exc:
+            err.print(f"[red]--{name}: not an ISO 8601 time: {value!r}[/red]")
+            raise typer.Exit(2) from exc
+        return when if when.tzinfo is not None else when.replace(tzinfo=ZoneInfo(settings.timezone))
+
+    settings = _settings()
+    _setup_logging(settings)
+    if not dry_run and not (reason and reason.strip()):
+        err.print("[red]--reason is required unless --dry-run[/red]")
+        raise typer.Exit(2)
+    try:
+        flt = RevalidationFilter(partner_id, adapter, error_code, batch_id,
+                                 aware(since, "since"), aware(until, "until"))
+    except RevalidationRefused as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    engine = _engine(settings)
+    rules = RulesContext(ReferenceCache(engine).current(), RulesConfig.from_settings(settings))
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=err, disable=as_json) as bar:
+        task = bar.add_task("revalidating" if not dry_run else "counting", total=None)
+        result = run_revalidation(engine, flt, actor=actor, reason=reason, dry_run=dry_run,
+                                  rules=rules,
+                                  progress=lambda done, matched: bar.update(task, completed=done,
+                                                                            total=matched))
+    out = result.as_dict()
+    if as_json:
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        console.print_json(data=out)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -108,7 +108,13 @@ class TrainingBaseAdapter(Adapter):
             yield ParsedRow(row=0, raw=raw, errors=[_schema("results", "expected at least one result")])
             return
         for index, result in enumerate(results):
-            yield result_to_row(index, raw.get("base_code"), raw.get("plan_id"), result)
+            parsed = result_to_row(index, raw.get("base_code"), raw.get("plan_id"), result)
+            if isinstance(result, dict):
+                # Kept if rejected: with its document's base and plan, the result alone can be
+                # judged again once the directory knows the base (gateway.revalidate).
+                parsed.raw = {**result, "base_code": raw.get("base_code"),
+                              "plan_id": raw.get("plan_id")}
+            yield parsed
 
 
 class TrainingBaseRosterAdapter(Adapter):

@@ -19,7 +19,7 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts.errors import message
-from gateway.api.routes import batches, ops, partner
+from gateway.api.routes import batches, ops, partner, revalidate
 from gateway.config import Settings
 from gateway.errors import PayloadRejected
 from gateway.masking import install_log_masking, mask_text
@@ -88,6 +88,7 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
     app.include_router(partner.router)
     app.include_router(batches.router)
     app.include_router(ops.router)
+    app.include_router(revalidate.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
