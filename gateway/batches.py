@@ -72,13 +72,24 @@ def native_column(adapter: str, field: str | None) -> str | None:
 
 
 def parse_control_totals(row_count: str | None, credits: str | None) -> tuple[int | None, str | None]:
+    """The optional control totals; a bad one is refused naming its own header."""
+    rows: int | None = None
+    total: Decimal | None = None
     try:
         rows = int(row_count) if row_count not in (None, "") else None
-        total = str(Decimal(credits)) if credits not in (None, "") else None
-    except (ValueError, InvalidOperation) as exc:
+    except ValueError:
+        pass
+    if row_count not in (None, "") and (rows is None or rows < 0):
         raise PayloadRejected("SCHEMA", field="X-CE-Row-Count",
-                              detail="(control totals must be numbers)") from exc
-    return rows, total
+                              detail="(the number of data rows, a whole number)")
+    try:
+        total = Decimal(credits) if credits not in (None, "") else None
+    except InvalidOperation:
+        pass
+    if credits not in (None, "") and (total is None or not total.is_finite() or total < 0):
+        raise PayloadRejected("SCHEMA", field="X-CE-Total-Credits",
+                              detail="(the sum of the credits column, a number)")
+    return rows, None if total is None else str(total)
 
 
 @dataclass(frozen=True)

@@ -149,10 +149,6 @@ def test_the_cap_holds_across_partners(engine: Engine,
     assert [w.code for w in two.warnings] == ["CAP_APPLIED"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ingest._Chunk._apply_caps re-allocates only the group of the new version: a record "
-    "corrected out of its cap group (another activity type, person or year) leaves its old "
-    "group without re-allocation, so the next paper keeps its cut"))
 def test_a_paper_corrected_into_a_training_frees_its_hours(
         engine: Engine, new_partner: Callable[..., Partner]) -> None:
     p = _ref(new_partner(engine))
@@ -254,3 +250,13 @@ def test_any_sequence_keeps_the_paper_cap(sqlite_url: str) -> None:
             suppress_health_check=[HealthCheck.too_slow]))
     finally:
         engine.dispose()
+
+
+def test_papers_of_one_request_are_capped_in_input_order(
+        engine: Engine, new_partner: Callable[..., Partner]) -> None:
+    """First come, first served holds inside one chunk too (record ids increase strictly)."""
+    p = _ref(new_partner(engine))
+    person = make_person(random.Random(23))
+    answers = ingest(engine, p, [paper(f"ORD-{n}", person, n) for n in (1, 2, 3)], now=NOW)
+    assert [_credited(engine, a.record_id)[1] for a in answers] == [10, 10, 0]
+    assert [w.code for w in answers[2].warnings] == ["CAP_APPLIED"]
