@@ -20,6 +20,12 @@ from gateway.pipeline.rules_tables import REQUIREMENT
 from gateway.store.tables import records
 
 ZERO = Decimal(0)
+ONE_PLACE = Decimal("0.1")
+
+
+def _h(value: Decimal) -> str:
+    """Hours as the contract writes them: one decimal place."""
+    return str(value.quantize(ONE_PLACE))
 
 
 def report(conn: Connection, id_number: str, year: int, id_type: str = "resident_id") -> dict[str, Any]:
@@ -54,12 +60,12 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
     return {
         "person": mask_id(id_number.strip().upper()), "year": year,
         "requirement": dict(REQUIREMENT),
-        "credited": {"total": str(total), "public": str(credited["public"]),
-                     "professional": str(credited["professional"])},
-        "claimed": {"public": str(claimed["public"]), "professional": str(claimed["professional"])},
-        "by_type": {t: {k: str(v) for k, v in d.items()} for t, d in sorted(by_type.items())},
-        "by_partner": {p: str(v) for p, v in sorted(by_partner.items())},
-        "missing": {k: str(v) for k, v in missing.items()},
+        "credited": {"total": _h(total), "public": _h(credited["public"]),
+                     "professional": _h(credited["professional"])},
+        "claimed": {"public": _h(claimed["public"]), "professional": _h(claimed["professional"])},
+        "by_type": {t: {k: _h(v) for k, v in d.items()} for t, d in sorted(by_type.items())},
+        "by_partner": {p: _h(v) for p, v in sorted(by_partner.items())},
+        "missing": {k: _h(v) for k, v in missing.items()},
         "compliant": all(v == ZERO for v in missing.values()),
         "records": items,
     }
