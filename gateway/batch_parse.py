@@ -12,6 +12,9 @@ per worker are in flight, so memory stays flat whatever the file's size.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -141,6 +144,17 @@ def to_item(shipped: Shipped) -> tuple[Item, Decimal]:
     return item, Decimal(credits) if credits is not None else Decimal(0)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A parse worker ends when its gateway does, even after a SIGKILL (no orphans)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 class RowParser:
     """Turns a stream of rows into chunks of ingest items, with or without workers."""
 
@@ -152,7 +166,9 @@ class RowParser:
         if self.workers > 0:
             # spawn, not fork: the parent runs threads (server, worker, scheduler).
             self._pool = ProcessPoolExecutor(self.workers,
-                                             mp_context=multiprocessing.get_context("spawn"))
+                                             mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_exit_with_parent,
+                                             initargs=(os.getpid(),))
         return self
 
     def __exit__(self, *_: object) -> None:
