@@ -60,6 +60,8 @@ class ParseJob:
     received_at: datetime  # when the batch was accepted: the rules' "arrival" (R11)
     year_close: str = "12-30"
     timezone: str = "Asia/Shanghai"
+    plan_filing_deadline: str = "07-31"
+    title_applicant_deadline: str = "11-30"
 
     @property
     def completion_column(self) -> str:
@@ -102,6 +104,8 @@ def _reference_cache(database_url: str) -> ReferenceCache:
 
 def rules_config(job: ParseJob) -> RulesConfig:
     return RulesConfig(year_close=job.year_close, timezone=job.timezone,
+                       plan_filing_deadline=job.plan_filing_deadline,
+                       title_applicant_deadline=job.title_applicant_deadline,
                        health_hours_per_credit=job.health_hours_per_credit,
                        finance_hours_per_credit=job.finance_hours_per_credit)
 

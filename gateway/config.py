@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     circuit_failure_threshold: int = 5
     circuit_reset_seconds: float = 30.0
     year_close: str = "12-30"
+    plan_filing_deadline: str = "07-31"  # R9: plans filed (备案) by this day of the year
+    title_applicant_deadline: str = "11-30"  # R12: title applicants finish by this day
     timezone: str = "Asia/Shanghai"
     pull_interval_seconds: int = 300
     reference_sync_interval_seconds: int = 3600  # 0 turns the scheduled sync off

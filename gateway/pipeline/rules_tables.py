@@ -228,6 +228,8 @@ class RulesConfig:
     def from_settings(cls, settings: Settings) -> RulesConfig:
         """The deployment's values (``CE_GATEWAY_YEAR_CLOSE`` …); the rest stay the notice's."""
         return cls(year_close=settings.year_close, timezone=settings.timezone,
+                   plan_filing_deadline=settings.plan_filing_deadline,
+                   title_applicant_deadline=settings.title_applicant_deadline,
                    health_hours_per_credit=settings.health_hours_per_credit,
                    finance_hours_per_credit=settings.finance_hours_per_credit)
 

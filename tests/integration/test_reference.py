@@ -427,8 +427,9 @@ def test_person_keys_join_with_the_records_digest() -> None:
 def test_the_sync_job_is_registered(db_url: str, engine: Engine,
                                     make_settings: Callable[..., Settings]) -> None:
     assert JOBS[REFERENCE_SYNC_JOB.name] is REFERENCE_SYNC_JOB
-    settings = make_settings(db_url)
+    settings = make_settings(db_url, reference_sync_interval_seconds=3600)
     assert REFERENCE_SYNC_JOB.interval_seconds(settings) == 3600
+    assert REFERENCE_SYNC_JOB.interval_seconds(make_settings(db_url)) == 0  # tests' default: off
     scheduler = build_scheduler(engine, settings)
     job = scheduler.get_job("reference:sync")
     assert job is not None and job.args == (engine, settings, REFERENCE_SYNC_JOB)

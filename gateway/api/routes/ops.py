@@ -52,6 +52,8 @@ def get_record(record_id: str, request: Request, _: Viewer) -> dict[str, Any]:
         "record": current,
         "status": delivery_status(rec["status"], deliveries, int(rec["current_version"])),
         "duplicate_of": rec["duplicate_of"],
+        "review_authority": rec["review_authority"],
+        "reference_version": rec["reference_version"],  # the reference data that judged it
         "versions": [{"version": v["version"], "created_at": v["created_at"].isoformat()}
                      for v in versions],
         "deliveries": [{**d, "delivered_at": d["delivered_at"].isoformat() if d["delivered_at"] else None}
