@@ -10,6 +10,9 @@ GatewayError
 ├── DeliveryError            raised inside delivery/, never past it
 │   ├── RetriableDeliveryError   try again (in-call, then on the schedule)
 │   └── PermanentDeliveryError   the request can never succeed as sent
+├── UpstreamError            a pull or reference sync could not read its source
+│   ├── RetriableUpstreamError   try again (tenacity, Retry-After honoured)
+│   └── PermanentUpstreamError   the source refused the request as made
 └── ConfigError              the deployment is wrong; fail fast at start
 """
 
@@ -80,6 +83,25 @@ class PermanentDeliveryError(DeliveryError):
     def __init__(self, reason: str, status_code: int | None = None) -> None:
         super().__init__(reason)
         self.reason, self.status_code = reason, status_code
+
+
+class UpstreamError(GatewayError):
+    """Reading a partner's or the management system's API failed (pulls, reference sync)."""
+
+    def __init__(self, reason: str, status_code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.status_code = reason, status_code
+
+
+class RetriableUpstreamError(UpstreamError):
+    def __init__(self, reason: str, status_code: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(reason, status_code)
+        self.retry_after = retry_after
+
+
+class PermanentUpstreamError(UpstreamError):
+    pass
 
 
 class ConfigError(GatewayError):

@@ -43,7 +43,11 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_ran
 from gateway import audit
 from gateway.config import Settings
 from gateway.delivery.policy import retry_after_seconds
-from gateway.errors import GatewayError
+from gateway.errors import (
+    PermanentUpstreamError,
+    RetriableUpstreamError,
+    UpstreamError,
+)
 from gateway.masking import mask_text
 from gateway.pipeline.rules_tables import BaseInfo, DeferralInfo, PlanInfo
 from gateway.reference_store import (
@@ -247,21 +251,10 @@ def import_csv(engine: Engine, kind: str | ReferenceKind, path: str | Path,
 
 # -- sync from the management system --------------------------------------------------------
 
-class FetchError(GatewayError):
-    def __init__(self, reason: str, status_code: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason, self.status_code = reason, status_code
-
-
-class RetriableFetchError(FetchError):
-    def __init__(self, reason: str, status_code: int | None = None,
-                 retry_after: float | None = None) -> None:
-        super().__init__(reason, status_code)
-        self.retry_after = retry_after
-
-
-class PermanentFetchError(FetchError):
-    pass
+# This module's names for the shared upstream errors (gateway.errors).
+FetchError = UpstreamError
+RetriableFetchError = RetriableUpstreamError
+PermanentFetchError = PermanentUpstreamError
 
 
 # Status → retry?  A table (other 5xx retry, other 4xx stop: a wrong URL needs ops).

@@ -50,7 +50,11 @@ from adapters.cadre_college import CadreCollegeAdapter
 from contracts import RecordAnswer
 from gateway.config import Settings
 from gateway.delivery.policy import retry_after_seconds
-from gateway.errors import GatewayError
+from gateway.errors import (
+    PermanentUpstreamError,
+    RetriableUpstreamError,
+    UpstreamError,
+)
 from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
@@ -68,21 +72,10 @@ PARTNER = PartnerRef("cadre-college", "cadre_college")
 COMPLETIONS_PATH = "/api/completions"
 
 
-class PullError(GatewayError):
-    def __init__(self, reason: str, status_code: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason, self.status_code = reason, status_code
-
-
-class RetriablePullError(PullError):
-    def __init__(self, reason: str, status_code: int | None = None,
-                 retry_after: float | None = None) -> None:
-        super().__init__(reason, status_code)
-        self.retry_after = retry_after
-
-
-class PermanentPullError(PullError):
-    pass
+# This module's names for the shared upstream errors (gateway.errors).
+PullError = UpstreamError
+RetriablePullError = RetriableUpstreamError
+PermanentPullError = PermanentUpstreamError
 
 
 class CursorMoved(PullError):
