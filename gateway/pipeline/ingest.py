@@ -41,7 +41,7 @@ from contracts.records import Hours
 from gateway import audit
 from gateway.masking import mask_id
 from gateway.pipeline import caps, dedup
-from gateway.pipeline.credit import cap_note
+from gateway.pipeline.credit import cap_note, day_totals, overlapping
 from gateway.pipeline.rules import judge
 from gateway.pipeline.rules_tables import EmptyReference, Reference, RulesConfig
 from gateway.pipeline.validate import validate_submission
@@ -98,6 +98,9 @@ class Prepared:
     cap_type: str | None
     review_authority: str
     reference_version: str
+    mode: str
+    started_on: date | None
+    time_hours: Decimal | None  # claimed time (hours units), for R14's day totals
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,9 @@ def prepare(item: Item, partner: PartnerRef, now: datetime, rules: RulesContext)
         warnings=tuple(n.model_dump(mode="json") for n in item.warnings),
         category=sub.category.value, activity_type=sub.activity_type.value,
         counts_year=verdict.counts_toward_year, cap_type=verdict.cap_type,
-        review_authority=verdict.review_authority, reference_version=verdict.reference_version)
+        review_authority=verdict.review_authority, reference_version=verdict.reference_version,
+        mode=sub.activity.mode.value, started_on=sub.activity.started_on,
+        time_hours=sub.claimed.quantity if sub.claimed.unit.value == "hours" else None)
 
 
 class _KeyRaceLost(Exception):
@@ -272,7 +277,8 @@ def _claim_of(sub: CESubmission) -> tuple[str, str]:
 
 
 RULES_COLUMNS = ("category", "activity_type", "counts_year", "hours", "credited_hours",
-                 "cap_type", "review_authority", "reference_version")
+                 "cap_type", "review_authority", "reference_version", "mode", "started_on",
+                 "time_hours")
 
 
 def _rules_columns(sub: Prepared) -> dict[str, Any]:
@@ -280,7 +286,9 @@ def _rules_columns(sub: Prepared) -> dict[str, Any]:
     return {"category": sub.category, "activity_type": sub.activity_type,
             "counts_year": sub.counts_year, "hours": str(sub.hours),
             "credited_hours": str(sub.hours), "cap_type": sub.cap_type,
-            "review_authority": sub.review_authority, "reference_version": sub.reference_version}
+            "review_authority": sub.review_authority, "reference_version": sub.reference_version,
+            "mode": sub.mode, "started_on": sub.started_on,
+            "time_hours": None if sub.time_hours is None else str(sub.time_hours)}
 
 
 @dataclass
@@ -296,6 +304,7 @@ class _Pending:
     answer: RecordAnswer
     credited: Decimal
     cap: tuple[Note, Note] | None = None  # the CAP_APPLIED warning and rule note
+    flags: list[Note] = field(default_factory=list)  # R14 warnings found across records
 
 
 class _Chunk:
@@ -366,6 +375,7 @@ class _Chunk:
         self._load(items)
         answers = [self._decide(index, item) for index, item in enumerate(items)]
         self._apply_caps()
+        self._flag_integrity()
         for p in self.pending:
             self._store_version(p.record_id, p.version, self._build(p), p.content_hash, p.queue)
         self._write()
@@ -397,6 +407,53 @@ class _Chunk:
             for rid, old in stored.items():
                 if rid not in mine and rid not in gone and credited[rid] != old.credited:
                     self._recredit(old, credited[rid], cap, group[2])
+
+    # -- integrity across records (R14) ------------------------------------------------------
+    def _flag_integrity(self) -> None:
+        """R14 across records: flag, never drop (青人社厅函〔2022〕394号 六(一) 诚信学习).
+
+        Offline trainings of one person that overlap, and days on which the person's records
+        together claim more time than one day holds, are flagged on the records of this chunk.
+        """
+        mine = {p.record_id: p for p in self.pending if p.queue}
+        persons = sorted({p.sub.person_key for p in mine.values()})
+        if not persons:
+            return
+        spans: dict[tuple[str, int], dict[str, tuple[str, date | None, date, Decimal | None]]] = {}
+        for part in _chunks(persons):
+            for r in self.conn.execute(
+                    select(records.c.record_id, records.c.person_key, records.c.counts_year,
+                           records.c.mode, records.c.started_on, records.c.completed_on,
+                           records.c.time_hours)
+                    .where(records.c.person_key.in_(part), records.c.status == "accepted",
+                           records.c.withdrawn.is_(False), records.c.completed_on.is_not(None))):
+                spans.setdefault((r.person_key, int(r.counts_year or 0)), {})[r.record_id] = (
+                    r.mode or "", r.started_on, r.completed_on,
+                    Decimal(r.time_hours) if r.time_hours else None)
+        for rid, p in mine.items():
+            spans.setdefault((p.sub.person_key, p.sub.counts_year), {})[rid] = (
+                p.sub.mode, p.sub.started_on, p.sub.completed_on, p.sub.time_hours)
+        limit = self.config.integrity_day_limit_hours
+        for entries in spans.values():
+            if len(entries) < 2 or not mine.keys() & entries.keys():
+                continue
+            offline = overlapping((rid, start or end, end) for rid, (mode, start, end, _) in
+                                  entries.items() if mode == "offline")
+            days = day_totals((start, end, hours) for _, start, end, hours in entries.values()
+                              if hours is not None)
+            heavy = {day for day, total in days.items() if total > limit}
+            for rid in mine.keys() & entries.keys():
+                p, (_, start, end, _) = mine[rid], entries[rid]
+                codes = {w["code"] for w in p.sub.warnings}
+                if rid in offline and "INTEGRITY_OVERLAP" not in codes:
+                    p.flags.append(error_note("INTEGRITY_OVERLAP", "activity",
+                                              "(overlaps another offline training of this person)"))
+                first = start or end
+                if "INTEGRITY_DAY_OVER_24H" not in codes and any(
+                        first <= day <= end for day in heavy):
+                    p.flags.append(error_note("INTEGRITY_DAY_OVER_24H", "claimed.quantity",
+                                              f"(with this person's other records, over {limit} h a day)"))
+                p.answer.warnings.extend(p.flags)
 
     def _recredit(self, old: caps.Stored, credited: Decimal, cap: Decimal, cap_type: str) -> None:
         """Re-issue a stored record whose share of a cap moved (another record came or went)."""
@@ -483,7 +540,7 @@ class _Chunk:
             "credited_hours": str(p.credited),
             "rule_notes": sub.rule_notes + cap_rule,
             "review_authority": sub.review_authority,
-            "warnings": sub.warnings + cap_warning,
+            "warnings": sub.warnings + cap_warning + tuple(n.model_dump(mode="json") for n in p.flags),
         }
         return orjson.dumps(record).decode()
 

@@ -123,6 +123,10 @@ records = Table(
     Column("cap_type", String(16)),
     Column("review_authority", String(32)),
     Column("reference_version", String(32)),
+    # R14 across records: offline spans and time claimed, to flag overlaps and > 24 h a day.
+    Column("mode", String(8)),
+    Column("started_on", Date),
+    Column("time_hours", String(16)),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     UniqueConstraint("partner_id", "source_record_id"),

@@ -182,3 +182,34 @@ def test_partner_bound_to_a_base_cannot_report_another_base(
     assert ok.status == "accepted"
     assert refused.status == "rejected"
     assert [(e.code, e.field) for e in refused.errors] == [("SCOPE_VIOLATION", "activity.provider_code")]
+
+
+def _training(sub: dict[str, Any], source_id: str, start: str, end: str, hours: str,
+              title: str) -> dict[str, Any]:
+    out = copy.deepcopy(sub) | {"source_record_id": source_id}
+    out["activity"] = {**out["activity"], "title": title, "mode": "offline",
+                       "started_on": start, "completed_on": end}
+    out["claimed"] = {**out["claimed"], "quantity": hours}
+    return out
+
+
+def test_overlapping_offline_trainings_and_over_24_hours_a_day_are_flagged_not_dropped(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    """R14 across records, with requests from two different partners."""
+    a, b = new_partner(engine), new_partner(engine)
+    [first] = ingest(engine, _ref(a), [_training(sub, "T-1", "2026-05-10", "2026-05-12", "24",
+                                                 "高原生态修复技术研修班")])
+    assert first.status == "accepted" and first.warnings == []
+    overlap, apart = ingest(engine, _ref(b), [
+        _training(sub, "T-2", "2026-05-12", "2026-05-13", "16", "数字政府建设实务"),
+        _training(sub, "T-3", "2026-06-01", "2026-06-01", "8", "会计准则专题")])
+    assert overlap.status == "accepted"  # flagged, never dropped
+    assert {w.code for w in overlap.warnings} == {"INTEGRITY_OVERLAP"}
+    assert apart.warnings == []
+    [heavy] = ingest(engine, _ref(b), [
+        _training(sub, "T-4", "2026-06-01", "2026-06-01", "20", "三江源生态保护专题")])
+    assert "INTEGRITY_DAY_OVER_24H" in {w.code for w in heavy.warnings}  # 8 h + 20 h on 1 June
+    with engine.connect() as conn:
+        payload = conn.execute(select(record_versions.c.payload).where(
+            record_versions.c.record_id == overlap.record_id)).scalar_one()
+    assert "INTEGRITY_OVERLAP" in payload
