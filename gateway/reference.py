@@ -38,9 +38,9 @@ from typing import Any
 import httpx
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import InterfaceError, OperationalError
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
+from tenacity import Retrying
 
-from gateway import audit
+from gateway import audit, upstream
 from gateway.config import Settings
 from gateway.delivery.policy import retry_after_seconds
 from gateway.errors import (
@@ -319,25 +319,7 @@ def fetch_page(client: httpx.Client, url: str, since: str | None,
 
 
 def _retrying(settings: Settings) -> Retrying:
-    cap = settings.pull_retry_max_wait_seconds
-    jitter = wait_random_exponential(multiplier=0.2, max=cap)
-
-    def failure(state: RetryCallState) -> BaseException | None:
-        return state.outcome.exception() if state.outcome is not None else None
-
-    def wait(state: RetryCallState) -> float:
-        exc = failure(state)
-        if isinstance(exc, RetriableFetchError) and exc.retry_after is not None:
-            return exc.retry_after
-        return float(jitter(state))
-
-    def stop(state: RetryCallState) -> bool:
-        exc = failure(state)  # a Retry-After beyond the cap ends the run rather than waiting
-        too_long = isinstance(exc, RetriableFetchError) and (exc.retry_after or 0) > cap
-        return too_long or state.attempt_number >= settings.pull_retries
-
-    return Retrying(retry=retry_if_exception_type(RetriableFetchError), stop=stop, wait=wait,
-                    reraise=True)
+    return upstream.retrying(settings, log, "reference page")
 
 
 def _timestamp(value: object) -> datetime | None:

@@ -39,15 +39,10 @@ from typing import Any
 
 import httpx
 from sqlalchemy import Connection, Engine, select, update
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    wait_random_exponential,
-)
 
 from adapters.cadre_college import CadreCollegeAdapter
 from contracts import RecordAnswer
+from gateway import upstream
 from gateway.config import Settings
 from gateway.delivery.policy import retry_after_seconds
 from gateway.errors import (
@@ -228,32 +223,7 @@ def fetch_page(client: httpx.Client, url: str, cursor: str | None, limit: int) -
 
 def _fetch_with_retries(client: httpx.Client, settings: Settings, url: str,
                         cursor: str | None) -> Page:
-    cap = settings.pull_retry_max_wait_seconds
-    jitter = wait_random_exponential(multiplier=0.2, max=cap)
-
-    def failure(state: RetryCallState) -> BaseException | None:
-        return state.outcome.exception() if state.outcome is not None else None
-
-    def wait(state: RetryCallState) -> float:
-        exc = failure(state)
-        if isinstance(exc, RetriablePullError) and exc.retry_after is not None:
-            return exc.retry_after
-        return float(jitter(state))
-
-    def stop(state: RetryCallState) -> bool:
-        # A Retry-After beyond the cap is honoured by ending the run, not by waiting less.
-        exc = failure(state)
-        too_long = (isinstance(exc, RetriablePullError) and exc.retry_after is not None
-                    and exc.retry_after > cap)
-        return too_long or state.attempt_number >= settings.pull_retries
-
-    def before_sleep(state: RetryCallState) -> None:
-        log.warning("cadre college page failed (attempt %d): %s; retrying",
-                    state.attempt_number, failure(state))
-
-    retrying = Retrying(retry=retry_if_exception_type(RetriablePullError),
-                        stop=stop,
-                        wait=wait, before_sleep=before_sleep, reraise=True)
+    retrying = upstream.retrying(settings, log, "cadre college page")
     return retrying(fetch_page, client, url, cursor, settings.pull_page_size)
 
 
