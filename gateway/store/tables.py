@@ -143,6 +143,9 @@ record_versions = Table(
     Column("payload", Text, nullable=False),  # the CERecord as JSON
     Column("batch_id", String(40)),  # the batch whose row made this version
     Column("created_at", UTCDateTime, nullable=False),
+    # Retention (issue 5): a delivered version's payload is replaced by a stub after
+    # RETENTION_PAYLOAD_DAYS; its hash, dates and audit events stay.
+    Column("pruned_at", UTCDateTime),
     PrimaryKeyConstraint("record_id", "version"),
 )
 
@@ -398,4 +401,20 @@ caps_ledger = Table(
     Column("credited", String(16), nullable=False, default="0"),
     Column("updated_at", UTCDateTime, nullable=False),
     PrimaryKeyConstraint("person_key", "year", "cap_type"),
+)
+
+
+# -- ops: alerts (issue 5) -----------------------------------------------------------------------
+
+# One row per alert condition that fired ("missed_push:health:2026-10", "backlog_age", …): the
+# row's presence is what keeps an alert from repeating every tick; when the condition clears the
+# row gets ``cleared_at`` and a later recurrence fires again.
+alert_state = Table(
+    "alert_state",
+    metadata,
+    Column("key", String(160), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("fired_at", UTCDateTime, nullable=False),
+    Column("cleared_at", UTCDateTime),
+    Column("detail", Text, nullable=False),  # JSON, identity numbers masked
 )
