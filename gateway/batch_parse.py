@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from functools import lru_cache
 from itertools import islice
@@ -62,6 +62,7 @@ class ParseJob:
     timezone: str = "Asia/Shanghai"
     plan_filing_deadline: str = "07-31"
     title_applicant_deadline: str = "11-30"
+    year_close_extensions: tuple[tuple[int, date], ...] = ()  # hashable: the job keys a cache
 
     @property
     def completion_column(self) -> str:
@@ -104,6 +105,7 @@ def _reference_cache(database_url: str) -> ReferenceCache:
 
 def rules_config(job: ParseJob) -> RulesConfig:
     return RulesConfig(year_close=job.year_close, timezone=job.timezone,
+                       year_close_extensions=dict(job.year_close_extensions),
                        plan_filing_deadline=job.plan_filing_deadline,
                        title_applicant_deadline=job.title_applicant_deadline,
                        health_hours_per_credit=job.health_hours_per_credit,

@@ -207,7 +207,8 @@ class BatchProcessor:
                         self.settings.health_hours_per_credit, self.settings.finance_hours_per_credit,
                         self.settings.database_url, batch["created_at"],
                         self.settings.year_close, self.settings.timezone,
-                        self.settings.plan_filing_deadline, self.settings.title_applicant_deadline)
+                        self.settings.plan_filing_deadline, self.settings.title_applicant_deadline,
+                        tuple(sorted(self.settings.year_close_extensions.items())))
 
     def _base_code(self, partner_id: str) -> str | None:
         with self.engine.connect() as conn:

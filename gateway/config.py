@@ -5,6 +5,7 @@ Nothing else in the code base reads ``os.environ``; components receive a :class:
 
 from __future__ import annotations
 
+from datetime import date
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +36,8 @@ class Settings(BaseSettings):
     circuit_failure_threshold: int = 5
     circuit_reset_seconds: float = 30.0
     year_close: str = "12-30"
+    # Years the department extended: "2026=2027-03-31,2025=2026-01-15" (a closing date per year).
+    year_close_extensions: Annotated[dict[int, date], NoDecode] = Field(default_factory=dict)
     plan_filing_deadline: str = "07-31"  # R9: plans filed (备案) by this day of the year
     title_applicant_deadline: str = "11-30"  # R12: title applicants finish by this day
     timezone: str = "Asia/Shanghai"
@@ -76,6 +79,24 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             parts = [p.strip() for p in value.split(",") if p.strip()]
             return tuple(int(float(p)) for p in parts)
+        return value
+
+    @field_validator("year_close_extensions", mode="before")
+    @classmethod
+    def _parse_extensions(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [p.strip().partition("=") for p in value.split(",") if p.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise ValueError("YEAR_CLOSE_EXTENSIONS is YEAR=YYYY-MM-DD[,YEAR=YYYY-MM-DD…]")
+            return {int(year): date.fromisoformat(day.strip()) for year, _, day in pairs}
+        return value
+
+    @field_validator("year_close_extensions")
+    @classmethod
+    def _extension_after_year(cls, value: dict[int, date]) -> dict[int, date]:
+        for year, day in value.items():
+            if day.year < year:
+                raise ValueError(f"YEAR_CLOSE_EXTENSIONS: {year} cannot close in {day.year}")
         return value
 
     @field_validator("retry_schedule")

@@ -177,7 +177,7 @@ def _year(case: _Case) -> None:
         case.errors.append(coded("OUTSIDE_YEAR", f"(completed on {done}, CE year {sub.year})",
                                  f"（完成日期 {done}，继续教育年度 {sub.year}）",
                                  field="activity.completed_on"))
-    closes = on(sub.year, config.year_close)
+    closes = config.closes(sub.year)
     if case.received_at.astimezone(config.zone).date() <= closes:
         return
     deferral = case.reference.deferral(sub.person.id_number, sub.year)

@@ -197,6 +197,9 @@ class RulesConfig:
 
     # 七(四)4 "未按规定在当年 12 月 30 日前提交学时申请的，系统将无法提交并审验" (end of day)
     year_close: str = "12-30"
+    # A year the department extended (e.g. "2026 年度学时申报延期至 2027-03-31"): its own last
+    # day, end of day in ``timezone``; every other year closes on ``year_close``.
+    year_close_extensions: Mapping[int, date] = field(default_factory=dict, hash=False)
     # 六(五) / 七(四)2 "于每年 7 月底前完成…备案工作" — 31 July itself is in time
     plan_filing_deadline: str = "07-31"
     # 七(四)3 "当年申报职称的专业技术人员务必于 11 月底前完成当年培训"
@@ -223,11 +226,18 @@ class RulesConfig:
             raise ValueError(f"RulesConfig.timezone: unknown zone {self.timezone!r}") from exc
         object.__setattr__(self, "caps", MappingProxyType(
             {key: Decimal(value) for key, value in self.caps.items()}))
+        object.__setattr__(self, "year_close_extensions", MappingProxyType(
+            dict(self.year_close_extensions)))
+
+    def closes(self, year: int) -> date:
+        """The last day (end of day, ``timezone``) on which ``year``'s hours may be submitted."""
+        return self.year_close_extensions.get(year) or on(year, self.year_close)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RulesConfig:
         """The deployment's values (``CE_GATEWAY_YEAR_CLOSE`` …); the rest stay the notice's."""
         return cls(year_close=settings.year_close, timezone=settings.timezone,
+                   year_close_extensions=settings.year_close_extensions,
                    plan_filing_deadline=settings.plan_filing_deadline,
                    title_applicant_deadline=settings.title_applicant_deadline,
                    health_hours_per_credit=settings.health_hours_per_credit,

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from contracts import ActivityType, Assessment, Category, CESubmission, Note, Unit
 from contracts.errors import CATALOGUE
+from gateway.config import Settings
 from gateway.pipeline import credit
 from gateway.pipeline.rules import (
     MEASURE_OF,
@@ -540,3 +541,23 @@ def test_config_is_frozen_hashable_and_read_from_settings() -> None:
     settings = Settings(year_close="12-31", health_hours_per_credit=D(4))
     config = RulesConfig.from_settings(settings)
     assert (config.year_close, config.health_hours_per_credit) == ("12-31", D(4))
+
+
+def test_r11_an_extended_year_closes_on_its_own_day() -> None:
+    """七(四)4 closes the year on 30 December unless the department extends that one year."""
+    extended = RulesConfig(year_close_extensions={2026: date(2027, 3, 31)})
+    assert run(sub(), received_at=datetime(2027, 3, 31, 23, 0, tzinfo=CST), reference=NO_DEFERRAL,
+               config=extended).accepted
+    late = run(sub(), received_at=datetime(2027, 4, 1, 0, 0, tzinfo=CST), reference=NO_DEFERRAL,
+               config=extended)
+    assert codes(late.errors) == ["YEAR_CLOSED"]
+    assert extended.closes(2025) == date(2025, 12, 30)  # other years keep the notice's day
+
+
+def test_year_close_extensions_setting_parses_and_refuses_nonsense() -> None:
+    settings = Settings(year_close_extensions="2026=2027-03-31, 2025=2026-01-15")
+    assert RulesConfig.from_settings(settings).closes(2026) == date(2027, 3, 31)
+    with pytest.raises(ValueError, match="YEAR_CLOSE_EXTENSIONS"):
+        Settings(year_close_extensions="2026:2027-03-31")
+    with pytest.raises(ValueError, match="cannot close"):
+        Settings(year_close_extensions="2026=2025-12-01")
