@@ -19,8 +19,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 from rich.console import Console
@@ -33,6 +35,9 @@ from gateway.store.db import make_engine
 from gateway.store.tables import outbox, records
 
 SETTLE_TIMEOUT_SECONDS = 180
+# The CE year the demo's data is dated in; past its close the demo extends it (a real setting,
+# YEAR_CLOSE_EXTENSIONS) rather than show every record rejected as YEAR_CLOSED.
+DEMO_YEAR = 2026
 
 
 def free_port() -> int:
@@ -89,7 +94,10 @@ def run_demo(console: Console, n_records: int = 300, keep: bool = False) -> int:
            "CE_GATEWAY_DELIVERY_LEASE_SECONDS": "20", "CE_GATEWAY_CIRCUIT_RESET_SECONDS": "2",
            "CE_GATEWAY_INLINE_RETRY_MAX_WAIT_SECONDS": "1", "PYTHONUNBUFFERED": "1"}
     rng = random.Random(20261125)
-    year = 2026
+    year = DEMO_YEAR
+    today = datetime.now(ZoneInfo("Asia/Shanghai")).date()
+    if today > date(year, 12, 30):  # the demo's data outlived its year: keep it open
+        env["CE_GATEWAY_YEAR_CLOSE_EXTENSIONS"] = f"{year}={today.year + 1}-12-30"
     mock_url, gw_url = f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{gw_port}"
     answers: Counter[str] = Counter()
     rejected_codes: Counter[str] = Counter()
