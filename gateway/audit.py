@@ -101,7 +101,14 @@ class VerifyResult:
 
 
 def verify(conn: Connection, chunk: int = 5000) -> VerifyResult:
-    """Walk the whole chain; the first mismatch is reported, with its sequence number."""
+    """Walk the whole chain; the first mismatch is reported, with its sequence number.
+
+    An edited event fails its own hash; a deleted or renumbered one leaves a gap or breaks its
+    successor's ``prev_hash``; swapped events fail at the first of them; an event edited *and
+    re-hashed* is named through its successor; a cut tail disagrees with ``audit_head``.  A
+    rewrite of everything from some event on, head included, needs an anchor kept outside the
+    database to be seen (docs/retention-and-audit.md).
+    """
     prev, expected_seq, checked = GENESIS_HASH, 1, 0
     last_seq = 0
     while True:
@@ -117,6 +124,12 @@ def verify(conn: Connection, chunk: int = 5000) -> VerifyResult:
                 return VerifyResult(False, checked, expected_seq,
                                     f"event {expected_seq} is missing (next present is {seq})")
             if row["prev_hash"] != prev:
+                if seq > 1 and _hash(row["prev_hash"], seq, dict(row)) == row["hash"]:
+                    # This event is intact as chained; its predecessor is not the event it was
+                    # chained to: that one was edited and re-hashed (or replaced).
+                    return VerifyResult(False, checked - 1, seq - 1,
+                                        f"event {seq - 1} was rewritten: event {seq} was chained "
+                                        "to a different hash")
                 return VerifyResult(False, checked, seq, "prev_hash does not match the previous event")
             if _hash(prev, seq, dict(row)) != row["hash"]:
                 return VerifyResult(False, checked, seq, "event content does not match its hash")

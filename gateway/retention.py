@@ -1,0 +1,234 @@
+"""Payload retention (issue 5 item 8): old payloads of delivered record versions become stubs.
+
+A record version's payload holds a person's identity number and name.  Once the management
+system has it and nothing in the gateway can still need it, the payload is replaced by a stub
+and ``record_versions.pruned_at`` is set; the row itself, its content hash, its delivery and
+every audit event stay::
+
+    {"pruned": true, "record_id": "…", "version": 2, "content_hash": "…", "pruned_at": "…"}
+
+A version is pruned only when **all** of these hold (each guards a reader of the payload):
+
+- its outbox row is ``delivered``, more than ``RETENTION_PAYLOAD_DAYS`` ago — a pending
+  version is what the delivery worker sends; duplicates and conflicts were never forwarded;
+- its record is not a ``conflict`` and has no ``pending`` or ``dead`` delivery (ops resolve,
+  reprocess and edit those from the payloads);
+- it is *superseded* (not the record's current version: no reader reads an old version's
+  body), or its record's CE year (``counts_year``) is **closed** (``YEAR_CLOSE`` and
+  ``YEAR_CLOSE_EXTENSIONS``) and the record is in no cap group (R10 re-allocation re-issues a
+  capped record from its current payload).  Ingest reads a closed year's current payload only
+  when another source reports the same activity (then judged a conflict, held for ops) or when
+  the partner withdraws it (refused ``YEAR_CLOSED``); see ``gateway.pipeline.ingest``.
+
+Closed rejections (``revalidated`` or ``superseded``: a record or a fresh open rejection
+carries them on) older than the age get a stub ``{"pruned": true, "rejection_id", "pruned_at"}``
+too; open rejections are never pruned (revalidation re-parses them).
+
+The audit trail is never pruned by the gateway: its hash chain is the evidence, a deleted
+event would break ``audit verify``, and SPEC §7 wants it kept (≥ 3 years; we keep it all).
+
+Work goes in chunks of :data:`CHUNK_SIZE` versions, one short transaction each, walked in
+primary-key order, so a large prune never holds a long lock and a crash keeps what was done.
+One ``retention_pruned`` audit event per run that pruned something carries the counts, the
+cutoff and the actor — never a payload.  The ``retention`` job (:data:`RETENTION_JOB`) runs it
+once cluster-wide every ``RETENTION_INTERVAL_SECONDS``; ``ce-gateway retention run`` by hand.
+
+May touch: ``record_versions`` (payload, pruned_at), ``rejections`` (payload of closed rows),
+the audit trail (append); reads ``records``, ``outbox``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    exists,
+    false,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.orm import aliased
+
+from gateway import audit
+from gateway.config import Settings
+from gateway.pipeline.rules_tables import RulesConfig
+from gateway.scheduling import Job, register
+from gateway.store.tables import outbox, record_versions, records, rejections
+
+__all__ = ["CHUNK_SIZE", "CLOSED_REJECTIONS", "RETENTION_JOB", "STUB_KEYS", "RetentionResult",
+           "closed_years", "is_pruned", "prune", "stub"]
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1000  # versions per transaction
+STUB_KEYS = frozenset({"pruned", "record_id", "version", "content_hash", "pruned_at"})
+CLOSED_REJECTIONS = ("revalidated", "superseded")  # gateway/revalidate.py's closing marks
+_STUB_PREFIX = '{"pruned":true'  # how every stub written here starts (orjson, no spaces)
+
+
+def stub(record_id: str, version: int, content_hash: str, pruned_at: datetime) -> str:
+    """The JSON that replaces a pruned version's payload."""
+    return orjson.dumps({"pruned": True, "record_id": record_id, "version": version,
+                         "content_hash": content_hash,
+                         "pruned_at": pruned_at.astimezone(UTC).isoformat()}).decode()
+
+
+def is_pruned(payload: object) -> bool:
+    """True for a parsed payload (dict) that is a retention stub rather than a record."""
+    return isinstance(payload, dict) and payload.get("pruned") is True
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    """What one run pruned (or, on a dry run, would prune)."""
+
+    dry_run: bool
+    days: int
+    cutoff: datetime | None  # None: retention is off (RETENTION_PAYLOAD_DAYS = 0)
+    closed_years: tuple[int, ...] = ()
+    versions: int = 0
+    rejections: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"dry_run": self.dry_run, "days": self.days,
+                "cutoff": self.cutoff.isoformat() if self.cutoff else None,
+                "closed_years": list(self.closed_years), "versions": self.versions,
+                "rejections": self.rejections}
+
+
+def closed_years(conn: Connection, settings: Settings, now: datetime) -> tuple[int, ...]:
+    """The CE years of stored records that are closed at ``now`` (end of day, TIMEZONE)."""
+    config = RulesConfig.from_settings(settings)
+    today = now.astimezone(config.zone).date()
+    year = func.coalesce(records.c.counts_year, records.c.year)
+    years = conn.execute(select(year).distinct()).scalars().all()
+    return tuple(sorted(int(y) for y in years if config.closes(int(y)) < today))
+
+
+def _version_filter(cutoff: datetime, years: tuple[int, ...]) -> ColumnElement[bool]:
+    """The versions that may be pruned (module docstring); joined with records and outbox."""
+    other = aliased(outbox)
+    unfinished = exists().where(other.c.record_id == record_versions.c.record_id,
+                                other.c.status.in_(("pending", "dead")))
+    year = func.coalesce(records.c.counts_year, records.c.year)
+    closed = and_(year.in_(years), or_(records.c.cap_type.is_(None),
+                                       records.c.withdrawn.is_(True))) if years else false()
+    return and_(record_versions.c.pruned_at.is_(None),
+                outbox.c.status == "delivered", outbox.c.delivered_at < cutoff,
+                records.c.status != "conflict", ~unfinished,
+                or_(record_versions.c.version < records.c.current_version, closed))
+
+
+def _joined() -> Any:
+    return record_versions.join(records, records.c.record_id == record_versions.c.record_id) \
+        .join(outbox, and_(outbox.c.record_id == record_versions.c.record_id,
+                           outbox.c.version == record_versions.c.version))
+
+
+def _rejection_filter(cutoff: datetime) -> ColumnElement[bool]:
+    return and_(rejections.c.status.in_(CLOSED_REJECTIONS), rejections.c.received_at < cutoff,
+                ~rejections.c.payload.startswith(_STUB_PREFIX, autoescape=True))
+
+
+def prune(engine: Engine, settings: Settings, *, dry_run: bool = False, actor: str = "gateway",
+          now: datetime | None = None, chunk_size: int = CHUNK_SIZE,
+          progress: Callable[[int, int], None] | None = None) -> RetentionResult:
+    """Prune what retention allows at ``now``; ``progress(done, total)`` after each chunk.
+
+    A dry run only counts, with the same selection.  Safe to run twice (the second prunes 0)
+    and beside a running gateway: each chunk re-checks its rows (``pruned_at IS NULL``).
+    """
+    now = now or datetime.now(UTC)
+    days = settings.retention_payload_days
+    if days <= 0:
+        return RetentionResult(dry_run, days, None)
+    cutoff = now - timedelta(days=days)
+    with engine.connect() as conn:
+        years = closed_years(conn, settings, now)
+        where = _version_filter(cutoff, years)
+        total = int(conn.execute(select(func.count()).select_from(_joined()).where(where)).scalar_one())
+        closed_rejections = int(conn.execute(select(func.count()).select_from(rejections)
+                                             .where(_rejection_filter(cutoff))).scalar_one())
+    if progress:
+        progress(total if dry_run else 0, total)
+    if dry_run:
+        return RetentionResult(True, days, cutoff, years, total, closed_rejections)
+    versions = _prune_versions(engine, where, now, chunk_size, total, progress)
+    pruned_rejections = _prune_rejections(engine, cutoff, now, chunk_size)
+    result = RetentionResult(False, days, cutoff, years, versions, pruned_rejections)
+    if versions or pruned_rejections:
+        with engine.begin() as conn:
+            audit.append(conn, [audit.Event("retention_pruned", actor=actor, detail={
+                k: v for k, v in result.as_dict().items() if k != "dry_run"})], now)
+    log.info("retention: pruned %d version payloads and %d closed rejections (cutoff %s)",
+             versions, pruned_rejections, cutoff.isoformat())
+    return result
+
+
+def _prune_versions(engine: Engine, where: ColumnElement[bool], now: datetime, chunk_size: int,
+                    total: int, progress: Callable[[int, int], None] | None) -> int:
+    key = tuple_(record_versions.c.record_id, record_versions.c.version)
+    write = update(record_versions).where(
+        record_versions.c.record_id == bindparam("rid"), record_versions.c.version == bindparam("v"),
+        record_versions.c.pruned_at.is_(None)).values(payload=bindparam("stub"), pruned_at=now)
+    done, after = 0, None
+    while True:
+        query = select(record_versions.c.record_id, record_versions.c.version,
+                       record_versions.c.content_hash).select_from(_joined()).where(where)
+        if after is not None:
+            query = query.where(key > tuple_(*after))  # keyset: each chunk starts past the last
+        with engine.begin() as conn:
+            rows = conn.execute(query.order_by(record_versions.c.record_id,
+                                               record_versions.c.version).limit(chunk_size)).all()
+            if not rows:
+                break
+            keys = [(r.record_id, r.version) for r in rows]
+            conn.execute(write, [{"rid": r.record_id, "v": r.version,
+                                  "stub": stub(r.record_id, int(r.version), r.content_hash, now)}
+                                 for r in rows])
+            # An executemany's rowcount is not reliable on every driver, and a concurrent run
+            # may have taken some rows first: count what carries this run's stamp.
+            done += int(conn.execute(select(func.count()).select_from(record_versions).where(
+                key.in_(keys), record_versions.c.pruned_at == now)).scalar_one())
+        after = (rows[-1].record_id, rows[-1].version)
+        if progress:
+            progress(done, max(total, done))
+    return done
+
+
+def _prune_rejections(engine: Engine, cutoff: datetime, now: datetime, chunk_size: int) -> int:
+    done = 0
+    while True:
+        with engine.begin() as conn:
+            ids = conn.execute(select(rejections.c.id).where(_rejection_filter(cutoff))
+                               .order_by(rejections.c.id).limit(chunk_size)).scalars().all()
+            if not ids:
+                return done
+            conn.execute(update(rejections).where(rejections.c.id == bindparam("rid")), [
+                {"rid": rid, "payload": orjson.dumps({"pruned": True, "rejection_id": rid,
+                                                      "pruned_at": now.isoformat()}).decode()}
+                for rid in ids])
+        done += len(ids)
+
+
+# -- the scheduled job ---------------------------------------------------------------------
+
+def _run_job(engine: Engine, settings: Settings) -> object:
+    return prune(engine, settings, actor="scheduler")
+
+
+RETENTION_JOB = register(Job("retention", _run_job, lambda s: s.retention_interval_seconds
+                             if s.retention_payload_days > 0 else 0))

@@ -1,0 +1,196 @@
+"""Audit integrity (issue 5 item 5): tampering found by the CLI and the API, on both stores.
+
+``ce-gateway audit verify`` and ``GET /v1/audit/verify`` read the same chain.  A real trail (records ingested and delivered to the mock management system) is edited,
+re-hashed, cut short, holed and reordered behind the gateway's back; both the CLI and the API
+must name the exact first bad event, and the untampered trail — also after a retention prune,
+which keeps every event — must verify.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Connection, Engine, delete, insert, select, update
+from typer.testing import CliRunner
+
+from gateway import audit
+from gateway.accounts import Partner
+from gateway.api.app import create_app
+from gateway.cli import app as cli_app
+from gateway.config import Settings, get_settings
+from gateway.delivery.worker import DeliveryWorker
+from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.retention import prune
+from gateway.store.db import make_engine
+from gateway.store.tables import audit_events, audit_head
+from mock_partners import generators as gen
+from mock_partners.ce_system import Faults
+from tests.support.servers import uvicorn_thread
+
+T1 = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
+Tamper = Callable[[Connection, int], int]  # edits the trail of n events; returns the bad seq
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Engine]:
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+def _build_trail(engine: Engine, partner: Partner, settings: Settings) -> list[str]:
+    rng = random.Random(5)
+    subs = [gen.canonical_submission(rng, f"AU-{i}") for i in range(3)]
+    answers = ingest(engine, PartnerRef(partner.partner_id, "canonical"), subs, now=T1)
+    worker = DeliveryWorker(engine, settings, clock=lambda: T1)
+    try:
+        while worker.run_once():
+            pass
+    finally:
+        worker.close()
+    return [str(a.record_id) for a in answers]
+
+
+# -- the ways to tamper --------------------------------------------------------------------------
+
+def _edit(column: str, value: str, where: Callable[[int], int]) -> Tamper:
+    def tamper(conn: Connection, n: int) -> int:
+        seq = where(n)
+        conn.execute(update(audit_events).where(audit_events.c.seq == seq).values({column: value}))
+        return seq
+    return tamper
+
+
+def _edit_and_rehash(conn: Connection, n: int) -> int:
+    """Someone who knows the hash formula edits an event and fixes its own hash."""
+    seq = n // 2
+    row = dict(conn.execute(select(audit_events).where(audit_events.c.seq == seq)).mappings().one())
+    row["detail"] = '{"receipt_no":"forged"}'
+    conn.execute(update(audit_events).where(audit_events.c.seq == seq).values(
+        detail=row["detail"], hash=audit._hash(row["prev_hash"], seq, row)))
+    return seq
+
+
+def _delete_middle(conn: Connection, n: int) -> int:
+    conn.execute(delete(audit_events).where(audit_events.c.seq == n // 2))
+    return n // 2
+
+
+def _truncate(conn: Connection, n: int) -> int:
+    conn.execute(delete(audit_events).where(audit_events.c.seq >= n - 1))
+    return n - 1
+
+
+def _swap_seq(conn: Connection, n: int) -> int:
+    a, b = 3, n - 2
+    for old, new in ((a, -1), (b, a), (-1, b)):  # through -1: seq is the primary key
+        conn.execute(update(audit_events).where(audit_events.c.seq == old).values(seq=new))
+    return a
+
+
+CONTENT = ("event_id", "occurred_at", "kind", "record_id", "version", "actor", "detail")
+
+
+def _swap_contents(conn: Connection, n: int) -> int:
+    a, b = n // 2, n // 2 + 1
+    rows = {r["seq"]: r for r in conn.execute(
+        select(audit_events).where(audit_events.c.seq.in_((a, b)))).mappings()}
+    for mine, other in ((a, b), (b, a)):
+        conn.execute(update(audit_events).where(audit_events.c.seq == mine).values(
+            {c: rows[other][c] for c in CONTENT}))
+    return a
+
+
+TAMPERS: dict[str, tuple[Tamper, str]] = {
+    "edit detail": (_edit("detail", '{"credited_hours":"999"}', lambda n: n // 2), "content"),
+    "edit kind": (_edit("kind", "withdrawn", lambda n: 2), "content"),
+    "edit actor": (_edit("actor", "mallory", lambda n: n - 1), "content"),
+    "edit and re-hash": (_edit_and_rehash, "rewritten"),
+    "delete a middle event": (_delete_middle, "missing"),
+    "truncate the tail": (_truncate, "head"),
+    "swap two events' seq": (_swap_seq, "prev_hash"),
+    "swap two events' contents": (_swap_contents, "content"),
+}
+
+
+def _snapshot(engine: Engine) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(select(audit_events).order_by(audit_events.c.seq)).mappings()]
+        head = dict(conn.execute(select(audit_head)).mappings().one())
+    return rows, head
+
+
+def _restore(engine: Engine, snap: tuple[list[dict[str, Any]], dict[str, Any]]) -> None:
+    rows, head = snap
+    with engine.begin() as conn:
+        conn.execute(delete(audit_events))
+        conn.execute(insert(audit_events), rows)
+        conn.execute(update(audit_head).values(last_seq=head["last_seq"], last_hash=head["last_hash"]))
+
+
+def _cli_verify(db_url: str, *flags: str) -> tuple[int, str]:
+    get_settings.cache_clear()  # the CLI reads CE_GATEWAY_DATABASE_URL through the cached Settings
+    try:
+        result = CliRunner().invoke(cli_app, ["audit", "verify", *flags],
+                                    env={"CE_GATEWAY_DATABASE_URL": db_url})
+    finally:
+        get_settings.cache_clear()
+    return result.exit_code, result.stdout
+
+
+def test_every_kind_of_tampering_is_named_at_its_first_bad_event_by_cli_and_api(
+        db_url: str, store: Engine, make_settings: Callable[..., Settings],
+        new_partner: Callable[..., Partner], new_operator: Callable[..., str],
+        mock_ce: tuple[str, Faults]) -> None:
+    record_ids = _build_trail(store, new_partner(store), make_settings(db_url, mock_ce[0]))
+    viewer = {"Authorization": f"Bearer {new_operator(store, role='viewer')}"}
+    snap = _snapshot(store)
+    n = len(snap[0])
+    assert n >= 12 and {r["kind"] for r in snap[0]} >= {"received", "queued", "delivered"}
+
+    with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
+        def api_verify() -> dict[str, Any]:
+            resp = httpx.get(f"{url}/v1/audit/verify", headers=viewer, timeout=10)
+            assert resp.status_code == 200, resp.text
+            body: dict[str, Any] = resp.json()
+            return body
+
+        code, out = _cli_verify(db_url, "--json")
+        assert code == 0 and json.loads(out) == api_verify() == {
+            "ok": True, "checked": n, "first_bad_seq": None, "reason": None}
+
+        for name, (tamper, why) in TAMPERS.items():
+            with store.begin() as conn:
+                bad = tamper(conn, n)
+            code, out = _cli_verify(db_url, "--json")
+            by_cli, by_api = json.loads(out), api_verify()
+            assert code == 1, name
+            assert by_cli == by_api, name
+            assert (by_cli["ok"], by_cli["first_bad_seq"]) == (False, bad), (name, by_cli)
+            assert by_cli["checked"] == bad - 1, (name, by_cli)  # every event before it is fine
+            assert why in by_cli["reason"], (name, by_cli)
+            code, text = _cli_verify(db_url)  # the human form names it too
+            assert code == 1 and f"broken at event {bad}" in text, (name, text)
+            _restore(store, snap)
+            assert api_verify()["ok"] is True, f"restoring after {name!r} failed"
+
+        # Retention prunes payloads, never events: the chain still verifies, every event of the
+        # pruned records is still there, and one event more records the prune itself.
+        with store.connect() as conn:
+            before = {rid: audit.events_for(conn, [rid]) for rid in record_ids}
+        closed = make_settings(db_url, year_close_extensions={}, retention_payload_days=400)
+        result = prune(store, closed, actor="ops-lead", now=datetime(2028, 3, 1, tzinfo=UTC))
+        assert result.versions == len(record_ids)
+        code, out = _cli_verify(db_url, "--json")
+        assert code == 0 and json.loads(out) == api_verify() == {
+            "ok": True, "checked": n + 1, "first_bad_seq": None, "reason": None}
+    with store.connect() as conn:
+        assert {rid: audit.events_for(conn, [rid]) for rid in record_ids} == before
+        last = conn.execute(select(audit_events).where(audit_events.c.seq == n + 1)).mappings().one()
+    assert (last["kind"], last["actor"], last["record_id"]) == ("retention_pruned", "ops-lead", None)
