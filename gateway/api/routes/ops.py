@@ -1,65 +1,34 @@
-"""Ops side of the API (operator bearer tokens): record timelines and audit verification."""
+"""Ops side of the API (operator bearer tokens): record timelines and audit verification.
+
+A record's page is :func:`gateway.ops.records.record_view`; lists and actions are in
+:mod:`gateway.api.routes.deliveries`.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import select
 
 from gateway import audit, compliance, reconcile
 from gateway.accounts import Operator
 from gateway.api.deps import operator, state_of
 from gateway.errors import NotFound
-from gateway.store.tables import outbox, record_versions, records
+from gateway.masking import mask_text
+from gateway.ops.records import record_view
 
 router = APIRouter(prefix="/v1", tags=["ops"])
 Viewer = Annotated[Operator, Depends(operator)]
 
 
-def delivery_status(record_status: str, rows: list[dict[str, Any]], version: int) -> str:
-    """One word for where the record's current version stands."""
-    if record_status in ("duplicate", "conflict"):
-        return record_status
-    for row in rows:
-        if row["version"] == version:
-            return str(row["status"])
-    return "stored"
-
-
 @router.get("/records/{record_id}", summary="A record, its delivery status and its timeline")
 def get_record(record_id: str, request: Request, _: Viewer) -> dict[str, Any]:
-    state = state_of(request)
-    with state.engine.connect() as conn:
-        # No record id holds NUL, and PostgreSQL cannot even compare one: not found, not a 500.
-        rec = None if "\x00" in record_id else conn.execute(
-            select(records).where(records.c.record_id == record_id)).mappings().first()
-        if rec is None:
-            raise NotFound(detail=f"(record {record_id})")
-        versions = conn.execute(select(record_versions.c.version, record_versions.c.payload,
-                                       record_versions.c.created_at)
-                                .where(record_versions.c.record_id == record_id)
-                                .order_by(record_versions.c.version)).mappings().all()
-        deliveries = [dict(r) for r in conn.execute(
-            select(outbox.c.version, outbox.c.status, outbox.c.attempts, outbox.c.error_code,
-                   outbox.c.last_error, outbox.c.receipt_status, outbox.c.receipt_no,
-                   outbox.c.batch_key, outbox.c.delivered_at)
-            .where(outbox.c.record_id == record_id).order_by(outbox.c.version)).mappings()]
-        timeline = audit.events_for(conn, [record_id])
-    current = orjson.loads(versions[-1]["payload"])
-    return {
-        "record": current,
-        "status": delivery_status(rec["status"], deliveries, int(rec["current_version"])),
-        "duplicate_of": rec["duplicate_of"],
-        "review_authority": rec["review_authority"],
-        "reference_version": rec["reference_version"],  # the reference data that judged it
-        "versions": [{"version": v["version"], "created_at": v["created_at"].isoformat()}
-                     for v in versions],
-        "deliveries": [{**d, "delivered_at": d["delivered_at"].isoformat() if d["delivered_at"] else None}
-                       for d in deliveries],
-        "timeline": timeline,
-    }
+    with state_of(request).engine.connect() as conn:
+        view = record_view(conn, record_id)
+    if view is None:
+        shown = mask_text(record_id[:64].replace("\x00", "?"))
+        raise NotFound(detail=f"(record {shown})")
+    return view
 
 
 @router.get("/reconciliation/{adapter}/{year}",

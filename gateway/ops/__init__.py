@@ -1,0 +1,1 @@
+"""Ops: what the ops team reads and does (issue 5)."""

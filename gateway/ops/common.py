@@ -1,0 +1,158 @@
+"""What the ops modules share: opaque keyset cursors, coded 409s, filter values, field edits.
+
+Pure helpers, no I/O.  Errors are :class:`gateway.errors.PayloadRejected` subclasses, so the
+API answers them coded (zh/en) and the CLI prints their message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import re
+from collections.abc import Mapping
+from datetime import date, datetime, time
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from gateway.errors import PayloadRejected
+from gateway.masking import mask_text
+
+MAX_LIMIT = 500
+_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,31}")
+
+
+class OpsConflict(PayloadRejected):
+    """The target is not in a state the action applies to (409, coded)."""
+
+    status_code = 409
+    default_code = "NOT_EDITABLE"
+
+
+def refuse(field: str, detail: str) -> PayloadRejected:
+    """A coded ``SCHEMA`` error naming the bad field (422)."""
+    return PayloadRejected("SCHEMA", field=field, detail=f"({detail})")
+
+
+def require_reason(reason: str | None) -> str:
+    if reason is None or not reason.strip():
+        raise refuse("reason", "a reason is required; it is kept in the audit trail")
+    if len(reason) > 1000:
+        raise refuse("reason", "at most 1000 characters")
+    return reason.strip()
+
+
+def check_text(field: str, value: str | None, max_length: int = 64) -> None:
+    """A filter value PostgreSQL can compare: no NUL, not absurdly long."""
+    if value is not None and ("\x00" in value or len(value) > max_length):
+        raise refuse(field, f"at most {max_length} characters, no NUL")
+
+
+def check_code(value: str | None) -> None:
+    from contracts.errors import CATALOGUE
+
+    if value is not None and (not _CODE.fullmatch(value) or value not in CATALOGUE):
+        raise refuse("error_code", f"unknown error code {value[:40]!r}")
+
+
+def check_aware(field: str, value: datetime | None) -> None:
+    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+        raise refuse(field, "a time must carry a UTC offset")
+
+
+def limit_of(limit: int) -> int:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise refuse("limit", f"between 1 and {MAX_LIMIT}")
+    return limit
+
+
+def parse_when(value: str | None, field: str, timezone: str = "Asia/Shanghai") -> datetime | None:
+    """An ISO 8601 time or date as typed by an operator; without an offset it is ``timezone``."""
+    if value is None or value == "":
+        return None
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            when = datetime.combine(date.fromisoformat(text), time())
+        else:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise refuse(field, f"not an ISO 8601 date or time: {text[:40]!r}") from exc
+    return when if when.tzinfo is not None else when.replace(tzinfo=ZoneInfo(timezone))
+
+
+# -- keyset cursors --------------------------------------------------------------------------
+
+
+def encode_cursor(kind: str, *values: Any) -> str:
+    """An opaque cursor: the list kind and the last item's sort key."""
+    raw = orjson.dumps([kind, *values])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, kind: str, arity: int) -> list[Any] | None:
+    """The sort key of a cursor made by :func:`encode_cursor` for ``kind``; bad → 422."""
+    if cursor is None or cursor == "":
+        return None
+    try:
+        if len(cursor) > 512:
+            raise ValueError("too long")
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        values = orjson.loads(raw)
+    except (ValueError, binascii.Error, orjson.JSONDecodeError) as exc:
+        raise refuse("cursor", "not a cursor this list gave out") from exc
+    if not (isinstance(values, list) and len(values) == arity + 1 and values[0] == kind):
+        raise refuse("cursor", "not a cursor this list gave out")
+    return values[1:]
+
+
+def iso(value: datetime | date | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+# -- field edits ("reprocess with edit") -----------------------------------------------------
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_text(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return orjson.loads(mask_text(orjson.dumps(value, default=str).decode()))
+
+
+def apply_changes(raw: Mapping[str, Any], changes: Mapping[str, Any],
+                  protected: frozenset[str] = frozenset()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``raw`` with ``changes`` applied, and the masked diff ``[{field, from, to}]``.
+
+    A change's key is a dotted path (``"activity.title"``, ``"身份证号"``); its parents must be
+    objects.  ``protected`` paths (and everything under them) may not change.  A change that
+    changes nothing is left out of the diff; no diff at all is refused.
+    """
+    if not changes:
+        raise refuse("changes", "no changes given")
+    if len(changes) > 50:
+        raise refuse("changes", "at most 50 fields at once")
+    out = copy.deepcopy(dict(raw))
+    diff: list[dict[str, Any]] = []
+    for path, value in changes.items():
+        parts = path.split(".")
+        if not path or "\x00" in path or len(path) > 200 or any(not p for p in parts):
+            raise refuse("changes", f"bad field path {path[:60]!r}")
+        if any(path == p or path.startswith(p + ".") for p in protected):
+            raise refuse(f"changes.{path}", "this field cannot be edited")
+        node: Any = out
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise refuse(f"changes.{path}", f"{part!r} is not an object in the record")
+        before = node.get(parts[-1])
+        if before == value and parts[-1] in node:
+            continue
+        node[parts[-1]] = value
+        diff.append({"field": path, "from": _masked(before), "to": _masked(value)})
+    if not diff:
+        raise refuse("changes", "the changes change nothing")
+    return out, diff

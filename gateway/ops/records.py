@@ -1,0 +1,329 @@
+"""Records as ops see them: a record's page, open conflicts and their resolution, rejections.
+
+* :func:`record_view` — what ``GET /v1/records/{id}`` answers: the current version, where its
+  delivery stands, every version (pruned payloads shown as such) and the audit timeline.
+* :func:`list_conflicts` / :func:`resolve_conflict` — SPEC §7: another source reported the
+  same activity (natural key) with different hours; the record is held until ops choose.
+  ``keep="existing"`` closes it as a duplicate of the record holding the key (nothing is
+  forwarded).  ``keep="this"`` forwards it and supersedes the holder exactly as a withdrawal
+  does — a withdrawn version is forwarded, its capped hours go back to its group, and the
+  natural key moves — so the person is never credited twice.
+* :func:`list_rejections` — the open rejections ops may fix.
+* :func:`edit_and_requeue` / :func:`edit_rejection` ("reprocess with edit") live in
+  :mod:`gateway.ops.edits` and are re-exported here.
+
+May touch: ``records`` (status, key holder and withdrawal of the two records of a conflict),
+``natural_keys``, and, through ingest's writer, versions, outbox, caps ledger and audit.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy.orm import aliased
+
+from gateway import audit
+from gateway.accounts import ADAPTERS_WITH_PUSH
+from gateway.config import Settings
+from gateway.errors import NotFound
+from gateway.masking import mask_text
+from gateway.ops.common import (
+    OpsConflict,
+    check_aware,
+    check_code,
+    check_text,
+    decode_cursor,
+    encode_cursor,
+    iso,
+    limit_of,
+    refuse,
+    require_reason,
+)
+from gateway.ops.edits import edit_and_requeue, edit_rejection
+from gateway.pipeline import caps
+from gateway.pipeline.ingest import PartnerRef, _Chunk
+from gateway.pipeline.rules_tables import RulesConfig
+from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
+
+__all__ = ["PRUNED_NOTE", "delivery_status", "edit_and_requeue", "edit_rejection",
+           "list_conflicts", "list_rejections", "record_view", "resolve_conflict"]
+
+PRUNED_NOTE = "payload pruned (已按保留期清理)"
+REJECTION_STATUSES = ("open", "revalidated", "superseded")
+
+
+def delivery_status(record_status: str, rows: list[dict[str, Any]], version: int) -> str:
+    """One word for where the record's current version stands."""
+    if record_status in ("duplicate", "conflict"):
+        return record_status
+    for row in rows:
+        if row["version"] == version:
+            return str(row["status"])
+    return "stored"
+
+
+def _is_pruned(pruned_at: datetime | None, payload: Any) -> bool:
+    return pruned_at is not None or (isinstance(payload, dict) and payload.get("pruned") is True)
+
+
+def record_view(conn: Connection, record_id: str) -> dict[str, Any] | None:
+    """A record's page: current version, status, versions, deliveries, timeline; None if none."""
+    if "\x00" in record_id or len(record_id) > 64:  # PostgreSQL cannot even compare a NUL
+        return None
+    rec = conn.execute(select(records).where(records.c.record_id == record_id)).mappings().first()
+    if rec is None:
+        return None
+    versions = conn.execute(select(record_versions.c.version, record_versions.c.payload,
+                                   record_versions.c.content_hash, record_versions.c.created_at,
+                                   record_versions.c.pruned_at)
+                            .where(record_versions.c.record_id == record_id)
+                            .order_by(record_versions.c.version)).mappings().all()
+    deliveries = [dict(r) for r in conn.execute(
+        select(outbox.c.id, outbox.c.version, outbox.c.status, outbox.c.attempts,
+               outbox.c.error_code, outbox.c.last_error, outbox.c.receipt_status,
+               outbox.c.receipt_no, outbox.c.batch_key, outbox.c.created_at, outbox.c.updated_at,
+               outbox.c.delivered_at)
+        .where(outbox.c.record_id == record_id).order_by(outbox.c.version)).mappings()]
+    current = orjson.loads(versions[-1]["payload"])
+    pruned = _is_pruned(versions[-1]["pruned_at"], current)
+    holder = conn.execute(select(natural_keys.c.record_id).where(
+        natural_keys.c.natural_key == rec["natural_key"])).scalar()
+    return {
+        "record": current,
+        "payload_pruned": pruned,
+        "pruned_note": PRUNED_NOTE if pruned else None,
+        "status": delivery_status(rec["status"], deliveries, int(rec["current_version"])),
+        "record_status": rec["status"],
+        "withdrawn": bool(rec["withdrawn"]),
+        "current_version": int(rec["current_version"]),
+        "partner_id": rec["partner_id"],
+        "adapter": rec["adapter"],
+        "source_record_id": rec["source_record_id"],
+        "batch_id": rec["batch_id"],
+        "credited_hours": rec["credited_hours"],
+        "duplicate_of": rec["duplicate_of"],
+        "conflicts_with": (holder or rec["duplicate_of"]) if rec["status"] == "conflict" else None,
+        "review_authority": rec["review_authority"],
+        "reference_version": rec["reference_version"],  # the reference data that judged it
+        "versions": [{"version": v["version"], "created_at": iso(v["created_at"]),
+                      "content_hash": v["content_hash"],
+                      "pruned": v["pruned_at"] is not None,
+                      "pruned_at": iso(v["pruned_at"])} for v in versions],
+        "deliveries": [{**d, "created_at": iso(d["created_at"]), "updated_at": iso(d["updated_at"]),
+                        "delivered_at": iso(d["delivered_at"]),
+                        "last_error": mask_text(d["last_error"]) if d["last_error"] else None}
+                       for d in deliveries],
+        "timeline": audit.events_for(conn, [record_id]),
+    }
+
+
+# -- conflicts -------------------------------------------------------------------------------
+
+_OTHER = aliased(records)
+
+
+def list_conflicts(conn: Connection, *, cursor: str | None = None, limit: int = 50) -> dict[str, Any]:
+    """Open conflicts, oldest first (a queue to work down); ``conflicts_with`` holds the key."""
+    limit = limit_of(limit)
+    where = [records.c.status == "conflict"]
+    total = int(conn.execute(select(func.count()).select_from(records).where(*where)).scalar_one())
+    holder = func.coalesce(natural_keys.c.record_id, records.c.duplicate_of)
+    query = (select(records.c.record_id, records.c.partner_id, records.c.adapter,
+                    records.c.source_record_id, holder.label("conflicts_with"),
+                    records.c.hours, _OTHER.c.hours.label("other_hours"),
+                    _OTHER.c.partner_id.label("other_partner_id"), records.c.year,
+                    records.c.current_version.label("version"), records.c.created_at)
+             .select_from(records.outerjoin(natural_keys,
+                                            natural_keys.c.natural_key == records.c.natural_key)
+                          .outerjoin(_OTHER, _OTHER.c.record_id == holder))
+             .where(*where))
+    after = decode_cursor(cursor, "conflicts", 1)
+    if after is not None:
+        query = query.where(records.c.record_id > str(after[0]))
+    rows = conn.execute(query.order_by(records.c.record_id).limit(limit + 1)).mappings().all()
+    items = [{**r, "created_at": iso(r["created_at"])} for r in rows[:limit]]
+    return {"items": items, "total": total,
+            "next": encode_cursor("conflicts", items[-1]["record_id"]) if len(rows) > limit else None}
+
+
+def _claim_conflict(conn: Connection, record_id: str, now: datetime) -> Any:
+    """The record, if it is an open conflict; the guarded UPDATE takes it before reading."""
+    taken = conn.execute(update(records).where(records.c.record_id == record_id,
+                                               records.c.status == "conflict")
+                         .values(updated_at=now)).rowcount
+    rec = conn.execute(select(records).where(records.c.record_id == record_id)).mappings().first()
+    if rec is None:
+        raise NotFound(detail=f"(record {record_id})")
+    if not taken:
+        raise OpsConflict("NOT_A_CONFLICT", detail=f"(record {record_id} is {rec['status']})")
+    return rec
+
+
+def resolve_conflict(engine: Engine, settings: Settings, record_id: str, *, keep: str,
+                     reason: str, actor: str) -> dict[str, Any]:
+    """Resolve an open conflict by choosing a version (see the module docstring)."""
+    if keep not in ("this", "existing"):
+        raise refuse("keep", "'this' or 'existing'")
+    reason, actor = require_reason(reason), actor[:64]
+    if "\x00" in record_id or len(record_id) > 64:
+        raise NotFound(detail="(no such record)")
+    config = RulesConfig.from_settings(settings)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        rec = _claim_conflict(conn, record_id, now)
+        version = int(rec["current_version"])
+        holder_id = conn.execute(select(natural_keys.c.record_id).where(
+            natural_keys.c.natural_key == rec["natural_key"])).scalar() or rec["duplicate_of"]
+        # Locked (PostgreSQL): a correction of the holder racing us waits, or we see it.
+        holder = None if holder_id in (None, record_id) else conn.execute(
+            select(records).where(records.c.record_id == holder_id).with_for_update()
+        ).mappings().first()
+        if keep == "existing":
+            conn.execute(update(records).where(records.c.record_id == record_id)
+                         .values(status="duplicate", duplicate_of=holder_id))
+            events = [audit.Event("conflict_resolved", record_id, version, actor, {
+                "keep": "existing", "reason": reason, "kept": holder_id})]
+            if holder is not None:
+                events.append(audit.Event("conflict_resolved", holder_id,
+                                          int(holder["current_version"]), actor,
+                                          {"keep": "existing", "reason": reason, "closed": record_id}))
+            audit.append(conn, events, now)
+            return {"record_id": record_id, "keep": keep, "status": "duplicate", "version": version,
+                    "forwarded": False, "kept": holder_id, "superseded": None}
+        queued = _keep_this(conn, rec, holder, config, now, reason, actor)
+    return {"record_id": record_id, "keep": keep, "status": "accepted", "version": queued,
+            "forwarded": True, "kept": record_id,
+            "superseded": holder_id if holder is not None and not holder["withdrawn"] else None}
+
+
+def _keep_this(conn: Connection, rec: Any, holder: Any, config: RulesConfig, now: datetime,
+               reason: str, actor: str) -> int:
+    """Accept and queue ``rec``; withdraw the holder.  Returns the version queued."""
+    record_id, version = str(rec["record_id"]), int(rec["current_version"])
+    chunk = _Chunk(conn, PartnerRef(rec["partner_id"], rec["adapter"]), now, None, config)
+    chunk.events.append(audit.Event("conflict_resolved", record_id, version, actor, {
+        "keep": "this", "reason": reason,
+        "superseded": holder["record_id"] if holder is not None else None}))
+    supersede = holder is not None and not holder["withdrawn"]
+    holder_payload = None
+    if supersede:
+        holder_payload = orjson.loads(conn.execute(select(record_versions.c.payload).where(
+            record_versions.c.record_id == holder["record_id"],
+            record_versions.c.version == holder["current_version"])).scalar_one())
+        if holder_payload.get("pruned") is True:
+            raise OpsConflict("NOT_EDITABLE", detail=f"(the payload of {holder['record_id']} "
+                              "was pruned; it cannot be superseded automatically)")
+    # Caps (R10): the holder's hours leave its group, this record's hours join its group.
+    groups: dict[caps.Group, tuple[dict[str, Decimal], set[str]]] = {}
+    if supersede and holder["status"] == "accepted" and holder["cap_type"]:
+        group = (holder["person_key"], int(holder["counts_year"]), holder["cap_type"])
+        groups.setdefault(group, ({}, set()))[1].add(holder["record_id"])
+    hours = Decimal(rec["hours"] or "0")
+    credited_this, this_cap = hours, None
+    if rec["cap_type"]:
+        group = (rec["person_key"], int(rec["counts_year"]), rec["cap_type"])
+        groups.setdefault(group, ({}, set()))[0][record_id] = hours
+    for group in sorted(groups):  # one lock order for every writer (as ingest)
+        mine, gone = groups[group]
+        cap = config.caps[group[2]]
+        caps.lock_group(conn, group, now)
+        credited, stored = caps.reallocate(conn, group, cap, now, mine, gone=frozenset(gone))
+        if record_id in mine:
+            credited_this, this_cap = credited[record_id], (cap, group[2])
+        for rid, old in stored.items():
+            if rid not in mine and rid not in gone and credited[rid] != old.credited:
+                chunk._recredit(old, credited[rid], cap, group[2])
+    if supersede and holder_payload is not None:
+        hid, hv = str(holder["record_id"]), int(holder["current_version"]) + 1
+        holder_payload.update(version=hv, withdrawn=True, credited_hours="0")
+        holder_payload["source"]["received_at"] = chunk.now_iso
+        conn.execute(update(records).where(records.c.record_id == hid).values(
+            current_version=hv, withdrawn=True, credited_hours="0", duplicate_of=record_id,
+            updated_at=now))
+        chunk.events.append(audit.Event("superseded", hid, hv, actor, {
+            "by": record_id, "reason": reason, "note": "withdrawn: a conflicting report was kept"}))
+        # Only a record the management system has (or will have) needs the withdrawal.
+        chunk._store_version(hid, hv, orjson.dumps(holder_payload).decode(),
+                             holder["content_hash"], queue=holder["status"] == "accepted")
+    moved = conn.execute(update(natural_keys).where(natural_keys.c.natural_key == rec["natural_key"])
+                         .values(record_id=record_id)).rowcount
+    if not moved:  # pragma: no cover - every conflict's key has a holder row
+        conn.execute(natural_keys.insert().values(natural_key=rec["natural_key"], record_id=record_id))
+    stored_credited = Decimal(str(orjson.loads(conn.execute(select(record_versions.c.payload).where(
+        record_versions.c.record_id == record_id,
+        record_versions.c.version == version)).scalar_one())["credited_hours"]))
+    conn.execute(update(records).where(records.c.record_id == record_id).values(
+        status="accepted", duplicate_of=None, credited_hours=str(credited_this), updated_at=now))
+    queued = version
+    if this_cap is not None and credited_this != stored_credited:
+        # Its share of a cap differs from what its held version says: re-issue it.
+        chunk._recredit(caps.Stored(record_id, version, hours, stored_credited), credited_this,
+                        *this_cap)
+        queued = version + 1
+    else:
+        chunk.outbox_rows.append({"record_id": record_id, "version": version, "status": "pending",
+                                  "attempts": 0, "created_at": now, "updated_at": now})
+        chunk.events.append(audit.Event("queued", record_id, version))
+    chunk._write()
+    return queued
+
+
+# -- rejections ------------------------------------------------------------------------------
+
+
+def list_rejections(conn: Connection, *, partner_id: str | None = None,
+                    adapter: str | None = None, error_code: str | None = None,
+                    since: datetime | None = None, until: datetime | None = None,
+                    status: str | None = "open", cursor: str | None = None,
+                    limit: int = 50) -> dict[str, Any]:
+    """Rejected submissions (open ones by default), newest first; payloads masked."""
+    limit = limit_of(limit)
+    if status is not None and status not in REJECTION_STATUSES:
+        raise refuse("status", f"one of {', '.join(REJECTION_STATUSES)}")
+    if adapter is not None and adapter not in ADAPTERS_WITH_PUSH:
+        raise refuse("adapter", f"one of {', '.join(sorted(ADAPTERS_WITH_PUSH))}")
+    check_text("partner_id", partner_id)
+    check_code(error_code)
+    check_aware("since", since)
+    check_aware("until", until)
+    c = rejections.c
+    where = []
+    if status is not None:
+        where.append(c.status == status)
+    if partner_id is not None:
+        where.append(c.partner_id == partner_id)
+    if adapter is not None:
+        where.append(c.adapter == adapter)
+    if error_code is not None:  # the notes' JSON as ingest wrote it (see gateway.revalidate)
+        where.append(c.errors.contains(f'"code":"{error_code}"', autoescape=True))
+    if since is not None:
+        where.append(c.received_at >= since)
+    if until is not None:
+        where.append(c.received_at < until)
+    total = int(conn.execute(select(func.count()).select_from(rejections).where(*where)).scalar_one())
+    query = select(rejections).where(*where)
+    after = decode_cursor(cursor, "rejections", 1)
+    if after is not None:
+        if not isinstance(after[0], int):
+            raise refuse("cursor", "not a cursor this list gave out")
+        query = query.where(c.id < after[0])
+    rows = conn.execute(query.order_by(c.id.desc()).limit(limit + 1)).mappings().all()
+    items = [{"id": r["id"], "partner_id": r["partner_id"], "adapter": r["adapter"],
+              "source_record_id": r["source_record_id"], "batch_id": r["batch_id"],
+              "status": r["status"], "received_at": iso(r["received_at"]),
+              "errors": orjson.loads(r["errors"]),
+              "payload": _masked_json(r["payload"])} for r in rows[:limit]]
+    return {"items": items, "total": total,
+            "next": encode_cursor("rejections", items[-1]["id"]) if len(rows) > limit else None}
+
+
+def _masked_json(text: str) -> Any:
+    masked = mask_text(text)
+    try:
+        return orjson.loads(masked)
+    except orjson.JSONDecodeError:
+        return masked
