@@ -1,0 +1,182 @@
+"""The ops dashboard's numbers in one read (the console's home page, alerts, metrics).
+
+Everything here is counts and dates: no identity number, no payload.  The queries are
+aggregates over indexed status columns, plus one ``GROUP BY partner_id`` for the partners'
+last push; the console calls this once per page load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from types import SimpleNamespace
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, func, select
+
+from gateway.config import Settings
+from gateway.pipeline.rules_tables import RulesConfig
+from gateway.pull.cadre_college import PARTNER as PULL_PARTNER
+from gateway.reconcile import months_never_pushed, push_deadline
+from gateway.store.tables import batches, outbox, partners, pull_state, records, rejections
+
+__all__ = ["MONTHLY_ADAPTERS", "Backlog", "YearClose", "backlog", "dead_letters", "latest_due_month",
+           "overview", "pull_lag", "year_close"]
+
+# Partners that push a batch every month (SPEC §2): their missing months are tracked.
+MONTHLY_ADAPTERS = ("health", "finance")
+OUTBOX_STATUSES = ("pending", "delivered", "dead")
+RECORD_STATUSES = ("accepted", "duplicate", "conflict")
+
+
+@dataclass(frozen=True)
+class Backlog:
+    size: int
+    oldest_created_at: datetime | None
+
+    def oldest_age_seconds(self, now: datetime) -> float | None:
+        if self.oldest_created_at is None:
+            return None
+        return max(0.0, (now - self.oldest_created_at).total_seconds())
+
+
+@dataclass(frozen=True)
+class YearClose:
+    year: int  # the CE year that closes next
+    date: date  # its last day (end of day, local time)
+    days_left: int  # 0 on the last day itself
+
+
+def backlog(conn: Connection) -> Backlog:
+    """Pending deliveries and the creation time of the oldest (outbox index on status)."""
+    size, oldest = conn.execute(select(func.count(), func.min(outbox.c.created_at))
+                                .where(outbox.c.status == "pending")).one()
+    if isinstance(oldest, str):  # SQLite hands MIN() back untyped
+        oldest = datetime.fromisoformat(oldest)
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=UTC)
+    return Backlog(int(size), oldest)
+
+
+def dead_letters(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).where(outbox.c.status == "dead")).scalar_one())
+
+
+def pull_lag(conn: Connection, now: datetime) -> dict[str, dict[str, Any]]:
+    """Per pull source: the last successful run and the seconds since (``None`` before one).
+
+    The Cadre Network College is always listed; reference-data watermarks (``reference:*``)
+    are not pulls of records and stay out.
+    """
+    rows = conn.execute(select(pull_state.c.source, pull_state.c.last_success_at)
+                        .where(pull_state.c.source.not_like("reference:%"))).all()
+    found: dict[str, datetime | None] = {"cadre_college": None}
+    found.update({r.source: r.last_success_at for r in rows})
+    return {source: {"last_success_at": at.isoformat() if at else None,
+                     "lag_seconds": max(0.0, (now - at).total_seconds()) if at else None}
+            for source, at in sorted(found.items())}
+
+
+def year_close(settings: Settings, now: datetime) -> YearClose:
+    """The next CE year close (``YEAR_CLOSE``, extensions honoured) and the days left to it."""
+    config = RulesConfig.from_settings(settings)
+    today = now.astimezone(ZoneInfo(settings.timezone)).date()
+    for year in (today.year - 1, today.year, today.year + 1):
+        closes = config.closes(year)
+        if closes >= today:
+            return YearClose(year, closes, (closes - today).days)
+    raise AssertionError("unreachable: next year's close lies ahead")  # pragma: no cover
+
+
+def latest_due_month(settings: Settings, now: datetime) -> str:
+    """The latest month whose monthly push deadline (``ALERT_MONTHLY_PUSH_DAY``) has passed."""
+    today = now.astimezone(ZoneInfo(settings.timezone)).date()
+    year, month = today.year, today.month
+    while True:
+        month -= 1
+        if month == 0:
+            year, month = year - 1, 12
+        candidate = f"{year}-{month:02d}"
+        if push_deadline(candidate, settings.alert_monthly_push_day) <= today:
+            return candidate
+
+
+def _last_pushes(conn: Connection, partner_ids_by_kind: dict[bool, list[str]]) -> dict[str, datetime]:
+    """Latest batch ``created_at`` for batch partners, latest record ``created_at`` otherwise."""
+    last: dict[str, datetime] = {}
+    batch_partners, other_partners = partner_ids_by_kind[True], partner_ids_by_kind[False]
+    if batch_partners:
+        last.update(conn.execute(select(batches.c.partner_id, func.max(batches.c.created_at))
+                                 .where(batches.c.partner_id.in_(batch_partners))
+                                 .group_by(batches.c.partner_id)).tuples().all())
+    if other_partners:
+        last.update(conn.execute(select(records.c.partner_id, func.max(records.c.created_at))
+                                 .where(records.c.partner_id.in_(other_partners))
+                                 .group_by(records.c.partner_id)).tuples().all())
+    out: dict[str, datetime] = {}
+    for partner_id, at in last.items():
+        if at is None:
+            continue
+        when = datetime.fromisoformat(at) if isinstance(at, str) else at
+        out[partner_id] = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return out
+
+
+def _partners(conn: Connection, settings: Settings, now: datetime) -> list[dict[str, Any]]:
+    rows: list[Any] = list(conn.execute(select(partners.c.partner_id, partners.c.adapter)
+                                        .where(partners.c.active.is_(True))
+                                        .order_by(partners.c.adapter, partners.c.partner_id)))
+    if all(r.partner_id != PULL_PARTNER.partner_id for r in rows):
+        # The Cadre Network College is pulled, not registered: its records carry this id.
+        rows.append(SimpleNamespace(partner_id=PULL_PARTNER.partner_id, adapter=PULL_PARTNER.adapter))
+    # Health and finance partners push files; a training base may too (rosters), but its
+    # day-to-day channel is the record API, so its records say when it last pushed.
+    by_kind: dict[bool, list[str]] = {True: [], False: []}
+    for r in rows:
+        by_kind[r.adapter in MONTHLY_ADAPTERS].append(r.partner_id)
+    last = _last_pushes(conn, by_kind)
+    local_now = now.astimezone(ZoneInfo(settings.timezone))
+    out = []
+    for r in rows:
+        missing: list[str] = []
+        if r.adapter in MONTHLY_ADAPTERS:
+            missing = months_never_pushed(conn, r.adapter, local_now.year, today=local_now,
+                                          partner_id=r.partner_id,
+                                          push_day=settings.alert_monthly_push_day)
+        at = last.get(r.partner_id)
+        out.append({"partner_id": r.partner_id, "adapter": r.adapter,
+                    "last_push_at": at.isoformat() if at else None, "missing_months": missing})
+    return out
+
+
+def overview(conn: Connection, settings: Settings, now: datetime | None = None) -> dict[str, Any]:
+    """What the dashboard shows, in one read; datetimes as ISO strings.
+
+    Outbox and record counts by status, the backlog and its oldest age, dead letters, open
+    conflicts and rejections, each partner's last push and missing months (monthly partners
+    only), pull lag, and the days left to the year close.
+    """
+    now = now or datetime.now(UTC)
+    counts: dict[str, int] = dict(
+        conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status)).tuples().all())
+    record_counts: dict[str, int] = dict(
+        conn.execute(select(records.c.status, func.count()).group_by(records.c.status)).tuples().all())
+    pending = backlog(conn)
+    rejections_open = conn.execute(select(func.count())
+                                   .where(rejections.c.status == "open")).scalar_one()
+    close = year_close(settings, now)
+    return {
+        "outbox": {s: int(counts.get(s, 0))
+                   for s in (*OUTBOX_STATUSES, *sorted(set(counts) - set(OUTBOX_STATUSES)))},
+        "records": {s: int(record_counts.get(s, 0))
+                    for s in (*RECORD_STATUSES, *sorted(set(record_counts) - set(RECORD_STATUSES)))},
+        "backlog": {"size": pending.size, "oldest_age_seconds": pending.oldest_age_seconds(now)},
+        "dead_letters": int(counts.get("dead", 0)),
+        "open_conflicts": int(record_counts.get("conflict", 0)),
+        "rejections_open": int(rejections_open),
+        "partners": _partners(conn, settings, now),
+        "pull": pull_lag(conn, now),
+        "year_close": {"year": close.year, "date": close.date.isoformat(), "days_left": close.days_left},
+        "now": now.isoformat(),
+    }
