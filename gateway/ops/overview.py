@@ -109,11 +109,11 @@ def _last_pushes(conn: Connection, partner_ids_by_kind: dict[bool, list[str]]) -
     if batch_partners:
         last.update(conn.execute(select(batches.c.partner_id, func.max(batches.c.created_at))
                                  .where(batches.c.partner_id.in_(batch_partners))
-                                 .group_by(batches.c.partner_id)).tuples().all())
+                                 .group_by(batches.c.partner_id)).all())
     if other_partners:
         last.update(conn.execute(select(records.c.partner_id, func.max(records.c.created_at))
                                  .where(records.c.partner_id.in_(other_partners))
-                                 .group_by(records.c.partner_id)).tuples().all())
+                                 .group_by(records.c.partner_id)).all())
     out: dict[str, datetime] = {}
     for partner_id, at in last.items():
         if at is None:
@@ -159,9 +159,9 @@ def overview(conn: Connection, settings: Settings, now: datetime | None = None) 
     """
     now = now or datetime.now(UTC)
     counts: dict[str, int] = dict(
-        conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status)).tuples().all())
+        conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status)).all())
     record_counts: dict[str, int] = dict(
-        conn.execute(select(records.c.status, func.count()).group_by(records.c.status)).tuples().all())
+        conn.execute(select(records.c.status, func.count()).group_by(records.c.status)).all())
     pending = backlog(conn)
     rejections_open = conn.execute(select(func.count())
                                    .where(rejections.c.status == "open")).scalar_one()

@@ -1,0 +1,124 @@
+"""Rendering for the console: one Jinja2 environment, Chinese labels, local times, masking.
+
+Every value a template prints passes through :func:`_finalize`, which masks anything that looks
+like an identity number (gateway.masking): a page can never show one unmasked, whatever a
+payload, an error text or an audit detail holds.  Times are shown in ``Settings.timezone``
+(Asia/Shanghai).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
+
+from fastapi.responses import HTMLResponse
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from gateway.masking import mask_text
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "api" / "templates" / "console"
+
+STATUS_ZH = {
+    "pending": "待投递", "delivered": "已投递", "dead": "死信（投递失败）",
+    "accepted": "已接收", "duplicate": "重复", "conflict": "冲突（待处理）", "stored": "已存储",
+    "corrected": "已更正", "rejected": "已拒收", "superseded": "已被取代", "withdrawn": "已撤回",
+    "queued": "排队中", "processing": "处理中", "done": "已完成", "failed": "失败",
+    "open": "未处理", "resolved": "已解决", "closed": "已关闭",
+}
+CIRCUIT_ZH = {"closed": "闭合（正常投递）", "open": "断开（暂停投递）", "half_open": "半开（试探投递）"}
+ADAPTER_ZH = {"canonical": "标准接口", "training_base": "培训基地", "health": "卫健委",
+              "finance": "财政厅", "cadre_college": "干部网络学院"}
+EVENT_ZH = {"received": "接收", "queued": "进入投递队列", "attempt": "投递尝试",
+            "retry_scheduled": "安排重试", "delivered": "已投递", "dead": "转入死信",
+            "split": "拆分批次", "requeued": "重新排队", "delivery_requeued": "运维重新投递",
+            "delivery_superseded": "死信被新版本取代", "ops_reprocess": "运维批量重新投递",
+            "edited": "修改后重新投递", "rejection_edited": "修改拒收记录后重新处理",
+            "superseded": "被冲突记录取代", "conflict": "判定冲突", "conflict_resolved": "冲突已解决",
+            "duplicate": "判定重复", "corrected": "更正（新版本）", "recredited": "重新核定学时",
+            "revalidation": "重新校验", "rejected": "拒收", "withdrawn": "撤回",
+            "pruned": "按保留期清理"}
+
+
+def _finalize(value: Any) -> Any:
+    if value is None:
+        return ""
+    return mask_text(value) if isinstance(value, str) else value
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str) and value:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
+
+
+def _json(value: Any) -> str:
+    """Readable JSON for audit details (Chinese as is; autoescaping still applies)."""
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def age_zh(seconds: Any) -> str:
+    """``3725`` → ``1 小时 2 分``; None → ``—``."""
+    if seconds is None:
+        return "—"
+    total = int(float(seconds))
+    days, rest = divmod(max(total, 0), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} 天 {hours} 小时"
+    if hours:
+        return f"{hours} 小时 {minutes} 分"
+    if minutes:
+        return f"{minutes} 分 {secs} 秒"
+    return f"{secs} 秒"
+
+
+class Renderer:
+    """The console's Jinja2 environment, bound to one time zone."""
+
+    def __init__(self, timezone: str) -> None:
+        self.zone = ZoneInfo(timezone)
+        self.env = Environment(loader=FileSystemLoader(str(TEMPLATES)),
+                               autoescape=select_autoescape(default=True, default_for_string=True),
+                               undefined=StrictUndefined, finalize=_finalize,
+                               trim_blocks=True, lstrip_blocks=True)
+        self.env.filters.update(local=self.local, age=age_zh, status=lambda s: STATUS_ZH.get(s, s),
+                                circuit=lambda s: CIRCUIT_ZH.get(s, s),
+                                adapter=lambda s: ADAPTER_ZH.get(s, s) if s else "",
+                                event=lambda s: EVENT_ZH.get(s, s), query=self.query,
+                                json=_json)
+
+    def local(self, value: Any, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+        when = _as_datetime(value)
+        return when.astimezone(self.zone).strftime(fmt) if when else "—"
+
+    @staticmethod
+    def query(params: dict[str, Any], **changes: Any) -> str:
+        """A query string from ``params`` with ``changes``; empty values are left out."""
+        merged = {**params, **changes}
+        return urlencode([(k, v) for k, v in merged.items() if v not in (None, "")], doseq=True)
+
+    def page(self, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        html = self.env.get_template(name).render(**context)
+        return HTMLResponse(html, status_code=status_code, headers=SECURITY_HEADERS)
+
+
+SECURITY_HEADERS = {
+    # Nothing inline, nothing from elsewhere: the console's own CSS and forms only.
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}

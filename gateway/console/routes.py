@@ -1,0 +1,160 @@
+"""The console's pages: login, dashboard, batches, reconciliation (actions live in ``actions``).
+
+Mounted by ``gateway.api.app`` under ``/ops``.  Reads go through the same modules as the ops
+API (``gateway.ops.overview``, ``gateway.batches``, ``gateway.reconcile``).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import RedirectResponse
+from sqlalchemy import func, select
+
+from gateway import reconcile
+from gateway.batches import batch_status
+from gateway.console import actions
+from gateway.console import session as sessions
+from gateway.console.forms import ConsoleError, choice, integer, text
+from gateway.console.render import TEMPLATES
+from gateway.console.web import (
+    ConsoleRoute,
+    Ctx,
+    posted,
+    renderer_of,
+    safe_next,
+    set_cookie,
+    signer_of,
+    state_of,
+    viewer,
+)
+from gateway.ops.overview import overview
+from gateway.store.tables import batches
+
+router = APIRouter(prefix="/ops", route_class=ConsoleRoute, include_in_schema=False)
+Viewer = Annotated[Ctx, Depends(viewer)]
+Posted = Annotated[Ctx, Depends(posted)]
+
+BATCH_STATUSES = ("queued", "processing", "done", "failed")
+BATCH_KINDS = ("monthly", "annual", "roster")
+RECONCILED = ("health", "finance")
+PAGE = 50
+
+
+def _login_page(request: Request, status_code: int = 200, error: str | None = None,
+                next_path: str = "/ops") -> Response:
+    nonce = sessions.new_login_nonce()
+    response = renderer_of(request).page(
+        "login.html", status_code, me=None, can_act=False, csrf="", path=request.url.path,
+        login_csrf=sessions.login_csrf(signer_of(request), nonce), error=error, next=next_path)
+    set_cookie(request, response, sessions.LOGIN_COOKIE, nonce, sessions.LOGIN_SECONDS)
+    return response
+
+
+@router.get("/login")
+def login_form(request: Request, next: str | None = None) -> Response:  # noqa: A002 - the URL's name
+    state = state_of(request)
+    if sessions.load(state.engine, signer_of(request), request.cookies.get(sessions.COOKIE)):
+        return RedirectResponse(safe_next(next), status_code=303)
+    return _login_page(request, next_path=safe_next(next))
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    form = await request.form()
+    token, csrf, next_path = (form.get("token"), form.get("csrf"), safe_next(form.get("next")))
+    nonce = request.cookies.get(sessions.LOGIN_COOKIE) or ""
+    signer = signer_of(request)
+    if not nonce or not isinstance(csrf, str) or not signer.check_csrf("login/" + nonce, csrf):
+        return _login_page(request, 403, "登录表单已过期，请重新输入令牌。", next_path)
+    found = await run_in_threadpool(sessions.log_in, state_of(request).engine, signer,
+                                    token if isinstance(token, str) else "")
+    if found is None:
+        return _login_page(request, 401, "令牌无效：请检查后重新输入。", next_path)
+    response = RedirectResponse(next_path, status_code=303)
+    set_cookie(request, response, sessions.COOKIE, found[0], sessions.SESSION_SECONDS)
+    response.delete_cookie(sessions.LOGIN_COOKIE, path=sessions.COOKIE_PATH)
+    return response
+
+
+@router.post("/logout")
+def logout(ctx: Posted) -> Response:
+    response = RedirectResponse("/ops/login", status_code=303)
+    response.delete_cookie(sessions.COOKIE, path=sessions.COOKIE_PATH, httponly=True,
+                           samesite="strict")
+    return response
+
+
+@router.get("/console.css")
+def stylesheet() -> Response:
+    return Response((TEMPLATES / "console.css").read_bytes(), media_type="text/css",
+                    headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+
+@router.get("")
+def dashboard(ctx: Viewer) -> Response:
+    with ctx.state.engine.connect() as conn:
+        data = overview(conn, ctx.state.settings)
+    worker = ctx.state.worker
+    circuit = None if worker is None else worker.breaker.state.value
+    return ctx.page("dashboard.html", data=data, circuit=circuit)
+
+
+@router.get("/batches")
+def batch_list(ctx: Viewer) -> Response:
+    params = ctx.request.query_params
+    adapter = choice(params, "adapter", ("health", "finance", "training_base"))
+    kind = choice(params, "kind", BATCH_KINDS)
+    status = choice(params, "status", BATCH_STATUSES)
+    partner_id = text(params, "partner_id")
+    page = integer(params, "page", 1, 1, 100_000)
+    where = [c for c in (
+        batches.c.adapter == adapter if adapter else None,
+        batches.c.kind == kind if kind else None,
+        batches.c.status == status if status else None,
+        batches.c.partner_id == partner_id if partner_id else None) if c is not None]
+    with ctx.state.engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(batches).where(*where)).scalar_one()
+        rows = [dict(r) for r in conn.execute(
+            select(batches.c.batch_id, batches.c.partner_id, batches.c.adapter, batches.c.kind,
+                   batches.c.period, batches.c.status, batches.c.rows_done, batches.c.rows_total,
+                   batches.c.accepted, batches.c.duplicate, batches.c.corrected,
+                   batches.c.conflict, batches.c.rejected, batches.c.created_at,
+                   batches.c.finished_at, batches.c.error)
+            .where(*where).order_by(batches.c.created_at.desc(), batches.c.batch_id.desc())
+            .limit(PAGE).offset((page - 1) * PAGE)).mappings()]
+    filters = {"adapter": adapter, "kind": kind, "status": status, "partner_id": partner_id}
+    return ctx.page("batches.html", rows=rows, total=int(total), page=page,
+                    pages=max(1, -(-int(total) // PAGE)), filters=filters,
+                    statuses=BATCH_STATUSES, kinds=BATCH_KINDS)
+
+
+@router.get("/batches/{batch_id}")
+def batch_page(batch_id: str, ctx: Viewer) -> Response:
+    params = ctx.request.query_params
+    cursor = integer(params, "cursor", 0, 0, 2**62)
+    if not batch_id or len(batch_id) > 40 or any(ord(ch) < 32 for ch in batch_id):
+        raise ConsoleError(404, "未找到", "没有这个批次。")
+    with ctx.state.engine.connect() as conn:
+        found = batch_status(conn, batch_id, cursor, 100)
+    if found is None:
+        raise ConsoleError(404, "未找到", f"没有批次 {batch_id}。")
+    return ctx.page("batch.html", batch=found, cursor=cursor)
+
+
+@router.get("/reconciliation")
+def reconciliation(ctx: Viewer) -> Response:
+    params = ctx.request.query_params
+    this_year = datetime.now(UTC).astimezone(ctx.render.zone).year
+    adapter = choice(params, "adapter", RECONCILED) or "health"
+    year = integer(params, "year", this_year, 2000, 2100)
+    with ctx.state.engine.connect() as conn:
+        report: dict[str, Any] = reconcile.report(conn, adapter, year)
+    return ctx.page("reconciliation.html", report=report, adapter=adapter, year=year,
+                    adapters=RECONCILED)
+
+
+router.include_router(actions.router)
