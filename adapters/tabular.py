@@ -27,6 +27,20 @@ sequence).  The rest is decoded with ``errors="surrogateescape"``: bytes that ar
 the chosen encoding survive as lone surrogates, and the one record that holds them becomes a
 row error — not a crash of the batch and not silently replaced characters (``errors="replace"``
 would turn a mis-encoded name into ``"��"`` and accept it).
+
+**Limits** (a hostile file must not exhaust memory; every reader holds one bounded row):
+
+- A cell over :data:`MAX_CELL_CHARS` (32,767, Excel's own limit for a cell) is a row error.
+- A CSV record or NDJSON line over :data:`MAX_RECORD_CHARS` (1 Mi characters; bytes for
+  NDJSON) is a row error: lines are read in bounded pieces and the rest of the offending line
+  is skipped unread into memory.  Python's ``csv`` also refuses one field over 131,072
+  characters (``csv.field_size_limit``), which becomes a row error too.
+- An XLSX workbook is checked before openpyxl parses it (:func:`xlsx_census`), from the sizes
+  its ZIP directory declares (decompression never runs past them) and one streaming pass over
+  the first sheet's XML: more than :data:`MAX_XLSX_UNPACKED_BYTES` unpacked, a shared-strings
+  table (which openpyxl holds whole) over :data:`MAX_XLSX_SHARED_STRINGS_BYTES`, one ``<row>``
+  over :data:`MAX_XLSX_ROW_XML_BYTES`, or a row number past Excel's 1,048,576 raise
+  :class:`WorkbookTooLarge` — the whole file is refused; there is no row to blame safely.
 """
 
 from __future__ import annotations
@@ -36,10 +50,13 @@ import csv
 import io
 import re
 import warnings
+import xml.etree.ElementTree as ET  # expat refuses entity-expansion bombs (Python ≥ 3.7.1)
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 import orjson
 
@@ -50,8 +67,16 @@ __all__ = [
     "Cells",
     "Format",
     "Row",
+    "MAX_CELL_CHARS",
+    "MAX_RECORD_CHARS",
+    "MAX_XLSX_ROW_XML_BYTES",
+    "MAX_XLSX_SHARED_STRINGS_BYTES",
+    "MAX_XLSX_UNPACKED_BYTES",
     "UnreadableFile",
     "UnsupportedFormat",
+    "WorkbookTooLarge",
+    "XlsxCensus",
+    "count_data_rows",
     "detect_format",
     "iter_csv",
     "iter_ndjson",
@@ -60,6 +85,7 @@ __all__ = [
     "count_rows",
     "parse_file",
     "row_error",
+    "xlsx_census",
 ]
 
 Format = Literal["csv", "xlsx", "ndjson"]
@@ -75,6 +101,13 @@ _UTF8_BOM = codecs.BOM_UTF8
 _SURROGATES = re.compile("[\udc80-\udcff]")
 _XLSX_CHUNK = 1000
 
+MAX_CELL_CHARS = 32_767  # Excel's own limit for one cell
+MAX_RECORD_CHARS = 1 << 20  # one CSV record (characters) or NDJSON line (bytes)
+MAX_XLSX_ROW_XML_BYTES = 16 << 20  # one <row> element of the sheet's XML
+MAX_XLSX_SHARED_STRINGS_BYTES = 256 << 20  # openpyxl loads this part whole
+MAX_XLSX_UNPACKED_BYTES = 8 << 30  # every part together, as the ZIP directory declares
+XLSX_MAX_ROW_NUMBER = 1_048_576  # an Excel sheet's last row
+
 
 class UnreadableFile(ValueError):
     """The file as a whole cannot be read (a broken workbook); its batch fails, with this."""
@@ -82,6 +115,18 @@ class UnreadableFile(ValueError):
 
 class UnsupportedFormat(UnreadableFile):
     """The file is of a kind the gateway does not read (e.g. a legacy ``.xls`` workbook)."""
+
+
+class WorkbookTooLarge(UnreadableFile):
+    """An XLSX workbook past a limit of the module docs (a ZIP bomb, a monstrous row)."""
+
+
+def _too_long_cell(cells: Iterable[object]) -> bool:
+    return any(isinstance(c, str) and len(c) > MAX_CELL_CHARS for c in cells)
+
+
+def _long_cell_error(number: int) -> Cells:
+    return {ROW_ERROR: f"row {number}: a cell longer than {MAX_CELL_CHARS:,} characters"}
 
 
 def row_error(cells: Mapping[str, object]) -> str | None:
@@ -198,6 +243,37 @@ def _cells(columns: list[tuple[int, str]], row: list[str]) -> Cells:
     return {name: (row[i] if i < width else "") for i, name in columns}
 
 
+class _RecordTooLong(Exception):
+    """Raised through ``csv.reader`` by :class:`_BoundedLines`; the reader resets on next()."""
+
+
+class _BoundedLines:
+    """The lines of ``text`` for ``csv.reader``, at most MAX_RECORD_CHARS per record.
+
+    ``spent`` counts the characters handed out since the caller last set it to 0 (at each
+    record); past the limit the rest of the physical line is read and dropped in bounded
+    pieces, and :class:`_RecordTooLong` is raised.
+    """
+
+    def __init__(self, text: io.TextIOWrapper) -> None:
+        self._readline = text.readline
+        self.spent = 0
+
+    def __iter__(self) -> _BoundedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self._readline(MAX_RECORD_CHARS + 1 - self.spent)
+        if not line:
+            raise StopIteration
+        self.spent += len(line)
+        if self.spent <= MAX_RECORD_CHARS:
+            return line
+        while line and not line.endswith(("\n", "\r")):
+            line = self._readline(HEAD_BYTES)
+        raise _RecordTooLong
+
+
 def iter_csv(stream: IO[bytes]) -> Iterator[Row]:
     """Rows of a CSV file read from a binary stream, in constant memory (module docs)."""
     head, at_eof = _read_head(stream)
@@ -208,13 +284,15 @@ def iter_csv(stream: IO[bytes]) -> Iterator[Row]:
         errors="surrogateescape",
         newline="",
     )
-    reader = csv.reader(text, delimiter=_sniff_delimiter(head.removeprefix(_UTF8_BOM)))
+    lines = _BoundedLines(text)
+    reader = csv.reader(lines, delimiter=_sniff_delimiter(head.removeprefix(_UTF8_BOM)))
     columns: list[tuple[int, str]] | None = None
     names: list[str] = []
     contiguous = True
     number = 0
     try:
         while True:
+            lines.spent = 0
             try:
                 row = next(reader)
             except StopIteration:
@@ -223,9 +301,16 @@ def iter_csv(stream: IO[bytes]) -> Iterator[Row]:
                 number += 1
                 yield number, {ROW_ERROR: f"row {number}: not valid CSV ({exc})"}
                 continue
+            except _RecordTooLong:
+                number += 1
+                yield number, {ROW_ERROR: f"row {number}: longer than {MAX_RECORD_CHARS:,} characters"}
+                continue
             number += 1
             joined = "".join(row)
             if not joined.strip():
+                continue
+            if len(joined) > MAX_CELL_CHARS and _too_long_cell(row):
+                yield number, _long_cell_error(number)
                 continue
             if columns is None:
                 # An undecodable header name matches no column, so every row will say which
@@ -246,6 +331,135 @@ def iter_csv(stream: IO[bytes]) -> Iterator[Row]:
 
 
 # -- XLSX -------------------------------------------------------------------------------------
+
+# A row element's start tag, with or without a namespace prefix ("<row ", "<x:row>").
+_ROW_START = re.compile(rb"<(?:[A-Za-z_][\w.-]{0,15}:)?row[\s>/]")
+_ROW_NUMBER = re.compile(rb"\sr\s*=\s*[\"']?(\d+)")
+_SCAN_BLOCK = 1 << 20
+_TAG_MARGIN = 4096  # a start tag is looked at whole once this much follows it (or at the end)
+_NS_REL = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}id"
+_SMALL_PART = 16 << 20  # the workbook and relationship parts parsed to find the first sheet
+
+
+@dataclass(frozen=True)
+class XlsxCensus:
+    """What :func:`xlsx_census` found: row elements of the first sheet (header included)."""
+
+    rows: int
+    highest_row_number: int
+    largest_row_bytes: int  # of the XML between two row starts (or before the first, after the last)
+
+
+def _scan_sheet_xml(stream: IO[bytes], name: str) -> XlsxCensus:
+    """Count ``<row>`` elements in bounded memory; refuse a row or a row number past limits."""
+    pending, offset, last_start, rows, highest, largest = b"", 0, 0, 0, 0, 0
+    while True:
+        block = stream.read(_SCAN_BLOCK)
+        data = pending + block
+        usable = len(data) if not block else max(0, len(data) - _TAG_MARGIN)
+        for match in _ROW_START.finditer(data, 0, len(data)):
+            start = match.start()
+            if start >= usable:
+                break
+            if offset + start - last_start > MAX_XLSX_ROW_XML_BYTES:
+                break  # reported below, with the same check as a row that never ends
+            largest = max(largest, offset + start - last_start)
+            last_start, rows = offset + start, rows + 1
+            end = data.find(b">", start, start + _TAG_MARGIN)
+            number = _ROW_NUMBER.search(data, start, end if end >= 0 else start + _TAG_MARGIN)
+            if number is not None:
+                highest = max(highest, int(number.group(1)))
+            else:
+                highest += 1
+            if highest > XLSX_MAX_ROW_NUMBER:
+                raise WorkbookTooLarge(f"{name}: a row number past Excel's {XLSX_MAX_ROW_NUMBER:,}")
+        if offset + usable - last_start > MAX_XLSX_ROW_XML_BYTES:
+            raise WorkbookTooLarge(
+                f"{name}: one row (or the XML around the rows) holds more than "
+                f"{MAX_XLSX_ROW_XML_BYTES >> 20} MiB")
+        if not block:
+            return XlsxCensus(rows, highest, max(largest, offset + usable - last_start))
+        pending, offset = data[usable:], offset + usable
+
+
+def _first_sheet_part(archive: zipfile.ZipFile) -> str | None:
+    """The part openpyxl reads as ``worksheets[0]``: the workbook's first ``<sheet>``."""
+
+    def small_xml(name: str) -> Any:
+        info = archive.getinfo(name)
+        if info.file_size > _SMALL_PART:
+            raise WorkbookTooLarge(f"{name}: {info.file_size:,} bytes unpacked")
+        return ET.fromstring(archive.read(name))
+
+    names = set(archive.namelist())
+    book = "xl/workbook.xml"
+    if "_rels/.rels" in names:
+        for rel in small_xml("_rels/.rels"):
+            if str(rel.get("Type", "")).endswith("/officeDocument"):
+                book = str(rel.get("Target", book)).lstrip("/")
+    folder, _, leaf = book.rpartition("/")
+    rels_name = f"{folder}/_rels/{leaf}.rels" if folder else f"_rels/{leaf}.rels"
+    if book not in names or rels_name not in names:
+        return None
+    targets = {str(r.get("Id")): str(r.get("Target", "")) for r in small_xml(rels_name)}
+    for element in small_xml(book).iter():
+        if element.tag.rpartition("}")[2] == "sheet":
+            target = targets.get(str(element.get(_NS_REL)), "")
+            if not target:
+                return None
+            return target.lstrip("/") if target.startswith("/") else f"{folder}/{target}".lstrip("/")
+    return None
+
+
+def xlsx_census(source: str | Path | IO[bytes]) -> XlsxCensus:
+    """Check an XLSX workbook against the limits of the module docs before it is parsed.
+
+    Reads only the ZIP directory and streams each sheet-like XML part once (a ZIP member is
+    never decompressed past the size the directory declares).  Raises
+    :class:`WorkbookTooLarge` past a limit, :class:`UnreadableFile` for a file that is not a
+    ZIP archive; returns the first sheet's row elements, header and formatted blank rows
+    included.  A file object is left positioned at its start.
+    """
+    try:
+        archive = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise UnreadableFile(f"not a readable XLSX workbook ({type(exc).__name__}: {exc})") from exc
+    try:
+        infos = archive.infolist()
+        unpacked = sum(info.file_size for info in infos)
+        if unpacked > MAX_XLSX_UNPACKED_BYTES:
+            raise WorkbookTooLarge(f"{unpacked:,} bytes unpacked (at most {MAX_XLSX_UNPACKED_BYTES:,})")
+        first = None
+        census: dict[str, XlsxCensus] = {}
+        for info in infos:
+            name = info.filename
+            if not name.lower().endswith(".xml") or info.is_dir():
+                continue
+            if name.lower().endswith("sharedstrings.xml"):
+                if info.file_size > MAX_XLSX_SHARED_STRINGS_BYTES:
+                    raise WorkbookTooLarge(f"{name}: {info.file_size:,} bytes of shared strings "
+                                           f"(at most {MAX_XLSX_SHARED_STRINGS_BYTES:,})")
+                continue
+            with archive.open(info) as part:
+                census[name] = _scan_sheet_xml(part, name)
+        try:
+            first = _first_sheet_part(archive)
+        except (ET.ParseError, KeyError, ValueError):
+            first = None
+    except WorkbookTooLarge:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise UnreadableFile(f"not a readable XLSX workbook ({type(exc).__name__}: {exc})") from exc
+    finally:
+        archive.close()
+        if not isinstance(source, (str, Path)):
+            source.seek(0)
+    if first in census:
+        return census[first]
+    # The first sheet could not be named: the largest part stands in (an upper bound).
+    return XlsxCensus(max((c.rows for c in census.values()), default=0),
+                      max((c.highest_row_number for c in census.values()), default=0),
+                      max((c.largest_row_bytes for c in census.values()), default=0))
 
 
 @contextmanager
@@ -274,17 +488,23 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
     # openpyxl refuses a *path* without an .xlsx-like extension (a stored upload has none),
     # so it is given an open file instead.
     owned = open(source, "rb") if isinstance(source, (str, Path)) else None  # noqa: SIM115
+    handle: IO[bytes] = owned or source  # type: ignore[assignment]
     try:
+        census = xlsx_census(handle)  # the limits of the module docs, before openpyxl parses
         with _quiet_openpyxl():
-            book = load_workbook(owned or source, read_only=True, data_only=True)
+            book = load_workbook(handle, read_only=True, data_only=True)
     except Exception as exc:
         if owned is not None:
             owned.close()
+        if isinstance(exc, UnreadableFile):
+            raise
         raise UnreadableFile(f"not a readable XLSX workbook ({type(exc).__name__}: {exc})") from exc
+    # Rows held at once stay within about one MAX_XLSX_ROW_XML_BYTES of XML.
+    per_chunk = max(1, min(_XLSX_CHUNK, MAX_XLSX_ROW_XML_BYTES // max(census.largest_row_bytes, 1)))
     try:
         sheet = book.worksheets[0] if book.worksheets else None
-        if sheet is None:
-            return
+        if sheet is None or not hasattr(sheet, "iter_rows"):
+            return  # no sheet, or a chart sheet first: there are no rows
         # Read-only mode trusts the file's <dimension>, which some tools write wrong (a sheet
         # "A1:B2" with 10,000 rows would be cut short): read every row that is there instead.
         sheet.reset_dimensions()
@@ -292,13 +512,22 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
         columns: list[tuple[int, str]] | None = None
         number = 0
         while True:
-            with _quiet_openpyxl():
-                chunk = [row for _, row in zip(range(_XLSX_CHUNK), rows, strict=False)]
+            try:
+                with _quiet_openpyxl():
+                    chunk = [row for _, row in zip(range(per_chunk), rows, strict=False)]
+            except Exception as exc:  # a malformed cell deep in the sheet (e.g. a bad reference)
+                raise UnreadableFile(f"row {number + 1}: not readable ({type(exc).__name__}: "
+                                     f"{exc})") from exc
             if not chunk:
                 return
             for values in chunk:
                 number += 1
+                if number > XLSX_MAX_ROW_NUMBER:  # openpyxl fills gaps up to a row's number
+                    raise WorkbookTooLarge(f"a row number past Excel's {XLSX_MAX_ROW_NUMBER:,}")
                 if all(v is None or (isinstance(v, str) and not v.strip()) for v in values):
+                    continue
+                if _too_long_cell(values):
+                    yield number, _long_cell_error(number)
                     continue
                 if columns is None:
                     columns = _header(values)
@@ -320,9 +549,14 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
 def iter_ndjson(stream: IO[bytes]) -> Iterator[Row]:
     """Rows of an NDJSON file: one JSON object a line, UTF-8 (RFC 8259); row number = line.
 
-    A line that is not valid JSON, not UTF-8, or not an object becomes a row error.
+    A line that is not valid JSON, not UTF-8, or not an object becomes a row error, and so
+    does a line over MAX_RECORD_CHARS bytes (never read whole) or a string value over
+    MAX_CELL_CHARS characters.
     """
-    for number, line in enumerate(stream, start=1):
+    for number, line in enumerate(_bounded_byte_lines(stream), start=1):
+        if line is None:
+            yield number, {ROW_ERROR: f"line {number}: longer than {MAX_RECORD_CHARS:,} bytes"}
+            continue
         if number == 1:
             line = line.removeprefix(_UTF8_BOM)
         if not line.strip():
@@ -336,7 +570,22 @@ def iter_ndjson(stream: IO[bytes]) -> Iterator[Row]:
             kind = type(value).__name__
             yield number, {ROW_ERROR: f"line {number}: expected a JSON object, got {kind}"}
             continue
+        if len(line) > MAX_CELL_CHARS and _too_long_cell(value.values()):
+            yield number, _long_cell_error(number)
+            continue
         yield number, value
+
+
+def _bounded_byte_lines(stream: IO[bytes]) -> Iterator[bytes | None]:
+    """The lines of ``stream``; ``None`` for one over MAX_RECORD_CHARS bytes (dropped unread)."""
+    readline = stream.readline
+    while line := readline(MAX_RECORD_CHARS + 1):
+        if len(line) <= MAX_RECORD_CHARS:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = readline(HEAD_BYTES)
+        yield None
 
 
 # -- dispatch ---------------------------------------------------------------------------------
@@ -371,3 +620,17 @@ def count_rows(path: str | Path, fmt: Format | None = None) -> int:
     for row_no, _ in iter_rows(path, fmt):
         last = row_no
     return last
+
+
+def count_data_rows(path: str | Path, fmt: Format, stop_after: int | None = None) -> int:
+    """Rows a batch of this file counts (every row a reader yields, row errors included).
+
+    The header and blank rows are not counted.  With ``stop_after`` the count stops at
+    ``stop_after + 1``: enough to know a file is over a limit without reading all of it.
+    """
+    count = 0
+    for _ in iter_rows(path, fmt):
+        count += 1
+        if stop_after is not None and count > stop_after:
+            break
+    return count

@@ -1,19 +1,30 @@
-"""Request dependencies: the signed partner (SPEC §7) and the operator behind a bearer token."""
+"""Request dependencies: the signed partner (SPEC §7) and the operator behind a bearer token.
+
+A partner request is checked in the order that costs an attacker the most and the gateway the
+least: the X-CE-* headers (present, well formed, timestamp inside the window) and the app key
+(:func:`partner_of`) before a byte of the body is read; then the body, bounded by
+MAX_BODY_BYTES (a batch upload streams to disk under MAX_BATCH_BYTES instead); then the HMAC
+over the body's hash; then, in one transaction, the nonce (a replay is refused) and the
+partner's rate limit (gateway/ratelimit.py) — counted only for requests that proved the secret.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 
 from gateway.accounts import Operator, Partner, operator_by_token, partner_by_app_key
 from gateway.errors import Forbidden, PayloadTooLarge, Unauthenticated
+from gateway.ratelimit import Limit, RateLimited, admit
 from gateway.signing import (
     HEADER_APP_KEY,
     HEADER_NONCE,
@@ -25,6 +36,9 @@ from gateway.state import AppState
 from gateway.store.tables import nonces
 
 MIN_NONCE_LENGTH = 16
+MAX_NONCE_LENGTH = 128  # the nonces table's column
+MAX_APP_KEY_LENGTH = 64  # the partners table's column
+_HEX_SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def state_of(request: Request) -> AppState:
@@ -54,18 +68,30 @@ def _path_with_query(request: Request) -> str:
     return raw.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
 
 
-def _remember_nonce(state: AppState, app_key: str, nonce: str) -> None:
+def _admit(state: AppState, app_key: str, nonce: str) -> None:
+    """Remember the nonce and count the request against the partner's rate limit, atomically.
+
+    A rate-limited request's nonce stays used: were it forgotten, whoever saw the refused
+    request could replay it later inside the window.
+    """
     now = datetime.now(UTC)
-    window = timedelta(seconds=state.settings.signature_window_seconds)
+    settings = state.settings
+    window = timedelta(seconds=settings.signature_window_seconds)
+    wait: int | None = None
     try:
         with state.engine.begin() as conn:
             conn.execute(insert(nonces).values(app_key=app_key, nonce=nonce, seen_at=now))
+            if settings.rate_limit_per_minute > 0:
+                wait = admit(conn, f"partner:{app_key}",
+                             Limit(settings.rate_limit_per_minute, settings.rate_limit_burst))
             state.nonce_inserts += 1
             if state.nonce_inserts % 500 == 0:
                 # Past twice the window a replay is refused by its timestamp anyway.
                 conn.execute(delete(nonces).where(nonces.c.seen_at < now - 2 * window))
     except IntegrityError as exc:
         raise Unauthenticated("REPLAYED", detail="(nonce already used)") from exc
+    if wait is not None:
+        raise RateLimited(wait)
 
 
 @dataclass(frozen=True)
@@ -84,8 +110,14 @@ def signature_headers(request: Request) -> SignatureHeaders:
                                      headers.get(HEADER_NONCE), headers.get(HEADER_SIGNATURE))
     if not (app_key and ts and nonce and signature):
         raise Unauthenticated("UNAUTHENTICATED", detail="(missing X-CE-* signature headers)")
-    if len(nonce) < MIN_NONCE_LENGTH or len(nonce) > 128:
-        raise Unauthenticated("UNAUTHENTICATED", detail="(nonce must be 16–128 characters)")
+    if len(app_key) > MAX_APP_KEY_LENGTH or not _printable_ascii(app_key):
+        raise Unauthenticated("UNAUTHENTICATED", detail="(unknown app key)")
+    if not (MIN_NONCE_LENGTH <= len(nonce) <= MAX_NONCE_LENGTH) or not _printable_ascii(nonce):
+        raise Unauthenticated("UNAUTHENTICATED",
+                              detail="(nonce must be 16–128 printable ASCII characters)")
+    if not _HEX_SIGNATURE.fullmatch(signature):
+        raise Unauthenticated("UNAUTHENTICATED",
+                              detail="(signature must be 64 hexadecimal characters)")
     try:
         skew = abs(time.time() - int(ts))
     except ValueError as exc:
@@ -95,25 +127,43 @@ def signature_headers(request: Request) -> SignatureHeaders:
     return SignatureHeaders(app_key, ts, nonce, signature)
 
 
-def verify_signature(request: Request, sig: SignatureHeaders, body_sha256: str) -> Partner:
-    """Check the signature over the body's hash; remember the nonce (replays are refused)."""
+def _printable_ascii(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
+def partner_of(request: Request, sig: SignatureHeaders) -> Partner:
+    """The active partner of the request's app key (401 for an unknown one), before any body."""
     state = state_of(request)
     partner = partner_by_app_key(state.engine, state.box, sig.app_key)
     if partner is None:
         raise Unauthenticated("UNAUTHENTICATED", detail="(unknown app key)")
+    return partner
+
+
+def verify_signature(request: Request, sig: SignatureHeaders, body_sha256: str,
+                     partner: Partner | None = None) -> Partner:
+    """Check the signature over the body's hash, then the nonce and the rate limit.
+
+    401 ``UNAUTHENTICATED`` (bad signature, unknown key), 401 ``REPLAYED``, 429 ``RATE_LIMITED``.
+    ``partner`` is the one :func:`partner_of` already found, if the caller looked first.
+    """
+    state = state_of(request)
+    partner = partner or partner_of(request, sig)
     expected = sign_digest(partner.secret, request.method, _path_with_query(request),
                            sig.timestamp, sig.nonce, body_sha256)
     if not hmac.compare_digest(expected, sig.signature.lower()):
         raise Unauthenticated("UNAUTHENTICATED", detail="(signature does not match)")
-    _remember_nonce(state, sig.app_key, sig.nonce)
+    _admit(state, sig.app_key, sig.nonce)
     return partner
 
 
 async def signed_partner(request: Request) -> tuple[Partner, bytes]:
     """Authenticate a partner request; returns the partner and the raw body it signed."""
     sig = signature_headers(request)
+    partner = await run_in_threadpool(partner_of, request, sig)
     body = await read_body(request)
-    return verify_signature(request, sig, hashlib.sha256(body).hexdigest()), body
+    digest = hashlib.sha256(body).hexdigest()
+    return await run_in_threadpool(verify_signature, request, sig, digest, partner), body
 
 
 def operator(request: Request) -> Operator:

@@ -418,3 +418,15 @@ alert_state = Table(
     Column("cleared_at", UTCDateTime),
     Column("detail", Text, nullable=False),  # JSON, identity numbers masked
 )
+
+
+# -- partner rate limits (issue 6) ---------------------------------------------------------------
+
+# One row per rate-limited key (a partner's app key): the GCRA "theoretical arrival time" in
+# epoch milliseconds (gateway/ratelimit.py).  One UPSERT per signed request, shared by replicas.
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("bucket", String(160), primary_key=True),
+    Column("tat_ms", BigInteger, nullable=False),
+)

@@ -1,4 +1,20 @@
-"""Batch uploads (signed, streamed to disk, 202) and batch status; training-base pushes."""
+"""Batch uploads (signed, streamed to disk, 202) and batch status; training-base pushes.
+
+An upload is refused as early as it can be known, and nothing of a refused upload stays:
+
+- before a byte of the body: the X-CE-* headers, the app key (401), the query, a declared
+  ``Content-Length`` over MAX_BATCH_BYTES or an ``X-CE-Row-Count`` over MAX_BATCH_ROWS (413);
+- while streaming: more than MAX_BATCH_BYTES (413);
+- after the stream: the signature over the file's hash, the nonce and the rate limit (401,
+  429), the partner's scope (403), an empty file or one of no format we read (422), and the
+  row limit (413 ``PAYLOAD_TOO_LARGE``).  Rows are counted cheaply: a CSV or NDJSON file
+  holds at most as many data rows as line breaks (counted as it streams), so only a file with
+  more line breaks than MAX_BATCH_ROWS is counted exactly (stopping past the limit); an XLSX
+  file is checked by :func:`adapters.tabular.xlsx_census` (its first sheet's row elements, less
+  the header — formatted blank rows count), which also refuses a ZIP bomb or a monstrous row.
+
+So a file over the row limit never becomes a batch, and nothing of it is applied.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +29,20 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from adapters.tabular import detect_format
+from adapters.tabular import (
+    Format,
+    UnreadableFile,
+    WorkbookTooLarge,
+    count_data_rows,
+    detect_format,
+    xlsx_census,
+)
 from adapters.training_base import TrainingBaseAdapter
 from contracts import SubmissionResult
 from gateway.accounts import Partner
 from gateway.api.deps import (
     operator,
+    partner_of,
     signature_headers,
     signed_partner,
     state_of,
@@ -40,23 +64,72 @@ from gateway.store.tables import batches
 
 router = APIRouter(prefix="/v1", tags=["partner"])
 SIGNED = {"description": "Signed with the X-CE-* headers of SPEC §7"}
+_FILE = {"schema": {"type": "string", "format": "binary"}}
+UPLOAD = {**SIGNED, "requestBody": {"required": True, "description": (
+    "The file itself, streamed: CSV (UTF-8, UTF-8 with BOM or GB18030), XLSX or NDJSON. "
+    "Optional control totals in X-CE-Row-Count and X-CE-Total-Credits; X-CE-Filename helps "
+    "name an empty or odd file."), "content": {
+    "application/octet-stream": _FILE, "text/csv": _FILE, "application/x-ndjson": _FILE,
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": _FILE}}}
 
 
-@router.post("/batches", status_code=202, openapi_extra=SIGNED,
+_TEXT = {"type": "string"}
+NATIVE_BODY = {**SIGNED, "requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"type": "object", "required": ["base_code", "plan_id", "results"], "properties": {
+        "base_code": _TEXT, "plan_id": _TEXT, "results": {"type": "array", "items": {
+            "type": "object", "properties": {
+                **{k: _TEXT for k in ("result_id", "id_no", "name", "employer", "region",
+                                      "started_on", "completed_on", "certificate_no")},
+                "hours": {"type": ["string", "number"]}, "passed": {"type": "boolean"}}}}}}}}}}
+
+
+def _check_rows(path: Path, fmt: Format, line_breaks: int, limit: int) -> None:
+    """413 if the file holds more than ``limit`` data rows (module docs: how it is counted)."""
+    try:
+        if fmt == "xlsx":
+            rows = max(xlsx_census(path).rows - 1, 0)  # less the header row
+        elif line_breaks + 1 <= limit:
+            return  # lines <= line breaks + 1 (CR, LF or CRLF end one), and rows <= lines
+        else:
+            rows = count_data_rows(path, fmt, stop_after=limit)
+    except WorkbookTooLarge as exc:
+        raise PayloadTooLarge(field="body", detail=f"({exc})") from exc
+    except UnreadableFile as exc:
+        raise PayloadRejected("SCHEMA", field="body", detail=f"({exc})") from exc
+    if rows > limit:
+        raise PayloadTooLarge(field="body", detail=f"(more than {limit} rows in one batch)")
+
+
+def _line_breaks(block: bytes) -> int:
+    """Line ends in ``block`` as a reader sees them (a CRLF cut between blocks counts twice)."""
+    return block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+
+
+@router.post("/batches", status_code=202, openapi_extra=UPLOAD,
              summary="Upload a batch file (CSV, XLSX or NDJSON); 202 with its id at once")
 async def upload_batch(request: Request, adapter: Annotated[str, Query()],
                        kind: Annotated[str, Query()], period: Annotated[str, Query()]) -> JSONResponse:
     state = state_of(request)
+    settings = state.settings
     sig = signature_headers(request)  # refuse stale or unsigned uploads before reading a byte
     check_batch_request(adapter, kind, period)
     declared_rows, declared_credits = parse_control_totals(
         request.headers.get("x-ce-row-count"), request.headers.get("x-ce-total-credits"))
+    if declared_rows is not None and declared_rows > settings.max_batch_rows:
+        raise PayloadTooLarge(field="X-CE-Row-Count",
+                              detail=f"(more than {settings.max_batch_rows} rows in one batch)")
+    limit = settings.max_batch_bytes
+    declared_size = request.headers.get("content-length", "")
+    if declared_size.isdigit() and int(declared_size) > limit:
+        raise PayloadTooLarge(detail=f"(batch files up to {limit} bytes)")
+    # An unknown app key is refused before the body is streamed to disk; the signature
+    # itself covers the body's hash, so it can only be checked after the stream.
+    known = await run_in_threadpool(partner_of, request, sig)
     batch_id = new_batch_id()
-    directory = Path(state.settings.batch_dir)
+    directory = Path(settings.batch_dir)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f"{batch_id}.part"
-    digest, size, head = hashlib.sha256(), 0, b""
-    limit = state.settings.max_batch_bytes
+    digest, size, head, line_breaks = hashlib.sha256(), 0, b"", 0
     try:
         with tmp.open("wb") as handle:
             async for block in request.stream():
@@ -66,14 +139,20 @@ async def upload_batch(request: Request, adapter: Annotated[str, Query()],
                 if len(head) < 4096:
                     head += block[: 4096 - len(head)]
                 digest.update(block)
+                line_breaks += _line_breaks(block)
                 handle.write(block)
-        partner = verify_signature(request, sig, digest.hexdigest())
+        partner = await run_in_threadpool(verify_signature, request, sig, digest.hexdigest(),
+                                          known)
         if partner.adapter != adapter:
             raise ScopeViolation(detail=f"(partner is registered for {partner.adapter!r})")
         if size == 0:
             raise PayloadRejected("SCHEMA", field="body", detail="(empty file)")
-        fmt = detect_format(head, request.headers.get("x-ce-filename"),
-                            request.headers.get("content-type"))
+        try:
+            fmt = detect_format(head, request.headers.get("x-ce-filename"),
+                                request.headers.get("content-type"))
+        except UnreadableFile as exc:  # a legacy .xls workbook
+            raise PayloadRejected("SCHEMA", field="body", detail=f"({exc})") from exc
+        await run_in_threadpool(_check_rows, tmp, fmt, line_breaks, settings.max_batch_rows)
         final = directory / f"{batch_id}.{fmt}"
         await run_in_threadpool(fsync_into_place, tmp, final)
     except BaseException:
@@ -96,7 +175,8 @@ async def get_batch(batch_id: str, request: Request,
         operator(request)
     else:
         sig = signature_headers(request)
-        owner = verify_signature(request, sig, hashlib.sha256(b"").hexdigest()).partner_id
+        owner = (await run_in_threadpool(verify_signature, request, sig,
+                                         hashlib.sha256(b"").hexdigest())).partner_id
 
     def load() -> dict[str, Any] | None:
         with state.engine.connect() as conn:
@@ -114,7 +194,7 @@ async def get_batch(batch_id: str, request: Request,
     return found
 
 
-@router.post("/partners/{adapter}/records", response_model=SubmissionResult, openapi_extra=SIGNED,
+@router.post("/partners/{adapter}/records", response_model=SubmissionResult, openapi_extra=NATIVE_BODY,
              summary="A push adapter's native JSON (training bases: results of a filed plan)")
 async def native_records(adapter: str, request: Request,
                          signed: Annotated[tuple[Partner, bytes], Depends(signed_partner)],
@@ -129,10 +209,15 @@ async def native_records(adapter: str, request: Request,
     except orjson.JSONDecodeError as exc:
         raise PayloadRejected("SCHEMA", detail=f"(body is not JSON: {exc})") from exc
     if isinstance(document, dict) and partner.base_code and document.get("base_code") != partner.base_code:
-        raise ScopeViolation(detail=f"(partner may only submit for base {partner.base_code})")
+        raise ScopeViolation(field="base_code",
+                             detail=f"(partner may only submit for base {partner.base_code})")
+    most = state.settings.max_records_per_request
+    results = document.get("results") if isinstance(document, dict) else None
+    if isinstance(results, list) and len(results) > most:  # counted before any is parsed
+        raise PayloadTooLarge(field="results", detail=f"(at most {most} results per request)")
     rows = list(TrainingBaseAdapter().parse(document))
-    if len(rows) > state.settings.max_records_per_request:
-        raise PayloadTooLarge(detail=f"(at most {state.settings.max_records_per_request} results)")
+    if len(rows) > most:
+        raise PayloadTooLarge(detail=f"(at most {most} results per request)")
     items = [Item(raw=r.raw, submission=r.submission, errors=r.errors, warnings=r.warnings, row=r.row)
              for r in rows]
     rules = await run_in_threadpool(state.rules)

@@ -10,7 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
-from contracts import RecordAnswer, SubmissionResult
+from contracts import CESubmission, RecordAnswer, SubmissionResult
 from gateway.accounts import Partner
 from gateway.api.deps import signed_partner, state_of
 from gateway.errors import NotFound, PayloadRejected, PayloadTooLarge, ScopeViolation
@@ -19,6 +19,32 @@ from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
 router = APIRouter(prefix="/v1", tags=["partner"])
 SignedPartner = Annotated[tuple[Partner, bytes], Depends(signed_partner)]
 SIGNED = {"description": "Signed with the X-CE-* headers of SPEC §7"}
+
+
+def inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON Schema with its ``$defs`` written in place (for a request body)."""
+    defs: dict[str, Any] = schema.get("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return walk({**defs[ref.removeprefix("#/$defs/")], **rest})
+            return {k: walk(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    result: dict[str, Any] = walk(schema)
+    return result
+
+
+# The body is read raw (its hash is signed), so FastAPI cannot infer it: documented here.
+RECORDS_BODY = {**SIGNED, "requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"type": "object", "required": ["records"], "additionalProperties": False,
+               "properties": {"records": {"type": "array", "minItems": 1, "maxItems": 1000,
+                                          "items": inlined(CESubmission.model_json_schema())}}}}}}}
 
 
 def _records_of(body: bytes, limit: int) -> list[Any]:
@@ -51,7 +77,7 @@ def records_result(answers: list[RecordAnswer]) -> SubmissionResult:
         k: counts.get(k, 0) for k in ("accepted", "duplicate", "corrected", "conflict", "rejected")})
 
 
-@router.post("/records", response_model=SubmissionResult, openapi_extra=SIGNED,
+@router.post("/records", response_model=SubmissionResult, openapi_extra=RECORDS_BODY,
              summary="Submit 1–1,000 canonical records; one answer per record")
 async def submit_records(request: Request, signed: SignedPartner) -> SubmissionResult:
     partner, body = signed
