@@ -44,7 +44,7 @@ from tenacity import (
 )
 
 from contracts.errors import message
-from gateway import audit
+from gateway import audit, metrics
 from gateway.config import Settings
 from gateway.delivery.circuit import CircuitBreaker, CircuitState
 from gateway.delivery.policy import Action, classify, classify_exception, retry_after_seconds
@@ -130,9 +130,14 @@ class DeliveryWorker:
 
     def _form_batch(self, conn: Connection, now: datetime) -> Claimed | None:
         earlier = aliased(outbox)
+        # "Not delivered, dead nor superseded" is "pending", said so that the
+        # probe can only use the (record_id, version) index: with ``status = 'pending'`` and
+        # stale statistics (a fresh table, a year-end burst) PostgreSQL probed through the
+        # status index instead, comparing every pending row with every other — 0.6 s a claim
+        # at 2,000 pending, quadratic beyond (measured; tests/e2e/test_scale_faults.py).
         waiting_for_earlier = exists().where(
             and_(earlier.c.record_id == outbox.c.record_id, earlier.c.version < outbox.c.version,
-                 earlier.c.status == "pending"))
+                 earlier.c.status.not_in(("delivered", "dead", "superseded"))))
         rows = conn.execute(
             select(outbox.c.id, outbox.c.record_id, outbox.c.version)
             .where(outbox.c.status == "pending", outbox.c.batch_key.is_(None), ~waiting_for_earlier)
@@ -164,14 +169,17 @@ class DeliveryWorker:
 
     def _post_once(self, key: str, body: bytes) -> _Reply:
         self.stats.http_calls += 1
+        started = time.perf_counter()
         try:
             response = self._client.post(INTAKE_PATH, content=body, headers={
                 "Idempotency-Key": key, "Content-Type": "application/json"})
         except httpx.HTTPError as exc:
+            metrics.observe_delivery("transport_error", time.perf_counter() - started)
             classify_exception(exc)  # every httpx error is transient; others propagate
             self.breaker.record_failure()
             raise RetriableDeliveryError(f"{type(exc).__name__}: {exc}") from exc
         action = classify(response.status_code)
+        metrics.observe_delivery(action.value, time.perf_counter() - started)
         if action in (Action.RETRY, Action.RATE_LIMITED):
             self.breaker.record_failure()
             raise RetriableDeliveryError(
@@ -242,6 +250,10 @@ class DeliveryWorker:
             self._finish_batch(claimed.batch_key)
             self.breaker.release_probe()  # nothing was sent: a half-open probe slot goes back
             return 0
+        return self.deliver(claimed)
+
+    def deliver(self, claimed: Claimed) -> int:
+        """Send one claimed batch and record its outcome; returns how many records were sent."""
         body = self._body(claimed.rows)
         reply, tries = self.send(claimed, body)
         self.stats.sent += len(claimed.rows)
@@ -259,6 +271,9 @@ class DeliveryWorker:
                               {"batch": claimed.batch_key, "try": i + 1, **t})
                   for r in claimed.rows for i, t in enumerate(tries)]
         with self.engine.begin() as conn:
+            if not self._may_record(conn, claimed, reply):
+                audit.append(conn, events, now)  # the tries happened; their outcome is not ours
+                return
             if reply.action in (Action.DELIVERED, Action.ALREADY_APPLIED):
                 events += self._apply_receipts(conn, claimed, reply, now)
             elif reply.action is Action.SPLIT:
@@ -266,6 +281,27 @@ class DeliveryWorker:
             else:
                 events += self._schedule_retry(conn, claimed, reply, now)
             audit.append(conn, events, now)
+
+    def _may_record(self, conn: Connection, claimed: Claimed, reply: _Reply) -> bool:
+        """Fencing: record this outcome only if it is still ours.
+
+        Our lease may have run out while we sent (a stall longer than DELIVERY_LEASE_SECONDS)
+        and another worker re-claimed the batch.  Then only a success is still news — the
+        downstream applied the batch under its key — and only while nobody has finished the
+        batch; a failure, a split or a retry schedule is the current holder's to decide.  The
+        batch row is locked first, so a concurrent claim or record waits for us or we for it.
+        """
+        row = conn.execute(select(delivery_batches.c.status, delivery_batches.c.lease_owner)
+                           .where(delivery_batches.c.batch_key == claimed.batch_key)
+                           .with_for_update()).first()
+        ours = row is not None and row.status == "pending" and (
+            row.lease_owner == self.name
+            or reply.action in (Action.DELIVERED, Action.ALREADY_APPLIED))
+        if not ours:
+            log.warning("delivery batch %s: lease lost to %s (status %s); %s outcome dropped",
+                        claimed.batch_key, row.lease_owner if row else None,
+                        row.status if row else None, reply.action.value)
+        return ours
 
     def _dead(self, conn: Connection, row: dict[str, Any], code: str, reason: str,
               now: datetime) -> audit.Event:

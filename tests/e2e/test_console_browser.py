@@ -87,7 +87,7 @@ def test_operator_reprocesses_a_dead_delivery_and_a_viewer_cannot(
         faults.reject_ids.clear()  # the management system is fixed; ops may now reprocess
 
         page = browser.new_context(locale="zh-CN", timezone_id="Asia/Shanghai").new_page()
-        page.set_default_timeout(10_000)
+        page.set_default_timeout(30_000)  # generous: CI machines are busy
         _log_in(page, url, operator_token)
         assert page.inner_text("#circuit") == "闭合（正常投递）"  # this process runs the worker
         page.click("nav >> text=失败投递")
@@ -116,7 +116,7 @@ def test_operator_reprocesses_a_dead_delivery_and_a_viewer_cannot(
 
         # A viewer: the pages, no buttons; a forged POST (own valid CSRF token) is a 403.
         viewer = browser.new_context(locale="zh-CN").new_page()
-        viewer.set_default_timeout(10_000)
+        viewer.set_default_timeout(30_000)  # generous: CI machines are busy
         _log_in(viewer, url, viewer_token)
         viewer.goto(f"{url}/ops/deliveries?status=")
         assert viewer.locator(f"#deliveries tr[data-record='{record_id}']").count() == 1

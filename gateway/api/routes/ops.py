@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from gateway import audit, compliance, reconcile
 from gateway.accounts import Operator
@@ -19,6 +19,8 @@ from gateway.ops.records import record_view
 
 router = APIRouter(prefix="/v1", tags=["ops"])
 Viewer = Annotated[Operator, Depends(operator)]
+# A CE year the store can hold (SQLite integers overflow past 2**63; nothing predates 2000).
+Year = Annotated[int, Path(ge=2000, le=2999)]
 
 
 @router.get("/records/{record_id}", summary="A record, its delivery status and its timeline")
@@ -33,7 +35,7 @@ def get_record(record_id: str, request: Request, _: Viewer) -> dict[str, Any]:
 
 @router.get("/reconciliation/{adapter}/{year}",
             summary="What the annual batch adds, corrects, conflicts with and lacks, per month")
-def get_reconciliation(adapter: str, year: int, request: Request, _: Viewer) -> dict[str, Any]:
+def get_reconciliation(adapter: str, year: Year, request: Request, _: Viewer) -> dict[str, Any]:
     if adapter not in ("health", "finance"):
         raise NotFound(detail="(reconciliation covers the monthly/annual partners: health, finance)")
     with state_of(request).engine.connect() as conn:
@@ -42,7 +44,7 @@ def get_reconciliation(adapter: str, year: int, request: Request, _: Viewer) -> 
 
 @router.get("/compliance/{id_number}/{year}",
             summary="One person's year: hours credited by category and type, and what is missing")
-def get_compliance(id_number: str, year: int, request: Request, _: Viewer) -> dict[str, Any]:
+def get_compliance(id_number: str, year: Year, request: Request, _: Viewer) -> dict[str, Any]:
     if "\x00" in id_number or len(id_number) > 32:
         raise NotFound(detail="(no such person)")
     with state_of(request).engine.connect() as conn:
