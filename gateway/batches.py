@@ -38,7 +38,7 @@ from adapters.registry import BATCH_ADAPTERS
 from adapters.tabular import iter_rows
 from adapters.training_base import NATIVE_FIELD as ROSTER_COLUMNS
 from contracts import RecordAnswer
-from gateway import audit
+from gateway import audit, metrics
 from gateway.batch_parse import ParseJob, RowParser, make_adapter, rules_for
 from gateway.config import Settings
 from gateway.delivery.worker import worker_id
@@ -155,6 +155,10 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
+class LeaseLost(Exception):
+    """Our lease on a batch ran out and another processor took it: stop, commit nothing."""
+
+
 class BatchProcessor:
     """Claims queued batches by lease and processes them a chunk at a time."""
 
@@ -223,6 +227,45 @@ class BatchProcessor:
         return max(0, (os.cpu_count() or 1) - 1) if configured < 0 else configured
 
     def process(self, batch: dict[str, Any]) -> None:
+        """Process a batch we claimed, keeping our lease on it alive while we work."""
+        with self._lease_kept(batch["batch_id"]):
+            self._process(batch)
+
+    @contextmanager
+    def _lease_kept(self, batch_id: str) -> Iterator[None]:
+        """Renew our lease every third of BATCH_LEASE_SECONDS until the block ends.
+
+        The lease then says whether this processor is alive, not how long a chunk takes: renewed
+        only at chunk commits, a lease shorter than a chunk (every chunk slows in a rush) let
+        processors take the file from each other mid-chunk, and fencing made none commit.  A
+        stalled or killed process stops renewing; its lease expires and another resumes.
+        """
+        seconds = self.settings.batch_lease_seconds
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(seconds / 3):
+                try:
+                    with self.engine.begin() as conn:
+                        kept = conn.execute(update(batches).where(
+                            batches.c.batch_id == batch_id, batches.c.lease_owner == self.name)
+                            .values(lease_until=datetime.now(UTC) + timedelta(seconds=seconds))
+                        ).rowcount
+                except Exception:  # noqa: BLE001 - a store blip; the next beat tries again
+                    log.warning("could not renew the lease on batch %s", batch_id, exc_info=True)
+                    continue
+                if kept != 1:
+                    return  # finished, or taken over: the next commit is fenced anyway
+
+        thread = threading.Thread(target=beat, name=f"lease:{batch_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def _process(self, batch: dict[str, Any]) -> None:
         batch_id = batch["batch_id"]
         job = self._job(batch)
         if int(batch["rows_done"]) == 0:
@@ -241,8 +284,12 @@ class BatchProcessor:
             for chunk in parser.chunks(rows, self.settings.batch_chunk_rows):
                 with paused_gc():
                     self._ingest_chunk(batch_id, partner, chunk)
-                if self._stop.is_set():
-                    return  # the lease runs out; whoever claims it next resumes here
+                if self._stop.is_set():  # shutting down: whoever claims it next resumes here
+                    with self.engine.begin() as conn:
+                        conn.execute(update(batches).where(
+                            batches.c.batch_id == batch_id, batches.c.lease_owner == self.name)
+                            .values(lease_until=datetime.now(UTC)))
+                    return
         self._finish(batch_id, "done", None)
 
     def _ingest_chunk(self, batch_id: str, partner: PartnerRef,
@@ -261,8 +308,12 @@ class BatchProcessor:
                                    "column_name": native_column(partner.adapter, e.field),
                                    "code": e.code,
                                    "message": e.message, "message_zh": e.message_zh or ""})
-            current = conn.execute(select(batches.c.credits_total)
-                                   .where(batches.c.batch_id == batch_id)).scalar_one()
+            # Fencing: a processor whose lease ran out and was taken over commits nothing.
+            current, owner = conn.execute(select(batches.c.credits_total, batches.c.lease_owner)
+                                          .where(batches.c.batch_id == batch_id)
+                                          .with_for_update()).one()
+            if owner != self.name:
+                raise LeaseLost(f"batch {batch_id} is now leased by {owner}")
             now = datetime.now(UTC)
             conn.execute(update(batches).where(batches.c.batch_id == batch_id).values(
                 rows_done=last_row,
@@ -278,6 +329,7 @@ class BatchProcessor:
 
         ingest_items(self.engine, partner, items, batch_id=batch_id, in_tx=checkpoint,
                      rules=self._rules)
+        metrics.count_batch_rows(partner.partner_id, partner.adapter, len(items))
         if self.progress is not None:
             self.progress(last_row)
 
@@ -285,14 +337,18 @@ class BatchProcessor:
         now = datetime.now(UTC)
         with self.engine.begin() as conn:
             row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).mappings().one()
-            conn.execute(update(batches).where(batches.c.batch_id == batch_id).values(
-                status=status, error=error, finished_at=now, lease_owner=None, lease_until=None,
-                rows_total=row["accepted"] + row["duplicate"] + row["corrected"] + row["conflict"]
-                + row["rejected"]))
+            # The audit chain's lock first, as every chunk takes it, then the fenced update.
             audit.append(conn, [audit.Event(f"batch_{status}", actor=self.name, detail={
                 "batch_id": batch_id, "error": error,
                 **{k: row[k] for k in ("accepted", "duplicate", "corrected", "conflict", "rejected")}})],
                 now)
+            finished = conn.execute(update(batches).where(
+                batches.c.batch_id == batch_id, batches.c.lease_owner == self.name).values(
+                status=status, error=error, finished_at=now, lease_owner=None, lease_until=None,
+                rows_total=row["accepted"] + row["duplicate"] + row["corrected"] + row["conflict"]
+                + row["rejected"])).rowcount
+            if finished != 1:
+                raise LeaseLost(f"batch {batch_id} is now leased by {row['lease_owner']}")
 
     def run_once(self) -> bool:
         batch = self.claim()
@@ -300,9 +356,14 @@ class BatchProcessor:
             return False
         try:
             self.process(batch)
+        except LeaseLost as lost:  # we stalled past the lease; the new holder carries on
+            log.warning("%s; stopped without committing", lost)
         except Exception as exc:  # one broken file must not stop the processor
             log.exception("batch %s failed", batch["batch_id"])
-            self._finish(batch["batch_id"], "failed", f"{type(exc).__name__}: {exc}"[:500])
+            try:
+                self._finish(batch["batch_id"], "failed", f"{type(exc).__name__}: {exc}"[:500])
+            except LeaseLost as lost:
+                log.warning("%s; its failure is not ours to record", lost)
         return True
 
     def run_forever(self, poll_seconds: float = 0.5) -> None:

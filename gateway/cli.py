@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from gateway.config import Settings, get_settings
+from gateway.ops import commands as ops_commands
 
 app = typer.Typer(help="CE Gateway — 青海省继续教育学时对接网关", no_args_is_help=True)
 db_app = typer.Typer(help="Database migrations", no_args_is_help=True)
@@ -33,6 +34,14 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(mock_app, name="mock")
 app.add_typer(pull_app, name="pull")
 app.add_typer(reference_app, name="reference")
+# deliveries list|show|reprocess, conflicts list|resolve (issue 5): gateway/ops/commands.py
+app.add_typer(ops_commands.deliveries_app, name="deliveries")
+app.add_typer(ops_commands.conflicts_app, name="conflicts")
+retention_app = typer.Typer(help="Payload retention (the audit trail is never pruned)",
+                              no_args_is_help=True)
+app.add_typer(retention_app, name="retention")
+alerts_app = typer.Typer(help="Alerts to the ops group robot (WeCom / DingTalk)", no_args_is_help=True)
+app.add_typer(alerts_app, name="alerts")
 console = Console()
 err = Console(stderr=True)
 
@@ -74,22 +83,44 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
 
 
 @app.command()
-def worker() -> None:
-    """Run a standalone delivery worker (several may share one PostgreSQL store)."""
-    import signal
+def worker(
+    metrics_port: Annotated[int, typer.Option(help="serve this process's /metrics here (0: none)")] = 0,
+    metrics_host: Annotated[str, typer.Option(help="address for --metrics-port")] = "127.0.0.1",
+) -> None:
+    """Run the background half without HTTP: delivery, batch files, scheduled jobs.
 
-    from gateway.delivery.worker import DeliveryWorker
+    Beside ``serve --no-worker`` replicas; several may share one PostgreSQL store (outbox
+    batches and batch files are claimed by lease, scheduled jobs run once cluster-wide).
+    ``--metrics-port`` exposes what only this process knows (its delivery attempts and
+    latency, batch rows, circuit state); the store's gauges come from any replica's /metrics.
+    """
+    import signal
+    import threading
+
+    from gateway.runtime import Background
 
     settings = _settings()
     _setup_logging(settings)
-    w = DeliveryWorker(_engine(settings), settings)
-    signal.signal(signal.SIGTERM, lambda *_: w.stop())
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    background = Background(_engine(settings), settings).start()
+    if metrics_port:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from gateway.metrics import PROCESS_COLLECTORS, CircuitCollector
+
+        registry = CollectorRegistry()
+        for collector in (*PROCESS_COLLECTORS, CircuitCollector(lambda: background.worker)):
+            registry.register(collector)
+        start_http_server(metrics_port, addr=metrics_host, registry=registry)
     try:
-        w.run_forever()
+        while not stopping.wait(1.0):
+            pass
     except KeyboardInterrupt:
-        w.stop()
+        pass
     finally:
-        w.close()
+        background.stop()
+        background.engine.dispose()
 
 
 @db_app.command("upgrade")
@@ -152,8 +183,10 @@ def audit_verify(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
     """Walk the hash chain; exit 1 and name the first bad event on any edit, deletion or move."""
     from gateway import audit
 
-    with _engine(_settings(), migrate=False).connect() as conn:
+    engine = _engine(_settings(), migrate=False)
+    with engine.connect() as conn:
         result = audit.verify(conn)
+    engine.dispose()
     if as_json:
         print(json.dumps(result.as_dict()))
     elif result.ok:
@@ -342,6 +375,36 @@ def reference_sync(as_json: Annotated[bool, typer.Option("--json")] = False) -> 
     raise typer.Exit(0 if result.ok else 1)
 
 
+@retention_app.command("run")
+def retention_run(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="count only; change nothing")] = False,
+    actor: Annotated[str, typer.Option(help="who is acting (kept in the audit trail)")] = "cli",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Prune old payloads of delivered versions (RETENTION_PAYLOAD_DAYS; progress bar)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from gateway.retention import prune
+
+    settings = _settings()
+    _setup_logging(settings)
+    engine = _engine(settings)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=err, disable=as_json) as bar:
+        task = bar.add_task("counting" if dry_run else "pruning", total=None)
+        result = prune(engine, settings, dry_run=dry_run, actor=actor,
+                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+    engine.dispose()
+    if as_json:
+        print(json.dumps(result.as_dict()))
+    elif result.cutoff is None:
+        console.print("retention is off (CE_GATEWAY_RETENTION_PAYLOAD_DAYS=0): nothing pruned")
+    else:
+        verb = "would prune" if dry_run else "pruned"
+        console.print(f"{verb} {result.versions} version payloads and {result.rejections} closed "
+                      f"rejections delivered/received before {result.cutoff.isoformat()}")
+
+
 @mock_app.command("cadre-college")
 def mock_cadre_college(port: int = 8781, host: str = "127.0.0.1", seed: int = 1,
                        initial: int = 500, growth_per_call: int = 0) -> None:
@@ -349,6 +412,40 @@ def mock_cadre_college(port: int = 8781, host: str = "127.0.0.1", seed: int = 1,
     from mock_partners.cadre_college import serve
 
     serve(host=host, port=port, seed=seed, initial=initial, growth_per_call=growth_per_call)
+
+
+@mock_app.command("webhook-sink")
+def mock_webhook_sink(port: int = 8782, host: str = "127.0.0.1") -> None:
+    """Run a mock WeCom/DingTalk robot webhook that keeps what it receives (GET /_mock/received)."""
+    from mock_partners.webhook_sink import serve
+
+    serve(host=host, port=port)
+
+
+@alerts_app.command("check")
+def alerts_check(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Evaluate the alert conditions once and send what is new (as the scheduled job does)."""
+    from rich.table import Table
+
+    from gateway.alerts import evaluate
+
+    settings = _settings()
+    result = evaluate(_engine(settings), settings)
+    if as_json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False))
+    else:
+        if not result.configured:
+            console.print("[yellow]CE_GATEWAY_ALERT_WEBHOOK_URL is not set: nothing is sent[/yellow]")
+        outcome = {**dict.fromkeys(result.fired, "[green]sent 已发送"),
+                   **dict.fromkeys(result.already, "sent before 已告警"),
+                   **{k: f"[red]failed 发送失败: {v}" for k, v in result.failed.items()}}
+        table = Table("condition 告警", "key", "outcome", title=f"alerts at {result.now.isoformat()}")
+        for c in result.active:
+            table.add_row(c.title, c.key, outcome.get(c.key, "not sent 未发送 (no URL)"))
+        console.print(table if result.active else "no active alert conditions 无告警")
+        for key in result.cleared:
+            console.print(f"cleared 已恢复: {key}")
+    raise typer.Exit(1 if result.failed else 0)
 
 
 @app.command()

@@ -9,7 +9,7 @@ from datetime import date
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     timezone: str = "Asia/Shanghai"
     pull_interval_seconds: int = 300
     reference_sync_interval_seconds: int = 3600  # 0 turns the scheduled sync off
+    # Retention (gateway/retention.py): a delivered version's payload becomes a stub this many
+    # days after delivery (0 = never).  400 ≈ 13 months: a full annual cycle (year close,
+    # annual batch, reconciliation, disputes) after delivery, plus a month.  The audit trail
+    # is never pruned.  The ``retention`` job runs every RETENTION_INTERVAL_SECONDS (0 = off).
+    retention_payload_days: Annotated[int, Field(ge=0)] = 400
+    retention_interval_seconds: Annotated[int, Field(ge=0)] = 86400
     # The Cadre Network College pull (gateway/pull/): page size, pages per scheduled run,
     # in-call retries of one page (Retry-After beyond the wait cap ends the run instead).
     pull_page_size: Annotated[int, Field(ge=1, le=1000)] = 500
@@ -52,17 +58,35 @@ class Settings(BaseSettings):
     pull_retry_max_wait_seconds: float = 30.0
     # Cluster-wide job leases (gateway/scheduling.py): renewed while the job runs.
     job_lease_seconds: Annotated[float, Field(gt=0)] = 120.0
+    # Alerts (gateway/alerts.py): a WeCom (企业微信) or DingTalk (钉钉) group robot webhook.
+    # The ``alerts`` job runs every ALERT_INTERVAL_SECONDS while a URL is set (0 = off).
     alert_webhook_url: str | None = None
+    alert_webhook_format: Literal["wecom", "dingtalk"] = "wecom"
+    alert_webhook_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 5.0
+    alert_interval_seconds: float = 60.0
+    # The previous month's batch of a monthly partner (health, finance) must exist by this
+    # day of the month (5 → late from the 6th); 0 = by the end of the month itself.
+    alert_monthly_push_day: Annotated[int, Field(ge=0, le=28)] = 5
+    alert_backlog_age_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    # Deliveries still failing (retrying or dead) this many days before the year close.
+    alert_year_close_days: Annotated[int, Field(ge=0)] = 7
     secret_key: SecretStr = SecretStr("dev-only-change-me-ce-gateway-secret-key")
     signature_window_seconds: int = 300
     max_records_per_request: int = 1000
     max_body_bytes: int = 16 * 1024 * 1024
+    # Per-partner rate limit (gateway/ratelimit.py): signed requests a minute per app key,
+    # shared by every replica through the store; RATE_LIMIT_BURST may come at once.
+    # 0 turns it off.
+    rate_limit_per_minute: Annotated[int, Field(ge=0)] = 600
+    rate_limit_burst: Annotated[int, Field(ge=1)] = 600
     log_level: str = "INFO"
     # Batch files (health, finance, rosters): kept here until processed.  With several
     # replicas this must be a shared volume (docs/operations.md).
     batch_dir: Path = Path("var") / "batches"
     max_batch_bytes: int = 1024 * 1024 * 1024
-    max_batch_rows: int = 2_000_000
+    # Data rows in one batch file (header and blank rows not counted): more is 413 at upload
+    # (gateway/api/routes/batches.py), before anything is stored.
+    max_batch_rows: Annotated[int, Field(ge=1)] = 2_000_000
     batch_chunk_rows: Annotated[int, Field(ge=1, le=20_000)] = 2000
     batch_lease_seconds: float = 120.0
     # Parse worker processes for large batch files: -1 = one per core but one (the database

@@ -15,7 +15,7 @@ record), ``records.last_batch_id`` (the last batch that carried it, changed or n
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, select
@@ -26,10 +26,39 @@ SAMPLE = 50
 CATEGORIES = ("monthly_records", "repeated", "corrected", "lacking", "added", "conflicts")
 
 
-def _months(year: int, today: datetime | None = None) -> list[str]:
+def push_deadline(month: str, push_day: int = 0) -> date:
+    """The first day on which month ``YYYY-MM``'s monthly batch is late.
+
+    With ``push_day`` 0 that is the first of the next month (the month is over); with 5 the
+    batch must exist by the 5th of the next month, so it is late from the 6th.
+    """
+    year, m = int(month[:4]), int(month[5:7])
+    return date(year + m // 12, m % 12 + 1, 1) + timedelta(days=push_day)
+
+
+def due_months(year: int, today: datetime | date | None = None, *, push_day: int = 0) -> list[str]:
+    """The months of ``year`` whose monthly push is due by ``today`` (see :func:`push_deadline`)."""
     today = today or datetime.now(UTC)
-    last = 12 if year < today.year else (today.month - 1 if year == today.year else 0)
-    return [f"{year}-{m:02d}" for m in range(1, last + 1)]
+    day = today.date() if isinstance(today, datetime) else today
+    months = [f"{year}-{m:02d}" for m in range(1, 13)]
+    return [m for m in months if push_deadline(m, push_day) <= day]
+
+
+def months_never_pushed(conn: Connection, adapter: str, year: int, *,
+                        today: datetime | date | None = None, partner_id: str | None = None,
+                        push_day: int = 0) -> list[str]:
+    """Due months of ``year`` (:func:`due_months`) without a monthly batch of ``adapter``.
+
+    A batch that arrived counts as pushed while it is queued or processing; only a failed one
+    does not (the report below, which reconciles contents, counts finished batches only).
+    """
+    query = (select(batches.c.period).distinct()
+             .where(batches.c.adapter == adapter, batches.c.kind == "monthly",
+                    batches.c.status != "failed", batches.c.period.like(f"{year}-%")))
+    if partner_id is not None:
+        query = query.where(batches.c.partner_id == partner_id)
+    pushed = set(conn.execute(query).scalars())
+    return [m for m in due_months(year, today, push_day=push_day) if m not in pushed]
 
 
 def report(conn: Connection, adapter: str, year: int, *, today: datetime | None = None) -> dict[str, Any]:
@@ -88,7 +117,7 @@ def report(conn: Connection, adapter: str, year: int, *, today: datetime | None 
     return {
         "adapter": adapter, "year": year, "annual_batch_id": annual_id,
         "monthly_batches": [{"batch_id": b.batch_id, "period": b.period} for b in monthly],
-        "months_never_pushed": [m for m in _months(year, today) if m not in pushed],
+        "months_never_pushed": [m for m in due_months(year, today) if m not in pushed],
         "months": [{"month": k, **v} for k, v in sorted(months.items())],
         "totals": totals,
         "samples": samples,

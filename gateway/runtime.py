@@ -40,7 +40,9 @@ class Background:
             thread.start()
             self._threads.append(thread)
         if self.scheduler_enabled:
+            import gateway.alerts  # noqa: F401 - registers the alerts job
             import gateway.reference  # noqa: F401 - registers the reference sync job
+            import gateway.retention  # noqa: F401 - registers the retention job
             from gateway.scheduling import build_scheduler
 
             self.scheduler = build_scheduler(self.engine, self.settings)

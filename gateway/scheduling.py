@@ -7,6 +7,7 @@ Every replica builds the same APScheduler; each tick first takes a *lease* on th
     UPDATE job_locks SET owner = :me, until = :now + ttl
      WHERE name = :name AND (until IS NULL OR until < :now OR owner = :me)
     rowcount 1 → we hold it: run, renewing the lease every ttl/3, then set until = now
+    (after a scheduled job's successful run: until just before its next due time)
 
 The UPDATE is atomic on both stores: SQLite serialises writers (``BEGIN IMMEDIATE``), and
 PostgreSQL re-checks the WHERE clause on the row it locked, so two callers never both see
@@ -77,12 +78,16 @@ def renew(engine: Engine, name: str, ttl_seconds: float, owner: str) -> bool:
     return kept == 1
 
 
-def release(engine: Engine, name: str, owner: str) -> None:
-    """End our lease now (a no-op if someone else holds it); the owner stays for the record."""
+def release(engine: Engine, name: str, owner: str, hold_until: datetime | None = None) -> None:
+    """End our lease now (a no-op if someone else holds it); the owner stays for the record.
+
+    ``hold_until`` keeps others out until then instead (a scheduled job's next due time).
+    """
+    now = datetime.now(UTC)
     with engine.begin() as conn:
         conn.execute(update(job_locks)
                      .where(job_locks.c.name == name, job_locks.c.owner == owner)
-                     .values(until=datetime.now(UTC)))
+                     .values(until=max(now, hold_until) if hold_until else now))
 
 
 def _keep_alive(engine: Engine, name: str, ttl_seconds: float, owner: str,
@@ -97,28 +102,34 @@ def _keep_alive(engine: Engine, name: str, ttl_seconds: float, owner: str,
 
 
 def run_exclusive(engine: Engine, name: str, ttl_seconds: float, fn: Callable[[], Any],
-                  owner: str | None = None, *, keep_alive: bool = True) -> bool:
+                  owner: str | None = None, *, keep_alive: bool = True,
+                  hold_seconds: float = 0.0) -> bool:
     """Run ``fn`` if we can take the cluster-wide lease ``name``; ``False`` if someone holds it.
 
     While ``fn`` runs the lease is renewed every ``ttl_seconds / 3`` (``keep_alive``), so a
     long run keeps it and a crashed holder loses it within ``ttl_seconds``.  Exceptions from
-    ``fn`` propagate after the lease is released.
+    ``fn`` propagate after the lease is released.  After a successful run the lease is kept
+    until ``hold_seconds`` after the start, so nobody runs it again before then.
     """
     me = owner or default_owner()
-    if not acquire(engine, name, ttl_seconds, me):
+    started = datetime.now(UTC)
+    if not acquire(engine, name, ttl_seconds, me, started):
         return False
     done = threading.Event()
     beat = threading.Thread(target=_keep_alive, args=(engine, name, ttl_seconds, me, done),
                             name=f"lease:{name}", daemon=True)
     if keep_alive:
         beat.start()
+    succeeded = False
     try:
         fn()
+        succeeded = True
     finally:
         done.set()
         if keep_alive:
             beat.join()
-        release(engine, name, me)
+        release(engine, name, me, started + timedelta(seconds=hold_seconds)
+                if succeeded and hold_seconds > 0 else None)
     return True
 
 
@@ -158,8 +169,12 @@ def register(job: Job) -> Job:
 def run_job(engine: Engine, settings: Settings, job: Job) -> bool:
     """One tick of ``job`` under its lease; ``True`` if this process ran it to completion."""
     try:
+        # Every worker ticks every interval at its own phase: a run holds the lease until just
+        # before the next due time, so the job runs once an interval cluster-wide, not once a
+        # tick of each worker.  A failed run releases at once: the next tick anywhere retries.
         ran = run_exclusive(engine, job.name, job.lease_seconds(settings),
-                            lambda: job.run(engine, settings))
+                            lambda: job.run(engine, settings),
+                            hold_seconds=0.9 * float(job.interval_seconds(settings)))
     except Exception:  # noqa: BLE001 - one failed tick must not stop the schedule
         log.exception("scheduled job %s failed", job.name)
         return False

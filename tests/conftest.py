@@ -117,6 +117,7 @@ def make_settings() -> Callable[..., Settings]:
             # Scheduled jobs off unless a test turns one on: a job still running when a
             # test's server stops would touch a disposed engine.
             "pull_interval_seconds": 0, "reference_sync_interval_seconds": 0,
+            "retention_interval_seconds": 0, "alert_interval_seconds": 0,
         }
         values.update(overrides)
         return Settings(**values)

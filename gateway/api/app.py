@@ -19,8 +19,11 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts.errors import message
-from gateway.api.routes import batches, ops, partner, revalidate
+from gateway import metrics
+from gateway.api.routes import batches, deliveries, ops, partner, revalidate
+from gateway.api.routes import metrics as metrics_route
 from gateway.config import Settings
+from gateway.console.routes import router as console_router
 from gateway.errors import PayloadRejected
 from gateway.masking import install_log_masking, mask_text
 from gateway.runtime import Background
@@ -40,7 +43,12 @@ def _coded(status: int, code: str, detail: str | None = None, field: str | None 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PayloadRejected)
     async def _rejected(_: Request, exc: PayloadRejected) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content=exc.as_body())
+        # Details may quote the partner's input (a record id that is an identity number):
+        # masked here, where every coded refusal leaves.  RateLimited carries Retry-After.
+        error = {"code": exc.code, "field": exc.field, "message": mask_text(exc.message),
+                 "message_zh": exc.message_zh}
+        return JSONResponse(status_code=exc.status_code, content={"error": error},
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -89,6 +97,11 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
     app.include_router(batches.router)
     app.include_router(ops.router)
     app.include_router(revalidate.router)
+    app.include_router(deliveries.router)
+    app.include_router(console_router)  # /ops: the zh-CN web console
+
+    app.state.metrics = metrics.build_registry(state)  # per app: tests run several
+    app.include_router(metrics_route.router)  # GET /metrics: no token, network boundary only
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

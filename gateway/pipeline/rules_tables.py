@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
+from functools import lru_cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
@@ -176,6 +177,7 @@ def _mm_dd(text: str) -> tuple[int, int]:
     return month, day
 
 
+@lru_cache(maxsize=1024)  # asked for every record (year close, title deadline): parse once
 def on(year: int, mm_dd: str) -> date:
     """``MM-DD`` in ``year``; 02-29 falls back to 02-28 in a common year."""
     month, day = _mm_dd(mm_dd)

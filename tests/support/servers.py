@@ -87,3 +87,73 @@ class GatewayProcess:
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=120)
+
+
+class WorkerProcess:
+    """``ce-gateway worker`` as a real child process: delivery, batch files, scheduled jobs.
+
+    Ready once its delivery worker logged that it started; :meth:`owns` tells whether a lease
+    owner (``host:pid:suffix``) is this process.
+    """
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+        self.env, self.log_path, self.args = env, log_path, args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def owns(self, lease_owner: str | None) -> bool:
+        return lease_owner is not None and f":{self.pid}:" in lease_owner
+
+    def start(self) -> WorkerProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", *self.args],
+                                     env={**os.environ, **self.env}, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        log.close()
+
+        def started() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}; see {self.log_path}")
+            return any("delivery worker" in line and self.owns(line) and "started" in line
+                       for line in self.log_path.read_text(errors="replace").splitlines())
+
+        poll(started, 60, what="worker start")
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()  # SIGKILL: leases stay held until they expire
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_all(*processes: Any) -> None:
+    """Start gateway and worker processes side by side (each ``start()`` waits for readiness)."""
+    errors: list[BaseException] = []
+
+    def run(process: Any) -> None:
+        try:
+            process.start()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in processes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
