@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 import orjson
-from sqlalchemy import Connection, Engine, and_, exists, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, exists, insert, or_, select, update
 from sqlalchemy.orm import aliased
 from tenacity import (
     RetryCallState,
@@ -314,7 +314,8 @@ class DeliveryWorker:
     def _apply_receipts(self, conn: Connection, claimed: Claimed, reply: _Reply,
                         now: datetime) -> list[audit.Event]:
         by_key = {(str(r.get("record_id")), int(r.get("version", 0))): r for r in reply.receipts}
-        events = []
+        events: list[audit.Event] = []
+        delivered: list[dict[str, Any]] = []
         for row in claimed.rows:
             receipt = by_key.get((row["record_id"], row["version"]))
             if reply.action is Action.ALREADY_APPLIED:
@@ -330,14 +331,18 @@ class DeliveryWorker:
                 events.append(self._dead(conn, row, "DOWNSTREAM_REJECTED",
                                          str(receipt.get("reason") or "rejected"), now))
                 continue
-            conn.execute(update(outbox).where(outbox.c.id == row["id"]).values(
-                status="delivered", receipt_status=str(receipt.get("status")),
-                receipt_no=receipt.get("receipt_no"), attempts=claimed.attempts + 1,
-                delivered_at=now, updated_at=now))
-            self.stats.delivered += 1
+            delivered.append({"oid": row["id"], "r_status": str(receipt.get("status")),
+                              "r_no": receipt.get("receipt_no")})
             events.append(audit.Event("delivered", row["record_id"], row["version"], self.name, {
                 "receipt_no": receipt.get("receipt_no"), "receipt_status": receipt.get("status"),
                 "batch": claimed.batch_key}))
+        if delivered:
+            # One executemany for the batch: a statement per row was most of a worker's time.
+            conn.execute(update(outbox).where(outbox.c.id == bindparam("oid")).values(
+                status="delivered", receipt_status=bindparam("r_status"),
+                receipt_no=bindparam("r_no"), attempts=claimed.attempts + 1,
+                delivered_at=now, updated_at=now), delivered)
+            self.stats.delivered += len(delivered)
         conn.execute(update(delivery_batches).where(delivery_batches.c.batch_key == claimed.batch_key)
                      .values(status="done", attempts=claimed.attempts + 1, lease_owner=None,
                              lease_until=None, updated_at=now))
