@@ -64,7 +64,7 @@ def _instrument(clock: Clock, gc_on: bool) -> None:
     from gateway import audit
     from gateway.pipeline import ingest
 
-    chunk = ingest._Chunk
+    chunk = ingest.Chunk
     targets: list[tuple[Any, str, str]] = [
         (ingest, "validate_submission", "validate: pydantic + identity"),
         (ingest, "prepare", "judge: rules, serialise, hash"),

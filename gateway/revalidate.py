@@ -58,8 +58,9 @@ from gateway.pipeline.validate import validate_submission
 from gateway.reference import ReferenceCache
 from gateway.store.tables import batches, partners, rejections
 
-__all__ = ["CHUNK_SIZE", "REPARSE", "RevalidationFilter", "RevalidationRefused",
-           "RevalidationResult", "count", "revalidate"]
+__all__ = ["CHUNK_SIZE", "REPARSE", "AlreadyTaken", "Entry", "RevalidationFilter",
+           "RevalidationRefused", "RevalidationResult", "count", "group_entries", "mark_outcomes",
+           "revalidate"]
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class _Batch:
 
 
 @dataclass
-class _Entry:
+class Entry:
     rejection_id: int
     received_at: datetime
     item: Item
@@ -241,8 +242,8 @@ def _parsed(row: Any, batch: _Batch | None) -> ParsedRow:
     return parsed
 
 
-def _entries(conn: Connection, rows: Sequence[Any], rules: RulesContext,
-             ) -> dict[tuple[PartnerRef, str | None], list[_Entry]]:
+def group_entries(conn: Connection, rows: Sequence[Any], rules: RulesContext,
+                  ) -> dict[tuple[PartnerRef, str | None], list[Entry]]:
     """Parse and judge a chunk, grouped by (partner, batch): one ingest call per group."""
     batch_ids = sorted({r.batch_id for r in rows if r.batch_id})
     found = {b.batch_id: _Batch(b.adapter, b.kind, b.period, b.created_at)
@@ -252,7 +253,7 @@ def _entries(conn: Connection, rows: Sequence[Any], rules: RulesContext,
     partner_ids = sorted({r.partner_id for r in rows})
     base_codes = dict(conn.execute(select(partners.c.partner_id, partners.c.base_code)
                                    .where(partners.c.partner_id.in_(partner_ids))).all())
-    groups: dict[tuple[PartnerRef, str | None], list[_Entry]] = {}
+    groups: dict[tuple[PartnerRef, str | None], list[Entry]] = {}
     for r in rows:
         batch = found.get(r.batch_id) if r.batch_id else None
         parsed = _parsed(r, batch)
@@ -261,19 +262,19 @@ def _entries(conn: Connection, rows: Sequence[Any], rules: RulesContext,
                     warnings=list(parsed.warnings), source_record_id=r.source_record_id)
         # Judged as of its arrival (R11): a record sent before the year closed stays in time.
         prepare(item, partner, batch.created_at if batch else r.received_at, rules)
-        groups.setdefault((partner, r.batch_id), []).append(_Entry(r.id, r.received_at, item))
+        groups.setdefault((partner, r.batch_id), []).append(Entry(r.id, r.received_at, item))
     return groups
 
 
 # -- the run -----------------------------------------------------------------------------------
 
 
-class _Taken(Exception):
+class AlreadyTaken(Exception):
     """Another revalidation marked some of this group's rejections first: roll it back."""
 
 
-def _mark(conn: Connection, entries: Sequence[_Entry], answers: Sequence[Any],
-          partner: PartnerRef, batch_id: str | None, now: datetime) -> None:
+def mark_outcomes(conn: Connection, entries: Sequence[Entry], answers: Sequence[Any],
+                  partner: PartnerRef, batch_id: str | None, now: datetime) -> None:
     """Mark the group's rejections and give fresh rejections their original arrival time."""
     passed = [e.rejection_id for e, a in zip(entries, answers, strict=True)
               if a.status is not RecordStatus.REJECTED]
@@ -285,7 +286,7 @@ def _mark(conn: Connection, entries: Sequence[_Entry], answers: Sequence[Any],
                 rejections.c.id.in_(ids[start:start + CHUNK_SIZE]),
                 rejections.c.status == "open").values(status=status)).rowcount
     if taken != len(entries):
-        raise _Taken()
+        raise AlreadyTaken()
     if not again:
         return
     # Ingest wrote one open row per rejected item, in input order, stamped ``now``.
@@ -303,11 +304,11 @@ def _mark(conn: Connection, entries: Sequence[_Entry], answers: Sequence[Any],
 
 
 def _ingest_group(engine: Engine, partner: PartnerRef, batch_id: str | None,
-                  entries: list[_Entry], rules: RulesContext, result: RevalidationResult) -> None:
+                  entries: list[Entry], rules: RulesContext, result: RevalidationResult) -> None:
     now = datetime.now(UTC)
 
     def in_tx(conn: Connection, answers: list[Any]) -> None:
-        _mark(conn, entries, answers, partner, batch_id, now)
+        mark_outcomes(conn, entries, answers, partner, batch_id, now)
 
     answers = ingest_items(engine, partner, [e.item for e in entries], batch_id=batch_id,
                            now=now, in_tx=in_tx, rules=rules)
@@ -367,7 +368,7 @@ def revalidate(engine: Engine, flt: RevalidationFilter, *, actor: str, reason: s
         progress(done, matched)
     for rows in _chunks(engine, flt, ceiling, chunk_size):
         with engine.connect() as conn:
-            groups = _entries(conn, rows, rules)
+            groups = group_entries(conn, rows, rules)
         for (partner, batch_id), entries in groups.items():
             if dry_run:
                 result.would_pass = (result.would_pass or 0) + sum(
@@ -386,14 +387,14 @@ def revalidate(engine: Engine, flt: RevalidationFilter, *, actor: str, reason: s
 
 
 def _ingest_with_retries(engine: Engine, partner: PartnerRef, batch_id: str | None,
-                         entries: list[_Entry], rules: RulesContext,
+                         entries: list[Entry], rules: RulesContext,
                          result: RevalidationResult) -> None:
     """Ingest a group; if another revalidation took some of its rows, go on with the rest."""
     for _ in range(_MAX_RETRIES):
         try:
             _ingest_group(engine, partner, batch_id, entries, rules, result)
             return
-        except _Taken:
+        except AlreadyTaken:
             with engine.connect() as conn:
                 still_open = set(conn.execute(select(rejections.c.id).where(
                     rejections.c.id.in_([e.rejection_id for e in entries]),

@@ -36,7 +36,7 @@ from gateway.ops.common import OpsConflict, apply_changes, refuse, require_reaso
 from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest_items, item_from_raw, prepare
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
-from gateway.revalidate import _entries, _mark, _Taken
+from gateway.revalidate import AlreadyTaken, group_entries, mark_outcomes
 from gateway.store.tables import outbox, partners, record_versions, records, rejections
 
 __all__ = ["edit_and_requeue", "edit_rejection"]
@@ -161,14 +161,14 @@ def edit_rejection(engine: Engine, settings: Settings, rejection_id: int, change
     fake = _EditedRow(rejection_id, orjson.dumps(edited).decode(), row["batch_id"],
                       row["partner_id"], row["adapter"], row["source_record_id"], row["received_at"])
     with engine.connect() as conn:
-        [((partner, batch_id), entries)] = _entries(conn, [fake], rules).items()
+        [((partner, batch_id), entries)] = group_entries(conn, [fake], rules).items()
     item = entries[0].item
     if item.errors:
         raise _refused(item.errors)
     now = datetime.now(UTC)
 
     def in_tx(conn: Connection, answers: list[Any]) -> None:
-        _mark(conn, entries, answers, partner, batch_id, now)
+        mark_outcomes(conn, entries, answers, partner, batch_id, now)
         answer = answers[0]
         audit.append(conn, [audit.Event("rejection_edited", answer.record_id, answer.version, actor, {
             "rejection_id": rejection_id, "reason": reason, "diff": diff,
@@ -177,7 +177,7 @@ def edit_rejection(engine: Engine, settings: Settings, rejection_id: int, change
     try:
         [answer] = ingest_items(engine, partner, [item], batch_id=batch_id, now=now, in_tx=in_tx,
                                 rules=rules)
-    except _Taken as exc:
+    except AlreadyTaken as exc:
         raise OpsConflict("NOT_EDITABLE", detail=f"(rejection {rejection_id} was taken by "
                           "another revalidation or edit)") from exc
     return {"rejection_id": rejection_id, "record_id": answer.record_id,

@@ -45,7 +45,7 @@ from gateway.ops.common import (
 )
 from gateway.ops.edits import edit_and_requeue, edit_rejection
 from gateway.pipeline import caps
-from gateway.pipeline.ingest import PartnerRef, _Chunk
+from gateway.pipeline.ingest import Chunk, PartnerRef
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
 
@@ -204,7 +204,7 @@ def _keep_this(conn: Connection, rec: Any, holder: Any, config: RulesConfig, now
                reason: str, actor: str) -> int:
     """Accept and queue ``rec``; withdraw the holder.  Returns the version queued."""
     record_id, version = str(rec["record_id"]), int(rec["current_version"])
-    chunk = _Chunk(conn, PartnerRef(rec["partner_id"], rec["adapter"]), now, None, config)
+    chunk = Chunk(conn, PartnerRef(rec["partner_id"], rec["adapter"]), now, None, config)
     chunk.events.append(audit.Event("conflict_resolved", record_id, version, actor, {
         "keep": "this", "reason": reason,
         "superseded": holder["record_id"] if holder is not None else None}))

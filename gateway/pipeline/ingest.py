@@ -239,7 +239,7 @@ def ingest_items(engine: Engine, partner: PartnerRef, items: Sequence[Item], *,
         with attempt, engine.begin() as conn:
             # A concurrent twin (same partner and source ids, or the same activity from
             # another source) may commit first; the retry then sees its rows.
-            answers = _Chunk(conn, partner, now, batch_id, rules.config).run(items)
+            answers = Chunk(conn, partner, now, batch_id, rules.config).run(items)
             if in_tx is not None:
                 in_tx(conn, answers)
     metrics.count_ingested(partner.partner_id, partner.adapter, answers)  # committed: count it
@@ -330,7 +330,7 @@ class _Pending:
     flags: list[Note] = field(default_factory=list)  # R14 warnings found across records
 
 
-class _Chunk:
+class Chunk:
     def __init__(self, conn: Connection, partner: PartnerRef, now: datetime,
                  batch_id: str | None, config: RulesConfig) -> None:
         self.conn, self.partner, self.now, self.batch_id = conn, partner, now, batch_id
@@ -730,7 +730,7 @@ def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
         if existing["withdrawn"]:
             return RecordAnswer(index=0, source_record_id=source_record_id,
                                 status=RecordStatus.DUPLICATE, record_id=record_id, version=version)
-        chunk = _Chunk(conn, partner, now, None, config or RulesConfig())
+        chunk = Chunk(conn, partner, now, None, config or RulesConfig())
         payload = conn.execute(select(record_versions.c.payload).where(
             record_versions.c.record_id == record_id,
             record_versions.c.version == version)).scalar_one()
