@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,6 +32,29 @@ from gateway.state import AppState
 from gateway.store.db import is_sqlite, upgrade
 
 log = logging.getLogger(__name__)
+
+
+class CodedError(BaseModel):
+    """One refusal (SPEC §6): a stable code, the field at fault, English and Chinese messages."""
+
+    code: str
+    field: str | None = None
+    message: str
+    message_zh: str
+
+
+class ErrorBody(BaseModel):
+    error: CodedError
+
+
+# What every refusal looks like, declared once for every route, so /openapi.json describes the
+# bodies clients really get (FastAPI's default 422 body is not what this app answers).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description} for status, description in (
+        (401, "UNAUTHENTICATED / REPLAYED"), (403, "SCOPE_VIOLATION / FORBIDDEN"),
+        (404, "NOT_FOUND"), (409, "a state conflict (NOT_A_CONFLICT, NOT_EDITABLE, …)"),
+        (413, "PAYLOAD_TOO_LARGE"), (422, "SCHEMA and the rules' codes"),
+        (429, "RATE_LIMITED (Retry-After)"))}
 
 
 def _coded(status: int, code: str, detail: str | None = None, field: str | None = None) -> JSONResponse:
@@ -88,7 +112,7 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
                 background.stop()
             state.engine.dispose()
 
-    app = FastAPI(title="CE Gateway", version="1.0.0", lifespan=lifespan,
+    app = FastAPI(title="CE Gateway", version="1.0.0", lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="青海省专业技术人员继续教育学时对接网关 — partner intake, "
                               "validation, dedup, durable delivery and audit.")
     app.state.gateway = state

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, select, update
 
 from contracts import CERecord
 from gateway.accounts import Partner
-from gateway.api.app import create_app
+from gateway.api.app import ErrorBody, create_app
 from gateway.config import Settings
 from gateway.signing import SigningClient
 from gateway.store.db import make_engine
@@ -128,6 +128,8 @@ def test_health_readiness_and_openapi(
         health = httpx.get(f"{url}/healthz")
         ready = httpx.get(f"{url}/readyz")
         spec = httpx.get(f"{url}/openapi.json")
+        refused = httpx.get(f"{url}/v1/deliveries", params={"status": "lost"},
+                            headers={"Authorization": "Bearer nobody"})
 
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
@@ -137,6 +139,12 @@ def test_health_readiness_and_openapi(
     assert "delete" in paths["/v1/records/{source_record_id}"]
     assert "get" in paths["/v1/records/{record_id}"]
     assert {"/v1/audit", "/v1/audit/verify", "/healthz", "/readyz"} <= set(paths)
+    # Refusals are documented as the coded body the app really sends, not FastAPI's default.
+    for status in ("401", "422"):
+        declared = paths["/v1/records"]["post"]["responses"][status]
+        assert declared["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert refused.status_code == 401
+    assert ErrorBody.model_validate(refused.json()).error.code == "UNAUTHENTICATED"
 
 
 def test_readyz_reports_a_store_that_is_not_migrated(
