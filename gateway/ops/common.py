@@ -116,11 +116,22 @@ def iso(value: datetime | date | None) -> str | None:
 
 
 def _masked(value: Any) -> Any:
-    if isinstance(value, str):
-        return mask_text(value)
-    if value is None or isinstance(value, bool | int | float):
+    """``value`` with every identity-number-looking string or number masked, its shape kept.
+
+    Walks the structure rather than masking its JSON text: a masked number inside JSON text
+    (``1.28e+16`` → ``"1281…"``) would no longer parse.
+    """
+    if value is None or isinstance(value, bool):
         return value
-    return orjson.loads(mask_text(orjson.dumps(value, default=str).decode()))
+    if isinstance(value, int | float):
+        text = str(value)
+        masked = mask_text(text)
+        return value if masked == text else masked
+    if isinstance(value, dict):
+        return {mask_text(str(key)): _masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(item) for item in value]
+    return mask_text(value if isinstance(value, str) else str(value))
 
 
 def apply_changes(raw: Mapping[str, Any], changes: Mapping[str, Any],

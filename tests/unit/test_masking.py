@@ -151,3 +151,15 @@ def test_install_log_masking_is_idempotent() -> None:
             logger = logging.getLogger(name)
             for f in [f for f in logger.filters if isinstance(f, MaskingFilter)]:
                 logger.removeFilter(f)
+
+
+def test_an_edit_diff_is_masked_without_breaking_its_structure() -> None:
+    """Found by schemathesis: masking the JSON text of a nested edit made it unparseable (500)."""
+    from gateway.ops.common import apply_changes
+
+    raw = {"person": {"name": "张三"}}
+    changes = {"person.name": {"x": [1.281222711694111e16, "630102199001011234"], "y": True}}
+    _, diff = apply_changes(raw, changes)
+    [entry] = diff
+    assert entry["to"]["y"] is True and isinstance(entry["to"]["x"], list)
+    assert "630102199001011234" not in str(entry) and "1234" in entry["to"]["x"][1]
