@@ -118,10 +118,11 @@ def signature_headers(request: Request) -> SignatureHeaders:
     if not _HEX_SIGNATURE.fullmatch(signature):
         raise Unauthenticated("UNAUTHENTICATED",
                               detail="(signature must be 64 hexadecimal characters)")
-    try:
-        skew = abs(time.time() - int(ts))
-    except ValueError as exc:
-        raise Unauthenticated("UNAUTHENTICATED", detail="(timestamp is not unix seconds)") from exc
+    # Unix seconds are at most a dozen digits; anything longer (or not digits) is refused before
+    # int() — a 400-digit number would overflow the float subtraction below.
+    if not (ts.isascii() and ts.isdigit() and len(ts) <= 12):
+        raise Unauthenticated("UNAUTHENTICATED", detail="(timestamp is not unix seconds)")
+    skew = abs(time.time() - int(ts))
     if skew > state.settings.signature_window_seconds:
         raise Unauthenticated("UNAUTHENTICATED", detail="(timestamp outside the 300 s window)")
     return SignatureHeaders(app_key, ts, nonce, signature)

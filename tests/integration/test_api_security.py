@@ -141,10 +141,12 @@ def _nonce(nonce: str) -> Callable[[str, Partner], httpx.Response]:
     return send
 
 
-def _timestamp_not_a_number(url: str, p: Partner) -> httpx.Response:
-    headers = signed_headers(p.app_key, p.secret, "POST", RECORDS, _body())
-    return httpx.post(url + RECORDS, content=_body(),
-                      headers={**JSON, **headers, "X-CE-Timestamp": "yesterday"})
+def _timestamp(value: str) -> Callable[[str, Partner], httpx.Response]:
+    def send(url: str, p: Partner) -> httpx.Response:
+        headers = signed_headers(p.app_key, p.secret, "POST", RECORDS, _body())
+        return httpx.post(url + RECORDS, content=_body(),
+                          headers={**JSON, **headers, "X-CE-Timestamp": value})
+    return send
 
 
 REFUSED = {
@@ -156,7 +158,9 @@ REFUSED = {
     "query-altered": _query_altered,
     "timestamp-301s-old": _skewed(-301),
     "timestamp-301s-ahead": _skewed(301),
-    "timestamp-not-a-number": _timestamp_not_a_number,
+    "timestamp-not-a-number": _timestamp("yesterday"),
+    "timestamp-400-digits": _timestamp("9" * 400),  # overflowed into a 500 once (review)
+    "timestamp-negative": _timestamp("-1"),
     "nonce-15-chars": _nonce("n" * 15),
     "signature-not-hex": lambda url, p: httpx.post(url + RECORDS, content=_body(), headers={
         **JSON, **signed_headers(p.app_key, p.secret, "POST", RECORDS, _body()),
