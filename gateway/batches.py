@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -153,6 +154,7 @@ class BatchProcessor:
         self._rules: RulesContext | None = None
         self._references = ReferenceCache(engine)
         self._stop = threading.Event()
+        self._progress_at = time.monotonic()  # the last chunk commit (stall detection)
 
     def claim(self) -> dict[str, Any] | None:
         now = datetime.now(UTC)
@@ -221,13 +223,19 @@ class BatchProcessor:
         The lease then says whether this processor is alive, not how long a chunk takes: renewed
         only at chunk commits, a lease shorter than a chunk (every chunk slows in a rush) let
         processors take the file from each other mid-chunk, and fencing made none commit.  A
-        stalled or killed process stops renewing; its lease expires and another resumes.
+        killed process stops renewing, and so does a stuck one: no chunk committed for
+        BATCH_STALL_SECONDS.  Its lease expires and another processor resumes the batch.
         """
-        seconds = self.settings.batch_lease_seconds
+        seconds, stall = self.settings.batch_lease_seconds, self.settings.batch_stall_seconds
         done = threading.Event()
+        self._progress_at = time.monotonic()
 
         def beat() -> None:
             while not done.wait(seconds / 3):
+                if time.monotonic() - self._progress_at > stall:
+                    log.error("batch %s: no chunk committed for %.0f s; letting the lease go so "
+                              "another processor resumes it", batch_id, stall)
+                    return
                 try:
                     with self.engine.begin() as conn:
                         kept = conn.execute(update(batches).where(
@@ -307,6 +315,7 @@ class BatchProcessor:
                 rejected=batches.c.rejected + counts["rejected"],
                 credits_total=str(Decimal(current) + credits),
                 lease_until=now + timedelta(seconds=self.settings.batch_lease_seconds)))
+            self._progress_at = time.monotonic()  # what the lease heartbeat checks for a stall
             if errors:
                 conn.execute(insert(batch_errors), errors)
 

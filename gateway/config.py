@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     max_batch_rows: Annotated[int, Field(ge=1)] = 2_000_000
     batch_chunk_rows: Annotated[int, Field(ge=1, le=20_000)] = 2000
     batch_lease_seconds: float = 120.0
+    # A processor that commits no chunk for this long is stuck (a hung read, a wedged parse
+    # pool): it stops renewing its lease, so another processor resumes the batch.
+    batch_stall_seconds: Annotated[float, Field(gt=0)] = 900.0
     # Parse worker processes for large batch files: -1 = one per core but one (the database
     # writer keeps its core), 0 = parse in the processing thread.
     batch_parse_workers: int = -1

@@ -875,3 +875,33 @@ def test_soak_sigkill_mid_100000_row_batch_resumes_and_reupload_is_all_duplicate
                              kill_after_row=50_000, reupload=True)
     print(f"\nbatch kill (soak): {figures}")
 
+
+
+def test_a_stuck_batch_processor_lets_its_lease_go(
+        engine: Engine, tmp_path: Path, new_partner: Callable[..., Partner],
+        make_settings: Callable[..., Settings], db_url: str) -> None:
+    """A processor that is alive but stuck lets its lease go.
+
+    It commits no chunk for BATCH_STALL_SECONDS (a hung read, a wedged parse pool), stops
+    renewing, its lease runs out and another processor resumes the batch.
+    """
+    partner = new_partner(engine, adapter="health")
+    batch_id, _, _ = _health_batch(engine, tmp_path, partner, 10, seed=29)
+    settings = make_settings(db_url, batch_lease_seconds=0.3, batch_stall_seconds=1.0,
+                             batch_dir=tmp_path / "batches")
+    stuck = BatchProcessor(engine, settings, name="proc-stuck")
+    assert stuck.claim() is not None
+
+    def lease_until() -> datetime:
+        with engine.connect() as conn:
+            until: datetime = conn.execute(select(batches.c.lease_until)
+                                           .where(batches.c.batch_id == batch_id)).scalar_one()
+        return until
+
+    first = lease_until()
+    with stuck._lease_kept(batch_id):  # noqa: SLF001 - the heartbeat alone, no chunk ever commits
+        poll(lambda: lease_until() > first, 10, what="the heartbeat to renew the lease")
+        poll(lambda: lease_until() < datetime.now(UTC), 10, what="the stuck lease to run out")
+    other = BatchProcessor(engine, settings, name="proc-other")
+    claimed = other.claim()
+    assert claimed is not None and claimed["batch_id"] == batch_id
