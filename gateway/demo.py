@@ -85,7 +85,7 @@ def run_demo(console: Console, n_records: int = 300, keep: bool = False) -> int:
     workdir = (Path("var") / f"demo-{int(time.time())}").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite:///{workdir / 'gateway.sqlite3'}"
-    mock_port, college_port, gw_port = free_port(), free_port(), free_port()
+    mock_port, college_port, gw_port, sink_port = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "CE_GATEWAY_DATABASE_URL": db_url,
            "CE_GATEWAY_DOWNSTREAM_URL": f"http://127.0.0.1:{mock_port}",
            "CE_GATEWAY_CADRE_COLLEGE_URL": f"http://127.0.0.1:{college_port}",
@@ -112,6 +112,9 @@ def run_demo(console: Console, n_records: int = 300, keep: bool = False) -> int:
         _spawn(stack, env, workdir / "college.log", "mock", "cadre-college", "--port",
                str(college_port), "--initial", "150", "--seed", "3")
         wait_until(lambda: httpx.get(f"{mock_url}/healthz").status_code == 200, 30, "the mock")
+        sink_url = f"http://127.0.0.1:{sink_port}"
+        _spawn(stack, env, workdir / "webhook.log", "mock", "webhook-sink", "--port", str(sink_port))
+        wait_until(lambda: httpx.get(f"{sink_url}/healthz").status_code == 200, 30, "the webhook sink")
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{college_port}/healthz").status_code == 200,
                    30, "the mock college")
         keys = {name: _cli(env, "partner", "add", "--id", pid, "--adapter", adapter, *extra, "--json")
@@ -157,11 +160,51 @@ def run_demo(console: Console, n_records: int = 300, keep: bool = False) -> int:
 
         with console.status("waiting for the college pull and deliveries to settle (faults are on)…"):
             wait_until(settled, SETTLE_TIMEOUT_SECONDS, "deliveries to settle", interval=0.5)
+        _ops_tour(console, ops, {**env, "CE_GATEWAY_ALERT_WEBHOOK_URL": f"{sink_url}/robot"},
+                  sink_url, gw_url)
         problems = _summarise(console, engine, ops, mock_url, env, answers, rejected_codes,
                               batch_counts, year)
     if not keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return 1 if problems else 0
+
+
+def _ops_tour(console: Console, ops: httpx.Client, env: dict[str, str], sink_url: str,
+              gw_url: str) -> None:
+    """What the ops team sees once the run settles.
+
+    Dead letters, a dry-run reprocess, a conflict resolved, the metrics, and the alerts a robot
+    webhook received.
+    """
+    console.rule("Ops 运维")
+    dead = ops.get("/v1/deliveries", params={"status": "dead", "limit": 5}).json()
+    dry = ops.post("/v1/deliveries/reprocess", json={
+        "status": "dead", "dry_run": True, "reason": "demo: how many would go again"}).json()
+    console.print(f"dead deliveries: {dead['total']} (e.g. "
+                  f"{', '.join(sorted({d['error_code'] or '?' for d in dead['items']})) or 'none'}); "
+                  f"a dry-run reprocess would requeue {dry['matched']}")
+    conflicts = ops.get("/v1/conflicts").json()
+    if conflicts["items"]:
+        first = conflicts["items"][0]
+        resolved = ops.post(f"/v1/conflicts/{first['record_id']}/resolve", json={
+            "keep": "existing", "reason": "demo: the first report stands"})
+        console.print(f"conflicts held for ops: {conflicts['total']}; resolved one keeping the "
+                      f"existing record → HTTP {resolved.status_code}")
+    wanted = ("ce_gateway_backlog_records", "ce_gateway_dead_letters", "ce_gateway_circuit_state")
+    metrics = [line for line in httpx.get(f"{gw_url}/metrics", timeout=30).text.splitlines()
+               if line.startswith(wanted)]
+    console.print("metrics: " + "; ".join(metrics))
+    alerts = subprocess.run([sys.executable, "-m", "gateway.cli", "alerts", "check", "--json"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    received = httpx.get(f"{sink_url}/_mock/received", timeout=30).json()["messages"]
+    console.print(f"alerts check (exit {alerts.returncode}): the robot webhook received "
+                  f"{len(received)} message(s)")
+    for message in received[:4]:
+        body = message.get("body", message)
+        text = str(body.get("markdown", body.get("text", {})).get("content", body))
+        console.print("  • " + text.splitlines()[0][:100])
+    console.print(f"web console (zh-CN) while a gateway runs: {gw_url}/ops — log in with an "
+                  "operator token")
 
 
 def _summarise(console: Console, engine: Engine, ops: httpx.Client, mock_url: str,
