@@ -14,6 +14,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway.accounts import ADAPTERS_WITH_PUSH
+from gateway.console.render import record_ident
+from gateway.ops.common import FIRST_YEAR, LAST_YEAR
 
 DELIVERY_STATUSES = ("pending", "delivered", "dead", "superseded")
 MAX_TEXT = 64
@@ -78,18 +80,24 @@ def moment(params: Mapping[str, Any], name: str, zone: ZoneInfo, *, end_of_day: 
     value = text(params, name)
     if value is None:
         return None
+    whole_day = len(value) == 10
     try:
-        if len(value) == 10:
-            day = date.fromisoformat(value)
-            # "until 2026-03-01" means through that day: the next midnight, exclusive.
-            parsed = datetime.combine(day + timedelta(days=1) if end_of_day else day, time.min)
-        else:
-            parsed = datetime.fromisoformat(value)
+        parsed = (datetime.combine(date.fromisoformat(value), time.min) if whole_day
+                  else datetime.fromisoformat(value))
     except ValueError:
         raise bad_param(name, "应为日期（如 2026-03-01）或时间（如 2026-03-01T08:30）") from None
+    # At the calendar's edges (0001-01-01 in +08:00, 9999-12-31 + 1 day) the arithmetic and the
+    # UTC conversion overflow; no record lies outside these years anyway.
+    if not FIRST_YEAR <= parsed.year <= LAST_YEAR:
+        raise bad_param(name, f"的年份应在 {FIRST_YEAR} 到 {LAST_YEAR} 之间")
+    if whole_day and end_of_day:  # "until 2026-03-01" means through that day: the next midnight
+        parsed += timedelta(days=1)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=zone)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise bad_param(name, f"的年份应在 {FIRST_YEAR} 到 {LAST_YEAR} 之间") from None
 
 
 def reason(params: Mapping[str, Any]) -> str | None:
@@ -127,7 +135,7 @@ def delivery_query(params: Mapping[str, Any], record_ids: Sequence[str], zone: Z
     for value in record_ids:
         cleaned = text({"record_id": value}, "record_id")
         if cleaned and cleaned not in ids:
-            ids.append(cleaned)
+            ids.append(record_ident(cleaned))  # printed as is only if shaped like a record id
     if len(ids) > MAX_IDS:
         raise bad_param("record_id", f"一次最多 {MAX_IDS} 条")
     query = DeliveryQuery(status=status, adapter=adapter, partner_id=text(params, "partner_id"),

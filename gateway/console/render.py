@@ -2,13 +2,18 @@
 
 Every value a template prints passes through :func:`_finalize`, which masks anything that looks
 like an identity number (gateway.masking): a page can never show one unmasked, whatever a
-payload, an error text or an audit detail holds.  Times are shown in ``Settings.timezone``
-(Asia/Shanghai).
+payload, an error text or an audit detail holds.  The one exception is :class:`Ident`: an
+identifier the gateway generated itself (a record id, a batch id, a delivery batch key, a CSRF
+token) is hex or base64 and may hold a run of 15 or 18 digits by chance; masking it would break
+the link or the form it is in, so the console's code wraps such values and they print as they
+are.  Times are shown in ``Settings.timezone`` (Asia/Shanghai).
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,9 +48,44 @@ EVENT_ZH = {"received": "接收", "queued": "进入投递队列", "attempt": "�
             "pruned": "按保留期清理"}
 
 
+class Ident(str):
+    """An identifier the gateway generated itself: printed as is, never masked.
+
+    Wrap only values the gateway made (record ids, batch ids, delivery batch keys, CSRF
+    tokens, or a notice built from nothing but those and constant text), never text a
+    partner or an operator typed: that is masked as usual.
+    """
+
+    __slots__ = ()
+
+
+_RECORD_ID = re.compile(r"R[0-9a-f]{24}")  # gateway.pipeline.ingest.new_record_id
+
+
+def ident(value: Any) -> Any:
+    """``value`` as an :class:`Ident` when it is a string; None and other types unchanged."""
+    return Ident(value) if isinstance(value, str) else value
+
+
+def record_ident(value: str) -> str:
+    """An :class:`Ident` if ``value`` has the shape of a gateway record id, else ``value``.
+
+    For ids an operator typed (a filter's record ids): one shaped like ``R`` + 24 hex is the
+    gateway's own; anything else stays masked when printed.
+    """
+    return Ident(value) if _RECORD_ID.fullmatch(value) else value
+
+
+def idents(row: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    """A copy of ``row`` with the string values under ``keys`` wrapped as :class:`Ident`."""
+    return {k: ident(v) if k in keys else v for k, v in row.items()}
+
+
 def _finalize(value: Any) -> Any:
     if value is None:
         return ""
+    if isinstance(value, Ident):
+        return str(value)
     return mask_text(value) if isinstance(value, str) else value
 
 
@@ -103,10 +143,18 @@ class Renderer:
         return when.astimezone(self.zone).strftime(fmt) if when else "—"
 
     @staticmethod
-    def query(params: dict[str, Any], **changes: Any) -> str:
-        """A query string from ``params`` with ``changes``; empty values are left out."""
-        merged = {**params, **changes}
-        return urlencode([(k, v) for k, v in merged.items() if v not in (None, "")], doseq=True)
+    def query(params: dict[str, Any], **changes: Any) -> Ident:
+        """A query string from ``params`` with ``changes``; empty values are left out.
+
+        Each value is masked on its own unless it is an :class:`Ident`, so a link to a record
+        whose id holds a digit run still works while a typed identity number stays masked.
+        """
+        pairs: list[tuple[str, str]] = []
+        for key, value in {**params, **changes}.items():
+            for item in value if isinstance(value, list | tuple) else [value]:
+                if item not in (None, ""):
+                    pairs.append((key, item if isinstance(item, Ident) else mask_text(str(item))))
+        return Ident(urlencode(pairs))
 
     def page(self, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         html = self.env.get_template(name).render(**context)

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.console import session as sessions
 from gateway.console.forms import ConsoleError, LoginRequired
-from gateway.console.render import Renderer
+from gateway.console.render import Ident, Renderer
 from gateway.errors import PayloadRejected
 from gateway.state import AppState
 
@@ -76,7 +76,7 @@ class Ctx:
 
     def page(self, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         return self.render.page(name, status_code, me=self.session.operator,
-                                can_act=self.session.can_act, csrf=self.session.csrf,
+                                can_act=self.session.can_act, csrf=Ident(self.session.csrf),
                                 path=self.request.url.path, **context)
 
 
@@ -91,7 +91,7 @@ def error_page(request: Request, status_code: int, title: str, message: str,
     return renderer_of(request).page(
         "error.html", status_code, title=title, message=message, detail=detail,
         me=me.operator if me else None, can_act=bool(me and me.can_act),
-        csrf=me.csrf if me else "", path=request.url.path)
+        csrf=Ident(me.csrf) if me else "", path=request.url.path)
 
 
 class ConsoleRoute(APIRoute):

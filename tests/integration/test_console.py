@@ -12,6 +12,9 @@ operator's reprocess, reprocess-with-edit and conflict resolution end to end.
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
+import itertools
 import random
 import re
 import time
@@ -31,7 +34,9 @@ from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.console import session as sessions
+from gateway.console.render import Ident, Renderer, _finalize
 from gateway.delivery.worker import DeliveryWorker
+from gateway.masking import mask_id, mask_text
 from gateway.pipeline.ingest import PartnerRef, ingest
 from gateway.store.db import make_engine
 from gateway.store.tables import (
@@ -123,8 +128,9 @@ def world(db_url: str, make_settings: MakeSettings, new_partner: Callable[..., P
     engine.dispose()
 
 
-def _batch_with_row_error(engine: Engine, partner_id: str, id_number: str) -> str:
-    batch_id = "B" + uuid.uuid4().hex[:24]
+def _batch_with_row_error(engine: Engine, partner_id: str, id_number: str,
+                          batch_id: str | None = None) -> str:
+    batch_id = batch_id or "B" + uuid.uuid4().hex[:24]
     now = datetime.now(UTC)
     with engine.begin() as conn:
         conn.execute(insert(batches).values(
@@ -420,3 +426,75 @@ def _session_name(engine: Engine, token: str) -> str:
     found = sessions.log_in(engine, sessions.Signer(SECRET_KEY), token)
     assert found is not None
     return found[1].operator.name
+
+
+# -- identifiers the gateway made are never masked; typed dates at the calendar's edges ----------
+
+ID_NUMBER = "630102198704139126"
+DIGIT_RUN_BATCH = "B123456789012345678abcdef"  # "B" + 24 hex, holding an 18-digit run
+
+
+def test_gateway_identifiers_print_as_they_are_and_identity_numbers_masked() -> None:
+    assert _finalize(Ident(DIGIT_RUN_BATCH)) == DIGIT_RUN_BATCH
+    assert _finalize(DIGIT_RUN_BATCH) != DIGIT_RUN_BATCH  # what the page printed before
+    assert _finalize(f"身份证号 {ID_NUMBER}") == f"身份证号 {mask_id(ID_NUMBER)}"
+    record_id = "R000000123456789012345678"
+    link = Renderer.query({"other": Ident(record_id), "partner_id": ID_NUMBER})
+    assert isinstance(link, Ident) and f"other={record_id}" in link and ID_NUMBER not in link
+    # CSRF tokens (the login form's too) are base64url of the MAC, unpadded, and still checked.
+    signer = sessions.Signer(SECRET_KEY)
+    for token in (signer.csrf_for("some-session"), sessions.login_csrf(signer, "nonce")):
+        assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token), token
+    assert signer.check_csrf("some-session", signer.csrf_for("some-session"))
+    assert not signer.check_csrf("some-session", signer.csrf_for("other-session"))
+    assert not signer.check_csrf("some-session", None)
+
+
+def _old_hex_csrf(sid: str) -> str:
+    """The CSRF token the console used to issue: the first 40 hex digits of the MAC."""
+    key = hashlib.sha256(b"ce-gateway/console-session/" + SECRET_KEY.encode()).digest()
+    return hmac.new(key, f"csrf\n{sid}".encode(), hashlib.sha256).hexdigest()[:40]
+
+
+def test_digit_runs_in_gateway_ids_and_edge_dates_do_not_break_the_console(
+    db_url: str, make_settings: MakeSettings, new_partner: Callable[..., Partner],
+    new_operator: Callable[..., str],
+) -> None:
+    engine = make_engine(db_url)
+    partner = new_partner(engine)
+    batch_id = _batch_with_row_error(engine, partner.partner_id, ID_NUMBER, DIGIT_RUN_BATCH)
+    signer = sessions.Signer(SECRET_KEY)
+    # A session whose hex token would have held a 15/18-digit run (~0.44 % of sessions).
+    sid = next(s for s in (f"sid-{i}" for i in itertools.count())
+               if mask_text(_old_hex_csrf(s)) != _old_hex_csrf(s))
+    issued = sessions.log_in(engine, signer, new_operator(engine, "viewer"))
+    assert issued is not None
+    payload = signer.unsign(issued[0])
+    assert payload is not None
+    try:
+        with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url, \
+                httpx.Client(base_url=url, follow_redirects=False, timeout=10) as client:
+            client.cookies.set(sessions.COOKIE, signer.sign({**payload, "sid": sid}), path="/ops")
+
+            listing = client.get("/ops/batches")
+            assert listing.status_code == 200
+            assert f'<a href="/ops/batches/{batch_id}">{batch_id}</a>' in listing.text
+            page = client.get(f"/ops/batches/{batch_id}")
+            assert page.status_code == 200 and f"<h1>批次 {batch_id}</h1>" in page.text
+            assert ID_NUMBER not in page.text and mask_id(ID_NUMBER) in page.text
+
+            # Dates at the calendar's edges: a friendly 400, never a 500.
+            for query in ("since=0001-01-01", "until=9999-12-31", "since=9999-12-31T23:00-05:00",
+                          "until=1999-12-31"):
+                bad = client.get(f"/ops/deliveries?{query}")
+                assert bad.status_code == 400 and "年份应在 2000 到 2999 之间" in bad.text, query
+            edges = client.get("/ops/deliveries?since=2000-01-01&until=2999-12-31")
+            assert edges.status_code == 200 and '<strong id="total">0</strong>' in edges.text
+
+            home = client.get("/ops")
+            found = CSRF.search(home.text)
+            assert found is not None and found.group(1) == signer.csrf_for(sid)
+            out = client.post("/ops/logout", data={"csrf": found.group(1)})
+            assert out.status_code == 303 and out.headers["location"] == "/ops/login"
+    finally:
+        engine.dispose()
