@@ -44,7 +44,8 @@ from contracts import RecordStatus
 from contracts.errors import CATALOGUE
 from gateway import audit
 from gateway.accounts import ADAPTERS_WITH_PUSH
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, PayloadRejected
+from gateway.ops.common import check_aware
 from gateway.pipeline.ingest import (
     Item,
     PartnerRef,
@@ -96,9 +97,10 @@ class RevalidationFilter:
             raise RevalidationRefused(f"unknown adapter {self.adapter!r}; known: "
                                       f"{', '.join(sorted(ADAPTERS_WITH_PUSH))}")
         for name in ("since", "until"):
-            when: datetime | None = getattr(self, name)
-            if when is not None and (when.tzinfo is None or when.utcoffset() is None):
-                raise RevalidationRefused(f"{name} must carry a UTC offset")
+            try:  # aware, and inside the years 2000-2999 (0001-01-01+08:00 overflowed to a 500)
+                check_aware(name, getattr(self, name))
+            except PayloadRejected as exc:
+                raise RevalidationRefused(f"{name}: {exc.message}") from None
 
     def where(self) -> list[ColumnElement[bool]]:
         c = rejections.c

@@ -11,7 +11,7 @@ import binascii
 import copy
 import re
 from collections.abc import Mapping
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -57,9 +57,28 @@ def check_code(value: str | None) -> None:
         raise refuse("error_code", f"unknown error code {value[:40]!r}")
 
 
+# Filter times are refused outside these years: at the calendar's edges a UTC conversion (or
+# the database driver's) overflows, and no record of the gateway's lies there anyway.
+FIRST_YEAR, LAST_YEAR = 2000, 2999
+_YEARS = f"a time in the years {FIRST_YEAR}-{LAST_YEAR}"
+# As instants, with a day's slack either side so that a time inside the years in any UTC
+# offset (the console's end-of-day "until 2999-12-31" included) passes.
+_EARLIEST = datetime(FIRST_YEAR, 1, 1, tzinfo=UTC) - timedelta(days=1)
+_LATEST = datetime(LAST_YEAR + 1, 1, 1, tzinfo=UTC) + timedelta(days=1)
+
+
 def check_aware(field: str, value: datetime | None) -> None:
-    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+    """A filter time: aware, and inside the years 2000-2999 in any time zone (else 422)."""
+    if value is None:
+        return
+    if value.tzinfo is None or value.utcoffset() is None:
         raise refuse(field, "a time must carry a UTC offset")
+    try:
+        instant = value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise refuse(field, _YEARS) from None
+    if not _EARLIEST <= instant < _LATEST:
+        raise refuse(field, _YEARS)
 
 
 def limit_of(limit: int) -> int:
@@ -80,7 +99,11 @@ def parse_when(value: str | None, field: str, timezone: str = "Asia/Shanghai") -
             when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
         raise refuse(field, f"not an ISO 8601 date or time: {text[:40]!r}") from exc
-    return when if when.tzinfo is not None else when.replace(tzinfo=ZoneInfo(timezone))
+    if not FIRST_YEAR <= when.year <= LAST_YEAR:  # as typed: 2000-01-01 in +08:00 is fine
+        raise refuse(field, _YEARS)
+    when = when if when.tzinfo is not None else when.replace(tzinfo=ZoneInfo(timezone))
+    check_aware(field, when)  # converts (inside a try) to be sure the database can take it
+    return when
 
 
 # -- keyset cursors --------------------------------------------------------------------------

@@ -407,3 +407,31 @@ def test_a_dead_version_already_replaced_by_a_correction_is_superseded_not_resen
     assert snap["out_of_order"] == []
     [event] = _events(store, "delivery_superseded")
     assert (event["record_id"], event["version"], event["actor"]) == (v1.record_id, 1, "li")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("since", "0001-01-01"),  # before year 1 once in UTC (Asia/Shanghai is +08:00)
+    ("until", "9999-12-31T23:00-05:00"),  # after year 9999 once in UTC
+    ("until", "1999-12-31"),
+])
+def test_times_outside_the_years_2000_to_2999_are_a_coded_422_not_a_500(
+    db_url: str, store: Engine, make_settings: MakeSettings, new_operator: Callable[..., str],
+    field: str, value: str,
+) -> None:
+    headers = _bearer(new_operator(store))
+    with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
+        answers = [httpx.get(f"{url}/v1/deliveries", params={field: value}, headers=headers),
+                   httpx.get(f"{url}/v1/rejections", params={field: value}, headers=headers),
+                   httpx.post(f"{url}/v1/deliveries/reprocess", headers=headers, timeout=30,
+                              json={field: value, "dry_run": True, "reason": "x"})]
+        for resp in answers:
+            assert _coded(resp, 422, "SCHEMA")["field"] == field
+            assert "2000-2999" in resp.json()["error"]["message"]
+        aware = value if "T" in value else value + "T00:00+08:00"  # its body takes aware times
+        again = httpx.post(f"{url}/v1/records/revalidate", headers=headers, timeout=30,
+                           json={field: aware, "dry_run": True})
+        assert _coded(again, 422, "SCHEMA")["field"] == "filter"
+        assert "2000-2999" in again.json()["error"]["message"]
+        edges = httpx.get(f"{url}/v1/deliveries", headers=headers,
+                          params={"since": "2000-01-01", "until": "2999-12-31T23:59+00:00"})
+        assert edges.status_code == 200 and edges.json()["total"] == 0
