@@ -9,7 +9,8 @@ Conditions, each with a key naming one occurrence (``alert_state.key``):
 ``backlog_age``                 the oldest pending delivery is older than
                                 ``ALERT_BACKLOG_AGE_SECONDS``
 ``dead_letters:<through>``      deliveries dead-lettered since the last dead-letter alert
-                                (``through``: the newest one's time — the next alert's start)
+                                (``through``: the sequence number of the newest dead-lettering
+                                audit event — the next alert's start)
 ``year_close:<date>``           deliveries still failing (retrying or dead) within
                                 ``ALERT_YEAR_CLOSE_DAYS`` days of the CE year close
 ==============================  ==============================================================
@@ -17,14 +18,35 @@ Conditions, each with a key naming one occurrence (``alert_state.key``):
 :func:`evaluate` (the ``alerts`` job every ``ALERT_INTERVAL_SECONDS``, or ``ce-gateway alerts
 check``) computes the active conditions at ``now``, marks rows of conditions that went away
 ``cleared_at`` (so a recurrence fires again), and fires each active condition without a live
-row.  Firing is *claim, post, commit* in one transaction: the row is inserted (or a cleared
-row re-armed with a conditional UPDATE), the webhook is posted, and the transaction commits
-only after a 2xx whose body carries no robot ``errcode``.  A failed post rolls the claim back,
-so the next tick retries.  A concurrent evaluator (another replica, a manual ``check``) blocks
-on the uncommitted key and then finds it taken, so an alert goes out once.  The one gap is a
-crash between a successful post and the commit: the next tick posts again (at least once,
-never lost).  The post runs under the claim's lock, so its timeout is short
-(``ALERT_WEBHOOK_TIMEOUT_SECONDS``).
+row.  Firing is *claim, post, mark sent*, three steps with no transaction open during the post
+(on SQLite a transaction holds the store's one write lock — every ingest, nonce, delivery and
+batch chunk would wait for the robot; on PostgreSQL it would hold a pooled connection idle in
+transaction):
+
+1. *Claim*, one short transaction: insert the key's row with ``sent_at`` NULL and ``fired_at``
+   the claim's time, or take an existing row with an UPDATE conditional on the row as read — a
+   cleared row (the condition recurred) or a claim left unsent whose lease ran out.  The
+   primary key, or the UPDATE's condition, lets one evaluator win: a concurrent one (another
+   replica, a manual ``check``) finds the row taken and reports it ``already``.
+2. *Post* the webhook.
+3. After a 2xx whose body carries no robot ``errcode``, set ``sent_at`` (only while the row
+   still carries this claim).  A failed post *undoes* the claim instead — deletes the inserted
+   row, or puts the taken row back as it was — so the next tick retries.
+
+An unsent claim's ``fired_at`` is a lease of ``LEASE_TIMEOUTS`` × ``ALERT_WEBHOOK_TIMEOUT_SECONDS``
+(a post's connect, write and read phases each time out after that): while it runs, others leave
+the row to its claimer (a post in flight); once it has run out the claimer is taken for dead,
+and the next tick claims the row again and posts.  So the crash windows are:
+
+* between the claim and a successful post: the alert goes out one lease later, on the first
+  tick that still finds the condition (a condition that went away meanwhile is cleared unsent:
+  there is nothing left to alert; dead letters are not dropped so, see below);
+* between a successful post and the commit of ``sent_at`` (or a post that outlives its lease):
+  it is posted again — at least once, never lost while the condition holds.
+
+The dead-letter alert starts from the last alert that was sent or is still leased, so an
+unsent one's dead letters are counted again by the next.  Claim times are the evaluation's
+``now`` plus the time the evaluation has taken so far: leases run on the evaluations' clock.
 
 Messages are Chinese with English in brackets, counts and partner ids only: no identity
 number, no payload.  The webhook URL carries the robot's key and is never logged.
@@ -34,13 +56,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
-from sqlalchemy import Connection, Engine, and_, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway.config import Settings
@@ -48,14 +72,16 @@ from gateway.errors import GatewayError
 from gateway.ops.overview import MONTHLY_ADAPTERS, backlog, latest_due_month, year_close
 from gateway.reconcile import months_never_pushed, push_deadline
 from gateway.scheduling import Job, register
-from gateway.store.tables import alert_state, outbox, partners
+from gateway.store.tables import DEAD_EVENTS, alert_state, audit_events, outbox, partners
 
-__all__ = ["ALERTS_JOB", "AlertNotSent", "Condition", "Evaluation", "conditions", "evaluate",
-           "payload", "send"]
+__all__ = ["ALERTS_JOB", "LEASE_TIMEOUTS", "AlertNotSent", "Condition", "Evaluation", "conditions",
+           "evaluate", "lease", "payload", "send"]
 
 log = logging.getLogger(__name__)
 PREFIX = "【CE 网关告警】"
 ADAPTER_ZH = {"health": "卫健", "finance": "财政"}
+# An unsent claim is left to its claimer for this many webhook timeouts (see the module doc).
+LEASE_TIMEOUTS = 4
 
 
 class AlertNotSent(GatewayError):
@@ -81,7 +107,7 @@ class Evaluation:
     configured: bool  # a webhook URL is set
     active: list[Condition] = field(default_factory=list)
     fired: list[str] = field(default_factory=list)
-    already: list[str] = field(default_factory=list)  # fired before, still active
+    already: list[str] = field(default_factory=list)  # sent before (or being sent), still active
     failed: dict[str, str] = field(default_factory=dict)  # key → why the post failed
     cleared: list[str] = field(default_factory=list)
 
@@ -139,22 +165,37 @@ def _backlog_age(conn: Connection, settings: Settings, now: datetime) -> list[Co
          "threshold_seconds": settings.alert_backlog_age_seconds})]
 
 
-def _dead_letters(conn: Connection) -> list[Condition]:
-    last = conn.execute(select(alert_state.c.detail).where(alert_state.c.kind == "dead_letters")
-                        .order_by(alert_state.c.fired_at.desc()).limit(1)).scalar()
-    since = datetime.fromisoformat(json.loads(last)["through"]) if last else None
-    dead = outbox.c.status == "dead"
-    where = dead if since is None else and_(dead, outbox.c.updated_at > since)
-    new, through = conn.execute(select(func.count(), func.max(outbox.c.updated_at)).where(where)).one()
+def _dead_letter_mark(conn: Connection, now: datetime, held: timedelta) -> int | None:
+    """``through`` of the newest dead-letter alert sent, or claimed and still being posted.
+
+    (Keys written before migration 0010 end in a time, not a sequence number: ignored.)
+    """
+    keys = conn.execute(select(alert_state.c.key).where(
+        alert_state.c.kind == "dead_letters",
+        or_(alert_state.c.sent_at.is_not(None), alert_state.c.fired_at > now - held))).scalars()
+    return max((int(through) for key in keys if (through := key.partition(":")[2]).isdigit()),
+               default=None)
+
+
+def _dead_letters(conn: Connection, now: datetime, held: timedelta) -> list[Condition]:
+    # The mark is a sequence number of the audit trail, whose dead-lettering events are written
+    # in the transaction that turns the delivery dead and numbered under the chain head's lock,
+    # so in commit order.  (The outbox rows' ``updated_at`` is not: a worker stamps ``now``
+    # before its transaction, and a slower or skewed worker commits an older stamp later.)
+    since = _dead_letter_mark(conn, now, held)
+    # The predicate as the partial index ix_audit_events_dead has it, literally, so it serves.
+    newer = select(func.count(), func.max(audit_events.c.seq)).where(text(DEAD_EVENTS))
+    if since is not None:
+        newer = newer.where(audit_events.c.seq > since)
+    new, through = conn.execute(newer).one()
     if not new or through is None:
         return []
-    total = conn.execute(select(func.count()).where(dead)).scalar_one()
+    total = conn.execute(select(func.count()).where(outbox.c.status == "dead")).scalar_one()
     return [Condition(
-        f"dead_letters:{through.isoformat()}", "dead_letters", "新增死信 (new dead letters)",
+        f"dead_letters:{int(through)}", "dead_letters", "新增死信 (new dead letters)",
         (f"新增 (new)：{new} 条；死信总数 (total dead)：{total} 条",
          "请在运维控制台 /ops 查看原因并重新投递 (see the reasons and reprocess in the ops console)"),
-        {"new": int(new), "total": int(total), "since": since.isoformat() if since else None,
-         "through": through.isoformat()})]
+        {"new": int(new), "total": int(total), "since": since, "through": int(through)})]
 
 
 def _year_close(conn: Connection, settings: Settings, now: datetime) -> list[Condition]:
@@ -180,7 +221,7 @@ def _year_close(conn: Connection, settings: Settings, now: datetime) -> list[Con
 def conditions(conn: Connection, settings: Settings, now: datetime) -> list[Condition]:
     """Every alert condition active at ``now``."""
     return [*_missed_pushes(conn, settings, now), *_backlog_age(conn, settings, now),
-            *_dead_letters(conn), *_year_close(conn, settings, now)]
+            *_dead_letters(conn, now, lease(settings)), *_year_close(conn, settings, now)]
 
 
 # -- sending --------------------------------------------------------------------------------
@@ -213,42 +254,94 @@ def send(client: httpx.Client, url: str, body: dict[str, Any]) -> None:
         raise AlertNotSent(f"errcode {errcode}: {str(answer.get('errmsg', ''))[:200]}")
 
 
-def _claim(conn: Connection, condition: Condition, now: datetime) -> bool:
-    """Take the condition's row for this firing; ``False`` if it is live (fired, not cleared)."""
+def lease(settings: Settings) -> timedelta:
+    """How long an unsent claim is left to its claimer before another evaluator may post it."""
+    return timedelta(seconds=LEASE_TIMEOUTS * settings.alert_webhook_timeout_seconds)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    key: str
+    at: datetime  # the row's fired_at while claimed: the lease's start, and the claim's token
+    before: dict[str, Any] | None  # the row as the claim found it; None if the claim inserted it
+
+
+def _claim(conn: Connection, condition: Condition, at: datetime, held: timedelta) -> _Claim | None:
+    """Take the condition's row for this firing.
+
+    ``None`` if it is live (sent, not cleared) or another evaluator's unsent claim is still
+    within its lease (being posted).
+    """
     detail = json.dumps(condition.detail, ensure_ascii=False, sort_keys=True)
-    row = conn.execute(select(alert_state.c.cleared_at)
-                       .where(alert_state.c.key == condition.key)).first()
+    row = conn.execute(select(alert_state.c.fired_at, alert_state.c.cleared_at, alert_state.c.sent_at,
+                              alert_state.c.detail)
+                       .where(alert_state.c.key == condition.key)).mappings().first()
     if row is None:
         # Concurrent claimers of one new key queue on the primary key: the loser's INSERT fails.
-        conn.execute(insert(alert_state).values(key=condition.key, kind=condition.kind,
-                                                fired_at=now, cleared_at=None, detail=detail))
-        return True
-    if row.cleared_at is None:
-        return False
-    rearmed = conn.execute(update(alert_state)
-                           .where(alert_state.c.key == condition.key, alert_state.c.cleared_at.is_not(None))
-                           .values(fired_at=now, cleared_at=None, detail=detail)).rowcount
-    return rearmed == 1
+        conn.execute(insert(alert_state).values(key=condition.key, kind=condition.kind, fired_at=at,
+                                                cleared_at=None, sent_at=None, detail=detail))
+        return _Claim(condition.key, at, None)
+    if row["sent_at"] is None:
+        if row["fired_at"] > at - held:
+            return None
+    elif row["cleared_at"] is None:
+        return None
+    # A cleared row (the condition recurred) or a claim whose lease ran out: take it as read.
+    taken = conn.execute(
+        update(alert_state)
+        .where(alert_state.c.key == condition.key, alert_state.c.fired_at == row["fired_at"],
+               alert_state.c.cleared_at.is_not_distinct_from(row["cleared_at"]),
+               alert_state.c.sent_at.is_not_distinct_from(row["sent_at"]))
+        .values(fired_at=at, cleared_at=None, sent_at=None, detail=detail)).rowcount
+    return _Claim(condition.key, at, dict(row)) if taken == 1 else None
+
+
+def _ours(claim: _Claim) -> tuple[Any, ...]:
+    """The row still carries ``claim``: nobody took it over after its lease ran out."""
+    return (alert_state.c.key == claim.key, alert_state.c.fired_at == claim.at,
+            alert_state.c.sent_at.is_(None))
+
+
+def _mark_sent(engine: Engine, claim: _Claim, at: datetime) -> None:
+    with engine.begin() as conn:
+        marked = conn.execute(update(alert_state).where(*_ours(claim)).values(sent_at=at)).rowcount
+    if marked != 1:  # our post outlived the lease: the taker posts it again (at least once)
+        log.warning("alert %s sent after its claim was taken over; it may go out twice", claim.key)
+
+
+def _undo(engine: Engine, claim: _Claim) -> None:
+    """Give the claim back, so the next tick retries: delete the row inserted, or restore it."""
+    with engine.begin() as conn:
+        if claim.before is None:
+            conn.execute(delete(alert_state).where(*_ours(claim)))
+        else:
+            conn.execute(update(alert_state).where(*_ours(claim)).values(**claim.before))
 
 
 def _fire(engine: Engine, settings: Settings, client: httpx.Client, condition: Condition,
-          now: datetime, result: Evaluation) -> None:
+          clock: Callable[[], datetime], result: Evaluation) -> None:
     assert settings.alert_webhook_url is not None
     try:
         with engine.begin() as conn:
-            if not _claim(conn, condition, now):
-                result.already.append(condition.key)
-                return
-            # Raising here rolls the claim back: the next tick tries again.
-            send(client, settings.alert_webhook_url, payload(condition, settings.alert_webhook_format))
+            claim = _claim(conn, condition, clock(), lease(settings))
     except IntegrityError:
-        result.already.append(condition.key)  # another evaluator fired it meanwhile
-    except AlertNotSent as exc:
+        claim = None  # another evaluator inserted the key meanwhile
+    if claim is None:
+        result.already.append(condition.key)
+        return
+    # The claim is committed: no transaction (no lock, no pooled connection) is held while posting.
+    try:
+        send(client, settings.alert_webhook_url, payload(condition, settings.alert_webhook_format))
+    except Exception as exc:
+        _undo(engine, claim)
+        if not isinstance(exc, AlertNotSent):
+            raise
         log.warning("alert %s not sent: %s", condition.key, exc)
         result.failed[condition.key] = str(exc)
-    else:
-        log.info("alert %s sent", condition.key)
-        result.fired.append(condition.key)
+        return
+    _mark_sent(engine, claim, clock())
+    log.info("alert %s sent", condition.key)
+    result.fired.append(condition.key)
 
 
 def _clear(engine: Engine, active: set[str], now: datetime) -> list[str]:
@@ -266,6 +359,11 @@ def evaluate(engine: Engine, settings: Settings, now: datetime | None = None, *,
              client: httpx.Client | None = None) -> Evaluation:
     """One evaluation at ``now``: clear what went away, fire what is new (see the module doc)."""
     now = now or datetime.now(UTC)
+    started = time.monotonic()
+
+    def clock() -> datetime:  # ``now`` moved on by the time this evaluation has taken
+        return now + timedelta(seconds=time.monotonic() - started)
+
     result = Evaluation(now=now, configured=bool(settings.alert_webhook_url))
     with engine.connect() as conn:
         result.active = conditions(conn, settings, now)
@@ -276,7 +374,7 @@ def evaluate(engine: Engine, settings: Settings, now: datetime | None = None, *,
     http = client or httpx.Client(timeout=settings.alert_webhook_timeout_seconds)
     try:
         for condition in result.active:
-            _fire(engine, settings, http, condition, now, result)
+            _fire(engine, settings, http, condition, clock, result)
     finally:
         if own:
             http.close()

@@ -217,6 +217,7 @@ outbox = Table(
           sqlite_where=text(_UNBATCHED)),
 )
 
+DEAD_EVENTS = "kind = 'dead'"
 audit_events = Table(
     "audit_events",
     metadata,
@@ -230,6 +231,9 @@ audit_events = Table(
     Column("detail", Text, nullable=False),  # canonical JSON, identity numbers masked
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    # Dead-lettering events only: the alerts' commit-ordered dead-letter mark (gateway/alerts.py).
+    Index("ix_audit_events_dead", "seq", postgresql_where=text(DEAD_EVENTS),
+          sqlite_where=text(DEAD_EVENTS)),
 )
 
 # One row: the chain's head.  Appenders lock it (SELECT … FOR UPDATE) so the chain stays
@@ -425,6 +429,8 @@ alert_state = Table(
     Column("fired_at", UTCDateTime, nullable=False),
     Column("cleared_at", UTCDateTime),
     Column("detail", Text, nullable=False),  # JSON, identity numbers masked
+    # NULL while the claim's post is in flight (or its evaluator died): fired_at is its lease.
+    Column("sent_at", UTCDateTime),
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,8 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, insert, select, text, update
+from sqlalchemy.engine import make_url
 
+from gateway import audit
 from gateway.accounts import Partner
 from gateway.alerts import Evaluation, evaluate
 from gateway.batches import NewBatch, record_batch
@@ -28,6 +31,7 @@ from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.ops.overview import backlog
 from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.store.db import make_engine
 from gateway.store.tables import alert_state, batches, outbox
 from mock_partners import webhook_sink
 from mock_partners.ce_system import Faults
@@ -62,6 +66,16 @@ def content(message: dict[str, Any]) -> str:
 def state(engine: Engine) -> dict[str, dict[str, Any]]:
     with engine.connect() as conn:
         return {r["key"]: dict(r) for r in conn.execute(select(alert_state)).mappings()}
+
+
+def dead_letter(engine: Engine, worker: DeliveryWorker, partner: PartnerRef, rng: random.Random,
+                source_id: str) -> None:
+    """Ingest a record the mock management system rejects; ``worker`` dead-letters it."""
+    sub = canonical_submission(rng, source_id)
+    sub["activity"]["title"] = "[REJECT] 高原医学专题讲座"
+    ingest(engine, partner, [sub])
+    while worker.run_once():
+        pass
 
 
 def monthly_batch(engine: Engine, partner: Partner, period: str) -> str:
@@ -99,6 +113,7 @@ def test_missed_monthly_push_fires_once_is_retried_clears_and_fires_again(
     httpx.post(f"{sink}/_mock/faults", json={}).raise_for_status()
 
     assert evaluate(engine, settings, OCT_6).fired == [key]
+    assert state(engine)[key]["sent_at"] is not None
     assert evaluate(engine, settings, OCT_6 + timedelta(hours=1)).already == [key]
     [message] = received(sink)
     assert message["path"] == "/cgi-bin/webhook/send" and message["query"] == {"key": "test-robot"}
@@ -168,19 +183,11 @@ def test_dead_letters_and_failing_deliveries_near_the_year_close_fire_once_each(
     partner = PartnerRef(new_partner(engine).partner_id, "canonical")
     rng = random.Random(9)
     worker = DeliveryWorker(engine, make_settings(db_url, mock_ce[0]))
-
-    def dead_letter(source_id: str) -> None:
-        sub = canonical_submission(rng, source_id)
-        sub["activity"]["title"] = "[REJECT] 高原医学专题讲座"
-        ingest(engine, partner, [sub])
-        while worker.run_once():
-            pass
-
     # The real 30 December close (the suite otherwise runs with 2026 extended).
     settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}", alert_year_close_days=7,
                              year_close_extensions={})
     try:
-        dead_letter("D-1")
+        dead_letter(engine, worker, partner, rng, "D-1")
         first = evaluate(engine, settings, JUNE)
         [dead_key] = first.fired
         assert [c.kind for c in first.active] == ["dead_letters"]
@@ -197,7 +204,7 @@ def test_dead_letters_and_failing_deliveries_near_the_year_close_fire_once_each(
             conn.execute(update(outbox).where(outbox.c.status == "dead").values(status="delivered"))
         assert evaluate(engine, settings, DEC_27).cleared == [close_key]
 
-        dead_letter("D-2")
+        dead_letter(engine, worker, partner, rng, "D-2")
         again = evaluate(engine, settings, DEC_27)
         assert len(again.fired) == 2 and close_key in again.fired and dead_key not in again.fired
         assert evaluate(engine, settings, DEC_27 + timedelta(hours=1)).fired == []
@@ -235,3 +242,143 @@ def test_concurrent_evaluations_send_one_alert(
     assert sorted(len(r.fired) for r in results) == [0, 0, 1]
     assert all(r.fired == [key] or r.already == [key] for r in results)
     assert len(received(sink)) == 1
+
+
+def test_a_dead_letter_committed_late_with_an_older_stamp_is_still_alerted(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults], sink: str) -> None:
+    """Workers stamp ``now`` before their transaction, and commits don't come in stamp order.
+
+    The mark is the last dead-lettering audit event's sequence number, given in commit order,
+    so a dead letter stamped before the last alert but committed after it is still news.
+    """
+    partner = PartnerRef(new_partner(engine).partner_id, "canonical")
+    rng = random.Random(11)
+    worker_settings = make_settings(db_url, mock_ce[0])
+    settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}")
+    worker = DeliveryWorker(engine, worker_settings)
+    try:
+        dead_letter(engine, worker, partner, rng, "L-1")
+    finally:
+        worker.close()
+    [first] = evaluate(engine, settings, JUNE).fired
+    with engine.connect() as conn:
+        stamped = conn.execute(select(func.max(outbox.c.updated_at))
+                               .where(outbox.c.status == "dead")).scalar_one()
+
+    # A second worker whose clock read a minute before the first one's commit, committing now.
+    late = DeliveryWorker(engine, worker_settings, name="late-worker",
+                          clock=lambda: stamped - timedelta(minutes=1))
+    try:
+        dead_letter(engine, late, partner, rng, "L-2")
+    finally:
+        late.close()
+    with engine.connect() as conn:
+        stamps = conn.execute(select(outbox.c.updated_at).where(outbox.c.status == "dead")
+                              .order_by(outbox.c.id)).scalars().all()
+    assert len(stamps) == 2 and stamps[1] < stamps[0]  # the late one carries the older stamp
+
+    again = evaluate(engine, settings, JUNE)
+    assert [c.kind for c in again.active] == ["dead_letters"] and again.fired != [first]
+    assert len(again.fired) == 1
+    assert evaluate(engine, settings, JUNE).fired == []
+    texts = [content(m) for m in received(sink)]
+    assert len(texts) == 2
+    assert "新增 (new)：1 条；死信总数 (total dead)：2 条" in texts[1]
+
+
+def test_an_alert_post_in_flight_holds_no_transaction(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], sink: str) -> None:
+    """The claim commits before the post: writers don't wait for a slow robot.
+
+    On SQLite a transaction open across the post would hold the store's one write lock, so the
+    write below would wait for the robot; on PostgreSQL it would hold a pooled connection idle
+    in transaction (the evaluation's connections are named, so only they are looked at).
+    """
+    partner = new_partner(engine, adapter="finance")
+    key = f"missed_push:{partner.partner_id}:2026-09"
+    settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}")
+    delay = 2.0
+    httpx.post(f"{sink}/_mock/faults", json={"delay_ms": int(delay * 1000)}).raise_for_status()
+    postgres = not db_url.startswith("sqlite")
+    name = f"alerts-{uuid.uuid4().hex[:8]}"
+    evaluating = make_engine(make_url(db_url).update_query_dict({"application_name": name})
+                             .render_as_string(hide_password=False)) if postgres else engine
+    posting = threading.Event()
+    results: list[Evaluation] = []
+
+    def on_request(_request: httpx.Request) -> None:
+        posting.set()
+
+    client = httpx.Client(timeout=10, event_hooks={"request": [on_request]})
+    thread = threading.Thread(target=lambda: results.append(
+        evaluate(evaluating, settings, OCT_6, client=client)))
+    thread.start()
+    try:
+        assert posting.wait(timeout=20), "the alert was never posted"
+        started = time.monotonic()
+        with engine.begin() as conn:  # what ingest, the worker and batch chunks all do
+            audit.append(conn, [audit.Event("test_write", actor="test")])
+        took = time.monotonic() - started
+        idle_in_transaction = 0
+        if postgres:
+            with engine.connect() as conn:
+                idle_in_transaction = conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
+                    " AND state LIKE 'idle in transaction%'"), {"name": name}).scalar_one()
+        in_flight = state(engine).get(key)
+        still_posting = not results
+    finally:
+        thread.join(timeout=30)
+        client.close()
+        if postgres:
+            evaluating.dispose()
+    assert took < delay / 2, f"a write waited {took:.2f} s for the alert's post"
+    assert idle_in_transaction == 0
+    assert still_posting, "the post returned before the checks ran"
+    # What kept the key during the post: a committed claim, not yet marked sent.
+    assert in_flight is not None and in_flight["sent_at"] is None
+    [result] = results
+    assert result.fired == [key]
+    assert state(engine)[key]["sent_at"] is not None
+    assert len(received(sink)) == 1
+
+
+def test_a_claim_left_unsent_is_sent_after_its_lease_and_a_failed_rearm_is_undone(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], sink: str) -> None:
+    """The crash windows of claim, post, mark sent.
+
+    An evaluator that died after committing its claim leaves the row unsent: while its lease
+    (4 × the webhook timeout) runs, others take it as being posted; after that the next tick
+    posts it.  A failed post of a re-armed row restores it as it was, so the next tick retries.
+    """
+    partner = new_partner(engine, adapter="health")
+    key = f"missed_push:{partner.partner_id}:2026-09"
+    settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}",
+                             alert_webhook_timeout_seconds=5)
+    with engine.begin() as conn:  # what the dead evaluator committed before posting
+        conn.execute(insert(alert_state).values(key=key, kind="missed_push", fired_at=OCT_6,
+                                                cleared_at=None, sent_at=None, detail="{}"))
+
+    within = evaluate(engine, settings, OCT_6 + timedelta(seconds=19))
+    assert within.already == [key] and within.fired == [] and received(sink) == []
+    after = evaluate(engine, settings, OCT_6 + timedelta(seconds=21))
+    assert after.fired == [key]
+    row = state(engine)[key]
+    assert row["sent_at"] is not None and row["fired_at"] >= OCT_6 + timedelta(seconds=21)
+    assert evaluate(engine, settings, OCT_6 + timedelta(minutes=1)).already == [key]
+    assert len(received(sink)) == 1
+
+    # The batch arrives, then fails: the condition recurs, but the robot refuses the re-armed alert.
+    batch_id = monthly_batch(engine, partner, "2026-09")
+    assert evaluate(engine, settings, OCT_6 + timedelta(minutes=2)).cleared == [key]
+    cleared = state(engine)[key]
+    with engine.begin() as conn:
+        conn.execute(update(batches).where(batches.c.batch_id == batch_id).values(status="failed"))
+    httpx.post(f"{sink}/_mock/faults", json={"fail_next": 1, "status": 503}).raise_for_status()
+    assert list(evaluate(engine, settings, OCT_6 + timedelta(minutes=3)).failed) == [key]
+    assert state(engine)[key] == cleared
+    assert evaluate(engine, settings, OCT_6 + timedelta(minutes=4)).fired == [key]
+    assert len(received(sink)) == 2
