@@ -52,6 +52,21 @@ YEAR = open_ce_year()
 COUNTS = ("accepted", "duplicate", "corrected", "conflict", "rejected")
 
 
+def health_file(tmp_path: Path, n_rows: int, seed: int = 7, bad_ratio: float = 0.01,
+                ) -> tuple[Path, set[str], dict[int, str]]:
+    """A health CSV for March of :data:`YEAR`.
+
+    Returns its path, the good rows' record numbers, and the bad rows' file row numbers (row 1
+    is the header) with what is wrong with each.
+    """
+    rows = list(health_rows(seed, n_rows, YEAR, 3, bad_ratio=bad_ratio))
+    path = tmp_path / f"health_{YEAR}-03_{seed}.csv"
+    assert write_csv(path, rows, HEALTH_HEADERS) == n_rows
+    good = {str(r["记录编号"]) for r in rows if BAD_KEY not in r}
+    bad = {i + 2: r[BAD_KEY] for i, r in enumerate(rows) if BAD_KEY in r}
+    return path, good, bad
+
+
 @pytest.fixture
 def store(db_url: str) -> Iterator[Engine]:
     """The test's reader: plain reads that take no write lock.
@@ -109,11 +124,7 @@ def test_sigkill_mid_batch_resumes_after_the_last_chunk_exactly_once(
     writer = make_engine(db_url)
     partner = new_partner(writer, adapter="health")
     writer.dispose()
-    rows = list(health_rows(7, ROWS, YEAR, 3, bad_ratio=0.01))
-    path = tmp_path / f"health_{YEAR}-03.csv"
-    assert write_csv(path, rows, HEALTH_HEADERS) == ROWS
-    good = {str(r["记录编号"]) for r in rows if BAD_KEY not in r}
-    bad = {i + 2: r[BAD_KEY] for i, r in enumerate(rows) if BAD_KEY in r}  # row 1 is the header
+    path, good, bad = health_file(tmp_path, ROWS)
     assert len(good) + len(bad) == ROWS and ROWS // 200 < len(bad) < ROWS // 40  # ~1 % bad
 
     env = {"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_BATCH_DIR": str(tmp_path / "batches"),

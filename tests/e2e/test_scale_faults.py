@@ -58,9 +58,8 @@ from gateway.store.tables import (
 )
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults, MockState, create_app
-from mock_partners.files import BAD_KEY, HEALTH_HEADERS, health_rows, write_csv
 from tests.conftest import PG_ENV, SECRET_KEY
-from tests.e2e.test_batch_crash import _children, _kill_orphans, open_ce_year
+from tests.e2e.test_batch_crash import _children, _kill_orphans, health_file, open_ce_year
 from tests.support.servers import (
     GatewayProcess,
     WorkerProcess,
@@ -189,14 +188,11 @@ def test_a_stale_worker_cannot_release_a_lease_another_worker_holds(
 
 def _health_batch(engine: Engine, tmp_path: Path, partner: Partner, n: int,
                   seed: int = 17) -> tuple[str, set[str], int]:
-    rows = list(health_rows(seed, n, YEAR, 3, bad_ratio=0.02))
-    path = tmp_path / f"health_{YEAR}-03_{seed}.csv"
-    assert write_csv(path, rows, HEALTH_HEADERS) == n
+    path, good, bad = health_file(tmp_path, n, seed, bad_ratio=0.02)
     batch_id = new_batch_id()
     record_batch(engine, NewBatch(batch_id, partner.partner_id, "health", "monthly", f"{YEAR}-03",
                                   path, "csv", path.stat().st_size, file_sha256(path)), "test")
-    good = {str(r["记录编号"]) for r in rows if BAD_KEY not in r}
-    return batch_id, good, n - len(good)
+    return batch_id, good, len(bad)
 
 
 def test_a_batch_processor_that_lost_its_lease_commits_no_chunk(
@@ -757,11 +753,7 @@ def run_batch_kill(n_rows: int, chunk_rows: int, db_url: str, tmp_path: Path,
     writer = make_engine(db_url)
     partner = new_partner(writer, adapter="health")
     writer.dispose()
-    rows = list(health_rows(7, n_rows, YEAR, 3, bad_ratio=0.01))
-    path = tmp_path / f"health_{YEAR}-03.csv"
-    assert write_csv(path, rows, HEALTH_HEADERS) == n_rows
-    good = {str(r["记录编号"]) for r in rows if BAD_KEY not in r}
-    bad = {i + 2: r[BAD_KEY] for i, r in enumerate(rows) if BAD_KEY in r}  # row 1 is the header
+    path, good, bad = health_file(tmp_path, n_rows)
     store = _reader(db_url)
     cluster = Cluster(_env(db_url, mock_url, tmp_path, CE_GATEWAY_DELIVERY_BATCH_SIZE="500",
                            CE_GATEWAY_BATCH_CHUNK_ROWS=str(chunk_rows),
