@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import threading
 import time
 from collections import Counter, defaultdict
@@ -452,6 +453,21 @@ def _queued(store: Engine) -> set[tuple[str, int]]:
                 for r in conn.execute(select(outbox.c.record_id, outbox.c.version))}
 
 
+def _frozen_holding(store: Engine, worker: WorkerProcess) -> bool:
+    """Freeze ``worker`` (SIGSTOP); leave it frozen if it holds a delivery lease, else thaw it.
+
+    Checking a lease and then killing races with a fast worker finishing its batch in between;
+    a frozen worker can neither finish nor release, so what it holds is what the kill orphans.
+    """
+    if not _leases_of(store, worker):
+        return False
+    os.kill(worker.pid, signal.SIGSTOP)
+    if _leases_of(store, worker):
+        return True
+    os.kill(worker.pid, signal.SIGCONT)
+    return False
+
+
 def _leases_of(store: Engine, worker: WorkerProcess) -> set[str]:
     with store.connect() as conn:
         owners = conn.execute(select(delivery_batches.c.batch_key, delivery_batches.c.lease_owner)
@@ -562,8 +578,8 @@ def run_replicas_and_workers_under_faults(size: Size, db_url: str, tmp_path: Pat
         partners = threading.Thread(target=push_all)
         partners.start()
         # SIGKILL one worker while it holds delivery leases, some deliveries already applied.
-        poll(lambda: len(state.applied) >= size.delivery_batch * 2 and _leases_of(store, victim),
-             120, interval=0.01, what="the victim worker to hold a lease")
+        poll(lambda: len(state.applied) >= size.delivery_batch * 2 and _frozen_holding(store, victim),
+             120, interval=0.01, what="the victim worker frozen while it holds a lease")
         victim.kill9()
         killed_at = time.monotonic()
         orphaned = _leases_of(store, victim)
