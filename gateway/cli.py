@@ -103,16 +103,19 @@ def worker(
     _setup_logging(settings)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    background = Background(_engine(settings), settings).start()
-    if metrics_port:
+    started: list[Background] = []
+    if metrics_port:  # listening before any work starts, so no delivery goes unscraped
         from prometheus_client import CollectorRegistry, start_http_server
 
         from gateway.metrics import PROCESS_COLLECTORS, CircuitCollector
 
         registry = CollectorRegistry()
-        for collector in (*PROCESS_COLLECTORS, CircuitCollector(lambda: background.worker)):
+        for collector in (*PROCESS_COLLECTORS,
+                          CircuitCollector(lambda: started[0].worker if started else None)):
             registry.register(collector)
         start_http_server(metrics_port, addr=metrics_host, registry=registry)
+    background = Background(_engine(settings), settings).start()
+    started.append(background)
     try:
         while not stopping.wait(1.0):
             pass
