@@ -67,6 +67,20 @@ def health_file(tmp_path: Path, n_rows: int, seed: int = 7, bad_ratio: float = 0
     return path, good, bad
 
 
+def upload_and_wait(client: SigningClient, path: Path, timeout: float) -> dict[str, Any]:
+    """Upload ``path`` as the March health batch and poll its status until it has ended."""
+    resp = client.upload_batch(path, adapter="health", kind="monthly", period=f"{YEAR}-03")
+    assert resp.status_code == 202, resp.text
+    batch_id = resp.json()["batch_id"]
+
+    def ended() -> dict[str, Any] | None:
+        status: dict[str, Any] = client.get(f"/v1/batches/{batch_id}?limit=1").json()
+        return status if status["status"] in ("done", "failed") else None
+
+    ended_status: dict[str, Any] = poll(ended, timeout, interval=0.2, what="the batch to end")
+    return ended_status
+
+
 @pytest.fixture
 def store(db_url: str) -> Iterator[Engine]:
     """The test's reader: plain reads that take no write lock.
@@ -196,15 +210,7 @@ def test_sigkill_mid_batch_resumes_after_the_last_chunk_exactly_once(
 
         # The same file again, after the crash: every row is a duplicate or rejected again.
         with SigningClient(gw.url, partner.app_key, partner.secret) as client:
-            resp = client.upload_batch(path, adapter="health", kind="monthly", period=f"{YEAR}-03")
-            assert resp.status_code == 202, resp.text
-            again = resp.json()["batch_id"]
-
-            def resent() -> dict[str, Any] | None:
-                status: dict[str, Any] = client.get(f"/v1/batches/{again}?limit=1").json()
-                return status if status["status"] in ("done", "failed") else None
-
-            status = poll(resent, 180, interval=0.2, what="the resent batch")
+            status = upload_and_wait(client, path, 180)
         assert status["status"] == "done", status["error"]
         assert status["counts"] == {"rows": ROWS, "accepted": 0, "duplicate": len(good),
                                     "corrected": 0, "conflict": 0, "rejected": len(bad)}

@@ -60,7 +60,13 @@ from gateway.store.tables import (
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults, MockState, create_app
 from tests.conftest import PG_ENV, SECRET_KEY
-from tests.e2e.test_batch_crash import _children, _kill_orphans, health_file, open_ce_year
+from tests.e2e.test_batch_crash import (
+    _children,
+    _kill_orphans,
+    health_file,
+    open_ce_year,
+    upload_and_wait,
+)
 from tests.support.servers import (
     GatewayProcess,
     WorkerProcess,
@@ -837,16 +843,7 @@ def run_batch_kill(n_rows: int, chunk_rows: int, db_url: str, tmp_path: Path,
         if reupload:  # the same file again: every row a duplicate or rejected again
             with SigningClient(cluster.replicas[0].url, partner.app_key, partner.secret,
                                timeout=300) as client:
-                resp = client.upload_batch(path, adapter="health", kind="monthly",
-                                           period=f"{YEAR}-03")
-                assert resp.status_code == 202, resp.text
-                again = resp.json()["batch_id"]
-
-                def resent() -> dict[str, Any] | None:
-                    status: dict[str, Any] = client.get(f"/v1/batches/{again}?limit=1").json()
-                    return status if status["status"] in ("done", "failed") else None
-
-                status = poll(resent, 600, interval=0.2, what="the resent batch")
+                status = upload_and_wait(client, path, 600)
             assert status["counts"] == {"rows": n_rows, "accepted": 0, "duplicate": len(good),
                                         "corrected": 0, "conflict": 0, "rejected": len(bad)}
             assert _queued(store) == queued and _pending(store) == 0
