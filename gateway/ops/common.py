@@ -177,6 +177,11 @@ def apply_changes(raw: Mapping[str, Any], changes: Mapping[str, Any],
             raise refuse("changes", f"bad field path {path[:60]!r}")
         if any(path == p or path.startswith(p + ".") for p in protected):
             raise refuse(f"changes.{path}", "this field cannot be edited")
+        try:  # a value the store could not keep as JSON: an integer beyond 64 bits
+            orjson.dumps(value)
+        except TypeError:
+            raise refuse(f"changes.{path}", "not a JSON value the record can hold "
+                         "(integers must fit in 64 bits)") from None
         node: Any = out
         for part in parts[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
