@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/ce-gateway demo
 
+# Two test processes by default (every test has its own SQLite file or PostgreSQL schema and
+# its own ports); TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= 2
+
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # The console's browser tests drive Debian's chromium through Playwright (never a downloaded
 # browser).  This never fails the build: without root or apt the browser tests skip, saying why.
