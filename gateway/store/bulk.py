@@ -5,6 +5,12 @@ ingest path (measured: ~75 µs of ~300 µs a record).  Here the statement is com
 table and column set, values are converted to what the driver stores — the same text format
 SQLAlchemy uses for SQLite datetimes, so Core reads the rows back unchanged — and the rows go
 to the DB-API cursor as tuples.
+
+On PostgreSQL a plain insert goes through ``COPY … FROM STDIN`` instead (STYLE.md: 128 k rows/s
+against 51 k for ``executemany``; the server parses one stream instead of one statement a row).
+It runs on the same connection, inside the caller's transaction, so it commits or rolls back
+with everything else.  ``COPY`` has no ``ON CONFLICT``: inserts that ignore conflicts keep
+``executemany``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,12 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, Table
+
+
+@lru_cache(maxsize=64)
+def _copy_statement(table: Table, columns: tuple[str, ...]) -> str:
+    names = ", ".join(f'"{c}"' for c in columns)
+    return f"COPY {table.name} ({names}) FROM STDIN"
 
 
 @lru_cache(maxsize=64)
@@ -72,6 +84,18 @@ def bulk_insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], 
         else:
             pairs = list(zip(columns, converters, strict=True))
             params = [tuple(row[c] if f is None else f(row[c]) for c, f in pairs) for row in rows]
+    elif conn.dialect.driver == "psycopg" and not ignore_conflicts:
+        _copy(conn, table, columns, rows)
+        return
     else:
         params = [tuple(row[c] for c in columns) for row in rows]
     conn.exec_driver_sql(sql, params)
+
+
+def _copy(conn: Connection, table: Table, columns: tuple[str, ...],
+          rows: Sequence[dict[str, Any]]) -> None:
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    with raw.cursor() as cursor, cursor.copy(_copy_statement(table, columns)) as copy:
+        for row in rows:
+            copy.write_row([row[c] for c in columns])
