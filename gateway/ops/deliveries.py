@@ -255,7 +255,7 @@ def reprocess(engine: Engine, flt: DeliveryFilter, *, dry_run: bool, reason: str
                 update(outbox).where(outbox.c.id.in_(list(by_id)), outbox.c.status == "dead",
                                      ~_later_version_alive())
                 .values(status="pending", batch_key=None, attempts=0, error_code=None,
-                        last_error=None, receipt_status=None, updated_at=now)
+                        last_error=None, receipt_status=None, updated_at=now, queued_at=now)
                 .returning(outbox.c.id)).scalars())
             rest = sorted(set(by_id) - flipped)
             stale = set(conn.execute(

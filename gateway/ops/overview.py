@@ -33,12 +33,12 @@ RECORD_STATUSES = ("accepted", "duplicate", "conflict")
 @dataclass(frozen=True)
 class Backlog:
     size: int
-    oldest_created_at: datetime | None
+    oldest_queued_at: datetime | None
 
     def oldest_age_seconds(self, now: datetime) -> float | None:
-        if self.oldest_created_at is None:
+        if self.oldest_queued_at is None:
             return None
-        return max(0.0, (now - self.oldest_created_at).total_seconds())
+        return max(0.0, (now - self.oldest_queued_at).total_seconds())
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,13 @@ class YearClose:
 
 
 def backlog(conn: Connection) -> Backlog:
-    """Pending deliveries and the creation time of the oldest (outbox index on status)."""
-    size, oldest = conn.execute(select(func.count(), func.min(outbox.c.created_at))
+    """Pending deliveries and when the longest-waiting one was queued (outbox index on status).
+
+    A row is queued when it is created, or again when an operator reprocesses it (``queued_at``):
+    a dead letter of last month sent again today has waited seconds, not a month.
+    """
+    queued = func.coalesce(outbox.c.queued_at, outbox.c.created_at)
+    size, oldest = conn.execute(select(func.count(), func.min(queued))
                                 .where(outbox.c.status == "pending")).one()
     if isinstance(oldest, str):  # SQLite hands MIN() back untyped
         oldest = datetime.fromisoformat(oldest)

@@ -208,6 +208,9 @@ outbox = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("delivered_at", UTCDateTime),
+    # When an operator last queued the row again (reprocess); NULL: queued when created.  The
+    # backlog's age is measured from here, so an old dead letter sent again is not "late".
+    Column("queued_at", UTCDateTime),
     UniqueConstraint("record_id", "version"),
     Index("ix_outbox_status_batch", "status", "batch_key"),
     # What forming a delivery batch scans: pending rows in no batch yet.  Partial, so its cost

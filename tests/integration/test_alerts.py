@@ -29,6 +29,7 @@ from gateway.alerts import Evaluation, evaluate
 from gateway.batches import NewBatch, record_batch
 from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
+from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.ops.overview import backlog
 from gateway.pipeline.ingest import PartnerRef, ingest
 from gateway.store.db import make_engine
@@ -138,6 +139,33 @@ def test_missed_monthly_push_fires_once_is_retried_clears_and_fires_again(
     assert state(engine)[key]["cleared_at"] is None
 
 
+def test_a_reprocessed_old_dead_letter_is_not_an_old_backlog(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], sink: str) -> None:
+    """The backlog's age counts from when a row was last queued, not from when it was created."""
+    partner = new_partner(engine)
+    rng = random.Random(6)
+    subs = [canonical_submission(rng, f"Q-{i}") for i in range(2)]
+    ingest(engine, PartnerRef(partner.partner_id, "canonical"), subs)
+    month_ago = datetime.now(UTC) - timedelta(days=30)
+    with engine.begin() as conn:  # dead letters of a month ago
+        conn.execute(update(outbox).values(status="dead", error_code="DOWNSTREAM_REJECTED",
+                                           created_at=month_ago, updated_at=month_ago))
+    settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}", alert_backlog_age_seconds=600)
+    before = datetime.now(UTC)
+    done = reprocess(engine, DeliveryFilter(status="dead"), dry_run=False, reason="下游已恢复",
+                     actor="op-test")
+    assert done.requeued == 2
+    with engine.connect() as conn:
+        pending = backlog(conn)
+    assert pending.size == 2 and pending.oldest_queued_at is not None
+    assert pending.oldest_queued_at >= before - timedelta(seconds=1)
+    assert evaluate(engine, settings).active == []  # was: backlog_age fired, 30 days "late"
+    # The age still grows from the requeue: the row that is still waiting is alerted then.
+    later = pending.oldest_queued_at + timedelta(seconds=601)
+    assert evaluate(engine, settings, later).fired == ["backlog_age"]
+
+
 def test_backlog_age_in_dingtalk_shape_clears_through_the_cli_and_fires_again(
         db_url: str, engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner], sink: str) -> None:
@@ -146,7 +174,7 @@ def test_backlog_age_in_dingtalk_shape_clears_through_the_cli_and_fires_again(
     subs = [canonical_submission(rng, f"B-{i}") for i in range(3)]
     assert {a.status for a in ingest(engine, PartnerRef(partner.partner_id, "canonical"), subs)} == {"accepted"}
     with engine.connect() as conn:
-        oldest = backlog(conn).oldest_created_at
+        oldest = backlog(conn).oldest_queued_at
     assert oldest is not None
     env = {"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_ALERT_WEBHOOK_URL": f"{sink}/robot/send?access_token=t",
            "CE_GATEWAY_ALERT_WEBHOOK_FORMAT": "dingtalk", "CE_GATEWAY_ALERT_BACKLOG_AGE_SECONDS": "600"}
