@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection, Table
@@ -78,18 +79,36 @@ def bulk_insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], 
     columns = tuple(rows[0])
     sql = _statement(table, columns, conn.dialect.paramstyle, ignore_conflicts)
     if conn.dialect.name == "sqlite":
-        converters = [_column_converter(rows[0][c]) for c in columns]
-        if all(c is None for c in converters):
-            params = [tuple(row[c] for c in columns) for row in rows]
-        else:
-            pairs = list(zip(columns, converters, strict=True))
-            params = [tuple(row[c] if f is None else f(row[c]) for c, f in pairs) for row in rows]
+        params = _sqlite_params(columns, rows)
     elif conn.dialect.driver == "psycopg" and not ignore_conflicts:
         _copy(conn, table, columns, rows)
         return
     else:
         params = [tuple(row[c] for c in columns) for row in rows]
     conn.exec_driver_sql(sql, params)
+
+
+def _sqlite_params(columns: tuple[str, ...], rows: Sequence[dict[str, Any]]) -> list[Any]:
+    """Rows as tuples (``itemgetter``, in C), converting only the columns that need it.
+
+    A generator expression over every value of every row cost ~20 µs a batch row in a profile
+    (6.5 million steps for 100,000 rows); most columns pass as they are.
+    """
+    pick = itemgetter(*columns)
+    converting = [(i, f) for i, f in enumerate(_column_converter(rows[0][c]) for c in columns)
+                  if f is not None]
+    if len(columns) == 1:
+        return [(pick(row),) for row in rows] if not converting else [
+            (converting[0][1](pick(row)),) for row in rows]
+    if not converting:
+        return [pick(row) for row in rows]
+    params: list[Any] = []
+    for row in rows:
+        values = list(pick(row))
+        for i, convert in converting:
+            values[i] = convert(values[i])
+        params.append(tuple(values))
+    return params
 
 
 def _copy(conn: Connection, table: Table, columns: tuple[str, ...],
