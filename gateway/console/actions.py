@@ -8,9 +8,9 @@ the ``operator`` role and the session's CSRF token (``web.actor``); the work its
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 
 from gateway.console.forms import (
     ConsoleError,
@@ -24,19 +24,17 @@ from gateway.console.forms import (
 )
 from gateway.console.records_view import (
     EDITABLE,
-    WRITE_ONLY,
     changes_from,
     summarize,
+    typed_back,
     version_rows,
 )
 from gateway.console.render import Ident, ident, idents
-from gateway.console.web import ConsoleRoute, Ctx, actor, require_role, viewer
+from gateway.console.web import Actor, ConsoleRoute, Ctx, Viewer, require_role
 from gateway.ops.deliveries import DeliveryFilter, list_deliveries, reprocess
 from gateway.ops.records import edit_and_requeue, list_conflicts, record_view, resolve_conflict
 
 router = APIRouter(route_class=ConsoleRoute)
-Viewer = Annotated[Ctx, Depends(viewer)]
-Actor = Annotated[Ctx, Depends(actor)]
 DRY_RUN_REASON = "控制台预览（仅计数，未执行）"
 
 
@@ -133,8 +131,7 @@ def edit_submit(record_id: str, ctx: Actor) -> Response:
     error = error or (None if why else "请填写修改原因（必填，将记入审计日志）。")
     if error:
         # What was typed comes back, except the identity number (write-only: never echoed).
-        values = {**summary["editable"], **{k: ctx.form.get(k, "") for k, _, _ in EDITABLE
-                                             if k not in WRITE_ONLY}}
+        values = typed_back(ctx.form, summary["editable"])
         return ctx.page("record_edit.html", 400, record_id=Ident(record_id), summary=summary,
                         fields=EDITABLE, values=values, error=error)
     assert why is not None

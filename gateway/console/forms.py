@@ -13,9 +13,11 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from contracts.errors import CATALOGUE
 from gateway.accounts import ADAPTERS_WITH_PUSH
 from gateway.console.render import record_ident
 from gateway.ops.common import FIRST_YEAR, LAST_YEAR
+from gateway.revalidate import RevalidationFilter, RevalidationRefused
 
 DELIVERY_STATUSES = ("pending", "delivered", "dead", "superseded")
 MAX_TEXT = 64
@@ -100,6 +102,14 @@ def moment(params: Mapping[str, Any], name: str, zone: ZoneInfo, *, end_of_day: 
         raise bad_param(name, f"的年份应在 {FIRST_YEAR} 到 {LAST_YEAR} 之间") from None
 
 
+def period(params: Mapping[str, Any], zone: ZoneInfo) -> tuple[datetime | None, datetime | None]:
+    """``since`` (inclusive) and ``until`` (through that day), in order."""
+    since, until = moment(params, "since", zone), moment(params, "until", zone, end_of_day=True)
+    if since and until and since >= until:
+        raise bad_param("until", "应晚于开始时间")
+    return since, until
+
+
 def reason(params: Mapping[str, Any]) -> str | None:
     return text(params, "reason", MAX_REASON)
 
@@ -128,9 +138,7 @@ def delivery_query(params: Mapping[str, Any], record_ids: Sequence[str], zone: Z
     """The filter fields of ``params``; a missing ``status`` means ``default_status``."""
     status = choice(params, "status", DELIVERY_STATUSES) if "status" in params else default_status
     adapter = choice(params, "adapter", sorted(ADAPTERS_WITH_PUSH))
-    since, until = moment(params, "since", zone), moment(params, "until", zone, end_of_day=True)
-    if since and until and since >= until:
-        raise bad_param("until", "应晚于开始时间")
+    since, until = period(params, zone)
     ids: list[str] = []
     for value in record_ids:
         cleaned = text({"record_id": value}, "record_id")
@@ -144,3 +152,34 @@ def delivery_query(params: Mapping[str, Any], record_ids: Sequence[str], zone: Z
     raw = {k: text(params, k) for k in ("adapter", "partner_id", "error_code", "since", "until")}
     raw["status"] = status or ""
     return DeliveryQuery(**{**query.__dict__, "raw": raw})
+
+
+REJECTION_FILTER_KEYS = ("adapter", "partner_id", "error_code", "batch_id", "since", "until")
+
+
+@dataclass(frozen=True)
+class RejectionQuery:
+    """What the rejections list and the revalidation form filter by: open rejections."""
+
+    filter: RevalidationFilter
+    raw: dict[str, Any]  # as typed, for links, hidden fields and the summary
+
+    @property
+    def empty(self) -> bool:
+        return not self.filter.as_dict()
+
+
+def rejection_query(params: Mapping[str, Any], zone: ZoneInfo) -> RejectionQuery:
+    """The filter fields of ``params`` (``POST /v1/records/revalidate``'s filter)."""
+    adapter = choice(params, "adapter", sorted(ADAPTERS_WITH_PUSH))
+    code = text(params, "error_code")
+    if code is not None and code not in CATALOGUE:
+        raise bad_param("error_code", "不是已知的错误码")
+    since, until = period(params, zone)
+    raw = {k: text(params, k) for k in REJECTION_FILTER_KEYS}
+    try:
+        flt = RevalidationFilter(partner_id=raw["partner_id"], adapter=adapter, error_code=code,
+                                 batch_id=raw["batch_id"], since=since, until=until)
+    except RevalidationRefused as exc:  # pragma: no cover - the checks above come first
+        raise bad_param("filter", f"无效：{exc}") from None
+    return RejectionQuery(flt, raw)

@@ -101,17 +101,32 @@ def version_rows(view: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def changes_from(form: Mapping[str, Any], current: Mapping[str, str]) -> dict[str, Any]:
-    """The editable fields the operator changed (dotted names → new text)."""
+Fields = tuple[tuple[str, str, str], ...]
+
+
+def changes_from(form: Mapping[str, Any], current: Mapping[str, str], fields: Fields = EDITABLE,
+                 write_only: frozenset[str] = WRITE_ONLY, prefix: str = "") -> dict[str, Any]:
+    """The editable fields the operator changed (dotted names → new text).
+
+    Each field's input is named ``prefix`` + its dotted name; a write-only field left empty
+    means unchanged.
+    """
     changes: dict[str, Any] = {}
-    for key, _, _ in EDITABLE:
-        raw = form.get(key)
+    for key, _, _ in fields:
+        raw = form.get(prefix + key)
         if not isinstance(raw, str):
             continue
         value = raw.strip()
-        if key in WRITE_ONLY:
+        if key in write_only:
             if value:
                 changes[key] = value
         elif value != current.get(key, "") and not (value == "" and current.get(key) in (None, "")):
             changes[key] = value if value != "" else None
     return changes
+
+
+def typed_back(form: Mapping[str, Any], current: Mapping[str, str], fields: Fields = EDITABLE,
+               write_only: frozenset[str] = WRITE_ONLY, prefix: str = "") -> dict[str, str]:
+    """The form's values to show again after a refusal; write-only ones never echoed."""
+    return {**current, **{key: form.get(prefix + key, "") for key, _, _ in fields
+                          if key not in write_only}}

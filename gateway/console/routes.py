@@ -1,4 +1,7 @@
-"""The console's pages: login, dashboard, batches, reconciliation (actions live in ``actions``).
+"""The console's pages: login, dashboard, batches, reconciliation.
+
+Actions live in ``actions``; rejections and their edit in ``rejections``; revalidation and the
+audit check in ``checks``.
 
 Mounted by ``gateway.api.app`` under ``/ops``.  Reads go through the same modules as the ops
 API (``gateway.ops.overview``, ``gateway.batches``, ``gateway.reconcile``).
@@ -7,36 +10,33 @@ API (``gateway.ops.overview``, ``gateway.batches``, ``gateway.reconcile``).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
 from sqlalchemy import func, select
 
 from gateway import reconcile
 from gateway.batches import batch_status
-from gateway.console import actions
+from gateway.console import actions, checks, rejections
 from gateway.console import session as sessions
 from gateway.console.forms import ConsoleError, choice, integer, text
 from gateway.console.render import TEMPLATES, Ident, idents
 from gateway.console.web import (
     ConsoleRoute,
-    Ctx,
-    posted,
+    Posted,
+    Viewer,
     renderer_of,
     safe_next,
     set_cookie,
     signer_of,
     state_of,
-    viewer,
 )
 from gateway.ops.overview import overview
 from gateway.store.tables import batches
 
 router = APIRouter(prefix="/ops", route_class=ConsoleRoute, include_in_schema=False)
-Viewer = Annotated[Ctx, Depends(viewer)]
-Posted = Annotated[Ctx, Depends(posted)]
 
 BATCH_STATUSES = ("queued", "processing", "done", "failed")
 BATCH_KINDS = ("monthly", "annual", "roster")
@@ -161,3 +161,5 @@ def reconciliation(ctx: Viewer) -> Response:
 
 
 router.include_router(actions.router)
+router.include_router(rejections.router)
+router.include_router(checks.router)

@@ -2,8 +2,9 @@
 
 :class:`ConsoleRoute` turns the console's own refusals into pages (a redirect to the login page,
 or a Chinese error page) instead of the API's JSON errors.  :func:`viewer` and :func:`actor`
-are the two dependencies: any logged-in operator may read; a POST also needs the session's
-CSRF token and the ``operator`` role (a ``viewer`` gets 403).
+are the two dependencies (``Viewer`` and ``Actor`` as parameter types): any logged-in operator
+may read; a POST also needs the session's CSRF token and the ``operator`` role (a ``viewer``
+gets 403).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import Request, Response
+from fastapi import Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
@@ -167,3 +168,9 @@ def require_role(ctx: Ctx) -> None:
     if not ctx.session.can_act:
         raise ConsoleError(403, "无权操作",
                            f"账号 {ctx.session.operator.name} 的角色为只读（viewer），不能执行此操作。")
+
+
+# The dependencies as the types of the pages' ``ctx`` parameters.
+Viewer = Annotated[Ctx, Depends(viewer)]
+Posted = Annotated[Ctx, Depends(posted)]
+Actor = Annotated[Ctx, Depends(actor)]

@@ -279,7 +279,7 @@ def list_rejections(conn: Connection, *, partner_id: str | None = None,
                     adapter: str | None = None, error_code: str | None = None,
                     since: datetime | None = None, until: datetime | None = None,
                     status: str | None = "open", cursor: str | None = None,
-                    limit: int = 50) -> dict[str, Any]:
+                    limit: int = 50, batch_id: str | None = None) -> dict[str, Any]:
     """Rejected submissions (open ones by default), newest first; payloads masked."""
     limit = limit_of(limit)
     if status is not None and status not in REJECTION_STATUSES:
@@ -287,6 +287,7 @@ def list_rejections(conn: Connection, *, partner_id: str | None = None,
     if adapter is not None and adapter not in ADAPTERS_WITH_PUSH:
         raise refuse("adapter", f"one of {', '.join(sorted(ADAPTERS_WITH_PUSH))}")
     check_text("partner_id", partner_id)
+    check_text("batch_id", batch_id)
     check_code(error_code)
     check_aware("since", since)
     check_aware("until", until)
@@ -298,6 +299,8 @@ def list_rejections(conn: Connection, *, partner_id: str | None = None,
         where.append(c.partner_id == partner_id)
     if adapter is not None:
         where.append(c.adapter == adapter)
+    if batch_id is not None:
+        where.append(c.batch_id == batch_id)
     if error_code is not None:  # the notes' JSON as ingest wrote it (see gateway.revalidate)
         where.append(c.errors.contains(f'"code":"{error_code}"', autoescape=True))
     if since is not None:

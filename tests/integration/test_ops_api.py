@@ -324,6 +324,9 @@ def test_conflicts_are_resolved_by_choosing_a_version_and_rejections_are_edited(
         assert found.json()["total"] == 1, found.text
         assert bad["person"]["id_number"] not in found.text  # masked
         rej_id = found.json()["items"][0]["id"]
+        other_batch = httpx.get(f"{url}/v1/rejections", headers=viewer,
+                                params={"error_code": "ID_NUMBER_INVALID", "batch_id": "B-NONE"})
+        assert other_batch.json()["total"] == 0, other_batch.text  # came in no batch
 
         def fix(id_number: str) -> httpx.Response:
             return httpx.post(f"{url}/v1/rejections/{rej_id}/edit", headers=op, timeout=30,

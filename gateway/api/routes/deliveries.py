@@ -152,11 +152,12 @@ async def post_rejection_edit(rejection_id: int, body: EditRequest, request: Req
 @router.get("/rejections", summary="Rejected submissions (open by default), newest first")
 def get_rejections(request: Request, _: Viewer, partner_id: Text = None, adapter: Text = None,
                    error_code: Text = None, since: Text = None, until: Text = None,
-                   status: Annotated[str, Query(max_length=16)] = "open",
+                   batch_id: Text = None, status: Annotated[str, Query(max_length=16)] = "open",
                    cursor: Annotated[str | None, Query(max_length=512)] = None,
                    limit: Limit = 50) -> dict[str, Any]:
     with state_of(request).engine.connect() as conn:
         return records.list_rejections(
             conn, partner_id=partner_id, adapter=adapter, error_code=error_code,
             since=_when(request, since, "since"), until=_when(request, until, "until"),
-            status=None if status == "all" else status, cursor=cursor, limit=limit)
+            status=None if status == "all" else status, cursor=cursor, limit=limit,
+            batch_id=batch_id)
