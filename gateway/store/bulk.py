@@ -8,8 +8,8 @@ to the DB-API cursor as tuples.
 
 On PostgreSQL a plain insert goes through ``COPY … FROM STDIN`` instead (STYLE.md: 128 k rows/s
 against 51 k for ``executemany``; the server parses one stream instead of one statement a row).
-It runs on the same connection, inside the caller's transaction, so it commits or rolls back
-with everything else.  ``COPY`` has no ``ON CONFLICT``: inserts that ignore conflicts keep
+It runs on the same connection, inside the caller's transaction (begun if need be), so it
+commits or rolls back with everything else, and its errors are SQLAlchemy's.  ``COPY`` has no ``ON CONFLICT``: inserts that ignore conflicts keep
 ``executemany``.
 """
 
@@ -22,6 +22,7 @@ from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection, Table
+from sqlalchemy.exc import DBAPIError
 
 
 @lru_cache(maxsize=64)
@@ -113,8 +114,22 @@ def _sqlite_params(columns: tuple[str, ...], rows: Sequence[dict[str, Any]]) -> 
 
 def _copy(conn: Connection, table: Table, columns: tuple[str, ...],
           rows: Sequence[dict[str, Any]]) -> None:
+    """``COPY`` through the driver, inside SQLAlchemy's transaction, failing as SQLAlchemy does.
+
+    The driver's errors are translated as SQLAlchemy translates them (a unique violation is an
+    :class:`~sqlalchemy.exc.IntegrityError`), so callers that retry a lost race on one still do.
+    """
+    import psycopg
+
+    if not conn.in_transaction():  # COPY bypasses SQLAlchemy, so it would not begin one
+        conn.begin()
     raw = conn.connection.driver_connection
     assert raw is not None
-    with raw.cursor() as cursor, cursor.copy(_copy_statement(table, columns)) as copy:
-        for row in rows:
-            copy.write_row([row[c] for c in columns])
+    statement = _copy_statement(table, columns)
+    try:
+        with raw.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row([row[c] for c in columns])
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(statement, None, exc, psycopg.Error,
+                                  dialect=conn.dialect) from exc

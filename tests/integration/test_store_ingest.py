@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import copy
 import random
+import threading
+import time
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, delete, func, select, text, update
+from sqlalchemy.engine import make_url
 
 from gateway import audit
 from gateway.accounts import Partner
-from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest, withdraw
+from gateway.pipeline.ingest import (
+    PartnerRef,
+    RulesContext,
+    ingest,
+    ingest_items,
+    item_from_raw,
+    withdraw,
+)
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
+from gateway.store.bulk import bulk_insert
+from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, outbox, record_versions, records, rejections
 from mock_partners import generators as gen
 from tests.support.reference import load_base_and_plan
@@ -213,3 +227,76 @@ def test_overlapping_offline_trainings_and_over_24_hours_a_day_are_flagged_not_d
         payload = conn.execute(select(record_versions.c.payload).where(
             record_versions.c.record_id == overlap.record_id)).scalar_one()
     assert "INTEGRITY_OVERLAP" in payload
+
+
+def test_a_twin_that_commits_first_makes_the_later_submission_a_correction(
+        postgres_url: str, new_partner: Callable[..., Partner]) -> None:
+    """Two requests with one source id and different content, overlapping (PostgreSQL).
+
+    The later one waits on the earlier one's row, loses the race when it commits, and is
+    judged again: a correction, not an error.  (Found in review: a bulk insert by ``COPY``
+    raised the driver's own error, which the race retry did not recognise, so it was a 500.)
+    """
+    name = f"twin-{uuid.uuid4().hex[:8]}"
+    engine = make_engine(make_url(postgres_url).update_query_dict({"application_name": name})
+                         .render_as_string(hide_password=False))
+    partner = _ref(new_partner(engine))
+    first = gen.canonical_submission(random.Random(1), "SRC-TWIN", hours="24")
+    second = gen.canonical_submission(random.Random(2), "SRC-TWIN", hours="24")  # another person
+    written, release = threading.Event(), threading.Event()
+    answers: dict[str, Any] = {}
+
+    def hold(_conn: Any, _answers: Any) -> None:  # the first request, written, not committed
+        written.set()
+        release.wait(30)
+
+    def run(key: str, call: Callable[[], Any]) -> None:
+        try:
+            answers[key] = call()
+        except Exception as exc:  # noqa: BLE001 - reported by the asserts below
+            answers[key] = exc
+
+    one = threading.Thread(target=run, args=("first", lambda: ingest_items(
+        engine, partner, [item_from_raw(first)], in_tx=hold)))
+    two = threading.Thread(target=run, args=("second", lambda: ingest(engine, partner, [second])))
+    one.start()
+    try:
+        assert written.wait(30)
+        two.start()
+        deadline = time.monotonic() + 30
+        with engine.connect() as conn:  # the second request waits on the first one's row
+            while conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
+                    " AND wait_event_type = 'Lock'"), {"name": name}).scalar_one() == 0:
+                assert time.monotonic() < deadline, "the second request never waited"
+                conn.rollback()
+                time.sleep(0.02)
+    finally:
+        release.set()
+        one.join(30)
+        two.join(30)
+        engine.dispose()
+    assert not isinstance(answers["first"], Exception), answers["first"]
+    assert not isinstance(answers["second"], Exception), answers["second"]
+    [a], [b] = answers["first"], answers["second"]
+    assert (a.status.value, a.version) == ("accepted", 1)
+    assert (b.status.value, b.record_id, b.version) == ("corrected", a.record_id, 2)
+
+
+def test_a_bulk_insert_as_a_connections_first_statement_commits_with_it(db_url: str) -> None:
+    """``COPY`` bypasses SQLAlchemy: it must still open (and so commit) a transaction."""
+    engine = make_engine(db_url)
+    try:
+        row = {"partner_id": "p-bulk", "adapter": "canonical", "source_record_id": "S-1",
+               "payload": '{"a": "tab\\there, newline\\n, backslash \\\\"}', "errors": "[]",
+               "status": "open", "received_at": datetime.now(UTC)}
+        with engine.connect() as conn:
+            bulk_insert(conn, rejections, [row])
+            conn.commit()
+        with engine.connect() as conn:
+            stored = conn.execute(select(rejections.c.payload, rejections.c.received_at)
+                                  .where(rejections.c.partner_id == "p-bulk")).one()
+    finally:
+        engine.dispose()
+    assert stored.payload == row["payload"]
+    assert stored.received_at == row["received_at"]
