@@ -44,6 +44,7 @@ from contracts import RecordStatus
 from contracts.errors import CATALOGUE
 from gateway import audit
 from gateway.accounts import ADAPTERS_WITH_PUSH
+from gateway.config import Settings
 from gateway.errors import GatewayError, PayloadRejected
 from gateway.ops.common import check_aware
 from gateway.pipeline.ingest import (
@@ -341,8 +342,8 @@ def count(engine: Engine, flt: RevalidationFilter) -> int:
 
 
 def default_rules(engine: Engine) -> RulesContext:
-    """The current reference data with the notice's configuration."""
-    return RulesContext(ReferenceCache(engine).current(), RulesConfig())
+    """The current reference data with the deployment's configuration (``CE_GATEWAY_*``)."""
+    return RulesContext(ReferenceCache(engine).current(), RulesConfig.from_settings(Settings()))
 
 
 def revalidate(engine: Engine, flt: RevalidationFilter, *, actor: str, reason: str | None = None,

@@ -41,6 +41,7 @@ from contracts import (
 from contracts.errors import message
 from contracts.records import Hours
 from gateway import audit, metrics
+from gateway.config import Settings
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id
 from gateway.pipeline import caps, dedup
@@ -115,7 +116,13 @@ class RulesContext:
 
     @classmethod
     def empty(cls) -> RulesContext:
-        return cls(EmptyReference(), RulesConfig())
+        """No reference data, and the deployment's configuration (``CE_GATEWAY_*``).
+
+        Not the notice's bare defaults: a caller that passes no rules must still honour a
+        configured year-close extension or credit rate, or it would judge otherwise than
+        the gateway does.
+        """
+        return cls(EmptyReference(), RulesConfig.from_settings(Settings()))
 
 
 def prepare(item: Item, partner: PartnerRef, now: datetime, rules: RulesContext) -> None:
