@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 from contracts.errors import CATALOGUE
 from gateway.accounts import ADAPTERS_WITH_PUSH
-from gateway.console.render import record_ident
+from gateway.console.render import batch_ident, record_ident
 from gateway.ops.common import FIRST_YEAR, LAST_YEAR
 from gateway.revalidate import RevalidationFilter, RevalidationRefused
 
@@ -177,6 +177,7 @@ def rejection_query(params: Mapping[str, Any], zone: ZoneInfo) -> RejectionQuery
         raise bad_param("error_code", "不是已知的错误码")
     since, until = period(params, zone)
     raw = {k: text(params, k) for k in REJECTION_FILTER_KEYS}
+    raw["batch_id"] = batch_ident(raw["batch_id"])
     try:
         flt = RevalidationFilter(partner_id=raw["partner_id"], adapter=adapter, error_code=code,
                                  batch_id=raw["batch_id"], since=since, until=until)

@@ -22,6 +22,8 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Response
 
+from adapters.finance import COLUMNS_OF as FINANCE_COLUMNS
+from adapters.health import COLUMNS_OF as HEALTH_COLUMNS
 from gateway.console.forms import (
     ConsoleError,
     choice,
@@ -41,7 +43,9 @@ from gateway.store.tables import rejections
 router = APIRouter(route_class=ConsoleRoute)
 
 STATUSES = ("open", "revalidated", "superseded")
-ID_KEYS = frozenset({"id_number", "id_no", "sfzh", "身份证号"})  # the adapters' names for it
+# The adapters' names for it: canonical, training base, cadre college, health and finance.
+ID_KEYS = frozenset({"id_number", "id_no", "sfzh", HEALTH_COLUMNS["person.id_number"],
+                     FINANCE_COLUMNS["person.id_number"]})
 PREFIX = "f:"  # a payload field's input name: no payload key can clash with csrf or reason
 EXTRA_ROWS = 3
 MAX_FIELDS = 80
