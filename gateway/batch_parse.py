@@ -43,8 +43,10 @@ from gateway.reference import ReferenceCache
 from gateway.store.db import make_engine
 
 Row = tuple[int, dict[str, Any]]
-# (row, raw cells when rejected, errors as dicts, native credits, prepared, native source id)
-Shipped = tuple[int | None, Any, list[dict[str, Any]], str | None, Prepared | None, str | None]
+# (row, raw cells when rejected, errors as dicts, native credits, prepared, native source id,
+#  (source id, content hash) of a row the rules refused: a resend of a stored row is a duplicate)
+Shipped = tuple[int | None, Any, list[dict[str, Any]], str | None, Prepared | None, str | None,
+                tuple[str, str] | None]
 
 
 @dataclass(frozen=True)
@@ -139,14 +141,14 @@ def parse_rows(job: ParseJob, rows: list[Row], rules: RulesContext | None = None
             credits = None if parsed.credits is None else str(parsed.credits)
             errors = [e.model_dump(mode="json") for e in item.errors]
             shipped.append((row_no, cells if errors else None, errors, credits, item.prepared,
-                            _native_id(cells)))
+                            _native_id(cells), item.refused))
     return shipped
 
 
 def to_item(shipped: Shipped) -> tuple[Item, Decimal]:
-    row, raw, errors, credits, prepared, native_id = shipped
+    row, raw, errors, credits, prepared, native_id, refused = shipped
     item = Item(raw=raw, submission=None, errors=[Note.model_construct(**e) for e in errors],
-                row=row, prepared=prepared, source_record_id=native_id)
+                row=row, prepared=prepared, source_record_id=native_id, refused=refused)
     return item, Decimal(credits) if credits is not None else Decimal(0)
 
 

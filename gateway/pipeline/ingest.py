@@ -73,6 +73,9 @@ class Item:
     row: int | None = None  # row number in a batch file
     prepared: Prepared | None = None  # filled by :func:`prepare` (here or in a parse worker)
     source_record_id: str | None = None  # the native id, to name a row rejected unparsed
+    # (source id, content hash) of a submission the rules refused: if it repeats the stored
+    # version exactly, it is a resend (duplicate), whatever today's rules say of it
+    refused: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,14 +133,21 @@ def prepare(item: Item, partner: PartnerRef, now: datetime, rules: RulesContext)
     sub = item.submission
     if item.prepared is not None or sub is None or item.errors:
         return
-    item.errors = _scope_errors(partner, sub) or _unstorable(sub)
+    item.errors = _unstorable(sub)
     if item.errors:
+        return
+    item.errors = _scope_errors(partner, sub)
+    if item.errors:
+        item.refused = (sub.source_record_id, dedup.hash_json(sub.model_dump_json()))
         return
     verdict = judge(sub, adapter=partner.adapter, received_at=now, reference=rules.reference,
                     config=rules.config)
     item.warnings = [*item.warnings, *verdict.warnings]
     if verdict.errors:
         item.errors = verdict.errors
+        # Judged today, an accepted record resent after its year closed (R11) or its base
+        # was revoked is refused; the chunk answers it as the duplicate it is (SPEC §2, §7).
+        item.refused = (sub.source_record_id, dedup.hash_json(sub.model_dump_json()))
         return
     try:
         _HOURS.validate_python(verdict.hours)
@@ -362,7 +372,8 @@ class Chunk:
     # -- reads ----------------------------------------------------------------------------
     def _load(self, items: Sequence[Item]) -> None:
         subs = [i.prepared for i in items if i.prepared is not None and not i.errors]
-        source_ids = sorted({s.source_record_id for s in subs})
+        source_ids = sorted({s.source_record_id for s in subs}
+                            | {i.refused[0] for i in items if i.refused is not None})
         for part in _chunks(source_ids):
             rows = self.conn.execute(select(records).where(
                 records.c.partner_id == self.partner.partner_id,
@@ -514,6 +525,9 @@ class Chunk:
     def _decide(self, index: int, item: Item) -> RecordAnswer:
         sub = item.prepared
         if sub is None or item.errors:
+            resent = self._resent(item)
+            if resent is not None:
+                return self._duplicate(index, item, resent, item.refused[0] if item.refused else "")
             return self._reject(index, item)
         known = self.by_source.get(sub.source_record_id)
         if known is None:
@@ -621,17 +635,30 @@ class Chunk:
                                      self.new_records[-1], answer, sub.hours))
         return answer
 
+    def _resent(self, item: Item) -> _Known | None:
+        """The stored record a refused submission repeats exactly, if it does."""
+        if item.refused is None:
+            return None
+        known = self.by_source.get(item.refused[0])
+        if known is None or known.withdrawn or known.content_hash != item.refused[1]:
+            return None
+        return known
+
+    def _duplicate(self, index: int, item: Item, known: _Known, source_record_id: str) -> RecordAnswer:
+        """A resend of the stored version: nothing new is stored or forwarded."""
+        if self.batch_id is not None:
+            self.seen_again.append({"rid": known.record_id, "b": self.batch_id})
+        self.events.append(audit.Event("duplicate", known.record_id, known.version,
+                                       self.partner.partner_id, {"resend_of": known.record_id,
+                                                                 "row": item.row}))
+        return RecordAnswer(index=index, source_record_id=source_record_id,
+                            status=RecordStatus.DUPLICATE, record_id=known.record_id,
+                            version=known.version, warnings=item.warnings)
+
     def _resubmitted(self, index: int, item: Item, sub: Prepared, known: _Known) -> RecordAnswer:
         chash = sub.content_hash
         if known.content_hash == chash and not known.withdrawn:
-            if self.batch_id is not None:
-                self.seen_again.append({"rid": known.record_id, "b": self.batch_id})
-            self.events.append(audit.Event("duplicate", known.record_id, known.version,
-                                           self.partner.partner_id, {"resend_of": known.record_id,
-                                                                     "row": item.row}))
-            return RecordAnswer(index=index, source_record_id=sub.source_record_id,
-                                status=RecordStatus.DUPLICATE, record_id=known.record_id,
-                                version=known.version, warnings=item.warnings)
+            return self._duplicate(index, item, known, sub.source_record_id)
         status = RecordStatus.ACCEPTED
         if known.duplicate_of and known.duplicate_of in self.by_record:
             # It was judged against another source's report: judge the correction the same way.

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 
 from adapters.normalize import parse_date
 from gateway import reconcile
@@ -51,11 +51,19 @@ DATASETS = {"health": (31, 200, 40), "finance": (32, 80, 15)}
 
 
 def _ingest(engine: Engine, settings: Settings, partner: Partner, path: Path, kind: str,
-            period: str) -> str:
-    """Record the batch as an upload would, then run the processor until nothing is left."""
+            period: str, uploaded_at: datetime | None = None) -> str:
+    """Record the batch as an upload would, then run the processor until nothing is left.
+
+    ``uploaded_at``: when the upload arrived, as the rules see it (R11 judges a batch's rows
+    at its arrival), if not now.
+    """
     batch = NewBatch(new_batch_id(), partner.partner_id, partner.adapter, kind, period, path,
                      "csv", path.stat().st_size, file_sha256(path))
     record_batch(engine, batch, actor=partner.partner_id)
+    if uploaded_at is not None:
+        with engine.begin() as conn:
+            conn.execute(update(batches).where(batches.c.batch_id == batch.batch_id)
+                         .values(created_at=uploaded_at))
     processor = BatchProcessor(engine, settings, name="test-processor")
     for _ in range(5):
         if not processor.run_once():
@@ -235,3 +243,34 @@ def test_without_an_annual_batch_nothing_is_reconciled(
                                 "conflicts": 0}
     assert report["months_never_pushed"] == [f"{YEAR}-{m:02d}" for m in range(1, 13) if m != first]
     assert finance["monthly_batches"] == [] and finance["months"] == []
+
+
+def test_an_annual_batch_after_the_year_closed_repeats_its_months_as_duplicates(
+        db_url: str, engine: Engine, tmp_path: Path, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner]) -> None:
+    """An annual batch after the year closed: repeated rows are duplicates, new ones refused.
+
+    It is due by year end, after R11 closed the year on 30 December: the rows it repeats must
+    not become YEAR_CLOSED rejections.
+    """
+    monthly, _, _ = year_dataset(7, YEAR, people=30, per_month=8)
+    partner = new_partner(engine, adapter="health")
+    settings = make_settings(db_url, batch_dir=tmp_path / "batches", year_close_extensions={})
+    first = next(m for m in range(1, 13) if monthly[m - 1])
+    rows = monthly[first - 1]
+    path = tmp_path / "month.csv"
+    write_csv(path, rows, HEALTH_HEADERS)
+    in_the_year = datetime(YEAR, first, 28, 2, tzinfo=UTC)
+    _ingest(engine, settings, partner, path, "monthly", f"{YEAR}-{first:02d}", in_the_year)
+    assert _count(engine, records) == _count(engine, outbox) == len(rows)
+
+    late = dict(rows[0])
+    late[HEALTH_HEADERS[0]] = "LATE-0001"  # a row the months never had
+    annual_path = tmp_path / "annual.csv"
+    write_csv(annual_path, [*rows, late], HEALTH_HEADERS)
+    year_end = datetime(YEAR, 12, 31, 2, tzinfo=UTC)  # 10:00 on 31 December in Xining
+    annual_id = _ingest(engine, settings, partner, annual_path, "annual", str(YEAR), year_end)
+    with engine.connect() as conn:
+        batch = conn.execute(select(batches).where(batches.c.batch_id == annual_id)).mappings().one()
+    assert (batch["duplicate"], batch["accepted"], batch["rejected"]) == (len(rows), 0, 1)
+    assert _count(engine, records) == _count(engine, outbox) == len(rows)  # nothing new sent

@@ -25,7 +25,7 @@ from gateway.pipeline.ingest import (
     item_from_raw,
     withdraw,
 )
-from gateway.pipeline.rules_tables import RulesConfig
+from gateway.pipeline.rules_tables import EmptyReference, RulesConfig
 from gateway.reference import ReferenceCache
 from gateway.store.bulk import bulk_insert
 from gateway.store.db import make_engine
@@ -78,6 +78,31 @@ def test_resend_is_duplicate_and_new_content_is_a_correction(
         versions = conn.execute(select(outbox.c.version).where(outbox.c.record_id == first.record_id)
                                 .order_by(outbox.c.id)).scalars().all()
     assert versions == [1, 2]
+
+
+def test_a_resend_after_the_year_closed_is_a_duplicate_and_new_content_is_refused(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    """Resending is safe (SPEC §2): the same content is a duplicate even once R11 refuses it."""
+    p = new_partner(engine)
+    rules = RulesContext(EmptyReference(), RulesConfig())  # the notice's close, no extension
+    year = int(sub["activity"]["completed_on"][:4])
+    open_day = datetime(year, 6, 1, 2, tzinfo=UTC)
+    closed_day = datetime(year, 12, 31, 2, tzinfo=UTC)  # 10:00 on 31 December in Xining
+    [first] = ingest(engine, _ref(p), [sub], now=open_day, rules=rules)
+    assert first.status == "accepted"
+    [again] = ingest(engine, _ref(p), [copy.deepcopy(sub)], now=closed_day, rules=rules)
+    assert (again.status, again.record_id, again.version, again.errors) == (
+        "duplicate", first.record_id, 1, [])
+    changed = copy.deepcopy(sub)
+    changed["claimed"]["quantity"] = "30"
+    [late] = ingest(engine, _ref(p), [changed], now=closed_day, rules=rules)
+    assert late.status == "rejected" and [e.code for e in late.errors] == ["YEAR_CLOSED"]
+    # The resend stored and queued nothing; only the changed content was kept for ops.
+    assert _count(engine, outbox, outbox.c.record_id == first.record_id) == 1
+    assert _count(engine, rejections) == 1
+    with engine.connect() as conn:
+        kinds = [e["kind"] for e in audit.events_for(conn, [first.record_id])]
+    assert kinds == ["received", "queued", "duplicate"]
 
 
 def test_other_source_same_activity_is_duplicate_or_conflict(
