@@ -220,6 +220,13 @@ def test_withdraw_unknown_or_foreign_record_is_404(
         assert (gone.json()["record_id"], gone.json()["version"]) == (accepted["record_id"], 2)
         again = a.delete("/v1/records/W-1")
         assert again.status_code == 200 and again.json()["status"] == "duplicate"
+        # A partner's id may hold "/": sent as %2F (or raw), it can still be withdrawn.
+        slashed = _one(a.submit([canonical_submission(rng, "JD/2026/1")]))
+        assert slashed["status"] == "accepted"
+        out = a.delete("/v1/records/JD%2F2026%2F1")
+        assert out.status_code == 200, out.text
+        assert (out.json()["record_id"], out.json()["version"]) == (slashed["record_id"], 2)
+        assert a.delete("/v1/records/JD/2026/1").json()["status"] == "duplicate"
         assert again.json()["version"] == 2
 
 

@@ -89,7 +89,9 @@ async def submit_records(request: Request, signed: SignedPartner) -> SubmissionR
     return records_result(answers)
 
 
-@router.delete("/records/{source_record_id}", response_model=RecordAnswer, openapi_extra=SIGNED,
+# ``:path``: a partner's own id may hold "/" (``JD/2026/1``); sent raw or as %2F, the server
+# sees it decoded, and a plain parameter would not match it at all (404, never withdrawable).
+@router.delete("/records/{source_record_id:path}", response_model=RecordAnswer, openapi_extra=SIGNED,
                summary="Withdraw a record the partner sent (a new, withdrawn version)")
 async def withdraw_record(source_record_id: str, request: Request,
                           signed: SignedPartner) -> RecordAnswer:
