@@ -6,6 +6,7 @@ commands meant for scripts take ``--json``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import sys
@@ -15,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from gateway.config import Settings, get_settings
+from gateway.config import DEV_SECRET_KEY, Settings, get_settings
 from gateway.ops import commands as ops_commands
 
 app = typer.Typer(help="CE Gateway — 青海省继续教育学时对接网关", no_args_is_help=True)
@@ -44,6 +45,15 @@ alerts_app = typer.Typer(help="Alerts to the ops group robot (WeCom / DingTalk)"
 app.add_typer(alerts_app, name="alerts")
 console = Console()
 err = Console(stderr=True)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def _settings() -> Settings:
@@ -78,6 +88,13 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
 
     settings = _settings()
     _setup_logging(settings)
+    if settings.secret_key.get_secret_value() == DEV_SECRET_KEY:
+        if not _loopback(host):
+            err.print(f"[red]CE_GATEWAY_SECRET_KEY is the development default, which anyone with "
+                      f"the source knows; set your own before serving on {host}.[/red]")
+            raise typer.Exit(2)
+        logging.getLogger("gateway").warning("CE_GATEWAY_SECRET_KEY is the development default: partner secrets are "
+                    "sealed with a public key; set your own before serving beyond this machine")
     uvicorn.run(create_app(settings, run_worker=not no_worker), host=host, port=port,
                 log_level="warning", timeout_graceful_shutdown=10)
 

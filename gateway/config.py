@@ -19,6 +19,11 @@ DEFAULT_SQLITE = "sqlite:///" + str(Path("var") / "ce_gateway.sqlite3")
 DEFAULT_RETRY_SCHEDULE = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 36000, 36000)
 
 
+# Known to anyone with the source: partner secrets sealed with it are not secret.  Fine for
+# `make demo` and a laptop; `serve` refuses it on any address but loopback.
+DEV_SECRET_KEY = "dev-only-change-me-ce-gateway-secret-key"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CE_GATEWAY_", extra="ignore")
 
@@ -70,7 +75,7 @@ class Settings(BaseSettings):
     alert_backlog_age_seconds: Annotated[float, Field(gt=0)] = 3600.0
     # Deliveries still failing (retrying or dead) this many days before the year close.
     alert_year_close_days: Annotated[int, Field(ge=0)] = 7
-    secret_key: SecretStr = SecretStr("dev-only-change-me-ce-gateway-secret-key")
+    secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
     signature_window_seconds: int = 300
     max_records_per_request: int = 1000
     max_body_bytes: int = 16 * 1024 * 1024

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import update
 
+from gateway.config import DEV_SECRET_KEY
 from gateway.store.db import make_engine
 from gateway.store.tables import audit_events
 from tests.support.servers import cli
@@ -48,3 +49,15 @@ def test_unknown_adapter_is_refused(tmp_path: Path) -> None:
     env = {"CE_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite3'}"}
     result = cli(env, "partner", "add", "--id", "x", "--adapter", "nonsense", "--json")
     assert result.returncode == 2 and "unknown adapter" in result.stderr
+
+
+def test_serve_refuses_the_development_secret_key_beyond_loopback(tmp_path: Path) -> None:
+    """Partner secrets sealed with the public default key are not secret (SPEC §7)."""
+    env = {"CE_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite3'}",
+           "CE_GATEWAY_SECRET_KEY": DEV_SECRET_KEY}
+    refused = cli(env, "serve", "--host", "0.0.0.0", "--port", "-1")
+    assert refused.returncode == 2 and "CE_GATEWAY_SECRET_KEY" in refused.stderr
+    # With a key of its own, it gets as far as binding (port -1 then fails it).
+    own = cli({**env, "CE_GATEWAY_SECRET_KEY": "a-key-of-this-deployment-only-0123456789"},
+              "serve", "--host", "0.0.0.0", "--port", "-1")
+    assert own.returncode == 1 and "port must be 0-65535" in own.stderr
