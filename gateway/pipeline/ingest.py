@@ -39,7 +39,7 @@ from contracts import (
     RecordStatus,
 )
 from contracts.errors import message
-from contracts.records import Hours
+from contracts.records import ActivityType, Hours
 from gateway import audit, metrics
 from gateway.config import Settings
 from gateway.errors import PayloadRejected
@@ -47,7 +47,7 @@ from gateway.masking import mask_id
 from gateway.pipeline import caps, dedup
 from gateway.pipeline.credit import cap_note, day_totals, overlapping
 from gateway.pipeline.rules import judge
-from gateway.pipeline.rules_tables import EmptyReference, Reference, RulesConfig
+from gateway.pipeline.rules_tables import TIME_ACTIVITIES, EmptyReference, Reference, RulesConfig
 from gateway.pipeline.validate import validate_submission
 from gateway.store.bulk import bulk_insert
 from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
@@ -169,7 +169,8 @@ def prepare(item: Item, partner: PartnerRef, now: datetime, rules: RulesContext)
         counts_year=verdict.counts_toward_year, cap_type=verdict.cap_type,
         review_authority=verdict.review_authority, reference_version=verdict.reference_version,
         mode=sub.activity.mode.value, started_on=sub.activity.started_on,
-        time_hours=sub.claimed.quantity if sub.claimed.unit.value == "hours" else None)
+        time_hours=sub.claimed.quantity
+        if sub.claimed.unit.value == "hours" and sub.activity_type in TIME_ACTIVITIES else None)
 
 
 class _KeyRaceLost(Exception):
@@ -321,6 +322,18 @@ RULES_COLUMNS = ("category", "activity_type", "counts_year", "hours", "credited_
                  "time_hours")
 
 
+def _integrity_span(mode: str, activity_type: str, started_on: date | None, completed_on: date,
+                    time_hours: Decimal | None) -> tuple[bool, date | None, date, Decimal | None]:
+    """What R14 compares across a person's records: (an offline training?, days, time).
+
+    Time counts only for the kinds whose hours are time spent, and only on known days: a
+    record with a completion date alone is a day's work only if it was offline.
+    """
+    timed = activity_type in TIME_ACTIVITIES and (started_on is not None or mode == "offline")
+    return (mode == "offline" and activity_type == ActivityType.TRAINING, started_on,
+            completed_on, time_hours if timed else None)
+
+
 def _rules_columns(sub: Prepared) -> dict[str, Any]:
     """The rules' verdict as record columns; ``credited_hours`` is final after caps."""
     return {"category": sub.category, "activity_type": sub.activity_type,
@@ -459,31 +472,35 @@ class Chunk:
 
         Offline trainings of one person that overlap, and days on which the person's records
         together claim more time than one day holds, are flagged on the records of this chunk.
+        Only trainings overlap (two papers finished on one day do not), and a record dated by
+        its completion alone is spread over no days unless it was offline: an online course
+        finished today may have been studied for weeks.
         """
         mine = {p.record_id: p for p in self.pending if p.queue}
         persons = sorted({p.sub.person_key for p in mine.values()})
         if not persons:
             return
-        spans: dict[tuple[str, int], dict[str, tuple[str, date | None, date, Decimal | None]]] = {}
+        spans: dict[tuple[str, int], dict[str, tuple[bool, date | None, date, Decimal | None]]] = {}
         for part in _chunks(persons):
             for r in self.conn.execute(
                     select(records.c.record_id, records.c.person_key, records.c.counts_year,
-                           records.c.mode, records.c.started_on, records.c.completed_on,
-                           records.c.time_hours)
+                           records.c.mode, records.c.activity_type, records.c.started_on,
+                           records.c.completed_on, records.c.time_hours)
                     .where(records.c.person_key.in_(part), records.c.status == "accepted",
                            records.c.withdrawn.is_(False), records.c.completed_on.is_not(None))):
                 spans.setdefault((r.person_key, int(r.counts_year or 0)), {})[r.record_id] = (
-                    r.mode or "", r.started_on, r.completed_on,
-                    Decimal(r.time_hours) if r.time_hours else None)
+                _integrity_span(r.mode or "", r.activity_type or "", r.started_on,
+                                r.completed_on, Decimal(r.time_hours) if r.time_hours else None))
         for rid, p in mine.items():
-            spans.setdefault((p.sub.person_key, p.sub.counts_year), {})[rid] = (
-                p.sub.mode, p.sub.started_on, p.sub.completed_on, p.sub.time_hours)
+            spans.setdefault((p.sub.person_key, p.sub.counts_year), {})[rid] = _integrity_span(
+                p.sub.mode, p.sub.activity_type, p.sub.started_on, p.sub.completed_on,
+                p.sub.time_hours)
         limit = self.config.integrity_day_limit_hours
         for entries in spans.values():
             if len(entries) < 2 or not mine.keys() & entries.keys():
                 continue
-            offline = overlapping((rid, start or end, end) for rid, (mode, start, end, _) in
-                                  entries.items() if mode == "offline")
+            offline = overlapping((rid, start or end, end) for rid, (training, start, end, _) in
+                                  entries.items() if training)
             days = day_totals((start, end, hours) for _, start, end, hours in entries.values()
                               if hours is not None)
             heavy = {day for day, total in days.items() if total > limit}

@@ -49,6 +49,7 @@ from gateway.pipeline.rules_tables import (
     NOTICE,
     PUBLIC_SOURCES,
     REQUIREMENT,
+    TIME_ACTIVITIES,
     BaseInfo,
     DeferralInfo,
     EmptyReference,
@@ -214,8 +215,9 @@ def _review(case: _Case) -> None:
 def _integrity(case: _Case) -> None:
     sub, config = case.sub, case.config
     act = sub.activity
-    # Only time claims say how long a person was busy; a paper's 10 h are not 10 h of a day.
-    if sub.claimed.unit in (Unit.HOURS, Unit.LECTURE_HOURS):
+    # Only time claims say how long a person was busy; a paper's 10 h are not 10 h of a day,
+    # nor are an exam setter's granted hours.
+    if sub.claimed.unit in (Unit.HOURS, Unit.LECTURE_HOURS) and sub.activity_type in TIME_ACTIVITIES:
         days = max(1, (act.completed_on - (act.started_on or act.completed_on)).days + 1)
         if sub.claimed.quantity / days > config.integrity_day_limit_hours:
             case.warnings.append(coded(

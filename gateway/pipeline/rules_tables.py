@@ -55,6 +55,13 @@ ALLOWED_UNITS: Mapping[ActivityType, frozenset[Unit]] = MappingProxyType({
     ActivityType.COMPETITION: frozenset({Unit.AWARD}),
 })
 
+# R14 (诚信学习, 青人社厅函〔2022〕394号 六(一)): the kinds whose claimed hours are time spent, so
+# they fill a person's days.  An exam setter's or innovator's hours are credit granted, and a
+# paper, book or award is no time at all.
+TIME_ACTIVITIES = frozenset({ActivityType.ONLINE_COURSE, ActivityType.TRAINING,
+                             ActivityType.SELF_STUDY, ActivityType.MENTORING,
+                             ActivityType.LECTURE})
+
 
 @dataclass(frozen=True)
 class Rate:

@@ -254,6 +254,42 @@ def test_overlapping_offline_trainings_and_over_24_hours_a_day_are_flagged_not_d
     assert "INTEGRITY_OVERLAP" in payload
 
 
+def test_r14_counts_only_trainings_as_overlapping_and_only_time_as_a_days_hours(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    """R14 flags trainings that overlap and days over 24 h of time actually spent.
+
+    Papers do not overlap, an exam setter's granted hours fill no day, and an online course
+    known only by its completion day is not a day's work (found reviewing SPEC R14).
+    """
+    p = new_partner(engine)
+
+    def of(source_id: str, kind: str, unit: str, quantity: str, mode: str,
+           start: str | None, end: str) -> dict[str, Any]:
+        out = _training(sub, source_id, start or end, end, quantity, f"{kind} {source_id}")
+        out["activity_type"], out["activity"]["mode"] = kind, mode
+        out["claimed"] = {**out["claimed"], "unit": unit,
+                          "details": {"authorship": "sole"} if kind == "paper" else {}}
+        if start is None:
+            del out["activity"]["started_on"]
+        return out
+
+    answers = ingest(engine, _ref(p), [
+        of("P-1", "paper", "papers", "1", "offline", None, "2026-03-02"),
+        of("P-2", "paper", "papers", "1", "offline", None, "2026-03-02"),
+        of("E-1", "exam_setting", "hours", "40", "offline", None, "2026-04-01"),
+        of("O-1", "online_course", "hours", "20", "online", None, "2026-05-05"),
+        of("O-2", "online_course", "hours", "20", "online", None, "2026-05-05"),
+        of("T-1", "training", "hours", "16", "offline", "2026-06-01", "2026-06-01"),
+        of("T-2", "training", "hours", "16", "offline", "2026-06-01", "2026-06-01")])
+    flags = {a.source_record_id: {w.code for w in a.warnings} & {
+        "INTEGRITY_OVERLAP", "INTEGRITY_DAY_OVER_24H"} for a in answers}
+    assert all(a.status == "accepted" for a in answers), [(a.source_record_id, a.errors)
+                                                          for a in answers if a.errors]
+    assert flags == {"P-1": set(), "P-2": set(), "E-1": set(), "O-1": set(), "O-2": set(),
+                     "T-1": {"INTEGRITY_OVERLAP", "INTEGRITY_DAY_OVER_24H"},
+                     "T-2": {"INTEGRITY_OVERLAP", "INTEGRITY_DAY_OVER_24H"}}
+
+
 def test_a_twin_that_commits_first_makes_the_later_submission_a_correction(
         postgres_url: str, new_partner: Callable[..., Partner]) -> None:
     """Two requests with one source id and different content, overlapping (PostgreSQL).
