@@ -35,7 +35,8 @@ class PayloadRejected(GatewayError):
         en, zh = message(code)
         self.code, self.field = code, field
         self.message = f"{en} {detail}" if detail else en
-        self.message_zh = zh
+        # The detail names the field or value (often in English); a Chinese reader needs it too.
+        self.message_zh = f"{zh}{detail}" if detail else zh
         super().__init__(f"{code}: {self.message}")
 
     def as_body(self) -> dict[str, object]:

@@ -61,7 +61,7 @@ def _coded(status: int, code: str, detail: str | None = None, field: str | None 
     en, zh = message(code)
     return JSONResponse(status_code=status, content={"error": {
         "code": code, "field": field, "message": f"{en} {detail}" if detail else en,
-        "message_zh": zh}})
+        "message_zh": f"{zh}{detail}" if detail else zh}})
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -70,7 +70,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         # Details may quote the partner's input (a record id that is an identity number):
         # masked here, where every coded refusal leaves.  RateLimited carries Retry-After.
         error = {"code": exc.code, "field": exc.field, "message": mask_text(exc.message),
-                 "message_zh": exc.message_zh}
+                 "message_zh": mask_text(exc.message_zh)}
         return JSONResponse(status_code=exc.status_code, content={"error": error},
                             headers=getattr(exc, "headers", None))
 
