@@ -46,7 +46,6 @@ __all__ = [
 MAX_BATCH = 500
 PAGE_SIZE = 100
 REFERENCE_KINDS = ("bases", "plans", "deferrals", "title-applicants")
-RETRY_AFTER = {"Retry-After": "1"}
 
 Reply = tuple[int, dict[str, Any], dict[str, str]]
 
@@ -60,6 +59,7 @@ class Faults:
     outage: bool = False  # while true every intake request gets 503 + Retry-After
     outage_until: float | None = None  # unix time; an outage window that ends by itself
     rate_limit_every: int = 0  # every Nth intake request gets 429 + Retry-After, not applied
+    retry_after: str = "1"  # the Retry-After sent with those 429s and outage 503s ("" = none)
     lost_reply_rate: float = 0.0  # share of fresh requests applied, then answered 503
     duplicate_receipts: bool = False  # each receipt appears twice in the reply
     replay_conflict: bool = False  # a replayed key answers 409 (SPEC: "already applied")
@@ -207,11 +207,12 @@ class MockState:
 
     def _intake(self, key: str | None, raw: bytes) -> Reply:
         f = self.faults
+        retry = {"Retry-After": f.retry_after} if f.retry_after else {}
         if f.in_outage():
-            return 503, {"error": "service unavailable (outage)"}, RETRY_AFTER
+            return 503, {"error": "service unavailable (outage)"}, retry
         self.intake_seen += 1
         if f.rate_limit_every > 0 and self.intake_seen % f.rate_limit_every == 0:
-            return 429, {"error": "too many requests"}, RETRY_AFTER
+            return 429, {"error": "too many requests"}, retry
         if f.error_rate > 0 and self.rng.random() < f.error_rate:
             return 503, {"error": "injected server error"}, {}
         if not key:

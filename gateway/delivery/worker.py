@@ -10,9 +10,16 @@ One cycle claims a *delivery batch* — a group of outbox rows sent together und
 * short in-call retries (tenacity, full jitter, ``Retry-After`` honoured) ride out blips; after
   them the batch's attempt count and next-attempt time go on its row, so a restart never resets
   the schedule; the last scheduled attempt dead-letters the rows with ``RETRIES_EXHAUSTED``;
+* a ``Retry-After`` (429/503) longer than ``INLINE_RETRY_MAX_WAIT_SECONDS`` ends the in-call
+  retries at once (a worker never sleeps on a lease for it, nor asks again sooner) and the next
+  attempt is due after ``max(RETRY_SCHEDULE step, Retry-After)``; the Retry-After is capped at
+  the schedule's longest step, so a hostile header cannot park rows for longer than our own
+  longest back-off.  It shows in ``last_error`` and the ``attempt``/``retry_scheduled`` events;
 * a per-record ``rejected`` receipt dead-letters that record only; a 400 on the whole request
   splits the batch in halves until the bad record stands alone;
-* a circuit breaker stops claiming while the downstream keeps failing.
+* a circuit breaker stops claiming while the downstream keeps failing; when the failure that
+  opens it carried a ``Retry-After`` (capped as above), it stays open that long before probing,
+  so other rows are not sent into the back-off either (gateway/delivery/circuit.py).
 
 Leases (``lease_owner``/``lease_until``, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL) let several
 workers share one store; a crashed worker's batch is re-claimed when its lease expires.
@@ -39,7 +46,6 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
-    stop_after_attempt,
     wait_random_exponential,
 )
 
@@ -77,6 +83,7 @@ class _Reply:
     status: int | None
     receipts: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
+    retry_after: float | None = None  # the last try's Retry-After, in seconds
 
 
 def worker_id() -> str:
@@ -181,10 +188,13 @@ class DeliveryWorker:
         action = classify(response.status_code)
         metrics.observe_delivery(action.value, time.perf_counter() - started)
         if action in (Action.RETRY, Action.RATE_LIMITED):
-            self.breaker.record_failure()
-            raise RetriableDeliveryError(
-                f"HTTP {response.status_code}", status_code=response.status_code,
-                retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+            retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+            self.breaker.record_failure(hold=min(retry_after or 0.0, self._retry_after_cap))
+            reason = f"HTTP {response.status_code}"
+            if retry_after is not None:
+                reason += f" (Retry-After {retry_after:.0f} s)"
+            raise RetriableDeliveryError(reason, status_code=response.status_code,
+                                         retry_after=retry_after)
         self.breaker.record_success()
         if action is Action.SPLIT:
             raise PermanentDeliveryError(f"HTTP {response.status_code}: {response.text[:200]}",
@@ -197,6 +207,17 @@ class DeliveryWorker:
                 raise RetriableDeliveryError("unreadable receipts", status_code=response.status_code) from exc
         return _Reply(action, response.status_code, receipts)
 
+    @property
+    def _retry_after_cap(self) -> float:
+        """The longest ``Retry-After`` obeyed: our own schedule's longest step."""
+        return float(max(self.settings.retry_schedule))
+
+    def _stop_in_call(self, state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        too_long = (isinstance(exc, RetriableDeliveryError) and exc.retry_after is not None
+                    and exc.retry_after > self.settings.inline_retry_max_wait_seconds)
+        return too_long or state.attempt_number >= self.settings.inline_retries
+
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         jitter = wait_random_exponential(multiplier=0.2, max=self.settings.inline_retry_max_wait_seconds)
@@ -207,9 +228,12 @@ class DeliveryWorker:
     def send(self, claimed: Claimed, body: bytes) -> tuple[_Reply, list[dict[str, Any]]]:
         """Send with short in-call retries; returns the final reply and every try's record."""
         tries: list[dict[str, Any]] = []
+        retry_after: float | None = None  # the last try's, carried to the store's schedule
 
         def one_try() -> _Reply:
+            nonlocal retry_after
             started = time.perf_counter()
+            retry_after = None
             try:
                 reply = self._post_once(claimed.batch_key, body)
                 tries.append({"status": reply.status, "ms": round((time.perf_counter() - started) * 1000)})
@@ -217,13 +241,17 @@ class DeliveryWorker:
             except (RetriableDeliveryError, PermanentDeliveryError) as exc:
                 tries.append({"status": exc.status_code, "error": exc.reason,
                               "ms": round((time.perf_counter() - started) * 1000)})
+                if isinstance(exc, RetriableDeliveryError) and exc.retry_after is not None:
+                    retry_after = exc.retry_after
+                    tries[-1]["retry_after"] = exc.retry_after
                 raise
 
         retrying = Retrying(
             retry=retry_if_exception_type(RetriableDeliveryError),
-            stop=stop_after_attempt(self.settings.inline_retries),
+            stop=self._stop_in_call,
             wait=self._wait,
-            retry_error_callback=lambda s: _Reply(Action.RETRY, None, reason=str(s.outcome.exception()) if s.outcome else ""),
+            retry_error_callback=lambda s: _Reply(Action.RETRY, None, retry_after=retry_after,
+                                                  reason=str(s.outcome.exception()) if s.outcome else ""),
             before_sleep=lambda s: self._abort_if_open(),
         )
         try:
@@ -231,7 +259,7 @@ class DeliveryWorker:
         except PermanentDeliveryError as exc:
             return _Reply(Action.SPLIT, exc.status_code, reason=exc.reason), tries
         except _CircuitOpened as exc:
-            return _Reply(Action.RETRY, None, reason=str(exc)), tries
+            return _Reply(Action.RETRY, None, reason=str(exc), retry_after=retry_after), tries
 
     def _abort_if_open(self) -> None:
         if self.breaker.state is not CircuitState.CLOSED:
@@ -378,7 +406,9 @@ class DeliveryWorker:
                                  lease_owner=None, lease_until=None, updated_at=now))
             return [self._dead(conn, r, "RETRIES_EXHAUSTED",
                                f"{attempts} attempts; last: {reply.reason}", now) for r in claimed.rows]
-        delay = self.settings.retry_delay(attempts)
+        delay = float(self.settings.retry_delay(attempts))
+        if reply.retry_after is not None:  # the downstream's back-off, within our own longest
+            delay = max(delay, min(reply.retry_after, self._retry_after_cap))
         due = now + timedelta(seconds=delay)
         conn.execute(update(delivery_batches).where(delivery_batches.c.batch_key == claimed.batch_key)
                      .values(attempts=attempts, next_attempt_at=due, last_error=reply.reason,
@@ -386,9 +416,12 @@ class DeliveryWorker:
         conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(
             attempts=attempts, last_error=reply.reason[:2000], updated_at=now))
         self.stats.retried += len(ids)
-        return [audit.Event("retry_scheduled", r["record_id"], r["version"], self.name,
-                            {"attempts": attempts, "next_attempt_at": due.isoformat(),
-                             "reason": reply.reason[:300]}) for r in claimed.rows]
+        detail: dict[str, Any] = {"attempts": attempts, "next_attempt_at": due.isoformat(),
+                                  "reason": reply.reason[:300]}
+        if reply.retry_after is not None:
+            detail["retry_after"] = reply.retry_after
+        return [audit.Event("retry_scheduled", r["record_id"], r["version"], self.name, dict(detail))
+                for r in claimed.rows]
 
     # -- running ----------------------------------------------------------------------------
     def run_forever(self) -> None:

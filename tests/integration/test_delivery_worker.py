@@ -12,6 +12,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 
 import httpx
@@ -342,6 +343,122 @@ def test_rate_limit_retry_after_is_honoured_in_call(
     assert _audit(engine, "retry_scheduled") == []
 
 
+def _refuse(faults: Faults, status: int, retry_after: str) -> None:
+    """Every intake request answers ``status`` (429 or 503) with this ``Retry-After``."""
+    faults.retry_after = retry_after
+    if status == 429:
+        faults.rate_limit_every = 1
+    else:
+        faults.start_outage()
+
+
+def _welcome(faults: Faults) -> None:
+    faults.rate_limit_every = 0
+    faults.stop_outage()
+
+
+@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
+def test_a_long_retry_after_sets_the_next_attempt_and_nothing_is_sent_before_it(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker, status: int, form: str) -> None:
+    """Retry-After: 3600 beyond the in-call cap: no in-call retry, next attempt in an hour."""
+    url, faults = mock_ce
+    answers = _put(engine, new_partner(engine), _subs(3))
+    clock = Clock()
+    # The schedule alone would try again after 5 s; its longest step (2 h) caps a Retry-After.
+    worker = make_worker(clock=clock, inline_retries=3, retry_schedule=(5, 30, 7200))
+    header = ("3600" if form == "seconds" else
+              format_datetime(datetime.now(UTC) + timedelta(seconds=3600), usegmt=True))
+    _refuse(faults, status, header)
+
+    assert worker.run_once() == 3
+    # One request: a worker neither sleeps an hour on its lease nor asks again in 0.05 s.
+    assert _mock(url)["requests"]["by_status"] == {str(status): 1}
+    [batch] = _batches(engine).values()
+    slack = timedelta(seconds=0 if form == "seconds" else 5)  # an HTTP date has whole seconds
+    due = T0 + timedelta(seconds=3600)
+    assert (batch["status"], batch["attempts"], batch["lease_owner"]) == ("pending", 1, None)
+    assert due - slack <= batch["next_attempt_at"] <= due
+    assert f"HTTP {status}" in batch["last_error"] and "Retry-After" in batch["last_error"]
+    rows = _outbox(engine)
+    assert {(r["status"], r["attempts"]) for r in rows} == {("pending", 1)}
+    assert all("Retry-After" in r["last_error"] for r in rows)
+    scheduled = _audit(engine, "retry_scheduled")
+    assert sorted(e["record_id"] for e in scheduled) == sorted(a.record_id for a in answers)
+    for event in scheduled:
+        assert due - slack <= datetime.fromisoformat(event["detail"]["next_attempt_at"]) <= due
+        assert 3600 - slack.total_seconds() - 1 <= event["detail"]["retry_after"] <= 3600
+    assert {e["detail"]["status"] for e in _audit(engine, "attempt")} == {status}
+    assert all(e["detail"]["retry_after"] > 3590 for e in _audit(engine, "attempt"))
+
+    _welcome(faults)  # the downstream is back early; the gateway still keeps its word
+    assert worker.run_once() == 0
+    clock.advance(30)  # past the schedule's first two steps
+    assert worker.run_once() == 0
+    clock.advance(3600 - 30 - slack.total_seconds() - 1)
+    assert worker.run_once() == 0
+    assert _requests(url) == 1
+    clock.advance(1 + slack.total_seconds())
+    assert worker.run_once() == 3
+    snap = _mock(url)
+    _assert_once_and_in_order(snap)
+    assert {a["idempotency_key"] for a in snap["applied"]} == {batch["batch_key"]}
+    assert {(r["status"], r["attempts"]) for r in _outbox(engine)} == {("delivered", 2)}
+
+
+def test_a_retry_after_beyond_the_longest_schedule_step_is_capped(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    """A year-long Retry-After parks rows for the schedule's longest step, no longer."""
+    url, faults = mock_ce
+    _put(engine, new_partner(engine), _subs(2))
+    clock = Clock()
+    worker = make_worker(clock=clock, retry_schedule=(5, 30, 7200))
+    _refuse(faults, 429, str(365 * 86400))
+
+    assert worker.run_once() == 2
+    [batch] = _batches(engine).values()
+    assert batch["next_attempt_at"] == T0 + timedelta(seconds=7200)
+    [event, _] = _audit(engine, "retry_scheduled")
+    assert event["detail"]["retry_after"] == 365 * 86400  # what was asked is on record
+
+    _welcome(faults)
+    clock.advance(7200)
+    assert worker.run_once() == 2
+    assert _mock(url)["requests"]["by_status"] == {"429": 1, "200": 1}
+
+
+def test_a_long_retry_after_holds_the_circuit_open_until_it_has_passed(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    """The 503 that opens the circuit asked for an hour: no probe every reset period."""
+    url, faults = mock_ce
+    _put(engine, new_partner(engine), _subs(2, seed=1, prefix="A"))
+    clock, mono = Clock(), MonoClock()
+    worker = make_worker(clock=clock, retry_schedule=(5, 30, 7200))
+    worker.breaker = CircuitBreaker(1, 30, clock=mono)
+    _refuse(faults, 503, "3600")
+
+    assert worker.run_once() == 2
+    assert worker.breaker.state is CircuitState.OPEN
+    assert worker.breaker.seconds_until_probe() == pytest.approx(3600)
+    _welcome(faults)
+    _put(engine, new_partner(engine), _subs(2, seed=2, prefix="B"))  # new rows, not yet batched
+    mono.now += 30  # the reset period alone would let a probe out now
+    clock.advance(30)
+    assert worker.breaker.state is CircuitState.OPEN
+    assert worker.run_once() == 0
+    assert _requests(url) == 1
+
+    mono.now += 3570
+    clock.advance(3570)
+    assert _drain(worker) == [2, 2, 0]  # the probe, then the rest
+    assert worker.breaker.state is CircuitState.CLOSED
+    _assert_once_and_in_order(_mock(url))
+    assert {r["status"] for r in _outbox(engine)} == {"delivered"}
+
+
 def test_versions_of_a_record_go_one_at_a_time_and_in_order(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker) -> None:
@@ -456,6 +573,7 @@ def test_circuit_opens_stops_sending_and_a_probe_resumes_delivery(
                          circuit_failure_threshold=2, circuit_reset_seconds=30)
     worker.breaker = CircuitBreaker(2, 30, clock=mono)
 
+    faults.retry_after = "0"  # within the in-call cap (0.05 s here), so it is retried in-call
     faults.start_outage()
     assert worker.run_once() == 3
     assert worker.breaker.state is CircuitState.OPEN
@@ -486,6 +604,7 @@ def test_failed_probe_reopens_the_circuit(
     worker = make_worker(clock=clock, inline_retries=3, retry_schedule=(5, 5, 5, 5))
     worker.breaker = CircuitBreaker(2, 30, clock=mono)
 
+    faults.retry_after = "0"  # within the in-call cap (0.05 s here), so it is retried in-call
     faults.start_outage()
     assert worker.run_once() == 2
     assert _requests(url) == 2  # the breaker opened after two tries and cut the third
