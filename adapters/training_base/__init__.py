@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 from adapters.base import Adapter, ParsedRow
+from adapters.normalize import parse_date, parse_decimal, to_ascii_digits
 from contracts import Note
 from contracts.errors import message
 from gateway.pipeline.validate import validate_submission
@@ -50,6 +51,32 @@ def _year_of(value: Any) -> int | None:
         return None
 
 
+def _date(value: Any) -> str:
+    """A date as a roster file may write it → ISO; unreadable text is kept for validation.
+
+    SPEC §8: ``2026/3/5``, ``20260305``, ``2026年3月5日``, full-width digits, an Excel date cell.
+    """
+    if value is None or _text(value) == "":
+        return ""
+    try:
+        return parse_date(value).isoformat()
+    except ValueError:
+        return _text(value)
+
+
+def _number(value: Any) -> str:
+    """Hours with full-width digits or spaces (``"２ ４"``) → ``"24"``; else kept for validation."""
+    try:
+        return str(parse_decimal(value))
+    except ValueError:
+        return _text(value)
+
+
+def _code(value: Any) -> str:
+    """An id or region code with full-width digits → ASCII (``"６３０１０２"`` → ``"630102"``)."""
+    return to_ascii_digits(_text(value)).replace(" ", "").upper()
+
+
 def _not_scalar(values: dict[str, Any]) -> list[Note]:
     return [_schema(key, f"expected text or a number, got {type(value).__name__}")
             for key, value in values.items() if value is not None and not isinstance(value, SCALARS)]
@@ -70,18 +97,19 @@ def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> Pars
     if passed not in TRUE and passed not in FALSE:
         return ParsedRow(row=index, raw=result, errors=[_schema("passed", "expected true or false")])
     plan = _text(plan_id) or None
+    completed_on = _date(result["completed_on"])
     submission = {
         "source_record_id": _text(result["result_id"]),
-        "person": {"id_type": "resident_id", "id_number": _text(result["id_no"]),
-                   "name": _text(result["name"]), "region_code": _text(result["region"]),
+        "person": {"id_type": "resident_id", "id_number": _code(result["id_no"]),
+                   "name": _text(result["name"]), "region_code": _code(result["region"]),
                    **({"employer_name": _text(result["employer"])} if _text(result.get("employer")) else {})},
-        "year": _year_of(result["completed_on"]) or 0,
+        "year": _year_of(completed_on) or 0,
         "category": "professional", "activity_type": "training",
         "activity": {"title": _text(result.get("title")) or f"继续教育基地培训 {plan or _text(base_code)}",
                      "provider_code": _text(base_code) or None, "plan_id": plan, "mode": "offline",
-                     "started_on": _text(result.get("started_on")) or None,
-                     "completed_on": _text(result["completed_on"])},
-        "claimed": {"quantity": _text(result["hours"]), "unit": "hours", "details": {}},
+                     "started_on": _date(result.get("started_on")) or None,
+                     "completed_on": completed_on},
+        "claimed": {"quantity": _number(result["hours"]), "unit": "hours", "details": {}},
         "evidence": {"certificate_no": _text(result.get("certificate_no")) or None,
                      "assessment": "passed" if passed in TRUE else "failed"},
     }

@@ -1,0 +1,42 @@
+"""A training base's results, as a roster file writes them (SPEC §8 date and number forms)."""
+
+from __future__ import annotations
+
+import random
+from datetime import date
+
+from adapters.training_base import result_to_row
+from mock_partners.generators import make_id_number
+
+FULL_WIDTH = str.maketrans("0123456789X", "０１２３４５６７８９Ｘ")
+
+
+def _result(**cells: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "result_id": "R-1", "id_no": make_id_number(random.Random(3), "630102"),
+        "name": "张三", "employer": "青海省人民医院", "region": "630102", "hours": "24",
+        "started_on": "2026-03-02", "completed_on": "2026-03-05", "passed": True}
+    return {**base, **cells}
+
+
+def test_roster_dates_numbers_and_full_width_codes_are_normalised() -> None:
+    id_no = str(_result()["id_no"])
+    for started, completed in (("2026/3/2", "2026/3/5"), ("20260302", "20260305"),
+                               ("2026年3月2日", "2026年3月5日"), ("２０２６-０３-０２", "2026.3.5"),
+                               (date(2026, 3, 2), "2026-03-05 17:30:00")):
+        row = result_to_row(0, "JD-01", "PLAN-1", _result(
+            started_on=started, completed_on=completed, hours="２ ４",
+            id_no=id_no.translate(FULL_WIDTH), region="６３０１０２"))
+        assert row.errors == [], (completed, row.errors)
+        assert row.submission is not None
+        sub = row.submission
+        assert (sub.activity.started_on, sub.activity.completed_on) == (date(2026, 3, 2), date(2026, 3, 5))
+        assert (sub.year, str(sub.claimed.quantity)) == (2026, "24")
+        assert (sub.person.id_number, sub.person.region_code) == (id_no, "630102")
+
+
+def test_an_unreadable_roster_date_is_a_coded_row_error() -> None:
+    row = result_to_row(0, "JD-01", "PLAN-1", _result(completed_on="上周五"))
+    assert row.submission is None
+    assert {e.code for e in row.errors} == {"SCHEMA"}
+    assert any("completed_on" in (e.field or "") for e in row.errors), row.errors
