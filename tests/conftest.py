@@ -23,17 +23,15 @@ from gateway.secrets_box import SecretBox
 from gateway.store.db import make_engine, normalize_url, upgrade
 from mock_partners.ce_system import Faults, create_app
 from tests.support.servers import uvicorn_thread
+from tests.support.years import FIXTURE_YEAR_OPEN
 
 PG_ENV = "CE_GATEWAY_TEST_POSTGRES_URL"
 SECRET_KEY = "test-secret-key"
-# The golden files and most tests are dated in CE year 2026.  After 30 December 2026 the rules
-# would answer YEAR_CLOSED to all of them, so the suite runs as if the department had extended
-# 2026 (a real setting, YEAR_CLOSE_EXTENSIONS); tests of the year close pass their own config.
-FIXTURE_YEAR_OPEN = "2026=2099-12-30"
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _fixture_year_stays_open() -> Iterator[None]:
+    """The fixtures' CE year 2026 stays open after 30 Dec 2026 (see tests/support/years.py)."""
     key = "CE_GATEWAY_YEAR_CLOSE_EXTENSIONS"
     before = os.environ.get(key)
     os.environ[key] = FIXTURE_YEAR_OPEN  # read by Settings here and by every child process

@@ -32,6 +32,7 @@ from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, outbox, record_versions, records, rejections
 from mock_partners import generators as gen
 from tests.support.reference import load_base_and_plan
+from tests.support.years import fixture_rules_config
 
 
 def _ref(p: Partner) -> PartnerRef:
@@ -216,7 +217,7 @@ def test_partner_bound_to_a_base_cannot_report_another_base(
     own["activity"] = {**own["activity"], "provider_code": "QH-BASE-01", "plan_id": "QH-PLAN-01"}
     foreign = copy.deepcopy(sub) | {"source_record_id": "SRC-F"}
     foreign["activity"] = {**foreign["activity"], "provider_code": "QH-BASE-99"}
-    rules = RulesContext(ReferenceCache(engine).current(), RulesConfig())
+    rules = RulesContext(ReferenceCache(engine).current(), fixture_rules_config())
     ok, refused = ingest(engine, _ref(p), [own, foreign], rules=rules)
     assert ok.status == "accepted"
     assert refused.status == "rejected"

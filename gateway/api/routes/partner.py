@@ -100,7 +100,7 @@ async def withdraw_record(source_record_id: str, request: Request,
     ref = PartnerRef(partner.partner_id, partner.adapter, partner.base_code)
     # No stored id holds NUL (ingest refuses it), and PostgreSQL cannot even compare one.
     answer = None if "\x00" in source_record_id else await run_in_threadpool(
-        withdraw, state.engine, ref, source_record_id)
+        partial(withdraw, config=state.rules_config), state.engine, ref, source_record_id)
     if answer is None:
         raise NotFound(detail=f"(no record {source_record_id!r} from this partner)")
     return answer
