@@ -61,8 +61,9 @@ class Ident(str):
     __slots__ = ()
 
 
-_RECORD_ID = re.compile(r"R[0-9a-f]{24}")  # gateway.pipeline.ingest.new_record_id
-_BATCH_ID = re.compile(r"B[0-9a-f]{24}")  # gateway.batches.new_batch_id
+# The ids the gateway makes: ``R`` + 24 hex (gateway.pipeline.ingest.new_record_id) for records,
+# ``B`` + 24 hex (gateway.batches.new_batch_id) for batch files.
+_OWN_ID = re.compile(r"[RB][0-9a-f]{24}")
 
 
 def ident(value: Any) -> Any:
@@ -70,22 +71,15 @@ def ident(value: Any) -> Any:
     return Ident(value) if isinstance(value, str) else value
 
 
-def record_ident(value: str) -> str:
-    """An :class:`Ident` if ``value`` has the shape of a gateway record id, else ``value``.
+def typed_ident(value: str) -> str:
+    """An :class:`Ident` if an id an operator typed has the shape of the gateway's own.
 
-    For ids an operator typed (a filter's record ids): one shaped like ``R`` + 24 hex is the
-    gateway's own; anything else stays masked when printed.
+    For a filter's record or batch ids: one shaped like ``R``/``B`` + 24 hex prints as it is
+    (masked, one in a few hundred holds a digit run shaped like an identity number, and a
+    filter carried on in a link or a hidden field would then select nothing); anything else
+    stays masked when printed.
     """
-    return Ident(value) if _RECORD_ID.fullmatch(value) else value
-
-
-def batch_ident(value: str | None) -> str | None:
-    """As :func:`record_ident`, for a typed batch id (``B`` + 24 hex is the gateway's own).
-
-    Masked, one in a few hundred batch ids holds a run of digits shaped like an identity
-    number: a filter carried on in a link or a hidden field would then select nothing.
-    """
-    return Ident(value) if value is not None and _BATCH_ID.fullmatch(value) else value
+    return Ident(value) if _OWN_ID.fullmatch(value) else value
 
 
 def idents(row: Mapping[str, Any], *keys: str) -> dict[str, Any]:
