@@ -19,7 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Connection, Engine, create_engine, func, select
 
 from gateway import audit
 from gateway.accounts import Partner
@@ -53,7 +53,7 @@ COUNTS = ("accepted", "duplicate", "corrected", "conflict", "rejected")
 
 
 def health_file(tmp_path: Path, n_rows: int, seed: int = 7, bad_ratio: float = 0.01,
-                ) -> tuple[Path, set[str], dict[int, str]]:
+                ) -> tuple[Path, set[str], dict[int, tuple[str, str]]]:
     """A health CSV for March of :data:`YEAR`.
 
     Returns its path, the good rows' record numbers, and the bad rows' file row numbers (row 1
@@ -97,6 +97,19 @@ def _batch(engine: Engine, batch_id: str) -> dict[str, Any]:
     with engine.connect() as conn:
         return dict(conn.execute(select(batches).where(batches.c.batch_id == batch_id))
                     .mappings().one())
+
+
+def assert_each_row_once(conn: Connection, partner_id: str, batch_id: str, good: set[str],
+                         bad: dict[int, tuple[str, str]]) -> None:
+    """Every good row stored once and every bad row coded once, whatever crashed in between."""
+    stored = Counter(conn.execute(select(records.c.source_record_id)
+                                  .where(records.c.partner_id == partner_id)).scalars())
+    errors = Counter((int(e.row_no), e.column_name, e.code) for e in conn.execute(
+        select(batch_errors).where(batch_errors.c.batch_id == batch_id)))
+    assert [sid for sid, n in stored.items() if n > 1] == []
+    assert set(stored) == good
+    assert [key for key, n in errors.items() if n > 1] == []
+    assert set(errors) == {(row, column, code) for row, (column, code) in bad.items()}
 
 
 def _count(engine: Engine, table: Any, *where: Any) -> int:
@@ -188,21 +201,13 @@ def test_sigkill_mid_batch_resumes_after_the_last_chunk_exactly_once(
         assert int(final["rows_total"]) == ROWS
 
         with store.connect() as conn:
-            stored = Counter(conn.execute(select(records.c.source_record_id)
-                                          .where(records.c.partner_id == partner.partner_id))
-                             .scalars())
-            errors = Counter((int(e.row_no), e.column_name, e.code) for e in conn.execute(
-                select(batch_errors).where(batch_errors.c.batch_id == batch_id)))
+            assert_each_row_once(conn, partner.partner_id, batch_id, good, bad)
             versions = int(conn.execute(select(func.count()).select_from(
                 record_versions.join(records, record_versions.c.record_id == records.c.record_id))
                 .where(records.c.partner_id == partner.partner_id)).scalar_one())
             received = int(conn.execute(select(func.count()).select_from(audit_events)
                                         .where(audit_events.c.kind == "received")).scalar_one())
             verified = audit.verify(conn)
-        assert [sid for sid, n in stored.items() if n > 1] == []
-        assert set(stored) == good
-        assert [key for key, n in errors.items() if n > 1] == []
-        assert set(errors) == {(row, column, code) for row, (column, code) in bad.items()}
         assert _count(store, rejections, rejections.c.batch_id == batch_id) == len(bad)
         assert versions == len(good) and received == len(good)
         assert _count(store, outbox) == len(good)

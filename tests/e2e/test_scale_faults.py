@@ -63,6 +63,7 @@ from tests.conftest import PG_ENV, SECRET_KEY
 from tests.e2e.test_batch_crash import (
     _children,
     _kill_orphans,
+    assert_each_row_once,
     health_file,
     open_ce_year,
     upload_and_wait,
@@ -822,16 +823,9 @@ def run_batch_kill(n_rows: int, chunk_rows: int, db_url: str, tmp_path: Path,
             "accepted": len(good), "duplicate": 0, "corrected": 0, "conflict": 0,
             "rejected": len(bad)}
         with store.connect() as conn:
-            stored = Counter(conn.execute(select(records.c.source_record_id)
-                                          .where(records.c.partner_id == partner.partner_id))
-                             .scalars())
-            errors = Counter((int(e.row_no), e.column_name, e.code) for e in conn.execute(
-                select(batch_errors).where(batch_errors.c.batch_id == batch_id)))
+            assert_each_row_once(conn, partner.partner_id, batch_id, good, bad)
             done_by = conn.execute(select(audit_events.c.actor)
                                    .where(audit_events.c.kind == "batch_done")).scalars().all()
-        assert [sid for sid, n in stored.items() if n > 1] == [] and set(stored) == good
-        assert [key for key, n in errors.items() if n > 1] == []
-        assert set(errors) == {(row, column, code) for row, (column, code) in bad.items()}
         assert len(done_by) == 1 and survivor.owns(done_by[0])
 
         poll(lambda: _pending(store) == 0, 600, interval=0.2, what="every record to be delivered")
