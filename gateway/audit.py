@@ -94,10 +94,12 @@ class VerifyResult:
     checked: int
     first_bad_seq: int | None = None
     reason: str | None = None
+    # What is wrong, for code: missing | rewritten | unchained | altered | truncated
+    problem: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "checked": self.checked, "first_bad_seq": self.first_bad_seq,
-                "reason": self.reason}
+                "reason": self.reason, "problem": self.problem}
 
 
 def verify(conn: Connection, chunk: int = 5000) -> VerifyResult:
@@ -122,23 +124,27 @@ def verify(conn: Connection, chunk: int = 5000) -> VerifyResult:
             seq = int(row["seq"])
             if seq != expected_seq:
                 return VerifyResult(False, checked, expected_seq,
-                                    f"event {expected_seq} is missing (next present is {seq})")
+                                    f"event {expected_seq} is missing (next present is {seq})",
+                                    "missing")
             if row["prev_hash"] != prev:
                 if seq > 1 and _hash(row["prev_hash"], seq, dict(row)) == row["hash"]:
                     # This event is intact as chained; its predecessor is not the event it was
                     # chained to: that one was edited and re-hashed (or replaced).
                     return VerifyResult(False, checked - 1, seq - 1,
                                         f"event {seq - 1} was rewritten: event {seq} was chained "
-                                        "to a different hash")
-                return VerifyResult(False, checked, seq, "prev_hash does not match the previous event")
+                                        "to a different hash", "rewritten")
+                return VerifyResult(False, checked, seq, "prev_hash does not match the previous event",
+                                    "unchained")
             if _hash(prev, seq, dict(row)) != row["hash"]:
-                return VerifyResult(False, checked, seq, "event content does not match its hash")
+                return VerifyResult(False, checked, seq, "event content does not match its hash",
+                                    "altered")
             prev, expected_seq, last_seq = row["hash"], seq + 1, seq
             checked += 1
     head = conn.execute(select(audit_head).where(audit_head.c.id == 1)).mappings().one()
     if int(head["last_seq"]) != last_seq or head["last_hash"] != prev:
         return VerifyResult(False, checked, last_seq + 1,
-                            f"chain ends at {last_seq} but the head says {head['last_seq']}")
+                            f"chain ends at {last_seq} but the head says {head['last_seq']}",
+                            "truncated")
     return VerifyResult(True, checked)
 
 

@@ -21,14 +21,14 @@ from gateway.store.tables import audit_events
 
 router = APIRouter(route_class=ConsoleRoute)
 
-# What each of gateway.audit.verify's findings means (its reason text starts or holds these).
-VERIFY_ZH = (
-    ("is missing", "事件缺失（被删除或重新编号）"),
-    ("was rewritten", "事件被改写，且重新计算了哈希"),
-    ("prev_hash does not match", "事件与前一条事件的哈希链接不符（被删除、移动或替换）"),
-    ("content does not match", "事件内容与其哈希不符（内容被修改）"),
-    ("but the head says", "日志尾部被截断（与链头记录不符）"),
-)
+# gateway.audit.VerifyResult.problem, in Chinese.
+VERIFY_ZH = {
+    "missing": "事件缺失（被删除或重新编号）",
+    "rewritten": "事件被改写，且重新计算了哈希",
+    "unchained": "事件与前一条事件的哈希链接不符（被删除、移动或替换）",
+    "altered": "事件内容与其哈希不符（内容被修改）",
+    "truncated": "日志尾部被截断（与链头记录不符）",
+}
 
 
 def _preview(ctx: Ctx, query: RejectionQuery, status_code: int = 200,
@@ -60,5 +60,5 @@ def audit_page(ctx: Viewer) -> Response:
         result = audit.verify(conn)
         kind = None if result.ok else conn.execute(select(audit_events.c.kind).where(
             audit_events.c.seq == result.first_bad_seq)).scalar()
-    meaning = next((zh for en, zh in VERIFY_ZH if en in (result.reason or "")), None)
+    meaning = VERIFY_ZH.get(result.problem or "")
     return ctx.page("audit.html", result=result, kind=kind, meaning=meaning)

@@ -107,15 +107,17 @@ def _swap_contents(conn: Connection, n: int) -> int:
     return a
 
 
-TAMPERS: dict[str, tuple[Tamper, str]] = {
-    "edit detail": (_edit("detail", '{"credited_hours":"999"}', lambda n: n // 2), "content"),
-    "edit kind": (_edit("kind", "withdrawn", lambda n: 2), "content"),
-    "edit actor": (_edit("actor", "mallory", lambda n: n - 1), "content"),
-    "edit and re-hash": (_edit_and_rehash, "rewritten"),
-    "delete a middle event": (_delete_middle, "missing"),
-    "truncate the tail": (_truncate, "head"),
-    "swap two events' seq": (_swap_seq, "prev_hash"),
-    "swap two events' contents": (_swap_contents, "content"),
+# name → (tamper, words of the reason, VerifyResult.problem)
+TAMPERS: dict[str, tuple[Tamper, str, str]] = {
+    "edit detail": (_edit("detail", '{"credited_hours":"999"}', lambda n: n // 2), "content",
+                    "altered"),
+    "edit kind": (_edit("kind", "withdrawn", lambda n: 2), "content", "altered"),
+    "edit actor": (_edit("actor", "mallory", lambda n: n - 1), "content", "altered"),
+    "edit and re-hash": (_edit_and_rehash, "rewritten", "rewritten"),
+    "delete a middle event": (_delete_middle, "missing", "missing"),
+    "truncate the tail": (_truncate, "head", "truncated"),
+    "swap two events' seq": (_swap_seq, "prev_hash", "unchained"),
+    "swap two events' contents": (_swap_contents, "content", "altered"),
 }
 
 
@@ -163,9 +165,9 @@ def test_every_kind_of_tampering_is_named_at_its_first_bad_event_by_cli_and_api(
 
         code, out = _cli_verify(db_url, "--json")
         assert code == 0 and json.loads(out) == api_verify() == {
-            "ok": True, "checked": n, "first_bad_seq": None, "reason": None}
+            "ok": True, "checked": n, "first_bad_seq": None, "reason": None, "problem": None}
 
-        for name, (tamper, why) in TAMPERS.items():
+        for name, (tamper, why, problem) in TAMPERS.items():
             with store.begin() as conn:
                 bad = tamper(conn, n)
             code, out = _cli_verify(db_url, "--json")
@@ -174,7 +176,7 @@ def test_every_kind_of_tampering_is_named_at_its_first_bad_event_by_cli_and_api(
             assert by_cli == by_api, name
             assert (by_cli["ok"], by_cli["first_bad_seq"]) == (False, bad), (name, by_cli)
             assert by_cli["checked"] == bad - 1, (name, by_cli)  # every event before it is fine
-            assert why in by_cli["reason"], (name, by_cli)
+            assert why in by_cli["reason"] and by_cli["problem"] == problem, (name, by_cli)
             code, text = _cli_verify(db_url)  # the human form names it too
             assert code == 1 and f"broken at event {bad}" in text, (name, text)
             _restore(store, snap)
@@ -189,7 +191,8 @@ def test_every_kind_of_tampering_is_named_at_its_first_bad_event_by_cli_and_api(
         assert result.versions == len(record_ids)
         code, out = _cli_verify(db_url, "--json")
         assert code == 0 and json.loads(out) == api_verify() == {
-            "ok": True, "checked": n + 1, "first_bad_seq": None, "reason": None}
+            "ok": True, "checked": n + 1, "first_bad_seq": None, "reason": None,
+            "problem": None}
     with store.connect() as conn:
         assert {rid: audit.events_for(conn, [rid]) for rid in record_ids} == before
         last = conn.execute(select(audit_events).where(audit_events.c.seq == n + 1)).mappings().one()
