@@ -88,8 +88,14 @@ def test_metrics_families_move_with_ingest_delivery_dead_letters_and_batches(
         during = poll(outage_seen, 30, what="the circuit to open")
         assert during.value("ce_gateway_backlog_records") == 3
         assert during.value("ce_gateway_backlog_oldest_age_seconds") > 0
-        assert (during.value("ce_gateway_delivery_attempts_total", outcome="rate_limited")
-                - before.value("ce_gateway_delivery_attempts_total", outcome="rate_limited")) >= 2
+        # Two failed posts open the circuit (threshold 2).  The outage answers 503, counted as
+        # rate_limited; on a loaded machine one post may instead end as a transport error, and
+        # that failure counts toward the threshold too.
+        failed = {outcome: during.value("ce_gateway_delivery_attempts_total", outcome=outcome)
+                  - before.value("ce_gateway_delivery_attempts_total", outcome=outcome)
+                  for outcome in ("rate_limited", "retry", "transport_error")}
+        assert failed["rate_limited"] >= 1, failed
+        assert sum(failed.values()) >= 2, failed
 
         faults.stop_outage()
 
