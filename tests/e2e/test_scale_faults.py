@@ -247,9 +247,11 @@ def test_a_batch_processor_keeps_its_lease_while_a_chunk_takes_longer_than_the_l
     mid-chunk in turn: fenced, nothing doubled, but no chunk ever committed.
     """
     partner = new_partner(engine, adapter="health")
-    batch_id, good, bad = _health_batch(engine, tmp_path, partner, 3000, seed=23)
-    settings = make_settings(db_url, batch_chunk_rows=3000, batch_parse_workers=0,
-                             batch_lease_seconds=0.3, batch_dir=tmp_path / "batches")
+    # A 1 s lease, renewed every third of it: slack for a renewal delayed on a loaded machine,
+    # and a 6,000-row chunk still takes well over the lease.
+    batch_id, good, bad = _health_batch(engine, tmp_path, partner, 6000, seed=23)
+    settings = make_settings(db_url, batch_chunk_rows=6000, batch_parse_workers=0,
+                             batch_lease_seconds=1.0, batch_dir=tmp_path / "batches")
     worker = BatchProcessor(engine, settings, name="proc-a")
     thief = BatchProcessor(make_engine(db_url), settings, name="proc-b")
     stolen: list[str] = []
@@ -269,13 +271,13 @@ def test_a_batch_processor_keeps_its_lease_while_a_chunk_takes_longer_than_the_l
     watcher.start()
     try:
         started = time.monotonic()
-        worker.process(claimed)  # one 3,000-row chunk: well over 0.3 s
+        worker.process(claimed)  # one 6,000-row chunk: well over 1 s
         took = time.monotonic() - started
     finally:
         done.set()
         watcher.join()
         thief.engine.dispose()
-    assert took > 0.3, "the chunk was quicker than the lease: nothing was tested"
+    assert took > settings.batch_lease_seconds, "the chunk was quicker than the lease: nothing was tested"
     assert stolen == []
     with engine.connect() as conn:
         final = dict(conn.execute(select(batches).where(batches.c.batch_id == batch_id))
