@@ -111,7 +111,9 @@ def make_settings() -> Callable[..., Settings]:
             "secret_key": SECRET_KEY, "retry_schedule": (1, 1, 1), "inline_retries": 2,
             "inline_retry_max_wait_seconds": 0.05, "delivery_poll_seconds": 0.05,
             "delivery_lease_seconds": 5, "circuit_failure_threshold": 50,
-            "circuit_reset_seconds": 0.5, "downstream_timeout_seconds": 5,
+            # A generous timeout: on a loaded machine a slow reply must not become a transport
+            # error, an extra retry and a wrong count.  No test waits on a timeout.
+            "circuit_reset_seconds": 0.5, "downstream_timeout_seconds": 30,
             # Scheduled jobs off unless a test turns one on: a job still running when a
             # test's server stops would touch a disposed engine.
             "pull_interval_seconds": 0, "reference_sync_interval_seconds": 0,

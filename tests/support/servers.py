@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -36,11 +37,17 @@ def poll(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05
 
 @contextmanager
 def uvicorn_thread(app: Any) -> Iterator[str]:
-    """Serve an ASGI app on a free 127.0.0.1 port in a thread; yields its base URL."""
-    port = free_port()
+    """Serve an ASGI app on a free 127.0.0.1 port in a thread; yields its base URL.
+
+    The socket is bound here and handed to uvicorn, so no other test (another xdist worker)
+    can take the port between choosing and binding it.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     poll(lambda: server.started, 30, what="uvicorn start")
     try:
@@ -48,6 +55,7 @@ def uvicorn_thread(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        sock.close()
 
 
 class GatewayProcess:
@@ -65,8 +73,16 @@ class GatewayProcess:
             [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port), *self.args],
             env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        poll(lambda: httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200, 60,
-             what="gateway readiness")
+
+        def ready() -> bool:
+            # A child that died (say, its port was taken meanwhile) must not pass as ready on
+            # whatever else answers that port.
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited with {self.proc.returncode}; see {self.log_path}")
+            return httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200
+
+        poll(ready, 60, what="gateway readiness")
         return self
 
     def kill9(self) -> None:
