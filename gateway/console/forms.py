@@ -15,7 +15,6 @@ from zoneinfo import ZoneInfo
 
 from contracts.errors import CATALOGUE
 from gateway.accounts import ADAPTERS_WITH_PUSH
-from gateway.console.render import typed_ident
 from gateway.ops.common import FIRST_YEAR, LAST_YEAR
 from gateway.revalidate import RevalidationFilter, RevalidationRefused
 
@@ -143,7 +142,7 @@ def delivery_query(params: Mapping[str, Any], record_ids: Sequence[str], zone: Z
     for value in record_ids:
         cleaned = text({"record_id": value}, "record_id")
         if cleaned and cleaned not in ids:
-            ids.append(typed_ident(cleaned))  # printed as is only if shaped like a record id
+            ids.append(cleaned)
     if len(ids) > MAX_IDS:
         raise bad_param("record_id", f"一次最多 {MAX_IDS} 条")
     query = DeliveryQuery(status=status, adapter=adapter, partner_id=text(params, "partner_id"),
@@ -177,8 +176,6 @@ def rejection_query(params: Mapping[str, Any], zone: ZoneInfo) -> RejectionQuery
         raise bad_param("error_code", "不是已知的错误码")
     since, until = period(params, zone)
     raw = {k: text(params, k) for k in REJECTION_FILTER_KEYS}
-    if raw["batch_id"] is not None:
-        raw["batch_id"] = typed_ident(raw["batch_id"])
     try:
         flt = RevalidationFilter(partner_id=raw["partner_id"], adapter=adapter, error_code=code,
                                  batch_id=raw["batch_id"], since=since, until=until)

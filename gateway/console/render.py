@@ -2,17 +2,17 @@
 
 Every value a template prints passes through :func:`_finalize`, which masks anything that looks
 like an identity number (gateway.masking): a page can never show one unmasked, whatever a
-payload, an error text or an audit detail holds.  The one exception is :class:`Ident`: an
-identifier the gateway generated itself (a record id, a batch id, a delivery batch key, a CSRF
-token) is hex or base64 and may hold a run of 15 or 18 digits by chance; masking it would break
-the link or the form it is in, so the console's code wraps such values and they print as they
-are.  Times are shown in ``Settings.timezone`` (Asia/Shanghai).
+payload, an error text or an audit detail holds.  Masking keeps the gateway's record, batch and
+delivery ids whole by their shape; the one exception beyond those is :class:`Ident`: a value the
+gateway generated itself (a CSRF token, a link's query, a notice built from ids) may hold a run
+of 15 or 18 digits by chance, and masking it would break the link or the form it is in, so the
+console's code wraps such values and they print as they are.  Times are shown in
+``Settings.timezone`` (Asia/Shanghai).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,25 +61,9 @@ class Ident(str):
     __slots__ = ()
 
 
-# The ids the gateway makes: ``R`` + 24 hex (gateway.pipeline.ingest.new_record_id) for records,
-# ``B`` + 24 hex (gateway.batches.new_batch_id) for batch files.
-_OWN_ID = re.compile(r"[RB][0-9a-f]{24}")
-
-
 def ident(value: Any) -> Any:
     """``value`` as an :class:`Ident` when it is a string; None and other types unchanged."""
     return Ident(value) if isinstance(value, str) else value
-
-
-def typed_ident(value: str) -> str:
-    """An :class:`Ident` if an id an operator typed has the shape of the gateway's own.
-
-    For a filter's record or batch ids: one shaped like ``R``/``B`` + 24 hex prints as it is
-    (masked, one in a few hundred holds a digit run shaped like an identity number, and a
-    filter carried on in a link or a hidden field would then select nothing); anything else
-    stays masked when printed.
-    """
-    return Ident(value) if _OWN_ID.fullmatch(value) else value
 
 
 def idents(row: Mapping[str, Any], *keys: str) -> dict[str, Any]:
@@ -94,7 +78,7 @@ def _finalize(value: Any) -> Any:
         return str(value)
     if isinstance(value, Markup):
         # A macro's output: every value in it went through here already.  Masked again, an
-        # Ident inside it (a batch id with an id-number-like run) would be masked after all,
+        # Ident inside it (a CSRF token with an id-number-like run) would be masked after all,
         # and the masked text, no longer Markup, escaped: the whole form printed as text.
         return value
     return mask_text(value) if isinstance(value, str) else value

@@ -56,6 +56,7 @@ from tests.support.servers import uvicorn_thread
 MakeSettings = Callable[..., Settings]
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 ID_LIKE = re.compile(r"(?<!\d)\d{17}[\dXx](?!\d)")
+OWN_ID = re.compile(r"(?<![0-9A-Za-z])(?:[RB][0-9a-f]{24}|[0-9a-f]{32})(?![0-9A-Za-z])")  # kept whole
 
 
 @dataclass
@@ -176,7 +177,7 @@ def _logged_in(world: World, token: str) -> tuple[httpx.Client, str]:
 def _no_clear_ids(html: str, world: World) -> None:
     for number in world.id_numbers:
         assert number not in html
-    assert ID_LIKE.search(html) is None
+    assert ID_LIKE.search(OWN_ID.sub(" ", html)) is None
 
 
 def _audit(engine: Engine, kind: str) -> list[dict[str, Any]]:
@@ -436,7 +437,7 @@ DIGIT_RUN_BATCH = "B123456789012345678abcdef"  # "B" + 24 hex, holding an 18-dig
 
 def test_gateway_identifiers_print_as_they_are_and_identity_numbers_masked() -> None:
     assert _finalize(Ident(DIGIT_RUN_BATCH)) == DIGIT_RUN_BATCH
-    assert _finalize(DIGIT_RUN_BATCH) != DIGIT_RUN_BATCH  # what the page printed before
+    assert _finalize(DIGIT_RUN_BATCH) == DIGIT_RUN_BATCH  # masking keeps the gateway's ids whole
     assert _finalize(f"身份证号 {ID_NUMBER}") == f"身份证号 {mask_id(ID_NUMBER)}"
     record_id = "R000000123456789012345678"
     link = Renderer.query({"other": Ident(record_id), "partner_id": ID_NUMBER})

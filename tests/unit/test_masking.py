@@ -52,6 +52,21 @@ def test_mask_text_leaves_other_numbers(text: str) -> None:
     assert mask_text(text) == text
 
 
+def test_mask_text_keeps_the_gateways_own_ids_whole() -> None:
+    # A batch or record id whose hex holds an identity-number-shaped digit run between letters.
+    batch_id, record_id = f"Ba{ID18}bcdef", f"R{ID15}abcdef123"
+    assert len(batch_id) == len(record_id) == 25
+    key = f"{ID18}abcdef01234567"  # a delivery's idempotency key (uuid4 hex)
+    assert len(key) == 32
+    text = f"batch {batch_id} row 3; record {record_id}, key {key}: holder {ID18}"
+    assert mask_text(text) == (f"batch {batch_id} row 3; record {record_id}, key {key}: "
+                               "holder 630102********9126")
+    # Only the exact shape is kept: a token that merely starts like one is masked as before.
+    assert mask_text(f"XBa{ID18}bcdef") == "XBa630102********9126bcdef"
+    assert mask_text(f"Ba{ID18}bcdefa") == "Ba630102********9126bcdefa"  # 25 hex
+    assert mask_text(f"BA{ID18}BCDEF") == "BA630102********9126BCDEF"  # not lowercase
+
+
 @pytest.fixture
 def captured() -> Iterator[tuple[logging.Logger, io.StringIO]]:
     stream = io.StringIO()
