@@ -219,15 +219,34 @@ def audit_verify(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
 @mock_app.command("ce-system")
 def mock_ce_system(
     port: int = 8780, host: str = "127.0.0.1",
-    error_rate: float = 0.0, latency_ms: int = 0, rate_limit_every: int = 0,
-    lost_reply_rate: float = 0.0, seed: int | None = None,
+    error_rate: Annotated[float, typer.Option(help="share of requests answered 503, not applied")] = 0.0,
+    latency_ms: Annotated[int, typer.Option(help="added to every intake request")] = 0,
+    rate_limit_every: Annotated[int, typer.Option(help="every Nth request answers 429")] = 0,
+    lost_reply_rate: Annotated[float, typer.Option(help="share applied, then answered 503")] = 0.0,
+    outage_seconds: Annotated[float, typer.Option(
+        help="an outage window from start: every request answers 503 for this long")] = 0.0,
+    retry_after: Annotated[str, typer.Option(
+        help='Retry-After sent with 429s and outage 503s: seconds or an HTTP date ("" = none)')] = "1",
+    duplicate_receipts: Annotated[bool, typer.Option(help="each receipt appears twice")] = False,
+    replay_conflict: Annotated[bool, typer.Option(help="a replayed key answers 409")] = False,
+    reject_title_marker: Annotated[str, typer.Option(
+        help="a record whose title holds it is rejected")] = "[REJECT]",
+    seed: int | None = None,
 ) -> None:
-    """Run the mock CE management system (intake + reference API) with fault injection."""
+    """Run the mock CE management system (intake + reference API) with fault injection.
+
+    Every fault can also be changed while it runs: ``POST /_mock/faults`` with a JSON object
+    of fields (``outage_seconds`` opens an outage window from now).
+    """
     from mock_partners.ce_system import Faults, serve
 
-    serve(host=host, port=port, faults=Faults(
-        error_rate=error_rate, latency_ms=latency_ms, rate_limit_every=rate_limit_every,
-        lost_reply_rate=lost_reply_rate, seed=seed))
+    faults = Faults(error_rate=error_rate, latency_ms=latency_ms, rate_limit_every=rate_limit_every,
+                    lost_reply_rate=lost_reply_rate, retry_after=retry_after,
+                    duplicate_receipts=duplicate_receipts, replay_conflict=replay_conflict,
+                    reject_title_marker=reject_title_marker, seed=seed)
+    if outage_seconds > 0:
+        faults.start_outage(outage_seconds)
+    serve(host=host, port=port, faults=faults)
 
 
 @app.command()
