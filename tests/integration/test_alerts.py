@@ -327,7 +327,9 @@ def test_an_alert_post_in_flight_holds_no_transaction(
     partner = new_partner(engine, adapter="finance")
     key = f"missed_push:{partner.partner_id}:2026-09"
     settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}")
-    delay = 2.0
+    # The robot's answer must outlast, with room for a loaded machine, a write, a look at
+    # pg_stat_activity and a read of alert_state; the write must take under half of it.
+    delay = 6.0
     httpx.post(f"{sink}/_mock/faults", json={"delay_ms": int(delay * 1000)}).raise_for_status()
     postgres = not db_url.startswith("sqlite")
     name = f"alerts-{uuid.uuid4().hex[:8]}"
@@ -339,7 +341,7 @@ def test_an_alert_post_in_flight_holds_no_transaction(
     def on_request(_request: httpx.Request) -> None:
         posting.set()
 
-    client = httpx.Client(timeout=10, event_hooks={"request": [on_request]})
+    client = httpx.Client(timeout=delay + 20, event_hooks={"request": [on_request]})
     thread = threading.Thread(target=lambda: results.append(
         evaluate(evaluating, settings, OCT_6, client=client)))
     thread.start()

@@ -149,26 +149,32 @@ def test_a_lease_held_by_another_process_or_engine_excludes_us(db_url: str, engi
 
 
 def test_an_expired_lease_lets_another_take_over(engine: Engine) -> None:
-    # A holder that took the lease and died: nobody releases or renews it.
-    assert acquire(engine, NAME, 0.5, "crashed-replica") is True
+    # A holder that took the lease and died: nobody releases or renews it.  The TTL leaves a
+    # loaded machine ample time for the refusal below; the takeover must wait the TTL out.
+    ttl = 3.0
+    before = datetime.now(UTC)
+    assert acquire(engine, NAME, ttl, "crashed-replica") is True
     ran: list[int] = []
     assert run_exclusive(engine, NAME, 30, lambda: ran.append(1)) is False
-    poll(lambda: run_exclusive(engine, NAME, 30, lambda: ran.append(2)), 10, interval=0.05,
+    poll(lambda: run_exclusive(engine, NAME, 30, lambda: ran.append(2)), 15, interval=0.1,
          what="the dead holder's lease to expire")
+    assert datetime.now(UTC) - before >= timedelta(seconds=ttl)  # not taken before it expired
     assert ran == [2]
     assert renew(engine, NAME, 30, "crashed-replica") is False  # it cannot take it back
 
 
 def test_a_long_run_keeps_its_lease_alive(engine: Engine) -> None:
-    ttl = 0.3
+    # Renewed every ttl / 3: the lease is lost only if a renewal comes ttl * 2/3 late, which
+    # a loaded machine does not do in seconds.
+    ttl = 2.0
     refused: list[bool] = []
 
     def long_job() -> None:
         started = datetime.now(UTC)
-        # Wait until the first lease would long have expired, and a renewal has pushed it on.
-        poll(lambda: (datetime.now(UTC) - started > timedelta(seconds=3 * ttl)
+        # Wait until the first lease has expired, and a renewal has pushed it on.
+        poll(lambda: (datetime.now(UTC) - started > timedelta(seconds=ttl + 0.5)
                       and (lease_until(engine) or started) > datetime.now(UTC)),
-             10, interval=0.02, what="a renewed lease")
+             15, interval=0.05, what="a renewed lease")
         refused.append(not acquire(engine, NAME, 5, "another-replica"))
 
     assert run_exclusive(engine, NAME, ttl, long_job) is True
