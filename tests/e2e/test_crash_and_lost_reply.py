@@ -58,7 +58,9 @@ def test_sigkill_mid_delivery_loses_and_doubles_nothing(
         db_url: str, tmp_path: Path, mock_ce: tuple[str, Faults],
         new_partner: Callable[..., Partner]) -> None:
     mock_url, faults = mock_ce
-    faults.latency_ms = 40  # deliveries take long enough to be caught in flight
+    # Deliveries take long enough to be caught in flight, and the one worker, sending at most
+    # 25 records every 0.2 s, falls behind the sender even on a loaded machine.
+    faults.latency_ms = 200
     faults.lost_reply_rate = 0.1
     engine = make_engine(db_url)
     partner = new_partner(engine)
@@ -91,14 +93,18 @@ def test_sigkill_mid_delivery_loses_and_doubles_nothing(
     sender = threading.Thread(target=submit)
     sender.start()
     try:
-        # Kill while batches are in flight: some applied downstream, the rest still queued.
-        poll(lambda: len(_applied(mock_url)["applied"]) >= 50, 60, what="first deliveries")
+        # Kill while batches are in flight: some applied downstream, a backlog still queued
+        # (four batches or more, so a delivery or two between this look and the kill leaves
+        # some behind).
+        poll(lambda: len(_applied(mock_url)["applied"]) >= 50 and _pending(db_url) >= 100, 60,
+             what="first deliveries with a backlog behind them")
         gw.kill9()
         stop.set()
         sender.join(timeout=30)
         assert acked, "nothing was acknowledged before the kill"
         before = len(_applied(mock_url)["applied"])
         assert _pending(db_url) > 0, "the kill came too late to test anything"
+        faults.latency_ms = 40  # caught in flight: the backlog may now drain faster
 
         gw = GatewayProcess(env, log).start()
         # After the restart, correct a few acknowledged records: v2 must follow v1.

@@ -682,7 +682,7 @@ def run_outage(records_n: int, outage_s: float, db_url: str, tmp_path: Path,
                threshold: int = 3) -> dict[str, Any]:
     mock_url, state = mock
     state.faults.latency_ms = 10
-    reset, workers = 1.0, 2
+    reset, workers, batch_size = 1.0, 2, 50
     writer = make_engine(db_url)
     partner = new_partner(writer)
     rng = random.Random(77)
@@ -696,7 +696,8 @@ def run_outage(records_n: int, outage_s: float, db_url: str, tmp_path: Path,
     writer.dispose()
     assert len(acked) == records_n
     store = _reader(db_url)
-    cluster = Cluster(_env(db_url, mock_url, tmp_path, CE_GATEWAY_DELIVERY_BATCH_SIZE="50",
+    cluster = Cluster(_env(db_url, mock_url, tmp_path,
+                           CE_GATEWAY_DELIVERY_BATCH_SIZE=str(batch_size),
                            CE_GATEWAY_DELIVERY_LEASE_SECONDS="5",
                            CE_GATEWAY_CIRCUIT_FAILURE_THRESHOLD=str(threshold),
                            CE_GATEWAY_CIRCUIT_RESET_SECONDS=str(reset),
@@ -713,21 +714,47 @@ def run_outage(records_n: int, outage_s: float, db_url: str, tmp_path: Path,
         return {name: float(value) for name, _, value in
                 (line.rpartition(" ") for line in text.splitlines() if not line.startswith("#"))}
 
+    window: list[float] = []  # [began, ended): monotonic times inside the outage
+
+    def outage_once_flowing() -> bool:
+        """Start the outage as soon as deliveries flow, while most of the backlog still waits.
+
+        Started here, in the poll's own check, so no scrape or query delays it.
+        """
+        if len(state.applied) < 200:
+            return False
+        before = time.monotonic()
+        state.faults.start_outage(outage_s)  # a window that ends by itself
+        # The mock answers "outage" until outage_s after the call (its own clock): a request
+        # it notes at or after the call's return, and before `before + outage_s`, was answered
+        # inside the outage.  Only the window's bounds are read from the clock, never the
+        # moment the test happens to notice the end.
+        window[:] = [time.monotonic(), before + outage_s]
+        return True
+
     try:
         cluster.start(0, workers, "--metrics-port", str(metrics_port))
-        poll(lambda: len(state.applied) >= 200, 60, interval=0.01, what="deliveries to flow")
-        assert scrape()["ce_gateway_circuit_state"] == CIRCUIT_VALUES["closed"]
-        began = time.monotonic()
-        state.faults.start_outage(outage_s)  # a window that ends by itself
+        # The gauge has a sample once the worker's delivery loop is set up (just after it logs
+        # that it started): closed, as deliveries begin.
+        poll(lambda: scrape().get("ce_gateway_circuit_state") == CIRCUIT_VALUES["closed"], 30,
+             what="the worker to report its circuit closed")
+        poll(outage_once_flowing, 60, interval=0.01, what="deliveries to flow")
+        began, ended = window
+        # Nothing is applied during the outage but what each worker had in flight before it
+        # began (one batch each): more pending than that is a backlog the outage holds up.
+        pending = _pending(store)
+        assert pending > workers * batch_size, (
+            f"{pending} pending at the outage's start: the backlog drained before it")
+        # Polled until the outage's end: a scrape is slow on a loaded machine, so the outage is
+        # long enough for several.
         poll(lambda: scrape()["ce_gateway_circuit_state"] == CIRCUIT_VALUES["open"],
-             outage_s, interval=0.02, what="the worker to report its circuit open")
+             ended - time.monotonic(), interval=0.02,
+             what="the worker to report its circuit open during the outage")
         poll(lambda: not state.faults.in_outage(), outage_s + 10, interval=0.05,
              what="the outage window to end")
-        ended = time.monotonic()
-        during = state.tally(began, ended)
-        assert _pending(store) > 0, "the backlog drained before the outage: nothing was tested"
         poll(lambda: _pending(store) == 0, 300, interval=0.1, what="the backlog to drain")
         drained = time.monotonic()
+        during = state.tally(began, ended)  # long after the window: every call in it is noted
         _assert_exactly_once_in_order(state, acked)
         assert _outbox_status(store) == {"delivered": records_n}
         after = scrape()
@@ -743,8 +770,8 @@ def run_outage(records_n: int, outage_s: float, db_url: str, tmp_path: Path,
     bound = workers * (threshold + int(outage_s // reset) + 2)
     assert set(during) <= {"outage"}, during  # nothing but the outage answered meanwhile
     assert 0 < sent <= bound, f"{sent} requests during a {outage_s} s outage (bound {bound})"
-    return {"records": records_n, "outage_s": outage_s, "requests_during_outage": sent,
-            "bound": bound,
+    return {"records": records_n, "outage_s": outage_s, "pending_at_outage_start": pending,
+            "requests_during_outage": sent, "bound": bound,
             "drain_after_outage_s": round(drained - ended, 1)}
 
 
@@ -753,7 +780,7 @@ def run_outage(records_n: int, outage_s: float, db_url: str, tmp_path: Path,
 def test_an_outage_opens_the_circuit_only_probes_go_out_and_the_backlog_drains(
         postgres_url: str, tmp_path: Path, counting_mock: tuple[str, CountingMock],
         new_partner: Callable[..., Partner]) -> None:
-    figures = run_outage(1_000, 3.0, postgres_url, tmp_path, counting_mock, new_partner)
+    figures = run_outage(1_000, 5.0, postgres_url, tmp_path, counting_mock, new_partner)
     print(f"\noutage (make test): {figures}")
 
 
