@@ -127,8 +127,9 @@ def worker(
         from gateway.metrics import PROCESS_COLLECTORS, CircuitCollector
 
         registry = CollectorRegistry()
-        for collector in (*PROCESS_COLLECTORS,
-                          CircuitCollector(lambda: started[0].worker if started else None)):
+        # The circuit before the counters: a scrape showing it open counts what opened it.
+        for collector in (CircuitCollector(lambda: started[0].worker if started else None),
+                          *PROCESS_COLLECTORS):
             registry.register(collector)
         start_http_server(metrics_port, addr=metrics_host, registry=registry)
     background = Background(_engine(settings), settings).start()

@@ -160,11 +160,16 @@ class CircuitCollector(Collector):
 
 
 def build_registry(state: AppState) -> CollectorRegistry:
-    """One app's registry: the process-wide counters plus this app's store and circuit."""
+    """One app's registry: this app's circuit and store, then the process-wide counters.
+
+    A scrape reads collectors in registration order, so the circuit comes first: a scrape
+    that shows it open already counts every failed attempt that opened it (read after the
+    store's queries, the counters could lag the circuit within one scrape).
+    """
     registry = CollectorRegistry()
+    registry.register(CircuitCollector(lambda: state.worker))
+    registry.register(StoreCollector(state.engine))
     for collector in PROCESS_COLLECTORS:
         registry.register(collector)
-    registry.register(StoreCollector(state.engine))
-    registry.register(CircuitCollector(lambda: state.worker))
     return registry
 
