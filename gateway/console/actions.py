@@ -29,7 +29,7 @@ from gateway.console.records_view import (
     typed_back,
     version_rows,
 )
-from gateway.console.render import Ident, ident, idents
+from gateway.console.render import Ident
 from gateway.console.web import Actor, ConsoleRoute, Ctx, Viewer, require_role
 from gateway.ops.deliveries import DeliveryFilter, list_deliveries, reprocess
 from gateway.ops.records import edit_and_requeue, list_conflicts, record_view, resolve_conflict
@@ -65,7 +65,6 @@ def deliveries(ctx: Viewer) -> Response:
         except ValueError:
             raise bad_param("cursor", "无效（请从第一页重新翻页）") from None
     raw = {**query.raw, "limit": limit if limit != 50 else None}
-    listing = {**listing, "items": [idents(d, "record_id", "batch_key") for d in listing["items"]]}
     return ctx.page("deliveries.html", listing=listing, filters=raw, query=query, cursor=cursor)
 
 
@@ -96,8 +95,7 @@ def record_page(record_id: str, ctx: Viewer) -> Response:
         view = record_view(conn, record_id)
     if view is None:
         raise ConsoleError(404, "未找到", f"没有记录 {record_id}。")
-    view = {**view, "deliveries": [idents(d, "batch_key") for d in view.get("deliveries") or []]}
-    return ctx.page("record.html", record_id=Ident(record_id), view=view, summary=summarize(view),
+    return ctx.page("record.html", record_id=record_id, view=view, summary=summarize(view),
                     versions=version_rows(view))
 
 
@@ -116,7 +114,7 @@ def edit_form(record_id: str, ctx: Viewer) -> Response:
     require_role(ctx)
     record_id = _record_id(record_id)
     view = _dead_view(ctx, record_id)
-    return ctx.page("record_edit.html", record_id=Ident(record_id), summary=summarize(view),
+    return ctx.page("record_edit.html", record_id=record_id, summary=summarize(view),
                     fields=EDITABLE, values=summarize(view)["editable"], error=None)
 
 
@@ -132,7 +130,7 @@ def edit_submit(record_id: str, ctx: Actor) -> Response:
     if error:
         # What was typed comes back, except the identity number (write-only: never echoed).
         values = typed_back(ctx.form, summary["editable"])
-        return ctx.page("record_edit.html", 400, record_id=Ident(record_id), summary=summary,
+        return ctx.page("record_edit.html", 400, record_id=record_id, summary=summary,
                         fields=EDITABLE, values=values, error=error)
     assert why is not None
     result = edit_and_requeue(ctx.state.engine, ctx.state.settings, record_id, changes,
@@ -140,7 +138,7 @@ def edit_submit(record_id: str, ctx: Actor) -> Response:
     # The message holds nothing but constant text, the record's id and a version number.
     message = f"记录 {record_id} 已生成第 {result.get('version')} 版并重新排队投递。"
     return ctx.page("done.html", title="已修改并重新排队", message=Ident(message),
-                    record_id=Ident(record_id), diff=result.get("diff"))
+                    record_id=record_id, diff=result.get("diff"))
 
 
 @router.get("/conflicts")
@@ -152,20 +150,18 @@ def conflicts(ctx: Viewer) -> Response:
             listing = list_conflicts(conn, cursor=cursor, limit=50)
         except ValueError:
             raise bad_param("cursor", "无效（请从第一页重新翻页）") from None
-    listing = {**listing,
-               "items": [idents(c, "record_id", "conflicts_with") for c in listing["items"]]}
     return ctx.page("conflicts.html", listing=listing, cursor=cursor)
 
 
 def _conflict_views(ctx: Ctx, record_id: str, other: str | None
                     ) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
-    """Both records' facts, and ``other`` (an :class:`Ident` when it names a record)."""
+    """Both records' facts, and ``other``."""
     with ctx.state.engine.connect() as conn:
         mine = record_view(conn, record_id)
         theirs = record_view(conn, other) if other else None
     if mine is None:
         raise ConsoleError(404, "未找到", f"没有记录 {record_id}。")
-    return summarize(mine), summarize(theirs) if theirs else None, ident(other) if theirs else other
+    return summarize(mine), summarize(theirs) if theirs else None, other
 
 
 @router.get("/conflicts/{record_id}/resolve")
@@ -173,7 +169,7 @@ def resolve_form(record_id: str, ctx: Viewer) -> Response:
     require_role(ctx)
     record_id = _record_id(record_id)
     mine, theirs, other = _conflict_views(ctx, record_id, text(ctx.request.query_params, "other"))
-    return ctx.page("conflict_resolve.html", record_id=Ident(record_id), other=other, mine=mine,
+    return ctx.page("conflict_resolve.html", record_id=record_id, other=other, mine=mine,
                     theirs=theirs, error=None, keep=None)
 
 
@@ -184,7 +180,7 @@ def resolve_submit(record_id: str, ctx: Actor) -> Response:
     why = reason(ctx.form)
     if keep is None or why is None:
         mine, theirs, other = _conflict_views(ctx, record_id, text(ctx.form, "other"))
-        return ctx.page("conflict_resolve.html", 400, record_id=Ident(record_id), other=other,
+        return ctx.page("conflict_resolve.html", 400, record_id=record_id, other=other,
                         mine=mine, theirs=theirs, keep=keep,
                         error="请选择保留哪一版，并填写原因（必填，将记入审计日志）。")
     result = resolve_conflict(ctx.state.engine, ctx.state.settings, record_id, keep=keep,
@@ -192,4 +188,4 @@ def resolve_submit(record_id: str, ctx: Actor) -> Response:
     message = ("已采用本记录并转发投递，原记录被取代。" if keep == "this"
                else "已保留原有记录，本记录关闭，不转发。")
     return ctx.page("done.html", title="冲突已解决", message=Ident(f"记录 {record_id}：{message}"),
-                    record_id=Ident(record_id), diff=result.get("diff"))
+                    record_id=record_id, diff=result.get("diff"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.console.render import ident
 from gateway.masking import mask_id
 
 # (dotted field of the canonical record, label, input type)
@@ -52,7 +51,7 @@ def summarize(view: Mapping[str, Any]) -> dict[str, Any]:
     source = record.get("source") or {}
     editable = {key: ("" if key in WRITE_ONLY else _text(_get(record, key))) for key, _, _ in EDITABLE}
     return {
-        "record_id": ident(record.get("record_id") or view.get("record_id")),
+        "record_id": record.get("record_id") or view.get("record_id"),
         "version": record.get("version"),
         "status": view.get("status"),
         "pruned": pruned,
@@ -78,8 +77,8 @@ def summarize(view: Mapping[str, Any]) -> dict[str, Any]:
         "received_at": source.get("received_at"),
         "rule_notes": list(record.get("rule_notes") or []),
         "warnings": list(record.get("warnings") or []),
-        "duplicate_of": ident(view.get("duplicate_of")),
-        "conflicts_with": ident(view.get("conflicts_with")),
+        "duplicate_of": view.get("duplicate_of"),
+        "conflicts_with": view.get("conflicts_with"),
         "review_authority": view.get("review_authority"),
         "reference_version": view.get("reference_version"),
         "editable": editable,
@@ -97,7 +96,7 @@ def version_rows(view: Mapping[str, Any]) -> list[dict[str, Any]]:
         pruned = bool(v.get("pruned") or v.get("pruned_at") or is_pruned(v.get("payload")))
         rows.append({"version": v.get("version"), "created_at": v.get("created_at"),
                      "pruned": pruned, "pruned_at": v.get("pruned_at"),
-                     "batch_id": ident(v.get("batch_id")), "content_hash": v.get("content_hash")})
+                     "batch_id": v.get("batch_id"), "content_hash": v.get("content_hash")})
     return rows
 
 

@@ -33,7 +33,7 @@ from gateway.console.forms import (
     text,
 )
 from gateway.console.records_view import Fields, changes_from, typed_back
-from gateway.console.render import STATUS_ZH, Ident, idents
+from gateway.console.render import STATUS_ZH, Ident
 from gateway.console.web import Actor, ConsoleRoute, Ctx, Viewer, require_role
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id, mask_text
@@ -146,7 +146,7 @@ def _open_rejection(ctx: Ctx, rejection_id: int) -> dict[str, Any]:
         raise ConsoleError(409, "不能修改", f"驳回记录 {rejection_id} 的状态为“"
                            f"{STATUS_ZH.get(row['status'], row['status'])}”，只有未处理的驳回记录"
                            "可以修改后重新处理。")
-    return {**idents(dict(row), "batch_id"), "errors": orjson.loads(row["errors"])}
+    return {**dict(row), "errors": orjson.loads(row["errors"])}
 
 
 def _edit_page(ctx: Ctx, row: Mapping[str, Any], payload: PayloadForm, status_code: int = 200,
@@ -173,7 +173,6 @@ def rejection_list(ctx: Viewer) -> Response:
                                   error_code=flt.error_code, since=flt.since, until=flt.until,
                                   status=None if status == "all" else status, cursor=cursor,
                                   limit=limit, batch_id=flt.batch_id)
-    listing = {**listing, "items": [idents(r, "batch_id") for r in listing["items"]]}
     filters = {**query.raw, "status": status, "limit": limit if limit != 50 else None}
     return ctx.page("rejections.html", listing=listing, filters=filters, status=status,
                     statuses=STATUSES, cursor=cursor)
@@ -210,4 +209,4 @@ def rejection_edit_submit(rejection_id: str, ctx: Actor) -> Response:
     message = (f"驳回记录 {rid} 已修改并重新处理：生成记录 {result['record_id']}"
                f"（第 {result['version']} 版），判定为“{status}”。")
     return ctx.page("done.html", title="已修改并重新处理", message=Ident(message),
-                    record_id=Ident(result["record_id"]), diff=result.get("diff"))
+                    record_id=result["record_id"], diff=result.get("diff"))

@@ -13,7 +13,6 @@ console's code wraps such values and they print as they are.  Times are shown in
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,22 +52,12 @@ EVENT_ZH = {"received": "接收", "queued": "进入投递队列", "attempt": "�
 class Ident(str):
     """An identifier the gateway generated itself: printed as is, never masked.
 
-    Wrap only values the gateway made (record ids, batch ids, delivery batch keys, CSRF
-    tokens, or a notice built from nothing but those and constant text), never text a
-    partner or an operator typed: that is masked as usual.
+    Wrap only values the gateway made that masking does not already keep whole (CSRF tokens,
+    a link's query, a notice built from ids and constant text), never text a partner or an
+    operator typed: that is masked as usual.  Record, batch and delivery ids need no wrapping.
     """
 
     __slots__ = ()
-
-
-def ident(value: Any) -> Any:
-    """``value`` as an :class:`Ident` when it is a string; None and other types unchanged."""
-    return Ident(value) if isinstance(value, str) else value
-
-
-def idents(row: Mapping[str, Any], *keys: str) -> dict[str, Any]:
-    """A copy of ``row`` with the string values under ``keys`` wrapped as :class:`Ident`."""
-    return {k: ident(v) if k in keys else v for k, v in row.items()}
 
 
 def _finalize(value: Any) -> Any:
@@ -141,8 +130,8 @@ class Renderer:
     def query(params: dict[str, Any], **changes: Any) -> Ident:
         """A query string from ``params`` with ``changes``; empty values are left out.
 
-        Each value is masked on its own unless it is an :class:`Ident`, so a link to a record
-        whose id holds a digit run still works while a typed identity number stays masked.
+        Each value is masked on its own unless it is an :class:`Ident`: a record or batch id
+        passes whole (masking keeps the gateway's ids), a typed identity number stays masked.
         """
         pairs: list[tuple[str, str]] = []
         for key, value in {**params, **changes}.items():

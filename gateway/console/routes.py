@@ -22,7 +22,7 @@ from gateway.batches import batch_status
 from gateway.console import actions, checks, rejections
 from gateway.console import session as sessions
 from gateway.console.forms import ConsoleError, choice, integer, text
-from gateway.console.render import TEMPLATES, Ident, idents
+from gateway.console.render import TEMPLATES, Ident
 from gateway.console.web import (
     ConsoleRoute,
     Posted,
@@ -119,7 +119,7 @@ def batch_list(ctx: Viewer) -> Response:
         batches.c.partner_id == partner_id if partner_id else None) if c is not None]
     with ctx.state.engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(batches).where(*where)).scalar_one()
-        rows = [idents(dict(r), "batch_id") for r in conn.execute(
+        rows = [dict(r) for r in conn.execute(
             select(batches.c.batch_id, batches.c.partner_id, batches.c.adapter, batches.c.kind,
                    batches.c.period, batches.c.status, batches.c.rows_done, batches.c.rows_total,
                    batches.c.accepted, batches.c.duplicate, batches.c.corrected,
@@ -143,7 +143,7 @@ def batch_page(batch_id: str, ctx: Viewer) -> Response:
         found = batch_status(conn, batch_id, cursor, 100)
     if found is None:
         raise ConsoleError(404, "未找到", f"没有批次 {batch_id}。")
-    return ctx.page("batch.html", batch=idents(found, "batch_id"), cursor=cursor)
+    return ctx.page("batch.html", batch=found, cursor=cursor)
 
 
 @router.get("/reconciliation")
@@ -154,8 +154,6 @@ def reconciliation(ctx: Viewer) -> Response:
     year = integer(params, "year", this_year, 2000, 2100)
     with ctx.state.engine.connect() as conn:
         report: dict[str, Any] = reconcile.report(conn, adapter, year)
-    report = {**idents(report, "annual_batch_id"),
-              "monthly_batches": [idents(b, "batch_id") for b in report["monthly_batches"]]}
     return ctx.page("reconciliation.html", report=report, adapter=adapter, year=year,
                     adapters=RECONCILED)
 
