@@ -36,6 +36,7 @@ from gateway.pipeline.ingest import (
     Prepared,
     RulesContext,
     error_note,
+    paused_gc,
     prepare,
 )
 from gateway.pipeline.rules_tables import RulesConfig
@@ -129,6 +130,12 @@ def parse_rows(job: ParseJob, rows: list[Row], rules: RulesContext | None = None
     adapter = make_adapter(job)
     partner = PartnerRef(job.partner_id, job.adapter, job.base_code)
     rules = rules or rules_for(job)
+    with paused_gc():  # a chunk's objects live until it is shipped: ~8 % of a row's CPU
+        return _parse(job, rows, adapter, partner, rules)
+
+
+def _parse(job: ParseJob, rows: list[Row], adapter: Adapter, partner: PartnerRef,
+           rules: RulesContext) -> list[Shipped]:
     shipped: list[Shipped] = []
     for row_no, cells in rows:
         for parsed in adapter.parse((row_no, cells)):

@@ -20,9 +20,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -108,6 +109,14 @@ class Prepared:
     mode: str
     started_on: date | None
     time_hours: Decimal | None  # claimed time (hours units), for R14's day totals
+
+    def __reduce__(self) -> tuple[type[Prepared], tuple[Any, ...]]:
+        # Pickled as a tuple of its fields: the dataclass default (a state list, set back field
+        # by field) made a shipped row cost 13-15 µs to pickle in a parse worker, now 10.
+        return Prepared, _prepared_fields(self)
+
+
+_prepared_fields = attrgetter(*(f.name for f in fields(Prepared)))
 
 
 @dataclass(frozen=True)
