@@ -5,8 +5,9 @@ hashing the submission) is the CPU-heavy, database-free half of batch ingest.  W
 ``BATCH_PARSE_WORKERS`` > 0 it runs in that many worker processes while this process keeps
 the single database writer busy: rows travel as plain ``(row_number, cells)`` tuples and come
 back as :class:`~gateway.pipeline.ingest.Prepared` values, which pickle cheaply (the pydantic
-models would cost ~25 µs a row each way).  Chunks come back in file order, and at most two
-per worker are in flight, so memory stays flat whatever the file's size.
+models would cost ~25 µs a row each way).  Chunks come back in file order, and at most
+:data:`IN_FLIGHT_PER_WORKER` per worker are in flight, so memory stays flat whatever the file's
+size.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ from gateway.reference import ReferenceCache
 from gateway.store.db import make_engine
 
 Row = tuple[int, dict[str, Any]]
+
+# Chunks queued or parsing per worker.  The writer and a worker take about the same CPU a row,
+# but not chunk by chunk (a commit's fsync, a chunk of rejects): with two in flight each waited
+# on the other, and 100,000 rows took 1.5× the two processes' CPU over two cores; with four,
+# 1.2× (wall 23-29 s → 17-25 s on the same machine; benchmarks/RESULTS.md).  A chunk of 2,000
+# rows is ~3 MB in flight.
+IN_FLIGHT_PER_WORKER = 4
 # (row, raw cells when rejected, errors as dicts, native credits, prepared, native source id,
 #  (source id, content hash) of a row the rules refused: a resend of a stored row is a duplicate)
 Shipped = tuple[int | None, Any, list[dict[str, Any]], str | None, Prepared | None, str | None,
@@ -198,7 +206,7 @@ class RowParser:
             return
         in_flight: deque[Future[list[Shipped]]] = deque()
         while True:
-            while len(in_flight) < 2 * self.workers:
+            while len(in_flight) < IN_FLIGHT_PER_WORKER * self.workers:
                 batch = list(islice(source, size))
                 if not batch:
                     break
