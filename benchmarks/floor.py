@@ -46,6 +46,8 @@ class Store:
                                    check_same_thread=False, timeout=60)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA cache_size=-65536")
+            conn.execute("PRAGMA wal_autocheckpoint=20000")
             conn.execute("PRAGMA busy_timeout=60000")
             return conn
         import psycopg
