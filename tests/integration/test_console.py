@@ -137,7 +137,7 @@ def _batch_with_row_error(engine: Engine, partner_id: str, id_number: str,
         conn.execute(insert(batches).values(
             batch_id=batch_id, partner_id=partner_id, adapter="health", kind="monthly",
             period="2026-02", status="done", file_path="/nonexistent", file_format="csv",
-            file_size=10, sha256="0" * 64, rows_done=2, rows_total=2, accepted=1, rejected=1,
+            file_size=10, sha256="0" * 64, rows_done=3, rows_total=2, accepted=1, rejected=1,
             credits_total="3", created_at=now, finished_at=now))
         # A row error that (wrongly) quotes an identity number: the page must mask it anyway.
         conn.execute(insert(batch_errors).values(
@@ -254,8 +254,10 @@ def test_every_page_renders_in_chinese_with_masked_ids(world: World) -> None:
         f"/ops/records/{world.dead_id}": ["时间线", "死信（投递失败）", "投递尝试"],
         f"/ops/records/{world.conflict}": ["冲突（待处理）", world.delivered],
         "/ops/conflicts": ["冲突", world.conflict, world.delivered, "99"],
-        "/ops/batches": ["批次", world.batch_id],
-        f"/ops/batches/{world.batch_id}": ["拒收的行", "ID_NUMBER_INVALID", "校验位错误"],
+        # Two data rows after the header: rows_done is the file row (3), not the rows done.
+        "/ops/batches": ["批次", world.batch_id, "2 / 2"],
+        f"/ops/batches/{world.batch_id}": ["拒收的行", "ID_NUMBER_INVALID", "校验位错误",
+                                           "<dt>已处理行</dt><dd>2</dd>", "文件第 3 行"],
         "/ops/reconciliation?adapter=health&year=2026": ["年报与月报对账", "暂无年报批次", "2026-02"],
     }
     for path, expected in pages.items():
