@@ -49,8 +49,8 @@ Row = tuple[int, dict[str, Any]]
 # Chunks queued or parsing per worker.  The writer and a worker take about the same CPU a row,
 # but not chunk by chunk (a commit's fsync, a chunk of rejects): with two in flight each waited
 # on the other, and 100,000 rows took 1.5× the two processes' CPU over two cores; with four,
-# 1.2× (wall 23-29 s → 17-25 s on the same machine; benchmarks/RESULTS.md).  A chunk of 2,000
-# rows is ~3 MB in flight.
+# 1.2× (wall 23-29 s → 17-25 s on the same machine; benchmarks/RESULTS.md).  A 2,000-row
+# chunk's answers pickle to ~2.5 MB; peak RSS did not move (217 vs 220 MB at 200,000 rows).
 IN_FLIGHT_PER_WORKER = 4
 # (row, raw cells when rejected, errors as dicts, native credits, prepared, native source id,
 #  (source id, content hash) of a row the rules refused: a resend of a stored row is a duplicate)
