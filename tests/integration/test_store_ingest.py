@@ -362,3 +362,26 @@ def test_a_bulk_insert_as_a_connections_first_statement_commits_with_it(db_url: 
         engine.dispose()
     assert stored.payload == row["payload"]
     assert stored.received_at == row["received_at"]
+
+
+def test_r14_reads_stored_records_by_their_days_not_only_by_completion(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    """R14 reads only the stored records whose days can meet the new ones'.
+
+    A month's batch does not read the person's whole year, but a long training that began
+    before the new records' first day and ends after their last still meets them.
+    """
+    p = new_partner(engine)
+    [long_one, april] = ingest(engine, _ref(p), [
+        _training(sub, "L-1", "2026-04-20", "2026-05-20", "24", "高原医学长期进修班"),
+        _training(sub, "A-1", "2026-04-02", "2026-04-02", "8", "四月专题")])
+    assert long_one.warnings == [] and april.warnings == []
+    [inside] = ingest(engine, _ref(p), [
+        _training(sub, "M-1", "2026-05-15", "2026-05-15", "8", "五月专题")])
+    assert {w.code for w in inside.warnings} == {"INTEGRITY_OVERLAP"}
+    [late] = ingest(engine, _ref(p), [
+        _training(sub, "M-2", "2026-05-19", "2026-05-21", "16", "跨月专题")])
+    assert {w.code for w in late.warnings} == {"INTEGRITY_OVERLAP"}  # shares 19-20 May
+    [apart] = ingest(engine, _ref(p), [
+        _training(sub, "J-1", "2026-06-03", "2026-06-03", "8", "六月专题")])
+    assert apart.warnings == []
