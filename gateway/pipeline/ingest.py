@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import Connection, Engine, bindparam, or_, select, tuple_, update
+from sqlalchemy import Connection, Engine, bindparam, func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
@@ -491,7 +491,9 @@ class Chunk:
             return
         # Only stored records that can share a day with one of this chunk's matter: of its CE
         # years, and with a day in [first, last] of its days (a month's batch reads that month,
-        # not the person's whole year).  Either date may be the earlier one, or started_on NULL.
+        # not the person's whole year).  A stored record starts on or before its completion
+        # (validation refuses otherwise), so its completion bounds it from below: an index
+        # range on (person_key, counts_year, completed_on).
         years = sorted({p.sub.counts_year for p in mine.values()})
         ends = [d for p in mine.values() for d in (p.sub.started_on, p.sub.completed_on) if d]
         day_one, day_last = min(ends), max(ends)
@@ -504,8 +506,8 @@ class Chunk:
                     .where(records.c.person_key.in_(part), records.c.counts_year.in_(years),
                            records.c.status == "accepted", records.c.withdrawn.is_(False),
                            records.c.completed_on.is_not(None),
-                           or_(records.c.completed_on <= day_last, records.c.started_on <= day_last),
-                           or_(records.c.completed_on >= day_one, records.c.started_on >= day_one))):
+                           records.c.completed_on >= day_one,
+                           func.coalesce(records.c.started_on, records.c.completed_on) <= day_last)):
                 spans.setdefault((r.person_key, int(r.counts_year or 0)), {})[r.record_id] = (
                 _integrity_span(r.mode or "", r.activity_type or "", r.started_on,
                                 r.completed_on, Decimal(r.time_hours) if r.time_hours else None))

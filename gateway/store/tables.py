@@ -132,7 +132,8 @@ records = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     UniqueConstraint("partner_id", "source_record_id"),
     Index("ix_records_batch_id", "batch_id"),
-    Index("ix_records_person_year", "person_key", "counts_year"),
+    # R14 reads a person's records of a CE year by completion day; caps and compliance by prefix.
+    Index("ix_records_person_year_day", "person_key", "counts_year", "completed_on"),
 )
 
 record_versions = Table(
