@@ -48,6 +48,14 @@ from gateway.reference import ReferenceCache
 from gateway.store.tables import batch_errors, batches, partners
 
 log = logging.getLogger(__name__)
+
+# What a batch row can come to: the batch's counters, in this order wherever they are shown.
+OUTCOMES = ("accepted", "duplicate", "corrected", "conflict", "rejected")
+
+
+def rows_judged(counts: Mapping[Any, Any]) -> int:
+    """Data rows judged so far: the outcomes' sum (``rows_done`` is a file row, header = 1)."""
+    return sum(int(counts[k]) for k in OUTCOMES)
 # Canonical field → the file's column, per adapter: the rules (and scope checks) name canonical
 # fields, but a partner reading ``rejected_rows`` looks for its own headers (SPEC §8).
 NATIVE_COLUMNS: dict[str, Mapping[str, str]] = {
@@ -290,7 +298,7 @@ class BatchProcessor:
         last_row = max(item.row or 0 for item in items)
 
         def checkpoint(conn: Connection, answers: list[RecordAnswer]) -> None:
-            counts = {k: 0 for k in ("accepted", "duplicate", "corrected", "conflict", "rejected")}
+            counts = dict.fromkeys(OUTCOMES, 0)
             errors = []
             for item, answer in zip(items, answers, strict=True):
                 counts[answer.status.value] += 1
@@ -332,13 +340,12 @@ class BatchProcessor:
             # The audit chain's lock first, as every chunk takes it, then the fenced update.
             audit.append(conn, [audit.Event(f"batch_{status}", actor=self.name, detail={
                 "batch_id": batch_id, "error": error,
-                **{k: row[k] for k in ("accepted", "duplicate", "corrected", "conflict", "rejected")}})],
+                **{k: row[k] for k in OUTCOMES}})],
                 now)
             finished = conn.execute(update(batches).where(
                 batches.c.batch_id == batch_id, batches.c.lease_owner == self.name).values(
                 status=status, error=error, finished_at=now, lease_owner=None, lease_until=None,
-                rows_total=row["accepted"] + row["duplicate"] + row["corrected"] + row["conflict"]
-                + row["rejected"])).rowcount
+                rows_total=rows_judged(row))).rowcount
             if finished != 1:
                 raise LeaseLost(f"batch {batch_id} is now leased by {row['lease_owner']}")
 
@@ -381,11 +388,11 @@ def batch_status(conn: Connection, batch_id: str, cursor: int = 0, limit: int = 
                           .order_by(batch_errors.c.id).limit(limit + 1)).mappings().all()
     more = len(errors) > limit
     errors = errors[:limit]
-    counts = {k: int(row[k]) for k in ("accepted", "duplicate", "corrected", "conflict", "rejected")}
+    counts = {k: int(row[k]) for k in OUTCOMES}
     return {
         "batch_id": batch_id, "adapter": row["adapter"], "kind": row["kind"], "period": row["period"],
         "status": row["status"], "error": row["error"],
-        "counts": {"rows": sum(counts.values()), **counts},
+        "counts": {"rows": rows_judged(counts), **counts},
         "rows_done": int(row["rows_done"]), "credits_total": row["credits_total"],
         "declared": {"rows": row["declared_rows"], "credits": row["declared_credits"]},
         "created_at": row["created_at"].isoformat(),

@@ -18,7 +18,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import func, select
 
 from gateway import reconcile
-from gateway.batches import batch_status
+from gateway.batches import batch_status, rows_judged
 from gateway.console import actions, checks, rejections
 from gateway.console import session as sessions
 from gateway.console.forms import ConsoleError, choice, integer, text
@@ -119,7 +119,7 @@ def batch_list(ctx: Viewer) -> Response:
         batches.c.partner_id == partner_id if partner_id else None) if c is not None]
     with ctx.state.engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(batches).where(*where)).scalar_one()
-        rows = [dict(r) for r in conn.execute(
+        rows = [{**r, "rows_judged": rows_judged(r)} for r in conn.execute(
             select(batches.c.batch_id, batches.c.partner_id, batches.c.adapter, batches.c.kind,
                    batches.c.period, batches.c.status, batches.c.rows_done, batches.c.rows_total,
                    batches.c.accepted, batches.c.duplicate, batches.c.corrected,
