@@ -122,15 +122,11 @@ def worker(
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     started: list[Background] = []
     if metrics_port:  # listening before any work starts, so no delivery goes unscraped
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import start_http_server
 
-        from gateway.metrics import PROCESS_COLLECTORS, CircuitCollector
+        from gateway.metrics import build_registry
 
-        registry = CollectorRegistry()
-        # The circuit before the counters: a scrape showing it open counts what opened it.
-        for collector in (CircuitCollector(lambda: started[0].worker if started else None),
-                          *PROCESS_COLLECTORS):
-            registry.register(collector)
+        registry = build_registry(lambda: started[0].worker if started else None)
         start_http_server(metrics_port, addr=metrics_host, registry=registry)
     background = Background(_engine(settings), settings).start()
     started.append(background)

@@ -41,7 +41,6 @@ from sqlalchemy import Engine
 if TYPE_CHECKING:
     from contracts import RecordAnswer
     from gateway.delivery.worker import DeliveryWorker
-    from gateway.state import AppState
 
 __all__ = ["BATCH_ROWS", "CIRCUIT_VALUES", "DELIVERY_ATTEMPTS", "DELIVERY_LATENCY", "INGESTED",
            "CircuitCollector", "StoreCollector", "build_registry", "count_batch_rows",
@@ -159,16 +158,19 @@ class CircuitCollector(Collector):
         return [family]
 
 
-def build_registry(state: AppState) -> CollectorRegistry:
-    """One app's registry: this app's circuit and store, then the process-wide counters.
+def build_registry(worker: Callable[[], DeliveryWorker | None],
+                   engine: Engine | None = None) -> CollectorRegistry:
+    """One process's registry: its circuit, its store's state if ``engine``, then the counters.
 
-    A scrape reads collectors in registration order, so the circuit comes first: a scrape
-    that shows it open already counts every failed attempt that opened it (read after the
-    store's queries, the counters could lag the circuit within one scrape).
+    An app passes its engine; ``ce-gateway worker --metrics-port`` passes none (its backlog is
+    the replicas' to report).  A scrape reads collectors in registration order, so the circuit
+    comes first: a scrape that shows it open already counts every failed attempt that opened
+    it (read after the store's queries, the counters could lag the circuit within one scrape).
     """
     registry = CollectorRegistry()
-    registry.register(CircuitCollector(lambda: state.worker))
-    registry.register(StoreCollector(state.engine))
+    registry.register(CircuitCollector(worker))
+    if engine is not None:
+        registry.register(StoreCollector(engine))
     for collector in PROCESS_COLLECTORS:
         registry.register(collector)
     return registry

@@ -124,7 +124,8 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
     app.include_router(deliveries.router)
     app.include_router(console_router)  # /ops: the zh-CN web console
 
-    app.state.metrics = metrics.build_registry(state)  # per app: tests run several
+    # per app: tests run several
+    app.state.metrics = metrics.build_registry(lambda: state.worker, state.engine)
     app.include_router(metrics_route.router)  # GET /metrics: no token, network boundary only
 
     @app.get("/healthz", tags=["health"])
