@@ -138,25 +138,20 @@ def parse_rows(job: ParseJob, rows: list[Row], rules: RulesContext | None = None
     adapter = make_adapter(job)
     partner = PartnerRef(job.partner_id, job.adapter, job.base_code)
     rules = rules or rules_for(job)
-    with paused_gc():  # a chunk's objects live until it is shipped: ~8 % of a row's CPU
-        return _parse(job, rows, adapter, partner, rules)
-
-
-def _parse(job: ParseJob, rows: list[Row], adapter: Adapter, partner: PartnerRef,
-           rules: RulesContext) -> list[Shipped]:
     shipped: list[Shipped] = []
-    for row_no, cells in rows:
-        for parsed in adapter.parse((row_no, cells)):
-            _year_check(parsed, job)
-            item = Item(raw=parsed.raw, submission=parsed.submission, errors=list(parsed.errors),
-                        warnings=list(parsed.warnings),
-                        credited_hours=parsed.credited_hours if parsed.ok else None,
-                        rule_notes=list(parsed.rule_notes), row=row_no)
-            prepare(item, partner, job.received_at, rules)
-            credits = None if parsed.credits is None else str(parsed.credits)
-            errors = [e.model_dump(mode="json") for e in item.errors]
-            shipped.append((row_no, cells if errors else None, errors, credits, item.prepared,
-                            _native_id(cells), item.refused))
+    with paused_gc():  # a chunk's objects live until it is shipped: ~8 % of a row's CPU
+        for row_no, cells in rows:
+            for parsed in adapter.parse((row_no, cells)):
+                _year_check(parsed, job)
+                item = Item(raw=parsed.raw, submission=parsed.submission, errors=list(parsed.errors),
+                            warnings=list(parsed.warnings),
+                            credited_hours=parsed.credited_hours if parsed.ok else None,
+                            rule_notes=list(parsed.rule_notes), row=row_no)
+                prepare(item, partner, job.received_at, rules)
+                credits = None if parsed.credits is None else str(parsed.credits)
+                errors = [e.model_dump(mode="json") for e in item.errors]
+                shipped.append((row_no, cells if errors else None, errors, credits, item.prepared,
+                                _native_id(cells), item.refused))
     return shipped
 
 
