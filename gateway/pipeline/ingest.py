@@ -505,7 +505,6 @@ class Chunk:
                            records.c.completed_on, records.c.time_hours)
                     .where(records.c.person_key.in_(part), records.c.counts_year.in_(years),
                            records.c.status == "accepted", records.c.withdrawn.is_(False),
-                           records.c.completed_on.is_not(None),
                            records.c.completed_on >= day_one,
                            func.coalesce(records.c.started_on, records.c.completed_on) <= day_last)):
                 spans.setdefault((r.person_key, int(r.counts_year or 0)), {})[r.record_id] = (
