@@ -1,10 +1,11 @@
-"""Twelve monthly health batches of the same people, in order: does each month cost the same?
+"""Twelve monthly health batches of the same people, in order: does each month cost the same.
 
 ``python -m benchmarks.monthly [ROWS_PER_MONTH]`` (default 20,000; the generator draws them from
 ROWS/2 people, so a person has ~2 records a month) ingests January to December into a fresh
-SQLite store in this process (no parse worker) and prints each month's wall time and the CPU
-spent in R14's cross-record integrity check (``Chunk._flag_integrity``), which is what used to
-grow with each person's history.  Files are kept under ``var/bench/monthly/``.
+SQLite store in this process (no parse worker; the store is removed afterwards) and prints each
+month's wall time and the CPU spent in R14's cross-record integrity check
+(``Chunk._flag_integrity``), which is what used to grow with each person's history.  The files
+are kept under ``var/bench/monthly/``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.procs import sqlite_file
 from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
 from gateway.config import Settings
 from gateway.pipeline import ingest
@@ -23,16 +25,6 @@ from mock_partners import files
 
 
 def main(rows: int) -> None:
-    work = Path("var/bench/monthly")
-    work.mkdir(parents=True, exist_ok=True)
-    db = work / "store.sqlite3"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    url = f"sqlite:///{db}"
-    upgrade(url)
-    engine = make_engine(url)
-    settings = Settings(database_url=url, batch_dir=work, batch_parse_workers=0)
-
     r14_cpu = [0.0]
     check = ingest.Chunk._flag_integrity
 
@@ -41,21 +33,29 @@ def main(rows: int) -> None:
         check(chunk)
         r14_cpu[0] += time.process_time() - started
 
-    ingest.Chunk._flag_integrity = timed  # type: ignore[method-assign]
-    print(f"{'month':>5} {'rows':>7} {'wall s':>7} {'R14 CPU s':>9}")
-    for month in range(1, 13):
-        path = work / f"health_2026-{month:02d}_{rows}.csv"
-        if not path.exists():
-            files.write_csv(path, files.health_rows(5, rows, 2026, month=month),
-                            files.HEALTH_HEADERS)
-        batch = NewBatch(new_batch_id(), "health-bench", "health", "monthly", f"2026-{month:02d}",
-                         path, "csv", path.stat().st_size, file_sha256(path))
-        record_batch(engine, batch, actor="bench")
-        r14_cpu[0] = 0.0
-        started = time.perf_counter()
-        BatchProcessor(engine, settings).run_once()
-        print(f"{month:>5} {rows:>7,} {time.perf_counter() - started:>7.1f} {r14_cpu[0]:>9.2f}",
-              flush=True)
+    ingest.Chunk._flag_integrity = timed  # type: ignore[method-assign, assignment]
+    work = Path("var/bench/monthly")
+    work.mkdir(parents=True, exist_ok=True)
+    with sqlite_file(work / "store.sqlite3") as url:
+        upgrade(url)
+        engine = make_engine(url)
+        settings = Settings(database_url=url, batch_dir=work, batch_parse_workers=0)
+        print(f"{'month':>5} {'rows':>7} {'wall s':>7} {'R14 CPU s':>9}")
+        for month in range(1, 13):
+            path = work / f"health_2026-{month:02d}_{rows}.csv"
+            if not path.exists():
+                files.write_csv(path, files.health_rows(5, rows, 2026, month=month),
+                                files.HEALTH_HEADERS)
+            batch = NewBatch(new_batch_id(), "health-bench", "health", "monthly",
+                             f"2026-{month:02d}", path, "csv", path.stat().st_size,
+                             file_sha256(path))
+            record_batch(engine, batch, actor="bench")
+            r14_cpu[0] = 0.0
+            started = time.perf_counter()
+            BatchProcessor(engine, settings).run_once()
+            print(f"{month:>5} {rows:>7,} {time.perf_counter() - started:>7.1f} "
+                  f"{r14_cpu[0]:>9.2f}", flush=True)
+        engine.dispose()
 
 
 if __name__ == "__main__":
