@@ -385,3 +385,24 @@ def test_r14_reads_stored_records_by_their_days_not_only_by_completion(
     [apart] = ingest(engine, _ref(p), [
         _training(sub, "J-1", "2026-06-03", "2026-06-03", "8", "六月专题")])
     assert apart.warnings == []
+
+
+def test_r14_in_a_chunk_spanning_the_year_reads_each_records_own_days(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    """An annual chunk reads, for each of its records, the stored records meeting its days.
+
+    Two stored trainings fill 1 August with 20 h; the chunk brings 8 h more on that day and a
+    December training: only the August one is over 24 h a day and overlapping, and a stored
+    record met by no new one's days (September) flags nothing.
+    """
+    p = new_partner(engine)
+    stored = ingest(engine, _ref(p), [
+        _training(sub, "S-1", "2026-08-01", "2026-08-01", "10", "八月专题一"),
+        _training(sub, "S-2", "2026-08-01", "2026-08-01", "10", "八月专题二"),
+        _training(sub, "S-3", "2026-09-01", "2026-09-30", "60", "九月长期进修")])
+    assert [a.status for a in stored] == ["accepted"] * 3
+    august, december = ingest(engine, _ref(p), [
+        _training(sub, "N-8", "2026-08-01", "2026-08-01", "8", "八月专题三"),
+        _training(sub, "N-12", "2026-12-01", "2026-12-01", "8", "十二月专题")])
+    assert {w.code for w in august.warnings} >= {"INTEGRITY_OVERLAP", "INTEGRITY_DAY_OVER_24H"}
+    assert december.warnings == []
