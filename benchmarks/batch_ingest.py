@@ -1,7 +1,9 @@
 """One measured run, in its own process so peak RSS is this run's alone.
 
 ``python -m benchmarks.batch_ingest baseline|gateway FILE WORKDIR`` prints one JSON line:
-rows, seconds, rows_per_s, peak_rss_mb.
+rows, seconds, rows_per_s, peak_rss_mb, and the CPU seconds of this process (the writer) and of
+its parse workers: the workers' code is the same in an A/B of the writer, so their CPU shows how
+fast the (shared, noisy) machine was during the run.
 
 - ``baseline``: the same file read and parsed by the csv module and bulk-inserted into SQLite
   (same pragmas as the gateway's store), with no validation, dedup, outbox or audit.
@@ -96,12 +98,13 @@ def gateway(path: Path, workdir: Path) -> dict[str, float]:
     upgrade(url)
     engine = make_engine(url)
     settings = Settings(database_url=url, batch_dir=workdir)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     batch = NewBatch(new_batch_id(), "health-bench", "health", "annual", "2026", path, "csv",
                      path.stat().st_size, file_sha256(path))
     record_batch(engine, batch, actor="bench")
     BatchProcessor(engine, settings).run_once()
-    seconds = time.perf_counter() - started
+    seconds, writer_cpu = time.perf_counter() - started, time.process_time() - cpu
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN)
     with engine.connect() as conn:
         row = conn.execute(select(batches).where(batches.c.batch_id == batch.batch_id)).mappings().one()
         rows = int(row["rows_total"] or 0)
@@ -109,7 +112,8 @@ def gateway(path: Path, workdir: Path) -> dict[str, float]:
         assert status == "done", f"batch ended {status}: {row['error']}"
         assert conn.execute(select(func.count()).select_from(batches)).scalar_one() == 1
     return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
-            "peak_rss_mb": _peak_rss_mb(), "accepted": int(row["accepted"]),
+            "peak_rss_mb": _peak_rss_mb(), "writer_cpu_s": writer_cpu,
+            "workers_cpu_s": workers.ru_utime + workers.ru_stime, "accepted": int(row["accepted"]),
             "rejected": int(row["rejected"])}
 
 

@@ -223,9 +223,12 @@ def part_batch() -> list[str]:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     console.print(table)
     console.print(f"ratio gateway/baseline time: {ratio:.2f}×")
+    cpu = (f"CPU s: writer {gw['writer_cpu_s']:.1f}, parse workers {gw['workers_cpu_s']:.1f} "
+           f"(wall {gw['seconds']:.1f} on {os.cpu_count()} cores)")
+    console.print(cpu)
     for label, ok in checks.items():
         console.print(f"  {'[green]met' if ok else '[red]MISSED'}[/] {label}")
-    return lines + ["", f"Ratio (gateway / baseline time): **{ratio:.2f}×**. "
+    return lines + ["", f"{cpu}.", "", f"Ratio (gateway / baseline time): **{ratio:.2f}×**. "
                     + "; ".join(f"{label}: {_met(ok)}" for label, ok in checks.items()) + ".", ""]
 
 
