@@ -345,7 +345,7 @@ def _integrity_span(mode: str, activity_type: str, started_on: date | None, comp
 
 
 @lru_cache(maxsize=8)
-def _r14_read(windows: int, dialect: str) -> str:
+def _r14_read(windows: int, dialect: str, paramstyle: str) -> str:
     """R14's read of the stored records meeting ``windows`` (person, CE year, first, last day).
 
     Plain SQL through the driver: SQLAlchemy compiled a ``values()`` CTE afresh for every
@@ -354,10 +354,12 @@ def _r14_read(windows: int, dialect: str) -> str:
     SQLite must not cast (``CAST(… AS DATE)`` is numeric affinity: '2026-08-01' → 2026) and
     compares the ISO text it stores.
     """
+    marker = "?" if paramstyle == "qmark" else "%s"  # psycopg: format / pyformat
     if dialect == "sqlite":
-        row = "(?, ?, ?, ?)"
+        row = f"({marker}, {marker}, {marker}, {marker})"
     else:
-        row = "(CAST(%s AS VARCHAR), CAST(%s AS INTEGER), CAST(%s AS DATE), CAST(%s AS DATE))"
+        row = (f"(CAST({marker} AS VARCHAR), CAST({marker} AS INTEGER), CAST({marker} AS DATE), "
+               f"CAST({marker} AS DATE))")
     return (f"WITH w(p, y, a, b) AS (VALUES {', '.join([row] * windows)}) "
             "SELECT r.record_id, r.person_key, r.counts_year, r.mode, r.activity_type, "
             "r.started_on, r.completed_on, r.time_hours FROM w JOIN records r "
@@ -523,6 +525,9 @@ class Chunk:
         windows = sorted({(p.sub.person_key, p.sub.counts_year,
                            p.sub.started_on or p.sub.completed_on, p.sub.completed_on)
                           for p in mine.values()})
+        # A record this chunk gives a new version is judged as that version only: its stored
+        # one may be another person's or year's (a correction), or no longer accepted.
+        versioned = {p.record_id for p in self.pending}
         spans: dict[tuple[str, int], dict[str, tuple[bool, date | None, date, Decimal | None]]] = {}
         for part in _chunks(windows):
             dialect = self.conn.dialect.name
@@ -530,7 +535,9 @@ class Chunk:
                 (person, year, first.isoformat(), last.isoformat()) if dialect == "sqlite"
                 else (person, year, first, last)))
             for rid, person, year, mode, kind, start, end, hours in self.conn.exec_driver_sql(
-                    _r14_read(len(part), dialect), params):
+                    _r14_read(len(part), dialect, self.conn.dialect.paramstyle), params):
+                if rid in versioned:
+                    continue
                 spans.setdefault((person, int(year or 0)), {})[rid] = _integrity_span(
                     mode or "", kind or "", _day(start) if start else None, _day(end),
                     Decimal(hours) if hours else None)
@@ -558,7 +565,8 @@ class Chunk:
                         first <= day <= end for day in heavy):
                     p.flags.append(error_note("INTEGRITY_DAY_OVER_24H", "claimed.quantity",
                                               f"(with this person's other records, over {limit} h a day)"))
-                p.answer.warnings.extend(p.flags)
+        for p in mine.values():
+            p.answer.warnings.extend(p.flags)
 
     def _recredit(self, old: caps.Stored, credited: Decimal, cap: Decimal, cap_type: str) -> None:
         """Re-issue a stored record whose share of a cap moved (another record came or went)."""
