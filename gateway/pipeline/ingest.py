@@ -529,13 +529,13 @@ class Chunk:
         # one may be another person's or year's (a correction), or no longer accepted.
         versioned = {p.record_id for p in self.pending}
         spans: dict[tuple[str, int], dict[str, tuple[bool, date | None, date, Decimal | None]]] = {}
+        dialect = self.conn.dialect
         for part in _chunks(windows):
-            dialect = self.conn.dialect.name
-            params = tuple(v for person, year, first, last in part for v in (
-                (person, year, first.isoformat(), last.isoformat()) if dialect == "sqlite"
-                else (person, year, first, last)))
+            # Days as ISO text: what SQLite stores and compares, and what PostgreSQL casts.
+            params = tuple(v for person, year, first, last in part
+                           for v in (person, year, first.isoformat(), last.isoformat()))
             for rid, person, year, mode, kind, start, end, hours in self.conn.exec_driver_sql(
-                    _r14_read(len(part), dialect, self.conn.dialect.paramstyle), params):
+                    _r14_read(len(part), dialect.name, dialect.paramstyle), params):
                 if rid in versioned:
                     continue
                 spans.setdefault((person, int(year or 0)), {})[rid] = _integrity_span(
