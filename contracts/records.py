@@ -26,6 +26,15 @@ Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max
 Code = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 
 
+def canonical_decimal(value: Decimal) -> Decimal:
+    """``value`` without trailing zeros, never in exponent form, and 0 for -0 (2.50 → 2.5)."""
+    if not value:
+        return Decimal(0)
+    value = value.normalize()
+    exponent = value.as_tuple().exponent
+    return value.quantize(Decimal(1)) if isinstance(exponent, int) and exponent > 0 else value
+
+
 class IdType(StrEnum):
     RESIDENT_ID = "resident_id"
     PASSPORT = "passport"
@@ -111,6 +120,14 @@ class Claimed(_Strict):
     quantity: Quantity
     unit: Unit
     details: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("quantity")
+    @classmethod
+    def _canonical(cls, value: Decimal) -> Decimal:
+        # One spelling for one number: "2", "2.0" and "2.00" are the same claim, and a resend
+        # that writes it otherwise must hash (SPEC §7 "Dedup") as the duplicate it is, not as a
+        # correction forwarded again.  -0 is 0.
+        return canonical_decimal(value)
 
     @field_validator("details")
     @classmethod

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import random
+from collections.abc import Callable
 from pathlib import Path
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
-from gateway.store.db import make_engine, upgrade
-from gateway.store.tables import audit_head, metadata
+from contracts import CESubmission
+from gateway.accounts import Partner
+from gateway.pipeline import dedup
+from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.store.db import alembic_config, make_engine, upgrade
+from gateway.store.tables import audit_head, metadata, record_versions, records
+from mock_partners import generators as gen
 
 
 def test_migrated_schema_matches_metadata(engine: Engine) -> None:
@@ -41,3 +51,45 @@ def test_sqlite_connections_are_durable_and_sized_for_bulk_ingest(tmp_path: Path
         engine.dispose()
     assert read == {"journal_mode": "wal", "synchronous": 2, "cache_size": -65536,
                     "wal_autocheckpoint": 20000}
+
+
+def test_0013_rewrites_a_stored_dedup_key_to_the_quantitys_one_spelling(
+        db_url: str, engine: Engine, new_partner: Callable[..., Partner]) -> None:
+    """A record stored when "24.00" hashed as written: after 0013 a resend of it is a duplicate.
+
+    The legacy state is made by hand: the stored payload says "24.00" and the record's content
+    hash is that of the old serialisation (pydantic's JSON of the submission with "24.00").  A
+    record whose hash the rebuild does not reproduce is left alone.
+    """
+    p = new_partner(engine)
+    ref = PartnerRef(p.partner_id, p.adapter, p.base_code)
+    subs = [gen.canonical_submission(random.Random(n), f"SRC-{n}", hours="24") for n in (1, 2)]
+    answers = ingest(engine, ref, subs)
+    legacy: dict[str, str] = {}
+    with engine.begin() as conn:
+        for answer, sub in zip(answers, subs, strict=True):
+            canonical_json = CESubmission.model_validate(sub).model_dump_json()
+            assert '"quantity":"24"' in canonical_json
+            old_json = canonical_json.replace('"quantity":"24"', '"quantity":"24.00"')
+            legacy[answer.record_id] = hashlib.sha256(old_json.encode()).hexdigest()
+            payload = conn.execute(select(record_versions.c.payload).where(
+                record_versions.c.record_id == answer.record_id)).scalar_one()
+            conn.execute(update(record_versions).where(
+                record_versions.c.record_id == answer.record_id).values(
+                payload=payload.replace('"quantity":"24"', '"quantity":"24.00"')))
+        # The second record's hash is not what its payload rebuilds to: it must stay.
+        legacy[answers[1].record_id] = "f" * 64
+        for rid, chash in legacy.items():
+            conn.execute(update(records).where(records.c.record_id == rid)
+                         .values(content_hash=chash))
+    command.downgrade(alembic_config(db_url), "0012")
+    upgrade(db_url)
+    with engine.connect() as conn:
+        stored = dict(conn.execute(select(records.c.record_id, records.c.content_hash)).all())
+    assert stored[answers[1].record_id] == "f" * 64
+    assert stored[answers[0].record_id] == dedup.hash_json(
+        CESubmission.model_validate(subs[0]).model_dump_json())
+    resend = copy.deepcopy(subs[0])
+    resend["claimed"]["quantity"] = "24.00"
+    [again] = ingest(engine, ref, [resend])
+    assert (again.status, again.record_id, again.version) == ("duplicate", answers[0].record_id, 1)

@@ -81,6 +81,22 @@ def test_resend_is_duplicate_and_new_content_is_a_correction(
     assert versions == [1, 2]
 
 
+@pytest.mark.parametrize("first_spelling, resend_spelling", [("24", "24.0"), ("2.5", "2.50"),
+                                                              ("24.00", "24")])
+def test_the_same_number_spelled_otherwise_is_a_duplicate_not_a_correction(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any],
+        first_spelling: str, resend_spelling: str) -> None:
+    """An annual file writing "2.0" where the month wrote "2" repeats it (SPEC §2, §7 Dedup)."""
+    p = new_partner(engine)
+    sub["claimed"]["quantity"] = first_spelling
+    [first] = ingest(engine, _ref(p), [sub])
+    resend = copy.deepcopy(sub)
+    resend["claimed"]["quantity"] = resend_spelling
+    [again] = ingest(engine, _ref(p), [resend])
+    assert (again.status, again.record_id, again.version) == ("duplicate", first.record_id, 1)
+    assert _count(engine, outbox, outbox.c.record_id == first.record_id) == 1
+
+
 def test_a_resend_after_the_year_closed_is_a_duplicate_and_new_content_is_refused(
         engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
     """Resending is safe (SPEC §2): the same content is a duplicate even once R11 refuses it."""

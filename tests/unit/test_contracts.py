@@ -163,6 +163,15 @@ def test_claimed_quantity_allows_two_places_but_not_three() -> None:
     assert errors_of(exc) == [(("quantity",), "decimal_max_places")]
 
 
+@pytest.mark.parametrize("spelled, canonical", [("2", "2"), ("2.0", "2"), ("2.50", "2.5"),
+                                                ("100", "100"), ("100.00", "100"), ("-0", "0"),
+                                                ("-0.0", "0"), ("0.05", "0.05")])
+def test_claimed_quantity_has_one_spelling_for_one_number(spelled: str, canonical: str) -> None:
+    # "100".normalize() is 1E+2: the canonical form must never use an exponent.
+    claimed = Claimed(quantity=Decimal(spelled), unit=Unit.CREDITS)
+    assert json.loads(claimed.model_dump_json())["quantity"] == canonical
+
+
 def test_decimal_serializes_as_string_never_float() -> None:
     data = record_data()
     data["credited_hours"] = "24.5"
@@ -355,7 +364,9 @@ def test_record_round_trip_is_lossless(
     assert again.model_dump_json() == dumped
     assert again.source.received_at.utcoffset() == received_at.utcoffset()
     assert str(again.credited_hours) == str(credited)
-    assert str(again.claimed.quantity) == str(quantity)
+    # The quantity keeps its value in its one spelling ("2.50" is kept as "2.5").
+    assert again.claimed.quantity == quantity
+    assert str(again.claimed.quantity) == str(record.claimed.quantity)
     assert again.person.name == name.strip()
 
 
