@@ -7,9 +7,13 @@ month carried), conflicts with (another record number for the same person, proje
 with different credits — held for ops), and lacks (monthly rows it does not carry), and which
 months were never pushed at all.
 
-It reads what ingest already records: ``records.batch_id`` (the batch that first carried a
-record), ``records.last_batch_id`` (the last batch that carried it, changed or not) and
-``record_versions.batch_id`` (the batch whose row made a version).
+It reads what ingest records: ``records.batch_id`` (the batch that first carried a record),
+``batch_repeats`` (every batch that carried it again unchanged) and ``record_versions.batch_id``
+(the batch whose row made a version).  Every annual batch of the year counts, so an annual file
+sent twice, or split in two, or a month sent again after the annual, leaves the report as it
+was.  A monthly record the annual carries under another record number is ``repeated`` when
+the claim is the same (the annual row is its ``duplicate``) and not ``lacking`` when it differs
+(the annual row is a ``conflict``, counted as such).
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, func, select
+from sqlalchemy import Connection, String, case, func, literal, or_, select
 
-from gateway.store.tables import batches, record_versions, records
+from gateway.store.tables import batch_repeats, batches, record_versions, records
 
 SAMPLE = 50
 CATEGORIES = ("monthly_records", "repeated", "corrected", "lacking", "added", "conflicts")
@@ -68,61 +72,85 @@ def report(conn: Connection, adapter: str, year: int, *, today: datetime | None 
                batches.c.period.like(f"{year}%"), batches.c.kind.in_(("monthly", "annual")))
         .order_by(batches.c.created_at)).all()
     monthly = [b for b in done if b.kind == "monthly"]
-    annuals = [b for b in done if b.kind == "annual"]
-    annual_id = annuals[-1].batch_id if annuals else None
+    annual_ids = [b.batch_id for b in done if b.kind == "annual"]
     month_of_batch = {b.batch_id: b.period for b in monthly}
     months: dict[str, dict[str, Any]] = defaultdict(lambda: dict.fromkeys(CATEGORIES, 0))
     samples: dict[str, list[str]] = {c: [] for c in CATEGORIES if c != "monthly_records"}
 
     if monthly:
-        carried = case((records.c.last_batch_id == annual_id, 1), else_=0) if annual_id else 0
-        for period, total, kept in conn.execute(
-                select(batches.c.period, func.count(), func.sum(carried))
-                .select_from(records.join(batches, records.c.batch_id == batches.c.batch_id))
-                .where(records.c.batch_id.in_(list(month_of_batch)))
-                .group_by(batches.c.period)):
-            months[period]["monthly_records"] += int(total)
-            months[period]["lacking"] += int(total) - int(kept or 0) if annual_id else 0
-            months[period]["repeated"] += int(kept or 0)
-    if annual_id and monthly:
-        corrected = (select(batches.c.period, records.c.source_record_id)
-                     .select_from(record_versions.join(records, record_versions.c.record_id == records.c.record_id)
-                                  .join(batches, records.c.batch_id == batches.c.batch_id))
-                     .where(record_versions.c.batch_id == annual_id, record_versions.c.version > 1,
-                            records.c.batch_id.in_(list(month_of_batch)))
-                     .distinct())
-        for period, source_id in conn.execute(corrected):
-            months[period]["corrected"] += 1
-            months[period]["repeated"] -= 1  # carried, but changed
-            _sample(samples["corrected"], source_id)
-    if annual_id:
+        judged = _monthly_records_judged(list(month_of_batch), annual_ids)
+        for period, kind, count in conn.execute(
+                select(judged.c.period, judged.c.kind, func.count())
+                .group_by(judged.c.period, judged.c.kind)):
+            months[period]["monthly_records"] += int(count)
+            if kind in CATEGORIES:
+                months[period][kind] += int(count)
+        if annual_ids:
+            for kind in ("corrected", "lacking"):
+                for (source_id,) in conn.execute(
+                        select(judged.c.source_record_id).where(judged.c.kind == kind)
+                        .order_by(judged.c.source_record_id).limit(SAMPLE)):
+                    _sample(samples[kind], source_id)
+    if annual_ids:
         for status, completed_on, source_id in conn.execute(
                 select(records.c.status, records.c.completed_on, records.c.source_record_id)
-                .where(records.c.batch_id == annual_id, records.c.status.in_(("accepted", "conflict")))
+                .where(records.c.batch_id.in_(annual_ids),
+                       records.c.status.in_(("accepted", "conflict")))
                 .order_by(records.c.source_record_id)):
             key = "added" if status == "accepted" else "conflicts"
             period = completed_on.strftime("%Y-%m") if completed_on else f"{year}-??"
             months[period][key] += 1
             _sample(samples[key], source_id)
-        if monthly:
-            for (source_id,) in conn.execute(
-                    select(records.c.source_record_id)
-                    .where(records.c.batch_id.in_(list(month_of_batch)),
-                           and_(records.c.last_batch_id.is_distinct_from(annual_id)))
-                    .order_by(records.c.source_record_id).limit(SAMPLE)):
-                _sample(samples["lacking"], source_id)
 
     pushed = set(month_of_batch.values())
     totals = {c: sum(m[c] for m in months.values()) for c in CATEGORIES}
     return {
-        "adapter": adapter, "year": year, "annual_batch_id": annual_id,
+        "adapter": adapter, "year": year,
+        "annual_batch_id": annual_ids[-1] if annual_ids else None,
+        "annual_batches": annual_ids,
         "monthly_batches": [{"batch_id": b.batch_id, "period": b.period} for b in monthly],
         "months_never_pushed": [m for m in due_months(year, today) if m not in pushed],
         "months": [{"month": k, **v} for k, v in sorted(months.items())],
         "totals": totals,
         "samples": samples,
-        "note": None if annual_id else "no annual batch yet: nothing to reconcile against",
+        "note": None if annual_ids else "no annual batch yet: nothing to reconcile against",
     }
+
+
+def _monthly_records_judged(monthly_ids: list[str], annual_ids: list[str]) -> Any:
+    """Each record a monthly batch first carried: its month, and what the annual batches did.
+
+    ``kind``: ``corrected`` (an annual row made a new version of it), ``repeated`` (an annual
+    row carried it unchanged, under its own record number or, as a ``duplicate`` linked to it,
+    under another), ``conflicted`` (only a conflicting twin carried it: that twin is counted
+    under ``conflicts``), ``lacking`` (no annual row carried it), or ``None`` before any annual.
+    Every annual batch of the year counts, so a resent or split annual file changes nothing.
+    """
+    month = batches.alias("month")
+    source = select(records.c.record_id, records.c.source_record_id, month.c.period).select_from(
+        records.join(month, records.c.batch_id == month.c.batch_id)).where(
+        records.c.batch_id.in_(monthly_ids))
+    if not annual_ids:
+        return source.add_columns(literal(None, String).label("kind")).subquery()
+    corrected = (select(record_versions.c.record_id)
+                 .where(record_versions.c.batch_id.in_(annual_ids), record_versions.c.version > 1)
+                 .distinct().subquery())
+    repeated = (select(batch_repeats.c.record_id).where(batch_repeats.c.batch_id.in_(annual_ids))
+                .distinct().subquery())
+    twin = records.alias("twin")
+    twins = (select(twin.c.duplicate_of.label("record_id"),
+                    func.max(case((twin.c.status == "duplicate", 1), else_=0)).label("same"),
+                    func.max(case((twin.c.status == "conflict", 1), else_=0)).label("other"))
+             .where(twin.c.batch_id.in_(annual_ids), twin.c.duplicate_of.is_not(None))
+             .group_by(twin.c.duplicate_of).subquery())
+    kind = case((corrected.c.record_id.is_not(None), "corrected"),
+                (or_(repeated.c.record_id.is_not(None), twins.c.same == 1), "repeated"),
+                (twins.c.other == 1, "conflicted"), else_="lacking")
+    return (source.add_columns(kind.label("kind"))
+            .outerjoin(corrected, corrected.c.record_id == records.c.record_id)
+            .outerjoin(repeated, repeated.c.record_id == records.c.record_id)
+            .outerjoin(twins, twins.c.record_id == records.c.record_id)
+            .subquery())
 
 
 def _sample(bucket: list[str], value: str) -> None:

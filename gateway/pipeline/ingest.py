@@ -52,7 +52,14 @@ from gateway.pipeline.rules import judge
 from gateway.pipeline.rules_tables import TIME_ACTIVITIES, EmptyReference, Reference, RulesConfig
 from gateway.pipeline.validate import validate_submission
 from gateway.store.bulk import bulk_insert
-from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
+from gateway.store.tables import (
+    batch_repeats,
+    natural_keys,
+    outbox,
+    record_versions,
+    records,
+    rejections,
+)
 
 
 @dataclass(frozen=True)
@@ -799,9 +806,12 @@ class Chunk:
                                  credited_hours=bindparam("credited_hours"),
                                  updated_at=bindparam("updated_at")), self.recredited)
         if self.seen_again:
-            # Reconciliation needs to know which batches repeated a record unchanged.
+            # Reconciliation needs to know which batches repeated a record unchanged: every one
+            # of them (batch_repeats), not only the last (a resent file must not rewrite it).
             conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
                          .values(last_batch_id=bindparam("b")), self.seen_again)
+            bulk_insert(conn, batch_repeats, [{"batch_id": r["b"], "record_id": r["rid"]}
+                                              for r in self.seen_again], ignore_conflicts=True)
         bulk_insert(conn, record_versions, self.versions)
         bulk_insert(conn, outbox, self.outbox_rows)
         bulk_insert(conn, rejections, self.rejected)

@@ -159,6 +159,17 @@ natural_keys = Table(
     Column("record_id", String(32), nullable=False),
 )
 
+# The batches that carried a record again unchanged (a ``duplicate`` of its own stored
+# version): with ``records.batch_id`` (the first carrier) and ``record_versions.batch_id`` (the
+# batch of each version), reconciliation knows every batch that carried a record.
+batch_repeats = Table(
+    "batch_repeats",
+    metadata,
+    Column("batch_id", String(40), nullable=False),
+    Column("record_id", String(32), nullable=False),
+    PrimaryKeyConstraint("batch_id", "record_id"),
+)
+
 rejections = Table(
     "rejections",
     metadata,

@@ -14,12 +14,14 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from alembic import command
 from sqlalchemy import Engine, func, select, update
 
 from adapters.normalize import parse_date
@@ -29,7 +31,8 @@ from gateway.api.app import create_app
 from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
 from gateway.config import Settings
 from gateway.signing import file_sha256
-from gateway.store.tables import batches, outbox, record_versions, records
+from gateway.store.db import alembic_config, upgrade
+from gateway.store.tables import batch_repeats, batches, outbox, record_versions, records
 from mock_partners.files import FINANCE_HEADERS, HEALTH_HEADERS, write_csv, year_dataset
 from tests.conftest import SECRET_KEY
 from tests.support.servers import cli, uvicorn_thread
@@ -274,3 +277,83 @@ def test_an_annual_batch_after_the_year_closed_repeats_its_months_as_duplicates(
         batch = conn.execute(select(batches).where(batches.c.batch_id == annual_id)).mappings().one()
     assert (batch["duplicate"], batch["accepted"], batch["rejected"]) == (len(rows), 0, 1)
     assert _count(engine, records) == _count(engine, outbox) == len(rows)  # nothing new sent
+
+
+def _small_year(engine: Engine, db_url: str, tmp_path: Path, make_settings: MakeSettings,
+                new_partner: Callable[..., Partner]) -> tuple[Settings, Partner, dict[int, Path],
+                                                              Path, dict[str, Any]]:
+    """A small year of health pushes, ingested: the monthly files, then the annual."""
+    monthly, annual, manifest = year_dataset(11, YEAR, people=30, per_month=8)
+    partner = new_partner(engine, adapter="health")
+    settings = make_settings(db_url, batch_dir=tmp_path / "batches")
+    paths = {}
+    for m, rows in enumerate(monthly, start=1):
+        if rows:
+            paths[m] = tmp_path / f"m{m:02d}.csv"
+            write_csv(paths[m], rows, HEALTH_HEADERS)
+            _ingest(engine, settings, partner, paths[m], "monthly", f"{YEAR}-{m:02d}")
+    annual_path = tmp_path / "annual.csv"
+    write_csv(annual_path, annual, HEALTH_HEADERS)
+    _ingest(engine, settings, partner, annual_path, "annual", str(YEAR))
+    return settings, partner, paths, annual_path, manifest
+
+
+def test_sending_the_annual_or_a_month_again_leaves_the_report_as_it_was(
+        db_url: str, engine: Engine, tmp_path: Path, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner]) -> None:
+    """The report is of what the batches carried, not of which batch carried a record last."""
+    settings, partner, paths, annual_path, manifest = _small_year(
+        engine, db_url, tmp_path, make_settings, new_partner)
+    with engine.connect() as conn:
+        first = reconcile.report(conn, "health", YEAR, today=AFTER_THE_YEAR)
+    assert first["totals"]["repeated"] == len(manifest["unchanged"])
+    assert first["totals"]["corrected"] == len(manifest["changed"]) > 0
+    assert first["totals"]["lacking"] == len(manifest["missing"]) > 0
+    again = _ingest(engine, settings, partner, annual_path, "annual", str(YEAR))
+    month, path = next(iter(paths.items()))
+    _ingest(engine, settings, partner, path, "monthly", f"{YEAR}-{month:02d}")
+    with engine.connect() as conn:
+        later = reconcile.report(conn, "health", YEAR, today=AFTER_THE_YEAR)
+    assert _as_months(later) == _as_months(first) and later["totals"] == first["totals"]
+    assert later["samples"] == first["samples"]
+    assert later["annual_batches"] == [first["annual_batch_id"], again]
+
+
+def test_an_activity_the_annual_carries_under_another_record_number_is_not_lacking(
+        db_url: str, engine: Engine, tmp_path: Path, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner]) -> None:
+    """Same claim under a new number: repeated (its duplicate); other credits: a conflict only."""
+    monthly, _, _ = year_dataset(13, YEAR, people=20, per_month=6)
+    partner = new_partner(engine, adapter="health")
+    settings = make_settings(db_url, batch_dir=tmp_path / "batches")
+    m = next(m for m in range(1, 13) if len(monthly[m - 1]) >= 3)
+    rows = monthly[m - 1][:3]
+    path = tmp_path / "month.csv"
+    write_csv(path, rows, HEALTH_HEADERS)
+    _ingest(engine, settings, partner, path, "monthly", f"{YEAR}-{m:02d}")
+    same = {**rows[1], "记录编号": "RENUMBERED-1"}
+    other = {**rows[2], "记录编号": "RENUMBERED-2", "学分": str(Decimal(rows[2]["学分"]) + 2)}
+    annual_path = tmp_path / "annual.csv"
+    write_csv(annual_path, [rows[0], same, other], HEALTH_HEADERS)
+    _ingest(engine, settings, partner, annual_path, "annual", str(YEAR))
+    with engine.connect() as conn:
+        report = reconcile.report(conn, "health", YEAR, today=AFTER_THE_YEAR)
+    assert report["totals"] == {"monthly_records": 3, "repeated": 2, "corrected": 0,
+                                "lacking": 0, "added": 0, "conflicts": 1}
+    assert report["samples"]["conflicts"] == ["RENUMBERED-2"] and report["samples"]["lacking"] == []
+
+
+def test_0014_backfills_the_last_repeat_of_each_record(
+        db_url: str, engine: Engine, tmp_path: Path, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner]) -> None:
+    _small_year(engine, db_url, tmp_path, make_settings, new_partner)
+    with engine.connect() as conn:
+        before = set(conn.execute(select(batch_repeats.c.batch_id, batch_repeats.c.record_id)).all())
+        report = reconcile.report(conn, "health", YEAR, today=AFTER_THE_YEAR)
+    assert len(before) == report["totals"]["repeated"] > 0
+    command.downgrade(alembic_config(db_url), "0013")  # drops the table
+    upgrade(db_url)
+    with engine.connect() as conn:
+        after = set(conn.execute(select(batch_repeats.c.batch_id, batch_repeats.c.record_id)).all())
+        again = reconcile.report(conn, "health", YEAR, today=AFTER_THE_YEAR)
+    assert after == before and again["totals"] == report["totals"]
