@@ -34,10 +34,10 @@ TRUE = {True, "true", "True", "1", "是", "合格", "通过", "yes", "Y", "y"}
 FALSE = {False, "false", "False", "0", "否", "不合格", "未通过", "no", "N", "n"}
 
 
-def _schema(key: str, detail: str) -> Note:
+def _schema(key: str, detail: str, detail_zh: str) -> Note:
     en, zh = message("SCHEMA")
     return Note(code="SCHEMA", field=key, message=f"{en} ({key}: {detail})",
-                message_zh=f"{zh}（{key}：{detail}）")
+                message_zh=f"{zh}（{key}：{detail_zh}）")
 
 
 def _text(value: Any) -> str:
@@ -78,24 +78,28 @@ def _code(value: Any) -> str:
 
 
 def _not_scalar(values: dict[str, Any]) -> list[Note]:
-    return [_schema(key, f"expected text or a number, got {type(value).__name__}")
+    return [_schema(key, f"expected text or a number, got {type(value).__name__}",
+                    f"应为文本或数字，收到 {type(value).__name__}")
             for key, value in values.items() if value is not None and not isinstance(value, SCALARS)]
 
 
 def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> ParsedRow:
     """One trainee's result → a canonical submission (or coded errors); never raises."""
     if not isinstance(result, dict):
-        return ParsedRow(row=index, raw=result, errors=[_schema("results", "each result must be an object")])
+        return ParsedRow(row=index, raw=result, errors=[_schema("results", "each result must be an object",
+                                                                   "每条结果应为对象")])
     nested = _not_scalar({"base_code": base_code, "plan_id": plan_id,
                           **{k: result.get(k) for k in (*RESULT_KEYS, *OPTIONAL_KEYS)}})
     if nested:
         return ParsedRow(row=index, raw=result, errors=nested)
     missing = [k for k in RESULT_KEYS if _text(result.get(k)) == ""]
     if missing:
-        return ParsedRow(row=index, raw=result, errors=[_schema(k, "required") for k in missing])
+        return ParsedRow(row=index, raw=result, errors=[_schema(k, "required", "必填")
+                                                              for k in missing])
     passed = result.get("passed", True)
     if passed not in TRUE and passed not in FALSE:
-        return ParsedRow(row=index, raw=result, errors=[_schema("passed", "expected true or false")])
+        return ParsedRow(row=index, raw=result, errors=[_schema("passed", "expected true or false",
+                                                                  "应为 true 或 false")])
     plan = _text(plan_id) or None
     completed_on = _date(result["completed_on"])
     submission = {
@@ -126,14 +130,16 @@ class TrainingBaseAdapter(Adapter):
 
     def parse(self, raw: Any) -> Iterator[ParsedRow]:
         if not isinstance(raw, dict):
-            yield ParsedRow(row=0, raw=raw, errors=[_schema("body", "expected a JSON object")])
+            yield ParsedRow(row=0, raw=raw, errors=[_schema("body", "expected a JSON object",
+                                                                "应为 JSON 对象")])
             return
         results = raw.get("results")
         if not isinstance(results, list):
-            yield ParsedRow(row=0, raw=raw, errors=[_schema("results", "expected a list")])
+            yield ParsedRow(row=0, raw=raw, errors=[_schema("results", "expected a list", "应为数组")])
             return
         if not results:  # SPEC §2: 1-1,000 results a request
-            yield ParsedRow(row=0, raw=raw, errors=[_schema("results", "expected at least one result")])
+            yield ParsedRow(row=0, raw=raw, errors=[_schema("results", "expected at least one result",
+                                                                "至少应有一条结果")])
             return
         for index, result in enumerate(results):
             parsed = result_to_row(index, raw.get("base_code"), raw.get("plan_id"), result)
@@ -153,12 +159,12 @@ class TrainingBaseRosterAdapter(Adapter):
     def parse(self, raw: Any) -> Iterator[ParsedRow]:
         row_no, cells = raw if isinstance(raw, tuple) and len(raw) == 2 else (None, raw)
         if not isinstance(cells, dict):
-            yield ParsedRow(row=row_no, raw=cells, errors=[_schema("row", "unreadable row")])
+            yield ParsedRow(row=row_no, raw=cells, errors=[_schema("row", "unreadable row", "该行无法读取")])
             return
         parsed = result_to_row(row_no or 0, cells.get("base_code"), cells.get("plan_id"), cells)
         parsed.row = row_no
         if _text(cells.get("base_code")) == "":
-            parsed.errors.append(_schema("base_code", "required"))
+            parsed.errors.append(_schema("base_code", "required", "必填"))
         yield parsed
 
 

@@ -27,6 +27,7 @@ from gateway.config import Settings
 from gateway.console.routes import router as console_router
 from gateway.errors import PayloadRejected
 from gateway.masking import install_log_masking, mask_text
+from gateway.pipeline.validate import zh_detail
 from gateway.runtime import Background
 from gateway.state import AppState
 from gateway.store.db import is_sqlite, upgrade
@@ -78,7 +79,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
         loc = ".".join(str(p) for p in first.get("loc", ()))
-        return _coded(422, "SCHEMA", mask_text(f"({loc}: {first.get('msg', 'invalid')})"), loc or None)
+        english = str(first.get("msg", "invalid"))
+        chinese = zh_detail(str(first.get("type", "")), first.get("ctx"), english)
+        en, zh = message("SCHEMA")
+        where = f"{loc}: " if loc else ""
+        return JSONResponse(status_code=422, content={"error": {
+            "code": "SCHEMA", "field": loc or None, "message": mask_text(f"{en} ({where}{english})"),
+            "message_zh": mask_text(f"{zh}（{where.replace(': ', '：')}{chinese}）")}})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

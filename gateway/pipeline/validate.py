@@ -22,9 +22,11 @@ from contracts.records import CESubmission, IdType, Note
 from gateway.masking import mask_text
 from gateway.pipeline.identity import check_uscc, region_known, resident_id_findings
 
-__all__ = ["Validated", "note", "validate_submission"]
+__all__ = ["Validated", "note", "validate_submission", "zh_detail"]
 
-# Chinese details for the pydantic error types partners meet most; others keep pydantic's text.
+# Chinese details for the pydantic error types a partner can meet (SPEC §6: every message in
+# Chinese and English); ``{…}`` are the error's context values.  A type not listed here still
+# gets a Chinese lead, with pydantic's English after it (zh_detail).
 _ZH_DETAIL = {
     "missing": "缺少必填字段",
     "extra_forbidden": "未知字段",
@@ -32,11 +34,46 @@ _ZH_DETAIL = {
     "string_pattern_mismatch": "格式不正确",
     "string_too_short": "不能为空",
     "string_too_long": "过长",
+    "string_type": "应为文本",
     "enum": "取值不在允许范围内",
     "model_type": "应为对象",
     "model_attributes_type": "应为对象",
     "dict_type": "应为对象",
+    "list_type": "应为数组",
+    "bool_type": "应为布尔值",
+    "bool_parsing": "应为布尔值",
+    "greater_than_equal": "应大于或等于 {ge}",
+    "greater_than": "应大于 {gt}",
+    "less_than_equal": "应小于或等于 {le}",
+    "less_than": "应小于 {lt}",
+    "int_type": "应为整数",
+    "int_parsing": "应为整数",
+    "int_from_float": "应为整数，不能有小数部分",
+    "decimal_type": "应为数字（文本或数值）",
+    "decimal_parsing": "应为有效数字",
+    "decimal_max_digits": "数字总位数不能超过 {max_digits} 位",
+    "decimal_max_places": "小数不能超过 {decimal_places} 位",
+    "decimal_whole_digits": "整数部分位数过多",
+    "finite_number": "应为有限数值",
+    "date_type": "应为日期（如 2026-03-05）",
+    "date_parsing": "应为有效日期（如 2026-03-05）",
+    "date_from_datetime_parsing": "应为有效日期（如 2026-03-05）",
+    "date_from_datetime_inexact": "应为日期，不能带时间",
+    "datetime_type": "应为带时区的时间",
+    "datetime_parsing": "应为有效时间",
+    "timezone_aware": "时间须带时区",
 }
+
+
+def zh_detail(kind: str, context: dict[str, object] | None, english: str) -> str:
+    """The Chinese of a pydantic error of type ``kind`` (``english``: pydantic's message)."""
+    template = _ZH_DETAIL.get(kind)
+    if template is None:
+        return f"取值无效（{english}）"
+    try:
+        return template.format(**(context or {}))
+    except (KeyError, IndexError, ValueError):
+        return template.split("{", 1)[0].rstrip() or f"取值无效（{english}）"
 
 
 @dataclass(frozen=True)
@@ -77,7 +114,7 @@ def _dotted(loc: tuple[int | str, ...]) -> str | None:
 
 def _schema_notes(exc: ValidationError) -> list[Note]:
     notes: list[Note] = []
-    for err in exc.errors(include_url=False, include_input=False, include_context=False):
+    for err in exc.errors(include_url=False, include_input=False):
         loc = tuple(err.get("loc", ()))
         kind = str(err.get("type", ""))
         path = _dotted(loc)
@@ -85,9 +122,10 @@ def _schema_notes(exc: ValidationError) -> list[Note]:
             key = str(loc[-1]) if loc else "?"
             detail, zh = f"unknown field '{key}'", f"未知字段 '{key}'"
         else:
-            detail = f"{path}: {err.get('msg', kind)}" if path else str(err.get("msg", kind))
-            zh_text = _ZH_DETAIL.get(kind)
-            zh = f"{path}: {zh_text}" if path and zh_text else (zh_text or detail)
+            english = str(err.get("msg", kind))
+            detail = f"{path}: {english}" if path else english
+            zh_text = zh_detail(kind, err.get("ctx"), english)
+            zh = f"{path}: {zh_text}" if path else zh_text
         notes.append(note("SCHEMA", detail, field=path, detail_zh=zh))
     return notes
 
@@ -120,12 +158,13 @@ def validate_submission(raw: object, *, today: date | None = None) -> Validated:
         return Validated(None, _schema_notes(exc) or [note("SCHEMA")], [])
     except Exception as exc:  # noqa: BLE001 - the contract: one bad record never raises
         detail = f"the record could not be read ({type(exc).__name__})"
-        return Validated(None, [note("SCHEMA", detail)], [])
+        return Validated(None, [note("SCHEMA", detail, detail_zh=f"无法读取该记录（{type(exc).__name__}）")], [])
     try:
         return _check(submission, today)
     except Exception as exc:  # noqa: BLE001 - a bug here must reject one record, not a batch
         detail = f"the record could not be checked ({type(exc).__name__})"
-        return Validated(submission, [note("SCHEMA", detail)], [])
+        return Validated(submission, [note("SCHEMA", detail,
+                                           detail_zh=f"无法检查该记录（{type(exc).__name__}）")], [])
 
 
 def _check(sub: CESubmission, today: date | None) -> Validated:

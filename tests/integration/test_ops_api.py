@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -82,6 +83,8 @@ def _coded(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     error: dict[str, Any] = resp.json()["error"]
     assert error["code"] == code and error["message"] and error["message_zh"], error
+    # SPEC §6: the Chinese message is Chinese, not pydantic's English copied into it.
+    assert not re.search(r"Input should|should have|valid |unable to", error["message_zh"]), error
     return error
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import re
 from datetime import date
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stdnum.cn import ric
@@ -98,6 +100,26 @@ def test_non_object_gives_one_schema_note() -> None:
         result = validate_submission(raw)
         assert result.submission is None
         assert codes(result.errors) == ["SCHEMA"]
+
+
+# English that pydantic writes; a Chinese message must not carry it (SPEC §6).
+_ENGLISH = re.compile(r"Input should|should have|valid |unable to|[A-Za-z]{4,} [A-Za-z]{3,} [A-Za-z]{3,}")
+
+
+@pytest.mark.parametrize("changes", [
+    {"claimed.quantity": "-1"}, {"claimed.quantity": "abc"}, {"claimed.quantity": "1e10"},
+    {"claimed.quantity": "1.234"}, {"claimed.quantity": "NaN"}, {"claimed.quantity": True},
+    {"year": "abc"}, {"year": 2101}, {"year": 1.5}, {"activity.completed_on": "2026-02-30"},
+    {"activity.completed_on": "garbage"}, {"activity.completed_on": "2026-02-03T10:00:00"},
+    {"source_record_id": 5}, {"activity.title": 5}, {"person.name": ["x"]},
+    {"claimed.details": []}, {"category": "bogus"}, {"activity.title": ""},
+])
+def test_every_schema_error_has_a_chinese_message(changes: dict[str, Any]) -> None:
+    result = validate_submission(example(**changes), today=TODAY)
+    assert codes(result.errors) == ["SCHEMA"]
+    [error] = result.errors
+    assert error.message_zh and not _ENGLISH.search(error.message_zh), error.message_zh
+    assert error.field and error.field in error.message_zh  # still says where
 
 
 def test_bad_id_is_masked() -> None:
