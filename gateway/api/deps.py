@@ -124,7 +124,8 @@ def signature_headers(request: Request) -> SignatureHeaders:
         raise Unauthenticated("UNAUTHENTICATED", detail="(timestamp is not unix seconds)")
     skew = abs(time.time() - int(ts))
     if skew > state.settings.signature_window_seconds:
-        raise Unauthenticated("UNAUTHENTICATED", detail="(timestamp outside the 300 s window)")
+        window = state.settings.signature_window_seconds
+        raise Unauthenticated("UNAUTHENTICATED", detail=f"(timestamp outside the {window} s window)")
     return SignatureHeaders(app_key, ts, nonce, signature)
 
 

@@ -84,12 +84,13 @@ def _body(source_id: str = "S-1", seed: int = 21) -> bytes:
     return orjson.dumps({"records": [canonical_submission(random.Random(seed), source_id)]})
 
 
-def _assert_coded(resp: httpx.Response, status: int, code: str) -> None:
+def _assert_coded(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     error: dict[str, Any] = resp.json()["error"]
     assert error["code"] == code, error
     assert error["message"]
     assert CJK.search(error["message_zh"]), error
+    return error
 
 
 # Each case breaks exactly one thing about an otherwise valid POST /v1/records.
@@ -199,6 +200,19 @@ def test_the_edges_of_the_window_are_accepted(
     resp = httpx.post(url + RECORDS, content=_body(), headers={**JSON, **headers})
     assert resp.status_code == 200, resp.text
     assert resp.json()["results"][0]["status"] == "accepted"
+
+
+def test_a_configured_window_is_the_one_enforced_and_named(
+    sqlite_url: str, make_settings: MakeSettings, new_partner: NewPartner
+) -> None:
+    with engine_for(sqlite_url) as eng:
+        partner = new_partner(eng)
+        with gateway(make_settings(sqlite_url, signature_window_seconds=10)) as url:
+            headers = signed_headers(partner.app_key, partner.secret, "POST", RECORDS, _body(),
+                                     timestamp=int(time.time()) - 30)
+            resp = httpx.post(url + RECORDS, content=_body(), headers={**JSON, **headers})
+    error = _assert_coded(resp, 401, "UNAUTHENTICATED")
+    assert "10 s window" in error["message"] and "300" not in error["message"]
 
 
 def test_an_exact_replay_is_refused(
