@@ -332,9 +332,10 @@ class DeliveryWorker:
         return ours
 
     def _dead(self, conn: Connection, row: dict[str, Any], code: str, reason: str,
-              now: datetime) -> audit.Event:
+              now: datetime, attempts: int) -> audit.Event:
         conn.execute(update(outbox).where(outbox.c.id == row["id"]).values(
-            status="dead", error_code=code, last_error=reason[:2000], updated_at=now))
+            status="dead", error_code=code, last_error=reason[:2000], attempts=attempts,
+            updated_at=now))
         self.stats.dead += 1
         return audit.Event("dead", row["record_id"], row["version"], self.name,
                            {"code": code, "reason": reason[:500], "message_zh": message(code)[1]})
@@ -357,7 +358,8 @@ class DeliveryWorker:
                 continue
             if receipt.get("status") == "rejected":
                 events.append(self._dead(conn, row, "DOWNSTREAM_REJECTED",
-                                         str(receipt.get("reason") or "rejected"), now))
+                                         str(receipt.get("reason") or "rejected"), now,
+                                         claimed.attempts + 1))
                 continue
             delivered.append({"oid": row["id"], "r_status": str(receipt.get("status")),
                               "r_no": receipt.get("receipt_no")})
@@ -382,7 +384,8 @@ class DeliveryWorker:
                      .values(status="split", attempts=claimed.attempts + 1, last_error=reply.reason,
                              lease_owner=None, lease_until=None, updated_at=now))
         if len(claimed.rows) == 1:
-            return [self._dead(conn, claimed.rows[0], "DOWNSTREAM_REJECTED", reply.reason, now)]
+            return [self._dead(conn, claimed.rows[0], "DOWNSTREAM_REJECTED", reply.reason, now,
+                               claimed.attempts + 1)]
         half = len(claimed.rows) // 2
         for part in (claimed.rows[:half], claimed.rows[half:]):
             # The refused request was not applied, so the halves may carry new keys.
@@ -405,7 +408,8 @@ class DeliveryWorker:
                          .values(status="dead", attempts=attempts, last_error=reply.reason,
                                  lease_owner=None, lease_until=None, updated_at=now))
             return [self._dead(conn, r, "RETRIES_EXHAUSTED",
-                               f"{attempts} attempts; last: {reply.reason}", now) for r in claimed.rows]
+                               f"{attempts} attempts; last: {reply.reason}", now, attempts)
+                    for r in claimed.rows]
         delay = float(self.settings.retry_delay(attempts))
         if reply.retry_after is not None:  # the downstream's back-off, within our own longest
             delay = max(delay, min(reply.retry_after, self._retry_after_cap))

@@ -196,8 +196,10 @@ def test_per_record_rejection_dead_letters_only_that_record(
     assert rows[bad]["error_code"] == "DOWNSTREAM_REJECTED"
     assert "[REJECT]" in rows[bad]["last_error"]
     assert rows[bad]["receipt_no"] is None
+    assert rows[bad]["attempts"] == 1  # it was sent once, as its mates were
     mates = [r for rid, r in rows.items() if rid != bad]
     assert [r["status"] for r in mates] == ["delivered"] * 3
+    assert [r["attempts"] for r in mates] == [1] * 3
     assert len({r["batch_key"] for r in rows.values()}) == 1  # they shared the request
 
     snap = _mock(url)
@@ -547,6 +549,7 @@ def test_whole_request_refused_is_split_until_the_bad_record_stands_alone(
     rows = {r["record_id"]: r for r in _outbox(engine)}
     assert (rows[bad]["status"], rows[bad]["error_code"]) == ("dead", "DOWNSTREAM_REJECTED")
     assert "version" in rows[bad]["last_error"]
+    assert rows[bad]["attempts"] >= 1  # refused alone, after the split: still an attempt
     good = {rid for rid in rows if rid != bad}
     assert {rows[rid]["status"] for rid in good} == {"delivered"}
 
