@@ -30,13 +30,15 @@ class PayloadRejected(GatewayError):
     default_code = "SCHEMA"
 
     def __init__(self, code: str | None = None, detail: str | None = None,
-                 field: str | None = None) -> None:
+                 field: str | None = None, detail_zh: str | None = None) -> None:
         code = code or self.default_code
         en, zh = message(code)
         self.code, self.field = code, field
         self.message = f"{en} {detail}" if detail else en
-        # The detail names the field or value (often in English); a Chinese reader needs it too.
-        self.message_zh = f"{zh}{detail}" if detail else zh
+        # The detail names the field or value; without a Chinese one, the English is shown
+        # (a Chinese reader still needs to know which field or value).
+        detail_zh = detail_zh or detail
+        self.message_zh = f"{zh}{detail_zh}" if detail_zh else zh
         super().__init__(f"{code}: {self.message}")
 
     def as_body(self) -> dict[str, object]:

@@ -156,6 +156,15 @@ def test_compliance_matches_the_hand_computed_year(
         unauthenticated = httpx.get(f"{url}/v1/compliance/{person.id_number}/2026")
         other_year = httpx.get(f"{url}/v1/compliance/{person.id_number}/2025",
                                headers={"Authorization": f"Bearer {token}"})
+        typo = person.id_number[:16] + str((int(person.id_number[16]) + 1) % 10) + person.id_number[17]
+        mistyped = httpx.get(f"{url}/v1/compliance/{typo}/2026",
+                             headers={"Authorization": f"Bearer {token}"})
+        too_long = httpx.get(f"{url}/v1/compliance/{'1' * 5000}/2026",
+                             headers={"Authorization": f"Bearer {token}"})
+    # A mistyped id is said to be one, not answered as a person without hours.
+    assert mistyped.status_code == 422 and mistyped.json()["error"]["code"] == "ID_NUMBER_INVALID"
+    assert typo not in mistyped.text and mistyped.json()["error"]["message_zh"]
+    assert too_long.status_code == 422 and too_long.json()["error"]["code"] == "SCHEMA"
     assert resp.status_code == 200, resp.text
     assert person.id_number not in resp.text and person.id_number[6:14] not in resp.text
     assert resp.json() == direct
