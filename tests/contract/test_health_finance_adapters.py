@@ -227,6 +227,14 @@ def test_excel_typed_cells(partner: Partner) -> None:
     assert serial.submission.activity.completed_on == date(2026, 3, 5)
 
 
+def test_dates_with_a_time_and_yyyymmdd_numbers(partner: Partner) -> None:
+    """SPEC §8 date forms as they arrive: a time after a Chinese date, NDJSON's 20260305."""
+    for value in ("2026年3月5日 08:30", "2026-03-05 08:30:00", 20260305):
+        p = parse_one(partner.adapter(), {**partner.row, "完成日期": value})
+        assert p.ok and p.submission is not None, (value, answer(p))
+        assert p.submission.activity.completed_on == date(2026, 3, 5)
+
+
 # -- dedup stability --------------------------------------------------------------------------
 
 
