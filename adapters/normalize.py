@@ -126,7 +126,7 @@ def _from_float(value: float) -> Decimal:
         rounded = exact.quantize(_FLOAT_PLACES)
         # Strip the zeros the quantize added, but never into exponent form ("1E+1").
         exact = rounded.normalize() if rounded != rounded.to_integral() else rounded.to_integral()
-    return exact
+    return exact if exact else exact.copy_abs()  # -1e-9 rounds to -0: a zero has no sign
 
 
 def parse_decimal(value: object) -> Decimal:
@@ -135,8 +135,9 @@ def parse_decimal(value: object) -> Decimal:
     Accepts ``int``, ``float`` (Excel: via ``repr``, noise past 6 places rounded away),
     :class:`Decimal`, and text with full-width digits (``"２.５"``), spaces anywhere
     (``" 1 234 "``) and thousands commas in their places (``"1,234.5"``).  The text's own
-    precision is kept (``"2.50"`` → ``Decimal("2.50")``).  Refused: empty text, ``NaN`` and
-    infinities, exponents (``"1e3"``), booleans, and ambiguous commas (``"1,5"``).
+    precision is kept (``"2.50"`` → ``Decimal("2.50")``).  A zero never has a sign
+    (``"-0.0"`` → ``Decimal("0.0")``).  Refused: empty text, ``NaN`` and infinities, exponents
+    (``"1e3"``), booleans, and ambiguous commas (``"1,5"``).
     """
     if isinstance(value, bool):
         raise ValueError("expected a number, got a boolean")
@@ -147,7 +148,7 @@ def parse_decimal(value: object) -> Decimal:
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise ValueError(f"not a number: {value}")
-        return value
+        return value if value else value.copy_abs()
     if not isinstance(value, str):
         raise ValueError(f"expected a number, got {type(value).__name__}")
     text = _WHITESPACE.sub("", to_ascii_digits(value))
@@ -158,9 +159,12 @@ def parse_decimal(value: object) -> Decimal:
             raise ValueError(f"not a number: {show_value(value)}")
         text = text.replace(",", "")
     try:
-        return Decimal(text)
+        number = Decimal(text)
     except InvalidOperation:  # pragma: no cover - the patterns admit only valid literals
         raise ValueError(f"not a number: {show_value(value)}") from None
+    # "-0" is zero: a signed zero would pass "not negative" and end as "-0.0" hours (one
+    # truth test on the hot path, cheaper than looking for the minus sign first).
+    return number if number else number.copy_abs()
 
 
 def _excel_serial(serial: float) -> date:

@@ -158,6 +158,16 @@ def test_health_credits_to_hours_round_half_up(credits: object, hours: str) -> N
     assert p.ok and p.credited_hours == Decimal(hours)
 
 
+@pytest.mark.parametrize("credits", ["-0", "-0.0", Decimal("-0"), -0.0])
+def test_negative_zero_credits_are_zero_hours(partner: Partner, credits: object) -> None:
+    p = parse_one(partner.adapter(), {**partner.row, "学分": credits})
+    assert p.ok and p.submission is not None
+    assert str(p.credited_hours) == "0.0"
+    assert p.credits is not None and not p.credits.is_signed()
+    assert not p.submission.claimed.quantity.is_signed()
+    assert "-0" not in p.rule_notes[0].message
+
+
 def test_conversion_rate_is_configurable() -> None:
     p = parse_one(HealthAdapter(HealthConfig(hours_per_credit=Decimal("4"))), HEALTH_ROW)
     assert p.credited_hours == Decimal("10.0")

@@ -115,6 +115,14 @@ def test_parse_date_message_names_the_forms() -> None:
         (0.1 + 0.2, Decimal("0.3")),  # Excel float noise rounded away
         (1.0000000001, Decimal("1")),
         (Decimal("1.25"), Decimal("1.25")),
+        # a zero has no sign (a "-0" passed "not negative" and became "-0.0" hours)
+        ("-0", Decimal("0")),
+        ("-0.0", Decimal("0.0")),
+        ("－０．００", Decimal("0.00")),
+        ("-0,000.0", Decimal("0.0")),
+        (Decimal("-0.0"), Decimal("0.0")),
+        (-0.0, Decimal("0")),
+        (-1e-9, Decimal("0")),  # Excel noise rounded away
     ],
 )
 def test_parse_decimal(raw: object, expected: Decimal) -> None:
