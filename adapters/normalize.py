@@ -7,8 +7,8 @@ raises :class:`ValueError` with a message fit for a row error (the adapter wraps
 - :func:`to_ascii_digits` — full-width digits, letters and spaces → ASCII (Unicode NFKC), stripped.
 - :func:`cell_text` — any cell value (CSV string, Excel number, JSON value) → stripped text.
 - :func:`parse_decimal` — ``"1,234.5"``, ``"２.５"``, ``" 3 "``, Excel floats → :class:`Decimal`.
-- :func:`parse_date` — the date forms of SPEC §8, their full-width variants, Excel date cells
-  and Excel serial numbers → :class:`datetime.date`.
+- :func:`parse_date` — the date forms of SPEC §8 (a time after them dropped), their full-width
+  variants, Excel date cells, Excel serial numbers and yyyymmdd numbers → :class:`datetime.date`.
 """
 
 from __future__ import annotations
@@ -34,15 +34,19 @@ _GROUPED_NUMBER = re.compile(r"[+-]?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?")
 # hours never need more than this many places.
 _FLOAT_PLACES = Decimal("1e-6")
 
-# An optional time of day after a date ("2026-03-05 08:30:00", "2026-03-05T08:30"): dropped.
-_TIME = r"(?:[ T][0-9]{1,2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?)?"
+# An optional time of day after any date form ("2026-03-05 08:30:00", "2026-03-05T08:30",
+# "20260305 08:30", "2026年3月5日 08:30"): the date part counts, the time is dropped.
+_CLOCK = r"[0-9]{1,2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?"
+_TIME = r"(?:[ T]" + _CLOCK + ")?"
 _DATE_FORMS = (
     # 2026-03-05, 2026/3/5, 2026.3.5 (one separator throughout)
     re.compile(r"(?P<y>[0-9]{4})(?P<sep>[-/.])(?P<m>[0-9]{1,2})(?P=sep)(?P<d>[0-9]{1,2})" + _TIME),
     # 20260305
-    re.compile(r"(?P<y>[0-9]{4})(?P<m>[0-9]{2})(?P<d>[0-9]{2})"),
-    # 2026年3月5日 (the 日 is sometimes left off); spaces around the parts are removed first
-    re.compile(r"(?P<y>[0-9]{4})年(?P<m>[0-9]{1,2})月(?P<d>[0-9]{1,2})日?" + _TIME),
+    re.compile(r"(?P<y>[0-9]{4})(?P<m>[0-9]{2})(?P<d>[0-9]{2})" + _TIME),
+    # 2026年3月5日, spaces allowed around the parts; the 日 is sometimes left off, and then a
+    # time needs a space or T before it ("2026年3月508:30" would be day 50 or day 5?)
+    re.compile(r"(?P<y>[0-9]{4})\s*年\s*(?P<m>[0-9]{1,2})\s*月\s*(?P<d>[0-9]{1,2})(?:\s*日)?"
+               r"(?:(?:\s+|T|(?<=日))" + _CLOCK + ")?"),
 )
 _DATE_HELP = "expected a date like 2026-03-05, 2026/3/5, 20260305 or 2026年3月5日"
 
@@ -50,6 +54,9 @@ _DATE_HELP = "expected a date like 2026-03-05, 2026/3/5, 20260305 or 2026年3月
 # Lotus 1-2-3 invented and Excel kept.  From serial 61 on, day 0 is 1899-12-30.
 _EXCEL_EPOCH = date(1899, 12, 30)
 _EXCEL_MAX_SERIAL = 2958465  # 9999-12-31
+# An 8-digit number is never a serial (they stop at 7 digits, and plausible years have 5:
+# 10000 is 1927-10-18, 99999 is 2173-10-14): it is yyyymmdd, as an NDJSON 20260305 means.
+_YYYYMMDD_FIRST, _YYYYMMDD_LAST = 10_000_000, 99_999_999
 
 
 def to_ascii_digits(s: str) -> str:
@@ -119,7 +126,7 @@ def _from_float(value: float) -> Decimal:
         rounded = exact.quantize(_FLOAT_PLACES)
         # Strip the zeros the quantize added, but never into exponent form ("1E+1").
         exact = rounded.normalize() if rounded != rounded.to_integral() else rounded.to_integral()
-    return exact
+    return exact if exact else exact.copy_abs()  # -1e-9 rounds to -0: a zero has no sign
 
 
 def parse_decimal(value: object) -> Decimal:
@@ -128,8 +135,9 @@ def parse_decimal(value: object) -> Decimal:
     Accepts ``int``, ``float`` (Excel: via ``repr``, noise past 6 places rounded away),
     :class:`Decimal`, and text with full-width digits (``"２.５"``), spaces anywhere
     (``" 1 234 "``) and thousands commas in their places (``"1,234.5"``).  The text's own
-    precision is kept (``"2.50"`` → ``Decimal("2.50")``).  Refused: empty text, ``NaN`` and
-    infinities, exponents (``"1e3"``), booleans, and ambiguous commas (``"1,5"``).
+    precision is kept (``"2.50"`` → ``Decimal("2.50")``).  A zero never has a sign
+    (``"-0.0"`` → ``Decimal("0.0")``).  Refused: empty text, ``NaN`` and infinities, exponents
+    (``"1e3"``), booleans, and ambiguous commas (``"1,5"``).
     """
     if isinstance(value, bool):
         raise ValueError("expected a number, got a boolean")
@@ -140,7 +148,7 @@ def parse_decimal(value: object) -> Decimal:
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise ValueError(f"not a number: {value}")
-        return value
+        return value if value else value.copy_abs()
     if not isinstance(value, str):
         raise ValueError(f"expected a number, got {type(value).__name__}")
     text = _WHITESPACE.sub("", to_ascii_digits(value))
@@ -151,9 +159,12 @@ def parse_decimal(value: object) -> Decimal:
             raise ValueError(f"not a number: {show_value(value)}")
         text = text.replace(",", "")
     try:
-        return Decimal(text)
+        number = Decimal(text)
     except InvalidOperation:  # pragma: no cover - the patterns admit only valid literals
         raise ValueError(f"not a number: {show_value(value)}") from None
+    # "-0" is zero: a signed zero would pass "not negative" and end as "-0.0" hours (one
+    # truth test on the hot path, cheaper than looking for the minus sign first).
+    return number if number else number.copy_abs()
 
 
 def _excel_serial(serial: float) -> date:
@@ -169,15 +180,29 @@ def _excel_serial(serial: float) -> date:
     return _EXCEL_EPOCH + timedelta(days=day)
 
 
+def _yyyymmdd(number: float) -> date:
+    if isinstance(number, float) and not number.is_integer():
+        raise ValueError(f"not a date: {number!r}; {_DATE_HELP}")
+    y, md = divmod(int(number), 10_000)
+    try:
+        return date(y, *divmod(md, 100))
+    except ValueError:
+        raise ValueError(f"no such date: {number!r}") from None
+
+
 def parse_date(value: object) -> date:
     """A date as partners write it → :class:`date`; :class:`ValueError` otherwise.
 
     Accepts ``2026-03-05``, ``2026/3/5``, ``2026.3.5``, ``20260305``, ``2026年3月5日`` (and
-    ``2026年3月5``), each also in full-width characters, optionally followed by a time of day
-    (``2026-03-05 08:30:00``, dropped); :class:`date` and :class:`datetime` objects (openpyxl's
-    date cells); and Excel serial numbers (``46086`` → 2026-03-05, 1900 date system) as
-    ``int`` or ``float``.  Text made only of 5 digits is *not* read as a serial: a CSV cell
-    is what the partner typed.  Impossible dates (``2026-02-30``) are refused.
+    ``2026年3月5``, ``2026 年 3 月 5 日``), each also in full-width characters and each
+    optionally followed by a time of day (``2026-03-05 08:30:00``, ``2026年3月5日 08:30``;
+    dropped, the date part counts); :class:`date` and :class:`datetime` objects (openpyxl's
+    date cells); and numbers (``int`` or integral ``float``, from XLSX or NDJSON): 8 digits
+    are yyyymmdd (``20260305``), anything else an Excel serial (``46086`` → 2026-03-05,
+    1900 date system).  That is no guess: serials end at 2,958,465 (9999-12-31), 7 digits,
+    and those of plausible years have 5.  Text made only of 5 digits is *not* read as a
+    serial: a CSV cell is what the partner typed.  Impossible dates (``2026-02-30``,
+    ``20261301``) are refused.
     """
     if isinstance(value, datetime):
         return value.date()
@@ -186,14 +211,14 @@ def parse_date(value: object) -> date:
     if isinstance(value, bool):
         raise ValueError("expected a date, got a boolean")
     if isinstance(value, (int, float)):
+        if _YYYYMMDD_FIRST <= value <= _YYYYMMDD_LAST:
+            return _yyyymmdd(value)
         return _excel_serial(value)
     if not isinstance(value, str):
         raise ValueError(f"expected a date, got {type(value).__name__}")
     text = to_ascii_digits(value)
     if not text:
         raise ValueError("expected a date, got an empty value")
-    if "年" in text:
-        text = _WHITESPACE.sub("", text)
     for form in _DATE_FORMS:
         m = form.fullmatch(text)
         if m is not None:

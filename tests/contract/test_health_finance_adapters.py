@@ -158,6 +158,16 @@ def test_health_credits_to_hours_round_half_up(credits: object, hours: str) -> N
     assert p.ok and p.credited_hours == Decimal(hours)
 
 
+@pytest.mark.parametrize("credits", ["-0", "-0.0", Decimal("-0"), -0.0])
+def test_negative_zero_credits_are_zero_hours(partner: Partner, credits: object) -> None:
+    p = parse_one(partner.adapter(), {**partner.row, "学分": credits})
+    assert p.ok and p.submission is not None
+    assert str(p.credited_hours) == "0.0"
+    assert p.credits is not None and not p.credits.is_signed()
+    assert not p.submission.claimed.quantity.is_signed()
+    assert "-0" not in p.rule_notes[0].message
+
+
 def test_conversion_rate_is_configurable() -> None:
     p = parse_one(HealthAdapter(HealthConfig(hours_per_credit=Decimal("4"))), HEALTH_ROW)
     assert p.credited_hours == Decimal("10.0")
@@ -225,6 +235,14 @@ def test_excel_typed_cells(partner: Partner) -> None:
     serial = parse_one(partner.adapter(), {**partner.row, "完成日期": 46086})
     assert serial.submission is not None
     assert serial.submission.activity.completed_on == date(2026, 3, 5)
+
+
+def test_dates_with_a_time_and_yyyymmdd_numbers(partner: Partner) -> None:
+    """SPEC §8 date forms as they arrive: a time after a Chinese date, NDJSON's 20260305."""
+    for value in ("2026年3月5日 08:30", "2026-03-05 08:30:00", 20260305):
+        p = parse_one(partner.adapter(), {**partner.row, "完成日期": value})
+        assert p.ok and p.submission is not None, (value, answer(p))
+        assert p.submission.activity.completed_on == date(2026, 3, 5)
 
 
 # -- dedup stability --------------------------------------------------------------------------

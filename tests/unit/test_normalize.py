@@ -35,6 +35,9 @@ def test_to_ascii_digits(raw: str, expected: str) -> None:
         "2026-03-05", "2026-3-5", "2026/3/5", "2026/03/05", "2026.3.5", "20260305",
         "2026年3月5日", "2026年03月05日", "2026年3月5", "2026 年 3 月 5 日",
         " 2026-03-05 ", "2026-03-05 00:00:00", "2026-03-05T08:30", "2026/3/5 8:30",
+        # a time after any form: the date part counts
+        "2026年3月5日 08:30", "2026年3月5日08:30:00", "2026年3月5 08:30", "2026 年 3 月 5 日 8:30",
+        "20260305 08:30", "２０２６年３月５日\u3000０８：３０",
         # full-width variants
         "２０２６－０３－０５", "２０２６／３／５", "２０２６．３．５", "２０２６０３０５",
         "２０２６年３月５日", "\u30002026年3月5日\u3000",
@@ -56,6 +59,18 @@ def test_parse_date_excel_cells_and_serials() -> None:
     assert parse_date(2958465) == date(9999, 12, 31)
 
 
+def test_parse_date_eight_digit_numbers_are_yyyymmdd() -> None:
+    # NDJSON's 20260305 is a date typed as a number, never a serial (those stop at 7 digits)
+    assert parse_date(20260305) == MARCH_5
+    assert parse_date(20260305.0) == MARCH_5
+    assert parse_date(10000101) == date(1000, 1, 1)
+    assert parse_date(99991231) == date(9999, 12, 31)
+    with pytest.raises(ValueError, match="no such date: 20261301"):
+        parse_date(20261301)
+    with pytest.raises(ValueError, match="not a date"):
+        parse_date(20260305.5)
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -63,6 +78,8 @@ def test_parse_date_excel_cells_and_serials() -> None:
         "2026-03/05",  # mixed separators
         "", "   ", "下月补报", "N/A", "2026-03", "26-3-5", "46086", "3/5/2026",
         "2026-03-05 25", "2026-03-05x",
+        "2026年3月508:30",  # day 50 at 8:30, or day 5 at 08:30? neither
+        "2026年3月5日 25", "2026年3月5日 日",
         0, -1, 60, 2958466, float("nan"), float("inf"), True, None, [2026, 3, 5], {"y": 2026},
         Decimal("46086"),
     ],
@@ -98,6 +115,14 @@ def test_parse_date_message_names_the_forms() -> None:
         (0.1 + 0.2, Decimal("0.3")),  # Excel float noise rounded away
         (1.0000000001, Decimal("1")),
         (Decimal("1.25"), Decimal("1.25")),
+        # a zero has no sign (a "-0" passed "not negative" and became "-0.0" hours)
+        ("-0", Decimal("0")),
+        ("-0.0", Decimal("0.0")),
+        ("－０．００", Decimal("0.00")),
+        ("-0,000.0", Decimal("0.0")),
+        (Decimal("-0.0"), Decimal("0.0")),
+        (-0.0, Decimal("0")),
+        (-1e-9, Decimal("0")),  # Excel noise rounded away
     ],
 )
 def test_parse_decimal(raw: object, expected: Decimal) -> None:

@@ -15,6 +15,7 @@ import pytest
 from adapters.tabular import (
     HEAD_BYTES,
     ROW_ERROR,
+    UTF8_MAJORITY,
     UnreadableFile,
     UnsupportedFormat,
     detect_encoding,
@@ -25,7 +26,15 @@ from adapters.tabular import (
     iter_xlsx,
     row_error,
 )
-from mock_partners.files import HEALTH_HEADERS, health_rows, write_csv, write_ndjson, write_xlsx
+from mock_partners.files import (
+    FINANCE_HEADERS,
+    HEALTH_HEADERS,
+    finance_rows,
+    health_rows,
+    write_csv,
+    write_ndjson,
+    write_xlsx,
+)
 
 
 def _csv_rows(data: bytes) -> list[tuple[int, dict[str, object]]]:
@@ -107,6 +116,70 @@ def test_undecodable_bytes_fail_only_their_row() -> None:
     assert len(rows) == 10_002
     assert row_error(rows[-2][1]) == "row 10002: bytes that are not valid utf-8"
     assert rows[-1] == (10_003, {"记录编号": "3", "姓名": "赵敏"})
+
+
+def _head(path: Path) -> tuple[bytes, bool]:
+    data = path.read_bytes()
+    return data[:HEAD_BYTES], len(data) <= HEAD_BYTES
+
+
+def test_a_stray_byte_in_the_head_of_a_utf8_file_fails_only_its_row(tmp_path: Path) -> None:
+    # A Latin-1 "Café" from a bad export, in a small UTF-8 file: one row, not the file, is bad.
+    path = tmp_path / "one_bad.csv"
+    write_csv(path, health_rows(3, 20, 2026, 3), HEALTH_HEADERS, encoding="utf-8")
+    good = list(iter_rows(path))
+    data = path.read_bytes()
+    bad = "WJ-BAD,630104199007148673,王伟,Caf".encode() + b"\xe9" + b",630100\r\n"
+    rows = _csv_rows(data + bad + b"WJ-LAST,x\r\n")
+
+    assert detect_encoding(data + bad, at_eof=True) == "utf-8"
+    assert rows[:20] == good
+    assert rows[20] == (22, {ROW_ERROR: "row 22: bytes that are not valid utf-8"})
+    assert rows[21][1]["记录编号"] == "WJ-LAST"
+
+
+def test_utf8_head_with_a_few_bad_bytes_stays_utf8() -> None:
+    rows = "记录编号,姓名,工作单位\n" + "".join(f"{i},王伟,青海省人民医院\n" for i in range(5))
+    head = rows.encode()
+    assert detect_encoding(head + b"9,Caf\xe9,x\n", at_eof=True) == "utf-8"
+    assert detect_encoding(b"9,\xff\xfe,x\n" + head, at_eof=True) == "utf-8"  # bad first row
+    # a GBK-encoded row among UTF-8 ones is that row's problem, not the file's
+    assert detect_encoding(head + "9,李芳,西宁市\n".encode("gb18030") + head) == "utf-8"
+    # a character cut at the 64 KiB mark is not counted as bad
+    assert detect_encoding(head + b"9,Caf\xe9,x\n" + "王".encode()[:2]) == "utf-8"
+    # the threshold: UTF8_MAJORITY valid multibyte characters per bad byte, no fewer
+    four = "伟" * UTF8_MAJORITY
+    assert detect_encoding(f"a,{four}\n".encode() + b"\xe9\n", at_eof=True) == "utf-8"
+    assert detect_encoding(f"a,{four[1:]}\n".encode() + b"\xe9\n", at_eof=True) == "gb18030"
+
+
+def test_pure_ascii_head_is_utf8() -> None:
+    ascii_head = b"id,name\n" + b"1,Wang Wei\n" * (HEAD_BYTES // 11)
+    assert detect_encoding(ascii_head[:HEAD_BYTES]) == "utf-8"
+    assert detect_encoding(ascii_head, at_eof=True) == "utf-8"
+    assert detect_encoding(b"", at_eof=True) == "utf-8"
+    # ASCII and one stray byte: nothing says UTF-8, and a GBK name would look the same
+    assert detect_encoding(b"id,name\n1,Caf\xe9\n", at_eof=True) == "gb18030"
+
+
+def test_gb18030_files_are_still_gb18030(tmp_path: Path) -> None:
+    fixture = Path(__file__).parents[1] / "fixtures" / "health_2026-03_gb18030.csv"
+    assert detect_encoding(*_head(fixture)) == "gb18030"
+    path = tmp_path / "gb.csv"
+    for seed in range(20):
+        for n in (1, 2, 5, 100, 2000):  # one row to past the 64 KiB head
+            for rows, headers in ((health_rows, HEALTH_HEADERS), (finance_rows, FINANCE_HEADERS)):
+                write_csv(path, rows(seed, n, 2026, 3), headers, encoding="gb18030")
+                assert detect_encoding(*_head(path)) == "gb18030", (seed, n, headers[0])
+                body = path.read_bytes().split(b"\n", 1)[1]  # no Chinese header to help
+                assert detect_encoding(body[:HEAD_BYTES]) == "gb18030", (seed, n, headers[0])
+    # mostly ASCII: English headers, codes and dates, only the names in Chinese
+    for names in ("王伟", "李芳,赵敏", "多杰,才让,祁静,马明"):
+        lines = ["result_id,id_no,name,region,hours,completed_on"]
+        lines += [f"TB{i:06d},630104199007148673,{name},630100,12,2026-03-05"
+                  for i, name in enumerate(names.split(","))]
+        data = "\n".join(lines).encode("gb18030")
+        assert detect_encoding(data, at_eof=True) == "gb18030", names
 
 
 def test_undecodable_header_names_stay_printable() -> None:
