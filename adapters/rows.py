@@ -15,7 +15,7 @@ from typing import Any
 
 from adapters.base import Adapter, ParsedRow
 from adapters.normalize import cell_text, parse_date, parse_decimal, show_value, to_ascii_digits
-from adapters.tabular import row_error
+from adapters.tabular import row_error, row_error_zh
 from contracts import CESubmission, Note
 from gateway.pipeline.validate import note, validate_submission
 
@@ -37,7 +37,8 @@ def unpack_row(raw: object) -> tuple[int | None, Mapping[str, object] | None, No
                                detail_zh="应为一行数据（列名到单元格）")
     reason = row_error(cells)
     if reason is not None:
-        return row, None, note("SCHEMA", reason, detail_zh=f"该行无法读取：{reason}")
+        return row, None, note("SCHEMA", reason,
+                               detail_zh=f"该行无法读取：{row_error_zh(cells) or reason}")
     if not all(isinstance(k, str) for k in cells):
         return row, None, note("SCHEMA", "column names must be text", detail_zh="列名必须是文本")
     return row, cells, None
@@ -75,7 +76,8 @@ class TabularAdapter(Adapter):
             parsed = self.parse_cells(row, cells)
         except Exception as exc:  # noqa: BLE001 - the contract: a bad row never raises
             detail = f"the row could not be read ({type(exc).__name__})"
-            parsed = ParsedRow(row=row, raw=dict(cells), errors=[note("SCHEMA", detail)])
+            parsed = ParsedRow(row=row, raw=dict(cells), errors=[note(
+                "SCHEMA", detail, detail_zh=f"无法读取该行（{type(exc).__name__}）")])
         yield parsed
 
     @abstractmethod
@@ -97,6 +99,21 @@ class TabularAdapter(Adapter):
 
 
 # -- row helper for tabular adapters ----------------------------------------------------------
+
+
+def _kind_zh(raw: object) -> str:
+    """What a cell that is not text holds, in Chinese (for its row error)."""
+    if isinstance(raw, str):
+        return "含有空字符或不符合文件编码的字节"
+    if isinstance(raw, bool):
+        return "收到布尔值"
+    if isinstance(raw, float):
+        return f"收到数值 {raw!r}"
+    if isinstance(raw, dict):
+        return "收到对象"
+    if isinstance(raw, list):
+        return "收到数组"
+    return f"收到 {type(raw).__name__}"
 
 
 def _column_note(column: str, detail: str, detail_zh: str) -> Note:
@@ -147,7 +164,7 @@ class RowBuilder:
         try:
             value = cell_text(raw)
         except ValueError as exc:
-            self._fail(column, str(exc), f"不是有效文本（{exc}）")
+            self._fail(column, str(exc), f"不是有效文本（{_kind_zh(raw)}）")
             return placeholder if required else None
         if code:
             value = "".join(to_ascii_digits(value).split())

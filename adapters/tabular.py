@@ -73,6 +73,7 @@ from adapters.base import Adapter, ParsedRow
 
 __all__ = [
     "ROW_ERROR",
+    "ROW_ERROR_ZH",
     "Cells",
     "Format",
     "Row",
@@ -94,6 +95,7 @@ __all__ = [
     "count_rows",
     "parse_file",
     "row_error",
+    "row_error_zh",
     "xlsx_census",
 ]
 
@@ -102,6 +104,7 @@ Cells = dict[str, object]
 Row = tuple[int, Cells]
 
 ROW_ERROR = "__error__"
+ROW_ERROR_ZH = "__error_zh__"  # the same reason in Chinese, beside ROW_ERROR
 HEAD_BYTES = 64 * 1024
 # A head with undecodable bytes is still UTF-8 when it holds at least this many validly decoded
 # multibyte characters per undecodable byte (module docs, "CSV encoding").
@@ -138,8 +141,14 @@ def _too_long_cell(cells: Iterable[object]) -> bool:
     return any(isinstance(c, str) and len(c) > MAX_CELL_CHARS for c in cells)
 
 
+def _broken(en: str, zh: str) -> Cells:
+    """A broken row's cells: the reason in English, and in Chinese for the row error (SPEC §6)."""
+    return {ROW_ERROR: en, ROW_ERROR_ZH: zh}
+
+
 def _long_cell_error(number: int) -> Cells:
-    return {ROW_ERROR: f"row {number}: a cell longer than {MAX_CELL_CHARS:,} characters"}
+    return _broken(f"row {number}: a cell longer than {MAX_CELL_CHARS:,} characters",
+                   f"第 {number} 行：有单元格超过 {MAX_CELL_CHARS:,} 个字符")
 
 
 def row_error(cells: Mapping[str, object]) -> str | None:
@@ -147,6 +156,12 @@ def row_error(cells: Mapping[str, object]) -> str | None:
     if ROW_ERROR in cells:
         return str(cells[ROW_ERROR])
     return None
+
+
+def row_error_zh(cells: Mapping[str, object]) -> str | None:
+    """The reader's reason in Chinese, when it gave one."""
+    value = cells.get(ROW_ERROR_ZH)
+    return None if value is None else str(value)
 
 
 # -- format detection -------------------------------------------------------------------------
@@ -322,11 +337,13 @@ def iter_csv(stream: IO[bytes]) -> Iterator[Row]:
                 return
             except csv.Error as exc:
                 number += 1
-                yield number, {ROW_ERROR: f"row {number}: not valid CSV ({exc})"}
+                yield number, _broken(f"row {number}: not valid CSV ({exc})",
+                                      f"第 {number} 行：不是有效的 CSV（{exc}）")
                 continue
             except _RecordTooLong:
                 number += 1
-                yield number, {ROW_ERROR: f"row {number}: longer than {MAX_RECORD_CHARS:,} characters"}
+                yield number, _broken(f"row {number}: longer than {MAX_RECORD_CHARS:,} characters",
+                                      f"第 {number} 行：超过 {MAX_RECORD_CHARS:,} 个字符")
                 continue
             number += 1
             joined = "".join(row)
@@ -343,7 +360,8 @@ def iter_csv(stream: IO[bytes]) -> Iterator[Row]:
                 contiguous = [i for i, _ in columns] == list(range(len(columns)))
                 continue
             if not joined.isascii() and _SURROGATES.search(joined):
-                yield number, {ROW_ERROR: f"row {number}: bytes that are not valid {encoding}"}
+                yield number, _broken(f"row {number}: bytes that are not valid {encoding}",
+                                      f"第 {number} 行：含有不符合 {encoding} 编码的字节")
                 continue
             if contiguous and len(row) >= len(names):
                 yield number, dict(zip(names, row, strict=False))
@@ -578,7 +596,8 @@ def iter_ndjson(stream: IO[bytes]) -> Iterator[Row]:
     """
     for number, line in enumerate(_bounded_byte_lines(stream), start=1):
         if line is None:
-            yield number, {ROW_ERROR: f"line {number}: longer than {MAX_RECORD_CHARS:,} bytes"}
+            yield number, _broken(f"line {number}: longer than {MAX_RECORD_CHARS:,} bytes",
+                                  f"第 {number} 行：超过 {MAX_RECORD_CHARS:,} 字节")
             continue
         if number == 1:
             line = line.removeprefix(_UTF8_BOM)
@@ -587,11 +606,13 @@ def iter_ndjson(stream: IO[bytes]) -> Iterator[Row]:
         try:
             value = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            yield number, {ROW_ERROR: f"line {number}: not valid JSON ({exc})"}
+            yield number, _broken(f"line {number}: not valid JSON ({exc})",
+                                  f"第 {number} 行：不是有效的 JSON（{exc}）")
             continue
         if not isinstance(value, dict):
             kind = type(value).__name__
-            yield number, {ROW_ERROR: f"line {number}: expected a JSON object, got {kind}"}
+            yield number, _broken(f"line {number}: expected a JSON object, got {kind}",
+                                  f"第 {number} 行：应为 JSON 对象，收到 {kind}")
             continue
         if len(line) > MAX_CELL_CHARS and _too_long_cell(value.values()):
             yield number, _long_cell_error(number)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
@@ -161,7 +162,8 @@ CASES: dict[str, Case] = {
         record=_cells,
         required=("base_code", "result_id", "id_no", "name", "region", "hours", "completed_on"),
         id_key="id_no", text_key="name", number_key="hours", date_key="completed_on",
-        extra_malformed={"reader row error": (5, {"__error__": "row 5: not valid CSV"})},
+        extra_malformed={"reader row error": (5, {"__error__": "row 5: not valid CSV",
+                                                  "__error_zh__": "第 5 行：不是有效的 CSV"})},
     ),
     "cadre_college": Case(
         golden=CADRE_ITEM, rows=1,
@@ -178,7 +180,8 @@ CASES: dict[str, Case] = {
         record=_cells,
         required=("记录编号", "身份证号", "姓名", "地区代码", "项目名称", "学分类别", "学分", "完成日期"),
         id_key="身份证号", text_key="姓名", number_key="学分", date_key="完成日期",
-        extra_malformed={"reader row error": (5, {"__error__": "row 5: not valid CSV"})},
+        extra_malformed={"reader row error": (5, {"__error__": "row 5: not valid CSV",
+                                                  "__error_zh__": "第 5 行：不是有效的 CSV"})},
     ),
     "finance": Case(
         golden=(3, FINANCE_CELLS), rows=1,
@@ -188,7 +191,8 @@ CASES: dict[str, Case] = {
         required=("流水号", "证件号码", "姓名", "地区代码", "学习方式", "课程名称", "科目类别", "学分",
                   "完成日期"),
         id_key="证件号码", text_key="姓名", number_key="学分", date_key="完成日期",
-        extra_malformed={"reader row error": (5, {"__error__": "row 5: not valid CSV"})},
+        extra_malformed={"reader row error": (5, {"__error__": "row 5: not valid CSV",
+                                                  "__error_zh__": "第 5 行：不是有效的 CSV"})},
     ),
 }
 
@@ -244,6 +248,10 @@ def reordered(value: Any) -> Any:
     return value
 
 
+ENGLISH_PHRASE = re.compile(r"Input should|should have|valid |unable to|expected |required\b|"
+                            r"[A-Za-z]{4,} [A-Za-z]{3,} [A-Za-z]{3,}")
+
+
 def assert_coded(rows: list[ParsedRow], *, code: str | None = None) -> None:
     """At least one row has errors; every error is catalogued and has both messages."""
     errors = [e for r in rows for e in r.errors]
@@ -251,6 +259,9 @@ def assert_coded(rows: list[ParsedRow], *, code: str | None = None) -> None:
     for e in errors:
         assert e.code in CATALOGUE, e
         assert e.message and e.message_zh, e
+        # SPEC §6: the Chinese message is Chinese, not the English detail copied (the field
+        # name and a quoted value may still be ASCII).
+        assert not ENGLISH_PHRASE.search(e.message_zh), e.message_zh
     for r in rows:
         assert r.ok or r.errors, f"a row neither ok nor coded: {r}"
     if code is not None:

@@ -15,6 +15,7 @@ import pytest
 from adapters.tabular import (
     HEAD_BYTES,
     ROW_ERROR,
+    ROW_ERROR_ZH,
     UTF8_MAJORITY,
     UnreadableFile,
     UnsupportedFormat,
@@ -134,7 +135,8 @@ def test_a_stray_byte_in_the_head_of_a_utf8_file_fails_only_its_row(tmp_path: Pa
 
     assert detect_encoding(data + bad, at_eof=True) == "utf-8"
     assert rows[:20] == good
-    assert rows[20] == (22, {ROW_ERROR: "row 22: bytes that are not valid utf-8"})
+    assert rows[20] == (22, {ROW_ERROR: "row 22: bytes that are not valid utf-8",
+                             ROW_ERROR_ZH: "第 22 行：含有不符合 utf-8 编码的字节"})
     assert rows[21][1]["记录编号"] == "WJ-LAST"
 
 
@@ -185,7 +187,8 @@ def test_gb18030_files_are_still_gb18030(tmp_path: Path) -> None:
 def test_undecodable_header_names_stay_printable() -> None:
     assert _csv_rows(b"\xff\xfe,b\n1,2\n") == [(2, {"\ufffd\ufffd": "1", "b": "2"})]
     rows = _csv_rows("记录编号,姓名\n".encode("gb18030") + b"\xff\xff,x\n1,2\n")
-    assert rows == [(2, {ROW_ERROR: "row 2: bytes that are not valid gb18030"}),
+    assert rows == [(2, {ROW_ERROR: "row 2: bytes that are not valid gb18030",
+                         ROW_ERROR_ZH: "第 2 行：含有不符合 gb18030 编码的字节"}),
                     (3, {"记录编号": "1", "姓名": "2"})]
 
 
