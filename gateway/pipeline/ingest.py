@@ -326,8 +326,15 @@ class _Known:
     withdrawn: bool
     status: str
     duplicate_of: str | None
-    claim: tuple[str, str]  # (unit, quantity) of the current version
+    claim: tuple[str, str] | None  # (unit, quantity) of the current version; None: not read yet
     cap_group: caps.Group | None = None  # the capped group its current version counts in
+
+
+# What the chunk reads of a stored record (_Known), not its thirty columns.
+_KNOWN_COLUMNS = (records.c.record_id, records.c.source_record_id, records.c.current_version,
+                  records.c.content_hash, records.c.withdrawn, records.c.status,
+                  records.c.duplicate_of, records.c.cap_type, records.c.person_key,
+                  records.c.counts_year)
 
 
 def _claim_of(sub: CESubmission) -> tuple[str, str]:
@@ -434,10 +441,9 @@ class Chunk:
         source_ids = sorted({s.source_record_id for s in subs}
                             | {i.refused[0] for i in items if i.refused is not None})
         for part in _chunks(source_ids):
-            rows = self.conn.execute(select(records).where(
+            self._remember(self.conn.execute(select(*_KNOWN_COLUMNS).where(
                 records.c.partner_id == self.partner.partner_id,
-                records.c.source_record_id.in_(part))).mappings().all()
-            self._remember(rows)
+                records.c.source_record_id.in_(part))).mappings().all())
         keys = sorted({s.natural_key for s in subs})
         for part in _chunks(keys):
             self.holders.update((r.natural_key, r.record_id) for r in self.conn.execute(
@@ -445,15 +451,35 @@ class Chunk:
                 .where(natural_keys.c.natural_key.in_(part))))
         missing = sorted(set(self.holders.values()) - set(self.by_record))
         for part in _chunks(missing):
-            self._remember(self.conn.execute(select(records).where(
+            self._remember(self.conn.execute(select(*_KNOWN_COLUMNS).where(
                 records.c.record_id.in_(part))).mappings().all(), by_source=False)
+        # Claims are compared only when a submission is judged against another record (its
+        # activity's holder, or the record its own was a duplicate of): read just those.  An
+        # annual batch repeating its months needs none, and reading every known record's
+        # payload was most of its writer's time.
+        wanted: set[str] = set()
+        for s in subs:
+            own, holder = self.by_source.get(s.source_record_id), self.holders.get(s.natural_key)
+            if holder is not None and (own is None or own.record_id != holder):
+                wanted.add(holder)
+            if own is not None and own.duplicate_of:
+                wanted.add(own.duplicate_of)
+        self._load_claims(sorted(wanted & self.by_record.keys()))
 
     def _remember(self, rows: Iterable[Any], by_source: bool = True) -> None:
-        rows = list(rows)
-        if not rows:
-            return
-        wanted = [(r["record_id"], r["current_version"]) for r in rows]
-        claims = {}
+        for r in rows:
+            counted = r["cap_type"] and r["status"] == "accepted" and not r["withdrawn"]
+            group = (r["person_key"], int(r["counts_year"]), r["cap_type"]) if counted else None
+            known = _Known(r["record_id"], int(r["current_version"]), r["content_hash"],
+                           bool(r["withdrawn"]), r["status"], r["duplicate_of"], None, group)
+            self.by_record[known.record_id] = known
+            if by_source:
+                self.by_source[r["source_record_id"]] = known
+
+    def _load_claims(self, record_ids: Sequence[str]) -> None:
+        """Read the claim of stored records' current versions into ``by_record``."""
+        wanted = [(rid, self.by_record[rid].version) for rid in record_ids
+                  if self.by_record[rid].claim is None]
         for part in _chunks(wanted):
             for v in self.conn.execute(select(record_versions.c.record_id, record_versions.c.payload)
                                        .where(tuple_(record_versions.c.record_id,
@@ -461,18 +487,12 @@ class Chunk:
                 # A closed year's payload may be a retention stub (gateway/retention.py): no
                 # claim to compare, so the same activity from another source is a conflict.
                 claimed = orjson.loads(v.payload).get("claimed")
-                if claimed:
-                    claims[v.record_id] = (claimed["unit"],
-                                           str(Decimal(claimed["quantity"]).normalize()))
-        for r in rows:
-            counted = r["cap_type"] and r["status"] == "accepted" and not r["withdrawn"]
-            group = (r["person_key"], int(r["counts_year"]), r["cap_type"]) if counted else None
-            known = _Known(r["record_id"], int(r["current_version"]), r["content_hash"],
-                           bool(r["withdrawn"]), r["status"], r["duplicate_of"],
-                           claims.get(r["record_id"], ("", "")), group)
-            self.by_record[known.record_id] = known
-            if by_source:
-                self.by_source[r["source_record_id"]] = known
+                self.by_record[v.record_id].claim = (
+                    (claimed["unit"], str(Decimal(claimed["quantity"]).normalize()))
+                    if claimed else ("", ""))
+        for rid, _ in wanted:  # no version row at all: nothing to compare either
+            if self.by_record[rid].claim is None:
+                self.by_record[rid].claim = ("", "")
 
     # -- decisions --------------------------------------------------------------------------
     def run(self, items: Sequence[Item]) -> list[RecordAnswer]:
@@ -637,6 +657,8 @@ class Chunk:
         return record_id
 
     def _judge(self, sub: Prepared, holder: str) -> RecordStatus:
+        if self.by_record[holder].claim is None:  # not foreseen by _load: read it now
+            self._load_claims([holder])
         same = self.by_record[holder].claim == sub.claim
         return RecordStatus.DUPLICATE if same else RecordStatus.CONFLICT
 
@@ -739,7 +761,7 @@ class Chunk:
             # It was judged against another source's report: judge the correction the same way.
             status = self._judge(sub, known.duplicate_of)
         elif known.duplicate_of:
-            self._remember(self.conn.execute(select(records).where(
+            self._remember(self.conn.execute(select(*_KNOWN_COLUMNS).where(
                 records.c.record_id == known.duplicate_of)).mappings().all(), by_source=False)
             status = self._judge(sub, known.duplicate_of)
         known.version += 1
