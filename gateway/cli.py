@@ -162,7 +162,8 @@ def db_upgrade(revision: str = "head") -> None:
 def partner_add(
     id: Annotated[str, typer.Option("--id", help="partner id, e.g. qh-base-001")],
     adapter: Annotated[str, typer.Option(help="canonical | training_base | health | finance")],
-    base_code: Annotated[str | None, typer.Option(help="training base code this partner may submit for")] = None,
+    base_code: Annotated[str | None, typer.Option(
+        help="training base code this partner may submit for (required for training_base)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Register a partner; prints its app key and secret ONCE."""

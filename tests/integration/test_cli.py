@@ -13,7 +13,7 @@ from gateway.batches import NewBatch, new_batch_id, record_batch
 from gateway.config import DEV_SECRET_KEY
 from gateway.signing import file_sha256
 from gateway.store.db import make_engine
-from gateway.store.tables import audit_events, batches
+from gateway.store.tables import audit_events, batches, partners
 from tests.fixtures import make_golden
 from tests.support.servers import cli
 
@@ -119,3 +119,26 @@ def test_ingest_of_an_unreadable_file_fails_its_own_batch_and_leaves_others_to_t
     # The legacy file never became a batch (as an upload's 422); the waiting one is untouched.
     assert states == {waiting.batch_id: "queued", failed["batch_id"]: "failed",
                       done["batch_id"]: "done"}
+
+
+def test_partner_add_refuses_an_empty_id_and_a_training_base_without_its_base_code(
+        tmp_path: Path) -> None:
+    """SPEC §7: a base may only submit for its own base code, so it cannot be added without one."""
+    url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    env = {"CE_GATEWAY_DATABASE_URL": url, "CE_GATEWAY_SECRET_KEY": "cli-test"}
+    for args, why in ((("--id", "", "--adapter", "canonical"), "partner id must not be empty"),
+                      (("--id", "  ", "--adapter", "canonical"), "partner id must not be empty"),
+                      (("--id", "qh-base-009", "--adapter", "training_base"), "--base-code"),
+                      (("--id", "qh-base-009", "--adapter", "training_base", "--base-code", ""),
+                       "base code must not be empty")):
+        refused = cli(env, "partner", "add", *args, "--json")
+        assert refused.returncode == 2 and why in refused.stderr, (args, refused.stderr)
+        assert refused.stdout == ""
+    added = cli(env, "partner", "add", "--id", "qh-base-009", "--adapter", "training_base",
+                "--base-code", "QHJD-009", "--json")
+    assert added.returncode == 0, added.stderr
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        stored = [tuple(r) for r in conn.execute(select(partners.c.partner_id, partners.c.base_code))]
+    engine.dispose()
+    assert stored == [("qh-base-009", "QHJD-009")]
