@@ -59,6 +59,14 @@ def add_partner(engine: Engine, box: SecretBox, partner_id: str, adapter: str,
     return Partner(partner_id, adapter, base_code, app_key, secret)
 
 
+def base_code_of(engine: Engine, partner_id: str) -> str | None:
+    """The base code a partner is registered for (``None``: none, or no such partner)."""
+    with engine.connect() as conn:
+        code: str | None = conn.execute(select(partners.c.base_code)
+                                        .where(partners.c.partner_id == partner_id)).scalar()
+    return code
+
+
 def partner_by_app_key(engine: Engine, box: SecretBox, app_key: str) -> Partner | None:
     with engine.connect() as conn:
         row = conn.execute(select(partners).where(partners.c.app_key == app_key,

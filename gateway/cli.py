@@ -262,7 +262,8 @@ def ingest(
     adapter: Annotated[str, typer.Option(help="health | finance | training_base")],
     kind: Annotated[str, typer.Option(help="monthly | annual | roster")],
     period: Annotated[str, typer.Option(help="YYYY-MM (monthly) or YYYY (annual)")],
-    partner_id: Annotated[str | None, typer.Option(help="whose batch this is (default: <adapter>-local)")] = None,
+    partner_id: Annotated[str | None, typer.Option(
+        help="whose batch this is (default: <adapter>-local; a roster: a registered base)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Ingest a batch file locally, exactly as an upload would be processed (progress bar)."""
@@ -275,6 +276,7 @@ def ingest(
     )
 
     from adapters.tabular import UnreadableFile, count_rows, detect_format
+    from gateway.accounts import base_code_of
     from gateway.batches import (
         BatchProcessor,
         NewBatch,
@@ -283,7 +285,8 @@ def ingest(
         new_batch_id,
         record_batch,
     )
-    from gateway.errors import PayloadRejected
+    from gateway.errors import PayloadRejected, ScopeViolation
+    from gateway.pipeline.rules_tables import BASE_ADAPTERS
     from gateway.signing import file_sha256
 
     settings = _settings()
@@ -301,6 +304,12 @@ def ingest(
     except PayloadRejected as exc:
         raise _refused(exc) from exc
     engine = _engine(settings)
+    if adapter in BASE_ADAPTERS and not base_code_of(engine, owner):
+        # A roster's rows are scoped by their partner's base code (SPEC §7): without one,
+        # every row would be refused SCOPE_VIOLATION.
+        raise _refused(ScopeViolation(field="partner_id", detail=(
+            f"(partner {owner!r} is not a training base registered with --base-code; "
+            "pass --partner-id of one)")))
     batch = NewBatch(new_batch_id(), owner, adapter, kind, period,
                      file.resolve(), fmt, file.stat().st_size, file_sha256(file))
     record_batch(engine, batch, actor="cli")

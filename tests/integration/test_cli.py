@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import random
 import zipfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from gateway.config import DEV_SECRET_KEY
 from gateway.signing import file_sha256
 from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, batches, partners
+from mock_partners.training_base import results
 from tests.fixtures import make_golden
 from tests.support.servers import cli
 
@@ -142,3 +145,29 @@ def test_partner_add_refuses_an_empty_id_and_a_training_base_without_its_base_co
         stored = [tuple(r) for r in conn.execute(select(partners.c.partner_id, partners.c.base_code))]
     engine.dispose()
     assert stored == [("qh-base-009", "QHJD-009")]
+
+
+def test_ingest_of_a_roster_is_scoped_by_a_registered_bases_code(tmp_path: Path) -> None:
+    """As an upload's rows are (SPEC §7): no base code, no roster; another base's row, refused."""
+    env = {"CE_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite3'}",
+           "CE_GATEWAY_SECRET_KEY": "cli-test"}
+    added = cli(env, "partner", "add", "--id", "qh-base-009", "--adapter", "training_base",
+                "--base-code", "QHJD-009", "--json")
+    assert added.returncode == 0, added.stderr
+    roster = tmp_path / "roster.csv"
+    with roster.open("w", encoding="utf-8", newline="") as out:
+        writer = csv.DictWriter(out, [*results(random.Random(9), 1)[0], "base_code", "plan_id"])
+        writer.writeheader()
+        for result, base in zip(results(random.Random(9), 2), ("QHJD-009", "QHJD-002"), strict=True):
+            writer.writerow({**result, "passed": "是", "base_code": base, "plan_id": f"{base}-P1"})
+    as_roster = ("--adapter", "training_base", "--kind", "roster", "--period", "2026", "--json")
+    nobody = cli(env, "ingest", str(roster), *as_roster)
+    assert nobody.returncode == 2 and nobody.stdout == ""
+    assert_refused(nobody.stderr, "SCOPE_VIOLATION", "partner_id")
+    ingested = cli(env, "ingest", str(roster), *as_roster, "--partner-id", "qh-base-009")
+    assert ingested.returncode == 0, ingested.stderr
+    status = json.loads(ingested.stdout)
+    # Row 2 is judged (QHJD-009 is in no directory here); row 3 is not this base's to send.
+    rejected = [(r["row"], r["column"], r["code"]) for r in status["rejected_rows"]]
+    assert (2, "base_code", "BASE_NOT_RECOGNIZED") in rejected
+    assert [r for r in rejected if r[0] == 3] == [(3, "base_code", "SCOPE_VIOLATION")]
