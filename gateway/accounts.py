@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, insert, select
 
 from gateway import audit
+from gateway.pipeline.rules_tables import BASE_ADAPTERS
 from gateway.secrets_box import SecretBox, hash_token, new_app_key, new_operator_token, new_secret
 from gateway.store.tables import operators, partners
 
@@ -38,6 +39,13 @@ def add_partner(engine: Engine, box: SecretBox, partner_id: str, adapter: str,
                 base_code: str | None = None) -> Partner:
     if adapter not in ADAPTERS_WITH_PUSH:
         raise ValueError(f"unknown adapter {adapter!r}; known: {', '.join(sorted(ADAPTERS_WITH_PUSH))}")
+    if not partner_id.strip():
+        raise ValueError("the partner id must not be empty")
+    if base_code is not None and not base_code.strip():
+        raise ValueError("the base code must not be empty")
+    if adapter in BASE_ADAPTERS and base_code is None:
+        # A base may only submit for its own base code (SPEC §7): without one it has none.
+        raise ValueError(f"a {adapter} partner needs its base code (--base-code, e.g. QHJD-001)")
     app_key, secret, now = new_app_key(), new_secret(), datetime.now(UTC)
     with engine.begin() as conn:
         if conn.execute(select(partners.c.partner_id).where(partners.c.partner_id == partner_id)).first():
@@ -49,6 +57,14 @@ def add_partner(engine: Engine, box: SecretBox, partner_id: str, adapter: str,
             "partner_id": partner_id, "adapter": adapter, "base_code": base_code,
             "app_key": app_key})], now)
     return Partner(partner_id, adapter, base_code, app_key, secret)
+
+
+def base_code_of(engine: Engine, partner_id: str) -> str | None:
+    """The base code a partner is registered for (``None``: none, or no such partner)."""
+    with engine.connect() as conn:
+        code: str | None = conn.execute(select(partners.c.base_code)
+                                        .where(partners.c.partner_id == partner_id)).scalar()
+    return code
 
 
 def partner_by_app_key(engine: Engine, box: SecretBox, app_key: str) -> Partner | None:

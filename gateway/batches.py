@@ -35,7 +35,7 @@ from adapters.base import Adapter, ParsedRow
 from adapters.finance import COLUMNS_OF as FINANCE_COLUMNS
 from adapters.health import COLUMNS_OF as HEALTH_COLUMNS
 from adapters.registry import BATCH_ADAPTERS
-from adapters.tabular import iter_rows
+from adapters.tabular import UnreadableFile, iter_rows
 from adapters.training_base import NATIVE_FIELD as ROSTER_COLUMNS
 from contracts import RecordAnswer
 from gateway import audit, metrics
@@ -164,14 +164,20 @@ class BatchProcessor:
         self._stop = threading.Event()
         self._progress_at = time.monotonic()  # the last chunk commit (stall detection)
 
-    def claim(self) -> dict[str, Any] | None:
+    def claim(self, batch_id: str | None = None) -> dict[str, Any] | None:
+        """Lease the oldest batch free to take (queued, or its lease run out), or only ``batch_id``.
+
+        ``ingest`` claims its own batch by id: a broken batch someone else queued must not
+        become every local ingest's failure (the workers take the others, oldest first).
+        """
         now = datetime.now(UTC)
+        free = select(batches).where(batches.c.status.in_(("queued", "processing")),
+                                     or_(batches.c.lease_until.is_(None), batches.c.lease_until < now))
+        if batch_id is not None:
+            free = free.where(batches.c.batch_id == batch_id)
         with self.engine.begin() as conn:
-            row = conn.execute(
-                select(batches).where(batches.c.status.in_(("queued", "processing")),
-                                      or_(batches.c.lease_until.is_(None), batches.c.lease_until < now))
-                .order_by(batches.c.created_at).limit(1).with_for_update(skip_locked=True)
-            ).mappings().first()
+            row = conn.execute(free.order_by(batches.c.created_at).limit(1)
+                               .with_for_update(skip_locked=True)).mappings().first()
             if row is None:
                 return None
             conn.execute(update(batches).where(batches.c.batch_id == row["batch_id"]).values(
@@ -349,20 +355,33 @@ class BatchProcessor:
             if finished != 1:
                 raise LeaseLost(f"batch {batch_id} is now leased by {row['lease_owner']}")
 
-    def run_once(self) -> bool:
-        batch = self.claim()
-        if batch is None:
-            return False
+    def run(self, batch: dict[str, Any]) -> Exception | None:
+        """Process a batch we claimed; a failure fails that batch alone and is returned, not raised."""
         try:
             self.process(batch)
         except LeaseLost as lost:  # we stalled past the lease; the new holder carries on
             log.warning("%s; stopped without committing", lost)
+        except UnreadableFile as exc:  # the sender's file, not a fault of ours: no traceback
+            log.warning("batch %s failed: the file cannot be read: %s", batch["batch_id"], exc)
+            self._fail(batch["batch_id"], f"the file cannot be read: {exc}")
+            return exc
         except Exception as exc:  # one broken file must not stop the processor
             log.exception("batch %s failed", batch["batch_id"])
-            try:
-                self._finish(batch["batch_id"], "failed", f"{type(exc).__name__}: {exc}"[:500])
-            except LeaseLost as lost:
-                log.warning("%s; its failure is not ours to record", lost)
+            self._fail(batch["batch_id"], f"{type(exc).__name__}: {exc}")
+            return exc
+        return None
+
+    def _fail(self, batch_id: str, error: str) -> None:
+        try:
+            self._finish(batch_id, "failed", error[:500])
+        except LeaseLost as lost:
+            log.warning("%s; its failure is not ours to record", lost)
+
+    def run_once(self) -> bool:
+        batch = self.claim()
+        if batch is None:
+            return False
+        self.run(batch)
         return True
 
     def run_forever(self, poll_seconds: float = 0.5) -> None:

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from gateway.config import DEV_SECRET_KEY, Settings, get_settings
+from gateway.errors import PayloadRejected
 from gateway.ops import commands as ops_commands
 
 app = typer.Typer(help="CE Gateway — 青海省继续教育学时对接网关", no_args_is_help=True)
@@ -54,6 +55,14 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve anywhere
         return False
+
+
+def _refused(exc: PayloadRejected) -> typer.Exit:
+    """Print a coded refusal in English and Chinese (SPEC §6); the caller raises the Exit (2)."""
+    where = f" ({exc.field})" if exc.field else ""
+    err.print(f"{exc.code}{where}: {exc.message}\n{exc.code}{where}: {exc.message_zh}",
+              style="red", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(2)
 
 
 def _settings() -> Settings:
@@ -153,7 +162,8 @@ def db_upgrade(revision: str = "head") -> None:
 def partner_add(
     id: Annotated[str, typer.Option("--id", help="partner id, e.g. qh-base-001")],
     adapter: Annotated[str, typer.Option(help="canonical | training_base | health | finance")],
-    base_code: Annotated[str | None, typer.Option(help="training base code this partner may submit for")] = None,
+    base_code: Annotated[str | None, typer.Option(
+        help="training base code this partner may submit for (required for training_base)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Register a partner; prints its app key and secret ONCE."""
@@ -252,7 +262,8 @@ def ingest(
     adapter: Annotated[str, typer.Option(help="health | finance | training_base")],
     kind: Annotated[str, typer.Option(help="monthly | annual | roster")],
     period: Annotated[str, typer.Option(help="YYYY-MM (monthly) or YYYY (annual)")],
-    partner_id: Annotated[str | None, typer.Option(help="whose batch this is (default: <adapter>-local)")] = None,
+    partner_id: Annotated[str | None, typer.Option(
+        help="whose batch this is (default: <adapter>-local; a roster: a registered base)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Ingest a batch file locally, exactly as an upload would be processed (progress bar)."""
@@ -264,7 +275,8 @@ def ingest(
         TimeRemainingColumn,
     )
 
-    from adapters.tabular import count_rows, detect_format
+    from adapters.tabular import UnreadableFile, count_rows, detect_format
+    from gateway.accounts import base_code_of
     from gateway.batches import (
         BatchProcessor,
         NewBatch,
@@ -273,33 +285,46 @@ def ingest(
         new_batch_id,
         record_batch,
     )
-    from gateway.errors import PayloadRejected
+    from gateway.errors import PayloadRejected, ScopeViolation
+    from gateway.pipeline.rules_tables import BASE_ADAPTERS
     from gateway.signing import file_sha256
 
     settings = _settings()
     _setup_logging(settings)
-    try:
+    owner = partner_id or f"{adapter}-local"
+    try:  # refused as an upload would be (422), before a batch exists
         check_batch_request(adapter, kind, period)
+        if file.stat().st_size == 0:
+            raise PayloadRejected("SCHEMA", field="file", detail="(empty file)")
+        with file.open("rb") as handle:
+            fmt = detect_format(handle.read(4096), file.name, None)
+    except UnreadableFile as exc:  # a legacy .xls workbook
+        raise _refused(PayloadRejected("SCHEMA", field="file",
+                                       detail=f"(the file cannot be read: {exc})")) from exc
     except PayloadRejected as exc:
-        err.print(f"[red]{exc.message}[/red]")
-        raise typer.Exit(2) from exc
+        raise _refused(exc) from exc
     engine = _engine(settings)
-    with file.open("rb") as handle:
-        fmt = detect_format(handle.read(4096), file.name, None)
-    batch = NewBatch(new_batch_id(), partner_id or f"{adapter}-local", adapter, kind, period,
+    if adapter in BASE_ADAPTERS and not base_code_of(engine, owner):
+        # A roster's rows are scoped by their partner's base code (SPEC §7): without one,
+        # every row would be refused SCOPE_VIOLATION.
+        raise _refused(ScopeViolation(field="partner_id", detail=(
+            f"(partner {owner!r} is not a training base registered with --base-code; "
+            "pass --partner-id of one)")))
+    batch = NewBatch(new_batch_id(), owner, adapter, kind, period,
                      file.resolve(), fmt, file.stat().st_size, file_sha256(file))
     record_batch(engine, batch, actor="cli")
-    total = count_rows(file, fmt)
+    try:
+        total: int | None = count_rows(file, fmt)
+    except UnreadableFile:  # processing meets it too, and fails the batch with the reason
+        total = None
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, disable=as_json) as bar:
         task = bar.add_task(f"{file.name} → {batch.batch_id}", total=total)
         processor = BatchProcessor(engine, settings, progress=lambda row: bar.update(task, completed=row - 1))
-        claimed = processor.claim()
-        while claimed is not None and claimed["batch_id"] != batch.batch_id:
-            processor.process(claimed)  # an older queued batch first: keep arrival order
-            claimed = processor.claim()
-        if claimed is not None:
-            processor.process(claimed)
+        # This batch only: batches queued by others are the workers' (oldest first), and a
+        # broken one among them must not become the failure of every later ingest.
+        claimed = processor.claim(batch.batch_id)
+        failure = processor.run(claimed) if claimed is not None else None
         bar.update(task, completed=total)
     with engine.connect() as conn:
         status = batch_status(conn, batch.batch_id, limit=20)
@@ -310,6 +335,15 @@ def ingest(
         console.print_json(data={k: status[k] for k in ("batch_id", "status", "counts", "error")})
         for row in status["rejected_rows"]:
             console.print(f"  row {row['row']} {row['column'] or ''} {row['code']}: {row['message_zh']}")
+    if isinstance(failure, UnreadableFile):  # the batch failed whole, as an upload's would
+        raise _refused(PayloadRejected("SCHEMA", field="file",
+                                       detail=f"(the file cannot be read: {failure})"))
+    if status["status"] == "failed":
+        err.print(f"batch {batch.batch_id} failed: {status['error']}", style="red", markup=False,
+                  highlight=False, soft_wrap=True)
+    elif claimed is None:
+        err.print(f"batch {batch.batch_id} was taken by another batch processor; "
+                  f"its status: {status['status']}", style="yellow", markup=False, soft_wrap=True)
     raise typer.Exit(0 if status["status"] == "done" else 1)
 
 

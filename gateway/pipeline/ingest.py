@@ -49,7 +49,13 @@ from gateway.masking import mask_id
 from gateway.pipeline import caps, dedup
 from gateway.pipeline.credit import cap_note, day_totals, overlapping
 from gateway.pipeline.rules import judge
-from gateway.pipeline.rules_tables import TIME_ACTIVITIES, EmptyReference, Reference, RulesConfig
+from gateway.pipeline.rules_tables import (
+    BASE_ADAPTERS,
+    TIME_ACTIVITIES,
+    EmptyReference,
+    Reference,
+    RulesConfig,
+)
 from gateway.pipeline.validate import validate_submission
 from gateway.store.bulk import bulk_insert
 from gateway.store.tables import (
@@ -282,7 +288,14 @@ def ingest_items(engine: Engine, partner: PartnerRef, items: Sequence[Item], *,
 
 
 def _scope_errors(partner: PartnerRef, sub: CESubmission) -> list[Note]:
-    """A partner registered for a base may only report that base's activities (SPEC §7)."""
+    """A partner registered for a base may only report that base's activities (SPEC §7).
+
+    A base partner with no base code (stored before registration required one) may report
+    none: its rows are refused here too, whichever way they came (a queued roster, a revalidation).
+    """
+    if partner.adapter in BASE_ADAPTERS and not partner.base_code:
+        return [error_note("SCOPE_VIOLATION", "activity.provider_code",
+                           "(partner has no base code registered)")]
     provider = sub.activity.provider_code
     if partner.base_code and provider and provider != partner.base_code:
         return [error_note("SCOPE_VIOLATION", "activity.provider_code",

@@ -11,6 +11,8 @@ Every refusal of SPEC §7 and issue 6, and where it is tested:
 - a replayed nonce: ``test_an_exact_replay_is_refused``;
 - the wrong adapter: ``test_a_partner_outside_its_adapter_is_403`` (API) and
   ``test_batch_limits…`` (a batch upload); the wrong base code: ``test_base_code_scope…``;
+  a base partner stored without a base code (pushes, uploads, a roster it queued):
+  ``test_a_base_partner_stored_without…``;
 - withdrawing outside the partner's scope, and 1,001 canonical records:
   ``tests/integration/test_api_partner.py`` (404 / 413); too many native results:
   ``test_base_code_scope…``;
@@ -42,16 +44,24 @@ from zoneinfo import ZoneInfo
 import httpx
 import orjson
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
 from contracts.errors import CATALOGUE
 from gateway.accounts import Partner
 from gateway.api.app import create_app
+from gateway.batches import NewBatch, new_batch_id, record_batch
 from gateway.config import Settings
 from gateway.masking import mask_id
-from gateway.signing import SigningClient, signed_headers
+from gateway.signing import SigningClient, file_sha256, signed_headers
 from gateway.store.db import make_engine
-from gateway.store.tables import audit_events, batch_errors, batches, record_versions, records
+from gateway.store.tables import (
+    audit_events,
+    batch_errors,
+    batches,
+    partners,
+    record_versions,
+    records,
+)
 from mock_partners.ce_system import Faults
 from mock_partners.files import HEALTH_HEADERS, health_rows, write_csv, write_ndjson, write_xlsx
 from mock_partners.generators import canonical_submission, corrupt_check_digit
@@ -371,6 +381,47 @@ def test_base_code_scope_and_native_result_count_are_enforced(
             _assert_coded(push("QHJD001", 3), 413, "PAYLOAD_TOO_LARGE")
         with eng.connect() as conn:
             assert conn.execute(select(records.c.record_id)).first() is None
+
+
+def test_a_base_partner_stored_without_a_base_code_may_submit_for_no_base(
+    db_url: str, tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner
+) -> None:
+    """A base partner added before ``partner add`` required --base-code submits for no base.
+
+    Every submission is 403 (SPEC §7), and a roster it queued back then has every row refused.
+    """
+    roster = tmp_path / "roster.csv"
+    rows = base_results(random.Random(62), 2)
+    with roster.open("w", encoding="utf-8", newline="") as out:
+        writer = csv.DictWriter(out, [*rows[0], "base_code", "plan_id"])
+        writer.writeheader()
+        writer.writerows({**r, "passed": "是", "base_code": code, "plan_id": "PLAN-1"}
+                         for r, code in zip(rows, ("QHJD001", "QHJD002"), strict=True))
+    with engine_for(db_url) as eng:
+        base = new_partner(eng, adapter="training_base", base_code="QHJD001")
+        with eng.begin() as conn:
+            conn.execute(update(partners).where(partners.c.partner_id == base.partner_id)
+                         .values(base_code=None))
+        queued = NewBatch(new_batch_id(), base.partner_id, "training_base", "roster", "2026",
+                          roster, "csv", roster.stat().st_size, file_sha256(roster))
+        record_batch(eng, queued, actor=base.partner_id)
+        settings = make_settings(db_url, batch_dir=tmp_path / "batches")
+        with gateway(settings, run_worker=True) as url, \
+                SigningClient(url, base.app_key, base.secret) as client:
+            for code in ("QHJD001", "QHJD002"):
+                body = {"base_code": code, "plan_id": "PLAN-1", "results": rows[:1]}
+                _assert_coded(client.post(NATIVE, content=orjson.dumps(body), headers=JSON),
+                              403, "SCOPE_VIOLATION")
+            _assert_coded(client.upload_batch(roster, adapter="training_base", kind="roster",
+                                              period="2026"), 403, "SCOPE_VIOLATION")
+            status = poll(lambda: (r := client.get(f"/v1/batches/{queued.batch_id}"))
+                          .json()["status"] == "done" and r.json(), 60, what="batch done")
+        with eng.connect() as conn:
+            assert conn.execute(select(records.c.record_id)).first() is None
+            assert list(conn.execute(select(batches.c.batch_id)).scalars()) == [queued.batch_id]
+    assert status["counts"]["rejected"] == 2, status
+    assert [(r["row"], r["column"], r["code"]) for r in status["rejected_rows"]] == [
+        (2, "base_code", "SCOPE_VIOLATION"), (3, "base_code", "SCOPE_VIOLATION")]
 
 
 # -- batch uploads: refused before the body, and over the row limit -------------------------------

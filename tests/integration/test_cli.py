@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import random
+import zipfile
 from pathlib import Path
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
+from contracts.errors import message
+from gateway.batches import NewBatch, new_batch_id, record_batch
 from gateway.config import DEV_SECRET_KEY
+from gateway.signing import file_sha256
 from gateway.store.db import make_engine
-from gateway.store.tables import audit_events
+from gateway.store.tables import audit_events, batches, partners
+from mock_partners.training_base import results
+from tests.fixtures import make_golden
 from tests.support.servers import cli
+
+HEALTH_MARCH = ("--adapter", "health", "--kind", "monthly", "--period", "2026-03")
+
+
+def assert_refused(stderr: str, code: str, field: str) -> None:
+    """A coded refusal in both languages (SPEC §6), and never a traceback."""
+    en, zh = message(code)
+    assert f"{code} ({field}): {en}" in stderr and f"{code} ({field}): {zh}" in stderr, stderr
+    assert "Traceback" not in stderr
 
 
 def test_partner_and_operator_add_print_credentials_once_and_audit_verify_catches_edits(
@@ -61,3 +78,96 @@ def test_serve_refuses_the_development_secret_key_beyond_loopback(tmp_path: Path
     own = cli({**env, "CE_GATEWAY_SECRET_KEY": "a-key-of-this-deployment-only-0123456789"},
               "serve", "--host", "0.0.0.0", "--port", "-1")
     assert own.returncode == 1 and "port must be 0-65535" in own.stderr
+
+
+def test_ingest_of_an_unreadable_file_fails_its_own_batch_and_leaves_others_to_the_workers(
+        db_url: str, tmp_path: Path) -> None:
+    """A broken file is a coded refusal (exit 2), never a traceback or a batch left queued.
+
+    And a broken batch someone else queued is no later ingest's business.
+    """
+    env = {"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_SECRET_KEY": "cli-test",
+           "CE_GATEWAY_BATCH_DIR": str(tmp_path / "b")}
+    not_a_workbook = tmp_path / "notabook.xlsx"  # a ZIP archive, but no workbook inside
+    with zipfile.ZipFile(not_a_workbook, "w") as archive:
+        archive.writestr("a.txt", "hi")
+    legacy = tmp_path / "legacy.xls"  # OLE2: a legacy workbook the gateway does not read
+    legacy.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(600))
+    engine = make_engine(db_url)
+    # Queued earlier (an upload waiting for a worker, or an ingest killed before this fix).
+    waiting = NewBatch(new_batch_id(), "health-upload", "health", "monthly", "2026-03",
+                       not_a_workbook.resolve(), "xlsx", not_a_workbook.stat().st_size,
+                       file_sha256(not_a_workbook))
+    record_batch(engine, waiting, actor="test")
+
+    broken = cli(env, "ingest", str(not_a_workbook), *HEALTH_MARCH, "--json")
+    assert broken.returncode == 2, broken.stderr
+    assert_refused(broken.stderr, "SCHEMA", "file")
+    failed = json.loads(broken.stdout)
+    assert failed["status"] == "failed" and failed["batch_id"] != waiting.batch_id
+    assert failed["error"].startswith("the file cannot be read: not a readable XLSX workbook")
+
+    refused = cli(env, "ingest", str(legacy), *HEALTH_MARCH, "--json")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert_refused(refused.stderr, "SCHEMA", "file")
+    assert "legacy .xls workbooks are not supported" in refused.stderr
+
+    good = cli(env, "ingest", str(make_golden.HEALTH_CSV), *HEALTH_MARCH, "--json")
+    assert good.returncode == 0, good.stderr
+    done = json.loads(good.stdout)
+    assert done["status"] == "done" and done["counts"]["accepted"] > 0
+    with engine.connect() as conn:
+        states = dict(conn.execute(select(batches.c.batch_id, batches.c.status)).all())
+    engine.dispose()
+    # The legacy file never became a batch (as an upload's 422); the waiting one is untouched.
+    assert states == {waiting.batch_id: "queued", failed["batch_id"]: "failed",
+                      done["batch_id"]: "done"}
+
+
+def test_partner_add_refuses_an_empty_id_and_a_training_base_without_its_base_code(
+        tmp_path: Path) -> None:
+    """SPEC §7: a base may only submit for its own base code, so it cannot be added without one."""
+    url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    env = {"CE_GATEWAY_DATABASE_URL": url, "CE_GATEWAY_SECRET_KEY": "cli-test"}
+    for args, why in ((("--id", "", "--adapter", "canonical"), "partner id must not be empty"),
+                      (("--id", "  ", "--adapter", "canonical"), "partner id must not be empty"),
+                      (("--id", "qh-base-009", "--adapter", "training_base"), "--base-code"),
+                      (("--id", "qh-base-009", "--adapter", "training_base", "--base-code", ""),
+                       "base code must not be empty")):
+        refused = cli(env, "partner", "add", *args, "--json")
+        assert refused.returncode == 2 and why in refused.stderr, (args, refused.stderr)
+        assert refused.stdout == ""
+    added = cli(env, "partner", "add", "--id", "qh-base-009", "--adapter", "training_base",
+                "--base-code", "QHJD-009", "--json")
+    assert added.returncode == 0, added.stderr
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        stored = [tuple(r) for r in conn.execute(select(partners.c.partner_id, partners.c.base_code))]
+    engine.dispose()
+    assert stored == [("qh-base-009", "QHJD-009")]
+
+
+def test_ingest_of_a_roster_is_scoped_by_a_registered_bases_code(tmp_path: Path) -> None:
+    """As an upload's rows are (SPEC §7): no base code, no roster; another base's row, refused."""
+    env = {"CE_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite3'}",
+           "CE_GATEWAY_SECRET_KEY": "cli-test"}
+    added = cli(env, "partner", "add", "--id", "qh-base-009", "--adapter", "training_base",
+                "--base-code", "QHJD-009", "--json")
+    assert added.returncode == 0, added.stderr
+    roster = tmp_path / "roster.csv"
+    with roster.open("w", encoding="utf-8", newline="") as out:
+        writer = csv.DictWriter(out, [*results(random.Random(9), 1)[0], "base_code", "plan_id"])
+        writer.writeheader()
+        for result, base in zip(results(random.Random(9), 2), ("QHJD-009", "QHJD-002"), strict=True):
+            writer.writerow({**result, "passed": "是", "base_code": base, "plan_id": f"{base}-P1"})
+    as_roster = ("--adapter", "training_base", "--kind", "roster", "--period", "2026", "--json")
+    nobody = cli(env, "ingest", str(roster), *as_roster)
+    assert nobody.returncode == 2 and nobody.stdout == ""
+    assert_refused(nobody.stderr, "SCOPE_VIOLATION", "partner_id")
+    ingested = cli(env, "ingest", str(roster), *as_roster, "--partner-id", "qh-base-009")
+    assert ingested.returncode == 0, ingested.stderr
+    status = json.loads(ingested.stdout)
+    # Row 2 is judged (QHJD-009 is in no directory here); row 3 is not this base's to send.
+    rejected = [(r["row"], r["column"], r["code"]) for r in status["rejected_rows"]]
+    assert (2, "base_code", "BASE_NOT_RECOGNIZED") in rejected
+    assert [r for r in rejected if r[0] == 3] == [(3, "base_code", "SCOPE_VIOLATION")]

@@ -23,13 +23,14 @@ from sqlalchemy import Engine, func, select
 
 from adapters.cadre_college import item_to_row
 from adapters.training_base import TrainingBaseAdapter
-from gateway.accounts import Partner, add_operator
+from gateway.accounts import Partner, add_operator, add_partner
 from gateway.api.app import create_app
 from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
 from gateway.config import Settings
 from gateway.pipeline.ingest import Item, PartnerRef, ingest, ingest_items
 from gateway.reference import import_csv
 from gateway.revalidate import RevalidationFilter, revalidate
+from gateway.secrets_box import SecretBox
 from gateway.signing import SigningClient, file_sha256
 from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, outbox, record_versions, records, rejections
@@ -176,6 +177,8 @@ def test_results_from_an_unknown_base_pass_once_the_base_is_loaded(
 def test_cli_revalidate_dry_run_then_act(tmp_path: Path, sqlite_url: str) -> None:
     env = {"CE_GATEWAY_DATABASE_URL": sqlite_url, "CE_GATEWAY_SECRET_KEY": "cli-test"}
     engine = make_engine(sqlite_url)
+    # Registered, as a base must be: revalidation judges its records by its stored base code.
+    add_partner(engine, SecretBox("cli-test"), "qh-base-009", "training_base", BASE)
     partner = PartnerRef("qh-base-009", "training_base", BASE)
     rows = TrainingBaseAdapter().parse(_document(random.Random(4), 2))
     items = [Item(raw=r.raw, submission=r.submission, errors=r.errors, warnings=r.warnings)

@@ -143,8 +143,7 @@ async def upload_batch(request: Request, adapter: Annotated[str, Query()],
                 handle.write(block)
         partner = await run_in_threadpool(verify_signature, request, sig, digest.hexdigest(),
                                           known)
-        if partner.adapter != adapter:
-            raise ScopeViolation(detail=f"(partner is registered for {partner.adapter!r})")
+        scope_partner(partner, adapter)  # its adapter, and a base code if it is a base
         if size == 0:
             raise PayloadRejected("SCHEMA", field="body", detail="(empty file)")
         try:
@@ -208,7 +207,7 @@ async def native_records(adapter: str, request: Request,
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise PayloadRejected("SCHEMA", detail=f"(body is not JSON: {exc})") from exc
-    if isinstance(document, dict) and partner.base_code and document.get("base_code") != partner.base_code:
+    if isinstance(document, dict) and document.get("base_code") != ref.base_code:
         raise ScopeViolation(field="base_code",
                              detail=f"(partner may only submit for base {partner.base_code})")
     most = state.settings.max_records_per_request

@@ -15,6 +15,7 @@ from gateway.accounts import Partner
 from gateway.api.deps import signed_partner, state_of
 from gateway.errors import NotFound, PayloadRejected, PayloadTooLarge, ScopeViolation
 from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
+from gateway.pipeline.rules_tables import BASE_ADAPTERS
 
 router = APIRouter(prefix="/v1", tags=["partner"])
 SignedPartner = Annotated[tuple[Partner, bytes], Depends(signed_partner)]
@@ -66,8 +67,13 @@ def _records_of(body: bytes, limit: int) -> list[Any]:
 
 
 def scope_partner(partner: Partner, adapter: str) -> PartnerRef:
+    """The partner as ingest sees it, if it may submit for ``adapter`` at all (SPEC §7)."""
     if partner.adapter != adapter:
         raise ScopeViolation(detail=f"(partner is registered for {partner.adapter!r}, not {adapter!r})")
+    if partner.adapter in BASE_ADAPTERS and not partner.base_code:
+        # Registered before ``partner add`` required one: a base with no code is no base's.
+        raise ScopeViolation(detail="(partner has no base code registered; re-register it "
+                                    "with --base-code)")
     return PartnerRef(partner.partner_id, partner.adapter, partner.base_code)
 
 
