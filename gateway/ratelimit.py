@@ -41,7 +41,7 @@ class RateLimited(PayloadRejected):
     default_code = "RATE_LIMITED"
 
     def __init__(self, retry_after: int) -> None:
-        super().__init__(detail=f"(retry after {retry_after} s)")
+        super().__init__(detail=f"(retry after {retry_after} s)", detail_zh=f"（请在 {retry_after} 秒后重试）")
         self.retry_after = retry_after
         self.headers = {"Retry-After": str(retry_after)}
 

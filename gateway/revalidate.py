@@ -72,7 +72,14 @@ _MAX_RETRIES = 20  # chunks read again after another revalidation took some of t
 
 
 class RevalidationRefused(GatewayError, ValueError):
-    """The filter or request cannot run as given (unknown code, naive time, no reason)."""
+    """The filter or request cannot run as given (unknown code, naive time, no reason).
+
+    ``str(exc)`` is the English reason; ``message_zh`` the Chinese one (SPEC §6).
+    """
+
+    def __init__(self, message: str, message_zh: str) -> None:
+        super().__init__(message)
+        self.message_zh = message_zh
 
 
 @dataclass(frozen=True)
@@ -93,15 +100,17 @@ class RevalidationFilter:
     def __post_init__(self) -> None:
         code = self.error_code
         if code is not None and (not _CODE.fullmatch(code) or code not in CATALOGUE):
-            raise RevalidationRefused(f"unknown error code {code!r}")
+            raise RevalidationRefused(f"unknown error code {code!r}", f"未知的错误代码 {code!r}")
         if self.adapter is not None and self.adapter not in ADAPTERS_WITH_PUSH:
             raise RevalidationRefused(f"unknown adapter {self.adapter!r}; known: "
-                                      f"{', '.join(sorted(ADAPTERS_WITH_PUSH))}")
+                                      f"{', '.join(sorted(ADAPTERS_WITH_PUSH))}",
+                                      f"未知的适配器 {self.adapter!r}；已知的有："
+                                      f"{'、'.join(sorted(ADAPTERS_WITH_PUSH))}")
         for name in ("since", "until"):
             try:  # aware, and inside the years 2000-2999 (0001-01-01+08:00 overflowed to a 500)
                 check_aware(name, getattr(self, name))
             except PayloadRejected as exc:
-                raise RevalidationRefused(f"{name}: {exc.message}") from None
+                raise RevalidationRefused(f"{name}: {exc.message}", f"{name}：{exc.message_zh}") from None
 
     def where(self) -> list[ColumnElement[bool]]:
         c = rejections.c
@@ -358,7 +367,8 @@ def revalidate(engine: Engine, flt: RevalidationFilter, *, actor: str, reason: s
     ``reason``; it is kept in the ``revalidation`` audit event with ``actor``.
     """
     if not dry_run and not (reason and reason.strip()):
-        raise RevalidationRefused("a reason is required unless it is a dry run")
+        raise RevalidationRefused("a reason is required unless it is a dry run",
+                                  "不是试运行时必须填写原因")
     rules = rules or default_rules(engine)
     with engine.connect() as conn:
         ceiling = int(conn.execute(select(func.coalesce(func.max(rejections.c.id), 0))).scalar_one())

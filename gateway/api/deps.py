@@ -50,12 +50,12 @@ async def read_body(request: Request) -> bytes:
     limit = state_of(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(detail=f"(limit {limit} bytes)")
+        raise PayloadTooLarge(detail=f"(limit {limit} bytes)", detail_zh=f"（上限 {limit} 字节）")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(detail=f"(limit {limit} bytes)")
+            raise PayloadTooLarge(detail=f"(limit {limit} bytes)", detail_zh=f"（上限 {limit} 字节）")
         chunks.append(chunk)
     body = b"".join(chunks)
     request._body = body  # noqa: SLF001 - let later readers see the same bytes
@@ -89,7 +89,8 @@ def _admit(state: AppState, app_key: str, nonce: str) -> None:
                 # Past twice the window a replay is refused by its timestamp anyway.
                 conn.execute(delete(nonces).where(nonces.c.seen_at < now - 2 * window))
     except IntegrityError as exc:
-        raise Unauthenticated("REPLAYED", detail="(nonce already used)") from exc
+        raise Unauthenticated("REPLAYED", detail="(nonce already used)",
+                              detail_zh="（该随机数已用过）") from exc
     if wait is not None:
         raise RateLimited(wait)
 
@@ -109,23 +110,29 @@ def signature_headers(request: Request) -> SignatureHeaders:
     app_key, ts, nonce, signature = (headers.get(HEADER_APP_KEY), headers.get(HEADER_TIMESTAMP),
                                      headers.get(HEADER_NONCE), headers.get(HEADER_SIGNATURE))
     if not (app_key and ts and nonce and signature):
-        raise Unauthenticated("UNAUTHENTICATED", detail="(missing X-CE-* signature headers)")
+        raise Unauthenticated("UNAUTHENTICATED", detail="(missing X-CE-* signature headers)",
+                              detail_zh="（缺少 X-CE-* 签名请求头）")
     if len(app_key) > MAX_APP_KEY_LENGTH or not _printable_ascii(app_key):
-        raise Unauthenticated("UNAUTHENTICATED", detail="(unknown app key)")
+        raise Unauthenticated("UNAUTHENTICATED", detail="(unknown app key)",
+                              detail_zh="（未知的应用标识 AppKey）")
     if not (MIN_NONCE_LENGTH <= len(nonce) <= MAX_NONCE_LENGTH) or not _printable_ascii(nonce):
         raise Unauthenticated("UNAUTHENTICATED",
-                              detail="(nonce must be 16–128 printable ASCII characters)")
+                              detail="(nonce must be 16–128 printable ASCII characters)",
+                              detail_zh="（随机数须为 16–128 个可打印 ASCII 字符）")
     if not _HEX_SIGNATURE.fullmatch(signature):
         raise Unauthenticated("UNAUTHENTICATED",
-                              detail="(signature must be 64 hexadecimal characters)")
+                              detail="(signature must be 64 hexadecimal characters)",
+                              detail_zh="（签名须为 64 位十六进制字符）")
     # Unix seconds are at most a dozen digits; anything longer (or not digits) is refused before
     # int() — a 400-digit number would overflow the float subtraction below.
     if not (ts.isascii() and ts.isdigit() and len(ts) <= 12):
-        raise Unauthenticated("UNAUTHENTICATED", detail="(timestamp is not unix seconds)")
+        raise Unauthenticated("UNAUTHENTICATED", detail="(timestamp is not unix seconds)",
+                              detail_zh="（时间戳不是 Unix 秒数）")
     skew = abs(time.time() - int(ts))
     if skew > state.settings.signature_window_seconds:
         window = state.settings.signature_window_seconds
-        raise Unauthenticated("UNAUTHENTICATED", detail=f"(timestamp outside the {window} s window)")
+        raise Unauthenticated("UNAUTHENTICATED", detail=f"(timestamp outside the {window} s window)",
+                              detail_zh=f"（时间戳超出 {window} 秒的有效时间窗口）")
     return SignatureHeaders(app_key, ts, nonce, signature)
 
 
@@ -138,7 +145,8 @@ def partner_of(request: Request, sig: SignatureHeaders) -> Partner:
     state = state_of(request)
     partner = partner_by_app_key(state.engine, state.box, sig.app_key)
     if partner is None:
-        raise Unauthenticated("UNAUTHENTICATED", detail="(unknown app key)")
+        raise Unauthenticated("UNAUTHENTICATED", detail="(unknown app key)",
+                              detail_zh="（未知的应用标识 AppKey）")
     return partner
 
 
@@ -154,7 +162,8 @@ def verify_signature(request: Request, sig: SignatureHeaders, body_sha256: str,
     expected = sign_digest(partner.secret, request.method, _path_with_query(request),
                            sig.timestamp, sig.nonce, body_sha256)
     if not hmac.compare_digest(expected, sig.signature.lower()):
-        raise Unauthenticated("UNAUTHENTICATED", detail="(signature does not match)")
+        raise Unauthenticated("UNAUTHENTICATED", detail="(signature does not match)",
+                              detail_zh="（签名不匹配）")
     _admit(state, sig.app_key, sig.nonce)
     return partner
 
@@ -172,15 +181,18 @@ def operator(request: Request) -> Operator:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise Unauthenticated("UNAUTHENTICATED", detail="(operator bearer token required)")
+        raise Unauthenticated("UNAUTHENTICATED", detail="(operator bearer token required)",
+                              detail_zh="（需要操作员的 Bearer 令牌）")
     found = operator_by_token(state_of(request).engine, token.strip())
     if found is None:
-        raise Unauthenticated("UNAUTHENTICATED", detail="(unknown operator token)")
+        raise Unauthenticated("UNAUTHENTICATED", detail="(unknown operator token)",
+                              detail_zh="（未知的操作员令牌）")
     return found
 
 
 def acting_operator(request: Request) -> Operator:
     found = operator(request)
     if not found.can_act:
-        raise Forbidden("FORBIDDEN", detail=f"(role {found.role} may only read)")
+        raise Forbidden("FORBIDDEN", detail=f"(role {found.role} may only read)",
+                        detail_zh=f"（角色 {found.role} 只能查看）")
     return found

@@ -31,36 +31,39 @@ class OpsConflict(PayloadRejected):
     default_code = "NOT_EDITABLE"
 
 
-def refuse(field: str, detail: str) -> PayloadRejected:
-    """A coded ``SCHEMA`` error naming the bad field (422)."""
-    return PayloadRejected("SCHEMA", field=field, detail=f"({detail})")
+def refuse(field: str, detail: str, detail_zh: str) -> PayloadRejected:
+    """A coded ``SCHEMA`` error naming the bad field (422), its detail in English and Chinese."""
+    return PayloadRejected("SCHEMA", field=field, detail=f"({detail})", detail_zh=f"（{detail_zh}）")
 
 
 def require_reason(reason: str | None) -> str:
     if reason is None or not reason.strip():
-        raise refuse("reason", "a reason is required; it is kept in the audit trail")
+        raise refuse("reason", "a reason is required; it is kept in the audit trail",
+                     "必须填写原因，原因会记入审计记录")
     if len(reason) > 1000:
-        raise refuse("reason", "at most 1000 characters")
+        raise refuse("reason", "at most 1000 characters", "最多 1000 个字符")
     return reason.strip()
 
 
 def check_text(field: str, value: str | None, max_length: int = 64) -> None:
     """A filter value PostgreSQL can compare: no NUL, not absurdly long."""
     if value is not None and ("\x00" in value or len(value) > max_length):
-        raise refuse(field, f"at most {max_length} characters, no NUL")
+        raise refuse(field, f"at most {max_length} characters, no NUL",
+                     f"最多 {max_length} 个字符，且不能含 NUL 字符")
 
 
 def check_code(value: str | None) -> None:
     from contracts.errors import CATALOGUE
 
     if value is not None and (not _CODE.fullmatch(value) or value not in CATALOGUE):
-        raise refuse("error_code", f"unknown error code {value[:40]!r}")
+        raise refuse("error_code", f"unknown error code {value[:40]!r}", f"未知的错误代码 {value[:40]!r}")
 
 
 # Filter times are refused outside these years: at the calendar's edges a UTC conversion (or
 # the database driver's) overflows, and no record of the gateway's lies there anyway.
 FIRST_YEAR, LAST_YEAR = 2000, 2999
 _YEARS = f"a time in the years {FIRST_YEAR}-{LAST_YEAR}"
+_YEARS_ZH = f"须为 {FIRST_YEAR}-{LAST_YEAR} 年之间的时间"
 # As instants, with a day's slack either side so that a time inside the years in any UTC
 # offset (the console's end-of-day "until 2999-12-31" included) passes.
 _EARLIEST = datetime(FIRST_YEAR, 1, 1, tzinfo=UTC) - timedelta(days=1)
@@ -72,18 +75,18 @@ def check_aware(field: str, value: datetime | None) -> None:
     if value is None:
         return
     if value.tzinfo is None or value.utcoffset() is None:
-        raise refuse(field, "a time must carry a UTC offset")
+        raise refuse(field, "a time must carry a UTC offset", "时间须带 UTC 偏移量")
     try:
         instant = value.astimezone(UTC)
     except (OverflowError, ValueError):
-        raise refuse(field, _YEARS) from None
+        raise refuse(field, _YEARS, _YEARS_ZH) from None
     if not _EARLIEST <= instant < _LATEST:
-        raise refuse(field, _YEARS)
+        raise refuse(field, _YEARS, _YEARS_ZH)
 
 
 def limit_of(limit: int) -> int:
     if not 1 <= limit <= MAX_LIMIT:
-        raise refuse("limit", f"between 1 and {MAX_LIMIT}")
+        raise refuse("limit", f"between 1 and {MAX_LIMIT}", f"须在 1 到 {MAX_LIMIT} 之间")
     return limit
 
 
@@ -98,15 +101,19 @@ def parse_when(value: str | None, field: str, timezone: str = "Asia/Shanghai") -
         else:
             when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
-        raise refuse(field, f"not an ISO 8601 date or time: {text[:40]!r}") from exc
+        raise refuse(field, f"not an ISO 8601 date or time: {text[:40]!r}",
+                     f"不是 ISO 8601 日期或时间：{text[:40]!r}") from exc
     if not FIRST_YEAR <= when.year <= LAST_YEAR:  # as typed: 2000-01-01 in +08:00 is fine
-        raise refuse(field, _YEARS)
+        raise refuse(field, _YEARS, _YEARS_ZH)
     when = when if when.tzinfo is not None else when.replace(tzinfo=ZoneInfo(timezone))
     check_aware(field, when)  # converts (inside a try) to be sure the database can take it
     return when
 
 
 # -- keyset cursors --------------------------------------------------------------------------
+
+
+CURSOR_ZH = "不是本列表给出的游标"
 
 
 def encode_cursor(kind: str, *values: Any) -> str:
@@ -125,9 +132,9 @@ def decode_cursor(cursor: str | None, kind: str, arity: int) -> list[Any] | None
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         values = orjson.loads(raw)
     except (ValueError, binascii.Error, orjson.JSONDecodeError) as exc:
-        raise refuse("cursor", "not a cursor this list gave out") from exc
+        raise refuse("cursor", "not a cursor this list gave out", CURSOR_ZH) from exc
     if not (isinstance(values, list) and len(values) == arity + 1 and values[0] == kind):
-        raise refuse("cursor", "not a cursor this list gave out")
+        raise refuse("cursor", "not a cursor this list gave out", CURSOR_ZH)
     return values[1:]
 
 
@@ -166,32 +173,34 @@ def apply_changes(raw: Mapping[str, Any], changes: Mapping[str, Any],
     changes nothing is left out of the diff; no diff at all is refused.
     """
     if not changes:
-        raise refuse("changes", "no changes given")
+        raise refuse("changes", "no changes given", "没有给出任何修改")
     if len(changes) > 50:
-        raise refuse("changes", "at most 50 fields at once")
+        raise refuse("changes", "at most 50 fields at once", "一次最多修改 50 个字段")
     out = copy.deepcopy(dict(raw))
     diff: list[dict[str, Any]] = []
     for path, value in changes.items():
         parts = path.split(".")
         if not path or "\x00" in path or len(path) > 200 or any(not p for p in parts):
-            raise refuse("changes", f"bad field path {path[:60]!r}")
+            raise refuse("changes", f"bad field path {path[:60]!r}", f"字段路径 {path[:60]!r} 无效")
         if any(path == p or path.startswith(p + ".") for p in protected):
-            raise refuse(f"changes.{path}", "this field cannot be edited")
+            raise refuse(f"changes.{path}", "this field cannot be edited", "该字段不能修改")
         try:  # a value the store could not keep as JSON: an integer beyond 64 bits
             orjson.dumps(value)
         except TypeError:
             raise refuse(f"changes.{path}", "not a JSON value the record can hold "
-                         "(integers must fit in 64 bits)") from None
+                         "(integers must fit in 64 bits)",
+                         "不是记录能保存的 JSON 值，整数须在 64 位范围内") from None
         node: Any = out
         for part in parts[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
             if not isinstance(node, dict):
-                raise refuse(f"changes.{path}", f"{part!r} is not an object in the record")
+                raise refuse(f"changes.{path}", f"{part!r} is not an object in the record",
+                             f"记录中的 {part!r} 不是对象")
         before = node.get(parts[-1])
         if before == value and parts[-1] in node:
             continue
         node[parts[-1]] = value
         diff.append({"field": path, "from": _masked(before), "to": _masked(value)})
     if not diff:
-        raise refuse("changes", "the changes change nothing")
+        raise refuse("changes", "the changes change nothing", "这些修改没有改变任何内容")
     return out, diff

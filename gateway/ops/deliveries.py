@@ -36,6 +36,7 @@ from gateway import audit
 from gateway.accounts import ADAPTERS_WITH_PUSH
 from gateway.masking import mask_text
 from gateway.ops.common import (
+    CURSOR_ZH,
     check_aware,
     check_code,
     check_text,
@@ -72,15 +73,17 @@ class DeliveryFilter:
 
     def __post_init__(self) -> None:
         if self.status is not None and self.status not in OUTBOX_STATUSES:
-            raise refuse("status", f"one of {', '.join(OUTBOX_STATUSES)}")
+            raise refuse("status", f"one of {', '.join(OUTBOX_STATUSES)}",
+                         f"须为以下之一：{'、'.join(OUTBOX_STATUSES)}")
         if self.adapter is not None and self.adapter not in ADAPTERS_WITH_PUSH:
-            raise refuse("adapter", f"one of {', '.join(sorted(ADAPTERS_WITH_PUSH))}")
+            raise refuse("adapter", f"one of {', '.join(sorted(ADAPTERS_WITH_PUSH))}",
+                         f"须为以下之一：{'、'.join(sorted(ADAPTERS_WITH_PUSH))}")
         check_text("partner_id", self.partner_id)
         check_code(self.error_code)
         check_aware("since", self.since)
         check_aware("until", self.until)
         if len(self.record_ids) > 10_000:
-            raise refuse("record_ids", "at most 10000 at once")
+            raise refuse("record_ids", "at most 10000 at once", "一次最多 10000 条")
         for rid in self.record_ids:
             check_text("record_ids", rid, 32)
 
@@ -138,7 +141,7 @@ def list_deliveries(conn: Connection, flt: DeliveryFilter, *, cursor: str | None
     query = select(*_COLUMNS).select_from(_JOINED).where(*where)
     if after is not None:
         if not isinstance(after[0], int):
-            raise refuse("cursor", "not a cursor this list gave out")
+            raise refuse("cursor", "not a cursor this list gave out", CURSOR_ZH)
         query = query.where(outbox.c.id < after[0])
     rows = conn.execute(query.order_by(outbox.c.id.desc()).limit(limit + 1)).mappings().all()
     items = [_item(r) for r in rows[:limit]]

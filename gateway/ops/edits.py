@@ -56,13 +56,16 @@ def _refused(errors: list[Note]) -> PayloadRejected:
     exc = PayloadRejected(first.code, field=first.field)
     others = "; ".join(f"{n.code} {n.field or ''}".strip() for n in errors[1:])
     exc.message = mask_text(first.message + (f" (also: {others})" if others else ""))
-    exc.message_zh = first.message_zh or exc.message_zh
+    # Masked as the English is; the other codes are listed in both languages.
+    exc.message_zh = mask_text((first.message_zh or exc.message_zh)
+                               + (f"（另有：{others}）" if others else ""))
     return exc
 
 
 def _check_changes(changes: Any) -> dict[str, Any]:
     if not isinstance(changes, dict):
-        raise refuse("changes", 'an object of field paths, e.g. {"activity.title": "…"}')
+        raise refuse("changes", 'an object of field paths, e.g. {"activity.title": "…"}',
+                     '须为以字段路径为键的对象，例如 {"activity.title": "…"}')
     return changes
 
 
@@ -71,11 +74,11 @@ def edit_and_requeue(engine: Engine, settings: Settings, record_id: str, changes
     """A dead record, corrected: a new version through the pipeline, queued; diff audited."""
     reason, actor, changes = require_reason(reason), actor[:64], _check_changes(changes)
     if "\x00" in record_id or len(record_id) > 64:
-        raise NotFound(detail="(no such record)")
+        raise NotFound(detail="(no such record)", detail_zh="（没有该记录）")
     with engine.connect() as conn:
         rec = conn.execute(select(records).where(records.c.record_id == record_id)).mappings().first()
         if rec is None:
-            raise NotFound(detail=f"(record {record_id})")
+            raise NotFound(detail=f"(record {record_id})", detail_zh=f"（记录 {record_id}）")
         version = int(rec["current_version"])
         row = conn.execute(select(record_versions.c.payload, record_versions.c.pruned_at).where(
             record_versions.c.record_id == record_id, record_versions.c.version == version)).one()
@@ -86,10 +89,13 @@ def edit_and_requeue(engine: Engine, settings: Settings, record_id: str, changes
     if rec["withdrawn"] or dead is None or dead.status != "dead":
         state = "withdrawn" if rec["withdrawn"] else (dead.status if dead else rec["status"])
         raise OpsConflict("NOT_EDITABLE", detail=f"(record {record_id} version {version} is "
-                          f"{state}; only a dead delivery can be edited)")
+                          f"{state}; only a dead delivery can be edited)",
+                          detail_zh=f"（记录 {record_id} 第 {version} 版的状态为 {state}；"
+                          "只有投递失败的死信记录可以修改）")
     stored = orjson.loads(row.payload)
     if row.pruned_at is not None or stored.get("pruned") is True:
-        raise OpsConflict("NOT_EDITABLE", detail=f"(the payload of {record_id} was pruned)")
+        raise OpsConflict("NOT_EDITABLE", detail=f"(the payload of {record_id} was pruned)",
+                          detail_zh=f"（记录 {record_id} 的内容已被清除）")
     raw = {"source_record_id": stored["source"]["source_record_id"],
            **{k: stored[k] for k in SUBMISSION_KEYS if k in stored}}
     edited, diff = apply_changes(raw, changes, protected=frozenset({"source_record_id"}))
@@ -107,12 +113,14 @@ def edit_and_requeue(engine: Engine, settings: Settings, record_id: str, changes
         if answer.status not in (RecordStatus.CORRECTED, RecordStatus.ACCEPTED) \
                 or answer.record_id != record_id:
             raise refuse("changes", f"the edited record was judged {answer.status.value}, "
-                         "not a correction; nothing was changed")
+                         "not a correction; nothing was changed",
+                         f"修改后的记录被判定为 {answer.status.value}，不是更正；未做任何更改")
         moved = conn.execute(update(outbox).where(
             outbox.c.id == dead.id, outbox.c.status == "dead").values(
             status="superseded", updated_at=now)).rowcount
         if not moved:
-            raise OpsConflict("NOT_EDITABLE", detail="(its delivery is no longer dead)")
+            raise OpsConflict("NOT_EDITABLE", detail="(its delivery is no longer dead)",
+                              detail_zh="（其投递已不再是死信）")
         # An ops edit is no batch's row: reconciliation keeps seeing the batch that carried it.
         conn.execute(update(records).where(records.c.record_id == record_id)
                      .values(last_batch_id=rec["last_batch_id"]))
@@ -143,19 +151,21 @@ def edit_rejection(engine: Engine, settings: Settings, rejection_id: int, change
     """An open rejection, corrected and run through the pipeline again (as revalidation)."""
     reason, actor, changes = require_reason(reason), actor[:64], _check_changes(changes)
     if not 0 < rejection_id < 2**62:
-        raise NotFound(detail="(no such rejection)")
+        raise NotFound(detail="(no such rejection)", detail_zh="（没有该拒收记录）")
     with engine.connect() as conn:
         row = conn.execute(select(rejections).where(rejections.c.id == rejection_id)).mappings().first()
     if row is None:
-        raise NotFound(detail=f"(rejection {rejection_id})")
+        raise NotFound(detail=f"(rejection {rejection_id})", detail_zh=f"（拒收记录 {rejection_id}）")
     if row["status"] != "open":
-        raise OpsConflict("NOT_EDITABLE", detail=f"(rejection {rejection_id} is {row['status']})")
+        raise OpsConflict("NOT_EDITABLE", detail=f"(rejection {rejection_id} is {row['status']})",
+                          detail_zh=f"（拒收记录 {rejection_id} 的状态为 {row['status']}）")
     try:
         raw = orjson.loads(row["payload"])
     except orjson.JSONDecodeError:
         raw = None
     if not isinstance(raw, dict):
-        raise OpsConflict("NOT_EDITABLE", detail="(its stored payload is not a JSON object)")
+        raise OpsConflict("NOT_EDITABLE", detail="(its stored payload is not a JSON object)",
+                          detail_zh="（其保存的内容不是 JSON 对象）")
     edited, diff = apply_changes(raw, changes)
     rules = _rules(engine, settings, rules)
     fake = _EditedRow(rejection_id, orjson.dumps(edited).decode(), row["batch_id"],
@@ -179,7 +189,8 @@ def edit_rejection(engine: Engine, settings: Settings, rejection_id: int, change
                                 rules=rules)
     except AlreadyTaken as exc:
         raise OpsConflict("NOT_EDITABLE", detail=f"(rejection {rejection_id} was taken by "
-                          "another revalidation or edit)") from exc
+                          "another revalidation or edit)",
+                          detail_zh=f"（拒收记录 {rejection_id} 已被另一次重新校验或修改处理）") from exc
     return {"rejection_id": rejection_id, "record_id": answer.record_id,
             "version": answer.version, "status": answer.status.value, "diff": diff,
             "errors": [e.model_dump(mode="json") for e in answer.errors],

@@ -32,6 +32,7 @@ from gateway.config import Settings
 from gateway.errors import NotFound
 from gateway.masking import mask_text
 from gateway.ops.common import (
+    CURSOR_ZH,
     OpsConflict,
     check_aware,
     check_code,
@@ -157,9 +158,10 @@ def _claim_conflict(conn: Connection, record_id: str, now: datetime) -> Any:
                          .values(updated_at=now)).rowcount
     rec = conn.execute(select(records).where(records.c.record_id == record_id)).mappings().first()
     if rec is None:
-        raise NotFound(detail=f"(record {record_id})")
+        raise NotFound(detail=f"(record {record_id})", detail_zh=f"（记录 {record_id}）")
     if not taken:
-        raise OpsConflict("NOT_A_CONFLICT", detail=f"(record {record_id} is {rec['status']})")
+        raise OpsConflict("NOT_A_CONFLICT", detail=f"(record {record_id} is {rec['status']})",
+                          detail_zh=f"（记录 {record_id} 的状态为 {rec['status']}）")
     return rec
 
 
@@ -167,10 +169,10 @@ def resolve_conflict(engine: Engine, settings: Settings, record_id: str, *, keep
                      reason: str, actor: str) -> dict[str, Any]:
     """Resolve an open conflict by choosing a version (see the module docstring)."""
     if keep not in ("this", "existing"):
-        raise refuse("keep", "'this' or 'existing'")
+        raise refuse("keep", "'this' or 'existing'", "须为 'this' 或 'existing'")
     reason, actor = require_reason(reason), actor[:64]
     if "\x00" in record_id or len(record_id) > 64:
-        raise NotFound(detail="(no such record)")
+        raise NotFound(detail="(no such record)", detail_zh="（没有该记录）")
     config = RulesConfig.from_settings(settings)
     now = datetime.now(UTC)
     with engine.begin() as conn:
@@ -216,7 +218,8 @@ def _keep_this(conn: Connection, rec: Any, holder: Any, config: RulesConfig, now
             record_versions.c.version == holder["current_version"])).scalar_one())
         if holder_payload.get("pruned") is True:
             raise OpsConflict("NOT_EDITABLE", detail=f"(the payload of {holder['record_id']} "
-                              "was pruned; it cannot be superseded automatically)")
+                              "was pruned; it cannot be superseded automatically)",
+                              detail_zh=f"（记录 {holder['record_id']} 的内容已被清除，无法自动取代）")
     # Caps (R10): the holder's hours leave its group, this record's hours join its group.
     groups: dict[caps.Group, tuple[dict[str, Decimal], set[str]]] = {}
     if supersede and holder["status"] == "accepted" and holder["cap_type"]:
@@ -283,9 +286,11 @@ def list_rejections(conn: Connection, *, partner_id: str | None = None,
     """Rejected submissions (open ones by default), newest first; payloads masked."""
     limit = limit_of(limit)
     if status is not None and status not in REJECTION_STATUSES:
-        raise refuse("status", f"one of {', '.join(REJECTION_STATUSES)}")
+        raise refuse("status", f"one of {', '.join(REJECTION_STATUSES)}",
+                     f"须为以下之一：{'、'.join(REJECTION_STATUSES)}")
     if adapter is not None and adapter not in ADAPTERS_WITH_PUSH:
-        raise refuse("adapter", f"one of {', '.join(sorted(ADAPTERS_WITH_PUSH))}")
+        raise refuse("adapter", f"one of {', '.join(sorted(ADAPTERS_WITH_PUSH))}",
+                     f"须为以下之一：{'、'.join(sorted(ADAPTERS_WITH_PUSH))}")
     check_text("partner_id", partner_id)
     check_text("batch_id", batch_id)
     check_code(error_code)
@@ -312,7 +317,7 @@ def list_rejections(conn: Connection, *, partner_id: str | None = None,
     after = decode_cursor(cursor, "rejections", 1)
     if after is not None:
         if not isinstance(after[0], int):
-            raise refuse("cursor", "not a cursor this list gave out")
+            raise refuse("cursor", "not a cursor this list gave out", CURSOR_ZH)
         query = query.where(c.id < after[0])
     rows = conn.execute(query.order_by(c.id.desc()).limit(limit + 1)).mappings().all()
     items = [{"id": r["id"], "partner_id": r["partner_id"], "adapter": r["adapter"],

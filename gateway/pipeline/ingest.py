@@ -884,7 +884,8 @@ def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
         record = orjson.loads(payload)
         if record.get("pruned") is True:  # retention only prunes a current version once its year closed
             raise PayloadRejected("YEAR_CLOSED", field="year", detail=(
-                "(its payload was pruned after the year closed; it can no longer be withdrawn)"))
+                "(its payload was pruned after the year closed; it can no longer be withdrawn)"),
+                detail_zh="（该记录的内容已在年度关闭后清除，不能再撤回）")
         record.update(version=version + 1, withdrawn=True, credited_hours="0")
         record["source"]["received_at"] = chunk.now_iso
         conn.execute(update(records).where(records.c.record_id == record_id).values(

@@ -59,7 +59,7 @@ def get_delivery(delivery_id: int, request: Request, _: Viewer) -> dict[str, Any
         with state_of(request).engine.connect() as conn:
             found = deliveries.get_delivery(conn, delivery_id)
     if found is None:
-        raise NotFound(detail=f"(delivery {delivery_id})")
+        raise NotFound(detail=f"(delivery {delivery_id})", detail_zh=f"（投递 {delivery_id}）")
     return found
 
 

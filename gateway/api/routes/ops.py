@@ -31,7 +31,7 @@ def get_record(record_id: str, request: Request, _: Viewer) -> dict[str, Any]:
         view = record_view(conn, record_id)
     if view is None:
         shown = mask_text(record_id[:64].replace("\x00", "?"))
-        raise NotFound(detail=f"(record {shown})")
+        raise NotFound(detail=f"(record {shown})", detail_zh=f"（记录 {shown}）")
     return view
 
 
@@ -39,7 +39,8 @@ def get_record(record_id: str, request: Request, _: Viewer) -> dict[str, Any]:
             summary="What the annual batch adds, corrects, conflicts with and lacks, per month")
 def get_reconciliation(adapter: str, year: Year, request: Request, _: Viewer) -> dict[str, Any]:
     if adapter not in ("health", "finance"):
-        raise NotFound(detail="(reconciliation covers the monthly/annual partners: health, finance)")
+        raise NotFound(detail="(reconciliation covers the monthly/annual partners: health, finance)",
+                       detail_zh="（对账只适用于按月、按年报送的合作方：health、finance）")
     with state_of(request).engine.connect() as conn:
         return reconcile.report(conn, adapter, year)
 

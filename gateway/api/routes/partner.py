@@ -52,28 +52,35 @@ def _records_of(body: bytes, limit: int) -> list[Any]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise PayloadRejected("SCHEMA", detail=f"(body is not JSON: {exc})") from exc
+        raise PayloadRejected("SCHEMA", detail=f"(body is not JSON: {exc})", detail_zh=(
+            f"（请求体不是有效的 JSON：第 {exc.lineno} 行第 {exc.colno} 列有误）")) from exc
     if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-        raise PayloadRejected("SCHEMA", field="records", detail='(expected {"records": [...]})')
+        raise PayloadRejected("SCHEMA", field="records", detail='(expected {"records": [...]})',
+                              detail_zh='（应为 {"records": [...]}）')
     extra = sorted(set(data) - {"records"})
     if extra:
-        raise PayloadRejected("SCHEMA", field=extra[0], detail=f"(unknown field {extra[0]!r})")
+        raise PayloadRejected("SCHEMA", field=extra[0], detail=f"(unknown field {extra[0]!r})",
+                              detail_zh=f"（未知字段 {extra[0]!r}）")
     records: list[Any] = data["records"]
     if not records:
-        raise PayloadRejected("SCHEMA", field="records", detail="(1–1,000 records per request)")
+        raise PayloadRejected("SCHEMA", field="records", detail="(1–1,000 records per request)",
+                              detail_zh="（每次请求须含 1–1,000 条记录）")
     if len(records) > limit:
-        raise PayloadTooLarge(detail=f"({len(records)} records; at most {limit} per request)")
+        raise PayloadTooLarge(detail=f"({len(records)} records; at most {limit} per request)",
+                              detail_zh=f"（共 {len(records)} 条记录；每次请求最多 {limit} 条）")
     return records
 
 
 def scope_partner(partner: Partner, adapter: str) -> PartnerRef:
     """The partner as ingest sees it, if it may submit for ``adapter`` at all (SPEC §7)."""
     if partner.adapter != adapter:
-        raise ScopeViolation(detail=f"(partner is registered for {partner.adapter!r}, not {adapter!r})")
+        raise ScopeViolation(detail=f"(partner is registered for {partner.adapter!r}, not {adapter!r})",
+                             detail_zh=f"（该合作方登记的适配器是 {partner.adapter!r}，不是 {adapter!r}）")
     if partner.adapter in BASE_ADAPTERS and not partner.base_code:
         # Registered before ``partner add`` required one: a base with no code is no base's.
         raise ScopeViolation(detail="(partner has no base code registered; re-register it "
-                                    "with --base-code)")
+                                    "with --base-code)",
+                             detail_zh="（该合作方未登记基地代码，请用 --base-code 重新登记）")
     return PartnerRef(partner.partner_id, partner.adapter, partner.base_code)
 
 
@@ -108,5 +115,6 @@ async def withdraw_record(source_record_id: str, request: Request,
     answer = None if "\x00" in source_record_id else await run_in_threadpool(
         partial(withdraw, config=state.rules_config), state.engine, ref, source_record_id)
     if answer is None:
-        raise NotFound(detail=f"(no record {source_record_id!r} from this partner)")
+        raise NotFound(detail=f"(no record {source_record_id!r} from this partner)",
+                       detail_zh=f"（该合作方没有记录 {source_record_id!r}）")
     return answer

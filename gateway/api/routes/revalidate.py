@@ -66,14 +66,17 @@ async def post_revalidate(body: RevalidateRequest, request: Request,
                           who: Viewer) -> dict[str, Any]:
     state = state_of(request)
     if not body.dry_run and not who.can_act:
-        raise Forbidden("FORBIDDEN", detail=f"(role {who.role} may only ask for a dry run)")
+        raise Forbidden("FORBIDDEN", detail=f"(role {who.role} may only ask for a dry run)",
+                        detail_zh=f"（角色 {who.role} 只能进行试运行）")
     if not body.dry_run and not (body.reason and body.reason.strip()):
         raise PayloadRejected("SCHEMA", field="reason",
-                              detail="(a reason is required unless dry_run is true)")
+                              detail="(a reason is required unless dry_run is true)",
+                              detail_zh="（dry_run 不为 true 时必须填写原因）")
     try:
         flt = RevalidationFilter(**body.filter.model_dump())
     except RevalidationRefused as exc:
-        raise PayloadRejected("SCHEMA", field="filter", detail=f"({exc})") from exc
+        raise PayloadRejected("SCHEMA", field="filter", detail=f"({exc})",
+                              detail_zh=f"（{exc.message_zh}）") from exc
     rules = await run_in_threadpool(state.rules)
     result = await run_in_threadpool(
         lambda: revalidate(state.engine, flt, actor=who.name, reason=body.reason,
