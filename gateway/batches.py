@@ -38,6 +38,7 @@ from adapters.registry import BATCH_ADAPTERS
 from adapters.tabular import UnreadableFile, iter_rows
 from adapters.training_base import NATIVE_FIELD as ROSTER_COLUMNS
 from contracts import RecordAnswer
+from contracts.errors import message
 from gateway import audit, metrics
 from gateway.batch_parse import ParseJob, RowParser, make_adapter, rules_for
 from gateway.config import Settings
@@ -64,13 +65,42 @@ PERIOD = {"monthly": re.compile(r"^\d{4}-(0[1-9]|1[0-2])$"), "annual": re.compil
           "roster": re.compile(r"^\d{4}(-(0[1-9]|1[0-2]))?$")}
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a batch failed as a whole: a catalogue code and the detail in English and Chinese."""
+
+    code: str
+    detail: str
+    detail_zh: str
+
+    @classmethod
+    def of(cls, code: str, detail: str, detail_zh: str) -> Failure:
+        return cls(code, detail[:500], detail_zh[:500])
+
+
+def _failure_of(row: Any) -> dict[str, str] | None:
+    """A failed batch's coded reason, as every coded error is shown (SPEC §6).
+
+    ``error`` holds the English detail; a batch that failed before codes were kept (no
+    ``error_code``) is reported as ``BATCH_FAILED`` with that detail.
+    """
+    if row["status"] != "failed" or not row["error"]:
+        return None
+    code = row["error_code"] or "BATCH_FAILED"
+    en, zh = message(code)
+    return {"code": code, "message": f"{en} ({row['error']})",
+            "message_zh": f"{zh}（{row['error_zh'] or row['error']}）"}
+
+
 def check_batch_request(adapter: str, kind: str, period: str) -> None:
     if (adapter, kind) not in BATCH_ADAPTERS:
         allowed = ", ".join(f"{a}/{k}" for a, k in sorted(BATCH_ADAPTERS))
-        raise PayloadRejected("SCHEMA", field="adapter", detail=f"(adapter/kind must be one of {allowed})")
+        raise PayloadRejected("SCHEMA", field="adapter", detail=f"(adapter/kind must be one of {allowed})",
+                              detail_zh=f"（adapter/kind 须为以下之一：{allowed}）")
     if not PERIOD[kind].match(period or ""):
         raise PayloadRejected("SCHEMA", field="period",
-                              detail="(monthly: YYYY-MM; annual: YYYY; roster: YYYY or YYYY-MM)")
+                              detail="(monthly: YYYY-MM; annual: YYYY; roster: YYYY or YYYY-MM)",
+                              detail_zh="（月度：YYYY-MM；年度：YYYY；花名册：YYYY 或 YYYY-MM）")
 
 
 def native_column(adapter: str, field: str | None) -> str | None:
@@ -89,14 +119,16 @@ def parse_control_totals(row_count: str | None, credits: str | None) -> tuple[in
         pass
     if row_count not in (None, "") and (rows is None or rows < 0):
         raise PayloadRejected("SCHEMA", field="X-CE-Row-Count",
-                              detail="(the number of data rows, a whole number)")
+                              detail="(the number of data rows, a whole number)",
+                              detail_zh="（应为数据行数，一个非负整数）")
     try:
         total = Decimal(credits) if credits not in (None, "") else None
     except InvalidOperation:
         pass
     if credits not in (None, "") and (total is None or not total.is_finite() or total < 0):
         raise PayloadRejected("SCHEMA", field="X-CE-Total-Credits",
-                              detail="(the sum of the credits column, a number)")
+                              detail="(the sum of the credits column, a number)",
+                              detail_zh="（应为学分列之和，一个非负数）")
     return rows, None if total is None else str(total)
 
 
@@ -191,17 +223,22 @@ class BatchProcessor:
                 parsed.row = row_no
                 yield parsed
 
-    def _control_totals_ok(self, batch: dict[str, Any], adapter: Adapter) -> str | None:
+    def _control_totals_ok(self, batch: dict[str, Any], adapter: Adapter) -> Failure | None:
         if batch["declared_rows"] is None and batch["declared_credits"] is None:
             return None
         rows, credits = 0, Decimal(0)
         for parsed in self._parsed_rows(batch, adapter):
             rows += 1
             credits += parsed.credits or Decimal(0)
-        if batch["declared_rows"] is not None and rows != int(batch["declared_rows"]):
-            return f"X-CE-Row-Count says {batch['declared_rows']} rows, the file has {rows}"
-        if batch["declared_credits"] is not None and credits != Decimal(batch["declared_credits"]):
-            return f"X-CE-Total-Credits says {batch['declared_credits']}, the file sums to {credits}"
+        declared_rows, declared_credits = batch["declared_rows"], batch["declared_credits"]
+        if declared_rows is not None and rows != int(declared_rows):
+            return Failure.of("CONTROL_TOTALS_MISMATCH",
+                              f"X-CE-Row-Count says {declared_rows} rows, the file has {rows}",
+                              f"X-CE-Row-Count 申报 {declared_rows} 行，文件实有 {rows} 行")
+        if declared_credits is not None and credits != Decimal(declared_credits):
+            return Failure.of("CONTROL_TOTALS_MISMATCH",
+                              f"X-CE-Total-Credits says {declared_credits}, the file sums to {credits}",
+                              f"X-CE-Total-Credits 申报 {declared_credits}，文件合计 {credits}")
         return None
 
     def _job(self, batch: dict[str, Any]) -> ParseJob:
@@ -275,7 +312,7 @@ class BatchProcessor:
         job = self._job(batch)
         if int(batch["rows_done"]) == 0:
             problem = self._control_totals_ok(batch, make_adapter(job))
-            if problem:
+            if problem is not None:
                 self._finish(batch_id, "failed", problem)
                 return
         partner = PartnerRef(batch["partner_id"], batch["adapter"], job.base_code)
@@ -339,19 +376,22 @@ class BatchProcessor:
         if self.progress is not None:
             self.progress(last_row)
 
-    def _finish(self, batch_id: str, status: str, error: str | None) -> None:
+    def _finish(self, batch_id: str, status: str, failure: Failure | None) -> None:
         now = datetime.now(UTC)
+        error = failure.detail if failure else None
         with self.engine.begin() as conn:
             row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).mappings().one()
             # The audit chain's lock first, as every chunk takes it, then the fenced update.
             audit.append(conn, [audit.Event(f"batch_{status}", actor=self.name, detail={
                 "batch_id": batch_id, "error": error,
+                **({"code": failure.code} if failure else {}),
                 **{k: row[k] for k in OUTCOMES}})],
                 now)
             finished = conn.execute(update(batches).where(
                 batches.c.batch_id == batch_id, batches.c.lease_owner == self.name).values(
-                status=status, error=error, finished_at=now, lease_owner=None, lease_until=None,
-                rows_total=rows_judged(row))).rowcount
+                status=status, error=error, error_code=failure.code if failure else None,
+                error_zh=failure.detail_zh if failure else None, finished_at=now,
+                lease_owner=None, lease_until=None, rows_total=rows_judged(row))).rowcount
             if finished != 1:
                 raise LeaseLost(f"batch {batch_id} is now leased by {row['lease_owner']}")
 
@@ -363,17 +403,19 @@ class BatchProcessor:
             log.warning("%s; stopped without committing", lost)
         except UnreadableFile as exc:  # the sender's file, not a fault of ours: no traceback
             log.warning("batch %s failed: the file cannot be read: %s", batch["batch_id"], exc)
-            self._fail(batch["batch_id"], f"the file cannot be read: {exc}")
+            self._fail(batch["batch_id"], Failure.of("SCHEMA", f"the file cannot be read: {exc}",
+                                                     f"文件无法读取：{exc}"))
             return exc
         except Exception as exc:  # one broken file must not stop the processor
             log.exception("batch %s failed", batch["batch_id"])
-            self._fail(batch["batch_id"], f"{type(exc).__name__}: {exc}")
+            self._fail(batch["batch_id"], Failure.of("BATCH_FAILED", f"{type(exc).__name__}: {exc}",
+                                                     f"处理出错（{type(exc).__name__}）"))
             return exc
         return None
 
-    def _fail(self, batch_id: str, error: str) -> None:
+    def _fail(self, batch_id: str, failure: Failure) -> None:
         try:
-            self._finish(batch_id, "failed", error[:500])
+            self._finish(batch_id, "failed", failure)
         except LeaseLost as lost:
             log.warning("%s; its failure is not ours to record", lost)
 
@@ -410,7 +452,7 @@ def batch_status(conn: Connection, batch_id: str, cursor: int = 0, limit: int = 
     counts = {k: int(row[k]) for k in OUTCOMES}
     return {
         "batch_id": batch_id, "adapter": row["adapter"], "kind": row["kind"], "period": row["period"],
-        "status": row["status"], "error": row["error"],
+        "status": row["status"], "error": row["error"], "failure": _failure_of(row),
         "counts": {"rows": rows_judged(counts), **counts},
         "rows_done": int(row["rows_done"]), "credits_total": row["credits_total"],
         "declared": {"rows": row["declared_rows"], "credits": row["declared_credits"]},

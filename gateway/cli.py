@@ -295,12 +295,13 @@ def ingest(
     try:  # refused as an upload would be (422), before a batch exists
         check_batch_request(adapter, kind, period)
         if file.stat().st_size == 0:
-            raise PayloadRejected("SCHEMA", field="file", detail="(empty file)")
+            raise PayloadRejected("SCHEMA", field="file", detail="(empty file)", detail_zh="（文件为空）")
         with file.open("rb") as handle:
             fmt = detect_format(handle.read(4096), file.name, None)
     except UnreadableFile as exc:  # a legacy .xls workbook
         raise _refused(PayloadRejected("SCHEMA", field="file",
-                                       detail=f"(the file cannot be read: {exc})")) from exc
+                                       detail=f"(the file cannot be read: {exc})",
+                                       detail_zh=f"（文件无法读取：{exc}）")) from exc
     except PayloadRejected as exc:
         raise _refused(exc) from exc
     engine = _engine(settings)
@@ -309,7 +310,8 @@ def ingest(
         # every row would be refused SCOPE_VIOLATION.
         raise _refused(ScopeViolation(field="partner_id", detail=(
             f"(partner {owner!r} is not a training base registered with --base-code; "
-            "pass --partner-id of one)")))
+            "pass --partner-id of one)"), detail_zh=(
+            f"（合作方 {owner!r} 不是用 --base-code 登记的培训基地；请用 --partner-id 指定一个）")))
     batch = NewBatch(new_batch_id(), owner, adapter, kind, period,
                      file.resolve(), fmt, file.stat().st_size, file_sha256(file))
     record_batch(engine, batch, actor="cli")
@@ -337,7 +339,8 @@ def ingest(
             console.print(f"  row {row['row']} {row['column'] or ''} {row['code']}: {row['message_zh']}")
     if isinstance(failure, UnreadableFile):  # the batch failed whole, as an upload's would
         raise _refused(PayloadRejected("SCHEMA", field="file",
-                                       detail=f"(the file cannot be read: {failure})"))
+                                       detail=f"(the file cannot be read: {failure})",
+                                       detail_zh=f"（文件无法读取：{failure}）"))
     if status["status"] == "failed":
         err.print(f"batch {batch.batch_id} failed: {status['error']}", style="red", markup=False,
                   highlight=False, soft_wrap=True)

@@ -736,7 +736,7 @@ class Chunk:
         if status is RecordStatus.DUPLICATE:
             self.events.append(audit.Event("duplicate", record_id, 1, detail={"duplicate_of": holder}))
         elif status is RecordStatus.CONFLICT:
-            errors = [error_note("CONFLICT_WITH_EXISTING", "claimed", f"(record {holder})")]
+            errors = [error_note("CONFLICT_WITH_EXISTING", "claimed.quantity", f"(record {holder})")]
             self.events.append(audit.Event("conflict", record_id, 1, detail={"conflicts_with": holder}))
         answer = RecordAnswer.model_construct(
             index=index, source_record_id=sub.source_record_id, status=status,
@@ -798,7 +798,7 @@ class Chunk:
                                            "credited_hours": str(sub.hours),
                                            "judged": status.value}))
         answer_status = RecordStatus.CORRECTED if status is RecordStatus.ACCEPTED else status
-        errors = ([error_note("CONFLICT_WITH_EXISTING", "claimed")]
+        errors = ([error_note("CONFLICT_WITH_EXISTING", "claimed.quantity")]
                   if status is RecordStatus.CONFLICT else [])
         answer = RecordAnswer.model_construct(
             index=index, source_record_id=sub.source_record_id, status=answer_status,

@@ -289,6 +289,9 @@ batches = Table(
     Column("rejected", BigInteger, nullable=False, default=0),
     Column("credits_total", String(32), nullable=False, default="0"),
     Column("error", Text),
+    # A failed batch's coded reason (SPEC §6): the code and the Chinese beside ``error``.
+    Column("error_code", String(32)),
+    Column("error_zh", Text),
     Column("lease_owner", String(64)),
     Column("lease_until", UTCDateTime),
     Column("created_at", UTCDateTime, nullable=False),

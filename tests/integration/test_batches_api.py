@@ -410,6 +410,10 @@ def test_control_totals_fail_a_wrong_file_whole_and_pass_a_right_one(
         for status, header in ((wrong_rows, "X-CE-Row-Count"), (wrong_credits, "X-CE-Total-Credits")):
             assert status["status"] == "failed"
             assert header in status["error"]
+            # Coded as every error is (SPEC §6), in Chinese too.
+            failure = status["failure"]
+            assert failure["code"] == "CONTROL_TOTALS_MISMATCH" and header in failure["message"]
+            assert "控制总数" in failure["message_zh"] and "申报" in failure["message_zh"]
             assert status["counts"] == {"rows": 0, "accepted": 0, "duplicate": 0, "corrected": 0,
                                         "conflict": 0, "rejected": 0}
             assert status["rejected_rows"] == [] and status["rows_done"] == 0

@@ -106,6 +106,7 @@ def test_ingest_of_an_unreadable_file_fails_its_own_batch_and_leaves_others_to_t
     failed = json.loads(broken.stdout)
     assert failed["status"] == "failed" and failed["batch_id"] != waiting.batch_id
     assert failed["error"].startswith("the file cannot be read: not a readable XLSX workbook")
+    assert failed["failure"]["code"] == "SCHEMA" and "文件无法读取" in failed["failure"]["message_zh"]
 
     refused = cli(env, "ingest", str(legacy), *HEALTH_MARCH, "--json")
     assert refused.returncode == 2 and refused.stdout == ""

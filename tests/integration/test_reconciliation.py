@@ -28,7 +28,7 @@ from adapters.normalize import parse_date
 from gateway import reconcile
 from gateway.accounts import Partner
 from gateway.api.app import create_app
-from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
+from gateway.batches import BatchProcessor, NewBatch, batch_status, new_batch_id, record_batch
 from gateway.config import Settings
 from gateway.signing import file_sha256
 from gateway.store.db import alembic_config, upgrade
@@ -335,9 +335,14 @@ def test_an_activity_the_annual_carries_under_another_record_number_is_not_lacki
     other = {**rows[2], "记录编号": "RENUMBERED-2", "学分": str(Decimal(rows[2]["学分"]) + 2)}
     annual_path = tmp_path / "annual.csv"
     write_csv(annual_path, [rows[0], same, other], HEALTH_HEADERS)
-    _ingest(engine, settings, partner, annual_path, "annual", str(YEAR))
+    annual_id = _ingest(engine, settings, partner, annual_path, "annual", str(YEAR))
     with engine.connect() as conn:
         report = reconcile.report(conn, "health", YEAR, today=AFTER_THE_YEAR)
+        status = batch_status(conn, annual_id)
+    assert status is not None
+    # The conflict's row error names the partner's own column, the credits that differ.
+    assert [(r["row"], r["code"], r["column"]) for r in status["rejected_rows"]] == [
+        (4, "CONFLICT_WITH_EXISTING", "学分")]
     assert report["totals"] == {"monthly_records": 3, "repeated": 2, "corrected": 0,
                                 "lacking": 0, "added": 0, "conflicts": 1}
     assert report["samples"]["conflicts"] == ["RENUMBERED-2"] and report["samples"]["lacking"] == []

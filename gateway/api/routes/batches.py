@@ -93,11 +93,14 @@ def _check_rows(path: Path, fmt: Format, line_breaks: int, limit: int) -> None:
         else:
             rows = count_data_rows(path, fmt, stop_after=limit)
     except WorkbookTooLarge as exc:
-        raise PayloadTooLarge(field="body", detail=f"({exc})") from exc
+        raise PayloadTooLarge(field="body", detail=f"({exc})",
+                              detail_zh=f"（工作簿超出限制：{exc}）") from exc
     except UnreadableFile as exc:
-        raise PayloadRejected("SCHEMA", field="body", detail=f"({exc})") from exc
+        raise PayloadRejected("SCHEMA", field="body", detail=f"({exc})",
+                              detail_zh=f"（文件无法读取：{exc}）") from exc
     if rows > limit:
-        raise PayloadTooLarge(field="body", detail=f"(more than {limit} rows in one batch)")
+        raise PayloadTooLarge(field="body", detail=f"(more than {limit} rows in one batch)",
+                              detail_zh=f"（一个批次超过 {limit} 行）")
 
 
 def _line_breaks(block: bytes) -> int:
@@ -117,11 +120,13 @@ async def upload_batch(request: Request, adapter: Annotated[str, Query()],
         request.headers.get("x-ce-row-count"), request.headers.get("x-ce-total-credits"))
     if declared_rows is not None and declared_rows > settings.max_batch_rows:
         raise PayloadTooLarge(field="X-CE-Row-Count",
-                              detail=f"(more than {settings.max_batch_rows} rows in one batch)")
+                              detail=f"(more than {settings.max_batch_rows} rows in one batch)",
+                              detail_zh=f"（一个批次超过 {settings.max_batch_rows} 行）")
     limit = settings.max_batch_bytes
     declared_size = request.headers.get("content-length", "")
     if declared_size.isdigit() and int(declared_size) > limit:
-        raise PayloadTooLarge(detail=f"(batch files up to {limit} bytes)")
+        raise PayloadTooLarge(detail=f"(batch files up to {limit} bytes)",
+                              detail_zh=f"（批次文件最大 {limit} 字节）")
     # An unknown app key is refused before the body is streamed to disk; the signature
     # itself covers the body's hash, so it can only be checked after the stream.
     known = await run_in_threadpool(partner_of, request, sig)
@@ -135,7 +140,8 @@ async def upload_batch(request: Request, adapter: Annotated[str, Query()],
             async for block in request.stream():
                 size += len(block)
                 if size > limit:
-                    raise PayloadTooLarge(detail=f"(batch files up to {limit} bytes)")
+                    raise PayloadTooLarge(detail=f"(batch files up to {limit} bytes)",
+                                          detail_zh=f"（批次文件最大 {limit} 字节）")
                 if len(head) < 4096:
                     head += block[: 4096 - len(head)]
                 digest.update(block)
@@ -145,12 +151,14 @@ async def upload_batch(request: Request, adapter: Annotated[str, Query()],
                                           known)
         scope_partner(partner, adapter)  # its adapter, and a base code if it is a base
         if size == 0:
-            raise PayloadRejected("SCHEMA", field="body", detail="(empty file)")
+            raise PayloadRejected("SCHEMA", field="body", detail="(empty file)",
+                                  detail_zh="（文件为空）")
         try:
             fmt = detect_format(head, request.headers.get("x-ce-filename"),
                                 request.headers.get("content-type"))
         except UnreadableFile as exc:  # a legacy .xls workbook
-            raise PayloadRejected("SCHEMA", field="body", detail=f"({exc})") from exc
+            raise PayloadRejected("SCHEMA", field="body", detail=f"({exc})",
+                                  detail_zh="（不支持旧版 .xls 工作簿，请另存为 .xlsx 或 CSV）") from exc
         await run_in_threadpool(_check_rows, tmp, fmt, line_breaks, settings.max_batch_rows)
         final = directory / f"{batch_id}.{fmt}"
         await run_in_threadpool(fsync_into_place, tmp, final)
@@ -189,7 +197,7 @@ async def get_batch(batch_id: str, request: Request,
 
     found = await run_in_threadpool(load)
     if found is None:
-        raise NotFound(detail=f"(batch {batch_id})")
+        raise NotFound(detail=f"(batch {batch_id})", detail_zh=f"（批次 {batch_id}）")
     return found
 
 
@@ -201,22 +209,27 @@ async def native_records(adapter: str, request: Request,
     partner, body = signed
     state = state_of(request)
     if adapter != "training_base":
-        raise NotFound(detail=f"(no push adapter {adapter!r}; health and finance use /v1/batches)")
+        raise NotFound(detail=f"(no push adapter {adapter!r}; health and finance use /v1/batches)",
+                       detail_zh=f"（没有推送适配器 {adapter!r}；卫生、财会数据请用 /v1/batches）")
     ref = scope_partner(partner, adapter)
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise PayloadRejected("SCHEMA", detail=f"(body is not JSON: {exc})") from exc
+        raise PayloadRejected("SCHEMA", detail=f"(body is not JSON: {exc})", detail_zh=(
+            f"（请求体不是有效的 JSON：第 {exc.lineno} 行第 {exc.colno} 列有误）")) from exc
     if isinstance(document, dict) and document.get("base_code") != ref.base_code:
         raise ScopeViolation(field="base_code",
-                             detail=f"(partner may only submit for base {partner.base_code})")
+                             detail=f"(partner may only submit for base {partner.base_code})",
+                             detail_zh=f"（该合作方只能报送基地 {partner.base_code} 的数据）")
     most = state.settings.max_records_per_request
     results = document.get("results") if isinstance(document, dict) else None
     if isinstance(results, list) and len(results) > most:  # counted before any is parsed
-        raise PayloadTooLarge(field="results", detail=f"(at most {most} results per request)")
+        raise PayloadTooLarge(field="results", detail=f"(at most {most} results per request)",
+                              detail_zh=f"（每次请求最多 {most} 条结果）")
     rows = list(TrainingBaseAdapter().parse(document))
     if len(rows) > most:
-        raise PayloadTooLarge(detail=f"(at most {most} results per request)")
+        raise PayloadTooLarge(detail=f"(at most {most} results per request)",
+                              detail_zh=f"（每次请求最多 {most} 条结果）")
     items = [Item(raw=r.raw, submission=r.submission, errors=r.errors, warnings=r.warnings, row=r.row)
              for r in rows]
     rules = await run_in_threadpool(state.rules)
