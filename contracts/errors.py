@@ -90,6 +90,8 @@ CATALOGUE: dict[str, CodeInfo] = {
         _w("INTEGRITY_DAY_OVER_24H", "More than 24 hours claimed for one person in one day.",
            "同一人同一天申报超过24学时。"),
         _w("INTEGRITY_OVERLAP", "Overlapping offline trainings for one person.", "同一人线下培训时间重叠。"),
+        _w("INTEGRITY_COMPLETED_IN_FUTURE", "The completion date lies after the day the record was reported.",
+           "完成日期晚于报送日期。"),
         _w("INTEGRITY_ABOVE_PLAN", "Hours far above the filed plan's.", "学时远超备案计划学时。"),
     )
 }

@@ -215,6 +215,11 @@ def _review(case: _Case) -> None:
 def _integrity(case: _Case) -> None:
     sub, config = case.sub, case.config
     act = sub.activity
+    arrived = case.received_at.astimezone(config.zone).date()
+    if act.completed_on > arrived:  # reported as done before it ended: cannot be true yet
+        case.warnings.append(coded(
+            "INTEGRITY_COMPLETED_IN_FUTURE", f"(completed on {act.completed_on}, reported on {arrived})",
+            f"（完成日期 {act.completed_on}，报送日期 {arrived}）", field="activity.completed_on"))
     # Only time claims say how long a person was busy; a paper's 10 h are not 10 h of a day,
     # nor are an exam setter's granted hours.
     if sub.claimed.unit in (Unit.HOURS, Unit.LECTURE_HOURS) and sub.activity_type in TIME_ACTIVITIES:
@@ -302,7 +307,8 @@ RULES: tuple[Rule, ...] = (
          "真实性、规范性和严肃性负全部责任", (), _review),
     Rule("R14", "六(一)", "建立诚信学习制度，对线上线下培训学时及培训进修类、自学类、技术带教帮扶类、"
          "创新实践类、论文著作、专题授课等弄虚作假的人员，一经查实，列入全国、全省信用信息共享平台，"
-         "记录期为 3 年。", ("INTEGRITY_DAY_OVER_24H", "INTEGRITY_ABOVE_PLAN", "INTEGRITY_OVERLAP"),
+         "记录期为 3 年。", ("INTEGRITY_DAY_OVER_24H", "INTEGRITY_ABOVE_PLAN", "INTEGRITY_OVERLAP",
+                      "INTEGRITY_COMPLETED_IN_FUTURE"),
          _integrity, elsewhere="overlaps across records: credit.overlapping, credit.day_totals"),
 )
 RULE_BY_ID = {rule.id: rule for rule in RULES}

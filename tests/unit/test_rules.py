@@ -421,9 +421,10 @@ def test_naive_received_at_is_a_programming_error() -> None:
 @pytest.mark.parametrize(("completed_on", "late"), [("2026-11-30", False), ("2026-12-01", True)])
 def test_r12_title_applicants_finish_by_30_november(completed_on: str, late: bool) -> None:
     s = sub(**{"activity.started_on": None, "activity.completed_on": completed_on})
-    j = run(s)
+    reported = datetime(2026, 12, 15, 9, 0, tzinfo=CST)  # after the completion, before the close
+    j = run(s, received_at=reported)
     assert j.accepted and ("TITLE_APPLICANT_LATE" in codes(j.warnings)) is late
-    assert not run(s, reference=NO_DEFERRAL).warnings  # not a title applicant
+    assert not run(s, received_at=reported, reference=NO_DEFERRAL).warnings  # not an applicant
 
 
 # -- R13 (the office table is tested in test_review.py) -------------------------------------------
@@ -443,6 +444,18 @@ def test_r13_judgement_carries_the_review_authority() -> None:
 def test_r14_more_than_24_hours_a_day(hours: str, started: str, flagged: bool) -> None:
     j = run(sub(**{"claimed.quantity": hours, "activity.started_on": started}))
     assert j.accepted and ("INTEGRITY_DAY_OVER_24H" in codes(j.warnings)) is flagged
+
+
+@pytest.mark.parametrize(("completed", "arrived", "flagged"), [
+    ("2026-05-13", ON_TIME, False),
+    # Days are Xining's: 00:30 on 13 May there is still 12 May in UTC.
+    ("2026-05-13", datetime(2026, 5, 13, 0, 30, tzinfo=CST), False),
+    ("2026-05-13", datetime(2026, 5, 12, 23, 0, tzinfo=CST), True)])
+def test_r14_a_completion_after_the_report_is_flagged(completed: str, arrived: datetime,
+                                                      flagged: bool) -> None:
+    s = sub(**{"activity.completed_on": completed, "activity.started_on": completed})
+    j = run(s, received_at=arrived)
+    assert j.accepted and ("INTEGRITY_COMPLETED_IN_FUTURE" in codes(j.warnings)) is flagged
 
 
 def test_r14_converted_hours_are_not_time_spent() -> None:
