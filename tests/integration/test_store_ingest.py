@@ -419,7 +419,8 @@ def test_r14_in_a_chunk_spanning_the_year_reads_each_records_own_days(
         _training(sub, "N-8", "2026-08-01", "2026-08-01", "8", "八月专题三"),
         _training(sub, "N-12", "2026-12-01", "2026-12-01", "8", "十二月专题")])
     assert {w.code for w in august.warnings} >= {"INTEGRITY_OVERLAP", "INTEGRITY_DAY_OVER_24H"}
-    assert december.warnings == []
+    # (a December date may still lie ahead today: INTEGRITY_COMPLETED_IN_FUTURE is not R14's read)
+    assert not {w.code for w in december.warnings} & {"INTEGRITY_OVERLAP", "INTEGRITY_DAY_OVER_24H"}
 
 
 def test_r14_judges_a_corrected_record_as_its_new_version_only(
