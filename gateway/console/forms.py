@@ -180,5 +180,5 @@ def rejection_query(params: Mapping[str, Any], zone: ZoneInfo) -> RejectionQuery
         flt = RevalidationFilter(partner_id=raw["partner_id"], adapter=adapter, error_code=code,
                                  batch_id=raw["batch_id"], since=since, until=until)
     except RevalidationRefused as exc:  # pragma: no cover - the checks above come first
-        raise bad_param("filter", f"无效：{exc}") from None
+        raise bad_param("filter", f"无效：{exc.message_zh}") from None
     return RejectionQuery(flt, raw)
