@@ -22,7 +22,7 @@ from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, String, case, func, literal, or_, select
+from sqlalchemy import Connection, String, and_, case, func, literal, or_, select
 
 from gateway.store.tables import batch_repeats, batches, record_versions, records
 
@@ -121,9 +121,10 @@ def _monthly_records_judged(monthly_ids: list[str], annual_ids: list[str]) -> An
     """Each record a monthly batch first carried: its month, and what the annual batches did.
 
     ``kind``: ``corrected`` (an annual row made a new version of it), ``repeated`` (an annual
-    row carried it unchanged, under its own record number or, as a ``duplicate`` linked to it,
-    under another), ``conflicted`` (only a conflicting twin carried it: that twin is counted
-    under ``conflicts``), ``lacking`` (no annual row carried it), or ``None`` before any annual.
+    row carried it unchanged, under its own record number or, the same partner's report of the
+    same activity with the same claim, under another), ``conflicted`` (only a conflicting twin
+    carried it: that twin is counted under ``conflicts``), ``lacking`` (no annual row carried
+    it), or ``None`` before any annual.
     Every annual batch of the year counts, so a resent or split annual file changes nothing.
     """
     month = batches.alias("month")
@@ -137,19 +138,24 @@ def _monthly_records_judged(monthly_ids: list[str], annual_ids: list[str]) -> An
                  .distinct().subquery())
     repeated = (select(batch_repeats.c.record_id).where(batch_repeats.c.batch_id.in_(annual_ids))
                 .distinct().subquery())
+    # An annual row under another record number carries a monthly record when it is the same
+    # partner's report of the same activity (natural key): a duplicate (same claim as the
+    # activity's holder) or a conflict.  Not by ``duplicate_of``: that names the holder, which
+    # may be another partner's record when the monthly one was itself a duplicate.
     twin = records.alias("twin")
-    twins = (select(twin.c.duplicate_of.label("record_id"),
+    twins = (select(twin.c.partner_id, twin.c.natural_key,
                     func.max(case((twin.c.status == "duplicate", 1), else_=0)).label("same"),
                     func.max(case((twin.c.status == "conflict", 1), else_=0)).label("other"))
-             .where(twin.c.batch_id.in_(annual_ids), twin.c.duplicate_of.is_not(None))
-             .group_by(twin.c.duplicate_of).subquery())
+             .where(twin.c.batch_id.in_(annual_ids), twin.c.status.in_(("duplicate", "conflict")))
+             .group_by(twin.c.partner_id, twin.c.natural_key).subquery())
     kind = case((corrected.c.record_id.is_not(None), "corrected"),
                 (or_(repeated.c.record_id.is_not(None), twins.c.same == 1), "repeated"),
                 (twins.c.other == 1, "conflicted"), else_="lacking")
     return (source.add_columns(kind.label("kind"))
             .outerjoin(corrected, corrected.c.record_id == records.c.record_id)
             .outerjoin(repeated, repeated.c.record_id == records.c.record_id)
-            .outerjoin(twins, twins.c.record_id == records.c.record_id)
+            .outerjoin(twins, and_(twins.c.partner_id == records.c.partner_id,
+                                   twins.c.natural_key == records.c.natural_key))
             .subquery())
 
 

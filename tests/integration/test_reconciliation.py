@@ -362,3 +362,27 @@ def test_0014_backfills_the_last_repeat_of_each_record(
         after = set(conn.execute(select(batch_repeats.c.batch_id, batch_repeats.c.record_id)).all())
         again = reconcile.report(conn, "health", YEAR, today=AFTER_THE_YEAR)
     assert after == before and again["totals"] == report["totals"]
+
+
+def test_a_monthly_duplicate_of_another_partners_record_renumbered_in_the_annual_is_repeated(
+        db_url: str, engine: Engine, tmp_path: Path, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner]) -> None:
+    """The annual row is linked to the activity's holder (the other partner's), not to ours."""
+    monthly, _, _ = year_dataset(13, YEAR, people=20, per_month=6)
+    first, second = new_partner(engine, adapter="health"), new_partner(engine, adapter="health")
+    settings = make_settings(db_url, batch_dir=tmp_path / "batches")
+    m = next(m for m in range(1, 13) if len(monthly[m - 1]) >= 2)
+    rows = monthly[m - 1][:2]
+    for partner, name, carried, kind, period in (
+            (first, "first_month", rows[:1], "monthly", f"{YEAR}-{m:02d}"),
+            (second, "second_month", rows, "monthly", f"{YEAR}-{m:02d}"),
+            (first, "first_annual", rows[:1], "annual", str(YEAR)),
+            (second, "second_annual", [{**rows[0], "记录编号": "RENUMBERED-1"}, rows[1]], "annual",
+             str(YEAR))):
+        path = tmp_path / f"{name}.csv"
+        write_csv(path, carried, HEALTH_HEADERS)
+        _ingest(engine, settings, partner, path, kind, period)
+    with engine.connect() as conn:
+        report = reconcile.report(conn, "health", YEAR, today=AFTER_THE_YEAR)
+    assert report["totals"] == {"monthly_records": 3, "repeated": 3, "corrected": 0,
+                                "lacking": 0, "added": 0, "conflicts": 0}
