@@ -23,8 +23,9 @@ from gateway.console.forms import (
     text,
 )
 from gateway.console.records_view import (
-    EDITABLE,
     changes_from,
+    edit_fields,
+    shown_values,
     summarize,
     typed_back,
     version_rows,
@@ -114,8 +115,10 @@ def edit_form(record_id: str, ctx: Viewer) -> Response:
     require_role(ctx)
     record_id = _record_id(record_id)
     view = _dead_view(ctx, record_id)
-    return ctx.page("record_edit.html", record_id=record_id, summary=summarize(view),
-                    fields=EDITABLE, values=summarize(view)["editable"], error=None)
+    summary = summarize(view)
+    fields, hidden = edit_fields(summary["editable"])
+    return ctx.page("record_edit.html", record_id=record_id, summary=summary,
+                    fields=fields, values=shown_values(summary["editable"], hidden), error=None)
 
 
 @router.post("/records/{record_id}/edit")
@@ -123,15 +126,16 @@ def edit_submit(record_id: str, ctx: Actor) -> Response:
     record_id = _record_id(record_id)
     view = _dead_view(ctx, record_id)
     summary = summarize(view)
-    changes = changes_from(ctx.form, summary["editable"])
+    fields, hidden = edit_fields(summary["editable"])
+    changes = changes_from(ctx.form, summary["editable"], fields, hidden)
     why = reason(ctx.form)
     error = None if changes else "没有修改任何字段。"
     error = error or (None if why else "请填写修改原因（必填，将记入审计日志）。")
     if error:
-        # What was typed comes back, except the identity number (write-only: never echoed).
-        values = typed_back(ctx.form, summary["editable"])
+        # What was typed comes back, except write-only fields (never echoed).
+        values = typed_back(ctx.form, shown_values(summary["editable"], hidden), fields, hidden)
         return ctx.page("record_edit.html", 400, record_id=record_id, summary=summary,
-                        fields=EDITABLE, values=values, error=error)
+                        fields=fields, values=values, error=error)
     assert why is not None
     result = edit_and_requeue(ctx.state.engine, ctx.state.settings, record_id, changes,
                               reason=why, actor=ctx.session.operator.name)

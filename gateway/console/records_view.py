@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.masking import mask_id
+from gateway.masking import mask_id, mask_text
+
+Fields = tuple[tuple[str, str, str], ...]
 
 # (dotted field of the canonical record, label, input type)
 EDITABLE: tuple[tuple[str, str, str], ...] = (
@@ -27,6 +29,31 @@ EDITABLE: tuple[tuple[str, str, str], ...] = (
 )
 WRITE_ONLY = frozenset({"person.id_number"})
 PRUNED_LABEL = "payload pruned (已按保留期清理)"
+
+
+def edit_fields(editable: Mapping[str, str]) -> tuple[Fields, frozenset[str]]:
+    """``EDITABLE`` for one record, and which of its fields are write-only.
+
+    Besides the identity number, any field whose text the page would print masked (a
+    certificate number or title holding an id-like run of digits) is write-only: shown masked
+    in its label, its box empty.  Sent back as shown, the masked text would differ from the
+    stored value and overwrite it.
+    """
+    fields: list[tuple[str, str, str]] = []
+    hidden = set(WRITE_ONLY)
+    for key, label, kind in EDITABLE:
+        value = editable.get(key, "")
+        if key not in WRITE_ONLY and value and mask_text(value) != value:
+            hidden.add(key)
+            fields.append((key, f"{label}（当前 {mask_text(value)}，留空表示不修改）", "password"))
+        else:
+            fields.append((key, label, kind))
+    return tuple(fields), frozenset(hidden)
+
+
+def shown_values(editable: Mapping[str, str], hidden: frozenset[str]) -> dict[str, str]:
+    """The form's initial values: write-only fields empty."""
+    return {key: ("" if key in hidden else value) for key, value in editable.items()}
 
 
 def _get(data: Mapping[str, Any], dotted: str) -> Any:
@@ -99,8 +126,6 @@ def version_rows(view: Mapping[str, Any]) -> list[dict[str, Any]]:
                      "batch_id": v.get("batch_id"), "content_hash": v.get("content_hash")})
     return rows
 
-
-Fields = tuple[tuple[str, str, str], ...]
 
 
 def changes_from(form: Mapping[str, Any], current: Mapping[str, str], fields: Fields = EDITABLE,

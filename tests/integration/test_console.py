@@ -59,6 +59,8 @@ ID_LIKE = re.compile(r"(?<!\d)\d{17}[\dXx](?!\d)")
 OWN_ID = re.compile(r"(?<![0-9A-Za-z])(?:[RB][0-9a-f]{24}|[0-9a-f]{32})(?![0-9A-Za-z])")  # kept whole
 
 
+CERT_LIKE_AN_ID = "202605101234567"
+
 @dataclass
 class World:
     engine: Engine
@@ -104,6 +106,8 @@ def world(db_url: str, make_settings: MakeSettings, new_partner: Callable[..., P
     first, second = new_partner(engine), new_partner(engine)
     subs = [gen.canonical_submission(rng, f"CON-{i}") for i in range(3)]
     subs[1]["activity"]["title"] = "[REJECT] 高原医学专题讲座"
+    # A certificate number the pages print masked (a run of 15 digits): editing must keep it.
+    subs[1]["evidence"] = {**subs[1].get("evidence", {}), "certificate_no": CERT_LIKE_AN_ID}
     faults.reject_ids.add(subs[2]["person"]["id_number"])
     answers = ingest(engine, PartnerRef(first.partner_id, "canonical"), subs)
     assert [a.status for a in answers] == ["accepted"] * 3
@@ -389,6 +393,8 @@ def _operator_reprocesses_edits_and_resolves(world: World, client: httpx.Client,
     # Reprocess with edit: the title fixed, a new version delivered, the diff audited.
     form = client.get(f"/ops/records/{world.dead_title}/edit")
     assert form.status_code == 200 and 'value="[REJECT] 高原医学专题讲座"' in form.text
+    # Printed masked, so write-only: an empty box, the masked value only in its label.
+    assert 'name="evidence.certificate_no" type="password" value=""' in form.text
     _no_clear_ids(form.text, world)
     fields = dict(re.findall(r'name="([a-z_.]+)" type="[a-z]+" value="([^"]*)"', form.text))
     typed = world.id_numbers[1]  # a typed identity number is never echoed back
@@ -407,6 +413,7 @@ def _operator_reprocesses_edits_and_resolves(world: World, client: httpx.Client,
     assert world.outbox_status(world.dead_title)[-1] == (2, "delivered")
     [applied_edit] = httpx.get(f"{world.mock_url}/_mock/applied/{world.dead_title}").json()["versions"]
     assert applied_edit["record"]["activity"]["title"] == "高原医学专题讲座"
+    assert applied_edit["record"]["evidence"]["certificate_no"] == CERT_LIKE_AN_ID
 
     # A conflict resolved by keeping the existing record: confirmation, then closed.
     confirm = client.get(f"/ops/conflicts/{world.conflict}/resolve",
