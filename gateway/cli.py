@@ -65,6 +65,13 @@ def _refused(exc: PayloadRejected) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _check_year(year: int) -> None:
+    """A CE year the store can hold, as the API's paths take it (2000-2999)."""
+    if not 2000 <= year <= 2999:
+        raise _refused(PayloadRejected("SCHEMA", field="year", detail=f"({year}: expected 2000-2999)",
+                                       detail_zh=f"（{year}：应在 2000–2999 之间）"))
+
+
 def _settings() -> Settings:
     return get_settings()
 
@@ -357,8 +364,13 @@ def reconcile(adapter: Annotated[str, typer.Argument(help="health | finance")],
     """Annual vs monthly batches: per month what the annual adds, corrects, conflicts, lacks."""
     from rich.table import Table
 
-    from gateway.reconcile import CATEGORIES, report
+    from gateway.reconcile import ADAPTERS, CATEGORIES, report
 
+    if adapter not in ADAPTERS:
+        raise _refused(PayloadRejected("SCHEMA", field="adapter", detail=(
+            f"(reconciliation covers the monthly/annual partners: {', '.join(ADAPTERS)})"),
+            detail_zh=f"（对账只适用于按月和按年报送的合作方：{'、'.join(ADAPTERS)}）"))
+    _check_year(year)
     with _engine(_settings()).connect() as conn:
         result = report(conn, adapter, year)
     if as_json:
@@ -382,8 +394,13 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
     """One person's year: credited hours by category and type, what is missing, which records."""
     from rich.table import Table
 
-    from gateway.compliance import report
+    from gateway.compliance import check_person, report
 
+    _check_year(year)
+    try:
+        check_person(id_number)
+    except PayloadRejected as exc:
+        raise _refused(exc) from exc
     with _engine(_settings()).connect() as conn:
         result = report(conn, id_number, year)
     if as_json:
@@ -424,8 +441,14 @@ def reference_import(
 ) -> None:
     """Import reference data from a CSV file (a new version; bad rows are listed, not imported)."""
     from gateway.reference import import_csv
+    from gateway.reference_store import UnknownReferenceKind
 
-    result = import_csv(_engine(_settings()), kind, file, actor)
+    try:
+        result = import_csv(_engine(_settings()), kind, file, actor)
+    except UnknownReferenceKind as exc:
+        raise _refused(PayloadRejected("SCHEMA", field="kind", detail=f"({exc})",
+                                       detail_zh="（未知的参考数据类型，应为 bases、plans、deferrals 或 "
+                                                 "title-applicants）")) from exc
     if as_json:
         print(json.dumps(result.as_dict(), ensure_ascii=False, default=str))
     else:

@@ -13,14 +13,32 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from gateway.errors import PayloadRejected
 from gateway.masking import mask_id
 from gateway.pipeline.credit import compliance_gap
 from gateway.pipeline.dedup import person_key_of
+from gateway.pipeline.identity import resident_id_findings
 from gateway.pipeline.rules_tables import REQUIREMENT
 from gateway.store.tables import records
 
 ZERO = Decimal(0)
 ONE_PLACE = Decimal("0.1")
+
+
+def check_person(id_number: str, id_type: str = "resident_id") -> None:
+    """Refuse an identity number no record can hold, before answering "no hours" for it.
+
+    A typo must not read as a person without hours: a resident id is checked (GB 11643),
+    any id is at most 32 characters.  :class:`PayloadRejected`, coded and masked, otherwise.
+    """
+    if "\x00" in id_number or len(id_number) > 32:
+        raise PayloadRejected("SCHEMA", field="id_number", detail="(at most 32 characters)",
+                              detail_zh="（最多32个字符）")
+    if id_type == "resident_id":
+        invalid = [f for f in resident_id_findings(id_number) if f.code == "ID_NUMBER_INVALID"]
+        if invalid:
+            raise PayloadRejected("ID_NUMBER_INVALID", field="id_number",
+                                  detail=f"({invalid[0].detail})", detail_zh=f"（{invalid[0].detail_zh}）")
 
 
 def _h(value: Decimal) -> str:

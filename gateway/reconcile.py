@@ -27,6 +27,7 @@ from sqlalchemy import Connection, String, and_, case, func, literal, or_, selec
 from gateway.store.tables import batch_repeats, batches, record_versions, records
 
 SAMPLE = 50
+ADAPTERS = ("health", "finance")  # the partners that push monthly and annual batches
 CATEGORIES = ("monthly_records", "repeated", "corrected", "lacking", "added", "conflicts")
 
 

@@ -152,6 +152,8 @@ def list_deliveries(conn: Connection, flt: DeliveryFilter, *, cursor: str | None
 
 def get_delivery(conn: Connection, delivery_id: int) -> dict[str, Any] | None:
     """One delivery with its batch and its history (attempts, requeues, receipts)."""
+    if not 0 < delivery_id < 2**63:  # no such id; past 2**63 the driver would overflow
+        return None
     row = conn.execute(select(*_COLUMNS).select_from(_JOINED)
                        .where(outbox.c.id == delivery_id)).mappings().first()
     if row is None:

@@ -172,3 +172,29 @@ def test_ingest_of_a_roster_is_scoped_by_a_registered_bases_code(tmp_path: Path)
     rejected = [(r["row"], r["column"], r["code"]) for r in status["rejected_rows"]]
     assert (2, "base_code", "BASE_NOT_RECOGNIZED") in rejected
     assert [r for r in rejected if r[0] == 3] == [(3, "base_code", "SCOPE_VIOLATION")]
+
+
+def test_read_commands_refuse_bad_input_with_a_coded_error_not_a_traceback(tmp_path: Path) -> None:
+    """What the API refuses, the CLI refuses too (exit 2, both languages); nothing reads as 0 h."""
+    url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    env = {"CE_GATEWAY_DATABASE_URL": url, "CE_GATEWAY_SECRET_KEY": "cli-test"}
+    assert cli(env, "db", "upgrade").returncode == 0
+    csv_file = tmp_path / "bases.csv"
+    csv_file.write_text("code,name\nX,Y\n", encoding="utf-8")
+    valid_id = "630102198704139126"
+    for args, code, field in ((("reconcile", "health", "26"), "SCHEMA", "year"),
+                              (("reconcile", "health", "99999999999999999999"), "SCHEMA", "year"),
+                              (("reconcile", "bogus", "2026"), "SCHEMA", "adapter"),
+                              (("compliance", "630102198704139127", "2026"), "ID_NUMBER_INVALID",
+                               "id_number"),
+                              (("compliance", valid_id, "99999999999"), "SCHEMA", "year"),
+                              (("reference", "import", "bogus", str(csv_file)), "SCHEMA", "kind")):
+        refused = cli(env, *args, "--json")
+        assert refused.returncode == 2 and refused.stdout == "", (args, refused.stderr)
+        assert_refused(refused.stderr, code, field)
+        assert "630102198704139127" not in refused.stderr  # masked
+    shown = cli(env, "deliveries", "show", "99999999999999999999")
+    assert shown.returncode == 1 and "NOT_FOUND" in shown.stderr and "Traceback" not in shown.stderr
+    listed = cli(env, "deliveries", "list", "--cursor",
+                 "WyJkZWxpdmVyaWVzIiwxODQ0Njc0NDA3MzcwOTU1MTYxNV0", "--json")
+    assert listed.returncode == 2 and "Traceback" not in listed.stderr, listed.stderr

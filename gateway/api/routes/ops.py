@@ -14,10 +14,9 @@ from contracts.records import IdType
 from gateway import audit, compliance, reconcile
 from gateway.accounts import Operator
 from gateway.api.deps import operator, state_of
-from gateway.errors import NotFound, PayloadRejected
+from gateway.errors import NotFound
 from gateway.masking import mask_text
 from gateway.ops.records import record_view
-from gateway.pipeline.identity import resident_id_findings
 
 router = APIRouter(prefix="/v1", tags=["ops"])
 Viewer = Annotated[Operator, Depends(operator)]
@@ -38,7 +37,7 @@ def get_record(record_id: str, request: Request, _: Viewer) -> dict[str, Any]:
 @router.get("/reconciliation/{adapter}/{year}",
             summary="What the annual batch adds, corrects, conflicts with and lacks, per month")
 def get_reconciliation(adapter: str, year: Year, request: Request, _: Viewer) -> dict[str, Any]:
-    if adapter not in ("health", "finance"):
+    if adapter not in reconcile.ADAPTERS:
         raise NotFound(detail="(reconciliation covers the monthly/annual partners: health, finance)",
                        detail_zh="（对账只适用于按月、按年报送的合作方：health、finance）")
     with state_of(request).engine.connect() as conn:
@@ -49,15 +48,7 @@ def get_reconciliation(adapter: str, year: Year, request: Request, _: Viewer) ->
             summary="One person's year: hours credited by category and type, and what is missing")
 def get_compliance(id_number: str, year: Year, request: Request, _: Viewer,
                    id_type: Annotated[IdType, Query()] = IdType.RESIDENT_ID) -> dict[str, Any]:
-    if "\x00" in id_number or len(id_number) > 32:
-        raise PayloadRejected("SCHEMA", field="id_number", detail="(at most 32 characters)",
-                              detail_zh="（最多32个字符）")
-    if id_type is IdType.RESIDENT_ID:
-        # A typo must not read as "this person has no hours": a resident id is checked first.
-        invalid = [f for f in resident_id_findings(id_number) if f.code == "ID_NUMBER_INVALID"]
-        if invalid:
-            raise PayloadRejected("ID_NUMBER_INVALID", field="id_number",
-                                  detail=f"({invalid[0].detail})", detail_zh=f"（{invalid[0].detail_zh}）")
+    compliance.check_person(id_number, id_type)
     with state_of(request).engine.connect() as conn:
         return compliance.report(conn, id_number, year, id_type.value)
 
