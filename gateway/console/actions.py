@@ -76,16 +76,21 @@ def reprocess_deliveries(ctx: Actor) -> Response:
     why = reason(ctx.form)
     flt = _filter(query)
     name = ctx.session.operator.name
+    # The preview's newest delivery: the confirmation requeues nothing the operator was not shown.
+    ceiling = (integer(ctx.form, "ceiling", 0, 0, 2**63 - 1)
+               if text(ctx.form, "ceiling") is not None else None)
     if step == "confirm" and why is None:
-        preview = reprocess(ctx.state.engine, flt, dry_run=True, reason=DRY_RUN_REASON, actor=name)
+        preview = reprocess(ctx.state.engine, flt, dry_run=True, reason=DRY_RUN_REASON, actor=name,
+                            ceiling=ceiling)
         return ctx.page("reprocess.html", 400, query=query, matched=preview.matched,
-                        error="请填写重新投递的原因（必填，将记入审计日志）。")
+                        ceiling=preview.ceiling, error="请填写重新投递的原因（必填，将记入审计日志）。")
     if step == "preview":
         preview = reprocess(ctx.state.engine, flt, dry_run=True, reason=why or DRY_RUN_REASON,
                             actor=name)
-        return ctx.page("reprocess.html", query=query, matched=preview.matched, error=None)
+        return ctx.page("reprocess.html", query=query, matched=preview.matched,
+                        ceiling=preview.ceiling, error=None)
     assert why is not None
-    done = reprocess(ctx.state.engine, flt, dry_run=False, reason=why, actor=name)
+    done = reprocess(ctx.state.engine, flt, dry_run=False, reason=why, actor=name, ceiling=ceiling)
     return ctx.page("reprocess_done.html", query=query, result=done, reason=why)
 
 

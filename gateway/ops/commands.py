@@ -174,7 +174,7 @@ def deliveries_reprocess(
             update: Callable[[int, int], None] = lambda done, total: bar.update(  # noqa: E731
                 task, completed=done, total=total)
             result = reprocess(engine, flt, dry_run=False, reason=reason, actor=actor,
-                               progress=update)
+                               progress=update, ceiling=counted.ceiling)
     if as_json:
         _print_json(result.as_dict())
     else:

@@ -200,10 +200,14 @@ class ReprocessResult:
     dry_run: bool
     superseded: int = 0
     reprocess_id: str | None = None
+    # The newest delivery the count covered: pass it to the confirming run, and deliveries
+    # that arrive between the dry run and the confirmation are left out of it.
+    ceiling: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"matched": self.matched, "requeued": self.requeued, "dry_run": self.dry_run,
-                "superseded": self.superseded, "reprocess_id": self.reprocess_id}
+                "superseded": self.superseded, "reprocess_id": self.reprocess_id,
+                "ceiling": self.ceiling}
 
 
 def _later_version_alive() -> ColumnElement[bool]:
@@ -219,24 +223,29 @@ def _dead_where(flt: DeliveryFilter) -> list[ColumnElement[bool]]:
 
 def reprocess(engine: Engine, flt: DeliveryFilter, *, dry_run: bool, reason: str | None,
               actor: str, progress: Callable[[int, int], None] | None = None,
-              chunk_size: int = CHUNK_SIZE) -> ReprocessResult:
+              chunk_size: int = CHUNK_SIZE, ceiling: int | None = None) -> ReprocessResult:
     """Redeliver the dead deliveries ``flt`` selects (a status filter other than dead: none).
 
     A dry run only counts.  Otherwise a reason is required; the run is audited with ``actor``,
     the reason and the filter.  ``progress`` gets (rows done, matched) after each chunk.
+    ``ceiling``: the dry run's, so the run redelivers no delivery newer than what the operator
+    was shown (without it, the newest delivery now).
     """
     if not dry_run:
         reason = require_reason(reason)
     actor = actor[:64]
-    matched, ceiling = 0, 0
+    matched, newest = 0, 0
     if flt.status in (None, "dead"):
         with engine.connect() as conn:
             # Rows that die after this count were not part of the operator's decision.
-            ceiling = int(conn.execute(select(func.coalesce(func.max(outbox.c.id), 0))).scalar_one())
+            newest = int(conn.execute(select(func.coalesce(func.max(outbox.c.id), 0))).scalar_one())
+            if ceiling is not None:
+                newest = min(newest, max(ceiling, 0))
             matched = int(conn.execute(select(func.count()).select_from(_JOINED).where(
-                *_dead_where(flt), outbox.c.id <= ceiling)).scalar_one())
+                *_dead_where(flt), outbox.c.id <= newest)).scalar_one())
+    ceiling = newest
     if dry_run:
-        return ReprocessResult(matched, 0, True)
+        return ReprocessResult(matched, 0, True, ceiling=ceiling)
     run_id = uuid.uuid4().hex[:16]
     requeued = superseded = done = 0
     if progress is not None:
@@ -283,9 +292,9 @@ def reprocess(engine: Engine, flt: DeliveryFilter, *, dry_run: bool, reason: str
         done += len(rows)
         if progress is not None:
             progress(min(done, matched), matched)
-    result = ReprocessResult(matched, requeued, False, superseded, run_id)
+    result = ReprocessResult(matched, requeued, False, superseded, run_id, ceiling)
     with engine.begin() as conn:
         audit.append(conn, [audit.Event("ops_reprocess", actor=actor, detail={
             "reprocess": run_id, "reason": reason, "filter": flt.as_dict(), "matched": matched,
-            "requeued": requeued, "superseded": superseded})])
+            "requeued": requeued, "superseded": superseded, "ceiling": ceiling})])
     return result

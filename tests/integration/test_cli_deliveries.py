@@ -67,3 +67,36 @@ def test_list_dry_run_and_reprocess_by_filter(
     assert event.actor == "cli:wang"
     detail = orjson.loads(event.detail)
     assert detail["reason"] == "下游已修复" and detail["filter"] == {"error_code": "DOWNSTREAM_REJECTED"}
+
+
+def test_a_confirmation_requeues_no_delivery_newer_than_its_dry_run(
+    db_url: str, engine: Engine, make_settings: Callable[..., Settings],
+    new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+) -> None:
+    """SPEC §2 "dry-run count first": what dies after the count is not in the confirmed run."""
+    from gateway.ops.deliveries import DeliveryFilter, reprocess
+
+    mock_url, _ = mock_ce
+    partner = PartnerRef(new_partner(engine).partner_id, "canonical")
+    rng = random.Random(4)
+    worker = DeliveryWorker(engine, make_settings(db_url, mock_url))
+    try:
+        first = canonical_submission(rng, "D-1")
+        first["activity"]["title"] = "[REJECT] 数字政府建设实务"
+        [counted_one] = ingest(engine, partner, [first])
+        assert worker.run_once() == 1
+        flt = DeliveryFilter(status="dead")
+        preview = reprocess(engine, flt, dry_run=True, reason=None, actor="ops")
+        assert preview.matched == 1 and preview.ceiling > 0
+        later = canonical_submission(rng, "D-2")
+        later["activity"]["title"] = "[REJECT] 高原医学专题讲座"
+        [arrived_later] = ingest(engine, partner, [later])
+        assert worker.run_once() == 1
+        done = reprocess(engine, flt, dry_run=False, reason="下游已修复", actor="ops",
+                         ceiling=preview.ceiling)
+    finally:
+        worker.close()
+    assert (done.matched, done.requeued) == (1, 1)
+    with engine.connect() as conn:
+        statuses = dict(conn.execute(select(outbox.c.record_id, outbox.c.status)).all())
+    assert statuses == {counted_one.record_id: "pending", arrived_later.record_id: "dead"}

@@ -64,7 +64,7 @@ def get_delivery(delivery_id: int, request: Request, _: Viewer) -> dict[str, Any
 
 
 class ReprocessRequest(BaseModel):
-    """``{filter fields…, "record_ids": [...], "dry_run": bool, "reason": str}``."""
+    """``{filter fields…, "record_ids": [...], "dry_run": bool, "reason": str, "ceiling": int}``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -78,6 +78,8 @@ class ReprocessRequest(BaseModel):
         default_factory=list, max_length=10_000)
     dry_run: bool = False
     reason: str = Field(min_length=1, max_length=1000)
+    # The dry run's ``ceiling``: redeliver nothing newer than what that count covered.
+    ceiling: int | None = Field(None, ge=0, lt=2**63)
 
 
 @router.post("/deliveries/reprocess",
@@ -88,7 +90,7 @@ async def post_reprocess(body: ReprocessRequest, request: Request, who: Acting) 
                   body.since, body.until, tuple(body.record_ids))
     result = await run_in_threadpool(
         lambda: deliveries.reprocess(state.engine, flt, dry_run=body.dry_run, reason=body.reason,
-                                     actor=who.name))
+                                     actor=who.name, ceiling=body.ceiling))
     return result.as_dict()
 
 
