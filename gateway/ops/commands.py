@@ -84,7 +84,7 @@ Adapter = Annotated[str | None, typer.Option(help="canonical | training_base | h
 PartnerOpt = Annotated[str | None, typer.Option("--partner", help="partner id")]
 ErrorCode = Annotated[str | None, typer.Option("--error-code", help="e.g. RETRIES_EXHAUSTED")]
 Since = Annotated[str | None, typer.Option(help="updated at or after (ISO date/time; no offset: CE_GATEWAY_TIMEZONE)")]
-Until = Annotated[str | None, typer.Option(help="updated before (ISO date/time)")]
+Until = Annotated[str | None, typer.Option(help="updated before this time, or through this date (ISO)")]
 
 
 @deliveries_app.command("list")

@@ -91,12 +91,18 @@ def limit_of(limit: int) -> int:
 
 
 def parse_when(value: str | None, field: str, timezone: str = "Asia/Shanghai") -> datetime | None:
-    """An ISO 8601 time or date as typed by an operator; without an offset it is ``timezone``."""
+    """An ISO 8601 time or date as typed by an operator; without an offset it is ``timezone``.
+
+    A bare date starts that day, except for ``until``: "until 2026-03-01" means through that
+    day (the next midnight), as the console reads it, so a filter previewed there and run from
+    the CLI or the API selects the same rows.
+    """
     if value is None or value == "":
         return None
     text = value.strip()
     try:
-        if len(text) == 10:
+        whole_day = len(text) == 10
+        if whole_day:
             when = datetime.combine(date.fromisoformat(text), time())
         else:
             when = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -105,6 +111,8 @@ def parse_when(value: str | None, field: str, timezone: str = "Asia/Shanghai") -
                      f"不是 ISO 8601 日期或时间：{text[:40]!r}") from exc
     if not FIRST_YEAR <= when.year <= LAST_YEAR:  # as typed: 2000-01-01 in +08:00 is fine
         raise refuse(field, _YEARS, _YEARS_ZH)
+    if whole_day and field == "until":
+        when += timedelta(days=1)
     when = when if when.tzinfo is not None else when.replace(tzinfo=ZoneInfo(timezone))
     check_aware(field, when)  # converts (inside a try) to be sure the database can take it
     return when

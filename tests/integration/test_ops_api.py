@@ -163,6 +163,8 @@ def test_dead_deliveries_are_listed_reprocessed_and_edited_without_a_second_appl
         assert get("/v1/deliveries", status="dead", since="2026-03-02T09:00:00+00:00",
                    until="2026-03-03").json()["total"] == 3
         assert get("/v1/deliveries", until="2026-03-01").json()["total"] == 0
+        # A bare "until" date is through that day, as the console reads it: the same set.
+        assert get("/v1/deliveries", status="dead", until="2026-03-02").json()["total"] == 3
         # The last cursor is well formed but holds 2**64 - 1, past a database integer.
         for bad in ({"status": "stuck"}, {"since": "yesterday"}, {"cursor": "garbage"},
                     {"limit": 0}, {"error_code": "NOPE"}, {"adapter": "fax"},
