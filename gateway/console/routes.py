@@ -83,6 +83,7 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout")
 def logout(ctx: Posted) -> Response:
+    sessions.log_out(ctx.state.engine, ctx.session)
     response = RedirectResponse("/ops/login", status_code=303)
     response.delete_cookie(sessions.COOKIE, path=sessions.COOKIE_PATH, httponly=True,
                            samesite="strict")

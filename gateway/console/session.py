@@ -6,7 +6,8 @@ hash (re-issuing or deleting the operator ends the session), a random session id
 Every request looks the operator up again, so a deleted operator or a changed role takes effect
 at once.  A form's CSRF token is an HMAC of the session id (base64url); the login form, which
 has no session yet, binds its token to a short-lived random cookie instead (double submit,
-signed).
+signed).  Logging out records the session id until its expiry, so a copy of the cookie is
+refused too.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
 
 from gateway.accounts import Operator, operator_by_token
-from gateway.store.tables import operators
+from gateway.store.bulk import bulk_insert
+from gateway.store.tables import console_logouts, operators
 
 COOKIE = "ce_ops_session"
 LOGIN_COOKIE = "ce_ops_login"
@@ -132,6 +134,18 @@ def load(engine: Engine, signer: Signer, cookie: str | None, now: float | None =
     with engine.connect() as conn:
         row = conn.execute(select(operators.c.name, operators.c.role, operators.c.token_hash)
                            .where(operators.c.id == oid)).first()
-    if row is None or not hmac.compare_digest(signer.token_binding(row.token_hash), binding):
+        ended = conn.execute(select(console_logouts.c.sid)
+                             .where(console_logouts.c.sid == sid)).first() is not None
+    if ended or row is None or not hmac.compare_digest(signer.token_binding(row.token_hash), binding):
         return None
     return ConsoleSession(Operator(row.name, row.role), sid, expires, signer.csrf_for(sid))
+
+
+def log_out(engine: Engine, session: ConsoleSession, now: float | None = None) -> None:
+    """End ``session`` for good: its cookie, copied or not, opens nothing any more."""
+    now_s = int(time.time() if now is None else now)
+    with engine.begin() as conn:
+        conn.execute(delete(console_logouts).where(console_logouts.c.expires_at <= now_s))
+        if session.expires_at > now_s:
+            bulk_insert(conn, console_logouts, [{"sid": session.sid, "expires_at": session.expires_at}],
+                        ignore_conflicts=True)

@@ -85,6 +85,15 @@ operators = Table(
     Column("created_at", UTCDateTime, nullable=False),
 )
 
+# Console sessions ended by logging out, kept until they would have expired anyway: the
+# cookie is signed, not stored, so a copy of it must be refused by its session id.
+console_logouts = Table(
+    "console_logouts",
+    metadata,
+    Column("sid", String(64), primary_key=True),
+    Column("expires_at", Integer, nullable=False),  # unix seconds, the session's own expiry
+)
+
 nonces = Table(
     "nonces",
     metadata,

@@ -235,11 +235,17 @@ def test_login_session_cookie_and_logout(world: World) -> None:
         expired.cookies.set(sessions.COOKIE, issued[0], path="/ops")
         assert expired.get("/ops").status_code == 303
 
-        # Logout needs the CSRF token too; then the session is gone.
+        # Logout needs the CSRF token too; then the session is gone, a copy of its cookie too.
         assert client.post("/ops/logout").status_code == 403
+        copied = _client(world)
+        copied.cookies.set(sessions.COOKIE, value, path="/ops")
+        assert copied.get("/ops").status_code == 200
         out = client.post("/ops/logout", data={"csrf": csrf.group(1)})
         assert out.status_code == 303 and out.headers["location"] == "/ops/login"
         assert client.get("/ops").status_code == 303
+        assert copied.get("/ops").status_code == 303
+        assert copied.post("/ops/deliveries/reprocess",
+                           data={"csrf": csrf.group(1), "step": "preview"}).status_code in (303, 403)
 
         # A deleted operator loses access at the next request.
         viewer, _ = _logged_in(world, world.viewer_token)
