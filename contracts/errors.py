@@ -77,6 +77,8 @@ CATALOGUE: dict[str, CodeInfo] = {
         _e("CONTROL_TOTALS_MISMATCH", 422,
            "The file does not match its declared control totals (X-CE-Row-Count, X-CE-Total-Credits); nothing in it was taken.",
            "文件与申报的控制总数（X-CE-Row-Count、X-CE-Total-Credits）不符，文件内容均未接收。"),
+        _e("PULL_FAILED", None, "The pull from the Cadre Network College stopped; the next run resumes at the stored cursor.",
+           "从干部网络学院拉取数据中断，下次运行将从已保存的游标处继续。"),
         _e("BATCH_FAILED", None, "The batch could not be processed; the rows not yet counted were not taken.",
            "批次处理失败，尚未计入的行未被接收。"),
         _w("TITLE_APPLICANT_LATE", "Title applicants must finish by the deadline (30 November unless configured otherwise).",

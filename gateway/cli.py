@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from contracts.errors import message
 from gateway.config import DEV_SECRET_KEY, Settings, get_settings
 from gateway.errors import PayloadRejected
 from gateway.ops import commands as ops_commands
@@ -430,6 +431,11 @@ def pull_cadre_college(max_pages: int | None = None,
         print(json.dumps(asdict(result), ensure_ascii=False, default=str))
     else:
         console.print(result)
+    if result.error and not result.cursor_moved:  # a failed pull is not a success (cron, CI)
+        err.print(f"{result.error_code}: {message(result.error_code or 'PULL_FAILED')[0]} ({result.error})"
+                  f"\n{result.error_code}: {result.error_zh}", style="red", markup=False,
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @reference_app.command("import")

@@ -42,6 +42,7 @@ from sqlalchemy import Connection, Engine, select, update
 
 from adapters.cadre_college import CadreCollegeAdapter
 from contracts import RecordAnswer
+from contracts.errors import message
 from gateway import upstream
 from gateway.config import Settings
 from gateway.delivery.policy import retry_after_seconds
@@ -50,6 +51,7 @@ from gateway.errors import (
     RetriableUpstreamError,
     UpstreamError,
 )
+from gateway.masking import mask_text
 from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
@@ -120,7 +122,12 @@ class PullResult:
     conflict: int = 0
     cursor: str | None = None
     has_more: bool = False  # the college had more when the run stopped (max_pages or error)
-    error: str | None = None  # why the run stopped early (also stored as last_error)
+    # Why the run stopped early (also stored as last_error), masked: the college's answer may
+    # quote an identity number.  ``error_code`` PULL_FAILED, with the catalogue's Chinese.
+    error: str | None = None
+    error_code: str | None = None
+    error_zh: str | None = None
+    cursor_moved: bool = False  # another run took the cursor: nothing failed
 
     def count(self, answers: Sequence[RecordAnswer]) -> None:
         for answer in answers:
@@ -159,7 +166,7 @@ def record_error(engine: Engine, reason: str, now: datetime | None = None) -> No
     with engine.begin() as conn:
         _ensure_row(conn, now)
         conn.execute(update(pull_state).where(pull_state.c.source == SOURCE)
-                     .values(last_error=reason[:2000], updated_at=now))
+                     .values(last_error=mask_text(reason)[:2000], updated_at=now))
 
 
 def _advance(old: str | None, new: str, fetched: int,
@@ -232,10 +239,13 @@ def _fetch_with_retries(client: httpx.Client, settings: Settings, url: str,
 def _items(data: Sequence[Any], adapter: CadreCollegeAdapter) -> list[Item]:
     items = []
     for index, raw in enumerate(data):
+        # The college's own id names a completion rejected unparsed (audit, rejections).
+        xh = raw.get("xh") if isinstance(raw, dict) else None
+        native = str(xh)[:64] if xh not in (None, "") else None
         for row in adapter.parse(raw):
             items.append(Item(raw=row.raw, submission=row.submission, errors=row.errors,
                               warnings=row.warnings, credited_hours=row.credited_hours,
-                              rule_notes=row.rule_notes, row=index))
+                              rule_notes=row.rule_notes, row=index, source_record_id=native))
     return items
 
 
@@ -269,10 +279,14 @@ def pull_once(engine: Engine, settings: Settings, client: httpx.Client | None = 
                     with engine.begin() as conn:
                         step(conn, [])
             except PullError as exc:
-                result.error, result.has_more = exc.reason, True
-                log.warning("cadre college pull stopped at cursor %r: %s", cursor, exc.reason)
-                if not isinstance(exc, CursorMoved):
-                    record_error(engine, exc.reason)
+                reason = mask_text(exc.reason)
+                result.error, result.has_more = reason, True
+                result.error_code = "PULL_FAILED"
+                result.error_zh = f"{message('PULL_FAILED')[1]}（{reason}）"
+                result.cursor_moved = isinstance(exc, CursorMoved)
+                log.warning("cadre college pull stopped at cursor %r: %s", cursor, reason)
+                if not result.cursor_moved:
+                    record_error(engine, reason)
                 break
             result.pages += 1
             result.fetched += len(page.data)

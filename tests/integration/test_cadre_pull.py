@@ -290,3 +290,48 @@ def test_a_stale_cursor_cannot_advance_twice(
     assert state is not None
     assert (state.cursor, state.pulled_total, state.last_error) == (first.cursor, 50, None)
     assert sum(source_ids(engine).values()) == 50
+
+
+ID_IN_ANSWER = "630102198704139126"
+
+
+def test_a_refused_pull_is_coded_masked_and_fails_the_command(
+        db_url: str, engine: Engine, make_settings: Callable[..., Settings]) -> None:
+    """The college's answer may quote an identity number: stored and printed masked (SPEC §7).
+
+    A pull that stops on an error is PULL_FAILED in both languages, and the CLI exits 1.
+    """
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from tests.conftest import SECRET_KEY
+    from tests.support.servers import cli
+
+    refusing = FastAPI()
+
+    @refusing.get("/api/completions")
+    def refuse() -> JSONResponse:
+        return JSONResponse({"msg": f"bad request for {ID_IN_ANSWER}"}, status_code=400)
+
+    with uvicorn_thread(refusing) as url:
+        failed = pull_once(engine, pull_settings(make_settings, db_url, url))
+        ran = cli({"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_SECRET_KEY": SECRET_KEY,
+                   "CE_GATEWAY_CADRE_COLLEGE_URL": url}, "pull", "cadre-college", "--json")
+    assert failed.error is not None and "400" in failed.error and ID_IN_ANSWER not in failed.error
+    assert failed.error_code == "PULL_FAILED" and failed.error_zh and "干部网络学院" in failed.error_zh
+    state = read_state(engine)
+    assert state is not None and state.last_error and ID_IN_ANSWER not in state.last_error
+    assert ran.returncode == 1 and "PULL_FAILED" in ran.stderr, ran.stderr
+    assert ID_IN_ANSWER not in ran.stdout + ran.stderr
+
+
+def test_a_pulled_completion_rejected_unparsed_keeps_the_colleges_id(
+        engine: Engine) -> None:
+    from adapters.cadre_college import CadreCollegeAdapter
+    from gateway.pipeline.ingest import ingest_items
+
+    items = cadre._items([{"xh": "KC-BAD-1", "xs": "not hours"}], CadreCollegeAdapter())
+    [answer] = ingest_items(engine, PARTNER, items)
+    assert (answer.status, answer.source_record_id) == ("rejected", "KC-BAD-1")
+    with engine.connect() as conn:
+        assert conn.execute(select(rejections.c.source_record_id)).scalars().all() == ["KC-BAD-1"]
