@@ -508,12 +508,30 @@ def retention_run(
 
 
 @mock_app.command("cadre-college")
-def mock_cadre_college(port: int = 8781, host: str = "127.0.0.1", seed: int = 1,
-                       initial: int = 500, growth_per_call: int = 0) -> None:
-    """Run the mock Cadre Network College (paged completions with pinyin keys)."""
-    from mock_partners.cadre_college import serve
+def mock_cadre_college(
+    port: int = 8781, host: str = "127.0.0.1", seed: int = 1,
+    initial: int = 500, growth_per_call: int = 0,
+    error_rate: Annotated[float, typer.Option(help="share of page requests answered 503")] = 0.0,
+    fail_next: Annotated[int, typer.Option(help="the first N page requests answer 503")] = 0,
+    rate_limit_every: Annotated[int, typer.Option(help="every Nth page request answers 429")] = 0,
+    retry_after: Annotated[str, typer.Option(
+        help='Retry-After sent with 429s and 503s ("" = none)')] = "1",
+    latency_ms: Annotated[int, typer.Option(help="added to every page request")] = 0,
+    outage: Annotated[bool, typer.Option(help="every page request answers 503")] = False,
+    bad_item_every: Annotated[int, typer.Option(
+        help="every Nth completion has a broken id check digit")] = 0,
+) -> None:
+    """Run the mock Cadre Network College (paged completions with pinyin keys) with faults.
 
-    serve(host=host, port=port, seed=seed, initial=initial, growth_per_call=growth_per_call)
+    Every fault can also be changed while it runs: ``POST /_mock/faults`` with a JSON object.
+    """
+    from mock_partners.cadre_college import Faults, serve
+
+    faults = Faults(error_rate=error_rate, fail_next=fail_next, rate_limit_every=rate_limit_every,
+                    retry_after=retry_after, latency_ms=latency_ms, outage=outage,
+                    bad_item_every=bad_item_every, seed=seed)
+    serve(host=host, port=port, seed=seed, initial=initial, growth_per_call=growth_per_call,
+          faults=faults)
 
 
 @mock_app.command("webhook-sink")

@@ -1,4 +1,4 @@
-"""``ce-gateway mock ce-system`` takes every fault SPEC §8 lists from its command line.
+"""``ce-gateway mock ce-system|cadre-college`` take their faults from the command line (SPEC §5).
 
 A real child process on 127.0.0.1: its faults read back over ``/_mock/faults``, and the
 outage window and Retry-After it was started with answer a real intake request.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -18,16 +19,12 @@ from gateway.demo import free_port
 from tests.support.servers import poll
 
 
-@pytest.fixture
-def mock_process(tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def _mock(tmp_path: Path, *args: str) -> Iterator[str]:
     port = free_port()
     log = (tmp_path / "mock.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "mock", "ce-system", "--port", str(port),
-         "--outage-seconds", "600", "--retry-after", "7", "--duplicate-receipts",
-         "--replay-conflict", "--reject-title-marker", "[退回]", "--error-rate", "0.25",
-         "--rate-limit-every", "5", "--latency-ms", "3", "--lost-reply-rate", "0.1", "--seed", "9"],
-        stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "mock", *args, "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
     log.close()
     url = f"http://127.0.0.1:{port}"
 
@@ -44,6 +41,15 @@ def mock_process(tmp_path: Path) -> Iterator[str]:
         proc.wait(timeout=20)
 
 
+@pytest.fixture
+def mock_process(tmp_path: Path) -> Iterator[str]:
+    with _mock(tmp_path, "ce-system", "--outage-seconds", "600", "--retry-after", "7",
+               "--duplicate-receipts", "--replay-conflict", "--reject-title-marker", "[退回]",
+               "--error-rate", "0.25", "--rate-limit-every", "5", "--latency-ms", "3",
+               "--lost-reply-rate", "0.1", "--seed", "9") as url:
+        yield url
+
+
 def test_the_mock_cli_starts_with_every_fault_it_is_given(mock_process: str) -> None:
     faults = httpx.get(f"{mock_process}/_mock/faults", timeout=10).json()
     assert {k: faults[k] for k in ("retry_after", "duplicate_receipts", "replay_conflict",
@@ -58,3 +64,16 @@ def test_the_mock_cli_starts_with_every_fault_it_is_given(mock_process: str) -> 
                         headers={"Idempotency-Key": "k-1"}, timeout=10)
     assert answer.status_code == 503
     assert answer.headers["Retry-After"] == "7"
+
+
+def test_the_mock_college_starts_with_every_fault_it_is_given(tmp_path: Path) -> None:
+    with _mock(tmp_path, "cadre-college", "--outage", "--retry-after", "4", "--error-rate", "0.5",
+               "--fail-next", "2", "--rate-limit-every", "3", "--latency-ms", "2",
+               "--bad-item-every", "7", "--seed", "5") as url:
+        faults = httpx.get(f"{url}/_mock/faults", timeout=10).json()
+        page = httpx.get(f"{url}/api/completions", timeout=10)
+    assert {k: faults[k] for k in ("outage", "retry_after", "error_rate", "fail_next",
+                                   "rate_limit_every", "latency_ms", "bad_item_every", "seed")} == {
+        "outage": True, "retry_after": "4", "error_rate": 0.5, "fail_next": 2,
+        "rate_limit_every": 3, "latency_ms": 2, "bad_item_every": 7, "seed": 5}
+    assert page.status_code == 503 and page.headers["Retry-After"] == "4"
