@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import Connection, Engine, bindparam, select, tuple_, update
+from sqlalchemy import Connection, Engine, bindparam, delete, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
@@ -322,10 +322,17 @@ def _no_nul(text: str | None) -> str | None:
     return None if text is None else text.replace("\x00", "\ufffd")
 
 
+# A partner's own id for a record, by the name its native format gives it (SPEC §8).
+_SOURCE_ID_KEYS = ("source_record_id", "result_id", "xh", "记录编号", "流水号")
+
+
 def _source_id_of(raw: object) -> str | None:
+    """The partner's id of a submission rejected before it parsed, to answer and file it by."""
     if isinstance(raw, dict):
-        value = raw.get("source_record_id")
-        return str(value)[:64] if value is not None else None
+        for key in _SOURCE_ID_KEYS:
+            value = raw.get(key)
+            if value not in (None, ""):
+                return str(value)[:64]
     return None
 
 
@@ -341,13 +348,14 @@ class _Known:
     duplicate_of: str | None
     claim: tuple[str, str] | None  # (unit, quantity) of the current version; None: not read yet
     cap_group: caps.Group | None = None  # the capped group its current version counts in
+    natural_key: str = ""  # of its current version (who, what, when)
 
 
 # What the chunk reads of a stored record (_Known), not its thirty columns.
 _KNOWN_COLUMNS = (records.c.record_id, records.c.source_record_id, records.c.current_version,
                   records.c.content_hash, records.c.withdrawn, records.c.status,
                   records.c.duplicate_of, records.c.cap_type, records.c.person_key,
-                  records.c.counts_year)
+                  records.c.counts_year, records.c.natural_key)
 
 
 def _claim_of(sub: CESubmission) -> tuple[str, str]:
@@ -441,6 +449,7 @@ class Chunk:
         self.holders: dict[str, str] = {}  # natural key → record id holding it
         self.claimed_keys: dict[str, str] = {}  # keys this chunk claims (new)
         self.moved_keys: dict[str, str] = {}  # keys taken over from withdrawn holders
+        self.released_keys: dict[str, str] = {}  # keys a correction moved its record away from
         self.new_records: list[dict[str, Any]] = []
         self.record_updates: list[dict[str, Any]] = []
         self.versions: list[dict[str, Any]] = []
@@ -484,7 +493,8 @@ class Chunk:
             counted = r["cap_type"] and r["status"] == "accepted" and not r["withdrawn"]
             group = (r["person_key"], int(r["counts_year"]), r["cap_type"]) if counted else None
             known = _Known(r["record_id"], int(r["current_version"]), r["content_hash"],
-                           bool(r["withdrawn"]), r["status"], r["duplicate_of"], None, group)
+                           bool(r["withdrawn"]), r["status"], r["duplicate_of"], None, group,
+                           r["natural_key"])
             self.by_record[known.record_id] = known
             if by_source:
                 self.by_source[r["source_record_id"]] = known
@@ -718,7 +728,8 @@ class Chunk:
         holder = self._holder(key, record_id)
         status = RecordStatus.ACCEPTED if holder == record_id else self._judge(sub, holder)
         duplicate_of = None if holder == record_id else holder
-        known = _Known(record_id, 1, chash, False, status.value, duplicate_of, sub.claim)
+        known = _Known(record_id, 1, chash, False, status.value, duplicate_of, sub.claim,
+                       natural_key=key)
         self.by_source[sub.source_record_id] = self.by_record[record_id] = known
         self.new_records.append({
             "record_id": record_id, "partner_id": self.partner.partner_id,
@@ -770,13 +781,27 @@ class Chunk:
         if known.content_hash == chash and not known.withdrawn:
             return self._duplicate(index, item, known, sub.source_record_id)
         status = RecordStatus.ACCEPTED
-        if known.duplicate_of and known.duplicate_of in self.by_record:
+        if sub.natural_key != known.natural_key and known.natural_key:
+            # The correction changes who, what or when (another person, a new date): the record
+            # gives back the activity it held and takes the new one, or is judged against its
+            # holder, as a first report of it would be (SPEC §7 "Dedup").
+            # Given back only if it holds it (the delete names the record): a duplicate holds none.
+            self.released_keys[known.natural_key] = known.record_id
+            if self.holders.get(known.natural_key) == known.record_id:
+                del self.holders[known.natural_key]
+                self.claimed_keys.pop(known.natural_key, None)
+            holder = self._holder(sub.natural_key, known.record_id)
+            known.duplicate_of = None if holder == known.record_id else holder
+            if known.duplicate_of is not None:
+                status = self._judge(sub, known.duplicate_of)
+        elif known.duplicate_of and known.duplicate_of in self.by_record:
             # It was judged against another source's report: judge the correction the same way.
             status = self._judge(sub, known.duplicate_of)
         elif known.duplicate_of:
             self._remember(self.conn.execute(select(*_KNOWN_COLUMNS).where(
                 records.c.record_id == known.duplicate_of)).mappings().all(), by_source=False)
             status = self._judge(sub, known.duplicate_of)
+        known.natural_key = sub.natural_key
         known.version += 1
         known.content_hash, known.withdrawn, known.status = chash, False, status.value
         known.claim = sub.claim
@@ -791,7 +816,10 @@ class Chunk:
                                     "content_hash": chash, "withdrawn": False,
                                     "status": status.value, "updated_at": self.now,
                                     "completed_on": sub.completed_on,
-                                    "last_batch_id": self.batch_id, **_rules_columns(sub)})
+                                    "last_batch_id": self.batch_id,
+                                    "natural_key": sub.natural_key, "person_key": sub.person_key,
+                                    "year": sub.year, "duplicate_of": known.duplicate_of,
+                                    **_rules_columns(sub)})
         self.events.append(audit.Event("corrected", known.record_id, known.version,
                                        self.partner.partner_id, {
                                            "previous_version": known.version - 1, "row": item.row,
@@ -812,6 +840,11 @@ class Chunk:
     # -- writes ---------------------------------------------------------------------------
     def _write(self) -> None:
         conn = self.conn
+        if self.released_keys:  # before the claims: a key given back here may be taken here
+            conn.execute(delete(natural_keys).where(
+                natural_keys.c.natural_key == bindparam("k"),
+                natural_keys.c.record_id == bindparam("r")),
+                [{"k": k, "r": r} for k, r in self.released_keys.items()])
         if self.claimed_keys:
             rows = [{"natural_key": k, "record_id": r} for k, r in self.claimed_keys.items()]
             bulk_insert(conn, natural_keys, rows, ignore_conflicts=True)
@@ -833,6 +866,9 @@ class Chunk:
                                  updated_at=bindparam("updated_at"),
                                  completed_on=bindparam("completed_on"),
                                  last_batch_id=bindparam("last_batch_id"),
+                                 natural_key=bindparam("natural_key"),
+                                 person_key=bindparam("person_key"), year=bindparam("year"),
+                                 duplicate_of=bindparam("duplicate_of"),
                                  **{c: bindparam(c) for c in RULES_COLUMNS}),
                          self.record_updates)
         if self.recredited:

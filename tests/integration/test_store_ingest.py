@@ -445,3 +445,58 @@ def test_r14_judges_a_corrected_record_as_its_new_version_only(
     assert corrected.status == "corrected" and corrected.record_id == r.record_id
     assert corrected.warnings == []
     assert {w.code for w in q.warnings} == {"INTEGRITY_OVERLAP"}
+
+
+def test_a_correction_to_another_person_moves_the_record_and_its_activity(
+        engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
+    """SPEC §7: the record is the corrected person's now; the first person's activity is free.
+
+    Found in review: the record kept the first person's keys, so compliance credited the wrong
+    person, the first person's own report of the activity came back a duplicate of a record
+    no longer theirs, and the second person's was accepted as well (credited twice).
+    """
+    from gateway.compliance import report
+
+    p, other_source = new_partner(engine), new_partner(engine)
+    [first] = ingest(engine, _ref(p), [sub])
+    someone_else = gen.make_id_number(random.Random(78))
+    moved = copy.deepcopy(sub)
+    moved["person"] = {**moved["person"], "id_number": someone_else}
+    [corrected] = ingest(engine, _ref(p), [moved])
+    assert (corrected.status, corrected.record_id, corrected.version) == (
+        "corrected", first.record_id, 2)
+    year = sub["year"]
+    with engine.connect() as conn:
+        before, after = report(conn, sub["person"]["id_number"], year), report(conn, someone_else, year)
+    assert [r["record_id"] for r in before["records"]] == []
+    assert [r["record_id"] for r in after["records"]] == [first.record_id]
+    # The first person's activity is free again; the second person's is this record's.
+    again = copy.deepcopy(sub) | {"source_record_id": "B-1"}
+    twice = copy.deepcopy(moved) | {"source_record_id": "B-2"}
+    freed, repeated = ingest(engine, _ref(other_source), [again, twice])
+    assert freed.status == "accepted"
+    assert (repeated.status, repeated.record_id != first.record_id) == ("duplicate", True)
+    with engine.connect() as conn:
+        dup_of = conn.execute(select(records.c.duplicate_of)
+                              .where(records.c.record_id == repeated.record_id)).scalar_one()
+    assert dup_of == first.record_id
+
+
+@pytest.mark.parametrize("key", ["result_id", "xh", "记录编号", "流水号"])
+def test_a_native_submission_rejected_unparsed_is_answered_and_filed_by_its_own_id(
+        engine: Engine, new_partner: Callable[..., Partner], key: str) -> None:
+    from adapters.training_base import TrainingBaseAdapter
+
+    p = new_partner(engine)
+    if key == "result_id":  # through the adapter, as a push arrives
+        [row] = TrainingBaseAdapter().parse({"base_code": "QHJD01", "results": [
+            {"result_id": "PK-9", "hours": "many"}]})
+        items = [item_from_raw(None)]
+        items[0].raw, items[0].errors = row.raw, row.errors
+    else:
+        items = [item_from_raw(None)]
+        items[0].raw = {key: "PK-9", "学分": "many"}
+    [answer] = ingest_items(engine, _ref(p), items)
+    assert (answer.status, answer.source_record_id) == ("rejected", "PK-9")
+    with engine.connect() as conn:
+        assert conn.execute(select(rejections.c.source_record_id)).scalars().all() == ["PK-9"]
