@@ -30,8 +30,22 @@ NATIVE_FIELD = {"source_record_id": "result_id", "person.id_number": "id_no",
                 "activity.started_on": "started_on", "activity.completed_on": "completed_on",
                 "evidence.certificate_no": "certificate_no", "activity.provider_code": "base_code",
                 "activity.plan_id": "plan_id"}
-TRUE = {True, "true", "True", "1", "是", "合格", "通过", "yes", "Y", "y"}
-FALSE = {False, "false", "False", "0", "否", "不合格", "未通过", "no", "N", "n"}
+# ``passed`` as partners write it; text is compared stripped and case-folded (Excel and WPS
+# write booleans to CSV as TRUE/FALSE).
+TRUE = {True, "true", "1", "是", "合格", "通过", "yes", "y"}
+FALSE = {False, "false", "0", "否", "不合格", "未通过", "no", "n"}
+
+
+def _passed(value: Any) -> bool | None:
+    """True, False, or None when ``value`` is not a way of saying either."""
+    key = value.strip().casefold() if isinstance(value, str) else value
+    if not isinstance(key, (bool, int, float, str)):  # a list or an object says neither
+        return None
+    if key in TRUE:
+        return True
+    if key in FALSE:
+        return False
+    return None
 
 
 def _schema(key: str, detail: str, detail_zh: str) -> Note:
@@ -96,8 +110,8 @@ def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> Pars
     if missing:
         return ParsedRow(row=index, raw=result, errors=[_schema(k, "required", "必填")
                                                               for k in missing])
-    passed = result.get("passed", True)
-    if passed not in TRUE and passed not in FALSE:
+    passed = _passed(result.get("passed", True))
+    if passed is None:
         return ParsedRow(row=index, raw=result, errors=[_schema("passed", "expected true or false",
                                                                   "应为 true 或 false")])
     plan = _text(plan_id) or None
@@ -115,7 +129,7 @@ def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> Pars
                      "completed_on": completed_on},
         "claimed": {"quantity": _number(result["hours"]), "unit": "hours", "details": {}},
         "evidence": {"certificate_no": _text(result.get("certificate_no")) or None,
-                     "assessment": "passed" if passed in TRUE else "failed"},
+                     "assessment": "passed" if passed else "failed"},
     }
     v = validate_submission(submission)
     errors = [e.model_copy(update={"field": NATIVE_FIELD.get(e.field or "", e.field)}) for e in v.errors]

@@ -40,3 +40,16 @@ def test_an_unreadable_roster_date_is_a_coded_row_error() -> None:
     assert row.submission is None
     assert {e.code for e in row.errors} == {"SCHEMA"}
     assert any("completed_on" in (e.field or "") for e in row.errors), row.errors
+
+
+def test_passed_as_spreadsheets_and_people_write_it() -> None:
+    """Excel and WPS write booleans to CSV as TRUE/FALSE; cells keep stray spaces."""
+    for value, outcome in ((True, "passed"), ("TRUE", "passed"), (" true ", "passed"), ("Yes", "passed"),
+                           (1, "passed"), (" 合格 ", "passed"), (False, "failed"), ("FALSE", "failed"),
+                           ("No", "failed"), (0, "failed"), ("不合格", "failed")):
+        row = result_to_row(0, "JD-01", "PLAN-1", _result(passed=value))
+        assert row.errors == [] and row.submission is not None, (value, row.errors)
+        assert row.submission.evidence.assessment == outcome, value
+    for value in ("maybe", "", [True], {"v": 1}):
+        row = result_to_row(0, "JD-01", "PLAN-1", _result(passed=value))
+        assert [e.code for e in row.errors] == ["SCHEMA"] and row.errors[0].field == "passed", value
