@@ -157,6 +157,9 @@ def _base_plan_assessment(case: _Case) -> None:
         why = ("no plan referenced", "未引用备案计划") if not plan_id else ("not filed", "未备案")
     elif code and plan.base_code != code:
         why = (f"filed by base {plan.base_code}", f"由基地 {plan.base_code} 备案")
+    elif plan.filed_on.year != sub.year:  # "每年 7 月底前完成…备案": a plan is filed for its year
+        why = (f"filed on {plan.filed_on}, a plan of {plan.filed_on.year}",
+               f"备案日期 {plan.filed_on}，属 {plan.filed_on.year} 年度的计划")
     elif plan.filed_on > deadline:
         why = (f"filed on {plan.filed_on}, after {deadline}",
                f"备案日期 {plan.filed_on} 晚于 {deadline}")

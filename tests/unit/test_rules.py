@@ -59,6 +59,7 @@ REFERENCE = StaticReference(
         "P-0731": _plan("P-0731", date(2026, 7, 31)),
         "P-0801": _plan("P-0801", date(2026, 8, 1)),
         "P-OTHER": _plan("P-OTHER", date(2026, 3, 1), base="GJJD01"),
+        "P-2025": _plan("P-2025", date(2025, 3, 1)),  # last year's plan: filed in time, for 2025
     },
     deferrals={(ID, 2026): DeferralInfo(2026, "illness", date(2026, 11, 2))},
     title_applicants={(ID, 2026)},
@@ -354,6 +355,7 @@ def test_r9_plan_filed_on_1_august_is_late() -> None:
     ("QHJD01", None, ["PLAN_NOT_FILED"]),
     ("QHJD01", "P-NONE", ["PLAN_NOT_FILED"]),
     ("QHJD01", "P-OTHER", ["PLAN_NOT_FILED"]),  # filed by another base
+    ("QHJD01", "P-2025", ["PLAN_NOT_FILED"]),  # a plan of another year (R9: "of that year")
 ])
 def test_r9_base_and_plan_failures(base: str | None, plan_id: str | None,
                                    expected: list[str]) -> None:
