@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -100,7 +101,8 @@ class SigningClient(httpx.Client):
                    HEADER_SIGNATURE: sign_digest(self._secret, "POST", target, ts, nonce,
                                                  file_sha256(path)),
                    "Content-Type": "application/octet-stream",
-                   "X-CE-Filename": Path(path).name}
+                   # Percent-encoded: a header is ASCII, and partners' files have Chinese names.
+                   "X-CE-Filename": quote(Path(path).name)}
         if row_count is not None:
             headers["X-CE-Row-Count"] = str(row_count)
         if total_credits is not None:

@@ -395,7 +395,7 @@ def test_control_totals_fail_a_wrong_file_whole_and_pass_a_right_one(
         db_url: str, engine: Engine, tmp_path: Path, make_settings: MakeSettings,
         new_partner: NewPartner) -> None:
     health = new_partner(engine, adapter="health")
-    path = tmp_path / "health.csv"
+    path = tmp_path / "卫健委_健康.csv"  # partners' files have Chinese names (sent percent-encoded)
     expected = generated_health(path, 45, 40, bad_ratio=0.2)
     rows, credits = _file_totals(path)
     assert rows == len(expected) == 40

@@ -22,6 +22,7 @@ import hashlib
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import unquote
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
@@ -154,7 +155,7 @@ async def upload_batch(request: Request, adapter: Annotated[str, Query()],
             raise PayloadRejected("SCHEMA", field="body", detail="(empty file)",
                                   detail_zh="（文件为空）")
         try:
-            fmt = detect_format(head, request.headers.get("x-ce-filename"),
+            fmt = detect_format(head, unquote(request.headers.get("x-ce-filename", "")),
                                 request.headers.get("content-type"))
         except UnreadableFile as exc:  # a legacy .xls workbook
             raise PayloadRejected("SCHEMA", field="body", detail=f"({exc})",
