@@ -347,8 +347,8 @@ class _Known:
     status: str
     duplicate_of: str | None
     claim: tuple[str, str] | None  # (unit, quantity) of the current version; None: not read yet
+    natural_key: str  # of its current version (who, what, when)
     cap_group: caps.Group | None = None  # the capped group its current version counts in
-    natural_key: str = ""  # of its current version (who, what, when)
 
 
 # What the chunk reads of a stored record (_Known), not its thirty columns.
@@ -493,8 +493,8 @@ class Chunk:
             counted = r["cap_type"] and r["status"] == "accepted" and not r["withdrawn"]
             group = (r["person_key"], int(r["counts_year"]), r["cap_type"]) if counted else None
             known = _Known(r["record_id"], int(r["current_version"]), r["content_hash"],
-                           bool(r["withdrawn"]), r["status"], r["duplicate_of"], None, group,
-                           r["natural_key"])
+                           bool(r["withdrawn"]), r["status"], r["duplicate_of"], None,
+                           r["natural_key"], group)
             self.by_record[known.record_id] = known
             if by_source:
                 self.by_source[r["source_record_id"]] = known
@@ -728,8 +728,7 @@ class Chunk:
         holder = self._holder(key, record_id)
         status = RecordStatus.ACCEPTED if holder == record_id else self._judge(sub, holder)
         duplicate_of = None if holder == record_id else holder
-        known = _Known(record_id, 1, chash, False, status.value, duplicate_of, sub.claim,
-                       natural_key=key)
+        known = _Known(record_id, 1, chash, False, status.value, duplicate_of, sub.claim, key)
         self.by_source[sub.source_record_id] = self.by_record[record_id] = known
         self.new_records.append({
             "record_id": record_id, "partner_id": self.partner.partner_id,
@@ -781,7 +780,7 @@ class Chunk:
         if known.content_hash == chash and not known.withdrawn:
             return self._duplicate(index, item, known, sub.source_record_id)
         status = RecordStatus.ACCEPTED
-        if sub.natural_key != known.natural_key and known.natural_key:
+        if sub.natural_key != known.natural_key:
             # The correction changes who, what or when (another person, a new date): the record
             # gives back the activity it held and takes the new one, or is judged against its
             # holder, as a first report of it would be (SPEC §7 "Dedup").
@@ -794,12 +793,11 @@ class Chunk:
             known.duplicate_of = None if holder == known.record_id else holder
             if known.duplicate_of is not None:
                 status = self._judge(sub, known.duplicate_of)
-        elif known.duplicate_of and known.duplicate_of in self.by_record:
-            # It was judged against another source's report: judge the correction the same way.
-            status = self._judge(sub, known.duplicate_of)
         elif known.duplicate_of:
-            self._remember(self.conn.execute(select(*_KNOWN_COLUMNS).where(
-                records.c.record_id == known.duplicate_of)).mappings().all(), by_source=False)
+            # It was judged against another source's report: judge the correction the same way.
+            if known.duplicate_of not in self.by_record:
+                self._remember(self.conn.execute(select(*_KNOWN_COLUMNS).where(
+                    records.c.record_id == known.duplicate_of)).mappings().all(), by_source=False)
             status = self._judge(sub, known.duplicate_of)
         known.natural_key = sub.natural_key
         known.version += 1
