@@ -239,13 +239,11 @@ def _fetch_with_retries(client: httpx.Client, settings: Settings, url: str,
 def _items(data: Sequence[Any], adapter: CadreCollegeAdapter) -> list[Item]:
     items = []
     for index, raw in enumerate(data):
-        # The college's own id names a completion rejected unparsed (audit, rejections).
-        xh = raw.get("xh") if isinstance(raw, dict) else None
-        native = str(xh)[:64] if xh not in (None, "") else None
+        # A completion rejected unparsed is named by its ``xh`` (ingest's _source_id_of).
         for row in adapter.parse(raw):
             items.append(Item(raw=row.raw, submission=row.submission, errors=row.errors,
                               warnings=row.warnings, credited_hours=row.credited_hours,
-                              rule_notes=row.rule_notes, row=index, source_record_id=native))
+                              rule_notes=row.rule_notes, row=index))
     return items
 
 
