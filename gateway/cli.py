@@ -67,10 +67,13 @@ def _refused(exc: PayloadRejected) -> typer.Exit:
 
 
 def _check_year(year: int) -> None:
-    """A CE year the store can hold, as the API's paths take it (2000-2999)."""
-    if not 2000 <= year <= 2999:
-        raise _refused(PayloadRejected("SCHEMA", field="year", detail=f"({year}: expected 2000-2999)",
-                                       detail_zh=f"（{year}：应在 2000–2999 之间）"))
+    """A CE year the store can hold, as the API's paths take it (ops.common's bounds)."""
+    from gateway.ops.common import FIRST_YEAR, LAST_YEAR
+
+    if not FIRST_YEAR <= year <= LAST_YEAR:
+        raise _refused(PayloadRejected(
+            "SCHEMA", field="year", detail=f"({year}: expected {FIRST_YEAR}-{LAST_YEAR})",
+            detail_zh=f"（{year}：应在 {FIRST_YEAR}–{LAST_YEAR} 之间）"))
 
 
 def _settings() -> Settings:
