@@ -85,6 +85,8 @@ CATALOGUE: dict[str, CodeInfo] = {
            "申报职称人员须在截止日期前完成学习（默认为11月30日）。"),
         _w("CAP_APPLIED", "Hours were reduced to the yearly cap for this activity type.",
            "已按该类活动年度上限核减学时。"),
+        _w("NOT_COUNTED", "This version counts no hours: the management system is told so, replacing the counted version it holds.",
+           "本版本不计学时：已通知管理系统，以取代其持有的已计学时版本。"),
         _w("ID_REGION_UNKNOWN", "The identity number's region prefix is not in today's code list.",
            "身份证号码的地区码不在现行代码表中。"),
         _w("USCC_INVALID", "The unified social credit code fails its check digit.",

@@ -47,7 +47,7 @@ from gateway.config import Settings
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id
 from gateway.pipeline import caps, dedup
-from gateway.pipeline.credit import cap_note, day_totals, overlapping
+from gateway.pipeline.credit import cap_note, coded, day_totals, explain, overlapping
 from gateway.pipeline.rules import judge
 from gateway.pipeline.rules_tables import (
     BASE_ADAPTERS,
@@ -432,6 +432,9 @@ class _Pending:
     credited: Decimal
     cap: tuple[Note, Note] | None = None  # the CAP_APPLIED warning and rule note
     flags: list[Note] = field(default_factory=list)  # R14 warnings found across records
+    # The NOT_COUNTED warning and rule note of a version that is forwarded with no hours: it
+    # replaces a counted version the management system holds (queue is False: not accepted)
+    uncounted: tuple[Note, Note] | None = None
 
 
 class Chunk:
@@ -456,6 +459,7 @@ class Chunk:
         self.outbox_rows: list[dict[str, Any]] = []
         self.rejected: list[dict[str, Any]] = []
         self.seen_again: list[dict[str, Any]] = []
+        self.withdrawals: list[dict[str, Any]] = []  # records withdrawn here (a failed assessment)
 
     # -- reads ----------------------------------------------------------------------------
     def _load(self, items: Sequence[Item]) -> None:
@@ -524,15 +528,17 @@ class Chunk:
         self._apply_caps()
         self._flag_integrity()
         for p in self.pending:
-            self._store_version(p.record_id, p.version, self._build(p), p.content_hash, p.queue)
+            self._store_version(p.record_id, p.version, self._build(p), p.content_hash,
+                                p.queue or p.uncounted is not None)
         self._write()
         return answers
 
     # -- caps (R10) -----------------------------------------------------------------------
     def _apply_caps(self) -> None:
         groups: dict[caps.Group, dict[str, _Pending]] = {}
+        withdrawn = {w["rid"] for w in self.withdrawals}  # a version of this chunk, withdrawn in it
         for p in self.pending:
-            if p.queue and p.sub.cap_type:
+            if p.queue and p.sub.cap_type and p.record_id not in withdrawn:
                 group = (p.sub.person_key, p.sub.counts_year, p.sub.cap_type)
                 groups.setdefault(group, {})[p.record_id] = p
         for group in self.leaving:
@@ -565,7 +571,8 @@ class Chunk:
         its completion alone is spread over no days unless it was offline: an online course
         finished today may have been studied for weeks.
         """
-        mine = {p.record_id: p for p in self.pending if p.queue}
+        withdrawn = {w["rid"] for w in self.withdrawals}
+        mine = {p.record_id: p for p in self.pending if p.queue and p.record_id not in withdrawn}
         # Only a stored record that shares a day with one of this chunk's can matter: read, for
         # each record of the chunk, its person's records of its CE year that meet its days.  A
         # stored record starts on or before its completion (validation refuses otherwise), so
@@ -577,7 +584,7 @@ class Chunk:
                           for p in mine.values()})
         # A record this chunk gives a new version is judged as that version only: its stored
         # one may be another person's or year's (a correction), or no longer accepted.
-        versioned = {p.record_id for p in self.pending}
+        versioned = {p.record_id for p in self.pending} | withdrawn
         spans: dict[tuple[str, int], dict[str, tuple[bool, date | None, date, Decimal | None]]] = {}
         dialect = self.conn.dialect
         for part in _chunks(windows):
@@ -646,6 +653,9 @@ class Chunk:
             resent = self._resent(item)
             if resent is not None:
                 return self._duplicate(index, item, resent, item.refused[0] if item.refused else "")
+            failed = self._failed_assessment(item)
+            if failed is not None:
+                return self._withdraw_failed(index, item, failed)
             return self._reject(index, item)
         known = self.by_source.get(sub.source_record_id)
         if known is None:
@@ -710,6 +720,10 @@ class Chunk:
             "review_authority": sub.review_authority,
             "warnings": sub.warnings + cap_warning + tuple(n.model_dump(mode="json") for n in p.flags),
         }
+        if p.uncounted is not None:
+            record["credited_hours"] = "0"
+            record["warnings"] += (p.uncounted[0].model_dump(mode="json"),)
+            record["rule_notes"] += (p.uncounted[1].model_dump(mode="json"),)
         return orjson.dumps(record).decode()
 
     def _store_version(self, record_id: str, version: int, payload: str, chash: str,
@@ -779,6 +793,9 @@ class Chunk:
         chash = sub.content_hash
         if known.content_hash == chash and not known.withdrawn:
             return self._duplicate(index, item, known, sub.source_record_id)
+        # Its current version counts (the management system has it, or will): if this version
+        # does not, the management system must hear so, or it keeps counting the old hours.
+        was_counted = known.status == RecordStatus.ACCEPTED.value and not known.withdrawn
         status = RecordStatus.ACCEPTED
         if sub.natural_key != known.natural_key:
             # The correction changes who, what or when (another person, a new date): the record
@@ -810,6 +827,8 @@ class Chunk:
             # the hours it held there go back to the group's other records.
             self.leaving.setdefault(known.cap_group, set()).add(known.record_id)
         known.cap_group = new_group
+        uncounted = (_not_counted(status, known.duplicate_of)
+                     if was_counted and status is not RecordStatus.ACCEPTED else None)
         self.record_updates.append({"rid": known.record_id, "current_version": known.version,
                                     "content_hash": chash, "withdrawn": False,
                                     "status": status.value, "updated_at": self.now,
@@ -818,6 +837,8 @@ class Chunk:
                                     "natural_key": sub.natural_key, "person_key": sub.person_key,
                                     "year": sub.year, "duplicate_of": known.duplicate_of,
                                     **_rules_columns(sub)})
+        if uncounted is not None:
+            self.record_updates[-1]["credited_hours"] = "0"
         self.events.append(audit.Event("corrected", known.record_id, known.version,
                                        self.partner.partner_id, {
                                            "previous_version": known.version - 1, "row": item.row,
@@ -828,11 +849,70 @@ class Chunk:
                   if status is RecordStatus.CONFLICT else [])
         answer = RecordAnswer.model_construct(
             index=index, source_record_id=sub.source_record_id, status=answer_status,
-            record_id=known.record_id, version=known.version, warnings=list(item.warnings),
-            errors=errors)
+            record_id=known.record_id, version=known.version,
+            warnings=list(item.warnings) + ([uncounted[0]] if uncounted else []), errors=errors)
         self.pending.append(_Pending(known.record_id, known.version, sub, chash,
                                      status is RecordStatus.ACCEPTED, self.record_updates[-1],
-                                     answer, sub.hours))
+                                     answer, Decimal(0) if uncounted else sub.hours,
+                                     uncounted=uncounted))
+        return answer
+
+    def _failed_assessment(self, item: Item) -> _Known | None:
+        """The stored, not withdrawn record a refused submission reports as failed, if any.
+
+        R9 "A failed assessment earns no hours" (青人社厅函〔2022〕394号 六(二) "根据考试考核结果
+        如实出具…证明"): a base that corrects a result to failed takes its hours back.  Only
+        when the failure is all that is wrong: a correction refused for anything else (a closed
+        year, a revoked base, a bad id) changes nothing, as any refused correction.
+        """
+        if item.refused is None or {e.code for e in item.errors} != {"ASSESSMENT_FAILED"}:
+            return None
+        known = self.by_source.get(item.refused[0])
+        return None if known is None or known.withdrawn else known
+
+    def _forwarded(self, known: _Known) -> bool:
+        """Whether the management system has (or will have) a version of the record."""
+        if known.status == RecordStatus.ACCEPTED.value or any(
+                r["record_id"] == known.record_id for r in self.outbox_rows):
+            return True
+        return _ever_queued(self.conn, known.record_id)
+
+    def _withdraw_failed(self, index: int, item: Item, known: _Known) -> RecordAnswer:
+        """Refuse the failed result and withdraw the record it corrects (as ``withdraw`` does)."""
+        # Its current version may be one decided earlier in this chunk (not stored yet).
+        payload = next((self._build(p) for p in self.pending
+                        if p.record_id == known.record_id and p.version == known.version), None)
+        if payload is None:
+            payload = self.conn.execute(select(record_versions.c.payload).where(
+                record_versions.c.record_id == known.record_id,
+                record_versions.c.version == known.version)).scalar_one()
+        record = orjson.loads(payload)
+        if record.get("pruned") is True:  # a closed year's stub (retention): it stays as it is
+            return self._reject(index, item)
+        answer = self._reject(index, item)
+        known.version += 1
+        known.withdrawn = True
+        if known.cap_group is not None:  # its capped hours go back to the group's other records
+            self.leaving.setdefault(known.cap_group, set()).add(known.record_id)
+            known.cap_group = None
+        record.update(version=known.version, withdrawn=True, credited_hours="0")
+        record["source"]["received_at"] = self.now_iso
+        self.withdrawals.append({"rid": known.record_id, "current_version": known.version,
+                                 "updated_at": self.now})
+        self.events.append(audit.Event("withdrawn", known.record_id, known.version,
+                                       self.partner.partner_id, {
+                                           "source_record_id": item.refused[0] if item.refused else "",
+                                           "reason": "ASSESSMENT_FAILED", "row": item.row,
+                                           "batch_id": self.batch_id}))
+        # Only a record the management system has (or will have) needs the withdrawal.
+        self._store_version(known.record_id, known.version, orjson.dumps(record).decode(),
+                            known.content_hash, self._forwarded(known))
+        answer.record_id, answer.version = known.record_id, known.version
+        answer.errors = [coded(
+            "ASSESSMENT_FAILED", f"(record {known.record_id}, which counted the earlier result, "
+            f"is withdrawn as version {known.version})",
+            f"（此前计入学时的记录 {known.record_id} 已撤回，版本 {known.version}）",
+            field=e.field) if e.code == "ASSESSMENT_FAILED" else e for e in answer.errors]
         return answer
 
     # -- writes ---------------------------------------------------------------------------
@@ -869,6 +949,11 @@ class Chunk:
                                  duplicate_of=bindparam("duplicate_of"),
                                  **{c: bindparam(c) for c in RULES_COLUMNS}),
                          self.record_updates)
+        if self.withdrawals:
+            conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
+                         .values(current_version=bindparam("current_version"), withdrawn=True,
+                                 credited_hours="0", updated_at=bindparam("updated_at")),
+                         self.withdrawals)
         if self.recredited:
             conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
                          .values(current_version=bindparam("current_version"),
@@ -885,6 +970,28 @@ class Chunk:
         bulk_insert(conn, outbox, self.outbox_rows)
         bulk_insert(conn, rejections, self.rejected)
         audit.append(conn, self.events, self.now)
+
+
+def _ever_queued(conn: Connection, record_id: str) -> bool:
+    """A duplicate or conflict that once counted was told so with a version of no hours."""
+    return conn.execute(select(outbox.c.record_id).where(outbox.c.record_id == record_id)
+                        .limit(1)).first() is not None
+
+
+def _not_counted(status: RecordStatus, holder: str | None) -> tuple[Note, Note]:
+    """The NOT_COUNTED warning and rule note of a counted record's version that no longer counts.
+
+    A correction that now repeats another source's report of the activity (or conflicts with
+    it, held for ops) counts no hours; its version is still forwarded, with none, so the
+    management system stops counting the version it holds (SPEC §7: versions in order).
+    """
+    if status is RecordStatus.CONFLICT:
+        en, zh = (f"(conflicts with record {holder}, held for review)",
+                  f"（与记录 {holder} 冲突，待人工处理）")
+    else:
+        en, zh = f"(repeats record {holder}, which counts it)", f"（与记录 {holder} 重复，已由其计入）"
+    return (coded("NOT_COUNTED", en, zh, field="credited_hours"),
+            explain("NOT_COUNTED", f"0 h: {en[1:-1]}", f"0 学时：{zh[1:-1]}"))
 
 
 def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
@@ -926,10 +1033,12 @@ def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
             current_version=version + 1, withdrawn=True, credited_hours="0", updated_at=now))
         chunk.events.append(audit.Event("withdrawn", record_id, version + 1, partner.partner_id,
                                         {"source_record_id": source_record_id}))
-        # Only a record the management system has (or will have) needs the withdrawal.
+        # Only a record the management system has (or will have) needs the withdrawal: an
+        # accepted one, or one that counted once and was told with a version of no hours.
         accepted = existing["status"] == "accepted"
         chunk._store_version(record_id, version + 1, orjson.dumps(record).decode(),
-                             existing["content_hash"], queue=accepted)
+                             existing["content_hash"],
+                             queue=accepted or _ever_queued(conn, record_id))
         if accepted and existing["cap_type"]:
             group = (existing["person_key"], int(existing["counts_year"]), existing["cap_type"])
             cap = chunk.config.caps[group[2]]
