@@ -69,6 +69,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway.config import Settings
 from gateway.errors import GatewayError
+from gateway.masking import mask_excerpt
 from gateway.ops.overview import MONTHLY_ADAPTERS, backlog, latest_due_month, year_close
 from gateway.reconcile import months_never_pushed, push_deadline
 from gateway.scheduling import Job, register
@@ -251,7 +252,7 @@ def send(client: httpx.Client, url: str, body: dict[str, Any]) -> None:
         return  # a 2xx without JSON: a plain relay took it
     errcode = answer.get("errcode") if isinstance(answer, dict) else None
     if errcode not in (None, 0):  # WeCom/DingTalk answer 200 with errcode ≠ 0 when refusing
-        raise AlertNotSent(f"errcode {errcode}: {str(answer.get('errmsg', ''))[:200]}")
+        raise AlertNotSent(f"errcode {errcode}: {mask_excerpt(str(answer.get('errmsg', '')))}")
 
 
 def lease(settings: Settings) -> timedelta:

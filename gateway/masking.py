@@ -6,6 +6,7 @@ through :func:`mask_id` or :func:`mask_text` first.
 
 - :func:`mask_id` — ``630102198704139126`` → ``630102********9126``.
 - :func:`mask_text` — masks every 15- or 18-character identity-number-looking token.
+- :func:`mask_excerpt` — the first characters of a partner's answer, masked before the cut.
 - :class:`MaskingFilter` — masks a log record before any handler formats it.
 - :func:`install_log_masking` — puts the filter on the root handlers and uvicorn's loggers.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 
-__all__ = ["MaskingFilter", "install_log_masking", "mask_id", "mask_text"]
+__all__ = ["MaskingFilter", "install_log_masking", "mask_excerpt", "mask_id", "mask_text"]
 
 # 17 digits + a digit or X (18-character resident id), or 15 digits (first-generation id);
 # never a slice of a longer digit run (an order number, a timestamp in ms, …).  The ids the
@@ -57,6 +58,16 @@ def mask_text(text: str) -> str:
     if _FIFTEEN_DIGITS.search(text) is None:  # the common case, 3× cheaper than sub()
         return text
     return _ID_TOKEN.sub(lambda m: m.group(0) if m.group("own") else mask_id(m.group(0)), text)
+
+
+def mask_excerpt(text: str, limit: int = 200) -> str:
+    """The first ``limit`` characters of ``text`` (a partner's error body), masked.
+
+    Masked before the cut: an identity number across the cut would otherwise keep up to 17
+    of its digits, too short for :func:`mask_text` to know it later.  Masking keeps lengths,
+    and an identity number that starts inside the excerpt ends within 18 characters of it.
+    """
+    return mask_text(text[: limit + 18])[:limit]
 
 
 class MaskingFilter(logging.Filter):

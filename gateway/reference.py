@@ -48,7 +48,7 @@ from gateway.errors import (
     RetriableUpstreamError,
     UpstreamError,
 )
-from gateway.masking import mask_text
+from gateway.masking import mask_excerpt, mask_text
 from gateway.pipeline.rules_tables import BaseInfo, DeferralInfo, PlanInfo
 from gateway.reference_store import (
     KINDS,
@@ -302,7 +302,7 @@ def fetch_page(client: httpx.Client, url: str, since: str | None,
         raise RetriableFetchError(f"{type(exc).__name__}: {exc}") from exc
     status = response.status_code
     if status != 200:
-        reason = f"HTTP {status}: {response.text[:200]}"
+        reason = f"HTTP {status}: {mask_excerpt(response.text)}"
         if status in RETRY_STATUSES or 500 <= status < 600:
             raise RetriableFetchError(reason, status,
                                       retry_after_seconds(response.headers.get("Retry-After")))

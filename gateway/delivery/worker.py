@@ -55,6 +55,7 @@ from gateway.config import Settings
 from gateway.delivery.circuit import CircuitBreaker, CircuitState
 from gateway.delivery.policy import Action, classify, classify_exception, retry_after_seconds
 from gateway.errors import PermanentDeliveryError, RetriableDeliveryError
+from gateway.masking import mask_excerpt
 from gateway.store.tables import delivery_batches, outbox, record_versions
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class DeliveryWorker:
                                          retry_after=retry_after)
         self.breaker.record_success()
         if action is Action.SPLIT:
-            raise PermanentDeliveryError(f"HTTP {response.status_code}: {response.text[:200]}",
+            raise PermanentDeliveryError(f"HTTP {response.status_code}: {mask_excerpt(response.text)}",
                                          status_code=response.status_code)
         receipts: list[dict[str, Any]] = []
         if action is Action.DELIVERED:

@@ -51,7 +51,7 @@ from gateway.errors import (
     RetriableUpstreamError,
     UpstreamError,
 )
-from gateway.masking import mask_text
+from gateway.masking import mask_excerpt, mask_text
 from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
@@ -220,7 +220,7 @@ def fetch_page(client: httpx.Client, url: str, cursor: str | None, limit: int) -
     action = _classify(response.status_code)
     if action is _Action.PAGE:
         return _read_page(response, cursor)
-    reason = f"HTTP {response.status_code}: {response.text[:200]}"
+    reason = f"HTTP {response.status_code}: {mask_excerpt(response.text)}"
     if action is _Action.STOP:
         raise PermanentPullError(reason, response.status_code)
     retry_after = (retry_after_seconds(response.headers.get("Retry-After"))

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.masking import MaskingFilter, install_log_masking, mask_id, mask_text
+from gateway.masking import MaskingFilter, install_log_masking, mask_excerpt, mask_id, mask_text
 
 ID18 = "630102198704139126"
 ID18X = "63212319870413912X"
@@ -178,3 +178,26 @@ def test_an_edit_diff_is_masked_without_breaking_its_structure() -> None:
     [entry] = diff
     assert entry["to"]["y"] is True and isinstance(entry["to"]["x"], list)
     assert "630102199001011234" not in str(entry) and "1234" in entry["to"]["x"][1]
+
+
+@pytest.mark.parametrize("start", range(170, 205))
+def test_an_excerpt_cut_across_an_identity_number_shows_no_more_than_its_mask(start: int) -> None:
+    """A partner's error body is cut to 200 characters, masked before the cut.
+
+    Masking after the cut left up to 17 digits of a number that straddled it, too few for
+    ``mask_text`` to recognise.
+    """
+    id_number = "630102198704139126"
+    body = "x" * start + f"id {id_number} refused" + "y" * 300
+    excerpt = mask_excerpt(body)
+    assert len(excerpt) == 200
+    # No 7 digits of the number survive together: its mask shows the first 6 and the last 4.
+    leaked = [id_number[i:i + 7] for i in range(len(id_number) - 6) if id_number[i:i + 7] in excerpt]
+    assert leaked == []
+
+
+def test_cutting_before_masking_leaks_what_mask_excerpt_hides() -> None:
+    """The failure mask_excerpt exists for: the old order kept 12 digits here."""
+    body = "x" * 191 + "630102198704139126"
+    assert "630102198" in mask_text(body[:200])
+    assert "630102198" not in mask_excerpt(body)
