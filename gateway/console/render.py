@@ -46,7 +46,7 @@ EVENT_ZH = {"received": "接收", "queued": "进入投递队列", "attempt": "�
             "superseded": "被冲突记录取代", "conflict": "判定冲突", "conflict_resolved": "冲突已解决",
             "duplicate": "判定重复", "corrected": "更正（新版本）", "recredited": "重新核定学时",
             "revalidation": "重新校验", "rejected": "拒收", "withdrawn": "撤回",
-            "pruned": "按保留期清理"}
+            "succeeded": "接替原记录计入学时（原记录已撤回或已更正）", "pruned": "按保留期清理"}
 
 
 class Ident(str):

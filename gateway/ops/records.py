@@ -19,7 +19,6 @@ May touch: ``records`` (status, key holder and withdrawal of the two records of 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -46,7 +45,7 @@ from gateway.ops.common import (
 )
 from gateway.ops.edits import edit_and_requeue, edit_rejection
 from gateway.pipeline import caps
-from gateway.pipeline.ingest import Chunk, PartnerRef
+from gateway.pipeline.ingest import Chunk, PartnerRef, accept_held, succeed
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
 
@@ -221,25 +220,10 @@ def _keep_this(conn: Connection, rec: Any, holder: Any, config: RulesConfig, now
                               "was pruned; it cannot be superseded automatically)",
                               detail_zh=f"（记录 {holder['record_id']} 的内容已被清除，无法自动取代）")
     # Caps (R10): the holder's hours leave its group, this record's hours join its group.
-    groups: dict[caps.Group, tuple[dict[str, Decimal], set[str]]] = {}
+    leaving: dict[caps.Group, set[str]] = {}
     if supersede and holder["status"] == "accepted" and holder["cap_type"]:
-        group = (holder["person_key"], int(holder["counts_year"]), holder["cap_type"])
-        groups.setdefault(group, ({}, set()))[1].add(holder["record_id"])
-    hours = Decimal(rec["hours"] or "0")
-    credited_this, this_cap = hours, None
-    if rec["cap_type"]:
-        group = (rec["person_key"], int(rec["counts_year"]), rec["cap_type"])
-        groups.setdefault(group, ({}, set()))[0][record_id] = hours
-    for group in sorted(groups):  # one lock order for every writer (as ingest)
-        mine, gone = groups[group]
-        cap = config.caps[group[2]]
-        caps.lock_group(conn, group, now)
-        credited, stored = caps.reallocate(conn, group, cap, now, mine, gone=frozenset(gone))
-        if record_id in mine:
-            credited_this, this_cap = credited[record_id], (cap, group[2])
-        for rid, old in stored.items():
-            if rid not in mine and rid not in gone and credited[rid] != old.credited:
-                chunk._recredit(old, credited[rid], cap, group[2])
+        leaving[(holder["person_key"], int(holder["counts_year"]), holder["cap_type"])] = {
+            holder["record_id"]}
     if supersede and holder_payload is not None:
         hid, hv = str(holder["record_id"]), int(holder["current_version"]) + 1
         holder_payload.update(version=hv, withdrawn=True, credited_hours="0")
@@ -252,26 +236,10 @@ def _keep_this(conn: Connection, rec: Any, holder: Any, config: RulesConfig, now
         # Only a record the management system has (or will have) needs the withdrawal.
         chunk._store_version(hid, hv, orjson.dumps(holder_payload).decode(),
                              holder["content_hash"], queue=holder["status"] == "accepted")
-    moved = conn.execute(update(natural_keys).where(natural_keys.c.natural_key == rec["natural_key"])
-                         .values(record_id=record_id)).rowcount
-    if not moved:  # pragma: no cover - every conflict's key has a holder row
-        conn.execute(natural_keys.insert().values(natural_key=rec["natural_key"], record_id=record_id))
-    stored_credited = Decimal(str(orjson.loads(conn.execute(select(record_versions.c.payload).where(
-        record_versions.c.record_id == record_id,
-        record_versions.c.version == version)).scalar_one())["credited_hours"]))
-    conn.execute(update(records).where(records.c.record_id == record_id).values(
-        status="accepted", duplicate_of=None, credited_hours=str(credited_this), updated_at=now))
-    queued = version
-    if this_cap is not None and credited_this != stored_credited:
-        # Its share of a cap differs from what its held version says: re-issue it.
-        chunk._recredit(caps.Stored(record_id, version, hours, stored_credited), credited_this,
-                        *this_cap)
-        queued = version + 1
-    else:
-        chunk.outbox_rows.append({"record_id": record_id, "version": version, "status": "pending",
-                                  "attempts": 0, "created_at": now, "updated_at": now})
-        chunk.events.append(audit.Event("queued", record_id, version))
+    queued = accept_held(chunk, rec, leaving)
     chunk._write()
+    if supersede:  # the holder's other duplicates now repeat this record
+        succeed(conn, config, now, {str(rec["natural_key"]): str(holder["record_id"])})
     return queued
 
 

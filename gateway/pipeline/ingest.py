@@ -460,6 +460,9 @@ class Chunk:
         self.rejected: list[dict[str, Any]] = []
         self.seen_again: list[dict[str, Any]] = []
         self.withdrawals: list[dict[str, Any]] = []  # records withdrawn here (a failed assessment)
+        # Activities whose record stopped holding them here (withdrawn, corrected away): another
+        # source's report of one, held as a duplicate of that record, takes over (succeed()).
+        self.freed: dict[str, str] = {}
 
     # -- reads ----------------------------------------------------------------------------
     def _load(self, items: Sequence[Item]) -> None:
@@ -531,6 +534,7 @@ class Chunk:
             self._store_version(p.record_id, p.version, self._build(p), p.content_hash,
                                 p.queue or p.uncounted is not None)
         self._write()
+        succeed(self.conn, self.config, self.now, self.freed)
         return answers
 
     # -- caps (R10) -----------------------------------------------------------------------
@@ -803,9 +807,17 @@ class Chunk:
             # holder, as a first report of it would be (SPEC §7 "Dedup").
             # Given back only if it holds it (the delete names the record): a duplicate holds none.
             self.released_keys[known.natural_key] = known.record_id
+            self.freed[known.natural_key] = known.record_id
             if self.holders.get(known.natural_key) == known.record_id:
                 del self.holders[known.natural_key]
                 self.claimed_keys.pop(known.natural_key, None)
+            holder = self._holder(sub.natural_key, known.record_id)
+            known.duplicate_of = None if holder == known.record_id else holder
+            if known.duplicate_of is not None:
+                status = self._judge(sub, known.duplicate_of)
+        elif known.withdrawn:
+            # Withdrawn, it gave its activity back: another source's report may hold it now
+            # (a newcomer, or a duplicate that took over), and this one must not count twice.
             holder = self._holder(sub.natural_key, known.record_id)
             known.duplicate_of = None if holder == known.record_id else holder
             if known.duplicate_of is not None:
@@ -897,6 +909,7 @@ class Chunk:
             known.cap_group = None
         record.update(version=known.version, withdrawn=True, credited_hours="0")
         record["source"]["received_at"] = self.now_iso
+        self.freed[known.natural_key] = known.record_id
         self.withdrawals.append({"rid": known.record_id, "current_version": known.version,
                                  "updated_at": self.now})
         self.events.append(audit.Event("withdrawn", known.record_id, known.version,
@@ -1049,5 +1062,122 @@ def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
                 if rid != record_id and credited[rid] != old.credited:
                     chunk._recredit(old, credited[rid], cap, group[2])
         chunk._write()
+        succeed(conn, chunk.config, now, {str(existing["natural_key"]): record_id})
     return RecordAnswer(index=0, source_record_id=source_record_id, status=RecordStatus.ACCEPTED,
                         record_id=record_id, version=version + 1)
+
+
+def accept_held(chunk: Chunk, rec: Any,
+                leaving: dict[caps.Group, set[str]] | None = None) -> int:
+    """Accept a held record (a duplicate or a conflict) and queue its current version.
+
+    Its hours join its cap group (R10) in one allocation with the records ``leaving`` theirs;
+    records whose share moves are re-issued.  It takes its activity's natural key.  Returns
+    the version queued: a new one when its share of a cap differs from what its held version
+    says.  The caller writes the chunk.
+    """
+    conn, now = chunk.conn, chunk.now
+    record_id, version = str(rec["record_id"]), int(rec["current_version"])
+    groups: dict[caps.Group, tuple[dict[str, Decimal], set[str]]] = {
+        group: ({}, set(gone)) for group, gone in (leaving or {}).items()}
+    hours = Decimal(rec["hours"] or "0")
+    credited_this, this_cap = hours, None
+    if rec["cap_type"]:
+        group = (rec["person_key"], int(rec["counts_year"]), rec["cap_type"])
+        groups.setdefault(group, ({}, set()))[0][record_id] = hours
+    for group in sorted(groups):  # one lock order for every writer (as ingest)
+        mine, gone = groups[group]
+        cap = chunk.config.caps[group[2]]
+        caps.lock_group(conn, group, now)
+        credited, stored = caps.reallocate(conn, group, cap, now, mine, gone=frozenset(gone))
+        if record_id in mine:
+            credited_this, this_cap = credited[record_id], (cap, group[2])
+        for rid, old in stored.items():
+            if rid not in mine and rid not in gone and credited[rid] != old.credited:
+                chunk._recredit(old, credited[rid], cap, group[2])
+    moved = conn.execute(update(natural_keys).where(natural_keys.c.natural_key == rec["natural_key"])
+                         .values(record_id=record_id)).rowcount
+    if not moved:  # pragma: no cover - a held record's key has a holder row (succeed claims it)
+        conn.execute(natural_keys.insert().values(natural_key=rec["natural_key"], record_id=record_id))
+    stored_credited = Decimal(str(orjson.loads(conn.execute(select(record_versions.c.payload).where(
+        record_versions.c.record_id == record_id,
+        record_versions.c.version == version)).scalar_one())["credited_hours"]))
+    conn.execute(update(records).where(records.c.record_id == record_id).values(
+        status="accepted", duplicate_of=None, credited_hours=str(credited_this), updated_at=now))
+    if this_cap is not None and credited_this != stored_credited:
+        # Its share of a cap differs from what its held version says: re-issue it.
+        chunk._recredit(caps.Stored(record_id, version, hours, stored_credited), credited_this,
+                        *this_cap)
+        return version + 1
+    # Its held version is stored already: only queue it.
+    chunk.outbox_rows.append({"record_id": record_id, "version": version, "status": "pending",
+                              "attempts": 0, "created_at": now, "updated_at": now})
+    chunk.events.append(audit.Event("queued", record_id, version))
+    return version
+
+
+def succeed(conn: Connection, config: RulesConfig, now: datetime, freed: dict[str, str]) -> None:
+    """Hand each activity a record stopped holding to the next report of it (SPEC §7 "Dedup").
+
+    ``freed`` maps a natural key to the record that let it go here: withdrawn, or corrected to
+    another person, activity or date.  Other sources' reports of that activity were kept as
+    its duplicates, not forwarded; left so, the person would lose hours two systems recorded.
+    If another live record holds the key now (a newcomer), they are linked to it.  Otherwise
+    the earliest duplicate takes the key, is accepted and forwarded (its hours join its cap
+    group), and the others are linked to it.  Conflicts (other hours) stay held for ops, who
+    choose with ``resolve_conflict``.  Runs in the caller's transaction, after its writes.
+    """
+    for key, gone in sorted(freed.items()):
+        held = conn.execute(select(records).where(
+            records.c.duplicate_of == gone, records.c.natural_key == key,
+            records.c.withdrawn.is_(False)).order_by(records.c.created_at, records.c.record_id)
+        ).mappings().all()
+        if not held:
+            continue
+        holder = _live_holder(conn, key)
+        if holder == gone:
+            continue  # it holds the activity again (a correction back in the same chunk)
+        successor = None if holder is not None else next(
+            (r for r in held if r["status"] == RecordStatus.DUPLICATE.value
+             and not _pruned(conn, r)), None)
+        if successor is not None:
+            holder = _claim_key(conn, key, str(successor["record_id"]))
+        if holder is None:
+            continue  # only conflicts: ops choose
+        if successor is not None and holder == successor["record_id"]:
+            chunk = Chunk(conn, PartnerRef(successor["partner_id"], successor["adapter"]), now,
+                          None, config)
+            chunk.events.append(audit.Event("succeeded", holder, int(successor["current_version"]),
+                                            "gateway", {"replaces": gone}))
+            accept_held(chunk, successor)
+            chunk._write()
+        others = [r["record_id"] for r in held if r["record_id"] != holder]
+        if others:
+            conn.execute(update(records).where(records.c.record_id.in_(others))
+                         .values(duplicate_of=holder, updated_at=now))
+
+
+def _live_holder(conn: Connection, key: str) -> str | None:
+    """The record holding ``key``, unless there is none or it is withdrawn."""
+    row = conn.execute(select(records.c.record_id, records.c.withdrawn)
+                       .join(natural_keys, natural_keys.c.record_id == records.c.record_id)
+                       .where(natural_keys.c.natural_key == key)).first()
+    return None if row is None or row.withdrawn else str(row.record_id)
+
+
+def _claim_key(conn: Connection, key: str, record_id: str) -> str | None:
+    """Give ``key`` to ``record_id`` if it is free or its holder withdrawn; its live holder after."""
+    conn.execute(update(natural_keys).where(
+        natural_keys.c.natural_key == key,
+        natural_keys.c.record_id.in_(select(records.c.record_id).where(records.c.withdrawn.is_(True))))
+        .values(record_id=record_id))
+    bulk_insert(conn, natural_keys, [{"natural_key": key, "record_id": record_id}],
+                ignore_conflicts=True)
+    return _live_holder(conn, key)
+
+
+def _pruned(conn: Connection, rec: Any) -> bool:
+    payload = conn.execute(select(record_versions.c.payload).where(
+        record_versions.c.record_id == rec["record_id"],
+        record_versions.c.version == rec["current_version"])).scalar()
+    return payload is None or orjson.loads(payload).get("pruned") is True

@@ -103,6 +103,8 @@ nonces = Table(
     PrimaryKeyConstraint("app_key", "nonce"),
 )
 
+_HELD = "duplicate_of IS NOT NULL"
+
 # One row per partner record; its versions live in record_versions.
 records = Table(
     "records",
@@ -143,6 +145,9 @@ records = Table(
     Index("ix_records_batch_id", "batch_id"),
     # R14 reads a person's records of a CE year by completion day; caps and compliance by prefix.
     Index("ix_records_person_year_day", "person_key", "counts_year", "completed_on"),
+    # The reports held as repeats of a record: one takes over when it stops holding the activity.
+    Index("ix_records_duplicate_of", "duplicate_of", postgresql_where=text(_HELD),
+          sqlite_where=text(_HELD)),
 )
 
 record_versions = Table(

@@ -142,19 +142,27 @@ def test_resend_correction_cross_partner_withdrawal_and_forwarding(
         def applied() -> dict[str, Any] | None:
             snap: dict[str, Any] = httpx.get(f"{mock_url}/_mock/applied", timeout=5).json()
             versions = [x["version"] for x in snap["applied"] if x["record_id"] == record_id]
-            return snap if versions == [1, 2, 3] else None
+            taken_over = any(x["record_id"] == same["record_id"] for x in snap["applied"])
+            return snap if versions == [1, 2, 3] and taken_over else None
 
-        snapshot = poll(applied, 30, what="v1, v2 and the withdrawal applied downstream")
+        snapshot = poll(applied, 30, what="v1, v2, the withdrawal and the successor applied")
 
     mine = [x for x in snapshot["applied"] if x["record_id"] == record_id]
     assert [x["withdrawn"] for x in mine] == [False, False, True]
     assert not snapshot["out_of_order"] and not snapshot["double_applied"]
-    assert not held & {x["record_id"] for x in snapshot["applied"]}
+    # The activity is still done: the other source's same report takes over and is forwarded
+    # (after the withdrawal); the conflicting one stays held for ops.
+    order = [x["record_id"] for x in snapshot["applied"]]
+    assert order.index(same["record_id"]) > max(i for i, r in enumerate(order) if r == record_id)
+    assert differing["record_id"] not in order
     with store.connect() as conn:
         queued = set(conn.execute(select(outbox.c.record_id)).scalars())
         payload = conn.execute(select(record_versions.c.payload).where(
             record_versions.c.record_id == record_id, record_versions.c.version == 3)).scalar_one()
-    assert queued == {record_id}  # the duplicate and the conflict were never queued
+        statuses = dict(conn.execute(select(records.c.record_id, records.c.status)
+                                     .where(records.c.record_id.in_(held))).all())
+    assert queued == {record_id, same["record_id"]}  # the conflict was never queued
+    assert statuses == {same["record_id"]: "accepted", differing["record_id"]: "conflict"}
     assert orjson.loads(payload)["withdrawn"] is True
 
 
