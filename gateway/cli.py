@@ -395,7 +395,12 @@ def reconcile(adapter: Annotated[str, typer.Argument(help="health | finance")],
 def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's identity number")],
                    year: Annotated[int, typer.Argument()],
                    as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """One person's year: credited hours by category and type, what is missing, which records."""
+    """One person's year: credited hours by category and type, what is missing, which records.
+
+    Records whose current version the management system refused (DOWNSTREAM_REJECTED) are
+    listed apart as not counted.
+    """
+    from rich.markup import escape
     from rich.table import Table
 
     from gateway.compliance import check_person, report
@@ -412,11 +417,22 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
         return
     console.print(f"{result['person']} {year}: credited {result['credited']} "
                   f"missing {result['missing']} ({'compliant' if result['compliant'] else 'not yet'})")
-    table = Table("record", "partner", "category", "type", "hours", "credited")
+    table = Table("record", "partner", "category", "type", "hours", "credited", "delivery")
     for r in result["records"]:
-        table.add_row(r["source_record_id"], r["partner_id"], r["category"], r["activity_type"],
-                      r["hours"], r["credited_hours"])
+        table.add_row(escape(r["source_record_id"]), escape(r["partner_id"]), r["category"],
+                      r["activity_type"], r["hours"], r["credited_hours"],
+                      " ".join(x for x in (r["delivery"] or "—", r["delivery_code"]) if x))
     console.print(table)
+    if result["not_counted"]:
+        # What the management system refused for good: out of the totals above.
+        refused = Table("record", "partner", "category", "type", "hours", "code", "reason",
+                        title="not counted (refused by the management system) 未计入（管理系统拒收）",
+                        style="red")
+        for r in result["not_counted"]:
+            # Partner ids and the downstream's reason are data, not Rich markup ("[REJECT]").
+            refused.add_row(escape(r["source_record_id"]), escape(r["partner_id"]), r["category"],
+                            r["activity_type"], r["hours"], r["delivery_code"], escape(r["reason"]))
+        console.print(refused)
 
 
 @pull_app.command("cadre-college")

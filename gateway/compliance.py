@@ -3,27 +3,139 @@
 Reads the rules' verdicts kept on each record (category, type, hours before and after caps),
 so it answers from one indexed query on ``(person_key, counts_year)``: current, accepted,
 not withdrawn records only — a duplicate or a conflict never counts twice.
+
+The same query joins each record's *current* version to its delivery (the ``outbox`` row of
+``(record_id, current_version)``, found by its unique index), because the management system
+counts what it applied, not what we accepted.  A current version it refused for good — dead-
+lettered ``DOWNSTREAM_REJECTED`` (a per-record ``rejected`` receipt, or a 4xx on the record
+alone) — is left out of the totals and listed under ``not_counted`` with the code and the
+reason.  A version dead-lettered ``RETRIES_EXHAUSTED`` still counts: the failure was ours or
+transient, and ops reprocess it.  Reprocessing puts the row back to ``pending`` with its code
+cleared, so the record counts again at once (and stays counted once delivered).
+
+Only the current version is judged: an older version the management system applied does not
+make a refused current one count (it holds the old hours, but the record as we know it now
+was refused), and an older refused version does not stop a delivered current one counting.
+
+May touch nothing: it reads ``records`` and ``outbox``.  The pydantic models below are the
+HTTP answer's schema (``GET /v1/compliance/{id_number}/{year}``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import date
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import Connection, select
+from pydantic import BaseModel, Field
+from sqlalchemy import Connection, and_, select
 
 from gateway.errors import PayloadRejected
-from gateway.masking import mask_id
+from gateway.masking import mask_id, mask_text
 from gateway.pipeline.credit import compliance_gap
 from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.identity import resident_id_findings
 from gateway.pipeline.rules_tables import REQUIREMENT
-from gateway.store.tables import records
+from gateway.store.tables import outbox, records
+
+__all__ = ["NOT_COUNTED_CODES", "ComplianceRecord", "ComplianceReport", "NotCountedRecord",
+           "check_person", "report"]
 
 ZERO = Decimal(0)
 ONE_PLACE = Decimal("0.1")
 
+# The outbox's states (gateway/ops/deliveries.py OUTBOX_STATUSES); null: no delivery queued.
+DeliveryState = Literal["pending", "delivered", "dead", "superseded"]
+# Dead-letter codes that mean "the management system will never count this version" (SPEC §5
+# downstream: a per-record ``rejected`` and a 400 are permanent).  RETRIES_EXHAUSTED is not one.
+NOT_COUNTED_CODES = frozenset({"DOWNSTREAM_REJECTED"})
+
+
+# -- the answer's schema ------------------------------------------------------------------------
+
+class Requirement(BaseModel):
+    total: int
+    public: int
+    professional: int
+
+
+class CreditedHours(BaseModel):
+    total: str = Field(examples=["98.0"])
+    public: str
+    professional: str
+
+
+class ClaimedHours(BaseModel):
+    public: str
+    professional: str
+
+
+class MissingHours(BaseModel):
+    public: str
+    professional: str
+    total: str
+
+
+class TypeHours(BaseModel):
+    claimed: str
+    credited: str
+
+
+class ComplianceRecord(BaseModel):
+    """A record that counts, with the state of its current version's delivery."""
+
+    record_id: str
+    partner_id: str
+    adapter: str
+    source_record_id: str
+    category: str | None
+    activity_type: str | None
+    completed_on: date | None
+    hours: str = Field(description="hours after conversion, before caps")
+    credited_hours: str = Field(description="hours after caps (R10)")
+    capped: bool
+    delivery: DeliveryState | None = Field(
+        description="the current version's delivery (outbox) state; null: none queued")
+    delivery_code: str | None = Field(
+        description="the dead-letter code (RETRIES_EXHAUSTED) when dead-lettered, else null")
+
+
+class NotCountedRecord(BaseModel):
+    """A record left out: the management system refused its current version for good."""
+
+    record_id: str
+    version: int = Field(description="the refused (current) version")
+    partner_id: str
+    adapter: str
+    source_record_id: str
+    category: str | None
+    activity_type: str | None
+    completed_on: date | None
+    hours: str
+    credited_hours: str = Field(description="what it would have counted")
+    delivery: Literal["dead"]
+    delivery_code: str = Field(examples=["DOWNSTREAM_REJECTED"])
+    reason: str = Field(description="the management system's reason, identity numbers masked")
+
+
+class ComplianceReport(BaseModel):
+    """One person's CE year (SPEC §4 R1), identity number masked."""
+
+    person: str
+    year: int
+    requirement: Requirement
+    credited: CreditedHours
+    claimed: ClaimedHours
+    by_type: dict[str, TypeHours]
+    by_partner: dict[str, str]
+    missing: MissingHours
+    compliant: bool
+    records: list[ComplianceRecord]
+    not_counted: list[NotCountedRecord]
+
+
+# -- the read-model -----------------------------------------------------------------------------
 
 def check_person(id_number: str, id_type: str = "resident_id") -> None:
     """Refuse an identity number no record can hold, before answering "no hours" for it.
@@ -47,11 +159,23 @@ def _h(value: Decimal) -> str:
 
 
 def report(conn: Connection, id_number: str, year: int, id_type: str = "resident_id") -> dict[str, Any]:
+    """One person's year, shaped as :class:`ComplianceReport` (one query; see the module doc).
+
+    A record counts when it is current, accepted, not withdrawn and its current version was
+    not refused for good downstream (:data:`NOT_COUNTED_CODES`); refused ones are listed
+    under ``not_counted`` instead.  Older versions' deliveries are not consulted.
+    """
+    # The current version's delivery, by the outbox's unique (record_id, version) index; outer,
+    # so a record with no delivery queued still shows (its ``delivery`` is null).
+    on_current = and_(outbox.c.record_id == records.c.record_id,
+                      outbox.c.version == records.c.current_version)
     rows = conn.execute(
-        select(records.c.record_id, records.c.partner_id, records.c.adapter,
-               records.c.source_record_id, records.c.category, records.c.activity_type,
-               records.c.hours, records.c.credited_hours, records.c.cap_type,
-               records.c.completed_on)
+        select(records.c.record_id, records.c.current_version, records.c.partner_id,
+               records.c.adapter, records.c.source_record_id, records.c.category,
+               records.c.activity_type, records.c.hours, records.c.credited_hours,
+               records.c.cap_type, records.c.completed_on, outbox.c.status.label("delivery"),
+               outbox.c.error_code, outbox.c.last_error)
+        .select_from(records.outerjoin(outbox, on_current))
         .where(records.c.person_key == person_key_of(id_type, id_number),
                records.c.counts_year == year, records.c.status == "accepted",
                records.c.withdrawn.is_(False))
@@ -60,19 +184,27 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
     claimed: dict[str, Decimal] = defaultdict(Decimal)
     by_type: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
     by_partner: dict[str, Decimal] = defaultdict(Decimal)
-    items = []
+    items: list[dict[str, Any]] = []
+    not_counted: list[dict[str, Any]] = []
     for r in rows:
         hours, got = Decimal(r.hours or "0"), Decimal(r.credited_hours or "0")
+        code = r.error_code if r.delivery == "dead" else None
+        base = {"record_id": r.record_id, "partner_id": r.partner_id, "adapter": r.adapter,
+                "source_record_id": r.source_record_id, "category": r.category,
+                "activity_type": r.activity_type, "completed_on": r.completed_on.isoformat()
+                if r.completed_on else None, "hours": str(hours), "credited_hours": str(got)}
+        if code in NOT_COUNTED_CODES:
+            not_counted.append({**base, "version": r.current_version, "delivery": r.delivery,
+                                "delivery_code": code,
+                                "reason": mask_text(r.last_error or "")})
+            continue
         credited[r.category] += got
         claimed[r.category] += hours
         by_type[r.activity_type]["claimed"] += hours
         by_type[r.activity_type]["credited"] += got
         by_partner[r.partner_id] += got
-        items.append({"record_id": r.record_id, "partner_id": r.partner_id, "adapter": r.adapter,
-                      "source_record_id": r.source_record_id, "category": r.category,
-                      "activity_type": r.activity_type, "completed_on": r.completed_on.isoformat()
-                      if r.completed_on else None, "hours": str(hours), "credited_hours": str(got),
-                      "capped": got < hours})
+        items.append({**base, "capped": got < hours, "delivery": r.delivery,
+                      "delivery_code": code})
     missing = compliance_gap(credited)
     total = credited["public"] + credited["professional"]
     return {
@@ -86,4 +218,5 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
         "missing": {k: _h(v) for k, v in missing.items()},
         "compliant": all(v == ZERO for v in missing.values()),
         "records": items,
+        "not_counted": not_counted,
     }

@@ -44,8 +44,11 @@ def get_reconciliation(adapter: str, year: Year, request: Request, _: Viewer) ->
         return reconcile.report(conn, adapter, year)
 
 
-@router.get("/compliance/{id_number}/{year}",
-            summary="One person's year: hours credited by category and type, and what is missing")
+@router.get("/compliance/{id_number}/{year}", response_model=compliance.ComplianceReport,
+            summary="One person's year: hours credited by category and type, and what is missing",
+            description="Counts current, accepted, not withdrawn records whose current version "
+                        "the management system did not refuse for good; those it refused "
+                        "(dead-lettered DOWNSTREAM_REJECTED) are listed under `not_counted`.")
 def get_compliance(id_number: str, year: Year, request: Request, _: Viewer,
                    id_type: Annotated[IdType, Query()] = IdType.RESIDENT_ID) -> dict[str, Any]:
     compliance.check_person(id_number, id_type)

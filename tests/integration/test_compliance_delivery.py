@@ -1,0 +1,265 @@
+"""Compliance counts what the management system counts (SPEC §4 R1 against SPEC §5 downstream).
+
+A record whose current version the management system refused for good — dead-lettered
+``DOWNSTREAM_REJECTED`` after a per-record ``rejected`` receipt or a 400 on the record alone —
+is never counted there, so it must not count here either: it leaves the totals and is listed
+under ``not_counted`` with its code and reason (identity numbers masked).  A record dead-
+lettered ``RETRIES_EXHAUSTED`` still counts (ops reprocess it); a refused one that ops
+reprocess and the management system then accepts counts again; only the current version is
+judged.  Every counted record carries its delivery state.
+
+Real ingest and the real delivery worker, against the mock management system on uvicorn (or,
+where its reason must quote an identity number, an ``httpx.MockTransport`` downstream), on
+SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from sqlalchemy import Engine, event
+
+from gateway import compliance
+from gateway.accounts import Partner
+from gateway.api.app import create_app
+from gateway.config import Settings
+from gateway.delivery.worker import DeliveryWorker
+from gateway.masking import mask_id
+from gateway.ops.deliveries import DeliveryFilter, reprocess
+from gateway.pipeline.ingest import PartnerRef, ingest
+from mock_partners.ce_system import Faults
+from mock_partners.generators import GenPerson, canonical_submission, make_person
+from tests.conftest import SECRET_KEY
+from tests.support.servers import cli, uvicorn_thread
+
+NOW = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)  # the CE year 2026 is open
+
+MakeWorker = Callable[..., DeliveryWorker]
+
+
+@pytest.fixture
+def make_worker(db_url: str, engine: Engine, mock_ce: tuple[str, Faults],
+                make_settings: Callable[..., Settings]) -> Iterator[MakeWorker]:
+    """A delivery worker aimed at the mock management system (or at ``client``)."""
+    made: list[DeliveryWorker] = []
+
+    def build(client: httpx.Client | None = None, **overrides: Any) -> DeliveryWorker:
+        worker = DeliveryWorker(engine, make_settings(db_url, mock_ce[0], **overrides),
+                                client=client)
+        made.append(worker)
+        return worker
+
+    yield build
+    for worker in made:
+        worker.close()
+
+
+def _drain(worker: DeliveryWorker, limit: int = 20) -> None:
+    for _ in range(limit):
+        if worker.run_once() == 0:
+            return
+    raise AssertionError(f"worker still busy after {limit} cycles")
+
+
+def _sub(person: GenPerson, sid: str, hours: str, title: str, day: int) -> dict[str, Any]:
+    """A professional training of ``hours`` on 2026-03-``day`` (distinct days: no overlaps)."""
+    sub = canonical_submission(random.Random(sid), sid, person, hours=hours, title=title)
+    sub["activity"].update(started_on=f"2026-03-{day:02d}", completed_on=f"2026-03-{day:02d}")
+    return sub
+
+
+def _put(engine: Engine, partner: Partner, *subs: dict[str, Any]) -> dict[str, str]:
+    """Ingest; source record id → record id."""
+    answers = ingest(engine, PartnerRef(partner.partner_id, "canonical"), list(subs), now=NOW)
+    assert all(a.status.value in ("accepted", "corrected") for a in answers), \
+        [(a.status, a.errors) for a in answers]
+    return {s["source_record_id"]: str(a.record_id) for s, a in zip(subs, answers, strict=True)}
+
+
+def _report(engine: Engine, person: GenPerson) -> dict[str, Any]:
+    """The report, checked against its HTTP schema, and the statements it took (one)."""
+    statements: list[str] = []
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")  # the connection's own set-up is not the report's
+
+        def seen(*args: Any) -> None:
+            statements.append(str(args[2]))
+
+        event.listen(engine, "before_cursor_execute", seen)
+        try:
+            result = compliance.report(conn, person.id_number, 2026)
+        finally:
+            event.remove(engine, "before_cursor_execute", seen)
+    assert len(statements) == 1, statements  # one indexed query, never one per record
+    assert compliance.ComplianceReport.model_validate(result).model_dump(mode="json") == result
+    return result
+
+
+def _counted(result: dict[str, Any]) -> dict[str, tuple[str | None, str | None]]:
+    """Counted records: source record id → (delivery, delivery code)."""
+    return {r["source_record_id"]: (r["delivery"], r["delivery_code"]) for r in result["records"]}
+
+
+def test_a_refused_record_is_not_counted_and_a_retries_exhausted_one_still_is(
+    engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+    make_worker: MakeWorker,
+) -> None:
+    _, faults = mock_ce
+    partner = new_partner(engine)
+    person = make_person(random.Random(7))
+    ids = _put(engine, partner, _sub(person, "OK", "24", "高原生态修复技术研修班", 2),
+               _sub(person, "REJ", "12", "[REJECT] 数字政府建设实务", 4))
+    _drain(make_worker())
+
+    ids |= _put(engine, partner, _sub(person, "EXH", "16", "工程项目管理实务", 6))
+    faults.error_rate = 1.0  # the management system is down for every attempt we may make
+    _drain(make_worker(delivery_max_attempts=1))
+    faults.error_rate = 0.0
+    ids |= _put(engine, partner, _sub(person, "PEN", "8", "水资源保护专题研修", 8))  # not sent yet
+
+    result = _report(engine, person)
+    # Counted: 24 + 16 + 8 = 48 h; the refused 12 h is out of every total.
+    assert _counted(result) == {"OK": ("delivered", None), "EXH": ("dead", "RETRIES_EXHAUSTED"),
+                                "PEN": ("pending", None)}
+    assert result["credited"] == {"total": "48.0", "public": "0.0", "professional": "48.0"}
+    assert result["claimed"] == {"public": "0.0", "professional": "48.0"}
+    assert result["by_type"] == {"training": {"claimed": "48.0", "credited": "48.0"}}
+    assert result["by_partner"] == {partner.partner_id: "48.0"}
+    assert result["missing"] == {"public": "45.0", "professional": "42.0", "total": "87.0"}
+    assert result["not_counted"] == [{
+        "record_id": ids["REJ"], "version": 1, "partner_id": partner.partner_id,
+        "adapter": "canonical", "source_record_id": "REJ", "category": "professional",
+        "activity_type": "training", "completed_on": "2026-03-04", "hours": "12.0",
+        "credited_hours": "12.0", "delivery": "dead", "delivery_code": "DOWNSTREAM_REJECTED",
+        "reason": "activity title carries [REJECT]"}]
+
+
+def test_a_refused_record_reprocessed_and_delivered_counts_again(
+    engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+    make_worker: MakeWorker,
+) -> None:
+    _, faults = mock_ce
+    partner = new_partner(engine)
+    person = make_person(random.Random(8))
+    _put(engine, partner, _sub(person, "OK", "24", "高原生态修复技术研修班", 2),
+         _sub(person, "REJ", "12", "[REJECT] 数字政府建设实务", 4))
+    worker = make_worker()
+    _drain(worker)
+    before = _report(engine, person)
+    assert [r["source_record_id"] for r in before["not_counted"]] == ["REJ"]
+    assert before["credited"]["total"] == "24.0"
+
+    faults.reject_title_marker = "[NEVER]"  # the management system fixed its side
+    done = reprocess(engine, DeliveryFilter(error_code="DOWNSTREAM_REJECTED"), dry_run=False,
+                     reason="下游已修复", actor="op-test")
+    assert done.requeued == 1
+    queued = _report(engine, person)  # queued again: no longer refused, so it counts
+    assert queued["not_counted"] == []
+    assert _counted(queued) == {"OK": ("delivered", None), "REJ": ("pending", None)}
+    assert queued["credited"]["total"] == "36.0"
+
+    _drain(worker)
+    after = _report(engine, person)
+    assert after["not_counted"] == []
+    assert _counted(after) == {"OK": ("delivered", None), "REJ": ("delivered", None)}
+    assert after["credited"]["total"] == "36.0"
+    assert after["missing"]["professional"] == "54.0"
+
+
+def test_only_the_current_version_is_judged(
+    engine: Engine, new_partner: Callable[..., Partner], make_worker: MakeWorker,
+) -> None:
+    partner = new_partner(engine)
+    person = make_person(random.Random(9))
+    worker = make_worker()
+    ids = _put(engine, partner, _sub(person, "V", "24", "高原生态修复技术研修班", 2),
+               _sub(person, "W", "12", "[REJECT] 数字政府建设实务", 4))
+    _drain(worker)
+    # V: version 1 delivered, its correction refused.  W: version 1 refused, its correction
+    # delivered.  The management system counts V's old hours, but V as we hold it now was
+    # refused; W's refused first version is history.
+    _put(engine, partner, _sub(person, "V", "20", "[REJECT] 高原生态修复技术研修班", 2),
+         _sub(person, "W", "12", "数字政府建设实务", 4))
+    _drain(worker)
+
+    result = _report(engine, person)
+    assert _counted(result) == {"W": ("delivered", None)}
+    assert result["credited"]["total"] == "12.0"
+    [refused] = result["not_counted"]
+    assert (refused["record_id"], refused["version"], refused["hours"]) == (ids["V"], 2, "20.0")
+
+
+def _downstream(person: GenPerson) -> httpx.Client:
+    """A management system whose refusals quote the identity number, as a real one may.
+
+    A title with ``[ID]`` gets a per-record ``rejected`` receipt; a request carrying a title
+    with ``[400]`` is refused whole (400), so the worker bisects to that record alone.
+    """
+    seq = iter(range(1, 1000))
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent = orjson.loads(request.content)["records"]
+        if any("[400]" in r["activity"]["title"] for r in sent):
+            return httpx.Response(400, text=f"record of {person.id_number}: certificate unreadable")
+        receipts = [{"record_id": r["record_id"], "version": r["version"], "status": "rejected",
+                     "receipt_no": None,
+                     "reason": f"身份证号 {r['person']['id_number']} 与姓名不符 (id/name mismatch)"}
+                    if "[ID]" in r["activity"]["title"] else
+                    {"record_id": r["record_id"], "version": r["version"], "status": "accepted",
+                     "receipt_no": f"CE2026-{next(seq):08d}", "reason": None} for r in sent]
+        return httpx.Response(200, json={"receipts": receipts})
+
+    return httpx.Client(transport=httpx.MockTransport(handle), base_url="http://ce-system.test")
+
+
+def test_refusal_reasons_are_masked_in_the_report_the_api_and_the_cli(
+    db_url: str, engine: Engine, make_settings: Callable[..., Settings],
+    new_partner: Callable[..., Partner], new_operator: Callable[..., str],
+    make_worker: MakeWorker,
+) -> None:
+    partner = new_partner(engine)
+    person = make_person(random.Random(10))
+    _put(engine, partner, _sub(person, "RCPT", "12", "[ID] 数字政府建设实务", 4),
+         _sub(person, "HTTP400", "8", "[400] 工程项目管理实务", 6),
+         _sub(person, "OK", "24", "高原生态修复技术研修班", 2))
+    _drain(make_worker(client=_downstream(person)))
+
+    result = _report(engine, person)
+    masked = mask_id(person.id_number)
+    assert _counted(result) == {"OK": ("delivered", None)}
+    reasons = {r["source_record_id"]: (r["delivery_code"], r["reason"]) for r in result["not_counted"]}
+    assert reasons == {
+        "RCPT": ("DOWNSTREAM_REJECTED", f"身份证号 {masked} 与姓名不符 (id/name mismatch)"),
+        "HTTP400": ("DOWNSTREAM_REJECTED", f"HTTP 400: record of {masked}: certificate unreadable"),
+    }
+    assert result["credited"]["total"] == "24.0"
+
+    token = new_operator(engine, role="viewer")
+    with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
+        resp = httpx.get(f"{url}/v1/compliance/{person.id_number}/2026",
+                         headers={"Authorization": f"Bearer {token}"})
+        spec = httpx.get(f"{url}/openapi.json").json()
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == result
+    assert person.id_number not in resp.text and masked in resp.text
+    answer = spec["paths"]["/v1/compliance/{id_number}/{year}"]["get"]["responses"]["200"]
+    assert answer["content"]["application/json"]["schema"]["$ref"].endswith("/ComplianceReport")
+    assert {"ComplianceRecord", "NotCountedRecord"} <= set(spec["components"]["schemas"])
+
+    env = {"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_SECRET_KEY": SECRET_KEY,
+           "COLUMNS": "250"}
+    as_json = cli(env, "compliance", person.id_number, "2026", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == result
+    shown = cli(env, "compliance", person.id_number, "2026")
+    assert shown.returncode == 0, shown.stderr
+    assert person.id_number not in shown.stdout + shown.stderr
+    assert "not counted" in shown.stdout and "RCPT" in shown.stdout and "HTTP400" in shown.stdout
+    assert f"身份证号 {masked}" in shown.stdout and "DOWNSTREAM_REJECTED" in shown.stdout
