@@ -271,7 +271,8 @@ def group_entries(conn: Connection, rows: Sequence[Any], rules: RulesContext,
         parsed = _parsed(r, batch)
         partner = PartnerRef(r.partner_id, r.adapter, base_codes.get(r.partner_id))
         item = Item(raw=parsed.raw, submission=parsed.submission, errors=list(parsed.errors),
-                    warnings=list(parsed.warnings), source_record_id=r.source_record_id)
+                    warnings=list(parsed.warnings), source_record_id=r.source_record_id,
+                    arriving=False)
         # Judged as of its arrival (R11): a record sent before the year closed stays in time.
         prepare(item, partner, batch.created_at if batch else r.received_at, rules)
         groups.setdefault((partner, r.batch_id), []).append(Entry(r.id, r.received_at, item))

@@ -91,6 +91,9 @@ class Item:
     # (source id, content hash) of a submission the rules refused: if it repeats the stored
     # version exactly, it is a resend (duplicate), whatever today's rules say of it
     refused: tuple[str, str] | None = None
+    # False for a stored rejection judged again (revalidation): a failed result withdraws the
+    # record it corrects only when it arrives, not when an old one is re-read after a pass.
+    arriving: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +466,7 @@ class Chunk:
         # Activities whose record stopped holding them here (withdrawn, corrected away): another
         # source's report of one, held as a duplicate of that record, takes over (succeed()).
         self.freed: dict[str, str] = {}
+        self.born: set[str] = set()  # records first seen in this chunk
 
     # -- reads ----------------------------------------------------------------------------
     def _load(self, items: Sequence[Item]) -> None:
@@ -530,9 +534,12 @@ class Chunk:
         answers = [self._decide(index, item) for index, item in enumerate(items)]
         self._apply_caps()
         self._flag_integrity()
+        # A record first seen and withdrawn in this chunk never reaches the management system:
+        # its last word is "withdrawn", and a version forwarded first would count, uncapped.
+        unsent = self.born & {w["rid"] for w in self.withdrawals}
         for p in self.pending:
             self._store_version(p.record_id, p.version, self._build(p), p.content_hash,
-                                p.queue or p.uncounted is not None)
+                                (p.queue or p.uncounted is not None) and p.record_id not in unsent)
         self._write()
         succeed(self.conn, self.config, self.now, self.freed)
         return answers
@@ -629,15 +636,22 @@ class Chunk:
         for p in mine.values():
             p.answer.warnings.extend(p.flags)
 
-    def _recredit(self, old: caps.Stored, credited: Decimal, cap: Decimal, cap_type: str) -> None:
-        """Re-issue a stored record whose share of a cap moved (another record came or went)."""
+    def _recredit(self, old: caps.Stored, credited: Decimal, cap: Decimal | None,
+                  cap_type: str | None) -> None:
+        """Re-issue a stored record whose credited hours moved, as a version that counts.
+
+        Its share of a cap moved (another record came or went), or a held record was accepted
+        (no cap: ``cap_type`` None).  The notes of a version that did not count go.
+        """
         payload = self.conn.execute(select(record_versions.c.payload, record_versions.c.content_hash)
                                     .where(record_versions.c.record_id == old.record_id,
                                            record_versions.c.version == old.version)).one()
         record = orjson.loads(payload.payload)
-        note = cap_note(old.hours, credited, cap, cap_type)
-        keep = [n for n in record["warnings"] if n["code"] != "CAP_APPLIED"]
-        notes = [n for n in record["rule_notes"] if n["code"] != "CAP_APPLIED"]
+        note = (cap_note(old.hours, credited, cap, cap_type)
+                if cap is not None and cap_type is not None else None)
+        dropped = ("CAP_APPLIED", "NOT_COUNTED")
+        keep = [n for n in record["warnings"] if n["code"] not in dropped]
+        notes = [n for n in record["rule_notes"] if n["code"] not in dropped]
         version = old.version + 1
         record.update(version=version, credited_hours=str(credited),
                       warnings=keep + ([note[0].model_dump(mode="json")] if note else []),
@@ -748,6 +762,7 @@ class Chunk:
         duplicate_of = None if holder == record_id else holder
         known = _Known(record_id, 1, chash, False, status.value, duplicate_of, sub.claim, key)
         self.by_source[sub.source_record_id] = self.by_record[record_id] = known
+        self.born.add(record_id)
         self.new_records.append({
             "record_id": record_id, "partner_id": self.partner.partner_id,
             "adapter": self.partner.adapter, "source_record_id": sub.source_record_id,
@@ -797,6 +812,10 @@ class Chunk:
         chash = sub.content_hash
         if known.content_hash == chash and not known.withdrawn:
             return self._duplicate(index, item, known, sub.source_record_id)
+        if any(w["rid"] == known.record_id for w in self.withdrawals):
+            # Withdrawn earlier in this chunk (a failed result), sent again: the new version is
+            # its last word, judged and capped as any correction of a withdrawn record.
+            self.withdrawals = [w for w in self.withdrawals if w["rid"] != known.record_id]
         # Its current version counts (the management system has it, or will): if this version
         # does not, the management system must hear so, or it keeps counting the old hours.
         was_counted = known.status == RecordStatus.ACCEPTED.value and not known.withdrawn
@@ -877,17 +896,20 @@ class Chunk:
         when the failure is all that is wrong: a correction refused for anything else (a closed
         year, a revoked base, a bad id) changes nothing, as any refused correction.
         """
-        if item.refused is None or {e.code for e in item.errors} != {"ASSESSMENT_FAILED"}:
+        if (item.refused is None or not item.arriving
+                or {e.code for e in item.errors} != {"ASSESSMENT_FAILED"}):
             return None
         known = self.by_source.get(item.refused[0])
         return None if known is None or known.withdrawn else known
 
     def _forwarded(self, known: _Known) -> bool:
-        """Whether the management system has (or will have) a version of the record."""
-        if known.status == RecordStatus.ACCEPTED.value or any(
-                r["record_id"] == known.record_id for r in self.outbox_rows):
-            return True
-        return _ever_queued(self.conn, known.record_id)
+        """Whether the management system has (or will have) a version of the record.
+
+        Not one first seen in this chunk: withdrawn here, none of its versions is sent (run()).
+        """
+        if known.record_id in self.born:
+            return False
+        return known.status == RecordStatus.ACCEPTED.value or _ever_queued(self.conn, known.record_id)
 
     def _withdraw_failed(self, index: int, item: Item, known: _Known) -> RecordAnswer:
         """Refuse the failed result and withdraw the record it corrects (as ``withdraw`` does)."""
@@ -983,6 +1005,11 @@ class Chunk:
         bulk_insert(conn, outbox, self.outbox_rows)
         bulk_insert(conn, rejections, self.rejected)
         audit.append(conn, self.events, self.now)
+
+
+def _queued_version(conn: Connection, record_id: str, version: int) -> bool:
+    return conn.execute(select(outbox.c.record_id).where(
+        outbox.c.record_id == record_id, outbox.c.version == version)).first() is not None
 
 
 def _ever_queued(conn: Connection, record_id: str) -> bool:
@@ -1099,15 +1126,18 @@ def accept_held(chunk: Chunk, rec: Any,
                          .values(record_id=record_id)).rowcount
     if not moved:  # pragma: no cover - a held record's key has a holder row (succeed claims it)
         conn.execute(natural_keys.insert().values(natural_key=rec["natural_key"], record_id=record_id))
-    stored_credited = Decimal(str(orjson.loads(conn.execute(select(record_versions.c.payload).where(
+    held = orjson.loads(conn.execute(select(record_versions.c.payload).where(
         record_versions.c.record_id == record_id,
-        record_versions.c.version == version)).scalar_one())["credited_hours"]))
+        record_versions.c.version == version)).scalar_one())
+    stored_credited = Decimal(str(held["credited_hours"]))
     conn.execute(update(records).where(records.c.record_id == record_id).values(
         status="accepted", duplicate_of=None, credited_hours=str(credited_this), updated_at=now))
-    if this_cap is not None and credited_this != stored_credited:
-        # Its share of a cap differs from what its held version says: re-issue it.
+    if (credited_this != stored_credited or _queued_version(conn, record_id, version)
+            or any(n["code"] == "NOT_COUNTED" for n in held["warnings"])):
+        # Its held version says other hours (its share of a cap, or none: a correction that
+        # stopped counting was sent so), or was sent already: re-issue it, counting.
         chunk._recredit(caps.Stored(record_id, version, hours, stored_credited), credited_this,
-                        *this_cap)
+                        *(this_cap or (None, None)))
         return version + 1
     # Its held version is stored already: only queue it.
     chunk.outbox_rows.append({"record_id": record_id, "version": version, "status": "pending",
