@@ -97,6 +97,8 @@ CATALOGUE: dict[str, CodeInfo] = {
         _w("INTEGRITY_COMPLETED_IN_FUTURE", "The completion date lies after the day the record was reported.",
            "完成日期晚于报送日期。"),
         _w("INTEGRITY_ABOVE_PLAN", "Hours far above the filed plan's.", "学时远超备案计划学时。"),
+        _w("INTEGRITY_OUTSIDE_PLAN", "The training dates lie outside the filed plan's period.",
+           "培训日期超出备案计划的培训时限。"),
     )
 }
 

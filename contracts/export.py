@@ -71,7 +71,8 @@ Every error answer carries four fields:
 record and never block delivery. "HTTP status" is the status used when the error answers a
 whole request; "—" means the code is never an HTTP answer of its own (it is reported in a
 per-record answer or a record's timeline). Codes starting `INTEGRITY_` are the family of integrity
-warnings: plausibility checks that flag a record for review.
+warnings (R14, 诚信学习, 青人社厅函〔2022〕394号 六(一); against a filed plan's hours and period
+also 六(五)): plausibility checks that flag a record for review; the record is still accepted.
 
 | code | kind | HTTP status | message (English) | 说明（中文） |
 |---|---|---|---|---|

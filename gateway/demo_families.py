@@ -81,9 +81,10 @@ def publish_reference(mock_url: str, year: int) -> None:
     """Put the demo base and its plan (filed in March) into the mock's reference API."""
     bases = [{"code": "QHJD-001", "name": "青海省高原生态继续教育基地", "level": "provincial",
               "status": "active", "assessed_on": f"{year - 1}-06-30"}]
+    starts_on, ends_on = tb.plan_period(year)  # the period the mock base's results lie in
     plans = [{"plan_id": "PLAN-2026-001", "base_code": "QHJD-001", "title": "高原生态修复技术研修班",
-              "category": "professional", "hours": "40", "starts_on": f"{year}-03-01",
-              "ends_on": f"{year}-12-15", "filed_on": f"{year}-03-01"}]
+              "category": "professional", "hours": "40", "starts_on": starts_on.isoformat(),
+              "ends_on": ends_on.isoformat(), "filed_on": f"{year}-03-01"}]
     for kind, items in (("bases", bases), ("plans", plans)):
         httpx.post(f"{mock_url}/_mock/reference/{kind}", json={"items": items},
                    timeout=10).raise_for_status()

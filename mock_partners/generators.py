@@ -53,10 +53,17 @@ def make_person(rng: random.Random) -> GenPerson:
 
 def canonical_submission(rng: random.Random, source_id: str, person: GenPerson | None = None,
                          year: int = 2026, hours: str | None = None,
-                         title: str | None = None) -> dict[str, Any]:
+                         title: str | None = None,
+                         within: tuple[date, date] | None = None) -> dict[str, Any]:
+    """One offline training record, dated in ``year`` or, if given, ``within`` a plan's period.
+
+    Pass the plan's (starts_on, ends_on) for a record that will name that plan: R14 flags one
+    dated outside it (INTEGRITY_OUTSIDE_PLAN).
+    """
     person = person or make_person(rng)
-    start = date(year, 1, 5) + timedelta(days=rng.randrange(300))
-    end = start + timedelta(days=rng.randrange(4))
+    first, days = (within[0], (within[1] - within[0]).days - 2) if within else (date(year, 1, 5), 300)
+    start = first + timedelta(days=rng.randrange(days))
+    end = start + timedelta(days=rng.randrange(4))  # at most 3 days on: within[1] at the latest
     return {
         "source_record_id": source_id,
         "person": {"id_type": "resident_id", "id_number": person.id_number, "name": person.name,

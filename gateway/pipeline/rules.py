@@ -238,6 +238,27 @@ def _integrity(case: _Case) -> None:
             f"({hours} h against {plan.hours} h filed in plan {plan.plan_id})",
             f"（申报 {hours} 学时，备案计划 {plan.plan_id} 为 {plan.hours} 学时）",
             field="claimed.quantity"))
+    if plan is not None:
+        _outside_plan(case, plan)
+
+
+def _outside_plan(case: _Case, plan: PlanInfo) -> None:
+    # 六(五) a plan is filed with its "培训时限" and only then "纳入当年培训学时审核范围"; a result
+    # dated outside that period cannot be true of it, so 六(一) 诚信学习 flags it for review: the
+    # record is still accepted and counted.  Both ends inclusive; a missing start is the end day.
+    act = case.sub.activity
+    start = act.started_on or act.completed_on
+    if plan.starts_on <= start and act.completed_on <= plan.ends_on:
+        return
+    if act.started_on is not None and act.started_on < plan.starts_on:
+        where, day, en, zh = "started_on", act.started_on, "started", "开始"
+    else:
+        where, day, en, zh = "completed_on", act.completed_on, "completed", "完成"
+    case.warnings.append(coded(
+        "INTEGRITY_OUTSIDE_PLAN",
+        f"({en} on {day}, outside plan {plan.plan_id}'s period {plan.starts_on} to {plan.ends_on})",
+        f"（{zh}日期 {day}，超出备案计划 {plan.plan_id} 的培训时限 {plan.starts_on} 至 {plan.ends_on}）",
+        field=f"activity.{where}"))
 
 
 # -- the rule table -----------------------------------------------------------------------------
@@ -308,10 +329,11 @@ RULES: tuple[Rule, ...] = (
          "民族大学、青海开放大学、青海日报社）和自主培训管理行业（省卫健委、省财政厅）务必于每年 12 月 "
          "30 日前完成当年学时审验工作…按照管理权限对出版、新闻行业专业技术人员学时管理、学时审核工作的"
          "真实性、规范性和严肃性负全部责任", (), _review),
-    Rule("R14", "六(一)", "建立诚信学习制度，对线上线下培训学时及培训进修类、自学类、技术带教帮扶类、"
+    Rule("R14", "六(一)、六(五)", "建立诚信学习制度，对线上线下培训学时及培训进修类、自学类、技术带教帮扶类、"
          "创新实践类、论文著作、专题授课等弄虚作假的人员，一经查实，列入全国、全省信用信息共享平台，"
-         "记录期为 3 年。", ("INTEGRITY_DAY_OVER_24H", "INTEGRITY_ABOVE_PLAN", "INTEGRITY_OVERLAP",
-                      "INTEGRITY_COMPLETED_IN_FUTURE"),
+         "记录期为 3 年。…围绕培训内容、培训时限、人员范围、授课内容、学时等培训信息制定当年培训方案及"
+         "培训计划", ("INTEGRITY_DAY_OVER_24H", "INTEGRITY_ABOVE_PLAN", "INTEGRITY_OVERLAP",
+                  "INTEGRITY_COMPLETED_IN_FUTURE", "INTEGRITY_OUTSIDE_PLAN"),
          _integrity, elsewhere="overlaps across records: credit.overlapping, credit.day_totals"),
 )
 RULE_BY_ID = {rule.id: rule for rule in RULES}

@@ -35,6 +35,7 @@ from gateway.signing import SigningClient, file_sha256
 from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, outbox, record_versions, records, rejections
 from mock_partners.generators import canonical_submission, make_person
+from mock_partners.training_base import plan_period
 from tests.support.reference import load_base_and_plan
 from tests.support.servers import cli, uvicorn_thread
 
@@ -285,7 +286,7 @@ def test_two_revalidations_at_once_take_each_rejection_once(postgres_url: str) -
     rng = random.Random(12)
     subs = []
     for i in range(300):
-        sub = canonical_submission(rng, f"S-{i}", hours="8")
+        sub = canonical_submission(rng, f"S-{i}", hours="8", within=plan_period())
         sub["activity"] |= {"provider_code": BASE, "plan_id": PLAN}
         subs.append(sub)
     answers = ingest(engine, PartnerRef("qh-canonical", "canonical"), subs)

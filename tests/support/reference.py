@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from gateway.reference import import_csv
+from mock_partners.training_base import plan_period
 
 
 def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
@@ -21,7 +22,12 @@ def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 
 def load_base_and_plan(engine: Engine, base_code: str, plan_id: str, year: int = 2026,
                        hours: str = "40") -> None:
-    """Import one active provincial base and one plan filed on 1 March of ``year``."""
+    """Import one active provincial base and one plan filed on 1 March of ``year``.
+
+    The plan runs over the mock base's :func:`~mock_partners.training_base.plan_period`, so
+    the mock's results lie inside it (R14: no INTEGRITY_OUTSIDE_PLAN).
+    """
+    starts_on, ends_on = plan_period(year)
     with tempfile.TemporaryDirectory() as tmp:
         bases = _write(Path(tmp) / "bases.csv", ["code", "name", "level", "status", "assessed_on"],
                        [[base_code, f"测试基地 {base_code}", "provincial", "active", f"{year - 1}-06-01"]])
@@ -29,7 +35,7 @@ def load_base_and_plan(engine: Engine, base_code: str, plan_id: str, year: int =
                        ["plan_id", "base_code", "title", "category", "hours", "starts_on", "ends_on",
                         "filed_on"],
                        [[plan_id, base_code, "专业技术人员能力提升研修班", "professional", hours,
-                         f"{year}-03-01", f"{year}-12-15", f"{year}-03-01"]])
+                         starts_on.isoformat(), ends_on.isoformat(), f"{year}-03-01"]])
         for kind, path in (("bases", bases), ("plans", plans)):
             result = import_csv(engine, kind, path, actor="test")
             assert result.ok, result.as_dict()

@@ -473,6 +473,36 @@ def test_r14_hours_far_above_the_plan(hours: str, flagged: bool) -> None:
     assert j.accepted and ("INTEGRITY_ABOVE_PLAN" in codes(j.warnings)) is flagged
 
 
+@pytest.mark.parametrize(("started", "completed", "field"), [
+    ("2026-05-01", "2026-05-01", None), ("2026-06-30", "2026-06-30", None),  # both ends count
+    ("2026-05-01", "2026-06-30", None), (None, "2026-05-01", None),
+    ("2026-04-30", "2026-05-02", "activity.started_on"),
+    ("2026-06-28", "2026-07-01", "activity.completed_on"),
+    (None, "2026-04-30", "activity.completed_on"), (None, "2026-07-01", "activity.completed_on")])
+def test_r14_dates_outside_the_plan_s_period(started: str | None, completed: str,
+                                             field: str | None) -> None:
+    """六(五): a plan is filed with its 培训时限 (P-0731 runs 1 May – 30 June 2026)."""
+    s = sub(**{"activity.provider_code": "QHJD01", "activity.plan_id": "P-0731",
+               "activity.started_on": started, "activity.completed_on": completed,
+               "claimed.quantity": "16"})
+    j = run(s, adapter="training_base")
+    assert j.accepted and j.hours == D(16)  # flagged for review, still counted
+    flagged = [n for n in j.warnings if n.code == "INTEGRITY_OUTSIDE_PLAN"]
+    assert [n.field for n in flagged] == ([field] if field else [])
+    if flagged:
+        assert "2026-05-01" in flagged[0].message and "2026-06-30" in flagged[0].message_zh
+
+
+def test_r14_no_plan_period_without_a_filed_plan() -> None:
+    # An unknown or late plan is PLAN_NOT_FILED (R9), not a plan whose period is checked.
+    for plan_id in ("P-NONE", "P-0801"):
+        s = sub(**{"activity.provider_code": "QHJD01", "activity.plan_id": plan_id,
+                   "activity.started_on": "2026-01-10", "activity.completed_on": "2026-01-12"})
+        j = run(s, adapter="training_base")
+        assert codes(j.errors) == ["PLAN_NOT_FILED"]
+        assert "INTEGRITY_OUTSIDE_PLAN" not in codes(j.warnings)
+
+
 # -- whole judgements -----------------------------------------------------------------------------
 
 
