@@ -30,8 +30,8 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine, bindparam, delete, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
 from contracts import (
     CONTRACT_VERSION,
@@ -278,8 +278,7 @@ def ingest_items(engine: Engine, partner: PartnerRef, items: Sequence[Item], *,
     for item in items:
         prepare(item, partner, now, rules)
     answers: list[RecordAnswer] = []
-    for attempt in Retrying(retry=retry_if_exception_type((IntegrityError, _KeyRaceLost)),
-                            stop=stop_after_attempt(4), reraise=True):
+    for attempt in _writer_retries():
         with attempt, engine.begin() as conn:
             # A concurrent twin (same partner and source ids, or the same activity from
             # another source) may commit first; the retry then sees its rows.
@@ -288,6 +287,23 @@ def ingest_items(engine: Engine, partner: PartnerRef, items: Sequence[Item], *,
                 in_tx(conn, answers)
     metrics.count_ingested(partner.partner_id, partner.adapter, answers)  # committed: count it
     return answers
+
+
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back
+# and may simply run again.  Cap groups are locked in one order, but a successor's group
+# (succeed()) is locked after the chunk's own, so two writers can meet crosswise.
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def _may_retry(exc: BaseException) -> bool:
+    """A concurrent twin won a race (key, unique row) or PostgreSQL broke a deadlock."""
+    if isinstance(exc, IntegrityError | _KeyRaceLost):
+        return True
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES
+
+
+def _writer_retries() -> Retrying:
+    return Retrying(retry=retry_if_exception(_may_retry), stop=stop_after_attempt(4), reraise=True)
 
 
 def _scope_errors(partner: PartnerRef, sub: CESubmission) -> list[Note]:
@@ -1048,6 +1064,14 @@ def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
     again, and records that gain are re-issued (SPEC §4 R10).
     """
     now = now or datetime.now(UTC)
+    for attempt in _writer_retries():
+        with attempt:
+            return _withdraw(engine, partner, source_record_id, now, config)
+    raise AssertionError("unreachable: the last attempt re-raises")  # pragma: no cover
+
+
+def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: datetime,
+              config: RulesConfig | None) -> RecordAnswer | None:
     with engine.begin() as conn:
         existing = conn.execute(select(records).where(
             records.c.partner_id == partner.partner_id,
