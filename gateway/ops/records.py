@@ -57,12 +57,17 @@ REJECTION_STATUSES = ("open", "revalidated", "superseded")
 
 
 def delivery_status(record_status: str, rows: list[dict[str, Any]], version: int) -> str:
-    """One word for where the record's current version stands."""
-    if record_status in ("duplicate", "conflict"):
-        return record_status
+    """One word for where the record's current version stands.
+
+    Its delivery when it has one: a counted record that became a duplicate or a conflict is
+    sent once more with no hours (NOT_COUNTED), and ops must see if that is dead.  Else a
+    duplicate or conflict says so (never forwarded), and anything else is only ``stored``.
+    """
     for row in rows:
         if row["version"] == version:
             return str(row["status"])
+    if record_status in ("duplicate", "conflict"):
+        return record_status
     return "stored"
 
 

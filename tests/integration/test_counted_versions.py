@@ -25,6 +25,7 @@ from contracts import CERecord
 from gateway import audit
 from gateway.accounts import Partner
 from gateway.compliance import report
+from gateway.ops.records import record_view
 from gateway.pipeline.ingest import PartnerRef, ingest
 from gateway.store.tables import outbox, record_versions, records, rejections
 from mock_partners import generators as gen
@@ -93,6 +94,10 @@ def test_a_counted_record_corrected_onto_another_sources_activity_is_forwarded_w
     row = _row(engine, first.record_id)
     assert (row["status"], row["credited_hours"], row["duplicate_of"]) == (
         expected, "0", other.record_id)
+    # Ops' record page shows where that version's delivery stands, not just "duplicate".
+    with engine.connect() as conn:
+        page = record_view(conn, first.record_id)
+    assert page is not None and (page["status"], page["record_status"]) == ("pending", expected)
     # And the gateway's own view agrees: the person has B's hours once.
     with engine.connect() as conn:
         person = report(conn, mine["person"]["id_number"], 2026)
