@@ -223,9 +223,14 @@ def new_record_id() -> str:
 
 
 def error_note(code: str, field_name: str | None = None, detail: str | None = None) -> Note:
+    """A catalogued code's note, built unvalidated.
+
+    Every part is a string made here (the catalogue's words, a detail), and R14 makes one
+    for many rows of a batch: validating each cost 28 µs.
+    """
     en, zh = message(code)
-    return Note(code=code, field=field_name, message=f"{en} {detail}" if detail else en,
-                message_zh=zh)
+    return Note.model_construct(code=code, field=field_name,
+                                message=f"{en} {detail}" if detail else en, message_zh=zh)
 
 
 def _dumps(value: Any) -> str:
