@@ -183,11 +183,18 @@ def resolve_conflict(engine: Engine, settings: Settings, record_id: str, *, keep
         rec = _claim_conflict(conn, record_id, now)
         version = int(rec["current_version"])
         holder_id = conn.execute(select(natural_keys.c.record_id).where(
-            natural_keys.c.natural_key == rec["natural_key"])).scalar() or rec["duplicate_of"]
+            natural_keys.c.natural_key == rec["natural_key"])).scalar()
         # Locked (PostgreSQL): a correction of the holder racing us waits, or we see it.
         holder = None if holder_id in (None, record_id) else conn.execute(
             select(records).where(records.c.record_id == holder_id).with_for_update()
         ).mappings().first()
+        if holder is not None and holder["natural_key"] != rec["natural_key"]:
+            holder = None  # the record it conflicted with reports another activity now
+        if keep == "existing" and (holder is None or holder["withdrawn"]):
+            raise OpsConflict("NOT_A_CONFLICT", detail=(
+                f"(no record holds {record_id}'s activity any more: it was withdrawn or "
+                "corrected away; keep this one instead)"), detail_zh=(
+                f"（已没有记录持有 {record_id} 所报的学习活动：原记录已撤回或已更正；请改为保留本记录）"))
         if keep == "existing":
             conn.execute(update(records).where(records.c.record_id == record_id)
                          .values(status="duplicate", duplicate_of=holder_id))
@@ -242,9 +249,10 @@ def _keep_this(conn: Connection, rec: Any, holder: Any, config: RulesConfig, now
         chunk._store_version(hid, hv, orjson.dumps(holder_payload).decode(),
                              holder["content_hash"], queue=holder["status"] == "accepted")
     queued = accept_held(chunk, rec, leaving)
-    chunk._write()
+    chunk._write(with_audit=False)
     if supersede:  # the holder's other duplicates now repeat this record
-        succeed(conn, config, now, {str(rec["natural_key"]): str(holder["record_id"])})
+        chunk.events += succeed(conn, config, now, {str(rec["natural_key"]): {str(holder["record_id"])}})
+    audit.append(conn, chunk.events, now)
     return queued
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import Connection, Engine, bindparam, delete, select, tuple_, update
+from sqlalchemy import Connection, Engine, bindparam, delete, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
@@ -59,6 +59,7 @@ from gateway.pipeline.rules_tables import (
 from gateway.pipeline.validate import validate_submission
 from gateway.store.bulk import bulk_insert
 from gateway.store.tables import (
+    HELD,
     batch_repeats,
     natural_keys,
     outbox,
@@ -486,7 +487,8 @@ class Chunk:
         self.withdrawals: list[dict[str, Any]] = []  # records withdrawn here (a failed assessment)
         # Activities whose record stopped holding them here (withdrawn, corrected away): another
         # source's report of one, held as a duplicate of that record, takes over (succeed()).
-        self.freed: dict[str, str] = {}
+        self.freed: dict[str, set[str]] = {}  # natural key → the records that let it go
+        self.stored_holders: dict[str, str] = {}  # natural key → holder in natural_keys
         self.born: set[str] = set()  # records first seen in this chunk
 
     # -- reads ----------------------------------------------------------------------------
@@ -498,11 +500,14 @@ class Chunk:
             self._remember(self.conn.execute(select(*_KNOWN_COLUMNS).where(
                 records.c.partner_id == self.partner.partner_id,
                 records.c.source_record_id.in_(part))).mappings().all())
-        keys = sorted({s.natural_key for s in subs})
+        # The activities of the chunk's records, and those its known records hold now (a
+        # correction or a withdrawal may give one back).
+        keys = sorted({s.natural_key for s in subs} | {k.natural_key for k in self.by_source.values()})
         for part in _chunks(keys):
-            self.holders.update((r.natural_key, r.record_id) for r in self.conn.execute(
+            self.stored_holders.update((r.natural_key, r.record_id) for r in self.conn.execute(
                 select(natural_keys.c.natural_key, natural_keys.c.record_id)
                 .where(natural_keys.c.natural_key.in_(part))))
+        self.holders.update(self.stored_holders)
         missing = sorted(set(self.holders.values()) - set(self.by_record))
         for part in _chunks(missing):
             self._remember(self.conn.execute(select(*_KNOWN_COLUMNS).where(
@@ -561,8 +566,11 @@ class Chunk:
         for p in self.pending:
             self._store_version(p.record_id, p.version, self._build(p), p.content_hash,
                                 (p.queue or p.uncounted is not None) and p.record_id not in unsent)
-        self._write()
-        succeed(self.conn, self.config, self.now, self.freed)
+        self._write(with_audit=False)
+        # Audit last: its head row is the one lock every writer takes, so holding it while
+        # succeed() updates other partners' records would deadlock with a crosswise twin.
+        self.events += succeed(self.conn, self.config, self.now, self.freed)
+        audit.append(self.conn, self.events, self.now)
         return answers
 
     # -- caps (R10) -----------------------------------------------------------------------
@@ -715,13 +723,35 @@ class Chunk:
         return RecordAnswer(index=index, source_record_id=source_id, status=RecordStatus.REJECTED,
                             errors=item.errors, warnings=item.warnings)
 
+    def _give_back(self, known: _Known) -> None:
+        """A record corrected away from its activity gives the activity back, if it holds it.
+
+        A duplicate holds none.  The stored row is deleted only if it names this record; a
+        key this chunk gave it (claimed, or taken from a withdrawn holder) is simply not given.
+        """
+        key = known.natural_key
+        if self.holders.get(key) != known.record_id:
+            return
+        del self.holders[key]
+        self.claimed_keys.pop(key, None)
+        self.moved_keys.pop(key, None)
+        stored = self.stored_holders.get(key)
+        if stored == known.record_id:
+            self.released_keys[key] = known.record_id
+        elif stored is not None and key not in self.released_keys:
+            # The row still names the withdrawn record this one took the key from: a newcomer
+            # takes it from there (an insert would find the row).
+            self.holders[key] = stored
+        self.freed.setdefault(key, set()).add(known.record_id)
+
     def _holder(self, key: str, record_id: str) -> str:
         """The record holding ``key``; ``record_id`` takes it if it is free or withdrawn."""
         holder = self.holders.get(key)
         if holder is None:
             self.claimed_keys[key] = record_id
-        elif self.by_record[holder].withdrawn:
-            # A withdrawn record gives its activity back: the newcomer becomes the holder.
+        elif not _holds(self.by_record[holder], key):
+            # A withdrawn record gives its activity back: the newcomer becomes the holder (as
+            # from a row naming a record that no longer holds it: another activity, a repeat).
             self.moved_keys[key] = record_id
         else:
             return holder
@@ -845,12 +875,7 @@ class Chunk:
             # The correction changes who, what or when (another person, a new date): the record
             # gives back the activity it held and takes the new one, or is judged against its
             # holder, as a first report of it would be (SPEC §7 "Dedup").
-            # Given back only if it holds it (the delete names the record): a duplicate holds none.
-            self.released_keys[known.natural_key] = known.record_id
-            self.freed[known.natural_key] = known.record_id
-            if self.holders.get(known.natural_key) == known.record_id:
-                del self.holders[known.natural_key]
-                self.claimed_keys.pop(known.natural_key, None)
+            self._give_back(known)
             holder = self._holder(sub.natural_key, known.record_id)
             known.duplicate_of = None if holder == known.record_id else holder
             if known.duplicate_of is not None:
@@ -952,7 +977,7 @@ class Chunk:
             known.cap_group = None
         record.update(version=known.version, withdrawn=True, credited_hours="0")
         record["source"]["received_at"] = self.now_iso
-        self.freed[known.natural_key] = known.record_id
+        self.freed.setdefault(known.natural_key, set()).add(known.record_id)
         self.withdrawals.append({"rid": known.record_id, "current_version": known.version,
                                  "updated_at": self.now})
         self.events.append(audit.Event("withdrawn", known.record_id, known.version,
@@ -972,7 +997,7 @@ class Chunk:
         return answer
 
     # -- writes ---------------------------------------------------------------------------
-    def _write(self) -> None:
+    def _write(self, with_audit: bool = True) -> None:
         conn = self.conn
         if self.released_keys:  # before the claims: a key given back here may be taken here
             conn.execute(delete(natural_keys).where(
@@ -1025,7 +1050,8 @@ class Chunk:
         bulk_insert(conn, record_versions, self.versions)
         bulk_insert(conn, outbox, self.outbox_rows)
         bulk_insert(conn, rejections, self.rejected)
-        audit.append(conn, self.events, self.now)
+        if with_audit:
+            audit.append(conn, self.events, self.now)
 
 
 def _queued_version(conn: Connection, record_id: str, version: int) -> bool:
@@ -1117,8 +1143,9 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
             for rid, old in stored.items():
                 if rid != record_id and credited[rid] != old.credited:
                     chunk._recredit(old, credited[rid], cap, group[2])
-        chunk._write()
-        succeed(conn, chunk.config, now, {str(existing["natural_key"]): record_id})
+        chunk._write(with_audit=False)
+        chunk.events += succeed(conn, chunk.config, now, {str(existing["natural_key"]): {record_id}})
+        audit.append(conn, chunk.events, now)
     return RecordAnswer(index=0, source_record_id=source_record_id, status=RecordStatus.ACCEPTED,
                         record_id=record_id, version=version + 1)
 
@@ -1151,10 +1178,8 @@ def accept_held(chunk: Chunk, rec: Any,
         for rid, old in stored.items():
             if rid not in mine and rid not in gone and credited[rid] != old.credited:
                 chunk._recredit(old, credited[rid], cap, group[2])
-    moved = conn.execute(update(natural_keys).where(natural_keys.c.natural_key == rec["natural_key"])
-                         .values(record_id=record_id)).rowcount
-    if not moved:  # pragma: no cover - a held record's key has a holder row (succeed claims it)
-        conn.execute(natural_keys.insert().values(natural_key=rec["natural_key"], record_id=record_id))
+    if _claim_key(conn, rec["natural_key"], record_id) != record_id:
+        raise _KeyRaceLost(rec["natural_key"])  # a live record took the activity first: run again
     held = orjson.loads(conn.execute(select(record_versions.c.payload).where(
         record_versions.c.record_id == record_id,
         record_versions.c.version == version)).scalar_one())
@@ -1175,27 +1200,28 @@ def accept_held(chunk: Chunk, rec: Any,
     return version
 
 
-def succeed(conn: Connection, config: RulesConfig, now: datetime, freed: dict[str, str]) -> None:
-    """Hand each activity a record stopped holding to the next report of it (SPEC §7 "Dedup").
+def succeed(conn: Connection, config: RulesConfig, now: datetime,
+            freed: dict[str, set[str]]) -> list[audit.Event]:
+    """Hand each activity a record let go to the next report of it (SPEC §7 "Dedup").
 
-    ``freed`` maps a natural key to the record that let it go here: withdrawn, or corrected to
-    another person, activity or date.  Other sources' reports of that activity were kept as
-    its duplicates, not forwarded; left so, the person would lose hours two systems recorded.
-    If another live record holds the key now (a newcomer), they are linked to it.  Otherwise
-    the earliest duplicate takes the key, is accepted and forwarded (its hours join its cap
+    ``freed`` maps a natural key to the records that let it go here: withdrawn, or corrected
+    to another person, activity or date.  Other sources' reports of that activity were kept
+    as duplicates, not forwarded; left so, the person would lose hours two systems recorded.
+    If a live record holds the key now (a newcomer), they are linked to it.  Otherwise the
+    earliest duplicate takes the key, is accepted and forwarded (its hours join its cap
     group), and the others are linked to it.  Conflicts (other hours) stay held for ops, who
-    choose with ``resolve_conflict``.  Runs in the caller's transaction, after its writes.
+    choose with ``resolve_conflict``.  Runs in the caller's transaction, after its writes;
+    returns the audit events for the caller to append last (see :meth:`Chunk.run`).
     """
-    for key, gone in sorted(freed.items()):
+    events: list[audit.Event] = []
+    for key in sorted(freed):
         held = conn.execute(select(records).where(
-            records.c.duplicate_of == gone, records.c.natural_key == key,
+            records.c.natural_key == key, text(HELD),
             records.c.withdrawn.is_(False)).order_by(records.c.created_at, records.c.record_id)
         ).mappings().all()
         if not held:
             continue
         holder = _live_holder(conn, key)
-        if holder == gone:
-            continue  # it holds the activity again (a correction back in the same chunk)
         successor = None if holder is not None else next(
             (r for r in held if r["status"] == RecordStatus.DUPLICATE.value
              and not _pruned(conn, r)), None)
@@ -1207,32 +1233,45 @@ def succeed(conn: Connection, config: RulesConfig, now: datetime, freed: dict[st
             chunk = Chunk(conn, PartnerRef(successor["partner_id"], successor["adapter"]), now,
                           None, config)
             chunk.events.append(audit.Event("succeeded", holder, int(successor["current_version"]),
-                                            "gateway", {"replaces": gone}))
+                                            "gateway", {"replaces": sorted(freed[key])}))
             accept_held(chunk, successor)
-            chunk._write()
-        others = [r["record_id"] for r in held if r["record_id"] != holder]
+            chunk._write(with_audit=False)
+            events += chunk.events
+        others = [r["record_id"] for r in held
+                  if r["record_id"] != holder and r["duplicate_of"] != holder]
         if others:
             conn.execute(update(records).where(records.c.record_id.in_(others))
                          .values(duplicate_of=holder, updated_at=now))
+    return events
+
+
+def _holds(known: _Known, key: str) -> bool:
+    """Whether the record a natural_keys row names still holds that activity."""
+    return (not known.withdrawn and known.natural_key == key
+            and known.status == RecordStatus.ACCEPTED.value)
 
 
 def _live_holder(conn: Connection, key: str) -> str | None:
-    """The record holding ``key``, unless there is none or it is withdrawn."""
-    row = conn.execute(select(records.c.record_id, records.c.withdrawn)
+    """The record holding ``key``: none if the row names one that no longer holds it."""
+    row = conn.execute(select(records.c.record_id, records.c.withdrawn, records.c.natural_key,
+                              records.c.status)
                        .join(natural_keys, natural_keys.c.record_id == records.c.record_id)
                        .where(natural_keys.c.natural_key == key)).first()
-    return None if row is None or row.withdrawn else str(row.record_id)
+    if row is None or row.withdrawn or row.natural_key != key or row.status != "accepted":
+        return None
+    return str(row.record_id)
 
 
 def _claim_key(conn: Connection, key: str, record_id: str) -> str | None:
-    """Give ``key`` to ``record_id`` if it is free or its holder withdrawn; its live holder after."""
-    conn.execute(update(natural_keys).where(
-        natural_keys.c.natural_key == key,
-        natural_keys.c.record_id.in_(select(records.c.record_id).where(records.c.withdrawn.is_(True))))
-        .values(record_id=record_id))
-    bulk_insert(conn, natural_keys, [{"natural_key": key, "record_id": record_id}],
-                ignore_conflicts=True)
-    return _live_holder(conn, key)
+    """Give ``key`` to ``record_id`` unless a live record holds it; its live holder after."""
+    if _live_holder(conn, key) is None:
+        conn.execute(update(natural_keys).where(natural_keys.c.natural_key == key)
+                     .values(record_id=record_id))
+        bulk_insert(conn, natural_keys, [{"natural_key": key, "record_id": record_id}],
+                    ignore_conflicts=True)
+    named = conn.execute(select(natural_keys.c.record_id)
+                         .where(natural_keys.c.natural_key == key)).scalar()
+    return record_id if named == record_id else _live_holder(conn, key)
 
 
 def _pruned(conn: Connection, rec: Any) -> bool:

@@ -103,7 +103,9 @@ nonces = Table(
     PrimaryKeyConstraint("app_key", "nonce"),
 )
 
-_HELD = "duplicate_of IS NOT NULL"
+# Records held as another record's repeat or conflict (not counted): the SQL text of the
+# partial index below, and of the queries that must match it to use it.
+HELD = "status IN ('duplicate', 'conflict')"
 
 # One row per partner record; its versions live in record_versions.
 records = Table(
@@ -145,9 +147,9 @@ records = Table(
     Index("ix_records_batch_id", "batch_id"),
     # R14 reads a person's records of a CE year by completion day; caps and compliance by prefix.
     Index("ix_records_person_year_day", "person_key", "counts_year", "completed_on"),
-    # The reports held as repeats of a record: one takes over when it stops holding the activity.
-    Index("ix_records_duplicate_of", "duplicate_of", postgresql_where=text(_HELD),
-          sqlite_where=text(_HELD)),
+    # An activity's held reports: one takes over when its holder lets the activity go.
+    Index("ix_records_held_key", "natural_key", postgresql_where=text(HELD),
+          sqlite_where=text(HELD)),
 )
 
 record_versions = Table(
