@@ -752,7 +752,10 @@ class Chunk:
         elif not _holds(self.by_record[holder], key):
             # A withdrawn record gives its activity back: the newcomer becomes the holder (as
             # from a row naming a record that no longer holds it: another activity, a repeat).
-            self.moved_keys[key] = record_id
+            if key in self.claimed_keys:  # claimed in this chunk: its row is not written yet
+                self.claimed_keys[key] = record_id
+            else:
+                self.moved_keys[key] = record_id
         else:
             return holder
         self.holders[key] = record_id
@@ -880,19 +883,15 @@ class Chunk:
             known.duplicate_of = None if holder == known.record_id else holder
             if known.duplicate_of is not None:
                 status = self._judge(sub, known.duplicate_of)
-        elif known.withdrawn:
-            # Withdrawn, it gave its activity back: another source's report may hold it now
-            # (a newcomer, or a duplicate that took over), and this one must not count twice.
+        elif known.withdrawn or self.holders.get(sub.natural_key) != known.record_id:
+            # Same activity, and it does not hold it (withdrawn, it gave it back; a repeat or a
+            # conflict): judged against whoever holds it now — the record it repeated, a
+            # newcomer, a duplicate that took over — or it takes the activity if nobody does
+            # (its holder moved away), as a first report of it would (SPEC §7 "Dedup").
             holder = self._holder(sub.natural_key, known.record_id)
             known.duplicate_of = None if holder == known.record_id else holder
             if known.duplicate_of is not None:
                 status = self._judge(sub, known.duplicate_of)
-        elif known.duplicate_of:
-            # It was judged against another source's report: judge the correction the same way.
-            if known.duplicate_of not in self.by_record:
-                self._remember(self.conn.execute(select(*_KNOWN_COLUMNS).where(
-                    records.c.record_id == known.duplicate_of)).mappings().all(), by_source=False)
-            status = self._judge(sub, known.duplicate_of)
         known.natural_key = sub.natural_key
         known.version += 1
         known.content_hash, known.withdrawn, known.status = chash, False, status.value
@@ -1013,9 +1012,18 @@ class Chunk:
                     if self.claimed_keys[row.natural_key] != row.record_id:
                         raise _KeyRaceLost(row.natural_key)
         if self.moved_keys:
-            conn.execute(update(natural_keys).where(natural_keys.c.natural_key == bindparam("k"))
+            # Only from the record this chunk read there: a concurrent twin that took the key
+            # first wins, and this chunk runs again (it then sees the twin as the holder).
+            conn.execute(update(natural_keys).where(natural_keys.c.natural_key == bindparam("k"),
+                                                    natural_keys.c.record_id == bindparam("was"))
                          .values(record_id=bindparam("r")),
-                         [{"k": k, "r": r} for k, r in self.moved_keys.items()])
+                         [{"k": k, "r": r, "was": self.stored_holders.get(k)}
+                          for k, r in self.moved_keys.items()])
+            for part in _chunks(sorted(self.moved_keys)):
+                for row in conn.execute(select(natural_keys.c.natural_key, natural_keys.c.record_id)
+                                        .where(natural_keys.c.natural_key.in_(part))):
+                    if self.moved_keys[row.natural_key] != row.record_id:
+                        raise _KeyRaceLost(row.natural_key)
         bulk_insert(conn, records, self.new_records)
         if self.record_updates:
             conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
