@@ -31,7 +31,7 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine, bindparam, delete, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from tenacity import Retrying, retry_if_exception, stop_after_attempt
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from contracts import (
     CONTRACT_VERSION,
@@ -201,7 +201,11 @@ def prepare(item: Item, partner: PartnerRef, now: datetime, rules: RulesContext)
 
 
 class _KeyRaceLost(Exception):
-    """A concurrent writer claimed one of this chunk's natural keys first: judge again."""
+    """A concurrent writer changed what this chunk decided on: judge again.
+
+    It claimed one of the chunk's natural keys first, withdrew a holder the chunk judged
+    against, or changed a record the chunk versions; the transaction is rolled back.
+    """
 
 
 _id_lock = threading.Lock()
@@ -309,7 +313,12 @@ def _may_retry(exc: BaseException) -> bool:
 
 
 def _writer_retries() -> Retrying:
-    return Retrying(retry=retry_if_exception(_may_retry), stop=stop_after_attempt(4), reraise=True)
+    """Run a lost race again after a short random pause (full jitter).
+
+    Twins racing for one person's activities would otherwise meet again at once.
+    """
+    return Retrying(retry=retry_if_exception(_may_retry), stop=stop_after_attempt(8),
+                    wait=wait_random_exponential(multiplier=0.005, max=0.25), reraise=True)
 
 
 def _scope_errors(partner: PartnerRef, sub: CESubmission) -> list[Note]:
@@ -374,6 +383,8 @@ class _Known:
     claim: tuple[str, str] | None  # (unit, quantity) of the current version; None: not read yet
     natural_key: str  # of its current version (who, what, when)
     cap_group: caps.Group | None = None  # the capped group its current version counts in
+    # (version, status, withdrawn) as read from the store; None: first seen in this chunk
+    loaded: tuple[int, str, bool] | None = None
 
 
 # What the chunk reads of a stored record (_Known), not its thirty columns.
@@ -489,6 +500,7 @@ class Chunk:
         # source's report of one, held as a duplicate of that record, takes over (succeed()).
         self.freed: dict[str, set[str]] = {}  # natural key → the records that let it go
         self.stored_holders: dict[str, str] = {}  # natural key → holder in natural_keys
+        self.judged: dict[str, str] = {}  # natural key → the holder a record was judged against
         self.born: set[str] = set()  # records first seen in this chunk
 
     # -- reads ----------------------------------------------------------------------------
@@ -531,7 +543,8 @@ class Chunk:
             group = (r["person_key"], int(r["counts_year"]), r["cap_type"]) if counted else None
             known = _Known(r["record_id"], int(r["current_version"]), r["content_hash"],
                            bool(r["withdrawn"]), r["status"], r["duplicate_of"], None,
-                           r["natural_key"], group)
+                           r["natural_key"], group,
+                           (int(r["current_version"]), r["status"], bool(r["withdrawn"])))
             self.by_record[known.record_id] = known
             if by_source:
                 self.by_source[r["source_record_id"]] = known
@@ -556,6 +569,12 @@ class Chunk:
 
     # -- decisions --------------------------------------------------------------------------
     def run(self, items: Sequence[Item]) -> list[RecordAnswer]:
+        # The cap groups this chunk's records join, locked before anything is read: another
+        # writer re-issuing a record of the group (R10) would otherwise change it under our
+        # decisions, and _check_reads would send the chunk round again and again.
+        for group in sorted({(i.prepared.person_key, i.prepared.counts_year, i.prepared.cap_type)
+                             for i in items if i.prepared is not None and i.prepared.cap_type}):
+            caps.lock_group(self.conn, group, self.now)
         self._load(items)
         answers = [self._decide(index, item) for index, item in enumerate(items)]
         self._apply_caps()
@@ -762,6 +781,7 @@ class Chunk:
         return record_id
 
     def _judge(self, sub: Prepared, holder: str) -> RecordStatus:
+        self.judged[sub.natural_key] = holder
         if self.by_record[holder].claim is None:  # not foreseen by _load: read it now
             self._load_claims([holder])
         same = self.by_record[holder].claim == sub.claim
@@ -996,8 +1016,55 @@ class Chunk:
         return answer
 
     # -- writes ---------------------------------------------------------------------------
+    def _check_reads(self) -> None:
+        """Lock, and check, what the decisions read.
+
+        On PostgreSQL another writer may have changed it since (READ COMMITTED); SQLite has
+        one writer, and the checks just pass.
+
+        - Records this chunk versions: still as read (a promotion, a correction, a withdrawal
+          by another replica would otherwise be overwritten).  ``FOR UPDATE``.
+        - Activities a record was judged a repeat or conflict of: still held by that record
+          (else its withdrawal's succession ran before this chunk's record existed, and the
+          record would be nobody's).  ``FOR SHARE``, so such a withdrawal waits for us.
+        - Activities given back here: ``FOR UPDATE``, so a chunk judging against them waits.
+        A change lost to a twin raises :class:`_KeyRaceLost`: the chunk runs again.
+        """
+        conn = self.conn
+        touched = sorted({u["rid"] for u in self.record_updates}
+                         | {w["rid"] for w in self.withdrawals})
+        for part in _chunks(touched):
+            for r in conn.execute(select(records.c.record_id, records.c.current_version,
+                                         records.c.status, records.c.withdrawn)
+                                  .where(records.c.record_id.in_(part)).with_for_update()):
+                loaded = self.by_record[r.record_id].loaded
+                if loaded is not None and loaded != (int(r.current_version), r.status,
+                                                     bool(r.withdrawn)):
+                    raise _KeyRaceLost(r.record_id)
+        freed = sorted(self.freed)
+        for part in _chunks(freed):
+            conn.execute(select(natural_keys.c.natural_key).where(
+                natural_keys.c.natural_key.in_(part)).with_for_update()).all()
+        # Not the keys this chunk writes itself (freed, claimed, moved: checked as written).
+        mine = self.freed.keys() | self.claimed_keys.keys() | self.moved_keys.keys()
+        judged = sorted(k for k, holder in self.judged.items()
+                        if k not in mine and holder not in self.born)
+        for part in _chunks(judged):
+            rows = {r.natural_key: r for r in conn.execute(
+                select(natural_keys.c.natural_key, natural_keys.c.record_id, records.c.withdrawn,
+                       records.c.status, records.c.natural_key.label("holds"))
+                .join(records, records.c.record_id == natural_keys.c.record_id)
+                .where(natural_keys.c.natural_key.in_(part))
+                .with_for_update(read=True, of=natural_keys))}
+            for key in part:
+                row = rows.get(key)
+                if (row is None or row.record_id != self.judged[key] or row.withdrawn
+                        or row.status != RecordStatus.ACCEPTED.value or row.holds != key):
+                    raise _KeyRaceLost(key)
+
     def _write(self, with_audit: bool = True) -> None:
         conn = self.conn
+        self._check_reads()
         if self.released_keys:  # before the claims: a key given back here may be taken here
             conn.execute(delete(natural_keys).where(
                 natural_keys.c.natural_key == bindparam("k"),
@@ -1112,11 +1179,15 @@ def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
 def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: datetime,
               config: RulesConfig | None) -> RecordAnswer | None:
     with engine.begin() as conn:
+        # Locked (PostgreSQL): the record against a correction racing us, and its activity's
+        # row against a chunk judging a report a repeat of it (see Chunk._check_reads).
         existing = conn.execute(select(records).where(
             records.c.partner_id == partner.partner_id,
-            records.c.source_record_id == source_record_id)).mappings().first()
+            records.c.source_record_id == source_record_id).with_for_update()).mappings().first()
         if existing is None:
             return None
+        conn.execute(select(natural_keys.c.record_id).where(
+            natural_keys.c.natural_key == existing["natural_key"]).with_for_update()).all()
         record_id, version = str(existing["record_id"]), int(existing["current_version"])
         if existing["withdrawn"]:
             return RecordAnswer(index=0, source_record_id=source_record_id,

@@ -372,19 +372,20 @@ def test_two_chunks_handing_activities_to_each_others_records_do_not_deadlock(
     assert [x.status for x in ingest(engine, a, [h1], now=NOW)] == ["accepted"]
     assert [x.status for x in ingest(engine, b, [h2, d1], now=NOW)] == ["accepted", "duplicate"]
     assert [x.status for x in ingest(engine, a, [e2], now=NOW)] == ["duplicate"]
-    # Both chunks decide (and lock their own cap groups) before either writes: the interleaving
-    # of two replicas.  Every writer then queues on the audit head (audit.append locks it), so
-    # the one that writes second holds its record rows while it waits for the first to commit.
+    # Both chunks start at once, each handing an activity to the other's record: the
+    # interleaving of two replicas.  Forced at _write (both decided, neither written) this
+    # deadlocked on the audit head and the records; a chunk now locks its records' cap groups
+    # before it reads (Chunk.run), so here the second waits for the first and then decides.
     barrier = threading.Barrier(2, timeout=10)
-    real, first = ingest_module.Chunk._write, threading.local()
+    real, first = ingest_module.Chunk.run, threading.local()
 
-    def synchronised(self: Any, *args: Any, **kwargs: Any) -> None:
+    def synchronised(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not getattr(first, "done", False):
             first.done = True
             barrier.wait()
-        real(self, *args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(ingest_module.Chunk, "_write", synchronised)
+    monkeypatch.setattr(ingest_module.Chunk, "run", synchronised)
     errors: list[BaseException] = []
 
     def run(partner: PartnerRef, batch: list[dict[str, Any]]) -> None:

