@@ -82,9 +82,7 @@ class TypeHours(BaseModel):
     credited: str
 
 
-class ComplianceRecord(BaseModel):
-    """A record that counts, with the state of its current version's delivery."""
-
+class _RecordHours(BaseModel):
     record_id: str
     partner_id: str
     adapter: str
@@ -93,6 +91,11 @@ class ComplianceRecord(BaseModel):
     activity_type: str | None
     completed_on: date | None
     hours: str = Field(description="hours after conversion, before caps")
+
+
+class ComplianceRecord(_RecordHours):
+    """A record that counts, with the state of its current version's delivery."""
+
     credited_hours: str = Field(description="hours after caps (R10)")
     capped: bool
     delivery: DeliveryState | None = Field(
@@ -101,18 +104,10 @@ class ComplianceRecord(BaseModel):
         description="the dead-letter code (RETRIES_EXHAUSTED) when dead-lettered, else null")
 
 
-class NotCountedRecord(BaseModel):
+class NotCountedRecord(_RecordHours):
     """A record left out: the management system refused its current version for good."""
 
-    record_id: str
     version: int = Field(description="the refused (current) version")
-    partner_id: str
-    adapter: str
-    source_record_id: str
-    category: str | None
-    activity_type: str | None
-    completed_on: date | None
-    hours: str
     credited_hours: str = Field(description="what it would have counted")
     delivery: Literal["dead"]
     delivery_code: str = Field(examples=["DOWNSTREAM_REJECTED"])

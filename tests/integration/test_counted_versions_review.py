@@ -12,10 +12,8 @@ that behaved as they should.
 from __future__ import annotations
 
 import copy
-import json
 import random
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -23,7 +21,6 @@ import httpx
 import pytest
 from sqlalchemy import Engine, select
 
-from contracts import CERecord
 from gateway.accounts import Partner
 from gateway.compliance import report
 from gateway.config import Settings
@@ -32,48 +29,20 @@ from gateway.ops.records import resolve_conflict
 from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest, withdraw
 from gateway.revalidate import RevalidationFilter, revalidate
 from gateway.store.db import make_engine
-from gateway.store.tables import outbox, record_versions, records
+from gateway.store.tables import outbox, record_versions
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
 from mock_partners.generators import make_person
 from tests.integration.test_caps_ledger import paper
-
-NOW = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)  # the year is open
-
+from tests.integration.test_counted_versions import NOW, _queued, _ref, _row, _version
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def _ref(p: Partner) -> PartnerRef:
-    return PartnerRef(p.partner_id, p.adapter, p.base_code)
-
-
-def _version(engine: Engine, record_id: str, version: int) -> dict[str, Any]:
-    with engine.connect() as conn:
-        payload = conn.execute(select(record_versions.c.payload).where(
-            record_versions.c.record_id == record_id,
-            record_versions.c.version == version)).scalar_one()
-    record = json.loads(payload)
-    CERecord.model_validate(record)
-    return record
-
 
 def _versions(engine: Engine, record_id: str) -> list[int]:
     with engine.connect() as conn:
         return list(conn.execute(select(record_versions.c.version)
                                  .where(record_versions.c.record_id == record_id)
                                  .order_by(record_versions.c.version)).scalars())
-
-
-def _queued(engine: Engine, record_id: str) -> list[int]:
-    with engine.connect() as conn:
-        return list(conn.execute(select(outbox.c.version).where(outbox.c.record_id == record_id)
-                                 .order_by(outbox.c.version)).scalars())
-
-
-def _row(engine: Engine, record_id: str) -> dict[str, Any]:
-    with engine.connect() as conn:
-        return dict(conn.execute(select(records).where(records.c.record_id == record_id))
-                    .mappings().one())
 
 
 def _total(engine: Engine, id_number: str) -> str:

@@ -110,19 +110,18 @@ def test_two_newcomers_after_a_withdrawn_holder_do_not_both_count(
     assert not violations(engine)
 
 
-@pytest.mark.postgres
-def test_a_report_decided_against_a_holder_withdrawn_meanwhile_is_not_lost(
-        engine: Engine, db_url: str, new_partner: NewPartner,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    _pg_only(db_url)
-    a, b = _ref(new_partner(engine)), _ref(new_partner(engine))
-    mine = _training(82)
-    [held] = ingest(engine, a, [mine], now=NOW)
+def _withdraw_a1_once_b_decided(monkeypatch: pytest.MonkeyPatch, engine: Engine, a: PartnerRef,
+                                b: PartnerRef, b_request: Callable[[], Any],
+                                decisions_only: bool = False) -> list[BaseException]:
+    """B's request and A's withdrawal of A-1, as two replicas: B decides, then writes after.
+
+    B's chunk writes only once the withdrawal committed.  Returns the errors they raised.
+    """
     decided, withdrawn = threading.Event(), threading.Event()
     real = ingest_module.Chunk._write
 
     def late(self: Any, *args: Any, **kwargs: Any) -> None:
-        if self.partner.partner_id == b.partner_id:
+        if self.partner.partner_id == b.partner_id and (self.pending or not decisions_only):
             decided.set()
             assert withdrawn.wait(20)
         real(self, *args, **kwargs)
@@ -136,8 +135,19 @@ def test_a_report_decided_against_a_holder_withdrawn_meanwhile_is_not_lost(
         finally:
             withdrawn.set()
 
-    errors = _threads(lambda: ingest(engine, b, [_as(mine, "B-1")], now=NOW),
-                      withdraw_after_decision)
+    return _threads(b_request, withdraw_after_decision)
+
+
+@pytest.mark.postgres
+def test_a_report_decided_against_a_holder_withdrawn_meanwhile_is_not_lost(
+        engine: Engine, db_url: str, new_partner: NewPartner,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _pg_only(db_url)
+    a, b = _ref(new_partner(engine)), _ref(new_partner(engine))
+    mine = _training(82)
+    [held] = ingest(engine, a, [mine], now=NOW)
+    errors = _withdraw_a1_once_b_decided(monkeypatch, engine, a, b,
+                                         lambda: ingest(engine, b, [_as(mine, "B-1")], now=NOW))
     assert not errors, [repr(e)[:300] for e in errors]
     assert not violations(engine)
 
@@ -213,26 +223,10 @@ def test_a_duplicate_corrected_while_it_is_promoted_stays_consistent(
     ingest(engine, a, [mine], now=NOW)
     [dup] = ingest(engine, b, [_as(mine, "B-1")], now=NOW)
     assert dup.status == "duplicate"
-    decided, withdrawn = threading.Event(), threading.Event()
-    real = ingest_module.Chunk._write
-
-    def late(self: Any, *args: Any, **kwargs: Any) -> None:
-        if self.partner.partner_id == b.partner_id and self.pending:
-            decided.set()
-            assert withdrawn.wait(20)
-        real(self, *args, **kwargs)
-
-    monkeypatch.setattr(ingest_module.Chunk, "_write", late)
-
-    def withdraw_after_decision() -> None:
-        assert decided.wait(20)
-        try:
-            withdraw(engine, a, "A-1", now=NOW)
-        finally:
-            withdrawn.set()
-
     recert = _as(mine, "B-1", evidence={"certificate_no": "QH-NEW"})
-    errors = _threads(lambda: ingest(engine, b, [recert], now=NOW), withdraw_after_decision)
+    errors = _withdraw_a1_once_b_decided(monkeypatch, engine, a, b,
+                                         lambda: ingest(engine, b, [recert], now=NOW),
+                                         decisions_only=True)
     assert not errors, [repr(e)[:300] for e in errors]
     assert not violations(engine)
 
