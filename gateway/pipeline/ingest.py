@@ -288,11 +288,12 @@ def ingest_items(engine: Engine, partner: PartnerRef, items: Sequence[Item], *,
     for item in items:
         prepare(item, partner, now, rules)
     answers: list[RecordAnswer] = []
+    lock_first: set[caps.Group] = set()
     for attempt in _writer_retries():
         with attempt, engine.begin() as conn:
             # A concurrent twin (same partner and source ids, or the same activity from
             # another source) may commit first; the retry then sees its rows.
-            answers = Chunk(conn, partner, now, batch_id, rules.config).run(items)
+            answers = Chunk(conn, partner, now, batch_id, rules.config, lock_first).run(items)
             if in_tx is not None:
                 in_tx(conn, answers)
     metrics.count_ingested(partner.partner_id, partner.adapter, answers)  # committed: count it
@@ -475,9 +476,14 @@ class _Pending:
 
 class Chunk:
     def __init__(self, conn: Connection, partner: PartnerRef, now: datetime,
-                 batch_id: str | None, config: RulesConfig) -> None:
+                 batch_id: str | None, config: RulesConfig,
+                 lock_first: set[caps.Group] | None = None) -> None:
         self.conn, self.partner, self.now, self.batch_id = conn, partner, now, batch_id
         self.config = config
+        self.locked: set[caps.Group] = set()  # cap groups this transaction holds
+        # Groups to lock before reading: shared across the attempts of one ingest (see
+        # _lock_groups), so a chunk that met a group late locks it first next time.
+        self.lock_first: set[caps.Group] = lock_first if lock_first is not None else set()
         self.pending: list[_Pending] = []
         self.leaving: dict[caps.Group, set[str]] = {}
         self.recredited: list[dict[str, Any]] = []
@@ -571,11 +577,14 @@ class Chunk:
     def run(self, items: Sequence[Item]) -> list[RecordAnswer]:
         # The cap groups this chunk's records join, locked before anything is read: another
         # writer re-issuing a record of the group (R10) would otherwise change it under our
-        # decisions, and _check_reads would send the chunk round again and again.
-        for group in sorted({(i.prepared.person_key, i.prepared.counts_year, i.prepared.cap_type)
-                             for i in items if i.prepared is not None and i.prepared.cap_type}):
-            caps.lock_group(self.conn, group, self.now)
+        # decisions, and _check_reads would send the chunk round again and again.  With them
+        # the groups an earlier attempt found its stored records in (they may leave them).
+        self._lock_groups({(i.prepared.person_key, i.prepared.counts_year, i.prepared.cap_type)
+                           for i in items if i.prepared is not None and i.prepared.cap_type}
+                          | self.lock_first)
         self._load(items)
+        # The groups its stored records count in (a correction or failure takes them out).
+        self._lock_groups({k.cap_group for k in self.by_source.values() if k.cap_group})
         answers = [self._decide(index, item) for index, item in enumerate(items)]
         self._apply_caps()
         self._flag_integrity()
@@ -606,7 +615,7 @@ class Chunk:
             mine = groups[group]
             gone = frozenset(self.leaving.get(group, set()) - set(mine))
             cap = self.config.caps[group[2]]
-            caps.lock_group(self.conn, group, self.now)
+            self._lock_groups({group})
             credited, stored = caps.reallocate(self.conn, group, cap, self.now,
                                                {rid: p.sub.hours for rid, p in mine.items()},
                                                gone=gone)
@@ -683,6 +692,21 @@ class Chunk:
                                               f"(with this person's other records, over {limit} h a day)"))
         for p in mine.values():
             p.answer.warnings.extend(p.flags)
+
+    def _lock_groups(self, groups: set[caps.Group]) -> None:
+        """Lock cap groups in the one order every writer keeps (sorted), or start again.
+
+        A group sorting before one already held cannot be locked now without risking a
+        deadlock: it joins ``lock_first`` and the chunk runs again, locking it first.
+        """
+        new = groups - self.locked
+        if not new:
+            return
+        if self.locked and min(new) < max(self.locked):
+            self.lock_first |= new
+            raise _KeyRaceLost("cap groups out of order")
+        caps.lock_groups(self.conn, new, self.now)
+        self.locked |= new
 
     def _recredit(self, old: caps.Stored, credited: Decimal, cap: Decimal | None,
                   cap_type: str | None) -> None:
@@ -1179,13 +1203,20 @@ def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
 def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: datetime,
               config: RulesConfig | None) -> RecordAnswer | None:
     with engine.begin() as conn:
-        # Locked (PostgreSQL): the record against a correction racing us, and its activity's
-        # row against a chunk judging a report a repeat of it (see Chunk._check_reads).
-        existing = conn.execute(select(records).where(
-            records.c.partner_id == partner.partner_id,
-            records.c.source_record_id == source_record_id).with_for_update()).mappings().first()
-        if existing is None:
+        # Locked (PostgreSQL) in the order chunks lock: its cap group, the record (against a
+        # correction racing us), then its activity's row (against a chunk judging a report a
+        # repeat of it, see Chunk._check_reads).
+        mine = (records.c.partner_id == partner.partner_id,
+                records.c.source_record_id == source_record_id)
+        seen = conn.execute(select(records).where(*mine)).mappings().first()
+        if seen is None:
             return None
+        if seen["cap_type"] and seen["status"] == "accepted" and not seen["withdrawn"]:
+            caps.lock_group(conn, (seen["person_key"], int(seen["counts_year"]), seen["cap_type"]),
+                            now)
+        existing = conn.execute(select(records).where(*mine).with_for_update()).mappings().one()
+        if existing["current_version"] != seen["current_version"]:
+            raise _KeyRaceLost(str(existing["record_id"]))  # changed meanwhile: start again
         conn.execute(select(natural_keys.c.record_id).where(
             natural_keys.c.natural_key == existing["natural_key"]).with_for_update()).all()
         record_id, version = str(existing["record_id"]), int(existing["current_version"])
