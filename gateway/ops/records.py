@@ -45,7 +45,7 @@ from gateway.ops.common import (
 )
 from gateway.ops.edits import edit_and_requeue, edit_rejection
 from gateway.pipeline import caps
-from gateway.pipeline.ingest import Chunk, PartnerRef, accept_held, succeed
+from gateway.pipeline.ingest import Chunk, PartnerRef, accept_held, succeed, writer_retries
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
 
@@ -178,6 +178,16 @@ def resolve_conflict(engine: Engine, settings: Settings, record_id: str, *, keep
     if "\x00" in record_id or len(record_id) > 64:
         raise NotFound(detail="(no such record)", detail_zh="（没有该记录）")
     config = RulesConfig.from_settings(settings)
+    # Run again after a PostgreSQL deadlock with a chunk correcting one of its two records
+    # (it holds their cap group, we hold the records): as ingest and withdrawal do.
+    for attempt in writer_retries():
+        with attempt:
+            return _resolve(engine, config, record_id, keep, reason, actor)
+    raise AssertionError("unreachable: the last attempt re-raises")  # pragma: no cover
+
+
+def _resolve(engine: Engine, config: RulesConfig, record_id: str, keep: str, reason: str,
+             actor: str) -> dict[str, Any]:
     now = datetime.now(UTC)
     with engine.begin() as conn:
         rec = _claim_conflict(conn, record_id, now)

@@ -289,7 +289,7 @@ def ingest_items(engine: Engine, partner: PartnerRef, items: Sequence[Item], *,
         prepare(item, partner, now, rules)
     answers: list[RecordAnswer] = []
     lock_first: set[caps.Group] = set()
-    for attempt in _writer_retries():
+    for attempt in writer_retries():
         with attempt, engine.begin() as conn:
             # A concurrent twin (same partner and source ids, or the same activity from
             # another source) may commit first; the retry then sees its rows.
@@ -313,7 +313,7 @@ def _may_retry(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES
 
 
-def _writer_retries() -> Retrying:
+def writer_retries() -> Retrying:
     """Run a lost race again after a short random pause (full jitter).
 
     Twins racing for one person's activities would otherwise meet again at once.
@@ -1194,7 +1194,7 @@ def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
     again, and records that gain are re-issued (SPEC §4 R10).
     """
     now = now or datetime.now(UTC)
-    for attempt in _writer_retries():
+    for attempt in writer_retries():
         with attempt:
             return _withdraw(engine, partner, source_record_id, now, config)
     raise AssertionError("unreachable: the last attempt re-raises")  # pragma: no cover
