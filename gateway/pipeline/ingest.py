@@ -1215,8 +1215,10 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
             caps.lock_group(conn, (seen["person_key"], int(seen["counts_year"]), seen["cap_type"]),
                             now)
         existing = conn.execute(select(records).where(*mine).with_for_update()).mappings().one()
-        if existing["current_version"] != seen["current_version"]:
-            raise _KeyRaceLost(str(existing["record_id"]))  # changed meanwhile: start again
+        # Changed meanwhile (a promotion keeps the version but makes it count): start again.
+        if any(existing[c] != seen[c] for c in ("current_version", "status", "withdrawn",
+                                                "person_key", "counts_year", "cap_type")):
+            raise _KeyRaceLost(str(existing["record_id"]))
         conn.execute(select(natural_keys.c.record_id).where(
             natural_keys.c.natural_key == existing["natural_key"]).with_for_update()).all()
         record_id, version = str(existing["record_id"]), int(existing["current_version"])
@@ -1246,8 +1248,7 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
                              queue=accepted or _ever_queued(conn, record_id))
         if accepted and existing["cap_type"]:
             group = (existing["person_key"], int(existing["counts_year"]), existing["cap_type"])
-            cap = chunk.config.caps[group[2]]
-            caps.lock_group(conn, group, now)
+            cap = chunk.config.caps[group[2]]  # its group is locked above
             credited, stored = caps.reallocate(conn, group, cap, now, {},
                                                gone=frozenset({record_id}))
             for rid, old in stored.items():
