@@ -45,7 +45,14 @@ from gateway.ops.common import (
 )
 from gateway.ops.edits import edit_and_requeue, edit_rejection
 from gateway.pipeline import caps
-from gateway.pipeline.ingest import Chunk, PartnerRef, accept_held, succeed, writer_retries
+from gateway.pipeline.ingest import (
+    Chunk,
+    PartnerRef,
+    accept_held,
+    succeed,
+    withdrawn_version,
+    writer_retries,
+)
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
 
@@ -248,15 +255,13 @@ def _keep_this(conn: Connection, rec: Any, holder: Any, config: RulesConfig, now
             holder["record_id"]}
     if supersede and holder_payload is not None:
         hid, hv = str(holder["record_id"]), int(holder["current_version"]) + 1
-        holder_payload.update(version=hv, withdrawn=True, credited_hours="0")
-        holder_payload["source"]["received_at"] = chunk.now_iso
         conn.execute(update(records).where(records.c.record_id == hid).values(
             current_version=hv, withdrawn=True, credited_hours="0", duplicate_of=record_id,
             updated_at=now))
         chunk.events.append(audit.Event("superseded", hid, hv, actor, {
             "by": record_id, "reason": reason, "note": "withdrawn: a conflicting report was kept"}))
         # Only a record the management system has (or will have) needs the withdrawal.
-        chunk._store_version(hid, hv, orjson.dumps(holder_payload).decode(),
+        chunk._store_version(hid, hv, withdrawn_version(holder_payload, hv, now),
                              holder["content_hash"], queue=holder["status"] == "accepted")
     queued = accept_held(chunk, rec, leaving)
     chunk._write(with_audit=False)

@@ -920,18 +920,13 @@ class Chunk:
         status = RecordStatus.ACCEPTED
         if sub.natural_key != known.natural_key:
             # The correction changes who, what or when (another person, a new date): the record
-            # gives back the activity it held and takes the new one, or is judged against its
-            # holder, as a first report of it would be (SPEC §7 "Dedup").
+            # gives back the activity it held.
             self._give_back(known)
-            holder = self._holder(sub.natural_key, known.record_id)
-            known.duplicate_of = None if holder == known.record_id else holder
-            if known.duplicate_of is not None:
-                status = self._judge(sub, known.duplicate_of)
-        elif known.withdrawn or self.holders.get(sub.natural_key) != known.record_id:
-            # Same activity, and it does not hold it (withdrawn, it gave it back; a repeat or a
-            # conflict): judged against whoever holds it now — the record it repeated, a
-            # newcomer, a duplicate that took over — or it takes the activity if nobody does
-            # (its holder moved away), as a first report of it would (SPEC §7 "Dedup").
+        if known.withdrawn or self.holders.get(sub.natural_key) != known.record_id:
+            # It does not hold this activity (a new one; withdrawn, it gave it back; a repeat
+            # or a conflict): judged against whoever holds it now — the record it repeated, a
+            # newcomer, a duplicate that took over — or it takes the activity if nobody does,
+            # as a first report of it would (SPEC §7 "Dedup").
             holder = self._holder(sub.natural_key, known.record_id)
             known.duplicate_of = None if holder == known.record_id else holder
             if known.duplicate_of is not None:
@@ -998,7 +993,7 @@ class Chunk:
         """
         if known.record_id in self.born:
             return False
-        return known.status == RecordStatus.ACCEPTED.value or _ever_queued(self.conn, known.record_id)
+        return _reaches_downstream(self.conn, known.record_id, known.status)
 
     def _withdraw_failed(self, index: int, item: Item, known: _Known) -> RecordAnswer:
         """Refuse the failed result and withdraw the record it corrects (as ``withdraw`` does)."""
@@ -1018,8 +1013,6 @@ class Chunk:
         if known.cap_group is not None:  # its capped hours go back to the group's other records
             self.leaving.setdefault(known.cap_group, set()).add(known.record_id)
             known.cap_group = None
-        record.update(version=known.version, withdrawn=True, credited_hours="0")
-        record["source"]["received_at"] = self.now_iso
         self.freed.setdefault(known.natural_key, set()).add(known.record_id)
         self.withdrawals.append({"rid": known.record_id, "current_version": known.version,
                                  "updated_at": self.now})
@@ -1029,7 +1022,8 @@ class Chunk:
                                            "reason": "ASSESSMENT_FAILED", "row": item.row,
                                            "batch_id": self.batch_id}))
         # Only a record the management system has (or will have) needs the withdrawal.
-        self._store_version(known.record_id, known.version, orjson.dumps(record).decode(),
+        self._store_version(known.record_id, known.version,
+                            withdrawn_version(record, known.version, self.now),
                             known.content_hash, self._forwarded(known))
         answer.record_id, answer.version = known.record_id, known.version
         answer.errors = [coded(
@@ -1075,16 +1069,21 @@ class Chunk:
                         if k not in mine and holder not in self.born)
         for part in _chunks(judged):
             rows = {r.natural_key: r for r in conn.execute(
-                select(natural_keys.c.natural_key, natural_keys.c.record_id, records.c.withdrawn,
-                       records.c.status, records.c.natural_key.label("holds"))
-                .join(records, records.c.record_id == natural_keys.c.record_id)
-                .where(natural_keys.c.natural_key.in_(part))
+                _NAMED.where(natural_keys.c.natural_key.in_(part))
                 .with_for_update(read=True, of=natural_keys))}
             for key in part:
                 row = rows.get(key)
-                if (row is None or row.record_id != self.judged[key] or row.withdrawn
-                        or row.status != RecordStatus.ACCEPTED.value or row.holds != key):
+                if (row is None or row.record_id != self.judged[key]
+                        or not _still_holds(row.withdrawn, row.status, row.holds, key)):
                     raise _KeyRaceLost(key)
+
+    def _check_named(self, wanted: dict[str, str]) -> None:
+        """The natural_keys rows just written name the records this chunk gave them to."""
+        for part in _chunks(sorted(wanted)):
+            for row in self.conn.execute(select(natural_keys.c.natural_key, natural_keys.c.record_id)
+                                         .where(natural_keys.c.natural_key.in_(part))):
+                if wanted[row.natural_key] != row.record_id:
+                    raise _KeyRaceLost(row.natural_key)
 
     def _write(self, with_audit: bool = True) -> None:
         conn = self.conn
@@ -1097,11 +1096,7 @@ class Chunk:
         if self.claimed_keys:
             rows = [{"natural_key": k, "record_id": r} for k, r in self.claimed_keys.items()]
             bulk_insert(conn, natural_keys, rows, ignore_conflicts=True)
-            for part in _chunks(sorted(self.claimed_keys)):
-                for row in conn.execute(select(natural_keys.c.natural_key, natural_keys.c.record_id)
-                                        .where(natural_keys.c.natural_key.in_(part))):
-                    if self.claimed_keys[row.natural_key] != row.record_id:
-                        raise _KeyRaceLost(row.natural_key)
+            self._check_named(self.claimed_keys)
         if self.moved_keys:
             # Only from the record this chunk read there: a concurrent twin that took the key
             # first wins, and this chunk runs again (it then sees the twin as the holder).
@@ -1110,11 +1105,7 @@ class Chunk:
                          .values(record_id=bindparam("r")),
                          [{"k": k, "r": r, "was": self.stored_holders.get(k)}
                           for k, r in self.moved_keys.items()])
-            for part in _chunks(sorted(self.moved_keys)):
-                for row in conn.execute(select(natural_keys.c.natural_key, natural_keys.c.record_id)
-                                        .where(natural_keys.c.natural_key.in_(part))):
-                    if self.moved_keys[row.natural_key] != row.record_id:
-                        raise _KeyRaceLost(row.natural_key)
+            self._check_named(self.moved_keys)
         bulk_insert(conn, records, self.new_records)
         if self.record_updates:
             conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
@@ -1153,15 +1144,28 @@ class Chunk:
             audit.append(conn, self.events, self.now)
 
 
-def _queued_version(conn: Connection, record_id: str, version: int) -> bool:
-    return conn.execute(select(outbox.c.record_id).where(
-        outbox.c.record_id == record_id, outbox.c.version == version)).first() is not None
+def _queued(conn: Connection, record_id: str, version: int | None = None) -> bool:
+    """Whether a version of the record (``version``, or any) was ever queued for delivery."""
+    found = select(outbox.c.record_id).where(outbox.c.record_id == record_id)
+    if version is not None:
+        found = found.where(outbox.c.version == version)
+    return conn.execute(found.limit(1)).first() is not None
 
 
-def _ever_queued(conn: Connection, record_id: str) -> bool:
-    """A duplicate or conflict that once counted was told so with a version of no hours."""
-    return conn.execute(select(outbox.c.record_id).where(outbox.c.record_id == record_id)
-                        .limit(1)).first() is not None
+def _reaches_downstream(conn: Connection, record_id: str, status: str) -> bool:
+    """Whether the management system has (or will have) a version of the record.
+
+    An accepted one, or one that counted once and was told so with a version of no hours
+    (NOT_COUNTED).  Only such a record needs its withdrawal forwarded.
+    """
+    return status == RecordStatus.ACCEPTED.value or _queued(conn, record_id)
+
+
+def withdrawn_version(record: dict[str, Any], version: int, now: datetime) -> str:
+    """The CERecord JSON of a record's withdrawn ``version``, from its current payload."""
+    record.update(version=version, withdrawn=True, credited_hours="0")
+    record["source"]["received_at"] = now.isoformat()
+    return orjson.dumps(record).decode()
 
 
 def _not_counted(status: RecordStatus, holder: str | None) -> tuple[Note, Note]:
@@ -1234,18 +1238,14 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
             raise PayloadRejected("YEAR_CLOSED", field="year", detail=(
                 "(its payload was pruned after the year closed; it can no longer be withdrawn)"),
                 detail_zh="（该记录的内容已在年度关闭后清除，不能再撤回）")
-        record.update(version=version + 1, withdrawn=True, credited_hours="0")
-        record["source"]["received_at"] = chunk.now_iso
         conn.execute(update(records).where(records.c.record_id == record_id).values(
             current_version=version + 1, withdrawn=True, credited_hours="0", updated_at=now))
         chunk.events.append(audit.Event("withdrawn", record_id, version + 1, partner.partner_id,
                                         {"source_record_id": source_record_id}))
-        # Only a record the management system has (or will have) needs the withdrawal: an
-        # accepted one, or one that counted once and was told with a version of no hours.
         accepted = existing["status"] == "accepted"
-        chunk._store_version(record_id, version + 1, orjson.dumps(record).decode(),
+        chunk._store_version(record_id, version + 1, withdrawn_version(record, version + 1, now),
                              existing["content_hash"],
-                             queue=accepted or _ever_queued(conn, record_id))
+                             queue=_reaches_downstream(conn, record_id, existing["status"]))
         if accepted and existing["cap_type"]:
             group = (existing["person_key"], int(existing["counts_year"]), existing["cap_type"])
             cap = chunk.config.caps[group[2]]  # its group is locked above
@@ -1297,7 +1297,7 @@ def accept_held(chunk: Chunk, rec: Any,
     stored_credited = Decimal(str(held["credited_hours"]))
     conn.execute(update(records).where(records.c.record_id == record_id).values(
         status="accepted", duplicate_of=None, credited_hours=str(credited_this), updated_at=now))
-    if (credited_this != stored_credited or _queued_version(conn, record_id, version)
+    if (credited_this != stored_credited or _queued(conn, record_id, version)
             or any(n["code"] == "NOT_COUNTED" for n in held["warnings"])):
         # Its held version says other hours (its share of a cap, or none: a correction that
         # stopped counting was sent so), or was sent already: re-issue it, counting.
@@ -1356,19 +1356,28 @@ def succeed(conn: Connection, config: RulesConfig, now: datetime,
     return events
 
 
+def _still_holds(withdrawn: bool, status: str, natural_key: str, key: str) -> bool:
+    """Whether the record a natural_keys row names for ``key`` still holds that activity.
+
+    Not withdrawn, still counted (not a repeat or conflict), still reporting it.
+    """
+    return not withdrawn and status == RecordStatus.ACCEPTED.value and natural_key == key
+
+
 def _holds(known: _Known, key: str) -> bool:
-    """Whether the record a natural_keys row names still holds that activity."""
-    return (not known.withdrawn and known.natural_key == key
-            and known.status == RecordStatus.ACCEPTED.value)
+    return _still_holds(known.withdrawn, known.status, known.natural_key, key)
+
+
+# The record a natural_keys row names, with what _still_holds needs.
+_NAMED = (select(natural_keys.c.natural_key, natural_keys.c.record_id, records.c.withdrawn,
+                 records.c.status, records.c.natural_key.label("holds"))
+          .join(records, records.c.record_id == natural_keys.c.record_id))
 
 
 def _live_holder(conn: Connection, key: str) -> str | None:
     """The record holding ``key``: none if the row names one that no longer holds it."""
-    row = conn.execute(select(records.c.record_id, records.c.withdrawn, records.c.natural_key,
-                              records.c.status)
-                       .join(natural_keys, natural_keys.c.record_id == records.c.record_id)
-                       .where(natural_keys.c.natural_key == key)).first()
-    if row is None or row.withdrawn or row.natural_key != key or row.status != "accepted":
+    row = conn.execute(_NAMED.where(natural_keys.c.natural_key == key)).first()
+    if row is None or not _still_holds(row.withdrawn, row.status, row.holds, key):
         return None
     return str(row.record_id)
 
