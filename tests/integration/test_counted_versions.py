@@ -55,6 +55,13 @@ def _queued(engine: Engine, record_id: str) -> list[int]:
                                  .order_by(outbox.c.version)).scalars())
 
 
+def _failed(sub: dict[str, Any]) -> dict[str, Any]:
+    """The same result, corrected to a failed assessment (R9)."""
+    out = copy.deepcopy(sub)
+    out["evidence"] = {**out.get("evidence", {}), "assessment": "failed"}
+    return out
+
+
 def _row(engine: Engine, record_id: str) -> dict[str, Any]:
     with engine.connect() as conn:
         return dict(conn.execute(select(records).where(records.c.record_id == record_id))
@@ -126,7 +133,7 @@ def test_a_result_corrected_to_failed_withdraws_the_record_and_gives_its_cap_bac
     assert [a.status for a in answers] == ["accepted"] * 3
     assert _row(engine, answers[2].record_id)["credited_hours"] == "0.0"  # over the 20 h cap
 
-    failed = copy.deepcopy(papers[0]) | {"evidence": {"assessment": "failed"}}
+    failed = _failed(papers[0])
     [answer] = ingest(engine, p, [failed], now=NOW)
     first = answers[0].record_id
     assert (answer.status, answer.record_id, answer.version) == ("rejected", first, 2)
@@ -162,7 +169,7 @@ def test_passed_then_failed_in_one_request_is_withdrawn_in_it(
     p = _ref(new_partner(engine))
     person = make_person(random.Random(33))
     passed = paper("P-1", person, 1)
-    failed = copy.deepcopy(passed) | {"evidence": {"assessment": "failed"}}
+    failed = _failed(passed)
     kept, refused = ingest(engine, p, [passed, failed], now=NOW)
     assert kept.status == "accepted" and (refused.status, refused.version) == ("rejected", 2)
     row = _row(engine, kept.record_id)
@@ -179,7 +186,7 @@ def test_a_failed_result_refused_for_more_than_its_failure_changes_nothing(
     person = make_person(random.Random(34))
     passed = paper("P-1", person, 1)
     [kept] = ingest(engine, p, [passed], now=NOW)
-    failed = copy.deepcopy(passed) | {"evidence": {"assessment": "failed"}}
+    failed = _failed(passed)
     failed["category"] = "public"  # public-subject hours only from the college (R2)
     [refused] = ingest(engine, p, [failed], now=NOW)
     assert refused.status == "rejected" and refused.record_id is None

@@ -34,7 +34,7 @@ from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
 from mock_partners.generators import make_person
 from tests.integration.test_caps_ledger import paper
-from tests.integration.test_counted_versions import NOW, _queued, _ref, _row, _version
+from tests.integration.test_counted_versions import NOW, _failed, _queued, _ref, _row, _version
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -52,12 +52,6 @@ def _total(engine: Engine, id_number: str) -> str:
 
 def _codes(notes: list[Any]) -> list[str]:
     return [n["code"] if isinstance(n, dict) else n.code for n in notes]
-
-
-def _failed(sub: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(sub)
-    out["evidence"] = {**out.get("evidence", {}), "assessment": "failed"}
-    return out
 
 
 def _two_trainings(engine: Engine, new_partner: Callable[..., Partner], seed: int

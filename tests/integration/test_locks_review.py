@@ -40,6 +40,7 @@ from gateway.store.tables import records
 from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_counted_versions import NOW, _ref
 from tests.integration.test_succession_review import _sub, violations
+from tests.integration.test_succession_review2 import _pg_only, _threads
 
 NewPartner = Callable[..., Partner]
 
@@ -51,7 +52,7 @@ class _Races:
         self.lost: list[str] = []
         self.deadlocks = 0
         self._lock = threading.Lock()
-        real_check = getattr(ingest_module.Chunk, "_check_reads", None)
+        real_check = ingest_module.Chunk._check_reads
         real_retry = ingest_module._may_retry
 
         def check(chunk: Any) -> None:
@@ -68,31 +69,8 @@ class _Races:
                     self.deadlocks += 1
             return real_retry(exc)
 
-        if hasattr(ingest_module.Chunk, "_check_reads"):  # absent before 95df472
-            monkeypatch.setattr(ingest_module.Chunk, "_check_reads", check)
+        monkeypatch.setattr(ingest_module.Chunk, "_check_reads", check)
         monkeypatch.setattr(ingest_module, "_may_retry", may_retry)
-
-
-def _pg_only(db_url: str) -> None:
-    if not db_url.startswith("postgresql"):
-        pytest.skip("row locks: PostgreSQL only (SQLite has one writer)")
-
-
-def _threads(*jobs: Callable[[], Any], timeout: float = 120) -> list[BaseException]:
-    errors: list[BaseException] = []
-
-    def run(job: Callable[[], Any]) -> None:
-        try:
-            job()
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    return errors
 
 
 # -- 1. single-threaded: the check never fails ------------------------------------------------

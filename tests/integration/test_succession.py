@@ -24,7 +24,7 @@ from gateway.store.tables import natural_keys
 from mock_partners import generators as gen
 from mock_partners.generators import make_person
 from tests.integration.test_caps_ledger import paper
-from tests.integration.test_counted_versions import NOW, _queued, _ref, _row, _version
+from tests.integration.test_counted_versions import NOW, _failed, _queued, _ref, _row, _version
 
 
 def _counted(engine: Engine, id_number: str) -> list[str]:
@@ -114,7 +114,7 @@ def test_a_holder_corrected_to_failed_hands_its_activity_and_cap_share_on(
     [same] = ingest(engine, b, [copy.deepcopy(first) | {"source_record_id": "B-1"}], now=NOW)
     assert (held.status, kept.status, same.status) == ("accepted", "accepted", "duplicate")
 
-    failed = copy.deepcopy(first) | {"evidence": {"assessment": "failed"}}
+    failed = _failed(first)
     [refused] = ingest(engine, a, [failed], now=NOW)
     assert (refused.status, refused.record_id) == ("rejected", held.record_id)
     assert _row(engine, held.record_id)["withdrawn"] is True

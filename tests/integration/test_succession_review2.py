@@ -75,7 +75,8 @@ def _held_before_write(monkeypatch: pytest.MonkeyPatch, parties: int) -> threadi
     return barrier
 
 
-def _threads(*jobs: Callable[[], Any]) -> list[BaseException]:
+def _threads(*jobs: Callable[[], Any], timeout: float = 60) -> list[BaseException]:
+    """Run ``jobs`` each in a thread; the exceptions they raised."""
     errors: list[BaseException] = []
 
     def run(job: Callable[[], Any]) -> None:
@@ -88,7 +89,7 @@ def _threads(*jobs: Callable[[], Any]) -> list[BaseException]:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(timeout)
     return errors
 
 
