@@ -33,6 +33,7 @@ from sqlalchemy import Connection, and_, select
 
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id, mask_text
+from gateway.pipeline.caps import REFUSED_FOR_GOOD
 from gateway.pipeline.credit import compliance_gap
 from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.identity import resident_id_findings
@@ -47,9 +48,9 @@ ONE_PLACE = Decimal("0.1")
 
 # The outbox's states (gateway/ops/deliveries.py OUTBOX_STATUSES); null: no delivery queued.
 DeliveryState = Literal["pending", "delivered", "dead", "superseded"]
-# Dead-letter codes that mean "the management system will never count this version" (SPEC §5
-# downstream: a per-record ``rejected`` and a 400 are permanent).  RETRIES_EXHAUSTED is not one.
-NOT_COUNTED_CODES = frozenset({"DOWNSTREAM_REJECTED"})
+# Dead-letter codes that mean "the management system will never count this version": the
+# caps ledger leaves the same records out of its allocation (R10).
+NOT_COUNTED_CODES = REFUSED_FOR_GOOD
 
 
 # -- the answer's schema ------------------------------------------------------------------------

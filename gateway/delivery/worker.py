@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -56,6 +56,9 @@ from gateway.delivery.circuit import CircuitBreaker, CircuitState
 from gateway.delivery.policy import Action, classify, classify_exception, retry_after_seconds
 from gateway.errors import PermanentDeliveryError, RetriableDeliveryError
 from gateway.masking import mask_excerpt
+from gateway.pipeline.caps import REFUSED_FOR_GOOD
+from gateway.pipeline.ingest import reallocate_after_delivery, writer_retries
+from gateway.pipeline.rules_tables import RulesConfig
 from gateway.store.tables import delivery_batches, outbox, record_versions
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,7 @@ class DeliveryWorker:
         self.breaker = CircuitBreaker(settings.circuit_failure_threshold,
                                       settings.circuit_reset_seconds)
         self.stats = CycleStats()
+        self._rules = RulesConfig.from_settings(settings)
         self._stop = threading.Event()
 
     # -- claiming -------------------------------------------------------------------------
@@ -295,7 +299,20 @@ class DeliveryWorker:
                          .values(status=status, lease_owner=None, lease_until=None, updated_at=self._clock()))
 
     def _record(self, claimed: Claimed, reply: _Reply, tries: list[dict[str, Any]]) -> None:
+        """Record a send's outcome in one transaction, run again after a deadlock (PostgreSQL).
+
+        Losing it would be worse than slow: the batch would be sent again under its key, and
+        the management system's "already applied" would then pass a refused record as delivered.
+        """
         now = self._clock()
+        stats = replace(self.stats)
+        for attempt in writer_retries():
+            with attempt:
+                self.stats = replace(stats)  # a rolled-back attempt counted nothing
+                self._record_once(claimed, reply, tries, now)
+
+    def _record_once(self, claimed: Claimed, reply: _Reply, tries: list[dict[str, Any]],
+                     now: datetime) -> None:
         events = [audit.Event("attempt", r["record_id"], r["version"], self.name,
                               {"batch": claimed.batch_key, "try": i + 1, **t})
                   for r in claimed.rows for i, t in enumerate(tries)]
@@ -309,6 +326,14 @@ class DeliveryWorker:
                 events += self._split(conn, claimed, reply, now)
             else:
                 events += self._schedule_retry(conn, claimed, reply, now)
+            # A record refused for good counts nowhere: its capped hours go to the rest of its
+            # group (R10), in this transaction, so no allocation ever sees it half done.
+            refused = [(e.record_id, e.version) for e in events
+                       if e.kind == "dead" and e.detail.get("code") in REFUSED_FOR_GOOD
+                       and e.record_id is not None and e.version is not None]
+            events += reallocate_after_delivery(
+                conn, self._rules, now, refused, actor=self.name,
+                reason="refused downstream (DOWNSTREAM_REJECTED): its share goes to the others")
             audit.append(conn, events, now)
 
     def _may_record(self, conn: Connection, claimed: Claimed, reply: _Reply) -> bool:

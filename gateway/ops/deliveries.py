@@ -17,8 +17,13 @@ The link from the new attempts to the original is in the record's timeline: ever
 row gets a ``delivery_requeued`` event naming the batch it died in and the reprocess run, and
 the run itself one ``ops_reprocess`` event with the operator, the reason and the filter.
 
-May touch: ``outbox`` (status, attempts, errors of dead rows), the audit trail; reads
-``records`` and ``delivery_batches``.
+A record refused for good (``DOWNSTREAM_REJECTED``) held no share of its cap group while it
+was dead (R10); requeued, it takes its share back, and the records that lose some are
+re-issued in the same transaction (:func:`gateway.pipeline.ingest.reallocate_after_delivery`).
+
+May touch: ``outbox`` (status, attempts, errors of dead rows), the audit trail, and through
+the cap reallocation ``caps_ledger``, ``records``, ``record_versions`` and new ``outbox`` rows;
+reads ``delivery_batches``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ from gateway.ops.common import (
     refuse,
     require_reason,
 )
+from gateway.pipeline.caps import REFUSED_FOR_GOOD
+from gateway.pipeline.ingest import reallocate_after_delivery, writer_retries
+from gateway.pipeline.rules_tables import RulesConfig
 from gateway.store.tables import delivery_batches, outbox, records
 
 __all__ = ["OUTBOX_STATUSES", "DeliveryFilter", "ReprocessResult", "get_delivery",
@@ -221,15 +229,67 @@ def _dead_where(flt: DeliveryFilter) -> list[ColumnElement[bool]]:
     return [*flt.where(), outbox.c.status == "dead"]
 
 
+def _requeue_chunk(engine: Engine, flt: DeliveryFilter, last: int, ceiling: int, size: int,
+                   run_id: str, reason: str | None, actor: str, config: RulesConfig | None,
+                   ) -> tuple[list[Any], set[int], set[int]]:
+    """One transaction of a reprocess run: the next ``size`` dead rows after ``last``.
+
+    Returns the rows read, the ids put back to pending and the ids marked superseded.
+    """
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        rows = conn.execute(
+            select(outbox.c.id, outbox.c.record_id, outbox.c.version, outbox.c.batch_key,
+                   outbox.c.attempts, outbox.c.error_code)
+            .select_from(_JOINED)
+            .where(*_dead_where(flt), outbox.c.id > last, outbox.c.id <= ceiling)
+            .order_by(outbox.c.id).limit(size)).mappings().all()
+        if not rows:
+            return [], set(), set()
+        by_id = {r["id"]: r for r in rows}
+        # The guards are in the UPDATE itself: only rows still dead move, once.
+        flipped = set(conn.execute(
+            update(outbox).where(outbox.c.id.in_(list(by_id)), outbox.c.status == "dead",
+                                 ~_later_version_alive())
+            .values(status="pending", batch_key=None, attempts=0, error_code=None,
+                    last_error=None, receipt_status=None, updated_at=now, queued_at=now)
+            .returning(outbox.c.id)).scalars())
+        rest = sorted(set(by_id) - flipped)
+        stale = set(conn.execute(
+            update(outbox).where(outbox.c.id.in_(rest), outbox.c.status == "dead",
+                                 _later_version_alive())
+            .values(status="superseded", updated_at=now)
+            .returning(outbox.c.id)).scalars()) if rest else set()
+        events = [audit.Event("delivery_requeued", r["record_id"], r["version"], actor, {
+            "reprocess": run_id, "reason": reason, "previous_batch": r["batch_key"],
+            "previous_error": r["error_code"], "previous_attempts": r["attempts"]})
+            for i, r in by_id.items() if i in flipped]
+        events += [audit.Event("delivery_superseded", r["record_id"], r["version"], actor, {
+            "reprocess": run_id, "reason": reason, "previous_batch": r["batch_key"],
+            "previous_error": r["error_code"],
+            "note": "a later version of the record is pending or delivered"})
+            for i, r in by_id.items() if i in stale]
+        # A record refused for good held no share of its cap group; queued again, it counts.
+        events += reallocate_after_delivery(
+            conn, config or RulesConfig(), now,
+            [(r["record_id"], r["version"]) for i, r in by_id.items()
+             if i in flipped and r["error_code"] in REFUSED_FOR_GOOD],
+            actor=actor, reason=f"requeued by ops (reprocess {run_id}): it takes its share back")
+        audit.append(conn, events, now)
+    return list(rows), flipped, stale
+
+
 def reprocess(engine: Engine, flt: DeliveryFilter, *, dry_run: bool, reason: str | None,
               actor: str, progress: Callable[[int, int], None] | None = None,
-              chunk_size: int = CHUNK_SIZE, ceiling: int | None = None) -> ReprocessResult:
+              chunk_size: int = CHUNK_SIZE, ceiling: int | None = None,
+              config: RulesConfig | None = None) -> ReprocessResult:
     """Redeliver the dead deliveries ``flt`` selects (a status filter other than dead: none).
 
     A dry run only counts.  Otherwise a reason is required; the run is audited with ``actor``,
     the reason and the filter.  ``progress`` gets (rows done, matched) after each chunk.
     ``ceiling``: the dry run's, so the run redelivers no delivery newer than what the operator
-    was shown (without it, the newest delivery now).
+    was shown (without it, the newest delivery now).  A requeued record that was refused for
+    good takes its share of its cap group back (R10; ``config`` gives the caps).
     """
     if not dry_run:
         reason = require_reason(reason)
@@ -252,41 +312,13 @@ def reprocess(engine: Engine, flt: DeliveryFilter, *, dry_run: bool, reason: str
         progress(0, matched)
     last = 0
     while matched:
-        now = datetime.now(UTC)
-        with engine.begin() as conn:
-            rows = conn.execute(
-                select(outbox.c.id, outbox.c.record_id, outbox.c.version, outbox.c.batch_key,
-                       outbox.c.attempts, outbox.c.error_code)
-                .select_from(_JOINED)
-                .where(*_dead_where(flt), outbox.c.id > last, outbox.c.id <= ceiling)
-                .order_by(outbox.c.id).limit(chunk_size)).mappings().all()
-            if not rows:
-                break
-            last = rows[-1]["id"]
-            by_id = {r["id"]: r for r in rows}
-            # The guards are in the UPDATE itself: only rows still dead move, once.
-            flipped = set(conn.execute(
-                update(outbox).where(outbox.c.id.in_(list(by_id)), outbox.c.status == "dead",
-                                     ~_later_version_alive())
-                .values(status="pending", batch_key=None, attempts=0, error_code=None,
-                        last_error=None, receipt_status=None, updated_at=now, queued_at=now)
-                .returning(outbox.c.id)).scalars())
-            rest = sorted(set(by_id) - flipped)
-            stale = set(conn.execute(
-                update(outbox).where(outbox.c.id.in_(rest), outbox.c.status == "dead",
-                                     _later_version_alive())
-                .values(status="superseded", updated_at=now)
-                .returning(outbox.c.id)).scalars()) if rest else set()
-            events = [audit.Event("delivery_requeued", r["record_id"], r["version"], actor, {
-                "reprocess": run_id, "reason": reason, "previous_batch": r["batch_key"],
-                "previous_error": r["error_code"], "previous_attempts": r["attempts"]})
-                for i, r in by_id.items() if i in flipped]
-            events += [audit.Event("delivery_superseded", r["record_id"], r["version"], actor, {
-                "reprocess": run_id, "reason": reason, "previous_batch": r["batch_key"],
-                "previous_error": r["error_code"],
-                "note": "a later version of the record is pending or delivered"})
-                for i, r in by_id.items() if i in stale]
-            audit.append(conn, events, now)
+        for attempt in writer_retries():  # a deadlock with a delivery worker (PostgreSQL)
+            with attempt:
+                rows, flipped, stale = _requeue_chunk(engine, flt, last, ceiling, chunk_size,
+                                                      run_id, reason, actor, config)
+        if not rows:
+            break
+        last = rows[-1]["id"]
         requeued += len(flipped)
         superseded += len(stale)
         done += len(rows)

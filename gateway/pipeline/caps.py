@@ -7,6 +7,12 @@ total is always ``min(cap, sum of hours)`` — also after a withdrawal frees hou
 record was cut short of.  Records whose share moved get a new version (forwarded like any
 correction).
 
+A record the management system refused for good (its current version dead-lettered
+``DOWNSTREAM_REJECTED``) counts nowhere, so it holds no share: :func:`stored_records` leaves it
+out, and the delivery worker allocates its group again when the refusal lands, as ops
+reprocessing does when it brings the record back (:func:`gateway.pipeline.ingest.
+reallocate_after_delivery`).
+
 Concurrency: the group's ``caps_ledger`` row is locked (``SELECT … FOR UPDATE``) before its
 records are read, so two replicas crediting the same person at the same moment queue on it;
 SQLite's single writer serialises them anyway.
@@ -19,13 +25,29 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import Connection, select, tuple_, update
+from sqlalchemy import ColumnElement, Connection, exists, select, tuple_, update
 
 from gateway.pipeline.credit import allocate
 from gateway.store.bulk import bulk_insert
-from gateway.store.tables import caps_ledger, records
+from gateway.store.tables import caps_ledger, outbox, records
 
 Group = tuple[str, int, str]  # (person_key, counts_year, cap_type)
+
+# Dead-letter codes that mean "the management system will never count this version" (SPEC §5
+# downstream: a per-record ``rejected`` and a 400 are permanent).  RETRIES_EXHAUSTED is not one:
+# the failure was ours or transient, and ops reprocess it.
+REFUSED_FOR_GOOD = frozenset({"DOWNSTREAM_REJECTED"})
+
+
+def refused_downstream() -> ColumnElement[bool]:
+    """Whether a record's current version is dead-lettered with a code of REFUSED_FOR_GOOD.
+
+    One probe of the outbox's unique ``(record_id, version)`` index.  Reprocessing the
+    delivery puts it back to pending with its code cleared, so the record counts again.
+    """
+    return exists().where(outbox.c.record_id == records.c.record_id,
+                          outbox.c.version == records.c.current_version,
+                          outbox.c.status == "dead", outbox.c.error_code.in_(REFUSED_FOR_GOOD))
 
 
 @dataclass(frozen=True)
@@ -61,12 +83,13 @@ def lock_groups(conn: Connection, groups: Iterable[Group], now: datetime) -> Non
 
 
 def stored_records(conn: Connection, group: Group) -> dict[str, Stored]:
+    """The group's records that hold a share: accepted, not withdrawn, not refused downstream."""
     person_key, year, cap_type = group
     rows = conn.execute(select(records.c.record_id, records.c.current_version, records.c.hours,
                                records.c.credited_hours)
                         .where(records.c.person_key == person_key, records.c.counts_year == year,
                                records.c.cap_type == cap_type, records.c.status == "accepted",
-                               records.c.withdrawn.is_(False)))
+                               records.c.withdrawn.is_(False), ~refused_downstream()))
     return {r.record_id: Stored(r.record_id, int(r.current_version), Decimal(r.hours or "0"),
                                 Decimal(r.credited_hours or "0")) for r in rows}
 

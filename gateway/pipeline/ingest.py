@@ -1261,6 +1261,53 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
                         record_id=record_id, version=version + 1)
 
 
+def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: datetime,
+                              touched: Iterable[tuple[str, int]], *, actor: str,
+                              reason: str) -> list[audit.Event]:
+    """Allocate again the cap groups of records whose refusal downstream came or went (R10).
+
+    ``touched`` are ``(record_id, version)`` deliveries the caller moved in this transaction:
+    dead-lettered ``DOWNSTREAM_REJECTED`` by the delivery worker, or requeued by ops.  A record
+    whose *current* version is refused for good counts nowhere (the compliance report lists it
+    under ``not_counted``), so :func:`caps.stored_records` leaves it out: its share goes to the
+    rest of its group, and a requeued record takes it back.  Records whose share moved are
+    re-issued and forwarded, as after a withdrawal.  An older version's delivery changes
+    nothing, and neither does a record no longer counted (withdrawn, held): they hold no share.
+
+    Locks as ingest does: the groups in sorted order, then the records it re-issues.  A record
+    corrected meanwhile was allocated by its own chunk under the same lock; this allocation then
+    finds nothing to move.  Returns the audit events for the caller to append last.
+    """
+    wanted = dict(touched)
+    current: list[tuple[str, int, caps.Group]] = []
+    for part in _chunks(sorted(wanted)):
+        current += [(r.record_id, int(r.current_version),
+                     (r.person_key, int(r.counts_year), r.cap_type))
+                    for r in conn.execute(select(
+                        records.c.record_id, records.c.current_version, records.c.person_key,
+                        records.c.counts_year, records.c.cap_type).where(
+                        records.c.record_id.in_(part), records.c.cap_type.is_not(None),
+                        records.c.status == RecordStatus.ACCEPTED.value,
+                        records.c.withdrawn.is_(False)))
+                    if int(r.current_version) == wanted[r.record_id]]
+    if not current:
+        return []
+    groups = {group for _, _, group in current}
+    caps.lock_groups(conn, groups, now)
+    chunk = Chunk(conn, PartnerRef(actor, "gateway"), now, None, config)
+    chunk.events += [audit.Event("cap_reallocated", rid, version, actor,
+                                 {"cap_type": group[2], "reason": reason})
+                     for rid, version, group in current]
+    for group in sorted(groups):
+        cap = config.caps[group[2]]
+        credited, stored = caps.reallocate(conn, group, cap, now, {})
+        for rid, old in stored.items():
+            if credited[rid] != old.credited:
+                chunk._recredit(old, credited[rid], cap, group[2])
+    chunk._write(with_audit=False)
+    return chunk.events
+
+
 def accept_held(chunk: Chunk, rec: Any,
                 leaving: dict[caps.Group, set[str]] | None = None) -> int:
     """Accept a held record (a duplicate or a conflict) and queue its current version.

@@ -19,12 +19,13 @@ import json
 import random
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, select
 
 from gateway import compliance
 from gateway.accounts import Partner
@@ -34,6 +35,7 @@ from gateway.delivery.worker import DeliveryWorker
 from gateway.masking import mask_id
 from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.store.tables import audit_events, caps_ledger, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, canonical_submission, make_person
 from tests.conftest import SECRET_KEY
@@ -263,3 +265,121 @@ def test_refusal_reasons_are_masked_in_the_report_the_api_and_the_cli(
     assert person.id_number not in shown.stdout + shown.stderr
     assert "not counted" in shown.stdout and "RCPT" in shown.stdout and "HTTP400" in shown.stdout
     assert f"身份证号 {masked}" in shown.stdout and "DOWNSTREAM_REJECTED" in shown.stdout
+
+
+# -- a refused record holds no share of its cap (R10) -------------------------------------------
+
+def _paper(person: GenPerson, sid: str, title: str, month: int) -> dict[str, Any]:
+    """A sole-authored paper: 10 h, under the 20 h a person-year of papers (R3)."""
+    return {"source_record_id": sid,
+            "person": {"id_type": "resident_id", "id_number": person.id_number,
+                       "name": person.name, "region_code": person.region},
+            "year": 2026, "category": "professional", "activity_type": "paper",
+            "activity": {"title": title, "completed_on": f"2026-{month:02d}-15"},
+            "claimed": {"quantity": "1", "unit": "papers", "details": {"authorship": "sole"}}}
+
+
+def _papers(engine: Engine, partner: Partner, person: GenPerson, first_title: str) -> dict[str, str]:
+    """Papers A, B, C in that order: A and B take the cap's 20 h, C is cut to 0."""
+    return _put(engine, partner, _paper(person, "A", first_title, 3),
+                _paper(person, "B", "三江源湿地碳汇研究", 4),
+                _paper(person, "C", "高寒草甸退化机理研究", 5))
+
+
+def _credited(engine: Engine, ids: dict[str, str]) -> dict[str, tuple[int, str]]:
+    """Source record id → (current version, credited hours) as stored."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(records.c.record_id, records.c.current_version,
+                                   records.c.credited_hours)
+                            .where(records.c.record_id.in_(list(ids.values())))).all()
+    by_record = {r.record_id: (int(r.current_version), f"{Decimal(r.credited_hours):.1f}") for r in rows}
+    return {sid: by_record[rid] for sid, rid in ids.items()}
+
+
+def _applied(url: str, record_id: str) -> list[tuple[int, str]]:
+    """What the mock management system applied of a record: (version, credited hours), in order."""
+    versions = httpx.get(f"{url}/_mock/applied/{record_id}").json()["versions"]
+    return [(int(v["version"]), f"{Decimal(v['record']['credited_hours']):.1f}") for v in versions]
+
+
+def _events(engine: Engine, kind: str) -> list[tuple[str | None, int | None]]:
+    with engine.connect() as conn:
+        return [(r.record_id, r.version) for r in conn.execute(
+            select(audit_events.c.record_id, audit_events.c.version)
+            .where(audit_events.c.kind == kind).order_by(audit_events.c.seq))]
+
+
+def test_a_refused_paper_gives_its_cap_share_to_the_next_and_takes_it_back_when_requeued(
+    engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+    make_worker: MakeWorker,
+) -> None:
+    url, faults = mock_ce
+    partner = new_partner(engine)
+    person = make_person(random.Random(21))
+    ids = _papers(engine, partner, person, "[REJECT] 柴达木盆地盐湖资源研究")
+    assert _credited(engine, ids) == {"A": (1, "10.0"), "B": (1, "10.0"), "C": (1, "0.0")}
+
+    worker = make_worker()
+    _drain(worker)
+    # A was refused for good: it counts nowhere, so C gets the cap's other 10 h, forwarded.
+    assert _credited(engine, ids) == {"A": (1, "10.0"), "B": (1, "10.0"), "C": (2, "10.0")}
+    assert _applied(url, ids["C"]) == [(1, "0.0"), (2, "10.0")]
+    assert _applied(url, ids["A"]) == []
+    result = _report(engine, person)
+    assert [r["source_record_id"] for r in result["not_counted"]] == ["A"]
+    assert result["by_type"] == {"paper": {"claimed": "20.0", "credited": "20.0"}}
+    assert _events(engine, "cap_reallocated") == [(ids["A"], 1)]
+    assert _events(engine, "recredited") == [(ids["C"], 2)]
+    with engine.connect() as conn:
+        assert Decimal(conn.execute(select(caps_ledger.c.credited).where(
+            caps_ledger.c.cap_type == "paper")).scalar_one()) == 20
+
+    faults.reject_title_marker = "[NEVER]"  # the management system fixed its side
+    done = reprocess(engine, DeliveryFilter(error_code="DOWNSTREAM_REJECTED"), dry_run=False,
+                     reason="下游已修复", actor="op-test")
+    assert done.requeued == 1
+    # A is queued again and takes its share back, in arrival order: C returns to 0 h.
+    assert _credited(engine, ids) == {"A": (1, "10.0"), "B": (1, "10.0"), "C": (3, "0.0")}
+    _drain(worker)
+    assert _applied(url, ids["A"]) == [(1, "10.0")]
+    assert _applied(url, ids["C"]) == [(1, "0.0"), (2, "10.0"), (3, "0.0")]
+    after = _report(engine, person)
+    assert after["not_counted"] == []
+    assert after["by_type"] == {"paper": {"claimed": "30.0", "credited": "20.0"}}
+    assert _events(engine, "cap_reallocated") == [(ids["A"], 1), (ids["A"], 1)]
+
+
+def test_a_record_dead_for_retries_keeps_its_share(
+    engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+    make_worker: MakeWorker,
+) -> None:
+    """RETRIES_EXHAUSTED is ours or transient: ops reprocess it, and it still counts."""
+    _, faults = mock_ce
+    partner = new_partner(engine)
+    person = make_person(random.Random(22))
+    ids = _papers(engine, partner, person, "柴达木盆地盐湖资源研究")
+    faults.error_rate = 1.0
+    _drain(make_worker(delivery_max_attempts=1))
+    faults.error_rate = 0.0
+    assert _credited(engine, ids) == {"A": (1, "10.0"), "B": (1, "10.0"), "C": (1, "0.0")}
+    assert _events(engine, "cap_reallocated") == []
+    assert _report(engine, person)["by_type"] == {"paper": {"claimed": "30.0", "credited": "20.0"}}
+
+
+def test_the_refusal_of_a_version_no_longer_current_moves_no_share(
+    engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+    make_worker: MakeWorker,
+) -> None:
+    url, _ = mock_ce
+    partner = new_partner(engine)
+    person = make_person(random.Random(23))
+    ids = _papers(engine, partner, person, "[REJECT] 柴达木盆地盐湖资源研究")
+    # Corrected before delivery: version 1 is refused, version 2 (current) is applied.
+    _put(engine, partner, _paper(person, "A", "柴达木盆地盐湖资源研究", 3))
+    _drain(make_worker())
+    assert _applied(url, ids["A"]) == [(2, "10.0")]
+    assert _credited(engine, ids) == {"A": (2, "10.0"), "B": (1, "10.0"), "C": (1, "0.0")}
+    assert _events(engine, "cap_reallocated") == []
+    result = _report(engine, person)
+    assert result["not_counted"] == []
+    assert result["by_type"] == {"paper": {"claimed": "30.0", "credited": "20.0"}}
