@@ -1246,16 +1246,21 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
         chunk._store_version(record_id, version + 1, withdrawn_version(record, version + 1, now),
                              existing["content_hash"],
                              queue=_reaches_downstream(conn, record_id, existing["status"]))
+        chunk._write(with_audit=False)
+        # The successor first: it joins the cap group in the allocation that lets this record
+        # go, so a record behind them both is not lifted by one version and cut by the next.
+        chunk.events += succeed(conn, chunk.config, now, {str(existing["natural_key"]): {record_id}})
         if accepted and existing["cap_type"]:
             group = (existing["person_key"], int(existing["counts_year"]), existing["cap_type"])
             cap = chunk.config.caps[group[2]]  # its group is locked above
+            given = Chunk(conn, partner, now, None, chunk.config)
             credited, stored = caps.reallocate(conn, group, cap, now, {},
                                                gone=frozenset({record_id}))
             for rid, old in stored.items():
                 if rid != record_id and credited[rid] != old.credited:
-                    chunk._recredit(old, credited[rid], cap, group[2])
-        chunk._write(with_audit=False)
-        chunk.events += succeed(conn, chunk.config, now, {str(existing["natural_key"]): {record_id}})
+                    given._recredit(old, credited[rid], cap, group[2])
+            given._write(with_audit=False)
+            chunk.events += given.events
         audit.append(conn, chunk.events, now)
     return RecordAnswer(index=0, source_record_id=source_record_id, status=RecordStatus.ACCEPTED,
                         record_id=record_id, version=version + 1)

@@ -163,3 +163,31 @@ def test_a_holder_corrected_back_in_the_same_request_keeps_its_activity(
     assert (row["status"], row["duplicate_of"]) == ("duplicate", held.record_id)
     assert _queued(engine, same.record_id) == []
     assert _counted(engine, mine["person"]["id_number"]) == [held.record_id]
+
+
+def test_a_withdrawal_whose_successor_joins_the_cap_moves_no_share_twice(
+        engine: Engine, new_partner: Callable[..., Partner]) -> None:
+    """X (withdrawn) and its successor S hold one share between them: M2 must not flap.
+
+    Papers X, S (another partner's report of X), M1, M2 in that order, 10 h each, cap 20 h:
+    X and M1 count, M2 is cut to 0.  When X is withdrawn, S takes its place ahead of M2, so M2
+    stays at 0 — sent no version that lifts it to 10 h and a second one that cuts it back.
+    """
+    a, b = _ref(new_partner(engine)), _ref(new_partner(engine))
+    person = make_person(random.Random(43))
+    x = paper("X", person, 1)
+    [held] = ingest(engine, a, [x], now=NOW)
+    [dup] = ingest(engine, b, [x | {"source_record_id": "S"}], now=NOW)
+    m1, m2 = ingest(engine, a, [paper("M1", person, 2), paper("M2", person, 3)], now=NOW)
+    assert [r.status for r in (held, dup, m1, m2)] == ["accepted", "duplicate", "accepted", "accepted"]
+    assert _row(engine, m2.record_id)["credited_hours"] == "0.0"
+
+    withdraw(engine, a, "X", now=NOW)
+    assert _holder(engine, dup.record_id) == dup.record_id
+    assert [_row(engine, r)["credited_hours"] for r in (dup.record_id, m1.record_id, m2.record_id)
+            ] == ["10.0", "10.0", "0.0"]
+    assert _queued(engine, m2.record_id) == [1]  # no version of M2 went up and down
+    assert _queued(engine, m1.record_id) == [1]
+    assert _queued(engine, dup.record_id) == [1]
+    assert sorted(_counted(engine, person.id_number)) == sorted([dup.record_id, m1.record_id,
+                                                                 m2.record_id])
