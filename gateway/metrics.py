@@ -43,8 +43,8 @@ if TYPE_CHECKING:
     from gateway.delivery.worker import DeliveryWorker
 
 __all__ = ["BATCH_ROWS", "CIRCUIT_VALUES", "DELIVERY_ATTEMPTS", "DELIVERY_LATENCY", "INGESTED",
-           "CircuitCollector", "StoreCollector", "build_registry", "count_batch_rows",
-           "count_ingested", "observe_delivery"]
+           "WRITER_RETRIES", "CircuitCollector", "StoreCollector", "build_registry",
+           "count_batch_rows", "count_ingested", "count_writer_retry", "observe_delivery"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,12 @@ DELIVERY_LATENCY = Histogram(
 BATCH_ROWS = Counter(
     "ce_gateway_batch_rows_processed", "Rows of batch files ingested (committed chunks).",
     ["partner_id", "adapter"], registry=None)
-PROCESS_COLLECTORS: tuple[Collector, ...] = (INGESTED, DELIVERY_ATTEMPTS, DELIVERY_LATENCY, BATCH_ROWS)
+WRITER_RETRIES = Counter(
+    "ce_gateway_writer_retries",
+    "Store transactions run again after a lost race or a deadlock (ingest, withdrawals, ops "
+    "conflict resolution, delivery outcomes, reprocessing), by cause.", ["cause"], registry=None)
+PROCESS_COLLECTORS: tuple[Collector, ...] = (INGESTED, DELIVERY_ATTEMPTS, DELIVERY_LATENCY,
+                                             BATCH_ROWS, WRITER_RETRIES)
 
 # The circuit breaker's state as a number (alert on > 0).
 CIRCUIT_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
@@ -83,6 +88,15 @@ def observe_delivery(outcome: str, seconds: float) -> None:
 
 def count_batch_rows(partner_id: str, adapter: str, rows: int) -> None:
     BATCH_ROWS.labels(partner_id, adapter).inc(rows)
+
+
+def count_writer_retry(cause: str) -> None:
+    """A writer's transaction rolled back and runs again, counted by ``cause``.
+
+    ``deadlock``, ``serialization``, ``key_race`` (a twin took an activity or a cap group
+    first) or ``unique`` (a twin's row).
+    """
+    WRITER_RETRIES.labels(cause).inc()
 
 
 # -- read at scrape time ------------------------------------------------------------------------

@@ -31,7 +31,13 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine, bindparam, delete, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from contracts import (
     CONTRACT_VERSION,
@@ -303,23 +309,42 @@ def ingest_items(engine: Engine, partner: PartnerRef, items: Sequence[Item], *,
 # PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back
 # and may simply run again.  Cap groups are locked in one order, but a successor's group
 # (succeed()) is locked after the chunk's own, so two writers can meet crosswise.
-_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+_RETRY_SQLSTATES = {"40P01": "deadlock", "40001": "serialization"}
+
+
+def _retry_cause(exc: BaseException) -> str | None:
+    """Why a writer may run again, or None.
+
+    A concurrent twin won a race (an activity, a cap group, a unique row), or PostgreSQL broke
+    a deadlock or a serialization failure.
+    """
+    if isinstance(exc, _KeyRaceLost):
+        return "key_race"
+    if isinstance(exc, IntegrityError):
+        return "unique"
+    if isinstance(exc, DBAPIError):
+        return _RETRY_SQLSTATES.get(getattr(exc.orig, "sqlstate", None) or "")
+    return None
 
 
 def _may_retry(exc: BaseException) -> bool:
-    """A concurrent twin won a race (key, unique row) or PostgreSQL broke a deadlock."""
-    if isinstance(exc, IntegrityError | _KeyRaceLost):
-        return True
-    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES
+    return _retry_cause(exc) is not None
+
+
+def _count_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    metrics.count_writer_retry((_retry_cause(exc) if exc is not None else None) or "other")
 
 
 def writer_retries() -> Retrying:
-    """Run a lost race again after a short random pause (full jitter).
+    """Run a lost race again after a short random pause (full jitter), counting it.
 
-    Twins racing for one person's activities would otherwise meet again at once.
+    Twins racing for one person's activities would otherwise meet again at once.  The count
+    (``ce_gateway_writer_retries_total``) is how ops see contention between replicas.
     """
     return Retrying(retry=retry_if_exception(_may_retry), stop=stop_after_attempt(8),
-                    wait=wait_random_exponential(multiplier=0.005, max=0.25), reraise=True)
+                    wait=wait_random_exponential(multiplier=0.005, max=0.25),
+                    before_sleep=_count_retry, reraise=True)
 
 
 def _scope_errors(partner: PartnerRef, sub: CESubmission) -> list[Note]:

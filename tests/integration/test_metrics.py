@@ -36,6 +36,7 @@ FAMILIES = {  # family name → type, as the text exposition declares them
     "ce_gateway_backlog_oldest_age_seconds": "gauge", "ce_gateway_dead_letters": "gauge",
     "ce_gateway_circuit_state": "gauge", "ce_gateway_batch_rows_processed": "counter",
     "ce_gateway_pull_lag_seconds": "gauge", "ce_gateway_store_up": "gauge",
+    "ce_gateway_writer_retries": "counter",
 }
 ID_NUMBER = re.compile(r"\d{17}[\dXx]")
 
