@@ -46,7 +46,11 @@ EVENT_ZH = {"received": "接收", "queued": "进入投递队列", "attempt": "�
             "superseded": "被冲突记录取代", "conflict": "判定冲突", "conflict_resolved": "冲突已解决",
             "duplicate": "判定重复", "corrected": "更正（新版本）", "recredited": "重新核定学时",
             "revalidation": "重新校验", "rejected": "拒收", "withdrawn": "撤回",
-            "succeeded": "接替原记录计入学时（原记录已撤回或已更正）", "pruned": "按保留期清理"}
+            "succeeded": "接替原记录计入学时（原记录已撤回或已更正）",
+            "retention_pruned": "按保留期清理", "cap_reallocated": "封顶学时重新分配",
+            "batch_received": "接收批量文件", "partner_added": "新增合作方",
+            "operator_added": "新增运维人员", "reference_imported": "导入参考数据",
+            "reference_synced": "同步参考数据"}
 
 
 class Ident(str):
