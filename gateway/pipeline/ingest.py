@@ -511,6 +511,7 @@ class Chunk:
         self.lock_first: set[caps.Group] = lock_first if lock_first is not None else set()
         self.pending: list[_Pending] = []
         self.leaving: dict[caps.Group, set[str]] = {}
+        self.unsettled: set[caps.Group] = set()  # groups whose other records _settle_caps re-issues
         self.recredited: list[dict[str, Any]] = []
         self.now_iso = now.isoformat()
         self.events: list[audit.Event] = []
@@ -623,11 +624,21 @@ class Chunk:
         # Audit last: its head row is the one lock every writer takes, so holding it while
         # succeed() updates other partners' records would deadlock with a crosswise twin.
         self.events += succeed(self.conn, self.config, self.now, self.freed)
+        self.events += self._settle_caps()
         audit.append(self.conn, self.events, self.now)
         return answers
 
     # -- caps (R10) -----------------------------------------------------------------------
     def _apply_caps(self) -> None:
+        """Credit this chunk's capped records; their groups' other records are settled later.
+
+        A record that lets an activity go here (withdrawn, corrected away) is succeeded by the
+        next report of it after the writes (:func:`succeed`), which joins the group then.  So
+        that a record behind them is not lifted by one re-issued version and cut back by the
+        next, the successor expected is counted in now (:meth:`_successors`), and the stored
+        records whose share moved are re-issued once, after the succession
+        (:meth:`_settle_caps`), from the group as it then stands.
+        """
         groups: dict[caps.Group, dict[str, _Pending]] = {}
         withdrawn = {w["rid"] for w in self.withdrawals}  # a version of this chunk, withdrawn in it
         for p in self.pending:
@@ -636,23 +647,72 @@ class Chunk:
                 groups.setdefault(group, {})[p.record_id] = p
         for group in self.leaving:
             groups.setdefault(group, {})
+        joining = self._successors() if self.freed else {}
+        for group in joining:
+            groups.setdefault(group, {})
         for group in sorted(groups):  # one lock order for every writer: no deadlocks
             mine = groups[group]
             gone = frozenset(self.leaving.get(group, set()) - set(mine))
             cap = self.config.caps[group[2]]
             self._lock_groups({group})
-            credited, stored = caps.reallocate(self.conn, group, cap, self.now,
-                                               {rid: p.sub.hours for rid, p in mine.items()},
-                                               gone=gone)
+            credited, _ = caps.reallocate(self.conn, group, cap, self.now,
+                                          {**joining.get(group, {}),
+                                           **{rid: p.sub.hours for rid, p in mine.items()}},
+                                          gone=gone)
             for rid, p in mine.items():
                 p.credited = credited[rid]
                 p.row["credited_hours"] = str(p.credited)
                 p.cap = cap_note(p.sub.hours, p.credited, cap, group[2])
                 if p.cap is not None:
                     p.answer.warnings.append(p.cap[0])
+            self.unsettled.add(group)
+
+    def _successors(self) -> dict[caps.Group, dict[str, Decimal]]:
+        """The held reports expected to take over activities let go here, by cap group.
+
+        :func:`succeed` decides after the writes; this reads the same (the earliest live
+        duplicate of an activity nobody in the chunk holds) beforehand.  A report this chunk
+        changes itself is left out: a guess that misses only costs an extra re-issue, since
+        :meth:`_settle_caps` allocates each group again from what was written.
+        """
+        touched = self.born | set(self._versioned_ids())
+        joining: dict[caps.Group, dict[str, Decimal]] = {}
+        for key in sorted(self.freed):
+            holder = self.holders.get(key)
+            if holder is not None and _holds(self.by_record[holder], key):
+                continue
+            held = self.conn.execute(select(records).where(
+                records.c.natural_key == key, text(HELD), records.c.withdrawn.is_(False))
+                .order_by(records.c.created_at, records.c.record_id)).mappings().all()
+            first = next((r for r in held if r["status"] == RecordStatus.DUPLICATE.value
+                          and not _pruned(self.conn, r)), None)
+            if first is None or first["record_id"] in touched or not first["cap_type"]:
+                continue
+            group = (first["person_key"], int(first["counts_year"]), first["cap_type"])
+            joining.setdefault(group, {})[first["record_id"]] = Decimal(first["hours"] or "0")
+        return joining
+
+    def _versioned_ids(self) -> list[str]:
+        """The records this chunk versions (corrections, withdrawals) — not new ones."""
+        return [u["rid"] for u in self.record_updates] + [w["rid"] for w in self.withdrawals]
+
+    def _settle_caps(self) -> list[audit.Event]:
+        """Re-issue the records whose share of a group this chunk touched has moved.
+
+        Runs after the writes and the succession, so a group is allocated from what now
+        stands in it: its records, the chunk's and a successor's among them.
+        """
+        if not self.unsettled:
+            return []
+        after = Chunk(self.conn, self.partner, self.now, self.batch_id, self.config)
+        for group in sorted(self.unsettled):  # locked by this transaction already
+            cap = self.config.caps[group[2]]
+            credited, stored = caps.reallocate(self.conn, group, cap, self.now, {})
             for rid, old in stored.items():
-                if rid not in mine and rid not in gone and credited[rid] != old.credited:
-                    self._recredit(old, credited[rid], cap, group[2])
+                if credited[rid] != old.credited:
+                    after._recredit(old, credited[rid], cap, group[2])
+        after._write(with_audit=False)
+        return after.events
 
     # -- integrity across records (R14) ------------------------------------------------------
     def _flag_integrity(self) -> None:

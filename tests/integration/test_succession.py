@@ -191,3 +191,23 @@ def test_a_withdrawal_whose_successor_joins_the_cap_moves_no_share_twice(
     assert _queued(engine, dup.record_id) == [1]
     assert sorted(_counted(engine, person.id_number)) == sorted([dup.record_id, m1.record_id,
                                                                  m2.record_id])
+
+
+def test_a_correction_that_lets_the_activity_go_moves_no_share_twice(
+        engine: Engine, new_partner: Callable[..., Partner]) -> None:
+    """As a withdrawal, in a chunk: X corrected to a failed assessment (R9) is withdrawn."""
+    a, b = _ref(new_partner(engine)), _ref(new_partner(engine))
+    person = make_person(random.Random(44))
+    x = paper("X", person, 1)
+    [held] = ingest(engine, a, [x], now=NOW)
+    [dup] = ingest(engine, b, [x | {"source_record_id": "S"}], now=NOW)
+    m1, m2 = ingest(engine, a, [paper("M1", person, 2), paper("M2", person, 3)], now=NOW)
+    assert [r.status for r in (held, dup, m1, m2)] == ["accepted", "duplicate", "accepted", "accepted"]
+    assert _row(engine, m2.record_id)["credited_hours"] == "0.0"
+
+    [failed] = ingest(engine, a, [_failed(x)], now=NOW)
+    assert (failed.status, failed.record_id, failed.version) == ("rejected", held.record_id, 2)
+    assert _holder(engine, dup.record_id) == dup.record_id
+    assert [_row(engine, r)["credited_hours"] for r in (dup.record_id, m1.record_id, m2.record_id)
+            ] == ["10.0", "10.0", "0.0"]
+    assert _queued(engine, m2.record_id) == [1]
