@@ -12,6 +12,8 @@ Found (xfail, strict):
 - a record whose earlier version the management system applied, corrected to a version it
   refuses, gives its share away although the applied version still counts there: the
   management system then counts 30 h of papers (cap 20);
+- a refused record keeps holding its activity, so another source's report of the same paper
+  stays a duplicate that is never forwarded: the activity counts nowhere.
 
 Held: refusals of several records in one batch across paper, book and lecture groups; a 400
 on the record alone (the split path); a newcomer while one is refused, reprocess refused
@@ -449,3 +451,22 @@ def test_a_refusal_recorded_while_the_group_changes(
     _drain(make_worker())
     _check(engine, person, url)
 
+
+# -- 4. another source's report of a refused record's activity -----------------------------------
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a record refused for good counts nowhere but keeps holding its activity: another "
+    "source's report of the same paper stays a duplicate linked to it, never forwarded, so "
+    "the person loses hours two sources reported (succeed() is not run on a refusal)"))
+def test_another_sources_report_of_a_refused_paper_counts(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    url, faults = mock_ce
+    mine, theirs = new_partner(engine), new_partner(engine)
+    person = make_person(random.Random(107))
+    ids = _put(engine, mine, _item(person, "A", "盐湖", 3), _item(person, "B", "湿地", 4))
+    faults.reject_ids = {ids["A"]}  # the management system refuses A's record, not the paper
+    dup = _put(engine, theirs, _item(person, "X", "盐湖", 3), expect=("duplicate",))
+    _drain(make_worker())
+    counted = _check(engine, person, url)
+    assert _by_sid(counted, ids | dup) == {"B": "10.0", "X": "10.0"}
