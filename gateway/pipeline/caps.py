@@ -8,8 +8,8 @@ record was cut short of.  Records whose share moved get a new version (forwarded
 correction).
 
 A record the management system refused for good (its current version dead-lettered
-``DOWNSTREAM_REJECTED``) counts nowhere, so it holds no share: :func:`stored_records` leaves it
-out, and the delivery worker allocates its group again when the refusal lands, as ops
+``DOWNSTREAM_REJECTED``, and no version of it ever applied there) counts nowhere, so it holds no
+share: :func:`stored_records` leaves it out (:func:`counts_nowhere`), and the delivery worker allocates its group again when the refusal lands, as ops
 reprocessing does when it brings the record back (:func:`gateway.pipeline.ingest.
 reallocate_after_delivery`).
 
@@ -24,8 +24,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, exists, select, tuple_, update
+from sqlalchemy import ColumnElement, Connection, and_, exists, select, tuple_, update
+from sqlalchemy.orm import aliased
 
 from gateway.pipeline.credit import allocate
 from gateway.store.bulk import bulk_insert
@@ -39,15 +41,29 @@ Group = tuple[str, int, str]  # (person_key, counts_year, cap_type)
 REFUSED_FOR_GOOD = frozenset({"DOWNSTREAM_REJECTED"})
 
 
-def refused_downstream() -> ColumnElement[bool]:
-    """Whether a record's current version is dead-lettered with a code of REFUSED_FOR_GOOD.
+def counts_nowhere() -> ColumnElement[bool]:
+    """Whether a record holds no share of its cap group: the management system has none of it.
 
-    One probe of the outbox's unique ``(record_id, version)`` index.  Reprocessing the
-    delivery puts it back to pending with its code cleared, so the record counts again.
+    Its current version is dead-lettered with a code of REFUSED_FOR_GOOD, and no version of it
+    was ever applied there.  A record whose earlier version was applied keeps its share: the
+    management system still counts that version, and giving its hours to another record would
+    take the person over the cap there.  Two probes of the outbox's ``(record_id, version)``
+    index.  Reprocessing the refused delivery puts it back to pending with its code cleared.
     """
-    return exists().where(outbox.c.record_id == records.c.record_id,
-                          outbox.c.version == records.c.current_version,
-                          outbox.c.status == "dead", outbox.c.error_code.in_(REFUSED_FOR_GOOD))
+    return and_(exists().where(outbox.c.record_id == records.c.record_id,
+                               outbox.c.version == records.c.current_version,
+                               outbox.c.status == "dead",
+                               outbox.c.error_code.in_(REFUSED_FOR_GOOD)),
+                ~applied_once(records.c.record_id))
+
+
+def applied_once(record_id: Any) -> ColumnElement[bool]:
+    """Whether the management system applied some version of the record (a delivered row).
+
+    On an alias of the outbox, so a query that joins the outbox itself does not correlate it.
+    """
+    applied = aliased(outbox)
+    return exists().where(applied.c.record_id == record_id, applied.c.status == "delivered")
 
 
 @dataclass(frozen=True)
@@ -83,13 +99,13 @@ def lock_groups(conn: Connection, groups: Iterable[Group], now: datetime) -> Non
 
 
 def stored_records(conn: Connection, group: Group) -> dict[str, Stored]:
-    """The group's records that hold a share: accepted, not withdrawn, not refused downstream."""
+    """The group's records that hold a share: accepted, not withdrawn, counted somewhere."""
     person_key, year, cap_type = group
     rows = conn.execute(select(records.c.record_id, records.c.current_version, records.c.hours,
                                records.c.credited_hours)
                         .where(records.c.person_key == person_key, records.c.counts_year == year,
                                records.c.cap_type == cap_type, records.c.status == "accepted",
-                               records.c.withdrawn.is_(False), ~refused_downstream()))
+                               records.c.withdrawn.is_(False), ~counts_nowhere()))
     return {r.record_id: Stored(r.record_id, int(r.current_version), Decimal(r.hours or "0"),
                                 Decimal(r.credited_hours or "0")) for r in rows}
 

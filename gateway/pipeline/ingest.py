@@ -1362,7 +1362,9 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
     under ``not_counted``), so :func:`caps.stored_records` leaves it out: its share goes to the
     rest of its group, and a requeued record takes it back.  Records whose share moved are
     re-issued and forwarded, as after a withdrawal.  An older version's delivery changes
-    nothing, and neither does a record no longer counted (withdrawn, held): they hold no share.
+    nothing, and neither does a record no longer counted (withdrawn, held), which holds no
+    share, or one of which the management system applied a version, which keeps its share
+    (:func:`caps.counts_nowhere`).
 
     Locks as ingest does: the groups in sorted order, then the records it re-issues.  A record
     corrected meanwhile was allocated by its own chunk under the same lock; this allocation then
@@ -1378,7 +1380,7 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
                         records.c.counts_year, records.c.cap_type).where(
                         records.c.record_id.in_(part), records.c.cap_type.is_not(None),
                         records.c.status == RecordStatus.ACCEPTED.value,
-                        records.c.withdrawn.is_(False)))
+                        records.c.withdrawn.is_(False), ~caps.applied_once(records.c.record_id)))
                     if int(r.current_version) == wanted[r.record_id]]
     if not current:
         return []

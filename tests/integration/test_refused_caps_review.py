@@ -8,12 +8,15 @@ order, the caps_ledger row agrees, the compliance report agrees, and — once th
 drained — the management system's last applied version of every counted record carries the
 stored credited hours, and what it counts of a cap type stays within the cap.
 
-Found (xfail, strict):
+Found, and fixed:
 - a record whose earlier version the management system applied, corrected to a version it
-  refuses, gives its share away although the applied version still counts there: the
-  management system then counts 30 h of papers (cap 20);
+  refuses, gave its share away although the applied version still counts there: the
+  management system then counted 30 h of papers (cap 20).  Such a record keeps its share
+  (``caps.counts_nowhere``), so the invariant's share holders include it.
+Found, and kept by design:
 - a refused record keeps holding its activity, so another source's report of the same paper
-  stays a duplicate that is never forwarded: the activity counts nowhere.
+  stays a duplicate until the refused record is withdrawn (reprocessing it later must not
+  make the activity count twice downstream).
 
 Held: refusals of several records in one batch across paper, book and lecture groups; a 400
 on the record alone (the split path); a newcomer while one is refused, reprocess refused
@@ -49,7 +52,7 @@ from gateway.pipeline.credit import allocate
 from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
 from gateway.pipeline.rules_tables import RulesConfig
-from gateway.store.tables import caps_ledger, outbox, records
+from gateway.store.tables import audit_events, caps_ledger, outbox, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
 
@@ -115,16 +118,26 @@ def _rows(engine: Engine, person: GenPerson) -> list[Any]:
             select(records.c.record_id, records.c.current_version, records.c.status,
                    records.c.withdrawn, records.c.cap_type, records.c.activity_type,
                    records.c.hours, records.c.credited_hours,
-                   outbox.c.status.label("delivery"), outbox.c.error_code)
+                   outbox.c.status.label("delivery"), outbox.c.error_code,
+                   caps_module.applied_once(records.c.record_id).label("applied"))
             .select_from(records.outerjoin(outbox, on_current))
             .where(records.c.person_key == person_key_of("resident_id", person.id_number),
                    records.c.counts_year == 2026)
             .order_by(records.c.record_id)).all()  # type: ignore[return-value]
 
 
+def _refused(r: Any) -> bool:
+    return bool(r.delivery == "dead" and r.error_code == "DOWNSTREAM_REJECTED")
+
+
 def _counts(r: Any) -> bool:
-    refused = r.delivery == "dead" and r.error_code == "DOWNSTREAM_REJECTED"
-    return r.status == "accepted" and not r.withdrawn and not refused
+    """Counted by the compliance report: its current version was not refused for good."""
+    return r.status == "accepted" and not r.withdrawn and not _refused(r)
+
+
+def _holds_share(r: Any) -> bool:
+    """Holds a share of its cap: counted, or refused now but applied downstream before."""
+    return r.status == "accepted" and not r.withdrawn and (not _refused(r) or bool(r.applied))
 
 
 def _applied(url: str, record_id: str) -> list[dict[str, Any]]:
@@ -146,7 +159,7 @@ def _check(engine: Engine, person: GenPerson, url: str | None = None) -> dict[st
             .where(caps_ledger.c.person_key == pk, caps_ledger.c.year == 2026))}
         report = compliance.report(conn, person.id_number, 2026)
     for cap_type, cap in CAPS.items():
-        mine = [r for r in rows if r.cap_type == cap_type and _counts(r)]
+        mine = [r for r in rows if r.cap_type == cap_type and _holds_share(r)]
         want = allocate([(r.record_id, Decimal(r.hours)) for r in mine], cap)
         got = {r.record_id: Decimal(r.credited_hours) for r in mine}
         assert got == want, (cap_type, got, want)
@@ -199,10 +212,6 @@ def _until(predicate: Callable[[], bool], what: str, seconds: float = 20) -> Non
 
 # -- 1. an earlier version the management system applied still counts there -------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a record whose earlier version the management system applied, corrected to a version it "
-    "refuses, gives its cap share away although the earlier version still counts downstream: "
-    "the management system then counts more than the R10 cap"))
 def test_a_refused_correction_of_an_applied_paper_keeps_the_management_system_within_the_cap(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker) -> None:
@@ -221,6 +230,11 @@ def test_a_refused_correction_of_an_applied_paper_keeps_the_management_system_wi
     _drain(worker)
     assert [v["version"] for v in _applied(url, ids["A"])] == [1]
     _check(engine, person, url)
+    # A keeps its share (the management system counts its version 1): C stays at 0 h.
+    assert [v["version"] for v in _applied(url, ids["C"])] == [1]
+    with engine.connect() as conn:
+        assert conn.execute(select(audit_events.c.seq).where(
+            audit_events.c.kind == "cap_reallocated")).first() is None
 
 
 # -- 2. paths that held ------------------------------------------------------------------------
@@ -454,19 +468,27 @@ def test_a_refusal_recorded_while_the_group_changes(
 
 # -- 4. another source's report of a refused record's activity -----------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a record refused for good counts nowhere but keeps holding its activity: another "
-    "source's report of the same paper stays a duplicate linked to it, never forwarded, so "
-    "the person loses hours two sources reported (succeed() is not run on a refusal)"))
-def test_another_sources_report_of_a_refused_paper_counts(
+def test_a_refused_record_keeps_its_activity_until_its_partner_withdraws_it(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker) -> None:
+    """By design, a refusal hands no activity over (the reviewer's finding, decided so).
+
+    Ops may reprocess the refused record once the management system accepts it; had another
+    source's report taken the activity over meanwhile, both would then count there.  So the
+    report stays a duplicate, not forwarded, until the refused record is withdrawn (by its
+    partner, or an operator acting for it) — then it takes over as after any withdrawal.
+    """
     url, faults = mock_ce
     mine, theirs = new_partner(engine), new_partner(engine)
     person = make_person(random.Random(107))
     ids = _put(engine, mine, _item(person, "A", "盐湖", 3), _item(person, "B", "湿地", 4))
     faults.reject_ids = {ids["A"]}  # the management system refuses A's record, not the paper
     dup = _put(engine, theirs, _item(person, "X", "盐湖", 3), expect=("duplicate",))
-    _drain(make_worker())
-    counted = _check(engine, person, url)
-    assert _by_sid(counted, ids | dup) == {"B": "10.0", "X": "10.0"}
+    worker = make_worker()
+    _drain(worker)
+    assert _by_sid(_check(engine, person, url), ids | dup) == {"B": "10.0"}
+    assert _applied(url, dup["X"]) == []
+
+    withdraw(engine, PartnerRef(mine.partner_id, "canonical"), "A", now=NOW)
+    _drain(worker)
+    assert _by_sid(_check(engine, person, url), ids | dup) == {"B": "10.0", "X": "10.0"}
