@@ -17,8 +17,8 @@ A version is pruned only when **all** of these hold (each guards a reader of the
   body), or its record's CE year (``counts_year``) is **closed** (``YEAR_CLOSE`` and
   ``YEAR_CLOSE_EXTENSIONS``) and the record is in no cap group (R10 re-allocation re-issues a
   capped record from its current payload).  Ingest reads a closed year's current payload only
-  when another source reports the same activity (then judged a conflict, held for ops) or when
-  the partner withdraws it (refused ``YEAR_CLOSED``); see ``gateway.pipeline.ingest``.
+  when the partner withdraws it (refused ``YEAR_CLOSED``); another source's report of the same
+  activity is judged on the hours the record's row keeps; see ``gateway.pipeline.ingest``.
 
 Closed rejections (``revalidated`` or ``superseded``: a record or a fresh open rejection
 carries them on) older than the age get a stub ``{"pruned": true, "rejection_id", "pruned_at"}``

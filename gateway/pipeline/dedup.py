@@ -4,7 +4,8 @@
   same hash is a resend (``duplicate``), a different hash is a correction (``corrected``).
 - ``natural_key``: who did what and when — id number, CE year, activity identity (type,
   provider, plan, normalised title) and completion date.  Another source with the same key is
-  a ``duplicate`` when the claim matches and a ``conflict`` (held for ops) when it does not.
+  a ``duplicate`` when it is worth the same hours and a ``conflict`` (held for ops) when it is
+  not (``gateway.pipeline.ingest._claim``: the hours, not the unit and quantity claimed).
 - ``person_key``: a keyed digest of the identity number, so indexes never hold it in clear.
 """
 
@@ -61,8 +62,3 @@ def natural_key(submission: CESubmission) -> str:
         normalise_title(activity.title),
         activity.completed_on.isoformat(),
     )
-
-
-def same_claim(a: CESubmission, b: CESubmission) -> bool:
-    """Whether two reports of one activity claim the same thing (else: conflict)."""
-    return a.claimed.unit == b.claimed.unit and a.claimed.quantity == b.claimed.quantity

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import Connection, Engine, bindparam, delete, select, text, tuple_, update
+from sqlalchemy import Connection, Engine, bindparam, delete, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from tenacity import (
     RetryCallState,
@@ -117,7 +117,7 @@ class Prepared:
     content_hash: str
     natural_key: str
     person_key: str
-    claim: tuple[str, str]  # (unit, normalised quantity): what "the same hours" compares
+    claim: str  # the hours it is worth, before caps (_claim): what "the same hours" compares
     year: int
     completed_on: date
     masked_id: str
@@ -193,7 +193,7 @@ def prepare(item: Item, partner: PartnerRef, now: datetime, rules: RulesContext)
     item.prepared = Prepared(
         source_record_id=sub.source_record_id, sub_json=sub_json,
         content_hash=dedup.hash_json(sub_json), natural_key=dedup.natural_key(sub),
-        person_key=dedup.person_key(sub), claim=_claim_of(sub), year=sub.year,
+        person_key=dedup.person_key(sub), claim=_claim(verdict.hours), year=sub.year,
         completed_on=sub.activity.completed_on, masked_id=mask_id(sub.person.id_number),
         hours=verdict.hours,
         rule_notes=tuple(n.model_dump(mode="json") for n in item.rule_notes),
@@ -406,7 +406,7 @@ class _Known:
     withdrawn: bool
     status: str
     duplicate_of: str | None
-    claim: tuple[str, str] | None  # (unit, quantity) of the current version; None: not read yet
+    claim: str | None  # the hours its current version is worth (_claim); None: unknown
     natural_key: str  # of its current version (who, what, when)
     cap_group: caps.Group | None = None  # the capped group its current version counts in
     # (version, status, withdrawn) as read from the store; None: first seen in this chunk
@@ -417,11 +417,24 @@ class _Known:
 _KNOWN_COLUMNS = (records.c.record_id, records.c.source_record_id, records.c.current_version,
                   records.c.content_hash, records.c.withdrawn, records.c.status,
                   records.c.duplicate_of, records.c.cap_type, records.c.person_key,
-                  records.c.counts_year, records.c.natural_key)
+                  records.c.counts_year, records.c.natural_key, records.c.hours)
 
 
-def _claim_of(sub: CESubmission) -> tuple[str, str]:
-    return sub.claimed.unit.value, str(sub.claimed.quantity.normalize())
+def _claim(hours: Decimal) -> str:
+    """What two reports of one activity compare: the hours each is worth, before caps.
+
+    SPEC §7: the same activity with the same hours is a ``duplicate``, with other hours a
+    ``conflict``.  Hours, not the claimed unit and quantity: a paper one source reports as
+    sole-authored (10 h) and another as co-authored (5 h) claims "1 paper" in both, and two
+    credits at 3.6 h a credit are the same 7.2 h as 7.2 hours.  One spelling for a number
+    (``7.20`` is ``7.2``).
+    """
+    return format(hours.normalize(), "f")
+
+
+def _stored_claim(hours: str | None) -> str | None:
+    """A stored record's claim; None when its hours are unknown (then: a conflict)."""
+    return _claim(Decimal(hours)) if hours else None
 
 
 RULES_COLUMNS = ("category", "activity_type", "counts_year", "hours", "credited_hours",
@@ -556,48 +569,18 @@ class Chunk:
         for part in _chunks(missing):
             self._remember(self.conn.execute(select(*_KNOWN_COLUMNS).where(
                 records.c.record_id.in_(part))).mappings().all(), by_source=False)
-        # Claims are compared only when a submission is judged against another record (its
-        # activity's holder, or the record its own was a duplicate of): read just those.  An
-        # annual batch repeating its months needs none, and reading every known record's
-        # payload was most of its writer's time.
-        wanted: set[str] = set()
-        for s in subs:
-            own, holder = self.by_source.get(s.source_record_id), self.holders.get(s.natural_key)
-            if holder is not None and (own is None or own.record_id != holder):
-                wanted.add(holder)
-            if own is not None and own.duplicate_of:
-                wanted.add(own.duplicate_of)
-        self._load_claims(sorted(wanted & self.by_record.keys()))
 
     def _remember(self, rows: Iterable[Any], by_source: bool = True) -> None:
         for r in rows:
             counted = r["cap_type"] and r["status"] == "accepted" and not r["withdrawn"]
             group = (r["person_key"], int(r["counts_year"]), r["cap_type"]) if counted else None
             known = _Known(r["record_id"], int(r["current_version"]), r["content_hash"],
-                           bool(r["withdrawn"]), r["status"], r["duplicate_of"], None,
-                           r["natural_key"], group,
+                           bool(r["withdrawn"]), r["status"], r["duplicate_of"],
+                           _stored_claim(r["hours"]), r["natural_key"], group,
                            (int(r["current_version"]), r["status"], bool(r["withdrawn"])))
             self.by_record[known.record_id] = known
             if by_source:
                 self.by_source[r["source_record_id"]] = known
-
-    def _load_claims(self, record_ids: Sequence[str]) -> None:
-        """Read the claim of stored records' current versions into ``by_record``."""
-        wanted = [(rid, self.by_record[rid].version) for rid in record_ids
-                  if self.by_record[rid].claim is None]
-        for part in _chunks(wanted):
-            for v in self.conn.execute(select(record_versions.c.record_id, record_versions.c.payload)
-                                       .where(tuple_(record_versions.c.record_id,
-                                                     record_versions.c.version).in_(part))):
-                # A closed year's payload may be a retention stub (gateway/retention.py): no
-                # claim to compare, so the same activity from another source is a conflict.
-                claimed = orjson.loads(v.payload).get("claimed")
-                self.by_record[v.record_id].claim = (
-                    (claimed["unit"], str(Decimal(claimed["quantity"]).normalize()))
-                    if claimed else ("", ""))
-        for rid, _ in wanted:  # no version row at all: nothing to compare either
-            if self.by_record[rid].claim is None:
-                self.by_record[rid].claim = ("", "")
 
     # -- decisions --------------------------------------------------------------------------
     def run(self, items: Sequence[Item]) -> list[RecordAnswer]:
@@ -891,9 +874,8 @@ class Chunk:
 
     def _judge(self, sub: Prepared, holder: str) -> RecordStatus:
         self.judged[sub.natural_key] = holder
-        if self.by_record[holder].claim is None:  # not foreseen by _load: read it now
-            self._load_claims([holder])
-        same = self.by_record[holder].claim == sub.claim
+        claim = self.by_record[holder].claim
+        same = claim is not None and claim == sub.claim
         return RecordStatus.DUPLICATE if same else RecordStatus.CONFLICT
 
     def _build(self, p: _Pending) -> str:

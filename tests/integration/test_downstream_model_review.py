@@ -37,8 +37,8 @@ every conflict resolved, drained) it checks, per person:
    ops, by design) — never a duplicate left holding nothing.  At the end, with every conflict
    resolved, each activity with a live report counts exactly once.
 
-Findings: dedup judges "the same hours" by the claimed quantity, so one paper reported sole
-(10 h) and co-authored (5 h) is a duplicate, not a conflict (xfail below).  By design, not
+Findings: dedup judged "the same hours" by the claimed quantity, so one paper reported sole
+(10 h) and co-authored (5 h) was a duplicate, not a conflict (fixed: the hours are compared).  By design, not
 asserted: a withdrawal the management system refuses leaves it counting the old version while
 the report shows nothing for the record (not even under ``not_counted``, which lists only
 counted records), and a later correction into a duplicate is not forwarded (it "did not count").
@@ -504,9 +504,6 @@ def test_random_walk_downstream_agrees_with_the_report(
 
 # -- findings ------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="dedup compares the claimed quantity and unit, not the "
-                   "hours: a sole author's paper (10 h) and a co-author's report of it (5 h) are "
-                   "'duplicate', never a conflict for ops (SPEC §7 'Dedup')")
 def test_one_paper_reported_sole_by_one_partner_and_co_by_another_is_a_conflict(
         engine: Engine, new_partner: Callable[..., Partner]) -> None:
     a, b = (PartnerRef(new_partner(engine).partner_id, "canonical") for _ in range(2))
@@ -517,7 +514,7 @@ def test_one_paper_reported_sole_by_one_partner_and_co_by_another_is_a_conflict(
                       now=NOW)
     assert first.status.value == "accepted"
     # Same person, year, paper title and date: one activity.  A says 10 h (R3 sole author), B
-    # says 5 h (co-author): "same key but different hours → conflict", held for ops.  Actual:
-    # duplicate, so B's 5 h silently repeat A's 10 h (and, were A withdrawn, B would take over
-    # with half the hours nobody reviewed).
+    # says 5 h (co-author): "same key but different hours → conflict", held for ops.  It was a
+    # duplicate, so B's 5 h silently repeated A's 10 h (and, were A withdrawn, B would have
+    # taken over with half the hours nobody reviewed).
     assert second.status.value == "conflict"

@@ -164,12 +164,13 @@ def test_only_old_delivered_finished_payloads_are_pruned_and_readers_still_answe
     assert json.loads(events[0]["detail"])["cutoff"] == (NOW1 - timedelta(days=400)).isoformat()
 
     # Readers of a pruned current version: withdrawal is refused with a code, the same
-    # activity from another source is held as a conflict, the ops page still answers.
+    # activity from another source is judged on the hours its record's row keeps (the same:
+    # a duplicate, never forwarded), the ops page still answers.
     with pytest.raises(PayloadRejected) as refused:
         withdraw(store, ref, "RT-A")
     assert refused.value.code == "YEAR_CLOSED"
     [again] = ingest(store, ref, [subs["A"] | {"source_record_id": "RT-A2"}], now=T1)
-    assert again.status == "conflict"
+    assert again.status == "duplicate"
     viewer = {"Authorization": f"Bearer {new_operator(store, role='viewer')}"}
     with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
         for name in "AB":
