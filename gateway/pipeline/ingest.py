@@ -53,7 +53,7 @@ from gateway.config import Settings
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id
 from gateway.pipeline import caps, dedup
-from gateway.pipeline.credit import cap_note, coded, day_totals, explain, overlapping
+from gateway.pipeline.credit import allocate, cap_note, coded, day_totals, explain, overlapping
 from gateway.pipeline.rules import judge
 from gateway.pipeline.rules_tables import (
     BASE_ADAPTERS,
@@ -597,9 +597,13 @@ class Chunk:
         answers = [self._decide(index, item) for index, item in enumerate(items)]
         self._apply_caps()
         self._flag_integrity()
-        # A record first seen and withdrawn in this chunk never reaches the management system:
-        # its last word is "withdrawn", and a version forwarded first would count, uncapped.
-        unsent = self.born & {w["rid"] for w in self.withdrawals}
+        # A record first seen in this chunk whose last word here is "withdrawn", or a version
+        # that does not count (a repeat, a conflict), never reaches the management system: a
+        # version forwarded first would count there, uncapped or twice.
+        last = {p.record_id: p for p in self.pending}  # its last word in this chunk
+        unsent = self.born & ({w["rid"] for w in self.withdrawals}
+                              | {rid for rid, p in last.items()
+                                 if not p.queue and p.uncounted is None})
         for p in self.pending:
             self._store_version(p.record_id, p.version, self._build(p), p.content_hash,
                                 (p.queue or p.uncounted is not None) and p.record_id not in unsent)
@@ -624,31 +628,57 @@ class Chunk:
         """
         groups: dict[caps.Group, dict[str, _Pending]] = {}
         withdrawn = {w["rid"] for w in self.withdrawals}  # a version of this chunk, withdrawn in it
+        last = {p.record_id: p for p in self.pending}
+        earlier: list[_Pending] = []  # capped versions forwarded before the record's last word
         for p in self.pending:
-            if p.queue and p.sub.cap_type and p.record_id not in withdrawn:
-                group = (p.sub.person_key, p.sub.counts_year, p.sub.cap_type)
-                groups.setdefault(group, {})[p.record_id] = p
+            if p.queue and p.sub.cap_type:
+                if p is last[p.record_id] and p.record_id not in withdrawn:
+                    groups.setdefault(self._group_of(p), {})[p.record_id] = p
+                else:
+                    earlier.append(p)
+                    groups.setdefault(self._group_of(p), {})
         for group in self.leaving:
             groups.setdefault(group, {})
         joining = self._successors() if self.freed else {}
         for group in joining:
             groups.setdefault(group, {})
+        claims: dict[caps.Group, dict[str, Decimal]] = {}
         for group in sorted(groups):  # one lock order for every writer: no deadlocks
             mine = groups[group]
             gone = frozenset(self.leaving.get(group, set()) - set(mine))
             cap = self.config.caps[group[2]]
             self._lock_groups({group})
-            credited, _ = caps.reallocate(self.conn, group, cap, self.now,
-                                          {**joining.get(group, {}),
-                                           **{rid: p.sub.hours for rid, p in mine.items()}},
-                                          gone=gone)
+            hours = {**joining.get(group, {}), **{rid: p.sub.hours for rid, p in mine.items()}}
+            credited, stored = caps.reallocate(self.conn, group, cap, self.now, hours, gone=gone)
             for rid, p in mine.items():
-                p.credited = credited[rid]
-                p.row["credited_hours"] = str(p.credited)
-                p.cap = cap_note(p.sub.hours, p.credited, cap, group[2])
-                if p.cap is not None:
-                    p.answer.warnings.append(p.cap[0])
-            self.unsettled.add(group)
+                self._credit(p, credited[rid], cap)
+            claims[group] = {**{rid: s.hours for rid, s in stored.items() if rid not in gone},
+                             **hours}
+            # Stored records whose share moved are re-issued after the succession; so are those
+            # of a group a successor may join or a record leaves.
+            if group in joining or group in self.leaving or any(
+                    rid not in hours and rid not in gone and credited[rid] != old.credited
+                    for rid, old in stored.items()):
+                self.unsettled.add(group)
+        for p in earlier:
+            # Forwarded too (every acknowledged version is), so capped too: as if it were the
+            # record's last word, against the group as this chunk leaves it.
+            group = self._group_of(p)
+            cap = self.config.caps[group[2]]
+            alone = allocate(sorted({**claims[group], p.record_id: p.sub.hours}.items()), cap)
+            self._credit(p, alone[p.record_id], cap)
+
+    @staticmethod
+    def _group_of(p: _Pending) -> caps.Group:
+        return (p.sub.person_key, p.sub.counts_year, p.sub.cap_type or "")
+
+    @staticmethod
+    def _credit(p: _Pending, credited: Decimal, cap: Decimal) -> None:
+        p.credited = credited
+        p.row["credited_hours"] = str(credited)
+        p.cap = cap_note(p.sub.hours, credited, cap, p.sub.cap_type or "")
+        if p.cap is not None:
+            p.answer.warnings.append(p.cap[0])
 
     def _successors(self) -> dict[caps.Group, dict[str, Decimal]]:
         """The held reports expected to take over activities let go here, by cap group.
@@ -1346,13 +1376,15 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
     re-issued and forwarded, as after a withdrawal.  An older version's delivery changes
     nothing, and neither does a record no longer counted (withdrawn, held), which holds no
     share, or one of which the management system applied a version, which keeps its share
-    (:func:`caps.counts_nowhere`).
+    (:func:`caps.stored_records`).
 
     Locks as ingest does: the groups in sorted order, then the records it re-issues.  A record
     corrected meanwhile was allocated by its own chunk under the same lock; this allocation then
     finds nothing to move.  Returns the audit events for the caller to append last.
     """
     wanted = dict(touched)
+    for rid in caps.applied(conn, wanted):  # applied before: it keeps its share either way
+        del wanted[rid]
     current: list[tuple[str, int, caps.Group]] = []
     for part in _chunks(sorted(wanted)):
         current += [(r.record_id, int(r.current_version),
@@ -1362,7 +1394,7 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
                         records.c.counts_year, records.c.cap_type).where(
                         records.c.record_id.in_(part), records.c.cap_type.is_not(None),
                         records.c.status == RecordStatus.ACCEPTED.value,
-                        records.c.withdrawn.is_(False), ~caps.applied_once(records.c.record_id)))
+                        records.c.withdrawn.is_(False)))
                     if int(r.current_version) == wanted[r.record_id]]
     if not current:
         return []
@@ -1382,11 +1414,12 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
     return chunk.events
 
 
-def accept_held(chunk: Chunk, rec: Any,
-                leaving: dict[caps.Group, set[str]] | None = None) -> int:
+def accept_held(chunk: Chunk, rec: Any, leaving: dict[caps.Group, set[str]] | None = None,
+                joining: Sequence[Any] = ()) -> int:
     """Accept a held record (a duplicate or a conflict) and queue its current version.
 
-    Its hours join its cap group (R10) in one allocation with the records ``leaving`` theirs;
+    Its hours join its cap group (R10) in one allocation with the records ``leaving`` theirs
+    and the held records ``joining`` next in this transaction (each accepted by its own call);
     records whose share moves are re-issued.  It takes its activity's natural key.  Returns
     the version queued: a new one when its share of a cap differs from what its held version
     says.  The caller writes the chunk.
@@ -1397,6 +1430,11 @@ def accept_held(chunk: Chunk, rec: Any,
         group: ({}, set(gone)) for group, gone in (leaving or {}).items()}
     hours = Decimal(rec["hours"] or "0")
     credited_this, this_cap = hours, None
+    for other in joining:  # held records accepted next, in this transaction: counted in now
+        if other["cap_type"]:
+            group = (other["person_key"], int(other["counts_year"]), other["cap_type"])
+            groups.setdefault(group, ({}, set()))[0][str(other["record_id"])] = Decimal(
+                other["hours"] or "0")
     if rec["cap_type"]:
         group = (rec["person_key"], int(rec["counts_year"]), rec["cap_type"])
         groups.setdefault(group, ({}, set()))[0][record_id] = hours
@@ -1446,6 +1484,7 @@ def succeed(conn: Connection, config: RulesConfig, now: datetime,
     returns the audit events for the caller to append last (see :meth:`Chunk.run`).
     """
     events: list[audit.Event] = []
+    successors: list[Any] = []
     for key in sorted(freed):
         held = conn.execute(select(records).where(
             records.c.natural_key == key, text(HELD),
@@ -1462,18 +1501,23 @@ def succeed(conn: Connection, config: RulesConfig, now: datetime,
         if holder is None:
             continue  # only conflicts: ops choose
         if successor is not None and holder == successor["record_id"]:
-            chunk = Chunk(conn, PartnerRef(successor["partner_id"], successor["adapter"]), now,
-                          None, config)
-            chunk.events.append(audit.Event("succeeded", holder, int(successor["current_version"]),
-                                            "gateway", {"replaces": sorted(freed[key])}))
-            accept_held(chunk, successor)
-            chunk._write(with_audit=False)
-            events += chunk.events
+            successors.append(successor)
         others = [r["record_id"] for r in held
                   if r["record_id"] != holder and r["duplicate_of"] != holder]
         if others:
             conn.execute(update(records).where(records.c.record_id.in_(others))
                          .values(duplicate_of=holder, updated_at=now))
+    # Accepted one by one, each in one allocation with those still to come: a record behind
+    # them in a cap group moves once, not up with the first and down with the next.
+    for i, successor in enumerate(successors):
+        holder = str(successor["record_id"])
+        chunk = Chunk(conn, PartnerRef(successor["partner_id"], successor["adapter"]), now,
+                      None, config)
+        chunk.events.append(audit.Event("succeeded", holder, int(successor["current_version"]),
+                                        "gateway", {"replaces": sorted(freed[successor["natural_key"]])}))
+        accept_held(chunk, successor, joining=successors[i + 1:])
+        chunk._write(with_audit=False)
+        events += chunk.events
     return events
 
 

@@ -12,7 +12,7 @@ Found, and fixed:
 - a record whose earlier version the management system applied, corrected to a version it
   refuses, gave its share away although the applied version still counts there: the
   management system then counted 30 h of papers (cap 20).  Such a record keeps its share
-  (``caps.counts_nowhere``), so the invariant's share holders include it.
+  (``caps.stored_records``), so the invariant's share holders include it.
 Found, and kept by design:
 - a refused record keeps holding its activity, so another source's report of the same paper
   stays a duplicate until the refused record is withdrawn (reprocessing it later must not
@@ -38,7 +38,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, and_, select, text
+from sqlalchemy import Engine, and_, exists, select, text
+from sqlalchemy.orm import aliased
 
 from gateway import compliance
 from gateway.accounts import Partner
@@ -113,13 +114,16 @@ def _put(engine: Engine, partner: Partner, *subs: dict[str, Any],
 def _rows(engine: Engine, person: GenPerson) -> list[Any]:
     on_current = and_(outbox.c.record_id == records.c.record_id,
                       outbox.c.version == records.c.current_version)
+    delivered = aliased(outbox)  # some version of it was applied downstream
+    applied = exists().where(delivered.c.record_id == records.c.record_id,
+                             delivered.c.status == "delivered")
     with engine.connect() as conn:
         return conn.execute(
             select(records.c.record_id, records.c.current_version, records.c.status,
                    records.c.withdrawn, records.c.cap_type, records.c.activity_type,
                    records.c.hours, records.c.credited_hours,
                    outbox.c.status.label("delivery"), outbox.c.error_code,
-                   caps_module.applied_once(records.c.record_id).label("applied"))
+                   applied.label("applied"))
             .select_from(records.outerjoin(outbox, on_current))
             .where(records.c.person_key == person_key_of("resident_id", person.id_number),
                    records.c.counts_year == 2026)

@@ -85,8 +85,6 @@ def _two_holders_two_duplicates(engine: Engine, new_partner: NewPartner, seed: i
     return a, b, person, (x1, x2), held, dups, m
 
 
-@pytest.mark.xfail(strict=True, reason="two activities let go in one chunk: the first successor's "
-                   "accept_held lifts M (the second is not in the group yet), the second cuts it back")
 def test_two_activities_let_go_in_one_chunk_move_no_share_twice(
         engine: Engine, new_partner: NewPartner) -> None:
     """X1 and X2 fail in one chunk; S1 and S2 take over ahead of M, which stays at 0 h."""
@@ -99,8 +97,6 @@ def test_two_activities_let_go_in_one_chunk_move_no_share_twice(
     assert _queued(engine, m.record_id) == [1]  # not v2 lifted to 10 h and v3 cut back to 0 h
 
 
-@pytest.mark.xfail(strict=True, reason="two activities corrected away in one chunk: M is "
-                   "lifted by the first successor's allocation and cut back by the second")
 def test_two_activities_corrected_away_in_one_chunk_move_no_share_twice(
         engine: Engine, new_partner: NewPartner) -> None:
     """X1 and X2 corrected to another person in one chunk: S1, S2 take over, M stays at 0 h."""
@@ -170,9 +166,6 @@ def _count_statements(engine: Engine, job: Callable[[], Any]) -> Counter[str]:
     return seen
 
 
-@pytest.mark.xfail(strict=True, reason="_settle_caps allocates every group a second time, even "
-                   "when no activity was let go: a 2,000-row chunk of capped rows in 2,000 groups "
-                   "went from ~3.2 s to ~6.2 s (SQLite and PostgreSQL, measured)")
 def test_a_chunk_of_new_capped_rows_allocates_each_group_once(
         engine: Engine, new_partner: NewPartner) -> None:
     """New papers of 200 people: no activity let go, nothing stored moves; one pass a group.
@@ -190,9 +183,6 @@ def test_a_chunk_of_new_capped_rows_allocates_each_group_once(
     assert seen["ledger updates"] <= len(people), seen
 
 
-@pytest.mark.xfail(strict=True, reason="a record first seen, failed and resent as a repeat in one "
-                   "chunk has its first version (10 h) forwarded: the resend drops it from the "
-                   "chunk's withdrawals, so it is no longer 'unsent', and nothing says 0 h after")
 def test_a_record_first_seen_failed_and_resent_as_a_repeat_in_one_chunk_counts_nowhere(
         engine: Engine, new_partner: NewPartner) -> None:
     """b: [Z new paper, Z failed, Z resent as a copy of a's X]: Z counts nowhere, X does."""
@@ -210,8 +200,6 @@ def test_a_record_first_seen_failed_and_resent_as_a_repeat_in_one_chunk_counts_n
     assert _queued(engine, again.record_id) == []
 
 
-@pytest.mark.xfail(strict=True, reason="only a record's last version in a chunk is allocated: its "
-                   "earlier version keeps its uncapped hours and is forwarded (30 h of papers)")
 def test_every_version_a_chunk_forwards_carries_its_capped_share(
         engine: Engine, new_partner: NewPartner) -> None:
     """X and M1 hold the 20 h; the chunk [M3, M3 corrected to co-author]: both versions 0 h."""
