@@ -683,26 +683,48 @@ class Chunk:
     def _successors(self) -> dict[caps.Group, dict[str, Decimal]]:
         """The held reports expected to take over activities let go here, by cap group.
 
-        :func:`succeed` decides after the writes; this reads the same (the earliest live
-        duplicate of an activity nobody in the chunk holds) beforehand.  A report this chunk
-        changes itself is left out: a guess that misses only costs an extra re-issue, since
-        :meth:`_settle_caps` allocates each group again from what was written.
+        :func:`succeed` decides after the writes; this reads the same beforehand: the earliest
+        live duplicate of an activity nobody in the chunk holds, in arrival order — a stored
+        report as stored, one this chunk versions or first sees as its last word here says.
+        A guess that misses (a stored report corrected onto the activity here) only costs an
+        extra re-issue: :meth:`_settle_caps` allocates each group again from what was written.
         """
-        touched = self.born | set(self._versioned_ids())
+        last = {p.record_id: p for p in self.pending}
+        mine = self.born | set(self._versioned_ids())
         joining: dict[caps.Group, dict[str, Decimal]] = {}
+
+        def held_here(rid: str, key: str) -> _Pending | None:
+            known, p = self.by_record.get(rid), last.get(rid)
+            live = (known is not None and p is not None and not known.withdrawn
+                    and known.status == RecordStatus.DUPLICATE.value and known.natural_key == key)
+            return p if live else None
+
         for key in sorted(self.freed):
             holder = self.holders.get(key)
             if holder is not None and _holds(self.by_record[holder], key):
                 continue
-            held = self.conn.execute(select(records).where(
-                records.c.natural_key == key, text(HELD), records.c.withdrawn.is_(False))
+            stored = self.conn.execute(select(records).where(
+                records.c.natural_key == key, records.c.withdrawn.is_(False))
                 .order_by(records.c.created_at, records.c.record_id)).mappings().all()
-            first = next((r for r in held if r["status"] == RecordStatus.DUPLICATE.value
-                          and not _pruned(self.conn, r)), None)
-            if first is None or first["record_id"] in touched or not first["cap_type"]:
-                continue
-            group = (first["person_key"], int(first["counts_year"]), first["cap_type"])
-            joining.setdefault(group, {})[first["record_id"]] = Decimal(first["hours"] or "0")
+            first: tuple[str, Decimal, caps.Group | None] | None = None
+            for r in stored:
+                if r["record_id"] in mine:
+                    p = held_here(r["record_id"], key)
+                    if p is not None:
+                        first = (p.record_id, p.sub.hours, self._group_of(p) if p.sub.cap_type else None)
+                elif r["status"] == RecordStatus.DUPLICATE.value and not _pruned(self.conn, r):
+                    first = (r["record_id"], Decimal(r["hours"] or "0"),
+                             (r["person_key"], int(r["counts_year"]), r["cap_type"])
+                             if r["cap_type"] else None)
+                if first is not None:
+                    break
+            if first is None:  # first seen here (arrived last, in record id order)
+                born = sorted(rid for rid in self.born if held_here(rid, key) is not None)
+                if born:
+                    p = last[born[0]]
+                    first = (p.record_id, p.sub.hours, self._group_of(p) if p.sub.cap_type else None)
+            if first is not None and first[2] is not None:
+                joining.setdefault(first[2], {})[first[0]] = first[1]
         return joining
 
     def _versioned_ids(self) -> list[str]:
