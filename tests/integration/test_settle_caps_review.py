@@ -20,7 +20,6 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, event, select
 
 from gateway.accounts import Partner
