@@ -13,15 +13,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from gateway.accounts import Partner, add_operator, add_partner
 from gateway.config import Settings
+from gateway.delivery.worker import DeliveryWorker
 from gateway.secrets_box import SecretBox
 from gateway.store.db import make_engine, normalize_url, upgrade
 from mock_partners.ce_system import Faults, create_app
+from tests.support.delivery import MakeWorker
 from tests.support.servers import uvicorn_thread
 from tests.support.years import FIXTURE_YEAR_OPEN
 
@@ -153,3 +156,20 @@ def mock_ce() -> Iterator[tuple[str, Faults]]:
     faults = Faults(seed=1)
     with uvicorn_thread(create_app(faults)) as url:
         yield url, faults
+
+
+@pytest.fixture
+def make_worker(db_url: str, engine: Engine, mock_ce: tuple[str, Faults],
+                make_settings: Callable[..., Settings]) -> Iterator[MakeWorker]:
+    """Delivery workers aimed at the mock management system (or at ``client``), closed after."""
+    made: list[DeliveryWorker] = []
+
+    def build(client: httpx.Client | None = None, **overrides: Any) -> DeliveryWorker:
+        worker = DeliveryWorker(engine, make_settings(db_url, mock_ce[0], **overrides),
+                                client=client)
+        made.append(worker)
+        return worker
+
+    yield build
+    for worker in made:
+        worker.close()

@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import orjson
-import pytest
 from sqlalchemy import Engine, event, select
 
 from gateway import compliance
 from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
-from gateway.delivery.worker import DeliveryWorker
 from gateway.masking import mask_id
 from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.pipeline.ingest import PartnerRef, ingest
@@ -39,35 +37,15 @@ from gateway.store.tables import audit_events, caps_ledger, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, canonical_submission, make_person
 from tests.conftest import SECRET_KEY
+from tests.support.delivery import MakeWorker, drain
 from tests.support.servers import cli, uvicorn_thread
 
 NOW = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)  # the CE year 2026 is open
 
-MakeWorker = Callable[..., DeliveryWorker]
 
 
-@pytest.fixture
-def make_worker(db_url: str, engine: Engine, mock_ce: tuple[str, Faults],
-                make_settings: Callable[..., Settings]) -> Iterator[MakeWorker]:
-    """A delivery worker aimed at the mock management system (or at ``client``)."""
-    made: list[DeliveryWorker] = []
-
-    def build(client: httpx.Client | None = None, **overrides: Any) -> DeliveryWorker:
-        worker = DeliveryWorker(engine, make_settings(db_url, mock_ce[0], **overrides),
-                                client=client)
-        made.append(worker)
-        return worker
-
-    yield build
-    for worker in made:
-        worker.close()
 
 
-def _drain(worker: DeliveryWorker, limit: int = 20) -> None:
-    for _ in range(limit):
-        if worker.run_once() == 0:
-            return
-    raise AssertionError(f"worker still busy after {limit} cycles")
 
 
 def _sub(person: GenPerson, sid: str, hours: str, title: str, day: int) -> dict[str, Any]:
@@ -118,11 +96,11 @@ def test_a_refused_record_is_not_counted_and_a_retries_exhausted_one_still_is(
     person = make_person(random.Random(7))
     ids = _put(engine, partner, _sub(person, "OK", "24", "高原生态修复技术研修班", 2),
                _sub(person, "REJ", "12", "[REJECT] 数字政府建设实务", 4))
-    _drain(make_worker())
+    drain(make_worker())
 
     ids |= _put(engine, partner, _sub(person, "EXH", "16", "工程项目管理实务", 6))
     faults.error_rate = 1.0  # the management system is down for every attempt we may make
-    _drain(make_worker(delivery_max_attempts=1))
+    drain(make_worker(delivery_max_attempts=1))
     faults.error_rate = 0.0
     ids |= _put(engine, partner, _sub(person, "PEN", "8", "水资源保护专题研修", 8))  # not sent yet
 
@@ -153,7 +131,7 @@ def test_a_refused_record_reprocessed_and_delivered_counts_again(
     _put(engine, partner, _sub(person, "OK", "24", "高原生态修复技术研修班", 2),
          _sub(person, "REJ", "12", "[REJECT] 数字政府建设实务", 4))
     worker = make_worker()
-    _drain(worker)
+    drain(worker)
     before = _report(engine, person)
     assert [r["source_record_id"] for r in before["not_counted"]] == ["REJ"]
     assert before["credited"]["total"] == "24.0"
@@ -167,7 +145,7 @@ def test_a_refused_record_reprocessed_and_delivered_counts_again(
     assert _counted(queued) == {"OK": ("delivered", None), "REJ": ("pending", None)}
     assert queued["credited"]["total"] == "36.0"
 
-    _drain(worker)
+    drain(worker)
     after = _report(engine, person)
     assert after["not_counted"] == []
     assert _counted(after) == {"OK": ("delivered", None), "REJ": ("delivered", None)}
@@ -183,13 +161,13 @@ def test_only_the_current_version_is_judged(
     worker = make_worker()
     ids = _put(engine, partner, _sub(person, "V", "24", "高原生态修复技术研修班", 2),
                _sub(person, "W", "12", "[REJECT] 数字政府建设实务", 4))
-    _drain(worker)
+    drain(worker)
     # V: version 1 delivered, its correction refused.  W: version 1 refused, its correction
     # delivered.  The management system counts V's old hours, but V as we hold it now was
     # refused; W's refused first version is history.
     _put(engine, partner, _sub(person, "V", "20", "[REJECT] 高原生态修复技术研修班", 2),
          _sub(person, "W", "12", "数字政府建设实务", 4))
-    _drain(worker)
+    drain(worker)
 
     result = _report(engine, person)
     assert _counted(result) == {"W": ("delivered", None)}
@@ -231,7 +209,7 @@ def test_refusal_reasons_are_masked_in_the_report_the_api_and_the_cli(
     _put(engine, partner, _sub(person, "RCPT", "12", "[ID] 数字政府建设实务", 4),
          _sub(person, "HTTP400", "8", "[400] 工程项目管理实务", 6),
          _sub(person, "OK", "24", "高原生态修复技术研修班", 2))
-    _drain(make_worker(client=_downstream(person)))
+    drain(make_worker(client=_downstream(person)))
 
     result = _report(engine, person)
     masked = mask_id(person.id_number)
@@ -320,7 +298,7 @@ def test_a_refused_paper_gives_its_cap_share_to_the_next_and_takes_it_back_when_
     assert _credited(engine, ids) == {"A": (1, "10.0"), "B": (1, "10.0"), "C": (1, "0.0")}
 
     worker = make_worker()
-    _drain(worker)
+    drain(worker)
     # A was refused for good: it counts nowhere, so C gets the cap's other 10 h, forwarded.
     assert _credited(engine, ids) == {"A": (1, "10.0"), "B": (1, "10.0"), "C": (2, "10.0")}
     assert _applied(url, ids["C"]) == [(1, "0.0"), (2, "10.0")]
@@ -340,7 +318,7 @@ def test_a_refused_paper_gives_its_cap_share_to_the_next_and_takes_it_back_when_
     assert done.requeued == 1
     # A is queued again and takes its share back, in arrival order: C returns to 0 h.
     assert _credited(engine, ids) == {"A": (1, "10.0"), "B": (1, "10.0"), "C": (3, "0.0")}
-    _drain(worker)
+    drain(worker)
     assert _applied(url, ids["A"]) == [(1, "10.0")]
     assert _applied(url, ids["C"]) == [(1, "0.0"), (2, "10.0"), (3, "0.0")]
     after = _report(engine, person)
@@ -359,7 +337,7 @@ def test_a_record_dead_for_retries_keeps_its_share(
     person = make_person(random.Random(22))
     ids = _papers(engine, partner, person, "柴达木盆地盐湖资源研究")
     faults.error_rate = 1.0
-    _drain(make_worker(delivery_max_attempts=1))
+    drain(make_worker(delivery_max_attempts=1))
     faults.error_rate = 0.0
     assert _credited(engine, ids) == {"A": (1, "10.0"), "B": (1, "10.0"), "C": (1, "0.0")}
     assert _events(engine, "cap_reallocated") == []
@@ -376,7 +354,7 @@ def test_the_refusal_of_a_version_no_longer_current_moves_no_share(
     ids = _papers(engine, partner, person, "[REJECT] 柴达木盆地盐湖资源研究")
     # Corrected before delivery: version 1 is refused, version 2 (current) is applied.
     _put(engine, partner, _paper(person, "A", "柴达木盆地盐湖资源研究", 3))
-    _drain(make_worker())
+    drain(make_worker())
     assert _applied(url, ids["A"]) == [(2, "10.0")]
     assert _credited(engine, ids) == {"A": (2, "10.0"), "B": (1, "10.0"), "C": (1, "0.0")}
     assert _events(engine, "cap_reallocated") == []

@@ -72,9 +72,8 @@ from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
 from gateway.store.tables import outbox, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
-from tests.integration.test_compliance_delivery import NOW, MakeWorker, _report, make_worker
-
-__all__ = ["make_worker"]  # the fixture, re-exported for pytest
+from tests.integration.test_compliance_delivery import NOW, _report
+from tests.support.delivery import MakeWorker
 
 WALK_SEEDS = int(os.environ.get("CE_GATEWAY_WALK_SEEDS", "32"))
 WALK_STEPS = int(os.environ.get("CE_GATEWAY_WALK_STEPS", "30"))

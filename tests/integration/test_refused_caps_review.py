@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -44,7 +44,6 @@ from sqlalchemy.orm import aliased
 from gateway import compliance
 from gateway.accounts import Partner
 from gateway.config import Settings
-from gateway.delivery.worker import DeliveryWorker
 from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.ops.edits import edit_and_requeue
 from gateway.ops.records import resolve_conflict
@@ -56,35 +55,16 @@ from gateway.pipeline.rules_tables import RulesConfig
 from gateway.store.tables import audit_events, caps_ledger, outbox, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
+from tests.support.delivery import MakeWorker, drain
 
 NOW = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)  # the CE year 2026 is open
 CAPS = RulesConfig().caps
-MakeWorker = Callable[..., DeliveryWorker]
 
 
 # -- harness ------------------------------------------------------------------------------------
 
-@pytest.fixture
-def make_worker(db_url: str, engine: Engine, mock_ce: tuple[str, Faults],
-                make_settings: Callable[..., Settings]) -> Iterator[MakeWorker]:
-    made: list[DeliveryWorker] = []
-
-    def build(client: httpx.Client | None = None, **overrides: Any) -> DeliveryWorker:
-        worker = DeliveryWorker(engine, make_settings(db_url, mock_ce[0], **overrides),
-                                client=client)
-        made.append(worker)
-        return worker
-
-    yield build
-    for worker in made:
-        worker.close()
 
 
-def _drain(worker: DeliveryWorker, limit: int = 40) -> None:
-    for _ in range(limit):
-        if worker.run_once() == 0:
-            return
-    raise AssertionError(f"worker still busy after {limit} cycles")
 
 
 def _item(person: GenPerson, sid: str, title: str, month: int, kind: str = "paper",
@@ -226,12 +206,12 @@ def test_a_refused_correction_of_an_applied_paper_keeps_the_management_system_wi
                _item(person, "B", "三江源湿地碳汇研究", 4),
                _item(person, "C", "高寒草甸退化机理研究", 5))
     worker = make_worker()
-    _drain(worker)
+    drain(worker)
     assert _by_sid(_check(engine, person, url), ids) == {"A": "10.0", "B": "10.0", "C": "0.0"}
     # A's partner corrects the title; the management system refuses the new version, and
     # keeps version 1 (10 h) applied.
     _put(engine, partner, _item(person, "A", "[REJECT] 柴达木盆地盐湖资源研究", 3))
-    _drain(worker)
+    drain(worker)
     assert [v["version"] for v in _applied(url, ids["A"])] == [1]
     _check(engine, person, url)
     # A keeps its share (the management system counts its version 1): C stays at 0 h.
@@ -280,7 +260,7 @@ def test_refusals_in_one_batch_across_groups_and_by_a_400_on_the_record_alone(
         "L1": "18.0", "L2": "12.0", "L3": "0.0"}
     client = httpx.Client(base_url=url, transport=_BadRequestFor(b"[400]"))
     worker = make_worker(client=client)
-    _drain(worker)
+    drain(worker)
     counted = _check(engine, person, url)
     assert _by_sid(counted, ids) == {"P2": "10.0", "P4": "10.0", "B2": "20.0", "B3": "10.0",
                                      "B4": "10.0", "L1": "18.0", "L3": "12.0"}
@@ -295,19 +275,19 @@ def test_a_newcomer_while_refused_then_reprocess_then_accepted(
     ids = _put(engine, partner, _item(person, "A", "[REJECT] 盐湖", 3),
                _item(person, "B", "湿地", 4, authorship="co"), _item(person, "C", "草甸", 5))
     worker = make_worker()
-    _drain(worker)
+    drain(worker)
     assert _by_sid(_check(engine, person, url), ids) == {"B": "5.0", "C": "10.0"}
     ids |= _put(engine, partner, _item(person, "D", "冻土", 6))
-    _drain(worker)
+    drain(worker)
     assert _by_sid(_check(engine, person, url), ids) == {"B": "5.0", "C": "10.0", "D": "5.0"}
     assert _reprocess(engine, error_code="DOWNSTREAM_REJECTED") == 1
     assert _by_sid(_check(engine, person), ids) == {"A": "10.0", "B": "5.0", "C": "5.0",
                                                     "D": "0.0"}
-    _drain(worker)  # refused again: the share goes back out
+    drain(worker)  # refused again: the share goes back out
     assert _by_sid(_check(engine, person, url), ids) == {"B": "5.0", "C": "10.0", "D": "5.0"}
     faults.reject_title_marker = "[NEVER]"
     assert _reprocess(engine, error_code="DOWNSTREAM_REJECTED") == 1
-    _drain(worker)
+    drain(worker)
     assert _by_sid(_check(engine, person, url), ids) == {"A": "10.0", "B": "5.0", "C": "5.0",
                                                          "D": "0.0"}
 
@@ -325,7 +305,7 @@ def test_a_refused_paper_then_withdrawn_corrected_or_edited(
                _item(person, "B", "湿地", 4), _item(person, "C", "草甸", 5),
                _item(person, "D", "冻土", 6))
     worker = make_worker()
-    _drain(worker)
+    drain(worker)
     assert _by_sid(_check(engine, person, url), ids) == {"B": "10.0", "C": "10.0", "D": "0.0"}
     if then == "withdrawn":
         withdraw(engine, PartnerRef(partner.partner_id, "canonical"), "A", now=NOW)
@@ -348,7 +328,7 @@ def test_a_refused_paper_then_withdrawn_corrected_or_edited(
                                                         "D": "0.0"}
         want = {"B": "10.0", "C": "10.0", "D": "0.0"}
     _check(engine, person)
-    _drain(worker)
+    drain(worker)
     assert _by_sid(_check(engine, person, url), ids) == want
 
 
@@ -363,10 +343,10 @@ def test_a_duplicate_from_another_source_takes_over_a_refused_paper_withdrawn(
     faults.reject_ids = {ids["A"]}
     dup = _put(engine, theirs, _item(person, "X", "盐湖", 3), expect=("duplicate",))
     worker = make_worker()
-    _drain(worker)
+    drain(worker)
     assert _by_sid(_check(engine, person, url), ids) == {"B": "10.0", "C": "10.0"}
     withdraw(engine, PartnerRef(mine.partner_id, "canonical"), "A", now=NOW)
-    _drain(worker)
+    drain(worker)
     assert _by_sid(_check(engine, person, url), ids | dup) == {"B": "10.0", "C": "10.0",
                                                                 "X": "0.0"}
 
@@ -434,7 +414,7 @@ def test_a_refusal_recorded_while_the_group_changes(
     ids = _put(engine, partner, _item(person, "A", "[REJECT] 盐湖", 3),
                _item(person, "Z", "湿地", 4, authorship="co"))
     worker = make_worker(delivery_batch_size=1)
-    _drain(worker)  # A refused: Z 5 h
+    drain(worker)  # A refused: Z 5 h
     ids |= _put(engine, partner, _item(person, "B", "[REJECT] 草甸", 5),
                 _item(person, "C", "[REJECT] 冻土", 6))
     # Another source reports C's paper as two papers: a conflict, held for ops.
@@ -466,7 +446,7 @@ def test_a_refusal_recorded_while_the_group_changes(
     assert not errors, errors
     _check(engine, person)
     faults.reject_title_marker = "[REJECT]"
-    _drain(make_worker())
+    drain(make_worker())
     _check(engine, person, url)
 
 
@@ -489,10 +469,10 @@ def test_a_refused_record_keeps_its_activity_until_its_partner_withdraws_it(
     faults.reject_ids = {ids["A"]}  # the management system refuses A's record, not the paper
     dup = _put(engine, theirs, _item(person, "X", "盐湖", 3), expect=("duplicate",))
     worker = make_worker()
-    _drain(worker)
+    drain(worker)
     assert _by_sid(_check(engine, person, url), ids | dup) == {"B": "10.0"}
     assert _applied(url, dup["X"]) == []
 
     withdraw(engine, PartnerRef(mine.partner_id, "canonical"), "A", now=NOW)
-    _drain(worker)
+    drain(worker)
     assert _by_sid(_check(engine, person, url), ids | dup) == {"B": "10.0", "X": "10.0"}
