@@ -14,6 +14,7 @@ import copy
 import random
 from collections.abc import Callable
 
+import pytest
 from sqlalchemy import Engine, select
 
 from gateway import audit
@@ -165,13 +166,15 @@ def test_a_holder_corrected_back_in_the_same_request_keeps_its_activity(
     assert _counted(engine, mine["person"]["id_number"]) == [held.record_id]
 
 
-def test_a_withdrawal_whose_successor_joins_the_cap_moves_no_share_twice(
-        engine: Engine, new_partner: Callable[..., Partner]) -> None:
-    """X (withdrawn) and its successor S hold one share between them: M2 must not flap.
+@pytest.mark.parametrize("lets_go", ["withdrawn", "failed"])
+def test_a_record_whose_successor_joins_the_cap_moves_no_share_twice(
+        engine: Engine, new_partner: Callable[..., Partner], lets_go: str) -> None:
+    """X and its successor S hold one share between them: M2 must not flap.
 
     Papers X, S (another partner's report of X), M1, M2 in that order, 10 h each, cap 20 h:
-    X and M1 count, M2 is cut to 0.  When X is withdrawn, S takes its place ahead of M2, so M2
-    stays at 0 — sent no version that lifts it to 10 h and a second one that cuts it back.
+    X and M1 count, M2 is cut to 0.  When X lets the paper go — withdrawn, or corrected to a
+    failed assessment (R9), which withdraws it in a chunk — S takes its place ahead of M2, so
+    M2 stays at 0: sent no version that lifts it to 10 h and a second one that cuts it back.
     """
     a, b = _ref(new_partner(engine)), _ref(new_partner(engine))
     person = make_person(random.Random(43))
@@ -182,7 +185,11 @@ def test_a_withdrawal_whose_successor_joins_the_cap_moves_no_share_twice(
     assert [r.status for r in (held, dup, m1, m2)] == ["accepted", "duplicate", "accepted", "accepted"]
     assert _row(engine, m2.record_id)["credited_hours"] == "0.0"
 
-    withdraw(engine, a, "X", now=NOW)
+    if lets_go == "withdrawn":
+        withdraw(engine, a, "X", now=NOW)
+    else:
+        [failed] = ingest(engine, a, [_failed(x)], now=NOW)
+        assert (failed.status, failed.record_id, failed.version) == ("rejected", held.record_id, 2)
     assert _holder(engine, dup.record_id) == dup.record_id
     assert [_row(engine, r)["credited_hours"] for r in (dup.record_id, m1.record_id, m2.record_id)
             ] == ["10.0", "10.0", "0.0"]
@@ -191,23 +198,3 @@ def test_a_withdrawal_whose_successor_joins_the_cap_moves_no_share_twice(
     assert _queued(engine, dup.record_id) == [1]
     assert sorted(_counted(engine, person.id_number)) == sorted([dup.record_id, m1.record_id,
                                                                  m2.record_id])
-
-
-def test_a_correction_that_lets_the_activity_go_moves_no_share_twice(
-        engine: Engine, new_partner: Callable[..., Partner]) -> None:
-    """As a withdrawal, in a chunk: X corrected to a failed assessment (R9) is withdrawn."""
-    a, b = _ref(new_partner(engine)), _ref(new_partner(engine))
-    person = make_person(random.Random(44))
-    x = paper("X", person, 1)
-    [held] = ingest(engine, a, [x], now=NOW)
-    [dup] = ingest(engine, b, [x | {"source_record_id": "S"}], now=NOW)
-    m1, m2 = ingest(engine, a, [paper("M1", person, 2), paper("M2", person, 3)], now=NOW)
-    assert [r.status for r in (held, dup, m1, m2)] == ["accepted", "duplicate", "accepted", "accepted"]
-    assert _row(engine, m2.record_id)["credited_hours"] == "0.0"
-
-    [failed] = ingest(engine, a, [_failed(x)], now=NOW)
-    assert (failed.status, failed.record_id, failed.version) == ("rejected", held.record_id, 2)
-    assert _holder(engine, dup.record_id) == dup.record_id
-    assert [_row(engine, r)["credited_hours"] for r in (dup.record_id, m1.record_id, m2.record_id)
-            ] == ["10.0", "10.0", "0.0"]
-    assert _queued(engine, m2.record_id) == [1]
