@@ -43,7 +43,7 @@ asserted: a withdrawal the management system refuses leaves it counting the old 
 the report shows nothing for the record (not even under ``not_counted``, which lists only
 counted records), and a later correction into a duplicate is not forwarded (it "did not count").
 
-``CE_GATEWAY_WALK_SEEDS`` sets the number of SQLite walks (default 32; PostgreSQL runs a quarter
+``CE_GATEWAY_WALK_SEEDS`` sets the number of SQLite walks (default 16; PostgreSQL runs a quarter
 of them when ``CE_GATEWAY_TEST_POSTGRES_URL`` is set); ``CE_GATEWAY_WALK_STEPS`` their length.
 """
 
@@ -75,7 +75,7 @@ from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_compliance_delivery import NOW, _report
 from tests.support.delivery import MakeWorker
 
-WALK_SEEDS = int(os.environ.get("CE_GATEWAY_WALK_SEEDS", "32"))
+WALK_SEEDS = int(os.environ.get("CE_GATEWAY_WALK_SEEDS", "16"))
 WALK_STEPS = int(os.environ.get("CE_GATEWAY_WALK_STEPS", "30"))
 PAPER_CAP = Decimal(20)
 TITLES = {"training": ("高原生态修复技术研修班", "工程项目管理实务", "[REJECT] 数字政府建设实务"),
