@@ -433,6 +433,16 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
             refused.add_row(escape(r["source_record_id"]), escape(r["partner_id"]), r["category"],
                             r["activity_type"], r["hours"], r["delivery_code"], escape(r["reason"]))
         console.print(refused)
+    if result["refused_changes"]:
+        # Withdrawals and 0-hour versions it refused: it may still count the earlier hours.
+        changes = Table("record", "partner", "type", "here", "version", "code", "reason",
+                        title="changes refused by the management system (it may still count "
+                              "them) 管理系统拒收的变更（可能仍计入）", style="yellow")
+        for r in result["refused_changes"]:
+            changes.add_row(escape(r["source_record_id"]), escape(r["partner_id"]),
+                            r["activity_type"], r["status"], str(r["version"]),
+                            r["delivery_code"], escape(r["reason"]))
+        console.print(changes)
 
 
 @pull_app.command("cadre-college")

@@ -13,6 +13,10 @@ reason.  A version dead-lettered ``RETRIES_EXHAUSTED`` still counts: the failure
 transient, and ops reprocess it.  Reprocessing puts the row back to ``pending`` with its code
 cleared, so the record counts again at once (and stays counted once delivered).
 
+A record not counted here — withdrawn, or a repeat or conflict of another report — whose
+withdrawal or 0-hour version the management system refused for good is listed under
+``refused_changes``: it may still count the version before, and ops must resolve it there.
+
 Only the current version is judged: an older version the management system applied does not
 make a refused current one count (it holds the old hours, but the record as we know it now
 was refused), and an older refused version does not stop a delivered current one counting.
@@ -29,7 +33,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-from sqlalchemy import Connection, and_, select
+from sqlalchemy import Connection, and_, or_, select
 
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id, mask_text
@@ -41,7 +45,7 @@ from gateway.pipeline.rules_tables import REQUIREMENT
 from gateway.store.tables import outbox, records
 
 __all__ = ["NOT_COUNTED_CODES", "ComplianceRecord", "ComplianceReport", "NotCountedRecord",
-           "check_person", "report"]
+           "RefusedChange", "check_person", "report"]
 
 ZERO = Decimal(0)
 ONE_PLACE = Decimal("0.1")
@@ -115,6 +119,23 @@ class NotCountedRecord(_RecordHours):
     reason: str = Field(description="the management system's reason, identity numbers masked")
 
 
+class RefusedChange(_RecordHours):
+    """A record no longer counted here whose change the management system refused for good.
+
+    Its withdrawal, or the 0-hour version that told the management system it stopped counting
+    (``NOT_COUNTED``: it became a repeat or a conflict of another report), was dead-lettered
+    ``DOWNSTREAM_REJECTED``: the management system may still count the version before it.
+    Ops resolve it there and reprocess.
+    """
+
+    version: int = Field(description="the refused (current) version")
+    status: Literal["withdrawn", "duplicate", "conflict"] = Field(
+        description="what the record is here: withdrawn, or a repeat or conflict of another")
+    delivery: Literal["dead"]
+    delivery_code: str = Field(examples=["DOWNSTREAM_REJECTED"])
+    reason: str = Field(description="the management system's reason, identity numbers masked")
+
+
 class ComplianceReport(BaseModel):
     """One person's CE year (SPEC §4 R1), identity number masked."""
 
@@ -129,6 +150,10 @@ class ComplianceReport(BaseModel):
     compliant: bool
     records: list[ComplianceRecord]
     not_counted: list[NotCountedRecord]
+    refused_changes: list[RefusedChange] = Field(
+        default_factory=list,
+        description="records not counted here whose withdrawal or 0-hour version the "
+                    "management system refused: it may still count their earlier hours")
 
 
 # -- the read-model -----------------------------------------------------------------------------
@@ -159,7 +184,9 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
 
     A record counts when it is current, accepted, not withdrawn and its current version was
     not refused for good downstream (:data:`NOT_COUNTED_CODES`); refused ones are listed
-    under ``not_counted`` instead.  Older versions' deliveries are not consulted.
+    under ``not_counted`` instead.  Older versions' deliveries are not consulted.  A record
+    not counted here (withdrawn, a repeat, a conflict) whose current version was refused so is
+    listed under ``refused_changes``: the management system may still count it.
     """
     # The current version's delivery, by the outbox's unique (record_id, version) index; outer,
     # so a record with no delivery queued still shows (its ``delivery`` is null).
@@ -169,12 +196,14 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
         select(records.c.record_id, records.c.current_version, records.c.partner_id,
                records.c.adapter, records.c.source_record_id, records.c.category,
                records.c.activity_type, records.c.hours, records.c.credited_hours,
-               records.c.cap_type, records.c.completed_on, outbox.c.status.label("delivery"),
+               records.c.cap_type, records.c.completed_on, records.c.status,
+               records.c.withdrawn, outbox.c.status.label("delivery"),
                outbox.c.error_code, outbox.c.last_error)
         .select_from(records.outerjoin(outbox, on_current))
         .where(records.c.person_key == person_key_of(id_type, id_number),
-               records.c.counts_year == year, records.c.status == "accepted",
-               records.c.withdrawn.is_(False))
+               records.c.counts_year == year,
+               or_(and_(records.c.status == "accepted", records.c.withdrawn.is_(False)),
+                   and_(outbox.c.status == "dead", outbox.c.error_code.in_(NOT_COUNTED_CODES))))
         .order_by(records.c.completed_on, records.c.record_id)).all()
     credited: dict[str, Decimal] = defaultdict(Decimal)
     claimed: dict[str, Decimal] = defaultdict(Decimal)
@@ -182,6 +211,7 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
     by_partner: dict[str, Decimal] = defaultdict(Decimal)
     items: list[dict[str, Any]] = []
     not_counted: list[dict[str, Any]] = []
+    refused_changes: list[dict[str, Any]] = []
     for r in rows:
         hours, got = Decimal(r.hours or "0"), Decimal(r.credited_hours or "0")
         code = r.error_code if r.delivery == "dead" else None
@@ -189,6 +219,13 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
                 "source_record_id": r.source_record_id, "category": r.category,
                 "activity_type": r.activity_type, "completed_on": r.completed_on.isoformat()
                 if r.completed_on else None, "hours": str(hours), "credited_hours": str(got)}
+        if r.withdrawn or r.status != "accepted":  # its change was refused (the WHERE above)
+            refused_changes.append({**{k: v for k, v in base.items() if k != "credited_hours"},
+                                    "version": r.current_version,
+                                    "status": "withdrawn" if r.withdrawn else r.status,
+                                    "delivery": r.delivery, "delivery_code": code,
+                                    "reason": mask_text(r.last_error or "")})
+            continue
         if code in NOT_COUNTED_CODES:
             not_counted.append({**base, "version": r.current_version, "delivery": r.delivery,
                                 "delivery_code": code,
@@ -215,4 +252,5 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
         "compliant": all(v == ZERO for v in missing.values()),
         "records": items,
         "not_counted": not_counted,
+        "refused_changes": refused_changes,
     }

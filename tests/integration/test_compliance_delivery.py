@@ -32,7 +32,7 @@ from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.masking import mask_id
 from gateway.ops.deliveries import DeliveryFilter, reprocess
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
 from gateway.store.tables import audit_events, caps_ledger, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, canonical_submission, make_person
@@ -174,6 +174,43 @@ def test_only_the_current_version_is_judged(
     assert result["credited"]["total"] == "12.0"
     [refused] = result["not_counted"]
     assert (refused["record_id"], refused["version"], refused["hours"]) == (ids["V"], 2, "20.0")
+
+
+def test_a_withdrawal_the_management_system_refuses_is_listed_until_reprocessed(
+    engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+    make_worker: MakeWorker, db_url: str,
+) -> None:
+    """It may still count the withdrawn record's hours; the report must say so, not go quiet."""
+    url, faults = mock_ce
+    partner = new_partner(engine)
+    person = make_person(random.Random(10))
+    ids = _put(engine, partner, _sub(person, "KEEP", "24", "高原生态修复技术研修班", 2),
+               _sub(person, "GONE", "12", "数字政府建设实务", 4))
+    worker = make_worker()
+    drain(worker)
+    assert _report(engine, person)["refused_changes"] == []
+
+    faults.reject_ids = {ids["GONE"]}  # the management system refuses every change of it now
+    assert withdraw(engine, PartnerRef(partner.partner_id, "canonical"), "GONE", now=NOW)
+    drain(worker)
+    refused = _report(engine, person)
+    assert _counted(refused) == {"KEEP": ("delivered", None)}
+    assert refused["credited"]["total"] == "24.0" and refused["not_counted"] == []
+    [change] = refused["refused_changes"]
+    assert (change["record_id"], change["version"], change["status"], change["delivery_code"]) == (
+        ids["GONE"], 2, "withdrawn", "DOWNSTREAM_REJECTED")
+    assert change["hours"] == "12.0" and change["reason"]
+    printed = cli({"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_SECRET_KEY": SECRET_KEY},
+                  "compliance", person.id_number, "2026")
+    assert printed.returncode == 0 and "GONE" in printed.stdout and "管理系统拒收的变更" in printed.stdout
+
+    faults.reject_ids = set()
+    assert reprocess(engine, DeliveryFilter(error_code="DOWNSTREAM_REJECTED"), dry_run=False,
+                     reason="下游已修复", actor="op-test").requeued == 1
+    drain(worker)
+    assert _report(engine, person)["refused_changes"] == []
+    assert [v["version"] for v in httpx.get(f"{url}/_mock/applied/{ids['GONE']}").json()["versions"]
+            ] == [1, 2]
 
 
 def _downstream(person: GenPerson) -> httpx.Client:

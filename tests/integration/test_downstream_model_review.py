@@ -40,8 +40,8 @@ every conflict resolved, drained) it checks, per person:
 Findings: dedup judged "the same hours" by the claimed quantity, so one paper reported sole
 (10 h) and co-authored (5 h) was a duplicate, not a conflict (fixed: the hours are compared).  By design, not
 asserted: a withdrawal the management system refuses leaves it counting the old version while
-the report shows nothing for the record (not even under ``not_counted``, which lists only
-counted records), and a later correction into a duplicate is not forwarded (it "did not count").
+the report counts nothing for the record (it lists it under ``refused_changes`` since this
+review), and a later correction into a duplicate is not forwarded (it "did not count").
 
 ``CE_GATEWAY_WALK_SEEDS`` sets the number of SQLite walks (default 16; PostgreSQL runs a quarter
 of them when ``CE_GATEWAY_TEST_POSTGRES_URL`` is set); ``CE_GATEWAY_WALK_STEPS`` their length.

@@ -48,7 +48,9 @@ def get_reconciliation(adapter: str, year: Year, request: Request, _: Viewer) ->
             summary="One person's year: hours credited by category and type, and what is missing",
             description="Counts current, accepted, not withdrawn records whose current version "
                         "the management system did not refuse for good; those it refused "
-                        "(dead-lettered DOWNSTREAM_REJECTED) are listed under `not_counted`.")
+                        "(dead-lettered DOWNSTREAM_REJECTED) are listed under `not_counted`, "
+                        "and records no longer counted whose withdrawal or 0-hour version it "
+                        "refused (it may still count them) under `refused_changes`.")
 def get_compliance(id_number: str, year: Year, request: Request, _: Viewer,
                    id_type: Annotated[IdType, Query()] = IdType.RESIDENT_ID) -> dict[str, Any]:
     compliance.check_person(id_number, id_type)
