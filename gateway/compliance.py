@@ -109,17 +109,22 @@ class ComplianceRecord(_RecordHours):
         description="the dead-letter code (RETRIES_EXHAUSTED) when dead-lettered, else null")
 
 
-class NotCountedRecord(_RecordHours):
-    """A record left out: the management system refused its current version for good."""
+class _Refused(_RecordHours):
+    """A record whose current version the management system refused for good."""
 
     version: int = Field(description="the refused (current) version")
-    credited_hours: str = Field(description="what it would have counted")
     delivery: Literal["dead"]
     delivery_code: str = Field(examples=["DOWNSTREAM_REJECTED"])
     reason: str = Field(description="the management system's reason, identity numbers masked")
 
 
-class RefusedChange(_RecordHours):
+class NotCountedRecord(_Refused):
+    """A record left out: the management system refused its current version for good."""
+
+    credited_hours: str = Field(description="what it would have counted")
+
+
+class RefusedChange(_Refused):
     """A record no longer counted here whose change the management system refused for good.
 
     Its withdrawal, or the 0-hour version that told the management system it stopped counting
@@ -128,12 +133,8 @@ class RefusedChange(_RecordHours):
     Ops resolve it there and reprocess.
     """
 
-    version: int = Field(description="the refused (current) version")
     status: Literal["withdrawn", "duplicate", "conflict"] = Field(
         description="what the record is here: withdrawn, or a repeat or conflict of another")
-    delivery: Literal["dead"]
-    delivery_code: str = Field(examples=["DOWNSTREAM_REJECTED"])
-    reason: str = Field(description="the management system's reason, identity numbers masked")
 
 
 class ComplianceReport(BaseModel):
@@ -218,26 +219,24 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
         base = {"record_id": r.record_id, "partner_id": r.partner_id, "adapter": r.adapter,
                 "source_record_id": r.source_record_id, "category": r.category,
                 "activity_type": r.activity_type, "completed_on": r.completed_on.isoformat()
-                if r.completed_on else None, "hours": str(hours), "credited_hours": str(got)}
-        if r.withdrawn or r.status != "accepted":  # its change was refused (the WHERE above)
-            refused_changes.append({**{k: v for k, v in base.items() if k != "credited_hours"},
-                                    "version": r.current_version,
-                                    "status": "withdrawn" if r.withdrawn else r.status,
-                                    "delivery": r.delivery, "delivery_code": code,
-                                    "reason": mask_text(r.last_error or "")})
-            continue
-        if code in NOT_COUNTED_CODES:
-            not_counted.append({**base, "version": r.current_version, "delivery": r.delivery,
-                                "delivery_code": code,
-                                "reason": mask_text(r.last_error or "")})
+                if r.completed_on else None, "hours": str(hours)}
+        counted_here = r.status == "accepted" and not r.withdrawn
+        if not counted_here or code in NOT_COUNTED_CODES:  # refused (for the first: the WHERE)
+            refused = {**base, "version": r.current_version, "delivery": r.delivery,
+                       "delivery_code": code, "reason": mask_text(r.last_error or "")}
+            if counted_here:
+                not_counted.append({**refused, "credited_hours": str(got)})
+            else:  # its withdrawal, or its 0-hour version
+                refused_changes.append({**refused,
+                                        "status": "withdrawn" if r.withdrawn else r.status})
             continue
         credited[r.category] += got
         claimed[r.category] += hours
         by_type[r.activity_type]["claimed"] += hours
         by_type[r.activity_type]["credited"] += got
         by_partner[r.partner_id] += got
-        items.append({**base, "capped": got < hours, "delivery": r.delivery,
-                      "delivery_code": code})
+        items.append({**base, "credited_hours": str(got), "capped": got < hours,
+                      "delivery": r.delivery, "delivery_code": code})
     missing = compliance_gap(credited)
     total = credited["public"] + credited["professional"]
     return {
