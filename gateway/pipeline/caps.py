@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import Connection, and_, select, tuple_, update
 
@@ -63,6 +64,12 @@ class Stored:
     version: int
     hours: Decimal
     credited: Decimal
+
+
+def group_of(row: Mapping[Any, Any]) -> Group | None:
+    """A records row's cap group (person, CE year, capped type); None when its type has none."""
+    cap_type = row["cap_type"]
+    return (row["person_key"], int(row["counts_year"]), cap_type) if cap_type else None
 
 
 def lock_group(conn: Connection, group: Group, now: datetime) -> None:

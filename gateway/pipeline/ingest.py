@@ -572,8 +572,8 @@ class Chunk:
 
     def _remember(self, rows: Iterable[Any], by_source: bool = True) -> None:
         for r in rows:
-            counted = r["cap_type"] and r["status"] == "accepted" and not r["withdrawn"]
-            group = (r["person_key"], int(r["counts_year"]), r["cap_type"]) if counted else None
+            counted = r["status"] == "accepted" and not r["withdrawn"]
+            group = caps.group_of(r) if counted else None
             known = _Known(r["record_id"], int(r["current_version"]), r["content_hash"],
                            bool(r["withdrawn"]), r["status"], r["duplicate_of"],
                            _stored_claim(r["hours"]), r["natural_key"], group,
@@ -595,12 +595,12 @@ class Chunk:
         # The groups its stored records count in (a correction or failure takes them out).
         self._lock_groups({k.cap_group for k in self.by_source.values() if k.cap_group})
         answers = [self._decide(index, item) for index, item in enumerate(items)]
-        self._apply_caps()
+        last = {p.record_id: p for p in self.pending}  # each record's last word in this chunk
+        self._apply_caps(last)
         self._flag_integrity()
         # A record first seen in this chunk whose last word here is "withdrawn", or a version
         # that does not count (a repeat, a conflict), never reaches the management system: a
         # version forwarded first would count there, uncapped or twice.
-        last = {p.record_id: p for p in self.pending}  # its last word in this chunk
         unsent = self.born & ({w["rid"] for w in self.withdrawals}
                               | {rid for rid, p in last.items()
                                  if not p.queue and p.uncounted is None})
@@ -616,7 +616,7 @@ class Chunk:
         return answers
 
     # -- caps (R10) -----------------------------------------------------------------------
-    def _apply_caps(self) -> None:
+    def _apply_caps(self, last: dict[str, _Pending]) -> None:
         """Credit this chunk's capped records; their groups' other records are settled later.
 
         A record that lets an activity go here (withdrawn, corrected away) is succeeded by the
@@ -628,18 +628,18 @@ class Chunk:
         """
         groups: dict[caps.Group, dict[str, _Pending]] = {}
         withdrawn = {w["rid"] for w in self.withdrawals}  # a version of this chunk, withdrawn in it
-        last = {p.record_id: p for p in self.pending}
-        earlier: list[_Pending] = []  # capped versions forwarded before the record's last word
+        # Capped versions forwarded before the record's last word here, with their groups.
+        earlier: list[tuple[_Pending, caps.Group]] = []
         for p in self.pending:
-            if p.queue and p.sub.cap_type:
+            if p.queue and (group := self._group_of(p)) is not None:
                 if p is last[p.record_id] and p.record_id not in withdrawn:
-                    groups.setdefault(self._group_of(p), {})[p.record_id] = p
+                    groups.setdefault(group, {})[p.record_id] = p
                 else:
-                    earlier.append(p)
-                    groups.setdefault(self._group_of(p), {})
+                    earlier.append((p, group))
+                    groups.setdefault(group, {})
         for group in self.leaving:
             groups.setdefault(group, {})
-        joining = self._successors() if self.freed else {}
+        joining = self._successors(last) if self.freed else {}
         for group in joining:
             groups.setdefault(group, {})
         claims: dict[caps.Group, dict[str, Decimal]] = {}
@@ -660,17 +660,17 @@ class Chunk:
                     rid not in hours and rid not in gone and credited[rid] != old.credited
                     for rid, old in stored.items()):
                 self.unsettled.add(group)
-        for p in earlier:
+        for p, group in earlier:
             # Forwarded too (every acknowledged version is), so capped too: as if it were the
             # record's last word, against the group as this chunk leaves it.
-            group = self._group_of(p)
             cap = self.config.caps[group[2]]
             alone = allocate(sorted({**claims[group], p.record_id: p.sub.hours}.items()), cap)
             self._credit(p, alone[p.record_id], cap)
 
     @staticmethod
-    def _group_of(p: _Pending) -> caps.Group:
-        return (p.sub.person_key, p.sub.counts_year, p.sub.cap_type or "")
+    def _group_of(p: _Pending) -> caps.Group | None:
+        cap_type = p.sub.cap_type
+        return (p.sub.person_key, p.sub.counts_year, cap_type) if cap_type else None
 
     @staticmethod
     def _credit(p: _Pending, credited: Decimal, cap: Decimal) -> None:
@@ -680,7 +680,7 @@ class Chunk:
         if p.cap is not None:
             p.answer.warnings.append(p.cap[0])
 
-    def _successors(self) -> dict[caps.Group, dict[str, Decimal]]:
+    def _successors(self, last: dict[str, _Pending]) -> dict[caps.Group, dict[str, Decimal]]:
         """The held reports expected to take over activities let go here, by cap group.
 
         :func:`succeed` decides after the writes; this reads the same beforehand: the earliest
@@ -689,7 +689,6 @@ class Chunk:
         A guess that misses (a stored report corrected onto the activity here) only costs an
         extra re-issue: :meth:`_settle_caps` allocates each group again from what was written.
         """
-        last = {p.record_id: p for p in self.pending}
         mine = self.born | set(self._versioned_ids())
         joining: dict[caps.Group, dict[str, Decimal]] = {}
 
@@ -711,18 +710,16 @@ class Chunk:
                 if r["record_id"] in mine:
                     p = held_here(r["record_id"], key)
                     if p is not None:
-                        first = (p.record_id, p.sub.hours, self._group_of(p) if p.sub.cap_type else None)
-                elif r["status"] == RecordStatus.DUPLICATE.value and not _pruned(self.conn, r):
-                    first = (r["record_id"], Decimal(r["hours"] or "0"),
-                             (r["person_key"], int(r["counts_year"]), r["cap_type"])
-                             if r["cap_type"] else None)
+                        first = (p.record_id, p.sub.hours, self._group_of(p))
+                elif _may_succeed(self.conn, r):
+                    first = (r["record_id"], Decimal(r["hours"] or "0"), caps.group_of(r))
                 if first is not None:
                     break
             if first is None:  # first seen here (arrived last, in record id order)
                 born = sorted(rid for rid in self.born if held_here(rid, key) is not None)
                 if born:
                     p = last[born[0]]
-                    first = (p.record_id, p.sub.hours, self._group_of(p) if p.sub.cap_type else None)
+                    first = (p.record_id, p.sub.hours, self._group_of(p))
             if first is not None and first[2] is not None:
                 joining.setdefault(first[2], {})[first[0]] = first[1]
         return joining
@@ -741,13 +738,24 @@ class Chunk:
             return []
         after = Chunk(self.conn, self.partner, self.now, self.batch_id, self.config)
         for group in sorted(self.unsettled):  # locked by this transaction already
-            cap = self.config.caps[group[2]]
-            credited, stored = caps.reallocate(self.conn, group, cap, self.now, {})
-            for rid, old in stored.items():
-                if credited[rid] != old.credited:
-                    after._recredit(old, credited[rid], cap, group[2])
+            after._reissue(group)
         after._write(with_audit=False)
         return after.events
+
+    def _reissue(self, group: caps.Group, hours: dict[str, Decimal] | None = None,
+                 gone: frozenset[str] = frozenset()) -> dict[str, Decimal]:
+        """Allocate a locked ``group`` again; re-issue its stored records whose share moved.
+
+        ``hours`` are records joining or changing here, ``gone`` records leaving (see
+        :func:`caps.reallocate`); neither is re-issued.  Returns the credited hours by record.
+        """
+        hours = hours or {}
+        cap = self.config.caps[group[2]]
+        credited, stored = caps.reallocate(self.conn, group, cap, self.now, hours, gone=gone)
+        for rid, old in stored.items():
+            if rid not in hours and rid not in gone and credited[rid] != old.credited:
+                self._recredit(old, credited[rid], cap, group[2])
+        return credited
 
     # -- integrity across records (R14) ------------------------------------------------------
     def _flag_integrity(self) -> None:
@@ -1334,9 +1342,8 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
         seen = conn.execute(select(records).where(*mine)).mappings().first()
         if seen is None:
             return None
-        if seen["cap_type"] and seen["status"] == "accepted" and not seen["withdrawn"]:
-            caps.lock_group(conn, (seen["person_key"], int(seen["counts_year"]), seen["cap_type"]),
-                            now)
+        if (group := caps.group_of(seen)) and seen["status"] == "accepted" and not seen["withdrawn"]:
+            caps.lock_group(conn, group, now)
         existing = conn.execute(select(records).where(*mine).with_for_update()).mappings().one()
         # Changed meanwhile (a promotion keeps the version but makes it count): start again.
         if any(existing[c] != seen[c] for c in ("current_version", "status", "withdrawn",
@@ -1369,15 +1376,9 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
         # The successor first: it joins the cap group in the allocation that lets this record
         # go, so a record behind them both is not lifted by one version and cut by the next.
         chunk.events += succeed(conn, chunk.config, now, {str(existing["natural_key"]): {record_id}})
-        if accepted and existing["cap_type"]:
-            group = (existing["person_key"], int(existing["counts_year"]), existing["cap_type"])
-            cap = chunk.config.caps[group[2]]  # its group is locked above
+        if accepted and (group := caps.group_of(existing)):
             given = Chunk(conn, partner, now, None, chunk.config)
-            credited, stored = caps.reallocate(conn, group, cap, now, {},
-                                               gone=frozenset({record_id}))
-            for rid, old in stored.items():
-                if rid != record_id and credited[rid] != old.credited:
-                    given._recredit(old, credited[rid], cap, group[2])
+            given._reissue(group, gone=frozenset({record_id}))  # its group is locked above
             given._write(with_audit=False)
             chunk.events += given.events
         audit.append(conn, chunk.events, now)
@@ -1409,15 +1410,14 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
         del wanted[rid]
     current: list[tuple[str, int, caps.Group]] = []
     for part in _chunks(sorted(wanted)):
-        current += [(r.record_id, int(r.current_version),
-                     (r.person_key, int(r.counts_year), r.cap_type))
-                    for r in conn.execute(select(
-                        records.c.record_id, records.c.current_version, records.c.person_key,
-                        records.c.counts_year, records.c.cap_type).where(
-                        records.c.record_id.in_(part), records.c.cap_type.is_not(None),
-                        records.c.status == RecordStatus.ACCEPTED.value,
-                        records.c.withdrawn.is_(False)))
-                    if int(r.current_version) == wanted[r.record_id]]
+        for r in conn.execute(select(
+                records.c.record_id, records.c.current_version, records.c.person_key,
+                records.c.counts_year, records.c.cap_type).where(
+                records.c.record_id.in_(part), records.c.status == RecordStatus.ACCEPTED.value,
+                records.c.withdrawn.is_(False))).mappings():
+            group = caps.group_of(r)
+            if group is not None and int(r["current_version"]) == wanted[r["record_id"]]:
+                current.append((r["record_id"], int(r["current_version"]), group))
     if not current:
         return []
     groups = {group for _, _, group in current}
@@ -1427,11 +1427,7 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
                                  {"cap_type": group[2], "reason": reason})
                      for rid, version, group in current]
     for group in sorted(groups):
-        cap = config.caps[group[2]]
-        credited, stored = caps.reallocate(conn, group, cap, now, {})
-        for rid, old in stored.items():
-            if credited[rid] != old.credited:
-                chunk._recredit(old, credited[rid], cap, group[2])
+        chunk._reissue(group)
     chunk._write(with_audit=False)
     return chunk.events
 
@@ -1453,23 +1449,17 @@ def accept_held(chunk: Chunk, rec: Any, leaving: dict[caps.Group, set[str]] | No
     hours = Decimal(rec["hours"] or "0")
     credited_this, this_cap = hours, None
     for other in joining:  # held records accepted next, in this transaction: counted in now
-        if other["cap_type"]:
-            group = (other["person_key"], int(other["counts_year"]), other["cap_type"])
+        if (group := caps.group_of(other)) is not None:
             groups.setdefault(group, ({}, set()))[0][str(other["record_id"])] = Decimal(
                 other["hours"] or "0")
-    if rec["cap_type"]:
-        group = (rec["person_key"], int(rec["counts_year"]), rec["cap_type"])
+    if (group := caps.group_of(rec)) is not None:
         groups.setdefault(group, ({}, set()))[0][record_id] = hours
     for group in sorted(groups):  # one lock order for every writer (as ingest)
         mine, gone = groups[group]
-        cap = chunk.config.caps[group[2]]
         caps.lock_group(conn, group, now)
-        credited, stored = caps.reallocate(conn, group, cap, now, mine, gone=frozenset(gone))
+        credited = chunk._reissue(group, mine, frozenset(gone))
         if record_id in mine:
-            credited_this, this_cap = credited[record_id], (cap, group[2])
-        for rid, old in stored.items():
-            if rid not in mine and rid not in gone and credited[rid] != old.credited:
-                chunk._recredit(old, credited[rid], cap, group[2])
+            credited_this, this_cap = credited[record_id], (chunk.config.caps[group[2]], group[2])
     if _claim_key(conn, rec["natural_key"], record_id) != record_id:
         raise _KeyRaceLost(rec["natural_key"])  # a live record took the activity first: run again
     held = orjson.loads(conn.execute(select(record_versions.c.payload).where(
@@ -1516,8 +1506,7 @@ def succeed(conn: Connection, config: RulesConfig, now: datetime,
             continue
         holder = _live_holder(conn, key)
         successor = None if holder is not None else next(
-            (r for r in held if r["status"] == RecordStatus.DUPLICATE.value
-             and not _pruned(conn, r)), None)
+            (r for r in held if _may_succeed(conn, r)), None)
         if successor is not None:
             holder = _claim_key(conn, key, str(successor["record_id"]))
         if holder is None:
@@ -1579,6 +1568,14 @@ def _claim_key(conn: Connection, key: str, record_id: str) -> str | None:
     named = conn.execute(select(natural_keys.c.record_id)
                          .where(natural_keys.c.natural_key == key)).scalar()
     return record_id if named == record_id else _live_holder(conn, key)
+
+
+def _may_succeed(conn: Connection, rec: Any) -> bool:
+    """Whether a held record may take over its activity.
+
+    A repeat (not a conflict: ops decide those) whose payload is still there to send.
+    """
+    return rec["status"] == RecordStatus.DUPLICATE.value and not _pruned(conn, rec)
 
 
 def _pruned(conn: Connection, rec: Any) -> bool:
