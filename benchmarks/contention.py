@@ -28,25 +28,16 @@ from typing import Any
 
 from sqlalchemy import select
 
+from benchmarks.capped_chunks import paper
 from benchmarks.procs import postgres_base, postgres_schema
 from gateway.metrics import WRITER_RETRIES
 from gateway.pipeline.ingest import PartnerRef, ingest
 from gateway.store.db import make_engine, upgrade
 from gateway.store.tables import records
-from mock_partners.generators import GenPerson, make_person
+from mock_partners.generators import make_person
 
 NOW = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
 CAP = Decimal(20)
-
-
-def _paper(person: GenPerson, sid: str, n: int) -> dict[str, Any]:
-    return {"source_record_id": sid,
-            "person": {"id_type": "resident_id", "id_number": person.id_number,
-                       "name": person.name, "region_code": person.region},
-            "year": 2026, "category": "professional", "activity_type": "paper",
-            "activity": {"title": f"高寒草甸退化机理研究（{sid}）",
-                         "completed_on": f"2026-{1 + n % 11:02d}-{1 + n % 27:02d}"},
-            "claimed": {"quantity": "1", "unit": "papers", "details": {"authorship": "sole"}}}
 
 
 def _retries() -> dict[str, float]:
@@ -69,7 +60,8 @@ def run(url: str, mode: str, threads: int, requests: int, per_request: int) -> d
         local: list[float] = []
         try:
             for r in range(requests):
-                subs = [_paper(people[(r + i) % len(people)], f"{t}-{r}-{i}", r * per_request + i)
+                subs = [paper(f"{t}-{r}-{i}", people[(r + i) % len(people)], r * per_request + i,
+                              title=f"高寒草甸退化机理研究（{t}-{r}-{i}）")
                         for i in range(per_request)]
                 started = time.perf_counter()
                 ingest(engine, partner, subs, now=NOW)

@@ -333,7 +333,7 @@ def _may_retry(exc: BaseException) -> bool:
 
 def _count_retry(state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome is not None else None
-    metrics.count_writer_retry((_retry_cause(exc) if exc is not None else None) or "other")
+    metrics.count_writer_retry(exc is not None and _retry_cause(exc) or "other")
 
 
 def writer_retries() -> Retrying:
