@@ -401,7 +401,7 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
     listed apart as not counted.
     """
     from rich.markup import escape
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from gateway.compliance import check_person, report
 
@@ -435,13 +435,17 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
         console.print(refused)
     if result["refused_changes"]:
         # Withdrawals and 0-hour versions it refused: it may still count the earlier hours.
-        changes = Table("record", "partner", "type", "here", "version", "code", "reason",
-                        title="changes refused by the management system (it may still count "
-                              "them) 管理系统拒收的变更（可能仍计入）", style="yellow")
+        # "still counted": the version it applied and its hours, never cut short.
+        changes = Table("record", "partner", "here", "refused", "code", "reason",
+                        Column("still counted", no_wrap=True),
+                        title="changes refused by the management system (it still counts the "
+                              "version it applied) 管理系统拒收的变更（仍计入其已接收的版本）",
+                        style="yellow")
         for r in result["refused_changes"]:
-            changes.add_row(escape(r["source_record_id"]), escape(r["partner_id"]),
-                            r["activity_type"], r["status"], str(r["version"]),
-                            r["delivery_code"], escape(r["reason"]))
+            hours = "?" if r["applied_hours"] is None else r["applied_hours"]
+            changes.add_row(escape(r["source_record_id"]), escape(r["partner_id"]), r["status"],
+                            f"v{r['version']}", r["delivery_code"], escape(r["reason"]),
+                            f"v{r['applied_version']} {hours} h")
         console.print(changes)
 
 

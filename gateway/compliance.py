@@ -15,13 +15,16 @@ cleared, so the record counts again at once (and stays counted once delivered).
 
 A record not counted here — withdrawn, or a repeat or conflict of another report — whose
 withdrawal or 0-hour version the management system refused for good is listed under
-``refused_changes``: it may still count the version before, and ops must resolve it there.
+``refused_changes`` with the last version the management system applied and the hours it
+counts for it, and ops must resolve it there.  One it never applied a counting version of
+counts nowhere, as here: nothing to resolve, so it is not listed (its dead letter still is).
 
 Only the current version is judged: an older version the management system applied does not
 make a refused current one count (it holds the old hours, but the record as we know it now
 was refused), and an older refused version does not stop a delivered current one counting.
 
-May touch nothing: it reads ``records`` and ``outbox``.  The pydantic models below are the
+May touch nothing: it reads ``records`` and ``outbox`` (and, for a refused change,
+``record_versions``).  The pydantic models below are the
 HTTP answer's schema (``GET /v1/compliance/{id_number}/{year}``).
 """
 
@@ -32,8 +35,9 @@ from datetime import date
 from decimal import Decimal
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, Field
-from sqlalchemy import Connection, and_, or_, select
+from sqlalchemy import Connection, and_, func, or_, select
 
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id, mask_text
@@ -42,7 +46,8 @@ from gateway.pipeline.credit import compliance_gap
 from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.identity import resident_id_findings
 from gateway.pipeline.rules_tables import REQUIREMENT
-from gateway.store.tables import outbox, records
+from gateway.retention import is_pruned
+from gateway.store.tables import outbox, record_versions, records
 
 __all__ = ["NOT_COUNTED_CODES", "ComplianceRecord", "ComplianceReport", "NotCountedRecord",
            "RefusedChange", "check_person", "report"]
@@ -135,6 +140,10 @@ class RefusedChange(_Refused):
 
     status: Literal["withdrawn", "duplicate", "conflict"] = Field(
         description="what the record is here: withdrawn, or a repeat or conflict of another")
+    applied_version: int = Field(description="the last version the management system applied")
+    applied_hours: str | None = Field(
+        description="the credited hours of that version, which it may still count; null when "
+                    "its payload was pruned (retention)")
 
 
 class ComplianceReport(BaseModel):
@@ -173,6 +182,39 @@ def check_person(id_number: str, id_type: str = "resident_id") -> None:
         if invalid:
             raise PayloadRejected("ID_NUMBER_INVALID", field="id_number",
                                   detail=f"({invalid[0].detail})", detail_zh=f"（{invalid[0].detail_zh}）")
+
+
+def _still_counted_there(conn: Connection, changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The refused changes whose record the management system may still count, with what.
+
+    Each gets its last applied (``delivered``) version and that version's credited hours; one
+    with no version applied, or whose last applied version counts nothing (a withdrawal, a
+    0-hour version), counts nowhere there either and is dropped.  A pruned payload's hours are
+    unknown (null): it stays listed.  Rare rows, so a second query rather than a wider first.
+    """
+    if not changes:
+        return changes
+    last = (select(outbox.c.record_id, func.max(outbox.c.version).label("version"))
+            .where(outbox.c.record_id.in_([c["record_id"] for c in changes]),
+                   outbox.c.status == "delivered")
+            .group_by(outbox.c.record_id).subquery())
+    applied = {r.record_id: (int(r.version), orjson.loads(r.payload)) for r in conn.execute(
+        select(last.c.record_id, last.c.version, record_versions.c.payload)
+        .join(record_versions, and_(record_versions.c.record_id == last.c.record_id,
+                                    record_versions.c.version == last.c.version)))}
+    listed = []
+    for change in changes:
+        if change["record_id"] not in applied:
+            continue
+        version, payload = applied[change["record_id"]]
+        hours = None
+        if not is_pruned(payload):
+            hours = ZERO if payload.get("withdrawn") else Decimal(payload["credited_hours"])
+            if hours == ZERO:
+                continue
+        listed.append({**change, "applied_version": version,
+                       "applied_hours": None if hours is None else _h(hours)})
+    return listed
 
 
 def _h(value: Decimal) -> str:
@@ -237,6 +279,7 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
         by_partner[r.partner_id] += got
         items.append({**base, "credited_hours": str(got), "capped": got < hours,
                       "delivery": r.delivery, "delivery_code": code})
+    refused_changes = _still_counted_there(conn, refused_changes)
     missing = compliance_gap(credited)
     total = credited["public"] + credited["professional"]
     return {

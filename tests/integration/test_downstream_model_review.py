@@ -318,6 +318,29 @@ class Walk:
                 self.bodies[rid] = self.http.get(f"{self.url}/_mock/applied/{rid}").json()["versions"]
         return self.bodies
 
+    def _refused_change(self, tag: str, r: Any, change: dict[str, Any] | None,
+                        last: dict[str, Any] | None, holds: Decimal) -> list[str]:
+        """``refused_changes`` lists a record exactly when the mock still counts what we don't.
+
+        That is: not counted here (withdrawn, a repeat, a conflict), its current version refused
+        for good, and the mock's last applied version of it holds hours — which the listing
+        names.
+        """
+        expected = (r.delivery == "dead" and r.error_code == "DOWNSTREAM_REJECTED"
+                    and (r.status != "accepted" or r.withdrawn) and holds != ZERO)
+        if change is None:
+            return [f"{tag}: the mock still counts {holds} h, not under refused_changes"] \
+                if expected else []
+        if not expected:
+            return [f"{tag}: under refused_changes, but the mock counts {holds} h of it"]
+        self.seen["refused_change"] += 1
+        assert last is not None
+        if (change["applied_version"], Decimal(change["applied_hours"])) != (
+                int(last["version"]), holds):
+            return [f"{tag}: refused change names v{change['applied_version']} "
+                    f"{change['applied_hours']} h, the mock holds v{last['version']} {holds} h"]
+        return []
+
     def violations(self, final: bool = False) -> list[str]:
         out: list[str] = []
         snapshot = self.http.get(f"{self.url}/_mock/applied").json()
@@ -335,6 +358,7 @@ class Walk:
         report = _report(self.engine, person)
         counted = {r["record_id"]: r for r in report["records"]}
         refused = {r["record_id"]: r for r in report["not_counted"]}
+        changes = {r["record_id"]: r for r in report["refused_changes"]}
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(records.c.record_id, records.c.current_version, records.c.status,
@@ -363,6 +387,7 @@ class Walk:
                      else Decimal(str(last["record"]["credited_hours"])))
             tag = f"{who} {rid[-6:]} ({r.status}{', withdrawn' if r.withdrawn else ''} v{cur}, " \
                   f"delivery {r.delivery} {r.error_code or ''})"
+            out += self._refused_change(tag, r, changes.pop(rid, None), last, holds)
             if rid in refused:
                 self.seen["not_counted"] += 1
                 if any(int(v["version"]) == cur for v in versions):
@@ -406,6 +431,8 @@ class Walk:
                 out.append(f"{tag}: not counted here, the mock counts {holds} h "
                            f"(its v{last and last['version']})")
             mock_sum += holds
+        out += [f"{who} {rid[-6:]}: listed under refused_changes, not a record of the person"
+                for rid in changes]
         total = Decimal(report["credited"]["total"])
         if total - in_flight != mock_sum:
             out.append(f"{who}: report credits {total} h ({in_flight} h in flight), "

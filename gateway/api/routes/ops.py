@@ -50,7 +50,8 @@ def get_reconciliation(adapter: str, year: Year, request: Request, _: Viewer) ->
                         "the management system did not refuse for good; those it refused "
                         "(dead-lettered DOWNSTREAM_REJECTED) are listed under `not_counted`, "
                         "and records no longer counted whose withdrawal or 0-hour version it "
-                        "refused (it may still count them) under `refused_changes`.")
+                        "refused, while it still counts a version it applied, under "
+                        "`refused_changes`.")
 def get_compliance(id_number: str, year: Year, request: Request, _: Viewer,
                    id_type: Annotated[IdType, Query()] = IdType.RESIDENT_ID) -> dict[str, Any]:
     compliance.check_person(id_number, id_type)
