@@ -7,6 +7,7 @@ per cursor (raw bytes, so a page may carry what a real college's JSON can carry)
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -20,8 +21,8 @@ from sqlalchemy import Engine, func, select
 
 from gateway.config import Settings
 from gateway.pull.cadre_college import PARTNER, pull_once, read_state
-from gateway.store.tables import records, rejections
-from mock_partners.cadre_college import CollegeState, Faults
+from gateway.store.tables import outbox, record_versions, records, rejections
+from mock_partners.cadre_college import CollegeState, Faults, create_app, decode_cursor
 from tests.support.servers import uvicorn_thread
 
 
@@ -128,3 +129,149 @@ def test_one_unfileable_item_does_not_stop_the_pull(
     assert state is not None and state.cursor == "c2"
     assert {good[0]["xh"], good[2]["xh"], good[3]["xh"]} <= set(ids)
     assert len(ids) + count(engine, rejections) == 4
+
+
+# -- probes that held -------------------------------------------------------------------------
+
+def test_a_completion_the_college_corrects_and_resends_is_a_corrected_version(
+        db_url: str, engine: Engine, serve_app: Callable[[Any], str],
+        make_settings: Callable[..., Settings]) -> None:
+    """Same ``xh`` served again past the cursor with new hours: version 2, queued after 1.
+
+    Resent unchanged on a later page (a college re-sending a page), it is a duplicate and
+    nothing new is queued.
+    """
+    first, other = completions(2)
+    fixed = {**first, "xs": first["xs"] + 1}
+    college = Scripted({"": page([first, other], "c1", False), "c1": page([], "c1", False)})
+    settings = pull_settings(make_settings, db_url, serve_app(college.app))
+    assert pull_once(engine, settings).accepted == 2
+
+    college.pages["c1"] = page([fixed], "c2", True)
+    college.pages["c2"] = page([fixed, other], "c3", False)  # the same page sent again
+    result = pull_once(engine, settings)
+
+    assert result.error is None and (result.corrected, result.duplicate) == (1, 2)
+    with engine.connect() as conn:
+        rid, version = conn.execute(select(records.c.record_id, records.c.current_version)
+                                    .where(records.c.source_record_id == first["xh"])).one()
+        queued = conn.execute(select(outbox.c.version).where(outbox.c.record_id == rid)
+                              .order_by(outbox.c.version)).scalars().all()
+        payload = orjson.loads(conn.execute(select(record_versions.c.payload).where(
+            record_versions.c.record_id == rid, record_versions.c.version == 2)).scalar_one())
+    assert version == 2 and queued == [1, 2]
+    assert payload["claimed"]["quantity"] == str(fixed["xs"])
+    assert sum(source_ids(engine).values()) == 2 and count(engine, outbox) == 3
+    state = read_state(engine)
+    assert state is not None and state.cursor == "c3"
+
+
+@pytest.mark.parametrize(("answer", "moves_to"), [
+    # has_more with an empty page that moves the cursor: follow it.
+    (page([], "c1", True), "c2"),
+    # has_more with no next_cursor, or the same one: refuse, keep the cursor.
+    (page([], None, True), None),
+    (page(completions(1), "", True), None),
+    (page(completions(1), "c0", True), None),
+    # The college no longer knows the cursor (expired): coded, cursor kept, nothing lost.
+    ((410, b'{"error": "cursor expired"}'), None),
+])
+def test_page_boundary_answers(answer: bytes | tuple[int, bytes], moves_to: str | None,
+                               db_url: str, engine: Engine, serve_app: Callable[[Any], str],
+                               make_settings: Callable[..., Settings]) -> None:
+    start = completions(3)
+    college = Scripted({"": page(start[:1], "c0", False), "c1": page(start[1:], "c2", False)})
+    settings = pull_settings(make_settings, db_url, serve_app(college.app))
+    assert pull_once(engine, settings).cursor == "c0"
+    college.pages["c0"] = answer
+
+    result = pull_once(engine, settings)
+
+    state = read_state(engine)
+    assert state is not None
+    if moves_to is None:
+        assert result.error is not None and result.error_code == "PULL_FAILED"
+        assert (state.cursor, state.pulled_total) == ("c0", 1)
+        assert state.last_error == result.error
+        assert set(source_ids(engine)) == {start[0]["xh"]}
+    else:
+        assert result.error is None and (result.pages, result.fetched) == (2, 2)
+        assert state.cursor == moves_to and state.last_error is None
+        assert set(source_ids(engine)) == {c["xh"] for c in start}
+
+
+def test_a_college_slower_than_the_timeout_keeps_the_cursor_then_recovers(
+        db_url: str, engine: Engine, serve_app: Callable[[Any], str],
+        make_settings: Callable[..., Settings]) -> None:
+    app = create_app(seed=32, initial=40, faults=Faults(seed=1))
+    mock: CollegeState = app.state.mock
+    settings = pull_settings(make_settings, db_url, serve_app(app), pull_page_size=20,
+                             pull_timeout_seconds=0.3, pull_retries=2)
+    assert pull_once(engine, settings, max_pages=1).fetched == 20
+    mock.update_faults({"latency_ms": 1500})
+
+    slow = pull_once(engine, settings)
+
+    assert slow.error is not None and "Timeout" in slow.error and slow.fetched == 0
+    state = read_state(engine)
+    assert state is not None and decode_cursor(state.cursor or "") == 20
+    assert state.last_error == slow.error
+    mock.update_faults({"latency_ms": 0})
+    again = pull_once(engine, settings)
+    assert again.error is None and again.fetched == 20
+    ids = source_ids(engine)
+    assert set(ids) == set(mock.all_ids()) and set(ids.values()) == {1}
+
+
+def test_pullers_racing_on_one_cursor_ingest_each_completion_once(
+        db_url: str, engine: Engine, serve_app: Callable[[Any], str],
+        make_settings: Callable[..., Settings]) -> None:
+    """An on-demand pull while the scheduled one runs (or two replicas): the CAS on the cursor.
+
+    Both run for real against one college that grows as they pull; neither raises, the cursor
+    only moves forward, and every completion is stored and queued once.
+    """
+    app = create_app(seed=33, initial=200, growth_per_call=2, faults=Faults(latency_ms=20, seed=1))
+    mock: CollegeState = app.state.mock
+    settings = pull_settings(make_settings, db_url, serve_app(app), pull_page_size=20)
+    seen: list[int] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            state = read_state(engine)
+            if state is not None and state.cursor:
+                seen.append(decode_cursor(state.cursor))
+            done.wait(0.005)
+
+    def puller() -> None:
+        start.wait()
+        try:
+            for _ in range(200):
+                result = pull_once(engine, settings)
+                if result.error is None and not result.has_more:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=puller) for _ in range(2)]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    done.set()
+    watcher.join(10)
+
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert seen == sorted(seen)  # never backwards
+    state = read_state(engine)
+    assert state is not None
+    pulled = decode_cursor(state.cursor or "")
+    ids = source_ids(engine)
+    assert len(ids) == pulled == state.pulled_total and set(ids.values()) == {1}
+    assert set(ids) == set(mock.all_ids()[:pulled])
+    assert count(engine, outbox) == pulled
