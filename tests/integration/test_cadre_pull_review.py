@@ -7,10 +7,15 @@ per cursor (raw bytes, so a page may carry what a real college's JSON can carry)
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -23,7 +28,9 @@ from gateway.config import Settings
 from gateway.pull.cadre_college import PARTNER, pull_once, read_state
 from gateway.store.tables import outbox, record_versions, records, rejections
 from mock_partners.cadre_college import CollegeState, Faults, create_app, decode_cursor
-from tests.support.servers import uvicorn_thread
+from tests.support.servers import poll, uvicorn_thread
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def completions(n: int, seed: int = 31) -> list[dict[str, Any]]:
@@ -275,3 +282,71 @@ def test_pullers_racing_on_one_cursor_ingest_each_completion_once(
     assert len(ids) == pulled == state.pulled_total and set(ids.values()) == {1}
     assert set(ids) == set(mock.all_ids()[:pulled])
     assert count(engine, outbox) == pulled
+
+
+HANG_IN_TX_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from gateway.config import Settings
+    from gateway.pull import cadre_college as cadre
+    from gateway.store.db import make_engine
+    db_url, college_url, hang_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    real_advance, pages = cadre._advance, [0]
+
+    def advance(*args):
+        step = real_advance(*args)
+
+        def in_tx(conn, answers):
+            step(conn, answers)  # the page's records are written and the cursor moved
+            pages[0] += 1
+            if pages[0] == hang_at:
+                print("IN_TX", flush=True)
+                time.sleep(120)  # killed here, before the commit
+
+        return in_tx
+
+    cadre._advance = advance
+    settings = Settings(database_url=db_url, cadre_college_url=college_url, pull_page_size=25)
+    cadre.pull_once(make_engine(db_url), settings)
+""")
+
+
+@pytest.mark.parametrize("hang_at", [1, 3])
+def test_a_puller_killed_inside_a_page_transaction_commits_nothing_of_that_page(
+        hang_at: int, db_url: str, engine: Engine, serve_app: Callable[[Any], str],
+        tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    """SIGKILL of a real process holding an open page transaction (locks on both stores).
+
+    The next pull is not blocked by the dead one's locks, and every completion ends up stored
+    and queued exactly once; ``pulled_total`` counts each committed page once.
+    """
+    app = create_app(seed=34, initial=110, faults=Faults(seed=1))
+    mock: CollegeState = app.state.mock
+    url = serve_app(app)
+    log_path = tmp_path / "puller.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", HANG_IN_TX_SCRIPT, db_url, url,
+                                 str(hang_at)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def hanging() -> bool:
+            assert proc.poll() is None, log_path.read_text()
+            return "IN_TX" in log_path.read_text()
+
+        poll(hanging, 60, interval=0.02, what="the puller inside a page transaction")
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -9
+    state = read_state(engine)
+    committed = 25 * (hang_at - 1)
+    assert (state.pulled_total if state else 0) == committed
+    assert len(source_ids(engine)) == committed
+
+    started = time.monotonic()
+    result = pull_once(engine, pull_settings(make_settings, db_url, url, pull_page_size=25))
+    assert time.monotonic() - started < 20  # not stuck behind the dead transaction's locks
+    assert result.error is None and result.fetched == 110 - committed
+    ids = source_ids(engine)
+    assert set(ids) == set(mock.all_ids()) and set(ids.values()) == {1}
+    state = read_state(engine)
+    assert state is not None and state.pulled_total == 110
+    assert count(engine, outbox) == 110
