@@ -15,8 +15,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
@@ -31,6 +33,7 @@ from mock_partners.cadre_college import CollegeState, Faults, create_app, decode
 from tests.support.servers import poll, uvicorn_thread
 
 REPO = Path(__file__).resolve().parents[2]
+BEIJING = ZoneInfo("Asia/Shanghai")
 
 
 def completions(n: int, seed: int = 31) -> list[dict[str, Any]]:
@@ -136,6 +139,33 @@ def test_one_unfileable_item_does_not_stop_the_pull(
     assert state is not None and state.cursor == "c2"
     assert {good[0]["xh"], good[2]["xh"], good[3]["xh"]} <= set(ids)
     assert len(ids) + count(engine, rejections) == 4
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the year-close rule (R11) judges a pulled completion by when the gateway happened to pull "
+    "it, not by when it was completed at the college: a course finished before the close and "
+    "pulled minutes after it (the next PULL_INTERVAL tick, or after a college outage) is "
+    "refused YEAR_CLOSED; the public-subject hours earned in time should count"))
+def test_a_completion_made_before_the_year_close_and_pulled_after_it_counts(
+        db_url: str, engine: Engine, serve_app: Callable[[Any], str],
+        make_settings: Callable[..., Settings]) -> None:
+    # The year (as extended by the department) closed at the end of yesterday, Beijing time;
+    # the course was finished two minutes before that and the pull runs now.
+    closed_on = datetime.now(BEIJING).date() - timedelta(days=1)
+    [item] = completions(1)
+    item = {**item, "wcsj": f"{closed_on.isoformat()} 23:58:00",
+            "zsbh": f"QHGBWY{closed_on.year}00000001"}
+    college = Scripted({"": page([item], "c1", False)})
+    settings = pull_settings(make_settings, db_url, serve_app(college.app),
+                             year_close_extensions={closed_on.year: closed_on})
+
+    result = pull_once(engine, settings)
+
+    assert result.error is None and result.fetched == 1
+    with engine.connect() as conn:
+        codes = [e["code"] for raw in conn.execute(select(rejections.c.errors)).scalars()
+                 for e in orjson.loads(raw)]
+    assert codes == [] and result.accepted == 1
 
 
 # -- probes that held -------------------------------------------------------------------------
