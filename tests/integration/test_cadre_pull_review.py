@@ -7,6 +7,7 @@ per cursor (raw bytes, so a page may carry what a real college's JSON can carry)
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -29,7 +30,14 @@ from sqlalchemy import Engine, func, select
 from gateway.config import Settings
 from gateway.pull.cadre_college import PARTNER, pull_once, read_state
 from gateway.scheduling import PULL_CADRE_COLLEGE, run_job
-from gateway.store.tables import job_locks, outbox, record_versions, records, rejections
+from gateway.store.tables import (
+    audit_events,
+    job_locks,
+    outbox,
+    record_versions,
+    records,
+    rejections,
+)
 from mock_partners.cadre_college import CollegeState, Faults, create_app, decode_cursor
 from tests.support.servers import poll, uvicorn_thread
 
@@ -403,3 +411,42 @@ def test_a_puller_killed_inside_a_page_transaction_commits_nothing_of_that_page(
     state = read_state(engine)
     assert state is not None and state.pulled_total == 110
     assert count(engine, outbox) == 110
+
+
+def test_bad_items_in_a_page_are_coded_alone_and_no_identity_number_is_logged(
+        db_url: str, engine: Engine, serve_app: Callable[[Any], str],
+        make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture) -> None:
+    """Every third item has a broken id: rejected on its own, coded; logs and audit masked."""
+    caplog.set_level(logging.DEBUG)
+    app = create_app(seed=36, initial=60, faults=Faults(seed=1, bad_item_every=3,
+                                                        rate_limit_every=2, retry_after="0"))
+    mock: CollegeState = app.state.mock
+    settings = pull_settings(make_settings, db_url, serve_app(app), pull_page_size=20,
+                             pull_retries=4)
+
+    result = pull_once(engine, settings)
+
+    assert result.error is None and (result.accepted, result.rejected) == (40, 20)
+    with engine.connect() as conn:
+        codes = {e["code"] for raw in conn.execute(select(rejections.c.errors)).scalars()
+                 for e in orjson.loads(raw)}
+        audit_text = " ".join(str(row) for row in conn.execute(select(audit_events)).all())
+    assert codes == {"ID_NUMBER_INVALID"}
+    served = {mock._served_item(n)["sfzh"] for n in range(1, 61)}
+    assert not [i for i in served if i in caplog.text or i in audit_text]
+
+
+def test_a_page_far_larger_than_the_limit_asked_for_is_taken_whole(
+        db_url: str, engine: Engine, serve_app: Callable[[Any], str],
+        make_settings: Callable[..., Settings]) -> None:
+    """A college that ignores ``limit``: 3,000 items in one page, one transaction, all stored."""
+    data = completions(3000, seed=37)
+    college = Scripted({"": page(data, "c1", False)})
+    settings = pull_settings(make_settings, db_url, serve_app(college.app), pull_page_size=50)
+
+    result = pull_once(engine, settings)
+
+    assert result.error is None and (result.pages, result.accepted) == (1, 3000)
+    assert len(source_ids(engine)) == 3000 and count(engine, outbox) == 3000
+    state = read_state(engine)
+    assert state is not None and (state.cursor, state.pulled_total) == ("c1", 3000)
