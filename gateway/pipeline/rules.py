@@ -20,7 +20,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 
 from contracts import ActivityType, Assessment, Category, CESubmission, Note, Unit
@@ -88,6 +88,10 @@ __all__ = [
 
 # -- the record under judgement, and the per-rule checks ----------------------------------------
 
+# Sources the gateway pulls from rather than being sent to: their records were filed with the
+# source when completed there (R11).
+PULLED_ADAPTERS = frozenset({"cadre_college"})
+
 
 @dataclass
 class _Case:
@@ -104,6 +108,21 @@ class _Case:
     cap_type: str | None = None
     review_authority: str = review.FALLBACK.code
     plan: PlanInfo | None = None
+
+
+    @property
+    def filed_on(self) -> date:
+        """The day the record was filed, as R11 judges it (the rules' time zone).
+
+        A partner that pushes files it when it sends it.  A pulled completion was filed at the
+        college when it was completed there: the gateway fetches on its own schedule, so the
+        next pull after the close (or after a college outage) must not make hours earned in
+        time late.
+        """
+        received = self.received_at.astimezone(self.config.zone).date()
+        if self.adapter in PULLED_ADAPTERS:
+            return min(received, self.sub.activity.completed_on)
+        return received
 
 
 Check = Callable[[_Case], None]
@@ -182,7 +201,7 @@ def _year(case: _Case) -> None:
                                  f"（完成日期 {done}，继续教育年度 {sub.year}）",
                                  field="activity.completed_on"))
     closes = config.closes(sub.year)
-    if case.received_at.astimezone(config.zone).date() <= closes:
+    if case.filed_on <= closes:
         return
     deferral = case.reference.deferral(sub.person.id_number, sub.year)
     if deferral is None:

@@ -407,6 +407,22 @@ def test_r11_deferral_moves_a_late_record_to_next_year() -> None:
     assert run(sub()).counts_toward_year == 2026  # on time: the deferral changes nothing
 
 
+@pytest.mark.parametrize(("completed_on", "closed"), [("2026-12-30", False), ("2026-12-31", True)])
+def test_r11_a_pulled_completion_was_filed_at_the_college_when_completed(
+        completed_on: str, closed: bool) -> None:
+    """Hours earned at the college by the close count however late the gateway pulls them.
+
+    A push (here a health row) sent after the close is late whenever it was earned.
+    """
+    s = sub(category="public", **{"activity.provider_code": None, "activity.started_on": None,
+                                  "activity.completed_on": completed_on})
+    pulled = datetime(2027, 1, 4, 9, 0, tzinfo=CST)
+    assert codes(run(s, adapter="cadre_college", received_at=pulled,
+                     reference=NO_DEFERRAL).errors) == (["YEAR_CLOSED"] if closed else [])
+    assert codes(run(s, adapter="health", received_at=pulled, reference=NO_DEFERRAL).errors) == [
+        "YEAR_CLOSED"]
+
+
 def test_r11_completion_outside_the_year() -> None:
     j = run(sub(**{"activity.started_on": "2025-12-20", "activity.completed_on": "2025-12-28"}))
     assert codes(j.errors) == ["OUTSIDE_YEAR"] and j.errors[0].field == "activity.completed_on"
