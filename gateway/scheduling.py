@@ -146,10 +146,18 @@ class Job:
     run_at_start: bool = True  # first tick as soon as the scheduler starts
 
 
+class JobFailed(Exception):
+    """A job's run failed in a way it has already recorded (no traceback to log)."""
+
+
 def _pull_cadre_college(engine: Engine, settings: Settings) -> object:
     from gateway.pull.cadre_college import pull_once  # keeps this module light to import
 
-    return pull_once(engine, settings)
+    result = pull_once(engine, settings)
+    if result.error is not None and not result.cursor_moved:
+        # Recorded as the pull's last_error; failing the run frees the lease for the next tick.
+        raise JobFailed(result.error)
+    return result
 
 
 PULL_CADRE_COLLEGE = Job("pull:cadre_college", _pull_cadre_college,
@@ -175,6 +183,9 @@ def run_job(engine: Engine, settings: Settings, job: Job) -> bool:
         ran = run_exclusive(engine, job.name, job.lease_seconds(settings),
                             lambda: job.run(engine, settings),
                             hold_seconds=0.9 * float(job.interval_seconds(settings)))
+    except JobFailed as exc:
+        log.warning("scheduled job %s failed: %s", job.name, exc)
+        return False
     except Exception:  # noqa: BLE001 - one failed tick must not stop the schedule
         log.exception("scheduled job %s failed", job.name)
         return False
