@@ -96,15 +96,17 @@ def _expected(monthly: list[list[dict[str, Any]]], annual: list[dict[str, Any]],
         month_of.setdefault(row[id_column], f"{parse_date(row['完成日期']):%Y-%m}")
     categories = {"repeated": "unchanged", "corrected": "changed", "lacking": "missing",
                   "added": "added", "conflicts": "conflict"}
+    # The generator refuses and withdraws nothing: those categories stay 0.
+    every = reconcile.CATEGORIES
     months: dict[str, dict[str, int]] = {}
     for category, key in categories.items():
         for month, n in Counter(month_of[rid] for rid in manifest[key]).items():
-            months.setdefault(month, dict.fromkeys(["monthly_records", *categories], 0))[category] = n
+            months.setdefault(month, dict.fromkeys(every, 0))[category] = n
     for m, n in enumerate(manifest["monthly_counts"], start=1):
         if n:
-            months.setdefault(f"{YEAR}-{m:02d}", dict.fromkeys(["monthly_records", *categories], 0))
+            months.setdefault(f"{YEAR}-{m:02d}", dict.fromkeys(every, 0))
             months[f"{YEAR}-{m:02d}"]["monthly_records"] = n
-    totals = {c: sum(m[c] for m in months.values()) for c in ["monthly_records", *categories]}
+    totals = {c: sum(m[c] for m in months.values()) for c in every}
     return months, totals
 
 
@@ -240,10 +242,10 @@ def test_without_an_annual_batch_nothing_is_reconciled(
         report = reconcile.report(conn, "health", YEAR, today=AFTER_THE_YEAR)
         finance = reconcile.report(conn, "finance", YEAR, today=AFTER_THE_YEAR)
     assert report["annual_batch_id"] is None and report["note"]
-    assert report["monthly_batches"] == [{"batch_id": batch_id, "period": f"{YEAR}-{first:02d}"}]
-    assert report["totals"] == {"monthly_records": manifest["monthly_counts"][first - 1],
-                                "repeated": 0, "corrected": 0, "lacking": 0, "added": 0,
-                                "conflicts": 0}
+    assert report["monthly_batches"] == [{"batch_id": batch_id, "period": f"{YEAR}-{first:02d}",
+                                          "status": "done"}]
+    assert report["totals"] == {**dict.fromkeys(reconcile.CATEGORIES, 0),
+                                "monthly_records": manifest["monthly_counts"][first - 1]}
     assert report["months_never_pushed"] == [f"{YEAR}-{m:02d}" for m in range(1, 13) if m != first]
     assert finance["monthly_batches"] == [] and finance["months"] == []
 
@@ -344,7 +346,7 @@ def test_an_activity_the_annual_carries_under_another_record_number_is_not_lacki
     assert [(r["row"], r["code"], r["column"]) for r in status["rejected_rows"]] == [
         (4, "CONFLICT_WITH_EXISTING", "学分")]
     assert report["totals"] == {"monthly_records": 3, "repeated": 2, "corrected": 0,
-                                "lacking": 0, "added": 0, "conflicts": 1}
+                                "lacking": 0, "refused": 0, "withdrawn": 0, "added": 0, "conflicts": 1}
     assert report["samples"]["conflicts"] == ["RENUMBERED-2"] and report["samples"]["lacking"] == []
 
 
@@ -385,4 +387,4 @@ def test_a_monthly_duplicate_of_another_partners_record_renumbered_in_the_annual
     with engine.connect() as conn:
         report = reconcile.report(conn, "health", YEAR, today=AFTER_THE_YEAR)
     assert report["totals"] == {"monthly_records": 3, "repeated": 3, "corrected": 0,
-                                "lacking": 0, "added": 0, "conflicts": 0}
+                                "lacking": 0, "refused": 0, "withdrawn": 0, "added": 0, "conflicts": 0}

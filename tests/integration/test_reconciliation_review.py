@@ -118,12 +118,8 @@ def chunk_fails(pusher: Pusher, nth: int) -> Iterator[None]:
         pusher.settings = pusher.settings.model_copy(update={"batch_chunk_rows": 2000})
 
 
-# -- findings ---------------------------------------------------------------------------------
+# -- findings (fixed) ---------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "records committed by a monthly batch that then failed part-way (accepted, forwarded) are "
-    "counted in no month, and the annual rows repeating them nowhere; they should count in "
-    "their month as the re-upload's other rows do"))
 def test_records_a_failed_month_committed_before_it_failed_are_reconciled(
         pusher: Pusher, new_partner: Callable[..., Partner], engine: Engine) -> None:
     partner = new_partner(engine, adapter="health")
@@ -136,15 +132,11 @@ def test_records_a_failed_month_committed_before_it_failed_are_reconciled(
     annual = pusher.push(partner, rows, "annual", str(YEAR))
     assert pusher.batch(annual)["duplicate"] == 6
     report = pusher.report()
-    # Seen: monthly_records 4, repeated 4: two of January's records and the annual's two rows
+    # Before the fix: monthly_records 4, repeated 4: two of January's records and the annual's two rows
     # repeating them are in no category.
     assert report["totals"] == {**ZERO, "monthly_records": 6, "repeated": 6}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an annual that failed part-way after correcting and adding rows, then uploaded again, "
-    "is reported as repeating the corrected row and not adding the new one: the committed "
-    "part of the failed annual should count as the annual's"))
 def test_an_annual_that_failed_part_way_then_uploaded_again_keeps_its_corrections(
         pusher: Pusher, new_partner: Callable[..., Partner], engine: Engine) -> None:
     partner = new_partner(engine, adapter="health")
@@ -159,16 +151,13 @@ def test_an_annual_that_failed_part_way_then_uploaded_again_keeps_its_correction
     assert (first["status"], first["corrected"], first["accepted"]) == ("failed", 1, 1)
     pusher.push(partner, annual, "annual", str(YEAR))
     report = pusher.report()
-    # Seen: repeated 5, corrected 0, added 0, lacking 1.
+    # Before the fix: repeated 5, corrected 0, added 0, lacking 1.
     assert report["totals"] == {**ZERO, "monthly_records": 6, "repeated": 4, "corrected": 1,
                                 "lacking": 1, "added": 1}
     assert report["samples"]["corrected"] == [rows[0]["记录编号"]]
     assert report["samples"]["added"] == [new["记录编号"]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an annual row no month carried that duplicates another partner's record is in no "
-    "category (a conflicting one would be a conflict): it should be reported as added"))
 def test_an_annual_row_duplicating_another_partners_record_is_reported(
         pusher: Pusher, new_partner: Callable[..., Partner], engine: Engine) -> None:
     ours, theirs = new_partner(engine, adapter="health"), new_partner(engine, adapter="health")
@@ -180,14 +169,11 @@ def test_an_annual_row_duplicating_another_partners_record_is_reported(
     annual = pusher.push(ours, [*rows[:3], late], "annual", str(YEAR))
     assert pusher.batch(annual)["duplicate"] == 4
     report = pusher.report()
-    # Seen: added 0 and no sample: the annual's fourth row is not in the report.
+    # Before the fix: added 0 and no sample: the annual's fourth row is not in the report.
     assert report["totals"]["added"] == 1
     assert report["samples"]["added"] == ["OURS-LATE-1"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an annual sent on 31 December (after R11 closed the year) whose corrected row is refused "
-    "YEAR_CLOSED reports that monthly record as lacking, though the annual carries it"))
 def test_an_annual_correction_refused_after_the_year_closed_is_not_lacking(
         pusher: Pusher, new_partner: Callable[..., Partner], engine: Engine) -> None:
     partner = new_partner(engine, adapter="health")
@@ -199,14 +185,13 @@ def test_an_annual_correction_refused_after_the_year_closed_is_not_lacking(
                          uploaded_at=year_end)
     assert (pusher.batch(annual)["duplicate"], pusher.batch(annual)["rejected"]) == (3, 1)
     report = pusher.report()
-    # Seen: lacking 1, samples.lacking == [rows[0]'s number].
+    # Before the fix: lacking 1, samples.lacking == [rows[0]'s number].
     assert report["totals"]["lacking"] == 0
     assert rows[0]["记录编号"] not in report["samples"]["lacking"]
+    # It is listed as what it is: the annual's change of it was refused, the month's stands.
+    assert report["totals"]["refused"] == 1 and report["samples"]["refused"] == [rows[0]["记录编号"]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the report lists a month whose batch is queued (acknowledged, not processed yet) as never "
-    "pushed, while reconcile.months_never_pushed (the alert) rightly does not"))
 def test_a_month_whose_batch_is_still_queued_is_not_never_pushed(
         pusher: Pusher, new_partner: Callable[..., Partner], engine: Engine) -> None:
     partner = new_partner(engine, adapter="health")
@@ -216,12 +201,10 @@ def test_a_month_whose_batch_is_still_queued_is_not_never_pushed(
     with engine.connect() as conn:
         alert = reconcile.months_never_pushed(conn, "health", YEAR, today=AFTER)
     assert f"{YEAR}-02" not in alert
-    assert f"{YEAR}-02" not in pusher.report()["months_never_pushed"]
+    report = pusher.report()
+    assert f"{YEAR}-02" not in report["months_never_pushed"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an annual row correcting a monthly record onto another record's activity with other "
-    "credits is answered conflict (held) but reported as corrected, with no conflict"))
 def test_an_annual_correction_judged_a_conflict_is_reported_as_a_conflict(
         pusher: Pusher, new_partner: Callable[..., Partner], engine: Engine) -> None:
     partner = new_partner(engine, adapter="health")
@@ -232,14 +215,11 @@ def test_an_annual_correction_judged_a_conflict_is_reported_as_a_conflict(
     annual = pusher.push(partner, [first, moved], "annual", str(YEAR))
     assert (pusher.batch(annual)["duplicate"], pusher.batch(annual)["conflict"]) == (1, 1)
     report = pusher.report()
-    # Seen: corrected 1, conflicts 0 (the batch says 1 conflict, the report none).
+    # Before the fix: corrected 1, conflicts 0 (the batch says 1 conflict, the report none).
     assert report["totals"]["conflicts"] == 1
     assert report["samples"]["conflicts"] == [second["记录编号"]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a monthly record the partner withdrew (DELETE /v1/records) is reported as lacking "
-    "when the annual rightly leaves it out; a withdrawn record is not one the annual lacks"))
 def test_a_withdrawn_monthly_record_the_annual_leaves_out_is_not_lacking(
         pusher: Pusher, new_partner: Callable[..., Partner], engine: Engine) -> None:
     partner = new_partner(engine, adapter="health")
@@ -249,15 +229,12 @@ def test_a_withdrawn_monthly_record_the_annual_leaves_out_is_not_lacking(
     assert answer is not None
     pusher.push(partner, rows[1:], "annual", str(YEAR))
     report = pusher.report()
-    # Seen: lacking 1, samples.lacking == [rows[0]'s number].
+    # Before the fix: lacking 1, samples.lacking == [rows[0]'s number].
     assert report["totals"]["lacking"] == 0
     assert report["samples"]["lacking"] == []
+    assert report["totals"]["withdrawn"] == 1 and report["samples"]["withdrawn"] == [rows[0]["记录编号"]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a December monthly batch that arrives after the annual (both are due at year end) makes "
-    "the annual rows it repeats 'added' and the month empty: the report should not depend on "
-    "which of the two arrived first"))
 def test_a_december_month_arriving_after_the_annual_is_reconciled_as_a_month(
         pusher: Pusher, new_partner: Callable[..., Partner], engine: Engine) -> None:
     partner = new_partner(engine, adapter="health")
@@ -268,7 +245,7 @@ def test_a_december_month_arriving_after_the_annual_is_reconciled_as_a_month(
     month = pusher.push(partner, december, "monthly", f"{YEAR}-12")
     assert (pusher.batch(month)["duplicate"], pusher.batch(month)["accepted"]) == (2, 1)
     report = pusher.report()
-    # Seen: 2026-12 {monthly_records 1, lacking 1, added 2}.
+    # Before the fix: 2026-12 {monthly_records 1, lacking 1, added 2}.
     assert months_of(report)[f"{YEAR}-12"] == {**ZERO, "monthly_records": 3, "repeated": 2,
                                                  "lacking": 1}
 
