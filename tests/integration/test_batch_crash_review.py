@@ -339,6 +339,10 @@ def _truncate(path: Path, keep: float) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "the processor never checks the stored file against the size and SHA-256 it acknowledged: "
+    "a file cut in half on disk after the 202 ends 'done' with half the rows; it should fail "
+    "the batch, coded, before taking any row"))
 def test_a_file_truncated_on_disk_after_the_202_is_not_reported_done(
         tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner) -> None:
     path = tmp_path / "health.csv"
@@ -356,6 +360,10 @@ def test_a_file_truncated_on_disk_after_the_202_is_not_reported_done(
     engine.dispose()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "control totals are checked only while rows_done == 0, and a resume re-reads the file "
+    "unchecked: a file truncated between a crash and the resume ends 'done' with fewer rows "
+    "than its X-CE-Row-Count; a resume should verify the file (hash) or the totals again"))
 def test_a_resume_after_the_file_was_truncated_does_not_end_done_short_of_the_declared_rows(
         tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner,
         monkeypatch: pytest.MonkeyPatch) -> None:
