@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -74,9 +74,21 @@ def health_file(path: Path, n: int, fmt: str, seed: int = 31, bad_ratio: float =
     return good, bad
 
 
+_OPEN: list[Engine] = []
+
+
+@pytest.fixture(autouse=True)
+def _dispose_stores() -> Iterator[None]:
+    """Every store a test opened is closed after it, failed or not (no leaked connections)."""
+    yield
+    while _OPEN:
+        _OPEN.pop().dispose()
+
+
 def new_store(url: str, partner: NewPartner) -> Engine:
     upgrade(url)
     engine = make_engine(url)
+    _OPEN.append(engine)
     partner(engine, partner_id=PARTNER_ID, adapter="health")
     return engine
 
@@ -208,27 +220,22 @@ def test_a_crash_at_chunk_k_and_a_resume_leave_what_a_clean_run_leaves(
     clean_url = f"sqlite:///{tmp_path / 'clean.sqlite3'}"
     crash_url = f"sqlite:///{tmp_path / 'crash.sqlite3'}"
     clean, crashed = new_store(clean_url, new_partner), new_store(crash_url, new_partner)
-    try:
-        register(clean, path)
-        register(crashed, path)
-        process_clean(clean, settings_for(make_settings, clean_url, tmp_path))
-        settings = settings_for(make_settings, crash_url, tmp_path)
-        crash_after(crashed, settings, chunks, inside=inside, monkeypatch=monkeypatch)
-        resume(crashed, settings)
+    register(clean, path)
+    register(crashed, path)
+    process_clean(clean, settings_for(make_settings, clean_url, tmp_path))
+    settings = settings_for(make_settings, crash_url, tmp_path)
+    crash_after(crashed, settings, chunks, inside=inside, monkeypatch=monkeypatch)
+    resume(crashed, settings)
 
-        want, got = outcome(clean), outcome(crashed)
-        assert want["batch"]["status"] == "done"
-        assert {k: want["batch"][k] for k in ("accepted", "rejected")} == {
-            "accepted": len(good), "rejected": len(bad)}
-        assert sorted({(e[0], e[1], e[2]) for e in want["errors"]}) == sorted(
-            (row, column, code) for row, (column, code) in bad.items())
-        # batch_processing events aside, the same story in both stores
-        for key in ("batch", "records", "duplicate_of", "versions", "outbox", "errors",
-                    "rejections", "audit"):
-            assert got[key] == want[key], key
-    finally:
-        clean.dispose()
-        crashed.dispose()
+    want, got = outcome(clean), outcome(crashed)
+    assert want["batch"]["status"] == "done"
+    assert {k: want["batch"][k] for k in ("accepted", "rejected")} == {
+        "accepted": len(good), "rejected": len(bad)}
+    assert sorted({(e[0], e[1], e[2]) for e in want["errors"]}) == sorted(
+        (row, column, code) for row, (column, code) in bad.items())
+    for key in ("batch", "records", "duplicate_of", "versions", "outbox", "errors",
+                "rejections", "audit"):
+        assert got[key] == want[key], key
 
 
 # -- transient faults during processing ----------------------------------------------------------
@@ -278,7 +285,6 @@ def test_a_store_error_in_one_chunk_does_not_fail_an_acknowledged_batch_for_good
     assert final["status"] == "done", (final["error_code"], final["error"])
     assert {k: int(final[k]) for k in COUNTS} == {
         "accepted": len(good), "duplicate": 0, "corrected": 0, "conflict": 0, "rejected": len(bad)}
-    engine.dispose()
 
 
 def _parse_workers() -> list[int]:
@@ -328,7 +334,6 @@ def test_a_killed_parse_worker_does_not_fail_the_batch_for_good(
     assert final["status"] == "done", (final["error_code"], final["error"])
     assert {k: int(final[k]) for k in COUNTS} == {
         "accepted": len(good), "duplicate": 0, "corrected": 0, "conflict": 0, "rejected": len(bad)}
-    engine.dispose()
 
 
 # -- the stored file changed after the 202 -------------------------------------------------------
@@ -357,7 +362,6 @@ def test_a_file_truncated_on_disk_after_the_202_is_not_reported_done(
     assert judged < 200  # half the rows are gone from the disk
     # The partner was told 200 rows were durable; "done" with ~100 says they all were taken.
     assert final["status"] == "failed", (final["status"], judged)
-    engine.dispose()
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -381,7 +385,6 @@ def test_a_resume_after_the_file_was_truncated_does_not_end_done_short_of_the_de
     assert judged < 200
     # A batch that declared 200 rows must not end "done" having judged fewer.
     assert final["status"] != "done" or judged == 200, (final["status"], judged)
-    engine.dispose()
 
 
 def test_a_file_deleted_after_the_202_fails_the_batch_coded_without_the_servers_path(
@@ -401,7 +404,6 @@ def test_a_file_deleted_after_the_202_fails_the_batch_coded_without_the_servers_
     assert status is not None and status["status"] == "failed"
     assert status["failure"]["code"] and status["failure"]["message_zh"]
     assert status["counts"]["rows"] == 0
-    engine.dispose()
 
 
 # -- one row must not fail its neighbours (SPEC §5) ---------------------------------------------
@@ -432,4 +434,73 @@ def test_a_row_with_an_absurd_credits_value_is_rejected_alone_on_postgresql(
     with engine.connect() as conn:
         assert [(e.row_no, e.column_name, e.code) for e in conn.execute(select(batch_errors))] == [
             (62, "学分", "SCHEMA")]
-    engine.dispose()
+
+
+# -- the same file twice, processed at once (a resend while the first is still processing) ------
+
+
+def test_the_same_file_processed_twice_at_once_takes_each_row_once(
+        db_url: str, tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner) -> None:
+    import threading
+
+    path = tmp_path / "health.csv"
+    good, bad = health_file(path, 600, "utf-8", seed=43)
+    engine = new_store(db_url, new_partner)
+    first, second = register(engine, path, "B" + "1" * 24), register(engine, path, "B" + "2" * 24)
+    settings = settings_for(make_settings, db_url, tmp_path)
+    errors: list[BaseException | None] = []
+    both = threading.Barrier(2, timeout=30)
+
+    def run(batch_id: str, name: str) -> None:
+        own = make_engine(db_url)
+        try:
+            processor = BatchProcessor(own, settings, name=name)
+            both.wait()
+            claimed = processor.claim(batch_id)
+            assert claimed is not None
+            errors.append(processor.run(claimed))
+        finally:
+            own.dispose()
+
+    threads = [threading.Thread(target=run, args=(b, f"proc-{i}"))
+               for i, b in enumerate((first, second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [None, None]
+    one, two = batch_row(engine, first), batch_row(engine, second)
+    assert one["status"] == two["status"] == "done", (one["error"], two["error"])
+    for b in (one, two):
+        assert int(b["accepted"]) + int(b["duplicate"]) == len(good)
+        assert int(b["rejected"]) == len(bad) and int(b["conflict"]) == int(b["corrected"]) == 0
+    assert int(one["accepted"]) + int(two["accepted"]) == len(good)
+    with engine.connect() as conn:
+        stored = Counter(conn.execute(select(records.c.source_record_id)).scalars())
+        queued = Counter(conn.execute(select(outbox.c.record_id)).scalars())
+        assert audit.verify(conn).ok
+    assert set(stored) == good and max(stored.values()) == 1
+    assert len(queued) == len(good) and max(queued.values()) == 1
+
+
+def test_control_totals_checked_before_a_crash_are_not_needed_again_to_finish_right(
+        tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "health.csv"
+    good, bad = health_file(path, 200, "gb18030", seed=47)
+    clean_url = f"sqlite:///{tmp_path / 'clean.sqlite3'}"
+    crash_url = f"sqlite:///{tmp_path / 'crash.sqlite3'}"
+    clean, crashed = new_store(clean_url, new_partner), new_store(crash_url, new_partner)
+    register(clean, path)  # no totals: the clean run's credits_total is the file's sum
+    process_clean(clean, settings_for(make_settings, clean_url, tmp_path))
+    want = outcome(clean)
+    total = want["batch"]["credits_total"]
+    register(crashed, path, declared_rows=200, declared_credits=total)
+    settings = settings_for(make_settings, crash_url, tmp_path)
+    crash_after(crashed, settings, 2, monkeypatch=monkeypatch)
+    resume(crashed, settings)
+    got = outcome(crashed)
+    assert got["batch"]["status"] == "done", got["batch"]["error"]
+    assert (got["batch"]["accepted"], got["batch"]["rejected"]) == (len(good), len(bad))
+    for key in ("batch", "records", "versions", "outbox", "errors", "rejections", "audit"):
+        assert got[key] == want[key], key
