@@ -14,6 +14,7 @@ changed on disk after the 202, and the declared control totals across a resume.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -49,6 +50,7 @@ PERIOD = f"{YEAR}-03"
 BATCH_ID = "B" + "c" * 24
 PARTNER_ID = "health-review"
 COUNTS = ("accepted", "duplicate", "corrected", "conflict", "rejected")
+RECORD_ID = re.compile(r"R[0-9a-f]{24}")
 
 MakeSettings = Callable[..., Settings]
 NewPartner = Callable[..., Partner]
@@ -183,10 +185,14 @@ def outcome(engine: Engine, batch_id: str = BATCH_ID) -> dict[str, Any]:
                           for v in conn.execute(select(record_versions)))
         queued = sorted((source_of[o.record_id], o.version, o.status)
                         for o in conn.execute(select(outbox)))
-        errors = sorted((e.row_no, e.column_name, e.code, e.message, e.message_zh)
+
+        def named(text: str) -> str:  # a record id in a message, as the record's number
+            return RECORD_ID.sub(lambda m: f"<{source_of.get(m.group(0), '?')}>", text)
+
+        errors = sorted((e.row_no, e.column_name, e.code, named(e.message), e.message_zh)
                         for e in conn.execute(select(batch_errors)
                                               .where(batch_errors.c.batch_id == batch_id)))
-        refused = sorted((r.source_record_id or "", r.payload, r.errors)
+        refused = sorted((r.source_record_id or "", r.payload, named(r.errors))
                          for r in conn.execute(select(rejections)))
         kinds = Counter(conn.execute(select(audit_events.c.kind)).scalars())
         verified = audit.verify(conn)
@@ -502,5 +508,93 @@ def test_control_totals_checked_before_a_crash_are_not_needed_again_to_finish_ri
     got = outcome(crashed)
     assert got["batch"]["status"] == "done", got["batch"]["error"]
     assert (got["batch"]["accepted"], got["batch"]["rejected"]) == (len(good), len(bad))
+    for key in ("batch", "records", "versions", "outbox", "errors", "rejections", "audit"):
+        assert got[key] == want[key], key
+
+
+def _tangled_file(path: Path) -> dict[str, int]:
+    """A file whose later rows refer to earlier ones across chunk boundaries (chunks of 40).
+
+    Resends, corrections, another record number for the same activity, the same activity with
+    other credits, and one person's trainings piling up on one day (R14).  Returns the counts
+    a clean run must give.
+    """
+    rows: list[dict[str, Any]] = [dict(r) for r in health_rows(59, 150, YEAR, 3)]
+    base = [dict(r) for r in rows[:40]]
+    extra: list[dict[str, Any]] = []
+    for i, r in enumerate(base[:6]):
+        extra.append(dict(r))  # the same row again: duplicate
+        fixed = dict(r)
+        fixed["学分"] = str(int(float(str(r["学分"]))) + 1)  # new credits, same id: corrected
+        extra.append(fixed)
+        twin = dict(r)
+        twin["记录编号"] = f"{r['记录编号']}-T{i}"  # same activity, another id: duplicate
+        extra.append(twin)
+    for i, r in enumerate(base[10:14]):
+        clash = dict(r)
+        clash["记录编号"] = f"{r['记录编号']}-C{i}"
+        clash["学分"] = str(int(float(str(r["学分"]))) + 5)  # same activity, other hours: conflict
+        extra.append(clash)
+    person = base[20]
+    for i in range(8):  # eight long trainings by one person on one day: R14 flags them
+        extra.append({**person, "记录编号": f"DAY-{i}", "项目名称": f"集中培训第{i + 1}期",
+                      "项目编号": "", "学分": "3", "开始日期": "", "完成日期": f"{YEAR}-03-25"})
+    # interleave: the extras land in chunks 2..6, some right at chunk edges
+    out = rows[:40]
+    rest = rows[40:]
+    for j, row in enumerate(extra):
+        out.append(row)
+        out.extend(rest[j * 4:(j + 1) * 4])
+    out.extend(rest[len(extra) * 4:])
+    write_csv(path, out, HEALTH_HEADERS, encoding="gb18030")
+    return {"rows": len(out)}
+
+
+@pytest.mark.parametrize("chunks", [2, 4])
+def test_a_crash_between_rows_that_refer_to_each_other_changes_no_answer(
+        chunks: int, tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "health.csv"
+    expected = _tangled_file(path)
+    clean_url = f"sqlite:///{tmp_path / 'clean.sqlite3'}"
+    crash_url = f"sqlite:///{tmp_path / 'crash.sqlite3'}"
+    clean, crashed = new_store(clean_url, new_partner), new_store(crash_url, new_partner)
+    register(clean, path)
+    register(crashed, path)
+    process_clean(clean, settings_for(make_settings, clean_url, tmp_path))
+    settings = settings_for(make_settings, crash_url, tmp_path)
+    crash_after(crashed, settings, chunks, monkeypatch=monkeypatch)
+    resume(crashed, settings)
+    want, got = outcome(clean), outcome(crashed)
+    b = want["batch"]
+    assert sum(int(b[k]) for k in COUNTS) == expected["rows"]
+    assert min(int(b[k]) for k in ("duplicate", "corrected", "conflict")) > 0, b
+    for key in ("batch", "records", "duplicate_of", "versions", "outbox", "errors",
+                "rejections", "audit"):
+        assert got[key] == want[key], key
+
+
+def test_a_processor_stopped_mid_batch_hands_it_over_at_once_and_the_outcome_is_unchanged(
+        tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner) -> None:
+    path = tmp_path / "health.xlsx"
+    health_file(path, 200, "xlsx", seed=61)
+    clean_url = f"sqlite:///{tmp_path / 'clean.sqlite3'}"
+    stop_url = f"sqlite:///{tmp_path / 'stop.sqlite3'}"
+    clean, stopped = new_store(clean_url, new_partner), new_store(stop_url, new_partner)
+    register(clean, path)
+    register(stopped, path)
+    process_clean(clean, settings_for(make_settings, clean_url, tmp_path))
+    settings = settings_for(make_settings, stop_url, tmp_path)
+    a = BatchProcessor(stopped, settings, name="proc-a", progress=lambda _row: a.stop())
+    claimed = a.claim()
+    assert claimed is not None
+    assert a.run(claimed) is None  # a shutdown (SIGTERM): the chunk in hand commits, then it stops
+    at_stop = batch_row(stopped)
+    assert at_stop["status"] == "processing" and int(at_stop["rows_done"]) == 41
+    b = BatchProcessor(stopped, settings, name="proc-b")
+    taken = b.claim()  # no waiting for the lease to run out
+    assert taken is not None and taken["batch_id"] == BATCH_ID
+    assert b.run(taken) is None
+    want, got = outcome(clean), outcome(stopped)
     for key in ("batch", "records", "versions", "outbox", "errors", "rejections", "audit"):
         assert got[key] == want[key], key
