@@ -627,3 +627,44 @@ def test_a_long_declared_credits_total_is_answered_not_a_500_on_postgresql(
     with engine.connect() as conn:
         owned = {Path(p).name for p in conn.execute(select(batches.c.file_path)).scalars()}
     assert {p.name for p in batch_dir.iterdir()} <= owned
+
+
+# -- a file that kills its processor every time --------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a batch whose processing kills the process before any chunk commits (an OOM on one file) "
+    "is claimed again, oldest first, after every restart, with no attempt count: it loops "
+    "forever and every batch queued after it waits forever; after a few claims without progress "
+    "it should be failed, coded, or set aside"))
+def test_a_batch_that_kills_its_processor_every_time_does_not_block_the_queue_forever(
+        tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    poison, later = tmp_path / "poison.csv", tmp_path / "later.csv"
+    health_file(poison, 100, "utf-8", seed=67)
+    health_file(later, 20, "utf-8", seed=71)
+    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    engine = new_store(url, new_partner)
+    register(engine, poison)
+    later_id = register(engine, later, "B" + "d" * 24)
+    settings = settings_for(make_settings, url, tmp_path)
+    real = batches_module.ingest_items  # type: ignore[attr-defined]
+
+    def dies_on_the_poison(engine_: Engine, partner: Any, items: Any, **kwargs: Any) -> Any:
+        if kwargs.get("batch_id") == BATCH_ID:
+            raise Crash  # the process dies inside the poison file's first chunk, every time
+        return real(engine_, partner, items, **kwargs)
+
+    monkeypatch.setattr(batches_module, "ingest_items", dies_on_the_poison)
+    claimed_ids = []
+    for restart in range(12):  # a supervisor restarts the dead gateway, again and again
+        processor = BatchProcessor(engine, settings, name=f"proc-{restart}")
+        claimed = processor.claim()
+        if claimed is None:
+            break
+        claimed_ids.append(claimed["batch_id"])
+        try:
+            processor.run(claimed)
+        except Crash:
+            expire_lease(engine)
+    assert batch_row(engine, later_id)["status"] == "done", Counter(claimed_ids)
