@@ -42,7 +42,14 @@ from gateway.store.tables import (
     records,
     rejections,
 )
-from mock_partners.files import BAD_KEY, HEALTH_HEADERS, health_rows, write_csv, write_xlsx
+from mock_partners.files import (
+    BAD_KEY,
+    HEALTH_HEADERS,
+    health_rows,
+    write_csv,
+    write_ndjson,
+    write_xlsx,
+)
 from tests.support.servers import poll
 
 YEAR = 2026  # kept open by tests/conftest.py (CE_GATEWAY_YEAR_CLOSE_EXTENSIONS)
@@ -69,10 +76,18 @@ def health_file(path: Path, n: int, fmt: str, seed: int = 31, bad_ratio: float =
     rows = list(health_rows(seed, n, YEAR, 3, bad_ratio=bad_ratio))
     if fmt == "xlsx":
         assert write_xlsx(path, rows, HEALTH_HEADERS) == n
+    elif fmt == "ndjson":  # no header line: row number = line number
+        assert write_ndjson(path, rows, HEALTH_HEADERS) == n
+        return good_and_bad(rows, first_row=1)
     else:
         assert write_csv(path, rows, HEALTH_HEADERS, encoding=fmt) == n  # type: ignore[arg-type]
+    return good_and_bad(rows, first_row=2)
+
+
+def good_and_bad(rows: list[dict[str, Any]], first_row: int,
+                 ) -> tuple[set[str], dict[int, tuple[str, str]]]:
     good = {str(r["记录编号"]) for r in rows if BAD_KEY not in r}
-    bad = {i + 2: r[BAD_KEY] for i, r in enumerate(rows) if BAD_KEY in r}
+    bad = {i + first_row: r[BAD_KEY] for i, r in enumerate(rows) if BAD_KEY in r}
     return good, bad
 
 
@@ -96,7 +111,7 @@ def new_store(url: str, partner: NewPartner) -> Engine:
 
 
 def register(engine: Engine, path: Path, batch_id: str = BATCH_ID, **declared: Any) -> str:
-    fmt = "xlsx" if path.suffix == ".xlsx" else "csv"
+    fmt = {".xlsx": "xlsx", ".ndjson": "ndjson"}.get(path.suffix, "csv")
     record_batch(engine, NewBatch(batch_id, PARTNER_ID, "health", "monthly", PERIOD, path, fmt,
                                   path.stat().st_size, file_sha256(path), **declared), "test")
     return batch_id
@@ -163,7 +178,8 @@ def crash_after(engine: Engine, settings: Settings, chunks: int, *, inside: bool
     assert at_crash["status"] == "processing" and at_crash["lease_owner"] == "proc-a"
     done = chunks - 1 if inside else chunks  # chunks committed before the crash
     size = settings.batch_chunk_rows
-    assert int(at_crash["rows_done"]) == (size * done + 1 if done else 0)
+    header = 0 if at_crash["file_format"] == "ndjson" else 1  # NDJSON has no header line
+    assert int(at_crash["rows_done"]) == (size * done + header if done else 0)
 
 
 def resume(engine: Engine, settings: Settings) -> None:
@@ -215,12 +231,12 @@ def outcome(engine: Engine, batch_id: str = BATCH_ID) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("fmt", "chunks", "inside"), [
     ("gb18030", 1, False), ("gb18030", 3, True), ("gb18030", 5, False),
-    ("xlsx", 1, True), ("xlsx", 2, False), ("xlsx", 5, True),
+    ("xlsx", 1, True), ("xlsx", 2, False), ("xlsx", 5, True), ("ndjson", 3, False),
 ])
 def test_a_crash_at_chunk_k_and_a_resume_leave_what_a_clean_run_leaves(
         fmt: str, chunks: int, inside: bool, tmp_path: Path, make_settings: MakeSettings,
         new_partner: NewPartner, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / f"health.{'xlsx' if fmt == 'xlsx' else 'csv'}"
+    path = tmp_path / f"health.{fmt if fmt in ('xlsx', 'ndjson') else 'csv'}"
     good, bad = health_file(path, 230, fmt)  # 6 chunks of 40
     assert bad, "the file should hold rejected rows"
     clean_url = f"sqlite:///{tmp_path / 'clean.sqlite3'}"
