@@ -409,7 +409,7 @@ def test_a_resume_after_the_file_was_truncated_does_not_end_done_short_of_the_de
     assert final["status"] != "done" or judged == 200, (final["status"], judged)
 
 
-def test_a_file_deleted_after_the_202_fails_the_batch_coded_without_the_servers_path(
+def test_a_file_deleted_after_the_202_fails_the_batch_coded_and_takes_nothing(
         tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner) -> None:
     path = tmp_path / "health.csv"
     health_file(path, 50, "utf-8")
