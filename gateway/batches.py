@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, or_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from adapters.base import Adapter, ParsedRow
 from adapters.finance import COLUMNS_OF as FINANCE_COLUMNS
@@ -46,6 +48,7 @@ from gateway.delivery.worker import worker_id
 from gateway.errors import PayloadRejected
 from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items, paused_gc
 from gateway.reference import ReferenceCache
+from gateway.signing import file_sha256
 from gateway.store.tables import batch_errors, batches, partners
 
 log = logging.getLogger(__name__)
@@ -114,7 +117,8 @@ def parse_control_totals(row_count: str | None, credits: str | None) -> tuple[in
     rows: int | None = None
     total: Decimal | None = None
     try:
-        rows = int(row_count) if row_count not in (None, "") else None
+        # At most 18 digits: a row count beyond that is no file's, and overflows the column.
+        rows = int(row_count) if row_count not in (None, "") and len(row_count) <= 18 else None
     except ValueError:
         pass
     if row_count not in (None, "") and (rows is None or rows < 0):
@@ -125,7 +129,8 @@ def parse_control_totals(row_count: str | None, credits: str | None) -> tuple[in
         total = Decimal(credits) if credits not in (None, "") else None
     except InvalidOperation:
         pass
-    if credits not in (None, "") and (total is None or not total.is_finite() or total < 0):
+    if credits not in (None, "") and (total is None or not total.is_finite() or total < 0
+                                      or len(str(total)) > 32):  # the column holds 32
         raise PayloadRejected("SCHEMA", field="X-CE-Total-Credits",
                               detail="(the sum of the credits column, a number)",
                               detail_zh="（应为学分列之和，一个非负数）")
@@ -179,6 +184,14 @@ def fsync_into_place(tmp: Path, final: Path) -> None:
         os.close(dir_fd)
 
 
+class FileChanged(Exception):
+    """The batch's file on disk is not the one acknowledged: gone, truncated or replaced."""
+
+    def __init__(self, detail: str, detail_zh: str) -> None:
+        super().__init__(detail)
+        self.detail, self.detail_zh = detail, detail_zh
+
+
 class LeaseLost(Exception):
     """Our lease on a batch ran out and another processor took it: stop, commit nothing."""
 
@@ -214,8 +227,9 @@ class BatchProcessor:
                 return None
             conn.execute(update(batches).where(batches.c.batch_id == row["batch_id"]).values(
                 status="processing", lease_owner=self.name, started_at=row["started_at"] or now,
-                lease_until=now + timedelta(seconds=self.settings.batch_lease_seconds)))
-            return dict(row)
+                lease_until=now + timedelta(seconds=self.settings.batch_lease_seconds),
+                attempts=batches.c.attempts + 1))
+            return {**row, "attempts": int(row["attempts"]) + 1}
 
     def _parsed_rows(self, batch: dict[str, Any], adapter: Adapter) -> Iterator[ParsedRow]:
         for row_no, cells in iter_rows(Path(batch["file_path"]), batch["file_format"]):
@@ -265,7 +279,27 @@ class BatchProcessor:
     def process(self, batch: dict[str, Any]) -> None:
         """Process a batch we claimed, keeping our lease on it alive while we work."""
         with self._lease_kept(batch["batch_id"]):
+            self._check_file(batch)
             self._process(batch)
+
+    @staticmethod
+    def _check_file(batch: dict[str, Any]) -> None:
+        """The file on disk must be the one acknowledged (202): same size, same SHA-256.
+
+        Checked on every claim, resumes included: a file truncated or replaced after the upload
+        (a disk fault, a bad restore) would otherwise end ``done`` short of its rows.
+        """
+        path = Path(batch["file_path"])
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise FileChanged("the uploaded file is no longer in the batch directory",
+                              "上传的文件已不在批次目录中") from None
+        if size != int(batch["file_size"]) or file_sha256(path) != batch["sha256"]:
+            raise FileChanged(f"the stored file changed after it was acknowledged ({size} bytes, "
+                              f"{batch['file_size']} uploaded, or another SHA-256)",
+                              f"确认接收后，存储的文件已被改动（现 {size} 字节，上传时 "
+                              f"{batch['file_size']} 字节，或 SHA-256 不同）")
 
     @contextmanager
     def _lease_kept(self, batch_id: str) -> Iterator[None]:
@@ -364,7 +398,7 @@ class BatchProcessor:
                 corrected=batches.c.corrected + counts["corrected"],
                 conflict=batches.c.conflict + counts["conflict"],
                 rejected=batches.c.rejected + counts["rejected"],
-                credits_total=str(Decimal(current) + credits),
+                credits_total=str(Decimal(current) + credits), attempts=0,  # progress
                 lease_until=now + timedelta(seconds=self.settings.batch_lease_seconds)))
             self._progress_at = time.monotonic()  # what the lease heartbeat checks for a stall
             if errors:
@@ -396,11 +430,34 @@ class BatchProcessor:
                 raise LeaseLost(f"batch {batch_id} is now leased by {row['lease_owner']}")
 
     def run(self, batch: dict[str, Any]) -> Exception | None:
-        """Process a batch we claimed; a failure fails that batch alone and is returned, not raised."""
+        """Process a batch we claimed; a failure fails that batch alone and is returned, not raised.
+
+        A transient failure (the store went away, a parse worker was killed) puts the batch back
+        to be resumed after its last committed chunk, after a pause; so does a processor that
+        dies.  A batch claimed :attr:`Settings.batch_max_attempts` times without committing a
+        chunk is failed instead, so it cannot hold up the batches behind it for ever.
+        """
+        attempts, limit = int(batch.get("attempts") or 1), self.settings.batch_max_attempts
+        if attempts > limit:
+            self._fail(batch["batch_id"], Failure.of(
+                "BATCH_FAILED", f"processing stopped {attempts - 1} times in a row without "
+                f"committing a chunk (BATCH_MAX_ATTEMPTS {limit})",
+                f"连续 {attempts - 1} 次处理中断且未提交任何数据块"))
+            return None
         try:
             self.process(batch)
         except LeaseLost as lost:  # we stalled past the lease; the new holder carries on
             log.warning("%s; stopped without committing", lost)
+        except (OperationalError, InterfaceError, BrokenProcessPool) as exc:
+            pause = min(self.settings.batch_lease_seconds, 2.0 ** (attempts - 1))
+            log.warning("batch %s stopped (%s: %s); it resumes after its last chunk in %.0f s",
+                        batch["batch_id"], type(exc).__name__, exc, pause)
+            self._put_back(batch["batch_id"], pause)
+            return exc
+        except FileChanged as exc:
+            log.error("batch %s failed: %s", batch["batch_id"], exc)
+            self._fail(batch["batch_id"], Failure.of("BATCH_FAILED", exc.detail, exc.detail_zh))
+            return exc
         except UnreadableFile as exc:  # the sender's file, not a fault of ours: no traceback
             log.warning("batch %s failed: the file cannot be read: %s", batch["batch_id"], exc)
             self._fail(batch["batch_id"], Failure.of("SCHEMA", f"the file cannot be read: {exc}",
@@ -408,10 +465,23 @@ class BatchProcessor:
             return exc
         except Exception as exc:  # one broken file must not stop the processor
             log.exception("batch %s failed", batch["batch_id"])
-            self._fail(batch["batch_id"], Failure.of("BATCH_FAILED", f"{type(exc).__name__}: {exc}",
-                                                     f"处理出错（{type(exc).__name__}）"))
+            # The partner reads this: the exception's class, not its text (SQL, server paths);
+            # the log has the whole story.
+            self._fail(batch["batch_id"], Failure.of(
+                "BATCH_FAILED", f"{type(exc).__name__} (details in the gateway's log)",
+                f"处理出错（{type(exc).__name__}，详见网关日志）"))
             return exc
         return None
+
+    def _put_back(self, batch_id: str, pause: float) -> None:
+        """Let our lease go so any processor resumes the batch after ``pause`` seconds."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(update(batches).where(
+                    batches.c.batch_id == batch_id, batches.c.lease_owner == self.name).values(
+                    lease_owner=None, lease_until=datetime.now(UTC) + timedelta(seconds=pause)))
+        except (OperationalError, InterfaceError):  # still away: the lease runs out by itself
+            log.warning("could not put batch %s back; its lease will run out", batch_id)
 
     def _fail(self, batch_id: str, failure: Failure) -> None:
         try:

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     # A processor that commits no chunk for this long is stuck (a hung read, a wedged parse
     # pool): it stops renewing its lease, so another processor resumes the batch.
     batch_stall_seconds: Annotated[float, Field(gt=0)] = 900.0
+    # Claims of one batch without a chunk committed before it is failed (BATCH_FAILED): a
+    # transient store error or a killed parse worker is tried again, a file that kills its
+    # processor every time is not taken first after every restart for ever.
+    batch_max_attempts: Annotated[int, Field(ge=1)] = 5
     # Parse worker processes for large batch files: -1 = one per core but one (the database
     # writer keeps its core), 0 = parse in the processing thread.
     batch_parse_workers: int = -1

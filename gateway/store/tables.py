@@ -303,13 +303,15 @@ batches = Table(
     Column("corrected", BigInteger, nullable=False, default=0),
     Column("conflict", BigInteger, nullable=False, default=0),
     Column("rejected", BigInteger, nullable=False, default=0),
-    Column("credits_total", String(32), nullable=False, default="0"),
+    Column("credits_total", Text, nullable=False, default="0"),
     Column("error", Text),
     # A failed batch's coded reason (SPEC §6): the code and the Chinese beside ``error``.
     Column("error_code", String(32)),
     Column("error_zh", Text),
     Column("lease_owner", String(64)),
     Column("lease_until", UTCDateTime),
+    # Claims since the batch last committed a chunk (BatchProcessor: BATCH_MAX_ATTEMPTS).
+    Column("attempts", Integer, nullable=False, default=0, server_default="0"),
     Column("created_at", UTCDateTime, nullable=False),
     Column("started_at", UTCDateTime),
     Column("finished_at", UTCDateTime),

@@ -182,12 +182,13 @@ def crash_after(engine: Engine, settings: Settings, chunks: int, *, inside: bool
     assert int(at_crash["rows_done"]) == (size * done + header if done else 0)
 
 
-def resume(engine: Engine, settings: Settings) -> None:
+def resume(engine: Engine, settings: Settings) -> Exception | None:
+    """Another processor takes the batch over after the crash; what its run returned."""
     expire_lease(engine)
     b = BatchProcessor(engine, settings, name="proc-b")
     claimed = b.claim()
     assert claimed is not None and claimed["batch_id"] == BATCH_ID
-    assert b.run(claimed) is None
+    return b.run(claimed)
 
 
 def outcome(engine: Engine, batch_id: str = BATCH_ID) -> dict[str, Any]:
@@ -276,10 +277,6 @@ def finish(engine: Engine, settings: Settings, timeout: float = 20) -> dict[str,
     return result
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BatchProcessor.run fails the whole batch (BATCH_FAILED, the SQL text as its error) on one "
-    "transient store error in a chunk, leaving it half ingested for good; it should keep the "
-    "batch processing so the lease brings it back and it resumes after the last chunk"))
 def test_a_store_error_in_one_chunk_does_not_fail_an_acknowledged_batch_for_good(
         tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -325,10 +322,6 @@ def _parse_workers() -> list[int]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a parse worker process killed (OOM killer) breaks the pool and BatchProcessor.run fails "
-    "the batch for good (BATCH_FAILED: BrokenProcessPool) after one chunk; it should respawn "
-    "the pool or leave the batch to resume after its last committed chunk"))
 def test_a_killed_parse_worker_does_not_fail_the_batch_for_good(
         tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner) -> None:
     path = tmp_path / "health.csv"
@@ -366,10 +359,6 @@ def _truncate(path: Path, keep: float) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the processor never checks the stored file against the size and SHA-256 it acknowledged: "
-    "a file cut in half on disk after the 202 ends 'done' with half the rows; it should fail "
-    "the batch, coded, before taking any row"))
 def test_a_file_truncated_on_disk_after_the_202_is_not_reported_done(
         tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner) -> None:
     path = tmp_path / "health.csv"
@@ -378,18 +367,18 @@ def test_a_file_truncated_on_disk_after_the_202_is_not_reported_done(
     engine = new_store(url, new_partner)
     register(engine, path)  # acknowledged: its size and SHA-256 are in the batch row
     _truncate(path, 0.5)  # a disk fault, a bad restore of BATCH_DIR
-    process_clean(engine, settings_for(make_settings, url, tmp_path))
+    processor = BatchProcessor(engine, settings_for(make_settings, url, tmp_path), name="p")
+    claimed = processor.claim()
+    assert claimed is not None
+    assert isinstance(processor.run(claimed), batches_module.FileChanged)
     final = batch_row(engine)
     judged = sum(int(final[k]) for k in COUNTS)
-    assert judged < 200  # half the rows are gone from the disk
     # The partner was told 200 rows were durable; "done" with ~100 says they all were taken.
-    assert final["status"] == "failed", (final["status"], judged)
+    # The file is checked before a row is read: nothing of the truncated file is taken.
+    assert (final["status"], final["error_code"], judged) == ("failed", "BATCH_FAILED", 0)
+    assert "SHA-256" in final["error"] and final["error_zh"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "control totals are checked only while rows_done == 0, and a resume re-reads the file "
-    "unchecked: a file truncated between a crash and the resume ends 'done' with fewer rows "
-    "than its X-CE-Row-Count; a resume should verify the file (hash) or the totals again"))
 def test_a_resume_after_the_file_was_truncated_does_not_end_done_short_of_the_declared_rows(
         tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -401,12 +390,12 @@ def test_a_resume_after_the_file_was_truncated_does_not_end_done_short_of_the_de
     settings = settings_for(make_settings, url, tmp_path)
     crash_after(engine, settings, 1, monkeypatch=monkeypatch)  # totals checked, one chunk in
     _truncate(path, 0.6)
-    resume(engine, settings)
+    assert isinstance(resume(engine, settings), batches_module.FileChanged)
     final = batch_row(engine)
     judged = sum(int(final[k]) for k in COUNTS)
-    assert judged < 200
-    # A batch that declared 200 rows must not end "done" having judged fewer.
-    assert final["status"] != "done" or judged == 200, (final["status"], judged)
+    # A batch that declared 200 rows must not end "done" having judged fewer: the resume
+    # checks the file again and takes nothing more of it.
+    assert (final["status"], judged) == ("failed", 40), (final["status"], judged)
 
 
 def test_a_file_deleted_after_the_202_fails_the_batch_coded_and_takes_nothing(
@@ -432,10 +421,6 @@ def test_a_file_deleted_after_the_202_fails_the_batch_coded_and_takes_nothing(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=(
-    "a row whose 学分 has 40 digits is rejected, but its credits still go into the chunk's "
-    "credits_total, whose text (33 characters) PostgreSQL refuses in VARCHAR(32): the chunk and "
-    "so the whole batch fail (BATCH_FAILED) at that row; the row should be rejected alone"))
 def test_a_row_with_an_absurd_credits_value_is_rejected_alone_on_postgresql(
         postgres_url: str, tmp_path: Path, make_settings: MakeSettings,
         new_partner: NewPartner) -> None:
@@ -617,11 +602,6 @@ def test_a_processor_stopped_mid_batch_hands_it_over_at_once_and_the_outcome_is_
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=(
-    "an X-CE-Total-Credits of 40 digits passes parse_control_totals but does not fit "
-    "batches.declared_credits (VARCHAR(32)) on PostgreSQL: the upload answers 500 after the "
-    "file was streamed and renamed into BATCH_DIR, leaving a file no batch owns; it should be "
-    "a 422 SCHEMA naming the header (or be stored whole)"))
 def test_a_long_declared_credits_total_is_answered_not_a_500_on_postgresql(
         postgres_url: str, tmp_path: Path, make_settings: MakeSettings,
         new_partner: NewPartner) -> None:
@@ -639,20 +619,18 @@ def test_a_long_declared_credits_total_is_answered_not_a_500_on_postgresql(
             SigningClient(url, partner.app_key, partner.secret, timeout=30) as client:
         resp = client.upload_batch(path, adapter="health", kind="monthly", period=PERIOD,
                                    row_count=10, total_credits="9" * 40)
-    assert resp.status_code in (202, 422), resp.text
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    assert (error["code"], error["field"]) == ("SCHEMA", "X-CE-Total-Credits") and error["message_zh"]
     with engine.connect() as conn:
         owned = {Path(p).name for p in conn.execute(select(batches.c.file_path)).scalars()}
-    assert {p.name for p in batch_dir.iterdir()} <= owned
+    left = {p.name for p in batch_dir.iterdir()} if batch_dir.exists() else set()
+    assert left <= owned  # no file without a batch naming it
 
 
 # -- a file that kills its processor every time --------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a batch whose processing kills the process before any chunk commits (an OOM on one file) "
-    "is claimed again, oldest first, after every restart, with no attempt count: it loops "
-    "forever and every batch queued after it waits forever; after a few claims without progress "
-    "it should be failed, coded, or set aside"))
 def test_a_batch_that_kills_its_processor_every_time_does_not_block_the_queue_forever(
         tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner,
         monkeypatch: pytest.MonkeyPatch) -> None:

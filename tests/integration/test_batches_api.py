@@ -433,7 +433,9 @@ def test_control_totals_fail_a_wrong_file_whole_and_pass_a_right_one(
         # Totals that are not numbers are refused at once, naming the header at fault.
         for rows_header, credits_header, field in (
                 ("lots", None, "X-CE-Row-Count"), ("-1", None, "X-CE-Row-Count"),
-                (None, "lots", "X-CE-Total-Credits"), (str(rows), "NaN", "X-CE-Total-Credits")):
+                (None, "lots", "X-CE-Total-Credits"), (str(rows), "NaN", "X-CE-Total-Credits"),
+                # Numbers no file has, which would overflow their columns (a 500 before).
+                ("9" * 19, None, "X-CE-Row-Count"), (None, "9" * 40, "X-CE-Total-Credits")):
             headers = {k: v for k, v in (("X-CE-Row-Count", rows_header),
                                          ("X-CE-Total-Credits", credits_header)) if v is not None}
             resp = client.post(f"/v1/batches?adapter=health&kind=monthly&period={period}",

@@ -168,7 +168,11 @@ async def upload_batch(request: Request, adapter: Annotated[str, Query()],
         raise
     batch = NewBatch(batch_id, partner.partner_id, adapter, kind, period, final, fmt, size,
                      digest.hexdigest(), declared_rows, declared_credits)
-    await run_in_threadpool(record_batch, state.engine, batch, partner.partner_id)
+    try:
+        await run_in_threadpool(record_batch, state.engine, batch, partner.partner_id)
+    except BaseException:
+        final.unlink(missing_ok=True)  # no batch names it: nobody would ever process or remove it
+        raise
     return JSONResponse(status_code=202, content={"batch_id": batch_id, "status": "queued",
                                                   "bytes": size, "format": fmt})
 
