@@ -8,8 +8,8 @@ record was cut short of.  Records whose share moved get a new version (forwarded
 correction).
 
 A record the management system refused for good (its current version dead-lettered
-``DOWNSTREAM_REJECTED``, and no version of it ever applied there) counts nowhere, so it holds no
-share: :func:`stored_records` leaves it out, and the delivery worker allocates its group again
+``DOWNSTREAM_REJECTED``, and no earlier version of it counted in its group there) counts
+nowhere, so it holds no share: :func:`stored_records` leaves it out, and the delivery worker allocates its group again
 when the refusal lands, as ops reprocessing does when it brings the record back (:func:`gateway.pipeline.ingest.
 reallocate_after_delivery`).
 
@@ -26,11 +26,15 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, and_, select, tuple_, update
 
+from contracts import ActivityType
 from gateway.pipeline.credit import allocate
+from gateway.pipeline.dedup import person_key_of
+from gateway.pipeline.rules_tables import CAP_TYPE_OF
 from gateway.store.bulk import bulk_insert
-from gateway.store.tables import caps_ledger, outbox, records
+from gateway.store.tables import caps_ledger, outbox, record_versions, records
 
 Group = tuple[str, int, str]  # (person_key, counts_year, cap_type)
 
@@ -40,20 +44,62 @@ Group = tuple[str, int, str]  # (person_key, counts_year, cap_type)
 REFUSED_FOR_GOOD = frozenset({"DOWNSTREAM_REJECTED"})
 
 
-def applied(conn: Connection, record_ids: Iterable[str]) -> set[str]:
-    """The records of which the management system applied some version (a delivered row).
+# A record whose applied version's group cannot be known (its payload was pruned): it is taken
+# to hold its share wherever it is, as before the payloads were read.
+ANY_GROUP: Group = ("", 0, "*")
 
-    Read by record id only, through the outbox's ``(record_id, version)`` index, and filtered
-    here: with ``status = 'delivered'`` in the query SQLite walked the status index, every
-    delivered row a record (0.65 ms a probe on a young store, growing with it).
+
+def applied_groups(conn: Connection, record_ids: Iterable[str]) -> dict[str, Group]:
+    """The cap group in which the management system counts each record, for those it does.
+
+    That is the group of the record's last applied (``delivered``) version, when that version
+    counts capped hours: not a withdrawal, more than 0 credited hours, a capped type.  A record
+    corrected from a training into a paper, then refused as a paper, still counts its training
+    there and nothing of papers: it must not keep a paper share.  A pruned payload gives
+    :data:`ANY_GROUP`.  Rare records (refused for good), so the payloads are read.
+
+    The outbox is read by record id only, through its ``(record_id, version)`` index, and
+    filtered here: with ``status = 'delivered'`` in the query SQLite walked the status index,
+    every delivered row a record (0.65 ms a probe on a young store, growing with it).
     """
     ids = sorted(set(record_ids))
-    found: set[str] = set()
+    last: dict[str, int] = {}
     for start in range(0, len(ids), 500):
-        found.update(r.record_id for r in conn.execute(
-            select(outbox.c.record_id, outbox.c.status)
-            .where(outbox.c.record_id.in_(ids[start:start + 500]))) if r.status == "delivered")
-    return found
+        for r in conn.execute(select(outbox.c.record_id, outbox.c.version, outbox.c.status)
+                              .where(outbox.c.record_id.in_(ids[start:start + 500]))):
+            if r.status == "delivered" and int(r.version) > last.get(r.record_id, 0):
+                last[r.record_id] = int(r.version)
+    held: dict[str, Group] = {}
+    pairs = sorted(last.items())
+    for start in range(0, len(pairs), 500):
+        for v in conn.execute(select(record_versions.c.record_id, record_versions.c.payload)
+                              .where(tuple_(record_versions.c.record_id, record_versions.c.version)
+                                     .in_(pairs[start:start + 500]))):
+            group = _counted_group(orjson.loads(v.payload))
+            if group is not None:
+                held[v.record_id] = group
+    return held
+
+
+def _counted_group(payload: dict[str, Any]) -> Group | None:
+    """The cap group a record version counts in downstream, or None if it counts none there."""
+    if payload.get("pruned") is True:  # a retention stub (gateway.retention.stub)
+        return ANY_GROUP
+    try:
+        cap_type = CAP_TYPE_OF.get(ActivityType(str(payload.get("activity_type"))))
+    except ValueError:
+        return None
+    if payload.get("withdrawn") or cap_type is None or Decimal(payload["credited_hours"]) == 0:
+        return None
+    person = payload["person"]
+    deferred = any(n.get("code") == "DEFERRAL" for n in payload.get("rule_notes", ()))
+    return (person_key_of(person.get("id_type", "resident_id"), person["id_number"]),
+            int(payload["year"]) + deferred, cap_type)
+
+
+def holds_share(held: Mapping[str, Group], record_id: str, group: Group) -> bool:
+    """Whether the management system counts ``record_id`` in ``group`` (see applied_groups)."""
+    return held.get(record_id) in (group, ANY_GROUP)
 
 
 @dataclass(frozen=True)
@@ -97,10 +143,10 @@ def lock_groups(conn: Connection, groups: Iterable[Group], now: datetime) -> Non
 def stored_records(conn: Connection, group: Group) -> dict[str, Stored]:
     """The group's records that hold a share: accepted, not withdrawn, counted somewhere.
 
-    A record whose current version is dead-lettered with a code of REFUSED_FOR_GOOD, and of
-    which no version was ever applied, counts nowhere and holds none.  One whose earlier
-    version was applied keeps its share: the management system still counts that version, and
-    giving its hours to another record would take the person over the cap there.
+    A record whose current version is dead-lettered with a code of REFUSED_FOR_GOOD counts
+    nowhere and holds none, unless the management system still counts an earlier version of
+    it in this group (:func:`applied_groups`): then it keeps its share, since giving its hours
+    to another record would take the person over the cap there.
     Reprocessing the refused delivery puts it back to pending with its code cleared.
     """
     person_key, year, cap_type = group
@@ -116,7 +162,8 @@ def stored_records(conn: Connection, group: Group) -> dict[str, Stored]:
     # Refused for good and never applied in any version: it counts nowhere (rare: read only then).
     refused = {r.record_id for r in rows
                if r.status == "dead" and r.error_code in REFUSED_FOR_GOOD}
-    nowhere = refused - applied(conn, refused) if refused else set()
+    held = applied_groups(conn, refused) if refused else {}
+    nowhere = {rid for rid in refused if not holds_share(held, rid, group)}
     return {r.record_id: Stored(r.record_id, int(r.current_version), Decimal(r.hours or "0"),
                                 Decimal(r.credited_hours or "0"))
             for r in rows if r.record_id not in nowhere}

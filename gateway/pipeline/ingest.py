@@ -1420,16 +1420,16 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
     rest of its group, and a requeued record takes it back.  Records whose share moved are
     re-issued and forwarded, as after a withdrawal.  An older version's delivery changes
     nothing, and neither does a record no longer counted (withdrawn, held), which holds no
-    share, or one of which the management system applied a version, which keeps its share
-    (:func:`caps.stored_records`).
+    share, or one the management system still counts in its group by an earlier version,
+    which keeps its share (:func:`caps.stored_records`).
 
     Locks as ingest does: the groups in sorted order, then the records it re-issues.  A record
     corrected meanwhile was allocated by its own chunk under the same lock; this allocation then
     finds nothing to move.  Returns the audit events for the caller to append last.
     """
     wanted = dict(touched)
-    for rid in caps.applied(conn, wanted):  # applied before: it keeps its share either way
-        del wanted[rid]
+    # Counted there in its group by an earlier version: it keeps its share either way.
+    held = caps.applied_groups(conn, wanted)
     current: list[tuple[str, int, caps.Group]] = []
     for part in _chunks(sorted(wanted)):
         for r in conn.execute(select(
@@ -1438,7 +1438,8 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
                 records.c.record_id.in_(part), records.c.status == RecordStatus.ACCEPTED.value,
                 records.c.withdrawn.is_(False))).mappings():
             group = caps.group_of(r)
-            if group is not None and int(r["current_version"]) == wanted[r["record_id"]]:
+            if (group is not None and int(r["current_version"]) == wanted[r["record_id"]]
+                    and not caps.holds_share(held, r["record_id"], group)):
                 current.append((r["record_id"], int(r["current_version"]), group))
     if not current:
         return []

@@ -391,6 +391,30 @@ def test_a_refused_paper_gives_its_cap_share_to_the_next_and_takes_it_back_when_
     assert _events(engine, "cap_reallocated") == [(ids["A"], 1), (ids["A"], 1)]
 
 
+def test_a_training_corrected_into_a_refused_paper_holds_no_paper_share(
+    engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+    make_worker: MakeWorker,
+) -> None:
+    """The management system counts its applied training, nothing of papers (model walk 93)."""
+    url, faults = mock_ce
+    partner = new_partner(engine)
+    person = make_person(random.Random(22))
+    ids = _put(engine, partner, _sub(person, "T", "8", "高原生态修复技术研修班", 2))
+    worker = make_worker()
+    drain(worker)
+    assert _applied(url, ids["T"]) == [(1, "8.0")]
+    faults.reject_ids = {ids["T"]}  # its paper version is refused for good
+    ids |= _put(engine, partner, _paper(person, "T", "柴达木盆地盐湖资源研究", 3))
+    ids |= _put(engine, partner, _paper(person, "B", "三江源湿地碳汇研究", 4),
+                _paper(person, "C", "高寒草甸退化机理研究", 5))
+    drain(worker)
+    # T counts 8 h of training there and no paper: B and C share the paper cap's 20 h.
+    assert _applied(url, ids["T"]) == [(1, "8.0")]
+    assert {sid: h for sid, (_, h) in _credited(engine, ids).items() if sid != "T"} == {
+        "B": "10.0", "C": "10.0"}
+    assert [_applied(url, ids[sid])[-1][1] for sid in ("B", "C")] == ["10.0", "10.0"]
+
+
 def test_a_record_dead_for_retries_keeps_its_share(
     engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
     make_worker: MakeWorker,

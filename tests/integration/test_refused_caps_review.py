@@ -12,7 +12,9 @@ Found, and fixed:
 - a record whose earlier version the management system applied, corrected to a version it
   refuses, gave its share away although the applied version still counts there: the
   management system then counted 30 h of papers (cap 20).  Such a record keeps its share
-  (``caps.stored_records``), so the invariant's share holders include it.
+  (``caps.stored_records``), so the invariant's share holders include it — when its last
+  applied version counts hours of its cap type there (a model walk found a training corrected
+  into a refused paper keeping a paper share, which cut another paper to 0 h).
 Found, and kept by design:
 - a refused record keeps holding its activity, so another source's report of the same paper
   stays a duplicate until the refused record is withdrawn (reprocessing it later must not
@@ -34,12 +36,13 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import orjson
 import pytest
-from sqlalchemy import Engine, and_, exists, select, text
-from sqlalchemy.orm import aliased
+from sqlalchemy import Engine, and_, func, select, text
 
 from gateway import compliance
 from gateway.accounts import Partner
@@ -52,7 +55,7 @@ from gateway.pipeline.credit import allocate
 from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
 from gateway.pipeline.rules_tables import RulesConfig
-from gateway.store.tables import audit_events, caps_ledger, outbox, records
+from gateway.store.tables import audit_events, caps_ledger, outbox, record_versions, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
 from tests.support.delivery import MakeWorker, drain
@@ -94,20 +97,34 @@ def _put(engine: Engine, partner: Partner, *subs: dict[str, Any],
 def _rows(engine: Engine, person: GenPerson) -> list[Any]:
     on_current = and_(outbox.c.record_id == records.c.record_id,
                       outbox.c.version == records.c.current_version)
-    delivered = aliased(outbox)  # some version of it was applied downstream
-    applied = exists().where(delivered.c.record_id == records.c.record_id,
-                             delivered.c.status == "delivered")
+    # The last version of it the management system applied, if any.
+    last = (select(outbox.c.record_id, func.max(outbox.c.version).label("version"))
+            .where(outbox.c.status == "delivered").group_by(outbox.c.record_id).subquery())
     with engine.connect() as conn:
-        return conn.execute(
+        rows = conn.execute(
             select(records.c.record_id, records.c.current_version, records.c.status,
                    records.c.withdrawn, records.c.cap_type, records.c.activity_type,
                    records.c.hours, records.c.credited_hours,
                    outbox.c.status.label("delivery"), outbox.c.error_code,
-                   applied.label("applied"))
-            .select_from(records.outerjoin(outbox, on_current))
+                   record_versions.c.payload.label("applied_payload"))
+            .select_from(records.outerjoin(outbox, on_current)
+                         .outerjoin(last, last.c.record_id == records.c.record_id)
+                         .outerjoin(record_versions, and_(
+                             record_versions.c.record_id == last.c.record_id,
+                             record_versions.c.version == last.c.version)))
             .where(records.c.person_key == person_key_of("resident_id", person.id_number),
                    records.c.counts_year == 2026)
-            .order_by(records.c.record_id)).all()  # type: ignore[return-value]
+            .order_by(records.c.record_id)).all()
+    return [SimpleNamespace(**r._mapping, applied=_counts_there(r)) for r in rows]
+
+
+def _counts_there(r: Any) -> bool:
+    """The management system counts hours of the record's own cap type in its last applied version."""
+    if r.applied_payload is None:
+        return False
+    body = orjson.loads(r.applied_payload)
+    return (not body["withdrawn"] and Decimal(body["credited_hours"]) > 0
+            and body["activity_type"] == r.activity_type)
 
 
 def _refused(r: Any) -> bool:
@@ -120,7 +137,7 @@ def _counts(r: Any) -> bool:
 
 
 def _holds_share(r: Any) -> bool:
-    """Holds a share of its cap: counted, or refused now but applied downstream before."""
+    """Holds a share of its cap: counted, or refused now but counted there by an earlier version."""
     return r.status == "accepted" and not r.withdrawn and (not _refused(r) or bool(r.applied))
 
 
