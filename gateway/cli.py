@@ -425,13 +425,19 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
     console.print(table)
     if result["not_counted"]:
         # What the management system refused for good: out of the totals above.
-        refused = Table("record", "partner", "category", "type", "hours", "code", "reason",
-                        title="not counted (refused by the management system) 未计入（管理系统拒收）",
+        refused = Table("record", "partner", "type", "hours", "code", "reason",
+                        Column("still counted", no_wrap=True),
+                        title="not counted (refused by the management system; what it still "
+                              "counts of an earlier version is in the totals) "
+                              "未计入（管理系统拒收；其仍计入的早先版本学时已计入合计）",
                         style="red")
         for r in result["not_counted"]:
             # Partner ids and the downstream's reason are data, not Rich markup ("[REJECT]").
-            refused.add_row(escape(r["source_record_id"]), escape(r["partner_id"]), r["category"],
-                            r["activity_type"], r["hours"], r["delivery_code"], escape(r["reason"]))
+            there = "—" if r["applied_version"] is None else (
+                f"v{r['applied_version']} {r['applied_hours'] or '?'} h")
+            refused.add_row(escape(r["source_record_id"]), escape(r["partner_id"]),
+                            r["activity_type"], r["hours"], r["delivery_code"], escape(r["reason"]),
+                            there)
         console.print(refused)
     if result["refused_changes"]:
         # Withdrawals and 0-hour versions it refused: it may still count the earlier hours.

@@ -9,22 +9,23 @@ The same query joins each record's *current* version to its delivery (the ``outb
 counts what it applied, not what we accepted.  A current version it refused for good — dead-
 lettered ``DOWNSTREAM_REJECTED`` (a per-record ``rejected`` receipt, or a 4xx on the record
 alone) — is left out of the totals and listed under ``not_counted`` with the code and the
-reason.  A version dead-lettered ``RETRIES_EXHAUSTED`` still counts: the failure was ours or
-transient, and ops reprocess it.  Reprocessing puts the row back to ``pending`` with its code
-cleared, so the record counts again at once (and stays counted once delivered).
+reason.  The management system may still count an earlier version of it that it applied:
+that version's credited hours count in the totals (under its own category and type) and are
+named beside the record (``applied_version``, ``applied_hours``), since the report must say
+what the management system counts.  A version dead-lettered ``RETRIES_EXHAUSTED`` still
+counts: the failure was ours or transient, and ops reprocess it.  Reprocessing puts the row
+back to ``pending`` with its code cleared, so the record counts again at once (and stays
+counted once delivered).
 
 A record not counted here — withdrawn, or a repeat or conflict of another report — whose
 withdrawal or 0-hour version the management system refused for good is listed under
 ``refused_changes`` with the last version the management system applied and the hours it
 counts for it, and ops must resolve it there.  One it never applied a counting version of
 counts nowhere, as here: nothing to resolve, so it is not listed (its dead letter still is).
+An older refused version does not stop a delivered current one counting.
 
-Only the current version is judged: an older version the management system applied does not
-make a refused current one count (it holds the old hours, but the record as we know it now
-was refused), and an older refused version does not stop a delivered current one counting.
-
-May touch nothing: it reads ``records`` and ``outbox`` (and, for a refused change,
-``record_versions``).  The pydantic models below are the
+May touch nothing: it reads ``records`` and ``outbox`` (and, for the rare records whose current
+version was refused, ``record_versions``).  The pydantic models below are the
 HTTP answer's schema (``GET /v1/compliance/{id_number}/{year}``).
 """
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import date
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 from pydantic import BaseModel, Field
@@ -124,9 +125,19 @@ class _Refused(_RecordHours):
 
 
 class NotCountedRecord(_Refused):
-    """A record left out: the management system refused its current version for good."""
+    """A record left out: the management system refused its current version for good.
+
+    It may still count an earlier version it applied: those hours (``applied_hours``) are in
+    the report's totals, as they are in its count.
+    """
 
     credited_hours: str = Field(description="what it would have counted")
+    applied_version: int | None = Field(
+        default=None, description="the last version the management system applied; null: none")
+    applied_hours: str | None = Field(
+        default=None, description="the credited hours of that version, which it still counts "
+                                  "and the totals include; null when none was applied or its "
+                                  "payload was pruned")
 
 
 class RefusedChange(_Refused):
@@ -142,8 +153,8 @@ class RefusedChange(_Refused):
         description="what the record is here: withdrawn, or a repeat or conflict of another")
     applied_version: int = Field(description="the last version the management system applied")
     applied_hours: str | None = Field(
-        description="the credited hours of that version, which it may still count; null when "
-                    "its payload was pruned (retention)")
+        description="the credited hours of that version, which it still counts; null when its "
+                    "payload was pruned (retention)")
 
 
 class ComplianceReport(BaseModel):
@@ -184,37 +195,44 @@ def check_person(id_number: str, id_type: str = "resident_id") -> None:
                                   detail=f"({invalid[0].detail})", detail_zh=f"（{invalid[0].detail_zh}）")
 
 
-def _still_counted_there(conn: Connection, changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The refused changes whose record the management system may still count, with what.
+class _Applied(NamedTuple):
+    """What the management system counts of a record: its last applied version."""
 
-    Each gets its last applied (``delivered``) version and that version's credited hours; one
-    with no version applied, or whose last applied version counts nothing (a withdrawal, a
-    0-hour version), counts nowhere there either and is dropped.  A pruned payload's hours are
-    unknown (null): it stays listed.  Rare rows, so a second query rather than a wider first.
+    version: int
+    hours: Decimal | None  # credited hours there; 0: counts nothing; None: payload pruned
+    category: str | None
+    activity_type: str | None
+
+
+def _last_applied(conn: Connection, record_ids: list[str]) -> dict[str, _Applied]:
+    """The last applied (``delivered``) version of each record that has one, and its hours.
+
+    Only for the rare records whose current version was refused for good: one query.
     """
-    if not changes:
-        return changes
+    if not record_ids:
+        return {}
     last = (select(outbox.c.record_id, func.max(outbox.c.version).label("version"))
-            .where(outbox.c.record_id.in_([c["record_id"] for c in changes]),
-                   outbox.c.status == "delivered")
+            .where(outbox.c.record_id.in_(record_ids), outbox.c.status == "delivered")
             .group_by(outbox.c.record_id).subquery())
-    applied = {r.record_id: (int(r.version), orjson.loads(r.payload)) for r in conn.execute(
-        select(last.c.record_id, last.c.version, record_versions.c.payload)
-        .join(record_versions, and_(record_versions.c.record_id == last.c.record_id,
-                                    record_versions.c.version == last.c.version)))}
-    listed = []
-    for change in changes:
-        if change["record_id"] not in applied:
+    found: dict[str, _Applied] = {}
+    for r in conn.execute(
+            select(last.c.record_id, last.c.version, record_versions.c.payload)
+            .join(record_versions, and_(record_versions.c.record_id == last.c.record_id,
+                                        record_versions.c.version == last.c.version))):
+        body = orjson.loads(r.payload)
+        if is_pruned(body):
+            found[r.record_id] = _Applied(int(r.version), None, None, None)
             continue
-        version, payload = applied[change["record_id"]]
-        hours = None
-        if not is_pruned(payload):
-            hours = ZERO if payload.get("withdrawn") else Decimal(payload["credited_hours"])
-            if hours == ZERO:
-                continue
-        listed.append({**change, "applied_version": version,
-                       "applied_hours": None if hours is None else _h(hours)})
-    return listed
+        hours = ZERO if body.get("withdrawn") else Decimal(body["credited_hours"])
+        found[r.record_id] = _Applied(int(r.version), hours, body.get("category"),
+                                      body.get("activity_type"))
+    return found
+
+
+def _with_applied(entry: dict[str, Any], applied: _Applied | None) -> dict[str, Any]:
+    return {**entry, "applied_version": applied.version if applied else None,
+            "applied_hours": None if applied is None or applied.hours is None
+            else _h(applied.hours)}
 
 
 def _h(value: Decimal) -> str:
@@ -279,7 +297,22 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
         by_partner[r.partner_id] += got
         items.append({**base, "credited_hours": str(got), "capped": got < hours,
                       "delivery": r.delivery, "delivery_code": code})
-    refused_changes = _still_counted_there(conn, refused_changes)
+    # Refused now, but the management system may still count an earlier version of the record:
+    # a refused change that it counts is listed (one it counts nothing of needs no resolving);
+    # a not-counted record's applied hours count in the totals, as they do there.
+    applied = _last_applied(conn, [r["record_id"] for r in (*not_counted, *refused_changes)])
+    refused_changes = [_with_applied(c, applied[c["record_id"]]) for c in refused_changes
+                       if c["record_id"] in applied and applied[c["record_id"]].hours != ZERO]
+    not_counted = [_with_applied(n, applied.get(n["record_id"])) for n in not_counted]
+    for n in not_counted:
+        there = applied.get(n["record_id"])
+        if there is None or not there.hours or there.category not in ("public", "professional"):
+            continue
+        credited[there.category] += there.hours
+        claimed[there.category] += there.hours
+        by_type[str(there.activity_type)]["claimed"] += there.hours
+        by_type[str(there.activity_type)]["credited"] += there.hours
+        by_partner[n["partner_id"]] += there.hours
     missing = compliance_gap(credited)
     total = credited["public"] + credited["professional"]
     return {

@@ -49,7 +49,15 @@ REFUSED_FOR_GOOD = frozenset({"DOWNSTREAM_REJECTED"})
 ANY_GROUP: Group = ("", 0, "*")
 
 
-def applied_groups(conn: Connection, record_ids: Iterable[str]) -> dict[str, Group]:
+@dataclass(frozen=True)
+class Counted:
+    """What the management system counts of a record in a cap group: its last applied version."""
+
+    group: Group
+    hours: Decimal | None  # that version's credited hours; None: unknown (pruned)
+
+
+def applied_groups(conn: Connection, record_ids: Iterable[str]) -> dict[str, Counted]:
     """The cap group in which the management system counts each record, for those it does.
 
     That is the group of the record's last applied (``delivered``) version, when that version
@@ -69,37 +77,39 @@ def applied_groups(conn: Connection, record_ids: Iterable[str]) -> dict[str, Gro
                               .where(outbox.c.record_id.in_(ids[start:start + 500]))):
             if r.status == "delivered" and int(r.version) > last.get(r.record_id, 0):
                 last[r.record_id] = int(r.version)
-    held: dict[str, Group] = {}
+    held: dict[str, Counted] = {}
     pairs = sorted(last.items())
     for start in range(0, len(pairs), 500):
         for v in conn.execute(select(record_versions.c.record_id, record_versions.c.payload)
                               .where(tuple_(record_versions.c.record_id, record_versions.c.version)
                                      .in_(pairs[start:start + 500]))):
-            group = _counted_group(orjson.loads(v.payload))
-            if group is not None:
-                held[v.record_id] = group
+            counted = _counted(orjson.loads(v.payload))
+            if counted is not None:
+                held[v.record_id] = counted
     return held
 
 
-def _counted_group(payload: dict[str, Any]) -> Group | None:
+def _counted(payload: dict[str, Any]) -> Counted | None:
     """The cap group a record version counts in downstream, or None if it counts none there."""
     if payload.get("pruned") is True:  # a retention stub (gateway.retention.stub)
-        return ANY_GROUP
+        return Counted(ANY_GROUP, None)
     try:
         cap_type = CAP_TYPE_OF.get(ActivityType(str(payload.get("activity_type"))))
     except ValueError:
         return None
-    if payload.get("withdrawn") or cap_type is None or Decimal(payload["credited_hours"]) == 0:
+    hours = Decimal(payload["credited_hours"])
+    if payload.get("withdrawn") or cap_type is None or hours == 0:
         return None
     person = payload["person"]
     deferred = any(n.get("code") == "DEFERRAL" for n in payload.get("rule_notes", ()))
-    return (person_key_of(person.get("id_type", "resident_id"), person["id_number"]),
-            int(payload["year"]) + deferred, cap_type)
+    return Counted((person_key_of(person.get("id_type", "resident_id"), person["id_number"]),
+                    int(payload["year"]) + deferred, cap_type), hours)
 
 
-def holds_share(held: Mapping[str, Group], record_id: str, group: Group) -> bool:
+def holds_share(held: Mapping[str, Counted], record_id: str, group: Group) -> bool:
     """Whether the management system counts ``record_id`` in ``group`` (see applied_groups)."""
-    return held.get(record_id) in (group, ANY_GROUP)
+    counted = held.get(record_id)
+    return counted is not None and counted.group in (group, ANY_GROUP)
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,9 @@ class Stored:
     version: int
     hours: Decimal
     credited: Decimal
+    # Refused for good, but counted downstream at ``credited`` by an earlier version: those
+    # hours are the management system's, and no re-issue of ours changes them.
+    pinned: bool = False
 
 
 def group_of(row: Mapping[Any, Any]) -> Group | None:
@@ -145,8 +158,9 @@ def stored_records(conn: Connection, group: Group) -> dict[str, Stored]:
 
     A record whose current version is dead-lettered with a code of REFUSED_FOR_GOOD counts
     nowhere and holds none, unless the management system still counts an earlier version of
-    it in this group (:func:`applied_groups`): then it keeps its share, since giving its hours
-    to another record would take the person over the cap there.
+    it in this group (:func:`applied_groups`): then it is pinned at that version's credited
+    hours, which the management system counts whatever we send, and :func:`reallocate` takes
+    them off the cap before the others share it, so the person stays within the cap there.
     Reprocessing the refused delivery puts it back to pending with its code cleared.
     """
     person_key, year, cap_type = group
@@ -164,9 +178,15 @@ def stored_records(conn: Connection, group: Group) -> dict[str, Stored]:
                if r.status == "dead" and r.error_code in REFUSED_FOR_GOOD}
     held = applied_groups(conn, refused) if refused else {}
     nowhere = {rid for rid in refused if not holds_share(held, rid, group)}
-    return {r.record_id: Stored(r.record_id, int(r.current_version), Decimal(r.hours or "0"),
-                                Decimal(r.credited_hours or "0"))
-            for r in rows if r.record_id not in nowhere}
+    stored = {r.record_id: Stored(r.record_id, int(r.current_version), Decimal(r.hours or "0"),
+                                  Decimal(r.credited_hours or "0"))
+              for r in rows if r.record_id not in nowhere}
+    for rid in refused - nowhere:
+        # Counted there by the version it applied, at that version's hours: pinned at them.
+        there = held[rid].hours
+        if there is not None:
+            stored[rid] = Stored(rid, stored[rid].version, there, there, pinned=True)
+    return stored
 
 
 def reallocate(conn: Connection, group: Group, cap: Decimal, now: datetime,
@@ -179,10 +199,14 @@ def reallocate(conn: Connection, group: Group, cap: Decimal, now: datetime,
     record whose credited hours changed.
     """
     stored = stored_records(conn, group)
-    claims = {rid: s.hours for rid, s in stored.items() if rid not in gone}
+    # What the management system counts whatever we send (pinned) comes off the cap first.
+    pinned = {rid: s.credited for rid, s in stored.items()
+              if s.pinned and rid not in gone and rid not in hours}
+    claims = {rid: s.hours for rid, s in stored.items() if rid not in gone and rid not in pinned}
     claims.update({rid: h for rid, h in hours.items() if rid not in gone})
     # Record ids are time-ordered: sorting them is arrival order (a correction keeps its place).
-    credited = allocate(sorted(claims.items()), cap)
+    credited = allocate(sorted(claims.items()), cap - sum(pinned.values(), Decimal(0)))
+    credited.update(pinned)
     person_key, year, cap_type = group
     conn.execute(update(caps_ledger).where(
         caps_ledger.c.person_key == person_key, caps_ledger.c.year == year,

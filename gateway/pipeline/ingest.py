@@ -1418,29 +1418,35 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
     whose *current* version is refused for good counts nowhere (the compliance report lists it
     under ``not_counted``), so :func:`caps.stored_records` leaves it out: its share goes to the
     rest of its group, and a requeued record takes it back.  Records whose share moved are
-    re-issued and forwarded, as after a withdrawal.  An older version's delivery changes
-    nothing, and neither does a record no longer counted (withdrawn, held), which holds no
-    share, or one the management system still counts in its group by an earlier version,
-    which keeps its share (:func:`caps.stored_records`).
+    re-issued and forwarded, as after a withdrawal.  A refused record the management system
+    still counts in its group by an earlier version keeps a share, but of that version's hours
+    (:func:`caps.stored_records`), so its group is allocated again too, unless those are the
+    hours it held already (nothing moves).  An older version's
+    delivery changes nothing, and neither does a record no longer counted (withdrawn, held),
+    which holds no share.
 
     Locks as ingest does: the groups in sorted order, then the records it re-issues.  A record
     corrected meanwhile was allocated by its own chunk under the same lock; this allocation then
     finds nothing to move.  Returns the audit events for the caller to append last.
     """
     wanted = dict(touched)
-    # Counted there in its group by an earlier version: it keeps its share either way.
+    # Counted there in its group by an earlier version at the hours it holds: nothing moves.
     held = caps.applied_groups(conn, wanted)
     current: list[tuple[str, int, caps.Group]] = []
     for part in _chunks(sorted(wanted)):
         for r in conn.execute(select(
                 records.c.record_id, records.c.current_version, records.c.person_key,
-                records.c.counts_year, records.c.cap_type).where(
+                records.c.counts_year, records.c.cap_type, records.c.credited_hours).where(
                 records.c.record_id.in_(part), records.c.status == RecordStatus.ACCEPTED.value,
                 records.c.withdrawn.is_(False))).mappings():
             group = caps.group_of(r)
-            if (group is not None and int(r["current_version"]) == wanted[r["record_id"]]
-                    and not caps.holds_share(held, r["record_id"], group)):
-                current.append((r["record_id"], int(r["current_version"]), group))
+            if group is None or int(r["current_version"]) != wanted[r["record_id"]]:
+                continue
+            there = held.get(r["record_id"])
+            if (caps.holds_share(held, r["record_id"], group) and there is not None
+                    and there.hours in (None, Decimal(r["credited_hours"] or "0"))):
+                continue
+            current.append((r["record_id"], int(r["current_version"]), group))
     if not current:
         return []
     groups = {group for _, _, group in current}

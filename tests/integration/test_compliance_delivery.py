@@ -120,7 +120,8 @@ def test_a_refused_record_is_not_counted_and_a_retries_exhausted_one_still_is(
         "adapter": "canonical", "source_record_id": "REJ", "category": "professional",
         "activity_type": "training", "completed_on": "2026-03-04", "hours": "12.0",
         "credited_hours": "12.0", "delivery": "dead", "delivery_code": "DOWNSTREAM_REJECTED",
-        "reason": "activity title carries [REJECT]"}]
+        "reason": "activity title carries [REJECT]", "applied_version": None,
+        "applied_hours": None}]
 
 
 def test_a_refused_record_reprocessed_and_delivered_counts_again(
@@ -165,17 +166,19 @@ def test_only_the_current_version_is_judged(
                _sub(person, "W", "12", "[REJECT] 数字政府建设实务", 4))
     drain(worker)
     # V: version 1 delivered, its correction refused.  W: version 1 refused, its correction
-    # delivered.  The management system counts V's old hours, but V as we hold it now was
-    # refused; W's refused first version is history.
+    # delivered.  V as we hold it now was refused, but the management system still counts its
+    # version 1, and so does the report (as applied hours); W's refused first version is history.
     _put(engine, partner, _sub(person, "V", "20", "[REJECT] 高原生态修复技术研修班", 2),
          _sub(person, "W", "12", "数字政府建设实务", 4))
     drain(worker)
 
     result = _report(engine, person)
     assert _counted(result) == {"W": ("delivered", None)}
-    assert result["credited"]["total"] == "12.0"
+    assert result["credited"]["total"] == "36.0"
+    assert result["by_type"] == {"training": {"claimed": "36.0", "credited": "36.0"}}
     [refused] = result["not_counted"]
     assert (refused["record_id"], refused["version"], refused["hours"]) == (ids["V"], 2, "20.0")
+    assert (refused["applied_version"], refused["applied_hours"]) == (1, "24.0")
 
 
 def test_a_withdrawal_the_management_system_refuses_is_listed_until_reprocessed(
@@ -413,6 +416,37 @@ def test_a_training_corrected_into_a_refused_paper_holds_no_paper_share(
     assert {sid: h for sid, (_, h) in _credited(engine, ids).items() if sid != "T"} == {
         "B": "10.0", "C": "10.0"}
     assert [_applied(url, ids[sid])[-1][1] for sid in ("B", "C")] == ["10.0", "10.0"]
+
+
+def test_a_refused_correction_leaves_the_cap_to_what_the_management_system_counts(
+    engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+    make_worker: MakeWorker,
+) -> None:
+    """A paper applied at 10 h, then corrected to 5 h and refused, still counts 10 h there.
+
+    So the next papers share the other 10 h, not 15 (model walk, seed 133).
+    """
+    url, faults = mock_ce
+    partner = new_partner(engine)
+    person = make_person(random.Random(23))
+    ids = _put(engine, partner, _paper(person, "A", "柴达木盆地盐湖资源研究", 3))
+    worker = make_worker()
+    drain(worker)
+    faults.reject_ids = {ids["A"]}
+    co = _paper(person, "A", "柴达木盆地盐湖资源研究", 3)
+    co["claimed"]["details"] = {"authorship": "co"}
+    _put(engine, partner, co)
+    drain(worker)
+    ids |= _put(engine, partner, _paper(person, "B", "三江源湿地碳汇研究", 4),
+                _paper(person, "C", "高寒草甸退化机理研究", 5))
+    drain(worker)
+    held = {sid: _applied(url, rid)[-1][1] for sid, rid in ids.items()}
+    assert held == {"A": "10.0", "B": "10.0", "C": "0.0"}
+    result = _report(engine, person)
+    assert result["by_type"]["paper"]["credited"] == "20.0"
+    [refused] = result["not_counted"]
+    assert (refused["source_record_id"], refused["hours"], refused["applied_hours"]) == (
+        "A", "5.0", "10.0")
 
 
 def test_a_record_dead_for_retries_keeps_its_share(
