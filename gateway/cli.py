@@ -456,16 +456,30 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
 
 
 @pull_app.command("cadre-college")
-def pull_cadre_college(max_pages: int | None = None,
-                       as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def pull_cadre_college(
+    max_pages: int | None = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    from_start: Annotated[bool, typer.Option(
+        "--from-start", help="forget the stored cursor first (one the college no longer "
+        "accepts); what was pulled before comes back as duplicates")] = False,
+    reason: Annotated[str, typer.Option(help="why, with --from-start (kept in the audit trail)")] = "",
+    actor: Annotated[str, typer.Option(help="who, with --from-start (kept in the audit trail)")] = "cli",
+) -> None:
     """Pull new completions from the Cadre Network College now (cursor kept in the store)."""
     from dataclasses import asdict
 
-    from gateway.pull.cadre_college import pull_once
+    from gateway.pull.cadre_college import pull_once, reset_cursor
 
     settings = _settings()
     _setup_logging(settings)
-    result = pull_once(_engine(settings), settings, max_pages=max_pages)
+    engine = _engine(settings)
+    if from_start:
+        if not reason.strip():
+            raise _refused(PayloadRejected("SCHEMA", field="reason",
+                                           detail="(--from-start needs --reason)",
+                                           detail_zh="（使用 --from-start 时须说明原因 --reason）"))
+        reset_cursor(engine, actor, reason.strip())
+    result = pull_once(engine, settings, max_pages=max_pages)
     if as_json:
         print(json.dumps(asdict(result), ensure_ascii=False, default=str))
     else:

@@ -48,6 +48,7 @@ EVENT_ZH = {"received": "接收", "queued": "进入投递队列", "attempt": "�
             "revalidation": "重新校验", "rejected": "拒收", "withdrawn": "撤回",
             "succeeded": "接替原记录计入学时（原记录已撤回或已更正）",
             "retention_pruned": "按保留期清理", "cap_reallocated": "封顶学时重新分配",
+            "pull_cursor_reset": "拉取游标重置",
             "batch_received": "接收批量文件", "partner_added": "新增合作方",
             "operator_added": "新增运维人员", "reference_imported": "导入参考数据",
             "reference_synced": "同步参考数据"}

@@ -43,7 +43,7 @@ from sqlalchemy import Connection, Engine, select, update
 from adapters.cadre_college import CadreCollegeAdapter
 from contracts import RecordAnswer
 from contracts.errors import message
-from gateway import upstream
+from gateway import audit, upstream
 from gateway.config import Settings
 from gateway.delivery.policy import retry_after_seconds
 from gateway.errors import (
@@ -167,6 +167,26 @@ def record_error(engine: Engine, reason: str, now: datetime | None = None) -> No
         _ensure_row(conn, now)
         conn.execute(update(pull_state).where(pull_state.c.source == SOURCE)
                      .values(last_error=mask_text(reason)[:2000], updated_at=now))
+
+
+def reset_cursor(engine: Engine, actor: str, reason: str, now: datetime | None = None) -> str | None:
+    """Forget the stored cursor, so the next pull starts from the college's first page.
+
+    For a cursor the college no longer accepts (expired, or its store was rebuilt): every run
+    would stop on it (``PULL_FAILED``).  Safe: a completion pulled again is the ``duplicate`` of
+    its stored record, so only what is missing is added.  An operator action, audited with the
+    actor, the reason and the cursor it replaced.  Returns that cursor.
+    """
+    now = now or datetime.now(UTC)
+    with engine.begin() as conn:
+        _ensure_row(conn, now)
+        old = conn.execute(select(pull_state.c.cursor).where(pull_state.c.source == SOURCE)
+                           .with_for_update()).scalar()
+        conn.execute(update(pull_state).where(pull_state.c.source == SOURCE)
+                     .values(cursor=None, last_error=None, updated_at=now))
+        audit.append(conn, [audit.Event("pull_cursor_reset", actor=actor, detail={
+            "source": SOURCE, "previous_cursor": old, "reason": reason})], now)
+    return old
 
 
 def _advance(old: str | None, new: str, fetched: int,

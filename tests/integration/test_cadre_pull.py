@@ -7,6 +7,7 @@ SIGKILL of the pulling process in mid-run.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -20,12 +21,19 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, func, select, update
 
 from gateway.config import Settings
 from gateway.pull import cadre_college as cadre
 from gateway.pull.cadre_college import PARTNER, pull_once, read_state
-from gateway.store.tables import outbox, record_versions, records, rejections
+from gateway.store.tables import (
+    audit_events,
+    outbox,
+    pull_state,
+    record_versions,
+    records,
+    rejections,
+)
 from mock_partners.cadre_college import CollegeState, Faults, create_app, decode_cursor
 from tests.support.servers import poll, uvicorn_thread
 
@@ -335,3 +343,40 @@ def test_a_pulled_completion_rejected_unparsed_keeps_the_colleges_id(
     assert (answer.status, answer.source_record_id) == ("rejected", "KC-BAD-1")
     with engine.connect() as conn:
         assert conn.execute(select(rejections.c.source_record_id)).scalars().all() == ["KC-BAD-1"]
+
+
+def test_a_cursor_the_college_no_longer_accepts_is_reset_from_the_cli(
+        db_url: str, engine: Engine, college: College,
+        make_settings: Callable[..., Settings]) -> None:
+    """Every run stops on an expired cursor; ``--from-start`` pulls again, adding only what is new.
+
+    The reset is an operator action: refused without a reason, audited with actor and reason.
+    """
+    from tests.conftest import SECRET_KEY
+    from tests.support.servers import cli
+
+    url, mock = college(seed=17, initial=60)
+    settings = pull_settings(make_settings, db_url, url)
+    assert pull_once(engine, settings).error is None
+    with engine.begin() as conn:  # the college rebuilt its store: our cursor means nothing there
+        conn.execute(update(pull_state).values(cursor="expired-cursor"))
+    assert pull_once(engine, settings).error is not None
+    mock.grow(5)
+    env = {"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_SECRET_KEY": SECRET_KEY,
+           "CE_GATEWAY_CADRE_COLLEGE_URL": url, "CE_GATEWAY_PULL_PAGE_SIZE": "50"}
+    refused = cli(env, "pull", "cadre-college", "--from-start")
+    assert refused.returncode != 0 and "reason" in refused.stderr
+    ran = cli(env, "pull", "cadre-college", "--from-start", "--reason", "学院重建了数据",
+              "--actor", "op-li", "--json")
+    assert ran.returncode == 0, ran.stderr
+    result = json.loads(ran.stdout)
+    assert (result["fetched"], result["duplicate"], result["accepted"]) == (65, 60, 5)
+    assert sum(source_ids(engine).values()) == 65 and max(source_ids(engine).values()) == 1
+    state = read_state(engine)
+    assert state is not None and state.cursor not in (None, "expired-cursor")
+    assert state.last_error is None
+    with engine.connect() as conn:
+        reset = conn.execute(select(audit_events).where(
+            audit_events.c.kind == "pull_cursor_reset")).mappings().one()
+    assert reset["actor"] == "op-li"
+    assert json.loads(reset["detail"])["previous_cursor"] == "expired-cursor"
