@@ -176,8 +176,11 @@ def _exit_with_parent(parent: int) -> None:
 class RowParser:
     """Turns a stream of rows into chunks of ingest items, with or without workers."""
 
-    def __init__(self, job: ParseJob, workers: int, rules: RulesContext) -> None:
-        self.job, self.workers, self.rules = job, workers, rules
+    def __init__(self, job: ParseJob, workers: int, rules: RulesContext,
+                 timeout: float | None = None) -> None:
+        # ``timeout``: the longest wait for one chunk from a worker; past it the worker is taken
+        # to hang (TimeoutError), and the pool is torn down rather than waited for.
+        self.job, self.workers, self.rules, self.timeout = job, workers, rules, timeout
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> RowParser:
@@ -189,9 +192,15 @@ class RowParser:
                                              initargs=(os.getpid(),))
         return self
 
-    def __exit__(self, *_: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if self._pool is None:
+            return
+        if exc_type is not None:
+            # A worker may hang (or be dead): waiting for it would hang this processor too.
+            # Nothing in flight is needed any more: its rows are parsed again on resume.
+            for process in list(getattr(self._pool, "_processes", {}).values()):
+                process.kill()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def chunks(self, rows: Iterable[Row], size: int) -> Iterator[list[tuple[Item, Decimal]]]:
         source = iter(rows)
@@ -208,4 +217,4 @@ class RowParser:
                 in_flight.append(self._pool.submit(parse_rows, self.job, batch))
             if not in_flight:
                 return
-            yield [to_item(s) for s in in_flight.popleft().result()]
+            yield [to_item(s) for s in in_flight.popleft().result(timeout=self.timeout)]

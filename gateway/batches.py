@@ -356,7 +356,8 @@ class BatchProcessor:
         # Rows come judged (prepared) from the parser; the context is only used for any the
         # parser left unprepared, and for its configuration (caps).
         self._rules = rules_for(job, self._references)
-        with RowParser(job, self._workers(batch), self._rules) as parser:
+        with RowParser(job, self._workers(batch), self._rules,
+                       timeout=self.settings.batch_stall_seconds) as parser:
             for chunk in parser.chunks(rows, self.settings.batch_chunk_rows):
                 with paused_gc():
                     self._ingest_chunk(batch_id, partner, chunk)
@@ -448,7 +449,8 @@ class BatchProcessor:
             self.process(batch)
         except LeaseLost as lost:  # we stalled past the lease; the new holder carries on
             log.warning("%s; stopped without committing", lost)
-        except (OperationalError, InterfaceError, BrokenProcessPool) as exc:
+        except (OperationalError, InterfaceError, BrokenProcessPool, TimeoutError) as exc:
+            # TimeoutError: a parse worker gave no chunk for BATCH_STALL_SECONDS (it hangs).
             pause = min(self.settings.batch_lease_seconds, 2.0 ** (attempts - 1))
             log.warning("batch %s stopped (%s: %s); it resumes after its last chunk in %.0f s",
                         batch["batch_id"], type(exc).__name__, exc, pause)

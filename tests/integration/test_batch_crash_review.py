@@ -351,6 +351,46 @@ def test_a_killed_parse_worker_does_not_fail_the_batch_for_good(
         "accepted": len(good), "duplicate": 0, "corrected": 0, "conflict": 0, "rejected": len(bad)}
 
 
+def test_a_hung_parse_worker_is_given_up_on_and_the_batch_resumes(
+        tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner) -> None:
+    """A parse worker that stops answering (SIGSTOP: a hang) must not hang its processor.
+
+    After BATCH_STALL_SECONDS without a chunk the processor kills the pool, puts the batch back
+    and resumes it with a fresh worker: the batch ends done, every row taken once.
+    """
+    path = tmp_path / "health.csv"
+    good, bad = health_file(path, 200, "utf-8")
+    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    engine = new_store(url, new_partner)
+    register(engine, path)
+    # Chunks of 5 rows: a worker's answer is one write to its pipe, so the stop never cuts
+    # one in half (a half-written answer would hang the pool's reader thread: not a hang in
+    # parsing, which is what this stands for).
+    settings = settings_for(make_settings, url, tmp_path, batch_parse_workers=1,
+                            batch_parse_min_bytes=0, batch_lease_seconds=1,
+                            batch_stall_seconds=2, batch_chunk_rows=5)
+    stopped: list[int] = []
+
+    def progress(_row: int) -> None:
+        if not stopped:  # the worker hangs after the first chunk
+            stopped.extend(_parse_workers())
+            assert stopped, "no parse worker process to stop"
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+
+    a = BatchProcessor(engine, settings, name="proc-a", progress=progress)
+    claimed = a.claim()
+    assert claimed is not None
+    assert isinstance(a.run(claimed), TimeoutError)  # returned: the processor is free again
+    assert stopped and not any(Path(f"/proc/{pid}").exists() and
+                               "T" not in (Path(f"/proc/{pid}/stat").read_text().split()[2])
+                               for pid in stopped)
+    final = finish(engine, settings, timeout=25)
+    assert final["status"] == "done", (final["error_code"], final["error"])
+    assert {k: int(final[k]) for k in COUNTS} == {
+        "accepted": len(good), "duplicate": 0, "corrected": 0, "conflict": 0, "rejected": len(bad)}
+
+
 # -- the stored file changed after the 202 -------------------------------------------------------
 
 
