@@ -240,7 +240,7 @@ def test_a_deferral_approved_later_lets_late_records_count_next_year(
     in_2026 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)  # 2025 closed on 30 December 2025
     item = {"xh": "GB-9", "sfzh": deferred.id_number, "xm": deferred.name,
             "dqdm": deferred.region, "kcbh": "KC-9", "kcmc": "数字经济与数字政府", "xs": 12,
-            "wcsj": "2025-12-01 10:00:00"}
+            "wcsj": "2025-12-31 10:00:00"}  # completed after the close: late however pulled
     parsed = item_to_row(item)
     cadre = ingest_items(store, PartnerRef("cadre-college", "cadre_college"), [Item(
         raw=parsed.raw, submission=parsed.submission, errors=parsed.errors)], now=in_2026)
