@@ -13,13 +13,18 @@ raises :class:`ValueError` with a message fit for a row error (the adapter wraps
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import unicodedata
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
-__all__ = ["cell_text", "parse_date", "parse_decimal", "show_value", "to_ascii_digits"]
+import orjson
+
+__all__ = ["cell_text", "loads_exact", "parse_date", "parse_decimal", "show_value",
+           "to_ascii_digits"]
 
 # Lone surrogates come from undecodable bytes (``errors="surrogateescape"``); they are not text
 # and could not be stored or serialised later.
@@ -76,6 +81,28 @@ def _check_text(s: str) -> str:
     if not s.isascii() and _SURROGATES.search(s):
         raise ValueError("contains bytes that are not valid text in the file's encoding")
     return s
+
+
+def loads_exact(data: bytes | str) -> Any:
+    """JSON as orjson reads it, but integers beyond 64 bits kept exact.
+
+    orjson reads ``20261127000000000001`` as the float ``2.0261127e+19``: two record numbers of
+    twenty digits would become one id, and their records one (a correction of the other).
+    Python's json keeps them as integers; it reads the rare document that has such a number
+    again (orjson's errors, lone surrogates and all, are raised first, as before).
+    """
+    value = orjson.loads(data)
+    return json.loads(data) if _has_huge_number(value) else value
+
+
+def _has_huge_number(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value) or abs(value) >= 2.0 ** 53
+    if isinstance(value, dict):
+        return any(_has_huge_number(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_huge_number(v) for v in value)
+    return False
 
 
 def cell_text(value: object) -> str:

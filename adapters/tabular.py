@@ -70,6 +70,7 @@ from typing import IO, Any, Literal
 import orjson
 
 from adapters.base import Adapter, ParsedRow
+from adapters.normalize import loads_exact
 
 __all__ = [
     "ROW_ERROR",
@@ -604,7 +605,7 @@ def iter_ndjson(stream: IO[bytes]) -> Iterator[Row]:
         if not line.strip():
             continue
         try:
-            value = orjson.loads(line)
+            value = loads_exact(line)
         except orjson.JSONDecodeError as exc:
             yield number, _broken(f"line {number}: not valid JSON ({exc})",
                                   f"第 {number} 行：不是有效的 JSON（{exc}）")

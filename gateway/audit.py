@@ -22,6 +22,7 @@ from sqlalchemy import Connection, select, update
 from gateway.masking import mask_text
 from gateway.store.bulk import bulk_insert
 from gateway.store.tables import audit_events, audit_head
+from gateway.store.util import dumps_storable
 
 GENESIS_HASH = "0" * 64
 
@@ -36,8 +37,8 @@ class Event:
 
 
 def _canonical_detail(detail: dict[str, Any]) -> str:
-    text = orjson.dumps(detail, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
-    return mask_text(text.decode())
+    # A partner's text may hold what orjson refuses (a lone surrogate in a rejected row's id).
+    return mask_text(dumps_storable(detail, orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS))
 
 
 def _material(prev_hash: str, seq: int, event_id: str, at: str, kind: str,

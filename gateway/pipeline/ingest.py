@@ -73,6 +73,7 @@ from gateway.store.tables import (
     records,
     rejections,
 )
+from gateway.store.util import dumps_storable, storable_text
 
 
 @dataclass(frozen=True)
@@ -245,29 +246,7 @@ def error_note(code: str, field_name: str | None = None, detail: str | None = No
 
 
 def _dumps(value: Any) -> str:
-    """JSON of what a partner sent, as received as can be: a rejected row is filed with it.
-
-    orjson refuses two things a partner's JSON may hold (Python's json reads both): a lone
-    UTF-16 surrogate (a Chinese name cut inside a surrogate pair by a UTF-16 system) and an
-    integer beyond 64 bits.  Those are written as U+FFFD and as a string of the digits, so
-    the row is filed and answered rather than failing everything committed with it.
-    """
-    try:
-        return orjson.dumps(value, default=str).decode()
-    except TypeError:
-        return orjson.dumps(_writable(value), default=str).decode()
-
-
-def _writable(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, dict):
-            return {_writable(k): _writable(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [_writable(v) for v in value]
-        return value
-    return value if -(2 ** 63) <= value < 2 ** 64 else str(value)
+    return dumps_storable(value)
 
 
 def item_from_raw(raw: object) -> Item:
@@ -401,7 +380,8 @@ def _unstorable(sub: CESubmission) -> list[Note]:
 
 
 def _no_nul(text: str | None) -> str | None:
-    return None if text is None else text.replace("\x00", "\ufffd")
+    """A partner's id as a column takes it: no NUL, no lone surrogate (``storable_text``)."""
+    return None if text is None else storable_text(text)
 
 
 # A partner's own id for a record, by the name its native format gives it (SPEC §8).

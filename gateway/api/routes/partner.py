@@ -10,6 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
+from adapters.normalize import loads_exact
 from contracts import CESubmission, RecordAnswer, SubmissionResult
 from gateway.accounts import Partner
 from gateway.api.deps import signed_partner, state_of
@@ -50,7 +51,7 @@ RECORDS_BODY = {**SIGNED, "requestBody": {"required": True, "content": {"applica
 
 def _records_of(body: bytes, limit: int) -> list[Any]:
     try:
-        data = orjson.loads(body)
+        data = loads_exact(body)
     except orjson.JSONDecodeError as exc:
         raise PayloadRejected("SCHEMA", detail=f"(body is not JSON: {exc})", detail_zh=(
             f"（请求体不是有效的 JSON：第 {exc.lineno} 行第 {exc.colno} 列有误）")) from exc
