@@ -19,6 +19,8 @@ from sqlalchemy import Engine, select
 
 from gateway import compliance
 from gateway.accounts import Partner
+from gateway.config import Settings
+from gateway.ops.edits import edit_and_requeue
 from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest, withdraw
 from gateway.pipeline.rules_tables import DeferralInfo, RulesConfig
 from gateway.reference import StoreReference
@@ -190,3 +192,63 @@ def test_a_refused_deferred_correction_counts_nothing_in_the_next_year(
         in_2026 = compliance.report(conn, q.id_number, 2026)
     assert [n["source_record_id"] for n in in_2026["not_counted"]] == ["A"]
     assert in_2026["credited"]["total"] == "0.0", in_2026["credited"]
+
+
+# -- probes that held ---------------------------------------------------------------------------
+
+def _counts(engine: Engine, url: str, ids: dict[str, str], person: GenPerson,
+            ) -> dict[str, tuple[str, str]]:
+    """Per capped type: (what the management system counts, what the compliance report says)."""
+    with engine.connect() as conn:
+        report = compliance.report(conn, person.id_number, 2026)
+    return {kind: (f"{_downstream(url, ids, kind, person):.1f}",
+                   report["by_type"].get(kind, {}).get("credited", "0.0"))
+            for kind in ("book", "lecture")}
+
+
+def test_pinned_books_and_lectures_edited_corrected_withdrawn_and_reprocessed(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker, make_settings: Callable[..., Settings], db_url: str) -> None:
+    """Pins (refused versions of applied records) in the book and lecture groups, two at once."""
+    url, faults = mock_ce
+    partner = new_partner(engine)
+    q = make_person(random.Random(1630))
+    ids = _put(engine, partner, _item(q, "B1", "书一", 1, "book", "first"),
+               _item(q, "B2", "书二", 2, "book", "first"), _item(q, "B3", "书三", 3, "book", "other"),
+               _item(q, "L1", "讲一", 1, "lecture", quantity="3"),
+               _item(q, "L2", "讲二", 2, "lecture", quantity="3"))
+    worker = make_worker()
+    drain(worker)
+    full = {"book": ("40.0", "40.0"), "lecture": ("30.0", "30.0")}
+    assert _counts(engine, url, ids, q) == full
+    # Refused corrections to fewer hours: pinned at the applied 20 h and 18 h; nothing moves.
+    _put(engine, partner, _item(q, "B1", "[REJECT] 书一", 1, "book", "other"),
+         _item(q, "L1", "[REJECT] 讲一", 1, "lecture", quantity="1"))
+    drain(worker)
+    assert _credited(engine, ids) == {"B1": "10.0", "B2": "20.0", "B3": "0.0", "L1": "6.0",
+                                      "L2": "12.0"}
+    assert _counts(engine, url, ids, q) == full
+    # Ops fix B1's title: its 10 h version counts, B3 takes the 10 h freed.
+    edit_and_requeue(engine, make_settings(db_url, url), ids["B1"], {"activity.title": "书一"},
+                     reason="title fixed", actor="op-review")
+    drain(worker)
+    assert _credited(engine, ids)["B3"] == "10.0"
+    assert _counts(engine, url, ids, q) == full
+    # L1 corrected again (accepted), then withdrawn: L2 takes what it claims.
+    _put(engine, partner, _item(q, "L1", "讲一", 1, "lecture", quantity="2"))
+    drain(worker)
+    assert (_credited(engine, ids)["L1"], _credited(engine, ids)["L2"]) == ("12.0", "18.0")
+    withdraw(engine, PartnerRef(partner.partner_id, "canonical"), "L1", now=NOW)
+    drain(worker)
+    assert _counts(engine, url, ids, q)["lecture"] == ("18.0", "18.0")
+    # Two pins at once in the book group (20 h and 10 h applied), then both reprocessed.
+    _put(engine, partner, _item(q, "B2", "[REJECT] 书二", 2, "book", "other"),
+         _item(q, "B3", "[REJECT] 书三", 3, "book", "first"))
+    drain(worker)
+    assert _counts(engine, url, ids, q)["book"] == ("40.0", "40.0")
+    faults.reject_title_marker = "[NEVER]"
+    assert _reprocess(engine, error_code="DOWNSTREAM_REJECTED") == 2
+    drain(worker)
+    assert _credited(engine, ids) == {"B1": "10.0", "B2": "10.0", "B3": "20.0", "L1": "0.0",
+                                      "L2": "18.0"}
+    assert _counts(engine, url, ids, q)["book"] == ("40.0", "40.0")
