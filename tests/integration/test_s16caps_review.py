@@ -252,3 +252,25 @@ def test_pinned_books_and_lectures_edited_corrected_withdrawn_and_reprocessed(
     assert _credited(engine, ids) == {"B1": "10.0", "B2": "10.0", "B3": "20.0", "L1": "0.0",
                                       "L2": "18.0"}
     assert _counts(engine, url, ids, q)["book"] == ("40.0", "40.0")
+
+
+def test_two_pins_in_one_group_squeeze_the_unpinned_record(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    """A pinned at 10 h, then C's re-issue to 0 h refused (pinned at its applied 5 h): B gives way."""
+    url, faults = mock_ce
+    partner = new_partner(engine)
+    q = make_person(random.Random(1640))
+    ids = _put(engine, partner, _item(q, "A", "一", 1), _item(q, "B", "二", 2),
+               _item(q, "C", "三", 3))
+    worker = make_worker()
+    drain(worker)
+    _put(engine, partner, _item(q, "A", "[REJECT] 一", 1, authorship="co"))  # C takes 5 h
+    worker.run_once()  # A's 5 h version refused (pinned at 10 h), C's 5 h applied, C → 0 h
+    assert _credited(engine, ids) == {"A": "5.0", "B": "10.0", "C": "0.0"}
+    faults.reject_ids = {ids["C"]}
+    drain(worker)  # C's 0 h version refused: the management system still counts its 5 h
+    assert [(v["version"], v["record"]["credited_hours"]) for v in _applied(url, ids["C"])] == [
+        (1, "0.0"), (2, "5.0")]
+    assert _credited(engine, ids)["B"] == "5.0"
+    assert _downstream(url, ids, "paper", q) == CAPS["paper"]
