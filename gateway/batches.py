@@ -184,6 +184,11 @@ def fsync_into_place(tmp: Path, final: Path) -> None:
         os.close(dir_fd)
 
 
+# Failures that are not the batch's: it is put back and resumed (BatchProcessor.run).
+# TimeoutError: a parse worker gave no chunk for BATCH_STALL_SECONDS (it hangs).
+TRANSIENT_FAILURES = (OperationalError, InterfaceError, BrokenProcessPool, TimeoutError)
+
+
 class FileChanged(Exception):
     """The batch's file on disk is not the one acknowledged: gone, truncated or replaced."""
 
@@ -449,8 +454,7 @@ class BatchProcessor:
             self.process(batch)
         except LeaseLost as lost:  # we stalled past the lease; the new holder carries on
             log.warning("%s; stopped without committing", lost)
-        except (OperationalError, InterfaceError, BrokenProcessPool, TimeoutError) as exc:
-            # TimeoutError: a parse worker gave no chunk for BATCH_STALL_SECONDS (it hangs).
+        except TRANSIENT_FAILURES as exc:
             pause = min(self.settings.batch_lease_seconds, 2.0 ** (attempts - 1))
             log.warning("batch %s stopped (%s: %s); it resumes after its last chunk in %.0f s",
                         batch["batch_id"], type(exc).__name__, exc, pause)

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -289,6 +290,7 @@ def ingest(
     from adapters.tabular import UnreadableFile, count_rows, detect_format
     from gateway.accounts import base_code_of
     from gateway.batches import (
+        TRANSIENT_FAILURES,
         BatchProcessor,
         NewBatch,
         batch_status,
@@ -337,7 +339,17 @@ def ingest(
         # This batch only: batches queued by others are the workers' (oldest first), and a
         # broken one among them must not become the failure of every later ingest.
         claimed = processor.claim(batch.batch_id)
-        failure = processor.run(claimed) if claimed is not None else None
+        failure = None
+        while claimed is not None:
+            failure = processor.run(claimed)
+            if not isinstance(failure, TRANSIENT_FAILURES):
+                break
+            # Put back after a pause (the store went away, a parse worker died): take it again
+            # once the pause is over; BATCH_MAX_ATTEMPTS without progress fails it for good.
+            claimed, until = None, time.monotonic() + settings.batch_lease_seconds + 1
+            while claimed is None and time.monotonic() < until:
+                time.sleep(0.2)
+                claimed = processor.claim(batch.batch_id)
         bar.update(task, completed=total)
     with engine.connect() as conn:
         status = batch_status(conn, batch.batch_id, limit=20)

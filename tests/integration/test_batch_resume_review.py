@@ -107,11 +107,6 @@ def _run_until_ended(engine: Engine, settings: Settings, timeout: float = 25) ->
 # -- findings ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ce-gateway ingest FILE after a transient store error: run() puts the batch back and "
-    "returns, the CLI prints status 'processing' and exits 1 with no word of it; with no "
-    "worker running (the local use) the batch never ends; ingest should resume its own batch "
-    "after the pause (as run_forever would) and end done"))
 def test_local_ingest_resumes_its_own_batch_after_a_transient_store_error(
         tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,11 +140,6 @@ def _ndjson_with_numeric_ids(path: Path, ids: list[str]) -> None:
     path.write_bytes(b"\n".join(out) + b"\n")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "NDJSON is read with orjson, which turns an integer beyond 64 bits into a float: four "
-    "distinct 20-digit record numbers all become '2.0260327e+19', so one record is accepted "
-    "and the other three are filed as its corrections (three records silently lost); each "
-    "should keep its own number (read exactly) or be rejected as a row"))
 def test_ndjson_record_numbers_beyond_64_bits_stay_distinct_records(
         tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner) -> None:
     ids = [f"2026032700000000000{i}" for i in range(4)]  # 20 digits, above 2**64
@@ -198,12 +188,6 @@ def _rejected_with_deep_nesting(item: dict[str, Any]) -> str:
     return body.replace('"PLACEHOLDER"', "[" * 300 + "]" * 300)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a lone surrogate in the college's serial number (xh) is rejected, but the rejection's "
-    "source_record_id keeps the surrogate and the store cannot encode it (UnicodeEncodeError): "
-    "the page rolls back, pull_once raises instead of recording PULL_FAILED, and every later "
-    "run stops on that page; the id should be made writable (as _dumps does) and the item "
-    "filed alone"))
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_lone_surrogate_in_the_college_serial_number_does_not_stop_the_pull(
         db_url: str, engine: Engine, serve_app: Callable[[Any], str],
@@ -211,11 +195,6 @@ def test_a_lone_surrogate_in_the_college_serial_number_does_not_stop_the_pull(
     _one_odd_item_is_filed_alone(_xh_with_lone_surrogate, db_url, engine, serve_app, make_settings)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a rejected college item nested deeper than orjson writes (255 levels; Python's json reads "
-    "it) raises TypeError('Recursion limit reached') out of _dumps even through the _writable "
-    "fallback: the whole page rolls back and the pull stops there for good; the item should "
-    "be filed (its raw item cut or stringified) and the cursor move on"))
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_deeply_nested_rejected_college_item_does_not_stop_the_pull(
         db_url: str, engine: Engine, serve_app: Callable[[Any], str],
@@ -459,11 +438,6 @@ def test_0018_keeps_existing_batches_and_survives_a_downgrade_and_upgrade(db_url
     assert _batches_as_stored(db_url) == expected
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "0018's downgrade narrows credits_total back to VARCHAR(32) as is: on PostgreSQL any "
-    "batch whose running total 0018 let grow past 32 characters (the case 0018 exists for) "
-    "makes ALTER TYPE fail (StringDataRightTruncation), so the release cannot be rolled back; "
-    "the downgrade should cap or clear such totals first"))
 @pytest.mark.postgres
 def test_0018_downgrade_on_postgresql_with_a_long_credits_total(postgres_url: str) -> None:
     _store_at_0017_with_batches(postgres_url)
