@@ -202,6 +202,8 @@ class _Applied(NamedTuple):
     hours: Decimal | None  # credited hours there; 0: counts nothing; None: payload pruned
     category: str | None
     activity_type: str | None
+    person_key: str | None = None  # whose hours, and for which CE year, they are there
+    year: int | None = None
 
 
 def _last_applied(conn: Connection, record_ids: list[str]) -> dict[str, _Applied]:
@@ -224,8 +226,12 @@ def _last_applied(conn: Connection, record_ids: list[str]) -> dict[str, _Applied
             found[r.record_id] = _Applied(int(r.version), None, None, None)
             continue
         hours = ZERO if body.get("withdrawn") else Decimal(body["credited_hours"])
-        found[r.record_id] = _Applied(int(r.version), hours, body.get("category"),
-                                      body.get("activity_type"))
+        person = body["person"]
+        deferred = any(n.get("code") == "DEFERRAL" for n in body.get("rule_notes", ()))
+        found[r.record_id] = _Applied(
+            int(r.version), hours, body.get("category"), body.get("activity_type"),
+            person_key_of(person.get("id_type", "resident_id"), person["id_number"]),
+            int(body["year"]) + deferred)
     return found
 
 
@@ -304,10 +310,13 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
     refused_changes = [_with_applied(c, applied[c["record_id"]]) for c in refused_changes
                        if c["record_id"] in applied and applied[c["record_id"]].hours != ZERO]
     not_counted = [_with_applied(n, applied.get(n["record_id"])) for n in not_counted]
+    me = person_key_of(id_type, id_number)
     for n in not_counted:
         there = applied.get(n["record_id"])
         if there is None or not there.hours or there.category not in ("public", "professional"):
             continue
+        if (there.person_key, there.year) != (me, year):
+            continue  # counted there for another person or year (a correction moved it)
         credited[there.category] += there.hours
         claimed[there.category] += there.hours
         by_type[str(there.activity_type)]["claimed"] += there.hours

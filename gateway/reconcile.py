@@ -60,12 +60,14 @@ def months_never_pushed(conn: Connection, adapter: str, year: int, *,
                         push_day: int = 0) -> list[str]:
     """Due months of ``year`` (:func:`due_months`) without a monthly batch of ``adapter``.
 
-    A batch that arrived counts as pushed while it is queued or processing; only a failed one
-    does not (the report below, which reconciles contents, counts finished batches only).
+    A batch that arrived counts as pushed while it is queued or processing, and so does one
+    that failed after committing rows (the report reconciles those); one that failed before
+    committing any does not.
     """
     query = (select(batches.c.period).distinct()
              .where(batches.c.adapter == adapter, batches.c.kind == "monthly",
-                    batches.c.status != "failed", batches.c.period.like(f"{year}-%")))
+                    or_(batches.c.status != "failed", batches.c.rows_done > 0),
+                    batches.c.period.like(f"{year}-%")))
     if partner_id is not None:
         query = query.where(batches.c.partner_id == partner_id)
     pushed = set(conn.execute(query).scalars())
@@ -225,6 +227,9 @@ def _monthly_records_judged(monthly_ids: list[str], annual_ids: list[str]) -> An
                     func.max(case((twin.c.status == "conflict", 1), else_=0)).label("other"))
              .where(twin.c.batch_id.in_(annual_ids), twin.c.status.in_(("duplicate", "conflict")))
              .group_by(twin.c.partner_id, twin.c.natural_key).subquery())
+    # A monthly renumbered twin (a duplicate of another monthly record of its partner) is
+    # carried when the record it repeats is carried unchanged.
+    holder, held = records.alias("holder"), per_record.alias("held")
     refused = (select(rejections.c.partner_id, rejections.c.source_record_id)
                .where(rejections.c.batch_id.in_(annual_ids)).distinct().subquery())
     annual_changed = or_(per_record.c.annual_version == 1,
@@ -232,7 +237,9 @@ def _monthly_records_judged(monthly_ids: list[str], annual_ids: list[str]) -> An
     kind = case((and_(per_record.c.annual_version == 1, records.c.status == "conflict"), "conflict"),
                 (annual_changed, "corrected"),
                 (or_(per_record.c.annual_repeat == 1, per_record.c.annual_first == 1,
-                     twins.c.same == 1), "repeated"),
+                     twins.c.same == 1,
+                     and_(holder.c.partner_id == records.c.partner_id,
+                          or_(held.c.annual_repeat == 1, held.c.annual_first == 1))), "repeated"),
                 (twins.c.other == 1, "conflicted"),
                 (refused.c.source_record_id.is_not(None), "refused"),
                 (records.c.withdrawn.is_(True), "withdrawn"),
@@ -242,6 +249,8 @@ def _monthly_records_judged(monthly_ids: list[str], annual_ids: list[str]) -> An
                                    twins.c.natural_key == records.c.natural_key))
             .outerjoin(refused, and_(refused.c.partner_id == records.c.partner_id,
                                      refused.c.source_record_id == records.c.source_record_id))
+            .outerjoin(holder, holder.c.record_id == records.c.duplicate_of)
+            .outerjoin(held, held.c.rid == holder.c.record_id)
             .subquery())
 
 

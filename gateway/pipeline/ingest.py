@@ -1400,8 +1400,9 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
     rest of its group, and a requeued record takes it back.  Records whose share moved are
     re-issued and forwarded, as after a withdrawal.  A refused record the management system
     still counts in its group by an earlier version keeps a share, but of that version's hours
-    (:func:`caps.stored_records`), so its group is allocated again too, unless those are the
-    hours it held already (nothing moves).  An older version's
+    (:func:`caps.stored_records`), so its group is allocated again too; a requeued one takes
+    back the hours freed meanwhile.  ``cap_reallocated`` is recorded only when a share moved.
+    An older version's
     delivery changes nothing, and neither does a record no longer counted (withdrawn, held),
     which holds no share.
 
@@ -1410,35 +1411,29 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
     finds nothing to move.  Returns the audit events for the caller to append last.
     """
     wanted = dict(touched)
-    # Counted there in its group by an earlier version at the hours it holds: nothing moves.
-    held = caps.applied_groups(conn, wanted)
     current: list[tuple[str, int, caps.Group]] = []
     for part in _chunks(sorted(wanted)):
         for r in conn.execute(select(
                 records.c.record_id, records.c.current_version, records.c.person_key,
-                records.c.counts_year, records.c.cap_type, records.c.credited_hours).where(
+                records.c.counts_year, records.c.cap_type).where(
                 records.c.record_id.in_(part), records.c.status == RecordStatus.ACCEPTED.value,
                 records.c.withdrawn.is_(False))).mappings():
             group = caps.group_of(r)
-            if group is None or int(r["current_version"]) != wanted[r["record_id"]]:
-                continue
-            there = held.get(r["record_id"])
-            if (caps.holds_share(held, r["record_id"], group) and there is not None
-                    and there.hours in (None, Decimal(r["credited_hours"] or "0"))):
-                continue
-            current.append((r["record_id"], int(r["current_version"]), group))
+            if group is not None and int(r["current_version"]) == wanted[r["record_id"]]:
+                current.append((r["record_id"], int(r["current_version"]), group))
     if not current:
         return []
     groups = {group for _, _, group in current}
     caps.lock_groups(conn, groups, now)
     chunk = Chunk(conn, PartnerRef(actor, "gateway"), now, None, config)
-    chunk.events += [audit.Event("cap_reallocated", rid, version, actor,
-                                 {"cap_type": group[2], "reason": reason})
-                     for rid, version, group in current]
     for group in sorted(groups):
         chunk._reissue(group)
+    if not chunk.recredited:
+        return []  # nothing moved (a pinned record kept the hours it held): nothing to say
     chunk._write(with_audit=False)
-    return chunk.events
+    return [audit.Event("cap_reallocated", rid, version, actor,
+                        {"cap_type": group[2], "reason": reason})
+            for rid, version, group in current] + chunk.events
 
 
 def accept_held(chunk: Chunk, rec: Any, leaving: dict[caps.Group, set[str]] | None = None,

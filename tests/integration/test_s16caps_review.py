@@ -74,11 +74,6 @@ def test_a_paper_corrected_into_a_refused_book_keeps_its_paper_share(
     assert _downstream(url, ids, "paper", q) <= CAPS["paper"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a paper applied for person Q whose correction to person P is refused still counts for Q "
-    "downstream, yet P's compliance report adds its applied 10 h to P's totals (16c0d49 adds a "
-    "not_counted record's applied hours without checking the applied version's person, year "
-    "and type); P's report should count 0 h"))
 def test_a_refused_correction_to_another_person_counts_nothing_for_that_person(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker) -> None:
@@ -130,12 +125,6 @@ def _credited(engine: Engine, ids: dict[str, str]) -> dict[str, str]:
     return {sid: f"{Decimal(h or '0'):.1f}" for sid, h in got.items()}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a pinned record requeued by ops is skipped by reallocate_after_delivery because its pinned "
-    "hours equal its stored credited hours, but unpinned it claims its full hours: X (10 h "
-    "claimed) stays at the 5 h it was pinned at although 5 h of the cap were freed meanwhile, so "
-    "the person is credited 15 h of papers, not 20; the group should be allocated again on "
-    "reprocess (model walk seed 58 with CE_GATEWAY_WALK_STEPS=60 ends the same way)"))
 def test_a_pinned_record_reprocessed_takes_the_hours_freed_while_it_was_pinned(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker) -> None:
@@ -168,10 +157,6 @@ def _in_2025(person: GenPerson, sid: str, title: str, month: int) -> dict[str, A
     return sub
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a 2025 paper applied at 10 h, corrected after 2025 closed under an approved deferral "
-    "(counts toward 2026) and refused, still counts in 2025 downstream, yet the 2026 "
-    "compliance report adds those 10 h to 2026; it should count 0 h in 2026"))
 def test_a_refused_deferred_correction_counts_nothing_in_the_next_year(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker) -> None:

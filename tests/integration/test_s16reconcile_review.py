@@ -29,10 +29,6 @@ def pusher(engine: Engine, db_url: str, tmp_path: Path, make_settings: MakeSetti
     return Pusher(engine, make_settings(db_url, batch_dir=tmp_path / "batches"), tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a month that repeats an earlier month's row under another record number (a duplicate of "
-    "it, same claim) is listed as lacking although the annual carries that activity with that "
-    "claim; as the module's own rule says for an annual twin, it should be repeated"))
 def test_a_monthly_renumbered_twin_the_annual_carries_under_the_first_number_is_not_lacking(
         pusher: Pusher, new_partner: Callable[..., Partner], engine: Engine) -> None:
     partner = new_partner(engine, adapter="health")
@@ -47,10 +43,6 @@ def test_a_monthly_renumbered_twin_the_annual_carries_under_the_first_number_is_
     assert months_of(report)[f"{YEAR}-02"] == {**ZERO, "monthly_records": 1, "repeated": 1}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a monthly batch that failed part-way is reconciled for the records it committed (the "
-    "month shows them), yet the same report lists that month under months_never_pushed; a "
-    "month whose records the report counts was pushed"))
 def test_a_month_that_failed_part_way_is_not_never_pushed_in_the_report_that_counts_it(
         pusher: Pusher, new_partner: Callable[..., Partner], engine: Engine) -> None:
     partner = new_partner(engine, adapter="health")
