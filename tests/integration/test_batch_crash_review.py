@@ -18,6 +18,7 @@ import re
 import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -322,33 +323,47 @@ def _parse_workers() -> list[int]:
     return found
 
 
-def test_a_killed_parse_worker_does_not_fail_the_batch_for_good(
-        tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner) -> None:
+def _parse_worker_signalled(tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner,
+                            sig: signal.Signals, rows: int, **extra: Any,
+                            ) -> tuple[Exception | None, dict[str, Any]]:
+    """Signal the parse worker after the first chunk; what ``run`` returned, and the end.
+
+    The end: how the batch ended once processors took it again (``finish``), every row taken
+    once.
+    """
     path = tmp_path / "health.csv"
-    good, bad = health_file(path, 600, "utf-8")
+    good, bad = health_file(path, rows, "utf-8")
     url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
     engine = new_store(url, new_partner)
     register(engine, path)
     settings = settings_for(make_settings, url, tmp_path, batch_parse_workers=1,
-                            batch_parse_min_bytes=0, batch_lease_seconds=1)
-    killed: list[int] = []
+                            batch_parse_min_bytes=0, batch_lease_seconds=1, **extra)
+    signalled: list[int] = []
 
     def progress(_row: int) -> None:
-        if not killed:  # the OOM killer takes the parse worker after the first chunk
-            killed.extend(_parse_workers())
-            assert killed, "no parse worker process to kill"
-            for pid in killed:
-                os.kill(pid, signal.SIGKILL)
+        if not signalled:
+            signalled.extend(_parse_workers())
+            assert signalled, "no parse worker process to signal"
+            for pid in signalled:
+                os.kill(pid, sig)
 
     a = BatchProcessor(engine, settings, name="proc-a", progress=progress)
     claimed = a.claim()
     assert claimed is not None
-    a.run(claimed)
-    assert killed
+    returned = a.run(claimed)
+    assert signalled
     final = finish(engine, settings, timeout=25)
     assert final["status"] == "done", (final["error_code"], final["error"])
     assert {k: int(final[k]) for k in COUNTS} == {
         "accepted": len(good), "duplicate": 0, "corrected": 0, "conflict": 0, "rejected": len(bad)}
+    return returned, final
+
+
+def test_a_killed_parse_worker_does_not_fail_the_batch_for_good(
+        tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner) -> None:
+    # The OOM killer takes the parse worker after the first chunk.
+    returned, _ = _parse_worker_signalled(tmp_path, make_settings, new_partner, signal.SIGKILL, 600)
+    assert isinstance(returned, BrokenProcessPool)
 
 
 def test_a_hung_parse_worker_is_given_up_on_and_the_batch_resumes(
@@ -356,39 +371,14 @@ def test_a_hung_parse_worker_is_given_up_on_and_the_batch_resumes(
     """A parse worker that stops answering (SIGSTOP: a hang) must not hang its processor.
 
     After BATCH_STALL_SECONDS without a chunk the processor kills the pool, puts the batch back
-    and resumes it with a fresh worker: the batch ends done, every row taken once.
+    and resumes it with a fresh worker: the batch ends done, every row taken once.  Chunks of 5
+    rows: a worker's answer is then one write to its pipe, so the stop never cuts one in half
+    (a half-written answer hangs the pool's reader thread: not a hang in parsing, which is what
+    this stands for).
     """
-    path = tmp_path / "health.csv"
-    good, bad = health_file(path, 200, "utf-8")
-    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
-    engine = new_store(url, new_partner)
-    register(engine, path)
-    # Chunks of 5 rows: a worker's answer is one write to its pipe, so the stop never cuts
-    # one in half (a half-written answer would hang the pool's reader thread: not a hang in
-    # parsing, which is what this stands for).
-    settings = settings_for(make_settings, url, tmp_path, batch_parse_workers=1,
-                            batch_parse_min_bytes=0, batch_lease_seconds=1,
-                            batch_stall_seconds=2, batch_chunk_rows=5)
-    stopped: list[int] = []
-
-    def progress(_row: int) -> None:
-        if not stopped:  # the worker hangs after the first chunk
-            stopped.extend(_parse_workers())
-            assert stopped, "no parse worker process to stop"
-            for pid in stopped:
-                os.kill(pid, signal.SIGSTOP)
-
-    a = BatchProcessor(engine, settings, name="proc-a", progress=progress)
-    claimed = a.claim()
-    assert claimed is not None
-    assert isinstance(a.run(claimed), TimeoutError)  # returned: the processor is free again
-    assert stopped and not any(Path(f"/proc/{pid}").exists() and
-                               "T" not in (Path(f"/proc/{pid}/stat").read_text().split()[2])
-                               for pid in stopped)
-    final = finish(engine, settings, timeout=25)
-    assert final["status"] == "done", (final["error_code"], final["error"])
-    assert {k: int(final[k]) for k in COUNTS} == {
-        "accepted": len(good), "duplicate": 0, "corrected": 0, "conflict": 0, "rejected": len(bad)}
+    returned, _ = _parse_worker_signalled(tmp_path, make_settings, new_partner, signal.SIGSTOP,
+                                          200, batch_stall_seconds=2, batch_chunk_rows=5)
+    assert isinstance(returned, TimeoutError)  # returned: the processor was free again
 
 
 # -- the stored file changed after the 202 -------------------------------------------------------
