@@ -34,21 +34,19 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import date
 from decimal import Decimal
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, Field
-from sqlalchemy import Connection, and_, func, or_, select
+from sqlalchemy import Connection, and_, or_, select
 
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id, mask_text
-from gateway.pipeline.caps import REFUSED_FOR_GOOD
+from gateway.pipeline.caps import REFUSED_FOR_GOOD, Applied, last_applied
 from gateway.pipeline.credit import compliance_gap
 from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.identity import resident_id_findings
 from gateway.pipeline.rules_tables import REQUIREMENT
-from gateway.retention import is_pruned
-from gateway.store.tables import outbox, record_versions, records
+from gateway.store.tables import outbox, records
 
 __all__ = ["NOT_COUNTED_CODES", "ComplianceRecord", "ComplianceReport", "NotCountedRecord",
            "RefusedChange", "check_person", "report"]
@@ -195,47 +193,7 @@ def check_person(id_number: str, id_type: str = "resident_id") -> None:
                                   detail=f"({invalid[0].detail})", detail_zh=f"（{invalid[0].detail_zh}）")
 
 
-class _Applied(NamedTuple):
-    """What the management system counts of a record: its last applied version."""
-
-    version: int
-    hours: Decimal | None  # credited hours there; 0: counts nothing; None: payload pruned
-    category: str | None
-    activity_type: str | None
-    person_key: str | None = None  # whose hours, and for which CE year, they are there
-    year: int | None = None
-
-
-def _last_applied(conn: Connection, record_ids: list[str]) -> dict[str, _Applied]:
-    """The last applied (``delivered``) version of each record that has one, and its hours.
-
-    Only for the rare records whose current version was refused for good: one query.
-    """
-    if not record_ids:
-        return {}
-    last = (select(outbox.c.record_id, func.max(outbox.c.version).label("version"))
-            .where(outbox.c.record_id.in_(record_ids), outbox.c.status == "delivered")
-            .group_by(outbox.c.record_id).subquery())
-    found: dict[str, _Applied] = {}
-    for r in conn.execute(
-            select(last.c.record_id, last.c.version, record_versions.c.payload)
-            .join(record_versions, and_(record_versions.c.record_id == last.c.record_id,
-                                        record_versions.c.version == last.c.version))):
-        body = orjson.loads(r.payload)
-        if is_pruned(body):
-            found[r.record_id] = _Applied(int(r.version), None, None, None)
-            continue
-        hours = ZERO if body.get("withdrawn") else Decimal(body["credited_hours"])
-        person = body["person"]
-        deferred = any(n.get("code") == "DEFERRAL" for n in body.get("rule_notes", ()))
-        found[r.record_id] = _Applied(
-            int(r.version), hours, body.get("category"), body.get("activity_type"),
-            person_key_of(person.get("id_type", "resident_id"), person["id_number"]),
-            int(body["year"]) + deferred)
-    return found
-
-
-def _with_applied(entry: dict[str, Any], applied: _Applied | None) -> dict[str, Any]:
+def _with_applied(entry: dict[str, Any], applied: Applied | None) -> dict[str, Any]:
     return {**entry, "applied_version": applied.version if applied else None,
             "applied_hours": None if applied is None or applied.hours is None
             else _h(applied.hours)}
@@ -306,7 +264,7 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
     # Refused now, but the management system may still count an earlier version of the record:
     # a refused change that it counts is listed (one it counts nothing of needs no resolving);
     # a not-counted record's applied hours count in the totals, as they do there.
-    applied = _last_applied(conn, [r["record_id"] for r in (*not_counted, *refused_changes)])
+    applied = last_applied(conn, [r["record_id"] for r in (*not_counted, *refused_changes)])
     refused_changes = [_with_applied(c, applied[c["record_id"]]) for c in refused_changes
                        if c["record_id"] in applied and applied[c["record_id"]].hours != ZERO]
     not_counted = [_with_applied(n, applied.get(n["record_id"])) for n in not_counted]

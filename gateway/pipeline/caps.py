@@ -9,9 +9,9 @@ correction).
 
 A record the management system refused for good (its current version dead-lettered
 ``DOWNSTREAM_REJECTED``, and no earlier version of it counted in its group there) counts
-nowhere, so it holds no share: :func:`stored_records` leaves it out, and the delivery worker allocates its group again
-when the refusal lands, as ops reprocessing does when it brings the record back (:func:`gateway.pipeline.ingest.
-reallocate_after_delivery`).
+nowhere, so it holds no share: :func:`stored_records` leaves it out, and the delivery worker
+allocates its group again when the refusal lands, as ops reprocessing does when it brings the
+record back (:func:`gateway.pipeline.ingest.reallocate_after_delivery`).
 
 Concurrency: the group's ``caps_ledger`` row is locked (``SELECT … FOR UPDATE``) before its
 records are read, so two replicas crediting the same person at the same moment queue on it;
@@ -37,6 +37,7 @@ from gateway.store.bulk import bulk_insert
 from gateway.store.tables import caps_ledger, outbox, record_versions, records
 
 Group = tuple[str, int, str]  # (person_key, counts_year, cap_type)
+ZERO = Decimal(0)
 
 # Dead-letter codes that mean "the management system will never count this version" (SPEC §5
 # downstream: a per-record ``rejected`` and a 400 are permanent).  RETRIES_EXHAUSTED is not one:
@@ -57,14 +58,20 @@ class Counted:
     hours: Decimal | None  # that version's credited hours; None: unknown (pruned)
 
 
-def applied_groups(conn: Connection, record_ids: Iterable[str]) -> dict[str, Counted]:
-    """The cap group in which the management system counts each record, for those it does.
+@dataclass(frozen=True)
+class Applied:
+    """A record's last applied (``delivered``) version: what the management system counts."""
 
-    That is the group of the record's last applied (``delivered``) version, when that version
-    counts capped hours: not a withdrawal, more than 0 credited hours, a capped type.  A record
-    corrected from a training into a paper, then refused as a paper, still counts its training
-    there and nothing of papers: it must not keep a paper share.  A pruned payload gives
-    :data:`ANY_GROUP`.  Rare records (refused for good), so the payloads are read.
+    version: int
+    hours: Decimal | None  # its credited hours there (0: a withdrawal); None: payload pruned
+    category: str | None = None
+    activity_type: str | None = None
+    person_key: str | None = None  # whose hours they are there
+    year: int | None = None  # the CE year they count toward there (a deferral's: the next)
+
+
+def last_applied(conn: Connection, record_ids: Iterable[str]) -> dict[str, Applied]:
+    """The last applied version of each record that has one (rare records: payloads are read).
 
     The outbox is read by record id only, through its ``(record_id, version)`` index, and
     filtered here: with ``status = 'delivered'`` in the query SQLite walked the status index,
@@ -77,33 +84,49 @@ def applied_groups(conn: Connection, record_ids: Iterable[str]) -> dict[str, Cou
                               .where(outbox.c.record_id.in_(ids[start:start + 500]))):
             if r.status == "delivered" and int(r.version) > last.get(r.record_id, 0):
                 last[r.record_id] = int(r.version)
-    held: dict[str, Counted] = {}
+    found: dict[str, Applied] = {}
     pairs = sorted(last.items())
     for start in range(0, len(pairs), 500):
-        for v in conn.execute(select(record_versions.c.record_id, record_versions.c.payload)
+        for v in conn.execute(select(record_versions.c.record_id, record_versions.c.version,
+                                     record_versions.c.payload)
                               .where(tuple_(record_versions.c.record_id, record_versions.c.version)
                                      .in_(pairs[start:start + 500]))):
-            counted = _counted(orjson.loads(v.payload))
-            if counted is not None:
-                held[v.record_id] = counted
+            found[v.record_id] = _applied(int(v.version), orjson.loads(v.payload))
+    return found
+
+
+def _applied(version: int, body: dict[str, Any]) -> Applied:
+    if body.get("pruned") is True:  # a retention stub (gateway.retention.stub)
+        return Applied(version, None)
+    person = body["person"]
+    deferred = any(n.get("code") == "DEFERRAL" for n in body.get("rule_notes", ()))
+    return Applied(version, ZERO if body.get("withdrawn") else Decimal(body["credited_hours"]),
+                   body.get("category"), body.get("activity_type"),
+                   person_key_of(person.get("id_type", "resident_id"), person["id_number"]),
+                   int(body["year"]) + deferred)
+
+
+def applied_groups(conn: Connection, record_ids: Iterable[str]) -> dict[str, Counted]:
+    """The cap group in which the management system counts each record, for those it does.
+
+    That is the group of the record's last applied version (:func:`last_applied`), when that
+    version counts capped hours: not a withdrawal, more than 0 credited hours, a capped type.
+    A record corrected from a training into a paper, then refused as a paper, still counts its
+    training there and nothing of papers: it must not keep a paper share.  A pruned payload
+    gives :data:`ANY_GROUP`.
+    """
+    held: dict[str, Counted] = {}
+    for rid, there in last_applied(conn, record_ids).items():
+        if there.hours is None:
+            held[rid] = Counted(ANY_GROUP, None)
+            continue
+        try:
+            cap_type = CAP_TYPE_OF.get(ActivityType(str(there.activity_type)))
+        except ValueError:
+            continue
+        if cap_type is not None and there.hours and there.person_key and there.year:
+            held[rid] = Counted((there.person_key, there.year, cap_type), there.hours)
     return held
-
-
-def _counted(payload: dict[str, Any]) -> Counted | None:
-    """The cap group a record version counts in downstream, or None if it counts none there."""
-    if payload.get("pruned") is True:  # a retention stub (gateway.retention.stub)
-        return Counted(ANY_GROUP, None)
-    try:
-        cap_type = CAP_TYPE_OF.get(ActivityType(str(payload.get("activity_type"))))
-    except ValueError:
-        return None
-    hours = Decimal(payload["credited_hours"])
-    if payload.get("withdrawn") or cap_type is None or hours == 0:
-        return None
-    person = payload["person"]
-    deferred = any(n.get("code") == "DEFERRAL" for n in payload.get("rule_notes", ()))
-    return Counted((person_key_of(person.get("id_type", "resident_id"), person["id_number"]),
-                    int(payload["year"]) + deferred, cap_type), hours)
 
 
 def holds_share(held: Mapping[str, Counted], record_id: str, group: Group) -> bool:

@@ -245,10 +245,6 @@ def error_note(code: str, field_name: str | None = None, detail: str | None = No
                                 message=f"{en} {detail}" if detail else en, message_zh=zh)
 
 
-def _dumps(value: Any) -> str:
-    return dumps_storable(value)
-
-
 def item_from_raw(raw: object) -> Item:
     v = validate_submission(raw)
     return Item(raw, v.submission, list(v.errors), list(v.warnings))
@@ -887,8 +883,8 @@ class Chunk:
                             else item.source_record_id or _source_id_of(item.raw))
         self.rejected.append({
             "partner_id": self.partner.partner_id, "adapter": self.partner.adapter,
-            "source_record_id": source_id, "batch_id": self.batch_id, "payload": _dumps(item.raw),
-            "errors": _dumps([e.model_dump(mode="json") for e in item.errors]), "status": "open",
+            "source_record_id": source_id, "batch_id": self.batch_id, "payload": dumps_storable(item.raw),
+            "errors": dumps_storable([e.model_dump(mode="json") for e in item.errors]), "status": "open",
             "received_at": self.now})
         self.events.append(audit.Event("rejected", actor=self.partner.partner_id, detail={
             "source_record_id": source_id, "row": item.row, "batch_id": self.batch_id,
