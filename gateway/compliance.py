@@ -46,7 +46,7 @@ from gateway.pipeline.credit import compliance_gap
 from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.identity import resident_id_findings
 from gateway.pipeline.rules_tables import REQUIREMENT
-from gateway.store.tables import outbox, records
+from gateway.store.tables import outbox, records, refused_pins
 
 __all__ = ["NOT_COUNTED_CODES", "ComplianceRecord", "ComplianceReport", "NotCountedRecord",
            "RefusedChange", "check_person", "report"]
@@ -211,22 +211,30 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
     not refused for good downstream (:data:`NOT_COUNTED_CODES`); refused ones are listed
     under ``not_counted`` instead.  Older versions' deliveries are not consulted.  A record
     not counted here (withdrawn, a repeat, a conflict) whose current version was refused so is
-    listed under ``refused_changes``: the management system may still count it.
+    listed under ``refused_changes``: the management system may still count it.  A refused
+    record's last applied version counts in the totals of the person and year it counts for
+    there; one a refused correction moved away from them is found by its pin
+    (``refused_pins``) and listed under ``not_counted`` here too.
     """
     # The current version's delivery, by the outbox's unique (record_id, version) index; outer,
     # so a record with no delivery queued still shows (its ``delivery`` is null).
     on_current = and_(outbox.c.record_id == records.c.record_id,
                       outbox.c.version == records.c.current_version)
+    me = person_key_of(id_type, id_number)
+    mine = and_(records.c.person_key == me, records.c.counts_year == year)
+    # Refused corrections that moved a record away from this person or year, while the
+    # management system still counts its applied version here (caps.refused_pins).
+    pinned = list(conn.execute(select(refused_pins.c.record_id).where(
+        refused_pins.c.person_key == me, refused_pins.c.year == year)).scalars())
     rows = conn.execute(
         select(records.c.record_id, records.c.current_version, records.c.partner_id,
                records.c.adapter, records.c.source_record_id, records.c.category,
                records.c.activity_type, records.c.hours, records.c.credited_hours,
                records.c.cap_type, records.c.completed_on, records.c.status,
-               records.c.withdrawn, outbox.c.status.label("delivery"),
-               outbox.c.error_code, outbox.c.last_error)
+               records.c.withdrawn, records.c.person_key, records.c.counts_year,
+               outbox.c.status.label("delivery"), outbox.c.error_code, outbox.c.last_error)
         .select_from(records.outerjoin(outbox, on_current))
-        .where(records.c.person_key == person_key_of(id_type, id_number),
-               records.c.counts_year == year,
+        .where(or_(mine, records.c.record_id.in_(pinned)) if pinned else mine,
                or_(and_(records.c.status == "accepted", records.c.withdrawn.is_(False)),
                    and_(outbox.c.status == "dead", outbox.c.error_code.in_(NOT_COUNTED_CODES))))
         .order_by(records.c.completed_on, records.c.record_id)).all()
@@ -245,6 +253,9 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
                 "activity_type": r.activity_type, "completed_on": r.completed_on.isoformat()
                 if r.completed_on else None, "hours": str(hours)}
         counted_here = r.status == "accepted" and not r.withdrawn
+        if (r.person_key, int(r.counts_year)) != (me, year) and not (
+                counted_here and code in NOT_COUNTED_CODES):
+            continue  # pinned here, but its refusal has been replaced since: it counts there
         if not counted_here or code in NOT_COUNTED_CODES:  # refused (for the first: the WHERE)
             refused = {**base, "version": r.current_version, "delivery": r.delivery,
                        "delivery_code": code, "reason": mask_text(r.last_error or "")}
@@ -268,7 +279,6 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
     refused_changes = [_with_applied(c, applied[c["record_id"]]) for c in refused_changes
                        if c["record_id"] in applied and applied[c["record_id"]].hours != ZERO]
     not_counted = [_with_applied(n, applied.get(n["record_id"])) for n in not_counted]
-    me = person_key_of(id_type, id_number)
     for n in not_counted:
         there = applied.get(n["record_id"])
         if there is None or not there.hours or there.category not in ("public", "professional"):

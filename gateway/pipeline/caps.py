@@ -11,7 +11,10 @@ A record the management system refused for good (its current version dead-letter
 ``DOWNSTREAM_REJECTED``, and no earlier version of it counted in its group there) counts
 nowhere, so it holds no share: :func:`stored_records` leaves it out, and the delivery worker
 allocates its group again when the refusal lands, as ops reprocessing does when it brings the
-record back (:func:`gateway.pipeline.ingest.reallocate_after_delivery`).
+record back (:func:`gateway.pipeline.ingest.reallocate_after_delivery`).  One of which an
+earlier version was applied keeps a share at that version's hours, in the group that version
+counts in: ``refused_pins`` says which, since a refused correction may have moved the records
+row to another type, person or year (:func:`pins_for`, :func:`pinned_elsewhere`).
 
 Concurrency: the group's ``caps_ledger`` row is locked (``SELECT … FOR UPDATE``) before its
 records are read, so two replicas crediting the same person at the same moment queue on it;
@@ -27,14 +30,14 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, select, tuple_, update
+from sqlalchemy import Connection, and_, delete, select, tuple_, update
 
 from contracts import ActivityType
 from gateway.pipeline.credit import allocate
 from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.rules_tables import CAP_TYPE_OF
 from gateway.store.bulk import bulk_insert
-from gateway.store.tables import caps_ledger, outbox, record_versions, records
+from gateway.store.tables import caps_ledger, outbox, record_versions, records, refused_pins
 
 Group = tuple[str, int, str]  # (person_key, counts_year, cap_type)
 ZERO = Decimal(0)
@@ -77,15 +80,8 @@ def last_applied(conn: Connection, record_ids: Iterable[str]) -> dict[str, Appli
     filtered here: with ``status = 'delivered'`` in the query SQLite walked the status index,
     every delivered row a record (0.65 ms a probe on a young store, growing with it).
     """
-    ids = sorted(set(record_ids))
-    last: dict[str, int] = {}
-    for start in range(0, len(ids), 500):
-        for r in conn.execute(select(outbox.c.record_id, outbox.c.version, outbox.c.status)
-                              .where(outbox.c.record_id.in_(ids[start:start + 500]))):
-            if r.status == "delivered" and int(r.version) > last.get(r.record_id, 0):
-                last[r.record_id] = int(r.version)
     found: dict[str, Applied] = {}
-    pairs = sorted(last.items())
+    pairs = sorted(last_delivered(conn, record_ids).items())
     for start in range(0, len(pairs), 500):
         for v in conn.execute(select(record_versions.c.record_id, record_versions.c.version,
                                      record_versions.c.payload)
@@ -93,6 +89,18 @@ def last_applied(conn: Connection, record_ids: Iterable[str]) -> dict[str, Appli
                                      .in_(pairs[start:start + 500]))):
             found[v.record_id] = _applied(int(v.version), orjson.loads(v.payload))
     return found
+
+
+def last_delivered(conn: Connection, record_ids: Iterable[str]) -> dict[str, int]:
+    """The last delivered version of each record that has one (no payload is read)."""
+    ids = sorted(set(record_ids))
+    last: dict[str, int] = {}
+    for start in range(0, len(ids), 500):
+        for r in conn.execute(select(outbox.c.record_id, outbox.c.version, outbox.c.status)
+                              .where(outbox.c.record_id.in_(ids[start:start + 500]))):
+            if r.status == "delivered" and int(r.version) > last.get(r.record_id, 0):
+                last[r.record_id] = int(r.version)
+    return last
 
 
 def _applied(version: int, body: dict[str, Any]) -> Applied:
@@ -133,6 +141,93 @@ def holds_share(held: Mapping[str, Counted], record_id: str, group: Group) -> bo
     """Whether the management system counts ``record_id`` in ``group`` (see applied_groups)."""
     counted = held.get(record_id)
     return counted is not None and counted.group in (group, ANY_GROUP)
+
+
+def refused_now(conn: Connection, record_ids: Iterable[str]) -> dict[str, int]:
+    """Of ``record_ids``, those counted here but refused for good: current version by record.
+
+    Accepted, not withdrawn, and the current version's delivery dead with a code of
+    REFUSED_FOR_GOOD (the compliance report lists them under ``not_counted``).
+    """
+    ids = sorted(set(record_ids))
+    found: dict[str, int] = {}
+    current = and_(outbox.c.record_id == records.c.record_id,
+                   outbox.c.version == records.c.current_version)
+    for start in range(0, len(ids), 500):
+        found.update((r.record_id, int(r.current_version)) for r in conn.execute(
+            select(records.c.record_id, records.c.current_version)
+            .select_from(records.join(outbox, current))
+            .where(records.c.record_id.in_(ids[start:start + 500]),
+                   records.c.status == "accepted", records.c.withdrawn.is_(False),
+                   outbox.c.status == "dead", outbox.c.error_code.in_(sorted(REFUSED_FOR_GOOD)))))
+    return found
+
+
+def pins_for(conn: Connection, refused: Iterable[str], now: datetime) -> list[dict[str, Any]]:
+    """The ``refused_pins`` rows of records refused for good (:func:`refused_now`).
+
+    Each says where, and at how many hours, the management system still counts the record's
+    last applied version.  The records row of a refused correction says where its *current* version would count —
+    another person, year or type, maybe — so the person, CE year and cap type of the applied
+    version are kept for :func:`stored_records` and the compliance report.  An applied version
+    counting nothing there (a withdrawal, 0 h) or pruned pins nothing.
+    """
+    rows: list[dict[str, Any]] = []
+    for rid, there in sorted(last_applied(conn, refused).items()):
+        if not there.hours or there.person_key is None or there.year is None:
+            continue
+        try:
+            cap_type = CAP_TYPE_OF.get(ActivityType(str(there.activity_type)))
+        except ValueError:
+            cap_type = None
+        rows.append({"record_id": rid, "version": there.version, "person_key": there.person_key,
+                     "year": there.year, "cap_type": cap_type, "hours": str(there.hours),
+                     "created_at": now})
+    return rows
+
+
+def pin_group(row: Mapping[Any, Any]) -> Group | None:
+    """The cap group a ``refused_pins`` row pins its record in; None for an uncapped type."""
+    return (row["person_key"], int(row["year"]), row["cap_type"]) if row["cap_type"] else None
+
+
+def write_pins(conn: Connection, record_ids: Iterable[str], rows: list[dict[str, Any]]) -> None:
+    """Replace the pins of ``record_ids`` with ``rows`` (:func:`pins_for`)."""
+    ids = sorted(set(record_ids))
+    for start in range(0, len(ids), 500):
+        conn.execute(delete(refused_pins).where(refused_pins.c.record_id.in_(ids[start:start + 500])))
+    bulk_insert(conn, refused_pins, rows)
+
+
+def pins_of(conn: Connection, record_ids: Iterable[str]) -> dict[str, Group | None]:
+    """The pinned records among ``record_ids``, with the cap group each is pinned in."""
+    ids = sorted(set(record_ids))
+    found: dict[str, Group | None] = {}
+    for start in range(0, len(ids), 500):
+        found.update((r.record_id, pin_group(r._mapping)) for r in conn.execute(
+            select(refused_pins).where(refused_pins.c.record_id.in_(ids[start:start + 500]))))
+    return found
+
+
+def pinned_elsewhere(conn: Connection, group: Group, here: Iterable[str]) -> dict[str, Stored]:
+    """Records pinned in ``group`` whose records row is not in it (not among ``here``).
+
+    Checked against the store, so a pin left behind counts for nothing: the record must still
+    be refused for good (:func:`refused_now`) and its pinned version still the last applied.
+    """
+    person_key, year, cap_type = group
+    pins = {r.record_id: r for r in conn.execute(select(refused_pins).where(
+        refused_pins.c.person_key == person_key, refused_pins.c.year == year,
+        refused_pins.c.cap_type == cap_type))}
+    for rid in set(here):
+        pins.pop(rid, None)
+    if not pins:
+        return {}
+    refused = refused_now(conn, pins)
+    applied = last_delivered(conn, refused)
+    return {rid: Stored(rid, refused[rid], Decimal(pin.hours), Decimal(pin.hours), pinned=True)
+            for rid, pin in pins.items()
+            if rid in refused and applied.get(rid) == int(pin.version)}
 
 
 @dataclass(frozen=True)
@@ -209,6 +304,9 @@ def stored_records(conn: Connection, group: Group) -> dict[str, Stored]:
         there = held[rid].hours
         if there is not None:
             stored[rid] = Stored(rid, stored[rid].version, there, there, pinned=True)
+    # Refused records the management system counts here by an applied version while their
+    # records row has moved on (a refused correction to another type, person or year).
+    stored.update(pinned_elsewhere(conn, group, (r.record_id for r in rows)))
     return stored
 
 

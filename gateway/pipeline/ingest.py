@@ -134,6 +134,8 @@ class Prepared:
     mode: str
     started_on: date | None
     time_hours: Decimal | None  # claimed time (hours units), for R14's day totals
+    # What R11 says of it as a change of a stored record (rules.Judgement.change_errors)
+    change_errors: tuple[dict[str, Any], ...] = ()
 
     def __reduce__(self) -> tuple[type[Prepared], tuple[Any, ...]]:
         # Pickled as a tuple of its fields: the dataclass default (a state list, set back field
@@ -204,7 +206,8 @@ def prepare(item: Item, partner: PartnerRef, now: datetime, rules: RulesContext)
         review_authority=verdict.review_authority, reference_version=verdict.reference_version,
         mode=sub.activity.mode.value, started_on=sub.activity.started_on,
         time_hours=sub.claimed.quantity
-        if sub.claimed.unit.value == "hours" and sub.activity_type in TIME_ACTIVITIES else None)
+        if sub.claimed.unit.value == "hours" and sub.activity_type in TIME_ACTIVITIES else None,
+        change_errors=tuple(n.model_dump(mode="json") for n in verdict.change_errors))
 
 
 class _KeyRaceLost(Exception):
@@ -545,6 +548,10 @@ class Chunk:
         self.stored_holders: dict[str, str] = {}  # natural key → holder in natural_keys
         self.judged: dict[str, str] = {}  # natural key → the holder a record was judged against
         self.born: set[str] = set()  # records first seen in this chunk
+        # Stored records pinned where a refused correction's applied version counts (R10,
+        # caps.refused_pins), with that cap group; a new version here ends the pin.
+        self.pins: dict[str, caps.Group | None] = {}
+        self.unpinned: list[str] = []
 
     # -- reads ----------------------------------------------------------------------------
     def _load(self, items: Sequence[Item]) -> None:
@@ -567,6 +574,8 @@ class Chunk:
         for part in _chunks(missing):
             self._remember(self.conn.execute(select(*_KNOWN_COLUMNS).where(
                 records.c.record_id.in_(part))).mappings().all(), by_source=False)
+        if self.by_source:
+            self.pins = caps.pins_of(self.conn, (k.record_id for k in self.by_source.values()))
 
     def _remember(self, rows: Iterable[Any], by_source: bool = True) -> None:
         for r in rows:
@@ -590,8 +599,10 @@ class Chunk:
                            for i in items if i.prepared is not None and i.prepared.cap_type}
                           | self.lock_first)
         self._load(items)
-        # The groups its stored records count in (a correction or failure takes them out).
-        self._lock_groups({k.cap_group for k in self.by_source.values() if k.cap_group})
+        # The groups its stored records count in (a correction or failure takes them out),
+        # and those a refused one is pinned in.
+        self._lock_groups({k.cap_group for k in self.by_source.values() if k.cap_group}
+                          | {g for g in self.pins.values() if g})
         answers = [self._decide(index, item) for index, item in enumerate(items)]
         last = {p.record_id: p for p in self.pending}  # each record's last word in this chunk
         self._apply_caps(last)
@@ -876,6 +887,10 @@ class Chunk:
         known = self.by_source.get(sub.source_record_id)
         if known is None:
             return self._first_seen(index, item, sub)
+        if sub.change_errors and (known.withdrawn or known.content_hash != sub.content_hash):
+            # A change pulled after its year closed (R11): refused, as a pushed one is.
+            item.errors = [Note.model_validate(e) for e in sub.change_errors]
+            return self._reject(index, item)
         return self._resubmitted(index, item, sub, known)
 
     def _reject(self, index: int, item: Item) -> RecordAnswer:
@@ -1067,6 +1082,7 @@ class Chunk:
             # the hours it held there go back to the group's other records.
             self.leaving.setdefault(known.cap_group, set()).add(known.record_id)
         known.cap_group = new_group
+        self._unpin(known)
         uncounted = (_not_counted(status, known.duplicate_of)
                      if was_counted and status is not RecordStatus.ACCEPTED else None)
         self.record_updates.append({"rid": known.record_id, "current_version": known.version,
@@ -1096,6 +1112,18 @@ class Chunk:
                                      answer, Decimal(0) if uncounted else sub.hours,
                                      uncounted=uncounted))
         return answer
+
+    def _unpin(self, known: _Known) -> None:
+        """A new version of a pinned record ends its pin.
+
+        It will count where its records row says, so the group it was pinned in (by its
+        refused correction's applied version) is allocated again.
+        """
+        if known.record_id not in self.pins or known.record_id in self.unpinned:
+            return
+        self.unpinned.append(known.record_id)
+        if (group := self.pins[known.record_id]) is not None:
+            self.leaving.setdefault(group, set()).add(known.record_id)
 
     def _failed_assessment(self, item: Item) -> _Known | None:
         """The stored, not withdrawn record a refused submission reports as failed, if any.
@@ -1138,6 +1166,7 @@ class Chunk:
         if known.cap_group is not None:  # its capped hours go back to the group's other records
             self.leaving.setdefault(known.cap_group, set()).add(known.record_id)
             known.cap_group = None
+        self._unpin(known)
         self.freed.setdefault(known.natural_key, set()).add(known.record_id)
         self.withdrawals.append({"rid": known.record_id, "current_version": known.version,
                                  "updated_at": self.now})
@@ -1171,6 +1200,8 @@ class Chunk:
           (else its withdrawal's succession ran before this chunk's record existed, and the
           record would be nobody's).  ``FOR SHARE``, so such a withdrawal waits for us.
         - Activities given back here: ``FOR UPDATE``, so a chunk judging against them waits.
+        - The pins of the records it versions (caps.refused_pins): still as read.  A refusal
+          landing meanwhile pinned the record; it locks the record before it writes the pin.
         A change lost to a twin raises :class:`_KeyRaceLost`: the chunk runs again.
         """
         conn = self.conn
@@ -1184,6 +1215,9 @@ class Chunk:
                 if loaded is not None and loaded != (int(r.current_version), r.status,
                                                      bool(r.withdrawn)):
                     raise _KeyRaceLost(r.record_id)
+        if touched and caps.pins_of(conn, touched) != {
+                rid: self.pins[rid] for rid in touched if rid in self.pins}:
+            raise _KeyRaceLost("refused_pins")
         freed = sorted(self.freed)
         for part in _chunks(freed):
             conn.execute(select(natural_keys.c.natural_key).where(
@@ -1213,6 +1247,8 @@ class Chunk:
     def _write(self, with_audit: bool = True) -> None:
         conn = self.conn
         self._check_reads()
+        if self.unpinned:
+            caps.write_pins(conn, self.unpinned, [])
         if self.released_keys:  # before the claims: a key given back here may be taken here
             conn.execute(delete(natural_keys).where(
                 natural_keys.c.natural_key == bindparam("k"),
@@ -1340,12 +1376,18 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
         seen = conn.execute(select(records).where(*mine)).mappings().first()
         if seen is None:
             return None
+        # Its groups: where it counts, and where a refused correction's applied version is
+        # pinned (caps.refused_pins); the withdrawal ends the pin.
+        pinned = caps.pins_of(conn, [seen["record_id"]])
+        groups = {g for g in pinned.values() if g}
         if (group := caps.group_of(seen)) and seen["status"] == "accepted" and not seen["withdrawn"]:
-            caps.lock_group(conn, group, now)
+            groups.add(group)
+        caps.lock_groups(conn, groups, now)
         existing = conn.execute(select(records).where(*mine).with_for_update()).mappings().one()
         # Changed meanwhile (a promotion keeps the version but makes it count): start again.
         if any(existing[c] != seen[c] for c in ("current_version", "status", "withdrawn",
-                                                "person_key", "counts_year", "cap_type")):
+                                                "person_key", "counts_year", "cap_type")) or (
+                caps.pins_of(conn, [seen["record_id"]]) != pinned):
             raise _KeyRaceLost(str(existing["record_id"]))
         conn.execute(select(natural_keys.c.record_id).where(
             natural_keys.c.natural_key == existing["natural_key"]).with_for_update()).all()
@@ -1366,17 +1408,19 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
             current_version=version + 1, withdrawn=True, credited_hours="0", updated_at=now))
         chunk.events.append(audit.Event("withdrawn", record_id, version + 1, partner.partner_id,
                                         {"source_record_id": source_record_id}))
-        accepted = existing["status"] == "accepted"
         chunk._store_version(record_id, version + 1, withdrawn_version(record, version + 1, now),
                              existing["content_hash"],
                              queue=_reaches_downstream(conn, record_id, existing["status"]))
         chunk._write(with_audit=False)
+        if pinned:
+            caps.write_pins(conn, [record_id], [])
         # The successor first: it joins the cap group in the allocation that lets this record
         # go, so a record behind them both is not lifted by one version and cut by the next.
         chunk.events += succeed(conn, chunk.config, now, {str(existing["natural_key"]): {record_id}})
-        if accepted and (group := caps.group_of(existing)):
+        if groups:
             given = Chunk(conn, partner, now, None, chunk.config)
-            given._reissue(group, gone=frozenset({record_id}))  # its group is locked above
+            for group in sorted(groups):  # locked above
+                given._reissue(group, gone=frozenset({record_id}))
             given._write(with_audit=False)
             chunk.events += given.events
         audit.append(conn, chunk.events, now)
@@ -1407,6 +1451,12 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
     finds nothing to move.  Returns the audit events for the caller to append last.
     """
     wanted = dict(touched)
+    # Where a refused record's applied version counts is pinned (caps.refused_pins): its
+    # records row may say another type, person or year.  A requeued record's pin goes: its
+    # version will count where the row says.  The groups of both are allocated again.
+    before = caps.pins_of(conn, wanted)
+    pins = caps.pins_for(conn, caps.refused_now(conn, wanted), now)
+    moved = {g for g in before.values() if g} | {g for p in pins if (g := caps.pin_group(p))}
     current: list[tuple[str, int, caps.Group]] = []
     for part in _chunks(sorted(wanted)):
         for r in conn.execute(select(
@@ -1417,10 +1467,19 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
             group = caps.group_of(r)
             if group is not None and int(r["current_version"]) == wanted[r["record_id"]]:
                 current.append((r["record_id"], int(r["current_version"]), group))
-    if not current:
-        return []
-    groups = {group for _, _, group in current}
+    groups = {group for _, _, group in current} | moved
     caps.lock_groups(conn, groups, now)
+    if before or pins:
+        # The records after their groups, the order chunks lock in: a correction committed
+        # meanwhile made the refusal old news, and one waiting sees the pins (_check_reads).
+        ids = sorted(wanted)
+        for part in _chunks(ids):
+            conn.execute(select(records.c.record_id).where(records.c.record_id.in_(part))
+                         .with_for_update(read=True)).all()
+        still = caps.refused_now(conn, [p["record_id"] for p in pins])
+        caps.write_pins(conn, ids, [p for p in pins if p["record_id"] in still])
+    if not groups:
+        return []
     chunk = Chunk(conn, PartnerRef(actor, "gateway"), now, None, config)
     for group in sorted(groups):
         chunk._reissue(group)

@@ -108,6 +108,7 @@ class _Case:
     cap_type: str | None = None
     review_authority: str = review.FALLBACK.code
     plan: PlanInfo | None = None
+    on_arrival: bool = False  # judge R11 by the day it reached us, whatever the adapter
 
 
     @property
@@ -120,7 +121,7 @@ class _Case:
         time late.
         """
         received = self.received_at.astimezone(self.config.zone).date()
-        if self.adapter in PULLED_ADAPTERS:
+        if self.adapter in PULLED_ADAPTERS and not self.on_arrival:
             return min(received, self.sub.activity.completed_on)
         return received
 
@@ -371,6 +372,10 @@ class Judgement:
     review_authority: str
     covers_professional_requirement: bool
     reference_version: str
+    # R11 for a *change* of a stored record: judged on arrival, as a pushed one is.  Only a
+    # pulled completion's first version is filed on its completion day (_Case.filed_on): a
+    # correction the college makes after the close is made after the close.
+    change_errors: list[Note] = field(default_factory=list)
 
     @property
     def accepted(self) -> bool:
@@ -394,9 +399,16 @@ def judge(sub: CESubmission, *, adapter: str, received_at: datetime, reference: 
     for rule in RULES:
         if rule.check is not None:
             rule.check(case)
+    change_errors: list[Note] = []
+    if not case.errors and case.adapter in PULLED_ADAPTERS:
+        late = _Case(sub, adapter, received_at, reference, config, worth,
+                     counts_toward_year=sub.year, on_arrival=True)
+        if late.filed_on != case.filed_on:  # rare: a pull after the close met this year's work
+            _year(late)
+            change_errors = [e for e in late.errors if e.code == "YEAR_CLOSED"]
     return Judgement(
         errors=case.errors, warnings=case.warnings, rule_notes=case.rule_notes,
         hours=ZERO if case.errors else worth.hours, cap_type=case.cap_type,
         counts_toward_year=case.counts_toward_year, review_authority=case.review_authority,
         covers_professional_requirement=worth.covers_professional_requirement and not case.errors,
-        reference_version=reference.version)
+        reference_version=reference.version, change_errors=change_errors)

@@ -451,6 +451,25 @@ caps_ledger = Table(
     PrimaryKeyConstraint("person_key", "year", "cap_type"),
 )
 
+# A record whose current version the management system refused for good (DOWNSTREAM_REJECTED)
+# while it still counts an earlier, applied version: where and how much that version counts.
+# Written when the refusal lands; the record's ``records`` row says where its *current* version
+# would count, which a refused correction may have moved to another person, year or type.  The
+# cap group and the compliance report of the applied version's person read it (R10, R1); it is
+# dropped when the record gets a new version or its refused delivery is queued again.
+refused_pins = Table(
+    "refused_pins",
+    metadata,
+    Column("record_id", String(32), primary_key=True),
+    Column("version", Integer, nullable=False),  # the applied version
+    Column("person_key", String(64), nullable=False),
+    Column("year", Integer, nullable=False),  # the CE year it counts toward there (deferral: next)
+    Column("cap_type", String(16), nullable=True),  # None: an uncapped type
+    Column("hours", String(16), nullable=False),  # its credited hours there
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_refused_pins_person_year", "person_key", "year"),
+)
+
 
 # -- ops: alerts (issue 5) -----------------------------------------------------------------------
 

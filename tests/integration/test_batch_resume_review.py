@@ -225,12 +225,6 @@ def _one_odd_item_is_filed_alone(bad: Callable[[dict[str, Any]], str], db_url: s
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "R11 judges every pulled version by its completion day (filed_on = min(received, "
-    "completed_on)), so a college correction made after the year close (hours raised 2 -> 20 "
-    "on a completion of before the close) is accepted as 'corrected' into the closed year; "
-    "the rationale (filed at the college when completed) holds for the first version only, a "
-    "later change arrives after the close and should be YEAR_CLOSED as a pushed one is"))
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_college_correction_pulled_after_the_year_close_is_year_closed(
         db_url: str, engine: Engine, serve_app: Callable[[Any], str],

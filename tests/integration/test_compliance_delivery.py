@@ -77,12 +77,14 @@ def _report(engine: Engine, person: GenPerson) -> dict[str, Any]:
             result = compliance.report(conn, person.id_number, 2026)
         finally:
             event.remove(engine, "before_cursor_execute", seen)
-    # One indexed query, never one per record; for the rare records whose current version was
-    # refused, two more read what the management system applied of them (caps.last_applied):
-    # their deliveries, then the payloads of those it applied.
-    assert len(statements) <= 3, statements
+    # Two indexed queries, never one per record: the person's pins (caps.refused_pins), then
+    # the records.  For the rare records whose current version was refused, two more read what
+    # the management system applied of them (caps.last_applied): their deliveries, then the
+    # payloads of those it applied.
+    assert len(statements) <= 4, statements
+    assert statements[0].lstrip().startswith("SELECT refused_pins.record_id"), statements
     assert all(s.lstrip().startswith(("SELECT outbox.", "SELECT record_versions."))
-               for s in statements[1:]), statements
+               for s in statements[2:]), statements
     assert compliance.ComplianceReport.model_validate(result).model_dump(mode="json") == result
     return result
 

@@ -14,7 +14,6 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, select
 
 from gateway import compliance
@@ -52,11 +51,6 @@ def _moved(sub: dict[str, Any], **changes: Any) -> dict[str, Any]:
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a paper applied at 10 h whose correction into a book is refused still counts as a paper "
-    "downstream, but its paper share went to another paper (re-issued at 10 h): the management "
-    "system counts 30 h of papers (cap 20); the refused record should stay pinned in the group "
-    "of its applied version"))
 def test_a_paper_corrected_into_a_refused_book_keeps_its_paper_share(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker) -> None:
@@ -93,11 +87,6 @@ def test_a_refused_correction_to_another_person_counts_nothing_for_that_person(
     assert for_p["credited"]["total"] == "0.0", for_p["credited"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a paper applied for person Q whose correction to person P is refused still counts for Q "
-    "downstream, but Q's cap share went to another paper (re-issued at 10 h) and Q's report "
-    "leaves it out: the management system counts 30 h of Q's papers (cap 20) while Q's report "
-    "says 20; the record should stay pinned in Q's group"))
 def test_a_refused_correction_to_another_person_keeps_its_share_of_the_first(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker) -> None:
