@@ -1,0 +1,351 @@
+"""Review of 401620b: refused pins (R10/R1) and a pulled completion's change judged on arrival (R11).
+
+Real ingest and the real delivery worker against the mock management system on uvicorn
+(127.0.0.1), on SQLite and PostgreSQL.  The invariant attacked: after a full drain, what the
+management system counts of a person's capped type (the last applied version of every record,
+where its type and person match) stays within the cap, and the compliance report's ``by_type``
+credited equals it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from gateway import compliance
+from gateway.accounts import Partner
+from gateway.config import Settings
+from gateway.ops.edits import edit_and_requeue
+from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest, withdraw
+from gateway.pipeline.rules_tables import DeferralInfo, RulesConfig
+from gateway.reference import StoreReference
+from gateway.store.tables import outbox, records, refused_pins
+from mock_partners.ce_system import Faults
+from mock_partners.generators import GenPerson, make_person
+from tests.integration.test_refused_caps_review import CAPS, NOW, _applied, _item, _put, _reprocess
+from tests.integration.test_s16caps_review import _credited, _downstream
+from tests.support.delivery import MakeWorker, drain
+
+PAPER = CAPS["paper"]
+
+
+# -- harness ------------------------------------------------------------------------------------
+
+def _pins(engine: Engine) -> dict[str, tuple[str, int, str | None, str]]:
+    with engine.connect() as conn:
+        return {r.record_id: (r.person_key, int(r.year), r.cap_type, r.hours)
+                for r in conn.execute(select(refused_pins))}
+
+
+def _report(engine: Engine, person: GenPerson, year: int = 2026) -> dict[str, Any]:
+    with engine.connect() as conn:
+        got = compliance.report(conn, person.id_number, year)
+    return compliance.ComplianceReport.model_validate(got).model_dump(mode="json")
+
+
+def _drained(engine: Engine) -> None:
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(outbox).where(
+            outbox.c.status == "pending")).scalar_one() == 0, "outbox not drained"
+
+
+def _holds(engine: Engine, url: str, ids: dict[str, str], person: GenPerson,
+           kind: str = "paper") -> Decimal:
+    """The invariant for ``person``'s ``kind``; returns what the management system counts."""
+    _drained(engine)
+    there = _downstream(url, ids, kind, person)
+    assert there <= CAPS[kind], f"the management system counts {there} h of {kind} (cap {CAPS[kind]})"
+    report = _report(engine, person)
+    assert Decimal(report["by_type"].get(kind, {}).get("credited", "0")) == there, (
+        report["by_type"], there)
+    return there
+
+
+def _three_papers(engine: Engine, partner: Partner, q: GenPerson) -> dict[str, str]:
+    return _put(engine, partner, _item(q, "A", "盐湖", 3), _item(q, "B", "湿地", 4),
+                _item(q, "C", "草甸", 5))
+
+
+# -- findings -----------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason=(
+    "A record pinned in its old cap group (its applied 10 h paper still counts for q there) is "
+    "withdrawn, and the management system refuses the withdrawal too (DOWNSTREAM_REJECTED: it "
+    "carries the refused title).  _withdraw drops the pin and gives A's 10 h to C at once, and "
+    "when the withdrawal's refusal lands reallocate_after_delivery pins nothing (refused_now "
+    "only looks at accepted, not withdrawn records), so the management system ends up counting "
+    "A's version 1 (10 h) + B 10 h + C 10 h = 30 h of q's papers (cap 20) while the compliance "
+    "report says 20.  A refused withdrawal of a record whose applied version counts must keep "
+    "that version's share where it counts (pin it, as for a refused correction), so C goes back "
+    "to 0 h.  Same for a record refused in place (same group), so this predates the pins."))
+@pytest.mark.parametrize("move", ["to_another_person", "same_group"])
+def test_a_refused_withdrawal_of_a_pinned_record_leaves_the_old_group_over_the_cap(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker, move: str) -> None:
+    url, _ = mock_ce
+    partner = new_partner(engine)
+    q, p = make_person(random.Random(2101)), make_person(random.Random(2102))
+    ids = _three_papers(engine, partner, q)
+    worker = make_worker()
+    drain(worker)
+    _put(engine, partner, _item(p if move == "to_another_person" else q, "A", "[REJECT] 盐湖", 3))
+    drain(worker)
+    assert _credited(engine, ids) == {"A": "10.0", "B": "10.0", "C": "0.0"}
+    _holds(engine, url, ids, q)
+    # The withdrawal is built from the current (refused) version: the mock refuses it too.
+    withdraw(engine, PartnerRef(partner.partner_id, "canonical"), "A", now=NOW)
+    drain(worker)
+    assert _applied(url, ids["A"])[-1]["version"] == 1  # still counted there, 10 h for q
+    _holds(engine, url, ids, q)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "A paper of q, applied, is corrected to another person p and the corrected version is a "
+    "duplicate there (p's own report of the same paper holds the activity): the gateway queues "
+    "a 0-hour 'not counted' version, which the management system refuses for good.  It still "
+    "counts A's version 1 (10 h) for q, but refused_now only pins accepted records, so q's "
+    "paper group gives A's share to C: the management system counts 30 h of q's papers "
+    "(cap 20).  A refused version of any status must leave the applied version's share pinned "
+    "where it counts."))
+def test_a_refused_move_into_a_duplicate_leaves_the_old_group_over_the_cap(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    url, faults = mock_ce
+    partner, theirs = new_partner(engine), new_partner(engine)
+    q, p = make_person(random.Random(2111)), make_person(random.Random(2112))
+    ids = _three_papers(engine, partner, q)
+    ids |= _put(engine, theirs, _item(p, "X", "冻土", 6))
+    worker = make_worker()
+    drain(worker)
+    faults.reject_ids = {ids["A"]}
+    answers = ingest(engine, PartnerRef(partner.partner_id, "canonical"),
+                     [_item(p, "A", "冻土", 6)], now=NOW)
+    assert answers[0].status.value == "duplicate", answers
+    drain(worker)
+    assert [v["version"] for v in _applied(url, ids["A"])] == [1]
+    _holds(engine, url, ids, q)
+
+
+# -- probes that held ---------------------------------------------------------------------------
+
+def test_a_refused_move_then_a_second_refused_move_to_a_third_group_then_reprocess(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    url, faults = mock_ce
+    partner = new_partner(engine)
+    q, p, r = (make_person(random.Random(s)) for s in (2121, 2122, 2123))
+    ids = _three_papers(engine, partner, q)
+    ids |= _put(engine, partner, _item(r, "R1", "雪山", 7), _item(r, "R2", "河谷", 8))
+    worker = make_worker()
+    drain(worker)
+    _put(engine, partner, _item(p, "A", "[REJECT] 盐湖", 3))
+    drain(worker)
+    assert _holds(engine, url, ids, q) == PAPER
+    # Moved on to r (a third person), refused again: still q's 10 h there.
+    _put(engine, partner, _item(r, "A", "[REJECT] 盐湖 2", 3))
+    drain(worker)
+    assert [v["version"] for v in _applied(url, ids["A"])] == [1]
+    assert _credited(engine, ids)["C"] == "0.0"
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _holds(engine, url, ids, r) == PAPER
+    assert _holds(engine, url, ids, p) == 0
+    assert list(_pins(engine)) == [ids["A"]]
+    # Then into a book of q, refused: the paper is still counted.
+    _put(engine, partner, _item(q, "A", "[REJECT] 盐湖 3", 3, "book", "first"))
+    drain(worker)
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _holds(engine, url, ids, q, "book") == 0
+    # Reprocessed and accepted: A is r's third paper (0 h), C takes q's freed 10 h.
+    faults.reject_title_marker = "[NEVER]"
+    assert _reprocess(engine, error_code="DOWNSTREAM_REJECTED") == 3  # its three dead versions
+    drain(worker)
+    assert _pins(engine) == {}
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _holds(engine, url, ids, q, "book") == 20
+    assert _credited(engine, ids)["C"] == "10.0"
+
+
+def test_a_resend_of_the_refused_content_is_a_duplicate_and_keeps_the_pin(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    url, _ = mock_ce
+    partner = new_partner(engine)
+    q, p = make_person(random.Random(2131)), make_person(random.Random(2132))
+    ids = _three_papers(engine, partner, q)
+    worker = make_worker()
+    drain(worker)
+    _put(engine, partner, _item(p, "A", "[REJECT] 盐湖", 3))
+    drain(worker)
+    pins = _pins(engine)
+    assert list(pins) == [ids["A"]]
+    _put(engine, partner, _item(p, "A", "[REJECT] 盐湖", 3), expect=("duplicate",))
+    assert _pins(engine) == pins
+    assert _credited(engine, ids) == {"A": "10.0", "B": "10.0", "C": "0.0"}
+    drain(worker)
+    assert _holds(engine, url, ids, q) == PAPER
+
+
+def test_a_pinned_group_changed_by_others_new_paper_and_withdrawal(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    url, faults = mock_ce
+    partner = new_partner(engine)
+    q, p = make_person(random.Random(2141)), make_person(random.Random(2142))
+    ids = _three_papers(engine, partner, q)
+    worker = make_worker()
+    drain(worker)
+    # Two pinned records in one group: A moved to p, B moved to a book; both refused.
+    _put(engine, partner, _item(p, "A", "[REJECT] 盐湖", 3),
+         _item(q, "B", "[REJECT] 湿地", 4, "book", "first"))
+    drain(worker)
+    assert len(_pins(engine)) == 2
+    ids |= _put(engine, partner, _item(q, "D", "冻土", 6))
+    drain(worker)
+    assert _credited(engine, ids)["D"] == "0.0"
+    assert _holds(engine, url, ids, q) == PAPER
+    withdraw(engine, PartnerRef(partner.partner_id, "canonical"), "C", now=NOW)
+    drain(worker)
+    assert _credited(engine, ids)["D"] == "0.0"
+    assert _holds(engine, url, ids, q) == PAPER
+    # B corrected back to a paper (accepted): its pin goes; D still gets nothing.
+    _put(engine, partner, _item(q, "B", "湿地", 4))
+    drain(worker)
+    assert set(_pins(engine)) == {ids["A"]}
+    assert _holds(engine, url, ids, q) == PAPER
+    # A withdrawn (accepted by the mock this time): D takes A's 10 h.
+    faults.reject_title_marker = "[NEVER]"
+    withdraw(engine, PartnerRef(partner.partner_id, "canonical"), "A", now=NOW)
+    drain(worker)
+    assert _pins(engine) == {}
+    assert _credited(engine, ids) == {"A": "0.0", "B": "10.0", "C": "0.0", "D": "10.0"}
+    assert _holds(engine, url, ids, q) == PAPER
+
+
+def test_an_ops_edit_of_a_refused_move_frees_the_old_group(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker, make_settings: Callable[..., Settings], db_url: str) -> None:
+    url, _ = mock_ce
+    partner = new_partner(engine)
+    q, p = make_person(random.Random(2151)), make_person(random.Random(2152))
+    ids = _three_papers(engine, partner, q)
+    worker = make_worker()
+    drain(worker)
+    _put(engine, partner, _item(p, "A", "[REJECT] 盐湖", 3))
+    drain(worker)
+    edit_and_requeue(engine, make_settings(db_url, url), ids["A"], {"activity.title": "盐湖"},
+                     reason="title fixed", actor="op-review")
+    assert _pins(engine) == {}
+    assert _credited(engine, ids) == {"A": "10.0", "B": "10.0", "C": "10.0"}
+    drain(worker)
+    assert _applied(url, ids["A"])[-1]["record"]["person"]["id_number"] == p.id_number
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _holds(engine, url, ids, p) == 10
+
+
+def test_a_refused_move_requeued_and_refused_again_pins_again(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    url, _ = mock_ce
+    partner = new_partner(engine)
+    q, p = make_person(random.Random(2161)), make_person(random.Random(2162))
+    ids = _three_papers(engine, partner, q)
+    worker = make_worker()
+    drain(worker)
+    _put(engine, partner, _item(p, "A", "[REJECT] 盐湖", 3, "book", "first"))
+    drain(worker)
+    assert _reprocess(engine, error_code="DOWNSTREAM_REJECTED") == 1
+    assert _pins(engine) == {} and _credited(engine, ids)["C"] == "10.0"
+    drain(worker)  # C's 10 h version and A's refusal, in whichever order: C back to 0 h
+    assert list(_pins(engine)) == [ids["A"]]
+    assert _credited(engine, ids)["C"] == "0.0"
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _holds(engine, url, ids, p, "book") == 0
+    report = _report(engine, q)
+    [listed] = report["not_counted"]
+    assert (listed["source_record_id"], listed["applied_hours"]) == ("A", "10.0")
+    assert p.id_number not in str(report) and q.id_number not in str(report)
+
+
+# -- R11: a pulled completion's change is judged on arrival -------------------------------------
+
+COLLEGE_DONE = date(2025, 11, 10)
+IN_TIME = datetime(2025, 11, 11, 2, 0, tzinfo=UTC)
+AFTER_CLOSE = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
+
+
+def _completion(person: GenPerson, sid: str, hours: str, title: str = "习近平新时代中国特色社会主义思想"
+                ) -> dict[str, Any]:
+    """A Cadre College completion as its adapter makes it (public online course, 2025)."""
+    return {"source_record_id": sid,
+            "person": {"id_type": "resident_id", "id_number": person.id_number,
+                       "name": person.name, "region_code": person.region},
+            "year": 2025, "category": "public", "activity_type": "online_course",
+            "activity": {"title": title, "provider_code": "QHGBWY", "plan_id": "KC2025001",
+                         "mode": "online", "completed_on": COLLEGE_DONE.isoformat()},
+            "claimed": {"quantity": hours, "unit": "hours", "details": {}},
+            "evidence": {"certificate_no": "QHGBWY202500000001", "assessment": "passed"}}
+
+
+def _college(engine: Engine, new_partner: Callable[..., Partner]) -> PartnerRef:
+    return PartnerRef(new_partner(engine).partner_id, "cadre_college")
+
+
+def _pull(engine: Engine, college: PartnerRef, sub: dict[str, Any], now: datetime,
+          rules: RulesContext | None = None) -> Any:
+    [answer] = ingest(engine, college, [sub], now=now, rules=rules)
+    return answer
+
+
+def _counts_year(engine: Engine, record_id: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(records.c.counts_year).where(
+            records.c.record_id == str(record_id))).scalar_one())
+
+
+def test_a_pulled_completion_resent_after_the_close_is_a_duplicate_and_changes_are_closed(
+        engine: Engine, new_partner: Callable[..., Partner]) -> None:
+    college = _college(engine, new_partner)
+    q = make_person(random.Random(2201))
+    first = _pull(engine, college, _completion(q, "GB1", "4"), IN_TIME)
+    assert first.status.value == "accepted", first
+    again = _pull(engine, college, _completion(q, "GB1", "4"), AFTER_CLOSE)
+    assert (again.status.value, again.version) == ("duplicate", 1)
+    changed = _pull(engine, college, _completion(q, "GB1", "6"), AFTER_CLOSE)
+    assert changed.status.value == "rejected"
+    assert [e.code for e in changed.errors] == ["YEAR_CLOSED"]
+    # Withdrawn (before the close), then reported again after it: a change after the close.
+    withdraw(engine, college, "GB1", now=IN_TIME)
+    back = _pull(engine, college, _completion(q, "GB1", "4"), AFTER_CLOSE)
+    assert [e.code for e in back.errors] == ["YEAR_CLOSED"]
+    # A first report pulled after the close is filed on its completion day: accepted.
+    late_first = _pull(engine, college, _completion(q, "GB2", "3", "党史学习"), AFTER_CLOSE)
+    assert late_first.status.value == "accepted", late_first
+    assert _counts_year(engine, late_first.record_id) == 2025
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "R11 says a record of year Y arriving after the close counts toward Y+1 (with a DEFERRAL "
+    "note) when the person has an approved deferral, and 401620b says a pulled completion's "
+    "change is judged on arrival 'as a pushed one is'.  But judge() only takes YEAR_CLOSED "
+    "from the on-arrival case (change_errors): with a deferral that case has no error, so the "
+    "change is accepted as judged on the completion day and keeps counting toward the closed "
+    "year 2025, without a DEFERRAL note, where the same correction pushed by a partner counts "
+    "toward 2026.  The change of a pulled completion arriving after the close with a deferral "
+    "should be deferred to Y+1 like a pushed one."))
+def test_a_pulled_change_after_the_close_with_a_deferral_counts_toward_the_next_year(
+        engine: Engine, new_partner: Callable[..., Partner]) -> None:
+    college = _college(engine, new_partner)
+    q = make_person(random.Random(2211))
+    first = _pull(engine, college, _completion(q, "GB1", "4"), IN_TIME)
+    assert first.status.value == "accepted", first
+    deferred = RulesContext(StoreReference.of(deferrals=[(q.id_number, DeferralInfo(
+        2025, "illness", date(2025, 12, 1)))]), RulesConfig())
+    changed = _pull(engine, college, _completion(q, "GB1", "6"), AFTER_CLOSE, rules=deferred)
+    assert changed.status.value == "corrected", changed
+    assert _counts_year(engine, changed.record_id) == 2026
