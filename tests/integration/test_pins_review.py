@@ -10,8 +10,9 @@ credited equals it.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from datetime import UTC, date, datetime
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -24,15 +25,38 @@ from gateway.config import Settings
 from gateway.ops.edits import edit_and_requeue
 from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest, withdraw
 from gateway.pipeline.rules_tables import DeferralInfo, RulesConfig
-from gateway.reference import StoreReference
+from gateway.pull.cadre_college import pull_once
+from gateway.reference import ReferenceCache, StoreReference
+from gateway.revalidate import RevalidationFilter, revalidate
 from gateway.store.tables import outbox, records, refused_pins
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
-from tests.integration.test_refused_caps_review import CAPS, NOW, _applied, _item, _put, _reprocess
+from tests.integration.test_batch_resume_review import BEIJING
+from tests.integration.test_cadre_pull_review import Scripted, completions, page, pull_settings
+from tests.integration.test_refused_caps_review import (
+    CAPS,
+    NOW,
+    _applied,
+    _Gate,
+    _in_thread,
+    _item,
+    _pg_only,
+    _put,
+    _reprocess,
+    _until,
+    _waiting_on_a_lock,
+)
 from tests.integration.test_s16caps_review import _credited, _downstream
 from tests.support.delivery import MakeWorker, drain
+from tests.support.servers import uvicorn_thread
 
 PAPER = CAPS["paper"]
+
+
+@pytest.fixture
+def serve_app() -> Iterator[Callable[[Any], str]]:
+    with ExitStack() as stack:
+        yield lambda app: stack.enter_context(uvicorn_thread(app))
 
 
 # -- harness ------------------------------------------------------------------------------------
@@ -272,6 +296,51 @@ def test_a_refused_move_requeued_and_refused_again_pins_again(
     assert p.id_number not in str(report) and q.id_number not in str(report)
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("then", ["back_to_q", "on_to_r_refused"])
+def test_a_correction_of_the_record_races_the_worker_recording_its_refused_move(
+        engine: Engine, db_url: str, new_partner: Callable[..., Partner],
+        mock_ce: tuple[str, Faults], make_worker: MakeWorker,
+        monkeypatch: pytest.MonkeyPatch, where: str, then: str) -> None:
+    """The worker recording A's refused move to p waits ``where`` its group locks.
+
+    Meanwhile A is corrected again: back to q and counted, or on to r and refused again.
+    """
+    _pg_only(db_url)
+    url, _ = mock_ce
+    partner = new_partner(engine)
+    q, p, r = (make_person(random.Random(s)) for s in (2171, 2172, 2173))
+    ids = _three_papers(engine, partner, q)
+    ids |= _put(engine, partner, _item(r, "R1", "雪山", 7), _item(r, "R2", "河谷", 8))
+    drain(make_worker())
+    _put(engine, partner, _item(p, "A", "[REJECT] 盐湖", 3))
+    gate = _Gate(monkeypatch, "refusing", where)
+    errors: list[BaseException] = []
+    refusing = _in_thread("refusing", make_worker(delivery_batch_size=1).run_once, errors)
+    _until(gate.reached.is_set, "the worker at its cap-group lock")
+    again = (_item(q, "A", "盐湖", 3) if then == "back_to_q"
+             else _item(r, "A", "[REJECT] 盐湖 2", 3))
+    if where == "before":
+        _put(engine, partner, again)
+        gate.go.set()
+        refusing.join(30)
+    else:
+        second = _in_thread("other", lambda: _put(engine, partner, again), errors)
+        _until(lambda: _waiting_on_a_lock(engine) or not second.is_alive(), "the ingest to queue")
+        gate.go.set()
+        refusing.join(30)
+        second.join(30)
+    assert not errors, errors
+    drain(make_worker())
+    want_pins = [] if then == "back_to_q" else [ids["A"]]
+    assert list(_pins(engine)) == want_pins
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _holds(engine, url, ids, r) == PAPER
+    assert _holds(engine, url, ids, p) == 0
+    assert _credited(engine, ids)["C"] == "0.0"
+
+
 # -- R11: a pulled completion's change is judged on arrival -------------------------------------
 
 COLLEGE_DONE = date(2025, 11, 10)
@@ -349,3 +418,33 @@ def test_a_pulled_change_after_the_close_with_a_deferral_counts_toward_the_next_
     changed = _pull(engine, college, _completion(q, "GB1", "6"), AFTER_CLOSE, rules=deferred)
     assert changed.status.value == "corrected", changed
     assert _counts_year(engine, changed.record_id) == 2026
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_revalidating_a_year_closed_pulled_change_keeps_it_rejected(
+        db_url: str, engine: Engine, serve_app: Callable[[Any], str],
+        make_settings: Callable[..., Settings]) -> None:
+    """The real pull: a change pulled after the close, filed YEAR_CLOSED, revalidated: still so."""
+    today = datetime.now(BEIJING).date()
+    done = today - timedelta(days=2)
+    [item] = completions(1, seed=47)
+    item = {**item, "wcsj": f"{done.isoformat()} 10:00:00", "xs": 2,
+            "zsbh": f"QHGBWY{done.year}00000001"}
+    changed = {**item, "xs": 20}
+    college = Scripted({"": page([item], "c1", False), "c1": page([changed], "c2", False),
+                        "c2": page([item], "c3", False)})
+    url = serve_app(college.app)
+    open_ = pull_settings(make_settings, db_url, url, year_close_extensions={done.year: today})
+    assert pull_once(engine, open_).accepted == 1
+    closed = pull_settings(make_settings, db_url, url,
+                           year_close_extensions={done.year: today - timedelta(days=1)})
+    assert pull_once(engine, closed).rejected == 1
+    rules = RulesContext(ReferenceCache(engine).current(), RulesConfig.from_settings(closed))
+    result = revalidate(engine, RevalidationFilter(error_code="YEAR_CLOSED"), actor="op-review",
+                        reason="review", rules=rules)
+    assert (result.matched, result.rejected_again, result.corrected) == (1, 1, 0), result
+    # The college sends its first version again: a duplicate, not a change.
+    back = pull_once(engine, closed)
+    assert (back.error, back.corrected, back.rejected) == (None, 0, 0), back
+    with engine.connect() as conn:
+        assert conn.execute(select(records.c.current_version)).scalars().all() == [1]
