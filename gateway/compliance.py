@@ -20,12 +20,15 @@ counted once delivered).
 A record not counted here — withdrawn, or a repeat or conflict of another report — whose
 withdrawal or 0-hour version the management system refused for good is listed under
 ``refused_changes`` with the last version the management system applied and the hours it
-counts for it, and ops must resolve it there.  One it never applied a counting version of
-counts nowhere, as here: nothing to resolve, so it is not listed (its dead letter still is).
-An older refused version does not stop a delivered current one counting.
+counts for it, and ops must resolve it there.  Those hours are in the totals of the person and
+year they count for there, as a ``not_counted`` record's applied hours are (R10 holds their cap
+share too, gateway.pipeline.caps.refused_pins): the report says what the management system
+counts.  One it never applied a counting version of counts nowhere, as here: nothing to
+resolve, so it is not listed (its dead letter still is).  An older refused version does not
+stop a delivered current one counting.
 
-May touch nothing: it reads ``records`` and ``outbox`` (and, for the rare records whose current
-version was refused, ``record_versions``).  The pydantic models below are the
+May touch nothing: it reads ``refused_pins``, ``records`` and ``outbox`` (and, for the rare
+records whose current version was refused, ``record_versions``).  The pydantic models below are the
 HTTP answer's schema (``GET /v1/compliance/{id_number}/{year}``).
 """
 
@@ -143,16 +146,17 @@ class RefusedChange(_Refused):
 
     Its withdrawal, or the 0-hour version that told the management system it stopped counting
     (``NOT_COUNTED``: it became a repeat or a conflict of another report), was dead-lettered
-    ``DOWNSTREAM_REJECTED``: the management system may still count the version before it.
-    Ops resolve it there and reprocess.
+    ``DOWNSTREAM_REJECTED``: the management system still counts the version before it, and
+    so do the totals (for the person and year it counts for).  Ops resolve it there and
+    reprocess.
     """
 
     status: Literal["withdrawn", "duplicate", "conflict"] = Field(
         description="what the record is here: withdrawn, or a repeat or conflict of another")
     applied_version: int = Field(description="the last version the management system applied")
     applied_hours: str | None = Field(
-        description="the credited hours of that version, which it still counts; null when its "
-                    "payload was pruned (retention)")
+        description="the credited hours of that version, which it still counts and the totals "
+                    "include; null when its payload was pruned (retention)")
 
 
 class ComplianceReport(BaseModel):
@@ -253,8 +257,7 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
                 "activity_type": r.activity_type, "completed_on": r.completed_on.isoformat()
                 if r.completed_on else None, "hours": str(hours)}
         counted_here = r.status == "accepted" and not r.withdrawn
-        if (r.person_key, int(r.counts_year)) != (me, year) and not (
-                counted_here and code in NOT_COUNTED_CODES):
+        if (r.person_key, int(r.counts_year)) != (me, year) and code not in NOT_COUNTED_CODES:
             continue  # pinned here, but its refusal has been replaced since: it counts there
         if not counted_here or code in NOT_COUNTED_CODES:  # refused (for the first: the WHERE)
             refused = {**base, "version": r.current_version, "delivery": r.delivery,
@@ -274,12 +277,12 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
                       "delivery": r.delivery, "delivery_code": code})
     # Refused now, but the management system may still count an earlier version of the record:
     # a refused change that it counts is listed (one it counts nothing of needs no resolving);
-    # a not-counted record's applied hours count in the totals, as they do there.
+    # the applied hours of both count in the totals, as they do there (and as R10 pins them).
     applied = last_applied(conn, [r["record_id"] for r in (*not_counted, *refused_changes)])
     refused_changes = [_with_applied(c, applied[c["record_id"]]) for c in refused_changes
                        if c["record_id"] in applied and applied[c["record_id"]].hours != ZERO]
     not_counted = [_with_applied(n, applied.get(n["record_id"])) for n in not_counted]
-    for n in not_counted:
+    for n in (*not_counted, *refused_changes):
         there = applied.get(n["record_id"])
         if there is None or not there.hours or there.category not in ("public", "professional"):
             continue

@@ -144,10 +144,12 @@ def holds_share(held: Mapping[str, Counted], record_id: str, group: Group) -> bo
 
 
 def refused_now(conn: Connection, record_ids: Iterable[str]) -> dict[str, int]:
-    """Of ``record_ids``, those counted here but refused for good: current version by record.
+    """Of ``record_ids``, those whose current version was refused for good: its number.
 
-    Accepted, not withdrawn, and the current version's delivery dead with a code of
-    REFUSED_FOR_GOOD (the compliance report lists them under ``not_counted``).
+    The current version's delivery is dead with a code of REFUSED_FOR_GOOD, whatever the
+    record is here: a correction (the compliance report's ``not_counted``), or a withdrawal or
+    a 0-hour version of a repeat (``refused_changes``).  The management system keeps counting
+    the version it applied last.
     """
     ids = sorted(set(record_ids))
     found: dict[str, int] = {}
@@ -158,7 +160,6 @@ def refused_now(conn: Connection, record_ids: Iterable[str]) -> dict[str, int]:
             select(records.c.record_id, records.c.current_version)
             .select_from(records.join(outbox, current))
             .where(records.c.record_id.in_(ids[start:start + 500]),
-                   records.c.status == "accepted", records.c.withdrawn.is_(False),
                    outbox.c.status == "dead", outbox.c.error_code.in_(sorted(REFUSED_FOR_GOOD)))))
     return found
 

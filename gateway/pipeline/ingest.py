@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from functools import lru_cache
@@ -134,8 +134,11 @@ class Prepared:
     mode: str
     started_on: date | None
     time_hours: Decimal | None  # claimed time (hours units), for R14's day totals
-    # What R11 says of it as a change of a stored record (rules.Judgement.change_errors)
+    # What R11 says of it as a change of a stored record (rules.Judgement.change_errors):
+    # refused, or counted toward another year with more rule notes (a deferral)
     change_errors: tuple[dict[str, Any], ...] = ()
+    change_counts_year: int | None = None
+    change_rule_notes: tuple[dict[str, Any], ...] = ()
 
     def __reduce__(self) -> tuple[type[Prepared], tuple[Any, ...]]:
         # Pickled as a tuple of its fields: the dataclass default (a state list, set back field
@@ -207,7 +210,9 @@ def prepare(item: Item, partner: PartnerRef, now: datetime, rules: RulesContext)
         mode=sub.activity.mode.value, started_on=sub.activity.started_on,
         time_hours=sub.claimed.quantity
         if sub.claimed.unit.value == "hours" and sub.activity_type in TIME_ACTIVITIES else None,
-        change_errors=tuple(n.model_dump(mode="json") for n in verdict.change_errors))
+        change_errors=tuple(n.model_dump(mode="json") for n in verdict.change_errors),
+        change_counts_year=verdict.change_counts_toward_year,
+        change_rule_notes=tuple(n.model_dump(mode="json") for n in verdict.change_rule_notes))
 
 
 class _KeyRaceLost(Exception):
@@ -887,10 +892,14 @@ class Chunk:
         known = self.by_source.get(sub.source_record_id)
         if known is None:
             return self._first_seen(index, item, sub)
-        if sub.change_errors and (known.withdrawn or known.content_hash != sub.content_hash):
-            # A change pulled after its year closed (R11): refused, as a pushed one is.
-            item.errors = [Note.model_validate(e) for e in sub.change_errors]
-            return self._reject(index, item)
+        if known.withdrawn or known.content_hash != sub.content_hash:
+            # A change pulled after its year closed (R11): judged as a pushed one is.
+            if sub.change_errors:
+                item.errors = [Note.model_validate(e) for e in sub.change_errors]
+                return self._reject(index, item)
+            if sub.change_counts_year is not None:
+                sub = replace(sub, counts_year=sub.change_counts_year,
+                              rule_notes=sub.rule_notes + sub.change_rule_notes)
         return self._resubmitted(index, item, sub, known)
 
     def _reject(self, index: int, item: Item) -> RecordAnswer:

@@ -374,8 +374,11 @@ class Judgement:
     reference_version: str
     # R11 for a *change* of a stored record: judged on arrival, as a pushed one is.  Only a
     # pulled completion's first version is filed on its completion day (_Case.filed_on): a
-    # correction the college makes after the close is made after the close.
+    # correction the college makes after the close is made after the close — refused
+    # (YEAR_CLOSED), or with an approved deferral counted toward the next year (DEFERRAL).
     change_errors: list[Note] = field(default_factory=list)
+    change_counts_toward_year: int | None = None  # None: as counts_toward_year
+    change_rule_notes: list[Note] = field(default_factory=list)  # added to rule_notes then
 
     @property
     def accepted(self) -> bool:
@@ -400,15 +403,21 @@ def judge(sub: CESubmission, *, adapter: str, received_at: datetime, reference: 
         if rule.check is not None:
             rule.check(case)
     change_errors: list[Note] = []
+    change_year: int | None = None
+    change_notes: list[Note] = []
     if not case.errors and case.adapter in PULLED_ADAPTERS:
         late = _Case(sub, adapter, received_at, reference, config, worth,
                      counts_toward_year=sub.year, on_arrival=True)
         if late.filed_on != case.filed_on:  # rare: a pull after the close met this year's work
             _year(late)
             change_errors = [e for e in late.errors if e.code == "YEAR_CLOSED"]
+            if late.counts_toward_year != case.counts_toward_year:
+                change_year = late.counts_toward_year
+                change_notes = [n for n in late.rule_notes if n.code == "DEFERRAL"]
     return Judgement(
         errors=case.errors, warnings=case.warnings, rule_notes=case.rule_notes,
         hours=ZERO if case.errors else worth.hours, cap_type=case.cap_type,
         counts_toward_year=case.counts_toward_year, review_authority=case.review_authority,
         covers_professional_requirement=worth.covers_professional_requirement and not case.errors,
-        reference_version=reference.version, change_errors=change_errors)
+        reference_version=reference.version, change_errors=change_errors,
+        change_counts_toward_year=change_year, change_rule_notes=change_notes)

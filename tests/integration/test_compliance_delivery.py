@@ -205,7 +205,8 @@ def test_a_withdrawal_the_management_system_refuses_is_listed_until_reprocessed(
     drain(worker)
     refused = _report(engine, person)
     assert _counted(refused) == {"KEEP": ("delivered", None)}
-    assert refused["credited"]["total"] == "24.0" and refused["not_counted"] == []
+    # The management system still counts GONE's version 1, and so do the totals.
+    assert refused["credited"]["total"] == "36.0" and refused["not_counted"] == []
     [change] = refused["refused_changes"]
     assert (change["record_id"], change["version"], change["status"], change["delivery_code"]) == (
         ids["GONE"], 2, "withdrawn", "DOWNSTREAM_REJECTED")
@@ -220,7 +221,8 @@ def test_a_withdrawal_the_management_system_refuses_is_listed_until_reprocessed(
     assert reprocess(engine, DeliveryFilter(error_code="DOWNSTREAM_REJECTED"), dry_run=False,
                      reason="下游已修复", actor="op-test").requeued == 1
     drain(worker)
-    assert _report(engine, person)["refused_changes"] == []
+    resolved = _report(engine, person)
+    assert resolved["refused_changes"] == [] and resolved["credited"]["total"] == "24.0"
     assert [v["version"] for v in httpx.get(f"{url}/_mock/applied/{ids['GONE']}").json()["versions"]
             ] == [1, 2]
 
@@ -268,7 +270,7 @@ def test_a_refused_withdrawal_of_a_record_never_applied_is_not_a_refused_change(
     result = _report(engine, person)
     assert [(c["source_record_id"], c["applied_version"], c["applied_hours"])
             for c in result["refused_changes"]] == [("ONCE", 1, "8.0")]
-    assert result["credited"]["total"] == "0.0"
+    assert result["credited"]["total"] == "8.0"  # ONCE's version 1, still counted there
 
 
 def test_refusal_reasons_are_masked_in_the_report_the_api_and_the_cli(

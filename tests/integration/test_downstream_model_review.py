@@ -24,9 +24,10 @@ every conflict resolved, drained) it checks, per person:
    gateway/compliance.py says so) — the mock must never have applied that current version; and
    records with a version in flight (dead ``RETRIES_EXHAUSTED`` until ops reprocess it: the report
    counts it already; or an earlier NOT_COUNTED version not yet sent) and records whose last word
-   (a withdrawal, a NOT_COUNTED version) the mock refused — it keeps an older version, and the
-   report neither counts nor lists the record (see "Findings").  Then ``credited.total`` minus the
-   in-flight counted hours equals the mock's sum over the compared records.  At the end nothing
+   (a withdrawal, a NOT_COUNTED version) the mock refused — it keeps an older version, which the
+   report lists under ``refused_changes`` and counts in its totals.  Then ``credited.total``
+   minus the in-flight counted hours equals the mock's sum over the compared and the listed
+   records.  At the end nothing
    is left out, and the sum over every record the mock holds for the person equals the total.
 2. The paper credited total is min(20, sum of the model's hours of the counted papers), and each
    counted record's hours before caps are the model's hours of its report.
@@ -38,10 +39,11 @@ every conflict resolved, drained) it checks, per person:
    resolved, each activity with a live report counts exactly once.
 
 Findings: dedup judged "the same hours" by the claimed quantity, so one paper reported sole
-(10 h) and co-authored (5 h) was a duplicate, not a conflict (fixed: the hours are compared).  By design, not
-asserted: a withdrawal the management system refuses leaves it counting the old version while
-the report counts nothing for the record (it lists it under ``refused_changes`` since this
-review), and a later correction into a duplicate is not forwarded (it "did not count").
+(10 h) and co-authored (5 h) was a duplicate, not a conflict (fixed: the hours are compared).  A
+withdrawal the management system refuses leaves it counting the old version: the report lists
+it under ``refused_changes`` and, since the refused_pins review, counts it in its totals and R10
+keeps its share.  By design, not asserted: a later correction into a duplicate is not
+forwarded (it "did not count").
 
 ``CE_GATEWAY_WALK_SEEDS`` sets the number of SQLite walks (default 16; PostgreSQL runs a quarter
 of them when ``CE_GATEWAY_TEST_POSTGRES_URL`` is set); ``CE_GATEWAY_WALK_STEPS`` their length.
@@ -387,7 +389,14 @@ class Walk:
                      else Decimal(str(last["record"]["credited_hours"])))
             tag = f"{who} {rid[-6:]} ({r.status}{', withdrawn' if r.withdrawn else ''} v{cur}, " \
                   f"delivery {r.delivery} {r.error_code or ''})"
-            out += self._refused_change(tag, r, changes.pop(rid, None), last, holds)
+            change = changes.pop(rid, None)
+            out += self._refused_change(tag, r, change, last, holds)
+            if change is not None:
+                # What the mock still counts of a refused withdrawal or 0-hour version (its last
+                # applied version) is in the report's totals and holds its paper share.
+                mock_sum += holds
+                if last is not None and last["record"]["activity_type"] == "paper":
+                    refused_papers += holds
             if rid in refused:
                 self.seen["not_counted"] += 1
                 if any(int(v["version"]) == cur for v in versions):

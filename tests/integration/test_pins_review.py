@@ -98,16 +98,6 @@ def _three_papers(engine: Engine, partner: Partner, q: GenPerson) -> dict[str, s
 
 # -- findings -----------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A record pinned in its old cap group (its applied 10 h paper still counts for q there) is "
-    "withdrawn, and the management system refuses the withdrawal too (DOWNSTREAM_REJECTED: it "
-    "carries the refused title).  _withdraw drops the pin and gives A's 10 h to C at once, and "
-    "when the withdrawal's refusal lands reallocate_after_delivery pins nothing (refused_now "
-    "only looks at accepted, not withdrawn records), so the management system ends up counting "
-    "A's version 1 (10 h) + B 10 h + C 10 h = 30 h of q's papers (cap 20) while the compliance "
-    "report says 20.  A refused withdrawal of a record whose applied version counts must keep "
-    "that version's share where it counts (pin it, as for a refused correction), so C goes back "
-    "to 0 h.  Same for a record refused in place (same group), so this predates the pins."))
 @pytest.mark.parametrize("move", ["to_another_person", "same_group"])
 def test_a_refused_withdrawal_of_a_pinned_record_leaves_the_old_group_over_the_cap(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
@@ -129,14 +119,6 @@ def test_a_refused_withdrawal_of_a_pinned_record_leaves_the_old_group_over_the_c
     _holds(engine, url, ids, q)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A paper of q, applied, is corrected to another person p and the corrected version is a "
-    "duplicate there (p's own report of the same paper holds the activity): the gateway queues "
-    "a 0-hour 'not counted' version, which the management system refuses for good.  It still "
-    "counts A's version 1 (10 h) for q, but refused_now only pins accepted records, so q's "
-    "paper group gives A's share to C: the management system counts 30 h of q's papers "
-    "(cap 20).  A refused version of any status must leave the applied version's share pinned "
-    "where it counts."))
 def test_a_refused_move_into_a_duplicate_leaves_the_old_group_over_the_cap(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker) -> None:
@@ -398,15 +380,6 @@ def test_a_pulled_completion_resent_after_the_close_is_a_duplicate_and_changes_a
     assert _counts_year(engine, late_first.record_id) == 2025
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "R11 says a record of year Y arriving after the close counts toward Y+1 (with a DEFERRAL "
-    "note) when the person has an approved deferral, and 401620b says a pulled completion's "
-    "change is judged on arrival 'as a pushed one is'.  But judge() only takes YEAR_CLOSED "
-    "from the on-arrival case (change_errors): with a deferral that case has no error, so the "
-    "change is accepted as judged on the completion day and keeps counting toward the closed "
-    "year 2025, without a DEFERRAL note, where the same correction pushed by a partner counts "
-    "toward 2026.  The change of a pulled completion arriving after the close with a deferral "
-    "should be deferred to Y+1 like a pushed one."))
 def test_a_pulled_change_after_the_close_with_a_deferral_counts_toward_the_next_year(
         engine: Engine, new_partner: Callable[..., Partner]) -> None:
     college = _college(engine, new_partner)
