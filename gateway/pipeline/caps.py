@@ -168,10 +168,10 @@ def pins_for(conn: Connection, refused: Iterable[str], now: datetime) -> list[di
     """The ``refused_pins`` rows of records refused for good (:func:`refused_now`).
 
     Each says where, and at how many hours, the management system still counts the record's
-    last applied version.  The records row of a refused correction says where its *current* version would count —
-    another person, year or type, maybe — so the person, CE year and cap type of the applied
-    version are kept for :func:`stored_records` and the compliance report.  An applied version
-    counting nothing there (a withdrawal, 0 h) or pruned pins nothing.
+    last applied version.  The records row of a refused correction says where its *current*
+    version would count — another person, year or type, maybe — so the person, CE year and cap
+    type of the applied version are kept for :func:`stored_records` and the compliance report.
+    An applied version counting nothing there (a withdrawal, 0 h) or pruned pins nothing.
     """
     rows: list[dict[str, Any]] = []
     for rid, there in sorted(last_applied(conn, refused).items()):
@@ -233,14 +233,15 @@ def pinned_elsewhere(conn: Connection, group: Group, here: Iterable[str]) -> dic
 
 @dataclass(frozen=True)
 class Stored:
-    """A stored, accepted, not withdrawn record of a group."""
+    """A record holding a share of a group: stored, accepted and not withdrawn, or pinned."""
 
     record_id: str
     version: int
     hours: Decimal
     credited: Decimal
     # Refused for good, but counted downstream at ``credited`` by an earlier version: those
-    # hours are the management system's, and no re-issue of ours changes them.
+    # hours are the management system's, and no re-issue of ours changes them.  (Pinned from
+    # elsewhere, ``version`` is its current one, in another group or withdrawn: never re-issued.)
     pinned: bool = False
 
 
