@@ -5,7 +5,13 @@ system has it and nothing in the gateway can still need it, the payload is repla
 and ``record_versions.pruned_at`` is set; the row itself, its content hash, its delivery and
 every audit event stay::
 
-    {"pruned": true, "record_id": "…", "version": 2, "content_hash": "…", "pruned_at": "…"}
+    {"pruned": true, "record_id": "…", "version": 2, "content_hash": "…", "pruned_at": "…",
+     "counts": {"person_key": "…", "year": 2026, "category": "professional",
+                "activity_type": "paper", "credited_hours": "10.0"}}
+
+``counts`` is what the version counts in the management system, with no identity number or
+name (``person_key`` is the keyed digest the ``records`` row keeps too): R10 and the compliance
+report still need it when a later version is refused for good (gateway.pipeline.caps.counts_of).
 
 A version is pruned only when **all** of these hold (each guards a reader of the payload):
 
@@ -64,6 +70,7 @@ from sqlalchemy.orm import aliased
 
 from gateway import audit
 from gateway.config import Settings
+from gateway.pipeline.caps import counts_of
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.scheduling import Job, register
 from gateway.store.tables import outbox, record_versions, records, rejections
@@ -74,16 +81,24 @@ __all__ = ["CHUNK_SIZE", "CLOSED_REJECTIONS", "RETENTION_JOB", "STUB_KEYS", "Ret
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1000  # versions per transaction
-STUB_KEYS = frozenset({"pruned", "record_id", "version", "content_hash", "pruned_at"})
+STUB_KEYS = frozenset({"pruned", "record_id", "version", "content_hash", "pruned_at", "counts"})
 CLOSED_REJECTIONS = ("revalidated", "superseded")  # gateway/revalidate.py's closing marks
 _STUB_PREFIX = '{"pruned":true'  # how every stub written here starts (orjson, no spaces)
 
 
-def stub(record_id: str, version: int, content_hash: str, pruned_at: datetime) -> str:
-    """The JSON that replaces a pruned version's payload."""
-    return orjson.dumps({"pruned": True, "record_id": record_id, "version": version,
-                         "content_hash": content_hash,
-                         "pruned_at": pruned_at.astimezone(UTC).isoformat()}).decode()
+def stub(record_id: str, version: int, content_hash: str, pruned_at: datetime,
+         payload: str | None = None) -> str:
+    """The JSON that replaces a pruned version's ``payload`` (kept: what it counts)."""
+    body: dict[str, Any] = {"pruned": True, "record_id": record_id, "version": version,
+                            "content_hash": content_hash,
+                            "pruned_at": pruned_at.astimezone(UTC).isoformat()}
+    try:
+        counts = None if payload is None else counts_of(orjson.loads(payload))
+    except (KeyError, TypeError, ValueError):  # not a record the gateway wrote: nothing kept
+        counts = None
+    if counts is not None:
+        body["counts"] = counts
+    return orjson.dumps(body).decode()
 
 
 def is_pruned(payload: object) -> bool:
@@ -187,7 +202,8 @@ def _prune_versions(engine: Engine, where: ColumnElement[bool], now: datetime, c
     done, after = 0, None
     while True:
         query = select(record_versions.c.record_id, record_versions.c.version,
-                       record_versions.c.content_hash).select_from(_joined()).where(where)
+                       record_versions.c.content_hash, record_versions.c.payload,
+                       ).select_from(_joined()).where(where)
         if after is not None:
             query = query.where(key > tuple_(*after))  # keyset: each chunk starts past the last
         with engine.begin() as conn:
@@ -197,7 +213,8 @@ def _prune_versions(engine: Engine, where: ColumnElement[bool], now: datetime, c
                 break
             keys = [(r.record_id, r.version) for r in rows]
             conn.execute(write, [{"rid": r.record_id, "v": r.version,
-                                  "stub": stub(r.record_id, int(r.version), r.content_hash, now)}
+                                  "stub": stub(r.record_id, int(r.version), r.content_hash, now,
+                                               r.payload)}
                                  for r in rows])
             # An executemany's rowcount is not reliable on every driver, and a concurrent run
             # may have taken some rows first: count what carries this run's stamp.

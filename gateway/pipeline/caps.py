@@ -103,15 +103,30 @@ def last_delivered(conn: Connection, record_ids: Iterable[str]) -> dict[str, int
     return last
 
 
-def _applied(version: int, body: dict[str, Any]) -> Applied:
+def counts_of(body: dict[str, Any]) -> dict[str, Any] | None:
+    """What a version counts there, without whose it is: kept by a retention stub.
+
+    ``person_key`` (the keyed digest, not the identity number), the CE year it counts toward
+    (a deferral's: the next), category, activity type and credited hours (0 for a withdrawal).
+    A stub gives what it kept (None for one written before stubs kept it).
+    """
     if body.get("pruned") is True:  # a retention stub (gateway.retention.stub)
-        return Applied(version, None)
+        kept = body.get("counts")
+        return kept if isinstance(kept, dict) else None
     person = body["person"]
     deferred = any(n.get("code") == "DEFERRAL" for n in body.get("rule_notes", ()))
-    return Applied(version, ZERO if body.get("withdrawn") else Decimal(body["credited_hours"]),
-                   body.get("category"), body.get("activity_type"),
-                   person_key_of(person.get("id_type", "resident_id"), person["id_number"]),
-                   int(body["year"]) + deferred)
+    return {"person_key": person_key_of(person.get("id_type", "resident_id"), person["id_number"]),
+            "year": int(body["year"]) + deferred, "category": body.get("category"),
+            "activity_type": body.get("activity_type"),
+            "credited_hours": "0" if body.get("withdrawn") else str(body["credited_hours"])}
+
+
+def _applied(version: int, body: dict[str, Any]) -> Applied:
+    counts = counts_of(body)
+    if counts is None:  # pruned before stubs kept what it counts
+        return Applied(version, None)
+    return Applied(version, Decimal(counts["credited_hours"]), counts["category"],
+                   counts["activity_type"], counts["person_key"], int(counts["year"]))
 
 
 def applied_groups(conn: Connection, record_ids: Iterable[str]) -> dict[str, Counted]:

@@ -1522,6 +1522,14 @@ def accept_held(chunk: Chunk, rec: Any, leaving: dict[caps.Group, set[str]] | No
                 other["hours"] or "0")
     if (group := caps.group_of(rec)) is not None:
         groups.setdefault(group, ({}, set()))[0][record_id] = hours
+    # Pinned where its refused 0-hour version's predecessor counts (caps.refused_pins): the
+    # version queued now replaces that one there, so the pin ends and that group is freed.
+    pinned = caps.pins_of(conn, [record_id])
+    if pinned:
+        caps.write_pins(conn, [record_id], [])
+        for pin in pinned.values():
+            if pin is not None and pin != group:  # in its own group it claims its hours
+                groups.setdefault(pin, ({}, set()))[1].add(record_id)
     for group in sorted(groups):  # one lock order for every writer (as ingest)
         mine, gone = groups[group]
         caps.lock_group(conn, group, now)

@@ -96,19 +96,6 @@ def _holds(engine: Engine, url: str, ids: dict[str, str], person: GenPerson, kin
 
 # -- a succession hands the activity to a pinned duplicate ----------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A record A of q's papers, corrected onto p's paper X of another source (a duplicate; its "
-    "0-hour version refused downstream), is pinned in q's paper group at its applied 10 h, so "
-    "q's third paper C stays at 0 h.  When X's partner withdraws X, succession hands the "
-    "activity to A (ingest.succeed → accept_held): A is accepted and re-issued as p's paper, "
-    "the management system applies it and counts nothing of A for q any more.  But neither "
-    "accept_held nor succeed ends A's pin or allocates the pinned group (q, 2026, paper) "
-    "again: caps.pinned_elsewhere silently ignores the stale pin from then on, and C keeps "
-    "0 h, so q is credited 10 h of papers where B and C give 20 h (the hours C was "
-    "acknowledged for are lost until some later change touches q's papers).  The succession "
-    "should end the pin (refused_pins row deleted) and re-allocate the group it pinned, as "
-    "Chunk._unpin does for a new version, so C is re-issued at 10 h.  The same holds when ops "
-    "resolve A's conflict keeping A (ops.records.resolve_conflict → accept_held)."))
 @pytest.mark.parametrize("how", ["succession", "ops_resolve_conflict"])
 def test_a_pinned_duplicate_taking_over_by_succession_frees_its_old_group(
         db_url: str, engine: Engine, new_partner: Callable[..., Partner],
@@ -146,6 +133,37 @@ def test_a_pinned_duplicate_taking_over_by_succession_frees_its_old_group(
     assert _holds(engine, url, ids, p) == (10 if how == "succession" else 5)
     # The management system counts B alone of q's papers now: C should have A's freed 10 h.
     assert _credited(engine, ids)["C"] == "10.0"
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _pins(engine) == {}
+
+
+def test_a_pinned_duplicate_of_its_own_persons_report_taking_over_claims_its_hours_there(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    """As above, but A's new activity is q's own (Y, another source).
+
+    Pinned and held in one group; taking over, A claims its hours there like any record.
+    """
+    url, faults = mock_ce
+    partner, theirs = new_partner(engine), new_partner(engine)
+    q = make_person(random.Random(3103))
+    ids = _put(engine, partner, _item(q, "A", "盐湖", 3), _item(q, "B", "湿地", 4),
+               _item(q, "C", "草甸", 5))
+    ids |= _put(engine, theirs, _item(q, "Y", "冻土", 6))
+    worker = make_worker()
+    drain(worker)
+    faults.reject_ids = {ids["A"]}
+    [moved] = ingest(engine, PartnerRef(partner.partner_id, "canonical"),
+                     [_item(q, "A", "冻土", 6)], now=NOW)
+    assert moved.status.value == "duplicate", moved
+    drain(worker)
+    assert list(_pins(engine)) == [ids["A"]]
+    assert _holds(engine, url, ids, q) == PAPER
+    faults.reject_ids = set()
+    withdraw(engine, PartnerRef(theirs.partner_id, "canonical"), "Y", now=NOW)
+    drain(worker)
+    assert _applied(url, ids["A"])[-1]["record"]["activity"]["title"] == "冻土"
+    assert _credited(engine, ids) == {"A": "10.0", "B": "10.0", "C": "0.0", "Y": "0.0"}
     assert _holds(engine, url, ids, q) == PAPER
     assert _pins(engine) == {}
 
@@ -271,17 +289,6 @@ def _training(person: GenPerson, sid: str, year: int, title: str, hours: str,
     return sub
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Retention prunes the current payload of an uncapped record of a closed CE year (2025).  "
-    "A correction that moves the record to the open year 2026 is accepted (R11 judges the new "
-    "version's year) and refused downstream: the management system keeps counting the applied "
-    "2025 version, 8 h of training for q in 2025.  caps.pins_for reads that version's payload "
-    "to know where it counts; pruned, it pins nothing, and compliance.report finds the record "
-    "neither among q's 2025 records (its row says 2026) nor by a pin: q's 2025 report drops "
-    "8 h the management system counts (and lists nothing to resolve).  The refusal should "
-    "still pin where the applied version counts (the records row's person, year and type "
-    "before the correction, kept when the version is pruned or before it), or retention should "
-    "keep the last applied payload of a record that can still be corrected into another year."))
 def test_a_pruned_closed_year_record_moved_to_the_next_year_and_refused_keeps_its_old_year(
         db_url: str, engine: Engine, new_partner: Callable[..., Partner],
         mock_ce: tuple[str, Faults], make_worker: MakeWorker,
