@@ -250,7 +250,8 @@ class MovesWalk(Walk):
         test_a_refused_not_counted_version_then_an_unforwarded_correction_keeps_its_share.
         """
         with self.engine.connect() as conn:
-            current = dict(conn.execute(select(records.c.record_id, records.c.current_version)))
+            current = {r.record_id: int(r.current_version) for r in conn.execute(
+                select(records.c.record_id, records.c.current_version))}
             last: dict[str, Any] = {}
             for q in conn.execute(select(outbox.c.record_id, outbox.c.version, outbox.c.status,
                                          outbox.c.error_code).order_by(outbox.c.version)):
