@@ -25,6 +25,15 @@ dead ``RETRIES_EXHAUSTED`` until ops reprocess it — are left out on both sides
 Also: the mock applied no version twice, none out of order (``double_applied``,
 ``out_of_order``, ``key_mismatch``).
 
+Findings (shrunk below, strict xfails; the walk leaves their cases out, see
+:meth:`MovesWalk.forgotten` and :meth:`MovesWalk._pins_left`): conflict resolution and
+succession give a pinned record a new version without ending its pin, so its old group stays
+cut (hours lost); a refused withdrawal / NOT_COUNTED version followed by a correction that is not
+forwarded is forgotten (no pin, not listed, the mock over the cap).  Held: 200 SQLite and 50
+PostgreSQL walks of 60 steps.  Longer walks (80 steps, 5 of 400 seeds) break it two more ways,
+shrunk below: a refused move whose earlier version lands after a RETRIES_EXHAUSTED reprocess is
+never pinned; and seed 335's paper cap (not yet analysed).
+
 ``CE_GATEWAY_WALK_SEEDS`` sets the number of SQLite walks (default 8; PostgreSQL runs a quarter
 of them when ``CE_GATEWAY_TEST_POSTGRES_URL`` is set); ``CE_GATEWAY_WALK_STEPS`` their length.
 """
@@ -610,3 +619,49 @@ def test_a_refused_not_counted_version_then_an_unforwarded_correction_keeps_its_
     report = _report(bench.engine, bench.people[Q])
     assert (bench.downstream(Q, "book"), bench.report_credited(Q, "book"),
             [c["record_id"] for c in report["refused_changes"]]) == (Decimal(40), Decimal(40), [x])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "A refused move whose earlier version reaches the management system only after the "
+    "refusal is never pinned.  X v1 (R's 10 h paper) dies RETRIES_EXHAUSTED in an outage; v2 "
+    "moves X to Q's refused training and is refused (the worker does not wait for a dead "
+    "earlier version): nothing was applied yet, so no pin.  Ops reprocess RETRIES_EXHAUSTED: "
+    "reallocate_after_delivery computes pins before v1 is delivered, so none again; then v1 "
+    "is applied and the mock counts R's 10 h paper, which R's report (and R's paper cap "
+    "group) ignore for good.  The pin should be (re)computed when an older version of a "
+    "record whose current version is refused is delivered."))
+def test_a_refused_move_behind_a_retries_exhausted_version_is_pinned_once_that_lands(
+        engine: Engine, db_url: str, new_partner: Callable[..., Partner],
+        mock_ce: tuple[str, Faults], make_worker: MakeWorker,
+        make_settings: Callable[..., Settings]) -> None:
+    walk = start(engine, db_url, new_partner, mock_ce, make_worker, make_settings, 2, 7082)
+    try:
+        broken = run(walk, [("put", 1, "S3", Item(R, "paper", 0, 1, "sole")), ("outage",),
+                            ("put", 1, "S3", Item(Q, "training", REJECT, 0, "12")),
+                            ("deliver",), ("reprocess_exhausted",), ("deliver",)])
+    finally:
+        walk.http.close()
+    assert not broken, "\n".join(broken)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Not yet analysed (found at the end of the review's time budget): after these eight "
+    "steps (a [REJECT] paper applied while the mock took it, then corrected into a refused "
+    "training; papers corrected into a refused book and moved to another person) the mock "
+    "counts 25 h of papers for person 2 (cap 20) after a full drain."))
+def test_shrunk_walk_seed_335_mock_over_the_paper_cap(
+        engine: Engine, db_url: str, new_partner: Callable[..., Partner],
+        mock_ce: tuple[str, Faults], make_worker: MakeWorker,
+        make_settings: Callable[..., Settings]) -> None:
+    walk = start(engine, db_url, new_partner, mock_ce, make_worker, make_settings, 3, 7335)
+    try:
+        broken = run(walk, [
+            ("put", 0, "S0", Item(2, "paper", 2, 1, "sole")), ("reprocess_rejected",),
+            ("put", 0, "S3", Item(2, "paper", 1, 0, "sole")),
+            ("put", 1, "S3", Item(2, "paper", 0, 1, "co")),
+            ("put", 0, "S0", Item(2, "training", 2, 1, "8")),
+            ("put", 1, "S3", Item(2, "book", 2, 0, "other")),
+            ("put", 0, "S3", Item(0, "paper", 2, 0, "sole")), ("deliver",)])
+    finally:
+        walk.http.close()
+    assert not broken, "\n".join(broken)
