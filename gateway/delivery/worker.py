@@ -56,6 +56,7 @@ from gateway.delivery.circuit import CircuitBreaker, CircuitState
 from gateway.delivery.policy import Action, classify, classify_exception, retry_after_seconds
 from gateway.errors import PermanentDeliveryError, RetriableDeliveryError
 from gateway.masking import mask_excerpt
+from gateway.pipeline import caps
 from gateway.pipeline.caps import REFUSED_FOR_GOOD
 from gateway.pipeline.ingest import reallocate_after_delivery, writer_retries
 from gateway.pipeline.rules_tables import RulesConfig
@@ -331,6 +332,12 @@ class DeliveryWorker:
             refused = [(e.record_id, e.version) for e in events
                        if e.kind == "dead" and e.detail.get("code") in REFUSED_FOR_GOOD
                        and e.record_id is not None and e.version is not None]
+            # An older version applied only now (reprocessed after an outage) behind a current
+            # one refused already: the management system counts it from now on (refused_pins).
+            landed = {e.record_id: e.version for e in events if e.kind == "delivered"
+                      and e.record_id is not None and e.version is not None}
+            refused += [(rid, current) for rid, current in caps.refused_now(conn, landed).items()
+                        if current > landed[rid]]
             events += reallocate_after_delivery(
                 conn, self._rules, now, refused, actor=self.name,
                 reason="refused downstream (DOWNSTREAM_REJECTED): its share goes to the others")

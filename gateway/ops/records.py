@@ -261,8 +261,17 @@ def _keep_this(conn: Connection, rec: Any, holder: Any, config: RulesConfig, now
         chunk.events.append(audit.Event("superseded", hid, hv, actor, {
             "by": record_id, "reason": reason, "note": "withdrawn: a conflicting report was kept"}))
         # Only a record the management system has (or will have) needs the withdrawal.
+        queue = holder["status"] == "accepted"
         chunk._store_version(hid, hv, withdrawn_version(holder_payload, hv, now),
-                             holder["content_hash"], queue=holder["status"] == "accepted")
+                             holder["content_hash"], queue=queue)
+        # Pinned where a refused version's predecessor counts (caps.refused_pins): the queued
+        # withdrawal replaces that one there, so the pin ends and that group is freed too.
+        pinned = caps.pins_of(conn, [hid]) if queue else {}
+        if pinned:
+            caps.write_pins(conn, [hid], [])
+            for group in pinned.values():
+                if group is not None:
+                    leaving.setdefault(group, set()).add(hid)
     queued = accept_held(chunk, rec, leaving)
     chunk._write(with_audit=False)
     if supersede:  # the holder's other duplicates now repeat this record
