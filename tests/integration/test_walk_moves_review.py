@@ -336,13 +336,22 @@ class MovesWalk(Walk):
                            f"({credits.get(rid)}), the mock counts {counts} h ({mine.get(rid)})")
             else:
                 self.seen["agreed"] += 1
+        # Refused records the mock still counts by an applied version: nothing the gateway
+        # sends changes those hours (each re-issue would carry the refused content).
+        refused = {n["record_id"] for kind in ("not_counted", "refused_changes")
+                   for n in report[kind]}
         for kind, cap in CAPS.items():
             mock_sum = sum((h for rid, (t, h) in mine.items() if t == kind and rid not in flying),
                            ZERO)
+            pinned = sum((h for rid, (t, h) in mine.items() if t == kind and rid in refused),
+                         ZERO)
             if mock_sum == cap:
                 self.seen[f"{kind}_at_cap"] += 1
-            if mock_sum > cap:  # 2
-                out.append(f"{who}: the mock counts {mock_sum} h of {kind}s, cap {cap}")
+            if pinned > cap:
+                self.seen[f"{kind}_pinned_over_cap"] += 1
+            if mock_sum > max(cap, pinned):  # 2
+                out.append(f"{who}: the mock counts {mock_sum} h of {kind}s, cap {cap}"
+                           f"{f' ({pinned} h of refused records)' if pinned else ''}")
             said = Decimal(report["by_type"].get(kind, {}).get("credited", "0")) - sum(
                 (h for rid, c in credits.items() if rid in flying for t, h in c if t == kind),
                 ZERO)
@@ -579,24 +588,33 @@ def test_a_refused_move_behind_a_retries_exhausted_version_is_pinned_once_that_l
     assert not broken, "\n".join(broken)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Not yet analysed (found at the end of the review's time budget): after these eight "
-    "steps (a [REJECT] paper applied while the mock took it, then corrected into a refused "
-    "training; papers corrected into a refused book and moved to another person) the mock "
-    "counts 25 h of papers for person 2 (cap 20) after a full drain."))
-def test_shrunk_walk_seed_335_mock_over_the_paper_cap(
+def test_shrunk_walk_seed_335_refusals_in_flight_leave_the_papers_over_the_cap(
         engine: Engine, db_url: str, new_partner: Callable[..., Partner],
         mock_ce: tuple[str, Faults], make_worker: MakeWorker,
         make_settings: Callable[..., Settings]) -> None:
+    """A known limit, not a gateway bug: the mock ends at 25 h of papers (cap 20).
+
+    Three papers of person 2 were allocated 10 + 10 + 0 h; corrections moving two of them away
+    re-credited the third to 5 h, and the mock applied those versions, then refused every
+    correction.  It counts the three applied versions (25 h) for good; each is pinned, and no
+    re-issue can lower them (it would carry the refused content).  The report says 25 h, as
+    the mock does, and lists all three as not counted for ops to resolve there.
+    """
     walk = start(engine, db_url, new_partner, mock_ce, make_worker, make_settings, 3, 7335)
     try:
-        broken = run(walk, [
-            ("put", 0, "S0", Item(2, "paper", 2, 1, "sole")), ("reprocess_rejected",),
-            ("put", 0, "S3", Item(2, "paper", 1, 0, "sole")),
-            ("put", 1, "S3", Item(2, "paper", 0, 1, "co")),
-            ("put", 0, "S0", Item(2, "training", 2, 1, "8")),
-            ("put", 1, "S3", Item(2, "book", 2, 0, "other")),
-            ("put", 0, "S3", Item(0, "paper", 2, 0, "sole")), ("deliver",)])
+        for op in [("put", 0, "S0", Item(2, "paper", 2, 1, "sole")), ("reprocess_rejected",),
+                   ("put", 0, "S3", Item(2, "paper", 1, 0, "sole")),
+                   ("put", 1, "S3", Item(2, "paper", 0, 1, "co")),
+                   ("put", 0, "S0", Item(2, "training", 2, 1, "8")),
+                   ("put", 1, "S3", Item(2, "book", 2, 0, "other")),
+                   ("put", 0, "S3", Item(0, "paper", 2, 0, "sole")), ("deliver",)]:
+            walk.step(op)
+        assert walk.violations() == [], walk.log
+        report = _report(engine, walk.people[2])
+        assert report["by_type"]["paper"]["credited"] == "25.0"
+        assert len(report["not_counted"]) == 3
+        assert walk.seen["paper_pinned_over_cap"] == 1
+        broken = run(walk, [])  # everything reprocessed, the mock refusing nothing: within it
     finally:
         walk.http.close()
     assert not broken, "\n".join(broken)
