@@ -44,7 +44,7 @@ from sqlalchemy import Connection, and_, or_, select
 
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id, mask_text
-from gateway.pipeline.caps import REFUSED_FOR_GOOD, Applied, last_applied
+from gateway.pipeline.caps import REFUSED_FOR_GOOD, Applied, last_applied, refusals
 from gateway.pipeline.credit import compliance_gap
 from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.identity import resident_id_findings
@@ -119,7 +119,8 @@ class ComplianceRecord(_RecordHours):
 class _Refused(_RecordHours):
     """A record whose current version the management system refused for good."""
 
-    version: int = Field(description="the refused (current) version")
+    version: int = Field(description="the refused version: the current one, or the last one "
+                                     "sent when a later one was not (it did not count)")
     delivery: Literal["dead"]
     delivery_code: str = Field(examples=["DOWNSTREAM_REJECTED"])
     reason: str = Field(description="the management system's reason, identity numbers masked")
@@ -226,6 +227,9 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
                       outbox.c.version == records.c.current_version)
     me = person_key_of(id_type, id_number)
     mine = and_(records.c.person_key == me, records.c.counts_year == year)
+    counted_or_refused = or_(
+        and_(records.c.status == "accepted", records.c.withdrawn.is_(False)),
+        and_(outbox.c.status == "dead", outbox.c.error_code.in_(NOT_COUNTED_CODES)))
     # Refused corrections that moved a record away from this person or year, while the
     # management system still counts its applied version here (caps.refused_pins).
     pinned = list(conn.execute(select(refused_pins.c.record_id).where(
@@ -238,10 +242,13 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
                records.c.withdrawn, records.c.person_key, records.c.counts_year,
                outbox.c.status.label("delivery"), outbox.c.error_code, outbox.c.last_error)
         .select_from(records.outerjoin(outbox, on_current))
-        .where(or_(mine, records.c.record_id.in_(pinned)) if pinned else mine,
-               or_(and_(records.c.status == "accepted", records.c.withdrawn.is_(False)),
-                   and_(outbox.c.status == "dead", outbox.c.error_code.in_(NOT_COUNTED_CODES))))
+        .where(or_(and_(mine, counted_or_refused), records.c.record_id.in_(pinned)) if pinned
+               else and_(mine, counted_or_refused))
         .order_by(records.c.completed_on, records.c.record_id)).all()
+    # A pinned record whose current version was never sent (a correction into a repeat of a
+    # record no longer counted): the refusal of the last version sent is what stands there.
+    later = refusals(conn, [r.record_id for r in rows if r.record_id in pinned and not (
+        r.delivery == "dead" and r.error_code in NOT_COUNTED_CODES)]) if pinned else {}
     credited: dict[str, Decimal] = defaultdict(Decimal)
     claimed: dict[str, Decimal] = defaultdict(Decimal)
     by_type: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
@@ -252,16 +259,21 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
     for r in rows:
         hours, got = Decimal(r.hours or "0"), Decimal(r.credited_hours or "0")
         code = r.error_code if r.delivery == "dead" else None
+        refused_version, reason = r.current_version, r.last_error
+        if r.record_id in later:
+            refusal = later[r.record_id]
+            code, refused_version, reason = refusal.error_code, refusal.version, refusal.last_error
         base = {"record_id": r.record_id, "partner_id": r.partner_id, "adapter": r.adapter,
                 "source_record_id": r.source_record_id, "category": r.category,
                 "activity_type": r.activity_type, "completed_on": r.completed_on.isoformat()
                 if r.completed_on else None, "hours": str(hours)}
         counted_here = r.status == "accepted" and not r.withdrawn
-        if (r.person_key, int(r.counts_year)) != (me, year) and code not in NOT_COUNTED_CODES:
+        if code not in NOT_COUNTED_CODES and (
+                not counted_here or (r.person_key, int(r.counts_year)) != (me, year)):
             continue  # pinned here, but its refusal has been replaced since: it counts there
         if not counted_here or code in NOT_COUNTED_CODES:  # refused (for the first: the WHERE)
-            refused = {**base, "version": r.current_version, "delivery": r.delivery,
-                       "delivery_code": code, "reason": mask_text(r.last_error or "")}
+            refused = {**base, "version": refused_version, "delivery": "dead",
+                       "delivery_code": code, "reason": mask_text(reason or "")}
             if counted_here:
                 not_counted.append({**refused, "credited_hours": str(got)})
             else:  # its withdrawal, or its 0-hour version

@@ -159,24 +159,30 @@ def holds_share(held: Mapping[str, Counted], record_id: str, group: Group) -> bo
 
 
 def refused_now(conn: Connection, record_ids: Iterable[str]) -> dict[str, int]:
-    """Of ``record_ids``, those whose current version was refused for good: its number.
+    """Of ``record_ids``, those whose last queued version was refused for good: its number.
 
-    The current version's delivery is dead with a code of REFUSED_FOR_GOOD, whatever the
-    record is here: a correction (the compliance report's ``not_counted``), or a withdrawal or
-    a 0-hour version of a repeat (``refused_changes``).  The management system keeps counting
-    the version it applied last.
+    The last version sent to the management system (the highest queued) is dead with a code
+    of REFUSED_FOR_GOOD, whatever the record is here: a correction (the compliance report's
+    ``not_counted``), or a withdrawal or a 0-hour version of a repeat (``refused_changes``).
+    A later version that is never sent (a correction into a repeat of a record no longer
+    counted) changes nothing there.  The management system keeps counting the version it
+    applied last.  Read through the outbox's ``(record_id, version)`` index.
     """
+    return {rid: int(r.version) for rid, r in refusals(conn, record_ids).items()}
+
+
+def refusals(conn: Connection, record_ids: Iterable[str]) -> dict[str, Any]:
+    """The refused deliveries behind :func:`refused_now`: version, error_code, last_error."""
     ids = sorted(set(record_ids))
-    found: dict[str, int] = {}
-    current = and_(outbox.c.record_id == records.c.record_id,
-                   outbox.c.version == records.c.current_version)
+    last: dict[str, Any] = {}
     for start in range(0, len(ids), 500):
-        found.update((r.record_id, int(r.current_version)) for r in conn.execute(
-            select(records.c.record_id, records.c.current_version)
-            .select_from(records.join(outbox, current))
-            .where(records.c.record_id.in_(ids[start:start + 500]),
-                   outbox.c.status == "dead", outbox.c.error_code.in_(sorted(REFUSED_FOR_GOOD)))))
-    return found
+        for r in conn.execute(select(outbox.c.record_id, outbox.c.version, outbox.c.status,
+                                     outbox.c.error_code, outbox.c.last_error)
+                              .where(outbox.c.record_id.in_(ids[start:start + 500]))):
+            if r.record_id not in last or int(r.version) > int(last[r.record_id].version):
+                last[r.record_id] = r
+    return {rid: r for rid, r in last.items()
+            if r.status == "dead" and r.error_code in REFUSED_FOR_GOOD}
 
 
 def pins_for(conn: Connection, refused: Iterable[str], now: datetime) -> list[dict[str, Any]]:

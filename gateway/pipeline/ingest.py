@@ -1091,9 +1091,10 @@ class Chunk:
             # the hours it held there go back to the group's other records.
             self.leaving.setdefault(known.cap_group, set()).add(known.record_id)
         known.cap_group = new_group
-        self._unpin(known)
         uncounted = (_not_counted(status, known.duplicate_of)
                      if was_counted and status is not RecordStatus.ACCEPTED else None)
+        if status is RecordStatus.ACCEPTED or uncounted is not None:
+            self._unpin(known)  # a version that is sent: it replaces the pinned one there
         self.record_updates.append({"rid": known.record_id, "current_version": known.version,
                                     "content_hash": chash, "withdrawn": False,
                                     "status": status.value, "updated_at": self.now,
@@ -1123,10 +1124,12 @@ class Chunk:
         return answer
 
     def _unpin(self, known: _Known) -> None:
-        """A new version of a pinned record ends its pin.
+        """A new version of a pinned record, sent downstream, ends its pin.
 
         It will count where its records row says, so the group it was pinned in (by its
-        refused correction's applied version) is allocated again.
+        refused correction's applied version) is allocated again.  A version that is not sent
+        (a correction into a repeat of a record no longer counted) leaves the pin: the
+        management system keeps counting the applied version.
         """
         if known.record_id not in self.pins or known.record_id in self.unpinned:
             return
@@ -1175,7 +1178,9 @@ class Chunk:
         if known.cap_group is not None:  # its capped hours go back to the group's other records
             self.leaving.setdefault(known.cap_group, set()).add(known.record_id)
             known.cap_group = None
-        self._unpin(known)
+        forwarded = self._forwarded(known)
+        if forwarded:
+            self._unpin(known)
         self.freed.setdefault(known.natural_key, set()).add(known.record_id)
         self.withdrawals.append({"rid": known.record_id, "current_version": known.version,
                                  "updated_at": self.now})
@@ -1187,7 +1192,7 @@ class Chunk:
         # Only a record the management system has (or will have) needs the withdrawal.
         self._store_version(known.record_id, known.version,
                             withdrawn_version(record, known.version, self.now),
-                            known.content_hash, self._forwarded(known))
+                            known.content_hash, forwarded)
         answer.record_id, answer.version = known.record_id, known.version
         answer.errors = [coded(
             "ASSESSMENT_FAILED", f"(record {known.record_id}, which counted the earlier result, "
@@ -1417,6 +1422,7 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
             current_version=version + 1, withdrawn=True, credited_hours="0", updated_at=now))
         chunk.events.append(audit.Event("withdrawn", record_id, version + 1, partner.partner_id,
                                         {"source_record_id": source_record_id}))
+        # Sent: a pinned record had a version applied, so it reaches the management system.
         chunk._store_version(record_id, version + 1, withdrawn_version(record, version + 1, now),
                              existing["content_hash"],
                              queue=_reaches_downstream(conn, record_id, existing["status"]))
