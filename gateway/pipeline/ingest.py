@@ -554,7 +554,7 @@ class Chunk:
         self.judged: dict[str, str] = {}  # natural key → the holder a record was judged against
         self.born: set[str] = set()  # records first seen in this chunk
         # Stored records pinned where a refused correction's applied version counts (R10,
-        # caps.refused_pins), with that cap group; a new version here ends the pin.
+        # caps.refused_pins), with that cap group; a version sent from here ends the pin.
         self.pins: dict[str, caps.Group | None] = {}
         self.unpinned: list[str] = []
 
