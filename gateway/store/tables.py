@@ -456,7 +456,7 @@ caps_ledger = Table(
 # Written when the refusal lands; the record's ``records`` row says where its *current* version
 # would count, which a refused correction may have moved to another person, year or type.  The
 # cap group and the compliance report of the applied version's person read it (R10, R1); it is
-# dropped when the record gets a new version or its refused delivery is queued again.
+# dropped when a later version of the record is sent or its refused delivery is queued again.
 refused_pins = Table(
     "refused_pins",
     metadata,

@@ -5,7 +5,7 @@ The management system keeps a record's last applied version when it refuses a la
 person or CE year, the records row says where the *current* version would count; where the
 applied version still counts is pinned (``refused_pins``, :func:`gateway.pipeline.caps.pins_for`):
 its cap group keeps the record's share (R10) and its person's compliance report counts it (R1).
-The pin goes when the record gets a new version (a correction, a withdrawal) or ops queue the
+The pin goes when a later version of the record is sent (a correction, a withdrawal) or ops queue the
 refused version again, and its group is allocated again then.
 
 Real ingest and the real delivery worker against the mock management system on uvicorn
