@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from gateway import compliance
 from gateway.accounts import Partner
 from gateway.config import Settings
 from gateway.ops.edits import edit_and_requeue
@@ -28,7 +27,7 @@ from gateway.pipeline.rules_tables import DeferralInfo, RulesConfig
 from gateway.pull.cadre_college import pull_once
 from gateway.reference import ReferenceCache, StoreReference
 from gateway.revalidate import RevalidationFilter, revalidate
-from gateway.store.tables import outbox, records, refused_pins
+from gateway.store.tables import outbox, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_batch_resume_review import BEIJING
@@ -46,6 +45,7 @@ from tests.integration.test_refused_caps_review import (
     _until,
     _waiting_on_a_lock,
 )
+from tests.integration.test_refused_pins import _pins, _report
 from tests.integration.test_s16caps_review import _credited, _downstream
 from tests.support.delivery import MakeWorker, drain
 from tests.support.servers import uvicorn_thread
@@ -60,18 +60,6 @@ def serve_app() -> Iterator[Callable[[Any], str]]:
 
 
 # -- harness ------------------------------------------------------------------------------------
-
-def _pins(engine: Engine) -> dict[str, tuple[str, int, str | None, str]]:
-    with engine.connect() as conn:
-        return {r.record_id: (r.person_key, int(r.year), r.cap_type, r.hours)
-                for r in conn.execute(select(refused_pins))}
-
-
-def _report(engine: Engine, person: GenPerson, year: int = 2026) -> dict[str, Any]:
-    with engine.connect() as conn:
-        got = compliance.report(conn, person.id_number, year)
-    return compliance.ComplianceReport.model_validate(got).model_dump(mode="json")
-
 
 def _drained(engine: Engine) -> None:
     with engine.connect() as conn:

@@ -31,7 +31,6 @@ from sqlalchemy import Engine, select
 from typer.testing import CliRunner
 
 import gateway.cli as cli_module
-from gateway import compliance
 from gateway.accounts import Partner
 from gateway.batches import BatchProcessor, NewBatch, record_batch
 from gateway.config import Settings
@@ -39,12 +38,13 @@ from gateway.ops.records import resolve_conflict
 from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
 from gateway.retention import prune
 from gateway.signing import file_sha256
-from gateway.store.tables import batches, records, refused_pins
+from gateway.store.tables import batches, records
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_batches_api import _directory
 from tests.integration.test_refused_caps_review import CAPS, NOW, _applied, _item, _put, _reprocess
+from tests.integration.test_refused_pins import _pins, _report
 from tests.integration.test_s16caps_review import _credited
 from tests.support.delivery import MakeWorker, drain
 from tests.support.servers import poll
@@ -53,18 +53,6 @@ PAPER = CAPS["paper"]
 
 
 # -- harness ------------------------------------------------------------------------------------
-
-def _pins(engine: Engine) -> dict[str, tuple[str, int, str | None, str]]:
-    with engine.connect() as conn:
-        return {r.record_id: (r.person_key, int(r.year), r.cap_type, r.hours)
-                for r in conn.execute(select(refused_pins))}
-
-
-def _report(engine: Engine, person: GenPerson, year: int = 2026) -> dict[str, Any]:
-    with engine.connect() as conn:
-        got = compliance.report(conn, person.id_number, year)
-    return compliance.ComplianceReport.model_validate(got).model_dump(mode="json")
-
 
 def _there(url: str, ids: dict[str, str], kind: str, person: GenPerson, year: int = 2026
            ) -> Decimal:
