@@ -320,15 +320,17 @@ class Walk:
                 self.bodies[rid] = self.http.get(f"{self.url}/_mock/applied/{rid}").json()["versions"]
         return self.bodies
 
-    def _refused_change(self, tag: str, r: Any, change: dict[str, Any] | None,
+    def _refused_change(self, tag: str, r: Any, sent: Any, change: dict[str, Any] | None,
                         last: dict[str, Any] | None, holds: Decimal) -> list[str]:
         """``refused_changes`` lists a record exactly when the mock still counts what we don't.
 
-        That is: not counted here (withdrawn, a repeat, a conflict), its current version refused
+        That is: not counted here (withdrawn, a repeat, a conflict), the last version sent
+        (``sent``: the current one, or an earlier one when the current was never sent) refused
         for good, and the mock's last applied version of it holds hours — which the listing
         names.
         """
-        expected = (r.delivery == "dead" and r.error_code == "DOWNSTREAM_REJECTED"
+        expected = (sent is not None and sent.status == "dead"
+                    and sent.error_code == "DOWNSTREAM_REJECTED"
                     and (r.status != "accepted" or r.withdrawn) and holds != ZERO)
         if change is None:
             return [f"{tag}: the mock still counts {holds} h, not under refused_changes"] \
@@ -390,7 +392,9 @@ class Walk:
             tag = f"{who} {rid[-6:]} ({r.status}{', withdrawn' if r.withdrawn else ''} v{cur}, " \
                   f"delivery {r.delivery} {r.error_code or ''})"
             change = changes.pop(rid, None)
-            out += self._refused_change(tag, r, change, last, holds)
+            # The last version sent decides: a later one never sent changes nothing there.
+            sent = queued[rid][-1] if queued[rid] else None
+            out += self._refused_change(tag, r, sent, change, last, holds)
             if change is not None:
                 # What the mock still counts of a refused withdrawal or 0-hour version (its last
                 # applied version) is in the report's totals and holds its paper share.
