@@ -17,23 +17,32 @@ on PostgreSQL while a correction races it.
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import Engine, select
 
+from gateway import compliance
 from gateway.accounts import Partner
+from gateway.api.app import create_app
+from gateway.config import Settings
+from gateway.masking import mask_id
 from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
 from gateway.store.tables import outbox, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
+from tests.conftest import SECRET_KEY
 from tests.integration.test_pins_review2 import _holds, _pins, _report
 from tests.integration.test_refused_caps_review import CAPS, NOW, _applied, _item, _put, _reprocess
 from tests.integration.test_s16caps_review import _credited
 from tests.support.delivery import MakeWorker, drain
+from tests.support.servers import cli, uvicorn_thread
 
 PAPER = CAPS["paper"]
 
@@ -138,3 +147,132 @@ def test_a_pinned_record_corrected_unsent_then_sent_frees_its_old_group_once(
     # C was re-issued once at most (10 h freed once, never lifted and cut back).
     c_versions = [v["record"]["credited_hours"] for v in _applied(url, ids["C"])[before:]]
     assert c_versions == (["10.0"] if into == "training" else []), c_versions
+
+
+# -- an unsent correction moving the row, then ops reprocess of the refused last-sent version -----
+
+@pytest.mark.parametrize("refused", ["withdrawal", "not_counted"])
+def test_reprocessing_the_refused_last_sent_version_behind_an_unsent_move_ends_the_pin(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker, refused: str) -> None:
+    """A's last sent version (a withdrawal, or the 0-hour version of A turned into a conflict
+    of r's H) is refused: pinned at q's papers.  A is then corrected into a repeat of r's G (not
+    sent: A does not count); its records row is r's now.  Ops reprocess the refused version
+    (not A's current one): it is allowed (nothing later was queued), the mock applies it, the
+    pin ends and q's papers are allocated again.  Then G is withdrawn: A takes over for r.
+    """
+    url, faults = mock_ce
+    partner, theirs = new_partner(engine), new_partner(engine)
+    q, r = make_person(random.Random(4201)), make_person(random.Random(4202))
+    ids = _put(engine, partner, _item(q, "A", "盐湖", 3), _item(q, "B", "湿地", 4),
+               _item(q, "C", "草甸", 5))
+    ids |= _put(engine, theirs, _item(r, "H", "冻土", 6), _item(r, "G", "冰川", 7))
+    worker = make_worker()
+    drain(worker)
+    ref = PartnerRef(partner.partner_id, "canonical")
+    faults.reject_ids = {ids["A"]}
+    if refused == "withdrawal":
+        withdraw(engine, ref, "A", now=NOW)
+    else:  # another authorship, same paper: a conflict of H, sent as a 0-hour version
+        [conflict] = ingest(engine, ref, [_item(r, "A", "冻土", 6, authorship="co")], now=NOW)
+        assert conflict.status.value == "conflict", conflict
+    drain(worker)
+    assert _queued_versions(engine, ids["A"]) == {1: "delivered", 2: "dead"}
+    assert list(_pins(engine)) == [ids["A"]]
+    assert _holds(engine, url, ids, q) == PAPER
+    [repeat] = ingest(engine, ref, [_item(r, "A", "冰川", 7)], now=NOW)
+    assert repeat.status.value == "duplicate", repeat
+    assert _queued_versions(engine, ids["A"]) == {1: "delivered", 2: "dead"}
+    assert _row(engine, ids["A"])["current_version"] == 3
+    assert list(_pins(engine)) == [ids["A"]]
+    [change] = _report(engine, q)["refused_changes"]
+    assert (change["record_id"], change["version"], change["delivery"], change["status"],
+            change["applied_version"], change["applied_hours"]) == (
+        ids["A"], 2, "dead", "duplicate", 1, "10.0")
+    assert _report(engine, r)["refused_changes"] == []
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _holds(engine, url, ids, r) == PAPER
+    faults.reject_ids = set()
+    assert _reprocess(engine, error_code="DOWNSTREAM_REJECTED") == 1
+    assert _queued_versions(engine, ids["A"]) == {1: "delivered", 2: "pending"}
+    assert _pins(engine) == {}
+    drain(worker)
+    assert _applied(url, ids["A"])[-1]["version"] == 2
+    assert _credited(engine, ids)["C"] == "10.0"
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _holds(engine, url, ids, r) == PAPER
+    assert _report(engine, q)["refused_changes"] == []
+    # G withdrawn: A (its repeat) takes over and counts for r (H 10 h, A 10 h).
+    withdraw(engine, PartnerRef(theirs.partner_id, "canonical"), "G", now=NOW)
+    drain(worker)
+    last = _applied(url, ids["A"])[-1]["record"]
+    assert (last["person"]["id_number"] == r.id_number, last["activity"]["title"],
+            last["credited_hours"]) == (True, "冰川", "10.0")
+    assert _holds(engine, url, ids, r) == PAPER
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _pins(engine) == {}
+
+
+# -- the report of such a record through the API, the CLI and the console -------------------------
+
+CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_pinned_record_behind_an_unsent_move_in_the_api_cli_and_console(
+        db_url: str, engine: Engine, new_partner: Callable[..., Partner],
+        mock_ce: tuple[str, Faults], make_worker: MakeWorker,
+        make_settings: Callable[..., Settings], new_operator: Callable[..., str]) -> None:
+    """The state of the test above before the reprocess, read from outside.
+
+    q's report lists A under ``refused_changes`` with version 2 (the refused withdrawal, the
+    last sent) and ``delivery`` "dead", and counts its 10 h; the API's answer validates against
+    its schema and equals the report; the CLI prints the same; A's console page opens.
+    """
+    url, faults = mock_ce
+    ids, ref, q, r, _ = _pinned_by_a_refused_withdrawal(
+        engine, mock_ce, make_worker, new_partner, 4301)
+    [repeat] = ingest(engine, ref, [_item(r, "A", "冻土", 6)], now=NOW)
+    assert repeat.status.value == "duplicate", repeat
+    want = _report(engine, q)
+    [change] = want["refused_changes"]
+    assert (change["version"], change["delivery"], change["delivery_code"],
+            change["status"], change["applied_hours"]) == (2, "dead", "DOWNSTREAM_REJECTED",
+                                                           "duplicate", "10.0")
+    assert want["by_type"]["paper"]["credited"] == "20.0"
+    viewer = new_operator(engine, role="viewer")
+    operator = new_operator(engine)
+    with uvicorn_thread(create_app(make_settings(db_url, url), run_worker=False)) as gw:
+        resp = httpx.get(f"{gw}/v1/compliance/{q.id_number}/2026",
+                         headers={"Authorization": f"Bearer {viewer}"})
+        assert resp.status_code == 200, resp.text
+        got = resp.json()
+        assert compliance.ComplianceReport.model_validate(got).model_dump(mode="json") == got
+        assert got == want
+        assert q.id_number not in resp.text
+        for who in (r,):  # A's row is r's now; r's report does not list it
+            other = httpx.get(f"{gw}/v1/compliance/{who.id_number}/2026",
+                              headers={"Authorization": f"Bearer {viewer}"}).json()
+            assert other["refused_changes"] == [] and other["by_type"]["paper"]["credited"] == "10.0"
+        with httpx.Client(base_url=gw, follow_redirects=False, timeout=10) as client:
+            page = client.get("/ops/login", params={"next": "/ops"})
+            token = CSRF.search(page.text)
+            assert token is not None
+            assert client.post("/ops/login", data={"token": operator, "csrf": token.group(1),
+                                                   "next": "/ops"}).status_code == 303
+            for path in (f"/ops/records/{ids['A']}", f"/ops/records/{ids['C']}",
+                         "/ops/deliveries?status=dead"):
+                shown = client.get(path)
+                assert shown.status_code == 200, (path, shown.status_code, shown.text[-800:])
+                assert q.id_number not in shown.text and r.id_number not in shown.text
+    env = {"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_SECRET_KEY": SECRET_KEY,
+           "COLUMNS": "250"}
+    as_json = cli(env, "compliance", q.id_number, "2026", "--json")
+    assert as_json.returncode == 0, as_json.stderr[-800:]
+    assert json.loads(as_json.stdout) == want
+    table = cli(env, "compliance", q.id_number, "2026")
+    assert table.returncode == 0, table.stderr[-800:]
+    assert q.id_number not in table.stdout + table.stderr
+    assert "v2" in table.stdout and "v1 10.0 h" in table.stdout, table.stdout
+    assert "DOWNSTREAM_REJECTED" in table.stdout and "duplicate" in table.stdout
+    assert mask_id(q.id_number) in table.stdout
