@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import threading
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -276,3 +277,120 @@ def test_a_pinned_record_behind_an_unsent_move_in_the_api_cli_and_console(
     assert "v2" in table.stdout and "v1 10.0 h" in table.stdout, table.stdout
     assert "DOWNSTREAM_REJECTED" in table.stdout and "duplicate" in table.stdout
     assert mask_id(q.id_number) in table.stdout
+
+
+# -- the worker pins a record when an older version lands behind a refused one ---------------------
+
+def _landing_setup(engine: Engine, new_partner: Callable[..., Partner],
+                   mock_ce: tuple[str, Faults], make_worker: MakeWorker, seed: int,
+                   ) -> tuple[dict[str, str], PartnerRef, GenPerson, GenPerson, Any]:
+    """A's version 1 dead RETRIES_EXHAUSTED (an outage), its withdrawal refused, then A
+    corrected into a repeat of r's H (not sent: A is withdrawn, not counted).
+
+    The mock has none of A; B and C count 10 h each of q's papers.
+    """
+    url, faults = mock_ce
+    partner, theirs = new_partner(engine), new_partner(engine)
+    q, r = make_person(random.Random(seed)), make_person(random.Random(seed + 1))
+    ids = _put(engine, partner, _item(q, "A", "盐湖", 3), _item(q, "B", "湿地", 4),
+               _item(q, "C", "草甸", 5))
+    ids |= _put(engine, theirs, _item(r, "H", "冻土", 6))
+    faults.error_rate = 1.0
+    drain(make_worker(delivery_max_attempts=1))
+    faults.error_rate = 0.0
+    with engine.connect() as conn:
+        assert set(conn.execute(select(outbox.c.error_code).where(
+            outbox.c.record_id.in_(list(ids.values())))).scalars()) == {"RETRIES_EXHAUSTED"}
+    assert _reprocess(engine, error_code="RETRIES_EXHAUSTED",
+                      record_ids=(ids["B"], ids["C"], ids["H"])) == 3
+    worker = make_worker()
+    drain(worker)
+    faults.reject_ids = {ids["A"]}
+    ref = PartnerRef(partner.partner_id, "canonical")
+    withdraw(engine, ref, "A", now=NOW)
+    drain(worker)
+    faults.reject_ids = set()
+    assert _queued_versions(engine, ids["A"]) == {1: "dead", 2: "dead"}
+    assert _credited(engine, ids) == {"A": "0.0", "B": "10.0", "C": "10.0", "H": "10.0"}
+    assert _holds(engine, url, ids, q) == PAPER
+    [repeat] = ingest(engine, ref, [_item(r, "A", "冻土", 6)], now=NOW)
+    assert repeat.status.value == "duplicate", repeat
+    assert _queued_versions(engine, ids["A"]) == {1: "dead", 2: "dead"}
+    return ids, ref, q, r, worker
+
+
+def test_an_older_version_landing_behind_a_refused_one_and_an_unsent_one_is_pinned(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    url, _ = mock_ce
+    ids, _, q, r, worker = _landing_setup(engine, new_partner, mock_ce, make_worker, 4401)
+    assert _reprocess(engine, error_code="RETRIES_EXHAUSTED") == 1  # A's version 1
+    drain(worker)
+    assert [v["version"] for v in _applied(url, ids["A"])] == [1]
+    assert list(_pins(engine)) == [ids["A"]]
+    assert _credited(engine, ids)["C"] == "0.0"
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _holds(engine, url, ids, r) == 10
+    [change] = _report(engine, q)["refused_changes"]
+    assert (change["version"], change["delivery"], change["status"], change["applied_version"],
+            change["applied_hours"]) == (2, "dead", "duplicate", 1, "10.0")
+    # The refused withdrawal reprocessed (nothing later was sent): applied, the pin ends.
+    assert _reprocess(engine, error_code="DOWNSTREAM_REJECTED") == 1
+    drain(worker)
+    assert _applied(url, ids["A"])[-1]["record"]["withdrawn"] is True
+    assert _pins(engine) == {}
+    assert _credited(engine, ids)["C"] == "10.0"
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _report(engine, q)["refused_changes"] == []
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)],
+                         indirect=True)
+def test_an_older_version_landing_while_a_correction_is_sent_on_postgresql(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    """As above, but A's version 1 lands while the partner corrects A into q's training.
+
+    Whichever commits first, once both are in and the outbox drained the correction is what
+    the mock counts last, no pin is left, C has the 10 h and the report agrees with the mock.
+    """
+    url, _ = mock_ce
+    for round_ in range(3):
+        ids, ref, q, r, worker = _landing_setup(engine, new_partner, mock_ce, make_worker,
+                                                4501 + 10 * round_)
+        assert _reprocess(engine, error_code="RETRIES_EXHAUSTED", record_ids=(ids["A"],)) == 1
+        gate = threading.Barrier(2, timeout=10)
+        failures: list[BaseException] = []
+
+        def deliver(w: Any = worker) -> None:
+            try:
+                gate.wait()
+                drain(w)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+
+        def correct(partner: PartnerRef = ref, person: GenPerson = q) -> None:
+            try:
+                gate.wait()
+                [answer] = ingest(engine, partner, [_training(person, "A", "高原病防治")], now=NOW)
+                assert answer.status.value == "corrected", (answer.status, answer.errors)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=deliver), threading.Thread(target=correct)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), "a thread hung"
+        assert not failures, failures
+        drain(worker)
+        last = _applied(url, ids["A"])[-1]["record"]
+        assert (last["activity_type"], last["withdrawn"]) == ("training", False), (round_, last)
+        assert _pins(engine) == {}, round_
+        assert _credited(engine, ids)["C"] == "10.0", round_
+        assert _holds(engine, url, ids, q) == PAPER
+        assert _holds(engine, url, ids, q, "training") == 8
+        assert _holds(engine, url, ids, r) == 10
+        report = _report(engine, q)
+        assert report["refused_changes"] == [] and report["not_counted"] == [], round_
