@@ -1,5 +1,6 @@
-"""Third review of refused pins (05cf66f, 74f2853, 8badda6): "a refusal stands until a later
-version is sent".
+"""Third review of refused pins (05cf66f, 74f2853, 8badda6): a refusal stands until a send.
+
+"A refusal stands until a later version is sent".
 
 Real ingest, the real delivery worker, ops reprocess and the API/CLI/console against the mock
 management system on uvicorn (127.0.0.1), on SQLite and PostgreSQL.  The invariant attacked:
@@ -22,7 +23,6 @@ import random
 import re
 import threading
 from collections.abc import Callable
-from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -74,7 +74,7 @@ def _pinned_by_a_refused_withdrawal(
         engine: Engine, mock_ce: tuple[str, Faults], make_worker: MakeWorker,
         new_partner: Callable[..., Partner], seed: int,
 ) -> tuple[dict[str, str], PartnerRef, GenPerson, GenPerson, Any]:
-    """q's papers A, B, C (10, 10, 0 h); r's paper H (another partner); A's withdrawal refused.
+    """Papers A, B, C of q (10, 10, 0 h); r's paper H (another partner); A's withdrawal refused.
 
     The mock keeps A's version 1 (10 h of q's papers): A is pinned there, C stays at 0 h.
     """
@@ -105,7 +105,9 @@ def _pinned_by_a_refused_withdrawal(
 def test_a_pinned_record_corrected_unsent_then_sent_frees_its_old_group_once(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker, how: str, into: str) -> None:
-    """A pinned (refused withdrawal); A → a repeat of r's H (not sent: A was not counted);
+    """A pinned, corrected unsent, then corrected sent: its old group is freed once.
+
+    A is pinned (refused withdrawal); A → a repeat of r's H (not sent: A was not counted);
     then A → a counted version (sent): the pin ends, q's papers are allocated again once.
 
     ``training``: A becomes q's training, so C takes A's 10 h of papers.  ``paper_of_q``: A
@@ -156,7 +158,9 @@ def test_a_pinned_record_corrected_unsent_then_sent_frees_its_old_group_once(
 def test_reprocessing_the_refused_last_sent_version_behind_an_unsent_move_ends_the_pin(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker, refused: str) -> None:
-    """A's last sent version (a withdrawal, or the 0-hour version of A turned into a conflict
+    """Ops reprocess a refused version that is not the record's current one.
+
+    A's last sent version (a withdrawal, or the 0-hour version of A turned into a conflict
     of r's H) is refused: pinned at q's papers.  A is then corrected into a repeat of r's G (not
     sent: A does not count); its records row is r's now.  Ops reprocess the refused version
     (not A's current one): it is allowed (nothing later was queued), the mock applies it, the
@@ -284,8 +288,10 @@ def test_a_pinned_record_behind_an_unsent_move_in_the_api_cli_and_console(
 def _landing_setup(engine: Engine, new_partner: Callable[..., Partner],
                    mock_ce: tuple[str, Faults], make_worker: MakeWorker, seed: int,
                    ) -> tuple[dict[str, str], PartnerRef, GenPerson, GenPerson, Any]:
-    """A's version 1 dead RETRIES_EXHAUSTED (an outage), its withdrawal refused, then A
-    corrected into a repeat of r's H (not sent: A is withdrawn, not counted).
+    """A's version 1 dead RETRIES_EXHAUSTED, its withdrawal refused, then an unsent repeat.
+
+    Version 1 died in an outage; the withdrawal was refused; then A is corrected into a
+    repeat of r's H (not sent: A is withdrawn, not counted).
 
     The mock has none of A; B and C count 10 h each of q's papers.
     """
@@ -362,14 +368,17 @@ def test_an_older_version_landing_while_a_correction_is_sent_on_postgresql(
         gate = threading.Barrier(2, timeout=10)
         failures: list[BaseException] = []
 
-        def deliver(w: Any = worker) -> None:
+        def deliver(w: Any = worker, gate: threading.Barrier = gate,
+                    failures: list[BaseException] = failures) -> None:
             try:
                 gate.wait()
                 drain(w)
             except BaseException as exc:  # noqa: BLE001 - reported below
                 failures.append(exc)
 
-        def correct(partner: PartnerRef = ref, person: GenPerson = q) -> None:
+        def correct(partner: PartnerRef = ref, person: GenPerson = q,
+                    gate: threading.Barrier = gate,
+                    failures: list[BaseException] = failures) -> None:
             try:
                 gate.wait()
                 [answer] = ingest(engine, partner, [_training(person, "A", "高原病防治")], now=NOW)
@@ -394,3 +403,31 @@ def test_an_older_version_landing_while_a_correction_is_sent_on_postgresql(
         assert _holds(engine, url, ids, r) == 10
         report = _report(engine, q)
         assert report["refused_changes"] == [] and report["not_counted"] == [], round_
+
+
+def test_a_pinned_unsent_repeat_taking_over_by_succession_ends_the_pin(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: MakeWorker) -> None:
+    """A pinned unsent repeat that takes its activity over is sent, and its pin ends.
+
+    A pinned (refused withdrawal), then an unsent repeat of r's H; H withdrawn: A takes
+    over (accept_held) with its unsent version, which is sent now: q's papers are freed.
+    """
+    url, faults = mock_ce
+    ids, ref, q, r, worker = _pinned_by_a_refused_withdrawal(
+        engine, mock_ce, make_worker, new_partner, 4601)
+    [repeat] = ingest(engine, ref, [_item(r, "A", "冻土", 6)], now=NOW)
+    assert repeat.status.value == "duplicate", repeat
+    faults.reject_ids = set()
+    with engine.connect() as conn:
+        holder = conn.execute(select(records.c.partner_id, records.c.source_record_id).where(
+            records.c.record_id == ids["H"])).one()
+    withdraw(engine, PartnerRef(holder.partner_id, "canonical"), "H", now=NOW)
+    drain(worker)
+    assert _pins(engine) == {}
+    last = _applied(url, ids["A"])[-1]["record"]
+    assert (last["person"]["id_number"] == r.id_number, last["credited_hours"]) == (True, "10.0")
+    assert _credited(engine, ids)["C"] == "10.0"
+    assert _holds(engine, url, ids, q) == PAPER
+    assert _holds(engine, url, ids, r) == 10
+    assert _report(engine, q)["refused_changes"] == []
