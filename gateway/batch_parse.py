@@ -198,8 +198,20 @@ class RowParser:
         if exc_type is not None:
             # A worker may hang (or be dead): waiting for it would hang this processor too.
             # Nothing in flight is needed any more: its rows are parsed again on resume.
-            for process in list(getattr(self._pool, "_processes", {}).values()):
+            processes = list(getattr(self._pool, "_processes", {}).values())
+            for process in processes:
                 process.kill()
+            for process in processes:
+                process.join(5)
+            # A worker killed while writing its answer leaves half a message in the result
+            # pipe, and the executor's manager thread reads it forever: shutdown() joined it
+            # and hung the batch processor.  With every worker dead, closing our own end of the
+            # pipe is its last writer gone: the read ends (EOF), the pool counts as broken, and
+            # shutdown returns.
+            results = getattr(self._pool, "_result_queue", None)
+            writer = getattr(results, "_writer", None)
+            if writer is not None and not any(p.is_alive() for p in processes):
+                writer.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def chunks(self, rows: Iterable[Row], size: int) -> Iterator[list[tuple[Item, Decimal]]]:
