@@ -471,10 +471,48 @@ def _frozen_holding(store: Engine, worker: WorkerProcess) -> bool:
     if not _leases_of(store, worker):
         return False
     os.kill(worker.pid, signal.SIGSTOP)
+    # Stopped, and whatever it sent before it stopped (a COMMIT that releases its lease) done:
+    # else the lease seen now may be gone by the kill ("the kill came too late").
+    try:
+        poll(lambda: _stopped(worker.pid) and not _busy_backends(store, worker.pid), 5,
+             interval=0.005, what="the frozen worker's statements to settle")
+    except AssertionError:  # a statement of its own waits on a lock: thaw, try another time
+        os.kill(worker.pid, signal.SIGCONT)
+        return False
     if _leases_of(store, worker):
         return True
     os.kill(worker.pid, signal.SIGCONT)
     return False
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped by a signal (state ``T`` in /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+def _busy_backends(store: Engine, pid: int) -> int:
+    """PostgreSQL backends of ``pid``'s connections still running a statement."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[9] in inodes:
+                ports.append(int(cols[1].rsplit(":", 1)[1], 16))
+    if not ports:
+        return 0
+    with store.connect() as conn:
+        return int(conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND client_port = ANY(%s)",
+            (ports,)).scalar_one())
 
 
 def _leases_of(store: Engine, worker: WorkerProcess) -> set[str]:
