@@ -157,7 +157,8 @@ class RefusedChange(_Refused):
     applied_version: int = Field(description="the last version the management system applied")
     applied_hours: str | None = Field(
         description="the credited hours of that version, which it still counts and the totals "
-                    "include; null when its payload was pruned (retention)")
+                    "include; null when its payload was pruned (retention) by a stub that "
+                    "kept no counts")
 
 
 class ComplianceReport(BaseModel):

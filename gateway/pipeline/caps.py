@@ -48,7 +48,7 @@ ZERO = Decimal(0)
 REFUSED_FOR_GOOD = frozenset({"DOWNSTREAM_REJECTED"})
 
 
-# A record whose applied version's group cannot be known (its payload was pruned): it is taken
+# A record whose applied version's group cannot be known (pruned by a stub with no counts): taken
 # to hold its share wherever it is, as before the payloads were read.
 ANY_GROUP: Group = ("", 0, "*")
 
