@@ -409,8 +409,8 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
                    as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """One person's year: credited hours by category and type, what is missing, which records.
 
-    Records whose current version the management system refused (DOWNSTREAM_REJECTED) are
-    listed apart as not counted.
+    Records whose last version sent the management system refused (DOWNSTREAM_REJECTED) are
+    listed apart; what it still counts of an earlier version is in the totals.
     """
     from rich.markup import escape
     from rich.table import Column, Table
@@ -452,12 +452,14 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
                             there)
         console.print(refused)
     if result["refused_changes"]:
-        # Withdrawals and 0-hour versions it refused: it may still count the earlier hours.
+        # Withdrawals and 0-hour versions it refused: it still counts the earlier hours, and so
+        # do the totals above.
         # "still counted": the version it applied and its hours, never cut short.
         changes = Table("record", "partner", "here", "refused", "code", "reason",
                         Column("still counted", no_wrap=True),
                         title="changes refused by the management system (it still counts the "
-                              "version it applied) 管理系统拒收的变更（仍计入其已接收的版本）",
+                              "version it applied, and so do the totals) "
+                              "管理系统拒收的变更（仍计入其已接收的版本，已计入合计）",
                         style="yellow")
         for r in result["refused_changes"]:
             hours = "?" if r["applied_hours"] is None else r["applied_hours"]

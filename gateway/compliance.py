@@ -117,7 +117,7 @@ class ComplianceRecord(_RecordHours):
 
 
 class _Refused(_RecordHours):
-    """A record whose current version the management system refused for good."""
+    """A record whose last version sent the management system refused for good."""
 
     version: int = Field(description="the refused version: the current one, or the last one "
                                      "sent when a later one was not (it did not count)")
