@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -52,6 +53,7 @@ Row = tuple[int, dict[str, Any]]
 # 1.2× (wall 23-29 s → 17-25 s on the same machine; benchmarks/RESULTS.md).  A 2,000-row
 # chunk's answers pickle to ~2.5 MB; peak RSS did not move (217 vs 220 MB at 200,000 rows).
 IN_FLIGHT_PER_WORKER = 4
+WORKER_CHECK_SECONDS = 1.0  # how often a wait for a chunk checks that the workers are alive
 # (row, raw cells when rejected, errors as dicts, native credits, prepared, native source id,
 #  (source id, content hash) of a row the rules refused: a resend of a stored row is a duplicate)
 Shipped = tuple[int | None, Any, list[dict[str, Any]], str | None, Prepared | None, str | None,
@@ -229,4 +231,25 @@ class RowParser:
                 in_flight.append(self._pool.submit(parse_rows, self.job, batch))
             if not in_flight:
                 return
-            yield [to_item(s) for s in in_flight.popleft().result(timeout=self.timeout)]
+            yield [to_item(s) for s in self._answer(in_flight.popleft())]
+
+    def _answer(self, future: Future[list[Shipped]]) -> list[Shipped]:
+        """A worker's chunk; :class:`BrokenProcessPool` as soon as a worker is found dead.
+
+        The executor notices a dead worker by itself, except one killed while writing its
+        answer: its manager thread then waits for the rest of that message, and the future
+        would wait with it until the stall timeout (``TimeoutError``, 15 min by default).
+        """
+        assert self._pool is not None
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            wait = WORKER_CHECK_SECONDS if deadline is None else min(
+                WORKER_CHECK_SECONDS, max(0.0, deadline - time.monotonic()))
+            try:
+                return future.result(timeout=wait)
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            processes = getattr(self._pool, "_processes", None) or {}
+            if any(p.exitcode is not None for p in list(processes.values())):
+                raise BrokenProcessPool("a parse worker died (killed while it answered)")
