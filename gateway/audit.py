@@ -110,42 +110,68 @@ def verify(conn: Connection, chunk: int = 5000) -> VerifyResult:
     re-hashed* is named through its successor; a cut tail disagrees with ``audit_head``.  A
     rewrite of everything from some event on, head included, needs an anchor kept outside the
     database to be seen (docs/retention-and-audit.md).
+
+    A running gateway appends while this walks, and each read sees what is committed by then
+    (READ COMMITTED; SQLite outside a write).  An appender moves the head and adds its events
+    in one transaction, so after the head is read every event up to it can be read too: the
+    walk goes on to the head it read, and only a chain that still ends short of it is cut.
     """
-    prev, expected_seq, checked = GENESIS_HASH, 1, 0
-    last_seq = 0
-    while True:
-        rows = conn.execute(
-            select(audit_events).where(audit_events.c.seq >= expected_seq)
-            .order_by(audit_events.c.seq).limit(chunk)
-        ).mappings().all()
-        if not rows:
-            break
-        for row in rows:
-            seq = int(row["seq"])
-            if seq != expected_seq:
-                return VerifyResult(False, checked, expected_seq,
-                                    f"event {expected_seq} is missing (next present is {seq})",
-                                    "missing")
-            if row["prev_hash"] != prev:
-                if seq > 1 and _hash(row["prev_hash"], seq, dict(row)) == row["hash"]:
-                    # This event is intact as chained; its predecessor is not the event it was
-                    # chained to: that one was edited and re-hashed (or replaced).
-                    return VerifyResult(False, checked - 1, seq - 1,
-                                        f"event {seq - 1} was rewritten: event {seq} was chained "
-                                        "to a different hash", "rewritten")
-                return VerifyResult(False, checked, seq, "prev_hash does not match the previous event",
-                                    "unchained")
-            if _hash(prev, seq, dict(row)) != row["hash"]:
-                return VerifyResult(False, checked, seq, "event content does not match its hash",
-                                    "altered")
-            prev, expected_seq, last_seq = row["hash"], seq + 1, seq
-            checked += 1
+    walk = _Walk()
+    if (bad := walk.through(conn, chunk)) is not None:
+        return bad
     head = conn.execute(select(audit_head).where(audit_head.c.id == 1)).mappings().one()
-    if int(head["last_seq"]) != last_seq or head["last_hash"] != prev:
-        return VerifyResult(False, checked, last_seq + 1,
-                            f"chain ends at {last_seq} but the head says {head['last_seq']}",
+    head_seq = int(head["last_seq"])
+    if head_seq > walk.last_seq:  # appended since the walk's last read: read on to this head
+        if (bad := walk.through(conn, chunk, up_to=head_seq)) is not None:
+            return bad
+    if head_seq != walk.last_seq or head["last_hash"] != walk.prev:
+        return VerifyResult(False, walk.checked, walk.last_seq + 1,
+                            f"chain ends at {walk.last_seq} but the head says {head_seq}",
                             "truncated")
-    return VerifyResult(True, checked)
+    return VerifyResult(True, walk.checked)
+
+
+@dataclass
+class _Walk:
+    """Where a walk of the chain stands: the last good event and its hash."""
+
+    prev: str = GENESIS_HASH
+    last_seq: int = 0
+    checked: int = 0
+
+    def through(self, conn: Connection, chunk: int, up_to: int | None = None) -> VerifyResult | None:
+        """Check every event after the last good one (up to ``up_to``); the first bad one."""
+        while True:
+            query = select(audit_events).where(audit_events.c.seq > self.last_seq)
+            if up_to is not None:
+                query = query.where(audit_events.c.seq <= up_to)
+            rows = conn.execute(query.order_by(audit_events.c.seq).limit(chunk)).mappings().all()
+            if not rows:
+                return None
+            for row in rows:
+                if (bad := self._check(row)) is not None:
+                    return bad
+
+    def _check(self, row: Any) -> VerifyResult | None:
+        seq, expected = int(row["seq"]), self.last_seq + 1
+        if seq != expected:
+            return VerifyResult(False, self.checked, expected,
+                                f"event {expected} is missing (next present is {seq})", "missing")
+        if row["prev_hash"] != self.prev:
+            if seq > 1 and _hash(row["prev_hash"], seq, dict(row)) == row["hash"]:
+                # This event is intact as chained; its predecessor is not the event it was
+                # chained to: that one was edited and re-hashed (or replaced).
+                return VerifyResult(False, self.checked - 1, seq - 1,
+                                    f"event {seq - 1} was rewritten: event {seq} was chained "
+                                    "to a different hash", "rewritten")
+            return VerifyResult(False, self.checked, seq,
+                                "prev_hash does not match the previous event", "unchained")
+        if _hash(self.prev, seq, dict(row)) != row["hash"]:
+            return VerifyResult(False, self.checked, seq, "event content does not match its hash",
+                                "altered")
+        self.prev, self.last_seq = row["hash"], seq
+        self.checked += 1
+        return None
 
 
 def events_for(conn: Connection, record_ids: Iterable[str]) -> list[dict[str, Any]]:

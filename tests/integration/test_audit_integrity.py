@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, select, update
 from typer.testing import CliRunner
 
 from gateway import audit
@@ -27,7 +27,7 @@ from gateway.config import Settings, get_settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.pipeline.ingest import PartnerRef, ingest
 from gateway.retention import prune
-from gateway.store.db import make_engine
+from gateway.store.db import make_engine, normalize_url
 from gateway.store.tables import audit_events, audit_head
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
@@ -197,3 +197,50 @@ def test_every_kind_of_tampering_is_named_at_its_first_bad_event_by_cli_and_api(
         assert {rid: audit.events_for(conn, [rid]) for rid in record_ids} == before
         last = conn.execute(select(audit_events).where(audit_events.c.seq == n + 1)).mappings().one()
     assert (last["kind"], last["actor"], last["record_id"]) == ("retention_pruned", "ops-lead", None)
+
+
+@pytest.mark.parametrize("when", ["before the head is read", "between two reads of the chain"])
+def test_a_trail_the_gateway_appends_to_while_it_is_walked_verifies(
+        db_url: str, store: Engine, make_settings: Callable[..., Settings],
+        new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults], when: str) -> None:
+    """``audit verify`` on a live gateway: events committed during the walk are not a cut tail.
+
+    The reader is a plain connection (each read sees what is committed by then, as PostgreSQL's
+    READ COMMITTED does); the gateway's engine appends real events from another connection at
+    the scripted moment.  Before, an append just before the head was read made a sound trail
+    'truncated' (a CI run of the SIGKILL batch test: 'chain ends at 22922 but the head says
+    23778').
+    """
+    _build_trail(store, new_partner(store), make_settings(db_url, mock_ce[0]))
+    with store.connect() as conn:
+        n = int(conn.execute(select(audit_head.c.last_seq)).scalar_one())
+    reader = create_engine(normalize_url(db_url))
+    chain_reads: list[str] = []
+    appended: list[int] = []
+
+    def append_once(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        reads_head = "FROM audit_head" in statement
+        if not reads_head:
+            chain_reads.append(statement)
+        due = reads_head if when.startswith("before") else len(chain_reads) == 2
+        if due and not appended:
+            with store.begin() as conn:
+                audit.append(conn, [audit.Event("delivered", actor="gateway")] * 3)
+            appended.append(3)
+
+    event.listen(reader, "before_cursor_execute", append_once)
+    try:
+        with reader.connect() as conn:
+            result = audit.verify(conn, chunk=4)
+    finally:
+        reader.dispose()
+    assert appended == [3], "the append never happened: the test tested nothing"
+    assert result.as_dict() == {"ok": True, "checked": n + 3, "first_bad_seq": None,
+                                "reason": None, "problem": None}
+
+    # A tail cut for real is still found while the gateway appends.
+    with store.begin() as conn:
+        conn.execute(delete(audit_events).where(audit_events.c.seq == n + 3))
+    with store.connect() as conn:
+        cut = audit.verify(conn, chunk=4)
+    assert (cut.ok, cut.first_bad_seq, cut.problem) == (False, n + 3, "truncated")
