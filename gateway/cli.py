@@ -221,9 +221,10 @@ def operator_add(
 def audit_verify(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Walk the hash chain; exit 1 and name the first bad event on any edit, deletion or move."""
     from gateway import audit
+    from gateway.store.db import reading
 
     engine = _engine(_settings(), migrate=False)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         result = audit.verify(conn)
     engine.dispose()
     if as_json:

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, select, update
+from sqlalchemy import Connection, Engine, delete, event, insert, select, update
 from typer.testing import CliRunner
 
 from gateway import audit
@@ -27,7 +27,7 @@ from gateway.config import Settings, get_settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.pipeline.ingest import PartnerRef, ingest
 from gateway.retention import prune
-from gateway.store.db import make_engine, normalize_url
+from gateway.store.db import make_engine, reading
 from gateway.store.tables import audit_events, audit_head
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
@@ -205,16 +205,22 @@ def test_a_trail_the_gateway_appends_to_while_it_is_walked_verifies(
         new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults], when: str) -> None:
     """``audit verify`` on a live gateway: events committed during the walk are not a cut tail.
 
-    The reader is a plain connection (each read sees what is committed by then, as PostgreSQL's
-    READ COMMITTED does); the gateway's engine appends real events from another connection at
-    the scripted moment.  Before, an append just before the head was read made a sound trail
-    'truncated' (a CI run of the SIGKILL batch test: 'chain ends at 22922 but the head says
-    23778').
+    Verify reads as the CLI and the API do (``store.db.reading``: each read sees what is
+    committed by then, PostgreSQL's READ COMMITTED and SQLite without a transaction), and a
+    gateway engine appends real events from another connection at the scripted moment.
+    Before, an append just before the head was read made a sound trail 'truncated' (a CI run
+    of the SIGKILL batch test: 'chain ends at 22922 but the head says 23778'); and on SQLite
+    verify held the write lock for its whole walk, so the append mid-walk waited for it (here
+    it gives up after 2 s instead of the gateway's 60).
     """
     _build_trail(store, new_partner(store), make_settings(db_url, mock_ce[0]))
     with store.connect() as conn:
         n = int(conn.execute(select(audit_head.c.last_seq)).scalar_one())
-    reader = create_engine(normalize_url(db_url))
+    gateway_engine = make_engine(db_url)
+    if gateway_engine.dialect.name == "sqlite":
+        event.listen(gateway_engine, "connect",
+                     lambda dbapi_conn, _: dbapi_conn.execute("PRAGMA busy_timeout=2000"))
+    reader = make_engine(db_url)
     chain_reads: list[str] = []
     appended: list[int] = []
 
@@ -224,16 +230,17 @@ def test_a_trail_the_gateway_appends_to_while_it_is_walked_verifies(
             chain_reads.append(statement)
         due = reads_head if when.startswith("before") else len(chain_reads) == 2
         if due and not appended:
-            with store.begin() as conn:
+            with gateway_engine.begin() as conn:
                 audit.append(conn, [audit.Event("delivered", actor="gateway")] * 3)
             appended.append(3)
 
     event.listen(reader, "before_cursor_execute", append_once)
     try:
-        with reader.connect() as conn:
+        with reading(reader) as conn:
             result = audit.verify(conn, chunk=4)
     finally:
         reader.dispose()
+        gateway_engine.dispose()
     assert appended == [3], "the append never happened: the test tested nothing"
     assert result.as_dict() == {"ok": True, "checked": n + 3, "first_bad_seq": None,
                                 "reason": None, "problem": None}

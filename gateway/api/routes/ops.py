@@ -17,6 +17,7 @@ from gateway.api.deps import operator, state_of
 from gateway.errors import NotFound
 from gateway.masking import mask_text
 from gateway.ops.records import record_view
+from gateway.store.db import reading
 
 router = APIRouter(prefix="/v1", tags=["ops"])
 Viewer = Annotated[Operator, Depends(operator)]
@@ -70,5 +71,5 @@ def get_audit(request: Request, _: Viewer, record_id: Annotated[str, Query()]) -
 
 @router.get("/audit/verify", summary="Walk the hash chain; name the first bad event")
 def verify_audit(request: Request, _: Viewer) -> dict[str, Any]:
-    with state_of(request).engine.connect() as conn:
+    with reading(state_of(request).engine) as conn:
         return audit.verify(conn).as_dict()
