@@ -115,6 +115,13 @@ def edit_and_requeue(engine: Engine, settings: Settings, record_id: str, changes
             raise refuse("changes", f"the edited record was judged {answer.status.value}, "
                          "not a correction; nothing was changed",
                          f"修改后的记录被判定为 {answer.status.value}，不是更正；未做任何更改")
+        if answer.version != version + 1:
+            # A partner's correction was stored after this edit read version ``version``: the
+            # edit of that stale content must not supersede it (the partner's stands).
+            raise OpsConflict("NOT_EDITABLE", detail=f"(record {record_id} changed meanwhile: "
+                              f"version {answer.version - 1} is current, not {version})",
+                              detail_zh=f"（记录 {record_id} 已被更新：当前为第 "
+                              f"{answer.version - 1} 版，而非第 {version} 版）")
         moved = conn.execute(update(outbox).where(
             outbox.c.id == dead.id, outbox.c.status == "dead").values(
             status="superseded", updated_at=now)).rowcount
