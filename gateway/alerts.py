@@ -17,7 +17,8 @@ Conditions, each with a key naming one occurrence (``alert_state.key``):
 
 :func:`evaluate` (the ``alerts`` job every ``ALERT_INTERVAL_SECONDS``, or ``ce-gateway alerts
 check``) computes the active conditions at ``now``, marks rows of conditions that went away
-``cleared_at`` (so a recurrence fires again), and fires each active condition without a live
+``cleared_at`` (so a recurrence fires again; only rows live before it read the conditions
+and not claimed by another evaluator since), and fires each active condition without a live
 row.  Firing is *claim, post, mark sent*, three steps with no transaction open during the post
 (on SQLite a transaction holds the store's one write lock — every ingest, nonce, delivery and
 batch chunk would wait for the robot; on PostgreSQL it would hold a pooled connection idle in
@@ -345,15 +346,29 @@ def _fire(engine: Engine, settings: Settings, client: httpx.Client, condition: C
     result.fired.append(condition.key)
 
 
-def _clear(engine: Engine, active: set[str], now: datetime) -> list[str]:
-    with engine.begin() as conn:
-        live = conn.execute(select(alert_state.c.key).where(alert_state.c.cleared_at.is_(None))).scalars()
-        gone = sorted(key for key in live if key not in active)
-        if gone:
-            conn.execute(update(alert_state)
-                         .where(alert_state.c.key.in_(gone), alert_state.c.cleared_at.is_(None))
-                         .values(cleared_at=now))
-    return gone
+def _live(conn: Connection) -> dict[str, datetime]:
+    """The alerts not cleared, each with its claim's time."""
+    return {str(key): fired_at for key, fired_at in conn.execute(
+        select(alert_state.c.key, alert_state.c.fired_at).where(alert_state.c.cleared_at.is_(None)))}
+
+
+def _clear(engine: Engine, live: dict[str, datetime], active: set[str], now: datetime) -> list[str]:
+    """Clear the alerts, live before the conditions were read, whose condition went away.
+
+    Only a row still as it was read: one another evaluator claimed since (a condition that
+    came true after this evaluation read them) is that evaluator's, and clearing it would post
+    it again on the next tick.
+    """
+    gone = sorted(key for key in live if key not in active)
+    cleared = []
+    if gone:
+        with engine.begin() as conn:
+            for key in gone:
+                if conn.execute(update(alert_state).where(
+                        alert_state.c.key == key, alert_state.c.cleared_at.is_(None),
+                        alert_state.c.fired_at == live[key]).values(cleared_at=now)).rowcount:
+                    cleared.append(key)
+    return cleared
 
 
 def evaluate(engine: Engine, settings: Settings, now: datetime | None = None, *,
@@ -367,8 +382,9 @@ def evaluate(engine: Engine, settings: Settings, now: datetime | None = None, *,
 
     result = Evaluation(now=now, configured=bool(settings.alert_webhook_url))
     with engine.connect() as conn:
+        live = _live(conn)  # first: an alert claimed after this read is not this evaluation's
         result.active = conditions(conn, settings, now)
-    result.cleared = _clear(engine, {c.key for c in result.active}, now)
+    result.cleared = _clear(engine, live, {c.key for c in result.active}, now)
     if not result.configured:
         return result
     own = client is None
