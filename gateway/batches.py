@@ -517,12 +517,15 @@ class BatchProcessor:
 
 
 def batch_status(conn: Connection, batch_id: str, cursor: int = 0, limit: int = 100) -> dict[str, Any] | None:
-    row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).mappings().first()
-    if row is None:
-        return None
+    # The rows' errors first: a chunk commits them with the batch's counters, so the counters
+    # read after them cover every error listed even when a chunk commits between the two reads
+    # (PostgreSQL's READ COMMITTED sees each statement's own moment).
     errors = conn.execute(select(batch_errors).where(batch_errors.c.batch_id == batch_id,
                                                      batch_errors.c.id > cursor)
                           .order_by(batch_errors.c.id).limit(limit + 1)).mappings().all()
+    row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).mappings().first()
+    if row is None:
+        return None
     more = len(errors) > limit
     errors = errors[:limit]
     counts = {k: int(row[k]) for k in OUTCOMES}
