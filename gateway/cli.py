@@ -382,13 +382,14 @@ def reconcile(adapter: Annotated[str, typer.Argument(help="health | finance")],
     from rich.table import Table
 
     from gateway.reconcile import ADAPTERS, CATEGORIES, report
+    from gateway.store.db import snapshot
 
     if adapter not in ADAPTERS:
         raise _refused(PayloadRejected("SCHEMA", field="adapter", detail=(
             f"(reconciliation covers the monthly/annual partners: {', '.join(ADAPTERS)})"),
             detail_zh=f"（对账只适用于按月和按年报送的合作方：{'、'.join(ADAPTERS)}）"))
     _check_year(year)
-    with _engine(_settings()).connect() as conn:
+    with snapshot(_engine(_settings())) as conn:
         result = report(conn, adapter, year)
     if as_json:
         print(json.dumps(result, ensure_ascii=False))
@@ -417,13 +418,14 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
     from rich.table import Column, Table
 
     from gateway.compliance import check_person, report
+    from gateway.store.db import snapshot
 
     _check_year(year)
     try:
         check_person(id_number)
     except PayloadRejected as exc:
         raise _refused(exc) from exc
-    with _engine(_settings()).connect() as conn:
+    with snapshot(_engine(_settings())) as conn:
         result = report(conn, id_number, year)
     if as_json:
         print(json.dumps(result, ensure_ascii=False))

@@ -34,6 +34,7 @@ from gateway.console.web import (
     state_of,
 )
 from gateway.ops.overview import overview
+from gateway.store.db import snapshot
 from gateway.store.tables import batches
 
 router = APIRouter(prefix="/ops", route_class=ConsoleRoute, include_in_schema=False)
@@ -153,7 +154,7 @@ def reconciliation(ctx: Viewer) -> Response:
     this_year = datetime.now(UTC).astimezone(ctx.render.zone).year
     adapter = choice(params, "adapter", RECONCILED) or "health"
     year = integer(params, "year", this_year, 2000, 2100)
-    with ctx.state.engine.connect() as conn:
+    with snapshot(ctx.state.engine) as conn:
         report: dict[str, Any] = reconcile.report(conn, adapter, year)
     return ctx.page("reconciliation.html", report=report, adapter=adapter, year=year,
                     adapters=RECONCILED)

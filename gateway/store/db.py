@@ -63,12 +63,15 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get(_READS_ONLY):
+        options = conn.get_execution_options()
+        if options.get(_READS_ONLY):
             return  # no BEGIN: each read is its own snapshot and holds no lock
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A snapshot: WAL keeps the first read's moment for the whole transaction, lock-free.
+        conn.exec_driver_sql("BEGIN" if options.get(_SNAPSHOT) else "BEGIN IMMEDIATE")
 
 
 _READS_ONLY = "ce_reads_only"
+_SNAPSHOT = "ce_snapshot"
 
 
 @contextmanager
@@ -98,3 +101,20 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+@contextmanager
+def snapshot(engine: Engine) -> Iterator[Connection]:
+    """A connection whose reads all see one moment, for a report made of several statements.
+
+    PostgreSQL: a read-only REPEATABLE READ transaction (READ COMMITTED, the default, lets a
+    batch chunk committed between two of the report's statements count in one and not the
+    other).  SQLite: a deferred transaction, which in WAL mode reads one snapshot without the
+    write lock a transaction here otherwise takes, so ingest goes on while the report runs.
+    Nothing may be written through it.
+    """
+    options: dict[str, Any] = (
+        {_SNAPSHOT: True} if is_sqlite(engine)
+        else {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True})
+    with engine.connect().execution_options(**options) as conn:
+        yield conn

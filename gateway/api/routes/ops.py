@@ -17,7 +17,7 @@ from gateway.api.deps import operator, state_of
 from gateway.errors import NotFound
 from gateway.masking import mask_text
 from gateway.ops.records import record_view
-from gateway.store.db import reading
+from gateway.store.db import reading, snapshot
 
 router = APIRouter(prefix="/v1", tags=["ops"])
 Viewer = Annotated[Operator, Depends(operator)]
@@ -41,7 +41,7 @@ def get_reconciliation(adapter: str, year: Year, request: Request, _: Viewer) ->
     if adapter not in reconcile.ADAPTERS:
         raise NotFound(detail="(reconciliation covers the monthly/annual partners: health, finance)",
                        detail_zh="（对账只适用于按月、按年报送的合作方：health、finance）")
-    with state_of(request).engine.connect() as conn:
+    with snapshot(state_of(request).engine) as conn:
         return reconcile.report(conn, adapter, year)
 
 
@@ -56,7 +56,7 @@ def get_reconciliation(adapter: str, year: Year, request: Request, _: Viewer) ->
 def get_compliance(id_number: str, year: Year, request: Request, _: Viewer,
                    id_type: Annotated[IdType, Query()] = IdType.RESIDENT_ID) -> dict[str, Any]:
     compliance.check_person(id_number, id_type)
-    with state_of(request).engine.connect() as conn:
+    with snapshot(state_of(request).engine) as conn:
         return compliance.report(conn, id_number, year, id_type.value)
 
 
