@@ -517,6 +517,7 @@ class BatchProcessor:
 
 
 def batch_status(conn: Connection, batch_id: str, cursor: int = 0, limit: int = 100) -> dict[str, Any] | None:
+    cursor = min(cursor, 2**63 - 1)  # past every id; a larger int overflows the drivers
     # The rows' errors first: a chunk commits them with the batch's counters, so the counters
     # read after them cover every error listed even when a chunk commits between the two reads
     # (PostgreSQL's READ COMMITTED sees each statement's own moment).
