@@ -55,7 +55,7 @@ from gateway.ops.common import (
 from gateway.pipeline.caps import REFUSED_FOR_GOOD
 from gateway.pipeline.ingest import reallocate_after_delivery, writer_retries
 from gateway.pipeline.rules_tables import RulesConfig
-from gateway.store.tables import delivery_batches, outbox, records
+from gateway.store.tables import audit_events, audit_head, delivery_batches, outbox, records
 
 __all__ = ["OUTBOX_STATUSES", "DeliveryFilter", "ReprocessResult", "get_delivery",
            "list_deliveries", "reprocess", "status_counts"]
@@ -208,8 +208,9 @@ class ReprocessResult:
     dry_run: bool
     superseded: int = 0
     reprocess_id: str | None = None
-    # The newest delivery the count covered: pass it to the confirming run, and deliveries
-    # that arrive between the dry run and the confirmation are left out of it.
+    # The moment the count was taken (the audit trail's head then): pass it to the confirming
+    # run, and deliveries dead-lettered after it (new ones, or ones still queued at the count)
+    # are left out of it.
     ceiling: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -225,8 +226,12 @@ def _later_version_alive() -> ColumnElement[bool]:
                           later.c.status.in_(("pending", "delivered")))
 
 
-def _dead_where(flt: DeliveryFilter) -> list[ColumnElement[bool]]:
-    return [*flt.where(), outbox.c.status == "dead"]
+def _dead_where(flt: DeliveryFilter, ceiling: int) -> list[ColumnElement[bool]]:
+    """Dead deliveries ``flt`` selects, dead-lettered at or before audit event ``ceiling``."""
+    died_later = exists().where(audit_events.c.record_id == outbox.c.record_id,
+                                audit_events.c.version == outbox.c.version,
+                                audit_events.c.kind == "dead", audit_events.c.seq > ceiling)
+    return [*flt.where(), outbox.c.status == "dead", ~died_later]
 
 
 def _requeue_chunk(engine: Engine, flt: DeliveryFilter, last: int, ceiling: int, size: int,
@@ -242,7 +247,7 @@ def _requeue_chunk(engine: Engine, flt: DeliveryFilter, last: int, ceiling: int,
             select(outbox.c.id, outbox.c.record_id, outbox.c.version, outbox.c.batch_key,
                    outbox.c.attempts, outbox.c.error_code)
             .select_from(_JOINED)
-            .where(*_dead_where(flt), outbox.c.id > last, outbox.c.id <= ceiling)
+            .where(*_dead_where(flt, ceiling), outbox.c.id > last)
             .order_by(outbox.c.id).limit(size)).mappings().all()
         if not rows:
             return [], set(), set()
@@ -287,8 +292,8 @@ def reprocess(engine: Engine, flt: DeliveryFilter, *, dry_run: bool, reason: str
 
     A dry run only counts.  Otherwise a reason is required; the run is audited with ``actor``,
     the reason and the filter.  ``progress`` gets (rows done, matched) after each chunk.
-    ``ceiling``: the dry run's, so the run redelivers no delivery newer than what the operator
-    was shown (without it, the newest delivery now).  A requeued record that was refused for
+    ``ceiling``: the dry run's, so the run redelivers no delivery dead-lettered after what the
+    operator was shown (without it, the trail's head now).  A requeued record that was refused for
     good takes its share of its cap group back (R10; ``config`` gives the caps).
     """
     if not dry_run:
@@ -297,12 +302,13 @@ def reprocess(engine: Engine, flt: DeliveryFilter, *, dry_run: bool, reason: str
     matched, newest = 0, 0
     if flt.status in (None, "dead"):
         with engine.connect() as conn:
-            # Rows that die after this count were not part of the operator's decision.
-            newest = int(conn.execute(select(func.coalesce(func.max(outbox.c.id), 0))).scalar_one())
+            # Rows that die after this count were not part of the operator's decision: the
+            # moment is the audit head, as every dead-lettering is an event of the trail.
+            newest = int(conn.execute(select(audit_head.c.last_seq)).scalar_one())
             if ceiling is not None:
                 newest = min(newest, max(ceiling, 0))
             matched = int(conn.execute(select(func.count()).select_from(_JOINED).where(
-                *_dead_where(flt), outbox.c.id <= newest)).scalar_one())
+                *_dead_where(flt, newest))).scalar_one())
     ceiling = newest
     if dry_run:
         return ReprocessResult(matched, 0, True, ceiling=ceiling)
