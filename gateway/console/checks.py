@@ -17,6 +17,7 @@ from gateway import audit
 from gateway.console.forms import RejectionQuery, reason, rejection_query
 from gateway.console.web import Actor, ConsoleRoute, Ctx, Viewer
 from gateway.revalidate import count, revalidate
+from gateway.store.db import reading
 from gateway.store.tables import audit_events
 
 router = APIRouter(route_class=ConsoleRoute)
@@ -56,7 +57,7 @@ def revalidate_submit(ctx: Actor) -> Response:
 
 @router.get("/audit")
 def audit_page(ctx: Viewer) -> Response:
-    with ctx.state.engine.connect() as conn:
+    with reading(ctx.state.engine) as conn:  # no write lock held for the walk (SQLite)
         result = audit.verify(conn)
         kind = None if result.ok else conn.execute(select(audit_events.c.kind).where(
             audit_events.c.seq == result.first_bad_seq)).scalar()
