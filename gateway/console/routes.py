@@ -99,7 +99,7 @@ def stylesheet() -> Response:
 
 @router.get("")
 def dashboard(ctx: Viewer) -> Response:
-    with ctx.state.engine.connect() as conn:
+    with snapshot(ctx.state.engine) as conn:  # the tiles and the tables at one moment
         data = overview(conn, ctx.state.settings)
     worker = ctx.state.worker
     circuit = None if worker is None else worker.breaker.state.value

@@ -27,7 +27,7 @@ Year = Annotated[int, Path(ge=2000, le=2999)]
 
 @router.get("/records/{record_id}", summary="A record, its delivery status and its timeline")
 def get_record(record_id: str, request: Request, _: Viewer) -> dict[str, Any]:
-    with state_of(request).engine.connect() as conn:
+    with snapshot(state_of(request).engine) as conn:  # the record and its deliveries at one moment
         view = record_view(conn, record_id)
     if view is None:
         shown = mask_text(record_id[:64].replace("\x00", "?"))
