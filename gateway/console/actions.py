@@ -34,6 +34,7 @@ from gateway.console.render import Ident
 from gateway.console.web import Actor, ConsoleRoute, Ctx, Viewer, require_role
 from gateway.ops.deliveries import DeliveryFilter, list_deliveries, reprocess
 from gateway.ops.records import edit_and_requeue, list_conflicts, record_view, resolve_conflict
+from gateway.store.db import snapshot
 
 router = APIRouter(route_class=ConsoleRoute)
 DRY_RUN_REASON = "控制台预览（仅计数，未执行）"
@@ -97,7 +98,7 @@ def reprocess_deliveries(ctx: Actor) -> Response:
 @router.get("/records/{record_id}")
 def record_page(record_id: str, ctx: Viewer) -> Response:
     record_id = _record_id(record_id)
-    with ctx.state.engine.connect() as conn:
+    with snapshot(ctx.state.engine) as conn:  # the record and its deliveries at one moment
         view = record_view(conn, record_id)
     if view is None:
         raise ConsoleError(404, "未找到", f"没有记录 {record_id}。")
@@ -105,8 +106,21 @@ def record_page(record_id: str, ctx: Viewer) -> Response:
                     versions=version_rows(view))
 
 
+def _shown_version(ctx: Ctx, current: int | None) -> int:
+    """The record version the submitted form was made on (its hidden ``version``).
+
+    A form without one (a page from before this field) counts as made on no version; against
+    ``current`` a mismatch is answered 409 here, else by the ops function (RECORD_CHANGED).
+    """
+    shown = integer(ctx.form, "version", 0, 0, 2**31 - 1)
+    if current is not None and shown != current:
+        raise ConsoleError(409, "记录已更新", f"该记录在页面显示之后已有新版本（当前为第 {current} 版），"
+                           "请重新打开页面后再操作。")
+    return shown
+
+
 def _dead_view(ctx: Ctx, record_id: str) -> dict[str, Any]:
-    with ctx.state.engine.connect() as conn:
+    with snapshot(ctx.state.engine) as conn:
         view = record_view(conn, record_id)
     if view is None:
         raise ConsoleError(404, "未找到", f"没有记录 {record_id}。")
@@ -131,6 +145,8 @@ def edit_submit(record_id: str, ctx: Actor) -> Response:
     record_id = _record_id(record_id)
     view = _dead_view(ctx, record_id)
     summary = summarize(view)
+    # The fields are diffed against the version the form showed, never a newer one.
+    shown = _shown_version(ctx, int(view["current_version"]))
     fields, hidden = edit_fields(summary["editable"])
     changes = changes_from(ctx.form, summary["editable"], fields, hidden)
     why = reason(ctx.form)
@@ -143,7 +159,7 @@ def edit_submit(record_id: str, ctx: Actor) -> Response:
                         fields=fields, values=values, error=error)
     assert why is not None
     result = edit_and_requeue(ctx.state.engine, ctx.state.settings, record_id, changes,
-                              reason=why, actor=ctx.session.operator.name)
+                              reason=why, actor=ctx.session.operator.name, expected_version=shown)
     # The message holds nothing but constant text, the record's id and a version number.
     message = f"记录 {record_id} 已生成第 {result.get('version')} 版并重新排队投递。"
     return ctx.page("done.html", title="已修改并重新排队", message=Ident(message),
@@ -165,7 +181,7 @@ def conflicts(ctx: Viewer) -> Response:
 def _conflict_views(ctx: Ctx, record_id: str, other: str | None
                     ) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
     """Both records' facts, and ``other``."""
-    with ctx.state.engine.connect() as conn:
+    with snapshot(ctx.state.engine) as conn:
         mine = record_view(conn, record_id)
         theirs = record_view(conn, other) if other else None
     if mine is None:
@@ -193,7 +209,8 @@ def resolve_submit(record_id: str, ctx: Actor) -> Response:
                         mine=mine, theirs=theirs, keep=keep,
                         error="请选择保留哪一版，并填写原因（必填，将记入审计日志）。")
     result = resolve_conflict(ctx.state.engine, ctx.state.settings, record_id, keep=keep,
-                              reason=why, actor=ctx.session.operator.name)
+                              reason=why, actor=ctx.session.operator.name,
+                              expected_version=_shown_version(ctx, None))
     message = ("已采用本记录并转发投递，原记录被取代。" if keep == "this"
                else "已保留原有记录，本记录关闭，不转发。")
     return ctx.page("done.html", title="冲突已解决", message=Ident(f"记录 {record_id}：{message}"),

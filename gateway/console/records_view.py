@@ -80,6 +80,7 @@ def summarize(view: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "record_id": record.get("record_id") or view.get("record_id"),
         "version": record.get("version"),
+        "current_version": view.get("current_version"),
         "status": view.get("status"),
         "pruned": pruned,
         "pruned_label": PRUNED_LABEL,

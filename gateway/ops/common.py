@@ -31,6 +31,13 @@ class OpsConflict(PayloadRejected):
     default_code = "NOT_EDITABLE"
 
 
+def record_changed(record_id: str, shown: int, current: int) -> OpsConflict:
+    """RECORD_CHANGED: an action decided on version ``shown`` while ``current`` is the record's."""
+    return OpsConflict("RECORD_CHANGED", detail=f"(record {record_id}: version {shown} was shown, "
+                       f"version {current} is current)",
+                       detail_zh=f"（记录 {record_id}：显示的是第 {shown} 版，当前为第 {current} 版）")
+
+
 def refuse(field: str, detail: str, detail_zh: str) -> PayloadRejected:
     """A coded ``SCHEMA`` error naming the bad field (422), its detail in English and Chinese."""
     return PayloadRejected("SCHEMA", field=field, detail=f"({detail})", detail_zh=f"（{detail_zh}）")

@@ -32,7 +32,7 @@ from gateway import audit
 from gateway.config import Settings
 from gateway.errors import NotFound, PayloadRejected
 from gateway.masking import mask_text
-from gateway.ops.common import OpsConflict, apply_changes, refuse, require_reason
+from gateway.ops.common import OpsConflict, apply_changes, record_changed, refuse, require_reason
 from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest_items, item_from_raw, prepare
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
@@ -70,8 +70,13 @@ def _check_changes(changes: Any) -> dict[str, Any]:
 
 
 def edit_and_requeue(engine: Engine, settings: Settings, record_id: str, changes: dict[str, Any],
-                     *, reason: str, actor: str, rules: RulesContext | None = None) -> dict[str, Any]:
-    """A dead record, corrected: a new version through the pipeline, queued; diff audited."""
+                     *, reason: str, actor: str, rules: RulesContext | None = None,
+                     expected_version: int | None = None) -> dict[str, Any]:
+    """A dead record, corrected: a new version through the pipeline, queued; diff audited.
+
+    ``expected_version``: the version the operator was shown (the console's form carries it);
+    RECORD_CHANGED when another is current, so an edit never reverts a correction it never saw.
+    """
     reason, actor, changes = require_reason(reason), actor[:64], _check_changes(changes)
     if "\x00" in record_id or len(record_id) > 64:
         raise NotFound(detail="(no such record)", detail_zh="（没有该记录）")
@@ -80,6 +85,8 @@ def edit_and_requeue(engine: Engine, settings: Settings, record_id: str, changes
         if rec is None:
             raise NotFound(detail=f"(record {record_id})", detail_zh=f"（记录 {record_id}）")
         version = int(rec["current_version"])
+        if expected_version is not None and expected_version != version:
+            raise record_changed(record_id, expected_version, version)
         row = conn.execute(select(record_versions.c.payload, record_versions.c.pruned_at).where(
             record_versions.c.record_id == record_id, record_versions.c.version == version)).one()
         dead = conn.execute(select(outbox.c.id, outbox.c.status).where(
@@ -118,10 +125,7 @@ def edit_and_requeue(engine: Engine, settings: Settings, record_id: str, changes
         if answer.version != version + 1:
             # A partner's correction was stored after this edit read version ``version``: the
             # edit of that stale content must not supersede it (the partner's stands).
-            raise OpsConflict("NOT_EDITABLE", detail=f"(record {record_id} changed meanwhile: "
-                              f"version {answer.version - 1} is current, not {version})",
-                              detail_zh=f"（记录 {record_id} 已被更新：当前为第 "
-                              f"{answer.version - 1} 版，而非第 {version} 版）")
+            raise record_changed(record_id, version, answer.version - 1)
         moved = conn.execute(update(outbox).where(
             outbox.c.id == dead.id, outbox.c.status == "dead").values(
             status="superseded", updated_at=now)).rowcount

@@ -40,6 +40,7 @@ from gateway.ops.common import (
     encode_cursor,
     iso,
     limit_of,
+    record_changed,
     refuse,
     require_reason,
 )
@@ -177,8 +178,12 @@ def _claim_conflict(conn: Connection, record_id: str, now: datetime) -> Any:
 
 
 def resolve_conflict(engine: Engine, settings: Settings, record_id: str, *, keep: str,
-                     reason: str, actor: str) -> dict[str, Any]:
-    """Resolve an open conflict by choosing a version (see the module docstring)."""
+                     reason: str, actor: str, expected_version: int | None = None) -> dict[str, Any]:
+    """Resolve an open conflict by choosing a version (see the module docstring).
+
+    ``expected_version``: the version of the conflicting record the operator compared (the
+    console's form carries it); RECORD_CHANGED, nothing done, when its partner changed it since.
+    """
     if keep not in ("this", "existing"):
         raise refuse("keep", "'this' or 'existing'", "须为 'this' 或 'existing'")
     reason, actor = require_reason(reason), actor[:64]
@@ -189,16 +194,18 @@ def resolve_conflict(engine: Engine, settings: Settings, record_id: str, *, keep
     # (it holds their cap group, we hold the records): as ingest and withdrawal do.
     for attempt in writer_retries():
         with attempt:
-            return _resolve(engine, config, record_id, keep, reason, actor)
+            return _resolve(engine, config, record_id, keep, reason, actor, expected_version)
     raise AssertionError("unreachable: the last attempt re-raises")  # pragma: no cover
 
 
 def _resolve(engine: Engine, config: RulesConfig, record_id: str, keep: str, reason: str,
-             actor: str) -> dict[str, Any]:
+             actor: str, expected_version: int | None) -> dict[str, Any]:
     now = datetime.now(UTC)
     with engine.begin() as conn:
         rec = _claim_conflict(conn, record_id, now)
         version = int(rec["current_version"])
+        if expected_version is not None and expected_version != version:
+            raise record_changed(record_id, expected_version, version)  # the claim rolls back
         holder_id = conn.execute(select(natural_keys.c.record_id).where(
             natural_keys.c.natural_key == rec["natural_key"])).scalar()
         # Locked (PostgreSQL): a correction of the holder racing us waits, or we see it.

@@ -403,6 +403,9 @@ def _operator_reprocesses_edits_and_resolves(world: World, client: httpx.Client,
     assert 'name="evidence.certificate_no" type="password" value=""' in form.text
     _no_clear_ids(form.text, world)
     fields = dict(re.findall(r'name="([a-z_.]+)" type="[a-z]+" value="([^"]*)"', form.text))
+    # The version the form shows travels with it (a newer one since is refused, 409).
+    fields.update(re.findall(r'type="hidden" name="(version)" value="(\d+)"', form.text))
+    assert fields["version"] == "1"
     typed = world.id_numbers[1]  # a typed identity number is never echoed back
     no_reason = client.post(f"/ops/records/{world.dead_title}/edit",
                             data={**fields, "person.id_number": typed, "csrf": csrf})
@@ -426,14 +429,20 @@ def _operator_reprocesses_edits_and_resolves(world: World, client: httpx.Client,
                          params={"other": world.delivered})
     assert confirm.status_code == 200 and "保留哪一版" in confirm.text
     _no_clear_ids(confirm.text, world)
+    shown = re.search(r'type="hidden" name="version" value="(\d+)"', confirm.text)
+    assert shown is not None
     missing = client.post(f"/ops/conflicts/{world.conflict}/resolve",
-                          data={"csrf": csrf, "keep": "existing"})
+                          data={"csrf": csrf, "keep": "existing", "version": shown.group(1)})
     assert missing.status_code == 400 and "请选择" in missing.text
-    resolved = client.post(f"/ops/conflicts/{world.conflict}/resolve",
-                           data={"csrf": csrf, "keep": "existing", "reason": "以培训基地为准"})
+    stale = client.post(f"/ops/conflicts/{world.conflict}/resolve", data={
+        "csrf": csrf, "keep": "existing", "reason": "以培训基地为准",
+        "version": str(int(shown.group(1)) + 1)})
+    assert stale.status_code == 409 and "新版本" in stale.text, stale.text
+    resolved = client.post(f"/ops/conflicts/{world.conflict}/resolve", data={
+        "csrf": csrf, "keep": "existing", "reason": "以培训基地为准", "version": shown.group(1)})
     assert resolved.status_code == 200 and "冲突已解决" in resolved.text
-    again = client.post(f"/ops/conflicts/{world.conflict}/resolve",
-                        data={"csrf": csrf, "keep": "existing", "reason": "再来一次"})
+    again = client.post(f"/ops/conflicts/{world.conflict}/resolve", data={
+        "csrf": csrf, "keep": "existing", "reason": "再来一次", "version": shown.group(1)})
     assert again.status_code == 409 and "操作未完成" in again.text
     assert world.conflict not in client.get("/ops/conflicts").text
 

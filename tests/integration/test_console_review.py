@@ -66,6 +66,7 @@ MakeSettings = Callable[..., Settings]
 HIDDEN_CEILING = re.compile(r'name="ceiling" value="(\d+)"')
 MATCHED = re.compile(r'id="matched">(\d+)<')
 FORM_FIELD = re.compile(r'name="([a-z_.]+)" type="[a-z]+" value="([^"]*)"')
+SHOWN_VERSION = re.compile(r'<input type="hidden" name="version" value="(\d+)">')
 
 
 def _current(engine: Engine, record_id: str) -> tuple[str, int, dict[str, Any]]:
@@ -99,13 +100,6 @@ def _statuses(engine: Engine, record_id: str) -> list[tuple[int, str]]:
 
 # -- 1. a reprocess confirmation requeues a delivery that died after its preview --------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The reprocess preview's ceiling is the newest outbox id, not a moment: a delivery already "
-    "queued (pending) when the operator previewed '将重新投递 2 条', and dead-lettered while "
-    "they typed the reason, has an id under the ceiling and is requeued by the confirmation "
-    "(3 requeued). Commit 0d8d3e2 meant 'what dies after the count is not in the confirmed "
-    "run', but only covers deliveries created after the preview; the same holds for the CLI "
-    "(count, prompt, run) and POST /v1/deliveries/reprocess with the dry run's ceiling."))
 def test_a_reprocess_confirmation_requeues_only_what_its_preview_counted(world: World) -> None:
     client, csrf = _logged_in(world, world.operator_token)
     # A record queued before the preview; the management system will refuse its title.
@@ -136,13 +130,6 @@ def test_a_reprocess_confirmation_requeues_only_what_its_preview_counted(world: 
 
 # -- 2. the edit form of a dead record, submitted after a partner's correction ----------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The console's edit form carries no version: its POST diffs every field as typed against "
-    "the record as it is at POST time. A partner's correction stored (and dead again) after "
-    "the form was shown makes each field the operator left alone look changed back to the "
-    "old value, and the 'edit' silently reverts the correction (16 hours back to the 8 the "
-    "form showed). The previous fix (gateway/ops/edits.py: the edit must be the next version "
-    "after the one it read) does not see it: the edit reads version 2 and writes version 3."))
 def test_an_edit_form_submitted_after_a_partner_correction_does_not_revert_it(
         world: World) -> None:
     client, csrf = _logged_in(world, world.operator_token)
@@ -163,8 +150,12 @@ def test_an_edit_form_submitted_after_a_partner_correction_does_not_revert_it(
     assert _statuses(world.engine, world.dead_title) == [(1, "dead"), (2, "dead")]
 
     # The operator submits the form as they were shown it, the title fixed, nothing else.
+    # (Its hidden version included, as a browser sends it.)
+    version_shown = SHOWN_VERSION.search(form.text)
+    assert version_shown is not None and version_shown.group(1) == "1"
     edited = client.post(f"/ops/records/{world.dead_title}/edit", data={
-        **shown, "activity.title": "高原医学专题讲座", "csrf": csrf, "reason": "去掉误加的标记"})
+        **shown, "activity.title": "高原医学专题讲座", "csrf": csrf, "reason": "去掉误加的标记",
+        "version": version_shown.group(1)})
     _, version, payload = _current(world.engine, world.dead_title)
     # Right: refused as stale (409), or an edit of the title alone; the partner's hours stand.
     assert edited.status_code in (200, 409), edited.text
@@ -174,12 +165,6 @@ def test_an_edit_form_submitted_after_a_partner_correction_does_not_revert_it(
 
 # -- 3. a conflict resolved in favour of a version nobody was shown ---------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The conflict page carries no version: 'keep this' forwards whatever version the record "
-    "has when the POST runs. Its partner corrected it meanwhile (99 -> 150 hours, still a "
-    "conflict), so the operator who compared 99 hours with the existing record's forwarded "
-    "150 and withdrew the existing record; resolve_conflict (console, CLI, API) takes no "
-    "expected version to refuse a record that changed since it was shown."))
 def test_a_conflict_is_not_resolved_for_a_version_the_operator_was_not_shown(
         world: World) -> None:
     client, csrf = _logged_in(world, world.operator_token)
@@ -195,8 +180,11 @@ def test_a_conflict_is_not_resolved_for_a_version_the_operator_was_not_shown(
     answer = _partner_resends(world.engine, world.conflict, other_hours)
     assert (answer.status.value, answer.version) == ("conflict", shown_version + 1)
 
+    version_shown = SHOWN_VERSION.search(page.text)  # the form's hidden field, as sent
+    assert version_shown is not None and int(version_shown.group(1)) == shown_version
     resolved = client.post(f"/ops/conflicts/{world.conflict}/resolve", data={
-        "csrf": csrf, "keep": "this", "other": world.delivered, "reason": "以本记录为准"})
+        "csrf": csrf, "keep": "this", "other": world.delivered, "reason": "以本记录为准",
+        "version": version_shown.group(1)})
     with world.engine.connect() as conn:
         status, holder_withdrawn = conn.execute(
             select(records.c.status, select(records.c.withdrawn)
@@ -259,13 +247,6 @@ def _inject(reader: Engine, due: Callable[[str], bool], write: Callable[[], None
     return seen
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The record page (console, and GET /v1/records/{id}: gateway.ops.records.record_view) reads "
-    "the records row, then the versions, then the deliveries, each its own READ COMMITTED "
-    "statement. A partner's correction committed between the first two shows the corrected "
-    "version 2's content as '当前状态：死信' with the reprocess and edit buttons: version 2 "
-    "was never dead (pending), version 1 never had that content. Not read in one snapshot "
-    "(gateway.store.db.snapshot), as the reconciliation now is."))
 def test_a_record_page_never_shows_a_version_with_another_versions_delivery(
         live: Live, make_worker: Callable[..., Any]) -> None:
     sub = gen.canonical_submission(random.Random(9103), "PAGE-1")
@@ -295,11 +276,6 @@ def test_a_record_page_never_shows_a_version_with_another_versions_delivery(
     assert shown in (("dead", 1), ("pending", 2)), shown
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The dashboard (gateway.ops.overview, 'in one read') counts the outbox by status, then "
-    "counts the backlog again in another READ COMMITTED statement: the delivery worker "
-    "delivering in between makes the page say 待投递（积压） 0 in the tile and 待投递 2 in "
-    "the status table at once. Not read in one snapshot (gateway.store.db.snapshot)."))
 def test_the_dashboard_backlog_tile_and_status_table_agree(
         live: Live, make_worker: Callable[..., Any]) -> None:
     rng = random.Random(9104)
@@ -322,13 +298,6 @@ def test_the_dashboard_backlog_tile_and_status_table_agree(
 
 # -- the audit check holds SQLite's write lock for its whole walk ------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The console's /ops/audit walks the chain on engine.connect(): on SQLite that transaction "
-    "begins IMMEDIATE and holds the write lock for the whole walk (~25 us an event, a minute "
-    "for a year-end trail, past the 60 s busy timeout), so partners' submissions, batch "
-    "chunks and the delivery worker wait or fail while any viewer checks the trail. "
-    "GET /v1/audit/verify and 'ce-gateway audit verify' read through store.db.reading, "
-    "which takes no lock, for exactly this reason."))
 def test_the_console_audit_check_does_not_hold_the_sqlite_write_lock(
         db_url: str, served: Live) -> None:
     if not db_url.startswith("sqlite"):

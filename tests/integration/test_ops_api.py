@@ -222,16 +222,17 @@ def test_dead_deliveries_are_listed_reprocessed_and_edited_without_a_second_appl
         assert after[(r2, 1)]["status"] == "dead"  # refused again: the title needs fixing
 
         # -- reprocess with edit ---------------------------------------------------------------
-        def edit(record_id: str, changes: dict[str, Any]) -> httpx.Response:
+        def edit(record_id: str, changes: dict[str, Any], **more: Any) -> httpx.Response:
             return httpx.post(f"{url}/v1/records/{record_id}/edit", headers=op, timeout=30,
-                              json={"changes": changes, "reason": "标题含测试标记"})
+                              json={"changes": changes, "reason": "标题含测试标记", **more})
 
         bad_id = corrupt_check_digit(subs[2]["person"]["id_number"])
         refused = _coded(edit(r2, {"person.id_number": bad_id}), 422, "ID_NUMBER_INVALID")
         assert bad_id not in str(refused)
         _coded(edit(r2, {"source_record_id": "D-9"}), 422, "SCHEMA")
         _coded(edit(r3, {"activity.title": "x"}), 409, "NOT_EDITABLE")  # delivered
-        edited = edit(r2, {"activity.title": "高原医学专题讲座"})
+        _coded(edit(r2, {"activity.title": "高原医学专题讲座"}, version=2), 409, "RECORD_CHANGED")
+        edited = edit(r2, {"activity.title": "高原医学专题讲座"}, version=1)
         assert edited.status_code == 200, edited.text
         assert edited.json()["version"] == 2 and edited.json()["status"] == "corrected"
         assert edited.json()["diff"] == [{"field": "activity.title",
@@ -300,9 +301,9 @@ def test_conflicts_are_resolved_by_choosing_a_version_and_rejections_are_edited(
     assert rejected.status == "rejected"
 
     with uvicorn_thread(create_app(make_settings(db_url, mock_url), run_worker=False)) as url:
-        def resolve(record_id: str, keep: str) -> httpx.Response:
+        def resolve(record_id: str, keep: str, **more: Any) -> httpx.Response:
             return httpx.post(f"{url}/v1/conflicts/{record_id}/resolve", headers=op, timeout=30,
-                              json={"keep": keep, "reason": "经核实以卫健委数据为准"})
+                              json={"keep": keep, "reason": "经核实以卫健委数据为准", **more})
 
         listed = httpx.get(f"{url}/v1/conflicts", headers=viewer).json()
         assert listed["total"] == 2
@@ -316,7 +317,9 @@ def test_conflicts_are_resolved_by_choosing_a_version_and_rejections_are_edited(
         _coded(resolve(b1, "both"), 422, "SCHEMA")
         _coded(resolve("R-nope", "this"), 404, "NOT_FOUND")
         _coded(resolve(a0, "this"), 409, "NOT_A_CONFLICT")  # the first claimant is no conflict
-        kept = resolve(b1, "existing")
+        # A decision on another version than the current one changes nothing (409).
+        _coded(resolve(b1, "existing", version=2), 409, "RECORD_CHANGED")
+        kept = resolve(b1, "existing", version=1)
         assert kept.status_code == 200, kept.text
         assert (kept.json()["status"], kept.json()["forwarded"]) == ("duplicate", False)
         _coded(resolve(b1, "existing"), 409, "NOT_A_CONFLICT")  # resolved once

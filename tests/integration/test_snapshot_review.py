@@ -18,7 +18,7 @@ the transactions, where a cursor event cannot place the write; their fixes hold 
 
 Each case was a strict xfail written by a review against the code before its fix:
 1. an ops edit of a dead version stored over a partner's correction committed meanwhile (now
-   refused NOT_EDITABLE: the edit must be the next version after the one it read);
+   refused RECORD_CHANGED: the edit must be the next version after the one it read);
 2. the reconciliation lost a record a month's batch moved between two of its statements (now
    read in one snapshot);
 3. a batch's status listed rejected rows its counts did not have (now the errors are read
@@ -157,7 +157,7 @@ def test_an_ops_edit_does_not_overwrite_a_correction_committed_while_it_is_made(
     # after version 2.
     assert (current, Decimal(hours), counted) == (2, Decimal(16), Decimal(16)), (
         current, hours, [(v["version"], v["record"]["credited_hours"]) for v in versions])
-    assert refused is not None and refused.code == "NOT_EDITABLE"
+    assert refused is not None and refused.code == "RECORD_CHANGED"
 
 
 # -- 2. reconciliation: a record counted nowhere -------------------------------------------------

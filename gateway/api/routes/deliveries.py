@@ -107,6 +107,8 @@ class ResolveRequest(BaseModel):
 
     keep: str = Field(pattern=r"^(this|existing)$")
     reason: str = Field(min_length=1, max_length=1000)
+    # The conflicting record's version that was compared: 409 RECORD_CHANGED if another is now.
+    version: int | None = Field(None, ge=1, lt=2**31)
 
 
 @router.post("/conflicts/{record_id}/resolve",
@@ -116,7 +118,8 @@ async def post_resolve(record_id: str, body: ResolveRequest, request: Request,
     state = state_of(request)
     return await run_in_threadpool(
         lambda: records.resolve_conflict(state.engine, state.settings, record_id, keep=body.keep,
-                                         reason=body.reason, actor=who.name))
+                                         reason=body.reason, actor=who.name,
+                                         expected_version=body.version))
 
 
 class EditRequest(BaseModel):
@@ -129,15 +132,22 @@ class EditRequest(BaseModel):
     reason: str = Field(min_length=1, max_length=1000)
 
 
+class RecordEditRequest(EditRequest):
+    """An edit of a dead record; ``version`` (optional): 409 RECORD_CHANGED if not current."""
+
+    version: int | None = Field(None, ge=1, lt=2**31)
+
+
 @router.post("/records/{record_id}/edit",
              summary="Reprocess with edit: correct a dead record; a new version is queued")
-async def post_record_edit(record_id: str, body: EditRequest, request: Request,
+async def post_record_edit(record_id: str, body: RecordEditRequest, request: Request,
                            who: Acting) -> dict[str, Any]:
     state = state_of(request)
     rules = await run_in_threadpool(state.rules)
     return await run_in_threadpool(
         lambda: records.edit_and_requeue(state.engine, state.settings, record_id, body.changes,
-                                         reason=body.reason, actor=who.name, rules=rules))
+                                         reason=body.reason, actor=who.name, rules=rules,
+                                         expected_version=body.version))
 
 
 @router.post("/rejections/{rejection_id}/edit",
