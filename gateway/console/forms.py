@@ -138,13 +138,13 @@ def delivery_query(params: Mapping[str, Any], record_ids: Sequence[str], zone: Z
     status = choice(params, "status", DELIVERY_STATUSES) if "status" in params else default_status
     adapter = choice(params, "adapter", sorted(ADAPTERS_WITH_PUSH))
     since, until = period(params, zone)
-    ids: list[str] = []
+    ids: dict[str, None] = {}  # in order, each once (a list's `in` was quadratic in the post)
     for value in record_ids:
         cleaned = text({"record_id": value}, "record_id")
-        if cleaned and cleaned not in ids:
-            ids.append(cleaned)
-    if len(ids) > MAX_IDS:
-        raise bad_param("record_id", f"一次最多 {MAX_IDS} 条")
+        if cleaned:
+            ids[cleaned] = None
+            if len(ids) > MAX_IDS:
+                raise bad_param("record_id", f"一次最多 {MAX_IDS} 条")
     query = DeliveryQuery(status=status, adapter=adapter, partner_id=text(params, "partner_id"),
                           error_code=text(params, "error_code"), since=since, until=until,
                           record_ids=tuple(ids))
