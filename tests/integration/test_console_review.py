@@ -13,10 +13,13 @@ committed from another engine at a scripted statement of the page's read, the te
 That same ``BEGIN IMMEDIATE`` makes the console's audit check hold SQLite's write lock for its
 whole walk.
 
-Each finding is a strict xfail naming the bug:
-1. a reprocess confirmation requeues a delivery that died after its preview;
-2. an edit form submitted after a partner's correction reverts the correction;
-3. a conflict is resolved for a version the operator was not shown;
+Each finding was a strict xfail naming the bug, failing on the code before its fix (now fixed:
+the reprocess ceiling is the audit head at the preview; the edit and conflict forms carry the
+version shown, RECORD_CHANGED otherwise; the record page and dashboard read one snapshot; the
+audit check reads through ``store.db.reading``):
+1. a reprocess confirmation requeued a delivery that died after its preview;
+2. an edit form submitted after a partner's correction reverted the correction;
+3. a conflict was resolved for a version the operator was not shown;
 4. the record page shows one version's content with another version's delivery (PostgreSQL);
 5. the dashboard's backlog tile and status table disagree (PostgreSQL);
 6. the audit check holds SQLite's write lock for its whole walk.
@@ -36,6 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import orjson
@@ -354,10 +358,17 @@ def test_hostile_input_never_answers_500(world: World) -> None:
         ("/ops/deliveries/reprocess", {"step": "preview", "record_id": "a" * 33}),
         ("/ops/deliveries/reprocess", {"step": "confirm", "reason": "x\x00"}),
         ("/ops/deliveries/reprocess", {"step": "preview", "since": "\x00"}),
-        (f"/ops/records/{world.dead_id}/edit", {"activity.title": "x" * 100_000, "reason": "r"}),
-        (f"/ops/records/{world.dead_id}/edit", {"claimed.quantity": BIG, "reason": "r"}),
-        (f"/ops/records/{world.dead_id}/edit", {"activity.started_on": "9999-99-99", "reason": "r"}),
+        # (with the version the form carries, so the fields themselves are judged)
+        (f"/ops/records/{world.dead_id}/edit",
+         {"activity.title": "x" * 100_000, "reason": "r", "version": "1"}),
+        (f"/ops/records/{world.dead_id}/edit", {"claimed.quantity": BIG, "reason": "r",
+                                                "version": "1"}),
+        (f"/ops/records/{world.dead_id}/edit", {"activity.started_on": "9999-99-99",
+                                                "reason": "r", "version": "1"}),
+        (f"/ops/records/{world.dead_id}/edit", {"reason": "r", "version": BIG}),
         (f"/ops/conflicts/{world.conflict}/resolve", {"keep": "this\x00", "reason": "r"}),
+        (f"/ops/conflicts/{world.conflict}/resolve", {"keep": "this", "reason": "r",
+                                                      "version": "-1"}),
         ("/ops/revalidate", {"reason": "r", "since": BIG}),
         ("/ops/revalidate", {"reason": "r", "batch_id": "é" * 65}),
     ]
@@ -379,6 +390,14 @@ def test_hostile_input_never_answers_500(world: World) -> None:
     for path, data in posts:
         resp = client.post(path, data={**data, "csrf": csrf})
         assert resp.status_code < 500, (path, sorted(data), resp.status_code)
+    # Too many record ids: past the console's cap (500) a 400 naming it; past the form's
+    # 1,000 fields Starlette's own 400.
+    for n, says in ((600, "一次最多"), (10_000, "")):
+        many = urlencode([("csrf", csrf), ("step", "preview"),
+                          *(("record_id", f"R{i:031d}") for i in range(n))])
+        resp = client.post("/ops/deliveries/reprocess", content=many,
+                           headers={"content-type": "application/x-www-form-urlencoded"})
+        assert resp.status_code == 400 and says in resp.text, (n, resp.status_code)
     multipart = (b"--XX\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n" + csrf.encode()
                  + b"\r\n--XX\r\nContent-Disposition: form-data; name=\"reason\"\r\n\r\n\xff\xfe"
                  b"\r\n--XX--\r\n")
