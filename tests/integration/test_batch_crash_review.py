@@ -351,8 +351,8 @@ def _parse_worker_signalled(tmp_path: Path, make_settings: MakeSettings, new_par
     claimed = a.claim()
     assert claimed is not None
     returned = a.run(claimed)
-    assert signalled
-    final = finish(engine, settings, timeout=25)
+    assert signalled, "no chunk committed before the stall timeout: the worker was never signalled"
+    final = finish(engine, settings, timeout=60)
     assert final["status"] == "done", (final["error_code"], final["error"])
     assert {k: int(final[k]) for k in COUNTS} == {
         "accepted": len(good), "duplicate": 0, "corrected": 0, "conflict": 0, "rejected": len(bad)}
@@ -374,10 +374,13 @@ def test_a_hung_parse_worker_is_given_up_on_and_the_batch_resumes(
     and resumes it with a fresh worker: the batch ends done, every row taken once.  Chunks of 5
     rows: a worker's answer is then one write to its pipe, so the stop never cuts one in half
     (a half-written answer hangs the pool's reader thread: not a hang in parsing, which is what
-    this stands for).
+    this stands for).  The stall clock of a chunk runs from the pool's start for the first one:
+    a spawned worker's start (its imports) took 2-3 s on a loaded 2-core machine, and a 2 s stall
+    then timed out before the first chunk (nothing signalled) and in every resume (the batch
+    failed after BATCH_MAX_ATTEMPTS).  10 s covers the start; the hang still has to be noticed.
     """
     returned, _ = _parse_worker_signalled(tmp_path, make_settings, new_partner, signal.SIGSTOP,
-                                          200, batch_stall_seconds=2, batch_chunk_rows=5)
+                                          200, batch_stall_seconds=10, batch_chunk_rows=5)
     assert isinstance(returned, TimeoutError)  # returned: the processor was free again
 
 

@@ -401,10 +401,18 @@ class _Gate:
 
 
 def _waiting_on_a_lock(engine: Engine) -> bool:
+    """A backend of this test's schema waits on a lock.
+
+    The database is shared by the other test process (pytest -n 2) and its schemas: a lock wait
+    of theirs must not open the gate before ours has queued.
+    """
     with engine.connect() as conn:
         return bool(conn.execute(text(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND datname = current_database()")).scalar())
+            "SELECT count(*) FROM pg_stat_activity a WHERE a.wait_event_type = 'Lock' "
+            "AND a.datname = current_database() AND EXISTS ("
+            " SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " WHERE l.pid = a.pid AND c.relnamespace = current_schema()::regnamespace)"))
+            .scalar())
 
 
 def _in_thread(name: str, job: Callable[[], Any], errors: list[BaseException]) -> threading.Thread:
