@@ -66,6 +66,7 @@ from gateway.reference_store import (
     version_label,
 )
 from gateway.scheduling import Job, register
+from gateway.store.db import snapshot
 from gateway.store.tables import (
     reference_bases,
     reference_deferrals,
@@ -170,7 +171,9 @@ class ReferenceCache:
     def current(self, conn: Connection | None = None) -> StoreReference:
         """The current data; pass ``conn`` to read inside the caller's transaction."""
         if conn is None:
-            with self._engine.connect() as own:
+            # A lock-free snapshot: on SQLite a plain connection begins IMMEDIATE, and a parse
+            # worker that hung in this read held the store's write lock until it was killed.
+            with snapshot(self._engine) as own:
                 return self.current(own)
         seq = latest_seq(conn)
         with self._lock:

@@ -20,13 +20,6 @@ from gateway.reference import ReferenceCache
 from gateway.store.db import make_engine
 
 
-@pytest.mark.xfail(strict=True, raises=sqlite3.OperationalError, reason=(
-    "On SQLite every transaction begins IMMEDIATE (gateway/store/db.py), and "
-    "ReferenceCache.current() without a connection reads in engine.connect(): each parse "
-    "worker's reference lookup (batch_parse.rules_for, once a chunk) takes the store's write "
-    "lock.  A worker that hangs there (the hang BATCH_STALL_SECONDS is for) keeps it: every "
-    "ingest, delivery outcome, lease renewal and chunk commit of the store waits out its 60 s "
-    "busy timeout and fails 'database is locked', until the pool is killed (900 s by default)."))
 def test_a_parse_worker_reading_the_reference_holds_no_sqlite_write_lock(
         sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     inside, release = threading.Event(), threading.Event()
