@@ -2,7 +2,8 @@
 
 SQLite runs in WAL mode with ``synchronous=FULL`` (a 2xx means committed, SPEC §7) and every
 transaction starts ``BEGIN IMMEDIATE`` so two writers queue on the lock instead of failing on
-an upgrade deadlock.  PostgreSQL uses psycopg 3.
+an upgrade deadlock; only the read-only connections of :func:`reading` and :func:`snapshot`
+take no write lock.  PostgreSQL uses psycopg 3.
 """
 
 from __future__ import annotations
