@@ -43,9 +43,10 @@ from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_batches_api import _directory
+from tests.integration.test_pins_review import _three_papers
 from tests.integration.test_refused_caps_review import CAPS, NOW, _applied, _item, _put, _reprocess
 from tests.integration.test_refused_pins import _pins, _report
-from tests.integration.test_s16caps_review import _credited
+from tests.integration.test_s16caps_review import _credited, _downstream
 from tests.support.delivery import MakeWorker, drain
 from tests.support.servers import poll
 
@@ -54,27 +55,10 @@ PAPER = CAPS["paper"]
 
 # -- harness ------------------------------------------------------------------------------------
 
-def _there(url: str, ids: dict[str, str], kind: str, person: GenPerson, year: int = 2026
-           ) -> Decimal:
-    """What the management system counts of ``kind`` for ``person`` in CE ``year``."""
-    total = Decimal(0)
-    for rid in ids.values():
-        versions = _applied(url, rid)
-        if not versions:
-            continue
-        last = versions[-1]["record"]
-        deferred = any(n.get("code") == "DEFERRAL" for n in last.get("rule_notes", ()))
-        if (not last["withdrawn"] and last["activity_type"] == kind
-                and last["person"]["id_number"] == person.id_number
-                and int(last["year"]) + deferred == year):
-            total += Decimal(last["credited_hours"])
-    return total
-
-
 def _holds(engine: Engine, url: str, ids: dict[str, str], person: GenPerson, kind: str = "paper",
            year: int = 2026) -> Decimal:
     """The invariant for ``person``'s ``kind`` in ``year``; returns what the MS counts."""
-    there = _there(url, ids, kind, person, year)
+    there = _downstream(url, ids, kind, person, year)
     if kind in CAPS:
         assert there <= CAPS[kind], f"the MS counts {there} h of {kind} (cap {CAPS[kind]})"
     got = _report(engine, person, year)["by_type"].get(kind, {}).get("credited", "0")
@@ -97,8 +81,7 @@ def test_a_pinned_duplicate_taking_over_by_succession_frees_its_old_group(
     url, faults = mock_ce
     partner, theirs = new_partner(engine), new_partner(engine)
     q, p = make_person(random.Random(3101)), make_person(random.Random(3102))
-    ids = _put(engine, partner, _item(q, "A", "盐湖", 3), _item(q, "B", "湿地", 4),
-               _item(q, "C", "草甸", 5))
+    ids = _three_papers(engine, partner, q)
     ids |= _put(engine, theirs, _item(p, "X", "冻土", 6))
     worker = make_worker()
     drain(worker)
@@ -135,8 +118,7 @@ def test_a_pinned_duplicate_of_its_own_persons_report_taking_over_claims_its_hou
     url, faults = mock_ce
     partner, theirs = new_partner(engine), new_partner(engine)
     q = make_person(random.Random(3103))
-    ids = _put(engine, partner, _item(q, "A", "盐湖", 3), _item(q, "B", "湿地", 4),
-               _item(q, "C", "草甸", 5))
+    ids = _three_papers(engine, partner, q)
     ids |= _put(engine, theirs, _item(q, "Y", "冻土", 6))
     worker = make_worker()
     drain(worker)
@@ -367,8 +349,7 @@ def test_the_cli_compliance_output_of_a_pinned_person_matches_the_report(
     url, _ = mock_ce
     partner = new_partner(engine)
     q, p = make_person(random.Random(3501)), make_person(random.Random(3502))
-    ids = _put(engine, partner, _item(q, "A", "盐湖", 3), _item(q, "B", "湿地", 4),
-               _item(q, "C", "草甸", 5))
+    ids = _three_papers(engine, partner, q)
     drain(make_worker())
     _put(engine, partner, _item(p, "A", "[REJECT] 盐湖", 3))
     drain(make_worker())

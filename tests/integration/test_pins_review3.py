@@ -39,6 +39,7 @@ from gateway.store.tables import outbox, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
 from tests.conftest import SECRET_KEY
+from tests.integration.test_pins_review import _three_papers
 from tests.integration.test_pins_review2 import _holds, _pins, _report
 from tests.integration.test_refused_caps_review import CAPS, NOW, _applied, _item, _put, _reprocess
 from tests.integration.test_s16caps_review import _credited
@@ -81,8 +82,7 @@ def _pinned_by_a_refused_withdrawal(
     url, faults = mock_ce
     partner, theirs = new_partner(engine), new_partner(engine)
     q, r = make_person(random.Random(seed)), make_person(random.Random(seed + 1))
-    ids = _put(engine, partner, _item(q, "A", "盐湖", 3), _item(q, "B", "湿地", 4),
-               _item(q, "C", "草甸", 5))
+    ids = _three_papers(engine, partner, q)
     ids |= _put(engine, theirs, _item(r, "H", "冻土", 6))
     worker = make_worker()
     drain(worker)
@@ -169,8 +169,7 @@ def test_reprocessing_the_refused_last_sent_version_behind_an_unsent_move_ends_t
     url, faults = mock_ce
     partner, theirs = new_partner(engine), new_partner(engine)
     q, r = make_person(random.Random(4201)), make_person(random.Random(4202))
-    ids = _put(engine, partner, _item(q, "A", "盐湖", 3), _item(q, "B", "湿地", 4),
-               _item(q, "C", "草甸", 5))
+    ids = _three_papers(engine, partner, q)
     ids |= _put(engine, theirs, _item(r, "H", "冻土", 6), _item(r, "G", "冰川", 7))
     worker = make_worker()
     drain(worker)
@@ -298,8 +297,7 @@ def _landing_setup(engine: Engine, new_partner: Callable[..., Partner],
     url, faults = mock_ce
     partner, theirs = new_partner(engine), new_partner(engine)
     q, r = make_person(random.Random(seed)), make_person(random.Random(seed + 1))
-    ids = _put(engine, partner, _item(q, "A", "盐湖", 3), _item(q, "B", "湿地", 4),
-               _item(q, "C", "草甸", 5))
+    ids = _three_papers(engine, partner, q)
     ids |= _put(engine, theirs, _item(r, "H", "冻土", 6))
     faults.error_rate = 1.0
     drain(make_worker(delivery_max_attempts=1))

@@ -32,16 +32,22 @@ from tests.support.delivery import MakeWorker, drain
 CAPS = RulesConfig().caps
 
 
-def _downstream(url: str, ids: dict[str, str], kind: str, person: GenPerson) -> Decimal:
-    """What the management system counts of ``kind`` for ``person``: last applied versions."""
+def _downstream(url: str, ids: dict[str, str], kind: str, person: GenPerson,
+                year: int | None = None) -> Decimal:
+    """What the management system counts of ``kind`` for ``person``: last applied versions.
+
+    With ``year``, only those counting in that CE year (a deferred record in the next).
+    """
     total = Decimal(0)
     for rid in ids.values():
         versions = _applied(url, rid)
         if not versions:
             continue
         last = versions[-1]["record"]
+        deferred = any(n.get("code") == "DEFERRAL" for n in last.get("rule_notes", ()))
         if (not last["withdrawn"] and last["activity_type"] == kind
-                and last["person"]["id_number"] == person.id_number):
+                and last["person"]["id_number"] == person.id_number
+                and (year is None or int(last["year"]) + deferred == year)):
             total += Decimal(last["credited_hours"])
     return total
 
