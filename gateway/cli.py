@@ -302,6 +302,7 @@ def ingest(
     from gateway.errors import PayloadRejected, ScopeViolation
     from gateway.pipeline.rules_tables import BASE_ADAPTERS
     from gateway.signing import file_sha256
+    from gateway.store.db import snapshot
 
     settings = _settings()
     _setup_logging(settings)
@@ -352,7 +353,7 @@ def ingest(
                 time.sleep(0.2)
                 claimed = processor.claim(batch.batch_id)
         bar.update(task, completed=total)
-    with engine.connect() as conn:
+    with snapshot(engine) as conn:
         status = batch_status(conn, batch.batch_id, limit=20)
     assert status is not None
     if as_json:

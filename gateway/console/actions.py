@@ -61,7 +61,7 @@ def deliveries(ctx: Viewer) -> Response:
                            default_status="dead")
     cursor = text(params, "cursor", 200)
     limit = integer(params, "limit", 50, 1, 200)
-    with ctx.state.engine.connect() as conn:
+    with snapshot(ctx.state.engine) as conn:
         try:
             listing = list_deliveries(conn, _filter(query), cursor=cursor, limit=limit)
         except ValueError:
@@ -170,7 +170,7 @@ def edit_submit(record_id: str, ctx: Actor) -> Response:
 def conflicts(ctx: Viewer) -> Response:
     params = ctx.request.query_params
     cursor = text(params, "cursor", 200)
-    with ctx.state.engine.connect() as conn:
+    with snapshot(ctx.state.engine) as conn:
         try:
             listing = list_conflicts(conn, cursor=cursor, limit=50)
         except ValueError:

@@ -38,6 +38,7 @@ from gateway.console.web import Actor, ConsoleRoute, Ctx, Viewer, require_role
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id, mask_text
 from gateway.ops.records import edit_rejection, list_rejections
+from gateway.store.db import snapshot
 from gateway.store.tables import rejections
 
 router = APIRouter(route_class=ConsoleRoute)
@@ -168,7 +169,7 @@ def rejection_list(ctx: Viewer) -> Response:
     cursor = text(params, "cursor", 512)
     limit = integer(params, "limit", 50, 1, 200)
     flt = query.filter
-    with ctx.state.engine.connect() as conn:
+    with snapshot(ctx.state.engine) as conn:
         listing = list_rejections(conn, partner_id=flt.partner_id, adapter=flt.adapter,
                                   error_code=flt.error_code, since=flt.since, until=flt.until,
                                   status=None if status == "all" else status, cursor=cursor,

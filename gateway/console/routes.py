@@ -119,7 +119,7 @@ def batch_list(ctx: Viewer) -> Response:
         batches.c.kind == kind if kind else None,
         batches.c.status == status if status else None,
         batches.c.partner_id == partner_id if partner_id else None) if c is not None]
-    with ctx.state.engine.connect() as conn:
+    with snapshot(ctx.state.engine) as conn:
         total = conn.execute(select(func.count()).select_from(batches).where(*where)).scalar_one()
         rows = [{**r, "rows_judged": rows_judged(r)} for r in conn.execute(
             select(batches.c.batch_id, batches.c.partner_id, batches.c.adapter, batches.c.kind,
@@ -141,7 +141,7 @@ def batch_page(batch_id: str, ctx: Viewer) -> Response:
     cursor = integer(params, "cursor", 0, 0, 2**62)
     if not batch_id or len(batch_id) > 40 or any(ord(ch) < 32 for ch in batch_id):
         raise ConsoleError(404, "未找到", "没有这个批次。")
-    with ctx.state.engine.connect() as conn:
+    with snapshot(ctx.state.engine) as conn:
         found = batch_status(conn, batch_id, cursor, 100)
     if found is None:
         raise ConsoleError(404, "未找到", f"没有批次 {batch_id}。")

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.errors import PayloadRejected
+from gateway.store.db import snapshot
 
 deliveries_app = typer.Typer(help="Deliveries to the management system: list, show, reprocess",
                              no_args_is_help=True)
@@ -98,7 +99,7 @@ def deliveries_list(status: Status = None, adapter: Adapter = None, partner: Par
 
     with _coded():
         flt = _filter(status, adapter, partner, error_code, since, until)
-        with _engine().connect() as conn:
+        with snapshot(_engine()) as conn:
             page = list_deliveries(conn, flt, cursor=cursor, limit=limit)
     if as_json:
         _print_json(page)
@@ -122,7 +123,7 @@ def deliveries_show(delivery_id: Annotated[int, typer.Argument(help="delivery id
     """One delivery: its batch, earlier batches it died in, its history."""
     from gateway.ops.deliveries import get_delivery
 
-    with _engine().connect() as conn:
+    with snapshot(_engine()) as conn:
         found = get_delivery(conn, delivery_id)
     if found is None:
         err.print(f"[red]NOT_FOUND[/red]: no delivery {delivery_id}\n资源不存在。")
@@ -189,7 +190,7 @@ def conflicts_list(limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
     """Open conflicts, oldest first."""
     from gateway.ops.records import list_conflicts
 
-    with _coded(), _engine().connect() as conn:
+    with _coded(), snapshot(_engine()) as conn:
         page = list_conflicts(conn, cursor=cursor, limit=limit)
     if as_json:
         _print_json(page)

@@ -22,7 +22,9 @@ audit check reads through ``store.db.reading``):
 3. a conflict was resolved for a version the operator was not shown;
 4. the record page shows one version's content with another version's delivery (PostgreSQL);
 5. the dashboard's backlog tile and status table disagree (PostgreSQL);
-6. the audit check holds SQLite's write lock for its whole walk.
+6. the audit check holds SQLite's write lock for its whole walk;
+7. a list (deliveries, rejections; API and console) counted one moment and showed another's
+   rows on PostgreSQL, and held SQLite's write lock while it read (now read in one snapshot).
 
 Hostile input (integers past 2**63, NUL, over-long and non-UTF-8 values in query strings, form
 fields, raw urlencoded and multipart bodies, cookies) was tried on every console route: none
@@ -209,6 +211,7 @@ class Live:
     reader: Engine
     client: httpx.Client
     partner: PartnerRef
+    token: str  # the viewer's, for the API's ``Authorization: Bearer``
 
 
 @pytest.fixture
@@ -223,10 +226,11 @@ def served(db_url: str, engine: Engine, make_settings: MakeSettings,
         page = client.get("/ops/login")
         found = CSRF.search(page.text)
         assert found is not None
-        logged = client.post("/ops/login", data={"token": new_operator(engine, "viewer"),
-                                                 "csrf": found.group(1), "next": "/ops"})
+        token = new_operator(engine, "viewer")
+        logged = client.post("/ops/login", data={"token": token, "csrf": found.group(1),
+                                                 "next": "/ops"})
         assert logged.status_code == 303
-        yield Live(engine, app.state.gateway.engine, client, partner)
+        yield Live(engine, app.state.gateway.engine, client, partner, token)
 
 
 @pytest.fixture
@@ -298,6 +302,73 @@ def test_the_dashboard_backlog_tile_and_status_table_agree(
     table = re.search(r'status=pending">待投递</a></td><td class="num">(\d+)<', page.text)
     assert tile is not None and table is not None, page.text
     assert int(tile.group(1)) == int(table.group(1)), (tile.group(1), table.group(1))
+
+
+# -- lists: the count and the page's rows at one moment ----------------------------------------
+
+# (path, what the new submission is, how the page's rows are counted): the API answers JSON,
+# the console a table whose rows carry the listed thing's id.
+LISTS = [
+    ("/v1/deliveries", "queued", None),
+    ("/v1/rejections", "rejected", None),
+    ("/ops/deliveries?status=pending", "queued", re.compile(r'<tr data-record="')),
+    ("/ops/rejections", "rejected", re.compile(r'<tr data-rejection="')),
+]
+
+
+def _listed(served: Live, path: str, rows: re.Pattern[str] | None) -> tuple[int, int]:
+    """(the total the list says, the rows it shows)."""
+    if rows is None:
+        answer = served.client.get(path, headers={"Authorization": f"Bearer {served.token}"})
+        assert answer.status_code == 200, answer.text
+        return int(answer.json()["total"]), len(answer.json()["items"])
+    page = served.client.get(path)
+    total = re.search(r'<strong id="total">(\d+)<', page.text)
+    assert page.status_code == 200 and total is not None, page.text
+    return int(total.group(1)), len(rows.findall(page.text))
+
+
+@pytest.mark.parametrize(("path", "kind", "rows"), LISTS, ids=[p for p, _, _ in LISTS])
+def test_a_list_counts_the_rows_it_shows_while_the_gateway_writes(
+        db_url: str, served: Live, path: str, kind: str, rows: re.Pattern[str] | None) -> None:
+    rng = random.Random(9105)
+
+    def submission(n: int) -> dict[str, Any]:
+        sub = gen.canonical_submission(rng, f"LIST-{kind}-{n}")
+        if kind == "rejected":  # an identity number whose check digit is wrong
+            last = sub["person"]["id_number"][-1]
+            sub["person"]["id_number"] = sub["person"]["id_number"][:-1] + ("1" if last == "0" else "0")
+        return sub
+
+    [first] = ingest(served.engine, served.partner, [submission(0)])
+    assert first.status.value == ("rejected" if kind == "rejected" else "accepted"), first
+    assert _listed(served, path, rows) == (1, 1)
+    landed: list[str] = []
+
+    def a_partner_submits() -> None:
+        try:
+            [answer] = ingest(served.engine, served.partner, [submission(1)])
+            landed.append(answer.status.value)
+        except Exception as exc:  # SQLite: the list's read holds the write lock
+            landed.append(f"{type(exc).__name__}: {exc}")
+
+    counted: list[str] = []
+
+    def after_the_count(sql: str) -> bool:  # the statement after the list's count: its rows
+        if counted:
+            return True
+        counted.extend([sql] if "count(*)" in sql.lower() else [])
+        return False
+
+    seen = _inject(served.reader, after_the_count, a_partner_submits)
+    listed = _listed(served, path, rows)
+    assert "<injected>" in seen, seen
+    # The submission is not held up by the read (on SQLite a list read under BEGIN IMMEDIATE
+    # held the write lock: 'database is locked'), and the page is one moment's: its total counts
+    # the rows it shows (before the submission: 1 and 1; PostgreSQL READ COMMITTED gave 1 and 2).
+    assert landed == [first.status.value], landed
+    assert listed == (1, 1), listed
+    assert _listed(served, path, rows) == (2, 2)
 
 
 # -- the audit check holds SQLite's write lock for its whole walk ------------------------------

@@ -62,6 +62,7 @@ from gateway.batches import (
 )
 from gateway.errors import NotFound, PayloadRejected, PayloadTooLarge, ScopeViolation
 from gateway.pipeline.ingest import Item, ingest_items
+from gateway.store.db import snapshot
 from gateway.store.tables import batches
 
 router = APIRouter(prefix="/v1", tags=["partner"])
@@ -192,7 +193,7 @@ async def get_batch(batch_id: str, request: Request,
                                          hashlib.sha256(b"").hexdigest())).partner_id
 
     def load() -> dict[str, Any] | None:
-        with state.engine.connect() as conn:
+        with snapshot(state.engine) as conn:
             found = batch_status(conn, batch_id, cursor, limit)
             if found is not None and owner is not None:
                 real_owner = conn.execute(select(batches.c.partner_id)

@@ -19,6 +19,7 @@ from gateway.api.deps import acting_operator, operator, state_of
 from gateway.errors import NotFound
 from gateway.ops import deliveries, records
 from gateway.ops.common import parse_when
+from gateway.store.db import snapshot
 
 router = APIRouter(prefix="/v1", tags=["ops"])
 Viewer = Annotated[Operator, Depends(operator)]
@@ -47,7 +48,7 @@ def get_deliveries(request: Request, _: Viewer, status: Text = None, adapter: Te
                    until: Text = None, cursor: Annotated[str | None, Query(max_length=512)] = None,
                    limit: Limit = 50) -> dict[str, Any]:
     flt = _filter(request, status, adapter, partner_id, error_code, since, until)
-    with state_of(request).engine.connect() as conn:
+    with snapshot(state_of(request).engine) as conn:
         return deliveries.list_deliveries(conn, flt, cursor=cursor, limit=limit)
 
 
@@ -56,7 +57,7 @@ def get_deliveries(request: Request, _: Viewer, status: Text = None, adapter: Te
 def get_delivery(delivery_id: int, request: Request, _: Viewer) -> dict[str, Any]:
     found = None
     if 0 < delivery_id < 2**62:
-        with state_of(request).engine.connect() as conn:
+        with snapshot(state_of(request).engine) as conn:
             found = deliveries.get_delivery(conn, delivery_id)
     if found is None:
         raise NotFound(detail=f"(delivery {delivery_id})", detail_zh=f"（投递 {delivery_id}）")
@@ -98,7 +99,7 @@ async def post_reprocess(body: ReprocessRequest, request: Request, who: Acting) 
 def get_conflicts(request: Request, _: Viewer,
                   cursor: Annotated[str | None, Query(max_length=512)] = None,
                   limit: Limit = 50) -> dict[str, Any]:
-    with state_of(request).engine.connect() as conn:
+    with snapshot(state_of(request).engine) as conn:
         return records.list_conflicts(conn, cursor=cursor, limit=limit)
 
 
@@ -167,7 +168,7 @@ def get_rejections(request: Request, _: Viewer, partner_id: Text = None, adapter
                    batch_id: Text = None, status: Annotated[str, Query(max_length=16)] = "open",
                    cursor: Annotated[str | None, Query(max_length=512)] = None,
                    limit: Limit = 50) -> dict[str, Any]:
-    with state_of(request).engine.connect() as conn:
+    with snapshot(state_of(request).engine) as conn:
         return records.list_rejections(
             conn, partner_id=partner_id, adapter=adapter, error_code=error_code,
             since=_when(request, since, "since"), until=_when(request, until, "until"),

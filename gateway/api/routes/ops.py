@@ -64,7 +64,7 @@ def get_compliance(id_number: str, year: Year, request: Request, _: Viewer,
 def get_audit(request: Request, _: Viewer, record_id: Annotated[str, Query()]) -> dict[str, Any]:
     if "\x00" in record_id:  # no record id holds NUL; PostgreSQL cannot compare one
         return {"items": [], "total": 0, "next": None}
-    with state_of(request).engine.connect() as conn:
+    with snapshot(state_of(request).engine) as conn:
         items = audit.events_for(conn, [record_id])
     return {"items": items, "total": len(items), "next": None}
 
