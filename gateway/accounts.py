@@ -10,6 +10,7 @@ from sqlalchemy import Engine, insert, select
 from gateway import audit
 from gateway.pipeline.rules_tables import BASE_ADAPTERS
 from gateway.secrets_box import SecretBox, hash_token, new_app_key, new_operator_token, new_secret
+from gateway.store.db import reading
 from gateway.store.tables import operators, partners
 
 ADAPTERS_WITH_PUSH = {"canonical", "training_base", "health", "finance", "cadre_college"}
@@ -61,14 +62,14 @@ def add_partner(engine: Engine, box: SecretBox, partner_id: str, adapter: str,
 
 def base_code_of(engine: Engine, partner_id: str) -> str | None:
     """The base code a partner is registered for (``None``: none, or no such partner)."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         code: str | None = conn.execute(select(partners.c.base_code)
                                         .where(partners.c.partner_id == partner_id)).scalar()
     return code
 
 
 def partner_by_app_key(engine: Engine, box: SecretBox, app_key: str) -> Partner | None:
-    with engine.connect() as conn:
+    with reading(engine) as conn:  # no SQLite write lock: auth never waits on a writer
         row = conn.execute(select(partners).where(partners.c.app_key == app_key,
                                                   partners.c.active.is_(True))).mappings().first()
     if row is None:
@@ -92,7 +93,7 @@ def add_operator(engine: Engine, name: str, role: str) -> tuple[Operator, str]:
 
 
 def operator_by_token(engine: Engine, token: str) -> Operator | None:
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(select(operators.c.name, operators.c.role)
                            .where(operators.c.token_hash == hash_token(token))).first()
     return Operator(row.name, row.role) if row else None

@@ -38,6 +38,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
+from gateway.store.db import snapshot
+
 if TYPE_CHECKING:
     from contracts import RecordAnswer
     from gateway.delivery.worker import DeliveryWorker
@@ -129,7 +131,7 @@ class StoreCollector(Collector):
         up, size, age, dead, lag = self._families()
         now = self._clock()
         try:
-            with self.engine.connect() as conn:
+            with snapshot(self.engine) as conn:  # one moment, and no SQLite write lock
                 pending = backlog(conn)
                 dead_count = dead_letters(conn)
                 pulls = pull_lag(conn, now)

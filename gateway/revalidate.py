@@ -58,6 +58,7 @@ from gateway.pipeline.ingest import (
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.pipeline.validate import validate_submission
 from gateway.reference import ReferenceCache
+from gateway.store.db import reading
 from gateway.store.tables import batches, partners, rejections
 
 __all__ = ["CHUNK_SIZE", "REPARSE", "AlreadyTaken", "Entry", "RevalidationFilter",
@@ -346,7 +347,7 @@ def _chunks(engine: Engine, flt: RevalidationFilter, ceiling: int,
 
 def count(engine: Engine, flt: RevalidationFilter) -> int:
     """How many open rejections the filter selects now."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return int(conn.execute(select(func.count()).select_from(rejections)
                                 .where(*flt.where())).scalar_one())
 

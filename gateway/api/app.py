@@ -30,7 +30,7 @@ from gateway.masking import install_log_masking, mask_text
 from gateway.pipeline.validate import zh_detail
 from gateway.runtime import Background
 from gateway.state import AppState
-from gateway.store.db import is_sqlite, upgrade
+from gateway.store.db import is_sqlite, reading, upgrade
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
         try:
-            with state.engine.connect() as conn:
+            with reading(state.engine) as conn:  # not queued behind a writer's lock (SQLite)
                 conn.execute(text("SELECT 1 FROM audit_head"))
         except Exception as exc:  # the probe reports, it does not crash
             return JSONResponse(status_code=503, content={"status": "not ready", "reason": type(exc).__name__})

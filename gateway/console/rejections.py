@@ -38,7 +38,7 @@ from gateway.console.web import Actor, ConsoleRoute, Ctx, Viewer, require_role
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id, mask_text
 from gateway.ops.records import edit_rejection, list_rejections
-from gateway.store.db import snapshot
+from gateway.store.db import reading, snapshot
 from gateway.store.tables import rejections
 
 router = APIRouter(route_class=ConsoleRoute)
@@ -138,7 +138,7 @@ def _rejection_id(value: str) -> int:
 
 
 def _open_rejection(ctx: Ctx, rejection_id: int) -> dict[str, Any]:
-    with ctx.state.engine.connect() as conn:
+    with reading(ctx.state.engine) as conn:
         row = conn.execute(rejections.select().where(rejections.c.id == rejection_id)
                            ).mappings().first()
     if row is None:

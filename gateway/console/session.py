@@ -26,6 +26,7 @@ from sqlalchemy import Engine, delete, select
 
 from gateway.accounts import Operator, operator_by_token
 from gateway.store.bulk import bulk_insert
+from gateway.store.db import reading, snapshot
 from gateway.store.tables import console_logouts, operators
 
 COOKIE = "ce_ops_session"
@@ -105,7 +106,7 @@ def log_in(engine: Engine, signer: Signer, token: str, now: float | None = None
     found = operator_by_token(engine, token) if token else None
     if found is None:
         return None
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(select(operators.c.id, operators.c.token_hash)
                            .where(operators.c.name == found.name)).first()
     if row is None:  # deleted between the two reads
@@ -131,7 +132,7 @@ def load(engine: Engine, signer: Signer, cookie: str | None, now: float | None =
         return None
     if expires <= (time.time() if now is None else now):
         return None
-    with engine.connect() as conn:
+    with snapshot(engine) as conn:
         row = conn.execute(select(operators.c.name, operators.c.role, operators.c.token_hash)
                            .where(operators.c.id == oid)).first()
         ended = conn.execute(select(console_logouts.c.sid)

@@ -55,6 +55,7 @@ from gateway.masking import mask_excerpt, mask_text
 from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
+from gateway.store.db import reading
 from gateway.store.tables import pull_state
 from gateway.store.util import insert_ignore
 
@@ -147,7 +148,7 @@ class PullState:
 
 def read_state(engine: Engine, source: str = SOURCE) -> PullState | None:
     """The stored pull state of ``source`` (``None`` before its first run)."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(select(pull_state).where(pull_state.c.source == source)).mappings().first()
     if row is None:
         return None

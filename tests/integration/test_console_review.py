@@ -24,7 +24,9 @@ audit check reads through ``store.db.reading``):
 5. the dashboard's backlog tile and status table disagree (PostgreSQL);
 6. the audit check holds SQLite's write lock for its whole walk;
 7. a list (deliveries, rejections; API and console) counted one moment and showed another's
-   rows on PostgreSQL, and held SQLite's write lock while it read (now read in one snapshot).
+   rows on PostgreSQL, and held SQLite's write lock while it read (now read in one snapshot);
+8. /readyz, /metrics and operators' sign-in read under SQLite's write lock, so a long write
+   held them up to the 60 s busy timeout (now read through ``reading`` or ``snapshot``).
 
 Hostile input (integers past 2**63, NUL, over-long and non-UTF-8 values in query strings, form
 fields, raw urlencoded and multipart bodies, cookies) was tried on every console route: none
@@ -396,6 +398,33 @@ def test_the_console_audit_check_does_not_hold_the_sqlite_write_lock(
     page = served.client.get("/ops/audit")
     assert "<injected>" in seen and page.status_code == 200, page.text
     assert outcome == ["wrote"], outcome
+
+
+# -- reads never queue behind a writer's lock (SQLite) --------------------------------------------
+
+READS = ["/readyz", "/metrics", "/v1/deliveries", "/v1/rejections", "/v1/conflicts",
+         "/ops/deliveries", "/ops/rejections", "/ops/conflicts", "/ops/batches"]
+
+
+def test_reads_answer_while_a_writer_holds_the_sqlite_lock(db_url: str, served: Live) -> None:
+    """A batch chunk or a long ingest holds SQLite's write lock; probes, scrapes, operators'
+    sign-in and lists read on.  Each read here began ``BEGIN IMMEDIATE`` and waited up to the
+    60 s busy timeout (readyz then said 503 'not ready' to the load balancer)."""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite's write lock (PostgreSQL readers take none)")
+    writer = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        for path in READS:
+            headers = {"Authorization": f"Bearer {served.token}"} if path.startswith("/v1") else {}
+            try:
+                answer = served.client.get(path, headers=headers, timeout=10)
+            except httpx.TimeoutException:
+                pytest.fail(f"{path} waited on the writer's lock")
+            assert answer.status_code == 200, (path, answer.status_code, answer.text[:300])
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
 
 
 # -- hostile input: never a 500 ----------------------------------------------------------------
