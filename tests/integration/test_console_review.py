@@ -407,9 +407,11 @@ READS = ["/readyz", "/metrics", "/v1/deliveries", "/v1/rejections", "/v1/conflic
 
 
 def test_reads_answer_while_a_writer_holds_the_sqlite_lock(db_url: str, served: Live) -> None:
-    """A batch chunk or a long ingest holds SQLite's write lock; probes, scrapes, operators'
-    sign-in and lists read on.  Each read here began ``BEGIN IMMEDIATE`` and waited up to the
-    60 s busy timeout (readyz then said 503 'not ready' to the load balancer)."""
+    """Probes, scrapes, operators' sign-in and lists read on while a writer holds the lock.
+
+    A batch chunk or a long ingest holds SQLite's write lock.  Each read here began ``BEGIN
+    IMMEDIATE`` and waited up to the 60 s busy timeout (readyz then said 503 'not ready').
+    """
     if not db_url.startswith("sqlite"):
         pytest.skip("SQLite's write lock (PostgreSQL readers take none)")
     writer = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
