@@ -73,6 +73,7 @@ from gateway.config import Settings
 from gateway.pipeline.caps import counts_of
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.scheduling import Job, register
+from gateway.store.db import snapshot
 from gateway.store.tables import outbox, record_versions, records, rejections
 
 __all__ = ["CHUNK_SIZE", "CLOSED_REJECTIONS", "RETENTION_JOB", "STUB_KEYS", "RetentionResult",
@@ -171,7 +172,7 @@ def prune(engine: Engine, settings: Settings, *, dry_run: bool = False, actor: s
     if days <= 0:
         return RetentionResult(dry_run, days, None)
     cutoff = now - timedelta(days=days)
-    with engine.connect() as conn:
+    with snapshot(engine) as conn:  # counts over the whole store: no SQLite write lock
         years = closed_years(conn, settings, now)
         where = _version_filter(cutoff, years)
         total = int(conn.execute(select(func.count()).select_from(_joined()).where(where)).scalar_one())

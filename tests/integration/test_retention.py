@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import random
+import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -211,3 +213,24 @@ def test_the_job_runs_once_cluster_wide_and_the_cli_counts_first(
     assert run_job(store, settings, RETENTION_JOB) is True
     assert _pruned(store) == {(str(first.record_id), 1)}
     assert [e["actor"] for e in _retention_events(store)] == ["scheduler"]
+
+
+def test_the_dry_run_counts_while_a_writer_holds_the_sqlite_lock(
+        db_url: str, store: Engine, make_settings: MakeSettings) -> None:
+    """The count reads the whole store; on SQLite it took the write lock and stalled ingest."""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite's write lock (PostgreSQL readers take none)")
+    writer = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # an ingest or a batch chunk mid-transaction
+    counted: list[Any] = []
+    dry_run = threading.Thread(target=lambda: counted.append(
+        prune(store, make_settings(db_url), dry_run=True, now=NOW1)), daemon=True)
+    try:
+        dry_run.start()
+        dry_run.join(timeout=20)  # the busy timeout is 60 s: a count that waited is still waiting
+        assert counted, "the dry run waited on the writer's lock"
+        assert counted[0].dry_run and counted[0].cutoff is not None, counted[0]  # it read
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        dry_run.join(timeout=90)
