@@ -58,7 +58,7 @@ from gateway.pipeline.ingest import (
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.pipeline.validate import validate_submission
 from gateway.reference import ReferenceCache
-from gateway.store.db import reading
+from gateway.store.db import reading, snapshot
 from gateway.store.tables import batches, partners, rejections
 
 __all__ = ["CHUNK_SIZE", "REPARSE", "AlreadyTaken", "Entry", "RevalidationFilter",
@@ -335,7 +335,7 @@ def _chunks(engine: Engine, flt: RevalidationFilter, ceiling: int,
     """Open rejections in id order, up to ``ceiling`` (so fresh rejections are not taken)."""
     last = 0
     while True:
-        with engine.connect() as conn:
+        with reading(engine) as conn:
             rows = conn.execute(select(rejections).where(
                 *flt.where(), rejections.c.id > last, rejections.c.id <= ceiling)
                 .order_by(rejections.c.id).limit(size)).all()
@@ -372,7 +372,7 @@ def revalidate(engine: Engine, flt: RevalidationFilter, *, actor: str, reason: s
         raise RevalidationRefused("a reason is required unless it is a dry run",
                                   "不是试运行时必须填写原因")
     rules = rules or default_rules(engine)
-    with engine.connect() as conn:
+    with snapshot(engine) as conn:  # the ceiling and the count at one moment, no write lock
         ceiling = int(conn.execute(select(func.coalesce(func.max(rejections.c.id), 0))).scalar_one())
         matched = int(conn.execute(select(func.count()).select_from(rejections).where(
             *flt.where(), rejections.c.id <= ceiling)).scalar_one())
@@ -382,7 +382,7 @@ def revalidate(engine: Engine, flt: RevalidationFilter, *, actor: str, reason: s
     if progress is not None:
         progress(done, matched)
     for rows in _chunks(engine, flt, ceiling, chunk_size):
-        with engine.connect() as conn:
+        with reading(engine) as conn:
             groups = group_entries(conn, rows, rules)
         for (partner, batch_id), entries in groups.items():
             if dry_run:

@@ -55,6 +55,7 @@ from gateway.ops.common import (
 from gateway.pipeline.caps import REFUSED_FOR_GOOD
 from gateway.pipeline.ingest import reallocate_after_delivery, writer_retries
 from gateway.pipeline.rules_tables import RulesConfig
+from gateway.store.db import snapshot
 from gateway.store.tables import audit_events, audit_head, delivery_batches, outbox, records
 
 __all__ = ["OUTBOX_STATUSES", "DeliveryFilter", "ReprocessResult", "get_delivery",
@@ -301,7 +302,7 @@ def reprocess(engine: Engine, flt: DeliveryFilter, *, dry_run: bool, reason: str
     actor = actor[:64]
     matched, newest = 0, 0
     if flt.status in (None, "dead"):
-        with engine.connect() as conn:
+        with snapshot(engine) as conn:  # the head and the count at one moment, no write lock
             # Rows that die after this count were not part of the operator's decision: the
             # moment is the audit head, as every dead-lettering is an event of the trail.
             newest = int(conn.execute(select(audit_head.c.last_seq)).scalar_one())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -315,3 +316,34 @@ def test_two_revalidations_at_once_take_each_rejection_once(postgres_url: str) -
     assert sum(r.accepted for r in results) == stored == 300
     assert sum(r.rejected_again + r.duplicate for r in results) == 0
     assert marks == {"revalidated": 300}
+
+
+def test_a_dry_run_judges_while_a_writer_holds_the_sqlite_lock(sqlite_url: str) -> None:
+    """Counting and judging the rejections only reads: a writer (ingest, a batch chunk) goes on.
+
+    Each chunk was parsed and judged under ``BEGIN IMMEDIATE``: SQLite's write lock was held
+    for the CPU time of the whole rule run, and a writer holding it stalled the dry run.
+    """
+    engine = make_engine(sqlite_url)
+    rng = random.Random(13)
+    subs = [canonical_submission(rng, f"D-{i}", hours="8", within=plan_period()) for i in range(20)]
+    for sub in subs:
+        sub["activity"] |= {"provider_code": BASE, "plan_id": PLAN}
+    assert {a.status for a in ingest(engine, PartnerRef("qh-canonical", "canonical"), subs)} == {
+        "rejected"}
+    load_base_and_plan(engine, BASE, PLAN)
+    writer = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    counted: list[Any] = []
+    dry_run = threading.Thread(target=lambda: counted.append(revalidate(
+        engine, RevalidationFilter(), actor="ops", dry_run=True, chunk_size=5)), daemon=True)
+    try:
+        dry_run.start()
+        dry_run.join(timeout=20)  # the busy timeout is 60 s: a run that waited is still waiting
+        assert counted, "the dry run waited on the writer's lock"
+        assert (counted[0].matched, counted[0].would_pass) == (20, 20), counted[0].as_dict()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        dry_run.join(timeout=90)
+        engine.dispose()
