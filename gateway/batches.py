@@ -46,6 +46,7 @@ from gateway.batch_parse import ParseJob, RowParser, make_adapter, rules_for
 from gateway.config import Settings
 from gateway.delivery.worker import worker_id
 from gateway.errors import PayloadRejected
+from gateway.masking import mask_excerpt
 from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items, paused_gc
 from gateway.reference import ReferenceCache
 from gateway.signing import file_sha256
@@ -78,7 +79,8 @@ class Failure:
 
     @classmethod
     def of(cls, code: str, detail: str, detail_zh: str) -> Failure:
-        return cls(code, detail[:500], detail_zh[:500])
+        # The texts quote what a partner declared (a header, a cell): masked like every error.
+        return cls(code, mask_excerpt(detail, 500), mask_excerpt(detail_zh, 500))
 
 
 def _failure_of(row: Any) -> dict[str, str] | None:

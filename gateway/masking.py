@@ -19,14 +19,15 @@ import re
 __all__ = ["MaskingFilter", "install_log_masking", "mask_excerpt", "mask_id", "mask_text"]
 
 # 17 digits + a digit or X (18-character resident id), or 15 digits (first-generation id);
-# never a slice of a longer digit run (an order number, a timestamp in ms, …).  The ids the
+# ``\d`` takes full-width digits too (partners' spreadsheets hold them), and so the X may be
+# full-width (Ｘ, ｘ); never a slice of a longer digit run (an order number, a timestamp in ms, …).  The ids the
 # gateway makes are matched first and kept whole: record and batch ids (``R``/``B`` + 24
 # lowercase hex) and delivery keys (32 lowercase hex, a uuid4), each a whole token.  One in a
 # few hundred holds a digit run of an identity number's shape between its hex letters, and
 # masked it would name nothing in an audit text, an error or a log line.
 _FIFTEEN_DIGITS = re.compile(r"\d{15}")
 _ID_TOKEN = re.compile(r"(?P<own>(?<![0-9A-Za-z])(?:[RB][0-9a-f]{24}|[0-9a-f]{32})(?![0-9A-Za-z]))"
-                       r"|(?<!\d)(?:\d{17}[\dXx]|\d{15})(?!\d)")
+                       r"|(?<!\d)(?:\d{17}[\dXxＸｘ]|\d{15})(?!\d)")
 
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.access", "uvicorn.error")
 

@@ -57,6 +57,7 @@ from gateway.pipeline.credit import allocate, cap_note, coded, day_totals, expla
 from gateway.pipeline.rules import judge
 from gateway.pipeline.rules_tables import (
     BASE_ADAPTERS,
+    NOT_BASE_PROVIDERS,
     TIME_ACTIVITIES,
     EmptyReference,
     Reference,
@@ -242,7 +243,8 @@ def new_record_id() -> str:
         return f"R{_last_id:024x}"
 
 
-def error_note(code: str, field_name: str | None = None, detail: str | None = None) -> Note:
+def error_note(code: str, field_name: str | None = None, detail: str | None = None,
+               detail_zh: str | None = None) -> Note:
     """A catalogued code's note, built unvalidated.
 
     Every part is a string made here (the catalogue's words, a detail), and R14 makes one
@@ -250,7 +252,8 @@ def error_note(code: str, field_name: str | None = None, detail: str | None = No
     """
     en, zh = message(code)
     return Note.model_construct(code=code, field=field_name,
-                                message=f"{en} {detail}" if detail else en, message_zh=zh)
+                                message=f"{en} {detail}" if detail else en,
+                                message_zh=f"{zh}{detail_zh}" if detail_zh else zh)
 
 
 def item_from_raw(raw: object) -> Item:
@@ -353,19 +356,27 @@ def writer_retries() -> Retrying:
 
 
 def _scope_errors(partner: PartnerRef, sub: CESubmission) -> list[Note]:
-    """A partner registered for a base may only report that base's activities (SPEC §7).
+    """A partner may only report its own base's activities (SPEC §7), and a partner of no base none.
 
     A base partner with no base code (stored before registration required one) may report
-    none: its rows are refused here too, whichever way they came (a queued roster, a revalidation).
+    nothing: its rows are refused here too, whichever way they came (a queued roster, a
+    revalidation).  ``provider_code`` names a base (SPEC §3, "when from a base"), and a record
+    naming one is judged as that base's training against its filed plans (R5), so a partner
+    registered for no base (a canonical relay) may not name one.  The college, health and
+    finance adapters set their own provider code, not a base's (``NOT_BASE_PROVIDERS``).
     """
     if partner.adapter in BASE_ADAPTERS and not partner.base_code:
         return [error_note("SCOPE_VIOLATION", "activity.provider_code",
-                           "(partner has no base code registered)")]
+                           "(partner has no base code registered)", "（合作方未登记基地代码）")]
     provider = sub.activity.provider_code
-    if partner.base_code and provider and provider != partner.base_code:
+    if not provider or provider == partner.base_code or partner.adapter in NOT_BASE_PROVIDERS:
+        return []
+    if partner.base_code:
         return [error_note("SCOPE_VIOLATION", "activity.provider_code",
-                           f"(partner is registered for base {partner.base_code})")]
-    return []
+                           f"(partner is registered for base {partner.base_code})",
+                           f"（合作方登记的基地为 {partner.base_code}）")]
+    return [error_note("SCOPE_VIOLATION", "activity.provider_code",
+                       "(partner is registered for no base)", "（合作方未登记为任何基地）")]
 
 
 _HOURS = TypeAdapter(Hours)

@@ -16,10 +16,13 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 
+from gateway.accounts import add_partner
 from gateway.masking import mask_id, mask_text
 from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.secrets_box import SecretBox
 from gateway.store.tables import audit_events, records, rejections
 from mock_partners import generators as gen
+from tests.conftest import SECRET_KEY
 from tests.integration.test_console import (
     World,
     _audit,
@@ -57,7 +60,10 @@ def _bad_id(world: World) -> tuple[int, str, str]:
 
 
 def _unknown_base(world: World, n: int) -> list[str]:
-    """``n`` records from a base not yet in the directory (BASE_NOT_RECOGNIZED)."""
+    """``n`` records from a base not yet in the directory (BASE_NOT_RECOGNIZED).
+
+    Its canonical partner is registered for that base: a partner of no base may name none.
+    """
     rng = random.Random(32)
     subs = []
     for i in range(n):
@@ -65,7 +71,8 @@ def _unknown_base(world: World, n: int) -> list[str]:
         sub["activity"] |= {"provider_code": BASE, "plan_id": PLAN}
         subs.append(sub)
         world.id_numbers.append(sub["person"]["id_number"])
-    answers = ingest(world.engine, PartnerRef(PARTNER, "canonical"), subs)
+    relay = add_partner(world.engine, SecretBox(SECRET_KEY), f"{PARTNER}-base", "canonical", BASE)
+    answers = ingest(world.engine, PartnerRef(relay.partner_id, "canonical", BASE), subs)
     assert {a.status for a in answers} == {"rejected"}
     return [s["source_record_id"] for s in subs]
 

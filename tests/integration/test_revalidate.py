@@ -72,6 +72,12 @@ def _count(engine: Engine, table: Any, *where: Any) -> int:
         return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one())
 
 
+def _base_relay(engine: Engine) -> PartnerRef:
+    """A canonical partner registered for BASE (a partner of no base may name none)."""
+    add_partner(engine, SecretBox("cli-test"), "qh-canonical", "canonical", BASE)
+    return PartnerRef("qh-canonical", "canonical", BASE)
+
+
 def _statuses(engine: Engine) -> list[str]:
     with engine.connect() as conn:
         return list(conn.execute(select(rejections.c.status).order_by(rejections.c.id)).scalars())
@@ -290,7 +296,7 @@ def test_two_revalidations_at_once_take_each_rejection_once(postgres_url: str) -
         sub = canonical_submission(rng, f"S-{i}", hours="8", within=plan_period())
         sub["activity"] |= {"provider_code": BASE, "plan_id": PLAN}
         subs.append(sub)
-    answers = ingest(engine, PartnerRef("qh-canonical", "canonical"), subs)
+    answers = ingest(engine, _base_relay(engine), subs)
     assert {a.status for a in answers} == {"rejected"}
     load_base_and_plan(engine, BASE, PLAN)
     barrier = threading.Barrier(2, timeout=60)
@@ -329,7 +335,7 @@ def test_a_dry_run_judges_while_a_writer_holds_the_sqlite_lock(sqlite_url: str) 
     subs = [canonical_submission(rng, f"D-{i}", hours="8", within=plan_period()) for i in range(20)]
     for sub in subs:
         sub["activity"] |= {"provider_code": BASE, "plan_id": PLAN}
-    assert {a.status for a in ingest(engine, PartnerRef("qh-canonical", "canonical"), subs)} == {
+    assert {a.status for a in ingest(engine, _base_relay(engine), subs)} == {
         "rejected"}
     load_base_and_plan(engine, BASE, PLAN)
     writer = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)

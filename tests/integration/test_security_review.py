@@ -195,16 +195,6 @@ def _as_base(seed: int, source_id: str, base_code: str | None, plan_id: str | No
     return sub
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A canonical partner registered without a base code reports for any base: _scope_errors "
-    "checks provider_code only when the partner has a base code (gateway/pipeline/ingest.py:365), "
-    "and _from_base (gateway/pipeline/rules.py:155) then judges the record as that base's, "
-    "against that base's filed plan — so a non-base partner fabricates base-trained hours. "
-    "Fix: in _scope_errors, for every adapter outside NOT_BASE_PROVIDERS (the college sets its "
-    "own 'QHGBWY'), refuse a provider_code other than the partner's registered base code "
-    "(SCOPE_VIOLATION, activity.provider_code); fixtures that ingest base records as a "
-    "code-less canonical partner (test_console_ops_more.py:65, test_revalidate.py:290) then "
-    "pass base_code=BASE"))
 def test_a_partner_without_a_base_code_cannot_report_for_a_base(
     store: tuple[str, Engine], make_settings: MakeSettings, new_partner: NewPartner
 ) -> None:
@@ -278,13 +268,6 @@ def test_a_base_code_is_judged_per_record_per_roster_row_and_per_plan(
 # -- 4. masking: a full-width Ｘ check digit --------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mask_text misses an identity number whose check digit is a full-width Ｘ (U+FF38; ｘ "
-    "U+FF58 too): _ID_TOKEN's last character class is [\\dXx] (gateway/masking.py:29) while \\d "
-    "already matches full-width digits, so '63212319870413120Ｘ' — typed in a Chinese IME's "
-    "full-width mode, which SPEC §8 expects of partners — passes whole through every error "
-    "echo (a withdrawal's 404, a batch's 404, an ops filter's 422) and every console search "
-    "box. Fix: [\\dXxＸｘ] in _ID_TOKEN (mask_id already keeps the last four characters)"))
 def test_a_full_width_x_check_digit_is_masked_in_answers_and_pages(
     store: tuple[str, Engine], make_settings: MakeSettings, new_partner: NewPartner,
     new_operator: NewOperator,
@@ -309,13 +292,6 @@ def test_a_full_width_x_check_digit_is_masked_in_answers_and_pages(
     assert leaked == [], leaked
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A batch's control-total failure quotes the partner's X-CE-Total-Credits unmasked: "
-    "_control_totals_ok writes the declared value into the Failure (gateway/batches.py:258-260), "
-    "Failure.of only cuts it (gateway/batches.py:81), and batch_status answers it as 'error' and "
-    "'failure' (gateway/batches.py:535) to the partner and to ops — the one error text of a "
-    "batch that is not masked (rows' errors are). Fix: mask in Failure.of "
-    "(mask_excerpt(detail, 500), which also masks before the cut)"))
 def test_a_control_total_that_is_an_identity_number_is_masked_in_the_batch_status(
     store: tuple[str, Engine], tmp_path: Path, make_settings: MakeSettings,
     new_partner: NewPartner, new_operator: NewOperator,
