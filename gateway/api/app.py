@@ -21,8 +21,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts.errors import message
 from gateway import metrics
+from gateway.api.limits import BodyLimit
 from gateway.api.routes import batches, deliveries, ops, partner, revalidate
 from gateway.api.routes import metrics as metrics_route
+from gateway.api.routes.batches import BATCH_UPLOAD_PATH
 from gateway.config import Settings
 from gateway.console.routes import router as console_router
 from gateway.errors import PayloadRejected
@@ -124,6 +126,8 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
                               "validation, dedup, durable delivery and audit.")
     app.state.gateway = state
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=lambda: state.settings.max_body_bytes,
+                       exempt=(BATCH_UPLOAD_PATH,))
     app.include_router(partner.router)
     app.include_router(batches.router)
     app.include_router(ops.router)

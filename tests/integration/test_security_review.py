@@ -123,17 +123,6 @@ PRE_AUTH_POSTS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Ops API and console POSTs read the whole body before authenticating: FastAPI reads a "
-    "declared body model (ReprocessRequest, RevalidateRequest; gateway/api/routes/"
-    "deliveries.py:87, revalidate.py:65) before the operator dependency runs, and the "
-    "console's posted() awaits request.form() before _session() (gateway/console/web.py:147-148); "
-    "neither counts bytes, so anyone who reaches the port makes the gateway buffer and parse "
-    "an unbounded body. Fix: authenticate first (check the bearer token / session cookie "
-    "before reading: take the body as Request and parse it after the dependency, and in "
-    "posted() call _session() before request.form()), and bound every non-batch body by "
-    "MAX_BODY_BYTES (a small ASGI middleware that refuses a declared Content-Length over it "
-    "and counts streamed bytes, answering 413 PAYLOAD_TOO_LARGE)"))
 @pytest.mark.parametrize("case", list(PRE_AUTH_POSTS))
 def test_unauthenticated_ops_and_console_posts_are_refused_before_their_body(
     store: tuple[str, Engine], make_settings: MakeSettings, case: str
@@ -145,11 +134,6 @@ def test_unauthenticated_ops_and_console_posts_are_refused_before_their_body(
     assert answer.split(b" ", 2)[1:2] in ([b"401"], [b"403"], [b"303"], [b"413"]), answer[:200]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "No body limit outside the partner routes: an operator's JSON body and the console's "
-    "login form (read before any session exists) are taken whole whatever MAX_BODY_BYTES "
-    "says (gateway/api/routes/deliveries.py:87; gateway/console/routes.py:69). Fix: enforce "
-    "MAX_BODY_BYTES on every route but the streamed batch upload (413 PAYLOAD_TOO_LARGE)"))
 def test_an_ops_or_console_body_over_the_limit_is_413(
     store: tuple[str, Engine], make_settings: MakeSettings, new_operator: NewOperator
 ) -> None:
@@ -163,6 +147,30 @@ def test_an_ops_or_console_body_over_the_limit_is_413(
         login = httpx.post(f"{url}/ops/login", data={"token": big}, timeout=10)
     _assert_coded(ops, 413, "PAYLOAD_TOO_LARGE")
     assert login.status_code == 413, login.text[:300]
+
+
+def test_a_body_sent_without_a_length_is_counted_and_refused_past_the_limit(
+    store: tuple[str, Engine], make_settings: MakeSettings, new_operator: NewOperator
+) -> None:
+    """A chunked body (no Content-Length) is counted as it arrives: 413 once past the limit."""
+    db_url, eng = store
+    token = new_operator(eng)
+
+    def chunks(total: int) -> Iterator[bytes]:
+        yield b'{"dry_run": true, "reason": "'
+        for _ in range(total // 256):
+            yield b"x" * 256
+        yield b'"}'
+
+    with gateway(make_settings(db_url, max_body_bytes=4096)) as url:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        big = httpx.post(f"{url}/v1/deliveries/reprocess", timeout=10, headers=headers,
+                         content=chunks(8192))
+        small = httpx.post(f"{url}/v1/deliveries/reprocess", timeout=10, headers=headers,
+                           content=chunks(768))
+    assert "content-length" not in big.request.headers
+    _assert_coded(big, 413, "PAYLOAD_TOO_LARGE")
+    assert small.status_code == 200 and small.json()["dry_run"] is True, small.text
 
 
 # -- 2. SECRET_KEY that cannot open the partner secrets ---------------------------------------------
