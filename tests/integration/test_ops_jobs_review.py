@@ -1,0 +1,790 @@
+"""Review: the scheduled and operational jobs, and the configuration they all read.
+
+Retention, reference import and sync, alerts, the cluster-wide job leases and ``Settings``,
+driven the way ops meet them: real SQLite and PostgreSQL stores, ``ce-gateway`` as a real
+process, the mock management system and the mock robot on a real uvicorn, a raw socket where a
+webhook has to misbehave below HTTP.  Each bug found is a strict xfail naming the cause and the
+fix; the other tests pin behaviour that was checked and found right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import Engine, select, text, update
+from sqlalchemy.engine import make_url
+
+from gateway import audit, compliance
+from gateway.accounts import Partner
+from gateway.alerts import evaluate
+from gateway.config import Settings
+from gateway.delivery.worker import DeliveryWorker
+from gateway.errors import ConfigError
+from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.reference import import_csv, sync
+from gateway.retention import prune
+from gateway.scheduling import acquire
+from gateway.store.db import make_engine
+from gateway.store.tables import (
+    job_locks,
+    outbox,
+    pull_state,
+    record_versions,
+    reference_deferrals,
+    reference_title_applicants,
+    reference_versions,
+    rejections,
+)
+from mock_partners import generators as gen
+from mock_partners.ce_system import Faults
+from tests.integration import test_alerts
+from tests.integration.test_alerts import ROBOT_PATH, monthly_batch, received
+from tests.integration.test_reference import APPLICANTS, BASES, count, load_all, rows
+from tests.integration.test_retention import _corrected, _drain, _retention_events
+from tests.support.servers import WorkerProcess, cli, poll
+
+MakeSettings = Callable[..., Settings]
+REPO = Path(__file__).resolve().parents[2]
+PG_ENV = "CE_GATEWAY_TEST_POSTGRES_URL"
+needs_postgres = pytest.mark.skipif(not os.environ.get(PG_ENV), reason=f"needs {PG_ENV}")
+ZH = re.compile(r"[\u4e00-\u9fff]")
+sink = test_alerts.sink  # the mock robot on a real uvicorn, the fixture alerts' tests use
+
+
+@pytest.fixture
+def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
+    eng = make_engine(sqlite_url)
+    yield eng
+    eng.dispose()
+
+
+def _sqlite_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"CE_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cfg.sqlite3'}",
+            "CE_GATEWAY_SECRET_KEY": "ops-jobs-review", **extra}
+
+
+def _no_traceback(done: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def _coded_bilingual(stderr: str, field: str) -> None:
+    """A coded refusal as the CLI prints one (``CODE (field): en`` / ``CODE (field): zh``)."""
+    lines = [line for line in stderr.splitlines()
+             if re.match(rf"[A-Z][A-Z_]+ \({re.escape(field)}\): ", line)]
+    assert len(lines) >= 2 and any(ZH.search(line) for line in lines), stderr[-3000:]
+
+
+# == configuration (SPEC §5 "Configuration", §6) ================================================
+
+@pytest.mark.xfail(strict=True, reason=(
+    "A bad CE_GATEWAY_* value is a pydantic ValidationError raised out of get_settings() "
+    "(gateway/cli.py:80-81 _settings, gateway/config.py:157-158): every command prints a "
+    "Rich traceback and exits 1, in English only; errors.ConfigError (gateway/errors.py:110) "
+    "is never raised and SPEC §6 has no code for it.  Fix: catch ValidationError in "
+    "_settings() (and in create_app's caller), map each error to its CE_GATEWAY_ variable and "
+    "print a coded CONFIG_INVALID refusal in English and Chinese (a new contracts/errors.py "
+    "code), exit 2"))
+def test_a_bad_setting_is_a_coded_bilingual_refusal_not_a_traceback(tmp_path: Path) -> None:
+    for variable, value in (("CE_GATEWAY_DELIVERY_BATCH_SIZE", "0"),
+                            ("CE_GATEWAY_RETRY_SCHEDULE", "5,30,abc")):
+        done = cli(_sqlite_env(tmp_path, **{variable: value}), "audit", "verify", "--json")
+        assert done.returncode == 2 and done.stdout == "", (variable, done.returncode)
+        _no_traceback(done)
+        _coded_bilingual(done.stderr, variable)
+
+
+# Values Settings takes though the gateway cannot work with them; what each one does instead.
+UNWORKABLE = [
+    ("year_close", "02-30", "every batch fails BATCH_FAILED (RulesConfig raises ValueError)"),
+    ("timezone", "Asia/Shanghia", "every batch fails; build_scheduler raises ZoneInfoNotFound"),
+    ("health_hours_per_credit", "-3.6", "every good health row is refused SCHEMA, blaming the partner"),
+    ("finance_hours_per_credit", "0", "every accountant's credits are accepted as 0 h"),
+    ("plan_filing_deadline", "7/31", "every training-base result fails in the rules"),
+    ("title_applicant_deadline", "11-31", "every record fails in the rules"),
+    ("job_lease_seconds", "1e308", "timedelta overflow: every scheduled job fails every tick"),
+    ("delivery_poll_seconds", "-1", "the delivery worker polls the store without pause"),
+    ("downstream_timeout_seconds", "0", "every delivery times out at once"),
+    ("signature_window_seconds", "-1", "every signed partner request is 401"),
+    ("max_records_per_request", "0", "every partner request is refused"),
+    ("delivery_lease_seconds", "0", "a delivery batch's lease lapses as it is taken"),
+    ("retention_payload_days", "1000000000", "timedelta overflow: every retention run fails"),
+    ("secret_key", "", "partner secrets sealed under an empty key; serve takes it on 0.0.0.0"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), [(name, value) for name, value, _ in UNWORKABLE],
+                         ids=[name for name, _, _ in UNWORKABLE])
+@pytest.mark.xfail(strict=True, reason=(
+    "gateway/config.py:30-110 declares these without bounds or format checks (year_close, "
+    "plan_filing_deadline, title_applicant_deadline and timezone are bare str; the credit "
+    "rates, timeouts, poll and lease seconds bare numbers), so Settings accepts values that "
+    "fail every ingest or every job later, at run time, as BATCH_FAILED, SCHEMA or log "
+    "tracebacks.  Fix: Field(gt=0)/Field(ge=…) bounds, an MM-DD validator that builds "
+    "date(2024, m, d), a ZoneInfo check on timezone, a finite upper bound on lease seconds"))
+def test_settings_refuse_values_the_gateway_cannot_work_with(
+        name: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(f"CE_GATEWAY_{name.upper()}", value)
+    with pytest.raises((ValidationError, ConfigError)):
+        Settings()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Settings is declared extra='ignore' (gateway/config.py:28) and pydantic-settings never "
+    "looks at prefixed variables that are not fields, so a misspelt CE_GATEWAY_* variable "
+    "is silently dropped and the default runs instead.  Fix: at start, compare the "
+    "CE_GATEWAY_* names in the environment with Settings.model_fields and warn (or refuse, "
+    "exit 2) naming each unknown one; allow-list CE_GATEWAY_TEST_* for the test suite"))
+def test_a_misspelt_setting_is_named_not_silently_ignored(tmp_path: Path) -> None:
+    done = cli(_sqlite_env(tmp_path, CE_GATEWAY_DELIVERY_BATCH_SIZ="100"), "audit", "verify",
+               "--json")
+    assert "CE_GATEWAY_DELIVERY_BATCH_SIZ" in done.stderr, (done.returncode, done.stderr)
+
+
+UNREACHABLE = "postgresql://ops:pw@127.0.0.1:9/ce"  # nothing listens on the discard port
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "gateway/cli.py:92-98 _engine() never connects, so the first query of retention run, "
+    "alerts check, audit verify or deliveries list meets the unreachable store and "
+    "SQLAlchemy's OperationalError goes out as a traceback (reference sync alone reports "
+    "'store error').  Fix: in _engine(), connect once (SELECT 1) and turn OperationalError "
+    "into a coded, bilingual STORE_UNAVAILABLE refusal naming CE_GATEWAY_DATABASE_URL "
+    "(host and port, never the password), exit 2"))
+def test_an_unreachable_database_is_a_clear_error_for_one_shot_commands() -> None:
+    for command in (("retention", "run", "--json"), ("alerts", "check", "--json"),
+                    ("audit", "verify", "--json")):
+        done = cli({"CE_GATEWAY_DATABASE_URL": UNREACHABLE}, *command)
+        assert done.returncode == 2, (command, done.returncode)
+        _no_traceback(done)
+        _coded_bilingual(done.stderr, "CE_GATEWAY_DATABASE_URL")
+        assert "pw@" not in done.stderr
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ce-gateway worker (gateway/cli.py:152) starts its threads without touching the store; "
+    "with an unreachable DATABASE_URL the delivery worker, the batch processor and every "
+    "scheduled job log a full traceback twice a second for ever (58 in 12 s) and the process "
+    "never exits, so a supervisor sees it 'running'.  Fix: check the store at start (as "
+    "ConfigError's 'fail fast at start' promises): one clear line and exit 2; once started, "
+    "log a store outage once, not a traceback a cycle"))
+def test_a_worker_started_against_an_unreachable_database_exits_with_a_clear_error(
+        tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"],
+                                env={**os.environ, "CE_GATEWAY_DATABASE_URL": UNREACHABLE,
+                                     "CE_GATEWAY_BATCH_DIR": str(tmp_path / "b")},
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        exited = poll(lambda: proc.poll() is not None, 20, interval=0.2, what="the worker to exit")
+    except AssertionError:
+        exited = False
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    output = log.read_text(errors="replace")
+    assert exited and proc.returncode == 2, output[-2000:]
+    assert "Traceback" not in output and "CE_GATEWAY_DATABASE_URL" in output
+
+
+# == cluster-wide job leases (gateway/scheduling.py) ===============================================
+
+STALL_SCRIPT = textwrap.dedent("""
+    import sys
+    from gateway.scheduling import run_exclusive
+    from gateway.store.db import make_engine
+
+    def job():
+        print("holding", flush=True)
+        sys.stdin.readline()
+
+    print(run_exclusive(make_engine(sys.argv[1]), sys.argv[2], float(sys.argv[3]), job), flush=True)
+""")
+
+
+def _lease(engine: Engine, name: str) -> tuple[str | None, datetime | None]:
+    with engine.connect() as conn:
+        row = conn.execute(select(job_locks.c.owner, job_locks.c.until)
+                           .where(job_locks.c.name == name)).first()
+    return (row.owner, row.until) if row else (None, None)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "renew() only extends a lease whose `until` is still ahead (gateway/scheduling.py:76, "
+    "`job_locks.c.until >= now`), so a holder whose beat came late - the process stalled "
+    "(GC, CPU starvation, a VM pause) or a store blip outlasted the TTL - is told 'lost' "
+    "though nobody took the lease over; _keep_alive (scheduling.py:97-99) then stops for "
+    "good while the job runs on, and the next tick of another replica runs the same job "
+    "beside it.  renew's own docstring says False means 'expired and taken over'.  Fix: "
+    "renew WHERE name = :name AND owner = :me (a takeover changes the owner), and stop the "
+    "job (or at least its writes) when a takeover really happened"))
+def test_a_holder_that_stalled_past_its_ttl_keeps_the_lease_nobody_took(db_url: str,
+                                                                        engine: Engine) -> None:
+    name, ttl = "review:stall", 2.0
+    with subprocess.Popen([sys.executable, "-c", STALL_SCRIPT, db_url, name, str(ttl)], cwd=REPO,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stdin is not None
+        try:
+            assert proc.stdout.readline().strip() == "holding"
+            holder, _ = _lease(engine, name)
+            os.kill(proc.pid, signal.SIGSTOP)  # a stall: no beat, nobody else around
+            poll(lambda: (_lease(engine, name)[1] or datetime.max.replace(tzinfo=UTC))
+                 < datetime.now(UTC) - timedelta(seconds=0.5), 15, interval=0.1,
+                 what="the stalled holder's lease to lapse")
+            os.kill(proc.pid, signal.SIGCONT)
+            # Its job is still running: its next beats must put the lease ahead again.
+            try:
+                renewed = poll(lambda: (_lease(engine, name)[1] or datetime.min.replace(tzinfo=UTC))
+                               > datetime.now(UTC), 4 * ttl, interval=0.1,
+                               what="the woken holder to renew")
+            except AssertionError:
+                renewed = False
+            taken_beside = acquire(engine, name, 30, "another-replica")
+            assert _lease(engine, name)[0] in (holder, "another-replica")
+            assert renewed and not taken_beside, "another replica runs the job beside the holder"
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.stdin.write("done\n")
+                proc.stdin.flush()
+                proc.wait(timeout=30)
+
+
+@pytest.mark.postgres
+@needs_postgres
+def test_two_worker_processes_run_the_scheduled_sync_once_an_interval_not_once_each(
+        postgres_url: str, mock_ce: tuple[str, Faults], tmp_path: Path) -> None:
+    """Two replicas' schedulers tick one job at their own phases: it runs once an interval.
+
+    The lease, held until 0.9 × the interval after a run's start, lets one of them run it.
+    """
+    url, _ = mock_ce
+    load_all(url)
+    interval = 2
+    env = {"CE_GATEWAY_DATABASE_URL": postgres_url, "CE_GATEWAY_DOWNSTREAM_URL": url,
+           "CE_GATEWAY_SECRET_KEY": "ops-jobs-review", "CE_GATEWAY_BATCH_DIR": str(tmp_path / "b"),
+           "CE_GATEWAY_REFERENCE_SYNC_INTERVAL_SECONDS": str(interval),
+           "CE_GATEWAY_PULL_INTERVAL_SECONDS": "0", "CE_GATEWAY_RETENTION_INTERVAL_SECONDS": "0",
+           "CE_GATEWAY_LOG_LEVEL": "INFO"}
+    workers = [WorkerProcess(env, tmp_path / f"w{i}.log") for i in range(2)]
+    try:
+        for worker in workers:  # one after the other: their ticks fall at different phases
+            worker.start()
+        engine = make_engine(postgres_url)
+        try:
+            poll(lambda: count(engine, reference_versions) == 1, 30, what="the first sync")
+        finally:
+            engine.dispose()
+        runs = poll(lambda: len(_sync_runs(workers)) >= 6 and _sync_runs(workers), 60,
+                    what="six scheduled syncs")
+    finally:
+        for worker in workers:
+            worker.stop()
+    # Each run starts at least 0.9 × the interval after the one before; the log line comes at
+    # its end, so single gaps vary with run times, their mean hardly.  With each worker running
+    # it at its own phase the mean gap would be about half the interval.
+    gaps = [(b - a).total_seconds() for a, b in zip(runs, runs[1:], strict=False)]
+    assert sum(gaps) / len(gaps) >= 0.7 * interval, gaps
+
+
+_RUN_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO gateway\.reference "
+                       r"reference sync: version")
+
+
+def _sync_runs(workers: list[WorkerProcess]) -> list[datetime]:
+    stamps = []
+    for worker in workers:
+        for line in worker.log_path.read_text(errors="replace").splitlines():
+            if found := _RUN_LINE.match(line):
+                # The processes' local time: only the gaps between runs are compared.
+                stamps.append(datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                              .replace(tzinfo=UTC))
+    return sorted(stamps)
+
+
+# == alerts (gateway/alerts.py) =====================================================================
+
+def _alerts(db_url: str, make_settings: MakeSettings, hook: str, **overrides: Any) -> Settings:
+    return make_settings(db_url, alert_webhook_url=hook, **overrides)
+
+
+def _for(partner: Partner, result: Any) -> list[str]:
+    return [c.key for c in result.active if c.detail.get("partner_id") == partner.partner_id]
+
+
+def test_the_monthly_push_deadline_is_the_end_of_the_day_in_beijing_also_across_the_year(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], sink: str) -> None:
+    """ALERT_MONTHLY_PUSH_DAY=10: the batch is due by the 10th, 23:59:59 Asia/Shanghai.
+
+    That is 15:59:59 UTC: a gateway whose clock runs on UTC must not call the month late a
+    second earlier, nor on time a second later (already the 11th in Xining).
+    """
+    autumn = new_partner(engine, adapter="finance")
+    monthly_batch(engine, autumn, "2026-08")
+    winter = new_partner(engine, adapter="health")
+    monthly_batch(engine, winter, "2026-11")
+    settings = _alerts(db_url, make_settings, f"{sink}{ROBOT_PATH}", alert_monthly_push_day=10)
+
+    last_second = datetime(2026, 10, 10, 15, 59, 59, tzinfo=UTC)
+    assert _for(autumn, evaluate(engine, settings, last_second)) == []
+    late = evaluate(engine, settings, last_second + timedelta(seconds=1))
+    assert _for(autumn, late) == [f"missed_push:{autumn.partner_id}:2026-09"]
+    assert f"missed_push:{autumn.partner_id}:2026-09" in late.fired
+    [message] = [m for m in received(sink) if autumn.partner_id in str(m["body"])]
+    assert "应于 2026-10-10 前推送" in str(message["body"])
+
+    new_year = datetime(2027, 1, 10, 15, 59, 59, tzinfo=UTC)
+    assert _for(winter, evaluate(engine, settings, new_year)) == []
+    assert _for(winter, evaluate(engine, settings, new_year + timedelta(seconds=1))) == [
+        f"missed_push:{winter.partner_id}:2026-12"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "_missed_pushes (gateway/alerts.py:131-152) looks only at latest_due_month "
+    "(gateway/ops/overview.py:97-107): once September's deadline passes, August's alert "
+    "is no longer an active condition, so _clear (alerts.py:355-371) marks it cleared - "
+    "`ce-gateway alerts check` prints 'cleared 已恢复' - though August was never pushed; "
+    "and a month whose whole alert window passed unseen (gateway down, robot failing) is "
+    "never alerted.  Fix: one condition per still-missing due month of the current and the "
+    "previous CE year (months_never_pushed already lists them), or one per partner naming "
+    "every missing month, cleared only when none is missing"))
+def test_a_month_still_missing_is_not_reported_recovered_when_the_next_one_falls_due(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], sink: str) -> None:
+    silent = new_partner(engine, adapter="health")
+    for month in ("2026-06", "2026-07"):
+        monthly_batch(engine, silent, month)
+    settings = _alerts(db_url, make_settings, f"{sink}{ROBOT_PATH}")
+    august = f"missed_push:{silent.partner_id}:2026-08"
+    assert evaluate(engine, settings, datetime(2026, 9, 6, 2, 0, tzinfo=UTC)).fired == [august]
+
+    october = evaluate(engine, settings, datetime(2026, 10, 6, 2, 0, tzinfo=UTC))
+
+    assert august not in october.cleared, "August is reported recovered; nothing was pushed"
+    assert august in {c.key for c in october.active}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "SPEC §1: health and finance push a monthly batch by month end *and a full-year batch "
+    "by year end*; the alert conditions (gateway/alerts.py:223-226) have no missed annual "
+    "push: a partner that sent every month but never the annual batch is never alerted, and "
+    "the reconciliation the annual batch feeds (SPEC §2) silently never happens.  Fix: a "
+    "`missed_annual:<partner>:<year>` condition once the year's annual batch is late (a "
+    "configurable day after 31 December, Asia/Shanghai), beside missed_push"))
+def test_a_partner_that_never_pushes_its_annual_batch_is_alerted(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], sink: str) -> None:
+    partner = new_partner(engine, adapter="finance")
+    for month in range(1, 13):
+        monthly_batch(engine, partner, f"2026-{month:02d}")
+    settings = _alerts(db_url, make_settings, f"{sink}{ROBOT_PATH}")
+
+    late_january = evaluate(engine, settings, datetime(2027, 1, 20, 2, 0, tzinfo=UTC))
+
+    assert _for(partner, late_january), "no alert: 2026's annual batch never came"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "_year_close (gateway/alerts.py:203-220) counts every retrying and dead delivery in the "
+    "outbox, whatever CE year its record counts for: a dead letter of 2025 (closed a year "
+    "ago) raises '临近年度截止仍有投递失败' for 2026 every December and inflates its counts.  "
+    "Fix: join records and count only deliveries whose record's counts_year (or year) is "
+    "close.year"))
+def test_the_year_close_alert_counts_only_deliveries_of_the_closing_year(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults], sink: str) -> None:
+    partner = PartnerRef(new_partner(engine).partner_id, "canonical")
+    old = gen.canonical_submission(random.Random(25), "YC-2025", year=2025,
+                                   title="[REJECT] 高原医学专题讲座")
+    [answer] = ingest(engine, partner, [old], now=datetime(2025, 6, 1, tzinfo=UTC))
+    assert answer.status == "accepted"
+    worker = DeliveryWorker(engine, make_settings(db_url, mock_ce[0]))
+    try:
+        while worker.run_once():
+            pass
+    finally:
+        worker.close()
+    with engine.connect() as conn:
+        assert conn.execute(select(outbox.c.status)).scalars().all() == ["dead"]
+    settings = _alerts(db_url, make_settings, f"{sink}{ROBOT_PATH}", year_close_extensions={})
+
+    december = evaluate(engine, settings, datetime(2026, 12, 27, 2, 0, tzinfo=UTC))
+
+    assert [c.kind for c in december.active] == ["dead_letters"], [c.key for c in december.active]
+
+
+class Trickle:
+    """An HTTP server below HTTP that answers 200 and then trickles its body, a byte at a time.
+
+    Each byte comes well within the read timeout (a stuck proxy, a half-dead relay).
+    """
+
+    def __init__(self, every: float = 0.3) -> None:
+        self.every, self.stop = every, threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests = 0
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            self.requests += 1
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100000\r\n\r\n")
+            while not self.stop.wait(self.every):
+                conn.sendall(b" ")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.listener.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "The robot is posted with httpx.Client(timeout=ALERT_WEBHOOK_TIMEOUT_SECONDS) "
+    "(gateway/alerts.py:391, send() at :245): httpx times out each phase and each read, never "
+    "the whole post, so a webhook that trickles its answer holds evaluate() for as long as it "
+    "trickles - far past the claim's lease of 4 × the timeout, which the module doc bases on "
+    "'connect, write and read phases each time out'.  Run as the `alerts` job, the job lease "
+    "is renewed all the while: no replica evaluates any alert again.  Fix: bound the whole "
+    "post (stream the answer and stop at a monotonic deadline of ~3 × the timeout, and at a "
+    "few KB), raising AlertNotSent"))
+def test_a_webhook_that_trickles_its_answer_does_not_hold_the_evaluation(
+        sqlite_url: str, sqlite_engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner]) -> None:
+    db_url, engine = sqlite_url, sqlite_engine  # HTTP below the store: one backend is enough
+    partner = new_partner(engine, adapter="health")
+    key = f"missed_push:{partner.partner_id}:2026-09"
+    robot = Trickle()
+    settings = _alerts(db_url, make_settings, robot.url + ROBOT_PATH,
+                       alert_webhook_timeout_seconds=1)
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(
+        evaluate(engine, settings, datetime(2026, 10, 6, 2, 0, tzinfo=UTC))), daemon=True)
+    started = time.monotonic()
+    thread.start()
+    try:
+        thread.join(4 * settings.alert_webhook_timeout_seconds + 4)
+        took = time.monotonic() - started
+        held = thread.is_alive()
+    finally:
+        robot.close()  # ends the trickle: the post fails and the evaluation returns
+        thread.join(30)
+    assert robot.requests == 1
+    assert not held, f"evaluate() still posting after {took:.1f} s"
+    assert list(results[0].failed) == [key]
+
+
+# == retention (gateway/retention.py) ===============================================================
+
+def _app_url(url: str, name: str) -> str:
+    return make_url(url).update_query_dict({"application_name": name}) \
+        .render_as_string(hide_password=False)
+
+
+def _waiting_on_locks(engine: Engine, names: list[str]) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY(:names)"
+            " AND wait_event_type = 'Lock'"), {"names": names}).scalar_one())
+
+
+def _two_prunes_meeting_at(url: str, engine: Engine, table: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """Two ``ce-gateway retention run`` processes that read one chunk before either writes it.
+
+    A third transaction holds the chunk's rows until both wait on them.
+    """
+    names = [f"prune-{i}-{os.getpid()}" for i in range(2)]
+    blocker = engine.connect()
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        blocker.begin()
+        blocker.execute(text(f"SELECT 1 FROM {table} FOR UPDATE")).all()
+        for name in names:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "retention", "run", "--json",
+                 "--actor", name],
+                env={**os.environ, "CE_GATEWAY_DATABASE_URL": _app_url(url, name),
+                     "CE_GATEWAY_RETENTION_PAYLOAD_DAYS": "1",
+                     "CE_GATEWAY_BATCH_DIR": str(tmp_path / "b")},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        poll(lambda: _waiting_on_locks(engine, names) == 2, 60,
+             what="both prunes to wait on the same rows")
+        blocker.rollback()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        blocker.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    return [json.loads(out) for out, _ in outs]
+
+
+TEN_DAYS_AGO = datetime.now(UTC).replace(microsecond=0) - timedelta(days=10)
+
+
+@pytest.mark.postgres
+@needs_postgres
+def test_two_retention_processes_at_once_prune_each_version_once_and_count_it_once(
+        postgres_url: str, make_settings: MakeSettings, new_partner: Callable[..., Partner],
+        mock_ce: tuple[str, Faults], tmp_path: Path) -> None:
+    engine = make_engine(postgres_url)
+    try:
+        ref = PartnerRef(new_partner(engine).partner_id, "canonical")
+        rng = random.Random(31)
+        subs = [gen.canonical_submission(rng, f"RR-{i}") for i in range(3)]
+        deliver = make_settings(postgres_url, mock_ce[0])
+        ingest(engine, ref, subs, now=TEN_DAYS_AGO)
+        _drain(engine, deliver, TEN_DAYS_AGO)
+        ingest(engine, ref, [_corrected(s) for s in subs], now=TEN_DAYS_AGO)
+        _drain(engine, deliver, TEN_DAYS_AGO)
+
+        runs = _two_prunes_meeting_at(postgres_url, engine, "record_versions", tmp_path)
+
+        with engine.connect() as conn:
+            pruned = conn.execute(select(record_versions.c.version).where(
+                record_versions.c.pruned_at.is_not(None))).scalars().all()
+            assert audit.verify(conn).ok
+        assert pruned == [1, 1, 1]
+        assert sorted(r["versions"] for r in runs) == [0, 3]
+        assert [json.loads(e["detail"])["versions"] for e in _retention_events(engine)] == [3]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+@needs_postgres
+@pytest.mark.xfail(strict=True, reason=(
+    "_prune_rejections (gateway/retention.py:446-458) selects a chunk's ids and then "
+    "UPDATEs them by id alone and adds len(ids): a second run that read the same chunk "
+    "(the scheduled job beside `ce-gateway retention run`, which takes no lease, or two "
+    "replicas) waits for the first, rewrites the stubs and counts them again, so the runs' "
+    "results and their retention_pruned audit events claim twice the rejections pruned.  "
+    "The versions path re-checks `pruned_at IS NULL` and counts its own stamp.  Fix: add "
+    "_rejection_filter(cutoff) to the UPDATE's WHERE and count its rowcount (or the rows "
+    "carrying this run's pruned_at); run the CLI under the job's lease"))
+def test_two_retention_processes_at_once_count_each_closed_rejection_once(
+        postgres_url: str, new_partner: Callable[..., Partner], tmp_path: Path) -> None:
+    engine = make_engine(postgres_url)
+    try:
+        ref = PartnerRef(new_partner(engine).partner_id, "canonical")
+        answers = ingest(engine, ref, [{"source_record_id": f"RX-{i}"} for i in range(4)],
+                         now=TEN_DAYS_AGO)
+        assert {a.status for a in answers} == {"rejected"}
+        with engine.begin() as conn:
+            conn.execute(update(rejections).values(status="revalidated"))
+
+        runs = _two_prunes_meeting_at(postgres_url, engine, "rejections", tmp_path)
+
+        with engine.connect() as conn:
+            stubs = [json.loads(p) for p in conn.execute(select(rejections.c.payload)).scalars()]
+        assert all(s["pruned"] is True for s in stubs) and len(stubs) == 4
+        claimed = [json.loads(e["detail"])["rejections"] for e in _retention_events(engine)]
+        assert sum(r["rejections"] for r in runs) == 4 and sum(claimed) == 4, (runs, claimed)
+    finally:
+        engine.dispose()
+
+
+def _prune_a_closed_year(engine: Engine, url: str, make_settings: MakeSettings,
+                         partner: Partner, mock_ce: tuple[str, Faults]) -> dict[str, Any]:
+    """One record of 2026, delivered in June 2026, pruned in January 2028 (2026 closed)."""
+    sub = gen.canonical_submission(random.Random(41), "RP-1")
+    at = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
+    ingest(engine, PartnerRef(partner.partner_id, "canonical"), [sub], now=at)
+    _drain(engine, make_settings(url, mock_ce[0]), at)
+    return sub
+
+
+def test_a_pruned_closed_year_keeps_the_audit_chain_and_the_compliance_report(
+        sqlite_url: str, sqlite_engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults]) -> None:
+    engine = sqlite_engine
+    sub = _prune_a_closed_year(engine, sqlite_url, make_settings, new_partner(engine), mock_ce)
+    id_number = sub["person"]["id_number"]
+    with engine.connect() as conn:
+        before = compliance.report(conn, id_number, 2026)
+    closed = make_settings(sqlite_url, year_close_extensions={})
+    assert prune(engine, closed, now=datetime(2028, 1, 20, tzinfo=UTC)).versions == 1
+    with engine.connect() as conn:
+        after = compliance.report(conn, id_number, 2026)
+        assert audit.verify(conn).ok
+        payloads = conn.execute(select(record_versions.c.payload)).scalars().all()
+    assert after == before and len(before["records"]) == 1
+    assert before["credited"]["total"] == sub["claimed"]["quantity"] + ".0"
+    assert id_number not in "".join(payloads)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "The stub keeps counts.person_key (gateway/retention.py:306-318), which "
+    "gateway/pipeline/dedup.py:23 computes as a plain SHA-256 of 'person', the id type and "
+    "the id number - no key, though dedup.py:9, retention.py:13 and "
+    "docs/retention-and-audit.md call it 'a keyed digest'.  An 18-character resident id has "
+    "little entropy (region, birth date, 3 digits, check character): whoever reads the "
+    "store recovers it from a stub in milliseconds once region and birth date are guessed, "
+    "so the pruned payload still names the person.  Fix: an HMAC with a key the store does "
+    "not hold (a PERSON_KEY_SECRET setting, distinct from SECRET_KEY), with a migration "
+    "that rekeys records, caps_ledger, reference_deferrals/title_applicants and the stubs"))
+def test_a_pruned_stub_does_not_let_the_store_reader_recover_the_identity_number(
+        sqlite_url: str, sqlite_engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults]) -> None:
+    engine = sqlite_engine
+    sub = _prune_a_closed_year(engine, sqlite_url, make_settings, new_partner(engine), mock_ce)
+    closed = make_settings(sqlite_url, year_close_extensions={})
+    assert prune(engine, closed, now=datetime(2028, 1, 20, tzinfo=UTC)).versions == 1
+    with engine.connect() as conn:
+        stub = json.loads(conn.execute(select(record_versions.c.payload)).scalar_one())
+    key = stub["counts"]["person_key"]
+    known = sub["person"]["id_number"][:14]  # region and birth date: the guessable part
+    recovered = [candidate for candidate in (f"{known}{n:03d}{c}" for n in range(1000)
+                                             for c in "0123456789X")
+                 if hashlib.sha256(f"person\x1fresident_id\x1f{candidate}".encode()).hexdigest()
+                 == key]
+    assert recovered == [], "the stub's person_key gives the identity number back"
+
+
+# == reference data (gateway/reference.py, gateway/reference_store.py) ================================
+
+BAD_CHECK_DIGIT = "630102198704139127"  # 630102198704139126 with its check character off by one
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Reference identity numbers are only pattern-checked (gateway/reference_store.py:135 "
+    "IdNumber: [0-9A-Z()-]{1,32}), so a deferral or title applicant whose resident id fails "
+    "its GB 11643 check digit is imported as OK (exit 0, a new version) and can never match "
+    "a record - every record with that id is refused ID_NUMBER_INVALID - while ops believe "
+    "the person is deferred or a title applicant.  Fix: validate with stdnum.cn.ric "
+    "(gateway/pipeline/identity.py has the check) and report the row (field id_number), in "
+    "CSV import and sync alike"))
+def test_a_reference_row_whose_identity_number_fails_its_check_digit_is_refused(
+        engine: Engine, tmp_path: Path) -> None:
+    deferrals = tmp_path / "deferrals.csv"
+    deferrals.write_text("id_number,from_year,reason,approved_on\n"
+                         f"{BAD_CHECK_DIGIT},2025,illness,2026-01-06\n", encoding="utf-8")
+    applicants = tmp_path / "title_applicants.csv"
+    applicants.write_text(f"id_number,year\n{BAD_CHECK_DIGIT},2026\n", encoding="utf-8")
+
+    results = [import_csv(engine, "deferrals", deferrals, actor="op"),
+               import_csv(engine, "title-applicants", applicants, actor="op")]
+
+    assert [[(e.row, e.field) for e in r.errors] for r in results] == [[(2, "id_number")]] * 2
+    assert count(engine, reference_deferrals) == 0 and count(engine, reference_title_applicants) == 0
+
+
+class FailingPage(httpx.BaseTransport):
+    """Real HTTP to the mock management system, but the title applicants' later pages fail.
+
+    They answer 500, or a body that is not JSON, until ``healed``.
+    """
+
+    def __init__(self, fault: str) -> None:
+        self.fault, self.healed, self.real = fault, False, httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        later_page = request.url.path.endswith("/title-applicants") and "cursor" in request.url.params
+        if later_page and not self.healed:
+            if self.fault == "500":
+                return httpx.Response(500, text="upstream exploded")
+            return httpx.Response(200, content=b'{"items": [{"id_number": "6301')
+        return self.real.handle_request(request)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+@pytest.mark.parametrize("fault", ["500", "truncated"])
+def test_a_sync_that_fails_on_a_later_page_applies_nothing_of_that_kind_and_heals_next_run(
+        fault: str, db_url: str, engine: Engine, mock_ce: tuple[str, Faults],
+        make_settings: MakeSettings) -> None:
+    url, _ = mock_ce
+    load_all(url)  # 250 title applicants: three pages of 100
+    settings = make_settings(db_url, url, pull_retries=2, pull_retry_max_wait_seconds=0.01)
+    transport = FailingPage(fault)
+    with httpx.Client(transport=transport) as client:
+        broken = sync(engine, settings, client)
+
+        assert not broken.ok and broken.version == "ref-000001"
+        assert broken.kinds["title-applicants"].error is not None
+        assert broken.kinds["bases"].inserted == len(BASES)
+        # Page one of three was fetched fine: none of it is stored, the watermark stays.
+        assert count(engine, reference_title_applicants) == 0
+        marks = {r["source"]: r for r in rows(engine, pull_state)}
+        assert marks["reference:title-applicants"]["cursor"] is None
+        assert marks["reference:title-applicants"]["last_error"]
+        assert marks["reference:bases"]["cursor"] is not None
+
+        transport.healed = True
+        healed = sync(engine, settings, client)
+
+    assert healed.ok and healed.version == "ref-000002"
+    assert healed.kinds["title-applicants"].inserted == len(APPLICANTS)
+    assert healed.kinds["bases"].inserted == 0
+    with engine.connect() as conn:
+        assert conn.execute(select(reference_versions.c.kinds).where(
+            reference_versions.c.seq == 2)).scalar_one() == "title-applicants"
+        assert audit.verify(conn).ok
+    assert count(engine, reference_title_applicants) == len(APPLICANTS)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "The sync's client is httpx.Client(timeout=DOWNSTREAM_TIMEOUT_SECONDS) "
+    "(gateway/reference.py:405; fetch_page at :303): per phase and per read, never per "
+    "request, so a reference API that trickles its answer keeps sync() - and, run as the "
+    "`reference:sync` job, its cluster-wide lease, renewed every third of JOB_LEASE_SECONDS "
+    "(gateway/scheduling.py:93-101) - busy for as long as it trickles: no replica syncs "
+    "reference data again, and nothing bounds a job's run.  The Cadre College pull has the "
+    "same client shape.  Fix: a deadline per request (stream, stop at ~3 × the timeout and at "
+    "a size cap, raising RetriableFetchError), and a maximum run time in run_exclusive after "
+    "which the keep-alive stops renewing"))
+def test_a_reference_api_that_trickles_does_not_hold_the_sync(
+        sqlite_url: str, sqlite_engine: Engine, make_settings: MakeSettings) -> None:
+    db_url, engine = sqlite_url, sqlite_engine  # HTTP below the store: one backend is enough
+    api = Trickle()
+    settings = make_settings(db_url, api.url, downstream_timeout_seconds=1, pull_retries=1,
+                             pull_retry_max_wait_seconds=0.01)
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(sync(engine, settings,
+                                                                 kinds=["bases"])), daemon=True)
+    started = time.monotonic()
+    thread.start()
+    try:
+        thread.join(4 * settings.downstream_timeout_seconds + 4)
+        took = time.monotonic() - started
+        held = thread.is_alive()
+    finally:
+        api.close()
+        thread.join(30)
+    assert not held, f"sync() still reading one page after {took:.1f} s"
+    assert results[0].kinds["bases"].error is not None
