@@ -231,8 +231,13 @@ def _prune_rejections(engine: Engine, cutoff: datetime, now: datetime, chunk_siz
     done = 0
     while True:
         with engine.begin() as conn:
+            # Locked as read: another run (the job beside `retention run`, another replica)
+            # that read the same chunk waits, and PostgreSQL then checks its filter again on
+            # the stubs this one wrote, so each rejection is pruned and counted once (SQLite:
+            # one writer, in turn).
             ids = conn.execute(select(rejections.c.id).where(_rejection_filter(cutoff))
-                               .order_by(rejections.c.id).limit(chunk_size)).scalars().all()
+                               .order_by(rejections.c.id).limit(chunk_size)
+                               .with_for_update()).scalars().all()
             if not ids:
                 return done
             conn.execute(update(rejections).where(rejections.c.id == bindparam("rid")), [

@@ -587,15 +587,6 @@ def test_two_retention_processes_at_once_prune_each_version_once_and_count_it_on
 
 @pytest.mark.postgres
 @needs_postgres
-@pytest.mark.xfail(strict=True, reason=(
-    "_prune_rejections (gateway/retention.py:446-458) selects a chunk's ids and then "
-    "UPDATEs them by id alone and adds len(ids): a second run that read the same chunk "
-    "(the scheduled job beside `ce-gateway retention run`, which takes no lease, or two "
-    "replicas) waits for the first, rewrites the stubs and counts them again, so the runs' "
-    "results and their retention_pruned audit events claim twice the rejections pruned.  "
-    "The versions path re-checks `pruned_at IS NULL` and counts its own stamp.  Fix: add "
-    "_rejection_filter(cutoff) to the UPDATE's WHERE and count its rowcount (or the rows "
-    "carrying this run's pruned_at); run the CLI under the job's lease"))
 def test_two_retention_processes_at_once_count_each_closed_rejection_once(
         postgres_url: str, new_partner: Callable[..., Partner], tmp_path: Path) -> None:
     engine = make_engine(postgres_url)
