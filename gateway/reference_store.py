@@ -37,6 +37,7 @@ from typing import IO, Annotated, Any
 
 import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -52,6 +53,7 @@ from adapters.tabular import iter_csv, row_error
 from contracts import Category
 from gateway.errors import GatewayError
 from gateway.masking import mask_id
+from gateway.pipeline.identity import resident_id_findings
 from gateway.store.tables import (
     pull_state,
     reference_bases,
@@ -131,9 +133,24 @@ def _iso_date(value: object) -> object:
 IsoDate = Annotated[date, BeforeValidator(_iso_date)]
 Code = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+def _resident_id(value: str) -> str:
+    """An 18-character number is a resident id and must pass GB 11643 as records' ids do.
+
+    A deferral or title applicant whose check digit fails could never match a record (every
+    record with that number is refused ID_NUMBER_INVALID), yet ops would believe the person
+    deferred.  The detail shows the number masked.
+    """
+    if len(value) == 18:
+        bad = [f for f in resident_id_findings(value) if f.code == "ID_NUMBER_INVALID"]
+        if bad:
+            raise ValueError(bad[0].detail)
+    return value
+
+
 # Upper-cased before the pattern is checked: a resident id's check character may be "x".
 IdNumber = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[0-9A-Z()\-]+$"),
-                     BeforeValidator(lambda v: v.strip().upper() if isinstance(v, str) else v)]
+                     BeforeValidator(lambda v: v.strip().upper() if isinstance(v, str) else v),
+                     AfterValidator(_resident_id)]
 Year = Annotated[int, Field(ge=1990, le=2100)]
 
 

@@ -671,14 +671,6 @@ def test_a_pruned_stub_does_not_let_the_store_reader_recover_the_identity_number
 BAD_CHECK_DIGIT = "630102198704139127"  # 630102198704139126 with its check character off by one
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Reference identity numbers are only pattern-checked (gateway/reference_store.py:135 "
-    "IdNumber: [0-9A-Z()-]{1,32}), so a deferral or title applicant whose resident id fails "
-    "its GB 11643 check digit is imported as OK (exit 0, a new version) and can never match "
-    "a record - every record with that id is refused ID_NUMBER_INVALID - while ops believe "
-    "the person is deferred or a title applicant.  Fix: validate with stdnum.cn.ric "
-    "(gateway/pipeline/identity.py has the check) and report the row (field id_number), in "
-    "CSV import and sync alike"))
 def test_a_reference_row_whose_identity_number_fails_its_check_digit_is_refused(
         engine: Engine, tmp_path: Path) -> None:
     deferrals = tmp_path / "deferrals.csv"

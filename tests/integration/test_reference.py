@@ -6,9 +6,10 @@ On SQLite and PostgreSQL, against the mock on a real uvicorn (``mock_ce``), load
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,10 @@ from gateway.store.tables import (
     reference_versions,
 )
 from mock_partners.ce_system import Faults
+from mock_partners.generators import make_id_number
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
-ID_A, ID_B = "630102198704139126", "63212319900101123X"
+ID_A, ID_B = "630102198704139126", "63212319900101101X"
 T1, T2 = "2026-01-01T08:00:00+08:00", "2026-02-01T08:00:00+08:00"
 STORED = (reference_bases, reference_plans, reference_deferrals, reference_title_applicants,
           reference_history, reference_versions, audit_events, pull_state)
@@ -71,8 +73,8 @@ DEFERRALS = [
      "updated_at": T1},
 ]
 # 250 title applicants: three pages of the mock's 100.
-APPLICANTS = [{"id_number": f"630102{19800101 + i:08d}{i % 1000:03d}X", "year": 2026,
-               "updated_at": T1} for i in range(248)]
+APPLICANTS = [{"id_number": make_id_number(random.Random(i), "630102", date(1980, 1, 1) + timedelta(i)),
+               "year": 2026, "updated_at": T1} for i in range(248)]
 APPLICANTS += [{"id_number": ID_A, "year": 2026, "updated_at": T1},
                {"id_number": ID_B, "year": 2026, "updated_at": T1}]
 
@@ -336,7 +338,7 @@ def test_import_plans_deferrals_and_title_applicants(db_url: str, engine: Engine
         ("plans", 2, "ref-000001"), ("deferrals", 3, "ref-000002"),
         ("title-applicants", 2, "ref-000003")]
     assert {r["id_masked"] for r in rows(engine, reference_deferrals)} == {
-        "630102********9126", "632123********123X"}
+        "630102********9126", "632123********101X"}
     assert {r["person_key"] for r in rows(engine, reference_title_applicants)} == {
         person_key_of(ID_A), person_key_of(ID_B)}
     assert_chain_ok(engine)
