@@ -13,6 +13,10 @@ import secrets
 from cryptography.fernet import Fernet, InvalidToken
 
 
+class WrongSecretKey(ValueError):
+    """A partner secret this ``SECRET_KEY`` cannot open: the replica's key is not the store's."""
+
+
 class SecretBox:
     def __init__(self, secret_key: str) -> None:
         key = hashlib.sha256(b"ce-gateway/partner-secrets/" + secret_key.encode()).digest()
@@ -25,7 +29,7 @@ class SecretBox:
         try:
             return self._fernet.decrypt(token.encode()).decode()
         except InvalidToken as exc:
-            raise ValueError("partner secret cannot be decrypted: wrong SECRET_KEY?") from exc
+            raise WrongSecretKey("partner secret cannot be decrypted: wrong SECRET_KEY?") from exc
 
 
 def new_app_key() -> str:

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import text
+from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts.errors import message
@@ -31,8 +31,10 @@ from gateway.errors import PayloadRejected
 from gateway.masking import install_log_masking, mask_text
 from gateway.pipeline.validate import zh_detail
 from gateway.runtime import Background
+from gateway.secrets_box import WrongSecretKey
 from gateway.state import AppState
-from gateway.store.db import is_sqlite, reading, upgrade
+from gateway.store.db import is_sqlite, migration_gap, reading, upgrade
+from gateway.store.tables import partners
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             "message_zh": "内部错误，本次请求未提交。"}})
 
 
+def _not_ready(reason: str) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"status": "not ready", "reason": reason})
+
+
 def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | None = None,
                run_scheduler: bool = True) -> FastAPI:
     install_log_masking()
@@ -145,11 +151,21 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
 
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
+        """Ready: the store answers, is migrated to this code's head, and SECRET_KEY opens it."""
         try:
             with reading(state.engine) as conn:  # not queued behind a writer's lock (SQLite)
-                conn.execute(text("SELECT 1 FROM audit_head"))
+                gap = migration_gap(conn)
+                sealed = conn.execute(select(partners.c.secret_enc).where(
+                    partners.c.active.is_(True)).limit(1)).scalar()
         except Exception as exc:  # the probe reports, it does not crash
-            return JSONResponse(status_code=503, content={"status": "not ready", "reason": type(exc).__name__})
+            return _not_ready(type(exc).__name__)
+        if gap is not None:
+            return _not_ready(gap)
+        try:
+            if sealed is not None:
+                state.box.decrypt(sealed)
+        except WrongSecretKey:
+            return _not_ready("SECRET_KEY cannot open the partners' secrets")
         worker = state.worker
         return JSONResponse(content={
             "status": "ready",

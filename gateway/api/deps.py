@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from gateway.accounts import Operator, Partner, operator_by_token, partner_by_app_key
 from gateway.errors import Forbidden, PayloadTooLarge, Unauthenticated
 from gateway.ratelimit import Limit, RateLimited, admit
+from gateway.secrets_box import WrongSecretKey
 from gateway.signing import (
     HEADER_APP_KEY,
     HEADER_NONCE,
@@ -34,6 +37,8 @@ from gateway.signing import (
 )
 from gateway.state import AppState
 from gateway.store.tables import nonces
+
+log = logging.getLogger(__name__)
 
 MIN_NONCE_LENGTH = 16
 MAX_NONCE_LENGTH = 128  # the nonces table's column
@@ -140,10 +145,28 @@ def _printable_ascii(value: str) -> bool:
     return value.isascii() and value.isprintable()
 
 
+_wrong_key_logged = threading.Event()
+
+
+def _log_wrong_key_once() -> None:
+    if not _wrong_key_logged.is_set():
+        _wrong_key_logged.set()
+        log.error("SECRET_KEY cannot open the partners' secrets: this replica's key differs from "
+                  "the one they were stored with; every partner request is refused 401")
+
+
 def partner_of(request: Request, sig: SignatureHeaders) -> Partner:
     """The active partner of the request's app key (401 for an unknown one), before any body."""
     state = state_of(request)
-    partner = partner_by_app_key(state.engine, state.box, sig.app_key)
+    try:
+        partner = partner_by_app_key(state.engine, state.box, sig.app_key)
+    except WrongSecretKey:
+        # This replica's SECRET_KEY is not the one the store's secrets were sealed with: no
+        # signature can be checked.  The partner is refused as docs/operations.md says (never a
+        # 500 and a traceback per request); ops see it in the log and in /readyz (503).
+        _log_wrong_key_once()
+        raise Unauthenticated("UNAUTHENTICATED", detail="(the gateway cannot check this key now)",
+                              detail_zh="（网关当前无法校验该应用标识的签名）") from None
     if partner is None:
         raise Unauthenticated("UNAUTHENTICATED", detail="(unknown app key)",
                               detail_zh="（未知的应用标识 AppKey）")

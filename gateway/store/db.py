@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 if TYPE_CHECKING:
@@ -105,6 +106,33 @@ def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
 
     command.upgrade(alembic_config(url), revision)
+
+
+@cache
+def code_revisions() -> tuple[str, frozenset[str]]:
+    """The migrations this code ships: (its head, every revision it knows)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    script = ScriptDirectory.from_config(cfg)
+    head = script.get_current_head()
+    assert head is not None, "the migrations have one head"
+    return head, frozenset(rev.revision for rev in script.walk_revisions())
+
+
+def migration_gap(conn: Connection) -> str | None:
+    """Why this code cannot serve the store yet (it is behind the code's migrations), or None.
+
+    A store ahead of the code (a newer release migrated it during a rolling upgrade; migrations
+    here only add) is served: the old replicas keep answering until they are replaced.
+    """
+    head, known = code_revisions()
+    at = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    if at == head or (at is not None and at not in known):
+        return None
+    return f"store at {at or 'no migration'}, code needs {head} (ce-gateway db upgrade)"
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -668,14 +668,6 @@ def test_signing_client_has_the_readme_calls() -> None:
 # -- product bugs ----------------------------------------------------------------------------------
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=(
-    "/readyz answers 200 'ready' on a PostgreSQL store one migration behind the code "
-    "(gateway/api/app.py readyz only runs `SELECT 1 FROM audit_head`, which exists from 0001), "
-    "and requests then fail 500 (e.g. compliance: no table refused_pins).  docs/operations.md "
-    "'Probes' promises 'the store is reachable and migrated' and points the load balancer at it: "
-    "a new replica started before `ce-gateway db upgrade` takes traffic.  Fix: compare the "
-    "store's alembic_version with the code's head (ScriptDirectory.get_current_head, read once "
-    "at start) and answer 503 {'status': 'not ready', 'reason': 'store at 0018, code needs 0019'}."))
 def test_readyz_is_not_ready_on_a_store_behind_the_codes_migrations(
         postgres_url: str, make_settings: Callable[..., Settings]) -> None:
     command.downgrade(alembic_config(postgres_url), "-1")

@@ -8,18 +8,22 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select, text, update
 
 from contracts import CESubmission
 from gateway.accounts import Partner
+from gateway.api.app import create_app
+from gateway.config import Settings
 from gateway.pipeline import dedup
 from gateway.pipeline.ingest import PartnerRef, ingest
-from gateway.store.db import alembic_config, make_engine, upgrade
+from gateway.store.db import alembic_config, code_revisions, make_engine, upgrade
 from gateway.store.tables import audit_head, metadata, record_versions, records
 from mock_partners import generators as gen
+from tests.support.servers import uvicorn_thread
 
 
 def test_migrated_schema_matches_metadata(engine: Engine) -> None:
@@ -93,3 +97,26 @@ def test_0013_rewrites_a_stored_dedup_key_to_the_quantitys_one_spelling(
     resend["claimed"]["quantity"] = "24.00"
     [again] = ingest(engine, ref, [resend])
     assert (again.status, again.record_id, again.version) == ("duplicate", answers[0].record_id, 1)
+
+
+def test_readyz_serves_a_store_ahead_of_the_code_but_not_one_behind(
+        db_url: str, engine: Engine, make_settings: Callable[..., Settings]) -> None:
+    """A store a newer release migrated is served; one behind this code is not ready.
+
+    In a rolling upgrade the old replicas answer until replaced; a replica started before
+    ``ce-gateway db upgrade`` takes no traffic.
+    """
+    head, known = code_revisions()
+    older = next(r for r in sorted(known) if r != head)
+
+    def ready_at(revision: str) -> httpx.Response:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": revision})
+        app = create_app(make_settings(db_url), run_worker=False, migrate=False)
+        with uvicorn_thread(app) as url:
+            return httpx.get(f"{url}/readyz", timeout=10)
+
+    assert ready_at(head).status_code == 200
+    assert ready_at("9999_a_newer_release").status_code == 200
+    behind = ready_at(older)
+    assert behind.status_code == 503 and f"code needs {head}" in behind.json()["reason"], behind.text

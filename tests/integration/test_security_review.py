@@ -176,13 +176,6 @@ def test_a_body_sent_without_a_length_is_counted_and_refused_past_the_limit(
 # -- 2. SECRET_KEY that cannot open the partner secrets ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A replica with another SECRET_KEY answers every partner request 500 INTERNAL and logs a "
-    "traceback per request: SecretBox.decrypt raises ValueError (gateway/secrets_box.py:28) "
-    "through partner_by_app_key (gateway/accounts.py:77) and partner_of (gateway/api/deps.py:146) "
-    "to the catch-all handler; docs/operations.md:70-71 promises 401. Fix: in partner_of, turn "
-    "the undecryptable secret into 401 UNAUTHENTICATED (logged once as a configuration error), "
-    "and let /readyz fail while SECRET_KEY opens no partner secret so the balancer drains it"))
 def test_a_replica_whose_secret_key_cannot_open_partner_secrets_refuses_with_401(
     store: tuple[str, Engine], make_settings: MakeSettings, new_partner: NewPartner
 ) -> None:
@@ -191,7 +184,12 @@ def test_a_replica_whose_secret_key_cannot_open_partner_secrets_refuses_with_401
     with gateway(make_settings(db_url, secret_key="another-replicas-key")) as url, \
             SigningClient(url, partner.app_key, partner.secret) as client:
         resp = client.submit(orjson.loads(_body())["records"])
+        ready = httpx.get(f"{url}/readyz", timeout=10)
     _assert_coded(resp, 401, "UNAUTHENTICATED")
+    # The balancer takes the replica out: no partner request can be checked on it.
+    assert ready.status_code == 503 and "SECRET_KEY" in ready.json()["reason"], ready.text
+    with gateway(make_settings(db_url)) as url:
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
 
 
 # -- 3. base-code scope (SPEC §7 "its own adapter and base code") -----------------------------------
