@@ -96,10 +96,15 @@ class VerifyResult:
     reason: str | None = None
     # What is wrong, for code: missing | rewritten | unchained | altered | truncated
     problem: str | None = None
+    # A sound chain's head (its last event's number and hash): the anchor to keep outside the
+    # database, so a later rewrite of everything from some event on is seen.
+    head_seq: int | None = None
+    head_hash: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "checked": self.checked, "first_bad_seq": self.first_bad_seq,
-                "reason": self.reason, "problem": self.problem}
+                "reason": self.reason, "problem": self.problem, "head_seq": self.head_seq,
+                "head_hash": self.head_hash}
 
 
 def verify(conn: Connection, chunk: int = 5000) -> VerifyResult:
@@ -128,7 +133,7 @@ def verify(conn: Connection, chunk: int = 5000) -> VerifyResult:
         return VerifyResult(False, walk.checked, walk.last_seq + 1,
                             f"chain ends at {walk.last_seq} but the head says {head_seq}",
                             "truncated")
-    return VerifyResult(True, walk.checked)
+    return VerifyResult(True, walk.checked, head_seq=walk.last_seq, head_hash=walk.prev)
 
 
 @dataclass

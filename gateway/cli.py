@@ -41,6 +41,7 @@ app.add_typer(reference_app, name="reference")
 # deliveries list|show|reprocess, conflicts list|resolve (issue 5): gateway/ops/commands.py
 app.add_typer(ops_commands.deliveries_app, name="deliveries")
 app.add_typer(ops_commands.conflicts_app, name="conflicts")
+app.add_typer(ops_commands.records_app, name="records")
 retention_app = typer.Typer(help="Payload retention (the audit trail is never pruned)",
                               no_args_is_help=True)
 app.add_typer(retention_app, name="retention")

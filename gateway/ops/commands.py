@@ -25,6 +25,8 @@ deliveries_app = typer.Typer(help="Deliveries to the management system: list, sh
                              no_args_is_help=True)
 conflicts_app = typer.Typer(help="Conflicts (same activity, different hours) held for ops",
                             no_args_is_help=True)
+records_app = typer.Typer(help="Records: one record's versions, deliveries and timeline",
+                          no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
 
@@ -135,6 +137,30 @@ def deliveries_show(delivery_id: Annotated[int, typer.Argument(help="delivery id
     table = Table("at", "event", "actor", "detail", title="history")
     for e in found["history"]:
         table.add_row(e["at"][:19], e["kind"], e["actor"], json.dumps(e["detail"], ensure_ascii=False)[:120])
+    console.print(table)
+
+
+@records_app.command("show")
+def records_show(record_id: Annotated[str, typer.Argument(help="record id (R…, from an answer)")],
+                 as_json: Json = False) -> None:
+    """One record: its current version, versions, deliveries and timeline (SPEC §2)."""
+    from gateway.masking import mask_text
+    from gateway.ops.records import record_view
+
+    with snapshot(_engine()) as conn:  # the record and its deliveries at one moment
+        view = record_view(conn, record_id)
+    if view is None:
+        shown = mask_text(record_id[:64].replace("\x00", "?"))
+        err.print(f"[red]NOT_FOUND[/red]: no record {shown}\n资源不存在（记录 {shown}）。")
+        raise typer.Exit(1)
+    if as_json:
+        _print_json(view)
+        return
+    console.print_json(data={k: v for k, v in view.items() if k != "timeline"}, default=str)
+    table = Table("at", "event", "actor", "detail", title=f"时间线 timeline ({record_id})")
+    for e in view["timeline"]:
+        table.add_row(str(e["at"])[:19], e["kind"], e["actor"],
+                      json.dumps(e["detail"], ensure_ascii=False)[:120])
     console.print(table)
 
 

@@ -119,14 +119,7 @@ def documented_invocations() -> list[tuple[str, str]]:
 
 
 # Documentation errors a reader would hit (the code is right; the document is to be fixed).
-DOC_ERRORS = {
-    "docs/operations.md:134": (
-        "Documentation error: docs/operations.md:134 shows `ce-gateway deliveries reprocess "
-        "--error-code RETRIES_EXHAUSTED`, which exits 2 'Missing option --reason' (the reason is "
-        "required and audited).  Write `ce-gateway deliveries reprocess --status dead "
-        "--error-code RETRIES_EXHAUSTED --reason \"管理系统已恢复\" --dry-run`, then without "
-        "--dry-run."),
-}
+DOC_ERRORS: dict[str, str] = {}  # none left: each was fixed in its document
 
 
 def _placeholders(tmp_path: Path) -> dict[str, str]:
@@ -677,13 +670,6 @@ def test_readyz_is_not_ready_on_a_store_behind_the_codes_migrations(
     assert ready.status_code == 503, ready.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SPEC §2: ops see every record's timeline (received → validated → queued → attempts → "
-    "delivered/dead) in the console 'and a CLI'.  The CLI has no command taking a record id: "
-    "`deliveries show` needs an outbox id and shows the delivery's history from 'queued' only "
-    "(no 'received', no versions), and `deliveries list` cannot filter by record "
-    "(gateway/ops/commands.py).  Fix: `ce-gateway records show RECORD_ID [--json]` printing "
-    "what GET /v1/records/{record_id} answers (gateway/ops/records.py already builds it)."))
 def test_the_cli_shows_a_records_timeline(
         sqlite_url: str, engine_sqlite: Engine, make_settings: Callable[..., Settings],
         new_partner: Callable[..., Partner]) -> None:
