@@ -84,6 +84,11 @@ CATALOGUE: dict[str, CodeInfo] = {
            "从干部网络学院拉取数据中断，下次运行将从已保存的游标处继续。"),
         _e("BATCH_FAILED", None, "The batch could not be processed; the rows not yet counted were not taken.",
            "批次处理失败，尚未计入的行未被接收。"),
+        # The command line's own refusals at start (exit 2); never an HTTP answer.
+        _e("CONFIG_INVALID", None, "A CE_GATEWAY_ setting has a value the gateway cannot work with; nothing was done.",
+           "CE_GATEWAY_ 配置项的取值无法使用，未执行任何操作。"),
+        _e("STORE_UNAVAILABLE", None, "The store named by CE_GATEWAY_DATABASE_URL cannot be reached; nothing was done.",
+           "无法连接 CE_GATEWAY_DATABASE_URL 所指的数据存储，未执行任何操作。"),
         _w("TITLE_APPLICANT_LATE", "Title applicants must finish by the deadline (30 November unless configured otherwise).",
            "申报职称人员须在截止日期前完成学习（默认为11月30日）。"),
         _w("CAP_APPLIED", "Hours were reduced to the yearly cap for this activity type.",

@@ -15,10 +15,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from contracts.errors import message
-from gateway.config import DEV_SECRET_KEY, Settings, get_settings
+from gateway.config import (
+    DEV_SECRET_KEY,
+    ENV_PREFIX,
+    Settings,
+    get_settings,
+    setting_errors,
+    unknown_variables,
+)
 from gateway.errors import PayloadRejected
 from gateway.ops import commands as ops_commands
 
@@ -62,8 +70,13 @@ def _loopback(host: str) -> bool:
 
 def _refused(exc: PayloadRejected) -> typer.Exit:
     """Print a coded refusal in English and Chinese (SPEC §6); the caller raises the Exit (2)."""
-    where = f" ({exc.field})" if exc.field else ""
-    err.print(f"{exc.code}{where}: {exc.message}\n{exc.code}{where}: {exc.message_zh}",
+    return _coded(exc.code, exc.field, exc.message, exc.message_zh)
+
+
+def _coded(code: str, field: str | None, text: str, text_zh: str) -> typer.Exit:
+    """``CODE (field): English`` and ``CODE (field): 中文``; the caller raises the Exit (2)."""
+    where = f" ({field})" if field else ""
+    err.print(f"{code}{where}: {text}\n{code}{where}: {text_zh}",
               style="red", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
@@ -78,8 +91,30 @@ def _check_year(year: int) -> None:
             detail_zh=f"（{year}：应在 {FIRST_YEAR}–{LAST_YEAR} 之间）"))
 
 
+_named_unknown: list[bool] = []  # once a process, however often a command reads the settings
+
+
 def _settings() -> Settings:
-    return get_settings()
+    """The deployment's settings, or a coded refusal naming each bad variable (exit 2).
+
+    A CE_GATEWAY_* variable that no setting reads is named in a warning, not refused: a
+    Kubernetes Service named ce-gateway injects CE_GATEWAY_SERVICE_HOST and the like (those are
+    left unnamed), and a variable kept for a newer release must not stop an older one.
+    """
+    if not _named_unknown:
+        _named_unknown.append(True)
+        for variable, like in unknown_variables():
+            hint, hint_zh = (f"; did you mean {like}?", f"；是否应为 {like}？") if like else ("", "")
+            err.print(f"warning ({variable}): not a setting, ignored{hint}\n"
+                      f"warning ({variable}): 不是配置项，已忽略{hint_zh}",
+                      style="yellow", markup=False, highlight=False, soft_wrap=True)
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        en, zh = message("CONFIG_INVALID")
+        for bad in setting_errors(exc):
+            _coded("CONFIG_INVALID", bad.variable, f"{en} {bad.detail}", f"{zh}{bad.detail_zh}")
+        raise typer.Exit(2) from None
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -91,9 +126,46 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def _engine(settings: Settings, migrate: bool = True):  # type: ignore[no-untyped-def]
+    """The store's engine, connected once up front.
+
+    An unreachable store is then one coded line (exit 2), not a traceback from the command's
+    first query.
+    """
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
     from gateway.store.db import is_sqlite, make_engine, upgrade
 
-    engine = make_engine(settings.database_url)
+    variable = f"{ENV_PREFIX}DATABASE_URL"
+
+    def unavailable(reason: object) -> typer.Exit:
+        # The driver's own words (refused, unknown host, authentication failed) on one line,
+        # and the URL without its password.
+        said = " ".join(str(reason).split())[:300]
+        if url.password:
+            said = said.replace(str(url.password), "***")
+        where = url.render_as_string(hide_password=True)
+        en, zh = message("STORE_UNAVAILABLE")
+        return _coded("STORE_UNAVAILABLE", variable, f"{en} {where}: {said}", f"{zh}{where}：{said}")
+
+    try:
+        url = make_url(settings.database_url)
+        engine = make_engine(settings.database_url)
+    # Not a URL, no dialect for its scheme (NoSuchModuleError), or its driver not installed.
+    except (ArgumentError, ImportError) as exc:
+        en, zh = message("CONFIG_INVALID")
+        raise _coded("CONFIG_INVALID", variable,
+                     f"{en} Not a database URL this gateway can use: {exc}.",
+                     f"{zh}不是本网关可用的数据库 URL：{exc}。") from None
+    except OSError as exc:  # an SQLite file's folder that cannot be made
+        raise unavailable(exc) from None
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except DBAPIError as exc:
+        engine.dispose()
+        raise unavailable(exc.orig) from None
     if migrate and is_sqlite(engine):
         upgrade(settings.database_url)
     return engine
@@ -117,6 +189,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
             raise typer.Exit(2)
         logging.getLogger("gateway").warning("CE_GATEWAY_SECRET_KEY is the development default: partner secrets are "
                     "sealed with a public key; set your own before serving beyond this machine")
+    # Fail fast on an unreachable store (exit 2), as `worker` does; the app makes its own engine.
+    _engine(settings, migrate=False).dispose()
     uvicorn.run(create_app(settings, run_worker=not no_worker), host=host, port=port,
                 log_level="warning", timeout_graceful_shutdown=10)
 
@@ -140,6 +214,9 @@ def worker(
 
     settings = _settings()
     _setup_logging(settings)
+    # The store first: unreachable, the worker exits 2 with one line instead of logging a
+    # traceback a cycle from every thread while a supervisor sees it "running".
+    engine = _engine(settings)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     started: list[Background] = []
@@ -150,7 +227,7 @@ def worker(
 
         registry = build_registry(lambda: started[0].worker if started else None)
         start_http_server(metrics_port, addr=metrics_host, registry=registry)
-    background = Background(_engine(settings), settings).start()
+    background = Background(engine, settings).start()
     started.append(background)
     try:
         while not stopping.wait(1.0):

@@ -198,3 +198,67 @@ def test_read_commands_refuse_bad_input_with_a_coded_error_not_a_traceback(tmp_p
     listed = cli(env, "deliveries", "list", "--cursor",
                  "WyJkZWxpdmVyaWVzIiwxODQ0Njc0NDA3MzcwOTU1MTYxNV0", "--json")
     assert listed.returncode == 2 and "Traceback" not in listed.stderr, listed.stderr
+
+
+# -- configuration and the store at start (gateway/cli.py _settings, _engine) ----------------------
+
+UNREACHABLE = "postgresql://ops:pw@127.0.0.1:9/ce"  # nothing listens on the discard port
+
+
+def test_several_bad_settings_are_each_named_and_nothing_runs(tmp_path: Path) -> None:
+    env = {"CE_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite3'}",
+           "CE_GATEWAY_TIMEZONE": "Asia/Shanghia", "CE_GATEWAY_HEALTH_HOURS_PER_CREDIT": "-3.6"}
+    done = cli(env, "deliveries", "list", "--json")
+    assert done.returncode == 2 and done.stdout == ""
+    assert_refused(done.stderr, "CONFIG_INVALID", "CE_GATEWAY_TIMEZONE")
+    assert_refused(done.stderr, "CONFIG_INVALID", "CE_GATEWAY_HEALTH_HOURS_PER_CREDIT")
+    assert "'Asia/Shanghia'" in done.stderr and "'-3.6'" in done.stderr
+    assert not (tmp_path / "cli.sqlite3").exists()  # refused before the store was touched
+
+
+def test_a_refused_secret_or_database_url_is_not_echoed(tmp_path: Path) -> None:
+    done = cli({"CE_GATEWAY_SECRET_KEY": " ", "CE_GATEWAY_DATABASE_URL": "nosuch://u:hunter2@h/d"},
+               "deliveries", "list", "--json")
+    assert done.returncode == 2
+    assert_refused(done.stderr, "CONFIG_INVALID", "CE_GATEWAY_SECRET_KEY")
+    # Settings are valid but for the key; the URL's scheme is refused once the key is fixed.
+    done = cli({"CE_GATEWAY_SECRET_KEY": "k", "CE_GATEWAY_DATABASE_URL": "nosuch://u:hunter2@h/d"},
+               "deliveries", "list", "--json")
+    assert done.returncode == 2
+    assert_refused(done.stderr, "CONFIG_INVALID", "CE_GATEWAY_DATABASE_URL")
+    assert "hunter2" not in done.stderr
+
+
+def test_a_misspelt_setting_is_a_warning_and_the_command_runs(tmp_path: Path) -> None:
+    """Named, with the setting it resembles, but not refused.
+
+    A Kubernetes Service named ce-gateway injects CE_GATEWAY_SERVICE_HOST and CE_GATEWAY_PORT_*
+    into every pod of its namespace: those are not named at all.
+    """
+    env = {"CE_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite3'}",
+           "CE_GATEWAY_DELIVERY_BATCH_SIZ": "100", "CE_GATEWAY_SERVICE_HOST": "10.0.0.1",
+           "CE_GATEWAY_PORT_8000_TCP": "tcp://10.0.0.1:8000"}
+    done = cli(env, "deliveries", "list", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["total"] == 0
+    assert "CE_GATEWAY_DELIVERY_BATCH_SIZ)" in done.stderr
+    assert "did you mean CE_GATEWAY_DELIVERY_BATCH_SIZE?" in done.stderr
+    assert "不是配置项" in done.stderr
+    assert "SERVICE_HOST" not in done.stderr and "PORT_8000" not in done.stderr
+    assert done.stderr.count("not a setting") == 1  # once a process
+
+
+def test_serve_and_ops_commands_refuse_an_unreachable_store_at_start() -> None:
+    for command in (("serve", "--port", "0"), ("deliveries", "list", "--json"),
+                    ("operator", "add", "--name", "n", "--json")):
+        done = cli({"CE_GATEWAY_DATABASE_URL": UNREACHABLE}, *command)
+        assert done.returncode == 2, (command, done.stderr[-2000:])
+        assert_refused(done.stderr, "STORE_UNAVAILABLE", "CE_GATEWAY_DATABASE_URL")
+        assert "ops:***@127.0.0.1:9" in done.stderr and "pw@" not in done.stderr
+
+
+def test_an_sqlite_store_that_cannot_be_made_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    done = cli({"CE_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'file' / 'store.sqlite3'}"},
+               "deliveries", "list", "--json")
+    assert done.returncode == 2
+    assert_refused(done.stderr, "STORE_UNAVAILABLE", "CE_GATEWAY_DATABASE_URL")
