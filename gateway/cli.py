@@ -225,10 +225,13 @@ def worker(
 
         from gateway.metrics import build_registry
 
+        # The Background is known before it starts its threads: a scrape right after the
+        # worker logs that it runs already finds its circuit.
         registry = build_registry(lambda: started[0].worker if started else None)
         start_http_server(metrics_port, addr=metrics_host, registry=registry)
-    background = Background(engine, settings).start()
+    background = Background(engine, settings)
     started.append(background)
+    background.start()
     try:
         while not stopping.wait(1.0):
             pass
