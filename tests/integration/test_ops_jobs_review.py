@@ -228,15 +228,6 @@ def _lease(engine: Engine, name: str) -> tuple[str | None, datetime | None]:
     return (row.owner, row.until) if row else (None, None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "renew() only extends a lease whose `until` is still ahead (gateway/scheduling.py:76, "
-    "`job_locks.c.until >= now`), so a holder whose beat came late - the process stalled "
-    "(GC, CPU starvation, a VM pause) or a store blip outlasted the TTL - is told 'lost' "
-    "though nobody took the lease over; _keep_alive (scheduling.py:97-99) then stops for "
-    "good while the job runs on, and the next tick of another replica runs the same job "
-    "beside it.  renew's own docstring says False means 'expired and taken over'.  Fix: "
-    "renew WHERE name = :name AND owner = :me (a takeover changes the owner), and stop the "
-    "job (or at least its writes) when a takeover really happened"))
 def test_a_holder_that_stalled_past_its_ttl_keeps_the_lease_nobody_took(db_url: str,
                                                                         engine: Engine) -> None:
     name, ttl = "review:stall", 2.0
