@@ -4,15 +4,22 @@ Conditions, each with a key naming one occurrence (``alert_state.key``):
 
 ==============================  ==============================================================
 ``missed_push:<partner>:<M>``   a monthly partner (health, finance) has no batch for month M,
-                                the latest month whose deadline (``ALERT_MONTHLY_PUSH_DAY`` of
-                                the next month) has passed
+                                whose deadline (``ALERT_MONTHLY_PUSH_DAY`` of the next month)
+                                has passed: one per missing month, each until its batch comes
+                                (looking back to January of the previous CE year, and no
+                                earlier than the partner started; ``missing_pushes`` in
+                                gateway/ops/overview.py)
+``missed_annual:<partner>:<Y>`` a monthly partner has no full-year batch for CE year Y
+                                (SPEC §1), whose deadline (``ALERT_ANNUAL_PUSH_DAY`` of
+                                January Y+1) has passed
 ``backlog_age``                 the oldest pending delivery is older than
                                 ``ALERT_BACKLOG_AGE_SECONDS``
 ``dead_letters:<through>``      deliveries dead-lettered since the last dead-letter alert
                                 (``through``: the sequence number of the newest dead-lettering
                                 audit event — the next alert's start)
-``year_close:<date>``           deliveries still failing (retrying or dead) within
-                                ``ALERT_YEAR_CLOSE_DAYS`` days of the CE year close
+``year_close:<date>``           deliveries of the closing CE year (the year their record
+                                counts toward) still failing (retrying or dead) within
+                                ``ALERT_YEAR_CLOSE_DAYS`` days of its close
 ==============================  ==============================================================
 
 :func:`evaluate` (the ``alerts`` job every ``ALERT_INTERVAL_SECONDS``, or ``ce-gateway alerts
@@ -35,7 +42,9 @@ transaction):
    row, or puts the taken row back as it was — so the next tick retries.
 
 An unsent claim's ``fired_at`` is a lease of ``LEASE_TIMEOUTS`` × ``ALERT_WEBHOOK_TIMEOUT_SECONDS``
-(a post's connect, write and read phases each time out after that): while it runs, others leave
+(a post, answer included, is cut off after ``upstream.DEADLINE_TIMEOUTS`` of them, overrun by at
+most one read timeout — httpx alone times out each phase and each read, so a robot that
+trickled its answer would hold a post for ever): while it runs, others leave
 the row to its claimer (a post in flight); once it has run out the claimer is taken for dead,
 and the next tick claims the row again and posts.  So the crash windows are:
 
@@ -62,19 +71,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import httpx
 from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from gateway import upstream
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.masking import mask_excerpt
-from gateway.ops.overview import MONTHLY_ADAPTERS, backlog, latest_due_month, year_close
-from gateway.reconcile import months_never_pushed, push_deadline
-from gateway.scheduling import Job, register
-from gateway.store.tables import DEAD_EVENTS, alert_state, audit_events, outbox, partners
+from gateway.ops.overview import backlog, missing_pushes, year_close
+from gateway.reconcile import push_deadline
+from gateway.scheduling import Job, ensure_held, register
+from gateway.store.tables import DEAD_EVENTS, alert_state, audit_events, outbox, records
 
 __all__ = ["ALERTS_JOB", "LEASE_TIMEOUTS", "AlertNotSent", "Condition", "Evaluation", "conditions",
            "evaluate", "lease", "payload", "send"]
@@ -82,8 +91,11 @@ __all__ = ["ALERTS_JOB", "LEASE_TIMEOUTS", "AlertNotSent", "Condition", "Evaluat
 log = logging.getLogger(__name__)
 PREFIX = "【CE 网关告警】"
 ADAPTER_ZH = {"health": "卫健", "finance": "财政"}
-# An unsent claim is left to its claimer for this many webhook timeouts (see the module doc).
-LEASE_TIMEOUTS = 4
+# An unsent claim is left to its claimer for this many webhook timeouts (see the module doc):
+# a post gives up after upstream.DEADLINE_TIMEOUTS of them, overrun by at most one read.
+LEASE_TIMEOUTS = upstream.DEADLINE_TIMEOUTS + 1
+# A robot answers a few dozen bytes ({"errcode":0,"errmsg":"ok"}); more is cut off, not sent.
+ROBOT_ANSWER_BYTES = 64 * 1024
 
 
 class AlertNotSent(GatewayError):
@@ -93,7 +105,7 @@ class AlertNotSent(GatewayError):
 @dataclass(frozen=True)
 class Condition:
     key: str
-    kind: str  # missed_push | backlog_age | dead_letters | year_close
+    kind: str  # missed_push | missed_annual | backlog_age | dead_letters | year_close
     title: str
     lines: tuple[str, ...]
     detail: dict[str, Any]
@@ -129,26 +141,33 @@ def _duration_zh(seconds: float) -> str:
 
 
 def _missed_pushes(conn: Connection, settings: Settings, now: datetime) -> list[Condition]:
-    month = latest_due_month(settings, now)
-    due_by = push_deadline(month, settings.alert_monthly_push_day) - timedelta(days=1)
-    local_now = now.astimezone(ZoneInfo(settings.timezone))
+    """One condition per partner and due month never pushed, and per due annual batch.
+
+    Each stays active until its batch comes (:func:`gateway.ops.overview.missing_pushes`).
+    """
     out = []
-    for partner_id, adapter in conn.execute(
-            select(partners.c.partner_id, partners.c.adapter)
-            .where(partners.c.active.is_(True), partners.c.adapter.in_(MONTHLY_ADAPTERS))
-            .order_by(partners.c.partner_id)):
-        if month not in months_never_pushed(conn, adapter, int(month[:4]), today=local_now,
-                                            partner_id=partner_id,
-                                            push_day=settings.alert_monthly_push_day):
-            continue
-        out.append(Condition(
-            f"missed_push:{partner_id}:{month}", "missed_push", "月度数据未按时推送 (monthly push missed)",
-            (f"合作方 (partner)：{partner_id}（{ADAPTER_ZH.get(adapter, adapter)} {adapter}）",
-             f"月份 (month)：{month}",
-             f"应于 {due_by.isoformat()} 前推送 (due by)",
-             "请联系对方补推月度批次 (ask the partner to push the monthly batch)"),
-            {"partner_id": partner_id, "adapter": adapter, "month": month,
-             "due_by": due_by.isoformat()}))
+    for owed in missing_pushes(conn, settings, now):
+        partner = (f"合作方 (partner)：{owed.partner_id}"
+                   f"（{ADAPTER_ZH.get(owed.adapter, owed.adapter)} {owed.adapter}）")
+        for month in owed.months:
+            due_by = push_deadline(month, settings.alert_monthly_push_day) - timedelta(days=1)
+            out.append(Condition(
+                f"missed_push:{owed.partner_id}:{month}", "missed_push",
+                "月度数据未按时推送 (monthly push missed)",
+                (partner, f"月份 (month)：{month}", f"应于 {due_by.isoformat()} 前推送 (due by)",
+                 "请联系对方补推月度批次 (ask the partner to push the monthly batch)"),
+                {"partner_id": owed.partner_id, "adapter": owed.adapter, "month": month,
+                 "due_by": due_by.isoformat()}))
+        for year in owed.annual:
+            due_by = push_deadline(f"{year}-12", settings.alert_annual_push_day) - timedelta(days=1)
+            out.append(Condition(
+                f"missed_annual:{owed.partner_id}:{year}", "missed_annual",
+                "年度数据未按时推送 (annual push missed)",
+                (partner, f"年度 (year)：{year}", f"应于 {due_by.isoformat()} 前推送 (due by)",
+                 "请联系对方推送全年批次，以便与月度数据对账 "
+                 "(ask the partner to push the full-year batch, for the reconciliation)"),
+                {"partner_id": owed.partner_id, "adapter": owed.adapter, "year": year,
+                 "due_by": due_by.isoformat()}))
     return out
 
 
@@ -204,9 +223,14 @@ def _year_close(conn: Connection, settings: Settings, now: datetime) -> list[Con
     close = year_close(settings, now)
     if close.days_left > settings.alert_year_close_days:
         return []
-    retrying = conn.execute(select(func.count()).where(outbox.c.status == "pending",
-                                                       outbox.c.attempts > 0)).scalar_one()
-    dead = conn.execute(select(func.count()).where(outbox.c.status == "dead")).scalar_one()
+    # Only deliveries of the closing year: another year's failures (a dead letter of a year
+    # closed long ago) are not at stake at this close.
+    of_the_year = (select(func.count()).select_from(outbox.join(
+        records, records.c.record_id == outbox.c.record_id))
+        .where(func.coalesce(records.c.counts_year, records.c.year) == close.year))
+    retrying = conn.execute(of_the_year.where(outbox.c.status == "pending",
+                                              outbox.c.attempts > 0)).scalar_one()
+    dead = conn.execute(of_the_year.where(outbox.c.status == "dead")).scalar_one()
     if not retrying and not dead:
         return []
     return [Condition(
@@ -239,10 +263,18 @@ def payload(condition: Condition, fmt: str) -> dict[str, Any]:
     raise ValueError(f"unknown alert webhook format {fmt!r} (wecom | dingtalk)")
 
 
-def send(client: httpx.Client, url: str, body: dict[str, Any]) -> None:
-    """POST one message; :class:`AlertNotSent` unless a 2xx without a robot error code."""
+def send(client: httpx.Client, url: str, body: dict[str, Any], *,
+         timeout_seconds: float | None = None) -> None:
+    """POST one message; :class:`AlertNotSent` unless a 2xx without a robot error code.
+
+    The whole post, answer included, is bounded (:func:`gateway.upstream.bounded_request`):
+    ``DEADLINE_TIMEOUTS`` × ``timeout_seconds`` (default: the client's timeout), and an answer
+    of at most ``ROBOT_ANSWER_BYTES``.
+    """
     try:
-        response = client.post(url, json=body)
+        response = upstream.bounded_request(client, "POST", url, json=body,
+                                            timeout_seconds=timeout_seconds,
+                                            max_bytes=ROBOT_ANSWER_BYTES)
     except httpx.HTTPError as exc:
         raise AlertNotSent(f"{type(exc).__name__}: {exc}") from exc
     if not response.is_success:
@@ -333,7 +365,8 @@ def _fire(engine: Engine, settings: Settings, client: httpx.Client, condition: C
         return
     # The claim is committed: no transaction (no lock, no pooled connection) is held while posting.
     try:
-        send(client, settings.alert_webhook_url, payload(condition, settings.alert_webhook_format))
+        send(client, settings.alert_webhook_url, payload(condition, settings.alert_webhook_format),
+             timeout_seconds=settings.alert_webhook_timeout_seconds)
     except Exception as exc:
         _undo(engine, claim)
         if not isinstance(exc, AlertNotSent):
@@ -384,6 +417,7 @@ def evaluate(engine: Engine, settings: Settings, now: datetime | None = None, *,
     with engine.connect() as conn:
         live = _live(conn)  # first: an alert claimed after this read is not this evaluation's
         result.active = conditions(conn, settings, now)
+    ensure_held()  # run as the scheduled job: write nothing once another replica took over
     result.cleared = _clear(engine, live, {c.key for c in result.active}, now)
     if not result.configured:
         return result
@@ -391,6 +425,7 @@ def evaluate(engine: Engine, settings: Settings, now: datetime | None = None, *,
     http = client or httpx.Client(timeout=settings.alert_webhook_timeout_seconds)
     try:
         for condition in result.active:
+            ensure_held()
             _fire(engine, settings, http, condition, clock, result)
     finally:
         if own:

@@ -243,6 +243,10 @@ class Settings(BaseSettings):
         index = min(max(attempts_done - 1, 0), len(self.retry_schedule) - 1)
         return self.retry_schedule[index]
 
+    # A monthly partner's (health, finance) full-year batch of year Y must exist by this day of
+    # January Y+1 (15 → late from the 16th); 0 = by 31 December itself (gateway/alerts.py).
+    alert_annual_push_day: Annotated[int, Field(ge=0, le=31)] = 15
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -12,7 +12,9 @@ from the kind's stored watermark (the newest ``updated_at`` seen; ``since`` is i
 the items at the watermark come again and are found unchanged), then apply every kind that was
 fetched whole in one transaction, with the new watermarks and one audit event
 ``reference_synced``.  A kind that cannot be fetched keeps its watermark and reports why;
-nothing raises past this module but programming errors.
+nothing raises past this module but programming errors (and, under the job's lease, a lease
+taken over).  Each page's GET, answer included, is bounded by a deadline of a few
+``DOWNSTREAM_TIMEOUT_SECONDS`` and a size cap (:func:`gateway.upstream.bounded_request`).
 
 Errors (httpx exceptions are translated here and go no further)::
 
@@ -65,7 +67,7 @@ from gateway.reference_store import (
     save_watermark,
     version_label,
 )
-from gateway.scheduling import Job, register
+from gateway.scheduling import Job, ensure_held, register
 from gateway.store.db import snapshot
 from gateway.store.tables import (
     reference_bases,
@@ -295,12 +297,17 @@ class SyncResult:
                 "kinds": {name: asdict(k) for name, k in self.kinds.items()}}
 
 
-def fetch_page(client: httpx.Client, url: str, since: str | None,
-               cursor: str | None) -> tuple[list[Any], str | None]:
-    """One GET: ``(items, next cursor)``; httpx errors become :class:`FetchError`."""
+def fetch_page(client: httpx.Client, url: str, since: str | None, cursor: str | None, *,
+               timeout_seconds: float | None = None) -> tuple[list[Any], str | None]:
+    """One GET: ``(items, next cursor)``; httpx errors become :class:`FetchError`.
+
+    The whole GET is bounded (:func:`gateway.upstream.bounded_request`: a few timeouts, a size
+    cap): an API that trickles its answer is a retriable error, not a sync held for ever.
+    """
     params = {k: v for k, v in (("since", since), ("cursor", cursor)) if v}
     try:
-        response = client.get(url, params=params)
+        response = upstream.bounded_request(client, "GET", url, params=params,
+                                            timeout_seconds=timeout_seconds)
     except httpx.HTTPError as exc:
         raise RetriableFetchError(f"{type(exc).__name__}: {exc}") from exc
     status = response.status_code
@@ -347,7 +354,9 @@ def _fetch_kind(client: httpx.Client, settings: Settings, kind: ReferenceKind,
     spec, url = KINDS[kind], settings.downstream_url.rstrip("/") + API_PATH + kind.value
     retrying, cursor, items = _retrying(settings), None, []
     while True:
-        page, nxt = retrying(fetch_page, client, url, report.since, cursor)
+        ensure_held()  # run as the scheduled job: stop if another replica took its lease
+        page, nxt = retrying(fetch_page, client, url, report.since, cursor,
+                             timeout_seconds=settings.downstream_timeout_seconds)
         items.extend(page)
         report.pages += 1
         if nxt is None:
@@ -391,7 +400,9 @@ def sync(engine: Engine, settings: Settings, client: httpx.Client | None = None,
     """Pull every kind (or ``kinds``) since its watermark and apply the changes as one version.
 
     Never raises a fetch or store error: they are reported in the result (and, per kind, in
-    ``pull_state.last_error`` of ``reference:<kind>``).
+    ``pull_state.last_error`` of ``reference:<kind>``).  Run as the scheduled job, it raises
+    :class:`gateway.scheduling.LeaseLost` before a page or the commit once another replica
+    took the job's lease over.
     """
     wanted = [parse_kind(k) for k in kinds] if kinds is not None else list(KINDS)
     result = SyncResult()
@@ -414,6 +425,7 @@ def sync(engine: Engine, settings: Settings, client: httpx.Client | None = None,
     finally:
         if client is None:
             http.close()
+    ensure_held()
     try:
         _commit(engine, result, fetched, actor)
     except _STORE_ERRORS as exc:

@@ -13,16 +13,16 @@ from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, or_, select
 
 from gateway.config import Settings
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.pull.cadre_college import PARTNER as PULL_PARTNER
-from gateway.reconcile import months_never_pushed, push_deadline
+from gateway.reconcile import due_months, push_deadline
 from gateway.store.tables import batches, outbox, partners, pull_state, records, rejections
 
-__all__ = ["MONTHLY_ADAPTERS", "Backlog", "YearClose", "backlog", "dead_letters", "latest_due_month",
-           "overview", "pull_lag", "year_close"]
+__all__ = ["MONTHLY_ADAPTERS", "Backlog", "MissingPushes", "YearClose", "backlog", "dead_letters",
+           "latest_due_month", "missing_pushes", "overview", "pull_lag", "year_close"]
 
 # Partners that push a batch every month (SPEC §2): their missing months are tracked.
 MONTHLY_ADAPTERS = ("health", "finance")
@@ -107,6 +107,74 @@ def latest_due_month(settings: Settings, now: datetime) -> str:
             return candidate
 
 
+@dataclass(frozen=True)
+class MissingPushes:
+    """What one monthly partner (health, finance) owes: pushes due and never made."""
+
+    partner_id: str
+    adapter: str
+    months: tuple[str, ...]  # monthly batches (YYYY-MM), oldest first
+    annual: tuple[int, ...]  # CE years whose full-year batch is due
+
+
+def _month_after(month: str) -> str:
+    year, m = int(month[:4]), int(month[5:7])
+    return f"{year + m // 12}-{m % 12 + 1:02d}"
+
+
+def missing_pushes(conn: Connection, settings: Settings, now: datetime) -> list[MissingPushes]:
+    """Each active monthly partner's due pushes that never came, at ``now`` (local days).
+
+    A month is due from ``ALERT_MONTHLY_PUSH_DAY`` of the next month (:func:`push_deadline`), a
+    year's annual batch from ``ALERT_ANNUAL_PUSH_DAY`` of the next January.  A batch counts as
+    pushed as :func:`gateway.reconcile.months_never_pushed` counts it: unless it failed before
+    committing a row.  A missing month stays missing until its batch comes, however many months
+    fall due after it.
+
+    The look-back is bounded, so this stays one small query: months of the current and the
+    previous CE year, and no earlier than the partner started — the month after it was
+    registered, or its first pushed month if that is earlier.  The latest due month is always
+    checked (a partner registered after it is told at once that its push is awaited); an
+    annual batch is owed for a year the partner had started by December.
+    """
+    local_today = now.astimezone(ZoneInfo(settings.timezone)).date()
+    floor_year = local_today.year - 1
+    latest = latest_due_month(settings, now)
+    monthly = list(conn.execute(
+        select(partners.c.partner_id, partners.c.adapter, partners.c.created_at)
+        .where(partners.c.active.is_(True), partners.c.adapter.in_(MONTHLY_ADAPTERS))
+        .order_by(partners.c.partner_id)))
+    if not monthly:
+        return []
+    pushed: dict[str, set[str]] = {r.partner_id: set() for r in monthly}
+    annuals: dict[str, set[str]] = {r.partner_id: set() for r in monthly}
+    for partner_id, kind, period in conn.execute(
+            select(batches.c.partner_id, batches.c.kind, batches.c.period).distinct()
+            .where(batches.c.partner_id.in_(list(pushed)),
+                   batches.c.adapter.in_(MONTHLY_ADAPTERS),
+                   batches.c.kind.in_(("monthly", "annual")),
+                   # as reconcile.months_never_pushed: a batch that arrived counts, unless it
+                   # failed before committing any row
+                   or_(batches.c.status != "failed", batches.c.rows_done > 0),
+                   batches.c.period >= str(floor_year))):
+        (annuals if kind == "annual" else pushed)[partner_id].add(period)
+    due = [m for year in (floor_year, local_today.year)
+           for m in due_months(year, local_today, push_day=settings.alert_monthly_push_day)]
+    annual_due = [y for y in (floor_year, local_today.year)
+                  if push_deadline(f"{y}-12", settings.alert_annual_push_day) <= local_today]
+    out = []
+    for r in monthly:
+        months, years = pushed[r.partner_id], annuals[r.partner_id]
+        registered = r.created_at.astimezone(ZoneInfo(settings.timezone)).strftime("%Y-%m")
+        started = min([_month_after(registered), *months])
+        start = min(started, latest)
+        out.append(MissingPushes(
+            r.partner_id, r.adapter,
+            tuple(m for m in due if m >= start and m not in months),
+            tuple(y for y in annual_due if f"{y}-12" >= started and str(y) not in years)))
+    return out
+
+
 def _last_pushes(conn: Connection, partner_ids_by_kind: dict[bool, list[str]]) -> dict[str, datetime]:
     """Latest batch ``created_at`` for batch partners, latest record ``created_at`` otherwise."""
     last: dict[str, datetime] = {}
@@ -141,17 +209,16 @@ def _partners(conn: Connection, settings: Settings, now: datetime) -> list[dict[
     for r in rows:
         by_kind[r.adapter in MONTHLY_ADAPTERS].append(r.partner_id)
     last = _last_pushes(conn, by_kind)
-    local_now = now.astimezone(ZoneInfo(settings.timezone))
+    # The months the missed-push alerts name (gateway/alerts.py): the console and the robot agree.
+    missing = {m.partner_id: m for m in missing_pushes(conn, settings, now)}
     out = []
     for r in rows:
-        missing: list[str] = []
-        if r.adapter in MONTHLY_ADAPTERS:
-            missing = months_never_pushed(conn, r.adapter, local_now.year, today=local_now,
-                                          partner_id=r.partner_id,
-                                          push_day=settings.alert_monthly_push_day)
+        owed = missing.get(r.partner_id)
         at = last.get(r.partner_id)
         out.append({"partner_id": r.partner_id, "adapter": r.adapter,
-                    "last_push_at": at.isoformat() if at else None, "missing_months": missing})
+                    "last_push_at": at.isoformat() if at else None,
+                    "missing_months": list(owed.months) if owed else [],
+                    "missing_annual": list(owed.annual) if owed else []})
     return out
 
 
@@ -159,8 +226,9 @@ def overview(conn: Connection, settings: Settings, now: datetime | None = None) 
     """What the dashboard shows, in one read; datetimes as ISO strings.
 
     Outbox and record counts by status, the backlog and its oldest age, dead letters, open
-    conflicts and rejections, each partner's last push and missing months (monthly partners
-    only), pull lag, and the days left to the year close.
+    conflicts and rejections, each partner's last push and missing months and annual batches
+    (monthly partners only, :func:`missing_pushes`), pull lag, and the days left to the year
+    close.
     """
     now = now or datetime.now(UTC)
     counts: dict[str, int] = dict(

@@ -13,7 +13,10 @@ The cursor update is a compare-and-set on the value this run started from, so tw
 slipped past the job lease cannot both advance it (the loser's page is rolled back).
 
 Short retries of one page use tenacity (exponential backoff, full jitter, ``Retry-After``
-honoured up to ``PULL_RETRY_MAX_WAIT_SECONDS``).  When they run out, or the college answers
+honoured up to ``PULL_RETRY_MAX_WAIT_SECONDS``); each GET, answer included, is bounded by a
+deadline of a few ``PULL_TIMEOUT_SECONDS`` and a size cap (:func:`gateway.upstream.bounded_request`).
+Run as the scheduled job, a run whose lease another replica took over stops before its next
+page (:class:`gateway.scheduling.LeaseLost`).  When they run out, or the college answers
 something that retrying cannot fix, ``last_error`` is recorded, the cursor stays where it was
 and the run ends; the scheduler tries again at the next interval.
 
@@ -55,6 +58,7 @@ from gateway.masking import mask_excerpt, mask_text
 from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
+from gateway.scheduling import ensure_held
 from gateway.store.db import reading
 from gateway.store.tables import pull_state
 from gateway.store.util import insert_ignore
@@ -229,13 +233,19 @@ def _read_page(response: httpx.Response, cursor: str | None) -> Page:
     return Page(data, next_cursor, has_more)
 
 
-def fetch_page(client: httpx.Client, url: str, cursor: str | None, limit: int) -> Page:
-    """One GET of one page; httpx errors become :class:`PullError`."""
+def fetch_page(client: httpx.Client, url: str, cursor: str | None, limit: int, *,
+               timeout_seconds: float | None = None) -> Page:
+    """One GET of one page; httpx errors become :class:`PullError`.
+
+    The whole GET is bounded (:func:`gateway.upstream.bounded_request`: a few timeouts, a size
+    cap): a college that trickles its answer is a retriable error, not a pull held for ever.
+    """
     params: dict[str, str | int] = {"limit": limit}
     if cursor:
         params["cursor"] = cursor
     try:
-        response = client.get(url, params=params)
+        response = upstream.bounded_request(client, "GET", url, params=params,
+                                            timeout_seconds=timeout_seconds)
     except httpx.HTTPError as exc:
         raise RetriablePullError(f"{type(exc).__name__}: {exc}") from exc
     action = _classify(response.status_code)
@@ -252,7 +262,8 @@ def fetch_page(client: httpx.Client, url: str, cursor: str | None, limit: int) -
 def _fetch_with_retries(client: httpx.Client, settings: Settings, url: str,
                         cursor: str | None) -> Page:
     retrying = upstream.retrying(settings, log, "cadre college page")
-    return retrying(fetch_page, client, url, cursor, settings.pull_page_size)
+    return retrying(fetch_page, client, url, cursor, settings.pull_page_size,
+                    timeout_seconds=settings.pull_timeout_seconds)
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -289,6 +300,7 @@ def pull_once(engine: Engine, settings: Settings, client: httpx.Client | None = 
         while result.pages < limit_pages:
             try:
                 page = _fetch_with_retries(http, settings, url, cursor)
+                ensure_held()  # run as the scheduled job: stop if another replica took over
                 now = datetime.now(UTC)
                 step = _advance(cursor, page.next_cursor, len(page.data), now)
                 if page.data:

@@ -30,10 +30,10 @@ from gateway.batches import NewBatch, record_batch
 from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.ops.deliveries import DeliveryFilter, reprocess
-from gateway.ops.overview import backlog
+from gateway.ops.overview import backlog, overview
 from gateway.pipeline.ingest import PartnerRef, ingest
 from gateway.store.db import make_engine
-from gateway.store.tables import alert_state, batches, outbox
+from gateway.store.tables import alert_state, batches, outbox, partners
 from mock_partners import webhook_sink
 from mock_partners.ce_system import Faults
 from mock_partners.generators import canonical_submission
@@ -412,3 +412,74 @@ def test_a_claim_left_unsent_is_sent_after_its_lease_and_a_failed_rearm_is_undon
     assert state(engine)[key] == cleared
     assert evaluate(engine, settings, OCT_6 + timedelta(minutes=4)).fired == [key]
     assert len(received(sink)) == 2
+
+
+def _registered(engine: Engine, partner: Partner, at: datetime) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(partners).where(partners.c.partner_id == partner.partner_id)
+                     .values(created_at=at))
+
+
+def annual_batch(engine: Engine, partner: Partner, year: int) -> str:
+    batch_id = f"B{uuid.uuid4().hex[:24]}"
+    record_batch(engine, NewBatch(batch_id, partner.partner_id, partner.adapter, "annual", str(year),
+                                  Path("/nonexistent") / f"{batch_id}.csv", "csv", 10, "0" * 64), "test")
+    return batch_id
+
+
+def _owed(result: Evaluation, partner: Partner) -> list[str]:
+    return [c.key.rsplit(":", 1)[1] for c in result.active
+            if c.detail.get("partner_id") == partner.partner_id]
+
+
+def test_every_missing_month_since_the_partner_started_is_alerted_until_pushed(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner]) -> None:
+    """Back to January of the previous CE year, from the month after registration; and annuals."""
+    quiet = new_partner(engine, adapter="health")
+    _registered(engine, quiet, datetime(2025, 3, 10, 2, 0, tzinfo=UTC))
+    veteran = new_partner(engine, adapter="finance")
+    _registered(engine, veteran, datetime(2021, 6, 1, 2, 0, tzinfo=UTC))
+    settings = make_settings(db_url)  # no webhook: the conditions alone
+
+    since_april = [f"2025-{m:02d}" for m in range(4, 13)] + [f"2026-{m:02d}" for m in range(1, 10)]
+    result = evaluate(engine, settings, OCT_6)
+    assert _owed(result, quiet) == [*since_april, "2025"]
+    assert [c.kind for c in result.active if c.key.endswith(":2025")][-1] == "missed_annual"
+    # Registered years ago: the look-back stops at January of the previous year.
+    assert _owed(result, veteran) == ["2025-01", "2025-02", "2025-03", *since_april, "2025"]
+    with engine.connect() as conn:
+        board = {p["partner_id"]: p for p in overview(conn, settings, OCT_6)["partners"]}
+    assert board[quiet.partner_id]["missing_months"] == since_april
+    assert board[quiet.partner_id]["missing_annual"] == [2025]
+
+    for month in since_april[:9]:
+        monthly_batch(engine, quiet, month)
+    annual_batch(engine, quiet, 2025)
+    assert _owed(evaluate(engine, settings, OCT_6), quiet) == since_april[9:]
+    annual = [c for c in evaluate(engine, settings, datetime(2026, 1, 20, 2, tzinfo=UTC)).active
+              if c.kind == "missed_annual" and c.detail["partner_id"] == veteran.partner_id]
+    assert [c.key for c in annual] == [f"missed_annual:{veteran.partner_id}:2025"]
+    assert "应于 2026-01-15 前推送" in annual[0].lines[2]
+
+
+def test_the_annual_batch_is_due_from_the_configured_day_and_only_from_partners_of_that_year(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner]) -> None:
+    settings = make_settings(db_url, alert_annual_push_day=20)
+    old = new_partner(engine, adapter="finance")
+    _registered(engine, old, datetime(2026, 2, 1, 2, tzinfo=UTC))
+    for month in range(3, 13):
+        monthly_batch(engine, old, f"2026-{month:02d}")
+    newcomer = new_partner(engine, adapter="health")
+    _registered(engine, newcomer, datetime(2027, 1, 2, 2, tzinfo=UTC))
+
+    on_the_day = datetime(2027, 1, 20, 15, 59, 59, tzinfo=UTC)  # 23:59:59 on the 20th in Xining
+    assert _owed(evaluate(engine, settings, on_the_day), old) == []
+    late = evaluate(engine, settings, on_the_day + timedelta(seconds=1))
+    assert _owed(late, old) == ["2026"]
+    # Registered in 2027: no annual batch of 2026; the latest due month is awaited, as ever.
+    assert _owed(late, newcomer) == ["2026-12"]
+
+    annual_batch(engine, old, 2026)
+    assert _owed(evaluate(engine, settings, on_the_day + timedelta(days=1)), old) == []

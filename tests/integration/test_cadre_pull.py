@@ -7,7 +7,9 @@ SIGKILL of the pulling process in mid-run.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -380,3 +382,30 @@ def test_a_cursor_the_college_no_longer_accepts_is_reset_from_the_cli(
             audit_events.c.kind == "pull_cursor_reset")).mappings().one()
     assert reset["actor"] == "op-li"
     assert json.loads(reset["detail"])["previous_cursor"] == "expired-cursor"
+
+
+def test_a_college_that_trickles_its_page_ends_the_run_not_holds_it(
+        db_url: str, engine: Engine, make_settings: Callable[..., Settings]) -> None:
+    """Each page's GET has a deadline of its own: httpx times out each read, never a request."""
+    from tests.integration.test_ops_jobs_review import Trickle  # a raw socket below HTTP
+
+    class Stubborn(Trickle):
+        """Trickles on until the pull hangs up on it (then its sends fail: that is the point)."""
+
+        def _answer(self, conn: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                super()._answer(conn)
+
+    college = Stubborn()
+    settings = pull_settings(make_settings, db_url, college.url, pull_timeout_seconds=0.5,
+                             pull_retries=2, pull_retry_max_wait_seconds=0.01)
+    started = time.monotonic()
+    try:
+        result = pull_once(engine, settings)
+    finally:
+        college.close()
+    took = time.monotonic() - started
+    assert took < 2 * (3 * 0.5 + 0.5) + 3, f"the pull took {took:.1f} s"
+    assert college.requests == 2 and result.error is not None and "AnswerCutOff" in result.error
+    state = read_state(engine)
+    assert state is not None and state.cursor is None and state.last_error == result.error

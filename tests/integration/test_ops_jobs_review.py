@@ -193,15 +193,6 @@ def _lease(engine: Engine, name: str) -> tuple[str | None, datetime | None]:
     return (row.owner, row.until) if row else (None, None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "renew() only extends a lease whose `until` is still ahead (gateway/scheduling.py:76, "
-    "`job_locks.c.until >= now`), so a holder whose beat came late - the process stalled "
-    "(GC, CPU starvation, a VM pause) or a store blip outlasted the TTL - is told 'lost' "
-    "though nobody took the lease over; _keep_alive (scheduling.py:97-99) then stops for "
-    "good while the job runs on, and the next tick of another replica runs the same job "
-    "beside it.  renew's own docstring says False means 'expired and taken over'.  Fix: "
-    "renew WHERE name = :name AND owner = :me (a takeover changes the owner), and stop the "
-    "job (or at least its writes) when a takeover really happened"))
 def test_a_holder_that_stalled_past_its_ttl_keeps_the_lease_nobody_took(db_url: str,
                                                                         engine: Engine) -> None:
     name, ttl = "review:stall", 2.0
@@ -324,15 +315,6 @@ def test_the_monthly_push_deadline_is_the_end_of_the_day_in_beijing_also_across_
         f"missed_push:{winter.partner_id}:2026-12"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_missed_pushes (gateway/alerts.py:131-152) looks only at latest_due_month "
-    "(gateway/ops/overview.py:97-107): once September's deadline passes, August's alert "
-    "is no longer an active condition, so _clear (alerts.py:355-371) marks it cleared - "
-    "`ce-gateway alerts check` prints 'cleared 已恢复' - though August was never pushed; "
-    "and a month whose whole alert window passed unseen (gateway down, robot failing) is "
-    "never alerted.  Fix: one condition per still-missing due month of the current and the "
-    "previous CE year (months_never_pushed already lists them), or one per partner naming "
-    "every missing month, cleared only when none is missing"))
 def test_a_month_still_missing_is_not_reported_recovered_when_the_next_one_falls_due(
         db_url: str, engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner], sink: str) -> None:
@@ -349,13 +331,6 @@ def test_a_month_still_missing_is_not_reported_recovered_when_the_next_one_falls
     assert august in {c.key for c in october.active}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SPEC §1: health and finance push a monthly batch by month end *and a full-year batch "
-    "by year end*; the alert conditions (gateway/alerts.py:223-226) have no missed annual "
-    "push: a partner that sent every month but never the annual batch is never alerted, and "
-    "the reconciliation the annual batch feeds (SPEC §2) silently never happens.  Fix: a "
-    "`missed_annual:<partner>:<year>` condition once the year's annual batch is late (a "
-    "configurable day after 31 December, Asia/Shanghai), beside missed_push"))
 def test_a_partner_that_never_pushes_its_annual_batch_is_alerted(
         db_url: str, engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner], sink: str) -> None:
@@ -369,12 +344,6 @@ def test_a_partner_that_never_pushes_its_annual_batch_is_alerted(
     assert _for(partner, late_january), "no alert: 2026's annual batch never came"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_year_close (gateway/alerts.py:203-220) counts every retrying and dead delivery in the "
-    "outbox, whatever CE year its record counts for: a dead letter of 2025 (closed a year "
-    "ago) raises '临近年度截止仍有投递失败' for 2026 every December and inflates its counts.  "
-    "Fix: join records and count only deliveries whose record's counts_year (or year) is "
-    "close.year"))
 def test_the_year_close_alert_counts_only_deliveries_of_the_closing_year(
         db_url: str, engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults], sink: str) -> None:
@@ -436,15 +405,6 @@ class Trickle:
         self.listener.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The robot is posted with httpx.Client(timeout=ALERT_WEBHOOK_TIMEOUT_SECONDS) "
-    "(gateway/alerts.py:391, send() at :245): httpx times out each phase and each read, never "
-    "the whole post, so a webhook that trickles its answer holds evaluate() for as long as it "
-    "trickles - far past the claim's lease of 4 × the timeout, which the module doc bases on "
-    "'connect, write and read phases each time out'.  Run as the `alerts` job, the job lease "
-    "is renewed all the while: no replica evaluates any alert again.  Fix: bound the whole "
-    "post (stream the answer and stop at a monotonic deadline of ~3 × the timeout, and at a "
-    "few KB), raising AlertNotSent"))
 def test_a_webhook_that_trickles_its_answer_does_not_hold_the_evaluation(
         sqlite_url: str, sqlite_engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner]) -> None:
@@ -706,16 +666,6 @@ def test_a_sync_that_fails_on_a_later_page_applies_nothing_of_that_kind_and_heal
     assert count(engine, reference_title_applicants) == len(APPLICANTS)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The sync's client is httpx.Client(timeout=DOWNSTREAM_TIMEOUT_SECONDS) "
-    "(gateway/reference.py:405; fetch_page at :303): per phase and per read, never per "
-    "request, so a reference API that trickles its answer keeps sync() - and, run as the "
-    "`reference:sync` job, its cluster-wide lease, renewed every third of JOB_LEASE_SECONDS "
-    "(gateway/scheduling.py:93-101) - busy for as long as it trickles: no replica syncs "
-    "reference data again, and nothing bounds a job's run.  The Cadre College pull has the "
-    "same client shape.  Fix: a deadline per request (stream, stop at ~3 × the timeout and at "
-    "a size cap, raising RetriableFetchError), and a maximum run time in run_exclusive after "
-    "which the keep-alive stops renewing"))
 def test_a_reference_api_that_trickles_does_not_hold_the_sync(
         sqlite_url: str, sqlite_engine: Engine, make_settings: MakeSettings) -> None:
     db_url, engine = sqlite_url, sqlite_engine  # HTTP below the store: one backend is enough

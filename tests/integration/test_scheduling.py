@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 
 from gateway.config import Settings
 from gateway.pull.cadre_college import PARTNER
@@ -24,8 +24,10 @@ from gateway.scheduling import (
     JOBS,
     PULL_CADRE_COLLEGE,
     Job,
+    LeaseLost,
     acquire,
     build_scheduler,
+    ensure_held,
     renew,
     run_exclusive,
     run_job,
@@ -244,3 +246,61 @@ def test_a_failing_job_is_logged_and_releases_its_lease(
     assert run_job(engine, settings, job) is False
     assert "test:boom failed" in caplog.text
     assert run_exclusive(engine, job.name, 30, lambda: None) is True  # not left held
+
+
+def _take_over(engine: Engine, name: str = NAME, owner: str = "another-replica") -> None:
+    """What another replica's acquire does once a stalled holder's lease has lapsed."""
+    with engine.begin() as conn:
+        conn.execute(update(job_locks).where(job_locks.c.name == name)
+                     .values(owner=owner, until=datetime.now(UTC) + timedelta(seconds=30)))
+
+
+def test_a_lapsed_lease_nobody_took_is_renewed_by_its_holder(engine: Engine) -> None:
+    long_ago = datetime.now(UTC) - timedelta(minutes=5)
+    assert acquire(engine, NAME, 1, "stalled-replica", now=long_ago) is True
+    assert renew(engine, NAME, 30, "stalled-replica") is True
+    until = lease_until(engine)
+    assert until is not None and until > datetime.now(UTC) + timedelta(seconds=20)
+    assert acquire(engine, NAME, 30, "another-replica") is False
+
+
+def test_a_run_whose_lease_was_taken_over_stops_at_its_next_write(engine: Engine) -> None:
+    """No beat (a stalled process): the job's own check renews, finds the owner changed, stops."""
+    ttl, wrote = 1.0, []
+
+    def job() -> None:
+        ensure_held()  # held: no query, no error
+        wrote.append(1)
+        poll(lambda: (lease_until(engine) or datetime.max.replace(tzinfo=UTC)) < datetime.now(UTC),
+             15, interval=0.05, what="the lease to lapse")
+        _take_over(engine)
+        ensure_held()
+        wrote.append(2)
+
+    with pytest.raises(LeaseLost):
+        run_exclusive(engine, NAME, ttl, job, keep_alive=False)
+    assert wrote == [1]
+    with engine.connect() as conn:  # the new holder's lease is left alone
+        owner = conn.execute(select(job_locks.c.owner).where(job_locks.c.name == NAME)).scalar_one()
+    assert owner == "another-replica"
+    assert (lease_until(engine) or datetime.min.replace(tzinfo=UTC)) > datetime.now(UTC)
+
+
+def test_a_run_that_never_checks_is_told_after_it_returns_and_the_tick_is_logged(
+        db_url: str, engine: Engine, make_settings: Callable[..., Settings],
+        caplog: pytest.LogCaptureFixture) -> None:
+    ttl = 1.5
+
+    def job(_engine: Engine, _settings: Settings) -> None:
+        _take_over(engine, "test:taken")
+        poll(lambda: "lease test:taken lost" in caplog.text, 15, interval=0.05,
+             what="the keep-alive to find the lease taken")
+
+    taken = Job("test:taken", job, lambda _s: 60, lambda _s: ttl)
+    assert run_job(engine, make_settings(db_url), taken) is False
+    assert "scheduled job test:taken stopped" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_ensure_held_outside_a_run_does_nothing() -> None:
+    ensure_held()
