@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from gateway.accounts import Operator, Partner, operator_by_token, partner_by_app_key
@@ -36,7 +36,7 @@ from gateway.signing import (
     sign_digest,
 )
 from gateway.state import AppState
-from gateway.store.tables import nonces
+from gateway.store.tables import nonces, partners
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,28 @@ def _path_with_query(request: Request) -> str:
     return raw.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
 
 
-def _admit(state: AppState, app_key: str, nonce: str) -> None:
+def _admit(state: AppState, partner: Partner, nonce: str) -> None:
     """Remember the nonce and count the request against the partner's rate limit, atomically.
 
-    A rate-limited request's nonce stays used: were it forgotten, whoever saw the refused
-    request could replay it later inside the window.
+    The partner is read again first: an upload streams for minutes after it was looked up, and
+    a partner disabled, or given a new secret, meanwhile is refused (401) rather than admitted
+    on the old copy.  A rate-limited request's nonce stays used: were it forgotten, whoever saw
+    the refused request could replay it later inside the window.
     """
     now = datetime.now(UTC)
     settings = state.settings
     window = timedelta(seconds=settings.signature_window_seconds)
+    app_key = partner.app_key
     wait: int | None = None
     try:
         with state.engine.begin() as conn:
+            now_stored = conn.execute(select(partners.c.active, partners.c.secret_enc)
+                                      .where(partners.c.app_key == app_key)).first()
+            if (now_stored is None or not now_stored.active
+                    or state.box.decrypt(now_stored.secret_enc) != partner.secret):
+                raise Unauthenticated("UNAUTHENTICATED",
+                                      detail="(the partner was disabled or its secret changed)",
+                                      detail_zh="（合作方已停用或其密钥已更换）")
             conn.execute(insert(nonces).values(app_key=app_key, nonce=nonce, seen_at=now))
             if settings.rate_limit_per_minute > 0:
                 wait = admit(conn, f"partner:{app_key}",
@@ -187,7 +197,7 @@ def verify_signature(request: Request, sig: SignatureHeaders, body_sha256: str,
     if not hmac.compare_digest(expected, sig.signature.lower()):
         raise Unauthenticated("UNAUTHENTICATED", detail="(signature does not match)",
                               detail_zh="（签名不匹配）")
-    _admit(state, sig.app_key, sig.nonce)
+    _admit(state, partner, sig.nonce)
     return partner
 
 

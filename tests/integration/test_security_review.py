@@ -355,13 +355,6 @@ def test_a_disabled_or_rotated_partner_is_refused_at_its_next_request(
             assert new.submit(records_of(rotated, 2)).status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The partner is looked up once, before the body streams (gateway/api/routes/batches.py:134), "
-    "and verify_signature trusts that copy after the stream (gateway/api/routes/batches.py:152, "
-    "gateway/api/deps.py:161): a partner disabled (or its secret rotated) while its upload "
-    "streams — minutes for a large file — still gets a batch. Fix: re-read the partner in "
-    "_admit's transaction (gateway/api/deps.py:71) and refuse 401 when it is no longer active "
-    "or its secret_enc changed"))
 def test_a_partner_disabled_while_its_upload_streams_gets_no_batch(
     store: tuple[str, Engine], tmp_path: Path, make_settings: MakeSettings, new_partner: NewPartner
 ) -> None:
