@@ -87,7 +87,7 @@ def test_every_catalogued_code_is_well_formed(code: str) -> None:
 @pytest.mark.parametrize(
     ("code", "status"),
     [("SCHEMA", 422), ("UNAUTHENTICATED", 401), ("REPLAYED", 401), ("PAYLOAD_TOO_LARGE", 413),
-     ("SCOPE_VIOLATION", 403), ("CONFLICT_WITH_EXISTING", 409)],
+     ("SCOPE_VIOLATION", 403)],
 )
 def test_request_level_errors_have_their_http_status(code: str, status: int) -> None:
     assert CATALOGUE[code].http_status == status
@@ -96,6 +96,16 @@ def test_request_level_errors_have_their_http_status(code: str, status: int) -> 
 def test_delivery_outcomes_are_not_http_answers() -> None:
     assert CATALOGUE["DOWNSTREAM_REJECTED"].http_status is None
     assert CATALOGUE["RETRIES_EXHAUSTED"].http_status is None
+
+
+def test_codes_only_ever_reported_inside_an_answer_have_no_http_status() -> None:
+    """Neither is ever the status of a whole request.
+
+    A conflict is one record's answer inside a 200; a control-totals mismatch fails an
+    accepted (202) batch.
+    """
+    assert CATALOGUE["CONFLICT_WITH_EXISTING"].http_status is None
+    assert CATALOGUE["CONTROL_TOTALS_MISMATCH"].http_status is None
 
 
 def test_error_code_enum_mirrors_catalogue() -> None:
