@@ -122,6 +122,10 @@ def _setup_logging(settings: Settings) -> None:
 
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    # Alembic says "Context impl SQLiteImpl." and "Will assume non-transactional DDL." on every
+    # command that opens SQLite; a migration that runs still says "Running upgrade …".
+    logging.getLogger("alembic.runtime.migration").addFilter(
+        lambda record: not record.getMessage().startswith(("Context impl", "Will assume")))
     install_log_masking()
 
 

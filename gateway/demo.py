@@ -203,8 +203,8 @@ def _ops_tour(console: Console, ops: httpx.Client, env: dict[str, str], sink_url
         body = message.get("body", message)
         text = str(body.get("markdown", body.get("text", {})).get("content", body))
         console.print("  • " + text.splitlines()[0][:100])
-    console.print(f"web console (zh-CN) while a gateway runs: {gw_url}/ops — log in with an "
-                  "operator token")
+    console.print("web console (zh-CN): start a gateway (`ce-gateway serve`) and open its /ops — "
+                  "log in with an operator token (this run's gateway has stopped)")
 
 
 def _summarise(console: Console, engine: Engine, ops: httpx.Client, mock_url: str,

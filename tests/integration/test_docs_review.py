@@ -223,8 +223,8 @@ def test_readme_ops_commands_run_on_a_fresh_store_and_exit_as_documented(
         sqlite_url: str, tmp_path: Path) -> None:
     """README "Ops … CLI": each command of the block, run for real on an empty store.
 
-    Read commands and dry runs exit 0; ``deliveries show 123`` and ``conflicts resolve REC_ID``
-    name nothing on an empty store: a coded NOT_FOUND and exit 1, never a traceback.
+    Read commands and dry runs exit 0; ``deliveries show 123``, ``records show REC_ID`` and
+    ``conflicts resolve REC_ID`` name nothing on an empty store: a coded NOT_FOUND and exit 1, never a traceback.
     """
     block = _readme_block("deliveries list --status dead")
     lines = [line for _, line in block_invocations(block)]
@@ -235,7 +235,7 @@ def test_readme_ops_commands_run_on_a_fresh_store_and_exit_as_documented(
         results = list(pool.map(lambda line: (line, cli(env, *_argv(line, tmp_path))), lines))
     for line, done in results:
         assert "Traceback" not in done.stderr, (line, done.stderr)
-        if " show 123" in line or "resolve REC_ID" in line:
+        if " show 123" in line or "REC_ID" in line:
             assert done.returncode == 1 and "NOT_FOUND" in done.stderr, (line, done.stderr)
         else:
             assert done.returncode == 0, (line, done.stdout, done.stderr)
