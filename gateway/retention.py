@@ -10,8 +10,9 @@ every audit event stay::
                 "activity_type": "paper", "credited_hours": "10.0"}}
 
 ``counts`` is what the version counts in the management system, with no identity number or
-name (``person_key`` is the keyed digest the ``records`` row keeps too): R10 and the compliance
-report still need it when a later version is refused for good (gateway.pipeline.caps.counts_of).
+name (``person_key`` is the digest the ``records`` row keeps too, unkeyed: see
+``gateway.pipeline.dedup``): R10 and the compliance report still need it when a later version
+is refused for good (gateway.pipeline.caps.counts_of).
 
 A version is pruned only when **all** of these hold (each guards a reader of the payload):
 

@@ -6,7 +6,11 @@
   provider, plan, normalised title) and completion date.  Another source with the same key is
   a ``duplicate`` when it is worth the same hours and a ``conflict`` (held for ops) when it is
   not (``gateway.pipeline.ingest._claim``: the hours, not the unit and quantity claimed).
-- ``person_key``: a keyed digest of the identity number, so indexes never hold it in clear.
+- ``person_key``: a SHA-256 digest of the identity number, so indexes never hold it in clear.
+  It is not keyed: whoever reads the store can test guesses against it (an identity number's
+  region and birth date narrow it to ~11,000 candidates), so a pruned stub's ``person_key``
+  still names its person to such a reader.  A keyed digest (HMAC with a key the store does
+  not hold) is open work: tests/integration/test_ops_jobs_review.py holds a strict xfail.
 """
 
 from __future__ import annotations
