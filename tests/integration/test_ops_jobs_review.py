@@ -566,8 +566,8 @@ def test_a_pruned_closed_year_keeps_the_audit_chain_and_the_compliance_report(
 @pytest.mark.xfail(strict=True, reason=(
     "The stub keeps counts.person_key (gateway/retention.py:306-318), which "
     "gateway/pipeline/dedup.py:23 computes as a plain SHA-256 of 'person', the id type and "
-    "the id number - no key, though dedup.py:9, retention.py:13 and "
-    "docs/retention-and-audit.md call it 'a keyed digest'.  An 18-character resident id has "
+    "the id number - no key (the docs, which called it 'a keyed digest', now say so and "
+    "name it open work).  An 18-character resident id has "
     "little entropy (region, birth date, 3 digits, check character): whoever reads the "
     "store recovers it from a stub in milliseconds once region and birth date are guessed, "
     "so the pruned payload still names the person.  Fix: an HMAC with a key the store does "
