@@ -73,7 +73,7 @@ from gateway import audit
 from gateway.config import Settings
 from gateway.pipeline.caps import counts_of
 from gateway.pipeline.rules_tables import RulesConfig
-from gateway.scheduling import Job, register
+from gateway.scheduling import Job, ensure_held, register
 from gateway.store.db import snapshot
 from gateway.store.tables import outbox, record_versions, records, rejections
 
@@ -208,6 +208,7 @@ def _prune_versions(engine: Engine, where: ColumnElement[bool], now: datetime, c
                        ).select_from(_joined()).where(where)
         if after is not None:
             query = query.where(key > tuple_(*after))  # keyset: each chunk starts past the last
+        ensure_held()  # run as the scheduled job: stop if another replica took its lease
         with engine.begin() as conn:
             rows = conn.execute(query.order_by(record_versions.c.record_id,
                                                record_versions.c.version).limit(chunk_size)).all()
@@ -231,6 +232,7 @@ def _prune_versions(engine: Engine, where: ColumnElement[bool], now: datetime, c
 def _prune_rejections(engine: Engine, cutoff: datetime, now: datetime, chunk_size: int) -> int:
     done = 0
     while True:
+        ensure_held()
         with engine.begin() as conn:
             # Locked as read: another run (the job beside `retention run`, another replica)
             # that read the same chunk waits, and PostgreSQL then checks its filter again on
