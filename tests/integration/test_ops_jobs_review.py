@@ -405,6 +405,24 @@ class Trickle:
         self.listener.close()
 
 
+def _held(call: Callable[[], Any], seconds: float, ends: Callable[[], None]
+          ) -> tuple[bool, float, list[Any]]:
+    """Run ``call`` in a thread: (still running after ``seconds``, how long, its result).
+
+    ``ends`` then stops whatever held it (the trickling server), so the thread returns.
+    """
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(call()), daemon=True)
+    started = time.monotonic()
+    thread.start()
+    try:
+        thread.join(seconds)
+        return thread.is_alive(), time.monotonic() - started, results
+    finally:
+        ends()
+        thread.join(30)
+
+
 def test_a_webhook_that_trickles_its_answer_does_not_hold_the_evaluation(
         sqlite_url: str, sqlite_engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner]) -> None:
@@ -414,18 +432,10 @@ def test_a_webhook_that_trickles_its_answer_does_not_hold_the_evaluation(
     robot = Trickle()
     settings = _alerts(db_url, make_settings, robot.url + ROBOT_PATH,
                        alert_webhook_timeout_seconds=1)
-    results: list[Any] = []
-    thread = threading.Thread(target=lambda: results.append(
-        evaluate(engine, settings, datetime(2026, 10, 6, 2, 0, tzinfo=UTC))), daemon=True)
-    started = time.monotonic()
-    thread.start()
-    try:
-        thread.join(4 * settings.alert_webhook_timeout_seconds + 4)
-        took = time.monotonic() - started
-        held = thread.is_alive()
-    finally:
-        robot.close()  # ends the trickle: the post fails and the evaluation returns
-        thread.join(30)
+    held, took, results = _held(
+        lambda: evaluate(engine, settings, datetime(2026, 10, 6, 2, 0, tzinfo=UTC)),
+        4 * settings.alert_webhook_timeout_seconds + 4,
+        robot.close)  # ends the trickle: the post fails and the evaluation returns
     assert robot.requests == 1
     assert not held, f"evaluate() still posting after {took:.1f} s"
     assert list(results[0].failed) == [key]
@@ -672,17 +682,7 @@ def test_a_reference_api_that_trickles_does_not_hold_the_sync(
     api = Trickle()
     settings = make_settings(db_url, api.url, downstream_timeout_seconds=1, pull_retries=1,
                              pull_retry_max_wait_seconds=0.01)
-    results: list[Any] = []
-    thread = threading.Thread(target=lambda: results.append(sync(engine, settings,
-                                                                 kinds=["bases"])), daemon=True)
-    started = time.monotonic()
-    thread.start()
-    try:
-        thread.join(4 * settings.downstream_timeout_seconds + 4)
-        took = time.monotonic() - started
-        held = thread.is_alive()
-    finally:
-        api.close()
-        thread.join(30)
+    held, took, results = _held(lambda: sync(engine, settings, kinds=["bases"]),
+                                4 * settings.downstream_timeout_seconds + 4, api.close)
     assert not held, f"sync() still reading one page after {took:.1f} s"
     assert results[0].kinds["bases"].error is not None
