@@ -130,14 +130,7 @@ def deliveries_show(delivery_id: Annotated[int, typer.Argument(help="delivery id
     if found is None:
         err.print(f"[red]NOT_FOUND[/red]: no delivery {delivery_id}\n资源不存在。")
         raise typer.Exit(1)
-    if as_json:
-        _print_json(found)
-        return
-    console.print_json(data={k: v for k, v in found.items() if k != "history"}, default=str)
-    table = Table("at", "event", "actor", "detail", title="history")
-    for e in found["history"]:
-        table.add_row(e["at"][:19], e["kind"], e["actor"], json.dumps(e["detail"], ensure_ascii=False)[:120])
-    console.print(table)
+    _show(found, "history", "history", as_json)
 
 
 @records_app.command("show")
@@ -153,12 +146,20 @@ def records_show(record_id: Annotated[str, typer.Argument(help="record id (R…,
         shown = mask_text(record_id[:64].replace("\x00", "?"))
         err.print(f"[red]NOT_FOUND[/red]: no record {shown}\n资源不存在（记录 {shown}）。")
         raise typer.Exit(1)
+    # Masked as the console shows it: terminal output ends up in tickets and logs (the API's
+    # GET /v1/records/{id} answers the whole record to an operator's token).
+    masked = json.loads(mask_text(json.dumps(view, ensure_ascii=False, default=str)))
+    _show(masked, "timeline", f"时间线 timeline ({record_id})", as_json)
+
+
+def _show(found: dict[str, Any], events: str, title: str, as_json: bool) -> None:
+    """One thing with its audit events: JSON for scripts, or its fields and an events table."""
     if as_json:
-        _print_json(view)
+        _print_json(found)
         return
-    console.print_json(data={k: v for k, v in view.items() if k != "timeline"}, default=str)
-    table = Table("at", "event", "actor", "detail", title=f"时间线 timeline ({record_id})")
-    for e in view["timeline"]:
+    console.print_json(data={k: v for k, v in found.items() if k != events}, default=str)
+    table = Table("at", "event", "actor", "detail", title=title)
+    for e in found[events]:
         table.add_row(str(e["at"])[:19], e["kind"], e["actor"],
                       json.dumps(e["detail"], ensure_ascii=False)[:120])
     console.print(table)

@@ -53,6 +53,7 @@ from gateway.cli import app as cli_app
 from gateway.config import DEV_SECRET_KEY, Settings
 from gateway.delivery.policy import Action
 from gateway.demo import free_port
+from gateway.masking import mask_id
 from gateway.signing import SigningClient, signed_headers
 from gateway.store.db import alembic_config, make_engine
 from mock_partners.ce_system import Faults
@@ -676,10 +677,15 @@ def test_the_cli_shows_a_records_timeline(
     partner = new_partner(engine_sqlite)
     with uvicorn_thread(create_app(make_settings(sqlite_url), run_worker=False)) as url, \
             SigningClient(url, partner.app_key, partner.secret) as client:
-        record_id = client.submit([canonical_submission(random.Random(2), "DOC-T-1")]).json()[
-            "results"][0]["record_id"]
+        sub = canonical_submission(random.Random(2), "DOC-T-1")
+        record_id = client.submit([sub]).json()["results"][0]["record_id"]
     shown = cli({"CE_GATEWAY_DATABASE_URL": sqlite_url}, "records", "show", record_id, "--json")
     assert shown.returncode == 0, shown.stderr
     page = orjson.loads(shown.stdout)
     assert page["record"]["record_id"] == record_id
     assert [e["kind"] for e in page["timeline"]][:2] == ["received", "queued"]
+    # Masked in the terminal, as in the console (both forms).
+    table = cli({"CE_GATEWAY_DATABASE_URL": sqlite_url}, "records", "show", record_id)
+    id_number = sub["person"]["id_number"]
+    assert table.returncode == 0 and "received" in table.stdout, table.stderr
+    assert id_number not in shown.stdout + table.stdout and mask_id(id_number) in shown.stdout
