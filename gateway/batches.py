@@ -47,6 +47,7 @@ from gateway.config import Settings
 from gateway.delivery.worker import worker_id
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_excerpt
+from gateway.outage import Outage
 from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items, paused_gc
 from gateway.reference import ReferenceCache
 from gateway.signing import file_sha256
@@ -505,12 +506,14 @@ class BatchProcessor:
         return True
 
     def run_forever(self, poll_seconds: float = 0.5) -> None:
+        outage = Outage(log, "batch processor cycle", poll_seconds)
         while not self._stop.is_set():
             try:
                 busy = self.run_once()
+                outage.succeeded()
             except Exception:  # a database blip: the lease keeps the batch safe
-                log.exception("batch processor cycle failed")
                 busy = False
+                self._stop.wait(outage.failed())
             if not busy:
                 self._stop.wait(poll_seconds)
 

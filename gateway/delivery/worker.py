@@ -56,6 +56,7 @@ from gateway.delivery.circuit import CircuitBreaker, CircuitState
 from gateway.delivery.policy import Action, classify, classify_exception, retry_after_seconds
 from gateway.errors import PermanentDeliveryError, RetriableDeliveryError
 from gateway.masking import mask_excerpt
+from gateway.outage import Outage
 from gateway.pipeline import caps
 from gateway.pipeline.caps import REFUSED_FOR_GOOD
 from gateway.pipeline.ingest import reallocate_after_delivery, writer_retries
@@ -463,13 +464,14 @@ class DeliveryWorker:
     # -- running ----------------------------------------------------------------------------
     def run_forever(self) -> None:
         log.info("delivery worker %s started", self.name)
+        outage = Outage(log, "delivery cycle", min(5.0, self.settings.delivery_poll_seconds * 4))
         while not self._stop.is_set():
             try:
                 sent = self.run_once()
+                outage.succeeded()
             except Exception:  # the loop must survive a database blip; the row keeps state
-                log.exception("delivery cycle failed; retrying after a pause")
                 sent = 0
-                self._stop.wait(min(5.0, self.settings.delivery_poll_seconds * 4))
+                self._stop.wait(outage.failed())
             if sent == 0:
                 wait = self.settings.delivery_poll_seconds
                 if self.breaker.state is CircuitState.OPEN:
