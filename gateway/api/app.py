@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts.errors import message
 from gateway import metrics
-from gateway.api.limits import BodyLimit
+from gateway.api.limits import BodyLimit, BodyTooLarge
 from gateway.api.routes import batches, deliveries, ops, partner, revalidate
 from gateway.api.routes import metrics as metrics_route
 from gateway.api.routes.batches import BATCH_UPLOAD_PATH
@@ -93,6 +93,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, BodyTooLarge):  # a body sent without a length, counted past the limit
+            return exc.response()
         code = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND", 413: "PAYLOAD_TOO_LARGE"
                 }.get(exc.status_code, "SCHEMA")
         return _coded(exc.status_code, code, str(exc.detail))

@@ -12,7 +12,6 @@ its own ``MAX_BATCH_BYTES`` and is left to its route.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import Any
 
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -30,12 +29,17 @@ def _details(limit: int) -> Body:
 class BodyTooLarge(HTTPException):
     """Raised from ``receive`` when a body without a declared length passes the limit.
 
-    Starlette's exception middleware turns it into the coded 413 (``app._http``); FastAPI lets
-    an ``HTTPException`` raised while it reads a body through unchanged.
+    FastAPI lets an ``HTTPException`` raised while it reads a body through unchanged (any other
+    exception there becomes a 400); the app's handler answers it with :meth:`response`, the
+    same coded 413 as a declared length over the limit.
     """
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, _details(limit)[0])
+        self.limit = limit
+
+    def response(self) -> JSONResponse:
+        return _refusal(self.limit)
 
 
 class BodyLimit:
@@ -45,7 +49,8 @@ class BodyLimit:
         self.app, self.limit, self.exempt = app, limit, frozenset(exempt)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt:
+        # "/v1/batches/" is redirected to the upload route, so it is exempt as well.
+        if scope["type"] != "http" or scope["path"].rstrip("/") in self.exempt:
             await self.app(scope, receive, send)
             return
         limit = self.limit()
@@ -67,7 +72,7 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def _refusal(limit: int) -> Any:
+def _refusal(limit: int) -> JSONResponse:
     en, zh = message("PAYLOAD_TOO_LARGE")
     detail, detail_zh = _details(limit)
     return JSONResponse(status_code=413, headers={"Connection": "close"}, content={"error": {

@@ -92,12 +92,6 @@ def test_a_declared_length_over_the_limit_is_refused_in_both_languages(
         assert status == 400
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BodyLimit's counted refusal (gateway/api/limits.py BodyTooLarge) is an HTTPException with the "
-    "English detail only; app._http (gateway/api/app.py:95-98) appends that English '(limit N bytes)' "
-    "to message_zh too and sends no 'Connection: close', while the declared-length refusal says "
-    "'（上限 N 字节）'. Fix: let the middleware catch BodyTooLarge itself and send _refusal(limit) "
-    "(or raise gateway.errors.PayloadTooLarge with detail_zh) when no response has started"))
 def test_a_chunked_body_over_the_limit_is_refused_in_chinese_as_a_declared_one_is(
         sqlite_url: str, make_settings: Callable[..., Settings]) -> None:
     with gateway(_settings(make_settings, sqlite_url)) as url:
@@ -123,12 +117,6 @@ def test_a_chunked_body_with_a_small_content_length_is_still_counted(
         assert json.loads(body)["error"]["code"] == "PAYLOAD_TOO_LARGE"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BodyLimit exempts scope['path'] == '/v1/batches' exactly (gateway/api/app.py:135-136, "
-    "gateway/api/limits.py __call__), but the app answers POST /v1/batches/ with a 307 to the "
-    "upload route: a batch file over MAX_BODY_BYTES sent there is refused 413 before the redirect, "
-    "a small one is redirected. Fix: compare the path with its trailing slashes stripped "
-    "(scope['path'].rstrip('/') in exempt)"))
 def test_the_batch_upload_with_a_trailing_slash_is_redirected_whatever_its_size(
         sqlite_url: str, make_settings: Callable[..., Settings]) -> None:
     query = "?adapter=health&kind=monthly&period=2026-01"
