@@ -28,7 +28,6 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httpx
-import pytest
 from sqlalchemy import text, update
 
 from gateway.accounts import Partner
