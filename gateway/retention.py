@@ -108,7 +108,7 @@ def is_pruned(payload: object) -> bool:
     return isinstance(payload, dict) and payload.get("pruned") is True
 
 
-@dataclass(frozen=True)
+@dataclass
 class RetentionResult:
     """What one run pruned (or, on a dry run, would prune)."""
 
@@ -183,20 +183,39 @@ def prune(engine: Engine, settings: Settings, *, dry_run: bool = False, actor: s
         progress(total if dry_run else 0, total)
     if dry_run:
         return RetentionResult(True, days, cutoff, years, total, closed_rejections)
-    versions = _prune_versions(engine, where, now, chunk_size, total, progress)
-    pruned_rejections = _prune_rejections(engine, cutoff, now, chunk_size)
-    result = RetentionResult(False, days, cutoff, years, versions, pruned_rejections)
-    if versions or pruned_rejections:
-        with engine.begin() as conn:
-            audit.append(conn, [audit.Event("retention_pruned", actor=actor, detail={
-                k: v for k, v in result.as_dict().items() if k != "dry_run"})], now)
+    done = RetentionResult(False, days, cutoff, years)
+    try:
+        done.versions = _prune_versions(engine, where, now, chunk_size, total, progress, done)
+        done.rejections = _prune_rejections(engine, cutoff, now, chunk_size, done)
+    except BaseException as exc:
+        # Stopped part-way (its job lease taken over while it stalled, a store error): what its
+        # committed chunks pruned is still audited, with why the run stopped.
+        try:
+            _audit(engine, done, actor, now, stopped=type(exc).__name__)
+        except Exception:  # the store itself is down: say so, and raise what stopped the run
+            log.exception("retention: could not audit the %d payloads pruned before it stopped",
+                          done.versions + done.rejections)
+        raise
+    _audit(engine, done, actor, now)
     log.info("retention: pruned %d version payloads and %d closed rejections (cutoff %s)",
-             versions, pruned_rejections, cutoff.isoformat())
-    return result
+             done.versions, done.rejections, cutoff.isoformat())
+    return done
+
+
+def _audit(engine: Engine, done: RetentionResult, actor: str, now: datetime,
+           stopped: str | None = None) -> None:
+    if not (done.versions or done.rejections):
+        return
+    detail: dict[str, Any] = {k: v for k, v in done.as_dict().items() if k != "dry_run"}
+    if stopped is not None:
+        detail["stopped"] = stopped
+    with engine.begin() as conn:
+        audit.append(conn, [audit.Event("retention_pruned", actor=actor, detail=detail)], now)
 
 
 def _prune_versions(engine: Engine, where: ColumnElement[bool], now: datetime, chunk_size: int,
-                    total: int, progress: Callable[[int, int], None] | None) -> int:
+                    total: int, progress: Callable[[int, int], None] | None,
+                    done_so_far: RetentionResult) -> int:
     key = tuple_(record_versions.c.record_id, record_versions.c.version)
     write = update(record_versions).where(
         record_versions.c.record_id == bindparam("rid"), record_versions.c.version == bindparam("v"),
@@ -223,13 +242,15 @@ def _prune_versions(engine: Engine, where: ColumnElement[bool], now: datetime, c
             # may have taken some rows first: count what carries this run's stamp.
             done += int(conn.execute(select(func.count()).select_from(record_versions).where(
                 key.in_(keys), record_versions.c.pruned_at == now)).scalar_one())
+        done_so_far.versions = done  # committed: audited even if a later chunk stops the run
         after = (rows[-1].record_id, rows[-1].version)
         if progress:
             progress(done, max(total, done))
     return done
 
 
-def _prune_rejections(engine: Engine, cutoff: datetime, now: datetime, chunk_size: int) -> int:
+def _prune_rejections(engine: Engine, cutoff: datetime, now: datetime, chunk_size: int,
+                      done_so_far: RetentionResult) -> int:
     done = 0
     while True:
         ensure_held()
@@ -248,6 +269,7 @@ def _prune_rejections(engine: Engine, cutoff: datetime, now: datetime, chunk_siz
                                                       "pruned_at": now.isoformat()}).decode()}
                 for rid in ids])
         done += len(ids)
+        done_so_far.rejections = done
 
 
 # -- the scheduled job ---------------------------------------------------------------------
