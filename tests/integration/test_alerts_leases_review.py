@@ -13,8 +13,6 @@ from __future__ import annotations
 import gzip
 import json
 import random
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,7 +38,7 @@ from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
 from tests.integration.test_alerts import ROBOT_PATH, annual_batch, monthly_batch, sink, state
 from tests.integration.test_console import _login
-from tests.integration.test_ops_jobs_review import TEN_DAYS_AGO, _held
+from tests.integration.test_ops_jobs_review import TEN_DAYS_AGO, Trickle, _held
 from tests.integration.test_retention import _corrected, _drain, _retention_events
 from tests.integration.test_scheduling import _take_over, lease_until
 from tests.support.servers import poll, uvicorn_thread
@@ -222,39 +220,12 @@ def test_a_retention_run_stopped_by_a_lost_lease_audits_what_it_pruned(
 
 # == one upstream request's bound (gateway/upstream.py bounded_request) ========================
 
-class SlowHeaders:
+def SlowHeaders(every: float = 0.2) -> Trickle:  # noqa: N802 - a server, as the class was
     """An HTTP server below HTTP that sends its status line, then trickles a header line.
 
     Each byte comes well within the read timeout (a stuck proxy that relays byte by byte).
     """
-
-    def __init__(self, every: float = 0.2) -> None:
-        self.every, self.stop = every, threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        self.listener.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
-        with conn:
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Relay: ")
-            while not self.stop.wait(self.every):
-                conn.sendall(b"x")
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        self.listener.close()
+    return Trickle(every, head=b"HTTP/1.1 200 OK\r\nX-Relay: ", drip=b"x")
 
 
 @pytest.mark.xfail(strict=True, reason=(

@@ -370,11 +370,15 @@ def test_the_year_close_alert_counts_only_deliveries_of_the_closing_year(
 class Trickle:
     """An HTTP server below HTTP that answers 200 and then trickles its body, a byte at a time.
 
-    Each byte comes well within the read timeout (a stuck proxy, a half-dead relay).
+    Each byte comes well within the read timeout (a stuck proxy, a half-dead relay).  ``head``
+    and ``drip`` change what it sends first and then byte by byte (a header, for one).
     """
 
-    def __init__(self, every: float = 0.3) -> None:
-        self.every, self.stop = every, threading.Event()
+    HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+
+    def __init__(self, every: float = 0.3, head: bytes = HEAD, drip: bytes = b" ") -> None:
+        self.every, self.stop, self.head, self.drip = every, threading.Event(), head, drip
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.requests = 0
@@ -394,10 +398,9 @@ class Trickle:
         with conn:
             conn.recv(65536)
             self.requests += 1
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100000\r\n\r\n")
+            conn.sendall(self.head)
             while not self.stop.wait(self.every):
-                conn.sendall(b" ")
+                conn.sendall(self.drip)
 
     def close(self) -> None:
         self.stop.set()
