@@ -64,6 +64,16 @@ def _raw(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
             body += chunk
     return int(lines[0].split()[1]), headers, body
 
+# 500 bytes in one chunk (0x1f4), then the last chunk: past LIMIT with no length declared.
+CHUNKED_500 = b"1f4\r\n" + b"x" * 500 + b"\r\n0\r\n\r\n"
+
+
+def _reprocess(url: str, rest: bytes) -> tuple[int, dict[str, str], bytes]:
+    """A raw ``POST`` of a reprocess body: ``rest`` is the headers' tail, blank line and body."""
+    return _raw(url, b"POST " + REPROCESS.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\n" + rest)
+
+
 
 def _settings(make_settings: Callable[..., Settings], url: str, **overrides: object) -> Settings:
     return make_settings(url, max_body_bytes=LIMIT, **overrides)
@@ -76,27 +86,22 @@ def test_a_declared_length_over_the_limit_is_refused_in_both_languages(
     """The reference refusal: Content-Length (spaces around it too) over the limit, coded 413."""
     with gateway(_settings(make_settings, sqlite_url)) as url:
         for declared in (b"500", b"  500 "):
-            status, headers, body = _raw(url, (
-                b"POST " + REPROCESS.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length:" + declared + b"\r\n\r\n" + b"x" * 500))
+            status, headers, body = _reprocess(
+                url, b"Content-Length:" + declared + b"\r\n\r\n" + b"x" * 500)
             assert status == 413
             error = json.loads(body)["error"]
             assert error["code"] == "PAYLOAD_TOO_LARGE"
             assert f"（上限 {LIMIT} 字节）" in error["message_zh"]
             assert headers.get("connection") == "close"
         # A "+500" is no length at all: the server refuses it before the app sees a byte.
-        status, _, _ = _raw(url, (
-            b"POST " + REPROCESS.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: +500\r\n\r\n" + b"x" * 500))
+        status, _, _ = _reprocess(url, b"Content-Length: +500\r\n\r\n" + b"x" * 500)
         assert status == 400
 
 
 def test_a_chunked_body_over_the_limit_is_refused_in_chinese_as_a_declared_one_is(
         sqlite_url: str, make_settings: Callable[..., Settings]) -> None:
     with gateway(_settings(make_settings, sqlite_url)) as url:
-        status, headers, body = _raw(url, (
-            b"POST " + REPROCESS.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n1f4\r\n" + b"x" * 500 + b"\r\n0\r\n\r\n"))
+        status, headers, body = _reprocess(url, b"Transfer-Encoding: chunked\r\n\r\n" + CHUNKED_500)
         assert status == 413
         error = json.loads(body)["error"]
         assert error["code"] == "PAYLOAD_TOO_LARGE"
@@ -109,9 +114,8 @@ def test_a_chunked_body_with_a_small_content_length_is_still_counted(
         sqlite_url: str, make_settings: Callable[..., Settings]) -> None:
     """Transfer-Encoding: chunked plus a small Content-Length: the bytes are counted, not the header."""
     with gateway(_settings(make_settings, sqlite_url)) as url:
-        status, _, body = _raw(url, (
-            b"POST " + REPROCESS.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n1f4\r\n" + b"x" * 500 + b"\r\n0\r\n\r\n"))
+        status, _, body = _reprocess(
+            url, b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n" + CHUNKED_500)
         assert status == 413
         assert json.loads(body)["error"]["code"] == "PAYLOAD_TOO_LARGE"
 
