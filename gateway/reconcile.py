@@ -55,18 +55,18 @@ def due_months(year: int, today: datetime | date | None = None, *, push_day: int
     return [m for m in months if push_deadline(m, push_day) <= day]
 
 
+# A batch that arrived counts as pushed while it is queued or processing, and so does one that
+# failed after committing rows (the report reconciles those); one that failed before committing
+# any does not.  The missed-push alerts count pushes the same way (gateway.ops.overview).
+ARRIVED = or_(batches.c.status != "failed", batches.c.rows_done > 0)
+
+
 def months_never_pushed(conn: Connection, adapter: str, year: int, *,
                         today: datetime | date | None = None, partner_id: str | None = None,
                         push_day: int = 0) -> list[str]:
-    """Due months of ``year`` (:func:`due_months`) without a monthly batch of ``adapter``.
-
-    A batch that arrived counts as pushed while it is queued or processing, and so does one
-    that failed after committing rows (the report reconciles those); one that failed before
-    committing any does not.
-    """
+    """Due months of ``year`` (:func:`due_months`) with no monthly batch that :data:`ARRIVED`."""
     query = (select(batches.c.period).distinct()
-             .where(batches.c.adapter == adapter, batches.c.kind == "monthly",
-                    or_(batches.c.status != "failed", batches.c.rows_done > 0),
+             .where(batches.c.adapter == adapter, batches.c.kind == "monthly", ARRIVED,
                     batches.c.period.like(f"{year}-%")))
     if partner_id is not None:
         query = query.where(batches.c.partner_id == partner_id)

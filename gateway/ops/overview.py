@@ -13,12 +13,12 @@ from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, func, or_, select
+from sqlalchemy import Connection, func, select
 
 from gateway.config import Settings
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.pull.cadre_college import PARTNER as PULL_PARTNER
-from gateway.reconcile import due_months, push_deadline
+from gateway.reconcile import ARRIVED, due_months, push_deadline
 from gateway.store.tables import batches, outbox, partners, pull_state, records, rejections
 
 __all__ = ["MONTHLY_ADAPTERS", "Backlog", "MissingPushes", "YearClose", "backlog", "dead_letters",
@@ -127,9 +127,9 @@ def missing_pushes(conn: Connection, settings: Settings, now: datetime) -> list[
 
     A month is due from ``ALERT_MONTHLY_PUSH_DAY`` of the next month (:func:`push_deadline`), a
     year's annual batch from ``ALERT_ANNUAL_PUSH_DAY`` of the next January.  A batch counts as
-    pushed as :func:`gateway.reconcile.months_never_pushed` counts it: unless it failed before
-    committing a row.  A missing month stays missing until its batch comes, however many months
-    fall due after it.
+    pushed as the reconciliation counts it (:data:`gateway.reconcile.ARRIVED`): unless it failed
+    before committing a row.  A missing month stays missing until its batch comes, however many
+    months fall due after it.
 
     The look-back is bounded, so this stays one small query: months of the current and the
     previous CE year, and no earlier than the partner started — the month after it was
@@ -152,10 +152,7 @@ def missing_pushes(conn: Connection, settings: Settings, now: datetime) -> list[
             select(batches.c.partner_id, batches.c.kind, batches.c.period).distinct()
             .where(batches.c.partner_id.in_(list(pushed)),
                    batches.c.adapter.in_(MONTHLY_ADAPTERS),
-                   batches.c.kind.in_(("monthly", "annual")),
-                   # as reconcile.months_never_pushed: a batch that arrived counts, unless it
-                   # failed before committing any row
-                   or_(batches.c.status != "failed", batches.c.rows_done > 0),
+                   batches.c.kind.in_(("monthly", "annual")), ARRIVED,
                    batches.c.period >= str(floor_year))):
         (annuals if kind == "annual" else pushed)[partner_id].add(period)
     due = [m for year in (floor_year, local_today.year)
