@@ -50,7 +50,7 @@ from tenacity import (
 )
 
 from contracts.errors import message
-from gateway import audit, metrics
+from gateway import audit, metrics, upstream
 from gateway.config import Settings
 from gateway.delivery.circuit import CircuitBreaker, CircuitState
 from gateway.delivery.policy import Action, classify, classify_exception, retry_after_seconds
@@ -185,8 +185,11 @@ class DeliveryWorker:
         self.stats.http_calls += 1
         started = time.perf_counter()
         try:
-            response = self._client.post(INTAKE_PATH, content=body, headers={
-                "Idempotency-Key": key, "Content-Type": "application/json"})
+            # bounded as a whole: a management system (or a relay before it) that trickles its
+            # answer would otherwise hold this worker, and its lease, for as long as it trickles
+            response = upstream.bounded_request(
+                self._client, "POST", INTAKE_PATH, content=body,
+                headers={"Idempotency-Key": key, "Content-Type": "application/json"})
         except httpx.HTTPError as exc:
             metrics.observe_delivery("transport_error", time.perf_counter() - started)
             classify_exception(exc)  # every httpx error is transient; others propagate

@@ -228,15 +228,6 @@ def SlowHeaders(every: float = 0.2) -> Trickle:  # noqa: N802 - a server, as the
     return Trickle(every, head=b"HTTP/1.1 200 OK\r\nX-Relay: ", drip=b"x")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bounded_request (gateway/upstream.py) checks its deadline only as each body chunk arrives; "
-    "client.stream() returns only once the headers are complete, and httpx's read timeout "
-    "restarts with each byte, so a relay that trickles its headers holds the request (the "
-    "pull, the sync, an alert post past its claim's lease: a second evaluator posts it again) "
-    "for as long as it trickles. Fix: bound the header phase too, e.g. pass the remaining "
-    "deadline as a per-request httpx.Timeout and run the read under a watchdog that closes "
-    "the response (or use httpx's 'timeout' extension with a pool/read cap and check the "
-    "deadline in a network-stream trace hook)."))
 def test_a_relay_that_trickles_its_headers_is_cut_off_at_the_deadline() -> None:
     relay = SlowHeaders()
     timeout = 0.5

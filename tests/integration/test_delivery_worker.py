@@ -29,6 +29,8 @@ from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, delivery_batches, outbox, record_versions
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
+from tests.integration.test_alerts_leases_review import SlowHeaders
+from tests.integration.test_ops_jobs_review import _held
 
 T0 = datetime(2026, 3, 2, 9, 0, 0, tzinfo=UTC)
 
@@ -694,3 +696,27 @@ def test_workers_claiming_side_by_side_never_share_rows(
     for r in _outbox(engine):
         owners[r["batch_key"]].add(r["record_id"])
     assert {k: len(v) for k, v in owners.items()} == {c.batch_key: 2 for c in got}
+
+
+def test_a_management_system_that_trickles_its_answer_does_not_hold_the_worker(
+        db_url: str, engine: Engine, new_partner: Callable[..., Partner],
+        make_settings: Callable[..., Any]) -> None:
+    """Headers a byte at a time, each within the read timeout: the post is cut off at 3 × it.
+
+    Unbounded, the worker (and its batch's lease) would wait as long as the relay trickles;
+    the lease would run out and another worker send the batch again while this one waits.
+    """
+    _put(engine, new_partner(engine), _subs(2))
+    relay = SlowHeaders()
+    settings = make_settings(db_url, relay.url, downstream_timeout_seconds=0.5, inline_retries=1,
+                             retry_schedule=(60, 60, 60))
+    worker = DeliveryWorker(make_engine(db_url), settings, clock=Clock())
+    try:
+        held, took, results = _held(worker.run_once, 4 * 0.5 + 3, relay.close)
+    finally:
+        worker.close()
+        worker.engine.dispose()
+    assert not held, f"the worker still waiting for the answer after {took:.1f} s"
+    assert results == [2] and relay.requests == 1
+    [batch] = _batches(engine).values()
+    assert batch["status"] == "pending" and "took longer than 3 × 0.5 s" in batch["last_error"]
