@@ -22,7 +22,7 @@ from gateway.reconcile import ARRIVED, due_months, push_deadline
 from gateway.store.tables import batches, outbox, partners, pull_state, records, rejections
 
 __all__ = ["MONTHLY_ADAPTERS", "Backlog", "MissingPushes", "YearClose", "backlog", "dead_letters",
-           "latest_due_month", "missing_pushes", "overview", "pull_lag", "year_close"]
+           "first_owed_month", "latest_due_month", "missing_pushes", "overview", "pull_lag", "year_close"]
 
 # Partners that push a batch every month (SPEC §2): their missing months are tracked.
 MONTHLY_ADAPTERS = ("health", "finance")
@@ -117,9 +117,21 @@ class MissingPushes:
     annual: tuple[int, ...]  # CE years whose full-year batch is due
 
 
-def _month_after(month: str) -> str:
-    year, m = int(month[:4]), int(month[5:7])
-    return f"{year + m // 12}-{m % 12 + 1:02d}"
+def first_owed_month(settings: Settings, registered: datetime) -> str:
+    """The first month a partner registered at ``registered`` owes: its deadline came after.
+
+    A partner owes each push whose deadline (:func:`push_deadline`, the first day it is late)
+    is later than the day it was registered - one that came before it existed it cannot have
+    missed.  Fixed at registration, so a month once awaited stays awaited until pushed.
+    """
+    day = registered.astimezone(ZoneInfo(settings.timezone)).date()
+    year, month = day.year, day.month - 1  # this month's deadline is always later
+    if month == 0:
+        year, month = year - 1, 12
+    previous = f"{year}-{month:02d}"
+    if push_deadline(previous, settings.alert_monthly_push_day) > day:
+        return previous
+    return day.strftime("%Y-%m")
 
 
 def missing_pushes(conn: Connection, settings: Settings, now: datetime) -> list[MissingPushes]:
@@ -132,14 +144,13 @@ def missing_pushes(conn: Connection, settings: Settings, now: datetime) -> list[
     months fall due after it.
 
     The look-back is bounded, so this stays one small query: months of the current and the
-    previous CE year, and no earlier than the partner started — the month after it was
-    registered, or its first pushed month if that is earlier.  The latest due month is always
-    checked (a partner registered after it is told at once that its push is awaited); an
-    annual batch is owed for a year the partner had started by December.
+    previous CE year, and no earlier than the partner started: its :func:`first_owed_month`
+    (the first deadline after it was registered), or its first pushed month if that is
+    earlier.  An annual batch is owed for a year whose deadline came after the registration,
+    or whose December the partner had started by.
     """
     local_today = now.astimezone(ZoneInfo(settings.timezone)).date()
     floor_year = local_today.year - 1
-    latest = latest_due_month(settings, now)
     monthly = list(conn.execute(
         select(partners.c.partner_id, partners.c.adapter, partners.c.created_at)
         .where(partners.c.active.is_(True), partners.c.adapter.in_(MONTHLY_ADAPTERS))
@@ -162,13 +173,14 @@ def missing_pushes(conn: Connection, settings: Settings, now: datetime) -> list[
     out = []
     for r in monthly:
         months, years = pushed[r.partner_id], annuals[r.partner_id]
-        registered = r.created_at.astimezone(ZoneInfo(settings.timezone)).strftime("%Y-%m")
-        started = min([_month_after(registered), *months])
-        start = min(started, latest)
+        registered = r.created_at.astimezone(ZoneInfo(settings.timezone)).date()
+        started = min([first_owed_month(settings, r.created_at), *months])
         out.append(MissingPushes(
             r.partner_id, r.adapter,
-            tuple(m for m in due if m >= start and m not in months),
-            tuple(y for y in annual_due if f"{y}-12" >= started and str(y) not in years)))
+            tuple(m for m in due if m >= started and m not in months),
+            tuple(y for y in annual_due if str(y) not in years and (
+                f"{y}-12" >= started
+                or push_deadline(f"{y}-12", settings.alert_annual_push_day) > registered))))
     return out
 
 

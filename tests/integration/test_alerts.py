@@ -42,6 +42,8 @@ from tests.support.servers import cli, uvicorn_thread
 MakeSettings = Callable[..., Settings]
 # 10:00 on 6 October in Xining: September's monthly batch was due by the 5th.
 OCT_6 = datetime(2026, 10, 6, 2, 0, tzinfo=UTC)
+# A monthly partner registered then owes September first: August's push was late from 6 September.
+SEPT_20 = datetime(2026, 9, 20, 2, 0, tzinfo=UTC)
 JUNE = datetime(2026, 6, 15, 2, 0, tzinfo=UTC)
 DEC_27 = datetime(2026, 12, 27, 2, 0, tzinfo=UTC)  # three days before the 30 December close
 ROBOT_PATH = "/cgi-bin/webhook/send?key=test-robot"
@@ -79,6 +81,14 @@ def dead_letter(engine: Engine, worker: DeliveryWorker, partner: PartnerRef, rng
         pass
 
 
+def registered(engine: Engine, partner: Partner, at: datetime = SEPT_20) -> Partner:
+    """``partner``, as if registered ``at``: what it owes starts from there, not from today."""
+    with engine.begin() as conn:
+        conn.execute(update(partners).where(partners.c.partner_id == partner.partner_id)
+                     .values(created_at=at))
+    return partner
+
+
 def monthly_batch(engine: Engine, partner: Partner, period: str) -> str:
     """Accept a monthly batch as ``POST /v1/batches`` does (nothing processes it here)."""
     batch_id = f"B{uuid.uuid4().hex[:24]}"
@@ -90,17 +100,16 @@ def monthly_batch(engine: Engine, partner: Partner, period: str) -> str:
 def test_missed_monthly_push_fires_once_is_retried_clears_and_fires_again(
         db_url: str, engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner], sink: str) -> None:
-    late = new_partner(engine, adapter="health")
-    punctual = new_partner(engine, adapter="finance")
+    late = registered(engine, new_partner(engine, adapter="health"))
+    punctual = registered(engine, new_partner(engine, adapter="finance"))
     monthly_batch(engine, punctual, "2026-08")
     monthly_batch(engine, punctual, "2026-09")
     key = f"missed_push:{late.partner_id}:2026-09"
     down = make_settings(db_url, alert_webhook_url=f"http://127.0.0.1:9{ROBOT_PATH}")
     settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}")
 
-    # Before the deadline September is not late yet (August is the month then checked).
-    assert [c.key for c in evaluate(engine, down, OCT_6 - timedelta(days=1)).active] == [
-        f"missed_push:{late.partner_id}:2026-08"]
+    # Before its deadline September is not late yet (August's came before registration).
+    assert evaluate(engine, down, OCT_6 - timedelta(days=1)).active == []
 
     # The webhook is down, then refuses: nothing is recorded, so the next tick tries again.
     first = evaluate(engine, down, OCT_6)
@@ -251,7 +260,7 @@ def test_concurrent_evaluations_send_one_alert(
         db_url: str, engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner], sink: str) -> None:
     """Replicas evaluating at once: the claim on the key lets exactly one of them post."""
-    partner = new_partner(engine, adapter="finance")
+    partner = registered(engine, new_partner(engine, adapter="finance"))
     settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}")
     httpx.post(f"{sink}/_mock/faults", json={"delay_ms": 300}).raise_for_status()
     start = threading.Barrier(3)
@@ -324,7 +333,7 @@ def test_an_alert_post_in_flight_holds_no_transaction(
     write below would wait for the robot; on PostgreSQL it would hold a pooled connection idle
     in transaction (the evaluation's connections are named, so only they are looked at).
     """
-    partner = new_partner(engine, adapter="finance")
+    partner = registered(engine, new_partner(engine, adapter="finance"))
     key = f"missed_push:{partner.partner_id}:2026-09"
     settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}")
     # The robot's answer must outlast, with room for a loaded machine, a write, a look at
@@ -384,7 +393,7 @@ def test_a_claim_left_unsent_is_sent_after_its_lease_and_a_failed_rearm_is_undon
     (4 × the webhook timeout) runs, others take it as being posted; after that the next tick
     posts it.  A failed post of a re-armed row restores it as it was, so the next tick retries.
     """
-    partner = new_partner(engine, adapter="health")
+    partner = registered(engine, new_partner(engine, adapter="health"))
     key = f"missed_push:{partner.partner_id}:2026-09"
     settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}",
                              alert_webhook_timeout_seconds=5)
@@ -414,12 +423,6 @@ def test_a_claim_left_unsent_is_sent_after_its_lease_and_a_failed_rearm_is_undon
     assert len(received(sink)) == 2
 
 
-def _registered(engine: Engine, partner: Partner, at: datetime) -> None:
-    with engine.begin() as conn:
-        conn.execute(update(partners).where(partners.c.partner_id == partner.partner_id)
-                     .values(created_at=at))
-
-
 def annual_batch(engine: Engine, partner: Partner, year: int) -> str:
     batch_id = f"B{uuid.uuid4().hex[:24]}"
     record_batch(engine, NewBatch(batch_id, partner.partner_id, partner.adapter, "annual", str(year),
@@ -435,51 +438,52 @@ def _owed(result: Evaluation, partner: Partner) -> list[str]:
 def test_every_missing_month_since_the_partner_started_is_alerted_until_pushed(
         db_url: str, engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner]) -> None:
-    """Back to January of the previous CE year, from the month after registration; and annuals."""
+    """Back to January of the previous CE year, from the first deadline after registration; annuals."""
     quiet = new_partner(engine, adapter="health")
-    _registered(engine, quiet, datetime(2025, 3, 10, 2, 0, tzinfo=UTC))
+    registered(engine, quiet, datetime(2025, 3, 10, 2, 0, tzinfo=UTC))
     veteran = new_partner(engine, adapter="finance")
-    _registered(engine, veteran, datetime(2021, 6, 1, 2, 0, tzinfo=UTC))
+    registered(engine, veteran, datetime(2021, 6, 1, 2, 0, tzinfo=UTC))
     settings = make_settings(db_url)  # no webhook: the conditions alone
 
-    since_april = [f"2025-{m:02d}" for m in range(4, 13)] + [f"2026-{m:02d}" for m in range(1, 10)]
+    # Registered on 10 March: February's push was late from 6 March, March's is due by 5 April.
+    since_march = [f"2025-{m:02d}" for m in range(3, 13)] + [f"2026-{m:02d}" for m in range(1, 10)]
     result = evaluate(engine, settings, OCT_6)
-    assert _owed(result, quiet) == [*since_april, "2025"]
+    assert _owed(result, quiet) == [*since_march, "2025"]
     assert [c.kind for c in result.active if c.key.endswith(":2025")][-1] == "missed_annual"
     # Registered years ago: the look-back stops at January of the previous year.
-    assert _owed(result, veteran) == ["2025-01", "2025-02", "2025-03", *since_april, "2025"]
+    assert _owed(result, veteran) == ["2025-01", "2025-02", *since_march, "2025"]
     with engine.connect() as conn:
         board = {p["partner_id"]: p for p in overview(conn, settings, OCT_6)["partners"]}
-    assert board[quiet.partner_id]["missing_months"] == since_april
+    assert board[quiet.partner_id]["missing_months"] == since_march
     assert board[quiet.partner_id]["missing_annual"] == [2025]
 
-    for month in since_april[:9]:
+    for month in since_march[:10]:
         monthly_batch(engine, quiet, month)
     annual_batch(engine, quiet, 2025)
-    assert _owed(evaluate(engine, settings, OCT_6), quiet) == since_april[9:]
+    assert _owed(evaluate(engine, settings, OCT_6), quiet) == since_march[10:]
     annual = [c for c in evaluate(engine, settings, datetime(2026, 1, 20, 2, tzinfo=UTC)).active
               if c.kind == "missed_annual" and c.detail["partner_id"] == veteran.partner_id]
     assert [c.key for c in annual] == [f"missed_annual:{veteran.partner_id}:2025"]
     assert "应于 2026-01-15 前推送" in annual[0].lines[2]
 
 
-def test_the_annual_batch_is_due_from_the_configured_day_and_only_from_partners_of_that_year(
+def test_the_annual_batch_is_due_from_the_configured_day_from_partners_registered_before_it(
         db_url: str, engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner]) -> None:
     settings = make_settings(db_url, alert_annual_push_day=20)
     old = new_partner(engine, adapter="finance")
-    _registered(engine, old, datetime(2026, 2, 1, 2, tzinfo=UTC))
-    for month in range(3, 13):
+    registered(engine, old, datetime(2026, 2, 10, 2, tzinfo=UTC))  # owes February on
+    for month in range(2, 13):
         monthly_batch(engine, old, f"2026-{month:02d}")
     newcomer = new_partner(engine, adapter="health")
-    _registered(engine, newcomer, datetime(2027, 1, 2, 2, tzinfo=UTC))
+    registered(engine, newcomer, datetime(2027, 1, 2, 2, tzinfo=UTC))
 
     on_the_day = datetime(2027, 1, 20, 15, 59, 59, tzinfo=UTC)  # 23:59:59 on the 20th in Xining
     assert _owed(evaluate(engine, settings, on_the_day), old) == []
     late = evaluate(engine, settings, on_the_day + timedelta(seconds=1))
     assert _owed(late, old) == ["2026"]
-    # Registered in 2027: no annual batch of 2026; the latest due month is awaited, as ever.
-    assert _owed(late, newcomer) == ["2026-12"]
+    # Registered on 2 January, before December's deadline and 2026's: both are owed.
+    assert _owed(late, newcomer) == ["2026-12", "2026"]
 
     annual_batch(engine, old, 2026)
     assert _owed(evaluate(engine, settings, on_the_day + timedelta(days=1)), old) == []

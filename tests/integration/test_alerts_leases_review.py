@@ -36,7 +36,14 @@ from gateway.store.tables import partners, record_versions
 from gateway.upstream import AnswerCutOff, bounded_request
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
-from tests.integration.test_alerts import ROBOT_PATH, annual_batch, monthly_batch, sink, state
+from tests.integration.test_alerts import (
+    ROBOT_PATH,
+    annual_batch,
+    monthly_batch,
+    registered,
+    sink,
+    state,
+)
 from tests.integration.test_console import _login
 from tests.integration.test_ops_jobs_review import TEN_DAYS_AGO, Trickle, _held
 from tests.integration.test_retention import _corrected, _drain, _retention_events
@@ -46,12 +53,6 @@ from tests.support.servers import poll, uvicorn_thread
 MakeSettings = Callable[..., Settings]
 XINING = ZoneInfo("Asia/Shanghai")
 __all__ = ["sink"]  # the mock robot on a real uvicorn (fixture of the alerts' tests)
-
-
-def _registered(engine: Engine, partner: Partner, at: datetime) -> None:
-    with engine.begin() as conn:
-        conn.execute(update(partners).where(partners.c.partner_id == partner.partner_id)
-                     .values(created_at=at))
 
 
 def _owed(result: Any, partner: Partner) -> list[str]:
@@ -64,60 +65,56 @@ def _local(y: int, m: int, d: int, hour: int = 10) -> datetime:
 
 # == missed pushes (gateway/ops/overview.py missing_pushes, gateway/alerts.py) ==================
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A partner registered mid-month is alerted at once for the latest due month (start = "
-    "min(started, latest) in gateway/ops/overview.py missing_pushes), but `latest` moves on "
-    "with the clock: once the next month falls due the first alert is cleared although its "
-    "batch never came, and the registration month is raised and then cleared the month after "
-    "(an alert that reads 'recovered' each month while nothing was pushed). The suggested "
-    "fix (start = min(started, latest_due_month(settings, created_at))) was tried and "
-    "contradicts test_alerts' 'from the month after registration' (a partner registered "
-    "10 March 2025 would owe February too); the fix needs one rule for when a new partner's "
-    "first push is owed, and the alert tests that register partners after the moment they "
-    "evaluate (created_at = the real clock, evaluated in October 2026) given explicit "
-    "registration dates."))
 def test_a_partner_registered_mid_month_keeps_each_awaited_month_until_it_is_pushed(
         db_url: str, engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner], sink: str) -> None:
+    """What a new partner owes is fixed at registration; a later month falling due clears nothing.
+
+    Registered on 15 March: February's push was late from 6 March, before the partner existed,
+    so March (due by 5 April) is the first it owes.  It used to be told at once of the latest
+    due month (February), which the next month's deadline then "cleared" unpushed - an alert
+    reading 'recovered' every month while nothing came.
+    """
     newcomer = new_partner(engine, adapter="health")
-    _registered(engine, newcomer, _local(2026, 3, 15))
+    registered(engine, newcomer, _local(2026, 3, 15))
     settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}")
-    february = f"missed_push:{newcomer.partner_id}:2026-02"
+    march = f"missed_push:{newcomer.partner_id}:2026-03"
 
-    # Registered on 15 March: February's batch (due by 5 March) is awaited at once.
-    assert evaluate(engine, settings, _local(2026, 3, 20)).fired == [february]
-
-    # 6 April: March falls due too; February has still not come.
+    assert evaluate(engine, settings, _local(2026, 3, 20)).active == []
+    assert evaluate(engine, settings, _local(2026, 4, 5)).active == []  # its last day to push
     april = evaluate(engine, settings, _local(2026, 4, 6))
     may = evaluate(engine, settings, _local(2026, 5, 6))
 
-    assert april.cleared == [] and may.cleared == [], (april.cleared, may.cleared)
-    assert february in _owed(may, newcomer) and state(engine)[february]["cleared_at"] is None
+    assert april.fired == [march]
+    assert may.cleared == [] and may.fired == [f"missed_push:{newcomer.partner_id}:2026-04"]
+    assert march in _owed(may, newcomer) and state(engine)[march]["cleared_at"] is None
 
 
 def test_a_partner_registered_mid_month_owes_nothing_before_its_first_awaited_month(
         db_url: str, engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner]) -> None:
-    """Registered on the evening of 31 March UTC, already 1 April in Xining: March is not owed.
+    """Registered on the evening of 5 April UTC, already 6 April in Xining: March is not owed.
 
-    The registration month is read in Asia/Shanghai on both stores (SQLite keeps UTC without an
-    offset): a UTC reading would put the registration in March and owe March's batch.
+    The registration day is read in Asia/Shanghai on both stores (SQLite keeps UTC without an
+    offset): a UTC reading would put it before March's deadline (late from 6 April) and owe
+    March's batch.
     """
     partner = new_partner(engine, adapter="finance")
-    _registered(engine, partner, datetime(2026, 3, 31, 17, 0, tzinfo=UTC))  # 01:00 on 1 April
+    registered(engine, partner, datetime(2026, 4, 5, 17, 0, tzinfo=UTC))  # 01:00 on 6 April
+    monthly_batch(engine, partner, "2026-04")
     monthly_batch(engine, partner, "2026-05")
     settings = make_settings(db_url)
     with engine.connect() as conn:
         [owed] = [m for m in missing_pushes(conn, settings, _local(2026, 6, 6))
                   if m.partner_id == partner.partner_id]
-    assert owed.months == () and owed.annual == ()  # read in UTC: March and April owed
+    assert owed.months == () and owed.annual == ()  # read in UTC: March owed
 
 
 def test_a_disabled_partner_is_neither_alerted_nor_listed_as_owing_and_its_alerts_clear(
         db_url: str, engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner], sink: str) -> None:
     partner = new_partner(engine, adapter="finance")
-    _registered(engine, partner, _local(2025, 6, 1))
+    registered(engine, partner, _local(2025, 6, 1))
     settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}")
     at = _local(2026, 1, 20)
     first = evaluate(engine, settings, at)
@@ -139,13 +136,14 @@ def test_an_annual_batch_alone_settles_the_annual_alert_not_the_months(
         new_partner: Callable[..., Partner]) -> None:
     """Only a full-year batch came: the annual is settled; the monthly batches are still owed."""
     partner = new_partner(engine, adapter="health")
-    _registered(engine, partner, _local(2025, 10, 20))
+    registered(engine, partner, _local(2025, 10, 20))
     annual_batch(engine, partner, 2025)
     settings = make_settings(db_url)
 
     owed = _owed(evaluate(engine, settings, _local(2026, 1, 20)), partner)
 
-    assert owed == [f"missed_push:{partner.partner_id}:2025-{m}" for m in ("11", "12")]
+    # registered on 20 October: October's push (due by 5 November) is the first it owes
+    assert owed == [f"missed_push:{partner.partner_id}:2025-{m}" for m in ("10", "11", "12")]
 
 
 def _board_row(html: str, partner_id: str) -> str:
@@ -159,7 +157,7 @@ def test_the_console_shows_the_overdue_annual_batch_the_robot_is_alerted_about(
     partner = new_partner(engine, adapter="finance")
     now = datetime.now(UTC)
     last_year = now.astimezone(XINING).year - 1
-    _registered(engine, partner, datetime(last_year - 1, 6, 1, tzinfo=UTC))
+    registered(engine, partner, datetime(last_year - 1, 6, 1, tzinfo=UTC))
     for year in (last_year, last_year + 1):
         for month in range(1, 13):
             monthly_batch(engine, partner, f"{year}-{month:02d}")

@@ -430,7 +430,7 @@ def test_a_webhook_that_trickles_its_answer_does_not_hold_the_evaluation(
         sqlite_url: str, sqlite_engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner]) -> None:
     db_url, engine = sqlite_url, sqlite_engine  # HTTP below the store: one backend is enough
-    partner = new_partner(engine, adapter="health")
+    partner = test_alerts.registered(engine, new_partner(engine, adapter="health"))
     key = f"missed_push:{partner.partner_id}:2026-09"
     robot = Trickle()
     settings = _alerts(db_url, make_settings, robot.url + ROBOT_PATH,
