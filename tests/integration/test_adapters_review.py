@@ -1,0 +1,272 @@
+"""Review of the partner adapters against SPEC §3/§8 and the notice (青人社厅函〔2022〕394号).
+
+What a provincial health or finance department's real files look like, pushed through the real
+readers (``adapters.tabular``), the adapters' ``parse`` and, where the effect is on the store,
+the batch processor on SQLite and PostgreSQL.  Each strict xfail is a finding: its reason says
+what is wrong, where, why it matters and a suggested fix.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openpyxl import Workbook
+from sqlalchemy import Engine, select
+
+from adapters.base import ParsedRow
+from adapters.health import HealthAdapter
+from adapters.tabular import iter_csv, iter_xlsx
+from adapters.training_base import TrainingBaseRosterAdapter
+from gateway.accounts import Partner
+from gateway.batches import BatchProcessor, NewBatch, batch_status, new_batch_id, record_batch
+from gateway.config import Settings
+from gateway.signing import file_sha256
+from gateway.store.tables import records
+from mock_partners.files import FINANCE_HEADERS, HEALTH_HEADERS, write_csv
+from mock_partners.generators import make_id_number
+
+MakeSettings = Callable[..., Settings]
+NewPartner = Callable[..., Partner]
+
+RNG = random.Random(20261127)
+ID_A = make_id_number(RNG, "630102", date(1987, 4, 13))
+ID_B = make_id_number(RNG, "630202", date(1979, 9, 2))
+ID_C = make_id_number(RNG, "632801", date(1990, 1, 30))
+
+HEALTH: dict[str, object] = {
+    "记录编号": "WJ-2026-000123", "身份证号": ID_A, "姓名": "赵伟", "工作单位": "青海省人民医院",
+    "地区代码": "630100", "项目编号": "2026-04-05-123(国)", "项目名称": "高原病防治新进展",
+    "学分类别": "Ⅰ类", "学分": "2.5", "开始日期": "2026/3/3", "完成日期": "2026年3月5日",
+    "证书编号": "CME2026000123",
+}
+FINANCE: dict[str, object] = {
+    "流水号": "KJ-2026-000456", "证件号码": ID_A, "姓名": "赵伟", "单位名称": "海东市平安区财政局",
+    "统一社会信用代码": "", "地区代码": "630200", "学习方式": "网络", "课程名称": "政府会计制度专题",
+    "科目类别": "专业科目", "学分": "24", "完成日期": "2026-03-05",
+}
+
+
+def _one(rows: list[ParsedRow]) -> ParsedRow:
+    assert len(rows) == 1
+    return rows[0]
+
+
+def _csv(header: list[str], rows: list[list[object]], encoding: str = "utf-8") -> bytes:
+    lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
+    return ("\r\n".join(lines) + "\r\n").encode(encoding)
+
+
+def _health_rows(data: bytes) -> list[ParsedRow]:
+    adapter = HealthAdapter()
+    return [p for row in iter_csv(io.BytesIO(data)) for p in adapter.parse(row)]
+
+
+def _codes(p: ParsedRow) -> list[tuple[str | None, str]]:
+    return [(e.field, e.code) for e in p.errors]
+
+
+# -- the batch processor, as an upload is processed ------------------------------------------
+
+
+def _run_batch(engine: Engine, settings: Settings, partner: Partner, path: Path, kind: str,
+               period: str) -> dict[str, Any]:
+    batch = NewBatch(new_batch_id(), partner.partner_id, partner.adapter, kind, period, path,
+                     "csv", path.stat().st_size, file_sha256(path))
+    record_batch(engine, batch, actor=partner.partner_id)
+    processor = BatchProcessor(engine, settings, name="adapters-review")
+    for _ in range(5):
+        if not processor.run_once():
+            break
+    with engine.connect() as conn:
+        status = batch_status(conn, batch.batch_id)
+    assert status is not None and status["status"] == "done", status
+    return status
+
+
+def _finance_file(tmp_path: Path, rows: list[dict[str, object]]) -> Path:
+    path = tmp_path / "finance.csv"
+    write_csv(path, rows, FINANCE_HEADERS)
+    return path
+
+
+# -- findings ---------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "HIGH. A finance row whose optional 统一社会信用代码 is not 18 letters/digits — the placeholder "
+    "'无' or '/' that exports write for 'none', a pre-2015 组织机构代码 '12345678-9', a 15-digit "
+    "工商注册号, one character short — is REJECTED whole (SCHEMA on 统一社会信用代码), so an "
+    "accountant's real training hours are refused over an employer attribute. SPEC §3: "
+    "employer_uscc is optional and 'a failing code is a warning'. Cause: adapters/finance/__init__.py "
+    "passes the cell straight to person.employer_uscc, whose contract pattern ^[0-9A-Za-z]{18}$ "
+    "(contracts/records.py Person.employer_uscc) makes any other shape a schema error. Note "
+    "tests/contract/test_health_finance_adapters.py::test_finance_specific_faults pins the refusal "
+    "('123' → SCHEMA) and needs changing with the fix. Fix: in the finance adapter, treat "
+    "无/-//// 'none' spellings as empty, and any other non-18-character value as a USCC_INVALID "
+    "warning with employer_uscc left None (the row stays acceptable)."))
+def test_finance_row_with_an_old_or_placeholder_employer_code_is_accepted(
+        db_url: str, engine: Engine, make_settings: MakeSettings, new_partner: NewPartner,
+        tmp_path: Path) -> None:
+    partner = new_partner(engine, adapter="finance")
+    rows = [
+        {**FINANCE, "流水号": "KJ-1", "证件号码": ID_A, "统一社会信用代码": "无"},
+        {**FINANCE, "流水号": "KJ-2", "证件号码": ID_B, "统一社会信用代码": "12345678-9"},
+        {**FINANCE, "流水号": "KJ-3", "证件号码": ID_C, "统一社会信用代码": "630100400001234"},
+    ]
+    status = _run_batch(engine, make_settings(db_url), partner, _finance_file(tmp_path, rows),
+                        "monthly", "2026-03")
+    assert status["rejected_rows"] == []
+    assert status["counts"]["accepted"] == 3
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "HIGH (silent data loss). When a finance or health file has been through Excel, long record "
+    "numbers come out in scientific notation — a CSV cell '2.02603E+16', or an XLSX float that "
+    "kept 15 digits. Different rows then carry the same 流水号/记录编号, and the gateway answers "
+    "the second row 'corrected': it becomes version 2 of the FIRST person's record, so one "
+    "accountant's hours vanish and the management system is told the record now belongs to "
+    "someone else. Identity numbers mangled the same way are caught by the GB 11643 check; record "
+    "numbers are not checked at all (adapters/rows.py RowBuilder.text(code=True) accepts any "
+    "text; adapters/normalize.py cell_text writes a float ≥ 1e16 as its repr). Fix: refuse, as "
+    "a SCHEMA error naming the id column, a record number written in exponent form "
+    "(r'^[0-9.]+E[+-]?[0-9]+$', case-insensitive) or read from a number cell whose value is "
+    "above 2**53 or has 16+ significant digits ('format the column as text and export again')."))
+def test_record_numbers_mangled_by_excel_are_refused_not_merged(
+        db_url: str, engine: Engine, make_settings: MakeSettings, new_partner: NewPartner,
+        tmp_path: Path) -> None:
+    partner = new_partner(engine, adapter="finance")
+    rows = [{**FINANCE, "流水号": "2.02603E+16", "证件号码": ID_A, "姓名": "赵伟"},
+            {**FINANCE, "流水号": "2.02603E+16", "证件号码": ID_B, "姓名": "马兰"}]
+    status = _run_batch(engine, make_settings(db_url), partner, _finance_file(tmp_path, rows),
+                        "monthly", "2026-03")
+    with engine.connect() as conn:
+        versions = conn.execute(select(records.c.current_version)).scalars().all()
+    assert status["counts"]["corrected"] == 0, "another person's row replaced the first record"
+    assert all(v == 1 for v in versions)
+    assert [(r["row"], r["column"], r["code"]) for r in status["rejected_rows"]] == [
+        (2, "流水号", "SCHEMA"), (3, "流水号", "SCHEMA")]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "MEDIUM. A header padded with spaces — '姓　名' (ideographic space, the usual way Chinese "
+    "forms align two-character headers) or '学分 类别' — matches no column, so EVERY row of the "
+    "file is rejected 'missing column'. adapters/tabular.py _header only strips the ends of a "
+    "header cell. Fix: fold header names in _header (NFKC, then drop all whitespace, including "
+    "U+3000 and zero-width spaces) so they compare equal to the SPEC §8 names."))
+@pytest.mark.parametrize("padded", [{"姓名": "姓　名"}, {"姓名": "姓 名"}, {"学分类别": "学分 类别"}])
+def test_headers_padded_with_spaces_still_name_their_columns(padded: dict[str, str]) -> None:
+    header = [padded.get(name, name) for name in HEALTH_HEADERS]
+    parsed = _one(_health_rows(_csv(header, [[HEALTH[name] for name in HEALTH_HEADERS]])))
+    assert _codes(parsed) == []
+    assert parsed.submission is not None and parsed.submission.person.name == "赵伟"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "MEDIUM. In an XLSX roster or batch where a person merged a column down over several rows "
+    "(工作单位 and 地区代码 of one hospital's staff — common in hand-kept Chinese sheets), only "
+    "the first row of the merge has the value: adapters/tabular.py iter_xlsx (openpyxl read-only "
+    "mode, which ignores <mergeCells>) yields '' for the others, and they are rejected "
+    "'地区代码: 不能为空' although the sheet shows the code on every row. Fix: collect the "
+    "sheet's <mergeCell ref=…> ranges during xlsx_census's pass over the sheet XML and fill each "
+    "covered cell with its anchor's value in iter_xlsx."))
+def test_xlsx_merged_cells_give_every_row_their_value() -> None:
+    book = Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(list(HEALTH_HEADERS))
+    first = [HEALTH[name] for name in HEALTH_HEADERS]
+    second = [{"记录编号": "WJ-2026-000124", "身份证号": ID_B, "姓名": "马兰",
+               "工作单位": None, "地区代码": None}.get(name, HEALTH[name]) for name in HEALTH_HEADERS]
+    sheet.append(first)
+    sheet.append(second)
+    for name in ("工作单位", "地区代码"):
+        column = HEALTH_HEADERS.index(name) + 1
+        sheet.merge_cells(start_row=2, start_column=column, end_row=3, end_column=column)
+    data = io.BytesIO()
+    book.save(data)
+    data.seek(0)
+    parsed = [p for row in iter_xlsx(data) for p in HealthAdapter().parse(row)]
+    assert [_codes(p) for p in parsed] == [[], []]
+    subs = [p.submission for p in parsed]
+    assert [(s.person.region_code, s.person.employer_name) for s in subs if s] == [
+        ("630100", "青海省人民医院"), ("630100", "青海省人民医院")]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "LOW. A roster row the reader could not read (bytes not valid in the file's encoding, a CSV "
+    "syntax error, an over-long cell) is answered with seven 'required' errors (result_id, id_no, "
+    "name, region, hours, completed_on, base_code) instead of the reader's reason: "
+    "adapters/training_base/__init__.py TrainingBaseRosterAdapter.parse never looks at "
+    "adapters.tabular.row_error, as the health/finance adapters do (adapters/rows.py unpack_row). "
+    "The base is told its row is empty when it holds a mis-encoded name. Fix: check row_error "
+    "first and answer one SCHEMA note with the reader's reason (en and zh)."))
+def test_roster_row_the_reader_could_not_read_says_why() -> None:
+    header = ["result_id", "id_no", "name", "employer", "region", "hours", "completed_on",
+              "base_code", "plan_id"]
+    good = ",".join(["R1", ID_A, "张三", "青海省人民医院心血管内科", "630102", "24", "2026-03-05",
+                     "JD-01", "P-1"]).encode()
+    bad = b",".join([b"R2", ID_B.encode(), b"\xff\xfe", "青海省人民医院".encode(), b"630102",
+                     b"24", b"2026-03-05", b"JD-01", b"P-1"])
+    data = ",".join(header).encode() + b"\r\n" + good + b"\r\n" + bad + b"\r\n"
+    adapter = TrainingBaseRosterAdapter()
+    parsed = [p for row in iter_csv(io.BytesIO(data)) for p in adapter.parse(row)]
+    assert [p.ok for p in parsed] == [True, False]
+    errors = parsed[1].errors
+    assert [e.code for e in errors] == ["SCHEMA"]
+    assert "utf-8" in errors[0].message, errors[0].message  # the reader's reason, not "required"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "LOW. A CSV saved by Excel as 'Unicode text' (UTF-16LE with a BOM, tab-separated — the very "
+    "format adapters/tabular.py _sniff_delimiter names) is decoded as GB18030: its one data row "
+    "comes back as several rows of NULs and garbage, each rejected 'missing column' "
+    "(detect_encoding knows only the UTF-8 BOM). The partner sees a file of nonsense errors. "
+    "Fix: recognise the UTF-16 BOMs (FF FE / FE FF) in detect_encoding and decode as utf-16 — "
+    "or refuse the whole file once, naming the encoding."))
+def test_excel_unicode_text_csv_reads_as_its_rows() -> None:
+    lines = ["\t".join(HEALTH_HEADERS), "\t".join(str(HEALTH[n]) for n in HEALTH_HEADERS)]
+    data = ("\r\n".join(lines) + "\r\n").encode("utf-16")  # BOM + UTF-16LE, as Excel writes
+    parsed = _health_rows(data)
+    assert [_codes(p) for p in parsed] == [[]]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "LOW. A 学分 cell written with its unit — '2.5学分', '2.5 学分' or '2.5分' (hand-kept sheets "
+    "do this) — is refused 'not a number' (adapters/normalize.py parse_decimal). The unit is the "
+    "column's own, so nothing is guessed by reading it. Fix: in RowBuilder.number for the 学分 "
+    "column (health and finance), strip one trailing '学分'/'分' before parse_decimal."))
+@pytest.mark.parametrize("credits", ["2.5学分", "2.5 学分", "2.5分"])
+def test_credits_written_with_their_unit(credits: str) -> None:
+    parsed = _one(list(HealthAdapter().parse((2, {**HEALTH, "学分": credits}))))
+    assert _codes(parsed) == []
+    assert str(parsed.credits) == "2.5" and str(parsed.credited_hours) == "9.0"
+
+
+# -- checked and right, not covered elsewhere -------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gb18030", "utf-8-sig"])
+def test_health_batch_with_a_repeated_header_row_and_blank_tail(
+        encoding: str, db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: NewPartner, tmp_path: Path) -> None:
+    """A file concatenated from two exports (header again mid-file, blank rows at the end).
+
+    The repeated header is one rejected row naming its columns; its neighbours are accepted
+    and the blank tail counts nothing.
+    """
+    partner = new_partner(engine, adapter="health")
+    second = {**HEALTH, "记录编号": "WJ-2026-000124", "身份证号": ID_B, "姓名": "马兰"}
+    rows = [[HEALTH[n] for n in HEALTH_HEADERS], list(HEALTH_HEADERS),
+            [second[n] for n in HEALTH_HEADERS], [""] * len(HEALTH_HEADERS), [" "] * 3]
+    path = tmp_path / "health.csv"
+    path.write_bytes(_csv(list(HEALTH_HEADERS), rows, encoding))
+    status = _run_batch(engine, make_settings(db_url), partner, path, "monthly", "2026-03")
+    assert (status["counts"]["accepted"], status["counts"]["rejected"]) == (2, 1)
+    assert {r["row"] for r in status["rejected_rows"]} == {3}
+    assert {r["code"] for r in status["rejected_rows"]} == {"SCHEMA"}
