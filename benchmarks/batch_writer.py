@@ -43,6 +43,7 @@ def main(path: Path, rows: int, repeats: int) -> dict[str, Any]:
     from gateway.batch_parse import ParseJob, parse_rows, rules_for, to_item
     from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
     from gateway.config import Settings
+    from gateway.person_keys import PersonKeys
     from gateway.pipeline.ingest import PartnerRef, paused_gc
     from gateway.signing import file_sha256
 
@@ -50,7 +51,7 @@ def main(path: Path, rows: int, repeats: int) -> dict[str, Any]:
     settings = Settings(database_url=url, batch_dir=WORK)
     job = ParseJob("health", "annual", "2026", "health-bench", None,
                    settings.health_hours_per_credit, settings.finance_hours_per_credit, url,
-                   datetime.now(UTC))
+                   datetime.now(UTC), person_keys=PersonKeys(settings.person_key_secret))
     source = list(islice(iter_rows(path, "csv"), rows))
     size = settings.batch_chunk_rows
     shipped = [parse_rows(job, source[i:i + size], rules_for(job))

@@ -85,7 +85,8 @@ def prefill(url: str, count: int) -> None:
         partner = PartnerRef("bench-canonical", "canonical")
         records = make_records(count, "DLV", seed=20261127)
         for start in range(0, count, 1000):
-            rules = RulesContext(ReferenceCache(engine).current(), RulesConfig.from_settings(settings))
+            config = RulesConfig.from_settings(settings)
+            rules = RulesContext(ReferenceCache(engine, config.keys).current(), config)
             answers = ingest(engine, partner, records[start: start + 1000], rules=rules)
             bad = [a for a in answers if a.status.value != "accepted"]
             if bad:

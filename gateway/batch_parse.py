@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from functools import lru_cache
@@ -32,6 +32,7 @@ from adapters.finance import FinanceAdapter, FinanceConfig
 from adapters.health import HealthAdapter, HealthConfig
 from adapters.registry import BATCH_ADAPTERS, get_adapter
 from contracts import Note
+from gateway.person_keys import PersonKeys
 from gateway.pipeline.ingest import (
     Item,
     PartnerRef,
@@ -76,6 +77,8 @@ class ParseJob:
     plan_filing_deadline: str = "07-31"
     title_applicant_deadline: str = "11-30"
     year_close_extensions: tuple[tuple[int, date], ...] = ()  # hashable: the job keys a cache
+    # PERSON_KEY_SECRET's keys (pickled to a worker with the job); None keys nobody (an error).
+    person_keys: PersonKeys | None = field(default=None, repr=False)
 
     @property
     def completion_column(self) -> str:
@@ -112,8 +115,8 @@ def _native_id(cells: Any) -> str | None:
 
 
 @lru_cache(maxsize=4)
-def _reference_cache(database_url: str) -> ReferenceCache:
-    return ReferenceCache(make_engine(database_url))
+def _reference_cache(database_url: str, keys: PersonKeys) -> ReferenceCache:
+    return ReferenceCache(make_engine(database_url), keys)
 
 
 def rules_config(job: ParseJob) -> RulesConfig:
@@ -122,7 +125,8 @@ def rules_config(job: ParseJob) -> RulesConfig:
                        plan_filing_deadline=job.plan_filing_deadline,
                        title_applicant_deadline=job.title_applicant_deadline,
                        health_hours_per_credit=job.health_hours_per_credit,
-                       finance_hours_per_credit=job.finance_hours_per_credit)
+                       finance_hours_per_credit=job.finance_hours_per_credit,
+                       person_keys=job.person_keys)
 
 
 def rules_for(job: ParseJob, cache: ReferenceCache | None = None) -> RulesContext:
@@ -131,8 +135,9 @@ def rules_for(job: ParseJob, cache: ReferenceCache | None = None) -> RulesContex
     A worker process reads the reference through its own engine (kept for the process's
     life); in-process callers pass their own engine's cache.
     """
-    cache = cache or _reference_cache(job.database_url)
-    return RulesContext(cache.current(), rules_config(job))
+    config = rules_config(job)
+    cache = cache or _reference_cache(job.database_url, config.keys)
+    return RulesContext(cache.current(), config)
 
 
 def parse_rows(job: ParseJob, rows: list[Row], rules: RulesContext | None = None) -> list[Shipped]:

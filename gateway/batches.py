@@ -48,6 +48,7 @@ from gateway.delivery.worker import worker_id
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_excerpt
 from gateway.outage import Outage
+from gateway.person_keys import PersonKeys
 from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items, paused_gc
 from gateway.reference import ReferenceCache
 from gateway.signing import file_sha256
@@ -213,7 +214,7 @@ class BatchProcessor:
         self.name = name or worker_id()
         self.progress = progress  # called with the last committed row number
         self._rules: RulesContext | None = None
-        self._references = ReferenceCache(engine)
+        self._references = ReferenceCache(engine, PersonKeys(settings.person_key_secret))
         self._stop = threading.Event()
         self._progress_at = time.monotonic()  # the last chunk commit (stall detection)
 
@@ -270,7 +271,8 @@ class BatchProcessor:
                         self.settings.database_url, batch["created_at"],
                         self.settings.year_close, self.settings.timezone,
                         self.settings.plan_filing_deadline, self.settings.title_applicant_deadline,
-                        tuple(sorted(self.settings.year_close_extensions.items())))
+                        tuple(sorted(self.settings.year_close_extensions.items())),
+                        PersonKeys(self.settings.person_key_secret))
 
     def _base_code(self, partner_id: str) -> str | None:
         with self.engine.connect() as conn:

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from contracts.errors import message
 from gateway.config import (
+    DEV_PERSON_KEY_SECRET,
     DEV_SECRET_KEY,
     ENV_PREFIX,
     Settings,
@@ -171,8 +172,33 @@ def _engine(settings: Settings, migrate: bool = True):  # type: ignore[no-untype
         engine.dispose()
         raise unavailable(exc.orig) from None
     if migrate and is_sqlite(engine):
-        upgrade(settings.database_url)
+        upgrade(settings.database_url, person_key_secret=settings.person_key_secret)
     return engine
+
+
+def _check_person_keys(settings: Settings, engine) -> None:  # type: ignore[no-untyped-def]
+    """Refuse (exit 2) a PERSON_KEY_SECRET other than the one the store's person keys use."""
+    from gateway.person_keys import PersonKeys, WrongPersonKey, verify
+    from gateway.store.db import reading
+
+    with reading(engine) as conn:
+        try:
+            verify(conn, PersonKeys(settings.person_key_secret))
+        except WrongPersonKey as exc:
+            engine.dispose()
+            en, zh = message("CONFIG_INVALID")
+            raise _coded("CONFIG_INVALID", f"{ENV_PREFIX}PERSON_KEY_SECRET", f"{en} {exc}.",
+                         f"{zh}该密钥不是本数据存储中人员标识所用的密钥：去重、上限与达标统计会把"
+                         f"同一人分成两人。") from None
+
+
+def _warn_dev_person_key(settings: Settings) -> None:
+    # Not refused like the dev SECRET_KEY: that one can be replaced (partner secrets are sealed
+    # again), this one cannot once a store is keyed with it (docs/operations.md).
+    if settings.person_key_secret.get_secret_value() == DEV_PERSON_KEY_SECRET:
+        err.print("[yellow]CE_GATEWAY_PERSON_KEY_SECRET is the development default: person "
+                  "keys are as guessable as plain digests; set your own before the store holds "
+                  "real people (it cannot be changed afterwards).[/yellow]")
 
 
 @app.command()
@@ -193,8 +219,12 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
             raise typer.Exit(2)
         logging.getLogger("gateway").warning("CE_GATEWAY_SECRET_KEY is the development default: partner secrets are "
                     "sealed with a public key; set your own before serving beyond this machine")
-    # Fail fast on an unreachable store (exit 2), as `worker` does; the app makes its own engine.
-    _engine(settings, migrate=False).dispose()
+    _warn_dev_person_key(settings)
+    # Fail fast on an unreachable store or a wrong PERSON_KEY_SECRET (exit 2), as `worker`
+    # does; the app makes its own engine (and checks the key again once it has migrated).
+    engine = _engine(settings, migrate=False)
+    _check_person_keys(settings, engine)
+    engine.dispose()
     uvicorn.run(create_app(settings, run_worker=not no_worker), host=host, port=port,
                 log_level="warning", timeout_graceful_shutdown=10)
 
@@ -221,6 +251,8 @@ def worker(
     # The store first: unreachable, the worker exits 2 with one line instead of logging a
     # traceback a cycle from every thread while a supervisor sees it "running".
     engine = _engine(settings)
+    _warn_dev_person_key(settings)
+    _check_person_keys(settings, engine)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     started: list[Background] = []
@@ -251,7 +283,9 @@ def db_upgrade(revision: str = "head") -> None:
     """Apply Alembic migrations to CE_GATEWAY_DATABASE_URL."""
     from gateway.store.db import upgrade
 
-    upgrade(_settings().database_url, revision)
+    settings = _settings()
+    _warn_dev_person_key(settings)
+    upgrade(settings.database_url, revision, person_key_secret=settings.person_key_secret)
     console.print(f"database at revision {revision}")
 
 
@@ -511,8 +545,11 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
         check_person(id_number)
     except PayloadRejected as exc:
         raise _refused(exc) from exc
-    with snapshot(_engine(_settings())) as conn:
-        result = report(conn, id_number, year)
+    from gateway.person_keys import PersonKeys
+
+    settings = _settings()
+    with snapshot(_engine(settings)) as conn:
+        result = report(conn, id_number, year, keys=PersonKeys(settings.person_key_secret))
     if as_json:
         print(json.dumps(result, ensure_ascii=False))
         return
@@ -602,11 +639,14 @@ def reference_import(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Import reference data from a CSV file (a new version; bad rows are listed, not imported)."""
+    from gateway.person_keys import PersonKeys
     from gateway.reference import import_csv
     from gateway.reference_store import UnknownReferenceKind
 
     try:
-        result = import_csv(_engine(_settings()), kind, file, actor)
+        settings = _settings()
+        result = import_csv(_engine(settings), kind, file, actor,
+                            keys=PersonKeys(settings.person_key_secret))
     except UnknownReferenceKind as exc:
         raise _refused(PayloadRejected("SCHEMA", field="kind", detail=f"({exc})",
                                        detail_zh="（未知的参考数据类型，应为 bases、plans、deferrals 或 "
@@ -780,7 +820,8 @@ def revalidate(
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     engine = _engine(settings)
-    rules = RulesContext(ReferenceCache(engine).current(), RulesConfig.from_settings(settings))
+    config = RulesConfig.from_settings(settings)
+    rules = RulesContext(ReferenceCache(engine, config.keys).current(), config)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=err, disable=as_json) as bar:
         task = bar.add_task("revalidating" if not dry_run else "counting", total=None)

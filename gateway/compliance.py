@@ -44,9 +44,9 @@ from sqlalchemy import Connection, and_, or_, select
 
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id, mask_text
+from gateway.person_keys import PersonKeys
 from gateway.pipeline.caps import REFUSED_FOR_GOOD, Applied, last_applied, refusals
 from gateway.pipeline.credit import compliance_gap
-from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.identity import resident_id_findings
 from gateway.pipeline.rules_tables import REQUIREMENT
 from gateway.store.tables import outbox, records, refused_pins
@@ -210,7 +210,8 @@ def _h(value: Decimal) -> str:
     return str(value.quantize(ONE_PLACE))
 
 
-def report(conn: Connection, id_number: str, year: int, id_type: str = "resident_id") -> dict[str, Any]:
+def report(conn: Connection, id_number: str, year: int, id_type: str = "resident_id", *,
+           keys: PersonKeys) -> dict[str, Any]:
     """One person's year, shaped as :class:`ComplianceReport` (one query; see the module doc).
 
     A record counts when it is current, accepted, not withdrawn and its current version was
@@ -226,7 +227,7 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
     # so a record with no delivery queued still shows (its ``delivery`` is null).
     on_current = and_(outbox.c.record_id == records.c.record_id,
                       outbox.c.version == records.c.current_version)
-    me = person_key_of(id_type, id_number)
+    me = keys.of(id_type, id_number)
     mine = and_(records.c.person_key == me, records.c.counts_year == year)
     counted_or_refused = or_(
         and_(records.c.status == "accepted", records.c.withdrawn.is_(False)),
@@ -291,7 +292,7 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
     # Refused now, but the management system may still count an earlier version of the record:
     # a refused change that it counts is listed (one it counts nothing of needs no resolving);
     # the applied hours of both count in the totals, as they do there (and as R10 pins them).
-    applied = last_applied(conn, [r["record_id"] for r in (*not_counted, *refused_changes)])
+    applied = last_applied(conn, [r["record_id"] for r in (*not_counted, *refused_changes)], keys)
     refused_changes = [_with_applied(c, applied[c["record_id"]]) for c in refused_changes
                        if c["record_id"] in applied and applied[c["record_id"]].hours != ZERO]
     not_counted = [_with_applied(n, applied.get(n["record_id"])) for n in not_counted]

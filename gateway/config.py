@@ -36,6 +36,8 @@ DEFAULT_RETRY_SCHEDULE = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 36000, 36000
 # Known to anyone with the source: partner secrets sealed with it are not secret.  Fine for
 # `make demo` and a laptop; `serve` refuses it on any address but loopback.
 DEV_SECRET_KEY = "dev-only-change-me-ce-gateway-secret-key"
+# The same for PERSON_KEY_SECRET: person keys made with it are as guessable as plain digests.
+DEV_PERSON_KEY_SECRET = "dev-only-change-me-ce-gateway-person-key-secret"
 
 ENV_PREFIX = "CE_GATEWAY_"
 MINUTE, HOUR, DAY = 60, 3600, 86400
@@ -116,6 +118,9 @@ class Settings(BaseSettings):
     # Deliveries still failing (retrying or dead) this many days before the year close.
     alert_year_close_days: Annotated[int, Field(ge=0, le=366)] = 7
     secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
+    # Keys every stored person_key (gateway/person_keys.py): not SECRET_KEY, which may be
+    # rotated; this one is fixed for the store's life (the store keeps a check of it).
+    person_key_secret: SecretStr = SecretStr(DEV_PERSON_KEY_SECRET)
     # Accepted clock skew and nonce memory (SPEC §7: 300 s); 0 or less refuses every request.
     signature_window_seconds: Annotated[int, Field(ge=1, le=DAY)] = 300
     max_records_per_request: Annotated[int, Field(ge=1, le=100_000)] = 1000
@@ -193,6 +198,14 @@ class Settings(BaseSettings):
                            "不能为空：合作方密钥以它加密保存")
         return value
 
+    @field_validator("person_key_secret")
+    @classmethod
+    def _person_key_secret_given(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise _invalid("Must not be empty: every stored person key is keyed with it",
+                           "不能为空：存储的人员标识均以它加密生成")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -256,8 +269,8 @@ def get_settings() -> Settings:
 # -- what the CLI tells an operator about the environment ------------------------------------------
 
 # Values never echoed back in an error: a key, or a URL that may carry a password or a token.
-_UNECHOED = frozenset({"secret_key", "database_url", "downstream_url", "cadre_college_url",
-                       "alert_webhook_url"})
+_UNECHOED = frozenset({"secret_key", "person_key_secret", "database_url", "downstream_url",
+                       "cadre_college_url", "alert_webhook_url"})
 
 # Chinese for pydantic's own error types; a validator here gives its own (``_invalid``).
 _ZH: Mapping[str, str] = {

@@ -51,6 +51,7 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.masking import mask_excerpt, mask_text
+from gateway.person_keys import PersonKeys
 from gateway.pipeline.rules_tables import BaseInfo, DeferralInfo, PlanInfo
 from gateway.reference_store import (
     KINDS,
@@ -61,7 +62,6 @@ from gateway.reference_store import (
     latest_seq,
     lock_writers,
     parse_kind,
-    person_key_of,
     read_reference_csv,
     read_watermarks,
     save_watermark,
@@ -96,30 +96,34 @@ _STORE_ERRORS = (OperationalError, InterfaceError)  # the store is down or locke
 class StoreReference:
     """The current reference data in memory: the rules' lookups, answered without I/O.
 
-    Identity numbers are looked up by their digest, as they are stored.
+    Identity numbers are looked up by their person key (``keys``), as they are stored.
     """
 
-    def __init__(self, *, seq: int = 0, bases: dict[str, BaseInfo] | None = None,
+    def __init__(self, keys: PersonKeys, *, seq: int = 0, bases: dict[str, BaseInfo] | None = None,
                  plans: dict[str, PlanInfo] | None = None,
                  deferrals: dict[tuple[str, int], DeferralInfo] | None = None,
                  title_applicants: set[tuple[str, int]] | None = None) -> None:
-        self.seq = seq
+        self.seq, self._keys = seq, keys
         self._bases = bases or {}
         self._plans = plans or {}
         self._deferrals = deferrals or {}
         self._title_applicants = frozenset(title_applicants or ())
 
     @classmethod
-    def of(cls, *, bases: Iterable[BaseInfo] = (), plans: Iterable[PlanInfo] = (),
+    def of(cls, keys: PersonKeys, *, bases: Iterable[BaseInfo] = (), plans: Iterable[PlanInfo] = (),
            deferrals: Iterable[tuple[str, DeferralInfo]] = (),
            title_applicants: Iterable[tuple[str, int]] = (), seq: int = 0) -> StoreReference:
         """Build one from plain values (id numbers in clear): for tests of the rules."""
-        return cls(seq=seq, bases={b.code: b for b in bases}, plans={p.plan_id: p for p in plans},
-                   deferrals={(person_key_of(i), d.from_year): d for i, d in deferrals},
-                   title_applicants={(person_key_of(i), y) for i, y in title_applicants})
+        def key(id_number: str) -> str:
+            return keys.of("resident_id", id_number)
+
+        return cls(keys, seq=seq, bases={b.code: b for b in bases},
+                   plans={p.plan_id: p for p in plans},
+                   deferrals={(key(i), d.from_year): d for i, d in deferrals},
+                   title_applicants={(key(i), y) for i, y in title_applicants})
 
     @classmethod
-    def load(cls, conn: Connection) -> StoreReference:
+    def load(cls, conn: Connection, keys: PersonKeys) -> StoreReference:
         """Read the current tables into memory.
 
         The version is read first: were a sync to commit between the reads, the data would be
@@ -135,7 +139,7 @@ class StoreReference:
                      for r in conn.execute(select(reference_deferrals))}
         applicants = {(r.person_key, r.year) for r in conn.execute(
             select(reference_title_applicants.c.person_key, reference_title_applicants.c.year))}
-        return cls(seq=seq, bases=bases, plans=plans, deferrals=deferrals,
+        return cls(keys, seq=seq, bases=bases, plans=plans, deferrals=deferrals,
                    title_applicants=applicants)
 
     @property
@@ -151,10 +155,10 @@ class StoreReference:
 
     def deferral(self, id_number: str, year: int) -> DeferralInfo | None:
         """The approved deferral of ``year``'s hours (R11), if the person has one."""
-        return self._deferrals.get((person_key_of(id_number), year))
+        return self._deferrals.get((self._keys.of("resident_id", id_number), year))
 
     def is_title_applicant(self, id_number: str, year: int) -> bool:
-        return (person_key_of(id_number), year) in self._title_applicants
+        return (self._keys.of("resident_id", id_number), year) in self._title_applicants
 
 
 class ReferenceCache:
@@ -164,8 +168,8 @@ class ReferenceCache:
     after a new version.
     """
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, engine: Engine, keys: PersonKeys) -> None:
+        self._engine, self._keys = engine, keys
         self._lock = threading.Lock()
         self._current: StoreReference | None = None
         self.loads = 0  # how many times the tables were read (for tests and metrics)
@@ -182,7 +186,7 @@ class ReferenceCache:
             cached = self._current
             if cached is not None and cached.seq == seq:
                 return cached
-            loaded = StoreReference.load(conn)
+            loaded = StoreReference.load(conn, self._keys)
             self._current = loaded
             self.loads += 1
             return loaded
@@ -214,7 +218,7 @@ class ImportResult:
 
 
 def import_csv(engine: Engine, kind: str | ReferenceKind, path: str | Path,
-               actor: str) -> ImportResult:
+               actor: str, *, keys: PersonKeys) -> ImportResult:
     """Import one CSV of ``kind`` (headers: the SPEC §5 field names).
 
     Good rows are upserted under one new version (none when nothing changed); bad rows are
@@ -225,7 +229,7 @@ def import_csv(engine: Engine, kind: str | ReferenceKind, path: str | Path,
     result = ImportResult(kind=spec.kind.value, path=str(path))
     try:
         with open(path, "rb") as stream:
-            parsed = read_reference_csv(stream, spec)
+            parsed = read_reference_csv(stream, spec, keys)
     except OSError as exc:
         result.error = f"cannot read {path}: {exc.strerror or exc}"
         return result
@@ -369,9 +373,10 @@ def _fetch_kind(client: httpx.Client, settings: Settings, kind: ReferenceKind,
     got = _Fetched(watermark=report.since)
     mark = _timestamp(report.since)
     chosen: dict[tuple[Any, ...], tuple[datetime | None, dict[str, Any]]] = {}
+    keys = PersonKeys(settings.person_key_secret)
     for index, raw in enumerate(items):
         try:
-            row = spec.to_row(spec.model.model_validate(raw))
+            row = spec.to_row(spec.model.model_validate(raw), keys)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             report.invalid.append(mask_text(f"item {index}: {_first_error(exc)}"))
             continue

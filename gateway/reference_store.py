@@ -12,9 +12,9 @@ Both paths end in :func:`apply_items`, which in the caller's transaction:
    the current rows (each carrying the version that last changed it) and adds one
    ``reference_history`` row per change.  Nothing changed → no version.
 
-Identity numbers never reach a table: deferrals and title applicants are keyed by
-:func:`person_key_of` (the same digest :func:`gateway.pipeline.dedup.person_key` gives a
-resident id, so the keys join with ``records.person_key``) and carry a masked id for display.
+Identity numbers never reach a table: deferrals and title applicants are keyed by the person
+key of a resident id (:class:`gateway.person_keys.PersonKeys`, as ``records.person_key`` is, so
+the keys join) and carry a masked id for display.
 
 CSV files are validated here too (:func:`read_reference_csv`): the same item models, with the
 row numbers a person sees in the file.
@@ -26,7 +26,6 @@ What it may touch: the ``reference_*`` tables, ``pull_state`` rows named ``refer
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from adapters.tabular import iter_csv, row_error
 from contracts import Category
 from gateway.errors import GatewayError
 from gateway.masking import mask_id
+from gateway.person_keys import PersonKeys
 from gateway.pipeline.identity import resident_id_findings
 from gateway.store.tables import (
     pull_state,
@@ -68,7 +68,7 @@ from gateway.store.util import insert_ignore
 __all__ = ["KINDS", "NO_VERSION", "Applied", "ParsedCsv", "RowError", "BaseItem", "BaseLevel", "BaseStatus",
            "DeferralItem", "DeferralReason", "KindSpec", "PlanItem", "ReferenceKind",
            "TitleApplicantItem", "UnknownReferenceKind", "apply_items", "latest_seq",
-           "lock_writers", "parse_kind", "person_key_of", "read_reference_csv", "read_watermarks",
+           "lock_writers", "parse_kind", "read_reference_csv", "read_watermarks",
            "save_watermark",
            "version_label", "watermark_source"]
 
@@ -198,40 +198,34 @@ class TitleApplicantItem(_Item):
     year: Year
 
 
-def person_key_of(id_number: str) -> str:
-    """The dedup digest of a resident id (``gateway.pipeline.dedup.person_key``'s formula)."""
-    parts = ("person", "resident_id", id_number.strip().upper())
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
-
-
 def _hours_text(hours: Decimal) -> str:
     # "24", "24.0" and "24.00" are one value: store one spelling so a resend is no change.
     return format(hours.normalize(), "f")
 
 
-def _base_row(item: BaseModel) -> dict[str, Any]:
+def _base_row(item: BaseModel, _: PersonKeys) -> dict[str, Any]:
     assert isinstance(item, BaseItem)
     return {"code": item.code, "name": item.name, "level": item.level.value,
             "status": item.status.value, "assessed_on": item.assessed_on}
 
 
-def _plan_row(item: BaseModel) -> dict[str, Any]:
+def _plan_row(item: BaseModel, _: PersonKeys) -> dict[str, Any]:
     assert isinstance(item, PlanItem)
     return {"plan_id": item.plan_id, "base_code": item.base_code, "title": item.title,
             "category": item.category.value, "hours": _hours_text(item.hours),
             "starts_on": item.starts_on, "ends_on": item.ends_on, "filed_on": item.filed_on}
 
 
-def _deferral_row(item: BaseModel) -> dict[str, Any]:
+def _deferral_row(item: BaseModel, keys: PersonKeys) -> dict[str, Any]:
     assert isinstance(item, DeferralItem)
-    return {"person_key": person_key_of(item.id_number), "from_year": item.from_year,
+    return {"person_key": keys.of("resident_id", item.id_number), "from_year": item.from_year,
             "id_masked": mask_id(item.id_number), "reason": item.reason.value,
             "approved_on": item.approved_on}
 
 
-def _title_applicant_row(item: BaseModel) -> dict[str, Any]:
+def _title_applicant_row(item: BaseModel, keys: PersonKeys) -> dict[str, Any]:
     assert isinstance(item, TitleApplicantItem)
-    return {"person_key": person_key_of(item.id_number), "year": item.year,
+    return {"person_key": keys.of("resident_id", item.id_number), "year": item.year,
             "id_masked": mask_id(item.id_number)}
 
 
@@ -244,7 +238,7 @@ class KindSpec:
     model: type[_Item]
     key_columns: tuple[str, ...]  # of the stored row
     key_fields: tuple[str, ...]  # of the item (what a CSV row error names)
-    to_row: Callable[[BaseModel], dict[str, Any]]
+    to_row: Callable[[BaseModel, PersonKeys], dict[str, Any]]  # the stored row
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -422,7 +416,7 @@ class ParsedCsv:
     error: str | None = None  # the file as a whole was refused
 
 
-def read_reference_csv(stream: IO[bytes], spec: KindSpec) -> ParsedCsv:
+def read_reference_csv(stream: IO[bytes], spec: KindSpec, keys: PersonKeys) -> ParsedCsv:
     """Validate every row of a reference CSV whose headers are ``spec``'s field names.
 
     UTF-8, UTF-8 with BOM or GB18030 (:func:`adapters.tabular.iter_csv`).  Empty cells count
@@ -446,7 +440,7 @@ def read_reference_csv(stream: IO[bytes], spec: KindSpec) -> ParsedCsv:
             continue
         data = {k: v for k, v in cells.items() if not (isinstance(v, str) and not v.strip())}
         try:
-            row = spec.to_row(spec.model.model_validate(data))
+            row = spec.to_row(spec.model.model_validate(data), keys)
         except ValidationError as exc:
             parsed.errors.extend(
                 RowError(number, str(e["loc"][0]) if e["loc"] else None, e["msg"])

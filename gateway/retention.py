@@ -10,9 +10,9 @@ every audit event stay::
                 "activity_type": "paper", "credited_hours": "10.0"}}
 
 ``counts`` is what the version counts in the management system, with no identity number or
-name (``person_key`` is the digest the ``records`` row keeps too, unkeyed: see
-``gateway.pipeline.dedup``): R10 and the compliance report still need it when a later version
-is refused for good (gateway.pipeline.caps.counts_of).
+name (``person_key`` is the digest the ``records`` row keeps too, keyed with
+``PERSON_KEY_SECRET``: see ``gateway.person_keys``): R10 and the compliance report still need it
+when a later version is refused for good (gateway.pipeline.caps.counts_of).
 
 A version is pruned only when **all** of these hold (each guards a reader of the payload):
 
@@ -71,6 +71,7 @@ from sqlalchemy.orm import aliased
 
 from gateway import audit
 from gateway.config import Settings
+from gateway.person_keys import PersonKeys
 from gateway.pipeline.caps import counts_of
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.scheduling import Job, ensure_held, register
@@ -89,13 +90,13 @@ _STUB_PREFIX = '{"pruned":true'  # how every stub written here starts (orjson, n
 
 
 def stub(record_id: str, version: int, content_hash: str, pruned_at: datetime,
-         payload: str | None = None) -> str:
+         payload: str | None, keys: PersonKeys) -> str:
     """The JSON that replaces a pruned version's ``payload`` (kept: what it counts)."""
     body: dict[str, Any] = {"pruned": True, "record_id": record_id, "version": version,
                             "content_hash": content_hash,
                             "pruned_at": pruned_at.astimezone(UTC).isoformat()}
     try:
-        counts = None if payload is None else counts_of(orjson.loads(payload))
+        counts = None if payload is None else counts_of(orjson.loads(payload), keys)
     except (KeyError, TypeError, ValueError):  # not a record the gateway wrote: nothing kept
         counts = None
     if counts is not None:
@@ -185,7 +186,8 @@ def prune(engine: Engine, settings: Settings, *, dry_run: bool = False, actor: s
         return RetentionResult(True, days, cutoff, years, total, closed_rejections)
     done = RetentionResult(False, days, cutoff, years)
     try:
-        done.versions = _prune_versions(engine, where, now, chunk_size, total, progress, done)
+        done.versions = _prune_versions(engine, where, now, chunk_size, total, progress, done,
+                                        PersonKeys(settings.person_key_secret))
         done.rejections = _prune_rejections(engine, cutoff, now, chunk_size, done)
     except BaseException as exc:
         # Stopped part-way (its job lease taken over while it stalled, a store error): what its
@@ -215,7 +217,7 @@ def _audit(engine: Engine, done: RetentionResult, actor: str, now: datetime,
 
 def _prune_versions(engine: Engine, where: ColumnElement[bool], now: datetime, chunk_size: int,
                     total: int, progress: Callable[[int, int], None] | None,
-                    done_so_far: RetentionResult) -> int:
+                    done_so_far: RetentionResult, person_keys: PersonKeys) -> int:
     key = tuple_(record_versions.c.record_id, record_versions.c.version)
     write = update(record_versions).where(
         record_versions.c.record_id == bindparam("rid"), record_versions.c.version == bindparam("v"),
@@ -236,7 +238,7 @@ def _prune_versions(engine: Engine, where: ColumnElement[bool], now: datetime, c
             keys = [(r.record_id, r.version) for r in rows]
             conn.execute(write, [{"rid": r.record_id, "v": r.version,
                                   "stub": stub(r.record_id, int(r.version), r.content_hash, now,
-                                               r.payload)}
+                                               r.payload, person_keys)}
                                  for r in rows])
             # An executemany's rowcount is not reliable on every driver, and a concurrent run
             # may have taken some rows first: count what carries this run's stamp.

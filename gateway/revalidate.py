@@ -354,7 +354,8 @@ def count(engine: Engine, flt: RevalidationFilter) -> int:
 
 def default_rules(engine: Engine) -> RulesContext:
     """The current reference data with the deployment's configuration (``CE_GATEWAY_*``)."""
-    return RulesContext(ReferenceCache(engine).current(), RulesConfig.from_settings(Settings()))
+    config = RulesConfig.from_settings(Settings())
+    return RulesContext(ReferenceCache(engine, config.keys).current(), config)
 
 
 def revalidate(engine: Engine, flt: RevalidationFilter, *, actor: str, reason: str | None = None,

@@ -28,8 +28,9 @@ class AppState:
     @classmethod
     def build(cls, settings: Settings) -> AppState:
         engine = make_engine(settings.database_url)
+        config = RulesConfig.from_settings(settings)
         return cls(settings, engine, SecretBox(settings.secret_key.get_secret_value()),
-                   ReferenceCache(engine), RulesConfig.from_settings(settings))
+                   ReferenceCache(engine, config.keys), config)
 
     def rules(self) -> RulesContext:
         """The rules context for one request: call it before opening the ingest transaction."""

@@ -8,6 +8,7 @@ the HTTP server (``serve``); ``serve --no-worker`` leaves it to ``ce-gateway wor
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,6 +30,7 @@ from gateway.config import Settings
 from gateway.console.routes import router as console_router
 from gateway.errors import PayloadRejected
 from gateway.masking import install_log_masking, mask_text
+from gateway.person_keys import WrongPersonKey, stored_check, verify
 from gateway.pipeline.validate import zh_detail
 from gateway.runtime import Background
 from gateway.secrets_box import WrongSecretKey
@@ -107,6 +109,17 @@ def _install_error_handlers(app: FastAPI) -> None:
             "message_zh": "内部错误，本次请求未提交。"}})
 
 
+_wrong_person_key_logged = threading.Event()
+
+
+def _log_wrong_person_key_once() -> None:
+    if not _wrong_person_key_logged.is_set():
+        _wrong_person_key_logged.set()
+        log.error("CE_GATEWAY_PERSON_KEY_SECRET is not the secret this store's person keys were "
+                  "made with: this process would file people apart from the store's records "
+                  "(dedup, caps, compliance); it is not ready")
+
+
 def _not_ready(reason: str) -> JSONResponse:
     return JSONResponse(status_code=503, content={"status": "not ready", "reason": reason})
 
@@ -119,7 +132,14 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if migrate if migrate is not None else is_sqlite(state.engine):
-            upgrade(settings.database_url)
+            upgrade(settings.database_url, person_key_secret=settings.person_key_secret)
+        # Served with another PERSON_KEY_SECRET, one person would be filed under two keys.
+        with reading(state.engine) as conn:
+            try:
+                verify(conn, state.rules_config.keys)
+            except WrongPersonKey:
+                _log_wrong_person_key_once()
+                raise
         background = Background(state.engine, settings, scheduler_enabled=run_scheduler).start() if run_worker else None
         state.worker = background.worker if background else None
         try:
@@ -153,16 +173,23 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
 
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
-        """Ready: the store answers, is migrated to this code's head, and SECRET_KEY opens it."""
+        """Ready: the store answers, is at this code's head, and both secrets fit it.
+
+        PERSON_KEY_SECRET made its person keys, and SECRET_KEY opens its partner secrets.
+        """
         try:
             with reading(state.engine) as conn:  # not queued behind a writer's lock (SQLite)
                 gap = migration_gap(conn)
                 sealed = conn.execute(select(partners.c.secret_enc).where(
                     partners.c.active.is_(True)).limit(1)).scalar()
+                person_check = stored_check(conn) if gap is None else None
         except Exception as exc:  # the probe reports, it does not crash
             return _not_ready(type(exc).__name__)
         if gap is not None:
             return _not_ready(gap)
+        if person_check is not None and not state.rules_config.keys.matches(person_check):
+            _log_wrong_person_key_once()
+            return _not_ready("PERSON_KEY_SECRET is not the secret of this store's person keys")
         try:
             if sealed is not None:
                 state.box.decrypt(sealed)

@@ -91,7 +91,8 @@ def reprocess_deliveries(ctx: Actor) -> Response:
         return ctx.page("reprocess.html", query=query, matched=preview.matched,
                         ceiling=preview.ceiling, error=None)
     assert why is not None
-    done = reprocess(ctx.state.engine, flt, dry_run=False, reason=why, actor=name, ceiling=ceiling)
+    done = reprocess(ctx.state.engine, flt, dry_run=False, reason=why, actor=name, ceiling=ceiling,
+                     config=ctx.state.rules_config)
     return ctx.page("reprocess_done.html", query=query, result=done, reason=why)
 
 

@@ -39,6 +39,7 @@ from sqlalchemy.orm import aliased
 
 from gateway import audit
 from gateway.accounts import ADAPTERS_WITH_PUSH
+from gateway.config import Settings
 from gateway.masking import mask_text
 from gateway.ops.common import (
     CURSOR_ZH,
@@ -277,7 +278,7 @@ def _requeue_chunk(engine: Engine, flt: DeliveryFilter, last: int, ceiling: int,
             for i, r in by_id.items() if i in stale]
         # A record refused for good held no share of its cap group; queued again, it counts.
         events += reallocate_after_delivery(
-            conn, config or RulesConfig(), now,
+            conn, config or RulesConfig.from_settings(Settings()), now,
             [(r["record_id"], r["version"]) for i, r in by_id.items()
              if i in flipped and r["error_code"] in REFUSED_FOR_GOOD],
             actor=actor, reason=f"requeued by ops (reprocess {run_id}): it takes its share back")

@@ -47,7 +47,10 @@ SUBMISSION_KEYS = ("person", "year", "category", "activity_type", "activity", "c
 
 
 def _rules(engine: Engine, settings: Settings, rules: RulesContext | None) -> RulesContext:
-    return rules or RulesContext(ReferenceCache(engine).current(), RulesConfig.from_settings(settings))
+    if rules is not None:
+        return rules
+    config = RulesConfig.from_settings(settings)
+    return RulesContext(ReferenceCache(engine, config.keys).current(), config)
 
 
 def _refused(errors: list[Note]) -> PayloadRejected:

@@ -33,8 +33,8 @@ import orjson
 from sqlalchemy import Connection, and_, delete, select, tuple_, update
 
 from contracts import ActivityType
+from gateway.person_keys import PersonKeys
 from gateway.pipeline.credit import allocate
-from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.rules_tables import CAP_TYPE_OF
 from gateway.store.bulk import bulk_insert
 from gateway.store.tables import caps_ledger, outbox, record_versions, records, refused_pins
@@ -73,7 +73,8 @@ class Applied:
     year: int | None = None  # the CE year they count toward there (a deferral's: the next)
 
 
-def last_applied(conn: Connection, record_ids: Iterable[str]) -> dict[str, Applied]:
+def last_applied(conn: Connection, record_ids: Iterable[str], keys: PersonKeys,
+                 ) -> dict[str, Applied]:
     """The last applied version of each record that has one (rare records: payloads are read).
 
     The outbox is read by record id only, through its ``(record_id, version)`` index, and
@@ -87,7 +88,7 @@ def last_applied(conn: Connection, record_ids: Iterable[str]) -> dict[str, Appli
                                      record_versions.c.payload)
                               .where(tuple_(record_versions.c.record_id, record_versions.c.version)
                                      .in_(pairs[start:start + 500]))):
-            found[v.record_id] = _applied(int(v.version), orjson.loads(v.payload))
+            found[v.record_id] = _applied(int(v.version), orjson.loads(v.payload), keys)
     return found
 
 
@@ -103,10 +104,10 @@ def last_delivered(conn: Connection, record_ids: Iterable[str]) -> dict[str, int
     return last
 
 
-def counts_of(body: dict[str, Any]) -> dict[str, Any] | None:
+def counts_of(body: dict[str, Any], keys: PersonKeys) -> dict[str, Any] | None:
     """What a version counts there, without whose it is: kept by a retention stub.
 
-    ``person_key`` (the keyed digest, not the identity number), the CE year it counts toward
+    ``person_key`` (``keys``' digest, not the identity number), the CE year it counts toward
     (a deferral's: the next), category, activity type and credited hours (0 for a withdrawal).
     A stub gives what it kept (None for one written before stubs kept it).
     """
@@ -115,21 +116,22 @@ def counts_of(body: dict[str, Any]) -> dict[str, Any] | None:
         return kept if isinstance(kept, dict) else None
     person = body["person"]
     deferred = any(n.get("code") == "DEFERRAL" for n in body.get("rule_notes", ()))
-    return {"person_key": person_key_of(person.get("id_type", "resident_id"), person["id_number"]),
+    return {"person_key": keys.of(person.get("id_type", "resident_id"), person["id_number"]),
             "year": int(body["year"]) + deferred, "category": body.get("category"),
             "activity_type": body.get("activity_type"),
             "credited_hours": "0" if body.get("withdrawn") else str(body["credited_hours"])}
 
 
-def _applied(version: int, body: dict[str, Any]) -> Applied:
-    counts = counts_of(body)
+def _applied(version: int, body: dict[str, Any], keys: PersonKeys) -> Applied:
+    counts = counts_of(body, keys)
     if counts is None:  # pruned before stubs kept what it counts
         return Applied(version, None)
     return Applied(version, Decimal(counts["credited_hours"]), counts["category"],
                    counts["activity_type"], counts["person_key"], int(counts["year"]))
 
 
-def applied_groups(conn: Connection, record_ids: Iterable[str]) -> dict[str, Counted]:
+def applied_groups(conn: Connection, record_ids: Iterable[str], keys: PersonKeys,
+                   ) -> dict[str, Counted]:
     """The cap group in which the management system counts each record, for those it does.
 
     That is the group of the record's last applied version (:func:`last_applied`), when that
@@ -139,7 +141,7 @@ def applied_groups(conn: Connection, record_ids: Iterable[str]) -> dict[str, Cou
     gives :data:`ANY_GROUP`.
     """
     held: dict[str, Counted] = {}
-    for rid, there in last_applied(conn, record_ids).items():
+    for rid, there in last_applied(conn, record_ids, keys).items():
         if there.hours is None:
             held[rid] = Counted(ANY_GROUP, None)
             continue
@@ -185,7 +187,8 @@ def refusals(conn: Connection, record_ids: Iterable[str]) -> dict[str, Any]:
             if r.status == "dead" and r.error_code in REFUSED_FOR_GOOD}
 
 
-def pins_for(conn: Connection, refused: Iterable[str], now: datetime) -> list[dict[str, Any]]:
+def pins_for(conn: Connection, refused: Iterable[str], now: datetime, keys: PersonKeys,
+             ) -> list[dict[str, Any]]:
     """The ``refused_pins`` rows of records refused for good (:func:`refused_now`).
 
     Each says where, and at how many hours, the management system still counts the record's
@@ -195,7 +198,7 @@ def pins_for(conn: Connection, refused: Iterable[str], now: datetime) -> list[di
     An applied version counting nothing there (a withdrawal, 0 h) or pruned pins nothing.
     """
     rows: list[dict[str, Any]] = []
-    for rid, there in sorted(last_applied(conn, refused).items()):
+    for rid, there in sorted(last_applied(conn, refused, keys).items()):
         if not there.hours or there.person_key is None or there.year is None:
             continue
         try:
@@ -294,7 +297,7 @@ def lock_groups(conn: Connection, groups: Iterable[Group], now: datetime) -> Non
                      .order_by(*key).with_for_update()).all()
 
 
-def stored_records(conn: Connection, group: Group) -> dict[str, Stored]:
+def stored_records(conn: Connection, group: Group, keys: PersonKeys) -> dict[str, Stored]:
     """The group's records that hold a share: accepted, not withdrawn, counted somewhere.
 
     A record whose current version is dead-lettered with a code of REFUSED_FOR_GOOD counts
@@ -317,7 +320,7 @@ def stored_records(conn: Connection, group: Group) -> dict[str, Stored]:
     # Refused for good and never applied in any version: it counts nowhere (rare: read only then).
     refused = {r.record_id for r in rows
                if r.status == "dead" and r.error_code in REFUSED_FOR_GOOD}
-    held = applied_groups(conn, refused) if refused else {}
+    held = applied_groups(conn, refused, keys) if refused else {}
     nowhere = {rid for rid in refused if not holds_share(held, rid, group)}
     stored = {r.record_id: Stored(r.record_id, int(r.current_version), Decimal(r.hours or "0"),
                                   Decimal(r.credited_hours or "0"))
@@ -334,15 +337,15 @@ def stored_records(conn: Connection, group: Group) -> dict[str, Stored]:
 
 
 def reallocate(conn: Connection, group: Group, cap: Decimal, now: datetime,
-               hours: Mapping[str, Decimal], gone: frozenset[str] = frozenset(),
-               ) -> tuple[dict[str, Decimal], dict[str, Stored]]:
+               hours: Mapping[str, Decimal], gone: frozenset[str] = frozenset(), *,
+               keys: PersonKeys) -> tuple[dict[str, Decimal], dict[str, Stored]]:
     """Allocate ``group`` again after a change; returns (credited by record, stored records).
 
     ``hours`` overrides or adds records of this transaction (new versions not yet written);
     ``gone`` are records leaving the group (withdrawn).  The caller re-issues every stored
     record whose credited hours changed.
     """
-    stored = stored_records(conn, group)
+    stored = stored_records(conn, group, keys)
     # What the management system counts whatever we send (pinned) comes off the cap first.
     pinned = {rid: s.credited for rid, s in stored.items()
               if s.pinned and rid not in gone and rid not in hours}

@@ -6,11 +6,9 @@
   provider, plan, normalised title) and completion date.  Another source with the same key is
   a ``duplicate`` when it is worth the same hours and a ``conflict`` (held for ops) when it is
   not (``gateway.pipeline.ingest._claim``: the hours, not the unit and quantity claimed).
-- ``person_key``: a SHA-256 digest of the identity number, so indexes never hold it in clear.
-  It is not keyed: whoever reads the store can test guesses against it (an identity number's
-  region and birth date narrow it to ~11,000 candidates), so a pruned stub's ``person_key``
-  still names its person to such a reader.  A keyed digest (HMAC with a key the store does
-  not hold) is open work: tests/integration/test_ops_jobs_review.py holds a strict xfail.
+- ``person_key``: who the record is about, an HMAC of the identity number's digest under
+  ``PERSON_KEY_SECRET`` (:class:`gateway.person_keys.PersonKeys`), so neither the indexes nor
+  a pruned stub give the number back to whoever reads the store without the secret.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import re
 import unicodedata
 
 from contracts import CESubmission
+from gateway.person_keys import PersonKeys
 
 _SPACES = re.compile(r"\s+")
 
@@ -44,13 +43,9 @@ def hash_json(submission_json: str) -> str:
     return hashlib.sha256(submission_json.encode()).hexdigest()
 
 
-def person_key(submission: CESubmission) -> str:
+def person_key(submission: CESubmission, keys: PersonKeys) -> str:
     person = submission.person
-    return person_key_of(person.id_type.value, person.id_number)
-
-
-def person_key_of(id_type: str, id_number: str) -> str:
-    return _digest("person", id_type, id_number.strip().upper())
+    return keys.of(person.id_type.value, person.id_number)
 
 
 def natural_key(submission: CESubmission) -> str:

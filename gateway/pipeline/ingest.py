@@ -200,7 +200,7 @@ def prepare(item: Item, partner: PartnerRef, now: datetime, rules: RulesContext)
     item.prepared = Prepared(
         source_record_id=sub.source_record_id, sub_json=sub_json,
         content_hash=dedup.hash_json(sub_json), natural_key=dedup.natural_key(sub),
-        person_key=dedup.person_key(sub), claim=_claim(verdict.hours), year=sub.year,
+        person_key=dedup.person_key(sub, rules.config.keys), claim=_claim(verdict.hours), year=sub.year,
         completed_on=sub.activity.completed_on, masked_id=mask_id(sub.person.id_number),
         hours=verdict.hours,
         rule_notes=tuple(n.model_dump(mode="json") for n in item.rule_notes),
@@ -674,7 +674,8 @@ class Chunk:
             cap = self.config.caps[group[2]]
             self._lock_groups({group})
             hours = {**joining.get(group, {}), **{rid: p.sub.hours for rid, p in mine.items()}}
-            credited, stored = caps.reallocate(self.conn, group, cap, self.now, hours, gone=gone)
+            credited, stored = caps.reallocate(self.conn, group, cap, self.now, hours,
+                                               gone=gone, keys=self.config.keys)
             for rid, p in mine.items():
                 self._credit(p, credited[rid], cap)
             claims[group] = {**{rid: s.hours for rid, s in stored.items() if rid not in gone},
@@ -776,7 +777,8 @@ class Chunk:
         """
         hours = hours or {}
         cap = self.config.caps[group[2]]
-        credited, stored = caps.reallocate(self.conn, group, cap, self.now, hours, gone=gone)
+        credited, stored = caps.reallocate(self.conn, group, cap, self.now, hours, gone=gone,
+                                           keys=self.config.keys)
         for rid, old in stored.items():
             if rid not in hours and rid not in gone and credited[rid] != old.credited:
                 self._recredit(old, credited[rid], cap, group[2])
@@ -1420,7 +1422,7 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
         if existing["withdrawn"]:
             return RecordAnswer(index=0, source_record_id=source_record_id,
                                 status=RecordStatus.DUPLICATE, record_id=record_id, version=version)
-        chunk = Chunk(conn, partner, now, None, config or RulesConfig())
+        chunk = Chunk(conn, partner, now, None, config or RulesConfig.from_settings(Settings()))
         payload = conn.execute(select(record_versions.c.payload).where(
             record_versions.c.record_id == record_id,
             record_versions.c.version == version)).scalar_one()
@@ -1481,7 +1483,7 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
     # records row may say another type, person or year.  A requeued record's pin goes: its
     # version will count where the row says.  The groups of both are allocated again.
     before = caps.pins_of(conn, wanted)
-    pins = caps.pins_for(conn, caps.refused_now(conn, wanted), now)
+    pins = caps.pins_for(conn, caps.refused_now(conn, wanted), now, config.keys)
     moved = {g for g in before.values() if g} | {g for p in pins if (g := caps.pin_group(p))}
     current: list[tuple[str, int, caps.Group]] = []
     for part in _chunks(sorted(wanted)):

@@ -22,6 +22,7 @@ from contracts import ActivityType, Unit
 
 if TYPE_CHECKING:
     from gateway.config import Settings
+    from gateway.person_keys import PersonKeys
 
 NOTICE = "青人社厅函〔2022〕394号"
 
@@ -222,6 +223,10 @@ class RulesConfig:
     # R14, 六(一) 诚信学习: what one person cannot do in one day, or above a filed plan
     integrity_day_limit_hours: Decimal = Decimal(24)
     integrity_plan_factor: Decimal = Decimal("1.5")
+    # Who a record is about, as the store keys it (PERSON_KEY_SECRET): R10 groups, R11/R12
+    # lookups and R1 totals join on it.  None (the notice's bare defaults) refuses every use:
+    # a default key would file people apart from the store's (see :attr:`keys`).
+    person_keys: PersonKeys | None = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("year_close", "plan_filing_deadline", "title_applicant_deadline"):
@@ -245,12 +250,23 @@ class RulesConfig:
     @classmethod
     def from_settings(cls, settings: Settings) -> RulesConfig:
         """The deployment's values (``CE_GATEWAY_YEAR_CLOSE`` …); the rest stay the notice's."""
+        from gateway.person_keys import PersonKeys
+
         return cls(year_close=settings.year_close, timezone=settings.timezone,
                    year_close_extensions=settings.year_close_extensions,
                    plan_filing_deadline=settings.plan_filing_deadline,
                    title_applicant_deadline=settings.title_applicant_deadline,
                    health_hours_per_credit=settings.health_hours_per_credit,
-                   finance_hours_per_credit=settings.finance_hours_per_credit)
+                   finance_hours_per_credit=settings.finance_hours_per_credit,
+                   person_keys=PersonKeys(settings.person_key_secret))
+
+    @property
+    def keys(self) -> PersonKeys:
+        """The store's person keys; a config built without them cannot key a person."""
+        if self.person_keys is None:
+            raise RuntimeError("RulesConfig has no person keys: build it with "
+                               "RulesConfig.from_settings or pass person_keys")
+        return self.person_keys
 
     @property
     def zone(self) -> ZoneInfo:

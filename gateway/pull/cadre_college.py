@@ -295,7 +295,8 @@ def pull_once(engine: Engine, settings: Settings, client: httpx.Client | None = 
     own_client = client is None
     http = client or httpx.Client(timeout=settings.pull_timeout_seconds)
     # Judged with one reference version for the whole run, read before any transaction opens.
-    rules = RulesContext(ReferenceCache(engine).current(), RulesConfig.from_settings(settings))
+    config = RulesConfig.from_settings(settings)
+    rules = RulesContext(ReferenceCache(engine, config.keys).current(), config)
     try:
         while result.pages < limit_pages:
             try:

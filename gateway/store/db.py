@@ -14,6 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import SecretStr
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
@@ -90,7 +91,12 @@ def reading(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
-def alembic_config(url: str) -> Config:
+def alembic_config(url: str, person_key_secret: SecretStr | str | None = None) -> Config:
+    """The Alembic configuration of the store at ``url``.
+
+    ``person_key_secret`` (``PERSON_KEY_SECRET``) is what migration 0020 keys the stored person
+    keys with; it travels in the config's ``attributes``, never in a file or an option.
+    """
     # Alembic is imported here, not above: every ce-gateway command imports this module, and
     # Alembic is ~90 ms of a command's ~0.5 s start that only ``db upgrade`` and serving need.
     from alembic.config import Config
@@ -98,14 +104,28 @@ def alembic_config(url: str) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
+    if person_key_secret is not None:
+        cfg.attributes["person_key_secret"] = (
+            person_key_secret.get_secret_value() if isinstance(person_key_secret, SecretStr)
+            else person_key_secret)
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Apply Alembic migrations up to ``revision`` (``ce-gateway db upgrade``)."""
+def upgrade(url: str, revision: str = "head", *,
+            person_key_secret: SecretStr | str | None = None) -> None:
+    """Apply Alembic migrations up to ``revision`` (``ce-gateway db upgrade``).
+
+    ``person_key_secret``: the deployment's ``PERSON_KEY_SECRET`` (migration 0020 keys the
+    store's person keys with it); None reads it as :class:`~gateway.config.Settings` does
+    (``CE_GATEWAY_PERSON_KEY_SECRET``, else the development default).
+    """
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    if person_key_secret is None:
+        from gateway.config import Settings
+
+        person_key_secret = Settings().person_key_secret
+    command.upgrade(alembic_config(url, person_key_secret), revision)
 
 
 @cache

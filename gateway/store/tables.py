@@ -397,8 +397,8 @@ reference_plans = Table(
     Column("version", String(16), nullable=False),
 )
 
-# Identity numbers are never stored in clear: ``person_key`` is the dedup-style digest and
-# ``id_masked`` is for display only.
+# Identity numbers are never stored in clear: ``person_key`` is the keyed digest records keep
+# too (gateway/person_keys.py) and ``id_masked`` is for display only.
 reference_deferrals = Table(
     "reference_deferrals",
     metadata,
@@ -468,6 +468,17 @@ refused_pins = Table(
     Column("hours", String(16), nullable=False),  # its credited hours there
     Column("created_at", UTCDateTime, nullable=False),
     Index("ix_refused_pins_person_year", "person_key", "year"),
+)
+
+
+# The store's check of PERSON_KEY_SECRET (gateway/person_keys.py): one row, the HMAC of a fixed
+# label under the secret every ``person_key`` above was made with (migration 0020).  A process
+# whose secret gives another value is refused (``serve``, ``worker``, ``/readyz``).
+person_key_check = Table(
+    "person_key_check",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # always 1
+    Column("check_value", String(64), nullable=False),
 )
 
 

@@ -23,13 +23,13 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from gateway.accounts import Partner
-from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.ingest import PartnerRef, ingest
 from gateway.signing import SigningClient
 from gateway.store.db import make_engine
 from gateway.store.tables import caps_ledger, records
 from mock_partners.generators import make_id_number
 from tests.conftest import SECRET_KEY
+from tests.support.keys import person_key_of
 from tests.support.servers import GatewayProcess
 
 NOW = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)

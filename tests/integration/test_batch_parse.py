@@ -17,13 +17,15 @@ from gateway.batch_parse import ParseJob, RowParser, parse_rows, rules_for
 from gateway.pipeline.ingest import Prepared
 from gateway.store.db import upgrade
 from mock_partners import files
+from tests.support.keys import KEYS
 from tests.support.years import FIXTURE_YEAR_EXTENSIONS
 
 
 def _job(url: str) -> ParseJob:
     return ParseJob("health", "annual", "2026", "health-test", None, Decimal("3"), Decimal("1"),
                     url, datetime(2026, 11, 26, 2, 0, tzinfo=UTC),
-                    year_close_extensions=tuple(sorted(FIXTURE_YEAR_EXTENSIONS.items())))
+                    year_close_extensions=tuple(sorted(FIXTURE_YEAR_EXTENSIONS.items())),
+                    person_keys=KEYS)
 
 
 def _items(parser: RowParser, path: Path) -> list[tuple[object, ...]]:

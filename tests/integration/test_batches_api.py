@@ -40,6 +40,7 @@ from mock_partners.files import BAD_KEY, HEALTH_HEADERS, health_rows, write_csv
 from tests.conftest import SECRET_KEY
 from tests.contract.test_health_finance_adapters import FINANCE_GOLDEN, HEALTH_GOLDEN
 from tests.fixtures import make_golden
+from tests.support.keys import KEYS
 from tests.support.servers import cli, poll, uvicorn_thread
 
 MakeSettings = Callable[..., Settings]
@@ -487,7 +488,7 @@ def _directory(engine: Engine, tmp_path: Path) -> None:
                                f"{YEAR}-05-01,{YEAR}-05-31,{YEAR}-03-01\n"
                                for code in ("QHJD-001", "QHJD-002")), encoding="utf-8")
     for kind, path in (("bases", bases), ("plans", plans)):
-        result = import_csv(engine, kind, path, actor="test")
+        result = import_csv(engine, kind, path, actor="test", keys=KEYS)
         assert result.ok and result.inserted == 2, result.as_dict()
 
 

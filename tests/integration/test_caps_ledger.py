@@ -30,11 +30,11 @@ from sqlalchemy import Engine, select
 
 from contracts import CERecord
 from gateway.accounts import Partner
-from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
 from gateway.store.db import make_engine
 from gateway.store.tables import caps_ledger, outbox, record_versions, records
 from mock_partners.generators import GenPerson, make_person
+from tests.support.keys import person_key_of
 
 NOW = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)  # the year is open: R11 stays out of the way
 CAP = Decimal(20)

@@ -33,6 +33,7 @@ from gateway.masking import mask_id
 from gateway.pipeline.ingest import Item, PartnerRef, ingest, ingest_items, withdraw
 from gateway.store.db import make_engine
 from mock_partners.generators import GenPerson, canonical_submission, make_person
+from tests.support.keys import KEYS
 from tests.support.servers import uvicorn_thread
 
 NOW = datetime(2026, 9, 1, 8, 0, tzinfo=UTC)
@@ -145,7 +146,7 @@ def test_compliance_matches_the_hand_computed_year(
     token = new_operator(store, role="viewer")
 
     with store.connect() as conn:
-        direct = compliance.report(conn, person.id_number, 2026)
+        direct = compliance.report(conn, person.id_number, 2026, keys=KEYS)
     _check(direct, person)
     assert direct["by_partner"] == {CADRE.partner_id: "36.0", a.partner_id: "44.0",
                                     health.partner_id: "18.0"}

@@ -38,6 +38,7 @@ from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, canonical_submission, make_person
 from tests.conftest import SECRET_KEY
 from tests.support.delivery import MakeWorker, drain
+from tests.support.keys import KEYS
 from tests.support.servers import cli, uvicorn_thread
 
 NOW = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)  # the CE year 2026 is open
@@ -74,7 +75,7 @@ def _report(engine: Engine, person: GenPerson) -> dict[str, Any]:
 
         event.listen(engine, "before_cursor_execute", seen)
         try:
-            result = compliance.report(conn, person.id_number, 2026)
+            result = compliance.report(conn, person.id_number, 2026, keys=KEYS)
         finally:
             event.remove(engine, "before_cursor_execute", seen)
     # Two indexed queries, never one per record: the person's pins (caps.refused_pins), then

@@ -31,6 +31,7 @@ from gateway.store.tables import outbox, record_versions, records, rejections
 from mock_partners import generators as gen
 from mock_partners.generators import make_person
 from tests.integration.test_caps_ledger import paper
+from tests.support.keys import KEYS
 
 NOW = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)  # the year is open
 
@@ -107,7 +108,7 @@ def test_a_counted_record_corrected_onto_another_sources_activity_is_forwarded_w
     assert page is not None and (page["status"], page["record_status"]) == ("pending", expected)
     # And the gateway's own view agrees: the person has B's hours once.
     with engine.connect() as conn:
-        person = report(conn, mine["person"]["id_number"], 2026)
+        person = report(conn, mine["person"]["id_number"], 2026, keys=KEYS)
     assert [r["record_id"] for r in person["records"]] == [other.record_id]
 
     # A further correction that still repeats B tells the management system nothing new;
@@ -152,7 +153,7 @@ def test_a_result_corrected_to_failed_withdraws_the_record_and_gives_its_cap_bac
         kinds = [e["kind"] for e in audit.events_for(conn, [first])]
         filed = conn.execute(select(rejections.c.source_record_id)).scalars().all()
         assert audit.verify(conn).ok
-        person_report = report(conn, person.id_number, 2026)
+        person_report = report(conn, person.id_number, 2026, keys=KEYS)
     assert kinds[-2:] == ["withdrawn", "queued"]
     assert filed == ["P-1"]  # the refused result is kept for ops, as any rejection
     assert person_report["credited"]["total"] == "20.0"
@@ -176,7 +177,7 @@ def test_passed_then_failed_in_one_request_is_withdrawn_in_it(
     assert (row["withdrawn"], row["current_version"]) == (True, 2)
     assert _version(engine, kept.record_id, 2)["withdrawn"] is True
     with engine.connect() as conn:
-        assert report(conn, person.id_number, 2026)["credited"]["total"] == "0.0"
+        assert report(conn, person.id_number, 2026, keys=KEYS)["credited"]["total"] == "0.0"
 
 
 def test_a_failed_result_refused_for_more_than_its_failure_changes_nothing(

@@ -35,6 +35,7 @@ from mock_partners.ce_system import Faults
 from mock_partners.generators import make_person
 from tests.integration.test_caps_ledger import paper
 from tests.integration.test_counted_versions import NOW, _failed, _queued, _ref, _row, _version
+from tests.support.keys import KEYS
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -47,7 +48,7 @@ def _versions(engine: Engine, record_id: str) -> list[int]:
 
 def _total(engine: Engine, id_number: str) -> str:
     with engine.connect() as conn:
-        return str(report(conn, id_number, 2026)["credited"]["total"])
+        return str(report(conn, id_number, 2026, keys=KEYS)["credited"]["total"])
 
 
 def _codes(notes: list[Any]) -> list[str]:
@@ -232,7 +233,7 @@ def test_a_not_counted_paper_corrected_back_rejoins_its_cap_group_and_counts_onc
     assert _row(engine, b9.record_id)["credited_hours"] == "0.0"
     assert _queued(engine, b9.record_id) == [1, 2, 3]
     with engine.connect() as conn:
-        rep = report(conn, person.id_number, 2026)
+        rep = report(conn, person.id_number, 2026, keys=KEYS)
     assert rep["credited"]["total"] == "20.0"
     assert sorted(r["record_id"] for r in rep["records"]) == sorted([r1, r2, b9.record_id])
     assert _row(engine, r2)["credited_hours"] == "10.0"

@@ -50,7 +50,7 @@ from contracts.errors import CATALOGUE
 from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.cli import app as cli_app
-from gateway.config import DEV_SECRET_KEY, Settings
+from gateway.config import DEV_PERSON_KEY_SECRET, DEV_SECRET_KEY, Settings
 from gateway.delivery.policy import Action
 from gateway.demo import free_port
 from gateway.masking import mask_id
@@ -326,7 +326,8 @@ def test_every_documented_setting_exists_with_its_documented_default(setting: Do
     actual = _field_default(setting.name)
     expected = expected_default(setting, actual)
     if isinstance(actual, SecretStr):
-        assert actual.get_secret_value() == DEV_SECRET_KEY
+        dev = {"SECRET_KEY": DEV_SECRET_KEY, "PERSON_KEY_SECRET": DEV_PERSON_KEY_SECRET}
+        assert actual.get_secret_value() == dev[setting.name]
     else:
         assert actual == expected, f"{setting.where}: {setting.name} documented {setting.default!r}"
 

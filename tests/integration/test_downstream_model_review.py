@@ -69,13 +69,13 @@ from gateway.delivery.worker import DeliveryWorker
 from gateway.ops.common import OpsConflict
 from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.ops.records import resolve_conflict
-from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
 from gateway.store.tables import outbox, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_compliance_delivery import NOW, _report
 from tests.support.delivery import MakeWorker
+from tests.support.keys import person_key_of
 
 WALK_SEEDS = int(os.environ.get("CE_GATEWAY_WALK_SEEDS", "16"))
 WALK_STEPS = int(os.environ.get("CE_GATEWAY_WALK_STEPS", "30"))

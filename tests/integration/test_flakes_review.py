@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 import gateway.reference as reference_module
 from gateway.reference import ReferenceCache
 from gateway.store.db import make_engine
+from tests.support.keys import KEYS
 
 
 def test_a_parse_worker_reading_the_reference_holds_no_sqlite_write_lock(
@@ -33,7 +34,7 @@ def test_a_parse_worker_reading_the_reference_holds_no_sqlite_write_lock(
 
     monkeypatch.setattr(reference_module, "latest_seq", hung_after)
     worker_engine = make_engine(sqlite_url)  # as batch_parse._reference_cache: its own engine
-    cache = ReferenceCache(worker_engine)
+    cache = ReferenceCache(worker_engine, KEYS)
     reader = threading.Thread(target=cache.current, name="parse-worker")
     reader.start()
     try:

@@ -25,6 +25,7 @@ from gateway.signing import SigningClient
 from gateway.store.db import make_engine
 from gateway.store.tables import record_versions, records
 from mock_partners.generators import make_person
+from tests.support.keys import KEYS
 from tests.support.reference import load_base_and_plan
 from tests.support.servers import uvicorn_thread
 
@@ -124,7 +125,7 @@ def test_a_plan_without_dates_or_an_unknown_plan_is_not_a_plan_period(
     undated.write_text("plan_id,base_code,title,category,hours,starts_on,ends_on,filed_on\n"
                        f"PLAN-UNDATED,{BASE},无日期计划,professional,40,,,2026-03-01\n",
                        encoding="utf-8")
-    imported = import_csv(store, "plans", undated, actor="test")
+    imported = import_csv(store, "plans", undated, actor="test", keys=KEYS)
     assert not imported.ok  # a plan needs its period: the row is refused, not stored half
     rng = random.Random(15)
 

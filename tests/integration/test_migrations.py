@@ -20,9 +20,10 @@ from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.pipeline import dedup
 from gateway.pipeline.ingest import PartnerRef, ingest
-from gateway.store.db import alembic_config, code_revisions, make_engine, upgrade
+from gateway.store.db import code_revisions, make_engine, upgrade
 from gateway.store.tables import audit_head, metadata, record_versions, records
 from mock_partners import generators as gen
+from tests.support.keys import unsafe_downgrade_config
 from tests.support.servers import uvicorn_thread
 
 
@@ -86,7 +87,7 @@ def test_0013_rewrites_a_stored_dedup_key_to_the_quantitys_one_spelling(
         for rid, chash in legacy.items():
             conn.execute(update(records).where(records.c.record_id == rid)
                          .values(content_hash=chash))
-    command.downgrade(alembic_config(db_url), "0012")
+    command.downgrade(unsafe_downgrade_config(db_url), "0012")
     upgrade(db_url)
     with engine.connect() as conn:
         stored = dict(conn.execute(select(records.c.record_id, records.c.content_hash)).all())

@@ -59,6 +59,7 @@ from tests.integration import test_alerts
 from tests.integration.test_alerts import ROBOT_PATH, monthly_batch, received
 from tests.integration.test_reference import APPLICANTS, BASES, count, load_all, rows
 from tests.integration.test_retention import _corrected, _drain, _retention_events
+from tests.support.keys import KEYS
 from tests.support.servers import WorkerProcess, cli, poll
 
 MakeSettings = Callable[..., Settings]
@@ -564,11 +565,11 @@ def test_a_pruned_closed_year_keeps_the_audit_chain_and_the_compliance_report(
     sub = _prune_a_closed_year(engine, sqlite_url, make_settings, new_partner(engine), mock_ce)
     id_number = sub["person"]["id_number"]
     with engine.connect() as conn:
-        before = compliance.report(conn, id_number, 2026)
+        before = compliance.report(conn, id_number, 2026, keys=KEYS)
     closed = make_settings(sqlite_url, year_close_extensions={})
     assert prune(engine, closed, now=datetime(2028, 1, 20, tzinfo=UTC)).versions == 1
     with engine.connect() as conn:
-        after = compliance.report(conn, id_number, 2026)
+        after = compliance.report(conn, id_number, 2026, keys=KEYS)
         assert audit.verify(conn).ok
         payloads = conn.execute(select(record_versions.c.payload)).scalars().all()
     assert after == before and len(before["records"]) == 1
@@ -576,16 +577,6 @@ def test_a_pruned_closed_year_keeps_the_audit_chain_and_the_compliance_report(
     assert id_number not in "".join(payloads)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The stub keeps counts.person_key (gateway/retention.py:306-318), which "
-    "gateway/pipeline/dedup.py:23 computes as a plain SHA-256 of 'person', the id type and "
-    "the id number - no key (the docs, which called it 'a keyed digest', now say so and "
-    "name it open work).  An 18-character resident id has "
-    "little entropy (region, birth date, 3 digits, check character): whoever reads the "
-    "store recovers it from a stub in milliseconds once region and birth date are guessed, "
-    "so the pruned payload still names the person.  Fix: an HMAC with a key the store does "
-    "not hold (a PERSON_KEY_SECRET setting, distinct from SECRET_KEY), with a migration "
-    "that rekeys records, caps_ledger, reference_deferrals/title_applicants and the stubs"))
 def test_a_pruned_stub_does_not_let_the_store_reader_recover_the_identity_number(
         sqlite_url: str, sqlite_engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults]) -> None:
@@ -617,8 +608,8 @@ def test_a_reference_row_whose_identity_number_fails_its_check_digit_is_refused(
     applicants = tmp_path / "title_applicants.csv"
     applicants.write_text(f"id_number,year\n{BAD_CHECK_DIGIT},2026\n", encoding="utf-8")
 
-    results = [import_csv(engine, "deferrals", deferrals, actor="op"),
-               import_csv(engine, "title-applicants", applicants, actor="op")]
+    results = [import_csv(engine, "deferrals", deferrals, actor="op", keys=KEYS),
+               import_csv(engine, "title-applicants", applicants, actor="op", keys=KEYS)]
 
     assert [[(e.row, e.field) for e in r.errors] for r in results] == [[(2, "id_number")]] * 2
     assert count(engine, reference_deferrals) == 0 and count(engine, reference_title_applicants) == 0

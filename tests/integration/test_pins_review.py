@@ -48,6 +48,7 @@ from tests.integration.test_refused_caps_review import (
 from tests.integration.test_refused_pins import _pins, _report
 from tests.integration.test_s16caps_review import _credited, _downstream
 from tests.support.delivery import MakeWorker, drain
+from tests.support.keys import KEYS
 from tests.support.servers import uvicorn_thread
 
 PAPER = CAPS["paper"]
@@ -374,8 +375,8 @@ def test_a_pulled_change_after_the_close_with_a_deferral_counts_toward_the_next_
     q = make_person(random.Random(2211))
     first = _pull(engine, college, _completion(q, "GB1", "4"), IN_TIME)
     assert first.status.value == "accepted", first
-    deferred = RulesContext(StoreReference.of(deferrals=[(q.id_number, DeferralInfo(
-        2025, "illness", date(2025, 12, 1)))]), RulesConfig())
+    deferred = RulesContext(StoreReference.of(KEYS, deferrals=[(q.id_number, DeferralInfo(
+        2025, "illness", date(2025, 12, 1)))]), RulesConfig(person_keys=KEYS))
     changed = _pull(engine, college, _completion(q, "GB1", "6"), AFTER_CLOSE, rules=deferred)
     assert changed.status.value == "corrected", changed
     assert _counts_year(engine, changed.record_id) == 2026
@@ -400,7 +401,7 @@ def test_revalidating_a_year_closed_pulled_change_keeps_it_rejected(
     closed = pull_settings(make_settings, db_url, url,
                            year_close_extensions={done.year: today - timedelta(days=1)})
     assert pull_once(engine, closed).rejected == 1
-    rules = RulesContext(ReferenceCache(engine).current(), RulesConfig.from_settings(closed))
+    rules = RulesContext(ReferenceCache(engine, KEYS).current(), RulesConfig.from_settings(closed))
     result = revalidate(engine, RevalidationFilter(error_code="YEAR_CLOSED"), actor="op-review",
                         reason="review", rules=rules)
     assert (result.matched, result.rejected_again, result.corrected) == (1, 1, 0), result

@@ -31,10 +31,11 @@ from gateway.api.app import create_app
 from gateway.batches import BatchProcessor, NewBatch, batch_status, new_batch_id, record_batch
 from gateway.config import Settings
 from gateway.signing import file_sha256
-from gateway.store.db import alembic_config, upgrade
+from gateway.store.db import upgrade
 from gateway.store.tables import batch_repeats, batches, outbox, record_versions, records
 from mock_partners.files import FINANCE_HEADERS, HEALTH_HEADERS, write_csv, year_dataset
 from tests.conftest import SECRET_KEY
+from tests.support.keys import unsafe_downgrade_config
 from tests.support.servers import cli, uvicorn_thread
 
 MakeSettings = Callable[..., Settings]
@@ -358,7 +359,7 @@ def test_0014_backfills_the_last_repeat_of_each_record(
         before = set(conn.execute(select(batch_repeats.c.batch_id, batch_repeats.c.record_id)).all())
         report = reconcile.report(conn, "health", YEAR, today=AFTER_THE_YEAR)
     assert len(before) == report["totals"]["repeated"] > 0
-    command.downgrade(alembic_config(db_url), "0013")  # drops the table
+    command.downgrade(unsafe_downgrade_config(db_url), "0013")  # drops the table
     upgrade(db_url)
     with engine.connect() as conn:
         after = set(conn.execute(select(batch_repeats.c.batch_id, batch_repeats.c.record_id)).all())

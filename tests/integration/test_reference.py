@@ -34,7 +34,6 @@ from gateway.reference import (
     import_csv,
     sync,
 )
-from gateway.reference_store import person_key_of
 from gateway.scheduling import JOBS, build_scheduler
 from gateway.store.tables import (
     audit_events,
@@ -48,6 +47,7 @@ from gateway.store.tables import (
 )
 from mock_partners.ce_system import Faults
 from mock_partners.generators import make_id_number
+from tests.support.keys import KEYS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
 ID_A, ID_B = "630102198704139126", "63212319900101101X"
@@ -200,7 +200,7 @@ def test_a_revoked_base_makes_a_new_version_and_a_history_row(
                                             "unchanged": 1, "invalid": 0}
     assert_chain_ok(engine)
     with engine.connect() as conn:
-        ref = StoreReference.load(conn)
+        ref = StoreReference.load(conn, KEYS)
     assert ref.version == "ref-000002" and ref.base("QHJD-001") == BaseInfo(
         "QHJD-001", "青海省高原生态继续教育基地", "provincial", "revoked", date(2024, 6, 30))
 
@@ -294,7 +294,7 @@ def test_a_sync_that_was_overtaken_skips_its_older_data(
 
 def test_import_csv_takes_good_rows_and_names_bad_ones(
         db_url: str, engine: Engine) -> None:
-    result = import_csv(engine, "bases", FIXTURES / "bases.csv", actor="op-alice")
+    result = import_csv(engine, "bases", FIXTURES / "bases.csv", actor="op-alice", keys=KEYS)
 
     assert (result.rows, result.valid, result.inserted, result.version) == (7, 3, 3, "ref-000001")
     assert [(e.row, e.field) for e in result.errors] == [
@@ -310,7 +310,7 @@ def test_import_csv_takes_good_rows_and_names_bad_ones(
     assert (version["source"], version["kinds"], version["actor"], version["cursors"]) == (
         "import", "bases", "op-alice", None)
 
-    again = import_csv(engine, "bases", FIXTURES / "bases.csv", actor="op-alice")
+    again = import_csv(engine, "bases", FIXTURES / "bases.csv", actor="op-alice", keys=KEYS)
 
     assert (again.version, again.unchanged, again.inserted) == (None, 3, 0)
     imported = [(a, d) for k, a, d in audit_kinds(engine) if k == "reference_imported"]
@@ -321,10 +321,10 @@ def test_import_csv_takes_good_rows_and_names_bad_ones(
 
 
 def test_import_plans_deferrals_and_title_applicants(db_url: str, engine: Engine) -> None:
-    plans = import_csv(engine, "plans", FIXTURES / "plans.csv", actor="op")
-    deferrals = import_csv(engine, "deferrals", FIXTURES / "deferrals_gb18030.csv", actor="op")
+    plans = import_csv(engine, "plans", FIXTURES / "plans.csv", actor="op", keys=KEYS)
+    deferrals = import_csv(engine, "deferrals", FIXTURES / "deferrals_gb18030.csv", actor="op", keys=KEYS)
     applicants = import_csv(engine, "title_applicants", FIXTURES / "title_applicants_utf8bom.csv",
-                            actor="op")
+                            actor="op", keys=KEYS)
 
     assert [(e.row, e.field) for e in plans.errors] == [
         (4, "hours"), (4, "ends_on"), (4, "filed_on"), (5, "category"), (5, "hours"),
@@ -340,7 +340,7 @@ def test_import_plans_deferrals_and_title_applicants(db_url: str, engine: Engine
     assert {r["id_masked"] for r in rows(engine, reference_deferrals)} == {
         "630102********9126", "632123********101X"}
     assert {r["person_key"] for r in rows(engine, reference_title_applicants)} == {
-        person_key_of(ID_A), person_key_of(ID_B)}
+        KEYS.of("resident_id", ID_A), KEYS.of("resident_id", ID_B)}
     assert_chain_ok(engine)
     assert_no_clear_ids(engine, db_url, ID_A, ID_B)
 
@@ -349,13 +349,13 @@ def test_import_refuses_a_file_without_the_columns(tmp_path: Path, engine: Engin
     path = tmp_path / "bases.csv"
     path.write_text("code,name\nQHJD-001,x\n", encoding="utf-8")
 
-    result = import_csv(engine, "bases", path, actor="op")
+    result = import_csv(engine, "bases", path, actor="op", keys=KEYS)
 
     assert result.error == "row 1: missing column(s) level, status, assessed_on"
     assert result.version is None and count(engine, reference_bases) == 0
-    assert import_csv(engine, "bases", tmp_path / "nope.csv", actor="op").error
+    assert import_csv(engine, "bases", tmp_path / "nope.csv", actor="op", keys=KEYS).error
     with pytest.raises(UnknownReferenceKind):
-        import_csv(engine, "teachers", path, actor="op")
+        import_csv(engine, "teachers", path, actor="op", keys=KEYS)
 
 
 # -- read side --------------------------------------------------------------------------------
@@ -364,10 +364,10 @@ def test_store_reference_answers_the_rules_lookups(engine: Engine) -> None:
     for kind, name in (("bases", "bases.csv"), ("plans", "plans.csv"),
                        ("deferrals", "deferrals_gb18030.csv"),
                        ("title-applicants", "title_applicants_utf8bom.csv")):
-        import_csv(engine, kind, FIXTURES / name, actor="op")
+        import_csv(engine, kind, FIXTURES / name, actor="op", keys=KEYS)
 
     with engine.connect() as conn:
-        ref = StoreReference.load(conn)
+        ref = StoreReference.load(conn, KEYS)
 
     assert ref.version == "ref-000004"
     assert ref.base("QHJD-002") == BaseInfo("QHJD-002", "国家级专业技术人员继续教育基地（青海大学）",
@@ -381,28 +381,28 @@ def test_store_reference_answers_the_rules_lookups(engine: Engine) -> None:
     assert ref.deferral(ID_A, 2026) is None
     assert ref.is_title_applicant(ID_A, 2026) and ref.is_title_applicant(ID_B, 2026)
     assert not ref.is_title_applicant(ID_A, 2025)
-    assert StoreReference().version == "none"
-    built = StoreReference.of(deferrals=[(ID_A, DeferralInfo(2025, "illness", date(2026, 1, 1)))],
+    assert StoreReference(KEYS).version == "none"
+    built = StoreReference.of(KEYS, deferrals=[(ID_A, DeferralInfo(2025, "illness", date(2026, 1, 1)))],
                               title_applicants=[(ID_B, 2026)])
     assert built.deferral(ID_A, 2025) is not None and built.is_title_applicant(ID_B, 2026)
 
 
 def test_reference_cache_reloads_only_after_a_new_version(engine: Engine) -> None:
-    cache = ReferenceCache(engine)
+    cache = ReferenceCache(engine, KEYS)
     empty = cache.current()
     assert empty.version == "none" and cache.current() is empty and cache.loads == 1
 
-    import_csv(engine, "bases", FIXTURES / "bases.csv", actor="op")
+    import_csv(engine, "bases", FIXTURES / "bases.csv", actor="op", keys=KEYS)
     first = cache.current()
     assert first.version == "ref-000001" and first.base("QHJD-001") is not None
     with engine.connect() as conn:
         assert cache.current(conn) is first
     assert cache.loads == 2
 
-    import_csv(engine, "bases", FIXTURES / "bases.csv", actor="op")  # no change, no version
+    import_csv(engine, "bases", FIXTURES / "bases.csv", actor="op", keys=KEYS)  # no change, no version
     assert cache.current() is first and cache.loads == 2
 
-    import_csv(engine, "plans", FIXTURES / "plans.csv", actor="op")
+    import_csv(engine, "plans", FIXTURES / "plans.csv", actor="op", keys=KEYS)
     seen: list[StoreReference] = []
     threads = [threading.Thread(target=lambda: seen.append(cache.current())) for _ in range(4)]
     for t in threads:
@@ -423,7 +423,7 @@ def test_person_keys_join_with_the_records_digest() -> None:
                      "completed_on": "2026-05-13"},
         "claimed": {"quantity": "24", "unit": "hours", "details": {}},
         "evidence": {"assessment": "passed"}})
-    assert person_key_of(ID_B.lower()) == person_key(submission)
+    assert KEYS.of("resident_id", ID_B.lower()) == person_key(submission, KEYS)
 
 
 def test_the_sync_job_is_registered(db_url: str, engine: Engine,
@@ -446,7 +446,7 @@ def test_concurrent_writers_take_distinct_versions(engine: Engine) -> None:
 
     def run(kind: str, name: str) -> None:
         barrier.wait()
-        versions.append(import_csv(engine, kind, FIXTURES / name, actor="op").version)
+        versions.append(import_csv(engine, kind, FIXTURES / name, actor="op", keys=KEYS).version)
 
     threads = [threading.Thread(target=run, args=pair) for pair in files]
     for t in threads:

@@ -52,13 +52,13 @@ from gateway.ops.edits import edit_and_requeue
 from gateway.ops.records import resolve_conflict
 from gateway.pipeline import caps as caps_module
 from gateway.pipeline.credit import allocate
-from gateway.pipeline.dedup import person_key_of
 from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.store.tables import audit_events, caps_ledger, outbox, record_versions, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
 from tests.support.delivery import MakeWorker, drain
+from tests.support.keys import KEYS, person_key_of
 
 NOW = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)  # the CE year 2026 is open
 CAPS = RulesConfig().caps
@@ -158,7 +158,7 @@ def _check(engine: Engine, person: GenPerson, url: str | None = None) -> dict[st
         ledger = {t: Decimal(c) for t, c in conn.execute(
             select(caps_ledger.c.cap_type, caps_ledger.c.credited)
             .where(caps_ledger.c.person_key == pk, caps_ledger.c.year == 2026))}
-        report = compliance.report(conn, person.id_number, 2026)
+        report = compliance.report(conn, person.id_number, 2026, keys=KEYS)
     for cap_type, cap in CAPS.items():
         mine = [r for r in rows if r.cap_type == cap_type and _holds_share(r)]
         want = allocate([(r.record_id, Decimal(r.hours)) for r in mine], cap)

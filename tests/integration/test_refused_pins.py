@@ -31,6 +31,7 @@ from tests.integration.test_compliance_delivery import _sub
 from tests.integration.test_refused_caps_review import CAPS, NOW, _applied, _item, _put, _reprocess
 from tests.integration.test_s16caps_review import _credited, _downstream
 from tests.support.delivery import MakeWorker, drain
+from tests.support.keys import KEYS
 
 
 def _pins(engine: Engine) -> dict[str, tuple[str, int, str | None, str]]:
@@ -43,7 +44,7 @@ def _pins(engine: Engine) -> dict[str, tuple[str, int, str | None, str]]:
 def _report(engine: Engine, person: GenPerson, year: int = 2026) -> dict[str, Any]:
     """The person's compliance report, checked against its HTTP schema."""
     with engine.connect() as conn:
-        got = compliance.report(conn, person.id_number, year)
+        got = compliance.report(conn, person.id_number, year, keys=KEYS)
     return compliance.ComplianceReport.model_validate(got).model_dump(mode="json")
 
 

@@ -37,6 +37,7 @@ from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, outbox, record_versions, records, rejections
 from mock_partners.generators import canonical_submission, make_person
 from mock_partners.training_base import plan_period
+from tests.support.keys import KEYS
 from tests.support.reference import load_base_and_plan
 from tests.support.servers import cli, uvicorn_thread
 
@@ -263,7 +264,7 @@ def test_a_deferral_approved_later_lets_late_records_count_next_year(
     deferrals = tmp_path / "deferrals.csv"
     deferrals.write_text("id_number,from_year,reason,approved_on\n"
                          f"{deferred.id_number},2025,post_transfer,2026-01-05\n", encoding="utf-8")
-    assert import_csv(store, "deferrals", deferrals, actor="test").ok
+    assert import_csv(store, "deferrals", deferrals, actor="test", keys=KEYS).ok
 
     closed = RevalidationFilter(error_code="YEAR_CLOSED")
     whole_batch = RevalidationFilter(batch_id=batch.batch_id)

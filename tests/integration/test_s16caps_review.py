@@ -28,6 +28,7 @@ from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_refused_caps_review import NOW, _applied, _item, _put, _reprocess
 from tests.support.delivery import MakeWorker, drain
+from tests.support.keys import KEYS
 
 CAPS = RulesConfig().caps
 
@@ -88,7 +89,7 @@ def test_a_refused_correction_to_another_person_counts_nothing_for_that_person(
     last = _applied(url, ids["A"])[-1]["record"]
     assert last["person"]["id_number"] == q.id_number and last["credited_hours"] == "10.0"
     with engine.connect() as conn:
-        for_p = compliance.report(conn, p.id_number, 2026)
+        for_p = compliance.report(conn, p.id_number, 2026, keys=KEYS)
     assert [n["source_record_id"] for n in for_p["not_counted"]] == ["A"]
     assert for_p["credited"]["total"] == "0.0", for_p["credited"]
 
@@ -107,7 +108,7 @@ def test_a_refused_correction_to_another_person_keeps_its_share_of_the_first(
     drain(worker)
     assert _applied(url, ids["A"])[-1]["record"]["person"]["id_number"] == q.id_number
     with engine.connect() as conn:
-        for_q = compliance.report(conn, q.id_number, 2026)
+        for_q = compliance.report(conn, q.id_number, 2026, keys=KEYS)
     there = _downstream(url, ids, "paper", q)
     assert (there, Decimal(for_q["by_type"]["paper"]["credited"])) == (CAPS["paper"],) * 2
 
@@ -160,8 +161,8 @@ def test_a_refused_deferred_correction_counts_nothing_in_the_next_year(
     q = make_person(random.Random(1610))
     [a] = ingest(engine, partner, [_in_2025(q, "A", "盐湖", 3)], now=IN_2025)
     drain(make_worker())
-    deferred = RulesContext(StoreReference.of(deferrals=[(q.id_number, DeferralInfo(
-        2025, "illness", date(2025, 12, 1)))]), RulesConfig())
+    deferred = RulesContext(StoreReference.of(KEYS, deferrals=[(q.id_number, DeferralInfo(
+        2025, "illness", date(2025, 12, 1)))]), RulesConfig(person_keys=KEYS))
     [again] = ingest(engine, partner, [_in_2025(q, "A", "[REJECT] 盐湖", 3)], now=LATER,
                      rules=deferred)
     assert again.status.value == "corrected"
@@ -169,7 +170,7 @@ def test_a_refused_deferred_correction_counts_nothing_in_the_next_year(
     last = _applied(url, str(a.record_id))[-1]["record"]
     assert (last["version"], last["credited_hours"]) == (1, "10.0")  # counted in 2025 there
     with engine.connect() as conn:
-        in_2026 = compliance.report(conn, q.id_number, 2026)
+        in_2026 = compliance.report(conn, q.id_number, 2026, keys=KEYS)
     assert [n["source_record_id"] for n in in_2026["not_counted"]] == ["A"]
     assert in_2026["credited"]["total"] == "0.0", in_2026["credited"]
 
@@ -180,7 +181,7 @@ def _counts(engine: Engine, url: str, ids: dict[str, str], person: GenPerson,
             ) -> dict[str, tuple[str, str]]:
     """Per capped type: (what the management system counts, what the compliance report says)."""
     with engine.connect() as conn:
-        report = compliance.report(conn, person.id_number, 2026)
+        report = compliance.report(conn, person.id_number, 2026, keys=KEYS)
     return {kind: (f"{_downstream(url, ids, kind, person):.1f}",
                    report["by_type"].get(kind, {}).get("credited", "0.0"))
             for kind in ("book", "lecture")}

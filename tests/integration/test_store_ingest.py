@@ -31,6 +31,7 @@ from gateway.store.bulk import bulk_insert
 from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, outbox, record_versions, records, rejections
 from mock_partners import generators as gen
+from tests.support.keys import KEYS
 from tests.support.reference import load_base_and_plan
 from tests.support.years import fixture_rules_config
 
@@ -101,7 +102,7 @@ def test_a_resend_after_the_year_closed_is_a_duplicate_and_new_content_is_refuse
         engine: Engine, new_partner: Callable[..., Partner], sub: dict[str, Any]) -> None:
     """Resending is safe (SPEC §2): the same content is a duplicate even once R11 refuses it."""
     p = new_partner(engine)
-    rules = RulesContext(EmptyReference(), RulesConfig())  # the notice's close, no extension
+    rules = RulesContext(EmptyReference(), RulesConfig(person_keys=KEYS))  # the notice's close, no extension
     year = int(sub["activity"]["completed_on"][:4])
     open_day = datetime(year, 6, 1, 2, tzinfo=UTC)
     closed_day = datetime(year, 12, 31, 2, tzinfo=UTC)  # 10:00 on 31 December in Xining
@@ -233,7 +234,7 @@ def test_partner_bound_to_a_base_cannot_report_another_base(
     own["activity"] = {**own["activity"], "provider_code": "QH-BASE-01", "plan_id": "QH-PLAN-01"}
     foreign = copy.deepcopy(sub) | {"source_record_id": "SRC-F"}
     foreign["activity"] = {**foreign["activity"], "provider_code": "QH-BASE-99"}
-    rules = RulesContext(ReferenceCache(engine).current(), fixture_rules_config())
+    rules = RulesContext(ReferenceCache(engine, KEYS).current(), fixture_rules_config())
     ok, refused = ingest(engine, _ref(p), [own, foreign], rules=rules)
     assert ok.status == "accepted"
     assert refused.status == "rejected"
@@ -467,7 +468,7 @@ def test_a_correction_to_another_person_moves_the_record_and_its_activity(
         "corrected", first.record_id, 2)
     year = sub["year"]
     with engine.connect() as conn:
-        before, after = report(conn, sub["person"]["id_number"], year), report(conn, someone_else, year)
+        before, after = report(conn, sub["person"]["id_number"], year, keys=KEYS), report(conn, someone_else, year, keys=KEYS)
     assert [r["record_id"] for r in before["records"]] == []
     assert [r["record_id"] for r in after["records"]] == [first.record_id]
     # The first person's activity is free again; the second person's is this record's.

@@ -26,11 +26,12 @@ from mock_partners import generators as gen
 from mock_partners.generators import make_person
 from tests.integration.test_caps_ledger import paper
 from tests.integration.test_counted_versions import NOW, _failed, _queued, _ref, _row, _version
+from tests.support.keys import KEYS
 
 
 def _counted(engine: Engine, id_number: str) -> list[str]:
     with engine.connect() as conn:
-        return [r["record_id"] for r in report(conn, id_number, 2026)["records"]]
+        return [r["record_id"] for r in report(conn, id_number, 2026, keys=KEYS)["records"]]
 
 
 def _holder(engine: Engine, record_id: str) -> str | None:
@@ -123,7 +124,7 @@ def test_a_holder_corrected_to_failed_hands_its_activity_and_cap_share_on(
     assert (row["status"], row["credited_hours"]) == ("accepted", "10.0")
     assert _queued(engine, same.record_id) == [1]
     with engine.connect() as conn:
-        person_report = report(conn, person.id_number, 2026)
+        person_report = report(conn, person.id_number, 2026, keys=KEYS)
     assert person_report["by_type"]["paper"]["credited"] == "20.0"
     assert sorted(r["record_id"] for r in person_report["records"]) == sorted(
         [kept.record_id, same.record_id])

@@ -45,6 +45,7 @@ from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_caps_ledger import paper
 from tests.integration.test_counted_versions import NOW, _ref
 from tests.integration.test_counted_versions import _row as _row_of
+from tests.support.keys import KEYS
 
 CAPS = {"paper": Decimal(20), "book": Decimal(40), "lecture": Decimal(30),
         "exam_setting": Decimal(30)}
@@ -116,7 +117,7 @@ def _row(engine: Engine, record_id: str | None) -> dict[str, Any]:
 
 def _person_total(engine: Engine, person: GenPerson) -> Decimal:
     with engine.connect() as conn:
-        return Decimal(report(conn, person.id_number, 2026)["credited"]["total"])
+        return Decimal(report(conn, person.id_number, 2026, keys=KEYS)["credited"]["total"])
 
 
 WALK_SEEDS = int(os.environ.get("CE_GATEWAY_WALK_SEEDS", "12"))

@@ -51,6 +51,7 @@ from tests.integration.test_succession_review import (
     _training,
     violations,
 )
+from tests.support.keys import KEYS
 
 NewPartner = Callable[..., Partner]
 
@@ -393,8 +394,8 @@ def test_a_deferred_successor_joins_the_next_years_cap_group(
     from tests.integration.test_succession_review import _sub
     a, b = _ref(new_partner(engine)), _ref(new_partner(engine))
     person = make_person(random.Random(86))
-    deferred = RulesContext(StoreReference.of(deferrals=[(person.id_number, DeferralInfo(
-        2025, "illness", date(2025, 12, 1)))]), RulesConfig())
+    deferred = RulesContext(StoreReference.of(KEYS, deferrals=[(person.id_number, DeferralInfo(
+        2025, "illness", date(2025, 12, 1)))]), RulesConfig(person_keys=KEYS))
 
     def in_2025(sid: str, n: int) -> dict[str, Any]:
         sub = _sub(sid, person, n, "sole") | {"year": 2025}

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 
 from gateway.reference import import_csv
 from mock_partners.training_base import plan_period
+from tests.support.keys import KEYS
 
 
 def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
@@ -37,5 +38,5 @@ def load_base_and_plan(engine: Engine, base_code: str, plan_id: str, year: int =
                        [[plan_id, base_code, "专业技术人员能力提升研修班", "professional", hours,
                          starts_on.isoformat(), ends_on.isoformat(), f"{year}-03-01"]])
         for kind, path in (("bases", bases), ("plans", plans)):
-            result = import_csv(engine, kind, path, actor="test")
+            result = import_csv(engine, kind, path, actor="test", keys=KEYS)
             assert result.ok, result.as_dict()

@@ -14,6 +14,7 @@ from datetime import date
 from typing import Any
 
 from gateway.pipeline.rules_tables import RulesConfig
+from tests.support.keys import KEYS
 
 FIXTURE_YEAR_EXTENSIONS = {2026: date(2099, 12, 30)}
 # CE_GATEWAY_YEAR_CLOSE_EXTENSIONS: "2026=2099-12-30"
@@ -22,5 +23,9 @@ FIXTURE_YEAR_OPEN = ",".join(f"{year}={day.isoformat()}"
 
 
 def fixture_rules_config(**overrides: Any) -> RulesConfig:
-    """The notice's rules, with the suite's extension keeping the fixtures' year open."""
-    return RulesConfig(**{"year_close_extensions": FIXTURE_YEAR_EXTENSIONS, **overrides})
+    """The notice's rules, with the suite's extension keeping the fixtures' year open.
+
+    And the suite's stores' person keys (:data:`tests.support.keys.KEYS`).
+    """
+    return RulesConfig(**{"year_close_extensions": FIXTURE_YEAR_EXTENSIONS, "person_keys": KEYS,
+                          **overrides})

@@ -84,7 +84,9 @@ def test_a_bound_reads_as_a_number_in_chinese() -> None:
 
 def test_keys_and_urls_are_never_echoed() -> None:
     assert _errors(secret_key="  ")[0][0] == "CE_GATEWAY_SECRET_KEY"
-    for name, value in (("secret_key", ""), ("database_url", 5), ("alert_webhook_url", 7)):
+    assert _errors(person_key_secret="  ")[0][0] == "CE_GATEWAY_PERSON_KEY_SECRET"
+    for name, value in (("secret_key", ""), ("person_key_secret", ""), ("person_key_secret", 5),
+                        ("database_url", 5), ("alert_webhook_url", 7)):
         for _, en, zh in _errors(**{name: value}):
             assert "got" not in en and "实际为" not in zh
 

@@ -11,6 +11,7 @@ import pytest
 from contracts import CESubmission
 from gateway.pipeline import dedup
 from mock_partners import generators as gen
+from tests.support.keys import KEYS
 
 
 def _sub(raw: dict[str, Any]) -> CESubmission:
@@ -27,7 +28,7 @@ def test_keys_are_stable_across_parses_and_key_order(raw: dict[str, Any]) -> Non
     a, b = _sub(raw), _sub(reordered)
     assert dedup.content_hash(a) == dedup.content_hash(b)
     assert dedup.natural_key(a) == dedup.natural_key(b)
-    assert dedup.person_key(a) == dedup.person_key(b)
+    assert dedup.person_key(a, KEYS) == dedup.person_key(b, KEYS)
     assert len(dedup.natural_key(a)) == 64
 
 
@@ -71,4 +72,4 @@ def test_content_hash_changes_with_any_claim_or_evidence(raw: dict[str, Any]) ->
 
 
 def test_person_key_does_not_contain_the_id_number(raw: dict[str, Any]) -> None:
-    assert raw["person"]["id_number"] not in dedup.person_key(_sub(raw))
+    assert raw["person"]["id_number"] not in dedup.person_key(_sub(raw), KEYS)

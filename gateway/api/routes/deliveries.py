@@ -91,7 +91,8 @@ async def post_reprocess(body: ReprocessRequest, request: Request, who: Acting) 
                   body.since, body.until, tuple(body.record_ids))
     result = await run_in_threadpool(
         lambda: deliveries.reprocess(state.engine, flt, dry_run=body.dry_run, reason=body.reason,
-                                     actor=who.name, ceiling=body.ceiling))
+                                     actor=who.name, ceiling=body.ceiling,
+                                     config=state.rules_config))
     return result.as_dict()
 
 

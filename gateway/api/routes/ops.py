@@ -56,8 +56,10 @@ def get_reconciliation(adapter: str, year: Year, request: Request, _: Viewer) ->
 def get_compliance(id_number: str, year: Year, request: Request, _: Viewer,
                    id_type: Annotated[IdType, Query()] = IdType.RESIDENT_ID) -> dict[str, Any]:
     compliance.check_person(id_number, id_type)
-    with snapshot(state_of(request).engine) as conn:
-        return compliance.report(conn, id_number, year, id_type.value)
+    state = state_of(request)
+    with snapshot(state.engine) as conn:
+        return compliance.report(conn, id_number, year, id_type.value,
+                                 keys=state.rules_config.keys)
 
 
 @router.get("/audit", summary="Audit events of a record")
