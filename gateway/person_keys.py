@@ -7,7 +7,8 @@ resident id has little entropy (region, birth date, three digits, a check charac
 read the store recovered the number from it by trying the ~11,000 candidates a region and a
 birth date leave.  With the HMAC, a reader of the store needs the secret too.
 
-The secret keys the *plain digest*, not the number, so migration 0020 re-keyed every stored
+``natural_key`` (gateway/pipeline/dedup.py) is keyed the same way (:meth:`PersonKeys.rekey` of
+its plain digest).  The secret keys the *plain digest*, not the number, so migration 0020 re-keyed every stored
 value (a pruned stub's ``counts.person_key`` too, which no longer has the number beside it) as
 a function of the column alone.  ``PERSON_KEY_SECRET`` is not ``SECRET_KEY``: that one may be
 rotated, this one is fixed for the store's life (every dedup, cap and compliance lookup joins

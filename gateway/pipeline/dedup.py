@@ -6,6 +6,9 @@
   provider, plan, normalised title) and completion date.  Another source with the same key is
   a ``duplicate`` when it is worth the same hours and a ``conflict`` (held for ops) when it is
   not (``gateway.pipeline.ingest._claim``: the hours, not the unit and quantity claimed).
+  Keyed like ``person_key``: a record's row keeps its year, type and completion date after
+  its payload is pruned, so a plain digest would give the number back to a reader who tries
+  the candidates against a catalogue of course titles.
 - ``person_key``: who the record is about, an HMAC of the identity number's digest under
   ``PERSON_KEY_SECRET`` (:class:`gateway.person_keys.PersonKeys`), so neither the indexes nor
   a pruned stub give the number back to whoever reads the store without the secret.
@@ -48,9 +51,9 @@ def person_key(submission: CESubmission, keys: PersonKeys) -> str:
     return keys.of(person.id_type.value, person.id_number)
 
 
-def natural_key(submission: CESubmission) -> str:
+def natural_key(submission: CESubmission, keys: PersonKeys) -> str:
     activity = submission.activity
-    return _digest(
+    return keys.rekey(_digest(
         "natural",
         submission.person.id_type.value,
         submission.person.id_number.upper(),
@@ -60,4 +63,4 @@ def natural_key(submission: CESubmission) -> str:
         activity.plan_id or "",
         normalise_title(activity.title),
         activity.completed_on.isoformat(),
-    )
+    ))

@@ -196,11 +196,11 @@ def prepare(item: Item, partner: PartnerRef, now: datetime, rules: RulesContext)
                                   f"(worth {verdict.hours} hours; at most 999999.9)")]
         return
     item.credited_hours, item.rule_notes = verdict.hours, verdict.rule_notes
-    sub_json = sub.model_dump_json()
+    sub_json, keys = sub.model_dump_json(), rules.config.keys
     item.prepared = Prepared(
         source_record_id=sub.source_record_id, sub_json=sub_json,
-        content_hash=dedup.hash_json(sub_json), natural_key=dedup.natural_key(sub),
-        person_key=dedup.person_key(sub, rules.config.keys), claim=_claim(verdict.hours), year=sub.year,
+        content_hash=dedup.hash_json(sub_json), natural_key=dedup.natural_key(sub, keys),
+        person_key=dedup.person_key(sub, keys), claim=_claim(verdict.hours), year=sub.year,
         completed_on=sub.activity.completed_on, masked_id=mask_id(sub.person.id_number),
         hours=verdict.hours,
         rule_notes=tuple(n.model_dump(mode="json") for n in item.rule_notes),

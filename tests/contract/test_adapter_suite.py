@@ -35,6 +35,7 @@ from contracts import CESubmission
 from contracts.errors import CATALOGUE
 from gateway.pipeline import dedup
 from mock_partners.generators import corrupt_check_digit, make_id_number
+from tests.support.keys import KEYS
 
 # A valid resident id whose check digit is X, sent in lower case: adapters must upper-case it.
 ID_X = make_id_number(random.Random(8), "630102", date(1987, 4, 13))
@@ -315,7 +316,7 @@ def test_golden_payload_is_not_mutated(name: str) -> None:
 def keys(rows: list[ParsedRow]) -> list[tuple[str, str]]:
     subs = [r.submission for r in rows]
     assert all(s is not None for s in subs)
-    return [(dedup.content_hash(s), dedup.natural_key(s)) for s in subs if s is not None]
+    return [(dedup.content_hash(s), dedup.natural_key(s, KEYS)) for s in subs if s is not None]
 
 
 @pytest.mark.parametrize("name", NAMES)

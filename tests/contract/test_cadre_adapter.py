@@ -21,6 +21,7 @@ from contracts import ActivityType, Assessment, Category, Mode, Unit
 from gateway.pipeline import dedup
 from mock_partners.cadre_college import CollegeState, Faults
 from mock_partners.generators import corrupt_check_digit, make_id_number
+from tests.support.keys import KEYS
 
 ID_NUMBER = make_id_number(random.Random(42), "630102", date(1987, 4, 13))
 
@@ -91,14 +92,14 @@ def test_keys_are_stable_on_reparse_and_track_identity() -> None:
     first, again = parse(golden()).submission, parse(golden()).submission
     assert first is not None and again is not None
     assert dedup.content_hash(first) == dedup.content_hash(again)
-    assert dedup.natural_key(first) == dedup.natural_key(again)
+    assert dedup.natural_key(first, KEYS) == dedup.natural_key(again, KEYS)
     for change in ({"kcbh": "KC005"}, {"wcsj": "2026-05-14 09:00:00"}, {"kcmc": "另一门课"}):
         other = parse(golden(**change)).submission
-        assert other is not None and dedup.natural_key(other) != dedup.natural_key(first)
+        assert other is not None and dedup.natural_key(other, KEYS) != dedup.natural_key(first, KEYS)
     # A new certificate number is a correction of the same activity, not a new one.
     corrected = parse(golden(zsbh="QHGBWY2026X")).submission
     assert corrected is not None
-    assert dedup.natural_key(corrected) == dedup.natural_key(first)
+    assert dedup.natural_key(corrected, KEYS) == dedup.natural_key(first, KEYS)
     assert dedup.content_hash(corrected) != dedup.content_hash(first)
 
 
@@ -192,7 +193,7 @@ def test_every_mock_completion_parses_and_keys_are_distinct() -> None:
         assert row.submission is not None
         subs.append(row.submission)
         assert state.completion(seq) == state.completion(seq)  # deterministic
-    assert len({dedup.natural_key(s) for s in subs}) == len(subs)
+    assert len({dedup.natural_key(s, KEYS) for s in subs}) == len(subs)
     assert all(date(2026, 1, 1) <= s.activity.completed_on <= date(2026, 11, 1) for s in subs)
     assert {s.claimed.quantity for s in subs} <= {Decimal(h) for h in range(1, 7)}
 

@@ -36,6 +36,7 @@ from mock_partners.files import (
 )
 from mock_partners.generators import corrupt_check_digit, make_id_number
 from tests.fixtures import make_golden
+from tests.support.keys import KEYS
 
 ID_NUMBER = make_id_number(random.Random(42), "630102", date(1987, 4, 13))
 
@@ -255,7 +256,7 @@ def test_parsing_twice_gives_equal_submissions_and_keys(partner: Partner) -> Non
     assert a.submission is not None and a.submission == b.submission
     assert b.submission is not None
     assert dedup.content_hash(a.submission) == dedup.content_hash(b.submission)
-    assert dedup.natural_key(a.submission) == dedup.natural_key(b.submission)
+    assert dedup.natural_key(a.submission, KEYS) == dedup.natural_key(b.submission, KEYS)
     # spelling the same facts differently (date form, full width) changes nothing
     respelled = {**partner.row, "完成日期": "2026-03-05", "学分": "２" + str(partner.row["学分"])[1:]}
     c = parse_one(adapter, respelled)
@@ -268,7 +269,7 @@ def test_generated_rows_never_share_a_natural_key(partner: Partner) -> None:
     for row in partner.rows(3, 3000, 2026, 2):
         p = parse_one(adapter, row)
         assert p.ok and p.submission is not None, answer(p)
-        keys.add(dedup.natural_key(p.submission))
+        keys.add(dedup.natural_key(p.submission, KEYS))
     assert len(keys) == 3000
 
 
@@ -533,13 +534,13 @@ def test_year_dataset_manifest(adapter_name: str) -> None:
         assert year[rid] == months[rid]
     for rid in changed:
         assert year[rid].claimed.quantity != months[rid].claimed.quantity
-        assert dedup.natural_key(year[rid]) == dedup.natural_key(months[rid])
+        assert dedup.natural_key(year[rid], KEYS) == dedup.natural_key(months[rid], KEYS)
     for new, original in manifest["conflict_with"].items():
         assert original in unchanged
-        assert dedup.natural_key(year[new]) == dedup.natural_key(months[original])
+        assert dedup.natural_key(year[new], KEYS) == dedup.natural_key(months[original], KEYS)
         assert year[new].claimed.quantity != months[original].claimed.quantity
     # apart from the planned conflicts, no two rows of the year share a natural key
-    keys = [dedup.natural_key(s) for rid, s in year.items() if rid not in conflict]
+    keys = [dedup.natural_key(s, KEYS) for rid, s in year.items() if rid not in conflict]
     assert len(keys) == len(set(keys))
     empty_month_rows = [s for rid, s in year.items() if s.activity.completed_on.month in
                         manifest["empty_months"]]

@@ -35,6 +35,7 @@ from gateway.retention import stub
 from gateway.store.db import alembic_config, make_engine, upgrade
 from gateway.store.tables import (
     caps_ledger,
+    natural_keys,
     person_key_check,
     record_versions,
     records,
@@ -124,8 +125,15 @@ def test_0020_rekeys_every_stored_person_key_and_the_person_still_meets_herself(
         plain = plain_digest("resident_id", me)
         assert set(_column(engine, records.c.person_key)) == {plain}
         assert _column(engine, caps_ledger.c.person_key) == [plain]
+        naturals = sorted(_column(engine, records.c.natural_key))
+        assert sorted(_column(engine, natural_keys.c.natural_key)) == naturals
 
         upgrade(db_url, person_key_secret=SECRET)
+
+        # The natural keys (they hold the number too) are keyed, the holders' index with them.
+        keyed_naturals = sorted(KEYED.rekey(n) for n in naturals)
+        assert sorted(_column(engine, records.c.natural_key)) == keyed_naturals
+        assert sorted(_column(engine, natural_keys.c.natural_key)) == keyed_naturals
 
         mine = KEYED.of("resident_id", me)
         assert mine == KEYED.rekey(plain) != plain
@@ -157,6 +165,13 @@ def test_0020_rekeys_every_stored_person_key_and_the_person_still_meets_herself(
                           [paper("PK-3", ME, 3)], now=NOW, rules=_rules(KEYED))
         assert answer.status == "accepted"
         assert "CAP_APPLIED" in [w.code for w in answer.warnings], answer
+        # Another source reporting the first paper again meets it by its (re-keyed) natural key.
+        [again] = ingest(engine, PartnerRef(partner.partner_id, partner.adapter),
+                         [paper("PK-1-AGAIN", ME, 1)], now=NOW, rules=_rules(KEYED))
+        assert again.status == "duplicate", again
+        with engine.connect() as conn:
+            assert conn.execute(select(records.c.duplicate_of).where(
+                records.c.record_id == again.record_id)).scalar_one() == rids[0]
         with engine.connect() as conn:
             assert conn.execute(select(records.c.credited_hours).where(
                 records.c.record_id == answer.record_id)).scalar_one() in ("0", "0.0")

@@ -6,6 +6,10 @@ turns back into the number by trying the candidates a region and a birth date le
 digest, not the number, lets this migration re-key every value from the column alone — a pruned
 stub's ``counts.person_key`` has no number beside it any more.
 
+``natural_key`` (gateway/pipeline/dedup.py) holds the identity number too, and a record's row
+keeps its year, activity type and completion date after its payload is pruned: it is keyed the
+same way, in ``records`` and ``natural_keys``.
+
 Re-keyed: ``records``, ``caps_ledger``, ``refused_pins``, ``reference_deferrals``,
 ``reference_title_applicants`` (their ``person_key`` column), ``reference_history`` (the key
 and the stored row of deferrals and title applicants) and ``record_versions`` retention stubs
@@ -46,8 +50,9 @@ depends_on = None
 CHUNK = 2000
 # gateway.person_keys.CHECK_LABEL, copied: a migration does not follow later code.
 CHECK_LABEL = b"ce-gateway/person-key-check/v1"
-# Tables whose person_key column is re-keyed in place, with their primary key.
-BY_PRIMARY_KEY = {'records': ('record_id',), 'refused_pins': ('record_id',)}
+# Tables whose person_key column is re-keyed in place, with their primary key (records, with
+# its natural_key, in _rekey_records).
+BY_PRIMARY_KEY = {'refused_pins': ('record_id',)}
 # Tables whose primary key holds the person_key: re-keyed value by value.
 BY_VALUE = ('caps_ledger', 'reference_deferrals', 'reference_title_applicants')
 HISTORY_KINDS = ('deferrals', 'title-applicants')
@@ -104,6 +109,23 @@ def _rekey_by_primary_key(conn: sa.Connection, name: str, key: Sequence[str],
     for rows in _walk(conn, table, key, ['person_key']):
         conn.execute(update, [{**{f'k_{k}': r[i] for i, k in enumerate(key)},
                                'new': rekey(r.person_key)} for r in rows])
+
+
+def _rekey_records(conn: sa.Connection, rekey: Callable[[str], str]) -> None:
+    # records: both keys, by record_id.  natural_keys (natural_key → the record holding it) by
+    # each old value met: records sharing a natural key (duplicates) meet it again, when the
+    # row is renamed already and the update touches nothing; a keyed value is never an old one.
+    table = _table('records', 'record_id', 'person_key', 'natural_key')
+    update = table.update().where(table.c.record_id == sa.bindparam('k_record_id')).values(
+        person_key=sa.bindparam('new_person'), natural_key=sa.bindparam('new_natural'))
+    holders = _table('natural_keys', 'natural_key')
+    rename = holders.update().where(holders.c.natural_key == sa.bindparam('old')).values(
+        natural_key=sa.bindparam('new'))
+    for rows in _walk(conn, table, ['record_id'], ['person_key', 'natural_key']):
+        naturals = {r.natural_key: rekey(r.natural_key) for r in rows}
+        conn.execute(update, [{'k_record_id': r.record_id, 'new_person': rekey(r.person_key),
+                               'new_natural': naturals[r.natural_key]} for r in rows])
+        conn.execute(rename, [{'old': old, 'new': new} for old, new in naturals.items()])
 
 
 def _rekey_by_value(conn: sa.Connection, name: str, rekey: Callable[[str], str]) -> None:
@@ -189,6 +211,7 @@ def upgrade() -> None:
                                "person keys were made with")
         return
     rekey = _keyed(secret)
+    _rekey_records(conn, rekey)
     for name, key in BY_PRIMARY_KEY.items():
         _rekey_by_primary_key(conn, name, key, rekey)
     for name in BY_VALUE:
@@ -199,7 +222,7 @@ def upgrade() -> None:
 
 
 def _holds_person_keys(conn: sa.Connection) -> bool:
-    for name in (*BY_PRIMARY_KEY, *BY_VALUE):
+    for name in ('records', *BY_PRIMARY_KEY, *BY_VALUE):
         if conn.execute(sa.select(_table(name, 'person_key').c.person_key).limit(1)).first():
             return True
     versions = _table('record_versions', 'pruned_at')
