@@ -13,7 +13,8 @@ column            canonical field               required  notes
 证件号码          person.id_number              yes       a resident id; full-width folded
 姓名              person.name                   yes
 单位名称          person.employer_name          no
-统一社会信用代码  person.employer_uscc          no        a failing check digit only warns
+统一社会信用代码  person.employer_uscc          no        a failing check digit only warns;
+                                                          see "Employer codes" below
 地区代码          person.region_code            yes
 学习方式          activity.mode, activity_type  yes       面授 → offline/training, 网络 →
                                                           online/online_course, 其他 →
@@ -28,18 +29,31 @@ column            canonical field               required  notes
 Fixed: ``person.industry="accounting"``, ``evidence.assessment="passed"``.  Public-subject rows
 are accepted from this partner (SPEC §4 R2: accountants train under their department).
 
+Employer codes: SPEC §3 makes ``employer_uscc`` optional and a failing code a warning, so the
+code never decides whether an accountant's hours are taken.  A cell that says "none" (无, 暂无,
+/, -, N/A …) is read as empty.  Any other value that is not 18 letters and digits — a pre-2015
+组织机构代码 ``12345678-9``, a 15-digit 工商注册号, a code one character short — is kept out of
+``employer_uscc`` (whose contract shape stays the 18-character GB 32100 code the management
+system can rely on) and answered with a ``USCC_INVALID`` warning naming the column and quoting
+the value; the row stays acceptable.  An 18-character code failing its check digit is kept and
+warned about by validation, as before.
+
 Credits become hours by ``hours_per_credit`` (default 1: 财会〔2018〕10号 asks 90 学分 a year
 against the 90 professional hours), rounded half-up to 0.1 h, with a ``CREDIT_CONVERSION`` note.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import ClassVar
 
 from adapters.base import AdapterConfig, ParsedRow
+from adapters.normalize import show_value
 from adapters.rows import RowBuilder, TabularAdapter
+from contracts import Note
+from gateway.pipeline.validate import note
 
 __all__ = ["CATEGORIES", "COLUMNS_OF", "MODES", "FinanceAdapter", "FinanceConfig"]
 
@@ -72,6 +86,13 @@ CATEGORIES: Mapping[str, str] = {
 }
 _MODE_KEYS = {key: key for key in MODES}
 
+_USCC_COLUMN = "统一社会信用代码"
+# What exports write in the column for "no code", folded as RowBuilder.text(code=True) folds
+# (NFKC, no spaces) and upper-cased.
+_NO_USCC = frozenset({"无", "暂无", "没有", "空", "-", "--", "—", "——", "/", "//", "\\", "N/A", "NA",
+                      "NULL", "NONE"})
+_USCC_SHAPE = re.compile(r"[0-9A-Z]{18}")  # the contract's shape (Person.employer_uscc)
+
 DEFAULT_RATE = Decimal("1")
 _WHAT = ("accounting CE credits → hours", "会计人员继续教育学分折算学时")
 _BASIS_DEFAULT = (
@@ -95,6 +116,7 @@ class FinanceAdapter(TabularAdapter):
         credits = b.number("学分")
         way = b.choice("学习方式", _MODE_KEYS, "面授/网络/其他")
         mode, activity_type = MODES.get(way or "", ("offline", "training"))
+        uscc, uscc_warning = _employer_code(b.text(_USCC_COLUMN, required=False, code=True))
         draft: dict[str, object] = {
             "source_record_id": b.text("流水号", code=True),
             "person": {
@@ -102,7 +124,7 @@ class FinanceAdapter(TabularAdapter):
                 "id_number": (b.text("证件号码", code=True) or "").upper(),
                 "name": b.text("姓名"),
                 "employer_name": b.text("单位名称", required=False),
-                "employer_uscc": b.text("统一社会信用代码", required=False, code=True),
+                "employer_uscc": uscc,
                 "region_code": b.text("地区代码", code=True, placeholder="630100"),
                 "industry": "accounting",
             },
@@ -114,6 +136,8 @@ class FinanceAdapter(TabularAdapter):
             "evidence": {"assessment": "passed"},
         }
         submission, errors, warnings = b.finish(draft, COLUMNS_OF)
+        if uscc_warning is not None:
+            warnings.insert(0, uscc_warning)
         parsed = ParsedRow(row=row, raw=dict(cells), submission=submission, errors=errors,
                            warnings=warnings)
         config = self.config
@@ -121,3 +145,21 @@ class FinanceAdapter(TabularAdapter):
         basis = _BASIS_DEFAULT if rate == DEFAULT_RATE else _BASIS_CONFIGURED
         return self.converted(parsed, None if "学分" in b.bad else credits, rate,
                               what=_WHAT, basis=basis)
+
+
+def _employer_code(text: str | None) -> tuple[str | None, Note | None]:
+    """The cell's code for ``employer_uscc``, and the warning when it cannot be one (module docs)."""
+    if text is None:
+        return None, None
+    folded = text.upper()
+    if folded in _NO_USCC:
+        return None, None
+    if _USCC_SHAPE.fullmatch(folded) is not None:
+        return folded, None
+    shown = show_value(text)
+    return None, note(
+        "USCC_INVALID",
+        f"{_USCC_COLUMN}: {shown} is not an 18-character unified social credit code; "
+        "left out of the record",
+        field=_USCC_COLUMN,
+        detail_zh=f"{_USCC_COLUMN}：{shown} 不是18位统一社会信用代码，未写入记录")

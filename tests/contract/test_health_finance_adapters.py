@@ -212,6 +212,28 @@ def test_finance_public_subject_and_uscc() -> None:
     assert [(w.field, w.code) for w in bad.warnings] == [("统一社会信用代码", "USCC_INVALID")]
 
 
+@pytest.mark.parametrize("value", ["无", " 暂无 ", "／", "-", "n/a", "——"])
+def test_finance_employer_code_written_as_none_is_empty(value: str) -> None:
+    p = parse_one(FinanceAdapter(), {**FINANCE_ROW, "统一社会信用代码": value})
+    assert p.ok and p.submission is not None
+    assert p.submission.person.employer_uscc is None and p.warnings == []
+
+
+@pytest.mark.parametrize("value", ["123", "12345678-9", "630100400001234", "91630100MA752K3X1",
+                                   "91630100MA752K3X1KK", "９１６３０１００ＭＡ７５２Ｋ３Ｘ１"])
+def test_finance_employer_code_of_another_shape_only_warns(value: str) -> None:
+    """SPEC §3: the code is optional and a failing one a warning, never the row's refusal.
+
+    It is left out of ``employer_uscc`` (the contract keeps the GB 32100 shape) and the
+    warning names the column and quotes what was there.
+    """
+    p = parse_one(FinanceAdapter(), {**FINANCE_ROW, "统一社会信用代码": value})
+    assert p.ok and p.submission is not None and p.credited_hours is not None
+    assert p.submission.person.employer_uscc is None
+    assert [(w.field, w.code) for w in p.warnings] == [("统一社会信用代码", "USCC_INVALID")]
+    assert "统一社会信用代码" in p.warnings[0].message and p.warnings[0].message_zh
+
+
 def test_full_width_and_spaced_values(partner: Partner) -> None:
     full = ID_NUMBER.translate(str.maketrans("0123456789", "０１２３４５６７８９"))
     row = {**partner.row, partner.id_number_column: f" {full[:6]} {full[6:]}",
@@ -337,7 +359,7 @@ def test_health_specific_faults(column: str, value: str) -> None:
 
 @pytest.mark.parametrize(
     ("column", "value"),
-    [("学习方式", "函授"), ("科目类别", "继续科目"), ("统一社会信用代码", "123"), ("课程名称", "")],
+    [("学习方式", "函授"), ("科目类别", "继续科目"), ("课程名称", "")],
 )
 def test_finance_specific_faults(column: str, value: str) -> None:
     p = parse_one(FinanceAdapter(), {**FINANCE_ROW, column: value})

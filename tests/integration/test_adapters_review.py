@@ -98,18 +98,6 @@ def _finance_file(tmp_path: Path, rows: list[dict[str, object]]) -> Path:
 # -- findings ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HIGH. A finance row whose optional 统一社会信用代码 is not 18 letters/digits — the placeholder "
-    "'无' or '/' that exports write for 'none', a pre-2015 组织机构代码 '12345678-9', a 15-digit "
-    "工商注册号, one character short — is REJECTED whole (SCHEMA on 统一社会信用代码), so an "
-    "accountant's real training hours are refused over an employer attribute. SPEC §3: "
-    "employer_uscc is optional and 'a failing code is a warning'. Cause: adapters/finance/__init__.py "
-    "passes the cell straight to person.employer_uscc, whose contract pattern ^[0-9A-Za-z]{18}$ "
-    "(contracts/records.py Person.employer_uscc) makes any other shape a schema error. Note "
-    "tests/contract/test_health_finance_adapters.py::test_finance_specific_faults pins the refusal "
-    "('123' → SCHEMA) and needs changing with the fix. Fix: in the finance adapter, treat "
-    "无/-//// 'none' spellings as empty, and any other non-18-character value as a USCC_INVALID "
-    "warning with employer_uscc left None (the row stays acceptable)."))
 def test_finance_row_with_an_old_or_placeholder_employer_code_is_accepted(
         db_url: str, engine: Engine, make_settings: MakeSettings, new_partner: NewPartner,
         tmp_path: Path) -> None:
