@@ -14,7 +14,14 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from adapters.base import Adapter, ParsedRow
-from adapters.normalize import cell_text, parse_date, parse_decimal, show_value, to_ascii_digits
+from adapters.normalize import (
+    cell_text,
+    mangled_number,
+    parse_date,
+    parse_decimal,
+    show_value,
+    to_ascii_digits,
+)
 from adapters.tabular import row_error, row_error_zh
 from contracts import CESubmission, Note
 from gateway.pipeline.validate import note, validate_submission
@@ -173,6 +180,19 @@ class RowBuilder:
                 self._fail(column, "empty", "不能为空")
                 return placeholder
             return None
+        return value
+
+    def record_id(self, column: str) -> str:
+        """A required record number (code text), refused when Excel has mangled it.
+
+        See :func:`adapters.normalize.mangled_number`: a record number that lost digits would
+        merge two people's rows into one record.
+        """
+        value = self.text(column, code=True) or "-"
+        if column not in self.bad:
+            problem = mangled_number(self.cells[column], value)
+            if problem is not None:
+                self._fail(column, *problem)
         return value
 
     def number(self, column: str, *, required: bool = True) -> Decimal | None:

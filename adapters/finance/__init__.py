@@ -9,7 +9,8 @@ Columns (SPEC §8) and where they go — unknown extra columns are ignored:
 ================  ============================  ========  =====================================
 column            canonical field               required  notes
 ================  ============================  ========  =====================================
-流水号            source_record_id              yes
+流水号            source_record_id              yes       refused when Excel lost its digits
+                                                          (exponent form, 16+ digit number)
 证件号码          person.id_number              yes       a resident id; full-width folded
 姓名              person.name                   yes
 单位名称          person.employer_name          no
@@ -118,7 +119,7 @@ class FinanceAdapter(TabularAdapter):
         mode, activity_type = MODES.get(way or "", ("offline", "training"))
         uscc, uscc_warning = _employer_code(b.text(_USCC_COLUMN, required=False, code=True))
         draft: dict[str, object] = {
-            "source_record_id": b.text("流水号", code=True),
+            "source_record_id": b.record_id("流水号"),
             "person": {
                 "id_type": "resident_id",
                 "id_number": (b.text("证件号码", code=True) or "").upper(),

@@ -9,7 +9,8 @@ Columns (SPEC §8) and where they go — unknown extra columns are ignored:
 ========  ============================  ========  ===========================================
 column    canonical field               required  notes
 ========  ============================  ========  ===========================================
-记录编号  source_record_id              yes
+记录编号  source_record_id              yes       refused when Excel lost its digits
+                                                  (exponent form, 16+ digit number)
 身份证号  person.id_number              yes       full-width digits and spaces folded
 姓名      person.name                   yes
 工作单位  person.employer_name          no
@@ -93,7 +94,7 @@ class HealthAdapter(TabularAdapter):
         started = b.day("开始日期", required=False)
         credits = b.number("学分")
         draft: dict[str, object] = {
-            "source_record_id": b.text("记录编号", code=True),
+            "source_record_id": b.record_id("记录编号"),
             "person": {
                 "id_type": "resident_id",
                 "id_number": (b.text("身份证号", code=True) or "").upper(),

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 from adapters.base import Adapter, ParsedRow
-from adapters.normalize import parse_date, parse_decimal, to_ascii_digits
+from adapters.normalize import mangled_number, parse_date, parse_decimal, to_ascii_digits
 from contracts import Note
 from contracts.errors import message
 from gateway.pipeline.validate import validate_submission
@@ -110,6 +110,9 @@ def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> Pars
     if missing:
         return ParsedRow(row=index, raw=result, errors=[_schema(k, "required", "必填")
                                                               for k in missing])
+    mangled = mangled_number(result["result_id"], _text(result["result_id"]))
+    if mangled is not None:  # Excel rounded it: it could name another trainee's result
+        return ParsedRow(row=index, raw=result, errors=[_schema("result_id", *mangled)])
     passed = _passed(result.get("passed", True))
     if passed is None:
         return ParsedRow(row=index, raw=result, errors=[_schema("passed", "expected true or false",

@@ -366,6 +366,21 @@ def test_finance_specific_faults(column: str, value: str) -> None:
     assert answer(p) == [(column, "SCHEMA")]
 
 
+@pytest.mark.parametrize("value", ["2.02603E+16", "２.０２６０３Ｅ＋１６", 2.0260301000000124e16,
+                                   1234567890123450.0])
+def test_record_number_excel_rounded_is_refused(partner: Partner, value: object) -> None:
+    """Rows whose long record numbers Excel rounded alike would merge into one record."""
+    p = parse_one(partner.adapter(), {**partner.row, partner.id_column: value})
+    assert answer(p) == [(partner.id_column, "SCHEMA")] and p.submission is None
+    assert "format the column as text" in p.errors[0].message and p.errors[0].message_zh
+
+
+def test_record_number_from_an_exact_number_cell_is_kept(partner: Partner) -> None:
+    p = parse_one(partner.adapter(), {**partner.row, partner.id_column: 202603010000123.0})
+    assert p.ok and p.submission is not None
+    assert p.submission.source_record_id == "202603010000123"
+
+
 def test_start_after_completion_names_the_start_column() -> None:
     p = parse_one(HealthAdapter(), {**HEALTH_ROW, "开始日期": "2026-03-09"})
     assert answer(p) == [("开始日期", "SCHEMA")]

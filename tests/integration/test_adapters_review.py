@@ -113,18 +113,6 @@ def test_finance_row_with_an_old_or_placeholder_employer_code_is_accepted(
     assert status["counts"]["accepted"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HIGH (silent data loss). When a finance or health file has been through Excel, long record "
-    "numbers come out in scientific notation — a CSV cell '2.02603E+16', or an XLSX float that "
-    "kept 15 digits. Different rows then carry the same 流水号/记录编号, and the gateway answers "
-    "the second row 'corrected': it becomes version 2 of the FIRST person's record, so one "
-    "accountant's hours vanish and the management system is told the record now belongs to "
-    "someone else. Identity numbers mangled the same way are caught by the GB 11643 check; record "
-    "numbers are not checked at all (adapters/rows.py RowBuilder.text(code=True) accepts any "
-    "text; adapters/normalize.py cell_text writes a float ≥ 1e16 as its repr). Fix: refuse, as "
-    "a SCHEMA error naming the id column, a record number written in exponent form "
-    "(r'^[0-9.]+E[+-]?[0-9]+$', case-insensitive) or read from a number cell whose value is "
-    "above 2**53 or has 16+ significant digits ('format the column as text and export again')."))
 def test_record_numbers_mangled_by_excel_are_refused_not_merged(
         db_url: str, engine: Engine, make_settings: MakeSettings, new_partner: NewPartner,
         tmp_path: Path) -> None:

@@ -53,3 +53,12 @@ def test_passed_as_spreadsheets_and_people_write_it() -> None:
     for value in ("maybe", "", [True], {"v": 1}):
         row = result_to_row(0, "JD-01", "PLAN-1", _result(passed=value))
         assert [e.code for e in row.errors] == ["SCHEMA"] and row.errors[0].field == "passed", value
+
+
+def test_a_result_id_excel_rounded_is_refused_naming_the_column() -> None:
+    """Two trainees whose long ids Excel rounded alike would share one record."""
+    for result_id in ("2.02603E+16", 2.0260301000000124e16):
+        row = result_to_row(0, "JD-01", "PLAN-1", _result(result_id=result_id))
+        assert row.submission is None
+        assert [(e.field, e.code) for e in row.errors] == [("result_id", "SCHEMA")]
+        assert "as text" in row.errors[0].message
