@@ -10,9 +10,10 @@ row at a time whatever the file's size (STYLE.md, "the hot path"):
   that is not blank) and data starts at row 2 (an XLSX sheet row; a CSV record, which is the file line unless a quoted cell holds a
   line break).  NDJSON has no header: its row number is the line number.  Blank rows (every
   cell empty) are skipped but still counted, so later numbers stay right.
-- Header cells are stripped and a BOM removed; empty header cells and repeats of an earlier
-  header are ignored (the first column of a name wins).  A short row's missing cells are
-  ``""``; XLSX empty cells are ``""`` too, so every format says "empty" the same way.
+- Header names are folded by :func:`header_name` (NFKC; whitespace, ideographic spaces
+  included, and zero-width characters removed anywhere, so a padded "姓　名" names the 姓名
+  column); empty header cells and repeats of an earlier header are ignored (the first column
+  of a name wins).  A short row's missing cells are ``""``; XLSX empty cells are ``""`` too, so every format says "empty" the same way.
 - **A broken row never stops the file.**  Instead of raising, a reader yields
   ``(row_number, {ROW_ERROR: "why"})`` — a one-key dict under the reserved header
   :data:`ROW_ERROR` (``"__error__"``), which no partner column uses.  Adapters turn it into a
@@ -58,6 +59,7 @@ import codecs
 import csv
 import io
 import re
+import unicodedata
 import warnings
 import xml.etree.ElementTree as ET  # expat refuses entity-expansion bombs (Python ≥ 3.7.1)
 import zipfile
@@ -89,6 +91,7 @@ __all__ = [
     "XlsxCensus",
     "count_data_rows",
     "detect_format",
+    "header_name",
     "iter_csv",
     "iter_ndjson",
     "iter_rows",
@@ -265,12 +268,30 @@ def _sniff_delimiter(head: bytes) -> str:
     return "\t" if b"\t" in first and b"," not in first else ","
 
 
+# Characters that occupy no room and are no letter: a BOM, zero-width spaces and joiners.
+_INVISIBLE = dict.fromkeys(map(ord, "\ufeff\u200b\u200c\u200d\u2060\u180e"))
+
+
+def header_name(raw: object) -> str:
+    """A header cell as the columns are named: NFKC, with no whitespace anywhere.
+
+    Chinese forms pad two-character headers to align them ("姓　名", "学分 类别"); every
+    column name of SPEC §8 is free of spaces, so folding them away loses nothing.
+    """
+    if raw is None:
+        return ""
+    name = str(raw).translate(_INVISIBLE)
+    if not name.isascii():
+        name = unicodedata.normalize("NFKC", name)
+    return "".join(name.split())
+
+
 def _header(cells: Iterable[object]) -> list[tuple[int, str]]:
     """(column index, name) of the usable header cells (module docs)."""
     seen: set[str] = set()
     columns: list[tuple[int, str]] = []
     for index, raw in enumerate(cells):
-        name = "" if raw is None else str(raw).replace("\ufeff", "").strip()
+        name = header_name(raw)
         if name and name not in seen:
             seen.add(name)
             columns.append((index, name))

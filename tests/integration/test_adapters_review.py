@@ -129,12 +129,6 @@ def test_record_numbers_mangled_by_excel_are_refused_not_merged(
         (2, "流水号", "SCHEMA"), (3, "流水号", "SCHEMA")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "MEDIUM. A header padded with spaces — '姓　名' (ideographic space, the usual way Chinese "
-    "forms align two-character headers) or '学分 类别' — matches no column, so EVERY row of the "
-    "file is rejected 'missing column'. adapters/tabular.py _header only strips the ends of a "
-    "header cell. Fix: fold header names in _header (NFKC, then drop all whitespace, including "
-    "U+3000 and zero-width spaces) so they compare equal to the SPEC §8 names."))
 @pytest.mark.parametrize("padded", [{"姓名": "姓　名"}, {"姓名": "姓 名"}, {"学分类别": "学分 类别"}])
 def test_headers_padded_with_spaces_still_name_their_columns(padded: dict[str, str]) -> None:
     header = [padded.get(name, name) for name in HEALTH_HEADERS]

@@ -21,6 +21,7 @@ from adapters.tabular import (
     UnsupportedFormat,
     detect_encoding,
     detect_format,
+    header_name,
     iter_csv,
     iter_ndjson,
     iter_rows,
@@ -214,6 +215,21 @@ def test_short_long_rows_empty_and_repeated_headers() -> None:
         (4, {"a": "5", "b": "6"}),
     ]
     assert _csv_rows(b"a,b\n1\n1,2,3\n") == [(2, {"a": "1", "b": ""}), (3, {"a": "1", "b": "2"})]
+
+
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [("姓　名", "姓名"), (" 学分 类别 ", "学分类别"), ("记录\u200b编号", "记录编号"),
+     ("\ufeff身份证号", "身份证号"), ("证\t件 号\u3000码", "证件号码"), ("ｂａｓｅ＿ｃｏｄｅ", "base_code"),
+     ("result_id", "result_id"), (None, ""), (42, "42")],
+)
+def test_header_names_fold_padding_and_full_width(raw: object, name: str) -> None:
+    assert header_name(raw) == name
+
+
+def test_padded_headers_name_their_columns() -> None:
+    data = "记 录 编 号,姓　名,\u200b学分类别\n1,王伟,Ⅰ类\n".encode()
+    assert _csv_rows(data) == [(2, {"记录编号": "1", "姓名": "王伟", "学分类别": "Ⅰ类"})]
 
 
 def test_quoted_cells_and_crlf() -> None:
