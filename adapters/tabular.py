@@ -72,6 +72,13 @@ from typing import IO, Any, Literal
 import orjson
 
 from adapters.base import Adapter, ParsedRow
+from adapters.merged import (
+    MAX_MERGED_RANGES,
+    MergedCells,
+    MergeRange,
+    OverlappingMerges,
+    find_merges,
+)
 from adapters.normalize import loads_exact
 
 __all__ = [
@@ -411,15 +418,23 @@ class XlsxCensus:
     rows: int
     highest_row_number: int
     largest_row_bytes: int  # of the XML between two row starts (or before the first, after the last)
+    merged: tuple[MergeRange, ...] = ()  # the sheet's merged ranges (adapters.merged)
 
 
 def _scan_sheet_xml(stream: IO[bytes], name: str) -> XlsxCensus:
-    """Count ``<row>`` elements in bounded memory; refuse a row or a row number past limits."""
+    """Count ``<row>`` elements and collect merged ranges in bounded memory.
+
+    Refuses a row or a row number past the limits, or more than MAX_MERGED_RANGES merges.
+    """
     pending, offset, last_start, rows, highest, largest = b"", 0, 0, 0, 0, 0
+    merged: list[MergeRange] = []
     while True:
         block = stream.read(_SCAN_BLOCK)
         data = pending + block
         usable = len(data) if not block else max(0, len(data) - _TAG_MARGIN)
+        merged += find_merges(data, 0, usable)
+        if len(merged) > MAX_MERGED_RANGES:
+            raise WorkbookTooLarge(f"{name}: more than {MAX_MERGED_RANGES:,} merged ranges")
         for match in _ROW_START.finditer(data, 0, len(data)):
             start = match.start()
             if start >= usable:
@@ -441,7 +456,8 @@ def _scan_sheet_xml(stream: IO[bytes], name: str) -> XlsxCensus:
                 f"{name}: one row (or the XML around the rows) holds more than "
                 f"{MAX_XLSX_ROW_XML_BYTES >> 20} MiB")
         if not block:
-            return XlsxCensus(rows, highest, max(largest, offset + usable - last_start))
+            return XlsxCensus(rows, highest, max(largest, offset + usable - last_start),
+                              tuple(merged))
         pending, offset = data[usable:], offset + usable
 
 
@@ -542,6 +558,8 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
 
     ``data_only=True``: formulas give their cached values.  Cells keep openpyxl's types
     (``str``, ``int``, ``float``, ``datetime`` for date cells); empty cells are ``""``.
+    A cell inside a merged range reads as the range's top-left cell, as Excel shows it
+    (:mod:`adapters.merged`; the ranges come from the census pass).
     Warnings are silenced only while openpyxl works, a chunk of rows at a time, never while
     the caller holds a row.  A file that is not a readable workbook raises
     :class:`UnreadableFile` (the whole batch fails; there are no rows to judge).
@@ -573,6 +591,7 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
         sheet.reset_dimensions()
         rows = sheet.iter_rows(values_only=True)
         columns: list[tuple[int, str]] | None = None
+        merges = MergedCells(census.merged)
         number = 0
         while True:
             try:
@@ -587,13 +606,22 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
                 number += 1
                 if number > XLSX_MAX_ROW_NUMBER:  # openpyxl fills gaps up to a row's number
                     raise WorkbookTooLarge(f"a row number past Excel's {XLSX_MAX_ROW_NUMBER:,}")
+                if merges:
+                    merges.begin(number, values)
                 if all(v is None or (isinstance(v, str) and not v.strip()) for v in values):
-                    continue
+                    continue  # blank as written: a merge reaching into it does not fill it
+                if merges:
+                    try:
+                        values = merges.fill(number, values)
+                    except OverlappingMerges as exc:
+                        raise UnreadableFile(str(exc)) from exc
                 if _too_long_cell(values):
                     yield number, _long_cell_error(number)
                     continue
                 if columns is None:
                     columns = _header(values)
+                    if columns:
+                        merges.header_width(columns[-1][0] + 1)
                     continue
                 width = len(values)
                 yield number, {

@@ -137,14 +137,6 @@ def test_headers_padded_with_spaces_still_name_their_columns(padded: dict[str, s
     assert parsed.submission is not None and parsed.submission.person.name == "赵伟"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "MEDIUM. In an XLSX roster or batch where a person merged a column down over several rows "
-    "(工作单位 and 地区代码 of one hospital's staff — common in hand-kept Chinese sheets), only "
-    "the first row of the merge has the value: adapters/tabular.py iter_xlsx (openpyxl read-only "
-    "mode, which ignores <mergeCells>) yields '' for the others, and they are rejected "
-    "'地区代码: 不能为空' although the sheet shows the code on every row. Fix: collect the "
-    "sheet's <mergeCell ref=…> ranges during xlsx_census's pass over the sheet XML and fill each "
-    "covered cell with its anchor's value in iter_xlsx."))
 def test_xlsx_merged_cells_give_every_row_their_value() -> None:
     book = Workbook()
     sheet = book.active

@@ -321,6 +321,30 @@ def test_xlsx_blank_rows_and_header(tmp_path: Path) -> None:
     ]
 
 
+def test_xlsx_merged_cells_read_as_their_top_left_cell(tmp_path: Path) -> None:
+    from openpyxl import Workbook
+
+    path = tmp_path / "merged.xlsx"
+    book = Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for row in (["记录编号", "工作单位", "地区代码", "学分"], ["1", "青海省人民医院", "630100", 2],
+                ["2"], [], ["3", None, None, 4], ["4", "西宁市第一医院", None, None]):
+        sheet.append(row)
+    sheet.merge_cells("B2:B5")  # down, over a blank row 4 (it stays blank, and skipped)
+    sheet.merge_cells("C2:C3")
+    sheet.merge_cells("B6:D6")  # across
+    sheet.merge_cells("F2:G9")  # right of the header: not read
+    book.save(path)
+    assert list(iter_xlsx(path)) == [
+        (2, {"记录编号": "1", "工作单位": "青海省人民医院", "地区代码": "630100", "学分": 2}),
+        (3, {"记录编号": "2", "工作单位": "青海省人民医院", "地区代码": "630100", "学分": ""}),
+        (5, {"记录编号": "3", "工作单位": "青海省人民医院", "地区代码": "", "学分": 4}),
+        (6, {"记录编号": "4", "工作单位": "西宁市第一医院", "地区代码": "西宁市第一医院",
+             "学分": "西宁市第一医院"}),
+    ]
+
+
 def test_openpyxl_warnings_are_silenced_while_reading(tmp_path: Path) -> None:
     """Files from other tools make openpyxl warn (here: no default cell style).
 
