@@ -160,14 +160,6 @@ def test_xlsx_merged_cells_give_every_row_their_value() -> None:
         ("630100", "青海省人民医院"), ("630100", "青海省人民医院")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LOW. A roster row the reader could not read (bytes not valid in the file's encoding, a CSV "
-    "syntax error, an over-long cell) is answered with seven 'required' errors (result_id, id_no, "
-    "name, region, hours, completed_on, base_code) instead of the reader's reason: "
-    "adapters/training_base/__init__.py TrainingBaseRosterAdapter.parse never looks at "
-    "adapters.tabular.row_error, as the health/finance adapters do (adapters/rows.py unpack_row). "
-    "The base is told its row is empty when it holds a mis-encoded name. Fix: check row_error "
-    "first and answer one SCHEMA note with the reader's reason (en and zh)."))
 def test_roster_row_the_reader_could_not_read_says_why() -> None:
     header = ["result_id", "id_no", "name", "employer", "region", "hours", "completed_on",
               "base_code", "plan_id"]
