@@ -22,6 +22,8 @@ row at a time whatever the file's size (STYLE.md, "the hot path"):
   error, and an NDJSON line that is not a JSON object.
 
 CSV encoding is decided once per file, from its first 64 KiB: a UTF-8 BOM → ``utf-8-sig``;
+a UTF-16 BOM (``FF FE`` or ``FE FF``: Excel's "Unicode text", tab-separated) followed by
+text with a line break → ``utf-16``;
 text that decodes as UTF-8 (a multibyte character cut at the 64 KiB mark allowed) → ``utf-8``.
 Otherwise the head is weighed, because one stray byte (a ``"Café"`` typed in Latin-1 by a bad
 export) must not condemn a whole UTF-8 file: decoded as UTF-8, it is still ``utf-8`` when its
@@ -35,7 +37,10 @@ stray byte) stays ``gb18030``, as a GBK name among ASCII columns looks just the 
 The rest is decoded with ``errors="surrogateescape"``: bytes that are not valid in
 the chosen encoding survive as lone surrogates, and the one record that holds them becomes a
 row error — not a crash of the batch and not silently replaced characters (``errors="replace"``
-would turn a mis-encoded name into ``"��"`` and accept it).  A file whose first 64 KiB are
+would turn a mis-encoded name into ``"��"`` and accept it; UTF-16, whose bad code units may
+hold bytes below 0x80 that ``surrogateescape`` cannot carry, gets a handler of the same
+effect).  The delimiter is sniffed from the header line: a tab, when it has tabs and no
+commas.  A file whose first 64 KiB are
 pure ASCII is ``utf-8``; GB18030 text first met after the head is then rejected row by row.
 
 **Limits** (a hostile file must not exhaust memory; every reader holds one bounded row):
@@ -124,6 +129,7 @@ UTF8_MAJORITY = 4
 _ZIP_MAGIC = b"PK\x03\x04"
 _OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # legacy .xls (BIFF) and other OLE2 files
 _UTF8_BOM = codecs.BOM_UTF8
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # Excel's "Unicode text" starts FF FE
 _SURROGATES = re.compile("[\udc80-\udcff]")
 _ASCII_BYTES = bytes(range(128))
 _XLSX_CHUNK = 1000
@@ -248,9 +254,11 @@ def _read_head(stream: IO[bytes], size: int = HEAD_BYTES) -> tuple[bytes, bool]:
 
 
 def detect_encoding(head: bytes, at_eof: bool = False) -> str:
-    """``utf-8-sig``, ``utf-8`` or ``gb18030`` for a CSV from its first bytes (module docs)."""
+    """``utf-8-sig``, ``utf-16``, ``utf-8`` or ``gb18030`` for a CSV from its first bytes."""
     if head.startswith(_UTF8_BOM):
         return "utf-8-sig"
+    if head.startswith(_UTF16_BOMS) and _has_utf16_line_break(head):
+        return "utf-16"  # the codec reads the BOM, and with it the byte order
     # final=False lets a multibyte character cut at the end of ``head`` pass (it is held back
     # by the decoder, neither valid nor invalid).
     try:
@@ -269,8 +277,33 @@ def detect_encoding(head: bytes, at_eof: bool = False) -> str:
     return "utf-8" if multibyte >= UTF8_MAJORITY * invalid else "gb18030"
 
 
-def _sniff_delimiter(head: bytes) -> str:
+def _has_utf16_line_break(head: bytes) -> bool:
+    """Whether UTF-16 text follows the BOM: a CSV's head holds a line break.
+
+    Two stray bytes FF FE before 8-bit text (not valid UTF-8 or GB18030 either) then stay
+    the undecodable bytes they are, not a line of nonsense hanzi.
+    """
+    text = head[: len(head) & ~1].decode("utf-16", "ignore")
+    return "\n" in text or "\r" in text
+
+
+def _mark_undecodable(exc: UnicodeError) -> tuple[str, int]:
+    """``surrogateescape`` for UTF-16, whose bad code units may hold bytes below 0x80."""
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    bad = exc.object[exc.start:exc.end]
+    return "".join(chr(0xDC80 | (b & 0x7F)) for b in bad), exc.end
+
+
+_UTF16_ERRORS = "ce-gateway-undecodable"
+codecs.register_error(_UTF16_ERRORS, _mark_undecodable)
+
+
+def _sniff_delimiter(head: bytes, encoding: str = "utf-8") -> str:
     """Comma, unless the header line has tabs and no commas (Excel's "Unicode text")."""
+    if encoding == "utf-16":  # a hanzi's code unit may hold a 0x2C byte: look at characters
+        line = head.decode("utf-16", "ignore").split("\n", 1)[0]
+        return "\t" if "\t" in line and "," not in line else ","
     first = head.split(b"\n", 1)[0]
     return "\t" if b"\t" in first and b"," not in first else ","
 
@@ -348,11 +381,11 @@ def iter_csv(stream: IO[bytes]) -> Iterator[Row]:
     text = io.TextIOWrapper(
         io.BufferedReader(_Prefixed(head, stream), buffer_size=HEAD_BYTES),
         encoding=encoding,
-        errors="surrogateescape",
+        errors=_UTF16_ERRORS if encoding == "utf-16" else "surrogateescape",
         newline="",
     )
     lines = _BoundedLines(text)
-    reader = csv.reader(lines, delimiter=_sniff_delimiter(head.removeprefix(_UTF8_BOM)))
+    reader = csv.reader(lines, delimiter=_sniff_delimiter(head.removeprefix(_UTF8_BOM), encoding))
     columns: list[tuple[int, str]] | None = None
     names: list[str] = []
     contiguous = True

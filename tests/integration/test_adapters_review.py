@@ -176,13 +176,6 @@ def test_roster_row_the_reader_could_not_read_says_why() -> None:
     assert "utf-8" in errors[0].message, errors[0].message  # the reader's reason, not "required"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LOW. A CSV saved by Excel as 'Unicode text' (UTF-16LE with a BOM, tab-separated — the very "
-    "format adapters/tabular.py _sniff_delimiter names) is decoded as GB18030: its one data row "
-    "comes back as several rows of NULs and garbage, each rejected 'missing column' "
-    "(detect_encoding knows only the UTF-8 BOM). The partner sees a file of nonsense errors. "
-    "Fix: recognise the UTF-16 BOMs (FF FE / FE FF) in detect_encoding and decode as utf-16 — "
-    "or refuse the whole file once, naming the encoding."))
 def test_excel_unicode_text_csv_reads_as_its_rows() -> None:
     lines = ["\t".join(HEALTH_HEADERS), "\t".join(str(HEALTH[n]) for n in HEALTH_HEADERS)]
     data = ("\r\n".join(lines) + "\r\n").encode("utf-16")  # BOM + UTF-16LE, as Excel writes

@@ -241,6 +241,25 @@ def test_quoted_cells_and_crlf() -> None:
     ]
 
 
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_excel_unicode_text_is_utf16_with_tabs(codec: str) -> None:
+    """Excel's "Unicode text": a UTF-16 BOM, tab-separated (丬 is U+4E2C: a 0x2C byte)."""
+    bom = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}[codec]
+    data = bom + "记录编号\t姓名\t丬\r\n1\t王伟\t,\r\n".encode(codec)
+    assert detect_encoding(data[:64]) == "utf-16"
+    assert _csv_rows(data) == [(2, {"记录编号": "1", "姓名": "王伟", "丬": ","})]
+
+
+def test_utf16_code_units_that_are_not_text_are_a_row_error() -> None:
+    # a lone high surrogate (its bytes 00 D8: one below 0x80), then a byte cut off at the end
+    data = (b"\xff\xfe" + "a\tb\r\n1\t".encode("utf-16-le") + b"\x00\xd8" +
+            "\r\n2\tx\r\n".encode("utf-16-le") + b"A")
+    rows = _csv_rows(data)
+    assert [(n, row_error(cells)) for n, cells in rows] == [
+        (2, "row 2: bytes that are not valid utf-16"), (3, None),
+        (4, "row 4: bytes that are not valid utf-16")]
+
+
 def test_tab_separated() -> None:
     assert _csv_rows("记录编号\t姓名\n1\t王伟\n".encode()) == [(2, {"记录编号": "1", "姓名": "王伟"})]
 
