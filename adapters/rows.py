@@ -27,6 +27,8 @@ from contracts import CESubmission, Note
 from gateway.pipeline.validate import note, validate_submission
 
 ONE_PLACE = Decimal("0.1")
+# A 学分 cell written with its unit ("2.5学分", "2.5 分"); the longer unit is tried first.
+CREDIT_UNITS = ("学分", "分")
 
 
 def unpack_row(raw: object) -> tuple[int | None, Mapping[str, object] | None, Note | None]:
@@ -195,10 +197,22 @@ class RowBuilder:
                 self._fail(column, *problem)
         return value
 
-    def number(self, column: str, *, required: bool = True) -> Decimal | None:
+    def number(self, column: str, *, required: bool = True,
+               units: tuple[str, ...] = ()) -> Decimal | None:
+        """A non-negative number; text may end in one of the column's own ``units``.
+
+        ``units`` are tried in order, so a longer one goes first (``("学分", "分")``): a
+        hand-kept sheet writes "2.5学分", and the unit is the column's, so nothing is guessed.
+        """
         raw = self._raw(column, required)
         if raw is None:
             return Decimal(0) if required else None
+        if units and isinstance(raw, str):
+            text = raw.rstrip()
+            for unit in units:
+                if text.endswith(unit):
+                    raw = text[: -len(unit)]
+                    break
         try:
             value = parse_decimal(raw)
         except ValueError as exc:

@@ -23,7 +23,7 @@ column            canonical field               required  notes
 课程名称          activity.title                yes
 科目类别          category                      yes       专业科目 → professional,
                                                           公需科目 → public
-学分              claimed.quantity              yes       unit ``credits``
+学分              claimed.quantity              yes       unit ``credits``; "2.5学分", "2.5分" too
 完成日期          activity.completed_on, year   yes       year = the completion date's year
 ================  ============================  ========  =====================================
 
@@ -52,7 +52,7 @@ from typing import ClassVar
 
 from adapters.base import AdapterConfig, ParsedRow
 from adapters.normalize import show_value
-from adapters.rows import RowBuilder, TabularAdapter
+from adapters.rows import CREDIT_UNITS, RowBuilder, TabularAdapter
 from contracts import Note
 from gateway.pipeline.validate import note
 
@@ -114,7 +114,7 @@ class FinanceAdapter(TabularAdapter):
     def parse_cells(self, row: int | None, cells: Mapping[str, object]) -> ParsedRow:
         b = RowBuilder(cells)
         completed = b.day("完成日期")
-        credits = b.number("学分")
+        credits = b.number("学分", units=CREDIT_UNITS)
         way = b.choice("学习方式", _MODE_KEYS, "面授/网络/其他")
         mode, activity_type = MODES.get(way or "", ("offline", "training"))
         uscc, uscc_warning = _employer_code(b.text(_USCC_COLUMN, required=False, code=True))

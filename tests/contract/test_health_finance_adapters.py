@@ -381,6 +381,18 @@ def test_record_number_from_an_exact_number_cell_is_kept(partner: Partner) -> No
     assert p.submission.source_record_id == "202603010000123"
 
 
+@pytest.mark.parametrize("value", ["2.5学分", " 2.5 学分 ", "2.5分", "２.５学分"])
+def test_credits_may_carry_the_columns_unit(partner: Partner, value: str) -> None:
+    p = parse_one(partner.adapter(), {**partner.row, "学分": value})
+    assert p.ok and p.credits == Decimal("2.5")
+
+
+@pytest.mark.parametrize("value", ["学分", "2.5学时", "2.5学分学分", "2.5小时"])
+def test_credits_with_another_or_a_doubled_unit_are_refused(partner: Partner, value: str) -> None:
+    p = parse_one(partner.adapter(), {**partner.row, "学分": value})
+    assert answer(p) == [("学分", "SCHEMA")]
+
+
 def test_start_after_completion_names_the_start_column() -> None:
     p = parse_one(HealthAdapter(), {**HEALTH_ROW, "开始日期": "2026-03-09"})
     assert answer(p) == [("开始日期", "SCHEMA")]

@@ -2,8 +2,8 @@
 
 What a provincial health or finance department's real files look like, pushed through the real
 readers (``adapters.tabular``), the adapters' ``parse`` and, where the effect is on the store,
-the batch processor on SQLite and PostgreSQL.  Each strict xfail is a finding: its reason says
-what is wrong, where, why it matters and a suggested fix.
+the batch processor on SQLite and PostgreSQL.  Each test under "findings" was a strict xfail
+(a finding, its reason saying what was wrong and where); each is fixed and now guards its fix.
 """
 
 from __future__ import annotations
@@ -183,11 +183,6 @@ def test_excel_unicode_text_csv_reads_as_its_rows() -> None:
     assert [_codes(p) for p in parsed] == [[]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LOW. A 学分 cell written with its unit — '2.5学分', '2.5 学分' or '2.5分' (hand-kept sheets "
-    "do this) — is refused 'not a number' (adapters/normalize.py parse_decimal). The unit is the "
-    "column's own, so nothing is guessed by reading it. Fix: in RowBuilder.number for the 学分 "
-    "column (health and finance), strip one trailing '学分'/'分' before parse_decimal."))
 @pytest.mark.parametrize("credits", ["2.5学分", "2.5 学分", "2.5分"])
 def test_credits_written_with_their_unit(credits: str) -> None:
     parsed = _one(list(HealthAdapter().parse((2, {**HEALTH, "学分": credits}))))
