@@ -191,8 +191,10 @@ class RowBuilder:
         merge two people's rows into one record.
         """
         value = self.text(column, code=True) or "-"
-        if column not in self.bad:
-            problem = mangled_number(self.cells[column], value)
+        raw = self.cells.get(column)
+        # Most ids are text with no E in them: one test each, before the function call.
+        if (isinstance(raw, float) or "E" in value or "e" in value) and column not in self.bad:
+            problem = mangled_number(raw, value)
             if problem is not None:
                 self._fail(column, *problem)
         return value
@@ -207,12 +209,10 @@ class RowBuilder:
         raw = self._raw(column, required)
         if raw is None:
             return Decimal(0) if required else None
-        if units and isinstance(raw, str):
+        if units and isinstance(raw, str) and raw.rstrip().endswith(units):
             text = raw.rstrip()
-            for unit in units:
-                if text.endswith(unit):
-                    raw = text[: -len(unit)]
-                    break
+            unit = next(u for u in units if text.endswith(u))
+            raw = text[: -len(unit)]
         try:
             value = parse_decimal(raw)
         except ValueError as exc:

@@ -45,7 +45,6 @@ against the 90 professional hours), rounded half-up to 0.1 h, with a ``CREDIT_CO
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import ClassVar
@@ -92,7 +91,6 @@ _USCC_COLUMN = "统一社会信用代码"
 # (NFKC, no spaces) and upper-cased.
 _NO_USCC = frozenset({"无", "暂无", "没有", "空", "-", "--", "—", "——", "/", "//", "\\", "N/A", "NA",
                       "NULL", "NONE"})
-_USCC_SHAPE = re.compile(r"[0-9A-Z]{18}")  # the contract's shape (Person.employer_uscc)
 
 DEFAULT_RATE = Decimal("1")
 _WHAT = ("accounting CE credits → hours", "会计人员继续教育学分折算学时")
@@ -152,11 +150,10 @@ def _employer_code(text: str | None) -> tuple[str | None, Note | None]:
     """The cell's code for ``employer_uscc``, and the warning when it cannot be one (module docs)."""
     if text is None:
         return None, None
-    folded = text.upper()
-    if folded in _NO_USCC:
+    if len(text) == 18 and text.isascii() and text.isalnum():  # the contract's shape
+        return text.upper(), None
+    if text.upper() in _NO_USCC:
         return None, None
-    if _USCC_SHAPE.fullmatch(folded) is not None:
-        return folded, None
     shown = show_value(text)
     return None, note(
         "USCC_INVALID",
