@@ -7,6 +7,7 @@ raises :class:`ValueError` with a message fit for a row error (the adapter wraps
 - :func:`to_ascii_digits` — full-width digits, letters and spaces → ASCII (Unicode NFKC), stripped.
 - :func:`cell_text` — any cell value (CSV string, Excel number, JSON value) → stripped text.
 - :func:`parse_decimal` — ``"1,234.5"``, ``"２.５"``, ``" 3 "``, Excel floats → :class:`Decimal`.
+- :func:`mangled_number` — why a record-number cell lost digits to Excel (or ``None``).
 - :func:`parse_date` — the date forms of SPEC §8 (a time after them dropped), their full-width
   variants, Excel date cells, Excel serial numbers and yyyymmdd numbers → :class:`datetime.date`.
 """
@@ -23,8 +24,8 @@ from typing import Any
 
 import orjson
 
-__all__ = ["cell_text", "loads_exact", "parse_date", "parse_decimal", "show_value",
-           "to_ascii_digits"]
+__all__ = ["cell_text", "loads_exact", "mangled_number", "parse_date", "parse_decimal",
+           "show_value", "to_ascii_digits"]
 
 # Lone surrogates come from undecodable bytes (``errors="surrogateescape"``); they are not text
 # and could not be stored or serialised later.
@@ -54,6 +55,14 @@ _DATE_FORMS = (
                r"(?:(?:\s+|T|(?<=日))" + _CLOCK + ")?"),
 )
 _DATE_HELP = "expected a date like 2026-03-05, 2026/3/5, 20260305 or 2026年3月5日"
+
+# A long number as Excel shows and exports it once the cell is a number ("2.02603E+16"): the
+# sign is required, as Excel and Python always write it, so an id like "2026E01" stays an id.
+_EXPONENT_FORM = re.compile(r"[0-9]+(?:\.[0-9]*)?[Ee][+-][0-9]{1,3}")
+# Excel keeps 15 significant digits: a number cell of 16 digits or more has lost its tail
+# (and a float cannot hold every integer past 2**53 ≈ 9.007e15 anyway).
+_EXCEL_EXACT_BELOW = 1e15
+_RETYPE = ("format the column as text and export again", "请将该列设为文本格式后重新导出")
 
 # Excel's 1900 date system: serial 1 = 1900-01-01, and serial 60 is the 29 February 1900 that
 # Lotus 1-2-3 invented and Excel kept.  From serial 61 on, day 0 is 1899-12-30.
@@ -131,6 +140,27 @@ def cell_text(value: object) -> str:
     if isinstance(value, (date, datetime)):
         return value.isoformat()
     raise ValueError(f"expected text, got {type(value).__name__}")
+
+
+def mangled_number(value: object, text: str) -> tuple[str, str] | None:
+    """Why a record number cannot be trusted, in English and Chinese; ``None`` when it can.
+
+    ``value`` is the cell as read, ``text`` its folded text.  Two rows whose long numbers
+    Excel rounded alike would carry one id, and the second would replace the first person's
+    record as a "correction", so such ids are refused: a float cell of 16 digits or more
+    (Excel holds 15), and text in exponent form (``2.02603E+16``, what a CSV exported from
+    such a cell says).  Integers are trusted: they come exact from NDJSON (:func:`loads_exact`).
+    """
+    if isinstance(value, float) and abs(value) >= _EXCEL_EXACT_BELOW:
+        return (f"a number cell cannot hold this record number exactly ({show_value(value)}; "
+                f"Excel keeps 15 digits): {_RETYPE[0]}",
+                f"数值单元格无法准确保存该编号（{show_value(value)}，Excel 只保留15位有效数字），"
+                f"{_RETYPE[1]}")
+    if ("E" in text or "e" in text) and _EXPONENT_FORM.fullmatch(text) is not None:
+        return (f"written in exponent form ({show_value(text)}): the number's digits are lost; "
+                f"{_RETYPE[0]}",
+                f"编号为科学计数法（{show_value(text)}），已丢失位数，{_RETYPE[1]}")
+    return None
 
 
 def show_value(value: object) -> str:

@@ -14,12 +14,21 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from adapters.base import Adapter, ParsedRow
-from adapters.normalize import cell_text, parse_date, parse_decimal, show_value, to_ascii_digits
+from adapters.normalize import (
+    cell_text,
+    mangled_number,
+    parse_date,
+    parse_decimal,
+    show_value,
+    to_ascii_digits,
+)
 from adapters.tabular import row_error, row_error_zh
 from contracts import CESubmission, Note
 from gateway.pipeline.validate import note, validate_submission
 
 ONE_PLACE = Decimal("0.1")
+# A 学分 cell written with its unit ("2.5学分", "2.5 分"); the longer unit is tried first.
+CREDIT_UNITS = ("学分", "分")
 
 
 def unpack_row(raw: object) -> tuple[int | None, Mapping[str, object] | None, Note | None]:
@@ -175,10 +184,35 @@ class RowBuilder:
             return None
         return value
 
-    def number(self, column: str, *, required: bool = True) -> Decimal | None:
+    def record_id(self, column: str) -> str:
+        """A required record number (code text), refused when Excel has mangled it.
+
+        See :func:`adapters.normalize.mangled_number`: a record number that lost digits would
+        merge two people's rows into one record.
+        """
+        value = self.text(column, code=True) or "-"
+        raw = self.cells.get(column)
+        # Most ids are text with no E in them: one test each, before the function call.
+        if (isinstance(raw, float) or "E" in value or "e" in value) and column not in self.bad:
+            problem = mangled_number(raw, value)
+            if problem is not None:
+                self._fail(column, *problem)
+        return value
+
+    def number(self, column: str, *, required: bool = True,
+               units: tuple[str, ...] = ()) -> Decimal | None:
+        """A non-negative number; text may end in one of the column's own ``units``.
+
+        ``units`` are tried in order, so a longer one goes first (``("学分", "分")``): a
+        hand-kept sheet writes "2.5学分", and the unit is the column's, so nothing is guessed.
+        """
         raw = self._raw(column, required)
         if raw is None:
             return Decimal(0) if required else None
+        if units and isinstance(raw, str) and raw.rstrip().endswith(units):
+            text = raw.rstrip()
+            unit = next(u for u in units if text.endswith(u))
+            raw = text[: -len(unit)]
         try:
             value = parse_decimal(raw)
         except ValueError as exc:

@@ -10,9 +10,10 @@ row at a time whatever the file's size (STYLE.md, "the hot path"):
   that is not blank) and data starts at row 2 (an XLSX sheet row; a CSV record, which is the file line unless a quoted cell holds a
   line break).  NDJSON has no header: its row number is the line number.  Blank rows (every
   cell empty) are skipped but still counted, so later numbers stay right.
-- Header cells are stripped and a BOM removed; empty header cells and repeats of an earlier
-  header are ignored (the first column of a name wins).  A short row's missing cells are
-  ``""``; XLSX empty cells are ``""`` too, so every format says "empty" the same way.
+- Header names are folded by :func:`header_name` (NFKC; whitespace, ideographic spaces
+  included, and zero-width characters removed anywhere, so a padded "姓　名" names the 姓名
+  column); empty header cells and repeats of an earlier header are ignored (the first column
+  of a name wins).  A short row's missing cells are ``""``; XLSX empty cells are ``""`` too, so every format says "empty" the same way.
 - **A broken row never stops the file.**  Instead of raising, a reader yields
   ``(row_number, {ROW_ERROR: "why"})`` — a one-key dict under the reserved header
   :data:`ROW_ERROR` (``"__error__"``), which no partner column uses.  Adapters turn it into a
@@ -21,6 +22,8 @@ row at a time whatever the file's size (STYLE.md, "the hot path"):
   error, and an NDJSON line that is not a JSON object.
 
 CSV encoding is decided once per file, from its first 64 KiB: a UTF-8 BOM → ``utf-8-sig``;
+a UTF-16 BOM (``FF FE`` or ``FE FF``: Excel's "Unicode text", tab-separated) followed by
+text with a line break → ``utf-16``;
 text that decodes as UTF-8 (a multibyte character cut at the 64 KiB mark allowed) → ``utf-8``.
 Otherwise the head is weighed, because one stray byte (a ``"Café"`` typed in Latin-1 by a bad
 export) must not condemn a whole UTF-8 file: decoded as UTF-8, it is still ``utf-8`` when its
@@ -34,7 +37,10 @@ stray byte) stays ``gb18030``, as a GBK name among ASCII columns looks just the 
 The rest is decoded with ``errors="surrogateescape"``: bytes that are not valid in
 the chosen encoding survive as lone surrogates, and the one record that holds them becomes a
 row error — not a crash of the batch and not silently replaced characters (``errors="replace"``
-would turn a mis-encoded name into ``"��"`` and accept it).  A file whose first 64 KiB are
+would turn a mis-encoded name into ``"��"`` and accept it; UTF-16, whose bad code units may
+hold bytes below 0x80 that ``surrogateescape`` cannot carry, gets a handler of the same
+effect).  The delimiter is sniffed from the header line: a tab, when it has tabs and no
+commas.  A file whose first 64 KiB are
 pure ASCII is ``utf-8``; GB18030 text first met after the head is then rejected row by row.
 
 **Limits** (a hostile file must not exhaust memory; every reader holds one bounded row):
@@ -58,6 +64,7 @@ import codecs
 import csv
 import io
 import re
+import unicodedata
 import warnings
 import xml.etree.ElementTree as ET  # expat refuses entity-expansion bombs (Python ≥ 3.7.1)
 import zipfile
@@ -70,6 +77,13 @@ from typing import IO, Any, Literal
 import orjson
 
 from adapters.base import Adapter, ParsedRow
+from adapters.merged import (
+    MAX_MERGED_RANGES,
+    MergedCells,
+    MergeRange,
+    OverlappingMerges,
+    find_merges,
+)
 from adapters.normalize import loads_exact
 
 __all__ = [
@@ -89,6 +103,7 @@ __all__ = [
     "XlsxCensus",
     "count_data_rows",
     "detect_format",
+    "header_name",
     "iter_csv",
     "iter_ndjson",
     "iter_rows",
@@ -114,6 +129,7 @@ UTF8_MAJORITY = 4
 _ZIP_MAGIC = b"PK\x03\x04"
 _OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # legacy .xls (BIFF) and other OLE2 files
 _UTF8_BOM = codecs.BOM_UTF8
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # Excel's "Unicode text" starts FF FE
 _SURROGATES = re.compile("[\udc80-\udcff]")
 _ASCII_BYTES = bytes(range(128))
 _XLSX_CHUNK = 1000
@@ -238,9 +254,11 @@ def _read_head(stream: IO[bytes], size: int = HEAD_BYTES) -> tuple[bytes, bool]:
 
 
 def detect_encoding(head: bytes, at_eof: bool = False) -> str:
-    """``utf-8-sig``, ``utf-8`` or ``gb18030`` for a CSV from its first bytes (module docs)."""
+    """``utf-8-sig``, ``utf-16``, ``utf-8`` or ``gb18030`` for a CSV from its first bytes."""
     if head.startswith(_UTF8_BOM):
         return "utf-8-sig"
+    if head.startswith(_UTF16_BOMS) and _has_utf16_line_break(head):
+        return "utf-16"  # the codec reads the BOM, and with it the byte order
     # final=False lets a multibyte character cut at the end of ``head`` pass (it is held back
     # by the decoder, neither valid nor invalid).
     try:
@@ -259,10 +277,53 @@ def detect_encoding(head: bytes, at_eof: bool = False) -> str:
     return "utf-8" if multibyte >= UTF8_MAJORITY * invalid else "gb18030"
 
 
-def _sniff_delimiter(head: bytes) -> str:
+def _has_utf16_line_break(head: bytes) -> bool:
+    """Whether UTF-16 text follows the BOM: a CSV's head holds a line break.
+
+    Two stray bytes FF FE before 8-bit text (not valid UTF-8 or GB18030 either) then stay
+    the undecodable bytes they are, not a line of nonsense hanzi.
+    """
+    text = head[: len(head) & ~1].decode("utf-16", "ignore")
+    return "\n" in text or "\r" in text
+
+
+def _mark_undecodable(exc: UnicodeError) -> tuple[str, int]:
+    """``surrogateescape`` for UTF-16, whose bad code units may hold bytes below 0x80."""
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    bad = exc.object[exc.start:exc.end]
+    return "".join(chr(0xDC80 | (b & 0x7F)) for b in bad), exc.end
+
+
+_UTF16_ERRORS = "ce-gateway-undecodable"
+codecs.register_error(_UTF16_ERRORS, _mark_undecodable)
+
+
+def _sniff_delimiter(head: bytes, encoding: str = "utf-8") -> str:
     """Comma, unless the header line has tabs and no commas (Excel's "Unicode text")."""
+    if encoding == "utf-16":  # a hanzi's code unit may hold a 0x2C byte: look at characters
+        line = head.decode("utf-16", "ignore").split("\n", 1)[0]
+        return "\t" if "\t" in line and "," not in line else ","
     first = head.split(b"\n", 1)[0]
     return "\t" if b"\t" in first and b"," not in first else ","
+
+
+# Characters that occupy no room and are no letter: a BOM, zero-width spaces and joiners.
+_INVISIBLE = dict.fromkeys(map(ord, "\ufeff\u200b\u200c\u200d\u2060\u180e"))
+
+
+def header_name(raw: object) -> str:
+    """A header cell as the columns are named: NFKC, with no whitespace anywhere.
+
+    Chinese forms pad two-character headers to align them ("姓　名", "学分 类别"); every
+    column name of SPEC §8 is free of spaces, so folding them away loses nothing.
+    """
+    if raw is None:
+        return ""
+    name = str(raw).translate(_INVISIBLE)
+    if not name.isascii():
+        name = unicodedata.normalize("NFKC", name)
+    return "".join(name.split())
 
 
 def _header(cells: Iterable[object]) -> list[tuple[int, str]]:
@@ -270,7 +331,7 @@ def _header(cells: Iterable[object]) -> list[tuple[int, str]]:
     seen: set[str] = set()
     columns: list[tuple[int, str]] = []
     for index, raw in enumerate(cells):
-        name = "" if raw is None else str(raw).replace("\ufeff", "").strip()
+        name = header_name(raw)
         if name and name not in seen:
             seen.add(name)
             columns.append((index, name))
@@ -320,11 +381,11 @@ def iter_csv(stream: IO[bytes]) -> Iterator[Row]:
     text = io.TextIOWrapper(
         io.BufferedReader(_Prefixed(head, stream), buffer_size=HEAD_BYTES),
         encoding=encoding,
-        errors="surrogateescape",
+        errors=_UTF16_ERRORS if encoding == "utf-16" else "surrogateescape",
         newline="",
     )
     lines = _BoundedLines(text)
-    reader = csv.reader(lines, delimiter=_sniff_delimiter(head.removeprefix(_UTF8_BOM)))
+    reader = csv.reader(lines, delimiter=_sniff_delimiter(head.removeprefix(_UTF8_BOM), encoding))
     columns: list[tuple[int, str]] | None = None
     names: list[str] = []
     contiguous = True
@@ -390,15 +451,23 @@ class XlsxCensus:
     rows: int
     highest_row_number: int
     largest_row_bytes: int  # of the XML between two row starts (or before the first, after the last)
+    merged: tuple[MergeRange, ...] = ()  # the sheet's merged ranges (adapters.merged)
 
 
 def _scan_sheet_xml(stream: IO[bytes], name: str) -> XlsxCensus:
-    """Count ``<row>`` elements in bounded memory; refuse a row or a row number past limits."""
+    """Count ``<row>`` elements and collect merged ranges in bounded memory.
+
+    Refuses a row or a row number past the limits, or more than MAX_MERGED_RANGES merges.
+    """
     pending, offset, last_start, rows, highest, largest = b"", 0, 0, 0, 0, 0
+    merged: list[MergeRange] = []
     while True:
         block = stream.read(_SCAN_BLOCK)
         data = pending + block
         usable = len(data) if not block else max(0, len(data) - _TAG_MARGIN)
+        merged += find_merges(data, 0, usable)
+        if len(merged) > MAX_MERGED_RANGES:
+            raise WorkbookTooLarge(f"{name}: more than {MAX_MERGED_RANGES:,} merged ranges")
         for match in _ROW_START.finditer(data, 0, len(data)):
             start = match.start()
             if start >= usable:
@@ -420,7 +489,8 @@ def _scan_sheet_xml(stream: IO[bytes], name: str) -> XlsxCensus:
                 f"{name}: one row (or the XML around the rows) holds more than "
                 f"{MAX_XLSX_ROW_XML_BYTES >> 20} MiB")
         if not block:
-            return XlsxCensus(rows, highest, max(largest, offset + usable - last_start))
+            return XlsxCensus(rows, highest, max(largest, offset + usable - last_start),
+                              tuple(merged))
         pending, offset = data[usable:], offset + usable
 
 
@@ -521,6 +591,8 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
 
     ``data_only=True``: formulas give their cached values.  Cells keep openpyxl's types
     (``str``, ``int``, ``float``, ``datetime`` for date cells); empty cells are ``""``.
+    A cell inside a merged range reads as the range's top-left cell, as Excel shows it
+    (:mod:`adapters.merged`; the ranges come from the census pass).
     Warnings are silenced only while openpyxl works, a chunk of rows at a time, never while
     the caller holds a row.  A file that is not a readable workbook raises
     :class:`UnreadableFile` (the whole batch fails; there are no rows to judge).
@@ -552,6 +624,7 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
         sheet.reset_dimensions()
         rows = sheet.iter_rows(values_only=True)
         columns: list[tuple[int, str]] | None = None
+        merges = MergedCells(census.merged)
         number = 0
         while True:
             try:
@@ -566,13 +639,22 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
                 number += 1
                 if number > XLSX_MAX_ROW_NUMBER:  # openpyxl fills gaps up to a row's number
                     raise WorkbookTooLarge(f"a row number past Excel's {XLSX_MAX_ROW_NUMBER:,}")
+                if merges:
+                    merges.begin(number, values)
                 if all(v is None or (isinstance(v, str) and not v.strip()) for v in values):
-                    continue
+                    continue  # blank as written: a merge reaching into it does not fill it
+                if merges:
+                    try:
+                        values = merges.fill(number, values)
+                    except OverlappingMerges as exc:
+                        raise UnreadableFile(str(exc)) from exc
                 if _too_long_cell(values):
                     yield number, _long_cell_error(number)
                     continue
                 if columns is None:
                     columns = _header(values)
+                    if columns:
+                        merges.header_width(columns[-1][0] + 1)
                     continue
                 width = len(values)
                 yield number, {

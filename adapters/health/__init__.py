@@ -9,7 +9,8 @@ Columns (SPEC §8) and where they go — unknown extra columns are ignored:
 ========  ============================  ========  ===========================================
 column    canonical field               required  notes
 ========  ============================  ========  ===========================================
-记录编号  source_record_id              yes
+记录编号  source_record_id              yes       refused when Excel lost its digits
+                                                  (exponent form, 16+ digit number)
 身份证号  person.id_number              yes       full-width digits and spaces folded
 姓名      person.name                   yes
 工作单位  person.employer_name          no
@@ -17,7 +18,7 @@ column    canonical field               required  notes
 项目编号  activity.plan_id              no        the CME project number
 项目名称  activity.title                yes
 学分类别  claimed.details.credit_class  yes       Ⅰ类/Ⅱ类, I/II, 一类/二类, 1类/2类 → I/II
-学分      claimed.quantity              yes       unit ``credits``
+学分      claimed.quantity              yes       unit ``credits``; "2.5学分", "2.5分" too
 开始日期  activity.started_on           no
 完成日期  activity.completed_on, year   yes       year = the completion date's year
 证书编号  evidence.certificate_no       no
@@ -38,7 +39,7 @@ from decimal import Decimal
 from typing import ClassVar
 
 from adapters.base import AdapterConfig, ParsedRow
-from adapters.rows import RowBuilder, TabularAdapter
+from adapters.rows import CREDIT_UNITS, RowBuilder, TabularAdapter
 
 __all__ = ["COLUMNS_OF", "CREDIT_CLASSES", "HealthAdapter", "HealthConfig"]
 
@@ -91,9 +92,9 @@ class HealthAdapter(TabularAdapter):
         b = RowBuilder(cells)
         completed = b.day("完成日期")
         started = b.day("开始日期", required=False)
-        credits = b.number("学分")
+        credits = b.number("学分", units=CREDIT_UNITS)
         draft: dict[str, object] = {
-            "source_record_id": b.text("记录编号", code=True),
+            "source_record_id": b.record_id("记录编号"),
             "person": {
                 "id_type": "resident_id",
                 "id_number": (b.text("身份证号", code=True) or "").upper(),

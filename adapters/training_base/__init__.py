@@ -13,10 +13,11 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 from adapters.base import Adapter, ParsedRow
-from adapters.normalize import parse_date, parse_decimal, to_ascii_digits
+from adapters.normalize import mangled_number, parse_date, parse_decimal, to_ascii_digits
+from adapters.tabular import row_error, row_error_zh
 from contracts import Note
 from contracts.errors import message
-from gateway.pipeline.validate import validate_submission
+from gateway.pipeline.validate import note, validate_submission
 
 RESULT_KEYS = ("result_id", "id_no", "name", "region", "hours", "completed_on")
 OPTIONAL_KEYS = ("employer", "started_on", "passed", "certificate_no", "title")
@@ -110,6 +111,9 @@ def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> Pars
     if missing:
         return ParsedRow(row=index, raw=result, errors=[_schema(k, "required", "必填")
                                                               for k in missing])
+    mangled = mangled_number(result["result_id"], _text(result["result_id"]))
+    if mangled is not None:  # Excel rounded it: it could name another trainee's result
+        return ParsedRow(row=index, raw=result, errors=[_schema("result_id", *mangled)])
     passed = _passed(result.get("passed", True))
     if passed is None:
         return ParsedRow(row=index, raw=result, errors=[_schema("passed", "expected true or false",
@@ -174,6 +178,12 @@ class TrainingBaseRosterAdapter(Adapter):
         row_no, cells = raw if isinstance(raw, tuple) and len(raw) == 2 else (None, raw)
         if not isinstance(cells, dict):
             yield ParsedRow(row=row_no, raw=cells, errors=[_schema("row", "unreadable row", "该行无法读取")])
+            return
+        reason = row_error(cells)
+        if reason is not None:  # the reader's own reason (a bad byte, broken CSV), not "required"
+            zh = row_error_zh(cells) or reason
+            yield ParsedRow(row=row_no, raw=cells, errors=[note("SCHEMA", reason,
+                                                                detail_zh=f"该行无法读取：{zh}")])
             return
         parsed = result_to_row(row_no or 0, cells.get("base_code"), cells.get("plan_id"), cells)
         parsed.row = row_no

@@ -213,6 +213,28 @@ def test_finance_public_subject_and_uscc() -> None:
     assert [(w.field, w.code) for w in bad.warnings] == [("统一社会信用代码", "USCC_INVALID")]
 
 
+@pytest.mark.parametrize("value", ["无", " 暂无 ", "／", "-", "n/a", "——"])
+def test_finance_employer_code_written_as_none_is_empty(value: str) -> None:
+    p = parse_one(FinanceAdapter(), {**FINANCE_ROW, "统一社会信用代码": value})
+    assert p.ok and p.submission is not None
+    assert p.submission.person.employer_uscc is None and p.warnings == []
+
+
+@pytest.mark.parametrize("value", ["123", "12345678-9", "630100400001234", "91630100MA752K3X1",
+                                   "91630100MA752K3X1KK", "９１６３０１００ＭＡ７５２Ｋ３Ｘ１"])
+def test_finance_employer_code_of_another_shape_only_warns(value: str) -> None:
+    """SPEC §3: the code is optional and a failing one a warning, never the row's refusal.
+
+    It is left out of ``employer_uscc`` (the contract keeps the GB 32100 shape) and the
+    warning names the column and quotes what was there.
+    """
+    p = parse_one(FinanceAdapter(), {**FINANCE_ROW, "统一社会信用代码": value})
+    assert p.ok and p.submission is not None and p.credited_hours is not None
+    assert p.submission.person.employer_uscc is None
+    assert [(w.field, w.code) for w in p.warnings] == [("统一社会信用代码", "USCC_INVALID")]
+    assert "统一社会信用代码" in p.warnings[0].message and p.warnings[0].message_zh
+
+
 def test_full_width_and_spaced_values(partner: Partner) -> None:
     full = ID_NUMBER.translate(str.maketrans("0123456789", "０１２３４５６７８９"))
     row = {**partner.row, partner.id_number_column: f" {full[:6]} {full[6:]}",
@@ -338,11 +360,38 @@ def test_health_specific_faults(column: str, value: str) -> None:
 
 @pytest.mark.parametrize(
     ("column", "value"),
-    [("学习方式", "函授"), ("科目类别", "继续科目"), ("统一社会信用代码", "123"), ("课程名称", "")],
+    [("学习方式", "函授"), ("科目类别", "继续科目"), ("课程名称", "")],
 )
 def test_finance_specific_faults(column: str, value: str) -> None:
     p = parse_one(FinanceAdapter(), {**FINANCE_ROW, column: value})
     assert answer(p) == [(column, "SCHEMA")]
+
+
+@pytest.mark.parametrize("value", ["2.02603E+16", "２.０２６０３Ｅ＋１６", 2.0260301000000124e16,
+                                   1234567890123450.0])
+def test_record_number_excel_rounded_is_refused(partner: Partner, value: object) -> None:
+    """Rows whose long record numbers Excel rounded alike would merge into one record."""
+    p = parse_one(partner.adapter(), {**partner.row, partner.id_column: value})
+    assert answer(p) == [(partner.id_column, "SCHEMA")] and p.submission is None
+    assert "format the column as text" in p.errors[0].message and p.errors[0].message_zh
+
+
+def test_record_number_from_an_exact_number_cell_is_kept(partner: Partner) -> None:
+    p = parse_one(partner.adapter(), {**partner.row, partner.id_column: 202603010000123.0})
+    assert p.ok and p.submission is not None
+    assert p.submission.source_record_id == "202603010000123"
+
+
+@pytest.mark.parametrize("value", ["2.5学分", " 2.5 学分 ", "2.5分", "２.５学分"])
+def test_credits_may_carry_the_columns_unit(partner: Partner, value: str) -> None:
+    p = parse_one(partner.adapter(), {**partner.row, "学分": value})
+    assert p.ok and p.credits == Decimal("2.5")
+
+
+@pytest.mark.parametrize("value", ["学分", "2.5学时", "2.5学分学分", "2.5小时"])
+def test_credits_with_another_or_a_doubled_unit_are_refused(partner: Partner, value: str) -> None:
+    p = parse_one(partner.adapter(), {**partner.row, "学分": value})
+    assert answer(p) == [("学分", "SCHEMA")]
 
 
 def test_start_after_completion_names_the_start_column() -> None:

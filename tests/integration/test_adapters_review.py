@@ -2,8 +2,8 @@
 
 What a provincial health or finance department's real files look like, pushed through the real
 readers (``adapters.tabular``), the adapters' ``parse`` and, where the effect is on the store,
-the batch processor on SQLite and PostgreSQL.  Each strict xfail is a finding: its reason says
-what is wrong, where, why it matters and a suggested fix.
+the batch processor on SQLite and PostgreSQL.  Each test under "findings" was a strict xfail
+(a finding, its reason saying what was wrong and where); each is fixed and now guards its fix.
 """
 
 from __future__ import annotations
@@ -98,18 +98,6 @@ def _finance_file(tmp_path: Path, rows: list[dict[str, object]]) -> Path:
 # -- findings ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HIGH. A finance row whose optional 统一社会信用代码 is not 18 letters/digits — the placeholder "
-    "'无' or '/' that exports write for 'none', a pre-2015 组织机构代码 '12345678-9', a 15-digit "
-    "工商注册号, one character short — is REJECTED whole (SCHEMA on 统一社会信用代码), so an "
-    "accountant's real training hours are refused over an employer attribute. SPEC §3: "
-    "employer_uscc is optional and 'a failing code is a warning'. Cause: adapters/finance/__init__.py "
-    "passes the cell straight to person.employer_uscc, whose contract pattern ^[0-9A-Za-z]{18}$ "
-    "(contracts/records.py Person.employer_uscc) makes any other shape a schema error. Note "
-    "tests/contract/test_health_finance_adapters.py::test_finance_specific_faults pins the refusal "
-    "('123' → SCHEMA) and needs changing with the fix. Fix: in the finance adapter, treat "
-    "无/-//// 'none' spellings as empty, and any other non-18-character value as a USCC_INVALID "
-    "warning with employer_uscc left None (the row stays acceptable)."))
 def test_finance_row_with_an_old_or_placeholder_employer_code_is_accepted(
         db_url: str, engine: Engine, make_settings: MakeSettings, new_partner: NewPartner,
         tmp_path: Path) -> None:
@@ -125,18 +113,6 @@ def test_finance_row_with_an_old_or_placeholder_employer_code_is_accepted(
     assert status["counts"]["accepted"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HIGH (silent data loss). When a finance or health file has been through Excel, long record "
-    "numbers come out in scientific notation — a CSV cell '2.02603E+16', or an XLSX float that "
-    "kept 15 digits. Different rows then carry the same 流水号/记录编号, and the gateway answers "
-    "the second row 'corrected': it becomes version 2 of the FIRST person's record, so one "
-    "accountant's hours vanish and the management system is told the record now belongs to "
-    "someone else. Identity numbers mangled the same way are caught by the GB 11643 check; record "
-    "numbers are not checked at all (adapters/rows.py RowBuilder.text(code=True) accepts any "
-    "text; adapters/normalize.py cell_text writes a float ≥ 1e16 as its repr). Fix: refuse, as "
-    "a SCHEMA error naming the id column, a record number written in exponent form "
-    "(r'^[0-9.]+E[+-]?[0-9]+$', case-insensitive) or read from a number cell whose value is "
-    "above 2**53 or has 16+ significant digits ('format the column as text and export again')."))
 def test_record_numbers_mangled_by_excel_are_refused_not_merged(
         db_url: str, engine: Engine, make_settings: MakeSettings, new_partner: NewPartner,
         tmp_path: Path) -> None:
@@ -153,12 +129,6 @@ def test_record_numbers_mangled_by_excel_are_refused_not_merged(
         (2, "流水号", "SCHEMA"), (3, "流水号", "SCHEMA")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "MEDIUM. A header padded with spaces — '姓　名' (ideographic space, the usual way Chinese "
-    "forms align two-character headers) or '学分 类别' — matches no column, so EVERY row of the "
-    "file is rejected 'missing column'. adapters/tabular.py _header only strips the ends of a "
-    "header cell. Fix: fold header names in _header (NFKC, then drop all whitespace, including "
-    "U+3000 and zero-width spaces) so they compare equal to the SPEC §8 names."))
 @pytest.mark.parametrize("padded", [{"姓名": "姓　名"}, {"姓名": "姓 名"}, {"学分类别": "学分 类别"}])
 def test_headers_padded_with_spaces_still_name_their_columns(padded: dict[str, str]) -> None:
     header = [padded.get(name, name) for name in HEALTH_HEADERS]
@@ -167,14 +137,6 @@ def test_headers_padded_with_spaces_still_name_their_columns(padded: dict[str, s
     assert parsed.submission is not None and parsed.submission.person.name == "赵伟"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "MEDIUM. In an XLSX roster or batch where a person merged a column down over several rows "
-    "(工作单位 and 地区代码 of one hospital's staff — common in hand-kept Chinese sheets), only "
-    "the first row of the merge has the value: adapters/tabular.py iter_xlsx (openpyxl read-only "
-    "mode, which ignores <mergeCells>) yields '' for the others, and they are rejected "
-    "'地区代码: 不能为空' although the sheet shows the code on every row. Fix: collect the "
-    "sheet's <mergeCell ref=…> ranges during xlsx_census's pass over the sheet XML and fill each "
-    "covered cell with its anchor's value in iter_xlsx."))
 def test_xlsx_merged_cells_give_every_row_their_value() -> None:
     book = Workbook()
     sheet = book.active
@@ -198,14 +160,6 @@ def test_xlsx_merged_cells_give_every_row_their_value() -> None:
         ("630100", "青海省人民医院"), ("630100", "青海省人民医院")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LOW. A roster row the reader could not read (bytes not valid in the file's encoding, a CSV "
-    "syntax error, an over-long cell) is answered with seven 'required' errors (result_id, id_no, "
-    "name, region, hours, completed_on, base_code) instead of the reader's reason: "
-    "adapters/training_base/__init__.py TrainingBaseRosterAdapter.parse never looks at "
-    "adapters.tabular.row_error, as the health/finance adapters do (adapters/rows.py unpack_row). "
-    "The base is told its row is empty when it holds a mis-encoded name. Fix: check row_error "
-    "first and answer one SCHEMA note with the reader's reason (en and zh)."))
 def test_roster_row_the_reader_could_not_read_says_why() -> None:
     header = ["result_id", "id_no", "name", "employer", "region", "hours", "completed_on",
               "base_code", "plan_id"]
@@ -222,13 +176,6 @@ def test_roster_row_the_reader_could_not_read_says_why() -> None:
     assert "utf-8" in errors[0].message, errors[0].message  # the reader's reason, not "required"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LOW. A CSV saved by Excel as 'Unicode text' (UTF-16LE with a BOM, tab-separated — the very "
-    "format adapters/tabular.py _sniff_delimiter names) is decoded as GB18030: its one data row "
-    "comes back as several rows of NULs and garbage, each rejected 'missing column' "
-    "(detect_encoding knows only the UTF-8 BOM). The partner sees a file of nonsense errors. "
-    "Fix: recognise the UTF-16 BOMs (FF FE / FE FF) in detect_encoding and decode as utf-16 — "
-    "or refuse the whole file once, naming the encoding."))
 def test_excel_unicode_text_csv_reads_as_its_rows() -> None:
     lines = ["\t".join(HEALTH_HEADERS), "\t".join(str(HEALTH[n]) for n in HEALTH_HEADERS)]
     data = ("\r\n".join(lines) + "\r\n").encode("utf-16")  # BOM + UTF-16LE, as Excel writes
@@ -236,11 +183,6 @@ def test_excel_unicode_text_csv_reads_as_its_rows() -> None:
     assert [_codes(p) for p in parsed] == [[]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LOW. A 学分 cell written with its unit — '2.5学分', '2.5 学分' or '2.5分' (hand-kept sheets "
-    "do this) — is refused 'not a number' (adapters/normalize.py parse_decimal). The unit is the "
-    "column's own, so nothing is guessed by reading it. Fix: in RowBuilder.number for the 学分 "
-    "column (health and finance), strip one trailing '学分'/'分' before parse_decimal."))
 @pytest.mark.parametrize("credits", ["2.5学分", "2.5 学分", "2.5分"])
 def test_credits_written_with_their_unit(credits: str) -> None:
     parsed = _one(list(HealthAdapter().parse((2, {**HEALTH, "学分": credits}))))

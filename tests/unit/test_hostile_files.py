@@ -36,6 +36,7 @@ from adapters.tabular import (
     MAX_RECORD_CHARS,
     MAX_XLSX_ROW_XML_BYTES,
     ROW_ERROR,
+    UnreadableFile,
     WorkbookTooLarge,
     iter_csv,
     iter_ndjson,
@@ -251,3 +252,30 @@ def test_an_xlsx_formula_is_never_evaluated_only_its_cached_value_read(tmp_path:
     book.save(path)
     ((number, cells),) = list(iter_xlsx(path))
     assert number == 2 and cells["工作单位"] == ""  # no cached value: empty, not the formula
+
+
+def _merges(*refs: str) -> bytes:
+    cells = "".join(f'<mergeCell ref="{ref}"/>' for ref in refs)
+    return f'<mergeCells count="{len(refs)}">{cells}</mergeCells>'.encode()
+
+
+def test_xlsx_merged_ranges_past_the_limit_or_overlapping_are_refused_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merged ranges are held for the whole read, so their number is bounded.
+
+    Overlapping ones (which Excel will not open) cannot make each row cost more than its width.
+    """
+    rows = _inline_row(1, "记录编号", "姓名") + b"".join(
+        _inline_row(n, f"R-{n}", "x") for n in range(2, 40))
+    monkeypatch.setattr(tabular, "MAX_MERGED_RANGES", 10)
+    many = _workbook(tmp_path / "many.xlsx", SHEET_HEAD + rows + b"</sheetData>" +
+                     _merges(*(f"A{n}:A{n + 1}" for n in range(2, 40, 2))) + b"</worksheet>")
+    with pytest.raises(WorkbookTooLarge):
+        xlsx_census(many)
+    with pytest.raises(WorkbookTooLarge):
+        list(iter_xlsx(many))
+    overlapping = _workbook(tmp_path / "overlap.xlsx", SHEET_HEAD + rows + b"</sheetData>" +
+                            _merges(*(["B2:B39"] * 5)) + b"</worksheet>")
+    assert len(xlsx_census(overlapping).merged) == 5
+    with pytest.raises(UnreadableFile, match="overlap"):
+        list(iter_xlsx(overlapping))

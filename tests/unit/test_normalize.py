@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.normalize import cell_text, parse_date, parse_decimal, to_ascii_digits
+from adapters.normalize import (
+    cell_text,
+    mangled_number,
+    parse_date,
+    parse_decimal,
+    to_ascii_digits,
+)
 
 MARCH_5 = date(2026, 3, 5)
 
@@ -151,6 +157,28 @@ def test_cell_text() -> None:
     for bad in (True, [1], {"a": 1}, float("nan"), "a\x00b", "王\udcff"):
         with pytest.raises(ValueError):
             cell_text(bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [("2.02603E+16", "2.02603E+16"), ("2.02603e+16", "2.02603e+16"), ("2E+16", "2E+16"),
+     ("1.23457E-05", "1.23457E-05"), (2.0260301000000124e16, "2.0260301000000124e+16"),
+     (1234567890123450.0, "1234567890123450"), (-1e15, "-1000000000000000")],
+)
+def test_mangled_number_refuses_what_excel_rounded(value: object, text: str) -> None:
+    reason = mangled_number(value, text)
+    assert reason is not None
+    assert "as text" in reason[0] and "文本格式" in reason[1]
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [("KJ-2026-000456", "KJ-2026-000456"), ("2026E01", "2026E01"), ("WJE+1", "WJE+1"),
+     (20261127000000000001, "20261127000000000001"), (999999999999999.0, "999999999999999"),
+     ("20260301000000123", "20260301000000123"), (12.5, "12.5")],
+)
+def test_mangled_number_keeps_exact_ids(value: object, text: str) -> None:
+    assert mangled_number(value, text) is None
 
 
 @given(st.one_of(st.text(), st.integers(), st.floats(), st.decimals(), st.none(), st.booleans(),

@@ -21,6 +21,7 @@ from adapters.tabular import (
     UnsupportedFormat,
     detect_encoding,
     detect_format,
+    header_name,
     iter_csv,
     iter_ndjson,
     iter_rows,
@@ -216,6 +217,21 @@ def test_short_long_rows_empty_and_repeated_headers() -> None:
     assert _csv_rows(b"a,b\n1\n1,2,3\n") == [(2, {"a": "1", "b": ""}), (3, {"a": "1", "b": "2"})]
 
 
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [("姓　名", "姓名"), (" 学分 类别 ", "学分类别"), ("记录\u200b编号", "记录编号"),
+     ("\ufeff身份证号", "身份证号"), ("证\t件 号\u3000码", "证件号码"), ("ｂａｓｅ＿ｃｏｄｅ", "base_code"),
+     ("result_id", "result_id"), (None, ""), (42, "42")],
+)
+def test_header_names_fold_padding_and_full_width(raw: object, name: str) -> None:
+    assert header_name(raw) == name
+
+
+def test_padded_headers_name_their_columns() -> None:
+    data = "记 录 编 号,姓　名,\u200b学分类别\n1,王伟,Ⅰ类\n".encode()
+    assert _csv_rows(data) == [(2, {"记录编号": "1", "姓名": "王伟", "学分类别": "Ⅰ类"})]
+
+
 def test_quoted_cells_and_crlf() -> None:
     data = '记录编号,项目名称\r\n1,"高原病防治, 新进展"\r\n2,"多行\r\n标题"\r\n3,x\r\n'.encode()
     assert _csv_rows(data) == [
@@ -223,6 +239,25 @@ def test_quoted_cells_and_crlf() -> None:
         (3, {"记录编号": "2", "项目名称": "多行\r\n标题"}),
         (4, {"记录编号": "3", "项目名称": "x"}),  # a record number, as a spreadsheet shows it
     ]
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_excel_unicode_text_is_utf16_with_tabs(codec: str) -> None:
+    """Excel's "Unicode text": a UTF-16 BOM, tab-separated (丬 is U+4E2C: a 0x2C byte)."""
+    bom = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}[codec]
+    data = bom + "记录编号\t姓名\t丬\r\n1\t王伟\t,\r\n".encode(codec)
+    assert detect_encoding(data[:64]) == "utf-16"
+    assert _csv_rows(data) == [(2, {"记录编号": "1", "姓名": "王伟", "丬": ","})]
+
+
+def test_utf16_code_units_that_are_not_text_are_a_row_error() -> None:
+    # a lone high surrogate (its bytes 00 D8: one below 0x80), then a byte cut off at the end
+    data = (b"\xff\xfe" + "a\tb\r\n1\t".encode("utf-16-le") + b"\x00\xd8" +
+            "\r\n2\tx\r\n".encode("utf-16-le") + b"A")
+    rows = _csv_rows(data)
+    assert [(n, row_error(cells)) for n, cells in rows] == [
+        (2, "row 2: bytes that are not valid utf-16"), (3, None),
+        (4, "row 4: bytes that are not valid utf-16")]
 
 
 def test_tab_separated() -> None:
@@ -302,6 +337,30 @@ def test_xlsx_blank_rows_and_header(tmp_path: Path) -> None:
         (3, {"记录编号": "1", "学分": 2.5}),
         (5, {"记录编号": "2", "学分": ""}),
         (7, {"记录编号": "3", "学分": 46086}),
+    ]
+
+
+def test_xlsx_merged_cells_read_as_their_top_left_cell(tmp_path: Path) -> None:
+    from openpyxl import Workbook
+
+    path = tmp_path / "merged.xlsx"
+    book = Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for row in (["记录编号", "工作单位", "地区代码", "学分"], ["1", "青海省人民医院", "630100", 2],
+                ["2"], [], ["3", None, None, 4], ["4", "西宁市第一医院", None, None]):
+        sheet.append(row)
+    sheet.merge_cells("B2:B5")  # down, over a blank row 4 (it stays blank, and skipped)
+    sheet.merge_cells("C2:C3")
+    sheet.merge_cells("B6:D6")  # across
+    sheet.merge_cells("F2:G9")  # right of the header: not read
+    book.save(path)
+    assert list(iter_xlsx(path)) == [
+        (2, {"记录编号": "1", "工作单位": "青海省人民医院", "地区代码": "630100", "学分": 2}),
+        (3, {"记录编号": "2", "工作单位": "青海省人民医院", "地区代码": "630100", "学分": ""}),
+        (5, {"记录编号": "3", "工作单位": "青海省人民医院", "地区代码": "", "学分": 4}),
+        (6, {"记录编号": "4", "工作单位": "西宁市第一医院", "地区代码": "西宁市第一医院",
+             "学分": "西宁市第一医院"}),
     ]
 
 

@@ -53,3 +53,24 @@ def test_passed_as_spreadsheets_and_people_write_it() -> None:
     for value in ("maybe", "", [True], {"v": 1}):
         row = result_to_row(0, "JD-01", "PLAN-1", _result(passed=value))
         assert [e.code for e in row.errors] == ["SCHEMA"] and row.errors[0].field == "passed", value
+
+
+def test_a_result_id_excel_rounded_is_refused_naming_the_column() -> None:
+    """Two trainees whose long ids Excel rounded alike would share one record."""
+    for result_id in ("2.02603E+16", 2.0260301000000124e16):
+        row = result_to_row(0, "JD-01", "PLAN-1", _result(result_id=result_id))
+        assert row.submission is None
+        assert [(e.field, e.code) for e in row.errors] == [("result_id", "SCHEMA")]
+        assert "as text" in row.errors[0].message
+
+
+def test_a_roster_row_the_reader_broke_answers_the_readers_reason() -> None:
+    from adapters.tabular import ROW_ERROR, ROW_ERROR_ZH
+    from adapters.training_base import TrainingBaseRosterAdapter
+
+    cells: dict[str, object] = {ROW_ERROR: "row 4: not valid CSV (x)", ROW_ERROR_ZH: "第 4 行：不是有效的 CSV（x）"}
+    [parsed] = TrainingBaseRosterAdapter().parse((4, cells))
+    assert parsed.row == 4 and parsed.submission is None
+    assert [(e.field, e.code) for e in parsed.errors] == [(None, "SCHEMA")]
+    assert "not valid CSV" in parsed.errors[0].message
+    assert "第 4 行：不是有效的 CSV" in (parsed.errors[0].message_zh or "")
