@@ -945,11 +945,14 @@ def test_soak_sigkill_mid_100000_row_batch_resumes_and_reupload_is_all_duplicate
 
 def test_a_stuck_batch_processor_lets_its_lease_go(
         engine: Engine, tmp_path: Path, new_partner: Callable[..., Partner],
-        make_settings: Callable[..., Settings], db_url: str) -> None:
+        make_settings: Callable[..., Settings], db_url: str,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A processor that is alive but stuck lets its lease go.
 
     It commits no chunk for BATCH_STALL_SECONDS (a hung read, a wedged parse pool), stops
-    renewing, its lease runs out and another processor resumes the batch.
+    renewing, its lease runs out and another processor resumes the batch.  The test waits for
+    the heartbeat to say it gave up: on a loaded machine a renewal may land 0.2 s late, so a
+    lease seen run out before that can be renewed again (the suite failed on that once).
     """
     partner = new_partner(engine, adapter="health")
     batch_id, _, _ = _health_batch(engine, tmp_path, partner, 10, seed=29)
@@ -967,6 +970,8 @@ def test_a_stuck_batch_processor_lets_its_lease_go(
     first = lease_until()
     with stuck._lease_kept(batch_id):  # noqa: SLF001 - the heartbeat alone, no chunk ever commits
         poll(lambda: lease_until() > first, 10, what="the heartbeat to renew the lease")
+        poll(lambda: any("letting the lease go" in r.getMessage() for r in caplog.records), 10,
+             what="the heartbeat to give up on the stuck batch")
         poll(lambda: lease_until() < datetime.now(UTC), 10, what="the stuck lease to run out")
     other = BatchProcessor(engine, settings, name="proc-other")
     claimed = other.claim()
