@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -38,6 +38,14 @@ DEFAULT_RETRY_SCHEDULE = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 36000, 36000
 DEV_SECRET_KEY = "dev-only-change-me-ce-gateway-secret-key"
 # The same for PERSON_KEY_SECRET: person keys made with it are as guessable as plain digests.
 DEV_PERSON_KEY_SECRET = "dev-only-change-me-ce-gateway-person-key-secret"
+
+# Why each secret setting must not be empty (en, zh).
+_WHAT_A_SECRET_KEYS: Mapping[str, tuple[str, str]] = {
+    "secret_key": ("Must not be empty: partner secrets are sealed with it",
+                   "不能为空：合作方密钥以它加密保存"),
+    "person_key_secret": ("Must not be empty: every stored person key is keyed with it",
+                          "不能为空：存储的人员标识均以它加密生成"),
+}
 
 ENV_PREFIX = "CE_GATEWAY_"
 MINUTE, HOUR, DAY = 60, 3600, 86400
@@ -190,20 +198,11 @@ class Settings(BaseSettings):
                            "应为 IANA 时区名称，如 Asia/Shanghai") from None
         return value
 
-    @field_validator("secret_key")
+    @field_validator("secret_key", "person_key_secret")
     @classmethod
-    def _secret_given(cls, value: SecretStr) -> SecretStr:
+    def _secret_given(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
         if not value.get_secret_value().strip():
-            raise _invalid("Must not be empty: partner secrets are sealed with it",
-                           "不能为空：合作方密钥以它加密保存")
-        return value
-
-    @field_validator("person_key_secret")
-    @classmethod
-    def _person_key_secret_given(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
-            raise _invalid("Must not be empty: every stored person key is keyed with it",
-                           "不能为空：存储的人员标识均以它加密生成")
+            raise _invalid(*_WHAT_A_SECRET_KEYS[info.field_name or ""])
         return value
 
     @field_validator("log_level")

@@ -30,6 +30,7 @@ from gateway.signing import file_sha256
 from gateway.store.tables import records
 from mock_partners.files import FINANCE_HEADERS, HEALTH_HEADERS, write_csv
 from mock_partners.generators import make_id_number
+from tests.contract.test_adapter_suite import FINANCE_CELLS, HEALTH_CELLS
 
 MakeSettings = Callable[..., Settings]
 NewPartner = Callable[..., Partner]
@@ -39,17 +40,9 @@ ID_A = make_id_number(RNG, "630102", date(1987, 4, 13))
 ID_B = make_id_number(RNG, "630202", date(1979, 9, 2))
 ID_C = make_id_number(RNG, "632801", date(1990, 1, 30))
 
-HEALTH: dict[str, object] = {
-    "记录编号": "WJ-2026-000123", "身份证号": ID_A, "姓名": "赵伟", "工作单位": "青海省人民医院",
-    "地区代码": "630100", "项目编号": "2026-04-05-123(国)", "项目名称": "高原病防治新进展",
-    "学分类别": "Ⅰ类", "学分": "2.5", "开始日期": "2026/3/3", "完成日期": "2026年3月5日",
-    "证书编号": "CME2026000123",
-}
-FINANCE: dict[str, object] = {
-    "流水号": "KJ-2026-000456", "证件号码": ID_A, "姓名": "赵伟", "单位名称": "海东市平安区财政局",
-    "统一社会信用代码": "", "地区代码": "630200", "学习方式": "网络", "课程名称": "政府会计制度专题",
-    "科目类别": "专业科目", "学分": "24", "完成日期": "2026-03-05",
-}
+HEALTH: dict[str, object] = {**HEALTH_CELLS, "身份证号": ID_A}
+FINANCE: dict[str, object] = {**FINANCE_CELLS, "证件号码": ID_A, "单位名称": "海东市平安区财政局",
+                              "地区代码": "630200", "学习方式": "网络", "完成日期": "2026-03-05"}
 
 
 def _one(rows: list[ParsedRow]) -> ParsedRow:
