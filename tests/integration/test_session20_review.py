@@ -1,0 +1,150 @@
+"""Review of the changes landed since cd7e0c2 (session20): person keys, Excel-mangled ids.
+
+Findings are strict xfails that assert the correct behaviour; the reason says what is wrong,
+where, why it matters and a suggested fix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from openpyxl import Workbook
+from sqlalchemy import func, select
+
+from adapters.finance import FinanceAdapter
+from adapters.tabular import iter_xlsx
+from gateway.person_keys import PersonKeys
+from gateway.store.db import make_engine
+from gateway.store.tables import batches, record_versions, records, reference_deferrals
+from mock_partners.files import FINANCE_HEADERS
+from tests.fixtures import make_golden
+from tests.integration.test_adapters_review import FINANCE, ID_A, ID_B
+from tests.support.servers import cli
+
+SECRET = "session20-deployments-own-person-key-secret-0123456789"
+OTHER = "session20-a-different-person-key-secret-9876543210"
+
+
+def _keyed_store(tmp_path: Path) -> dict[str, str]:
+    env = {"CE_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'keyed.sqlite3'}",
+           "CE_GATEWAY_SECRET_KEY": "session20-secret-key",
+           "CE_GATEWAY_BATCH_DIR": str(tmp_path / "batches"),
+           "CE_GATEWAY_PERSON_KEY_SECRET": SECRET}
+    migrated = cli(env, "db", "upgrade")
+    assert migrated.returncode == 0, migrated.stderr
+    return env
+
+
+def _count(url: str, table: object) -> int:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(table)).scalar_one())  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
+
+
+_WRONG_SECRET_WRITERS = (
+    "gateway/cli.py:_check_person_keys is called by `serve` and `worker` only (cli.py:226, "
+    "cli.py:255); every other command that writes person keys builds PersonKeys from whatever "
+    "CE_GATEWAY_PERSON_KEY_SECRET it is given and writes: `ingest` (records.person_key, "
+    "natural_key, caps ledger), `reference import`/`sync` (reference_deferrals, "
+    "reference_title_applicants), `retention run` (a stub's counts.person_key), `revalidate`, "
+    "`deliveries reprocess`, `conflicts resolve`, `pull cadre-college`. An operator running a "
+    "one-off `ce-gateway ingest` from a shell without the deployment's secret (the development "
+    "default applies silently) files every person of the file under a second key: their caps, "
+    "deferrals, duplicates and compliance split, with no error and no way to re-key (PersonKeys "
+    "docs: 'there is no re-key command'). Severity high. Fix: call _check_person_keys from "
+    "cli._engine (every command that opens the store), or at least from each writing command.")
+
+
+@pytest.mark.xfail(strict=True, reason=_WRONG_SECRET_WRITERS)
+def test_cli_ingest_refuses_another_person_key_secret(tmp_path: Path) -> None:
+    env = _keyed_store(tmp_path)
+    wrong = cli({**env, "CE_GATEWAY_PERSON_KEY_SECRET": OTHER}, "ingest",
+                str(make_golden.HEALTH_CSV), "--adapter", "health", "--kind", "monthly",
+                "--period", "2026-03", "--json")
+    url = env["CE_GATEWAY_DATABASE_URL"]
+    written = _count(url, records)
+    assert wrong.returncode == 2, (wrong.returncode, wrong.stderr[-400:])
+    assert "CONFIG_INVALID (CE_GATEWAY_PERSON_KEY_SECRET)" in wrong.stderr
+    assert written == 0 and _count(url, batches) == 0
+
+
+@pytest.mark.xfail(strict=True, reason=_WRONG_SECRET_WRITERS)
+def test_cli_reference_import_refuses_another_person_key_secret(tmp_path: Path) -> None:
+    env = _keyed_store(tmp_path)
+    deferrals = tmp_path / "deferrals.csv"
+    deferrals.write_text(f"id_number,from_year,reason,approved_on\n{ID_A},2025,illness,"
+                         "2026-01-06\n", encoding="utf-8")
+    wrong = cli({**env, "CE_GATEWAY_PERSON_KEY_SECRET": OTHER}, "reference", "import",
+                "deferrals", str(deferrals), "--json")
+    written = _count(env["CE_GATEWAY_DATABASE_URL"], reference_deferrals)
+    assert wrong.returncode == 2, (wrong.returncode, wrong.stderr[-400:])
+    assert "CONFIG_INVALID (CE_GATEWAY_PERSON_KEY_SECRET)" in wrong.stderr
+    assert written == 0
+
+
+@pytest.mark.xfail(strict=True, reason=_WRONG_SECRET_WRITERS)
+@pytest.mark.parametrize("args", [("retention", "run", "--json"),
+                                  ("revalidate", "--reason", "review", "--json")])
+def test_other_writing_commands_refuse_another_person_key_secret(
+        tmp_path: Path, args: tuple[str, ...]) -> None:
+    env = _keyed_store(tmp_path)
+    wrong = cli({**env, "CE_GATEWAY_PERSON_KEY_SECRET": OTHER}, *args)
+    assert wrong.returncode == 2, (wrong.returncode, wrong.stderr[-400:])
+    assert "CONFIG_INVALID (CE_GATEWAY_PERSON_KEY_SECRET)" in wrong.stderr
+
+
+def test_cli_ingest_with_the_stores_own_secret_keys_with_it(tmp_path: Path) -> None:
+    """The right secret: the CLI's records carry the store's keyed person keys."""
+    env = _keyed_store(tmp_path)
+    done = cli(env, "ingest", str(make_golden.HEALTH_CSV), "--adapter", "health", "--kind",
+               "monthly", "--period", "2026-03", "--json")
+    assert done.returncode == 0, done.stderr[-400:]
+    engine = make_engine(env["CE_GATEWAY_DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            stored = conn.execute(select(records.c.person_key, record_versions.c.payload).join(
+                record_versions, record_versions.c.record_id == records.c.record_id)).all()
+    finally:
+        engine.dispose()
+    assert stored
+    for person_key, payload in stored:
+        person = json.loads(payload)["person"]
+        assert person_key == PersonKeys(SECRET).of(person["id_type"], person["id_number"])
+
+
+# -- adapters ----------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "adapters/normalize.py:mangled_number (and rows.py:RowBuilder.record_id) only distrust a "
+    "*float* number cell of 16+ digits, but openpyxl types an XLSX number by its text alone "
+    "(openpyxl/worksheet/_reader.py _cast_number: no '.'/'E' → int). Excel writes a rounded "
+    "16-digit number as plain digits (<v>2026030512345670</v>), so it arrives as an int and is "
+    "trusted: two accountants whose 流水号 Excel rounded alike share one id and the second row "
+    "becomes version 2 of the first person's record - the very merge commit 6ca82bc set out to "
+    "stop, still open for XLSX uploads (the CSV 'E+16' form is caught). Severity medium. Fix: "
+    "iter_xlsx could hand over int cells of abs >= 1e15 as float (every XLSX number is a "
+    "double), or record_id could refuse an int of 16+ digits unless the row came from NDJSON."))
+def test_xlsx_record_number_cell_excel_rounded_to_an_int_is_refused() -> None:
+    book = Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(list(FINANCE_HEADERS))
+    for person in (ID_A, ID_B):
+        # What Excel keeps of 2026030512345678 and 2026030512345679: 15 digits, then a 0.
+        sheet.append([{**FINANCE, "流水号": 2026030512345670, "证件号码": person}[h]
+                      for h in FINANCE_HEADERS])
+    data = io.BytesIO()
+    book.save(data)
+    data.seek(0)
+    rows = list(iter_xlsx(data))
+    assert [type(cells["流水号"]) for _, cells in rows] == [int, int]  # as openpyxl reads them
+    parsed = [p for row in rows for p in FinanceAdapter().parse(row)]
+    assert [[(e.field, e.code) for e in p.errors] for p in parsed] == [
+        [("流水号", "SCHEMA")], [("流水号", "SCHEMA")]]
