@@ -133,6 +133,10 @@ _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # Excel's "Unicode tex
 _SURROGATES = re.compile("[\udc80-\udcff]")
 _ASCII_BYTES = bytes(range(128))
 _XLSX_CHUNK = 1000
+# Every XLSX number is a double and Excel keeps 15 significant digits, yet openpyxl reads a
+# number written without '.' or 'E' as an int: one of 16 digits or more was rounded, and is
+# handed over as the float it is, so a record number can tell (normalize.mangled_number).
+_XLSX_EXACT = 10**15
 
 MAX_CELL_CHARS = 32_767  # Excel's own limit for one cell
 MAX_RECORD_CHARS = 1 << 20  # one CSV record (characters) or NDJSON line (bytes)
@@ -590,7 +594,8 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
     """Rows of the first sheet of an XLSX workbook, streamed by openpyxl's read-only mode.
 
     ``data_only=True``: formulas give their cached values.  Cells keep openpyxl's types
-    (``str``, ``int``, ``float``, ``datetime`` for date cells); empty cells are ``""``.
+    (``str``, ``int``, ``float``, ``datetime`` for date cells) but for an int of 16 digits or
+    more, which comes as the float Excel held; empty cells are ``""``.
     A cell inside a merged range reads as the range's top-left cell, as Excel shows it
     (:mod:`adapters.merged`; the ranges come from the census pass).
     Warnings are silenced only while openpyxl works, a chunk of rows at a time, never while
@@ -657,10 +662,15 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
                         merges.header_width(columns[-1][0] + 1)
                     continue
                 width = len(values)
-                yield number, {
-                    name: ("" if i >= width or values[i] is None else values[i])
-                    for i, name in columns
-                }
+                cells: dict[str, Any] = {}
+                for i, name in columns:
+                    value = values[i] if i < width else None
+                    if value is None:
+                        value = ""
+                    elif type(value) is int and not -_XLSX_EXACT < value < _XLSX_EXACT:
+                        value = float(value)  # what Excel holds: a double, rounded to 15 digits
+                    cells[name] = value
+                yield number, cells
     finally:
         book.close()
         if owned is not None:

@@ -131,10 +131,13 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def _engine(settings: Settings, migrate: bool = True):  # type: ignore[no-untyped-def]
-    """The store's engine, connected once up front.
+    """The store's engine, connected once up front, its person keys checked.
 
     An unreachable store is then one coded line (exit 2), not a traceback from the command's
-    first query.
+    first query; so is a PERSON_KEY_SECRET other than the store's, for every command: a
+    one-off ``ingest`` or ``reference import`` from a shell without the deployment's secret
+    would otherwise file everyone it writes under a second key (split caps, deferrals and
+    compliance, and no command re-keys them), and a report would find nobody.
     """
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
@@ -173,6 +176,7 @@ def _engine(settings: Settings, migrate: bool = True):  # type: ignore[no-untype
         raise unavailable(exc.orig) from None
     if migrate and is_sqlite(engine):
         upgrade(settings.database_url, person_key_secret=settings.person_key_secret)
+    _check_person_keys(settings, engine)
     return engine
 
 
@@ -222,9 +226,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     _warn_dev_person_key(settings)
     # Fail fast on an unreachable store or a wrong PERSON_KEY_SECRET (exit 2), as `worker`
     # does; the app makes its own engine (and checks the key again once it has migrated).
-    engine = _engine(settings, migrate=False)
-    _check_person_keys(settings, engine)
-    engine.dispose()
+    _engine(settings, migrate=False).dispose()
     uvicorn.run(create_app(settings, run_worker=not no_worker), host=host, port=port,
                 log_level="warning", timeout_graceful_shutdown=10)
 
@@ -250,9 +252,8 @@ def worker(
     _setup_logging(settings)
     # The store first: unreachable, the worker exits 2 with one line instead of logging a
     # traceback a cycle from every thread while a supervisor sees it "running".
-    engine = _engine(settings)
     _warn_dev_person_key(settings)
-    _check_person_keys(settings, engine)
+    engine = _engine(settings)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     started: list[Background] = []

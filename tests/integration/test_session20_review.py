@@ -1,7 +1,8 @@
 """Review of the changes landed since cd7e0c2 (session20): person keys, Excel-mangled ids.
 
-Findings are strict xfails that assert the correct behaviour; the reason says what is wrong,
-where, why it matters and a suggested fix.
+Its two findings (commands other than serve/worker ignoring a wrong PERSON_KEY_SECRET; an
+XLSX record number Excel rounded, read as an int) were strict xfails and are fixed; the tests
+assert the correct behaviour.
 """
 
 from __future__ import annotations
@@ -47,21 +48,13 @@ def _count(url: str, table: object) -> int:
         engine.dispose()
 
 
-_WRONG_SECRET_WRITERS = (
-    "gateway/cli.py:_check_person_keys is called by `serve` and `worker` only (cli.py:226, "
-    "cli.py:255); every other command that writes person keys builds PersonKeys from whatever "
-    "CE_GATEWAY_PERSON_KEY_SECRET it is given and writes: `ingest` (records.person_key, "
-    "natural_key, caps ledger), `reference import`/`sync` (reference_deferrals, "
-    "reference_title_applicants), `retention run` (a stub's counts.person_key), `revalidate`, "
-    "`deliveries reprocess`, `conflicts resolve`, `pull cadre-college`. An operator running a "
-    "one-off `ce-gateway ingest` from a shell without the deployment's secret (the development "
-    "default applies silently) files every person of the file under a second key: their caps, "
-    "deferrals, duplicates and compliance split, with no error and no way to re-key (PersonKeys "
-    "docs: 'there is no re-key command'). Severity high. Fix: call _check_person_keys from "
-    "cli._engine (every command that opens the store), or at least from each writing command.")
+# Found: only `serve` and `worker` checked the secret against the store; every other command
+# (ingest, reference import, retention run, revalidate, …) wrote person keys under whatever
+# CE_GATEWAY_PERSON_KEY_SECRET it was given - a one-off `ingest` from a shell without the
+# deployment's secret filed everyone of its file under a second key, with no way to re-key.
+# Fixed: gateway/cli.py _engine checks it for every command that opens the store.
 
 
-@pytest.mark.xfail(strict=True, reason=_WRONG_SECRET_WRITERS)
 def test_cli_ingest_refuses_another_person_key_secret(tmp_path: Path) -> None:
     env = _keyed_store(tmp_path)
     wrong = cli({**env, "CE_GATEWAY_PERSON_KEY_SECRET": OTHER}, "ingest",
@@ -74,7 +67,6 @@ def test_cli_ingest_refuses_another_person_key_secret(tmp_path: Path) -> None:
     assert written == 0 and _count(url, batches) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=_WRONG_SECRET_WRITERS)
 def test_cli_reference_import_refuses_another_person_key_secret(tmp_path: Path) -> None:
     env = _keyed_store(tmp_path)
     deferrals = tmp_path / "deferrals.csv"
@@ -88,7 +80,6 @@ def test_cli_reference_import_refuses_another_person_key_secret(tmp_path: Path) 
     assert written == 0
 
 
-@pytest.mark.xfail(strict=True, reason=_WRONG_SECRET_WRITERS)
 @pytest.mark.parametrize("args", [("retention", "run", "--json"),
                                   ("revalidate", "--reason", "review", "--json")])
 def test_other_writing_commands_refuse_another_person_key_secret(
@@ -121,16 +112,6 @@ def test_cli_ingest_with_the_stores_own_secret_keys_with_it(tmp_path: Path) -> N
 # -- adapters ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "adapters/normalize.py:mangled_number (and rows.py:RowBuilder.record_id) only distrust a "
-    "*float* number cell of 16+ digits, but openpyxl types an XLSX number by its text alone "
-    "(openpyxl/worksheet/_reader.py _cast_number: no '.'/'E' → int). Excel writes a rounded "
-    "16-digit number as plain digits (<v>2026030512345670</v>), so it arrives as an int and is "
-    "trusted: two accountants whose 流水号 Excel rounded alike share one id and the second row "
-    "becomes version 2 of the first person's record - the very merge commit 6ca82bc set out to "
-    "stop, still open for XLSX uploads (the CSV 'E+16' form is caught). Severity medium. Fix: "
-    "iter_xlsx could hand over int cells of abs >= 1e15 as float (every XLSX number is a "
-    "double), or record_id could refuse an int of 16+ digits unless the row came from NDJSON."))
 def test_xlsx_record_number_cell_excel_rounded_to_an_int_is_refused() -> None:
     book = Workbook()
     sheet = book.active
@@ -144,7 +125,8 @@ def test_xlsx_record_number_cell_excel_rounded_to_an_int_is_refused() -> None:
     book.save(data)
     data.seek(0)
     rows = list(iter_xlsx(data))
-    assert [type(cells["流水号"]) for _, cells in rows] == [int, int]  # as openpyxl reads them
+    # openpyxl reads them as ints; iter_xlsx hands them over as the doubles Excel held
+    assert [type(cells["流水号"]) for _, cells in rows] == [float, float]
     parsed = [p for row in rows for p in FinanceAdapter().parse(row)]
     assert [[(e.field, e.code) for e in p.errors] for p in parsed] == [
         [("流水号", "SCHEMA")], [("流水号", "SCHEMA")]]
