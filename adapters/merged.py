@@ -99,14 +99,17 @@ class MergedCells:
             return values
         row = list(values)
         width = self._width if self._width < XLSX_MAX_COLUMNS else len(row)
-        covered = 0
-        for _, first, stop, anchor in live:
-            stop = min(stop, width)
-            if stop > len(row):
-                row.extend([None] * (stop - len(row)))
-            for index in range(first, stop):
-                row[index] = anchor
-            covered += max(stop - first, 0)
-        if covered > width:
-            raise OverlappingMerges(f"row {number}: merged ranges overlap")
+        # Checked before any cell is written: ranges sharing a cell would let the last one win
+        # it, and thousands of them on one row would each be filled.
+        spans = sorted(((first, min(stop, width), anchor) for _, first, stop, anchor in live
+                        if first < min(stop, width)), key=lambda span: span[0])
+        end = 0
+        for first, stop, _ in spans:
+            if first < end:
+                raise OverlappingMerges(f"row {number}: merged ranges overlap")
+            end = stop
+        if end > len(row):
+            row.extend([None] * (end - len(row)))
+        for first, stop, anchor in spans:
+            row[first:stop] = [anchor] * (stop - first)
         return row
