@@ -133,9 +133,11 @@ _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # Excel's "Unicode tex
 _SURROGATES = re.compile("[\udc80-\udcff]")
 _ASCII_BYTES = bytes(range(128))
 _XLSX_CHUNK = 1000
-# Every XLSX number is a double and Excel keeps 15 significant digits, yet openpyxl reads a
-# number written without '.' or 'E' as an int: one of 16 digits or more was rounded, and is
-# handed over as the float it is, so a record number can tell (normalize.mangled_number).
+# Excel keeps 15 significant digits of a number, yet openpyxl reads one written without '.'
+# or 'E' as an int.  An int of 16 digits or more whose digits past the 15th are all zeros is
+# what Excel writes of a number it rounded: it is handed over as the float Excel held, so a
+# record number can tell (normalize.mangled_number).  One with other digits there was written
+# whole by a program, not Excel, and stays the exact int (an identity number in a number cell).
 _XLSX_EXACT = 10**15
 
 MAX_CELL_CHARS = 32_767  # Excel's own limit for one cell
@@ -594,8 +596,9 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
     """Rows of the first sheet of an XLSX workbook, streamed by openpyxl's read-only mode.
 
     ``data_only=True``: formulas give their cached values.  Cells keep openpyxl's types
-    (``str``, ``int``, ``float``, ``datetime`` for date cells) but for an int of 16 digits or
-    more, which comes as the float Excel held; empty cells are ``""``.
+    (``str``, ``int``, ``float``, ``datetime`` for date cells) but for an int Excel rounded
+    (16 digits or more, zeros past the 15th), which comes as the float Excel held; empty cells
+    are ``""``.
     A cell inside a merged range reads as the range's top-left cell, as Excel shows it
     (:mod:`adapters.merged`; the ranges come from the census pass).
     Warnings are silenced only while openpyxl works, a chunk of rows at a time, never while
@@ -667,8 +670,9 @@ def iter_xlsx(source: str | Path | IO[bytes]) -> Iterator[Row]:
                     value = values[i] if i < width else None
                     if value is None:
                         value = ""
-                    elif type(value) is int and not -_XLSX_EXACT < value < _XLSX_EXACT:
-                        value = float(value)  # what Excel holds: a double, rounded to 15 digits
+                    elif (type(value) is int and not -_XLSX_EXACT < value < _XLSX_EXACT
+                          and not str(abs(value))[15:].strip("0")):
+                        value = float(value)  # what Excel held: a double, rounded to 15 digits
                     cells[name] = value
                 yield number, cells
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -112,21 +113,64 @@ def test_cli_ingest_with_the_stores_own_secret_keys_with_it(tmp_path: Path) -> N
 # -- adapters ----------------------------------------------------------------------------------
 
 
-def test_xlsx_record_number_cell_excel_rounded_to_an_int_is_refused() -> None:
+def _finance_xlsx(rows: list[dict[str, object]], *, whole: bool = False,
+                  ) -> list[tuple[int, dict[str, object]]]:
+    """``rows`` (over FINANCE's cells) as an XLSX sheet, read back by the batch reader.
+
+    openpyxl writes a long int as a double (``6.3…e+17``); ``whole`` writes each such number
+    cell's digits whole instead, as some exporters do (PhpSpreadsheet with a PHP int).
+    """
     book = Workbook()
     sheet = book.active
     assert sheet is not None
     sheet.append(list(FINANCE_HEADERS))
-    for person in (ID_A, ID_B):
-        # What Excel keeps of 2026030512345678 and 2026030512345679: 15 digits, then a 0.
-        sheet.append([{**FINANCE, "流水号": 2026030512345670, "证件号码": person}[h]
-                      for h in FINANCE_HEADERS])
+    for row in rows:
+        sheet.append([{**FINANCE, **row}[h] for h in FINANCE_HEADERS])
     data = io.BytesIO()
     book.save(data)
+    if whole:
+        numbers = {r["证件号码"] for r in rows if isinstance(r.get("证件号码"), int)}
+        data = _digits_whole(data, {f"<v>{float(n)!r}</v>": f"<v>{n}</v>" for n in numbers})
     data.seek(0)
-    rows = list(iter_xlsx(data))
+    return list(iter_xlsx(data))
+
+
+def _digits_whole(data: io.BytesIO, replace: dict[str, str]) -> io.BytesIO:
+    out = io.BytesIO()
+    with zipfile.ZipFile(data) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            body = src.read(item)
+            if item.filename.startswith("xl/worksheets/"):
+                text = body.decode()
+                for old, new in replace.items():
+                    assert old in text, old
+                    text = text.replace(old, new)
+                body = text.encode()
+            dst.writestr(item, body)
+    return out
+
+
+def test_xlsx_record_number_cell_excel_rounded_to_an_int_is_refused() -> None:
+    # What Excel keeps of 2026030512345678 and 2026030512345679: 15 digits, then a 0.
+    rows = _finance_xlsx([{"流水号": 2026030512345670, "证件号码": person}
+                          for person in (ID_A, ID_B)])
     # openpyxl reads them as ints; iter_xlsx hands them over as the doubles Excel held
     assert [type(cells["流水号"]) for _, cells in rows] == [float, float]
     parsed = [p for row in rows for p in FinanceAdapter().parse(row)]
     assert [[(e.field, e.code) for e in p.errors] for p in parsed] == [
         [("流水号", "SCHEMA")], [("流水号", "SCHEMA")]]
+
+
+def test_an_identity_number_a_program_wrote_whole_in_a_number_cell_still_reads() -> None:
+    """Not Excel (which keeps 15 digits): a program wrote all 18, and the int is exact.
+
+    Only an int whose digits past the 15th are zeros is taken for Excel's rounding; handing
+    every long int over as a float turned this accountant's valid identity number into
+    '6.3…E+17' and refused her row.
+    """
+    [(_, cells)] = _finance_xlsx([{"证件号码": int(ID_A), "流水号": "KJ-2026-000789"}],
+                                 whole=True)
+    assert cells["证件号码"] == int(ID_A)
+    [parsed] = FinanceAdapter().parse((2, cells))
+    assert parsed.errors == [] and parsed.submission is not None
+    assert parsed.submission.person.id_number == ID_A
