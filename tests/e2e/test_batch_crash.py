@@ -39,7 +39,7 @@ from mock_partners.files import BAD_KEY, HEALTH_HEADERS, health_rows, write_csv
 from tests.conftest import SECRET_KEY
 from tests.support.servers import GatewayProcess, poll
 
-ROWS = 6_000  # 12 chunks of 500: the kill lands after the first, well before the last
+ROWS = 3_000  # 12 chunks of 250: the kill lands after the first, well before the last
 
 
 def open_ce_year() -> int:
@@ -155,7 +155,7 @@ def test_sigkill_mid_batch_resumes_after_the_last_chunk_exactly_once(
     assert len(good) + len(bad) == ROWS and ROWS // 200 < len(bad) < ROWS // 40  # ~1 % bad
 
     env = {"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_BATCH_DIR": str(tmp_path / "batches"),
-           "CE_GATEWAY_BATCH_CHUNK_ROWS": "500", "CE_GATEWAY_BATCH_LEASE_SECONDS": "2",
+           "CE_GATEWAY_BATCH_CHUNK_ROWS": "250", "CE_GATEWAY_BATCH_LEASE_SECONDS": "2",
            # parse in worker processes, as a large file would (and they must not outlive a kill)
            "CE_GATEWAY_BATCH_PARSE_MIN_BYTES": "0",
            "CE_GATEWAY_DOWNSTREAM_URL": mock_url, "CE_GATEWAY_SECRET_KEY": SECRET_KEY,

@@ -45,7 +45,7 @@ it under ``refused_changes`` and, since the refused_pins review, counts it in it
 keeps its share.  By design, not asserted: a later correction into a duplicate is not
 forwarded (it "did not count").
 
-``CE_GATEWAY_WALK_SEEDS`` sets the number of SQLite walks (default 16; PostgreSQL runs a quarter
+``CE_GATEWAY_WALK_SEEDS`` sets the number of SQLite walks (default 8, ``make walks`` 24; PostgreSQL runs a quarter
 of them when ``CE_GATEWAY_TEST_POSTGRES_URL`` is set); ``CE_GATEWAY_WALK_STEPS`` their length.
 """
 
@@ -77,7 +77,7 @@ from tests.integration.test_compliance_delivery import NOW, _report
 from tests.support.delivery import MakeWorker
 from tests.support.keys import person_key_of
 
-WALK_SEEDS = int(os.environ.get("CE_GATEWAY_WALK_SEEDS", "16"))
+WALK_SEEDS = int(os.environ.get("CE_GATEWAY_WALK_SEEDS", "8"))
 WALK_STEPS = int(os.environ.get("CE_GATEWAY_WALK_STEPS", "30"))
 PAPER_CAP = Decimal(20)
 TITLES = {"training": ("高原生态修复技术研修班", "工程项目管理实务", "[REJECT] 数字政府建设实务"),

@@ -115,7 +115,7 @@ def _walk(engine: Engine, partners: list[PartnerRef], settings: Settings,
     return []
 
 
-@pytest.mark.parametrize("seed", range(int(os.environ.get("CE_GATEWAY_WALK_SEEDS", "6"))))
+@pytest.mark.parametrize("seed", range(int(os.environ.get("CE_GATEWAY_WALK_SEEDS", "3"))))
 def test_single_threaded_walk_never_loses_a_race(
         engine: Engine, db_url: str, new_partner: NewPartner,
         make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch,

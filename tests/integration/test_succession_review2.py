@@ -305,7 +305,7 @@ def _batch_walk(engine: Engine, settings: Settings, tmp_path: Path, partners: li
 
 
 @pytest.mark.parametrize("seed", [
-    *range(max(WALK_SEEDS // 2, 10))])
+    *range(max(WALK_SEEDS // 2, 5))])
 def test_batch_walk_with_a_canonical_partner_keeps_the_invariants(
         engine: Engine, db_url: str, tmp_path: Path, new_partner: NewPartner,
         make_settings: Callable[..., Settings], seed: int) -> None:

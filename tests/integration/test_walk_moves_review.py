@@ -33,7 +33,7 @@ withdrawal / NOT_COUNTED version followed by a correction that is not forwarded 
 why): the cap check allows what refused records hold.  Held: 200 SQLite and 50 PostgreSQL walks
 of 60 steps.
 
-``CE_GATEWAY_WALK_SEEDS`` sets the number of SQLite walks (default 8; PostgreSQL runs a quarter
+``CE_GATEWAY_WALK_SEEDS`` sets the number of SQLite walks (default 8, ``make walks`` 24; PostgreSQL runs a quarter
 of them when ``CE_GATEWAY_TEST_POSTGRES_URL`` is set); ``CE_GATEWAY_WALK_STEPS`` their length.
 """
 
