@@ -24,7 +24,8 @@ and later filters see the record as it came).  The marks are written inside the 
 transaction, so a chunk's records and its marks commit together; a rejection another
 revalidation took first, or that the partner overtook meanwhile, rolls the run back and it is
 read again.  Work goes in chunks of :data:`CHUNK_SIZE`; one ``revalidation`` audit event names
-the operator, the reason, the filter and the counts.
+the operator, the reason, the filter and the counts — also for a run stopped part-way (Ctrl-C,
+a store error), with why it stopped, since its committed chunks stand.
 
 May touch: ``rejections`` (read; ``status`` and ``received_at`` of its own rows), ``batches``
 and ``partners`` (read), the audit trail (its event); records only through ingest; a partner's
@@ -427,7 +428,8 @@ def revalidate(engine: Engine, flt: RevalidationFilter, *, actor: str, reason: s
     ``rules`` should be read before the call (:meth:`gateway.state.AppState.rules`); by default
     it is the current reference data with the notice's configuration.  ``progress`` is called
     with (rejections done, matched) after each chunk.  A run that is not a dry run needs a
-    ``reason``; it is kept in the ``revalidation`` audit event with ``actor``.
+    ``reason``; it is kept in the ``revalidation`` audit event with ``actor``, written when the
+    run ends — or stops part-way, with what its committed chunks did and why it stopped.
     """
     if not dry_run and not (reason and reason.strip()):
         raise RevalidationRefused("a reason is required unless it is a dry run",
@@ -440,19 +442,36 @@ def revalidate(engine: Engine, flt: RevalidationFilter, *, actor: str, reason: s
     result = RevalidationResult(matched, dry_run, rules.reference.version,
                                 would_pass=0 if dry_run else None)
     done = 0
-    if progress is not None:
-        progress(done, matched)
-    for rows in _chunks(engine, flt, ceiling, chunk_size):
-        _run_chunk(engine, rows, rules, result)
-        done += len(rows)
+    try:
         if progress is not None:
             progress(done, matched)
-    if dry_run:
-        return result
-    with engine.begin() as conn:
-        audit.append(conn, [audit.Event("revalidation", actor=actor, detail={
-            "reason": reason, "filter": flt.as_dict(), "counts": result.as_dict()})])
+        for rows in _chunks(engine, flt, ceiling, chunk_size):
+            _run_chunk(engine, rows, rules, result)
+            done += len(rows)
+            if progress is not None:
+                progress(done, matched)
+    except BaseException as exc:
+        if not dry_run:
+            # Stopped part-way (Ctrl-C, a store error, rows kept being taken): what its
+            # committed chunks did stands, so who did it and why is audited all the same.
+            try:
+                _audit(engine, actor, reason, flt, result, stopped=(type(exc).__name__, done))
+            except Exception:  # the store itself is down: say so, and raise what stopped the run
+                log.exception("revalidation: could not audit a run stopped after %d of %d "
+                              "rejections", done, matched)
+        raise
+    if not dry_run:
+        _audit(engine, actor, reason, flt, result)
     return result
+
+
+def _audit(engine: Engine, actor: str, reason: str | None, flt: RevalidationFilter,
+           result: RevalidationResult, stopped: tuple[str, int] | None = None) -> None:
+    detail: dict[str, Any] = {"reason": reason, "filter": flt.as_dict(), "counts": result.as_dict()}
+    if stopped is not None:
+        detail["stopped"], detail["done"] = stopped
+    with engine.begin() as conn:
+        audit.append(conn, [audit.Event("revalidation", actor=actor, detail=detail)])
 
 
 def _run_chunk(engine: Engine, rows: list[Any], rules: RulesContext,

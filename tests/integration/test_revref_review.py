@@ -234,11 +234,6 @@ class _Interrupted(Exception):
     """Stands for Ctrl-C in the CLI's progress bar, or a store error in a later chunk."""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the one `revalidation` audit event (operator, reason, filter) is appended only after "
-    "the last chunk; a run stopped part-way (Ctrl-C, a store error, 'rejections kept being "
-    "taken') has already accepted and queued records, yet the trail never says who did it or "
-    "why (gateway/revalidate.py revalidate; retention.prune audits a stopped run)"))
 def test_a_revalidation_stopped_part_way_still_audits_what_it_did(
         store: Engine, new_partner: NewPartner) -> None:
     relay = _relay(new_partner, store)
