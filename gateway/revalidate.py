@@ -4,19 +4,32 @@ After reference data was fixed — a base added to the directory, a plan filed, 
 approved — ops re-run the pipeline for the open rejections a filter selects.  Each rejection's
 raw payload is parsed again by the adapter it came through (:data:`REPARSE`), judged with the
 *current* reference data under its original partner and arrival time, and handed to
-:func:`~gateway.pipeline.ingest.ingest_items` like any submission, so dedup, caps, outbox and
-audit behave exactly as on the way in.
+:func:`~gateway.pipeline.ingest.ingest_items` like any submission arriving, so dedup, caps,
+outbox and audit behave exactly as on the way in (a failed result withdraws the record it
+corrects, R9).  The version it makes says it reached the gateway when it did
+(``source.received_at``), not when it was run again.
+
+Only a partner's *last word* on a source id is replayed.  A rejection the partner has since
+overtaken — a later submission of the same ``source_record_id`` that was accepted, corrected,
+resent, withdrawn or refused again, or a ``DELETE`` — is closed ``superseded`` unread
+(:func:`gateway.last_word.stale_rejections`): replayed, old content would become the record's newest version
+over the partner's correction, or bring a withdrawn record back.  The rest are replayed in
+arrival (id) order, one ingest call per run of one partner and batch, so a partner's push and
+roster file keep their order.  A dry run counts both the same way (``superseded`` beside
+``would_pass``).
 
 A rejection that passes now is marked ``revalidated``; one that fails again ``superseded``
 (ingest writes a fresh ``open`` row for it, which keeps the original arrival time so the rules
 and later filters see the record as it came).  The marks are written inside the ingest
 transaction, so a chunk's records and its marks commit together; a rejection another
-revalidation took first rolls the chunk back and it is read again.  Work goes in chunks of
-:data:`CHUNK_SIZE`; one ``revalidation`` audit event names the operator, the reason, the filter
-and the counts.  A dry run only counts (and says how many would pass the rules now).
+revalidation took first, or that the partner overtook meanwhile, rolls the run back and it is
+read again.  Work goes in chunks of :data:`CHUNK_SIZE`; one ``revalidation`` audit event names
+the operator, the reason, the filter and the counts — also for a run stopped part-way (Ctrl-C,
+a store error), with why it stopped, since its committed chunks stand.
 
 May touch: ``rejections`` (read; ``status`` and ``received_at`` of its own rows), ``batches``
-and ``partners`` (read), the audit trail; records only through ingest.
+and ``partners`` (read), the audit trail (its event); records only through ingest; a partner's
+later word through :mod:`gateway.last_word` (reads).
 
 Errors::
 
@@ -46,6 +59,7 @@ from gateway import audit
 from gateway.accounts import ADAPTERS_WITH_PUSH
 from gateway.config import Settings
 from gateway.errors import GatewayError, PayloadRejected
+from gateway.last_word import Arrival, stale_rejections
 from gateway.ops.common import check_aware
 from gateway.pipeline.ingest import (
     Item,
@@ -61,9 +75,9 @@ from gateway.reference import ReferenceCache
 from gateway.store.db import reading, snapshot
 from gateway.store.tables import batches, partners, rejections
 
-__all__ = ["CHUNK_SIZE", "REPARSE", "AlreadyTaken", "Entry", "RevalidationFilter",
-           "RevalidationRefused", "RevalidationResult", "count", "group_entries", "mark_outcomes",
-           "revalidate"]
+__all__ = ["CHUNK_SIZE", "REPARSE", "AlreadyTaken", "Entry", "Overtaken", "RevalidationFilter",
+           "RevalidationRefused", "RevalidationResult", "Run", "check_still_last", "count",
+           "group_entries", "mark_outcomes", "revalidate"]
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +160,10 @@ class RevalidationResult:
     """What one revalidation did (or, in a dry run, found).
 
     ``accepted`` … ``rejected_again`` count ingest's answers; all but ``rejected_again`` mark the
-    rejection ``revalidated``.  ``would_pass`` (dry run only) counts the rejections that pass
-    the rules with the current reference data, before dedup and caps.
+    rejection ``revalidated``.  ``superseded`` counts the rejections closed unread because the
+    partner has sent a later word on the same source id (a dry run: would be closed).
+    ``would_pass`` (dry run only) counts the other rejections that pass the rules with the
+    current reference data, before dedup and caps.
     """
 
     matched: int
@@ -158,6 +174,7 @@ class RevalidationResult:
     duplicate: int = 0
     conflict: int = 0
     rejected_again: int = 0
+    superseded: int = 0
     would_pass: int | None = None
     codes_again: dict[str, int] = field(default_factory=dict)
 
@@ -174,7 +191,7 @@ class RevalidationResult:
         out: dict[str, Any] = {
             "matched": self.matched, "dry_run": self.dry_run, "accepted": self.accepted,
             "corrected": self.corrected, "duplicate": self.duplicate, "conflict": self.conflict,
-            "rejected_again": self.rejected_again,
+            "rejected_again": self.rejected_again, "superseded": self.superseded,
             "codes_again": dict(sorted(self.codes_again.items())),
             "reference_version": self.reference_version}
         if self.dry_run:
@@ -232,6 +249,10 @@ class Entry:
     item: Item
 
 
+# One ingest call's worth: consecutive rejections of one partner and batch, in arrival order.
+Run = tuple[PartnerRef, str | None, list[Entry]]
+
+
 def _parsed(row: Any, batch: _Batch | None) -> ParsedRow:
     name = BATCH_ADAPTERS.get((batch.adapter, batch.kind), row.adapter) if batch else row.adapter
     try:
@@ -255,9 +276,12 @@ def _parsed(row: Any, batch: _Batch | None) -> ParsedRow:
     return parsed
 
 
-def group_entries(conn: Connection, rows: Sequence[Any], rules: RulesContext,
-                  ) -> dict[tuple[PartnerRef, str | None], list[Entry]]:
-    """Parse and judge a chunk, grouped by (partner, batch): one ingest call per group."""
+def group_entries(conn: Connection, rows: Sequence[Any], rules: RulesContext) -> list[Run]:
+    """Parse and judge rejections, kept in the order given, as runs of one (partner, batch).
+
+    Each run is one ingest call; a new run starts whenever the partner or batch changes, so
+    the submissions are replayed in the order they came (a push, a roster file, a push).
+    """
     batch_ids = sorted({r.batch_id for r in rows if r.batch_id})
     found = {b.batch_id: _Batch(b.adapter, b.kind, b.period, b.created_at)
              for b in conn.execute(select(batches.c.batch_id, batches.c.adapter, batches.c.kind,
@@ -266,18 +290,36 @@ def group_entries(conn: Connection, rows: Sequence[Any], rules: RulesContext,
     partner_ids = sorted({r.partner_id for r in rows})
     base_codes = dict(conn.execute(select(partners.c.partner_id, partners.c.base_code)
                                    .where(partners.c.partner_id.in_(partner_ids))).all())
-    groups: dict[tuple[PartnerRef, str | None], list[Entry]] = {}
+    runs: list[Run] = []
     for r in rows:
         batch = found.get(r.batch_id) if r.batch_id else None
         parsed = _parsed(r, batch)
         partner = PartnerRef(r.partner_id, r.adapter, base_codes.get(r.partner_id))
         item = Item(raw=parsed.raw, submission=parsed.submission, errors=list(parsed.errors),
                     warnings=list(parsed.warnings), source_record_id=r.source_record_id,
-                    arriving=False)
+                    received_at=r.received_at)
         # Judged as of its arrival (R11): a record sent before the year closed stays in time.
         prepare(item, partner, batch.created_at if batch else r.received_at, rules)
-        groups.setdefault((partner, r.batch_id), []).append(Entry(r.id, r.received_at, item))
-    return groups
+        if not runs or runs[-1][:2] != (partner, r.batch_id):
+            runs.append((partner, r.batch_id, []))
+        runs[-1][2].append(Entry(r.id, r.received_at, item))
+    return runs
+
+
+def _parts(values: Sequence[Any], size: int = CHUNK_SIZE) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def _close_superseded(engine: Engine, ids: Sequence[int]) -> int:
+    """Close open rejections the partner has overtaken; how many this call closed."""
+    closed = 0
+    with engine.begin() as conn:
+        for part in _parts(sorted(ids)):
+            closed += conn.execute(update(rejections).where(
+                rejections.c.id.in_(part), rejections.c.status == "open")
+                .values(status="superseded")).rowcount
+    return closed
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -285,6 +327,10 @@ def group_entries(conn: Connection, rows: Sequence[Any], rules: RulesContext,
 
 class AlreadyTaken(Exception):
     """Another revalidation marked some of this group's rejections first: roll it back."""
+
+
+class Overtaken(Exception):
+    """The partner sent a later word on one of this group's source ids meanwhile: roll it back."""
 
 
 def mark_outcomes(conn: Connection, entries: Sequence[Entry], answers: Sequence[Any],
@@ -317,11 +363,26 @@ def mark_outcomes(conn: Connection, entries: Sequence[Entry], answers: Sequence[
                  [{"rid": rid, "at": e.received_at} for rid, e in zip(fresh, again, strict=True)])
 
 
+def check_still_last(conn: Connection, partner: PartnerRef, entries: Sequence[Entry],
+                     now: datetime) -> None:
+    """Inside the ingest transaction: raise :class:`Overtaken` if the partner overtook one.
+
+    A submission committed since the entries were read (a correction, a withdrawal) is newer
+    than the one replayed: applied over it, the old content would be the record's last version.
+    What this transaction wrote itself (at ``now``) is left out.
+    """
+    arrivals = [Arrival(e.rejection_id, partner.partner_id, e.item.source_record_id,
+                         e.received_at) for e in entries]
+    if stale_rejections(conn, arrivals, ignore_at=now):
+        raise Overtaken()
+
+
 def _ingest_group(engine: Engine, partner: PartnerRef, batch_id: str | None,
                   entries: list[Entry], rules: RulesContext, result: RevalidationResult) -> None:
     now = datetime.now(UTC)
 
     def in_tx(conn: Connection, answers: list[Any]) -> None:
+        check_still_last(conn, partner, entries, now)
         mark_outcomes(conn, entries, answers, partner, batch_id, now)
 
     answers = ingest_items(engine, partner, [e.item for e in entries], batch_id=batch_id,
@@ -367,7 +428,8 @@ def revalidate(engine: Engine, flt: RevalidationFilter, *, actor: str, reason: s
     ``rules`` should be read before the call (:meth:`gateway.state.AppState.rules`); by default
     it is the current reference data with the notice's configuration.  ``progress`` is called
     with (rejections done, matched) after each chunk.  A run that is not a dry run needs a
-    ``reason``; it is kept in the ``revalidation`` audit event with ``actor``.
+    ``reason``; it is kept in the ``revalidation`` audit event with ``actor``, written when the
+    run ends — or stops part-way, with what its committed chunks did and why it stopped.
     """
     if not dry_run and not (reason and reason.strip()):
         raise RevalidationRefused("a reason is required unless it is a dry run",
@@ -380,41 +442,75 @@ def revalidate(engine: Engine, flt: RevalidationFilter, *, actor: str, reason: s
     result = RevalidationResult(matched, dry_run, rules.reference.version,
                                 would_pass=0 if dry_run else None)
     done = 0
-    if progress is not None:
-        progress(done, matched)
-    for rows in _chunks(engine, flt, ceiling, chunk_size):
-        with reading(engine) as conn:
-            groups = group_entries(conn, rows, rules)
-        for (partner, batch_id), entries in groups.items():
-            if dry_run:
-                result.would_pass = (result.would_pass or 0) + sum(
-                    1 for e in entries if e.item.prepared is not None and not e.item.errors)
-            else:
-                _ingest_with_retries(engine, partner, batch_id, entries, rules, result)
-        done += len(rows)
+    try:
         if progress is not None:
             progress(done, matched)
-    if dry_run:
-        return result
-    with engine.begin() as conn:
-        audit.append(conn, [audit.Event("revalidation", actor=actor, detail={
-            "reason": reason, "filter": flt.as_dict(), "counts": result.as_dict()})])
+        for rows in _chunks(engine, flt, ceiling, chunk_size):
+            _run_chunk(engine, rows, rules, result)
+            done += len(rows)
+            if progress is not None:
+                progress(done, matched)
+    except BaseException as exc:
+        if not dry_run:
+            # Stopped part-way (Ctrl-C, a store error, rows kept being taken): what its
+            # committed chunks did stands, so who did it and why is audited all the same.
+            try:
+                _audit(engine, actor, reason, flt, result, stopped=(type(exc).__name__, done))
+            except Exception:  # the store itself is down: say so, and raise what stopped the run
+                log.exception("revalidation: could not audit a run stopped after %d of %d "
+                              "rejections", done, matched)
+        raise
+    if not dry_run:
+        _audit(engine, actor, reason, flt, result)
     return result
+
+
+def _audit(engine: Engine, actor: str, reason: str | None, flt: RevalidationFilter,
+           result: RevalidationResult, stopped: tuple[str, int] | None = None) -> None:
+    detail: dict[str, Any] = {"reason": reason, "filter": flt.as_dict(), "counts": result.as_dict()}
+    if stopped is not None:
+        detail["stopped"], detail["done"] = stopped
+    with engine.begin() as conn:
+        audit.append(conn, [audit.Event("revalidation", actor=actor, detail=detail)])
+
+
+def _run_chunk(engine: Engine, rows: list[Any], rules: RulesContext,
+               result: RevalidationResult) -> None:
+    """One chunk: close what the partner overtook, replay the rest in order (or count them)."""
+    with reading(engine) as conn:
+        stale = stale_rejections(conn, rows)
+        runs = group_entries(conn, [r for r in rows if r.id not in stale], rules)
+    if result.dry_run:
+        result.superseded += len(stale)
+        result.would_pass = (result.would_pass or 0) + sum(
+            1 for _, _, entries in runs for e in entries
+            if e.item.prepared is not None and not e.item.errors)
+        return
+    result.superseded += _close_superseded(engine, sorted(stale))
+    for partner, batch_id, entries in runs:
+        _ingest_with_retries(engine, partner, batch_id, entries, rules, result)
 
 
 def _ingest_with_retries(engine: Engine, partner: PartnerRef, batch_id: str | None,
                          entries: list[Entry], rules: RulesContext,
                          result: RevalidationResult) -> None:
-    """Ingest a group; if another revalidation took some of its rows, go on with the rest."""
+    """Ingest a run; go on with the rest if some of its rows were taken or overtaken.
+
+    Another revalidation took them first, or the partner sent a later word meanwhile (those
+    are closed ``superseded``).
+    """
     for _ in range(_MAX_RETRIES):
         try:
             _ingest_group(engine, partner, batch_id, entries, rules, result)
             return
-        except AlreadyTaken:
-            with engine.connect() as conn:
-                still_open = set(conn.execute(select(rejections.c.id).where(
+        except (AlreadyTaken, Overtaken):
+            with reading(engine) as conn:
+                rows = conn.execute(select(rejections).where(
                     rejections.c.id.in_([e.rejection_id for e in entries]),
-                    rejections.c.status == "open")).scalars())
+                    rejections.c.status == "open")).all()
+                stale = stale_rejections(conn, rows)
+            result.superseded += _close_superseded(engine, sorted(stale))
+            still_open = {r.id for r in rows} - stale
             entries = [e for e in entries if e.rejection_id in still_open]
             if not entries:
                 return

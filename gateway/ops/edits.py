@@ -9,7 +9,9 @@ rules (as of its original arrival, like revalidation), deduplicated, capped, sto
   so it is neither counted as a dead letter nor reprocessed again;
 * a rejection: its raw payload with the changes is parsed again by the adapter it came
   through, exactly as :mod:`gateway.revalidate` does (its parsing and marking are reused), and
-  the rejection is marked ``revalidated``.
+  the rejection is marked ``revalidated``.  A rejection its partner has overtaken since (a later
+  submission of the same source id) is not editable: its content is no longer the partner's
+  word, and stored it would undo the later one (as revalidation closes it, unread).
 
 An edit the rules still refuse is answered with the rule's code (422) and changes nothing.  The
 diff, with identity numbers masked, goes to the audit trail with the operator and the reason.
@@ -31,12 +33,19 @@ from contracts import Note, RecordStatus
 from gateway import audit
 from gateway.config import Settings
 from gateway.errors import NotFound, PayloadRejected
+from gateway.last_word import stale_rejections
 from gateway.masking import mask_text
 from gateway.ops.common import OpsConflict, apply_changes, record_changed, refuse, require_reason
 from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest_items, item_from_raw, prepare
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
-from gateway.revalidate import AlreadyTaken, group_entries, mark_outcomes
+from gateway.revalidate import (
+    AlreadyTaken,
+    Overtaken,
+    check_still_last,
+    group_entries,
+    mark_outcomes,
+)
 from gateway.store.tables import outbox, partners, record_versions, records, rejections
 
 __all__ = ["edit_and_requeue", "edit_rejection"]
@@ -147,6 +156,14 @@ def edit_and_requeue(engine: Engine, settings: Settings, record_id: str, changes
             "diff": diff, "warnings": [w.code for w in answer.warnings]}
 
 
+def _overtaken(rejection_id: int) -> OpsConflict:
+    """The partner sent the record again since (corrected, withdrawn, refused again)."""
+    return OpsConflict("NOT_EDITABLE", detail=f"(the partner has sent a later submission of the "
+                       f"record rejection {rejection_id} carries; edit that one, if any)",
+                       detail_zh=f"（合作方此后已再次报送拒收记录 {rejection_id} 对应的记录；"
+                       "如需修改，请修改最新的那一条）")
+
+
 @dataclass(frozen=True)
 class _EditedRow:
     """A rejection row with the edited payload, shaped as revalidation reads one."""
@@ -185,13 +202,16 @@ def edit_rejection(engine: Engine, settings: Settings, rejection_id: int, change
     fake = _EditedRow(rejection_id, orjson.dumps(edited).decode(), row["batch_id"],
                       row["partner_id"], row["adapter"], row["source_record_id"], row["received_at"])
     with engine.connect() as conn:
-        [((partner, batch_id), entries)] = group_entries(conn, [fake], rules).items()
+        if stale_rejections(conn, [fake]):
+            raise _overtaken(rejection_id)
+        [(partner, batch_id, entries)] = group_entries(conn, [fake], rules)
     item = entries[0].item
     if item.errors:
         raise _refused(item.errors)
     now = datetime.now(UTC)
 
     def in_tx(conn: Connection, answers: list[Any]) -> None:
+        check_still_last(conn, partner, entries, now)
         mark_outcomes(conn, entries, answers, partner, batch_id, now)
         answer = answers[0]
         audit.append(conn, [audit.Event("rejection_edited", answer.record_id, answer.version, actor, {
@@ -201,6 +221,8 @@ def edit_rejection(engine: Engine, settings: Settings, rejection_id: int, change
     try:
         [answer] = ingest_items(engine, partner, [item], batch_id=batch_id, now=now, in_tx=in_tx,
                                 rules=rules)
+    except Overtaken as exc:
+        raise _overtaken(rejection_id) from exc
     except AlreadyTaken as exc:
         raise OpsConflict("NOT_EDITABLE", detail=f"(rejection {rejection_id} was taken by "
                           "another revalidation or edit)",

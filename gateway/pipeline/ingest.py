@@ -100,9 +100,9 @@ class Item:
     # (source id, content hash) of a submission the rules refused: if it repeats the stored
     # version exactly, it is a resend (duplicate), whatever today's rules say of it
     refused: tuple[str, str] | None = None
-    # False for a stored rejection judged again (revalidation): a failed result withdraws the
-    # record it corrects only when it arrives, not when an old one is re-read after a pass.
-    arriving: bool = True
+    # When it reached the gateway, for a stored rejection judged again (revalidation, an ops
+    # edit): the version it makes says so in ``source.received_at``, not the time of the rerun.
+    received_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,6 +527,7 @@ class _Pending:
     # The NOT_COUNTED warning and rule note of a version that is forwarded with no hours: it
     # replaces a counted version the management system holds (queue is False: not accepted)
     uncounted: tuple[Note, Note] | None = None
+    received_at: str | None = None  # the item's own arrival (Item.received_at); None: now
 
 
 class Chunk:
@@ -991,7 +992,7 @@ class Chunk:
             "withdrawn": False,
             "source": {"partner_id": self.partner.partner_id, "adapter": self.partner.adapter,
                        "source_record_id": source_record_id, "batch_id": self.batch_id,
-                       "received_at": self.now_iso},
+                       "received_at": p.received_at or self.now_iso},
             **body,
             "credited_hours": str(p.credited),
             "rule_notes": sub.rule_notes + cap_rule,
@@ -1045,7 +1046,8 @@ class Chunk:
             index=index, source_record_id=sub.source_record_id, status=status,
             record_id=record_id, version=1, warnings=list(item.warnings), errors=errors)
         self.pending.append(_Pending(record_id, 1, sub, chash, status is RecordStatus.ACCEPTED,
-                                     self.new_records[-1], answer, sub.hours))
+                                     self.new_records[-1], answer, sub.hours,
+                                     received_at=_arrival(item)))
         return answer
 
     def _resent(self, item: Item) -> _Known | None:
@@ -1133,7 +1135,7 @@ class Chunk:
         self.pending.append(_Pending(known.record_id, known.version, sub, chash,
                                      status is RecordStatus.ACCEPTED, self.record_updates[-1],
                                      answer, Decimal(0) if uncounted else sub.hours,
-                                     uncounted=uncounted))
+                                     uncounted=uncounted, received_at=_arrival(item)))
         return answer
 
     def _unpin(self, known: _Known) -> None:
@@ -1156,10 +1158,11 @@ class Chunk:
         R9 "A failed assessment earns no hours" (青人社厅函〔2022〕394号 六(二) "根据考试考核结果
         如实出具…证明"): a base that corrects a result to failed takes its hours back.  Only
         when the failure is all that is wrong: a correction refused for anything else (a closed
-        year, a revoked base, a bad id) changes nothing, as any refused correction.
+        year, a revoked base, a bad id) changes nothing, as any refused correction — until
+        revalidation finds the other error fixed and judges it again, as the base's last word
+        (an older failed result the base has since corrected is closed unread there).
         """
-        if (item.refused is None or not item.arriving
-                or {e.code for e in item.errors} != {"ASSESSMENT_FAILED"}):
+        if item.refused is None or {e.code for e in item.errors} != {"ASSESSMENT_FAILED"}:
             return None
         known = self.by_source.get(item.refused[0])
         return None if known is None or known.withdrawn else known
@@ -1204,7 +1207,7 @@ class Chunk:
                                            "batch_id": self.batch_id}))
         # Only a record the management system has (or will have) needs the withdrawal.
         self._store_version(known.record_id, known.version,
-                            withdrawn_version(record, known.version, self.now),
+                            withdrawn_version(record, known.version, item.received_at or self.now),
                             known.content_hash, forwarded)
         answer.record_id, answer.version = known.record_id, known.version
         answer.errors = [coded(
@@ -1330,6 +1333,15 @@ class Chunk:
         bulk_insert(conn, rejections, self.rejected)
         if with_audit:
             audit.append(conn, self.events, self.now)
+
+
+def _arrival(item: Item) -> str | None:
+    """``source.received_at`` of the version an item makes: its arrival, if it came earlier.
+
+    A stored rejection judged again (revalidation) reached the gateway then, and the rules
+    judged it as of then (R11); the management system is told so, not the time of the rerun.
+    """
+    return None if item.received_at is None else item.received_at.isoformat()
 
 
 def _queued(conn: Connection, record_id: str, version: int | None = None) -> bool:

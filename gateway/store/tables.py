@@ -198,6 +198,8 @@ rejections = Table(
     Column("errors", Text, nullable=False),  # JSON list of notes
     Column("status", String(16), nullable=False, default="open"),
     Column("received_at", UTCDateTime, nullable=False, index=True),
+    # The partner's other submissions of a source id (revalidation replays only its last word)
+    Index("ix_rejections_partner_id_source_record_id", "partner_id", "source_record_id"),
 )
 
 # A group of outbox rows sent together under one Idempotency-Key, retried as a whole.

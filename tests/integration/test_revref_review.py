@@ -105,11 +105,6 @@ def _count(engine: Engine, table: Any, *where: Any) -> int:
 # -- 1. revalidation applies stale submissions over the partner's later word ------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: revalidation re-ingests an old rejected correction after the partner already sent a "
-    "newer one that was accepted: the stale content becomes the record's newest version and is "
-    "forwarded downstream (gateway/revalidate.py group_entries/_ingest_group never look for a "
-    "later submission of the same source id)"))
 def test_a_stale_rejected_correction_does_not_overwrite_the_partners_later_correction(
         store: Engine, new_partner: NewPartner) -> None:
     relay = _relay(new_partner, store)
@@ -131,14 +126,10 @@ def test_a_stale_rejected_correction_does_not_overwrite_the_partners_later_corre
                reason="plan 032 filed")
 
     rec = _record(store, "S-1")
-    assert (rec["hours"], rec["current_version"]) == ("16", 2), rec
+    assert (rec["hours"], rec["current_version"]) == ("16.0", 2), rec
     assert _queued_versions(store, rec["record_id"]) == [1, 2]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: revalidation brings a record the partner withdrew back to life: the old rejected "
-    "correction is ingested as a correction of the withdrawn record and forwarded as a counted "
-    "version (gateway/revalidate.py; Chunk._resubmitted treats it as a fresh submission)"))
 def test_revalidation_does_not_resurrect_a_record_its_partner_withdrew(
         store: Engine, new_partner: NewPartner) -> None:
     relay = _relay(new_partner, store)
@@ -164,11 +155,6 @@ ROSTER_COLUMNS = ["base_code", "plan_id", "result_id", "id_no", "name", "region"
                   "started_on", "completed_on", "passed"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: revalidation ingests a chunk's rejections grouped by (partner, batch), so a partner's "
-    "submissions of one result through a push and a roster file are replayed out of order: the "
-    "roster's older content ends up as the record's current version, not the last push "
-    "(gateway/revalidate.py revalidate: `for (partner, batch_id), entries in groups.items()`)"))
 def test_revalidation_keeps_the_order_a_partner_sent_one_result_in(
         db_url: str, store: Engine, new_partner: NewPartner, make_settings: MakeSettings,
         tmp_path: Path) -> None:
@@ -208,14 +194,9 @@ def test_revalidation_keeps_the_order_a_partner_sent_one_result_in(
     revalidate(store, RevalidationFilter(partner_id=base.partner_id), actor="ops-wang",
                reason="base listed")
 
-    assert _record(store, "TB-7")["hours"] == "16"  # the base's last word
+    assert _record(store, "TB-7")["hours"] == "16.0"  # the base's last word
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a base's correction reporting a trainee failed, refused for a second reason too (its "
-    "plan not filed yet), is never applied once that is fixed: revalidation judges it with "
-    "arriving=False, so the record keeps counting hours the base said were not earned (R9 "
-    "'A failed assessment earns no hours'; gateway/pipeline/ingest.py Chunk._failed_assessment)"))
 def test_a_failed_result_refused_with_another_error_takes_the_hours_back_once_fixed(
         store: Engine, new_partner: NewPartner) -> None:
     base = new_partner(store, adapter="training_base", base_code=BASE)
@@ -253,11 +234,6 @@ class _Interrupted(Exception):
     """Stands for Ctrl-C in the CLI's progress bar, or a store error in a later chunk."""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the one `revalidation` audit event (operator, reason, filter) is appended only after "
-    "the last chunk; a run stopped part-way (Ctrl-C, a store error, 'rejections kept being "
-    "taken') has already accepted and queued records, yet the trail never says who did it or "
-    "why (gateway/revalidate.py revalidate; retention.prune audits a stopped run)"))
 def test_a_revalidation_stopped_part_way_still_audits_what_it_did(
         store: Engine, new_partner: NewPartner) -> None:
     relay = _relay(new_partner, store)
@@ -384,11 +360,6 @@ def test_retention_keeps_the_payload_of_a_duplicate_that_may_still_take_over(
 ARRIVED = datetime(2025, 12, 1, 2, 0, tzinfo=UTC)  # 2025 still open (it closed on 30 Dec)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a revalidated record is judged as of its arrival (R11: in time) but forwarded with "
-    "source.received_at = the revalidation time, so the management system is told a 2025 record "
-    "reached the gateway after 2025 closed (gateway/revalidate.py _ingest_group passes now to "
-    "ingest_items; Chunk._build stamps now_iso)"))
 def test_a_revalidated_record_keeps_its_arrival_time(
         store: Engine, new_partner: NewPartner) -> None:
     relay = _relay(new_partner, store)
