@@ -293,12 +293,6 @@ T_SENT = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
 T_PRUNE = datetime(2028, 1, 20, tzinfo=UTC)  # 2026 closed, cutoff 2026-12-16
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: retention prunes the current payload of a record that an open conflict is held "
-    "against; ops can then no longer resolve the conflict by keeping the new report (422 "
-    "NOT_EDITABLE 'payload was pruned') — _version_filter excludes the conflict itself but not "
-    "its holder (gateway/retention.py; docs/retention-and-audit.md says conflicted records are "
-    "never pruned because ops resolve them from the payloads)"))
 def test_retention_keeps_what_ops_need_to_resolve_a_held_conflict(
         db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
         mock_ce: tuple[str, Faults]) -> None:
@@ -339,12 +333,6 @@ def _drain(engine: Engine, settings: Settings, when: datetime) -> None:
         worker.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: retention prunes the current payload of a held duplicate that once counted (its "
-    "NOT_COUNTED version was forwarded), so when the record it repeats is withdrawn the "
-    "duplicate cannot take the activity over (_may_succeed refuses a pruned payload) and the "
-    "person silently loses the hours two sources reported (gateway/retention.py "
-    "_version_filter; docs/retention-and-audit.md promises a duplicate keeps its payload)"))
 def test_retention_keeps_the_payload_of_a_duplicate_that_may_still_take_over(
         db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
         mock_ce: tuple[str, Faults]) -> None:
