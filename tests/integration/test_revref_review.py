@@ -452,12 +452,6 @@ def _mock_reference(url: str, kind: str, items: list[dict[str, Any]]) -> None:
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `since` is inclusive, so every sync fetches again the items stamped at the stored "
-    "watermark and upserts them: a sync with nothing new upstream makes a new reference version "
-    "and silently reverts an ops CSV import of such an item (here a base re-listed by ops goes "
-    "back to revoked, and revalidation refuses its results again) — items older than the "
-    "watermark keep the import (gateway/reference.py _fetch_kind/_commit)"))
 def test_a_sync_with_nothing_new_upstream_does_not_undo_an_ops_import(
         db_url: str, store: Engine, make_settings: MakeSettings, mock_ce: tuple[str, Faults],
         tmp_path: Path) -> None:
