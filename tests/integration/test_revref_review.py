@@ -486,11 +486,6 @@ HEALTH_ROW = {"记录编号": "WJ-S", "姓名": "赵伟", "工作单位": "", "�
               "开始日期": "", "完成日期": "2025-11-20", "证书编号": ""}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a health row's identity number written with spaces (SPEC §8: numbers may carry "
-    "spaces; the adapter accepts it) is kept raw in the rejection's payload, and the ops "
-    "rejection list (GET /v1/rejections, the revalidation preview) shows it whole: mask_text "
-    "only knows unbroken digit runs (gateway/ops/records.py _masked_json, gateway/masking.py)"))
 @pytest.mark.parametrize("written", ["630102 1987 0413 9126", "６３０１０２ １９８７０４１３ ９１２６"],
                          ids=["ascii", "full-width"])
 def test_the_rejection_list_masks_an_identity_number_written_with_spaces(
