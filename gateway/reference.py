@@ -8,10 +8,13 @@ cached by version in :class:`ReferenceCache`, and write :attr:`StoreReference.ve
 beside what they judged.  Storage, diffing and versions live in :mod:`gateway.reference_store`.
 
 Sync, per kind: page through ``GET {DOWNSTREAM_URL}/api/v1/reference/{kind}?since=&cursor=``
-from the kind's stored watermark (the newest ``updated_at`` seen; ``since`` is inclusive, so
-the items at the watermark come again and are found unchanged), then apply every kind that was
-fetched whole in one transaction, with the new watermarks and one audit event
-``reference_synced``.  A kind that cannot be fetched keeps its watermark and reports why;
+from the kind's stored watermark (the newest ``updated_at`` seen), then apply every kind that
+was fetched whole in one transaction, with the new watermarks and one audit event
+``reference_synced``.  ``since`` is inclusive (items may share a timestamp), so the items at
+the watermark come again: the watermark keeps a digest of each item there that the last sync
+took, and one served again unchanged is skipped (counted ``unchanged``) — upstream did not
+change it, and applying it again would undo an ops CSV import made since.  An item that is new
+at that timestamp, or newer, is applied, over an import too: upstream changed it.  A kind that cannot be fetched keeps its watermark and reports why;
 nothing raises past this module but programming errors (and, under the job's lease, a lease
 taken over).  Each page's GET, answer included, is bounded by a deadline of a few
 ``DOWNSTREAM_TIMEOUT_SECONDS`` and a size cap (:func:`gateway.upstream.bounded_request`).
@@ -58,7 +61,9 @@ from gateway.reference_store import (
     ReferenceKind,
     RowError,
     UnknownReferenceKind,
+    Watermark,
     apply_items,
+    item_digest,
     latest_seq,
     lock_writers,
     parse_kind,
@@ -350,11 +355,17 @@ def _timestamp(value: object) -> datetime | None:
 class _Fetched:
     rows: list[dict[str, Any]] = field(default_factory=list)
     watermark: str | None = None
+    seen: frozenset[str] = frozenset()  # digests of the items at ``watermark``
+    repeated: int = 0  # keys whose only items came again unchanged at the old watermark
 
 
 def _fetch_kind(client: httpx.Client, settings: Settings, kind: ReferenceKind,
-                report: KindSync) -> _Fetched:
-    """Every page of one kind since its watermark, validated; raises :class:`FetchError`."""
+                report: KindSync, seen: frozenset[str] = frozenset()) -> _Fetched:
+    """Every page of one kind since its watermark, validated; raises :class:`FetchError`.
+
+    ``seen``: the digests of the items at the watermark the last sync took; those items,
+    served again unchanged, are left out of the rows to apply.
+    """
     spec, url = KINDS[kind], settings.downstream_url.rstrip("/") + API_PATH + kind.value
     retrying, cursor, items = _retrying(settings), None, []
     while True:
@@ -371,8 +382,10 @@ def _fetch_kind(client: httpx.Client, settings: Settings, kind: ReferenceKind,
         cursor = nxt
     report.fetched = len(items)
     got = _Fetched(watermark=report.since)
-    mark = _timestamp(report.since)
+    start = mark = _timestamp(report.since)
     chosen: dict[tuple[Any, ...], tuple[datetime | None, dict[str, Any]]] = {}
+    repeated: set[tuple[Any, ...]] = set()
+    stamped: list[tuple[datetime, str]] = []  # (updated_at, digest) of every valid item
     keys = PersonKeys(settings.person_key_secret)
     for index, raw in enumerate(items):
         try:
@@ -380,14 +393,21 @@ def _fetch_kind(client: httpx.Client, settings: Settings, kind: ReferenceKind,
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             report.invalid.append(mask_text(f"item {index}: {_first_error(exc)}"))
             continue
-        when = _timestamp(raw.get("updated_at"))
-        if when is not None and (mark is None or when > mark):
-            mark, got.watermark = when, str(raw["updated_at"])
+        when, digest = _timestamp(raw.get("updated_at")), item_digest(row)
+        if when is not None:
+            stamped.append((when, digest))
+            if mark is None or when > mark:
+                mark, got.watermark = when, str(raw["updated_at"])
         key, held = spec.key(row), chosen.get(spec.key(row))
+        if when is not None and when == start and digest in seen:
+            repeated.add(key)  # taken by the last sync, unchanged upstream since
+            continue
         # One key twice (an update served beside the old item): the newest wins, else the last.
         if held is None or when is None or held[0] is None or when >= held[0]:
             chosen[key] = (when, row)
     got.rows = [row for _, row in chosen.values()]
+    got.seen = frozenset(d for when, d in stamped if when == mark)
+    got.repeated = len(repeated - chosen.keys())
     return got
 
 
@@ -421,9 +441,9 @@ def sync(engine: Engine, settings: Settings, client: httpx.Client | None = None,
     http = client or httpx.Client(timeout=settings.downstream_timeout_seconds)
     try:
         for kind in wanted:
-            report = result.kinds[kind.value] = KindSync(kind.value, since=marks[kind])
+            report = result.kinds[kind.value] = KindSync(kind.value, since=marks[kind].since)
             try:
-                fetched[kind] = _fetch_kind(http, settings, kind, report)
+                fetched[kind] = _fetch_kind(http, settings, kind, report, marks[kind].seen)
             except FetchError as exc:
                 report.error = exc.reason
                 log.warning("reference sync of %s failed: %s", kind.value, exc.reason)
@@ -432,7 +452,7 @@ def sync(engine: Engine, settings: Settings, client: httpx.Client | None = None,
             http.close()
     ensure_held()
     try:
-        _commit(engine, result, fetched, actor)
+        _commit(engine, result, fetched, marks, actor)
     except _STORE_ERRORS as exc:
         log.exception("reference sync could not be stored")
         result.version, result.error = None, f"store error: {type(exc).__name__}"
@@ -442,7 +462,7 @@ def sync(engine: Engine, settings: Settings, client: httpx.Client | None = None,
 
 
 def _commit(engine: Engine, result: SyncResult, fetched: dict[ReferenceKind, _Fetched],
-            actor: str) -> None:
+            started: dict[ReferenceKind, Watermark], actor: str) -> None:
     now = datetime.now(UTC)
     with engine.begin() as conn:
         lock_writers(conn, now)
@@ -453,12 +473,12 @@ def _commit(engine: Engine, result: SyncResult, fetched: dict[ReferenceKind, _Fe
             if report.error is not None:
                 save_watermark(conn, kind, since=None, fetched=0, ok=False, note=report.error,
                                now=now)
-            elif marks[kind] != report.since:
+            elif marks[kind] != started[kind]:
                 # Another sync stored newer data meanwhile: ours may be older, so drop it.
                 report.error = "another sync moved the watermark on; this kind was skipped"
             else:
                 rows_by_kind[kind] = fetched[kind].rows
-        cursors = {k.value: fetched[k].watermark if k in rows_by_kind else marks[k]
+        cursors = {k.value: fetched[k].watermark if k in rows_by_kind else marks[k].since
                    for k in KINDS}
         applied = apply_items(conn, rows_by_kind, source="sync", actor=actor, now=now,
                               cursors=cursors)
@@ -466,10 +486,11 @@ def _commit(engine: Engine, result: SyncResult, fetched: dict[ReferenceKind, _Fe
             report, got = result.kinds[kind.value], fetched[kind]
             counts = applied.counts[kind.value]
             report.inserted, report.updated = counts["inserted"], counts["updated"]
-            report.unchanged, report.watermark = counts["unchanged"], got.watermark
+            report.unchanged = counts["unchanged"] + got.repeated
+            report.watermark = got.watermark
             note = f"{len(report.invalid)} items refused: {report.invalid[0]}" if report.invalid else None
             save_watermark(conn, kind, since=got.watermark, fetched=report.fetched, ok=True,
-                           note=note, now=now)
+                           note=note, now=now, seen=got.seen)
         result.version = applied.version
         if applied.version is not None:
             audit.append(conn, [audit.Event("reference_synced", actor=actor, detail={

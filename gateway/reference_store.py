@@ -20,12 +20,13 @@ CSV files are validated here too (:func:`read_reference_csv`): the same item mod
 row numbers a person sees in the file.
 
 What it may touch: the ``reference_*`` tables, ``pull_state`` rows named ``reference:<kind>``
-(the upstream ``since`` watermarks, also the writers' lock).  No HTTP, no audit events:
+(the upstream ``since`` watermarks and the items seen at them, also the writers' lock).  No HTTP, no audit events:
 :mod:`gateway.reference` does both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,7 +68,8 @@ from gateway.store.util import insert_ignore
 
 __all__ = ["KINDS", "NO_VERSION", "Applied", "ParsedCsv", "RowError", "BaseItem", "BaseLevel", "BaseStatus",
            "DeferralItem", "DeferralReason", "KindSpec", "PlanItem", "ReferenceKind",
-           "TitleApplicantItem", "UnknownReferenceKind", "apply_items", "latest_seq",
+           "TitleApplicantItem", "UnknownReferenceKind", "Watermark", "apply_items", "item_digest",
+           "latest_seq",
            "lock_writers", "parse_kind", "read_reference_csv", "read_watermarks",
            "save_watermark",
            "version_label", "watermark_source"]
@@ -284,18 +286,50 @@ def watermark_source(kind: ReferenceKind) -> str:
     return f"reference:{kind.value}"
 
 
-def read_watermarks(conn: Connection) -> dict[ReferenceKind, str | None]:
-    rows = conn.execute(select(pull_state.c.source, pull_state.c.cursor)
+@dataclass(frozen=True)
+class Watermark:
+    """Where a kind's sync resumes: ``since`` (inclusive) and the items already taken there.
+
+    ``seen``: :func:`item_digest` of each item stamped exactly at ``since`` that the sync which
+    set it took.  ``since`` being inclusive, they come again on every sync; one that comes
+    unchanged is not new and must not undo an ops import made since.
+    """
+
+    since: str | None = None
+    seen: frozenset[str] = frozenset()
+
+
+def item_digest(row: Mapping[str, Any]) -> str:
+    """A short digest of a stored row (``KindSpec.to_row``): its key and every value.
+
+    Identity numbers never reach it in clear (rows carry person keys); 64 bits are plenty to
+    tell apart the items that share one timestamp.
+    """
+    return hashlib.sha256(orjson.dumps(dict(row), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def read_watermarks(conn: Connection) -> dict[ReferenceKind, Watermark]:
+    rows = conn.execute(select(pull_state.c.source, pull_state.c.cursor, pull_state.c.seen)
                         .where(pull_state.c.source.in_([watermark_source(k) for k in KINDS])))
-    stored = {source: cursor for source, cursor in rows}
-    return {kind: stored.get(watermark_source(kind)) for kind in KINDS}
+    stored = {source: Watermark(cursor, _seen_at(cursor, seen)) for source, cursor, seen in rows}
+    return {kind: stored.get(watermark_source(kind), Watermark()) for kind in KINDS}
+
+
+def _seen_at(cursor: str | None, seen: str | None) -> frozenset[str]:
+    # Kept with the watermark they were seen at: a writer that moved ``cursor`` without them
+    # (code before migration 0022, in a rolling release) leaves them for another timestamp.
+    held = orjson.loads(seen) if seen else None
+    if not isinstance(held, dict) or held.get("since") != cursor:
+        return frozenset()
+    return frozenset(str(d) for d in held.get("items", ()))
 
 
 def save_watermark(conn: Connection, kind: ReferenceKind, *, since: str | None, fetched: int,
-                   ok: bool, note: str | None, now: datetime) -> None:
-    """Store a kind's watermark (``None`` leaves it) and how its last sync went.
+                   ok: bool, note: str | None, now: datetime,
+                   seen: Iterable[str] = ()) -> None:
+    """Store a kind's watermark, the items ``seen`` at it, and how its last sync went.
 
-    ``ok`` runs also count ``fetched`` and stamp ``last_success_at``; ``note`` (a fetch error,
+    ``since=None`` leaves the watermark and its items.  ``ok`` runs also count ``fetched`` and stamp ``last_success_at``; ``note`` (a fetch error,
     or the items that were refused) becomes ``last_error``.
     """
     source = watermark_source(kind)
@@ -304,6 +338,7 @@ def save_watermark(conn: Connection, kind: ReferenceKind, *, since: str | None, 
     values: dict[str, Any] = {"last_error": note[:2000] if note else None, "updated_at": now}
     if since is not None:
         values["cursor"] = since
+        values["seen"] = orjson.dumps({"since": since, "items": sorted(seen)}).decode()
     if ok:
         values["last_success_at"] = now
         values["pulled_total"] = pull_state.c.pulled_total + fetched

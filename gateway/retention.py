@@ -17,15 +17,18 @@ when a later version is refused for good (gateway.pipeline.caps.counts_of).
 A version is pruned only when **all** of these hold (each guards a reader of the payload):
 
 - its outbox row is ``delivered``, more than ``RETENTION_PAYLOAD_DAYS`` ago — a pending
-  version is what the delivery worker sends; duplicates and conflicts were never forwarded;
+  version is what the delivery worker sends;
 - its record is not a ``conflict`` and has no ``pending`` or ``dead`` delivery (ops resolve,
   reprocess and edit those from the payloads);
 - it is *superseded* (not the record's current version: no reader reads an old version's
   body), or its record's CE year (``counts_year``) is **closed** (``YEAR_CLOSE`` and
-  ``YEAR_CLOSE_EXTENSIONS``) and the record is in no cap group (R10 re-allocation re-issues a
-  capped record from its current payload).  Ingest reads a closed year's current payload only
-  when the partner withdraws it (refused ``YEAR_CLOSED``); another source's report of the same
-  activity is judged on the hours the record's row keeps; see ``gateway.pipeline.ingest``.
+  ``YEAR_CLOSE_EXTENSIONS``), the record is in no cap group (R10 re-allocation re-issues a
+  capped record from its current payload) and nothing else reads it: not a live duplicate
+  (it may take its activity over, even one whose 0-hour NOT_COUNTED version was delivered)
+  and no open conflict held against it (keeping the conflict supersedes it from its payload).
+  Ingest reads a closed year's current payload only when the partner withdraws it (refused
+  ``YEAR_CLOSED``); another source's report of the same activity is judged on the hours the
+  record's row keeps; see ``gateway.pipeline.ingest``.
 
 Closed rejections (``revalidated`` or ``superseded``: a record or a fresh open rejection
 carries them on) older than the age get a stub ``{"pruned": true, "rejection_id", "pruned_at"}``
@@ -64,6 +67,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
@@ -76,7 +80,7 @@ from gateway.pipeline.caps import counts_of
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.scheduling import Job, ensure_held, register
 from gateway.store.db import snapshot
-from gateway.store.tables import outbox, record_versions, records, rejections
+from gateway.store.tables import HELD, outbox, record_versions, records, rejections
 
 __all__ = ["CHUNK_SIZE", "CLOSED_REJECTIONS", "RETENTION_JOB", "STUB_KEYS", "RetentionResult",
            "closed_years", "is_pruned", "prune", "stub"]
@@ -143,11 +147,28 @@ def _version_filter(cutoff: datetime, years: tuple[int, ...]) -> ColumnElement[b
                                 other.c.status.in_(("pending", "dead")))
     year = func.coalesce(records.c.counts_year, records.c.year)
     closed = and_(year.in_(years), or_(records.c.cap_type.is_(None),
-                                       records.c.withdrawn.is_(True))) if years else false()
+                                       records.c.withdrawn.is_(True)),
+                  ~_still_read()) if years else false()
     return and_(record_versions.c.pruned_at.is_(None),
                 outbox.c.status == "delivered", outbox.c.delivered_at < cutoff,
                 records.c.status != "conflict", ~unfinished,
                 or_(record_versions.c.version < records.c.current_version, closed))
+
+
+def _still_read() -> ColumnElement[bool]:
+    """A closed year's current version that dedup or ops may still read, so it is kept.
+
+    A live duplicate takes its activity over when its holder lets it go and is sent from
+    this payload (``ingest._may_succeed``) — even one that once counted and whose 0-hour
+    NOT_COUNTED version was delivered.  A record an open conflict is held against is
+    superseded from this payload when ops keep the conflicting report (``resolve_conflict``).
+    """
+    conflict = aliased(records, name="held")
+    held_against = exists().where(conflict.c.natural_key == records.c.natural_key,
+                                  text(f"held.{HELD}"),  # ix_records_held_key serves it
+                                  conflict.c.status == "conflict")
+    return and_(records.c.withdrawn.is_(False),
+                or_(records.c.status == "duplicate", held_against))
 
 
 def _joined() -> Any:

@@ -344,6 +344,10 @@ pull_state = Table(
     Column("last_error", Text),
     Column("last_success_at", UTCDateTime),
     Column("updated_at", UTCDateTime, nullable=False),
+    # Reference kinds: digests of the items stamped at ``cursor`` (an inclusive ``since``) that
+    # the last sync took, so a sync skips them when they come again unchanged.  JSON
+    # {"since": cursor, "items": [...]}; ignored when ``since`` is not the cursor any more.
+    Column("seen", Text),
 )
 
 # Cluster-wide leases for scheduled jobs: whoever holds a name's lease runs that job.

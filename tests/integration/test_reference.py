@@ -290,6 +290,65 @@ def test_a_sync_that_was_overtaken_skips_its_older_data(
     assert base["status"] == "revoked"
 
 
+def test_an_item_at_the_watermark_is_skipped_only_when_the_last_sync_took_it_unchanged(
+        db_url: str, engine: Engine, make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """``since`` is inclusive: what the last sync took at the watermark comes again.
+
+    Served again unchanged it is not applied (an ops import made since stays); an item new at
+    that timestamp, one changed upstream within it, or a newer one is applied, import or not.
+    """
+    settings = sync_settings(make_settings, db_url, "http://ce.test")
+    served: list[dict[str, Any]] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        items = served if request.url.path.endswith("/bases") else []
+        since = request.url.params.get("since")
+        if since:  # inclusive, as the management system's API is
+            items = [i for i in items if date.fromisoformat(i["updated_at"][:10])
+                     >= date.fromisoformat(since[:10])]
+        return httpx.Response(200, json={"items": items, "next": None})
+
+    def import_status(status: str) -> None:
+        path = tmp_path / "bases.csv"
+        path.write_text("code,name,level,status,assessed_on\n"
+                        f"QHJD-001,{BASES[0]['name']},provincial,{status},2024-06-30\n",
+                        encoding="utf-8")
+        assert import_csv(engine, "bases", path, actor="ops-ma", keys=KEYS).updated == 1
+
+    def stored() -> dict[str, tuple[str, str]]:
+        return {r["code"]: (r["status"], r["name"]) for r in rows(engine, reference_bases)}
+
+    with httpx.Client(transport=httpx.MockTransport(upstream)) as client:
+        served[:] = [BASES[0]]
+        assert sync(engine, settings, client).version == "ref-000001"
+        import_status("revoked")
+
+        # QHJD-001 again as the last sync took it, and QHJD-002 new at the same timestamp.
+        served[:] = [BASES[0], BASES[1]]
+        result = sync(engine, settings, client)
+        assert result.ok and result.version == "ref-000003"
+        run = result.kinds["bases"]
+        assert (run.fetched, run.inserted, run.updated, run.unchanged) == (2, 1, 0, 1)
+        assert stored()["QHJD-001"][0] == "revoked" and "QHJD-002" in stored()
+        assert (quiet := sync(engine, settings, client)).ok and quiet.version is None
+        assert stored()["QHJD-001"][0] == "revoked"
+
+        # Changed upstream within the same timestamp: upstream's word wins over the import.
+        served[:] = [{**BASES[0], "name": "青海省高原生态继续教育基地（更名）"}, BASES[1]]
+        assert sync(engine, settings, client).version == "ref-000004"
+        assert stored()["QHJD-001"] == ("active", "青海省高原生态继续教育基地（更名）")
+
+        # Changed upstream later (a newer timestamp): it wins over an import made before.
+        import_status("revoked")
+        served[:] = [{**BASES[0], "status": "active", "updated_at": T2}, BASES[1]]
+        result = sync(engine, settings, client)
+        assert result.version == "ref-000006" and result.kinds["bases"].watermark == T2
+        assert stored()["QHJD-001"] == ("active", BASES[0]["name"])
+        import_status("revoked")
+        assert sync(engine, settings, client).version is None  # only what it took at T2 again
+        assert stored()["QHJD-001"][0] == "revoked"
+
+
 # -- CSV import -------------------------------------------------------------------------------
 
 def test_import_csv_takes_good_rows_and_names_bad_ones(

@@ -29,6 +29,7 @@ from gateway.cli import app as cli_app
 from gateway.config import Settings, get_settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.errors import PayloadRejected
+from gateway.ops.records import resolve_conflict
 from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
 from gateway.retention import RETENTION_JOB, STUB_KEYS, prune
 from gateway.scheduling import acquire, build_scheduler, release, run_job
@@ -135,8 +136,13 @@ def test_only_old_delivered_finished_payloads_are_pruned_and_readers_still_answe
     assert _pruned(store) == {(ids["B"], 1)}
 
     # 2026 closed: current versions go too, unless capped (K), or too young (B v2, delivered
-    # 2027-01-15), or their record is dead (D), pending (P) or a conflict (C).
+    # 2027-01-15), or their record is dead (D), pending (P) or a conflict (C), or a conflict
+    # is held against it (A: keeping C supersedes A from its payload) until ops resolve it.
     closed = make_settings(db_url, year_close_extensions={})
+    dry = prune(store, closed, dry_run=True, now=NOW2)
+    assert (dry.versions, dry.rejections, dry.closed_years) == (0, 0, (2026,))
+    resolve_conflict(store, closed, ids["C"], keep="existing", reason="A's hours confirmed",
+                     actor="ops-li")
     dry = prune(store, closed, dry_run=True, now=NOW2)
     assert (dry.versions, dry.rejections, dry.closed_years) == (1, 0, (2026,))
     second = prune(store, closed, now=NOW2)

@@ -269,12 +269,6 @@ T_SENT = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
 T_PRUNE = datetime(2028, 1, 20, tzinfo=UTC)  # 2026 closed, cutoff 2026-12-16
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: retention prunes the current payload of a record that an open conflict is held "
-    "against; ops can then no longer resolve the conflict by keeping the new report (422 "
-    "NOT_EDITABLE 'payload was pruned') — _version_filter excludes the conflict itself but not "
-    "its holder (gateway/retention.py; docs/retention-and-audit.md says conflicted records are "
-    "never pruned because ops resolve them from the payloads)"))
 def test_retention_keeps_what_ops_need_to_resolve_a_held_conflict(
         db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
         mock_ce: tuple[str, Faults]) -> None:
@@ -315,12 +309,6 @@ def _drain(engine: Engine, settings: Settings, when: datetime) -> None:
         worker.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: retention prunes the current payload of a held duplicate that once counted (its "
-    "NOT_COUNTED version was forwarded), so when the record it repeats is withdrawn the "
-    "duplicate cannot take the activity over (_may_succeed refuses a pruned payload) and the "
-    "person silently loses the hours two sources reported (gateway/retention.py "
-    "_version_filter; docs/retention-and-audit.md promises a duplicate keeps its payload)"))
 def test_retention_keeps_the_payload_of_a_duplicate_that_may_still_take_over(
         db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
         mock_ce: tuple[str, Faults]) -> None:
@@ -435,12 +423,6 @@ def _mock_reference(url: str, kind: str, items: list[dict[str, Any]]) -> None:
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `since` is inclusive, so every sync fetches again the items stamped at the stored "
-    "watermark and upserts them: a sync with nothing new upstream makes a new reference version "
-    "and silently reverts an ops CSV import of such an item (here a base re-listed by ops goes "
-    "back to revoked, and revalidation refuses its results again) — items older than the "
-    "watermark keep the import (gateway/reference.py _fetch_kind/_commit)"))
 def test_a_sync_with_nothing_new_upstream_does_not_undo_an_ops_import(
         db_url: str, store: Engine, make_settings: MakeSettings, mock_ce: tuple[str, Faults],
         tmp_path: Path) -> None:
@@ -475,11 +457,6 @@ HEALTH_ROW = {"记录编号": "WJ-S", "姓名": "赵伟", "工作单位": "", "�
               "开始日期": "", "完成日期": "2025-11-20", "证书编号": ""}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a health row's identity number written with spaces (SPEC §8: numbers may carry "
-    "spaces; the adapter accepts it) is kept raw in the rejection's payload, and the ops "
-    "rejection list (GET /v1/rejections, the revalidation preview) shows it whole: mask_text "
-    "only knows unbroken digit runs (gateway/ops/records.py _masked_json, gateway/masking.py)"))
 @pytest.mark.parametrize("written", ["630102 1987 0413 9126", "６３０１０２ １９８７０４１３ ９１２６"],
                          ids=["ascii", "full-width"])
 def test_the_rejection_list_masks_an_identity_number_written_with_spaces(

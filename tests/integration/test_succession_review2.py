@@ -36,8 +36,8 @@ from gateway.pipeline import ingest as ingest_module
 from gateway.pipeline.ingest import PartnerRef, RulesContext, _pruned, ingest, withdraw
 from gateway.pipeline.rules_tables import DeferralInfo, RulesConfig
 from gateway.reference import StoreReference
-from gateway.retention import prune
-from gateway.store.tables import outbox
+from gateway.retention import prune, stub
+from gateway.store.tables import outbox, record_versions
 from mock_partners.files import HEALTH_HEADERS, write_csv
 from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_counted_versions import NOW, _ref
@@ -366,9 +366,18 @@ def test_a_duplicate_whose_payload_was_pruned_is_not_promoted(
     _deliver_all(engine, str(dup.record_id))  # A-1's delivery stays pending: not pruned
     assert not violations(engine)
     result = prune(engine, make_settings(db_url, retention_payload_days=30), now=LATER)
-    assert 2025 in result.closed_years and result.versions >= 2
+    assert 2025 in result.closed_years and result.versions == 1  # B-1's superseded v1 only
+    rec = _row(engine, dup.record_id)
     with engine.connect() as conn:
-        assert _pruned(conn, _row(engine, dup.record_id))  # its current version is a stub now
+        assert not _pruned(conn, rec)  # retention keeps a live duplicate's current payload
+    # A store pruned before retention kept it: the current version is a stub.
+    with engine.begin() as conn:
+        conn.execute(update(record_versions).where(
+            record_versions.c.record_id == rec["record_id"],
+            record_versions.c.version == rec["current_version"]).values(
+            payload=stub(rec["record_id"], int(rec["current_version"]), rec["content_hash"],
+                         LATER, None, KEYS), pruned_at=LATER))
+        assert _pruned(conn, rec)
     assert withdraw(engine, a, "A-1", now=LATER) is not None
     after = _row(engine, dup.record_id)
     assert (after["status"], after["current_version"]) == ("duplicate", 2)  # skipped, unchanged

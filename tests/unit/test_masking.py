@@ -52,6 +52,55 @@ def test_mask_text_leaves_other_numbers(text: str) -> None:
     assert mask_text(text) == text
 
 
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("630102 1987 0413 9126", "630102 **** **** 9126"),
+        ("身份证号：６３０１０２ １９８７０４１３ ９１２６。", "身份证号：６３０１０２ ******** ９１２６。"),
+        ("630102\u300019870413\u30009126", "630102\u3000********\u30009126"),  # ideographic
+        ('{"身份证号": "630102\t1987 0413  9126"}', '{"身份证号": "630102\t**** ****  9126"}'),
+        ("632123 19870413 912X", "632123 ******** 912X"),
+        ("6301 0219 8704 1391 26", "6301 02** **** **91 26"),
+        ("630 102 870 413 912", "63* *** *** *** *12"),  # a first-generation id
+        ("row 12 630102 1987 0413 9126 5 学分", "row 12 630102 **** **** 9126 5 学分"),
+        ("630102 1987 0413 9126, 632123 1987 0413 912x",
+         "630102 **** **** 9126, 632123 **** **** 912x"),
+    ],
+)
+def test_mask_text_masks_an_identity_number_written_in_groups(text: str, masked: str) -> None:
+    """SPEC §8: numbers may carry spaces, and the adapters accept an id written so."""
+    assert mask_text(text) == masked
+    assert mask_text(masked) == masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026 03 05 08 30 00 hours 8 16 24.5",  # a date and hours with spaces
+        "counts 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16",
+        "10 20 30 40 50 60 70 80 90 100",
+        "1234 5678 9012 3456 78",  # no birth date where an id has one
+        "930102 1987 0413 9126",  # no region starts with 9
+        "630102 2187 0413 9126",  # born in the 22nd century
+        "630102 1987 1313 9126",  # month 13
+        "630102\n1987 0413 9126",  # a line break is no gap
+        "R5d2c0f0e9a8b7c6d5e4f3a2b1 630102 1987 0413",  # too short
+        "batch 12345678 9012345",  # 15 digits but no date shape
+    ],
+)
+def test_mask_text_leaves_numbers_with_spaces_that_are_no_identity_number(text: str) -> None:
+    assert mask_text(text) == text
+
+
+@pytest.mark.parametrize("start", range(120, 200))
+def test_an_excerpt_cut_across_a_grouped_identity_number_hides_it(start: int) -> None:
+    """Written in groups, a number spans more than 18 characters: the cut must allow for it."""
+    written = "    ".join(["6301021", *"98704139126"])  # 62 characters
+    body = "x" * start + " id " + written + " refused" + "y" * 300
+    excerpt = "".join(mask_excerpt(body).split())
+    assert "6301021" not in excerpt  # the 7th digit, and any after it, stay starred
+
+
 def test_mask_text_keeps_the_gateways_own_ids_whole() -> None:
     # A batch or record id whose hex holds an identity-number-shaped digit run between letters.
     batch_id, record_id = f"Ba{ID18}bcdef", f"R{ID15}abcdef123"
