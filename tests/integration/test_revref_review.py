@@ -1,7 +1,11 @@
 """Review of revalidation, reference data and retention (SPEC §2 ops, §4, §5, §7).
 
-Each ``xfail(strict=True)`` test states the correct behaviour and fails today because of the
-bug its reason names; the plain tests pin behaviour that is right and easy to break.  Everything
+The review (session 21) wrote nine of these as strict xfails on the code of 3105932, each failing
+on the bug it describes: revalidation replayed an old rejection over the partner's later word, out
+of arrival order, with the rerun's time as arrival, and audited only a finished run; retention
+pruned what a held conflict and a possible successor need; a quiet reference sync reverted an ops
+import; a spaced identity number showed whole.  All are fixed; the plain tests pin behaviour
+that was right and is easy to break.  Everything
 runs against the real store (SQLite and, where it matters, PostgreSQL), the real pipeline and,
 for deliveries, the mock management system on a real uvicorn.
 """
