@@ -39,7 +39,10 @@ _ID_TOKEN = re.compile(r"(?P<own>(?<![0-9A-Za-z])(?:[RB][0-9a-f]{24}|[0-9a-f]{32
 # date or a list of counts with spaces between is left alone.
 _MAX_GAP = 4
 _GAP = rf"[^\S\r\n]{{1,{_MAX_GAP}}}"
-_FIFTEEN_SPACED = re.compile(rf"\d(?:(?:{_GAP})?\d){{14}}")  # cheap pre-check: 15 digits, gaps or not
+# The pre-check: 15+ characters of digits and white space, from a digit.  It holds every
+# number either pattern masks; a class run, it costs what ``\d{15}`` did (a pattern of 15 digits
+# with optional gaps between was 2-6x slower on error messages and log lines).
+_DIGIT_RUN = re.compile(r"\d[\d\s]{14,}")
 _GROUP = re.compile(r"\d+[XxＸｘ]?")
 _GROUPED = re.compile(rf"(?<![\dA-Za-z])\d+[XxＸｘ]?(?:{_GAP}\d+[XxＸｘ]?)+(?![\dA-Za-z])")
 _MAX_SPAN = 18 + 17 * _MAX_GAP  # the longest an identity number written in groups can be
@@ -71,7 +74,7 @@ def mask_id(id_number: str) -> str:
 
 def mask_text(text: str) -> str:
     """Replace every identity-number-looking token in ``text`` with its masked form."""
-    if _FIFTEEN_SPACED.search(text) is None:  # the common case, 3× cheaper than sub()
+    if _DIGIT_RUN.search(text) is None:  # the common case, 3× cheaper than sub()
         return text
     text = _GROUPED.sub(_mask_groups, text)
     if _FIFTEEN_DIGITS.search(text) is None:
