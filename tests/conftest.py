@@ -261,6 +261,14 @@ def engine(db_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
+def store(db_url: str) -> Iterator[Engine]:
+    """An engine on the test's store, as ``engine`` is (a test that takes both has two)."""
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
 def make_settings() -> Callable[..., Settings]:
     def build(db_url: str, downstream_url: str = "http://127.0.0.1:9", **overrides: Any) -> Settings:
         values: dict[str, Any] = {

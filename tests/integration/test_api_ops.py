@@ -7,12 +7,11 @@ operator reads the record back with a bearer token, on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import Engine, select, update
 
 from contracts import CERecord
@@ -20,7 +19,6 @@ from gateway.accounts import Partner
 from gateway.api.app import ErrorBody, create_app
 from gateway.config import Settings
 from gateway.signing import SigningClient
-from gateway.store.db import make_engine
 from gateway.store.tables import audit_events
 from mock_partners.ce_system import Faults
 from mock_partners.generators import canonical_submission
@@ -28,13 +26,6 @@ from tests.support.servers import poll, uvicorn_thread
 
 MakeSettings = Callable[..., Settings]
 NewPartner = Callable[..., Partner]
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def _bearer(token: str) -> dict[str, str]:

@@ -14,14 +14,12 @@ from typing import Any
 
 import httpx
 import orjson
-import pytest
 from sqlalchemy import Engine, select
 
 from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.signing import SigningClient
-from gateway.store.db import make_engine
 from gateway.store.tables import outbox, record_versions, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import canonical_submission, corrupt_check_digit, make_person
@@ -35,13 +33,6 @@ NewPartner = Callable[..., Partner]
 def gateway(settings: Settings, *, run_worker: bool = False) -> Iterator[str]:
     with uvicorn_thread(create_app(settings, run_worker=run_worker)) as url:
         yield url
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def _client(url: str, partner: Partner) -> SigningClient:

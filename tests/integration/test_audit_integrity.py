@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,13 +35,6 @@ from tests.support.servers import uvicorn_thread
 
 T1 = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
 Tamper = Callable[[Connection, int], int]  # edits the trail of n events; returns the bad seq
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def _build_trail(engine: Engine, partner: Partner, settings: Settings) -> list[str]:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import Engine
 
 from adapters.base import Adapter
@@ -31,7 +30,6 @@ from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.masking import mask_id
 from gateway.pipeline.ingest import Item, PartnerRef, ingest, ingest_items, withdraw
-from gateway.store.db import make_engine
 from mock_partners.generators import GenPerson, canonical_submission, make_person
 from tests.support.keys import KEYS
 from tests.support.servers import uvicorn_thread
@@ -89,13 +87,6 @@ def _through(engine: Engine, adapter: Adapter, partner: PartnerRef, raws: list[A
     items = [Item(raw=r.raw, submission=r.submission, errors=r.errors, warnings=r.warnings)
              for raw in raws for r in adapter.parse(raw)]
     return [a.status.value for a in ingest_items(engine, partner, items, now=NOW)]
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def _build_year(engine: Engine, a: PartnerRef, b: PartnerRef, health: PartnerRef,

@@ -9,12 +9,11 @@ record is accepted, credited and stored with the warning.  Both boundary days ar
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from sqlalchemy import Engine, select
 
 from gateway.accounts import Partner
@@ -22,7 +21,6 @@ from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.reference import import_csv
 from gateway.signing import SigningClient
-from gateway.store.db import make_engine
 from gateway.store.tables import record_versions, records
 from mock_partners.generators import make_person
 from tests.support.keys import KEYS
@@ -42,13 +40,6 @@ CASES: dict[str, tuple[str | None, str, str | None]] = {
     "OUT-DAY-AFTER": ("2026-12-14", "2026-12-16", "completed_on"),
     "OUT-NO-START": (None, "2026-02-28", "completed_on"),
 }
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def _result(rng: random.Random, result_id: str, started: str | None, completed: str) -> dict[str, Any]:

@@ -50,13 +50,6 @@ class Clock:
 
 
 @pytest.fixture
-def store(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
 def worker_for(db_url: str, mock_ce: tuple[str, Faults],
                make_settings: MakeSettings) -> Iterator[Callable[[Clock], DeliveryWorker]]:
     made: list[DeliveryWorker] = []

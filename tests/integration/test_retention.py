@@ -13,7 +13,7 @@ import json
 import random
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -33,7 +33,6 @@ from gateway.ops.records import resolve_conflict
 from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
 from gateway.retention import RETENTION_JOB, STUB_KEYS, prune
 from gateway.scheduling import acquire, build_scheduler, release, run_job
-from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, outbox, record_versions, rejections
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
@@ -44,13 +43,6 @@ T_LATE = datetime(2027, 1, 15, 8, 0, tzinfo=UTC)  # B's correction delivered (yo
 NOW1 = datetime(2027, 8, 1, tzinfo=UTC)  # cutoff 2026-06-27, year 2026 kept open
 NOW2 = datetime(2028, 1, 20, tzinfo=UTC)  # cutoff 2026-12-16, year 2026 closed
 MakeSettings = Callable[..., Settings]
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def _drain(engine: Engine, settings: Settings, when: datetime) -> None:

@@ -12,14 +12,13 @@ import json
 import random
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-import pytest
 from sqlalchemy import Engine, func, select
 
 from adapters.cadre_college import item_to_row
@@ -43,13 +42,6 @@ from tests.support.servers import cli, uvicorn_thread
 
 BASE, PLAN = "QHJD-009", "PLAN-2026-009"
 FILTER = {"adapter": "training_base", "error_code": "BASE_NOT_RECOGNIZED"}
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def _document(rng: random.Random, n: int, failed: int = 0) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +26,6 @@ from gateway.ops.common import OpsConflict
 from gateway.ops.edits import edit_rejection
 from gateway.pipeline.ingest import PartnerRef, ingest
 from gateway.revalidate import RevalidationFilter, default_rules, revalidate
-from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, outbox, records, rejections
 from mock_partners.generators import canonical_submission
 from mock_partners.training_base import plan_period
@@ -35,13 +34,6 @@ from tests.support.reference import load_base_and_plan
 BASE, PLAN, LATE_PLAN = "QHJD-041", "PLAN-2026-041", "PLAN-2026-042"
 NOW = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
 NewPartner = Callable[..., Partner]
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def _relay(new_partner: NewPartner, engine: Engine) -> PartnerRef:

@@ -18,7 +18,7 @@ import json
 import random
 import re
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,6 @@ from gateway.reference import import_csv, sync
 from gateway.retention import prune
 from gateway.revalidate import RevalidationFilter, default_rules, revalidate
 from gateway.signing import file_sha256
-from gateway.store.db import make_engine
 from gateway.store.tables import (
     audit_events,
     outbox,
@@ -59,13 +58,6 @@ from tests.support.reference import load_base_and_plan
 BASE, PLAN, LATE_PLAN = "QHJD-031", "PLAN-2026-031", "PLAN-2026-032"
 MakeSettings = Callable[..., Settings]
 NewPartner = Callable[..., Partner]
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def _relay(new_partner: NewPartner, engine: Engine) -> PartnerRef:
