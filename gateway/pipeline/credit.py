@@ -128,6 +128,14 @@ def _exam_setting(sub: CESubmission, adapter: str, config: RulesConfig) -> Measu
 
 
 def _competition(sub: CESubmission, adapter: str, config: RulesConfig) -> Measure:
+    # 四(二)5 gives hours for an award ("获得…奖项的…折算…学时"): a record is one award, so a
+    # claim of 0 or 2 would be credited the table's hours for one — refused, not guessed at.
+    if sub.claimed.quantity != 1:
+        return Measure(errors=[coded(
+            "SCHEMA", f"(a competition record is one award: claimed.quantity must be 1, not "
+                      f"{sub.claimed.quantity}; send each award as its own record)",
+            f"（一条技能大赛记录即一个奖项：数量应为 1，而不是 {sub.claimed.quantity}；"
+            f"多个奖项请分别报送）", field="claimed.quantity")])
     tier, award = sub.claimed.details.get("tier"), sub.claimed.details.get("award")
     if tier not in TIERS:
         return Measure(errors=[_bad_detail("tier", TIERS, tier)])

@@ -239,6 +239,14 @@ def test_r7_competitions(tier: str, award: str, hours: int, covers: bool) -> Non
     assert ("COVERS_PROFESSIONAL_REQUIREMENT" in codes(j.rule_notes)) is covers
 
 
+@pytest.mark.parametrize("quantity", ["0", "2", "1.5"])
+def test_r7_a_record_is_one_award(quantity: str) -> None:
+    """The table's hours are an award's: a claim of 0 or 2 awards is refused, not credited as 1."""
+    j = run(claim("competition", "award", quantity, tier="provincial", award="gold"))
+    assert codes(j.errors) == ["SCHEMA"] and j.errors[0].field == "claimed.quantity"
+    assert "quantity must be 1" in j.errors[0].message and "数量应为 1" in j.errors[0].message_zh
+
+
 def test_r7_prefecture_excellence_earns_nothing() -> None:
     j = run(claim("competition", "award", "1", tier="prefecture", award="excellence"))
     assert codes(j.errors) == ["ACTIVITY_NOT_COUNTABLE"] and j.hours == 0
