@@ -556,6 +556,21 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
         return
     console.print(f"{result['person']} {year}: credited {result['credited']} "
                   f"missing {result['missing']} ({'compliant' if result['compliant'] else 'not yet'})")
+    if result["merged_from"] is not None:
+        # 七(二): a deferred year computed together with this one; requirement and missing
+        # are the years' together.
+        console.print(f"merged from {result['merged_from']} (合并计算): requirement "
+                      f"{result['requirement']}, of which counted there "
+                      f"{result['merged_credited']}")
+    if result["deferred_to"] is not None:
+        console.print(f"deferred to {result['deferred_to']} (顺延): compliant is the merged "
+                      f"judgement there")
+    cover = result["professional_covered_by"]
+    if cover is not None:
+        console.print(f"professional requirement covered by {escape(cover['source_record_id'])} "
+                      f"({cover['year']}, R7 四(二)5)")
+    for note in result["notes"]:
+        console.print(f"  {note['code']}: {escape(note['message'])} / {escape(note['message_zh'])}")
     table = Table("record", "partner", "category", "type", "hours", "credited", "delivery")
     for r in result["records"]:
         table.add_row(escape(r["source_record_id"]), escape(r["partner_id"]), r["category"],

@@ -27,18 +27,31 @@ counts.  One it never applied a counting version of counts nowhere, as here: not
 resolve, so it is not listed (its dead letter still is).  An older refused version does not
 stop a delivered current one counting.
 
-May touch nothing: it reads ``refused_pins``, ``records`` and ``outbox`` (and, for the rare
-records whose current version was refused, ``record_versions``).  The pydantic models below are the
+An approved deferral (七(二) "应参加继续教育的学时可顺延至下一年度合并计算"; the reference
+data's ``reference_deferrals``, keyed as the rules key it) merges a year Y into Y+1: Y+1's
+report owes both years' 135 h (45 public, 90 professional each) and credits what counted in
+both (``merged_from``, ``merged_credited``; a record R11 deferred already counts in Y+1), and
+Y's report names ``deferred_to`` and is ``compliant`` as Y+1's merged judgement is.  A national
+vocational skills competition award of 优胜奖 or above (R7, 四(二)5 "折算为任职期间全部专业课
+学时", ``records.covers_professional``) covers the professional requirement from its year on
+(``professional_covered_by``): the gateway holds no tenure dates, so the note says it holds
+while the person stays in the post held at the award, which the reviewing authority confirms.
+
+May touch nothing: it reads ``refused_pins``, ``records``, ``outbox`` and
+``reference_deferrals`` (and, for the rare records whose current version was refused or a
+competition record written before migration 0023, ``record_versions``).  The pydantic models below are the
 HTTP answer's schema (``GET /v1/compliance/{id_number}/{year}``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, Field
 from sqlalchemy import Connection, and_, or_, select
 
@@ -48,11 +61,18 @@ from gateway.person_keys import PersonKeys
 from gateway.pipeline.caps import REFUSED_FOR_GOOD, Applied, last_applied, refusals
 from gateway.pipeline.credit import compliance_gap
 from gateway.pipeline.identity import resident_id_findings
-from gateway.pipeline.rules_tables import REQUIREMENT
-from gateway.store.tables import outbox, records, refused_pins
+from gateway.pipeline.rules_tables import DEFERRAL_REASONS, NOTICE, REQUIREMENT, DeferralInfo
+from gateway.store.tables import (
+    outbox,
+    record_versions,
+    records,
+    reference_deferrals,
+    refused_pins,
+)
 
-__all__ = ["NOT_COUNTED_CODES", "ComplianceRecord", "ComplianceReport", "NotCountedRecord",
-           "RefusedChange", "check_person", "report"]
+__all__ = ["NOT_COUNTED_CODES", "ComplianceRecord", "ComplianceReport", "Deferral",
+           "NotCountedRecord", "ProfessionalCover", "RefusedChange", "ReportNote", "check_person",
+           "report"]
 
 ZERO = Decimal(0)
 ONE_PLACE = Decimal("0.1")
@@ -161,6 +181,35 @@ class RefusedChange(_Refused):
                     "kept no counts")
 
 
+class Deferral(BaseModel):
+    """An approved deferral (七(二)): ``from_year``'s hours are computed in ``to_year``."""
+
+    from_year: int
+    to_year: int
+    reason: str = Field(examples=["illness"], description="post_transfer, illness or pregnancy")
+    approved_on: date
+
+
+class ProfessionalCover(BaseModel):
+    """The award that covers the professional requirement (R7, 四(二)5)."""
+
+    record_id: str
+    source_record_id: str
+    year: int = Field(description="the award's CE year: it covers from this year on")
+    completed_on: date | None
+    note: str = Field(description="it holds while the person stays in the post held at the "
+                                  "award (任职期间), which the reviewing authority confirms")
+    note_zh: str
+
+
+class ReportNote(BaseModel):
+    """A rule note on the year's judgement (a deferral, an award that covers the tenure)."""
+
+    code: Literal["DEFERRAL", "COVERS_PROFESSIONAL_REQUIREMENT"]
+    message: str
+    message_zh: str
+
+
 class ComplianceReport(BaseModel):
     """One person's CE year (SPEC §4 R1), identity number masked."""
 
@@ -179,6 +228,27 @@ class ComplianceReport(BaseModel):
         default_factory=list,
         description="records not counted here whose withdrawal or 0-hour version the "
                     "management system refused: it may still count their earlier hours")
+    deferred_to: int | None = Field(
+        default=None, description="an approved deferral (七(二)) moved this year's hours to "
+                                  "that year, computed together there: ``compliant`` is the "
+                                  "merged judgement; requirement, credited and missing are "
+                                  "this year's own; null: not deferred")
+    merged_from: int | None = Field(
+        default=None, description="the first deferred year computed together with this one "
+                                  "(七(二)): requirement and missing are the years' together "
+                                  "(135 h each), credited adds their hours (merged_credited); "
+                                  "records, claimed, by_type and by_partner are this year's "
+                                  "own; null: nothing merged")
+    merged_credited: CreditedHours | None = Field(
+        default=None, description="the hours counted in the merged years, in credited")
+    deferrals: list[Deferral] = Field(
+        default_factory=list, description="the approved deferrals of this year or merged into it")
+    professional_covered_by: ProfessionalCover | None = Field(
+        default=None, description="a national competition award (R7, 四(二)5) that covers "
+                                  "the professional requirement of the tenure: missing "
+                                  "professional is 0; null: none")
+    notes: list[ReportNote] = Field(
+        default_factory=list, description="rule notes on the judgement, in English and Chinese")
 
 
 # -- the read-model -----------------------------------------------------------------------------
@@ -210,6 +280,19 @@ def _h(value: Decimal) -> str:
     return str(value.quantize(ONE_PLACE))
 
 
+@dataclass
+class _Tally:
+    """What one person's records counted in one CE year (its own, nothing merged)."""
+
+    credited: dict[str, Decimal]
+    claimed: dict[str, Decimal]
+    by_type: dict[str, dict[str, Decimal]]
+    by_partner: dict[str, Decimal]
+    items: list[dict[str, Any]]
+    not_counted: list[dict[str, Any]]
+    refused_changes: list[dict[str, Any]]
+
+
 def report(conn: Connection, id_number: str, year: int, id_type: str = "resident_id", *,
            keys: PersonKeys) -> dict[str, Any]:
     """One person's year, shaped as :class:`ComplianceReport` (one query; see the module doc).
@@ -222,12 +305,195 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
     record's last applied version counts in the totals of the person and year it counts for
     there; one a refused correction moved away from them is found by its pin
     (``refused_pins``) and listed under ``not_counted`` here too.
+
+    An approved deferral (七(二), ``reference_deferrals`` keyed as the rules key it) merges a
+    year into the next: the next year owes both years' hours and credits both years' counts
+    (``merged_from``, ``merged_credited``, requirement ×2); the deferred year says so
+    (``deferred_to``) and is compliant as the merged judgement is.  A national competition
+    award that covers the tenure's professional hours (R7, 四(二)5) covers them from its year
+    on (``professional_covered_by``).  The two cost a query each, a few more for a deferral.
     """
+    me = keys.of(id_type, id_number)
+    own = _tally(conn, me, year, keys)
+    deferrals = _deferrals(conn, id_number, keys)
+    merged = _merged_years(deferrals, year)
+    judged_in = year
+    while judged_in in deferrals:  # the year whose merged judgement this one's is
+        judged_in += 1
+    award = _award(conn, me, judged_in)
+    credited = dict(own.credited)
+    merged_credited: dict[str, Decimal] = defaultdict(Decimal)
+    for earlier in merged:
+        for category, hours in _tally(conn, me, earlier, keys).credited.items():
+            merged_credited[category] += hours
+            credited[category] = credited.get(category, ZERO) + hours
+    requirement = _requirement(1 + len(merged))
+    covered = award is not None and award["year"] <= year
+    missing = compliance_gap(credited, professional_covered=covered, requirement=requirement)
+    compliant = all(v == ZERO for v in missing.values())
+    notes: list[dict[str, str]] = []
+    if merged:
+        d = deferrals[year - 1]
+        en, zh = DEFERRAL_REASONS.get(d.reason, (d.reason, d.reason))
+        span = f"{merged[0]}–{year}" if len(merged) > 1 else f"{merged[0]} and {year}"
+        span_zh = f"{merged[0]}–{year}" if len(merged) > 1 else f"{merged[0]} 与 {year}"
+        notes.append({"code": "DEFERRAL", "message": (
+            f"Approved deferral of {year - 1} ({en}, approved {d.approved_on}): the hours of "
+            f"{span} are computed together in {year} — {requirement['total']} h owed "
+            f"({NOTICE} 七(二))"), "message_zh": (
+            f"{year - 1} 年度{zh}经审核确认（{d.approved_on}），应参加继续教育的学时顺延至 {year} "
+            f"年度合并计算：{span_zh} 年度共应完成 {requirement['total']} 学时（{NOTICE} 七(二)）")})
+    if year in deferrals:
+        d = deferrals[year]
+        en, zh = DEFERRAL_REASONS.get(d.reason, (d.reason, d.reason))
+        compliant = _judged(conn, me, judged_in, keys, deferrals, award)
+        notes.append({"code": "DEFERRAL", "message": (
+            f"Approved deferral ({en}, approved {d.approved_on}): the hours of {year} are "
+            f"deferred to {year + 1} and computed together there; compliant is {judged_in}'s "
+            f"merged judgement ({NOTICE} 七(二))"), "message_zh": (
+            f"{zh}经审核确认（{d.approved_on}），{year} 年度应参加继续教育的学时顺延至 {year + 1} "
+            f"年度合并计算；是否达标以 {judged_in} 年度合并计算的结果为准（{NOTICE} 七(二)）")})
+    if covered:
+        assert award is not None
+        notes.append({"code": "COVERS_PROFESSIONAL_REQUIREMENT", "message": award["note"],
+                      "message_zh": award["note_zh"]})
+    total = credited.get("public", ZERO) + credited.get("professional", ZERO)
+    return {
+        "person": mask_id(id_number.strip().upper()), "year": year,
+        "requirement": requirement,
+        "credited": {"total": _h(total), "public": _h(credited.get("public", ZERO)),
+                     "professional": _h(credited.get("professional", ZERO))},
+        "claimed": {"public": _h(own.claimed["public"]),
+                    "professional": _h(own.claimed["professional"])},
+        "by_type": {t: {k: _h(v) for k, v in d.items()} for t, d in sorted(own.by_type.items())},
+        "by_partner": {p: _h(v) for p, v in sorted(own.by_partner.items())},
+        "missing": {k: _h(v) for k, v in missing.items()},
+        "compliant": compliant,
+        "records": own.items,
+        "not_counted": own.not_counted,
+        "refused_changes": own.refused_changes,
+        "deferred_to": year + 1 if year in deferrals else None,
+        "merged_from": merged[0] if merged else None,
+        "merged_credited": {
+            "total": _h(merged_credited["public"] + merged_credited["professional"]),
+            "public": _h(merged_credited["public"]),
+            "professional": _h(merged_credited["professional"])} if merged else None,
+        "deferrals": [_deferral_entry(deferrals[y]) for y in (*merged, year) if y in deferrals],
+        "professional_covered_by": dict(award) if covered and award else None,
+        "notes": notes,
+    }
+
+
+def _requirement(years: int) -> dict[str, int]:
+    """R1's requirement for ``years`` CE years computed together (七(二))."""
+    return {k: v * years for k, v in REQUIREMENT.items()}
+
+
+def _merged_years(deferrals: dict[int, DeferralInfo], year: int) -> list[int]:
+    """The earlier years whose hours ``year`` computes together with its own, oldest first.
+
+    A deferral of Y merges Y into Y+1; one of Y+1 too takes both on into Y+2.
+    """
+    merged: list[int] = []
+    while year - 1 - len(merged) in deferrals:
+        merged.insert(0, year - 1 - len(merged))
+    return merged
+
+
+def _judged(conn: Connection, me: str, year: int, keys: PersonKeys,
+            deferrals: dict[int, DeferralInfo], award: dict[str, Any] | None) -> bool:
+    """Whether ``year``'s merged requirement is met: the compliance of the years it merges."""
+    merged = _merged_years(deferrals, year)
+    credited: dict[str, Decimal] = defaultdict(Decimal)
+    for y in (*merged, year):
+        for category, hours in _tally(conn, me, y, keys).credited.items():
+            credited[category] += hours
+    missing = compliance_gap(credited, requirement=_requirement(1 + len(merged)),
+                             professional_covered=award is not None and award["year"] <= year)
+    return all(v == ZERO for v in missing.values())
+
+
+def _deferral_entry(d: DeferralInfo) -> dict[str, Any]:
+    return {"from_year": d.from_year, "to_year": d.from_year + 1, "reason": d.reason,
+            "approved_on": d.approved_on.isoformat()}
+
+
+def _deferrals(conn: Connection, id_number: str, keys: PersonKeys) -> dict[int, DeferralInfo]:
+    """The person's approved deferrals by the year deferred, as the rules look them up.
+
+    ``reference_deferrals`` keyed by the resident-id person key of the identity number, as
+    :meth:`gateway.reference.StoreReference.deferral` keys it (R11).
+    """
+    key = keys.of("resident_id", id_number)
+    return {int(r.from_year): DeferralInfo(int(r.from_year), r.reason, r.approved_on)
+            for r in conn.execute(select(reference_deferrals.c.from_year,
+                                         reference_deferrals.c.reason,
+                                         reference_deferrals.c.approved_on)
+                                  .where(reference_deferrals.c.person_key == key))}
+
+
+def _award(conn: Connection, me: str, year: int) -> dict[str, Any] | None:
+    """The first award of the person's up to ``year`` that covers the tenure's professional hours.
+
+    R7 (四(二)5): a national vocational skills competition award of 优胜奖 or above counts as
+    all the professional hours of the tenure.  The gateway holds no tenure dates: it covers
+    from its year on, flagged, and the reviewing authority confirms the person is still in the
+    post held at the award.  A current, accepted, not withdrawn record whose current version
+    the management system did not refuse for good; ``covers_professional`` null (written
+    before migration 0023) is read from its payload's rule notes (none once pruned).
+    """
+    on_current = and_(outbox.c.record_id == records.c.record_id,
+                      outbox.c.version == records.c.current_version)
+    rows = conn.execute(
+        select(records.c.record_id, records.c.source_record_id, records.c.year,
+               records.c.completed_on, records.c.current_version, records.c.covers_professional,
+               outbox.c.status.label("delivery"), outbox.c.error_code)
+        .select_from(records.outerjoin(outbox, on_current))
+        .where(records.c.person_key == me, records.c.year <= year,
+               records.c.status == "accepted", records.c.withdrawn.is_(False),
+               or_(records.c.covers_professional.is_(True),
+                   and_(records.c.covers_professional.is_(None),
+                        records.c.activity_type == "competition")))
+        .order_by(records.c.year, records.c.completed_on, records.c.record_id)).all()
+    for r in rows:
+        if r.delivery == "dead" and r.error_code in NOT_COUNTED_CODES:
+            continue  # refused for good: the management system does not count it
+        if r.covers_professional is None and not _covers_in_payload(conn, r.record_id,
+                                                                    r.current_version):
+            continue
+        award_year = int(r.year)
+        return {"record_id": r.record_id, "source_record_id": r.source_record_id,
+                "year": award_year,
+                "completed_on": r.completed_on.isoformat() if r.completed_on else None,
+                "note": f"A national vocational skills competition award of {award_year} "
+                        f"({r.source_record_id}) counts as all professional-subject hours of "
+                        f"the tenure: it covers them from {award_year} on while the person "
+                        f"stays in the post held at the award, which the reviewing authority "
+                        f"confirms ({NOTICE} 四(二)5)",
+                "note_zh": f"{award_year} 年度参加全国职业技能大赛获得优胜奖以上奖项"
+                           f"（{r.source_record_id}），折算为任职期间全部专业课学时：自 "
+                           f"{award_year} 年度起计，以仍在获奖时所任职务为限，由审核单位确认"
+                           f"（{NOTICE} 四(二)5）"}
+    return None
+
+
+def _covers_in_payload(conn: Connection, record_id: str, version: int) -> bool:
+    payload = conn.execute(select(record_versions.c.payload).where(
+        record_versions.c.record_id == record_id,
+        record_versions.c.version == version)).scalar_one_or_none()
+    if payload is None:
+        return False
+    body = orjson.loads(payload)
+    return any(n.get("code") == "COVERS_PROFESSIONAL_REQUIREMENT"
+               for n in body.get("rule_notes") or ())
+
+
+def _tally(conn: Connection, me: str, year: int, keys: PersonKeys) -> _Tally:
+    """One person's (``me``, a person key) records of one CE year: the module doc's query."""
     # The current version's delivery, by the outbox's unique (record_id, version) index; outer,
     # so a record with no delivery queued still shows (its ``delivery`` is null).
     on_current = and_(outbox.c.record_id == records.c.record_id,
                       outbox.c.version == records.c.current_version)
-    me = keys.of(id_type, id_number)
     mine = and_(records.c.person_key == me, records.c.counts_year == year)
     counted_or_refused = or_(
         and_(records.c.status == "accepted", records.c.withdrawn.is_(False)),
@@ -307,19 +573,4 @@ def report(conn: Connection, id_number: str, year: int, id_type: str = "resident
         by_type[str(there.activity_type)]["claimed"] += there.hours
         by_type[str(there.activity_type)]["credited"] += there.hours
         by_partner[n["partner_id"]] += there.hours
-    missing = compliance_gap(credited)
-    total = credited["public"] + credited["professional"]
-    return {
-        "person": mask_id(id_number.strip().upper()), "year": year,
-        "requirement": dict(REQUIREMENT),
-        "credited": {"total": _h(total), "public": _h(credited["public"]),
-                     "professional": _h(credited["professional"])},
-        "claimed": {"public": _h(claimed["public"]), "professional": _h(claimed["professional"])},
-        "by_type": {t: {k: _h(v) for k, v in d.items()} for t, d in sorted(by_type.items())},
-        "by_partner": {p: _h(v) for p, v in sorted(by_partner.items())},
-        "missing": {k: _h(v) for k, v in missing.items()},
-        "compliant": all(v == ZERO for v in missing.values()),
-        "records": items,
-        "not_counted": not_counted,
-        "refused_changes": refused_changes,
-    }
+    return _Tally(credited, claimed, by_type, by_partner, items, not_counted, refused_changes)

@@ -265,21 +265,24 @@ def cap_note(hours: Decimal, credited: Decimal, cap: Decimal, type: str,
 
 
 def compliance_gap(credited_by_category: Mapping[str, Decimal], *,
-                   professional_covered: bool = False) -> dict[str, Decimal]:
+                   professional_covered: bool = False,
+                   requirement: Mapping[str, int] = REQUIREMENT) -> dict[str, Decimal]:
     """Hours still missing per category and in total (R1: 135 = public ≥ 45 + professional ≥ 90).
 
     ``professional_covered`` is set when a national competition award covers the tenure (R7).
-    Hours above a category's minimum count toward the total, never toward the other minimum.
+    ``requirement`` is R1's by default; a year that merges a deferred one (七(二)) owes both
+    years' (the compliance read-model passes it).  Hours above a category's minimum count
+    toward the total, never toward the other minimum.
     """
     public = max(Decimal(credited_by_category.get("public", ZERO)), ZERO)
     professional = max(Decimal(credited_by_category.get("professional", ZERO)), ZERO)
     if professional_covered:
-        professional = max(professional, Decimal(REQUIREMENT["professional"]))
+        professional = max(professional, Decimal(requirement["professional"]))
     gap = {
-        "public": max(Decimal(REQUIREMENT["public"]) - public, ZERO),
-        "professional": max(Decimal(REQUIREMENT["professional"]) - professional, ZERO),
+        "public": max(Decimal(requirement["public"]) - public, ZERO),
+        "professional": max(Decimal(requirement["professional"]) - professional, ZERO),
     }
-    total = max(Decimal(REQUIREMENT["total"]) - public - professional, ZERO)
+    total = max(Decimal(requirement["total"]) - public - professional, ZERO)
     gap["total"] = max(total, gap["public"] + gap["professional"])
     return gap
 

@@ -140,6 +140,8 @@ class Prepared:
     change_errors: tuple[dict[str, Any], ...] = ()
     change_counts_year: int | None = None
     change_rule_notes: tuple[dict[str, Any], ...] = ()
+    # R7: a national competition award that covers the tenure's professional hours
+    covers_professional: bool = False
 
     def __reduce__(self) -> tuple[type[Prepared], tuple[Any, ...]]:
         # Pickled as a tuple of its fields: the dataclass default (a state list, set back field
@@ -213,7 +215,8 @@ def prepare(item: Item, partner: PartnerRef, now: datetime, rules: RulesContext)
         if sub.claimed.unit.value == "hours" and sub.activity_type in TIME_ACTIVITIES else None,
         change_errors=tuple(n.model_dump(mode="json") for n in verdict.change_errors),
         change_counts_year=verdict.change_counts_toward_year,
-        change_rule_notes=tuple(n.model_dump(mode="json") for n in verdict.change_rule_notes))
+        change_rule_notes=tuple(n.model_dump(mode="json") for n in verdict.change_rule_notes),
+        covers_professional=verdict.covers_professional_requirement)
 
 
 class _KeyRaceLost(Exception):
@@ -456,7 +459,7 @@ def _stored_claim(hours: str | None) -> str | None:
 
 RULES_COLUMNS = ("category", "activity_type", "counts_year", "hours", "credited_hours",
                  "cap_type", "review_authority", "reference_version", "mode", "started_on",
-                 "time_hours")
+                 "time_hours", "covers_professional")
 
 
 def _integrity_span(mode: str, activity_type: str, started_on: date | None, completed_on: date,
@@ -507,7 +510,8 @@ def _rules_columns(sub: Prepared) -> dict[str, Any]:
             "credited_hours": str(sub.hours), "cap_type": sub.cap_type,
             "review_authority": sub.review_authority, "reference_version": sub.reference_version,
             "mode": sub.mode, "started_on": sub.started_on,
-            "time_hours": None if sub.time_hours is None else str(sub.time_hours)}
+            "time_hours": None if sub.time_hours is None else str(sub.time_hours),
+            "covers_professional": sub.covers_professional}
 
 
 @dataclass

@@ -328,7 +328,8 @@ RULES: tuple[Rule, ...] = (
          "学时。参加由省级人社部门会同行业部门举办的职业技能大赛，获得三等奖以上的，当年折算 60 学时；"
          "获得优胜奖的，当年折算 40 学时。参加市州、省级单一行业部门举办的职业技能大赛或职业能力大赛"
          "获得三等奖以上的，当年折算 30 学时（以获奖证书为准）。", ("ACTIVITY_NOT_COUNTABLE",),
-         converts=ActivityType.COMPETITION),
+         converts=ActivityType.COMPETITION,
+         elsewhere="tenure cover: records.covers_professional, compliance read-model"),
     Rule("R8", "四(二)", "参加各类考前辅导、事业单位新进人员岗前培训、“法宣在线”等不计入专业技术人员"
          "继续教育培训学时，也不计入专业学时。", ("ACTIVITY_NOT_COUNTABLE",), _not_countable),
     Rule("R9", "六(三)、六(五)、六(二)", "经评估合格的基地纳入全省继续教育基地目录清单，面向社会公布。"
@@ -342,7 +343,8 @@ RULES: tuple[Rule, ...] = (
     Rule("R11", "七(四)4、七(四)3、七(二)", "未按规定在当年 12 月 30 日前提交学时申请的，系统将无法"
          "提交并审验。…专业技术人员继续教育学习时间自当年继续教育基地、行业主管部门、所在单位印发通知"
          "之日起至 12 月底…应参加继续教育的学时可顺延至下一年度合并计算。",
-         ("OUTSIDE_YEAR", "YEAR_CLOSED"), _year),
+         ("OUTSIDE_YEAR", "YEAR_CLOSED"), _year,
+         elsewhere="七(二) merging the deferred year's requirement: compliance read-model"),
     Rule("R12", "七(四)3", "当年申报职称的专业技术人员务必于 11 月底前完成当年培训",
          ("TITLE_APPLICANT_LATE",), _title_applicant),
     Rule("R13", "七(四)4、七(一)、附件", "各级人社部门、自主审核单位（青海大学、青海师范大学、青海"

@@ -143,6 +143,10 @@ records = Table(
     Column("time_hours", String(16)),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # R7: a national competition award that covers the tenure's professional hours (四(二)5);
+    # the compliance read-model counts it from its year on, also once retention pruned the
+    # payload.  Null: written before migration 0023 (or by an older replica): read the payload.
+    Column("covers_professional", Boolean),
     UniqueConstraint("partner_id", "source_record_id"),
     Index("ix_records_batch_id", "batch_id"),
     # R14 reads a person's records of a CE year by completion day; caps and compliance by prefix.

@@ -17,9 +17,11 @@ from sqlalchemy import Engine
 
 from gateway import compliance
 from gateway.accounts import Partner
+from gateway.masking import mask_id
 from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest
 from gateway.pipeline.rules_tables import DeferralInfo
 from gateway.reference import StoreReference
+from gateway.store.tables import reference_deferrals
 from mock_partners.generators import GenPerson, make_person
 from tests.support.keys import KEYS
 from tests.support.years import fixture_rules_config
@@ -55,6 +57,15 @@ def _deferred(person: dict[str, Any], year: int = 2025) -> RulesContext:
         year, "illness", date(year, 12, 1)))]), fixture_rules_config())
 
 
+def _store_deferral(engine: Engine, person: dict[str, Any], year: int = 2025) -> None:
+    """The deferral of :func:`_deferred` as the reference sync stores it: the report reads it."""
+    with engine.begin() as conn:
+        conn.execute(reference_deferrals.insert().values(
+            person_key=KEYS.of("resident_id", person["id_number"]), from_year=year,
+            id_masked=mask_id(person["id_number"]), reason="illness",
+            approved_on=date(year, 12, 1), version="ref-000001"))
+
+
 def _report(engine: Engine, person: dict[str, Any], year: int) -> dict[str, Any]:
     with engine.connect() as conn:
         return compliance.report(conn, person["id_number"], year, keys=KEYS)
@@ -85,16 +96,11 @@ def test_deferred_papers_keep_their_own_years_cap(
     assert credited == {"P26-1": "10.0", "P26-2": "10.0", "P25-1": "10.0", "P25-2": "10.0"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an approved deferral forgives a year instead of merging it. 七(二) "
-    "'应参加继续教育的学时可顺延至下一年度合并计算': the deferred year's 135 h are owed in the "
-    "next year together with its own 135 h; compliance.report always requires REQUIREMENT "
-    "(135) and never reads deferrals, so 135 h in 2026 reads compliant for a person who owes "
-    "2025's hours too (and 2025 reads plainly non-compliant)"))
 def test_a_deferred_year_is_owed_on_top_of_the_next(
         engine: Engine, new_partner: Callable[..., Partner]) -> None:
     person = _person(9102)
     rules = _deferred(person)
+    _store_deferral(engine, person)
     college = PartnerRef("cadre-college", "cadre_college")
     canonical = PartnerRef(new_partner(engine).partner_id, "canonical")
     public = _sub(person, "GB-1", 2026, "online_course", "2026-02-20",
@@ -112,12 +118,6 @@ def test_a_deferred_year_is_owed_on_top_of_the_next(
     assert report["missing"]["total"] == "135.0"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a national skills-competition award covers only its own year. 四(二)5 "
-    "'参加全国职业技能大赛获得优胜奖以上奖项的，折算为任职期间全部专业课学时' (SPEC R7 'flagged as "
-    "covering the tenure'); the judgement's covers_professional_requirement is never stored, "
-    "and compliance.report calls compliance_gap without professional_covered, so the next "
-    "year of the same tenure reads 90 professional hours missing"))
 def test_a_national_award_covers_the_professional_hours_of_the_tenure(
         engine: Engine, new_partner: Callable[..., Partner]) -> None:
     person = _person(9103)
