@@ -6,7 +6,7 @@ and ``record_versions.pruned_at`` is set; the row itself, its content hash, its 
 every audit event stay::
 
     {"pruned": true, "record_id": "…", "version": 2, "content_hash": "…", "pruned_at": "…",
-     "counts": {"person_key": "…", "year": 2026, "category": "professional",
+     "counts": {"person_key": "…", "year": 2026, "cap_year": 2026, "category": "professional",
                 "activity_type": "paper", "credited_hours": "10.0"}}
 
 ``counts`` is what the version counts in the management system, with no identity number or

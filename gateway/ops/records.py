@@ -258,7 +258,7 @@ def _keep_this(conn: Connection, rec: Any, holder: Any, config: RulesConfig, now
     # Caps (R10): the holder's hours leave its group, this record's hours join its group.
     leaving: dict[caps.Group, set[str]] = {}
     if supersede and holder["status"] == "accepted" and holder["cap_type"]:
-        leaving[(holder["person_key"], int(holder["counts_year"]), holder["cap_type"])] = {
+        leaving[(holder["person_key"], int(holder["year"]), holder["cap_type"])] = {
             holder["record_id"]}
     if supersede and holder_payload is not None:
         hid, hv = str(holder["record_id"]), int(holder["current_version"]) + 1

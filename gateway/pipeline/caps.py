@@ -1,6 +1,12 @@
-"""The caps ledger (SPEC §4 R10): per person, CE year and capped type, across all sources.
+"""The caps ledger (SPEC §4 R10): per person, activity year and capped type, across all sources.
 
-Papers, books, lectures and exam setting have yearly caps (青人社厅函〔2022〕394号 四(二)).
+Papers, books, lectures and exam setting have yearly caps (青人社厅函〔2022〕394号 四(二)1–4:
+"当年…发表", "每年最多折算为 20 学时"): the cap is the year's of the activity itself, the
+submission's ``year``.  A record accepted late under a deferral (R11, 七(二)) counts its hours
+toward the next CE year (``counts_year``), but it stays under its own year's cap: the deferral
+moves the *required* hours, it does not merge two years' caps.  So a cap group is
+``(person_key, year, cap_type)`` — ``records.year``, not ``records.counts_year`` — and so is a
+``caps_ledger`` row's key.
 Whenever a record of such a group is accepted, corrected or withdrawn, the group's hours are
 allocated again in arrival order (:func:`gateway.pipeline.credit.allocate`), so the credited
 total is always ``min(cap, sum of hours)`` — also after a withdrawal frees hours that an earlier
@@ -39,7 +45,7 @@ from gateway.pipeline.rules_tables import CAP_TYPE_OF
 from gateway.store.bulk import bulk_insert
 from gateway.store.tables import caps_ledger, outbox, record_versions, records, refused_pins
 
-Group = tuple[str, int, str]  # (person_key, counts_year, cap_type)
+Group = tuple[str, int, str]  # (person_key, year of the activity, cap_type): see the docstring
 ZERO = Decimal(0)
 
 # Dead-letter codes that mean "the management system will never count this version" (SPEC §5
@@ -71,6 +77,7 @@ class Applied:
     activity_type: str | None = None
     person_key: str | None = None  # whose hours they are there
     year: int | None = None  # the CE year they count toward there (a deferral's: the next)
+    cap_year: int | None = None  # the activity's own year: its cap group's (四(二)1–4 "当年")
 
 
 def last_applied(conn: Connection, record_ids: Iterable[str], keys: PersonKeys,
@@ -108,8 +115,10 @@ def counts_of(body: dict[str, Any], keys: PersonKeys) -> dict[str, Any] | None:
     """What a version counts there, without whose it is: kept by a retention stub.
 
     ``person_key`` (``keys``' digest, not the identity number), the CE year it counts toward
-    (a deferral's: the next), category, activity type and credited hours (0 for a withdrawal).
-    A stub gives what it kept (None for one written before stubs kept it).
+    (a deferral's: the next), the activity's own year (``cap_year``: its cap group's), category,
+    activity type and credited hours (0 for a withdrawal).  A stub gives what it kept (None for
+    one written before stubs kept it; one written before they kept ``cap_year`` lacks it, see
+    :func:`cap_year_of`).
     """
     if body.get("pruned") is True:  # a retention stub (gateway.retention.stub)
         kept = body.get("counts")
@@ -117,9 +126,20 @@ def counts_of(body: dict[str, Any], keys: PersonKeys) -> dict[str, Any] | None:
     person = body["person"]
     deferred = any(n.get("code") == "DEFERRAL" for n in body.get("rule_notes", ()))
     return {"person_key": keys.of(person.get("id_type", "resident_id"), person["id_number"]),
-            "year": int(body["year"]) + deferred, "category": body.get("category"),
+            "year": int(body["year"]) + deferred, "cap_year": int(body["year"]),
+            "category": body.get("category"),
             "activity_type": body.get("activity_type"),
             "credited_hours": "0" if body.get("withdrawn") else str(body["credited_hours"])}
+
+
+def cap_year_of(counts: Mapping[str, Any]) -> int:
+    """The year whose cap a version's hours fall under: its activity's (:func:`counts_of`).
+
+    A retention stub written before stubs kept ``cap_year`` has only the CE year it counts
+    toward; that is the activity's year unless the version was deferred (R11), which a stub
+    cannot tell any more.
+    """
+    return int(counts.get("cap_year", counts["year"]))
 
 
 def _applied(version: int, body: dict[str, Any], keys: PersonKeys) -> Applied:
@@ -127,7 +147,8 @@ def _applied(version: int, body: dict[str, Any], keys: PersonKeys) -> Applied:
     if counts is None:  # pruned before stubs kept what it counts
         return Applied(version, None)
     return Applied(version, Decimal(counts["credited_hours"]), counts["category"],
-                   counts["activity_type"], counts["person_key"], int(counts["year"]))
+                   counts["activity_type"], counts["person_key"], int(counts["year"]),
+                   cap_year_of(counts))
 
 
 def applied_groups(conn: Connection, record_ids: Iterable[str], keys: PersonKeys,
@@ -149,8 +170,8 @@ def applied_groups(conn: Connection, record_ids: Iterable[str], keys: PersonKeys
             cap_type = CAP_TYPE_OF.get(ActivityType(str(there.activity_type)))
         except ValueError:
             continue
-        if cap_type is not None and there.hours and there.person_key and there.year:
-            held[rid] = Counted((there.person_key, there.year, cap_type), there.hours)
+        if cap_type is not None and there.hours and there.person_key and there.cap_year:
+            held[rid] = Counted((there.person_key, there.cap_year, cap_type), there.hours)
     return held
 
 
@@ -195,7 +216,9 @@ def pins_for(conn: Connection, refused: Iterable[str], now: datetime, keys: Pers
     last applied version.  The records row of a refused correction says where its *current*
     version would count — another person, year or type, maybe — so the person, CE year and cap
     type of the applied version are kept for :func:`stored_records` and the compliance report.
-    An applied version counting nothing there (a withdrawal, 0 h) or pruned pins nothing.
+    ``year`` is the CE year it counts toward (the compliance report's); its cap group's year,
+    the activity's, is read back from the pinned version (:func:`pin_groups`).  An applied
+    version counting nothing there (a withdrawal, 0 h) or pruned pins nothing.
     """
     rows: list[dict[str, Any]] = []
     for rid, there in sorted(last_applied(conn, refused, keys).items()):
@@ -211,9 +234,28 @@ def pins_for(conn: Connection, refused: Iterable[str], now: datetime, keys: Pers
     return rows
 
 
-def pin_group(row: Mapping[Any, Any]) -> Group | None:
-    """The cap group a ``refused_pins`` row pins its record in; None for an uncapped type."""
-    return (row["person_key"], int(row["year"]), row["cap_type"]) if row["cap_type"] else None
+def pin_groups(conn: Connection, rows: Iterable[Mapping[Any, Any]]) -> dict[str, Group | None]:
+    """The cap group each ``refused_pins`` row pins its record in; None for an uncapped type.
+
+    The group's year is the pinned version's activity year (四(二)1–4 "当年"), which the row
+    does not keep: its ``year`` is the CE year that version counts toward, the next one for a
+    deferral (R11).  Read from the pinned version's payload (pins are rare), or from what its
+    retention stub kept (:func:`cap_year_of`).
+    """
+    pins = list(rows)
+    years = {str(p["record_id"]): int(p["year"]) for p in pins}
+    pairs = sorted({(str(p["record_id"]), int(p["version"])) for p in pins if p["cap_type"]})
+    for start in range(0, len(pairs), 500):
+        for v in conn.execute(select(record_versions.c.record_id, record_versions.c.payload)
+                              .where(tuple_(record_versions.c.record_id, record_versions.c.version)
+                                     .in_(pairs[start:start + 500]))):
+            body = orjson.loads(v.payload)
+            if body.get("pruned") is not True:
+                years[v.record_id] = int(body["year"])
+            elif isinstance(kept := body.get("counts"), dict):
+                years[v.record_id] = cap_year_of(kept)
+    return {str(p["record_id"]): (p["person_key"], years[str(p["record_id"])], p["cap_type"])
+            if p["cap_type"] else None for p in pins}
 
 
 def write_pins(conn: Connection, record_ids: Iterable[str], rows: list[dict[str, Any]]) -> None:
@@ -227,11 +269,11 @@ def write_pins(conn: Connection, record_ids: Iterable[str], rows: list[dict[str,
 def pins_of(conn: Connection, record_ids: Iterable[str]) -> dict[str, Group | None]:
     """The pinned records among ``record_ids``, with the cap group each is pinned in."""
     ids = sorted(set(record_ids))
-    found: dict[str, Group | None] = {}
+    rows: list[Mapping[Any, Any]] = []
     for start in range(0, len(ids), 500):
-        found.update((r.record_id, pin_group(r._mapping)) for r in conn.execute(
-            select(refused_pins).where(refused_pins.c.record_id.in_(ids[start:start + 500]))))
-    return found
+        rows += conn.execute(select(refused_pins).where(
+            refused_pins.c.record_id.in_(ids[start:start + 500]))).mappings().all()
+    return pin_groups(conn, rows) if rows else {}
 
 
 def pinned_elsewhere(conn: Connection, group: Group, here: Iterable[str]) -> dict[str, Stored]:
@@ -239,13 +281,17 @@ def pinned_elsewhere(conn: Connection, group: Group, here: Iterable[str]) -> dic
 
     Checked against the store, so a pin left behind counts for nothing: the record must still
     be refused for good (:func:`refused_now`) and its pinned version still the last applied.
+    A pin's ``year`` is the CE year it counts toward, the group's year or (deferred) the next.
     """
     person_key, year, cap_type = group
     pins = {r.record_id: r for r in conn.execute(select(refused_pins).where(
-        refused_pins.c.person_key == person_key, refused_pins.c.year == year,
+        refused_pins.c.person_key == person_key, refused_pins.c.year.in_((year, year + 1)),
         refused_pins.c.cap_type == cap_type))}
     for rid in set(here):
         pins.pop(rid, None)
+    if pins:
+        groups = pin_groups(conn, (r._mapping for r in pins.values()))
+        pins = {rid: pin for rid, pin in pins.items() if groups[rid] == group}
     if not pins:
         return {}
     refused = refused_now(conn, pins)
@@ -270,9 +316,13 @@ class Stored:
 
 
 def group_of(row: Mapping[Any, Any]) -> Group | None:
-    """A records row's cap group (person, CE year, capped type); None when its type has none."""
+    """A records row's cap group (person, activity year, capped type); None for an uncapped type.
+
+    The activity's year (``year``), not the CE year it counts toward (``counts_year``): a
+    deferred record keeps its own year's cap (see the module docstring).
+    """
     cap_type = row["cap_type"]
-    return (row["person_key"], int(row["counts_year"]), cap_type) if cap_type else None
+    return (row["person_key"], int(row["year"]), cap_type) if cap_type else None
 
 
 def lock_group(conn: Connection, group: Group, now: datetime) -> None:
@@ -314,7 +364,10 @@ def stored_records(conn: Connection, group: Group, keys: PersonKeys) -> dict[str
     rows = conn.execute(select(records.c.record_id, records.c.current_version, records.c.hours,
                                records.c.credited_hours, outbox.c.status, outbox.c.error_code)
                         .select_from(records.outerjoin(outbox, current))
-                        .where(records.c.person_key == person_key, records.c.counts_year == year,
+                        # counts_year too (the group's year, or the next when deferred): the
+                        # (person_key, counts_year, …) index's range, not the person's every year
+                        .where(records.c.person_key == person_key,
+                               records.c.counts_year.in_((year, year + 1)), records.c.year == year,
                                records.c.cap_type == cap_type, records.c.status == "accepted",
                                records.c.withdrawn.is_(False))).all()
     # Refused for good and never applied in any version: it counts nowhere (rare: read only then).

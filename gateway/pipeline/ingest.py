@@ -437,7 +437,7 @@ class _Known:
 _KNOWN_COLUMNS = (records.c.record_id, records.c.source_record_id, records.c.current_version,
                   records.c.content_hash, records.c.withdrawn, records.c.status,
                   records.c.duplicate_of, records.c.cap_type, records.c.person_key,
-                  records.c.counts_year, records.c.natural_key, records.c.hours)
+                  records.c.year, records.c.natural_key, records.c.hours)
 
 
 def _claim(hours: Decimal) -> str:
@@ -616,7 +616,7 @@ class Chunk:
         # writer re-issuing a record of the group (R10) would otherwise change it under our
         # decisions, and _check_reads would send the chunk round again and again.  With them
         # the groups an earlier attempt found its stored records in (they may leave them).
-        self._lock_groups({(i.prepared.person_key, i.prepared.counts_year, i.prepared.cap_type)
+        self._lock_groups({(i.prepared.person_key, i.prepared.year, i.prepared.cap_type)
                            for i in items if i.prepared is not None and i.prepared.cap_type}
                           | self.lock_first)
         self._load(items)
@@ -700,8 +700,9 @@ class Chunk:
 
     @staticmethod
     def _group_of(p: _Pending) -> caps.Group | None:
+        # The activity's year, not the year it counts toward (caps: 四(二)1–4 "当年")
         cap_type = p.sub.cap_type
-        return (p.sub.person_key, p.sub.counts_year, cap_type) if cap_type else None
+        return (p.sub.person_key, p.sub.year, cap_type) if cap_type else None
 
     @staticmethod
     def _credit(p: _Pending, credited: Decimal, cap: Decimal) -> None:
@@ -1103,7 +1104,7 @@ class Chunk:
         known.version += 1
         known.content_hash, known.withdrawn, known.status = chash, False, status.value
         known.claim = sub.claim
-        new_group = ((sub.person_key, sub.counts_year, sub.cap_type)
+        new_group = ((sub.person_key, sub.year, sub.cap_type)
                      if sub.cap_type and status is RecordStatus.ACCEPTED else None)
         if known.cap_group is not None and known.cap_group != new_group:
             # It leaves its cap group (another type, person or year, or no longer accepted):
@@ -1429,7 +1430,7 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
         existing = conn.execute(select(records).where(*mine).with_for_update()).mappings().one()
         # Changed meanwhile (a promotion keeps the version but makes it count): start again.
         if any(existing[c] != seen[c] for c in ("current_version", "status", "withdrawn",
-                                                "person_key", "counts_year", "cap_type")) or (
+                                                "person_key", "year", "cap_type")) or (
                 caps.pins_of(conn, [seen["record_id"]]) != pinned):
             raise _KeyRaceLost(str(existing["record_id"]))
         conn.execute(select(natural_keys.c.record_id).where(
@@ -1500,12 +1501,13 @@ def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: dateti
     # version will count where the row says.  The groups of both are allocated again.
     before = caps.pins_of(conn, wanted)
     pins = caps.pins_for(conn, caps.refused_now(conn, wanted), now, config.keys)
-    moved = {g for g in before.values() if g} | {g for p in pins if (g := caps.pin_group(p))}
+    moved = {g for g in before.values() if g} | {
+        g for g in caps.pin_groups(conn, pins).values() if g}
     current: list[tuple[str, int, caps.Group]] = []
     for part in _chunks(sorted(wanted)):
         for r in conn.execute(select(
                 records.c.record_id, records.c.current_version, records.c.person_key,
-                records.c.counts_year, records.c.cap_type).where(
+                records.c.year, records.c.cap_type).where(
                 records.c.record_id.in_(part), records.c.status == RecordStatus.ACCEPTED.value,
                 records.c.withdrawn.is_(False))).mappings():
             group = caps.group_of(r)

@@ -74,11 +74,6 @@ def _report(engine: Engine, person: dict[str, Any], year: int) -> dict[str, Any]
 # -- findings ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a deferred year's papers share the next year's 20 h cap. 四(二)1 caps papers "
-    "'每年最多折算为 20 学时' per year of publication ('当年…发表'); 七(二) defers the *required* "
-    "hours ('应参加继续教育的学时可顺延'), it does not merge two years' caps. caps.group_of keys "
-    "the cap group on counts_year (Y+1 for a DEFERRAL record), so 2025's papers are cut to 0"))
 def test_deferred_papers_keep_their_own_years_cap(
         engine: Engine, new_partner: Callable[..., Partner]) -> None:
     partner = PartnerRef(new_partner(engine).partner_id, "canonical")

@@ -60,7 +60,8 @@ def cap_violations(engine: Engine) -> list[str]:
             out.append(f"{r['record_id']} v{r['current_version']}: row {r['credited_hours']} h, "
                        f"payload {payload['credited_hours']} h")
         if r["cap_type"] and r["status"] == "accepted" and not r["withdrawn"]:
-            groups[(r["person_key"], int(r["counts_year"]), r["cap_type"])].append(r)
+            # the activity's year, not the year it counts toward (caps.group_of)
+            groups[(r["person_key"], int(r["year"]), r["cap_type"])].append(r)
     for group in set(groups) | set(ledger):
         members = sorted(groups.get(group, []), key=lambda r: r["record_id"])
         want = allocate([(r["record_id"], Decimal(r["hours"])) for r in members], CAPS[group[2]])

@@ -95,7 +95,8 @@ def violations(engine: Engine, *, liveness: bool = True) -> list[str]:
     groups: dict[tuple[str, int, str], Decimal] = defaultdict(Decimal)
     for r in live:
         if r["cap_type"]:
-            groups[(r["person_key"], int(r["counts_year"]), r["cap_type"])] += Decimal(
+            # the activity's year, not the year it counts toward (caps.group_of)
+            groups[(r["person_key"], int(r["year"]), r["cap_type"])] += Decimal(
                 r["credited_hours"])
     for group, total in groups.items():
         if total > CAPS[group[2]]:

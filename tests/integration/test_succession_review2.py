@@ -397,9 +397,13 @@ def _ever_promoted(conn: Any, record_id: str) -> bool:
 
 # -- 4. deferral: the successor counts toward another CE year --------------------------------------
 
-def test_a_deferred_successor_joins_the_next_years_cap_group(
+def test_a_deferred_successor_keeps_its_own_years_cap_group(
         engine: Engine, new_partner: NewPartner) -> None:
-    """R11 deferral: a 2025 paper reported after 2025 closed counts toward 2026 (R10 there)."""
+    """R11 deferral: a 2025 paper reported after 2025 closed counts toward 2026, capped in 2025.
+
+    Its hours count in 2026 (七(二)), but under 2025's cap (四(二)1 "当年…发表", "每年最多折算为
+    20 学时"): 2026's papers, which fill 2026's cap, do not cut it.
+    """
     from tests.integration.test_succession_review import _sub
     a, b = _ref(new_partner(engine)), _ref(new_partner(engine))
     person = make_person(random.Random(86))
@@ -412,7 +416,7 @@ def test_a_deferred_successor_joins_the_next_years_cap_group(
         return sub
 
     [held] = ingest(engine, a, [in_2025("A-1", 1)], now=IN_2025)
-    # 2026 papers fill 2026's cap (20 h): the deferred record's group
+    # 2026 papers fill 2026's cap (20 h): not the deferred record's group (2025's)
     fill = ingest(engine, a, [_sub("A-2", person, 2, "sole"), _sub("A-3", person, 3, "sole")],
                   now=LATER)
     assert [f.status for f in fill] == ["accepted", "accepted"]
@@ -423,9 +427,9 @@ def test_a_deferred_successor_joins_the_next_years_cap_group(
     assert withdraw(engine, a, "A-1", now=LATER) is not None
     after = _row(engine, dup.record_id)
     assert after["status"] == "accepted"
-    assert Decimal(after["credited_hours"]) == 0  # 2026's cap is spent
+    assert Decimal(after["credited_hours"]) == 10  # 2025's cap: A-1 let its 10 h go
     assert not violations(engine)
-    # the cap group of 2026 gives way when a 2026 paper goes: the successor gains it
+    # 2026's cap group is not the successor's: a 2026 paper going changes nothing of it
     assert withdraw(engine, a, "A-2", now=LATER) is not None
     assert Decimal(_row(engine, dup.record_id)["credited_hours"]) == 10
     assert not violations(engine)
