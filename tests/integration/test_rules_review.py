@@ -1,8 +1,11 @@
 """Review of the policy rules (SPEC §4) against the notice 青人社厅函〔2022〕394号 itself.
 
 Real ingest, the real caps ledger and the real compliance read-model, on SQLite and PostgreSQL.
-Each ``xfail(strict=True)`` asserts what a provincial HR officer reads in the notice; the
-passing tests pin subtle rules the code gets right.
+Three of these were written (session 21) as strict xfails on the code of 4973661, each asserting
+what a provincial HR officer reads in the notice and failing on the bug its docstring names: a
+deferral forgave its year instead of merging it into the next (七(二)), a deferred year's papers
+shared the next year's cap (四(二)1), a national award covered only its own year (四(二)5).  All
+are fixed; the other tests pin subtle rules the code gets right.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine
 
 from gateway import compliance
