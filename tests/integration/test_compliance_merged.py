@@ -19,13 +19,13 @@ from sqlalchemy import Engine, update
 
 from gateway import compliance
 from gateway.accounts import Partner
-from gateway.masking import mask_id
 from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest, withdraw
 from gateway.reference import StoreReference
-from gateway.store.tables import records, reference_deferrals
+from gateway.store.tables import records
 from mock_partners.generators import make_person
 from tests.conftest import SECRET_KEY
 from tests.support.keys import KEYS
+from tests.support.reference import store_deferral
 from tests.support.servers import cli
 from tests.support.years import fixture_rules_config
 
@@ -60,11 +60,7 @@ def _award(person: dict[str, Any], sid: str = "C-1") -> dict[str, Any]:
 
 
 def _defer(engine: Engine, person: dict[str, Any], year: int) -> None:
-    with engine.begin() as conn:
-        conn.execute(reference_deferrals.insert().values(
-            person_key=KEYS.of("resident_id", person["id_number"]), from_year=year,
-            id_masked=mask_id(person["id_number"]), reason="pregnancy",
-            approved_on=date(year, 11, 20), version="ref-000001"))
+    store_deferral(engine, person["id_number"], year, "pregnancy", date(year, 11, 20))
 
 
 def _report(engine: Engine, person: dict[str, Any], year: int) -> dict[str, Any]:

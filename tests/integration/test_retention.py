@@ -27,7 +27,6 @@ from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.cli import app as cli_app
 from gateway.config import Settings, get_settings
-from gateway.delivery.worker import DeliveryWorker
 from gateway.errors import PayloadRejected
 from gateway.ops.records import resolve_conflict
 from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
@@ -36,6 +35,7 @@ from gateway.scheduling import acquire, build_scheduler, release, run_job
 from gateway.store.tables import audit_events, outbox, record_versions, rejections
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
+from tests.support.delivery import drain_at
 from tests.support.servers import uvicorn_thread
 
 T1 = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)  # ingested and first delivered
@@ -43,15 +43,6 @@ T_LATE = datetime(2027, 1, 15, 8, 0, tzinfo=UTC)  # B's correction delivered (yo
 NOW1 = datetime(2027, 8, 1, tzinfo=UTC)  # cutoff 2026-06-27, year 2026 kept open
 NOW2 = datetime(2028, 1, 20, tzinfo=UTC)  # cutoff 2026-12-16, year 2026 closed
 MakeSettings = Callable[..., Settings]
-
-
-def _drain(engine: Engine, settings: Settings, when: datetime) -> None:
-    worker = DeliveryWorker(engine, settings, clock=lambda: when)
-    try:
-        while worker.run_once():
-            pass
-    finally:
-        worker.close()
 
 
 def _corrected(sub: dict[str, Any], **activity: str) -> dict[str, Any]:
@@ -99,12 +90,12 @@ def test_only_old_delivered_finished_payloads_are_pruned_and_readers_still_answe
                                   {"source_record_id": "RT-X2"}], now=T1)
     ids = {name: str(a.record_id) for name, a in zip(subs, answers, strict=False)}
     assert [a.status for a in answers] == ["accepted"] * 5 + ["rejected"] * 2
-    _drain(store, deliver, T1)
+    drain_at(store, deliver, T1)
     # B corrected and delivered late; D corrected into a downstream rejection (dead).
     ingest(store, ref, [_corrected(subs["B"]),
                         _corrected(subs["D"], title="[REJECT] " + subs["D"]["activity"]["title"])],
            now=T1 + timedelta(hours=1))
-    _drain(store, deliver, T_LATE)
+    drain_at(store, deliver, T_LATE)
     # P corrected but not delivered yet (pending); C reports A's activity with other hours.
     conflict = _corrected(subs["A"]) | {"source_record_id": "RT-C"}
     later = ingest(store, ref, [_corrected(subs["P"]), conflict], now=T1 + timedelta(hours=2))
@@ -185,9 +176,9 @@ def test_the_job_runs_once_cluster_wide_and_the_cli_counts_first(
     sub = gen.canonical_submission(random.Random(3), "RJ-1")
     [first] = ingest(store, ref, [sub], now=T1)
     deliver = make_settings(db_url, mock_ce[0])
-    _drain(store, deliver, T1)
+    drain_at(store, deliver, T1)
     ingest(store, ref, [_corrected(sub)], now=T1)
-    _drain(store, deliver, T1)
+    drain_at(store, deliver, T1)
     settings = make_settings(db_url, retention_payload_days=1, retention_interval_seconds=86400)
     assert RETENTION_JOB.interval_seconds(settings) == 86400
     assert RETENTION_JOB.interval_seconds(settings.model_copy(update={"retention_payload_days": 0})) == 0

@@ -33,7 +33,6 @@ from adapters.training_base import TrainingBaseAdapter
 from gateway.accounts import Partner
 from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
 from gateway.config import Settings
-from gateway.delivery.worker import DeliveryWorker
 from gateway.errors import GatewayError
 from gateway.ops.records import list_rejections, resolve_conflict
 from gateway.pipeline.ingest import Item, PartnerRef, ingest, ingest_items, withdraw
@@ -52,6 +51,7 @@ from gateway.store.tables import (
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, canonical_submission, make_person
 from mock_partners.training_base import plan_period
+from tests.support.delivery import drain_at
 from tests.support.keys import KEYS
 from tests.support.reference import load_base_and_plan
 
@@ -273,7 +273,7 @@ def test_retention_keeps_what_ops_need_to_resolve_a_held_conflict(
     sub = canonical_submission(rng, "H-1", hours="8")
     [held] = ingest(store, PartnerRef(first.partner_id, "canonical"), [sub], now=T_SENT)
     assert held.status == "accepted"
-    _drain(store, make_settings(db_url, mock_ce[0]), T_SENT)
+    drain_at(store, make_settings(db_url, mock_ce[0]), T_SENT)
     assert _queued_versions(store, str(held.record_id)) == [1]
     # Another source reports the same activity with other hours: held for ops.
     other = copy.deepcopy(sub) | {"source_record_id": "H-OTHER"}
@@ -296,15 +296,6 @@ def test_retention_keeps_what_ops_need_to_resolve_a_held_conflict(
 T_LATE = datetime(2027, 1, 15, 8, 0, tzinfo=UTC)  # delivered young at T_PRUNE
 
 
-def _drain(engine: Engine, settings: Settings, when: datetime) -> None:
-    worker = DeliveryWorker(engine, settings, clock=lambda: when)
-    try:
-        while worker.run_once():
-            pass
-    finally:
-        worker.close()
-
-
 def test_retention_keeps_the_payload_of_a_duplicate_that_may_still_take_over(
         db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
         mock_ce: tuple[str, Faults]) -> None:
@@ -317,18 +308,18 @@ def test_retention_keeps_the_payload_of_a_duplicate_that_may_still_take_over(
     other = canonical_submission(rng, "D-2", person, hours="8")
     [h, d] = [ingest(store, p, [s], now=T_SENT)[0] for p, s in ((first, holder), (second, other))]
     assert (h.status, d.status) == ("accepted", "accepted")
-    _drain(store, deliver, T_SENT)
+    drain_at(store, deliver, T_SENT)
     # The second source corrects its report into the first one's activity: a repeat, sent
     # downstream with 0 hours (NOT_COUNTED) so the management system stops counting it.
     repeat = copy.deepcopy(holder) | {"source_record_id": "D-2"}
     [again] = ingest(store, second, [repeat], now=T_SENT)
     assert again.status == "duplicate"
-    _drain(store, deliver, T_SENT)
+    drain_at(store, deliver, T_SENT)
     # The first source fixes a certificate number later (same activity, same hours).
     fixed = copy.deepcopy(holder)
     fixed["evidence"]["certificate_no"] = "QH2026999999"
     assert ingest(store, first, [fixed], now=T_LATE)[0].status == "corrected"
-    _drain(store, deliver, T_LATE)
+    drain_at(store, deliver, T_LATE)
 
     prune(store, make_settings(db_url, year_close_extensions={}), now=T_PRUNE)
     assert withdraw(store, first, "H-2") is not None  # its payload was young: allowed

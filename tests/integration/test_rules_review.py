@@ -19,13 +19,12 @@ from sqlalchemy import Engine
 
 from gateway import compliance
 from gateway.accounts import Partner
-from gateway.masking import mask_id
 from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest
 from gateway.pipeline.rules_tables import DeferralInfo
 from gateway.reference import StoreReference
-from gateway.store.tables import reference_deferrals
 from mock_partners.generators import GenPerson, make_person
 from tests.support.keys import KEYS
+from tests.support.reference import store_deferral
 from tests.support.years import fixture_rules_config
 
 IN_2025 = datetime(2025, 10, 1, 2, 0, tzinfo=UTC)
@@ -61,11 +60,7 @@ def _deferred(person: dict[str, Any], year: int = 2025) -> RulesContext:
 
 def _store_deferral(engine: Engine, person: dict[str, Any], year: int = 2025) -> None:
     """The deferral of :func:`_deferred` as the reference sync stores it: the report reads it."""
-    with engine.begin() as conn:
-        conn.execute(reference_deferrals.insert().values(
-            person_key=KEYS.of("resident_id", person["id_number"]), from_year=year,
-            id_masked=mask_id(person["id_number"]), reason="illness",
-            approved_on=date(year, 12, 1), version="ref-000001"))
+    store_deferral(engine, person["id_number"], year, "illness", date(year, 12, 1))
 
 
 def _report(engine: Engine, person: dict[str, Any], year: int) -> dict[str, Any]:

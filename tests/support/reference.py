@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import tempfile
+from datetime import date
 from pathlib import Path
 
 from sqlalchemy import Engine
 
+from gateway.masking import mask_id
 from gateway.reference import import_csv
+from gateway.store.tables import reference_deferrals
 from mock_partners.training_base import plan_period
 from tests.support.keys import KEYS
 
@@ -40,3 +43,13 @@ def load_base_and_plan(engine: Engine, base_code: str, plan_id: str, year: int =
         for kind, path in (("bases", bases), ("plans", plans)):
             result = import_csv(engine, kind, path, actor="test", keys=KEYS)
             assert result.ok, result.as_dict()
+
+
+def store_deferral(engine: Engine, id_number: str, from_year: int, reason: str,
+                   approved_on: date) -> None:
+    """An approved deferral (七(二)) as the reference sync stores it, keyed with KEYS."""
+    with engine.begin() as conn:
+        conn.execute(reference_deferrals.insert().values(
+            person_key=KEYS.of("resident_id", id_number), from_year=from_year,
+            id_masked=mask_id(id_number), reason=reason, approved_on=approved_on,
+            version="ref-000001"))
