@@ -12,7 +12,10 @@ Each strict xfail asserts the correct behaviour and fails today on the bug its r
 - in the rolling release of migration 0023, a correction written by a replica still on the
   previous code leaves ``records.covers_professional`` true on a record whose current version
   no longer covers the tenure, and the compliance report keeps counting it (the docs say a
-  record an older replica writes leaves the column null and is read from its payload).
+  record an older replica writes leaves the column null and is read from its payload);
+- revalidation replays in rejection-id order, called arrival order, but a rejection judged
+  again gets a fresh, higher id with its old arrival time: after a filtered run a later paper
+  is replayed first and takes the yearly cap from the one that arrived before it.
 
 All run on the real store (SQLite and PostgreSQL) and the real pipeline.
 """
@@ -26,6 +29,8 @@ import re
 import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,7 +42,7 @@ from gateway.accounts import Partner
 from gateway.ops.records import list_rejections
 from gateway.pipeline import ingest as ingest_module
 from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest, ingest_items, withdraw
-from gateway.reference import StoreReference
+from gateway.reference import StoreReference, import_csv
 from gateway.revalidate import RevalidationFilter, default_rules, revalidate
 from gateway.store.tables import outbox, records, rejections
 from mock_partners.generators import canonical_submission, make_person
@@ -202,3 +207,50 @@ def test_an_award_corrected_by_the_current_code_stops_covering_the_tenure(store:
         assert conn.execute(select(records.c.covers_professional).where(
             records.c.source_record_id == "C-ROLL")).scalar_one() is False
     assert answer["professional_covered_by"] is None
+
+
+# -- 4. "arrival (id) order" after a filtered run judged a rejection again -------------------
+
+
+def _paper(person: dict[str, Any], sid: str, papers: str) -> dict[str, Any]:
+    return {"source_record_id": sid, "person": person, "year": 2025, "category": "professional",
+            "activity_type": "paper",
+            "activity": {"title": f"高原医学论文 {sid}", "completed_on": "2025-06-01"},
+            "claimed": {"quantity": papers, "unit": "papers", "details": {"authorship": "sole"}}}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: gateway/revalidate.py _chunks replays in rejection id order and calls it arrival "
+    "order, but a rejection judged again gets a fresh row (a higher id) that keeps its older "
+    "received_at: after a filtered run, a later paper is replayed first and takes the cap "
+    "(R10 allocates in record-id order) from the paper that arrived before it"))
+def test_revalidation_replays_in_arrival_order_after_a_filtered_run(
+        store: Engine, new_partner: NewPartner, tmp_path: Path) -> None:
+    partner = new_partner(store)
+    ref = PartnerRef(partner.partner_id, "canonical")
+    p = make_person(random.Random(2104))
+    person = {"id_type": "resident_id", "id_number": p.id_number, "name": p.name,
+              "region_code": p.region}
+    first_at = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
+    then_at = datetime(2026, 3, 1, 3, 0, tzinfo=UTC)
+    # 2025 closed on 30 Dec: both refused YEAR_CLOSED.  P-1 (2 papers, 20 h) came first.
+    for sub, at in ((_paper(person, "P-1", "2"), first_at), (_paper(person, "P-2", "1"), then_at)):
+        [answer] = ingest(store, ref, [sub], now=at, rules=default_rules(store))
+        assert answer.status == "rejected", answer
+    # Ops try the first one alone before the deferral is filed: judged again, refused again.
+    narrow = revalidate(store, RevalidationFilter(until=datetime(2026, 3, 1, 2, 30, tzinfo=UTC)),
+                        actor="ops-wang", reason="try the first")
+    assert narrow.rejected_again == 1
+    deferrals = tmp_path / "deferrals.csv"
+    deferrals.write_text(f"id_number,from_year,reason,approved_on\n{p.id_number},2025,illness,"
+                         "2025-11-20\n", encoding="utf-8")
+    assert import_csv(store, "deferrals", deferrals, actor="ops-wang", keys=KEYS).ok
+
+    done = revalidate(store, RevalidationFilter(), actor="ops-wang", reason="deferral filed")
+
+    assert done.accepted == 2, done.as_dict()
+    with store.connect() as conn:
+        credited = dict(conn.execute(select(records.c.source_record_id,
+                                            records.c.credited_hours)).all())
+    # The cap (20 h a year, 四(二)1) goes in arrival order: P-1 first.
+    assert (Decimal(credited["P-1"]), Decimal(credited["P-2"])) == (20, 0), credited
