@@ -6,7 +6,8 @@ through :func:`mask_id` or :func:`mask_text` first.
 
 - :func:`mask_id` — ``630102198704139126`` → ``630102********9126``.
 - :func:`mask_text` — masks every 15- or 18-character identity-number-looking token, and
-  every identity number written in groups with spaces between (``630102 1987 0413 9126``).
+  every identity number written in groups with white space between (``630102 1987 0413 9126``,
+  tabs or line breaks too).
 - :func:`mask_excerpt` — the first characters of a partner's answer, masked before the cut.
 - :class:`MaskingFilter` — masks a log record before any handler formats it.
 - :func:`install_log_masking` — puts the filter on the root handlers and uvicorn's loggers.
@@ -32,13 +33,15 @@ _ID_TOKEN = re.compile(r"(?P<own>(?<![0-9A-Za-z])(?:[RB][0-9a-f]{24}|[0-9a-f]{32
                        r"|(?<!\d)(?:\d{17}[\dXxＸｘ]|\d{15})(?!\d)")
 
 # An identity number written in groups ("630102 1987 0413 9126", full-width digits and the
-# ideographic space too): the adapters fold it and drop the spaces (SPEC §8), so the number is
-# valid, and the raw cell a rejection keeps shows it so.  A gap is 1–4 spaces or tabs (never a
-# line break).  Unlike the unbroken token, whole groups are joined only into something shaped
-# like a resident id — a region's first digit, a plausible birth date — so a row of hours, a
-# date or a list of counts with spaces between is left alone.
-_MAX_GAP = 4
-_GAP = rf"[^\S\r\n]{{1,{_MAX_GAP}}}"
+# ideographic space too): the adapters fold it and drop every white space (SPEC §8;
+# adapters/rows.py ``text(code=True)``), so the number is valid, and the raw cell a rejection
+# keeps shows it so.  A gap is therefore any white space the adapters drop — spaces, tabs, line
+# breaks — but at most 16 characters, so :data:`_MAX_SPAN` stays bounded.  Unlike the unbroken
+# token, whole groups are joined only into something shaped like a resident id — a region's
+# first digit, a plausible birth date — so a row of hours, a date, or counts on separate lines
+# are left alone.
+_MAX_GAP = 16
+_GAP = rf"\s{{1,{_MAX_GAP}}}"
 # The pre-check: 15+ characters of digits and white space, from a digit.  It holds every
 # number either pattern masks; a class run, it costs what ``\d{15}`` did (a pattern of 15 digits
 # with optional gaps between was 2-6x slower on error messages and log lines).
@@ -83,12 +86,12 @@ def mask_text(text: str) -> str:
 
 
 def _mask_groups(run: re.Match[str]) -> str:
-    """Mask the identity numbers in a run of digit groups with spaces between.
+    """Mask the identity numbers in a run of digit groups with white space between.
 
     A number is whole consecutive groups (two at least: one alone is the unbroken token's
     business) of 18 characters (the last may be X) or 15 digits (no digit alone), shaped like
-    a resident id; the longest is taken first.  Spaces stay; the digits are starred as
-    :func:`mask_id` stars the number written without them.
+    a resident id; the longest is taken first.  The white space stays; the digits are starred
+    as :func:`mask_id` stars the number written without it.
     """
     text, base = run.group(0), run.start()
     groups = [(m.start() + base, m.group(0)) for m in _GROUP.finditer(run.group(0))]
@@ -135,7 +138,7 @@ def _shaped_like_an_id(chars: str) -> bool:
 
 
 def _star(written: str) -> str:
-    """``written`` (an identity number with spaces) starred where :func:`mask_id` stars."""
+    """``written`` (an identity number with white space) starred where :func:`mask_id` stars."""
     masked = iter(mask_id("".join(written.split())))
     return "".join(c if c.isspace() else next(masked) for c in written)
 
@@ -146,7 +149,7 @@ def mask_excerpt(text: str, limit: int = 200) -> str:
     Masked before the cut: an identity number across the cut would otherwise keep up to 17
     of its digits, too short for :func:`mask_text` to know it later.  Masking keeps lengths,
     and an identity number that starts inside the excerpt ends within 18 characters of it
-    (:data:`_MAX_SPAN` when written in groups with spaces between).
+    (:data:`_MAX_SPAN` when written in groups with white space between).
     """
     return mask_text(text[: limit + _MAX_SPAN])[:limit]
 

@@ -138,6 +138,7 @@ def records_show(record_id: Annotated[str, typer.Argument(help="record id (R…,
                  as_json: Json = False) -> None:
     """One record: its current version, versions, deliveries and timeline (SPEC §2)."""
     from gateway.masking import mask_text
+    from gateway.ops.common import masked
     from gateway.ops.records import record_view
 
     with snapshot(_engine()) as conn:  # the record and its deliveries at one moment
@@ -148,8 +149,8 @@ def records_show(record_id: Annotated[str, typer.Argument(help="record id (R…,
         raise typer.Exit(1)
     # Masked as the console shows it: terminal output ends up in tickets and logs (the API's
     # GET /v1/records/{id} answers the whole record to an operator's token).
-    masked = json.loads(mask_text(json.dumps(view, ensure_ascii=False, default=str)))
-    _show(masked, "timeline", f"时间线 timeline ({record_id})", as_json)
+    # The structure, not its JSON text, where a line break in a field is an escape (``\n``).
+    _show(masked(view), "timeline", f"时间线 timeline ({record_id})", as_json)
 
 
 def _show(found: dict[str, Any], events: str, title: str, as_json: bool) -> None:

@@ -163,7 +163,7 @@ def iso(value: datetime | date | None) -> str | None:
 # -- field edits ("reprocess with edit") -----------------------------------------------------
 
 
-def _masked(value: Any) -> Any:
+def masked(value: Any) -> Any:
     """``value`` with every identity-number-looking string or number masked, its shape kept.
 
     Walks the structure rather than masking its JSON text: a masked number inside JSON text
@@ -173,12 +173,12 @@ def _masked(value: Any) -> Any:
         return value
     if isinstance(value, int | float):
         text = str(value)
-        masked = mask_text(text)
-        return value if masked == text else masked
+        hidden = mask_text(text)
+        return value if hidden == text else hidden
     if isinstance(value, dict):
-        return {mask_text(str(key)): _masked(item) for key, item in value.items()}
+        return {mask_text(str(key)): masked(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_masked(item) for item in value]
+        return [masked(item) for item in value]
     return mask_text(value if isinstance(value, str) else str(value))
 
 
@@ -218,7 +218,7 @@ def apply_changes(raw: Mapping[str, Any], changes: Mapping[str, Any],
         if before == value and parts[-1] in node:
             continue
         node[parts[-1]] = value
-        diff.append({"field": path, "from": _masked(before), "to": _masked(value)})
+        diff.append({"field": path, "from": masked(before), "to": masked(value)})
     if not diff:
         raise refuse("changes", "the changes change nothing", "这些修改没有改变任何内容")
     return out, diff

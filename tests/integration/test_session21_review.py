@@ -70,11 +70,6 @@ def _strings(value: Any) -> list[str]:
     return [str(value)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: gateway/ops/records.py _masked_json masks the payload's JSON text, where a tab or "
-    "line break in a cell is the two characters \\t / \\n, and gateway/masking.py _GAP allows "
-    "only 1-4 spaces; adapters/rows.py text(code=True) folds any white space away, so the "
-    "number is valid and shows whole in the rejection list"))
 @pytest.mark.parametrize("written", ["630102\t1987\t0413\t9126", "630102     19870413 9126",
                                      "630102\n19870413 9126"],
                          ids=["tabs", "five-spaces", "line-break"])

@@ -59,6 +59,10 @@ def test_mask_text_leaves_other_numbers(text: str) -> None:
         ("身份证号：６３０１０２ １９８７０４１３ ９１２６。", "身份证号：６３０１０２ ******** ９１２６。"),
         ("630102\u300019870413\u30009126", "630102\u3000********\u30009126"),  # ideographic
         ('{"身份证号": "630102\t1987 0413  9126"}', '{"身份证号": "630102\t**** ****  9126"}'),
+        ("630102\n1987 0413 9126", "630102\n**** **** 9126"),  # a cell's line break
+        ("630102\r\n19870413\t\t9126", "630102\r\n********\t\t9126"),
+        ("630102     19870413 9126", "630102     ******** 9126"),  # five spaces
+        ("630102" + " " * 16 + "19870413\n9126", "630102" + " " * 16 + "********\n9126"),
         ("632123 19870413 912X", "632123 ******** 912X"),
         ("6301 0219 8704 1391 26", "6301 02** **** **91 26"),
         ("630 102 870 413 912", "63* *** *** *** *12"),  # a first-generation id
@@ -68,7 +72,7 @@ def test_mask_text_leaves_other_numbers(text: str) -> None:
     ],
 )
 def test_mask_text_masks_an_identity_number_written_in_groups(text: str, masked: str) -> None:
-    """SPEC §8: numbers may carry spaces, and the adapters accept an id written so."""
+    """SPEC §8: numbers may carry white space, and the adapters accept an id written so."""
     assert mask_text(text) == masked
     assert mask_text(masked) == masked
 
@@ -83,7 +87,11 @@ def test_mask_text_masks_an_identity_number_written_in_groups(text: str, masked:
         "930102 1987 0413 9126",  # no region starts with 9
         "630102 2187 0413 9126",  # born in the 22nd century
         "630102 1987 1313 9126",  # month 13
-        "630102\n1987 0413 9126",  # a line break is no gap
+        "630102" + " " * 17 + "19870413 9126",  # a gap longer than 16 characters
+        "hours\n12\n8\n16\n24\n30\n40\n20\n10\n8\n",  # counts on separate lines
+        "2026\n03\n05\n08\n30\n00\n8\n16",  # a date on separate lines
+        "1234\n5678\n9012\n3456\n78",  # lines with no birth date where an id has one
+        "930102\n19870413\n9126",  # no region starts with 9
         "R5d2c0f0e9a8b7c6d5e4f3a2b1 630102 1987 0413",  # too short
         "batch 12345678 9012345",  # 15 digits but no date shape
     ],
@@ -95,7 +103,7 @@ def test_mask_text_leaves_numbers_with_spaces_that_are_no_identity_number(text: 
 @pytest.mark.parametrize("start", range(120, 200))
 def test_an_excerpt_cut_across_a_grouped_identity_number_hides_it(start: int) -> None:
     """Written in groups, a number spans more than 18 characters: the cut must allow for it."""
-    written = "    ".join(["6301021", *"98704139126"])  # 62 characters
+    written = ("\n" + " " * 15).join(["6301021", *"98704139126"])  # 7 + 11 + 11 * 16 characters
     body = "x" * start + " id " + written + " refused" + "y" * 300
     excerpt = "".join(mask_excerpt(body).split())
     assert "6301021" not in excerpt  # the 7th digit, and any after it, stay starred
