@@ -162,11 +162,6 @@ def _as_before_0023(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ingest_module, "_rules_columns", old_rules_columns)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: migration 0023 is called rolling-safe, but a correction by a replica on the previous "
-    "code (gateway/pipeline/ingest.py RULES_COLUMNS without covers_professional) leaves the "
-    "column true from the covering version, and gateway/compliance.py _award trusts it "
-    "without reading the payload: an award corrected to one that does not cover still covers"))
 def test_an_award_corrected_by_an_older_replica_stops_covering_the_tenure(
         store: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     p = make_person(random.Random(2102))
