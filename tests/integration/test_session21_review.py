@@ -214,11 +214,6 @@ def _paper(person: dict[str, Any], sid: str, papers: str) -> dict[str, Any]:
             "claimed": {"quantity": papers, "unit": "papers", "details": {"authorship": "sole"}}}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: gateway/revalidate.py _chunks replays in rejection id order and calls it arrival "
-    "order, but a rejection judged again gets a fresh row (a higher id) that keeps its older "
-    "received_at: after a filtered run, a later paper is replayed first and takes the cap "
-    "(R10 allocates in record-id order) from the paper that arrived before it"))
 def test_revalidation_replays_in_arrival_order_after_a_filtered_run(
         store: Engine, new_partner: NewPartner, tmp_path: Path) -> None:
     partner = new_partner(store)
