@@ -52,7 +52,6 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
-    and_,
     bindparam,
     func,
     or_,
@@ -417,8 +416,9 @@ def _chunks(engine: Engine, flt: RevalidationFilter, ceiling: int,
     while True:
         page = [*flt.where(), c.id <= ceiling]
         if after is not None:
-            page.append(or_(c.received_at > after[0],
-                            and_(c.received_at == after[0], c.id > after[1])))
+            # ``>=`` first: a bound the received_at index seeks to (the OR alone is a filter).
+            page += [c.received_at >= after[0],
+                     or_(c.received_at > after[0], c.id > after[1])]
         with reading(engine) as conn:
             rows = conn.execute(select(rejections).where(*page)
                                 .order_by(c.received_at, c.id).limit(size)).all()
