@@ -39,7 +39,7 @@ while the person stays in the post held at the award, which the reviewing author
 
 May touch nothing: it reads ``refused_pins``, ``records``, ``outbox`` and
 ``reference_deferrals`` (and, for the rare records whose current version was refused or a
-competition record written before migration 0023, ``record_versions``).  The pydantic models below are the
+competition record, ``record_versions``).  The pydantic models below are the
 HTTP answer's schema (``GET /v1/compliance/{id_number}/{year}``).
 """
 
@@ -439,8 +439,14 @@ def _award(conn: Connection, me: str, year: int) -> dict[str, Any] | None:
     all the professional hours of the tenure.  The gateway holds no tenure dates: it covers
     from its year on, flagged, and the reviewing authority confirms the person is still in the
     post held at the award.  A current, accepted, not withdrawn record whose current version
-    the management system did not refuse for good; ``covers_professional`` null (written
-    before migration 0023) is read from its payload's rule notes (none once pruned).
+    the management system did not refuse for good.
+
+    The current version's payload decides (its ``COVERS_PROFESSIONAL_REQUIREMENT`` rule note):
+    in a rolling release of migration 0023 a replica on the previous code writes a correction's
+    rules columns without ``covers_professional``, which then keeps the covering version's
+    ``true`` (or stays null on its inserts).  The column is trusted only once retention pruned
+    the payload (``record_versions.pruned_at``); null there is not known to cover.  Competition
+    records only, so the payloads read are few.
     """
     on_current = and_(outbox.c.record_id == records.c.record_id,
                       outbox.c.version == records.c.current_version)
@@ -451,15 +457,12 @@ def _award(conn: Connection, me: str, year: int) -> dict[str, Any] | None:
         .select_from(records.outerjoin(outbox, on_current))
         .where(records.c.person_key == me, records.c.year <= year,
                records.c.status == "accepted", records.c.withdrawn.is_(False),
-               or_(records.c.covers_professional.is_(True),
-                   and_(records.c.covers_professional.is_(None),
-                        records.c.activity_type == "competition")))
+               records.c.activity_type == "competition")
         .order_by(records.c.year, records.c.completed_on, records.c.record_id)).all()
     for r in rows:
         if r.delivery == "dead" and r.error_code in NOT_COUNTED_CODES:
             continue  # refused for good: the management system does not count it
-        if r.covers_professional is None and not _covers_in_payload(conn, r.record_id,
-                                                                    r.current_version):
+        if not _covers(conn, r.record_id, r.current_version, r.covers_professional):
             continue
         award_year = int(r.year)
         return {"record_id": r.record_id, "source_record_id": r.source_record_id,
@@ -477,13 +480,16 @@ def _award(conn: Connection, me: str, year: int) -> dict[str, Any] | None:
     return None
 
 
-def _covers_in_payload(conn: Connection, record_id: str, version: int) -> bool:
-    payload = conn.execute(select(record_versions.c.payload).where(
+def _covers(conn: Connection, record_id: str, version: int, column: bool | None) -> bool:
+    """Whether a competition record's current version covers the tenure (see :func:`_award`)."""
+    row = conn.execute(select(record_versions.c.payload, record_versions.c.pruned_at).where(
         record_versions.c.record_id == record_id,
-        record_versions.c.version == version)).scalar_one_or_none()
-    if payload is None:
+        record_versions.c.version == version)).one_or_none()
+    if row is None or row.payload is None:
         return False
-    body = orjson.loads(payload)
+    body = orjson.loads(row.payload)
+    if row.pruned_at is not None or body.get("pruned") is True:
+        return column is True  # the payload is gone: the column is all that is left
     return any(n.get("code") == "COVERS_PROFESSIONAL_REQUIREMENT"
                for n in body.get("rule_notes") or ())
 

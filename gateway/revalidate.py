@@ -14,7 +14,8 @@ overtaken — a later submission of the same ``source_record_id`` that was accep
 resent, withdrawn or refused again, or a ``DELETE`` — is closed ``superseded`` unread
 (:func:`gateway.last_word.stale_rejections`): replayed, old content would become the record's newest version
 over the partner's correction, or bring a withdrawn record back.  The rest are replayed in
-arrival (id) order, one ingest call per run of one partner and batch, so a partner's push and
+arrival order (``received_at``, then id: a rejection refused again keeps its arrival time on a
+fresh, higher id), one ingest call per run of one partner and batch, so a partner's push and
 roster file keep their order.  A dry run counts both the same way (``superseded`` beside
 ``would_pass``).
 
@@ -47,7 +48,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, Engine, bindparam, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from adapters.base import ParsedRow
 from adapters.cadre_college import item_to_row
@@ -393,17 +403,29 @@ def _ingest_group(engine: Engine, partner: PartnerRef, batch_id: str | None,
 
 def _chunks(engine: Engine, flt: RevalidationFilter, ceiling: int,
             size: int) -> Iterable[list[Any]]:
-    """Open rejections in id order, up to ``ceiling`` (so fresh rejections are not taken)."""
-    last = 0
+    """Open rejections in arrival order, up to ``ceiling`` (so fresh rejections are not taken).
+
+    Arrival is (``received_at``, ``id``), not the id alone: a rejection refused again gets a
+    fresh row, a higher id, that keeps its older arrival time (:func:`mark_outcomes`), and R10
+    allocates a cap in the order records are made.  Keyset pages on the pair; the
+    ``received_at`` index serves it (SQLite keeps the rowid, ``id``, in the index; PostgreSQL
+    sorts the few ties of one instant by id).
+    """
+    c = rejections.c
+    after: tuple[datetime, int] | None = None
     while True:
+        page = [*flt.where(), c.id <= ceiling]
+        if after is not None:
+            # ``>=`` first: a bound the received_at index seeks to (the OR alone is a filter).
+            page += [c.received_at >= after[0],
+                     or_(c.received_at > after[0], c.id > after[1])]
         with reading(engine) as conn:
-            rows = conn.execute(select(rejections).where(
-                *flt.where(), rejections.c.id > last, rejections.c.id <= ceiling)
-                .order_by(rejections.c.id).limit(size)).all()
+            rows = conn.execute(select(rejections).where(*page)
+                                .order_by(c.received_at, c.id).limit(size)).all()
         if not rows:
             return
         yield list(rows)
-        last = rows[-1].id
+        after = (rows[-1].received_at, rows[-1].id)
 
 
 def count(engine: Engine, flt: RevalidationFilter) -> int:

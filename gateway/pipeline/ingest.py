@@ -1400,7 +1400,10 @@ def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
     """Withdraw a partner's record: a new version with ``withdrawn = true``, forwarded.
 
     A withdrawn record gives its capped hours back: the rest of its cap group is allocated
-    again, and records that gain are re-issued (SPEC §4 R10).
+    again, and records that gain are re-issued (SPEC §4 R10).  None (404) when the partner has
+    no record of that source id; its open rejections of it are closed ``superseded`` all the
+    same (a ``rejection_withdrawn`` audit event), so revalidation never forwards what the
+    partner withdrew (:func:`_close_rejections`).
     """
     now = now or datetime.now(UTC)
     for attempt in writer_retries():
@@ -1419,6 +1422,9 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
                 records.c.source_record_id == source_record_id)
         seen = conn.execute(select(records).where(*mine)).mappings().first()
         if seen is None:
+            closed = _close_rejections(conn, partner, source_record_id, now)
+            if not closed and conn.execute(select(records.c.record_id).where(*mine)).first():
+                raise _KeyRaceLost(source_record_id)  # a revalidation made it meanwhile
             return None
         # Its groups: where it counts, and where a refused correction's applied version is
         # pinned (caps.refused_pins); the withdrawal ends the pin.
@@ -1437,6 +1443,8 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
             natural_keys.c.natural_key == existing["natural_key"]).with_for_update()).all()
         record_id, version = str(existing["record_id"]), int(existing["current_version"])
         if existing["withdrawn"]:
+            # Sent again and refused since it was withdrawn: that rejection is withdrawn too.
+            _close_rejections(conn, partner, source_record_id, now)
             return RecordAnswer(index=0, source_record_id=source_record_id,
                                 status=RecordStatus.DUPLICATE, record_id=record_id, version=version)
         chunk = Chunk(conn, partner, now, None, config or RulesConfig.from_settings(Settings()))
@@ -1471,6 +1479,29 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
         audit.append(conn, chunk.events, now)
     return RecordAnswer(index=0, source_record_id=source_record_id, status=RecordStatus.ACCEPTED,
                         record_id=record_id, version=version + 1)
+
+
+def _close_rejections(conn: Connection, partner: PartnerRef, source_record_id: str,
+                      now: datetime) -> int:
+    """Close the partner's open rejections of ``source_record_id``: its ``DELETE`` overtook them.
+
+    Marked ``superseded`` (revalidation's mark for a rejection a later word overtook), with one
+    ``rejection_withdrawn`` audit event naming the partner (masked by the audit trail).  A
+    rejection a revalidation or an ops edit took meanwhile is no longer open: the withdrawal
+    runs again (:class:`_KeyRaceLost`) and finds the record it made.
+    """
+    mine = (rejections.c.partner_id == partner.partner_id,
+            rejections.c.source_record_id == source_record_id, rejections.c.status == "open")
+    ids = [int(i) for i in conn.execute(
+        select(rejections.c.id).where(*mine).order_by(rejections.c.id)).scalars()]
+    if not ids:
+        return 0
+    if conn.execute(update(rejections).where(*mine, rejections.c.id.in_(ids))
+                    .values(status="superseded")).rowcount != len(ids):
+        raise _KeyRaceLost(source_record_id)
+    audit.append(conn, [audit.Event("rejection_withdrawn", actor=partner.partner_id, detail={
+        "source_record_id": source_record_id, "rejection_ids": ids})], now)
+    return len(ids)
 
 
 def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: datetime,

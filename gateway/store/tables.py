@@ -144,8 +144,9 @@ records = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     # R7: a national competition award that covers the tenure's professional hours (四(二)5);
-    # the compliance read-model counts it from its year on, also once retention pruned the
-    # payload.  Null: written before migration 0023 (or by an older replica): read the payload.
+    # the compliance read-model counts it from its year on.  It reads the current payload's
+    # rule note while there is one (an older replica's correction leaves this column stale) and
+    # trusts this column once retention pruned the payload.  Null: written before 0023.
     Column("covers_professional", Boolean),
     UniqueConstraint("partner_id", "source_record_id"),
     Index("ix_records_batch_id", "batch_id"),

@@ -39,12 +39,13 @@ from sqlalchemy import Engine, select
 from adapters.registry import get_adapter
 from gateway import compliance
 from gateway.accounts import Partner
+from gateway.masking import mask_text
 from gateway.ops.records import list_rejections
 from gateway.pipeline import ingest as ingest_module
 from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest, ingest_items, withdraw
 from gateway.reference import StoreReference, import_csv
 from gateway.revalidate import RevalidationFilter, default_rules, revalidate
-from gateway.store.tables import outbox, records, rejections
+from gateway.store.tables import audit_events, outbox, records, rejections
 from mock_partners.generators import canonical_submission, make_person
 from mock_partners.training_base import plan_period
 from tests.support.keys import KEYS
@@ -102,10 +103,6 @@ def _training(rng: random.Random, source_id: str, plan: str) -> dict[str, Any]:
     return sub
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: gateway/pipeline/ingest.py _withdraw returns None (404) for a source id held only as "
-    "a rejection and stores nothing, so gateway/last_word.py finds no later word and "
-    "gateway/revalidate.py accepts and forwards the record its partner withdrew"))
 def test_revalidation_does_not_forward_a_rejected_record_its_partner_then_deleted(
         store: Engine, new_partner: NewPartner) -> None:
     partner = new_partner(store, base_code=BASE)
@@ -128,6 +125,30 @@ def test_revalidation_does_not_forward_a_rejected_record_its_partner_then_delete
             rejections.c.source_record_id == "S-DEL")).scalars().all()
     assert forwarded == [], "the record the partner deleted was forwarded"
     assert "revalidated" not in still
+
+
+def test_a_delete_of_a_rejected_source_id_closes_its_rejections_with_an_audit_event(
+        store: Engine, new_partner: NewPartner) -> None:
+    """The pin beside the fix above: 404 as before, the rejections closed, the partner named."""
+    partner = new_partner(store, base_code=BASE)
+    relay = PartnerRef(partner.partner_id, "canonical", BASE)
+    load_base_and_plan(store, BASE, PLAN)
+    for seed in (2105, 2106):  # refused twice
+        [answer] = ingest(store, relay, [_training(random.Random(seed), "S-DEL2", LATE_PLAN)],
+                          rules=default_rules(store))
+        assert answer.status == "rejected"
+    assert withdraw(store, relay, "S-DEL2") is None
+    assert withdraw(store, relay, "S-NONE") is None  # nothing at all: nothing written
+    with store.connect() as conn:
+        statuses = conn.execute(select(rejections.c.status).where(
+            rejections.c.source_record_id == "S-DEL2")).scalars().all()
+        events = conn.execute(select(audit_events.c.actor, audit_events.c.detail).where(
+            audit_events.c.kind == "rejection_withdrawn")).all()
+    assert statuses == ["superseded", "superseded"]
+    [(actor, detail)] = events
+    assert actor == mask_text(partner.partner_id)
+    assert json.loads(detail)["source_record_id"] == "S-DEL2"
+    assert len(json.loads(detail)["rejection_ids"]) == 2
 
 
 # -- 3. migration 0023 in a rolling release ------------------------------------------------------
@@ -157,11 +178,6 @@ def _as_before_0023(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ingest_module, "_rules_columns", old_rules_columns)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: migration 0023 is called rolling-safe, but a correction by a replica on the previous "
-    "code (gateway/pipeline/ingest.py RULES_COLUMNS without covers_professional) leaves the "
-    "column true from the covering version, and gateway/compliance.py _award trusts it "
-    "without reading the payload: an award corrected to one that does not cover still covers"))
 def test_an_award_corrected_by_an_older_replica_stops_covering_the_tenure(
         store: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     p = make_person(random.Random(2102))
@@ -214,11 +230,6 @@ def _paper(person: dict[str, Any], sid: str, papers: str) -> dict[str, Any]:
             "claimed": {"quantity": papers, "unit": "papers", "details": {"authorship": "sole"}}}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: gateway/revalidate.py _chunks replays in rejection id order and calls it arrival "
-    "order, but a rejection judged again gets a fresh row (a higher id) that keeps its older "
-    "received_at: after a filtered run, a later paper is replayed first and takes the cap "
-    "(R10 allocates in record-id order) from the paper that arrived before it"))
 def test_revalidation_replays_in_arrival_order_after_a_filtered_run(
         store: Engine, new_partner: NewPartner, tmp_path: Path) -> None:
     partner = new_partner(store)
