@@ -43,6 +43,7 @@ EVENT_ZH = {"received": "接收", "queued": "进入投递队列", "attempt": "�
             "split": "拆分批次", "requeued": "重新排队", "delivery_requeued": "运维重新投递",
             "delivery_superseded": "死信被新版本取代", "ops_reprocess": "运维批量重新投递",
             "edited": "修改后重新投递", "rejection_edited": "修改拒收记录后重新处理",
+            "rejection_withdrawn": "合作方撤回，关闭其拒收记录",
             "superseded": "被冲突记录取代", "conflict": "判定冲突", "conflict_resolved": "冲突已解决",
             "duplicate": "判定重复", "corrected": "更正（新版本）", "recredited": "重新核定学时",
             "revalidation": "重新校验", "rejected": "拒收", "withdrawn": "撤回",

@@ -1,6 +1,7 @@
 """Review of session 21's whole change (0d1466b..c227c8b): last word, masking, 0023 rolling.
 
-Each strict xfail asserts the correct behaviour and fails today on the bug its reason names:
+The review wrote four strict xfails, each asserting the correct behaviour and failing on the
+code of 778ed0a on the bug named below; all four are fixed (fix-mask2, fix-s21b):
 
 - an identity number written with tabs (which ``gateway.masking`` says it masks), with a gap of
   five spaces or with a line break in the cell — all of which the adapters fold into a valid
