@@ -46,8 +46,9 @@ from tests.integration.test_alerts import (
 )
 from tests.integration.test_console import _login
 from tests.integration.test_ops_jobs_review import TEN_DAYS_AGO, Trickle, _held
-from tests.integration.test_retention import _corrected, _drain, _retention_events
+from tests.integration.test_retention import _corrected, _retention_events
 from tests.integration.test_scheduling import _take_over, lease_until
+from tests.support.delivery import drain_at
 from tests.support.servers import poll, uvicorn_thread
 
 MakeSettings = Callable[..., Settings]
@@ -185,9 +186,9 @@ def _prunable(engine: Engine, db_url: str, make_settings: MakeSettings, partner:
     subs = [gen.canonical_submission(random.Random(61), f"LL-{i}") for i in range(n)]
     deliver = make_settings(db_url, mock_ce[0])
     ingest(engine, ref, subs, now=TEN_DAYS_AGO)
-    _drain(engine, deliver, TEN_DAYS_AGO)
+    drain_at(engine, deliver, TEN_DAYS_AGO)
     ingest(engine, ref, [_corrected(s) for s in subs], now=TEN_DAYS_AGO)
-    _drain(engine, deliver, TEN_DAYS_AGO)
+    drain_at(engine, deliver, TEN_DAYS_AGO)
 
 
 def test_a_retention_run_stopped_by_a_lost_lease_audits_what_it_pruned(

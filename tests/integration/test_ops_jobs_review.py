@@ -58,7 +58,8 @@ from mock_partners.ce_system import Faults
 from tests.integration import test_alerts
 from tests.integration.test_alerts import ROBOT_PATH, monthly_batch, received
 from tests.integration.test_reference import APPLICANTS, BASES, count, load_all, rows
-from tests.integration.test_retention import _corrected, _drain, _retention_events
+from tests.integration.test_retention import _corrected, _retention_events
+from tests.support.delivery import drain_at
 from tests.support.keys import KEYS
 from tests.support.servers import WorkerProcess, cli, poll
 
@@ -507,9 +508,9 @@ def test_two_retention_processes_at_once_prune_each_version_once_and_count_it_on
         subs = [gen.canonical_submission(rng, f"RR-{i}") for i in range(3)]
         deliver = make_settings(postgres_url, mock_ce[0])
         ingest(engine, ref, subs, now=TEN_DAYS_AGO)
-        _drain(engine, deliver, TEN_DAYS_AGO)
+        drain_at(engine, deliver, TEN_DAYS_AGO)
         ingest(engine, ref, [_corrected(s) for s in subs], now=TEN_DAYS_AGO)
-        _drain(engine, deliver, TEN_DAYS_AGO)
+        drain_at(engine, deliver, TEN_DAYS_AGO)
 
         runs = _two_prunes_meeting_at(postgres_url, engine, "record_versions", tmp_path)
 
@@ -554,7 +555,7 @@ def _prune_a_closed_year(engine: Engine, url: str, make_settings: MakeSettings,
     sub = gen.canonical_submission(random.Random(41), "RP-1")
     at = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
     ingest(engine, PartnerRef(partner.partner_id, "canonical"), [sub], now=at)
-    _drain(engine, make_settings(url, mock_ce[0]), at)
+    drain_at(engine, make_settings(url, mock_ce[0]), at)
     return sub
 
 
