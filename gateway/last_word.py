@@ -29,7 +29,7 @@ from sqlalchemy import Connection, select
 from gateway.masking import mask_text
 from gateway.store.tables import audit_events, records, rejections
 
-__all__ = ["WORDS", "Arrival", "stale_rejections"]
+__all__ = ["WORDS", "Arrival", "parts", "stale_rejections"]
 
 # The audit events that are a partner's word on a record it sent (actor: the partner): a
 # submission stored (first, a correction, a resend of it unchanged) or a withdrawal (DELETE, or
@@ -64,7 +64,7 @@ def stale_rejections(conn: Connection, rows: Sequence[Any], *,
     last_refused: dict[tuple[str, str], tuple[datetime, int]] = {}
     record_of: dict[str, tuple[str, str]] = {}  # record id → (partner, source id)
     for pid, sids in sorted(by_partner.items()):
-        for part in _parts(sorted(sids)):
+        for part in parts(sorted(sids)):
             refused = select(rejections.c.id, rejections.c.source_record_id,
                              rejections.c.received_at).where(
                 rejections.c.partner_id == pid, rejections.c.source_record_id.in_(part))
@@ -78,7 +78,7 @@ def stale_rejections(conn: Connection, rows: Sequence[Any], *,
                     records.c.partner_id == pid, records.c.source_record_id.in_(part))))
     actors = {pid: mask_text(pid) for pid in by_partner}  # as audit.append wrote them
     last_word: dict[tuple[str, str], tuple[datetime, int]] = {}
-    for part in _parts(sorted(record_of)):
+    for part in parts(sorted(record_of)):
         words = select(audit_events.c.record_id, audit_events.c.actor, audit_events.c.occurred_at,
                        audit_events.c.seq).where(audit_events.c.record_id.in_(part),
                                                  audit_events.c.kind.in_(WORDS))
@@ -143,6 +143,7 @@ def _decided_before(conn: Connection, ties: list[tuple[Any, int]],
     return stale
 
 
-def _parts(values: Sequence[Any], size: int = _PAGE) -> Iterable[Sequence[Any]]:
+def parts(values: Sequence[Any], size: int = _PAGE) -> Iterable[Sequence[Any]]:
+    """``values`` in slices of ``size``: bounded ``IN (…)`` lists."""
     for start in range(0, len(values), size):
         yield values[start:start + size]

@@ -69,7 +69,7 @@ from gateway import audit
 from gateway.accounts import ADAPTERS_WITH_PUSH
 from gateway.config import Settings
 from gateway.errors import GatewayError, PayloadRejected
-from gateway.last_word import Arrival, stale_rejections
+from gateway.last_word import Arrival, parts, stale_rejections
 from gateway.ops.common import check_aware
 from gateway.pipeline.ingest import (
     Item,
@@ -316,16 +316,11 @@ def group_entries(conn: Connection, rows: Sequence[Any], rules: RulesContext) ->
     return runs
 
 
-def _parts(values: Sequence[Any], size: int = CHUNK_SIZE) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(values), size):
-        yield values[start:start + size]
-
-
 def _close_superseded(engine: Engine, ids: Sequence[int]) -> int:
     """Close open rejections the partner has overtaken; how many this call closed."""
     closed = 0
     with engine.begin() as conn:
-        for part in _parts(sorted(ids)):
+        for part in parts(sorted(ids), CHUNK_SIZE):
             closed += conn.execute(update(rejections).where(
                 rejections.c.id.in_(part), rejections.c.status == "open")
                 .values(status="superseded")).rowcount

@@ -24,13 +24,13 @@ from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.cli import app as cli_app
 from gateway.config import Settings, get_settings
-from gateway.delivery.worker import DeliveryWorker
 from gateway.pipeline.ingest import PartnerRef, ingest
 from gateway.retention import prune
 from gateway.store.db import make_engine, reading
 from gateway.store.tables import audit_events, audit_head
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
+from tests.support.delivery import drain_at
 from tests.support.servers import uvicorn_thread
 
 T1 = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
@@ -41,12 +41,7 @@ def _build_trail(engine: Engine, partner: Partner, settings: Settings) -> list[s
     rng = random.Random(5)
     subs = [gen.canonical_submission(rng, f"AU-{i}") for i in range(3)]
     answers = ingest(engine, PartnerRef(partner.partner_id, "canonical"), subs, now=T1)
-    worker = DeliveryWorker(engine, settings, clock=lambda: T1)
-    try:
-        while worker.run_once():
-            pass
-    finally:
-        worker.close()
+    drain_at(engine, settings, T1)
     return [str(a.record_id) for a in answers]
 
 
