@@ -7,9 +7,7 @@ SIGKILL of the pulling process in mid-run.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -389,14 +387,7 @@ def test_a_college_that_trickles_its_page_ends_the_run_not_holds_it(
     """Each page's GET has a deadline of its own: httpx times out each read, never a request."""
     from tests.integration.test_ops_jobs_review import Trickle  # a raw socket below HTTP
 
-    class Stubborn(Trickle):
-        """Trickles on until the pull hangs up on it (then its sends fail: that is the point)."""
-
-        def _answer(self, conn: socket.socket) -> None:
-            with contextlib.suppress(OSError):
-                super()._answer(conn)
-
-    college = Stubborn()
+    college = Trickle()  # trickles on until the pull hangs up on it
     settings = pull_settings(make_settings, db_url, college.url, pull_timeout_seconds=0.5,
                              pull_retries=2, pull_retry_max_wait_seconds=0.01)
     started = time.monotonic()

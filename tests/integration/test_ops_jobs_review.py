@@ -400,9 +400,12 @@ class Trickle:
         with conn:
             conn.recv(65536)
             self.requests += 1
-            conn.sendall(self.head)
-            while not self.stop.wait(self.every):
-                conn.sendall(self.drip)
+            try:
+                conn.sendall(self.head)
+                while not self.stop.wait(self.every):
+                    conn.sendall(self.drip)
+            except OSError:
+                return  # the caller hung up on us (broken pipe): what a bounded caller is for
 
     def close(self) -> None:
         self.stop.set()
