@@ -8,6 +8,9 @@ through :func:`mask_id` or :func:`mask_text` first.
 - :func:`mask_text` — masks every 15- or 18-character identity-number-looking token, and
   every identity number written in groups with white space between (``630102 1987 0413 9126``,
   tabs or line breaks too).
+- :func:`masked` — a parsed structure (a payload, an audit detail) with every string and number
+  masked, its shape kept: JSON text escapes a tab or a line break, so masking the text misses
+  a number whose groups they split.
 - :func:`mask_excerpt` — the first characters of a partner's answer, masked before the cut.
 - :class:`MaskingFilter` — masks a log record before any handler formats it.
 - :func:`install_log_masking` — puts the filter on the root handlers and uvicorn's loggers.
@@ -18,8 +21,9 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
+from typing import Any
 
-__all__ = ["MaskingFilter", "install_log_masking", "mask_excerpt", "mask_id", "mask_text"]
+__all__ = ["MaskingFilter", "install_log_masking", "mask_excerpt", "mask_id", "mask_text", "masked"]
 
 # 17 digits + a digit or X (18-character resident id), or 15 digits (first-generation id);
 # ``\d`` takes full-width digits too (partners' spreadsheets hold them), and so the X may be
@@ -141,6 +145,25 @@ def _star(written: str) -> str:
     """``written`` (an identity number with white space) starred where :func:`mask_id` stars."""
     masked = iter(mask_id("".join(written.split())))
     return "".join(c if c.isspace() else next(masked) for c in written)
+
+
+def masked(value: Any) -> Any:
+    """``value`` with every identity-number-looking string or number masked, its shape kept.
+
+    Walks the structure rather than masking its JSON text: a masked number inside JSON text
+    (``1.28e+16`` → ``"1281…"``) would no longer parse.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        text = str(value)
+        hidden = mask_text(text)
+        return value if hidden == text else hidden
+    if isinstance(value, dict):
+        return {mask_text(str(key)): masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [masked(item) for item in value]
+    return mask_text(value if isinstance(value, str) else str(value))
 
 
 def mask_excerpt(text: str, limit: int = 200) -> str:

@@ -137,8 +137,7 @@ def deliveries_show(delivery_id: Annotated[int, typer.Argument(help="delivery id
 def records_show(record_id: Annotated[str, typer.Argument(help="record id (R…, from an answer)")],
                  as_json: Json = False) -> None:
     """One record: its current version, versions, deliveries and timeline (SPEC §2)."""
-    from gateway.masking import mask_text
-    from gateway.ops.common import masked
+    from gateway.masking import mask_text, masked
     from gateway.ops.records import record_view
 
     with snapshot(_engine()) as conn:  # the record and its deliveries at one moment

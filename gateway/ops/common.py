@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from gateway.errors import PayloadRejected
-from gateway.masking import mask_text
+from gateway.masking import masked
 
 MAX_LIMIT = 500
 _CODE = re.compile(r"[A-Z][A-Z0-9_]{0,31}")
@@ -161,25 +161,6 @@ def iso(value: datetime | date | None) -> str | None:
 
 
 # -- field edits ("reprocess with edit") -----------------------------------------------------
-
-
-def masked(value: Any) -> Any:
-    """``value`` with every identity-number-looking string or number masked, its shape kept.
-
-    Walks the structure rather than masking its JSON text: a masked number inside JSON text
-    (``1.28e+16`` → ``"1281…"``) would no longer parse.
-    """
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int | float):
-        text = str(value)
-        hidden = mask_text(text)
-        return value if hidden == text else hidden
-    if isinstance(value, dict):
-        return {mask_text(str(key)): masked(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [masked(item) for item in value]
-    return mask_text(value if isinstance(value, str) else str(value))
 
 
 def apply_changes(raw: Mapping[str, Any], changes: Mapping[str, Any],

@@ -29,7 +29,7 @@ from gateway import audit
 from gateway.accounts import ADAPTERS_WITH_PUSH
 from gateway.config import Settings
 from gateway.errors import NotFound
-from gateway.masking import mask_text
+from gateway.masking import mask_text, masked
 from gateway.ops.common import (
     CURSOR_ZH,
     OpsConflict,
@@ -40,7 +40,6 @@ from gateway.ops.common import (
     encode_cursor,
     iso,
     limit_of,
-    masked,
     record_changed,
     refuse,
     require_reason,

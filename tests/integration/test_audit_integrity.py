@@ -24,6 +24,7 @@ from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.cli import app as cli_app
 from gateway.config import Settings, get_settings
+from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.pipeline.ingest import PartnerRef, ingest
 from gateway.retention import prune
 from gateway.store.db import make_engine, reading
@@ -245,3 +246,30 @@ def test_a_trail_the_gateway_appends_to_while_it_is_walked_verifies(
     with store.connect() as conn:
         cut = audit.verify(conn, chunk=4)
     assert (cut.ok, cut.first_bad_seq, cut.problem) == (False, n + 3, "truncated")
+
+
+@pytest.mark.parametrize("gap", ["\t", "\n", "\r\n", " \t "])
+def test_an_identity_number_split_by_tabs_or_line_breaks_is_masked_in_the_audit_text(
+        store: Engine, gap: str) -> None:
+    r"""An operator's reason is free text: JSON writes its tab or line break as an escape.
+
+    Masked as JSON text, ``630102\t19870413\t9126`` was no longer a number in groups, and the
+    stored detail (what the API, the CLI and the console show, and what the chain hashes) kept
+    the birth date.
+    """
+    id_number = gen.make_id_number(random.Random(7))
+    written = gap.join([id_number[:6], id_number[6:14], id_number[14:]])
+    plain = "查 " + id_number[:6] + " " + id_number[6:]  # the unescaped neighbour still masked
+    result = reprocess(store, DeliveryFilter(partner_id="p-1"), dry_run=False,
+                       reason=f"{written}；{plain}", actor="ops-lead")
+    assert result.matched == 0  # nothing dead: the run is audited all the same
+    with store.connect() as conn:
+        stored = conn.execute(select(audit_events.c.detail)
+                              .where(audit_events.c.kind == "ops_reprocess")).scalar_one()
+    reason = json.loads(stored)["reason"]
+    assert reason.endswith(f"查 {id_number[:6]} ********{id_number[14:]}"), reason
+    assert reason.startswith(gap.join([id_number[:6], "********"])), reason  # shape kept
+    for text in (stored, reason):
+        assert id_number[6:14] not in text, text
+    with store.connect() as conn:
+        assert audit.verify(conn).ok
