@@ -304,3 +304,50 @@ def test_audit_verify_checks_a_kept_anchor(db_url: str, engine: Engine) -> None:
                    f"{anchor['head_seq']}:{anchor['head_hash']}", "--json")
     assert anchored.returncode == 1, anchored.stderr
     assert json.loads(anchored.stdout)["first_bad_seq"] == anchor["head_seq"]
+
+
+# -- ingest: "exactly as an upload would be processed" ------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (medium): SPEC §7 'a partner may only submit for its own adapter … (403 "
+    "SCOPE_VIOLATION)'; gateway/cli.py ingest: 'Ingest a batch file locally, exactly as an "
+    "upload would be processed'. `ingest FINANCE.csv --adapter finance --partner-id <a health "
+    "partner>` (a slip when an operator loads a file a partner mailed in) is accepted: the "
+    "finance rows are stored as that health partner's, and the batch counts as its monthly "
+    "push, so the 'monthly push missed' alert (docs/metrics-and-alerts.md missed_push; "
+    "gateway/ops/overview.py missing_pushes matches batches by partner id and any monthly "
+    "adapter) stays silent for a month the health commission never pushed. The API scopes "
+    "the partner (routes/batches.py scope_partner); the CLI checks only a base's code"))
+def test_cli_ingest_refuses_a_partner_of_another_adapter(
+    db_url: str, engine: Engine, new_partner: Callable[..., Partner],
+) -> None:
+    from pathlib import Path
+
+    from gateway.store.tables import batches
+
+    health = new_partner(engine, adapter="health")
+    finance_file = Path(__file__).parents[1] / "fixtures" / "finance_2026-03_utf8bom.csv"
+    done = cli(_env(db_url), "ingest", str(finance_file), "--adapter", "finance", "--kind",
+               "monthly", "--period", "2026-03", "--partner-id", health.partner_id, "--json")
+    with engine.connect() as conn:
+        filed = conn.execute(select(batches.c.partner_id, batches.c.adapter)).all()
+    assert done.returncode == 2 and "SCOPE_VIOLATION" in done.stderr, (done.returncode, filed)
+    assert filed == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (low): SPEC §6 'Each has a Chinese and an English message'; README 'Configuration' and "
+    "gateway/cli.py _coded: refusals are 'CODE (field): English' and 'CODE (field): 中文'. "
+    "`partner add --adapter bogus` and `operator add --role admin` (SPEC §5 CLI) print the "
+    "ValueError's English text alone, with no code (gateway/cli.py partner_add/operator_add: "
+    "err.print(f'[red]{exc}[/red]'))"))
+def test_registration_refuses_a_bad_adapter_or_role_coded_in_both_languages(
+    db_url: str, engine: Engine,
+) -> None:
+    env = _env(db_url)
+    for args in (("partner", "add", "--id", "qh-x", "--adapter", "bogus", "--json"),
+                 ("operator", "add", "--name", "wang", "--role", "admin", "--json")):
+        done = cli(env, *args)
+        assert done.returncode == 2 and done.stdout == "", args
+        assert "SCHEMA" in done.stderr and any("\u4e00" <= ch <= "\u9fff" for ch in done.stderr), (
+            args, done.stderr)
