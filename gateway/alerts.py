@@ -80,7 +80,7 @@ from gateway import upstream
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.masking import mask_excerpt
-from gateway.ops.overview import backlog, missing_pushes, year_close
+from gateway.ops.overview import backlog, later_version_alive, missing_pushes, year_close
 from gateway.reconcile import push_deadline
 from gateway.scheduling import Job, ensure_held, register
 from gateway.store.tables import DEAD_EVENTS, alert_state, audit_events, outbox, records
@@ -230,7 +230,9 @@ def _year_close(conn: Connection, settings: Settings, now: datetime) -> list[Con
         .where(func.coalesce(records.c.counts_year, records.c.year) == close.year))
     retrying = conn.execute(of_the_year.where(outbox.c.status == "pending",
                                               outbox.c.attempts > 0)).scalar_one()
-    dead = conn.execute(of_the_year.where(outbox.c.status == "dead")).scalar_one()
+    # A dead version whose correction is pending or delivered has nothing left to redo.
+    dead = conn.execute(of_the_year.where(outbox.c.status == "dead",
+                                          ~later_version_alive())).scalar_one()
     if not retrying and not dead:
         return []
     return [Condition(

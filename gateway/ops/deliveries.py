@@ -53,6 +53,7 @@ from gateway.ops.common import (
     refuse,
     require_reason,
 )
+from gateway.ops.overview import later_version_alive
 from gateway.pipeline.caps import REFUSED_FOR_GOOD
 from gateway.pipeline.ingest import reallocate_after_delivery, writer_retries
 from gateway.pipeline.rules_tables import RulesConfig
@@ -221,13 +222,6 @@ class ReprocessResult:
                 "ceiling": self.ceiling}
 
 
-def _later_version_alive() -> ColumnElement[bool]:
-    later = aliased(outbox)
-    return exists().where(later.c.record_id == outbox.c.record_id,
-                          later.c.version > outbox.c.version,
-                          later.c.status.in_(("pending", "delivered")))
-
-
 def _dead_where(flt: DeliveryFilter, ceiling: int) -> list[ColumnElement[bool]]:
     """Dead deliveries ``flt`` selects, dead-lettered at or before audit event ``ceiling``."""
     died_later = exists().where(audit_events.c.record_id == outbox.c.record_id,
@@ -257,14 +251,14 @@ def _requeue_chunk(engine: Engine, flt: DeliveryFilter, last: int, ceiling: int,
         # The guards are in the UPDATE itself: only rows still dead move, once.
         flipped = set(conn.execute(
             update(outbox).where(outbox.c.id.in_(list(by_id)), outbox.c.status == "dead",
-                                 ~_later_version_alive())
+                                 ~later_version_alive())
             .values(status="pending", batch_key=None, attempts=0, error_code=None,
                     last_error=None, receipt_status=None, updated_at=now, queued_at=now)
             .returning(outbox.c.id)).scalars())
         rest = sorted(set(by_id) - flipped)
         stale = set(conn.execute(
             update(outbox).where(outbox.c.id.in_(rest), outbox.c.status == "dead",
-                                 _later_version_alive())
+                                 later_version_alive())
             .values(status="superseded", updated_at=now)
             .returning(outbox.c.id)).scalars()) if rest else set()
         events = [audit.Event("delivery_requeued", r["record_id"], r["version"], actor, {

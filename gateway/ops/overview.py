@@ -13,7 +13,8 @@ from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import ColumnElement, Connection, exists, func, select
+from sqlalchemy.orm import aliased
 
 from gateway.config import Settings
 from gateway.pipeline.rules_tables import RulesConfig
@@ -22,7 +23,8 @@ from gateway.reconcile import ARRIVED, due_months, push_deadline
 from gateway.store.tables import batches, outbox, partners, pull_state, records, rejections
 
 __all__ = ["MONTHLY_ADAPTERS", "Backlog", "MissingPushes", "YearClose", "backlog", "dead_letters",
-           "first_owed_month", "latest_due_month", "missing_pushes", "overview", "pull_lag", "year_close"]
+           "first_owed_month", "later_version_alive", "latest_due_month", "missing_pushes",
+           "overview", "pull_lag", "year_close"]
 
 # Partners that push a batch every month (SPEC §2): their missing months are tracked.
 MONTHLY_ADAPTERS = ("health", "finance")
@@ -62,6 +64,18 @@ def backlog(conn: Connection) -> Backlog:
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=UTC)
     return Backlog(int(size), oldest)
+
+
+def later_version_alive() -> ColumnElement[bool]:
+    """An outbox row's record has a later version pending or delivered: nothing of it to redo.
+
+    A dead version so overtaken is superseded downstream by the later one (a reprocess marks it
+    so rather than sending it), so it is not a failure at stake at the year close.
+    """
+    later = aliased(outbox)
+    return exists().where(later.c.record_id == outbox.c.record_id,
+                          later.c.version > outbox.c.version,
+                          later.c.status.in_(("pending", "delivered")))
 
 
 def dead_letters(conn: Connection) -> int:
