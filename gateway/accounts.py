@@ -60,12 +60,12 @@ def add_partner(engine: Engine, box: SecretBox, partner_id: str, adapter: str,
     return Partner(partner_id, adapter, base_code, app_key, secret)
 
 
-def base_code_of(engine: Engine, partner_id: str) -> str | None:
-    """The base code a partner is registered for (``None``: none, or no such partner)."""
+def registration_of(engine: Engine, partner_id: str) -> tuple[str, str | None] | None:
+    """The adapter and base code a partner is registered for (``None``: no such partner)."""
     with reading(engine) as conn:
-        code: str | None = conn.execute(select(partners.c.base_code)
-                                        .where(partners.c.partner_id == partner_id)).scalar()
-    return code
+        row = conn.execute(select(partners.c.adapter, partners.c.base_code)
+                           .where(partners.c.partner_id == partner_id)).first()
+    return None if row is None else (row.adapter, row.base_code)
 
 
 def partner_by_app_key(engine: Engine, box: SecretBox, app_key: str) -> Partner | None:

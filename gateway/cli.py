@@ -409,7 +409,7 @@ def ingest(
     )
 
     from adapters.tabular import UnreadableFile, count_rows, detect_format
-    from gateway.accounts import base_code_of
+    from gateway.accounts import registration_of
     from gateway.batches import (
         TRANSIENT_FAILURES,
         BatchProcessor,
@@ -440,7 +440,14 @@ def ingest(
     except PayloadRejected as exc:
         raise _refused(exc) from exc
     engine = _engine(settings)
-    if adapter in BASE_ADAPTERS and not base_code_of(engine, owner):
+    registered = registration_of(engine, owner)
+    if registered is not None and registered[0] != adapter:
+        # As an upload's scope (SPEC §7): a partner submits for its own adapter only.  A health
+        # partner's name on finance rows would also count as its monthly push (missed_push).
+        raise _refused(ScopeViolation(field="partner_id", detail=(
+            f"(partner {owner!r} is registered for adapter {registered[0]!r}, not {adapter!r})"),
+            detail_zh=f"（合作方 {owner!r} 登记的适配器是 {registered[0]!r}，不是 {adapter!r}）"))
+    if adapter in BASE_ADAPTERS and (registered is None or not registered[1]):
         # A roster's rows are scoped by their partner's base code (SPEC §7): without one,
         # every row would be refused SCOPE_VIOLATION.
         raise _refused(ScopeViolation(field="partner_id", detail=(

@@ -203,15 +203,6 @@ def test_cli_revalidate_audits_who_ran_it(db_url: str, engine: Engine) -> None:
 DEC_27 = datetime(2026, 12, 27, 2, 0, tzinfo=ZoneInfo("UTC"))  # 3 days before the 30 Dec close
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (medium): docs/metrics-and-alerts.md '临近年度截止仍有投递失败 (year_close): deliveries of "
-    "records counting toward the closing CE year still failing close to its close'; "
-    "gateway/ops/deliveries.py: 'a dead version whose record already has a later version "
-    "pending or delivered is not sent … it is marked superseded'. A record refused by the "
-    "management system (v1 dead) that the partner corrected (v2 delivered) is not failing, "
-    "yet gateway/alerts.py _year_close counts every outbox row with status 'dead' of the year, "
-    "so the alert fires ('死信 (dead)：1 条') and never clears until someone reprocesses a "
-    "delivery there is nothing to redo for"))
 def test_year_close_alert_ignores_a_dead_version_whose_correction_was_delivered(
     db_url: str, engine: Engine, make_settings: Callable[..., Settings],
     new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
@@ -308,16 +299,6 @@ def test_audit_verify_checks_a_kept_anchor(db_url: str, engine: Engine) -> None:
 
 # -- ingest: "exactly as an upload would be processed" ------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (medium): SPEC §7 'a partner may only submit for its own adapter … (403 "
-    "SCOPE_VIOLATION)'; gateway/cli.py ingest: 'Ingest a batch file locally, exactly as an "
-    "upload would be processed'. `ingest FINANCE.csv --adapter finance --partner-id <a health "
-    "partner>` (a slip when an operator loads a file a partner mailed in) is accepted: the "
-    "finance rows are stored as that health partner's, and the batch counts as its monthly "
-    "push, so the 'monthly push missed' alert (docs/metrics-and-alerts.md missed_push; "
-    "gateway/ops/overview.py missing_pushes matches batches by partner id and any monthly "
-    "adapter) stays silent for a month the health commission never pushed. The API scopes "
-    "the partner (routes/batches.py scope_partner); the CLI checks only a base's code"))
 def test_cli_ingest_refuses_a_partner_of_another_adapter(
     db_url: str, engine: Engine, new_partner: Callable[..., Partner],
 ) -> None:
