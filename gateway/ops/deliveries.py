@@ -35,7 +35,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Engine, exists, func, select, update
-from sqlalchemy.orm import aliased
 
 from gateway import audit
 from gateway.accounts import ADAPTERS_WITH_PUSH
