@@ -139,11 +139,22 @@ def _engine(settings: Settings, migrate: bool = True):  # type: ignore[no-untype
     would otherwise file everyone it writes under a second key (split caps, deferrals and
     compliance, and no command re-keys them), and a report would find nobody.
     """
+    from gateway.store.db import is_sqlite, upgrade
+
+    engine = _connected(settings)
+    if migrate and is_sqlite(engine):
+        upgrade(settings.database_url, person_key_secret=settings.person_key_secret)
+    _check_person_keys(settings, engine)
+    return engine
+
+
+def _connected(settings: Settings):  # type: ignore[no-untyped-def]
+    """The store's engine after one ``SELECT 1``: a bad URL or an unreachable store exits 2."""
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, DBAPIError
 
-    from gateway.store.db import is_sqlite, make_engine, upgrade
+    from gateway.store.db import make_engine
 
     variable = f"{ENV_PREFIX}DATABASE_URL"
 
@@ -174,9 +185,6 @@ def _engine(settings: Settings, migrate: bool = True):  # type: ignore[no-untype
     except DBAPIError as exc:
         engine.dispose()
         raise unavailable(exc.orig) from None
-    if migrate and is_sqlite(engine):
-        upgrade(settings.database_url, person_key_secret=settings.person_key_secret)
-    _check_person_keys(settings, engine)
     return engine
 
 
@@ -286,6 +294,7 @@ def db_upgrade(revision: str = "head") -> None:
 
     settings = _settings()
     _warn_dev_person_key(settings)
+    _connected(settings).dispose()  # an unreachable store: STORE_UNAVAILABLE, exit 2
     upgrade(settings.database_url, revision, person_key_secret=settings.person_key_secret)
     console.print(f"database at revision {revision}")
 

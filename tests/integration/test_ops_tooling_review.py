@@ -236,13 +236,6 @@ def test_year_close_alert_ignores_a_dead_version_whose_correction_was_delivered(
 
 # -- db upgrade: the one command docs/operations.md runs from a CI job --------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): README 'Configuration': 'A store that cannot be reached stops one-shot "
-    "commands, serve and worker the same way with STORE_UNAVAILABLE, the URL shown without its "
-    "password'; docs/operations.md 'Releases and migrations' runs `ce-gateway db upgrade` once "
-    "per release from a CI job or a Kubernetes Job. Against an unreachable PostgreSQL it dies "
-    "with a Rich traceback of psycopg's OperationalError, exit 1 (gateway/cli.py db_upgrade "
-    "calls store.db.upgrade without the _engine() check every other command makes)"))
 def test_db_upgrade_refuses_an_unreachable_store_coded() -> None:
     done = cli({"CE_GATEWAY_DATABASE_URL": "postgresql://ops:pw@127.0.0.1:9/ce"}, "db", "upgrade")
     assert "Traceback" not in done.stderr
