@@ -102,7 +102,7 @@ class VerifyResult:
     checked: int
     first_bad_seq: int | None = None
     reason: str | None = None
-    # What is wrong, for code: missing | rewritten | unchained | altered | truncated
+    # What is wrong, for code: missing | rewritten | unchained | altered | truncated | anchor
     problem: str | None = None
     # A sound chain's head (its last event's number and hash): the anchor to keep outside the
     # database, so a later rewrite of everything from some event on is seen.
@@ -115,14 +115,30 @@ class VerifyResult:
                 "head_hash": self.head_hash}
 
 
-def verify(conn: Connection, chunk: int = 5000) -> VerifyResult:
+def parse_anchor(text: str) -> tuple[int, str]:
+    """``SEQ:HASH`` as ``verify --json`` printed them (``head_seq``, ``head_hash``).
+
+    Raises :class:`ValueError` for anything else.
+    """
+    seq, _, digest = text.strip().partition(":")
+    if not (seq.isascii() and seq.isdigit() and 0 < int(seq) < 2**63
+            and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError("an anchor is SEQ:HASH, the head_seq and head_hash a sound chain's "
+                         "verify printed (a positive number, a colon, 64 lowercase hex digits)")
+    return int(seq), digest
+
+
+def verify(conn: Connection, chunk: int = 5000, anchor: tuple[int, str] | None = None
+           ) -> VerifyResult:
     """Walk the whole chain; the first mismatch is reported, with its sequence number.
 
     An edited event fails its own hash; a deleted or renumbered one leaves a gap or breaks its
     successor's ``prev_hash``; swapped events fail at the first of them; an event edited *and
     re-hashed* is named through its successor; a cut tail disagrees with ``audit_head``.  A
     rewrite of everything from some event on, head included, needs an anchor kept outside the
-    database to be seen (docs/retention-and-audit.md).
+    database to be seen (docs/retention-and-audit.md): given ``anchor`` (an earlier sound
+    verify's ``head_seq`` and ``head_hash``), a sound chain whose event at that number carries
+    another hash, or that has no such event, is reported too (problem ``anchor``).
 
     A running gateway appends while this walks, and each read sees what is committed by then
     (READ COMMITTED; SQLite outside a write).  An appender moves the head and adds its events
@@ -141,7 +157,22 @@ def verify(conn: Connection, chunk: int = 5000) -> VerifyResult:
         return VerifyResult(False, walk.checked, walk.last_seq + 1,
                             f"chain ends at {walk.last_seq} but the head says {head_seq}",
                             "truncated")
+    if anchor is not None and (bad := _off_anchor(conn, anchor, walk.checked)) is not None:
+        return bad
     return VerifyResult(True, walk.checked, head_seq=walk.last_seq, head_hash=walk.prev)
+
+
+def _off_anchor(conn: Connection, anchor: tuple[int, str], checked: int) -> VerifyResult | None:
+    seq, digest = anchor
+    held = conn.execute(select(audit_events.c.hash).where(audit_events.c.seq == seq)).scalar()
+    if held == digest:
+        return None
+    # Every link is sound, so the chain was rewritten from this event or an earlier one:
+    # nothing from the anchor back can be vouched for beyond its being consistent.
+    said = ("the chain ends before it" if held is None else "it now carries another hash")
+    return VerifyResult(False, min(checked, seq - 1), seq,
+                        f"event {seq} does not match the kept anchor ({said}): the chain was "
+                        f"rewritten from event {seq} or earlier", "anchor")
 
 
 @dataclass

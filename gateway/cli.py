@@ -347,14 +347,25 @@ def operator_add(
 
 
 @audit_app.command("verify")
-def audit_verify(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def audit_verify(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    anchor: Annotated[str | None, typer.Option(
+        help="SEQ:HASH, the head_seq and head_hash an earlier --json run printed and you kept "
+             "outside the database: a chain rewritten from that event on is found too")] = None,
+) -> None:
     """Walk the hash chain; exit 1 and name the first bad event on any edit, deletion or move."""
     from gateway import audit
     from gateway.store.db import reading
 
+    try:
+        kept = None if anchor is None else audit.parse_anchor(anchor)
+    except ValueError as exc:
+        raise _refused(PayloadRejected("SCHEMA", field="anchor", detail=f"({exc})",
+                                       detail_zh="（锚点格式为 序号:哈希，即先前 verify --json "
+                                                 "输出的 head_seq 与 head_hash）")) from None
     engine = _engine(_settings(), migrate=False)
     with reading(engine) as conn:
-        result = audit.verify(conn)
+        result = audit.verify(conn, anchor=kept)
     engine.dispose()
     if as_json:
         print(json.dumps(result.as_dict()))

@@ -273,3 +273,42 @@ def test_an_identity_number_split_by_tabs_or_line_breaks_is_masked_in_the_audit_
         assert id_number[6:14] not in text, text
     with store.connect() as conn:
         assert audit.verify(conn).ok
+
+
+def test_a_kept_anchor_finds_a_rewrite_the_chain_alone_hides_by_cli_and_api(
+        db_url: str, store: Engine, make_settings: Callable[..., Settings],
+        new_partner: Callable[..., Partner], new_operator: Callable[..., str],
+        mock_ce: tuple[str, Faults]) -> None:
+    """docs/retention-and-audit.md: keep head_seq:head_hash; ``--anchor`` / ``?anchor=`` check it."""
+    _build_trail(store, new_partner(store), make_settings(db_url, mock_ce[0]))
+    code, out = _cli_verify(db_url, "--json")
+    kept = json.loads(out)
+    anchor = f"{kept['head_seq']}:{kept['head_hash']}"
+    assert code == 0 and _cli_verify(db_url, "--anchor", anchor)[0] == 0  # unchanged: sound
+    middle = kept["head_seq"] // 2
+    with store.begin() as conn:  # every event from the middle on re-hashed, the head too
+        prev = conn.execute(select(audit_events.c.hash)
+                            .where(audit_events.c.seq == middle - 1)).scalar_one()
+        for row in conn.execute(select(audit_events).where(audit_events.c.seq >= middle)
+                                .order_by(audit_events.c.seq)).mappings().all():
+            row = {**row, "actor": "mallory"} if row["seq"] == middle else dict(row)
+            digest = audit._hash(prev, row["seq"], row)
+            conn.execute(update(audit_events).where(audit_events.c.seq == row["seq"])
+                         .values(actor=row["actor"], prev_hash=prev, hash=digest))
+            prev = digest
+        conn.execute(update(audit_head).values(last_hash=prev))
+    viewer = {"Authorization": f"Bearer {new_operator(store, role='viewer')}"}
+    with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
+        plain = httpx.get(f"{url}/v1/audit/verify", headers=viewer, timeout=10).json()
+        by_api = httpx.get(f"{url}/v1/audit/verify", params={"anchor": anchor},
+                           headers=viewer, timeout=10).json()
+        bad = httpx.get(f"{url}/v1/audit/verify", params={"anchor": "12:nothex"},
+                        headers=viewer, timeout=10)
+    assert plain["ok"] is True  # the documented limit without an anchor
+    code, out = _cli_verify(db_url, "--anchor", anchor, "--json")
+    assert code == 1 and json.loads(out) == by_api
+    assert (by_api["ok"], by_api["first_bad_seq"], by_api["problem"]) == (
+        False, kept["head_seq"], "anchor")
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "anchor", bad.text
+    code, _ = _cli_verify(db_url, "--anchor", "12")
+    assert code == 2

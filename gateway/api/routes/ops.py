@@ -14,7 +14,7 @@ from contracts.records import IdType
 from gateway import audit, compliance, reconcile
 from gateway.accounts import Operator
 from gateway.api.deps import operator, state_of
-from gateway.errors import NotFound
+from gateway.errors import NotFound, PayloadRejected
 from gateway.masking import mask_text
 from gateway.ops.records import record_view
 from gateway.store.db import reading, snapshot
@@ -72,6 +72,15 @@ def get_audit(request: Request, _: Viewer, record_id: Annotated[str, Query()]) -
 
 
 @router.get("/audit/verify", summary="Walk the hash chain; name the first bad event")
-def verify_audit(request: Request, _: Viewer) -> dict[str, Any]:
+def verify_audit(request: Request, _: Viewer, anchor: Annotated[str | None, Query(
+        description="SEQ:HASH, an earlier sound verify's head_seq and head_hash kept outside "
+                    "the database: a chain rewritten from that event on is reported too")] = None,
+                 ) -> dict[str, Any]:
+    try:
+        kept = None if anchor is None else audit.parse_anchor(anchor)
+    except ValueError as exc:
+        raise PayloadRejected("SCHEMA", field="anchor", detail=f"({exc})",
+                              detail_zh="（锚点格式为 序号:哈希，即先前校验输出的 head_seq 与 "
+                                        "head_hash）") from None
     with reading(state_of(request).engine) as conn:
-        return audit.verify(conn).as_dict()
+        return audit.verify(conn, anchor=kept).as_dict()
