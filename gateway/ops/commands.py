@@ -173,9 +173,16 @@ def deliveries_reprocess(
     ids: Annotated[list[str] | None, typer.Option("--id", help="a record id (repeatable)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="count only; change nothing")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    ceiling: Annotated[int | None, typer.Option(
+        min=0, max=2**63 - 1, help="the dry run's ceiling: requeue nothing dead-lettered after "
+        "that count")] = None,
     operator: OperatorName = None, as_json: Json = False,
 ) -> None:
-    """Redeliver dead deliveries by filter or by record id: counts first, then asks."""
+    """Redeliver dead deliveries by filter or by record id: counts first, then asks.
+
+    ``--ceiling`` holds the run to a dry run's count (its ``ceiling``), as the API's and the
+    console's confirmation do: a delivery dead-lettered since is left for the next decision.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from gateway.ops.deliveries import reprocess
@@ -184,12 +191,14 @@ def deliveries_reprocess(
     with _coded():
         flt = _filter(status, adapter, partner, error_code, since, until, ids)
         engine = _engine()
-        counted = reprocess(engine, flt, dry_run=True, reason=reason, actor=actor)
+        counted = reprocess(engine, flt, dry_run=True, reason=reason, actor=actor,
+                            ceiling=ceiling)
         if dry_run:
             if as_json:
                 _print_json(counted.as_dict())
             else:
-                console.print(f"{counted.matched} dead deliveries match (dry run; nothing changed)")
+                console.print(f"{counted.matched} dead deliveries match (dry run; nothing "
+                              f"changed); to requeue exactly these: --ceiling {counted.ceiling}")
             return
         if not yes and counted.matched and not typer.confirm(
                 f"Requeue {counted.matched} dead deliveries? 重新投递 {counted.matched} 条？",

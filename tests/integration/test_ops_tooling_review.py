@@ -49,15 +49,6 @@ def _dead_letter(engine: Engine, worker: DeliveryWorker, partner: PartnerRef,
 
 # -- deliveries reprocess: the dry-run count, then the run ------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (medium): SPEC §2 'reprocess one or many (by filter, with dry-run count first)'; "
-    "docs/operations.md 'Dead letters that need a person' and README 'CLI' tell the operator to run "
-    "`deliveries reprocess … --dry-run`, then the same without --dry-run. The dry run's --json "
-    "prints a `ceiling` (README: 'pass the dry run's ceiling to the confirming call and nothing "
-    "dead-lettered after the count is requeued'), but the CLI takes no --ceiling: the confirming "
-    "command recounts, and with --yes (a script) it requeues deliveries that died after the "
-    "count the operator approved (gateway/ops/commands.py deliveries_reprocess has no ceiling "
-    "option; the API and the console have one)"))
 def test_cli_reprocess_can_be_held_to_its_dry_run_count(
     db_url: str, engine: Engine, make_settings: Callable[..., Settings],
     new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
