@@ -794,47 +794,44 @@ def revalidate(
     adapter: Annotated[str | None, typer.Option(help="canonical | training_base | health | finance | cadre_college")] = None,
     error_code: Annotated[str | None, typer.Option(help="only rejections with this code, e.g. BASE_NOT_RECOGNIZED")] = None,
     batch_id: Annotated[str | None, typer.Option(help="only rows of this batch")] = None,
-    since: Annotated[str | None, typer.Option(help="received at or after (ISO 8601; no offset: CE_GATEWAY_TIMEZONE)")] = None,
-    until: Annotated[str | None, typer.Option(help="received before (ISO 8601)")] = None,
+    since: Annotated[str | None, typer.Option(help="received at or after (ISO date/time; no offset: CE_GATEWAY_TIMEZONE)")] = None,
+    until: Annotated[str | None, typer.Option(help="received before this time, or through this date (ISO)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="count only; change nothing")] = False,
     reason: Annotated[str | None, typer.Option(help="why (required unless --dry-run; kept in the audit trail)")] = None,
-    actor: Annotated[str, typer.Option(help="who is acting (kept in the audit trail)")] = "cli",
+    actor: Annotated[str | None, typer.Option(help="who is acting (kept in the audit trail; default: cli:<OS user>)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Re-run validation for rejected records after reference data was fixed (progress bar)."""
-    from datetime import datetime
-    from zoneinfo import ZoneInfo
+    """Re-run validation for rejected records after reference data was fixed (progress bar).
 
+    --since and --until read as the console and ``deliveries`` read them (a bare --until date
+    is through that day), so a count previewed there selects the same rejections here.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from gateway.ops.common import parse_when
     from gateway.pipeline.ingest import RulesContext
     from gateway.pipeline.rules_tables import RulesConfig
     from gateway.reference import ReferenceCache
     from gateway.revalidate import RevalidationFilter, RevalidationRefused
     from gateway.revalidate import revalidate as run_revalidation
 
-    def aware(value: str | None, name: str) -> datetime | None:
-        """An ISO 8601 time or date; without an offset it is in the configured timezone."""
-        if value is None:
-            return None
-        try:
-            when = datetime.fromisoformat(value)
-        except ValueError as exc:
-            err.print(f"[red]--{name}: not an ISO 8601 time: {value!r}[/red]")
-            raise typer.Exit(2) from exc
-        return when if when.tzinfo is not None else when.replace(tzinfo=ZoneInfo(settings.timezone))
-
     settings = _settings()
     _setup_logging(settings)
     if not dry_run and not (reason and reason.strip()):
-        err.print("[red]--reason is required unless --dry-run[/red]")
-        raise typer.Exit(2)
+        raise _refused(PayloadRejected("SCHEMA", field="reason",
+                                       detail="(--reason is required unless --dry-run)",
+                                       detail_zh="（不是试运行时必须填写原因 --reason）"))
     try:
         flt = RevalidationFilter(partner_id, adapter, error_code, batch_id,
-                                 aware(since, "since"), aware(until, "until"))
+                                 parse_when(since, "since", settings.timezone),
+                                 parse_when(until, "until", settings.timezone))
+    except PayloadRejected as exc:
+        raise _refused(exc) from exc
     except RevalidationRefused as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from exc
+        raise _refused(PayloadRejected("SCHEMA", field=exc.field or "filter", detail=f"({exc})",
+                                       detail_zh=f"（{exc.message_zh}）")) from exc
+    # Audited as `deliveries reprocess` is: cli:<OS user> unless the operator names someone.
+    actor = actor or ops_commands._actor(None)
     engine = _engine(settings)
     config = RulesConfig.from_settings(settings)
     rules = RulesContext(ReferenceCache(engine, config.keys).current(), config)

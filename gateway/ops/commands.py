@@ -36,6 +36,7 @@ OperatorName = Annotated[str | None, typer.Option("--operator",
 
 
 def _actor(name: str | None) -> str:
+    """``cli:<name>``, else ``cli:<OS user>``: who an action from this terminal is audited as."""
     try:
         who = name or getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (containers)
