@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from contracts.errors import message
 from gateway.config import (
@@ -219,7 +220,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     if settings.secret_key.get_secret_value() == DEV_SECRET_KEY:
         if not _loopback(host):
             err.print(f"[red]CE_GATEWAY_SECRET_KEY is the development default, which anyone with "
-                      f"the source knows; set your own before serving on {host}.[/red]")
+                      f"the source knows; set your own before serving on {escape(host)}.[/red]")
             raise typer.Exit(2)
         logging.getLogger("gateway").warning("CE_GATEWAY_SECRET_KEY is the development default: partner secrets are "
                     "sealed with a public key; set your own before serving beyond this machine")
@@ -299,21 +300,21 @@ def partner_add(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Register a partner; prints its app key and secret ONCE."""
-    from gateway.accounts import add_partner
+    from gateway.accounts import RegistrationRefused, add_partner
     from gateway.secrets_box import SecretBox
 
     settings = _settings()
     try:
         p = add_partner(_engine(settings), SecretBox(settings.secret_key.get_secret_value()),
                         id, adapter, base_code)
-    except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from exc
+    except RegistrationRefused as exc:
+        raise _refused(exc) from exc
     out = {"partner_id": p.partner_id, "app_key": p.app_key, "secret": p.secret}
     if as_json:
         print(json.dumps(out))
     else:
-        console.print(f"partner [bold]{p.partner_id}[/bold] ({adapter})\n  app key: {p.app_key}\n"
+        console.print(f"partner [bold]{escape(p.partner_id)}[/bold] ({adapter})\n"
+                      f"  app key: {p.app_key}\n"
                       f"  secret:  {p.secret}\n[yellow]The secret is shown once; store it now.[/yellow]")
 
 
@@ -324,17 +325,16 @@ def operator_add(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Create an operator token (shown once; only its hash is stored)."""
-    from gateway.accounts import add_operator
+    from gateway.accounts import RegistrationRefused, add_operator
 
     try:
         op, token = add_operator(_engine(_settings()), name, role)
-    except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from exc
+    except RegistrationRefused as exc:
+        raise _refused(exc) from exc
     if as_json:
         print(json.dumps({"name": op.name, "role": op.role, "token": token}))
     else:
-        console.print(f"operator {op.name} ({op.role}) token: {token}")
+        console.print(f"operator {escape(op.name)} ({op.role}) token: {token}")
 
 
 @audit_app.command("verify")
@@ -770,7 +770,7 @@ def alerts_check(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
             console.print("[yellow]CE_GATEWAY_ALERT_WEBHOOK_URL is not set: nothing is sent[/yellow]")
         outcome = {**dict.fromkeys(result.fired, "[green]sent 已发送"),
                    **dict.fromkeys(result.already, "sent before 已告警"),
-                   **{k: f"[red]failed 发送失败: {v}" for k, v in result.failed.items()}}
+                   **{k: f"[red]failed 发送失败: {escape(v)}" for k, v in result.failed.items()}}
         table = Table("condition 告警", "key", "outcome", title=f"alerts at {result.now.isoformat()}")
         for c in result.active:
             table.add_row(c.title, c.key, outcome.get(c.key, "not sent 未发送 (no URL)"))

@@ -139,13 +139,6 @@ def test_revalidate_refuses_bad_filters_coded_in_both_languages(db_url: str, eng
         assert "SCHEMA" in done.stderr and zh in done.stderr, (args, done.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): SPEC §5 CLI / gateway/ops/commands.py docstring 'A coded refusal prints its "
-    "English and Chinese message and exits 2 (bad input) or 1 (not found)'. The refusal is "
-    "printed through Rich markup with the operator's own text in it (commands.py _coded, "
-    "records_show, conflicts_resolve; cli.py revalidate.aware): a value holding a bracketed "
-    "tag such as '[/x]' raises rich.errors.MarkupError and the command dies with a traceback "
-    "instead of SCHEMA / NOT_FOUND (compliance and reconcile escape such text; these do not)"))
 def test_bad_filter_text_is_refused_coded_not_with_a_traceback(db_url: str, engine: Engine) -> None:
     env = _env(db_url)
     for args, code in ((("deliveries", "list", "--since", "[/x]", "--json"), "SCHEMA"),
@@ -305,12 +298,6 @@ def test_cli_ingest_refuses_a_partner_of_another_adapter(
     assert filed == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): SPEC §6 'Each has a Chinese and an English message'; README 'Configuration' and "
-    "gateway/cli.py _coded: refusals are 'CODE (field): English' and 'CODE (field): 中文'. "
-    "`partner add --adapter bogus` and `operator add --role admin` (SPEC §5 CLI) print the "
-    "ValueError's English text alone, with no code (gateway/cli.py partner_add/operator_add: "
-    "err.print(f'[red]{exc}[/red]'))"))
 def test_registration_refuses_a_bad_adapter_or_role_coded_in_both_languages(
     db_url: str, engine: Engine,
 ) -> None:
