@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, insert, select
 
 from gateway import audit
+from gateway.errors import PayloadRejected
 from gateway.pipeline.rules_tables import BASE_ADAPTERS
 from gateway.secrets_box import SecretBox, hash_token, new_app_key, new_operator_token, new_secret
 from gateway.store.db import reading
@@ -15,6 +16,16 @@ from gateway.store.tables import operators, partners
 
 ADAPTERS_WITH_PUSH = {"canonical", "training_base", "health", "finance", "cadre_college"}
 ROLES = ("viewer", "operator")
+
+
+class RegistrationRefused(PayloadRejected, ValueError):
+    """A partner or operator that cannot be registered as given: coded ``SCHEMA`` (en + zh).
+
+    Also a ``ValueError``, as these refusals were before they carried a code.
+    """
+
+    def __init__(self, field: str, detail: str, detail_zh: str) -> None:
+        super().__init__("SCHEMA", field=field, detail=f"({detail})", detail_zh=f"（{detail_zh}）")
 
 
 @dataclass(frozen=True)
@@ -38,19 +49,25 @@ class Operator:
 
 def add_partner(engine: Engine, box: SecretBox, partner_id: str, adapter: str,
                 base_code: str | None = None) -> Partner:
+    known = sorted(ADAPTERS_WITH_PUSH)
     if adapter not in ADAPTERS_WITH_PUSH:
-        raise ValueError(f"unknown adapter {adapter!r}; known: {', '.join(sorted(ADAPTERS_WITH_PUSH))}")
+        raise RegistrationRefused("adapter", f"unknown adapter {adapter!r}; known: {', '.join(known)}",
+                                  f"未知的适配器 {adapter!r}；已知的有：{'、'.join(known)}")
     if not partner_id.strip():
-        raise ValueError("the partner id must not be empty")
+        raise RegistrationRefused("partner_id", "the partner id must not be empty",
+                                  "合作方编号不能为空")
     if base_code is not None and not base_code.strip():
-        raise ValueError("the base code must not be empty")
+        raise RegistrationRefused("base_code", "the base code must not be empty", "基地编码不能为空")
     if adapter in BASE_ADAPTERS and base_code is None:
         # A base may only submit for its own base code (SPEC §7): without one it has none.
-        raise ValueError(f"a {adapter} partner needs its base code (--base-code, e.g. QHJD-001)")
+        raise RegistrationRefused(
+            "base_code", f"a {adapter} partner needs its base code (--base-code, e.g. QHJD-001)",
+            f"{adapter} 合作方须登记其基地编码（--base-code，例如 QHJD-001）")
     app_key, secret, now = new_app_key(), new_secret(), datetime.now(UTC)
     with engine.begin() as conn:
         if conn.execute(select(partners.c.partner_id).where(partners.c.partner_id == partner_id)).first():
-            raise ValueError(f"partner {partner_id!r} already exists")
+            raise RegistrationRefused("partner_id", f"partner {partner_id!r} already exists",
+                                      f"合作方 {partner_id!r} 已存在")
         conn.execute(insert(partners).values(
             partner_id=partner_id, adapter=adapter, base_code=base_code, app_key=app_key,
             secret_enc=box.encrypt(secret), active=True, created_at=now))
@@ -80,11 +97,13 @@ def partner_by_app_key(engine: Engine, box: SecretBox, app_key: str) -> Partner 
 
 def add_operator(engine: Engine, name: str, role: str) -> tuple[Operator, str]:
     if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}")
+        raise RegistrationRefused("role", f"role must be one of {', '.join(ROLES)}",
+                                  f"角色须为 {'、'.join(ROLES)} 之一")
     token, now = new_operator_token(), datetime.now(UTC)
     with engine.begin() as conn:
         if conn.execute(select(operators.c.id).where(operators.c.name == name)).first():
-            raise ValueError(f"operator {name!r} already exists")
+            raise RegistrationRefused("name", f"operator {name!r} already exists",
+                                      f"操作员 {name!r} 已存在")
         conn.execute(insert(operators).values(name=name, role=role, token_hash=hash_token(token),
                                               created_at=now))
         audit.append(conn, [audit.Event("operator_added", actor="cli",

@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from contracts.errors import message
 from gateway.config import (
@@ -227,7 +228,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     if settings.secret_key.get_secret_value() == DEV_SECRET_KEY:
         if not _loopback(host):
             err.print(f"[red]CE_GATEWAY_SECRET_KEY is the development default, which anyone with "
-                      f"the source knows; set your own before serving on {host}.[/red]")
+                      f"the source knows; set your own before serving on {escape(host)}.[/red]")
             raise typer.Exit(2)
         logging.getLogger("gateway").warning("CE_GATEWAY_SECRET_KEY is the development default: partner secrets are "
                     "sealed with a public key; set your own before serving beyond this machine")
@@ -308,21 +309,21 @@ def partner_add(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Register a partner; prints its app key and secret ONCE."""
-    from gateway.accounts import add_partner
+    from gateway.accounts import RegistrationRefused, add_partner
     from gateway.secrets_box import SecretBox
 
     settings = _settings()
     try:
         p = add_partner(_engine(settings), SecretBox(settings.secret_key.get_secret_value()),
                         id, adapter, base_code)
-    except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from exc
+    except RegistrationRefused as exc:
+        raise _refused(exc) from exc
     out = {"partner_id": p.partner_id, "app_key": p.app_key, "secret": p.secret}
     if as_json:
         print(json.dumps(out))
     else:
-        console.print(f"partner [bold]{p.partner_id}[/bold] ({adapter})\n  app key: {p.app_key}\n"
+        console.print(f"partner [bold]{escape(p.partner_id)}[/bold] ({adapter})\n"
+                      f"  app key: {p.app_key}\n"
                       f"  secret:  {p.secret}\n[yellow]The secret is shown once; store it now.[/yellow]")
 
 
@@ -333,17 +334,16 @@ def operator_add(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Create an operator token (shown once; only its hash is stored)."""
-    from gateway.accounts import add_operator
+    from gateway.accounts import RegistrationRefused, add_operator
 
     try:
         op, token = add_operator(_engine(_settings()), name, role)
-    except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from exc
+    except RegistrationRefused as exc:
+        raise _refused(exc) from exc
     if as_json:
         print(json.dumps({"name": op.name, "role": op.role, "token": token}))
     else:
-        console.print(f"operator {op.name} ({op.role}) token: {token}")
+        console.print(f"operator {escape(op.name)} ({op.role}) token: {token}")
 
 
 @audit_app.command("verify")
@@ -797,7 +797,7 @@ def alerts_check(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
             console.print("[yellow]CE_GATEWAY_ALERT_WEBHOOK_URL is not set: nothing is sent[/yellow]")
         outcome = {**dict.fromkeys(result.fired, "[green]sent 已发送"),
                    **dict.fromkeys(result.already, "sent before 已告警"),
-                   **{k: f"[red]failed 发送失败: {v}" for k, v in result.failed.items()}}
+                   **{k: f"[red]failed 发送失败: {escape(v)}" for k, v in result.failed.items()}}
         table = Table("condition 告警", "key", "outcome", title=f"alerts at {result.now.isoformat()}")
         for c in result.active:
             table.add_row(c.title, c.key, outcome.get(c.key, "not sent 未发送 (no URL)"))
@@ -821,47 +821,44 @@ def revalidate(
     adapter: Annotated[str | None, typer.Option(help="canonical | training_base | health | finance | cadre_college")] = None,
     error_code: Annotated[str | None, typer.Option(help="only rejections with this code, e.g. BASE_NOT_RECOGNIZED")] = None,
     batch_id: Annotated[str | None, typer.Option(help="only rows of this batch")] = None,
-    since: Annotated[str | None, typer.Option(help="received at or after (ISO 8601; no offset: CE_GATEWAY_TIMEZONE)")] = None,
-    until: Annotated[str | None, typer.Option(help="received before (ISO 8601)")] = None,
+    since: Annotated[str | None, typer.Option(help="received at or after (ISO date/time; no offset: CE_GATEWAY_TIMEZONE)")] = None,
+    until: Annotated[str | None, typer.Option(help="received before this time, or through this date (ISO)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="count only; change nothing")] = False,
     reason: Annotated[str | None, typer.Option(help="why (required unless --dry-run; kept in the audit trail)")] = None,
-    actor: Annotated[str, typer.Option(help="who is acting (kept in the audit trail)")] = "cli",
+    actor: Annotated[str | None, typer.Option(help="who is acting (kept in the audit trail; default: cli:<OS user>)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Re-run validation for rejected records after reference data was fixed (progress bar)."""
-    from datetime import datetime
-    from zoneinfo import ZoneInfo
+    """Re-run validation for rejected records after reference data was fixed (progress bar).
 
+    --since and --until read as the console and ``deliveries`` read them (a bare --until date
+    is through that day), so a count previewed there selects the same rejections here.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from gateway.ops.common import parse_when
     from gateway.pipeline.ingest import RulesContext
     from gateway.pipeline.rules_tables import RulesConfig
     from gateway.reference import ReferenceCache
     from gateway.revalidate import RevalidationFilter, RevalidationRefused
     from gateway.revalidate import revalidate as run_revalidation
 
-    def aware(value: str | None, name: str) -> datetime | None:
-        """An ISO 8601 time or date; without an offset it is in the configured timezone."""
-        if value is None:
-            return None
-        try:
-            when = datetime.fromisoformat(value)
-        except ValueError as exc:
-            err.print(f"[red]--{name}: not an ISO 8601 time: {value!r}[/red]")
-            raise typer.Exit(2) from exc
-        return when if when.tzinfo is not None else when.replace(tzinfo=ZoneInfo(settings.timezone))
-
     settings = _settings()
     _setup_logging(settings)
     if not dry_run and not (reason and reason.strip()):
-        err.print("[red]--reason is required unless --dry-run[/red]")
-        raise typer.Exit(2)
+        raise _refused(PayloadRejected("SCHEMA", field="reason",
+                                       detail="(--reason is required unless --dry-run)",
+                                       detail_zh="（不是试运行时必须填写原因 --reason）"))
     try:
         flt = RevalidationFilter(partner_id, adapter, error_code, batch_id,
-                                 aware(since, "since"), aware(until, "until"))
+                                 parse_when(since, "since", settings.timezone),
+                                 parse_when(until, "until", settings.timezone))
+    except PayloadRejected as exc:
+        raise _refused(exc) from exc
     except RevalidationRefused as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from exc
+        raise _refused(PayloadRejected("SCHEMA", field=exc.field or "filter", detail=f"({exc})",
+                                       detail_zh=f"（{exc.message_zh}）")) from exc
+    # Audited as `deliveries reprocess` is: cli:<OS user> unless the operator names someone.
+    actor = actor or ops_commands._actor(None)
     engine = _engine(settings)
     config = RulesConfig.from_settings(settings)
     rules = RulesContext(ReferenceCache(engine, config.keys).current(), config)

@@ -99,12 +99,13 @@ _MAX_RETRIES = 20  # chunks read again after another revalidation took some of t
 class RevalidationRefused(GatewayError, ValueError):
     """The filter or request cannot run as given (unknown code, naive time, no reason).
 
-    ``str(exc)`` is the English reason; ``message_zh`` the Chinese one (SPEC §6).
+    ``str(exc)`` is the English reason; ``message_zh`` the Chinese one (SPEC §6); ``field``
+    the filter field refused, where it is one.
     """
 
-    def __init__(self, message: str, message_zh: str) -> None:
+    def __init__(self, message: str, message_zh: str, field: str | None = None) -> None:
         super().__init__(message)
-        self.message_zh = message_zh
+        self.message_zh, self.field = message_zh, field
 
 
 @dataclass(frozen=True)
@@ -125,17 +126,19 @@ class RevalidationFilter:
     def __post_init__(self) -> None:
         code = self.error_code
         if code is not None and (not _CODE.fullmatch(code) or code not in CATALOGUE):
-            raise RevalidationRefused(f"unknown error code {code!r}", f"未知的错误代码 {code!r}")
+            raise RevalidationRefused(f"unknown error code {code!r}", f"未知的错误代码 {code!r}",
+                                      "error_code")
         if self.adapter is not None and self.adapter not in ADAPTERS_WITH_PUSH:
             raise RevalidationRefused(f"unknown adapter {self.adapter!r}; known: "
                                       f"{', '.join(sorted(ADAPTERS_WITH_PUSH))}",
                                       f"未知的适配器 {self.adapter!r}；已知的有："
-                                      f"{'、'.join(sorted(ADAPTERS_WITH_PUSH))}")
+                                      f"{'、'.join(sorted(ADAPTERS_WITH_PUSH))}", "adapter")
         for name in ("since", "until"):
             try:  # aware, and inside the years 2000-2999 (0001-01-01+08:00 overflowed to a 500)
                 check_aware(name, getattr(self, name))
             except PayloadRejected as exc:
-                raise RevalidationRefused(f"{name}: {exc.message}", f"{name}：{exc.message_zh}") from None
+                raise RevalidationRefused(f"{name}: {exc.message}", f"{name}：{exc.message_zh}",
+                                          name) from None
 
     def where(self) -> list[ColumnElement[bool]]:
         c = rejections.c

@@ -16,9 +16,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from gateway.errors import PayloadRejected
+from gateway.errors import NotFound, PayloadRejected
 from gateway.store.db import snapshot
 
 deliveries_app = typer.Typer(help="Deliveries to the management system: list, show, reprocess",
@@ -36,6 +37,7 @@ OperatorName = Annotated[str | None, typer.Option("--operator",
 
 
 def _actor(name: str | None) -> str:
+    """``cli:<name>``, else ``cli:<OS user>``: who an action from this terminal is audited as."""
     try:
         who = name or getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (containers)
@@ -45,11 +47,17 @@ def _actor(name: str | None) -> str:
 
 @contextmanager
 def _coded() -> Iterator[None]:
-    """Print a coded refusal (en + zh) and exit instead of a traceback."""
+    """Print a coded refusal (en + zh) and exit instead of a traceback.
+
+    As every command prints one (:func:`gateway.cli._coded`): ``CODE (field): English`` and
+    ``CODE (field): 中文``, without Rich markup, as the message quotes what the operator typed.
+    """
+    from gateway.cli import _coded as coded
+
     try:
         yield
     except PayloadRejected as exc:
-        err.print(f"[red]{exc.code}[/red]: {exc.message}\n{exc.message_zh}")
+        coded(exc.code, exc.field, exc.message, exc.message_zh)
         raise typer.Exit(2 if exc.status_code == 422 else 1) from exc
 
 
@@ -109,10 +117,10 @@ def deliveries_list(status: Status = None, adapter: Adapter = None, partner: Par
     table = Table("id", "record", "v", "status", "adapter", "partner", "tries", "error",
                   "updated", title=f"投递 deliveries ({page['total']})")
     colour = {"dead": "red", "pending": "yellow", "delivered": "green"}
-    for d in page["items"]:
-        table.add_row(str(d["id"]), d["record_id"], str(d["version"]),
+    for d in page["items"]:  # table cells are Rich markup: ids an operator typed are escaped
+        table.add_row(str(d["id"]), escape(d["record_id"]), str(d["version"]),
                       f"[{colour.get(d['status'], 'white')}]{d['status']}", d["adapter"],
-                      d["partner_id"], str(d["attempts"]), d["error_code"] or "",
+                      escape(d["partner_id"]), str(d["attempts"]), d["error_code"] or "",
                       (d["updated_at"] or "")[:19])
     console.print(table)
     if page["next"]:
@@ -125,11 +133,12 @@ def deliveries_show(delivery_id: Annotated[int, typer.Argument(help="delivery id
     """One delivery: its batch, earlier batches it died in, its history."""
     from gateway.ops.deliveries import get_delivery
 
-    with snapshot(_engine()) as conn:
-        found = get_delivery(conn, delivery_id)
-    if found is None:
-        err.print(f"[red]NOT_FOUND[/red]: no delivery {delivery_id}\n资源不存在。")
-        raise typer.Exit(1)
+    with _coded():
+        with snapshot(_engine()) as conn:
+            found = get_delivery(conn, delivery_id)
+        if found is None:
+            raise NotFound(field="delivery_id", detail=f"(no delivery {delivery_id})",
+                           detail_zh=f"（投递 {delivery_id}）")
     _show(found, "history", "history", as_json)
 
 
@@ -140,12 +149,13 @@ def records_show(record_id: Annotated[str, typer.Argument(help="record id (R…,
     from gateway.masking import mask_text, masked
     from gateway.ops.records import record_view
 
-    with snapshot(_engine()) as conn:  # the record and its deliveries at one moment
-        view = record_view(conn, record_id)
-    if view is None:
-        shown = mask_text(record_id[:64].replace("\x00", "?"))
-        err.print(f"[red]NOT_FOUND[/red]: no record {shown}\n资源不存在（记录 {shown}）。")
-        raise typer.Exit(1)
+    with _coded():
+        with snapshot(_engine()) as conn:  # the record and its deliveries at one moment
+            view = record_view(conn, record_id)
+        if view is None:
+            shown = mask_text(record_id[:64].replace("\x00", "?"))
+            raise NotFound(field="record_id", detail=f"(no record {shown})",
+                           detail_zh=f"（记录 {shown}）")
     # Masked as the console shows it: terminal output ends up in tickets and logs (the API's
     # GET /v1/records/{id} answers the whole record to an operator's token).
     # The structure, not its JSON text, where a line break in a field is an escape (``\n``).
@@ -158,10 +168,10 @@ def _show(found: dict[str, Any], events: str, title: str, as_json: bool) -> None
         _print_json(found)
         return
     console.print_json(data={k: v for k, v in found.items() if k != events}, default=str)
-    table = Table("at", "event", "actor", "detail", title=title)
-    for e in found[events]:
-        table.add_row(str(e["at"])[:19], e["kind"], e["actor"],
-                      json.dumps(e["detail"], ensure_ascii=False)[:120])
+    table = Table("at", "event", "actor", "detail", title=escape(title))
+    for e in found[events]:  # actors and reasons are what operators typed, not markup
+        table.add_row(str(e["at"])[:19], e["kind"], escape(e["actor"]),
+                      escape(json.dumps(e["detail"], ensure_ascii=False)[:120]))
     console.print(table)
 
 
@@ -173,9 +183,16 @@ def deliveries_reprocess(
     ids: Annotated[list[str] | None, typer.Option("--id", help="a record id (repeatable)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="count only; change nothing")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    ceiling: Annotated[int | None, typer.Option(
+        min=0, max=2**63 - 1, help="the dry run's ceiling: requeue nothing dead-lettered after "
+        "that count")] = None,
     operator: OperatorName = None, as_json: Json = False,
 ) -> None:
-    """Redeliver dead deliveries by filter or by record id: counts first, then asks."""
+    """Redeliver dead deliveries by filter or by record id: counts first, then asks.
+
+    ``--ceiling`` holds the run to a dry run's count (its ``ceiling``), as the API's and the
+    console's confirmation do: a delivery dead-lettered since is left for the next decision.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from gateway.ops.deliveries import reprocess
@@ -184,12 +201,14 @@ def deliveries_reprocess(
     with _coded():
         flt = _filter(status, adapter, partner, error_code, since, until, ids)
         engine = _engine()
-        counted = reprocess(engine, flt, dry_run=True, reason=reason, actor=actor)
+        counted = reprocess(engine, flt, dry_run=True, reason=reason, actor=actor,
+                            ceiling=ceiling)
         if dry_run:
             if as_json:
                 _print_json(counted.as_dict())
             else:
-                console.print(f"{counted.matched} dead deliveries match (dry run; nothing changed)")
+                console.print(f"{counted.matched} dead deliveries match (dry run; nothing "
+                              f"changed); to requeue exactly these: --ceiling {counted.ceiling}")
             return
         if not yes and counted.matched and not typer.confirm(
                 f"Requeue {counted.matched} dead deliveries? 重新投递 {counted.matched} 条？",
@@ -207,7 +226,8 @@ def deliveries_reprocess(
         _print_json(result.as_dict())
     else:
         console.print(f"matched {result.matched}, requeued [green]{result.requeued}[/green], "
-                      f"superseded {result.superseded} (run {result.reprocess_id}, by {actor})")
+                      f"superseded {result.superseded} (run {result.reprocess_id}, "
+                      f"by {escape(actor)})")
 
 
 @conflicts_app.command("list")
@@ -225,8 +245,9 @@ def conflicts_list(limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
     table = Table("record", "partner", "source id", "hours", "conflicts with", "their hours",
                   "year", title=f"冲突 conflicts ({page['total']})")
     for c in page["items"]:
-        table.add_row(c["record_id"], c["partner_id"], c["source_record_id"], c["hours"] or "",
-                      c["conflicts_with"] or "", c["other_hours"] or "", str(c["year"]))
+        table.add_row(escape(c["record_id"]), escape(c["partner_id"]),
+                      escape(c["source_record_id"]), c["hours"] or "",
+                      escape(c["conflicts_with"] or ""), c["other_hours"] or "", str(c["year"]))
     console.print(table)
     if page["next"]:
         console.print(f"more: --cursor {page['next']}")

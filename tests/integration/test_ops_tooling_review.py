@@ -49,15 +49,6 @@ def _dead_letter(engine: Engine, worker: DeliveryWorker, partner: PartnerRef,
 
 # -- deliveries reprocess: the dry-run count, then the run ------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (medium): SPEC §2 'reprocess one or many (by filter, with dry-run count first)'; "
-    "docs/operations.md 'Dead letters that need a person' and README 'CLI' tell the operator to run "
-    "`deliveries reprocess … --dry-run`, then the same without --dry-run. The dry run's --json "
-    "prints a `ceiling` (README: 'pass the dry run's ceiling to the confirming call and nothing "
-    "dead-lettered after the count is requeued'), but the CLI takes no --ceiling: the confirming "
-    "command recounts, and with --yes (a script) it requeues deliveries that died after the "
-    "count the operator approved (gateway/ops/commands.py deliveries_reprocess has no ceiling "
-    "option; the API and the console have one)"))
 def test_cli_reprocess_can_be_held_to_its_dry_run_count(
     db_url: str, engine: Engine, make_settings: Callable[..., Settings],
     new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
@@ -117,13 +108,6 @@ def test_cli_reprocess_is_audited_with_who_when_and_the_whole_filter(
 
 # -- revalidate: the same filter in the console and the CLI ------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (medium): gateway/ops/common.py parse_when: 'until 2026-03-01 means through that day "
-    "… as the console reads it, so a filter previewed there and run from the CLI or the API "
-    "selects the same rows'. `ce-gateway revalidate --until DATE` parses with its own "
-    "datetime.fromisoformat (gateway/cli.py revalidate.aware): the date's midnight, so the CLI "
-    "leaves out the whole day the console's /ops/revalidate counted (SPEC §2 're-run "
-    "validation … with dry-run count first': the CLI's count and run differ from the preview)"))
 def test_cli_revalidate_until_a_date_selects_what_the_console_counts(
     db_url: str, engine: Engine, new_partner: Callable[..., Partner],
 ) -> None:
@@ -145,13 +129,6 @@ def test_cli_revalidate_until_a_date_selects_what_the_console_counts(
 
 # -- bad input: a coded refusal in both languages, never a traceback --------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): SPEC §6 'Each has a Chinese and an English message' and gateway/ops/commands.py "
-    "'A coded refusal prints its English and Chinese message and exits 2': `revalidate` with an "
-    "unknown --error-code or --adapter, or a --since that is no date, prints English only and no "
-    "code (gateway/cli.py revalidate prints str(RevalidationRefused) and its own '--since: not "
-    "an ISO 8601 time', dropping message_zh), while `deliveries list` refuses the same values "
-    "coded SCHEMA in both languages"))
 def test_revalidate_refuses_bad_filters_coded_in_both_languages(db_url: str, engine: Engine) -> None:
     env = _env(db_url)
     for args, zh in ((("--error-code", "NOPE"), "未知的错误代码"),
@@ -162,13 +139,6 @@ def test_revalidate_refuses_bad_filters_coded_in_both_languages(db_url: str, eng
         assert "SCHEMA" in done.stderr and zh in done.stderr, (args, done.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): SPEC §5 CLI / gateway/ops/commands.py docstring 'A coded refusal prints its "
-    "English and Chinese message and exits 2 (bad input) or 1 (not found)'. The refusal is "
-    "printed through Rich markup with the operator's own text in it (commands.py _coded, "
-    "records_show, conflicts_resolve; cli.py revalidate.aware): a value holding a bracketed "
-    "tag such as '[/x]' raises rich.errors.MarkupError and the command dies with a traceback "
-    "instead of SCHEMA / NOT_FOUND (compliance and reconcile escape such text; these do not)"))
 def test_bad_filter_text_is_refused_coded_not_with_a_traceback(db_url: str, engine: Engine) -> None:
     env = _env(db_url)
     for args, code in ((("deliveries", "list", "--since", "[/x]", "--json"), "SCHEMA"),
@@ -181,13 +151,6 @@ def test_bad_filter_text_is_refused_coded_not_with_a_traceback(db_url: str, engi
         assert done.returncode in (1, 2) and code in done.stderr, (args, done.stderr[-500:])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): SPEC §7 'every operator action (who, when, what filter) is recorded'; "
-    "gateway/ops/commands.py 'Actions are audited under cli:<operator> (--operator, else the OS "
-    "user)'. `ce-gateway revalidate --reason …` (README 'CLI': revalidate takes --actor, default "
-    "`cli`) audits the run as plain 'cli' when --actor is left out: the trail cannot say which "
-    "operator re-ran thousands of rejections, where `deliveries reprocess` by the same person "
-    "is 'cli:<user>' (gateway/cli.py revalidate: actor default 'cli', not commands._actor)"))
 def test_cli_revalidate_audits_who_ran_it(db_url: str, engine: Engine) -> None:
     done = cli({**_env(db_url), "USER": "zhang", "LOGNAME": "zhang"},
                "revalidate", "--reason", "参考数据已修正", "--json")
@@ -301,12 +264,6 @@ def test_cli_ingest_refuses_a_partner_of_another_adapter(
     assert filed == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): SPEC §6 'Each has a Chinese and an English message'; README 'Configuration' and "
-    "gateway/cli.py _coded: refusals are 'CODE (field): English' and 'CODE (field): 中文'. "
-    "`partner add --adapter bogus` and `operator add --role admin` (SPEC §5 CLI) print the "
-    "ValueError's English text alone, with no code (gateway/cli.py partner_add/operator_add: "
-    "err.print(f'[red]{exc}[/red]'))"))
 def test_registration_refuses_a_bad_adapter_or_role_coded_in_both_languages(
     db_url: str, engine: Engine,
 ) -> None:
