@@ -297,7 +297,7 @@ def db_upgrade(revision: str = "head") -> None:
     _warn_dev_person_key(settings)
     _connected(settings).dispose()  # an unreachable store: STORE_UNAVAILABLE, exit 2
     upgrade(settings.database_url, revision, person_key_secret=settings.person_key_secret)
-    console.print(f"database at revision {revision}")
+    console.print(f"database at revision {escape(revision)}")
 
 
 @partner_app.command("add")
@@ -372,7 +372,8 @@ def audit_verify(
     elif result.ok:
         console.print(f"[green]audit chain intact[/green]: {result.checked} events")
     else:
-        console.print(f"[red]audit chain broken at event {result.first_bad_seq}[/red]: {result.reason}")
+        console.print(f"[red]audit chain broken at event {result.first_bad_seq}[/red]: "
+                      f"{escape(result.reason or '')}")
     raise typer.Exit(0 if result.ok else 1)
 
 
@@ -483,7 +484,7 @@ def ingest(
         total = None
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, disable=as_json) as bar:
-        task = bar.add_task(f"{file.name} → {batch.batch_id}", total=total)
+        task = bar.add_task(f"{escape(file.name)} → {batch.batch_id}", total=total)
         processor = BatchProcessor(engine, settings, progress=lambda row: bar.update(task, completed=row - 1))
         # This batch only: batches queued by others are the workers' (oldest first), and a
         # broken one among them must not become the failure of every later ingest.
@@ -508,7 +509,8 @@ def ingest(
     else:
         console.print_json(data={k: status[k] for k in ("batch_id", "status", "counts", "error")})
         for row in status["rejected_rows"]:
-            console.print(f"  row {row['row']} {row['column'] or ''} {row['code']}: {row['message_zh']}")
+            console.print(f"  row {row['row']} {escape(row['column'] or '')} {row['code']}: "
+                          f"{escape(row['message_zh'])}")
     if isinstance(failure, UnreadableFile):  # the batch failed whole, as an upload's would
         raise _refused(PayloadRejected("SCHEMA", field="file",
                                        detail=f"(the file cannot be read: {failure})",
@@ -562,7 +564,6 @@ def compliance_cmd(id_number: Annotated[str, typer.Argument(help="the person's i
     Records whose last version sent the management system refused (DOWNSTREAM_REJECTED) are
     listed apart; what it still counts of an earlier version is in the totals.
     """
-    from rich.markup import escape
     from rich.table import Column, Table
 
     from gateway.compliance import check_person, report

@@ -15,7 +15,6 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import orjson
-import pytest
 from sqlalchemy import Engine, select
 
 from gateway.accounts import Partner
