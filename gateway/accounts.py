@@ -48,7 +48,7 @@ class Operator:
 
 
 def add_partner(engine: Engine, box: SecretBox, partner_id: str, adapter: str,
-                base_code: str | None = None) -> Partner:
+                base_code: str | None = None, actor: str = "cli") -> Partner:
     known = sorted(ADAPTERS_WITH_PUSH)
     if adapter not in ADAPTERS_WITH_PUSH:
         raise RegistrationRefused("adapter", f"unknown adapter {adapter!r}; known: {', '.join(known)}",
@@ -71,7 +71,7 @@ def add_partner(engine: Engine, box: SecretBox, partner_id: str, adapter: str,
         conn.execute(insert(partners).values(
             partner_id=partner_id, adapter=adapter, base_code=base_code, app_key=app_key,
             secret_enc=box.encrypt(secret), active=True, created_at=now))
-        audit.append(conn, [audit.Event("partner_added", actor="cli", detail={
+        audit.append(conn, [audit.Event("partner_added", actor=actor, detail={
             "partner_id": partner_id, "adapter": adapter, "base_code": base_code,
             "app_key": app_key})], now)
     return Partner(partner_id, adapter, base_code, app_key, secret)
@@ -95,7 +95,7 @@ def partner_by_app_key(engine: Engine, box: SecretBox, app_key: str) -> Partner 
                    box.decrypt(row["secret_enc"]))
 
 
-def add_operator(engine: Engine, name: str, role: str) -> tuple[Operator, str]:
+def add_operator(engine: Engine, name: str, role: str, actor: str = "cli") -> tuple[Operator, str]:
     if role not in ROLES:
         raise RegistrationRefused("role", f"role must be one of {', '.join(ROLES)}",
                                   f"角色须为 {'、'.join(ROLES)} 之一")
@@ -106,7 +106,7 @@ def add_operator(engine: Engine, name: str, role: str) -> tuple[Operator, str]:
                                       f"操作员 {name!r} 已存在")
         conn.execute(insert(operators).values(name=name, role=role, token_hash=hash_token(token),
                                               created_at=now))
-        audit.append(conn, [audit.Event("operator_added", actor="cli",
+        audit.append(conn, [audit.Event("operator_added", actor=actor,
                                         detail={"name": name, "role": role})], now)
     return Operator(name, role), token
 

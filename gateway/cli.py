@@ -315,7 +315,7 @@ def partner_add(
     settings = _settings()
     try:
         p = add_partner(_engine(settings), SecretBox(settings.secret_key.get_secret_value()),
-                        id, adapter, base_code)
+                        id, adapter, base_code, actor=ops_commands.terminal_actor())
     except RegistrationRefused as exc:
         raise _refused(exc) from exc
     out = {"partner_id": p.partner_id, "app_key": p.app_key, "secret": p.secret}
@@ -337,7 +337,7 @@ def operator_add(
     from gateway.accounts import RegistrationRefused, add_operator
 
     try:
-        op, token = add_operator(_engine(_settings()), name, role)
+        op, token = add_operator(_engine(_settings()), name, role, actor=ops_commands.terminal_actor())
     except RegistrationRefused as exc:
         raise _refused(exc) from exc
     if as_json:
@@ -477,7 +477,7 @@ def ingest(
             f"（合作方 {owner!r} 不是用 --base-code 登记的培训基地；请用 --partner-id 指定一个）")))
     batch = NewBatch(new_batch_id(), owner, adapter, kind, period,
                      file.resolve(), fmt, file.stat().st_size, file_sha256(file))
-    record_batch(engine, batch, actor="cli")
+    record_batch(engine, batch, actor=ops_commands.terminal_actor())
     try:
         total: int | None = count_rows(file, fmt)
     except UnreadableFile:  # processing meets it too, and fails the batch with the reason
@@ -647,7 +647,8 @@ def pull_cadre_college(
         "--from-start", help="forget the stored cursor first (one the college no longer "
         "accepts); what was pulled before comes back as duplicates")] = False,
     reason: Annotated[str, typer.Option(help="why, with --from-start (kept in the audit trail)")] = "",
-    actor: Annotated[str, typer.Option(help="who, with --from-start (kept in the audit trail)")] = "cli",
+    actor: Annotated[str | None, typer.Option(
+        help="who, with --from-start (kept in the audit trail; default cli:<OS user>)")] = None,
 ) -> None:
     """Pull new completions from the Cadre Network College now (cursor kept in the store)."""
     from dataclasses import asdict
@@ -662,7 +663,7 @@ def pull_cadre_college(
             raise _refused(PayloadRejected("SCHEMA", field="reason",
                                            detail="(--from-start needs --reason)",
                                            detail_zh="（使用 --from-start 时须说明原因 --reason）"))
-        reset_cursor(engine, actor, reason.strip())
+        reset_cursor(engine, actor or ops_commands.terminal_actor(), reason.strip())
     result = pull_once(engine, settings, max_pages=max_pages)
     if as_json:
         print(json.dumps(asdict(result), ensure_ascii=False, default=str))
@@ -679,7 +680,8 @@ def pull_cadre_college(
 def reference_import(
     kind: Annotated[str, typer.Argument(help="bases | plans | deferrals | title-applicants")],
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
-    actor: Annotated[str, typer.Option(help="who is importing (kept in the audit trail)")] = "cli",
+    actor: Annotated[str | None, typer.Option(
+        help="who is importing (kept in the audit trail; default cli:<OS user>)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Import reference data from a CSV file (a new version; bad rows are listed, not imported)."""
@@ -689,7 +691,7 @@ def reference_import(
 
     try:
         settings = _settings()
-        result = import_csv(_engine(settings), kind, file, actor,
+        result = import_csv(_engine(settings), kind, file, actor or ops_commands.terminal_actor(),
                             keys=PersonKeys(settings.person_key_secret))
     except UnknownReferenceKind as exc:
         raise _refused(PayloadRejected("SCHEMA", field="kind", detail=f"({exc})",
@@ -709,7 +711,7 @@ def reference_sync(as_json: Annotated[bool, typer.Option("--json")] = False) -> 
 
     settings = _settings()
     _setup_logging(settings)
-    result = sync(_engine(settings), settings, actor="cli")
+    result = sync(_engine(settings), settings, actor=ops_commands.terminal_actor())
     if as_json:
         print(json.dumps(result.as_dict(), ensure_ascii=False, default=str))
     else:
@@ -720,7 +722,8 @@ def reference_sync(as_json: Annotated[bool, typer.Option("--json")] = False) -> 
 @retention_app.command("run")
 def retention_run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="count only; change nothing")] = False,
-    actor: Annotated[str, typer.Option(help="who is acting (kept in the audit trail)")] = "cli",
+    actor: Annotated[str | None, typer.Option(
+        help="who is acting (kept in the audit trail; default cli:<OS user>)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Prune old payloads of delivered versions (RETENTION_PAYLOAD_DAYS; progress bar)."""
@@ -734,7 +737,7 @@ def retention_run(
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=err, disable=as_json) as bar:
         task = bar.add_task("counting" if dry_run else "pruning", total=None)
-        result = prune(engine, settings, dry_run=dry_run, actor=actor,
+        result = prune(engine, settings, dry_run=dry_run, actor=actor or ops_commands.terminal_actor(),
                        progress=lambda done, total: bar.update(task, completed=done, total=total))
     engine.dispose()
     if as_json:
@@ -859,7 +862,7 @@ def revalidate(
         raise _refused(PayloadRejected("SCHEMA", field=exc.field or "filter", detail=f"({exc})",
                                        detail_zh=f"（{exc.message_zh}）")) from exc
     # Audited as `deliveries reprocess` is: cli:<OS user> unless the operator names someone.
-    actor = actor or ops_commands._actor(None)
+    actor = actor or ops_commands.terminal_actor()
     engine = _engine(settings)
     config = RulesConfig.from_settings(settings)
     rules = RulesContext(ReferenceCache(engine, config.keys).current(), config)

@@ -36,7 +36,7 @@ OperatorName = Annotated[str | None, typer.Option("--operator",
                                                   help="who is acting (default: the OS user)")]
 
 
-def _actor(name: str | None) -> str:
+def terminal_actor(name: str | None = None) -> str:
     """``cli:<name>``, else ``cli:<OS user>``: who an action from this terminal is audited as."""
     try:
         who = name or getpass.getuser()
@@ -197,7 +197,7 @@ def deliveries_reprocess(
 
     from gateway.ops.deliveries import reprocess
 
-    actor = _actor(operator)
+    actor = terminal_actor(operator)
     with _coded():
         flt = _filter(status, adapter, partner, error_code, since, until, ids)
         engine = _engine()
@@ -266,7 +266,7 @@ def conflicts_resolve(
 
     with _coded():
         result = resolve_conflict(_engine(), _settings(), record_id, keep=keep, reason=reason,
-                                  actor=_actor(operator))
+                                  actor=terminal_actor(operator))
     if as_json:
         _print_json(result)
     else:
