@@ -241,15 +241,6 @@ def test_canonical_and_native_record_answers_have_one_shape(gateway: Gateway) ->
     assert pushed.json()["results"][0]["index"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a native push whose envelope is not a document — a JSON array, or {results: []} — "
-    "is answered 200 with a made-up record answer (index 0, source_record_id null, rejected) "
-    "and an open rejection is filed for ops that no revalidation can ever clear; the same "
-    "mistake on POST /v1/records is a 422 SCHEMA refusal and files nothing. "
-    "adapters/training_base parse() yields a row-0 error for the envelope and "
-    "gateway/api/routes/batches.py native_records() ingests it as a record. SPEC §5: "
-    "'1–1,000 per request' and 'Every record answer: {\"index\", \"source_record_id\", …}' — "
-    "an answer is for a record the partner sent"))
 @pytest.mark.parametrize("body", [b"[]", b'{"base_code": "QHJD001", "plan_id": "P", "results": []}'])
 def test_native_envelope_that_is_no_document_is_refused_whole(gateway: Gateway,
                                                               body: bytes) -> None:
@@ -261,14 +252,6 @@ def test_native_envelope_that_is_no_document_is_refused_whole(gateway: Gateway,
     _coded(resp, 422, "SCHEMA")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a native push that leaves out base_code (a required field of the documented body) "
-    "is refused 403 SCOPE_VIOLATION 'partner may only submit for base QHJD001' — to the very "
-    "base it belongs to — instead of 422 SCHEMA naming base_code: "
-    "gateway/api/routes/batches.py native_records() compares document.get('base_code') (None) "
-    "with the partner's code before any shape check. SPEC §7: 403 SCOPE_VIOLATION is for "
-    "submitting 'for [another] adapter and base code'; SPEC §8: 'a missing required one "
-    "rejects the row (SCHEMA, naming the column)'"))
 def test_native_push_without_base_code_is_a_schema_error_not_a_scope_violation(
         gateway: Gateway) -> None:
     body = {"plan_id": "PL-1", "results": [{"result_id": "T-1"}]}
