@@ -70,24 +70,12 @@ def _coded(resp: httpx.Response, status: int, code: str | None = None) -> dict[s
 # -- wrong methods, unknown paths: Starlette's defaults through the coded handler --------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a 405 carries no Allow header (RFC 9110 §15.5.6: the server MUST send one). "
-    "Starlette puts it on the HTTPException, but gateway/api/app.py _http() rebuilds the answer "
-    "with _coded() and drops exc.headers. SPEC §5: 'OpenAPI served at /openapi.json' — a client "
-    "told 405 cannot learn the right verb"))
 def test_wrong_method_names_the_allowed_ones(gateway: Gateway) -> None:
     resp = httpx.put(f"{gateway.url}/v1/records", content=b"{}")
     _coded(resp, 405)
     assert "POST" in resp.headers.get("allow", ""), dict(resp.headers)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a wrong HTTP method is answered with code SCHEMA and 'The record does not match the "
-    "contract. Method Not Allowed' / '记录不符合数据规范。Method Not Allowed' — no record was "
-    "sent (GET /v1/records, POST /healthz, a GET on a DELETE-only path such as "
-    "/v1/records/JD/2026/1). gateway/api/app.py _http() maps every status but 401/403/404/413 to "
-    "SCHEMA, whose catalogue status is 422 (contracts/errors.py). SPEC §6: 'Each has a Chinese "
-    "and an English message' — a 405 needs its own code, not the record-schema one"))
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/v1/records"), ("POST", "/healthz"), ("GET", "/v1/records/JD/2026/1")])
 def test_wrong_method_is_not_called_a_record_schema_error(gateway: Gateway, method: str,
@@ -98,10 +86,6 @@ def test_wrong_method_is_not_called_a_record_schema_error(gateway: Gateway, meth
     assert error["code"] in CATALOGUE, error
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the Chinese message of a 404 on an unknown path is '资源不存在。Not Found' (and a "
-    "405's '…Method Not Allowed'): gateway/api/app.py _http() appends Starlette's English "
-    "detail to message_zh. SPEC §6: 'Each has a Chinese and an English message'"))
 @pytest.mark.parametrize(("method", "path", "status"), [
     ("GET", "/v1/no-such-thing", 404), ("PUT", "/v1/records", 405)])
 def test_default_refusals_have_a_chinese_message_zh(gateway: Gateway, method: str, path: str,
@@ -124,14 +108,6 @@ def test_health_probes_answer_head(gateway: Gateway, path: str) -> None:
 # -- ops JSON bodies ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an ops JSON body that is not UTF-8 (POST /v1/deliveries/reprocess, /v1/records/"
-    "revalidate, /v1/conflicts/{id}/resolve, /v1/records/{id}/edit, /v1/rejections/{id}/edit) "
-    "is answered 400 'There was an error parsing the body' — a status /openapi.json does not "
-    "declare for these operations (schemathesis ST103), with English in message_zh — where "
-    "the partner routes answer the same bytes 422 SCHEMA. FastAPI raises HTTPException(400) "
-    "for a UnicodeDecodeError; gateway/api/app.py _http() passes its status and English detail "
-    "through. SPEC §6 / the app's ERROR_RESPONSES: 422 'SCHEMA and the rules' codes'"))
 @pytest.mark.parametrize("path", ["/v1/deliveries/reprocess", "/v1/records/revalidate",
                                   "/v1/conflicts/R1/resolve"])
 def test_ops_body_that_is_not_utf8_is_a_declared_schema_refusal(gateway: Gateway,
