@@ -183,10 +183,14 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
     app.state.metrics = metrics.build_registry(lambda: state.worker, state.engine)
     app.include_router(metrics_route.router)  # GET /metrics: no token, network boundary only
 
+    # HEAD answers as GET without the body (RFC 9110 §9.1), for probes that check with HEAD;
+    # left out of /openapi.json, which documents the GET.
+    @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.head("/readyz", include_in_schema=False)
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
         """Ready: the store answers, is at this code's head, and both secrets fit it.

@@ -94,11 +94,6 @@ def test_default_refusals_have_a_chinese_message_zh(gateway: Gateway, method: st
     assert not _LATIN_WORDS.search(error["message_zh"]), error["message_zh"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: HEAD /healthz and HEAD /readyz answer 405 (FastAPI's @app.get registers GET only), "
-    "so a load balancer or uptime probe that checks with HEAD sees the gateway as broken; "
-    "RFC 9110 §9.1: general-purpose servers MUST support GET and HEAD. SPEC §5: "
-    "'GET /healthz, GET /readyz'"))
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 def test_health_probes_answer_head(gateway: Gateway, path: str) -> None:
     resp = httpx.head(f"{gateway.url}{path}")
