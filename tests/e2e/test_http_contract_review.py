@@ -126,13 +126,6 @@ def test_partner_body_that_is_not_utf8_is_a_schema_refusal(gateway: Gateway) -> 
 # -- ops lists: filters, cursors, roles ----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: GET /v1/rejections?adapter=&status= (empty query fields, as a form or a script "
-    "with unset variables sends them) is refused 422 'one of …', while GET /v1/deliveries "
-    "reads the same empty fields as 'any' (gateway/api/routes/deliveries.py _filter(); "
-    "get_rejections passes adapter/status/partner_id through unchanged to "
-    "gateway/ops/records.py list_rejections). SPEC §5 itself writes the ops filters as "
-    "'GET /v1/deliveries?status=&adapter=&partner_id=&error_code=&since=&until='"))
 def test_rejections_read_empty_filter_fields_as_any_as_deliveries_do(gateway: Gateway) -> None:
     query = "adapter=&partner_id=&error_code=&batch_id=&since=&until=&status="
     deliveries = httpx.get(f"{gateway.url}/v1/deliveries?{query.rsplit('&batch_id', 1)[0]}",
