@@ -69,6 +69,8 @@ CATALOGUE: dict[str, CodeInfo] = {
         _e("RATE_LIMITED", 429, "Too many requests from this partner; retry after the Retry-After seconds.",
            "该合作方请求过于频繁，请在 Retry-After 指定的秒数后重试。"),
         _e("NOT_FOUND", 404, "No such resource.", "资源不存在。"),
+        _e("METHOD_NOT_ALLOWED", 405, "This path does not answer this HTTP method; the Allow header names the ones it does.",
+           "该路径不支持此请求方法，可用的方法列于响应头中。"),
         _e("FORBIDDEN", 403, "The operator's role does not allow this action.", "操作员角色无权执行此操作。"),
         _e("NOT_A_CONFLICT", 409, "The record is not an open conflict; there is nothing to resolve.",
            "该记录不是待处理的冲突记录，无需处理。"),

@@ -141,25 +141,33 @@ def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> Pars
                      warnings=list(v.warnings))
 
 
+def envelope_error(raw: Any) -> Note | None:
+    """What is wrong with a pushed document as a whole, or None if it holds results to parse.
+
+    Not a JSON object, or ``results`` not a non-empty list (SPEC §2: 1-1,000 results a
+    request): there is no result in it to answer.
+    """
+    if not isinstance(raw, dict):
+        return _schema("body", "expected a JSON object", "应为 JSON 对象")
+    results = raw.get("results")
+    if not isinstance(results, list):
+        return _schema("results", "expected a list", "应为数组")
+    if not results:
+        return _schema("results", "expected at least one result", "至少应有一条结果")
+    return None
+
+
 class TrainingBaseAdapter(Adapter):
     """``parse`` takes the pushed JSON document and yields one row per result."""
 
     name: ClassVar[str] = "training_base"
 
     def parse(self, raw: Any) -> Iterator[ParsedRow]:
-        if not isinstance(raw, dict):
-            yield ParsedRow(row=0, raw=raw, errors=[_schema("body", "expected a JSON object",
-                                                                "应为 JSON 对象")])
+        wrong = envelope_error(raw)
+        if wrong is not None:  # the API refuses such a push whole, before parsing it
+            yield ParsedRow(row=0, raw=raw, errors=[wrong])
             return
-        results = raw.get("results")
-        if not isinstance(results, list):
-            yield ParsedRow(row=0, raw=raw, errors=[_schema("results", "expected a list", "应为数组")])
-            return
-        if not results:  # SPEC §2: 1-1,000 results a request
-            yield ParsedRow(row=0, raw=raw, errors=[_schema("results", "expected at least one result",
-                                                                "至少应有一条结果")])
-            return
-        for index, result in enumerate(results):
+        for index, result in enumerate(raw["results"]):
             parsed = result_to_row(index, raw.get("base_code"), raw.get("plan_id"), result)
             if isinstance(result, dict):
                 # Kept if rejected: with its document's base and plan, the result alone can be

@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,11 +65,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (429, "RATE_LIMITED (Retry-After)"))}
 
 
-def _coded(status: int, code: str, detail: str | None = None, field: str | None = None) -> JSONResponse:
+# Starlette's own refusals (unknown path, wrong method, …) → their codes; others are SCHEMA.
+_HTTP_CODES = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND",
+               405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
+
+
+def _coded(status: int, code: str, detail: str | None = None, field: str | None = None,
+           detail_zh: str | None = None) -> JSONResponse:
     en, zh = message(code)
+    detail_zh = detail_zh or detail  # as PayloadRejected: the English detail still names the value
     return JSONResponse(status_code=status, content={"error": {
         "code": code, "field": field, "message": f"{en} {detail}" if detail else en,
-        "message_zh": f"{zh}{detail}" if detail else zh}})
+        "message_zh": f"{zh}{detail_zh}" if detail_zh else zh}})
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -97,9 +105,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, BodyTooLarge):  # a body sent without a length, counted past the limit
             return exc.response()
-        code = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND", 413: "PAYLOAD_TOO_LARGE"
-                }.get(exc.status_code, "SCHEMA")
-        return _coded(exc.status_code, code, str(exc.detail))
+        if exc.status_code == 400:  # FastAPI could not read the JSON body (not UTF-8, say)
+            return _coded(422, "SCHEMA", field="body",
+                          detail=f"(the body could not be read as JSON: {exc.__cause__ or exc.detail})",
+                          detail_zh="（请求体无法按 JSON 读取，应为 UTF-8 编码的 JSON）")
+        code = _HTTP_CODES.get(exc.status_code, "SCHEMA")
+        # Starlette's own detail is the status phrase ("Not Found"): the code's messages say it,
+        # in both languages.  A detail of our own is shown as PayloadRejected shows one.
+        own = None if exc.detail == HTTPStatus(exc.status_code).phrase else str(exc.detail)
+        response = _coded(exc.status_code, code, own)
+        response.headers.update(exc.headers or {})  # a 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -167,10 +183,14 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
     app.state.metrics = metrics.build_registry(lambda: state.worker, state.engine)
     app.include_router(metrics_route.router)  # GET /metrics: no token, network boundary only
 
+    # HEAD answers as GET without the body (RFC 9110 §9.1), for probes that check with HEAD;
+    # left out of /openapi.json, which documents the GET.
+    @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.head("/readyz", include_in_schema=False)
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
         """Ready: the store answers, is at this code's head, and both secrets fit it.

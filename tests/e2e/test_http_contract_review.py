@@ -70,24 +70,12 @@ def _coded(resp: httpx.Response, status: int, code: str | None = None) -> dict[s
 # -- wrong methods, unknown paths: Starlette's defaults through the coded handler --------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a 405 carries no Allow header (RFC 9110 §15.5.6: the server MUST send one). "
-    "Starlette puts it on the HTTPException, but gateway/api/app.py _http() rebuilds the answer "
-    "with _coded() and drops exc.headers. SPEC §5: 'OpenAPI served at /openapi.json' — a client "
-    "told 405 cannot learn the right verb"))
 def test_wrong_method_names_the_allowed_ones(gateway: Gateway) -> None:
     resp = httpx.put(f"{gateway.url}/v1/records", content=b"{}")
     _coded(resp, 405)
     assert "POST" in resp.headers.get("allow", ""), dict(resp.headers)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a wrong HTTP method is answered with code SCHEMA and 'The record does not match the "
-    "contract. Method Not Allowed' / '记录不符合数据规范。Method Not Allowed' — no record was "
-    "sent (GET /v1/records, POST /healthz, a GET on a DELETE-only path such as "
-    "/v1/records/JD/2026/1). gateway/api/app.py _http() maps every status but 401/403/404/413 to "
-    "SCHEMA, whose catalogue status is 422 (contracts/errors.py). SPEC §6: 'Each has a Chinese "
-    "and an English message' — a 405 needs its own code, not the record-schema one"))
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/v1/records"), ("POST", "/healthz"), ("GET", "/v1/records/JD/2026/1")])
 def test_wrong_method_is_not_called_a_record_schema_error(gateway: Gateway, method: str,
@@ -98,10 +86,6 @@ def test_wrong_method_is_not_called_a_record_schema_error(gateway: Gateway, meth
     assert error["code"] in CATALOGUE, error
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the Chinese message of a 404 on an unknown path is '资源不存在。Not Found' (and a "
-    "405's '…Method Not Allowed'): gateway/api/app.py _http() appends Starlette's English "
-    "detail to message_zh. SPEC §6: 'Each has a Chinese and an English message'"))
 @pytest.mark.parametrize(("method", "path", "status"), [
     ("GET", "/v1/no-such-thing", 404), ("PUT", "/v1/records", 405)])
 def test_default_refusals_have_a_chinese_message_zh(gateway: Gateway, method: str, path: str,
@@ -110,11 +94,6 @@ def test_default_refusals_have_a_chinese_message_zh(gateway: Gateway, method: st
     assert not _LATIN_WORDS.search(error["message_zh"]), error["message_zh"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: HEAD /healthz and HEAD /readyz answer 405 (FastAPI's @app.get registers GET only), "
-    "so a load balancer or uptime probe that checks with HEAD sees the gateway as broken; "
-    "RFC 9110 §9.1: general-purpose servers MUST support GET and HEAD. SPEC §5: "
-    "'GET /healthz, GET /readyz'"))
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 def test_health_probes_answer_head(gateway: Gateway, path: str) -> None:
     resp = httpx.head(f"{gateway.url}{path}")
@@ -124,14 +103,6 @@ def test_health_probes_answer_head(gateway: Gateway, path: str) -> None:
 # -- ops JSON bodies ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an ops JSON body that is not UTF-8 (POST /v1/deliveries/reprocess, /v1/records/"
-    "revalidate, /v1/conflicts/{id}/resolve, /v1/records/{id}/edit, /v1/rejections/{id}/edit) "
-    "is answered 400 'There was an error parsing the body' — a status /openapi.json does not "
-    "declare for these operations (schemathesis ST103), with English in message_zh — where "
-    "the partner routes answer the same bytes 422 SCHEMA. FastAPI raises HTTPException(400) "
-    "for a UnicodeDecodeError; gateway/api/app.py _http() passes its status and English detail "
-    "through. SPEC §6 / the app's ERROR_RESPONSES: 422 'SCHEMA and the rules' codes'"))
 @pytest.mark.parametrize("path", ["/v1/deliveries/reprocess", "/v1/records/revalidate",
                                   "/v1/conflicts/R1/resolve"])
 def test_ops_body_that_is_not_utf8_is_a_declared_schema_refusal(gateway: Gateway,
@@ -155,13 +126,6 @@ def test_partner_body_that_is_not_utf8_is_a_schema_refusal(gateway: Gateway) -> 
 # -- ops lists: filters, cursors, roles ----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: GET /v1/rejections?adapter=&status= (empty query fields, as a form or a script "
-    "with unset variables sends them) is refused 422 'one of …', while GET /v1/deliveries "
-    "reads the same empty fields as 'any' (gateway/api/routes/deliveries.py _filter(); "
-    "get_rejections passes adapter/status/partner_id through unchanged to "
-    "gateway/ops/records.py list_rejections). SPEC §5 itself writes the ops filters as "
-    "'GET /v1/deliveries?status=&adapter=&partner_id=&error_code=&since=&until='"))
 def test_rejections_read_empty_filter_fields_as_any_as_deliveries_do(gateway: Gateway) -> None:
     query = "adapter=&partner_id=&error_code=&batch_id=&since=&until=&status="
     deliveries = httpx.get(f"{gateway.url}/v1/deliveries?{query.rsplit('&batch_id', 1)[0]}",
@@ -241,15 +205,6 @@ def test_canonical_and_native_record_answers_have_one_shape(gateway: Gateway) ->
     assert pushed.json()["results"][0]["index"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a native push whose envelope is not a document — a JSON array, or {results: []} — "
-    "is answered 200 with a made-up record answer (index 0, source_record_id null, rejected) "
-    "and an open rejection is filed for ops that no revalidation can ever clear; the same "
-    "mistake on POST /v1/records is a 422 SCHEMA refusal and files nothing. "
-    "adapters/training_base parse() yields a row-0 error for the envelope and "
-    "gateway/api/routes/batches.py native_records() ingests it as a record. SPEC §5: "
-    "'1–1,000 per request' and 'Every record answer: {\"index\", \"source_record_id\", …}' — "
-    "an answer is for a record the partner sent"))
 @pytest.mark.parametrize("body", [b"[]", b'{"base_code": "QHJD001", "plan_id": "P", "results": []}'])
 def test_native_envelope_that_is_no_document_is_refused_whole(gateway: Gateway,
                                                               body: bytes) -> None:
@@ -261,14 +216,6 @@ def test_native_envelope_that_is_no_document_is_refused_whole(gateway: Gateway,
     _coded(resp, 422, "SCHEMA")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a native push that leaves out base_code (a required field of the documented body) "
-    "is refused 403 SCOPE_VIOLATION 'partner may only submit for base QHJD001' — to the very "
-    "base it belongs to — instead of 422 SCHEMA naming base_code: "
-    "gateway/api/routes/batches.py native_records() compares document.get('base_code') (None) "
-    "with the partner's code before any shape check. SPEC §7: 403 SCOPE_VIOLATION is for "
-    "submitting 'for [another] adapter and base code'; SPEC §8: 'a missing required one "
-    "rejects the row (SCHEMA, naming the column)'"))
 def test_native_push_without_base_code_is_a_schema_error_not_a_scope_violation(
         gateway: Gateway) -> None:
     body = {"plan_id": "PL-1", "results": [{"result_id": "T-1"}]}

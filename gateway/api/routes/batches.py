@@ -39,7 +39,7 @@ from adapters.tabular import (
     detect_format,
     xlsx_census,
 )
-from adapters.training_base import TrainingBaseAdapter
+from adapters.training_base import TrainingBaseAdapter, envelope_error
 from contracts import SubmissionResult
 from gateway.accounts import Partner
 from gateway.api.deps import (
@@ -210,6 +210,23 @@ async def get_batch(batch_id: str, request: Request,
     return found
 
 
+def _check_envelope(document: Any) -> None:
+    """Refuse a push whole (422 SCHEMA) when it holds no result to answer or names no base.
+
+    As ``POST /v1/records`` refuses an envelope without records: an answer, and a rejection
+    filed for ops, is for a result the partner sent, never for the envelope.
+    """
+    wrong = envelope_error(document)
+    if wrong is not None:  # the adapter's note, as the whole request's answer
+        refused = PayloadRejected(wrong.code, field=wrong.field)
+        refused.message, refused.message_zh = wrong.message, wrong.message_zh or refused.message_zh
+        raise refused
+    code = document.get("base_code")
+    if not isinstance(code, str) or not code.strip():
+        raise PayloadRejected("SCHEMA", field="base_code", detail="(base_code: required text)",
+                              detail_zh="（base_code：必填，应为文本）")
+
+
 @router.post("/partners/{adapter}/records", response_model=SubmissionResult, openapi_extra=NATIVE_BODY,
              summary="A push adapter's native JSON (training bases: results of a filed plan)")
 async def native_records(adapter: str, request: Request,
@@ -226,19 +243,16 @@ async def native_records(adapter: str, request: Request,
     except orjson.JSONDecodeError as exc:
         raise PayloadRejected("SCHEMA", detail=f"(body is not JSON: {exc})", detail_zh=(
             f"（请求体不是有效的 JSON：第 {exc.lineno} 行第 {exc.colno} 列有误）")) from exc
-    if isinstance(document, dict) and document.get("base_code") != ref.base_code:
+    _check_envelope(document)  # its shape first: a push without base_code is no other base's
+    if document["base_code"] != ref.base_code:
         raise ScopeViolation(field="base_code",
                              detail=f"(partner may only submit for base {partner.base_code})",
                              detail_zh=f"（该合作方只能报送基地 {partner.base_code} 的数据）")
     most = state.settings.max_records_per_request
-    results = document.get("results") if isinstance(document, dict) else None
-    if isinstance(results, list) and len(results) > most:  # counted before any is parsed
+    if len(document["results"]) > most:  # counted before any is parsed
         raise PayloadTooLarge(field="results", detail=f"(at most {most} results per request)",
                               detail_zh=f"（每次请求最多 {most} 条结果）")
     rows = list(TrainingBaseAdapter().parse(document))
-    if len(rows) > most:
-        raise PayloadTooLarge(detail=f"(at most {most} results per request)",
-                              detail_zh=f"（每次请求最多 {most} 条结果）")
     items = [Item(raw=r.raw, submission=r.submission, errors=r.errors, warnings=r.warnings, row=r.row)
              for r in rows]
     rules = await run_in_threadpool(state.rules)

@@ -32,12 +32,16 @@ def _when(request: Request, value: str | None, name: str) -> datetime | None:
     return parse_when(value, name, state_of(request).settings.timezone)
 
 
+def _any(value: str | None) -> str | None:
+    """A filter field as sent: an empty one means "any", as it does in the console."""
+    return value or None
+
+
 def _filter(request: Request, status: str | None, adapter: str | None, partner_id: str | None,
             error_code: str | None, since: str | None, until: str | None,
             record_ids: tuple[str, ...] = ()) -> deliveries.DeliveryFilter:
-    # An empty form field means "any", as it does in the console.
-    return deliveries.DeliveryFilter(status=status or None, adapter=adapter or None,
-                                     partner_id=partner_id or None, error_code=error_code or None,
+    return deliveries.DeliveryFilter(status=_any(status), adapter=_any(adapter),
+                                     partner_id=_any(partner_id), error_code=_any(error_code),
                                      since=_when(request, since, "since"),
                                      until=_when(request, until, "until"), record_ids=record_ids)
 
@@ -169,9 +173,10 @@ def get_rejections(request: Request, _: Viewer, partner_id: Text = None, adapter
                    batch_id: Text = None, status: Annotated[str, Query(max_length=16)] = "open",
                    cursor: Annotated[str | None, Query(max_length=512)] = None,
                    limit: Limit = 50) -> dict[str, Any]:
+    status = status or "open"  # an empty status is the default, as in the console
     with snapshot(state_of(request).engine) as conn:
         return records.list_rejections(
-            conn, partner_id=partner_id, adapter=adapter, error_code=error_code,
+            conn, partner_id=_any(partner_id), adapter=_any(adapter), error_code=_any(error_code),
             since=_when(request, since, "since"), until=_when(request, until, "until"),
             status=None if status == "all" else status, cursor=cursor, limit=limit,
-            batch_id=batch_id)
+            batch_id=_any(batch_id))
