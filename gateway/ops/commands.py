@@ -177,7 +177,8 @@ def _show(found: dict[str, Any], events: str, title: str, as_json: bool) -> None
 
 @deliveries_app.command("reprocess")
 def deliveries_reprocess(
-    reason: Annotated[str, typer.Option(help="why (kept in the audit trail)")],
+    reason: Annotated[str | None, typer.Option(
+        help="why (kept in the audit trail); required unless --dry-run")] = None,
     status: Status = None, adapter: Adapter = None, partner: PartnerOpt = None,
     error_code: ErrorCode = None, since: Since = None, until: Until = None,
     ids: Annotated[list[str] | None, typer.Option("--id", help="a record id (repeatable)")] = None,
@@ -195,10 +196,13 @@ def deliveries_reprocess(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from gateway.ops.common import require_reason
     from gateway.ops.deliveries import reprocess
 
     actor = terminal_actor(operator)
     with _coded():
+        if not dry_run:  # asked before the count and the question, not after the operator's yes
+            reason = require_reason(reason)
         flt = _filter(status, adapter, partner, error_code, since, until, ids)
         engine = _engine()
         counted = reprocess(engine, flt, dry_run=True, reason=reason, actor=actor,

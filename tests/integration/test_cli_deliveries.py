@@ -100,3 +100,15 @@ def test_a_confirmation_requeues_no_delivery_newer_than_its_dry_run(
     with engine.connect() as conn:
         statuses = dict(conn.execute(select(outbox.c.record_id, outbox.c.status)).all())
     assert statuses == {counted_one.record_id: "pending", arrived_later.record_id: "dead"}
+
+
+def test_a_dry_run_needs_no_reason_and_a_run_without_one_is_refused_before_it_asks(
+        db_url: str) -> None:
+    """A count changes nothing, so it asks no reason; a real run asks it first, coded."""
+    env = {"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_SECRET_KEY": SECRET_KEY}
+    counted = cli(env, "deliveries", "reprocess", "--status", "dead", "--dry-run", "--json")
+    assert counted.returncode == 0, counted.stderr
+    assert json.loads(counted.stdout)["matched"] == 0
+    refused = cli(env, "deliveries", "reprocess", "--status", "dead", "--yes")
+    assert refused.returncode == 2 and refused.stdout == "", refused.stderr
+    assert "SCHEMA (reason)" in refused.stderr and "原因" in refused.stderr
