@@ -25,6 +25,8 @@ from gateway.store.tables import audit_events, audit_head
 from gateway.store.util import dumps_storable
 
 GENESIS_HASH = "0" * 64
+# Who acted, as the column holds it: a longer name (an operator's --actor) is cut, as shown.
+ACTOR_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,11 @@ _DETAIL_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 def _canonical_detail(detail: dict[str, Any]) -> str:
     # A partner's text may hold what orjson refuses (a lone surrogate in a rejected row's id).
     text = dumps_storable(detail, _DETAIL_OPTIONS)
-    if "\\" not in text:  # nothing escaped: the text masks as the values would
-        return mask_text(text)
-    # JSON writes a tab or a line break as an escape, and an identity number whose groups they
-    # split is no longer one to the text's masking: mask the values, then write them.
+    if "\\" not in text and mask_text(text) == text:  # the common case: nothing to mask
+        return text
+    # Mask the values, then write them: JSON writes a tab or a line break as an escape, which
+    # hides an identity number whose groups they split from the text's masking, and a number
+    # held as a JSON number, masked in the text, would no longer parse.
     return dumps_storable(masked(orjson.loads(text)), _DETAIL_OPTIONS)
 
 
@@ -83,7 +86,7 @@ def append(conn: Connection, events: Sequence[Event], now: datetime | None = Non
         seq += 1
         actor = actors.get(event.actor)
         if actor is None:
-            actor = actors[event.actor] = mask_text(event.actor)
+            actor = actors[event.actor] = mask_text(event.actor)[:ACTOR_LENGTH]
         event_id = ids[24 * n:24 * n + 24]
         detail = _canonical_detail(event.detail) if event.detail else "{}"
         digest = hashlib.sha256(_material(prev, seq, event_id, at, event.kind, event.record_id,

@@ -76,9 +76,15 @@ def _refused(exc: PayloadRejected) -> typer.Exit:
 
 
 def _coded(code: str, field: str | None, text: str, text_zh: str) -> typer.Exit:
-    """``CODE (field): English`` and ``CODE (field): 中文``; the caller raises the Exit (2)."""
+    """``CODE (field): English`` and ``CODE (field): 中文``; the caller raises the Exit (2).
+
+    Masked as the API masks its refusals: what an operator typed (an identity number given as
+    an error code, say) is quoted back, and terminal output ends up in tickets and logs.
+    """
+    from gateway.masking import mask_text
+
     where = f" ({field})" if field else ""
-    err.print(f"{code}{where}: {text}\n{code}{where}: {text_zh}",
+    err.print(mask_text(f"{code}{where}: {text}\n{code}{where}: {text_zh}"),
               style="red", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(2)
 

@@ -66,13 +66,6 @@ def test_an_identity_number_split_by_other_white_space_is_masked_in_the_audit_te
         assert audit.verify(conn).ok
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low, latent): audit._canonical_detail masks the JSON *text* when it holds no "
-    "backslash, so an identity-number-sized integer value (630102198704139126) is starred "
-    "inside the JSON text ({\"n\":630102********9126}), which no longer parses; reading the "
-    "record's trail (audit.events_for: GET /v1/audit, records show) then raises. The same "
-    "detail with a tab elsewhere takes the masked() path and is fine. masked() was made for "
-    "exactly this (its docstring); the '\\\\ not in text' shortcut skips it"))
 def test_an_identity_number_held_as_a_number_in_an_audit_detail_leaves_the_trail_readable(
         store: Engine) -> None:
     number = int(_id_number(5))
@@ -119,12 +112,6 @@ def test_anchor_edges_seq_zero_uppercase_and_beyond_the_head(store: Engine) -> N
 # -- CLI refusals ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): the CLI's coded refusals (gateway.cli._coded, used by ops.commands._coded "
-    "since this session) print the message as raised, unmasked; the API masks the same "
-    "refusal where it leaves (app._rejected: mask_text). `revalidate --error-code "
-    "<an identity number>` echoes the whole number to stderr, which ends up in tickets and "
-    "logs (ops/commands: 'terminal output ends up in tickets and logs')"))
 def test_a_cli_refusal_masks_an_identity_number_it_quotes(db_url: str) -> None:
     number = _id_number(9)
     env = {"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_SECRET_KEY": SECRET_KEY}
@@ -171,14 +158,6 @@ def test_http_changes_hold(db_url: str, store: Engine, make_settings: Callable[.
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): `revalidate --actor` longer than audit_events.actor's 64 characters is "
-    "'recorded as given' (README): PostgreSQL refuses the COPY and the command dies with a "
-    "DataError traceback, not a coded refusal (README: CODE (field), exit 2); SQLite keeps "
-    "all of it, so the same command differs by backend. "
-    "deliveries reprocess, conflicts resolve and the edits cut the actor to 64 (actor[:64]); "
-    "revalidate, retention run, reference import and pull --from-start pass it to "
-    "audit.append whole, and audit.append does not bound it"))
 def test_a_long_cli_actor_is_refused_coded_or_cut_to_the_column(db_url: str,
                                                                store: Engine) -> None:
     env = {"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_SECRET_KEY": SECRET_KEY}
