@@ -108,11 +108,10 @@ def parse_when(value: str | None, field: str, timezone: str = "Asia/Shanghai") -
         return None
     text = value.strip()
     try:
-        whole_day = len(text) == 10
-        if whole_day:
-            when = datetime.combine(date.fromisoformat(text), time())
-        else:
-            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        try:  # a date alone, in any ISO form (2026-03-01, 20260301): the whole day
+            when, whole_day = datetime.combine(date.fromisoformat(text), time()), True
+        except ValueError:
+            when, whole_day = datetime.fromisoformat(text.replace("Z", "+00:00")), False
     except ValueError as exc:
         raise refuse(field, f"not an ISO 8601 date or time: {text[:40]!r}",
                      f"不是 ISO 8601 日期或时间：{text[:40]!r}") from exc
