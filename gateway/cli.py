@@ -865,8 +865,7 @@ def revalidate(
     except PayloadRejected as exc:
         raise _refused(exc) from exc
     except RevalidationRefused as exc:
-        raise _refused(PayloadRejected("SCHEMA", field=exc.field or "filter", detail=f"({exc})",
-                                       detail_zh=f"（{exc.message_zh}）")) from exc
+        raise _refused(exc.coded()) from exc
     # Audited as `deliveries reprocess` is: cli:<OS user> unless the operator names someone.
     actor = actor or ops_commands.terminal_actor()
     engine = _engine(settings)

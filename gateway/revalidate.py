@@ -107,6 +107,11 @@ class RevalidationRefused(GatewayError, ValueError):
         super().__init__(message)
         self.message_zh, self.field = message_zh, field
 
+    def coded(self) -> PayloadRejected:
+        """The refusal as the API and the CLI give it: SCHEMA naming the field refused."""
+        return PayloadRejected("SCHEMA", field=self.field or "filter", detail=f"({self})",
+                               detail_zh=f"（{self.message_zh}）")
+
 
 @dataclass(frozen=True)
 class RevalidationFilter:

@@ -75,8 +75,7 @@ async def post_revalidate(body: RevalidateRequest, request: Request,
     try:
         flt = RevalidationFilter(**body.filter.model_dump())
     except RevalidationRefused as exc:
-        raise PayloadRejected("SCHEMA", field="filter", detail=f"({exc})",
-                              detail_zh=f"（{exc.message_zh}）") from exc
+        raise exc.coded() from exc
     rules = await run_in_threadpool(state.rules)
     result = await run_in_threadpool(
         lambda: revalidate(state.engine, flt, actor=who.name, reason=body.reason,
