@@ -167,15 +167,6 @@ def test_r9_failures_are_answered_per_result_with_both_messages(
 # -- findings -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a base correcting two of its own results in one request (their completion dates "
-    "swapped) gets the first answered `conflict` 'Another source already reported this "
-    "activity', held for ops and withdrawn from the management system as NOT_COUNTED, though "
-    "the request as a whole is consistent: SPEC §2 (l.32-34 'correct … a record it sent'), "
-    "§5 l.179 'One bad record never fails its neighbours', §7 l.249-252 (conflict is for "
-    "another source's report). Cause: Chunk._resubmitted judges each correction against "
-    "self.holders while a later item of the same chunk still holds the key "
-    "(gateway/pipeline/ingest.py), and succeed() never lifts a conflict"))
 def test_two_corrections_swapping_dates_in_one_request_are_both_corrected(
     db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
 ) -> None:
