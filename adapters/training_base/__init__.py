@@ -195,8 +195,10 @@ class TrainingBaseRosterAdapter(Adapter):
             return
         parsed = result_to_row(row_no or 0, cells.get("base_code"), cells.get("plan_id"), cells)
         parsed.row = row_no
-        if _text(cells.get("base_code")) == "":
-            parsed.errors.append(_schema("base_code", "required", "必填"))
+        # The base and the filed plan are columns of every row (SPEC §8): without them a row
+        # names no base's plan, a missing column and no policy's refusal.
+        parsed.errors += [_schema(key, "required", "必填") for key in ("base_code", "plan_id")
+                          if _text(cells.get(key)) == ""]
         yield parsed
 
 

@@ -185,14 +185,6 @@ def test_two_corrections_swapping_dates_in_one_request_are_both_corrected(
     assert [_status_of(store, x["record_id"]) for x in swapped] == ["accepted", "accepted"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a push without plan_id is not refused as SCHEMA naming plan_id: every result is "
-    "rejected PLAN_NOT_FILED 'not filed by the filing deadline … (None: no plan referenced)', "
-    "a Python None in the base's message and a policy code (kept for revalidation) for a "
-    "missing key. SPEC §8 l.270 'a missing required one rejects the row (SCHEMA, naming the "
-    "column)', l.277-278 the push is {base_code, plan_id, results} (the route's own OpenAPI "
-    "marks plan_id required). Cause: _check_envelope in gateway/api/routes/batches.py checks "
-    "base_code only; adapters/training_base result_to_row passes plan None to the rules"))
 def test_a_push_without_plan_id_is_a_schema_error_naming_plan_id(
     db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
 ) -> None:
@@ -213,12 +205,6 @@ def test_a_push_without_plan_id_is_a_schema_error_naming_plan_id(
     assert [(e["code"], e["field"]) for e in answer["errors"]] == [("SCHEMA", "plan_id")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a roster row with an empty plan_id cell is rejected PLAN_NOT_FILED "
-    "'(None: no plan referenced)' instead of SCHEMA naming the plan_id column, while an "
-    "empty base_code cell is SCHEMA. SPEC §8 l.270 'a missing required one rejects the row "
-    "(SCHEMA, naming the column)', l.279-280 (base_code and plan_id as columns). Cause: "
-    "TrainingBaseRosterAdapter.parse (adapters/training_base) checks base_code only"))
 def test_a_roster_row_without_plan_id_is_a_schema_error_naming_the_column(
     db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
     tmp_path: Path,
