@@ -7,7 +7,7 @@ plan (备案); the plan and base are judged by the rules (R9), not here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import date
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -30,11 +30,21 @@ NATIVE_FIELD = {"source_record_id": "result_id", "person.id_number": "id_no",
                 "person.region_code": "region", "claimed.quantity": "hours",
                 "activity.started_on": "started_on", "activity.completed_on": "completed_on",
                 "evidence.certificate_no": "certificate_no", "activity.provider_code": "base_code",
-                "activity.plan_id": "plan_id"}
+                "activity.plan_id": "plan_id", "evidence.assessment": "passed"}
 # ``passed`` as partners write it; text is compared stripped and case-folded (Excel and WPS
 # write booleans to CSV as TRUE/FALSE).
 TRUE = {True, "true", "1", "是", "合格", "通过", "yes", "y"}
 FALSE = {False, "false", "0", "否", "不合格", "未通过", "no", "n"}
+
+
+def native_notes(notes: Iterable[Note]) -> list[Note]:
+    """``notes`` naming the base's own keys where they name a canonical field it sent.
+
+    A push's answer names what the base wrote (SPEC §8 "Field names below are the partners'"),
+    the rules' notes as its schema errors; a field it did not send (``credited_hours``) stays.
+    """
+    return [n if n.field not in NATIVE_FIELD else n.model_copy(update={"field": NATIVE_FIELD[n.field]})
+            for n in notes]
 
 
 def _passed(value: Any) -> bool | None:
@@ -136,7 +146,7 @@ def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> Pars
                      "assessment": "passed" if passed else "failed"},
     }
     v = validate_submission(submission)
-    errors = [e.model_copy(update={"field": NATIVE_FIELD.get(e.field or "", e.field)}) for e in v.errors]
+    errors = native_notes(v.errors)
     return ParsedRow(row=index, raw=result, submission=v.submission, errors=errors,
                      warnings=list(v.warnings))
 

@@ -234,14 +234,6 @@ def test_a_roster_row_without_plan_id_is_a_schema_error_naming_the_column(
         (3, "plan_id", "SCHEMA")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: in a push's answer the rule errors and warnings name canonical paths "
-    "(evidence.assessment, activity.plan_id, claimed.quantity) where the base sent passed, "
-    "plan_id and hours, while its schema errors name the base's keys and a roster's rejected "
-    "rows name its columns. README 'a bad row becomes a coded row error naming the partner's "
-    "own column (… id_no …)'; SPEC §8 l.269 'Field names below are the partners''. Cause: "
-    "adapters/training_base NATIVE_FIELD is applied to validate_submission errors only; "
-    "native_records (gateway/api/routes/batches.py) returns the rules' notes unmapped"))
 def test_a_pushs_rule_errors_name_the_bases_own_keys(
     db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
 ) -> None:

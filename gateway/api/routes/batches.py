@@ -39,7 +39,7 @@ from adapters.tabular import (
     detect_format,
     xlsx_census,
 )
-from adapters.training_base import TrainingBaseAdapter, envelope_error
+from adapters.training_base import TrainingBaseAdapter, envelope_error, native_notes
 from contracts import SubmissionResult
 from gateway.accounts import Partner
 from gateway.api.deps import (
@@ -258,5 +258,8 @@ async def native_records(adapter: str, request: Request,
              for r in rows]
     rules = await run_in_threadpool(state.rules)
     answers = await run_in_threadpool(partial(ingest_items, rules=rules), state.engine, ref, items)
-    return records_result(answers)
+    # The rules name canonical fields; the base reads its own keys, as in its schema errors.
+    return records_result([a.model_copy(update={"errors": native_notes(a.errors),
+                                                "warnings": native_notes(a.warnings)})
+                           for a in answers])
 
