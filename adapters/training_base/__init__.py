@@ -124,8 +124,10 @@ def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> Pars
     mangled = mangled_number(result["result_id"], _text(result["result_id"]))
     if mangled is not None:  # Excel rounded it: it could name another trainee's result
         return ParsedRow(row=index, raw=result, errors=[_schema("result_id", *mangled)])
-    passed = _passed(result.get("passed", True))
-    if passed is None:
+    # A result that does not say is recorded as saying nothing (assessment "none"), never as
+    # a pass the base did not report (青人社厅函〔2022〕394号 六(二) "根据考试考核结果如实出具").
+    passed = _passed(result["passed"]) if "passed" in result else None
+    if passed is None and "passed" in result:
         return ParsedRow(row=index, raw=result, errors=[_schema("passed", "expected true or false",
                                                                   "应为 true 或 false")])
     plan = _text(plan_id) or None
@@ -143,7 +145,7 @@ def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> Pars
                      "completed_on": completed_on},
         "claimed": {"quantity": _number(result["hours"]), "unit": "hours", "details": {}},
         "evidence": {"certificate_no": _text(result.get("certificate_no")) or None,
-                     "assessment": "passed" if passed else "failed"},
+                     "assessment": "none" if passed is None else "passed" if passed else "failed"},
     }
     v = validate_submission(submission)
     errors = native_notes(v.errors)

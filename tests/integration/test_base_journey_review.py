@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from sqlalchemy import Engine, func, select
 
 from gateway.accounts import Partner
@@ -247,12 +246,6 @@ def test_a_pushs_rule_errors_name_the_bases_own_keys(
     assert [w["field"] for w in above["warnings"] if w["code"] == "INTEGRITY_ABOVE_PLAN"] == ["hours"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a result that does not say whether the trainee passed is stored and forwarded with "
-    "evidence.assessment 'passed', an assessment the base never reported; the contract has "
-    "'none' for that. SPEC §3 l.83 assessment passed|failed|none, §8 l.279 passed (bool); "
-    "notice 六(二) bases '根据考试考核结果如实出具…证明', 六(一) '考试考核结果…如实记录'. Cause: "
-    "adapters/training_base result_to_row reads result.get('passed', True)"))
 def test_a_result_without_passed_is_not_recorded_as_passed(
     db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
 ) -> None:
