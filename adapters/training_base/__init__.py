@@ -7,7 +7,7 @@ plan (备案); the plan and base are judged by the rules (R9), not here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import date
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -30,11 +30,21 @@ NATIVE_FIELD = {"source_record_id": "result_id", "person.id_number": "id_no",
                 "person.region_code": "region", "claimed.quantity": "hours",
                 "activity.started_on": "started_on", "activity.completed_on": "completed_on",
                 "evidence.certificate_no": "certificate_no", "activity.provider_code": "base_code",
-                "activity.plan_id": "plan_id"}
+                "activity.plan_id": "plan_id", "evidence.assessment": "passed"}
 # ``passed`` as partners write it; text is compared stripped and case-folded (Excel and WPS
 # write booleans to CSV as TRUE/FALSE).
 TRUE = {True, "true", "1", "是", "合格", "通过", "yes", "y"}
 FALSE = {False, "false", "0", "否", "不合格", "未通过", "no", "n"}
+
+
+def native_notes(notes: Iterable[Note]) -> list[Note]:
+    """``notes`` naming the base's own keys where they name a canonical field it sent.
+
+    A push's answer names what the base wrote (SPEC §8 "Field names below are the partners'"),
+    the rules' notes as its schema errors; a field it did not send (``credited_hours``) stays.
+    """
+    return [n if n.field not in NATIVE_FIELD else n.model_copy(update={"field": NATIVE_FIELD[n.field]})
+            for n in notes]
 
 
 def _passed(value: Any) -> bool | None:
@@ -114,8 +124,10 @@ def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> Pars
     mangled = mangled_number(result["result_id"], _text(result["result_id"]))
     if mangled is not None:  # Excel rounded it: it could name another trainee's result
         return ParsedRow(row=index, raw=result, errors=[_schema("result_id", *mangled)])
-    passed = _passed(result.get("passed", True))
-    if passed is None:
+    # A result that does not say is recorded as saying nothing (assessment "none"), never as
+    # a pass the base did not report (青人社厅函〔2022〕394号 六(二) "根据考试考核结果如实出具").
+    passed = _passed(result["passed"]) if "passed" in result else None
+    if passed is None and "passed" in result:
         return ParsedRow(row=index, raw=result, errors=[_schema("passed", "expected true or false",
                                                                   "应为 true 或 false")])
     plan = _text(plan_id) or None
@@ -133,10 +145,10 @@ def result_to_row(index: int, base_code: Any, plan_id: Any, result: Any) -> Pars
                      "completed_on": completed_on},
         "claimed": {"quantity": _number(result["hours"]), "unit": "hours", "details": {}},
         "evidence": {"certificate_no": _text(result.get("certificate_no")) or None,
-                     "assessment": "passed" if passed else "failed"},
+                     "assessment": "none" if passed is None else "passed" if passed else "failed"},
     }
     v = validate_submission(submission)
-    errors = [e.model_copy(update={"field": NATIVE_FIELD.get(e.field or "", e.field)}) for e in v.errors]
+    errors = native_notes(v.errors)
     return ParsedRow(row=index, raw=result, submission=v.submission, errors=errors,
                      warnings=list(v.warnings))
 
@@ -195,8 +207,10 @@ class TrainingBaseRosterAdapter(Adapter):
             return
         parsed = result_to_row(row_no or 0, cells.get("base_code"), cells.get("plan_id"), cells)
         parsed.row = row_no
-        if _text(cells.get("base_code")) == "":
-            parsed.errors.append(_schema("base_code", "required", "必填"))
+        # The base and the filed plan are columns of every row (SPEC §8): without them a row
+        # names no base's plan, a missing column and no policy's refusal.
+        parsed.errors += [_schema(key, "required", "必填") for key in ("base_code", "plan_id")
+                          if _text(cells.get(key)) == ""]
         yield parsed
 
 

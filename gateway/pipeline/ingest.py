@@ -573,6 +573,12 @@ class Chunk:
         # caps.refused_pins), with that cap group; a version sent from here ends the pin.
         self.pins: dict[str, caps.Group | None] = {}
         self.unpinned: list[str] = []
+        # This partner's records met here (record id → its source id), and the activity each
+        # source id's last valid item in the chunk reports (_last_words): where the chunk
+        # leaves the record, so that a record it moves away from an activity does not keep it
+        # from an earlier item of the same request (_let_go_for).
+        self.sources: dict[str, str] = {}
+        self.last_keys: dict[str, str] = {}
 
     # -- reads ----------------------------------------------------------------------------
     def _load(self, items: Sequence[Item]) -> None:
@@ -609,6 +615,7 @@ class Chunk:
             self.by_record[known.record_id] = known
             if by_source:
                 self.by_source[r["source_record_id"]] = known
+                self.sources[known.record_id] = r["source_record_id"]
 
     # -- decisions --------------------------------------------------------------------------
     def run(self, items: Sequence[Item]) -> list[RecordAnswer]:
@@ -624,6 +631,7 @@ class Chunk:
         # and those a refused one is pinned in.
         self._lock_groups({k.cap_group for k in self.by_source.values() if k.cap_group}
                           | {g for g in self.pins.values() if g})
+        self.last_keys = _last_words(items)
         answers = [self._decide(index, item) for index, item in enumerate(items)]
         last = {p.record_id: p for p in self.pending}  # each record's last word in this chunk
         self._apply_caps(last)
@@ -956,6 +964,22 @@ class Chunk:
             self.holders[key] = stored
         self.freed.setdefault(key, set()).add(known.record_id)
 
+    def _let_go_for(self, key: str, record_id: str) -> None:
+        """Give ``key`` back now if its holder is this partner's record the chunk moves off it.
+
+        A request is judged as a whole (SPEC §2, §7 "Dedup"): a base swapping two of its
+        results' dates corrects both, though the first correction meets the activity while the
+        other result, corrected away from it later in the request, still holds it.  That
+        holder is the same source, not "another source"; its own correction then finds the
+        key given back already (:meth:`_give_back` does nothing twice).
+        """
+        holder = self.holders.get(key)
+        if holder is None or holder == record_id or not _holds(self.by_record[holder], key):
+            return
+        source = self.sources.get(holder)
+        if source is not None and self.last_keys.get(source, key) != key:
+            self._give_back(self.by_record[holder])
+
     def _holder(self, key: str, record_id: str) -> str:
         """The record holding ``key``; ``record_id`` takes it if it is free or withdrawn."""
         holder = self.holders.get(key)
@@ -1023,11 +1047,13 @@ class Chunk:
 
     def _first_seen(self, index: int, item: Item, sub: Prepared) -> RecordAnswer:
         record_id, key, chash = new_record_id(), sub.natural_key, sub.content_hash
+        self._let_go_for(key, record_id)
         holder = self._holder(key, record_id)
         status = RecordStatus.ACCEPTED if holder == record_id else self._judge(sub, holder)
         duplicate_of = None if holder == record_id else holder
         known = _Known(record_id, 1, chash, False, status.value, duplicate_of, sub.claim, key)
         self.by_source[sub.source_record_id] = self.by_record[record_id] = known
+        self.sources[record_id] = sub.source_record_id
         self.born.add(record_id)
         self.new_records.append({
             "record_id": record_id, "partner_id": self.partner.partner_id,
@@ -1091,6 +1117,7 @@ class Chunk:
             # The correction changes who, what or when (another person, a new date): the record
             # gives back the activity it held.
             self._give_back(known)
+        self._let_go_for(sub.natural_key, known.record_id)
         if known.withdrawn or self.holders.get(sub.natural_key) != known.record_id:
             # It does not hold this activity (a new one; withdrawn, it gave it back; a repeat
             # or a conflict): judged against whoever holds it now — the record it repeated, a
@@ -1338,6 +1365,16 @@ class Chunk:
         bulk_insert(conn, rejections, self.rejected)
         if with_audit:
             audit.append(conn, self.events, self.now)
+
+
+def _last_words(items: Sequence[Item]) -> dict[str, str]:
+    """The activity (natural key) each source id's last valid item in ``items`` reports.
+
+    A refused item (R11's ``change_errors`` included: a refused change) leaves its record where
+    it was, so it is not a last word.
+    """
+    return {i.prepared.source_record_id: i.prepared.natural_key for i in items
+            if i.prepared is not None and not i.errors and not i.prepared.change_errors}
 
 
 def _arrival(item: Item) -> str | None:

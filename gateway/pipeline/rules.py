@@ -168,8 +168,8 @@ def _base_plan_assessment(case: _Case) -> None:
     if base is None or base.status != "active":
         why = ("no base code", "未提供基地代码") if not code else (
             ("not in the directory", "不在目录清单内") if base is None else ("revoked", "已取消资格"))
-        case.errors.append(coded("BASE_NOT_RECOGNIZED", f"({code}: {why[0]})",
-                                 f"（{code}：{why[1]}）", field="activity.provider_code"))
+        case.errors.append(coded("BASE_NOT_RECOGNIZED", *_detail(code, why),
+                                 field="activity.provider_code"))
     plan_id = sub.activity.plan_id
     plan = ref.plan(plan_id) if plan_id else None
     deadline = on(sub.year, case.config.plan_filing_deadline)
@@ -186,8 +186,14 @@ def _base_plan_assessment(case: _Case) -> None:
     else:
         case.plan = plan
         return
-    case.errors.append(coded("PLAN_NOT_FILED", f"({plan_id}: {why[0]})",
-                             f"（{plan_id}：{why[1]}）", field="activity.plan_id"))
+    case.errors.append(coded("PLAN_NOT_FILED", *_detail(plan_id, why), field="activity.plan_id"))
+
+
+def _detail(value: str | None, why: tuple[str, str]) -> tuple[str, str]:
+    """A note's detail in English and Chinese: the value it is about (if any) and why."""
+    if not value:  # never "None: …" in a partner's message
+        return f"({why[0]})", f"（{why[1]}）"
+    return f"({value}: {why[0]})", f"（{value}：{why[1]}）"
 
 
 def _cap_type(case: _Case) -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from sqlalchemy import Engine, func, select
 
 from gateway.accounts import Partner
@@ -167,15 +166,6 @@ def test_r9_failures_are_answered_per_result_with_both_messages(
 # -- findings -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a base correcting two of its own results in one request (their completion dates "
-    "swapped) gets the first answered `conflict` 'Another source already reported this "
-    "activity', held for ops and withdrawn from the management system as NOT_COUNTED, though "
-    "the request as a whole is consistent: SPEC §2 (l.32-34 'correct … a record it sent'), "
-    "§5 l.179 'One bad record never fails its neighbours', §7 l.249-252 (conflict is for "
-    "another source's report). Cause: Chunk._resubmitted judges each correction against "
-    "self.holders while a later item of the same chunk still holds the key "
-    "(gateway/pipeline/ingest.py), and succeed() never lifts a conflict"))
 def test_two_corrections_swapping_dates_in_one_request_are_both_corrected(
     db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
 ) -> None:
@@ -194,14 +184,6 @@ def test_two_corrections_swapping_dates_in_one_request_are_both_corrected(
     assert [_status_of(store, x["record_id"]) for x in swapped] == ["accepted", "accepted"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a push without plan_id is not refused as SCHEMA naming plan_id: every result is "
-    "rejected PLAN_NOT_FILED 'not filed by the filing deadline … (None: no plan referenced)', "
-    "a Python None in the base's message and a policy code (kept for revalidation) for a "
-    "missing key. SPEC §8 l.270 'a missing required one rejects the row (SCHEMA, naming the "
-    "column)', l.277-278 the push is {base_code, plan_id, results} (the route's own OpenAPI "
-    "marks plan_id required). Cause: _check_envelope in gateway/api/routes/batches.py checks "
-    "base_code only; adapters/training_base result_to_row passes plan None to the rules"))
 def test_a_push_without_plan_id_is_a_schema_error_naming_plan_id(
     db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
 ) -> None:
@@ -222,12 +204,6 @@ def test_a_push_without_plan_id_is_a_schema_error_naming_plan_id(
     assert [(e["code"], e["field"]) for e in answer["errors"]] == [("SCHEMA", "plan_id")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a roster row with an empty plan_id cell is rejected PLAN_NOT_FILED "
-    "'(None: no plan referenced)' instead of SCHEMA naming the plan_id column, while an "
-    "empty base_code cell is SCHEMA. SPEC §8 l.270 'a missing required one rejects the row "
-    "(SCHEMA, naming the column)', l.279-280 (base_code and plan_id as columns). Cause: "
-    "TrainingBaseRosterAdapter.parse (adapters/training_base) checks base_code only"))
 def test_a_roster_row_without_plan_id_is_a_schema_error_naming_the_column(
     db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
     tmp_path: Path,
@@ -257,14 +233,6 @@ def test_a_roster_row_without_plan_id_is_a_schema_error_naming_the_column(
         (3, "plan_id", "SCHEMA")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: in a push's answer the rule errors and warnings name canonical paths "
-    "(evidence.assessment, activity.plan_id, claimed.quantity) where the base sent passed, "
-    "plan_id and hours, while its schema errors name the base's keys and a roster's rejected "
-    "rows name its columns. README 'a bad row becomes a coded row error naming the partner's "
-    "own column (… id_no …)'; SPEC §8 l.269 'Field names below are the partners''. Cause: "
-    "adapters/training_base NATIVE_FIELD is applied to validate_submission errors only; "
-    "native_records (gateway/api/routes/batches.py) returns the rules' notes unmapped"))
 def test_a_pushs_rule_errors_name_the_bases_own_keys(
     db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
 ) -> None:
@@ -278,12 +246,6 @@ def test_a_pushs_rule_errors_name_the_bases_own_keys(
     assert [w["field"] for w in above["warnings"] if w["code"] == "INTEGRITY_ABOVE_PLAN"] == ["hours"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a result that does not say whether the trainee passed is stored and forwarded with "
-    "evidence.assessment 'passed', an assessment the base never reported; the contract has "
-    "'none' for that. SPEC §3 l.83 assessment passed|failed|none, §8 l.279 passed (bool); "
-    "notice 六(二) bases '根据考试考核结果如实出具…证明', 六(一) '考试考核结果…如实记录'. Cause: "
-    "adapters/training_base result_to_row reads result.get('passed', True)"))
 def test_a_result_without_passed_is_not_recorded_as_passed(
     db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner,
 ) -> None:

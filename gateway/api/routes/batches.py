@@ -39,7 +39,7 @@ from adapters.tabular import (
     detect_format,
     xlsx_census,
 )
-from adapters.training_base import TrainingBaseAdapter, envelope_error
+from adapters.training_base import TrainingBaseAdapter, envelope_error, native_notes
 from contracts import SubmissionResult
 from gateway.accounts import Partner
 from gateway.api.deps import (
@@ -211,7 +211,7 @@ async def get_batch(batch_id: str, request: Request,
 
 
 def _check_envelope(document: Any) -> None:
-    """Refuse a push whole (422 SCHEMA) when it holds no result to answer or names no base.
+    """Refuse a push whole (422 SCHEMA) when it holds no result to answer, or names no base or plan.
 
     As ``POST /v1/records`` refuses an envelope without records: an answer, and a rejection
     filed for ops, is for a result the partner sent, never for the envelope.
@@ -221,10 +221,11 @@ def _check_envelope(document: Any) -> None:
         refused = PayloadRejected(wrong.code, field=wrong.field)
         refused.message, refused.message_zh = wrong.message, wrong.message_zh or refused.message_zh
         raise refused
-    code = document.get("base_code")
-    if not isinstance(code, str) or not code.strip():
-        raise PayloadRejected("SCHEMA", field="base_code", detail="(base_code: required text)",
-                              detail_zh="（base_code：必填，应为文本）")
+    for key in ("base_code", "plan_id"):  # SPEC §8: the push is {base_code, plan_id, results}
+        value = document.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise PayloadRejected("SCHEMA", field=key, detail=f"({key}: required text)",
+                                  detail_zh=f"（{key}：必填，应为文本）")
 
 
 @router.post("/partners/{adapter}/records", response_model=SubmissionResult, openapi_extra=NATIVE_BODY,
@@ -257,5 +258,8 @@ async def native_records(adapter: str, request: Request,
              for r in rows]
     rules = await run_in_threadpool(state.rules)
     answers = await run_in_threadpool(partial(ingest_items, rules=rules), state.engine, ref, items)
-    return records_result(answers)
+    # The rules name canonical fields; the base reads its own keys, as in its schema errors.
+    return records_result([a.model_copy(update={"errors": native_notes(a.errors),
+                                                "warnings": native_notes(a.warnings)})
+                           for a in answers])
 
