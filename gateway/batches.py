@@ -160,10 +160,42 @@ def new_batch_id() -> str:
     return "B" + uuid.uuid4().hex[:24]
 
 
-def record_batch(engine: Engine, batch: NewBatch, actor: str) -> None:
-    """Commit the batch row (the file is already durable): from here it is acknowledged."""
+# A batch that took, or is taking, its file: a byte-identical upload is a resend of it.
+_TAKEN = ("queued", "processing", "done")
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    """The batch an upload is acknowledged as: its own, or the one that has its file."""
+
+    batch_id: str
+    status: str
+    resent: bool = False
+
+
+def record_batch(engine: Engine, batch: NewBatch, actor: str) -> Acknowledged:
+    """Commit the batch row (the file is already durable): from here it is acknowledged.
+
+    Returns the batch acknowledged.  The same file again (same bytes, totals, adapter, kind
+    and period, from the same partner: the resend after a lost 202) is answered with the batch
+    that has it, queued, processing or done, and nothing is recorded but an audit event: taken
+    twice, a month resent after the annual batch would correct its rows back to the month's
+    (SPEC §2 "resend safely").  After a failed batch the file is taken anew.
+    """
     now = datetime.now(UTC)
     with engine.begin() as conn:
+        earlier = conn.execute(select(batches.c.batch_id, batches.c.status).where(
+            batches.c.partner_id == batch.partner_id, batches.c.adapter == batch.adapter,
+            batches.c.kind == batch.kind, batches.c.period == batch.period,
+            batches.c.sha256 == batch.sha256, batches.c.status.in_(_TAKEN),
+            _same(batches.c.declared_rows, batch.declared_rows),
+            _same(batches.c.declared_credits, batch.declared_credits),
+        ).order_by(batches.c.created_at).limit(1)).first()
+        if earlier is not None:
+            audit.append(conn, [audit.Event("batch_resent", actor=actor, detail={
+                "batch_id": earlier.batch_id, "adapter": batch.adapter, "kind": batch.kind,
+                "period": batch.period, "bytes": batch.file_size, "sha256": batch.sha256})], now)
+            return Acknowledged(str(earlier.batch_id), str(earlier.status), resent=True)
         conn.execute(insert(batches).values(
             batch_id=batch.batch_id, partner_id=batch.partner_id, adapter=batch.adapter,
             kind=batch.kind, period=batch.period, status="queued", file_path=str(batch.file_path),
@@ -175,6 +207,11 @@ def record_batch(engine: Engine, batch: NewBatch, actor: str) -> None:
             "batch_id": batch.batch_id, "adapter": batch.adapter, "kind": batch.kind,
             "period": batch.period, "bytes": batch.file_size, "sha256": batch.sha256,
             "format": batch.file_format})], now)
+    return Acknowledged(batch.batch_id, "queued")
+
+
+def _same(column: Any, value: Any) -> Any:
+    return column.is_(None) if value is None else column == value
 
 
 def fsync_into_place(tmp: Path, final: Path) -> None:

@@ -483,18 +483,22 @@ def ingest(
             f"（合作方 {owner!r} 不是用 --base-code 登记的培训基地；请用 --partner-id 指定一个）")))
     batch = NewBatch(new_batch_id(), owner, adapter, kind, period,
                      file.resolve(), fmt, file.stat().st_size, file_sha256(file))
-    record_batch(engine, batch, actor=ops_commands.terminal_actor())
+    acknowledged = record_batch(engine, batch, actor=ops_commands.terminal_actor())
+    batch_id = acknowledged.batch_id
+    if acknowledged.resent:  # the same file again: its batch answers (and is resumed)
+        err.print(f"the same file was taken already as batch {batch_id}; its result follows "
+                  f"(同一文件已作为批次 {batch_id} 接收)", markup=False, highlight=False)
     try:
         total: int | None = count_rows(file, fmt)
     except UnreadableFile:  # processing meets it too, and fails the batch with the reason
         total = None
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, disable=as_json) as bar:
-        task = bar.add_task(f"{escape(file.name)} → {batch.batch_id}", total=total)
+        task = bar.add_task(f"{escape(file.name)} → {batch_id}", total=total)
         processor = BatchProcessor(engine, settings, progress=lambda row: bar.update(task, completed=row - 1))
         # This batch only: batches queued by others are the workers' (oldest first), and a
         # broken one among them must not become the failure of every later ingest.
-        claimed = processor.claim(batch.batch_id)
+        claimed = processor.claim(batch_id)
         failure = None
         while claimed is not None:
             failure = processor.run(claimed)
@@ -505,10 +509,10 @@ def ingest(
             claimed, until = None, time.monotonic() + settings.batch_lease_seconds + 1
             while claimed is None and time.monotonic() < until:
                 time.sleep(0.2)
-                claimed = processor.claim(batch.batch_id)
+                claimed = processor.claim(batch_id)
         bar.update(task, completed=total)
     with snapshot(engine) as conn:
-        status = batch_status(conn, batch.batch_id, limit=20)
+        status = batch_status(conn, batch_id, limit=20)
     assert status is not None
     if as_json:
         print(json.dumps(status, ensure_ascii=False))
@@ -522,10 +526,10 @@ def ingest(
                                        detail=f"(the file cannot be read: {failure})",
                                        detail_zh=f"（文件无法读取：{failure}）"))
     if status["status"] == "failed":
-        err.print(f"batch {batch.batch_id} failed: {status['error']}", style="red", markup=False,
+        err.print(f"batch {batch_id} failed: {status['error']}", style="red", markup=False,
                   highlight=False, soft_wrap=True)
     elif claimed is None:
-        err.print(f"batch {batch.batch_id} was taken by another batch processor; "
+        err.print(f"batch {batch_id} was taken by another batch processor; "
                   f"its status: {status['status']}", style="yellow", markup=False, soft_wrap=True)
     raise typer.Exit(0 if status["status"] == "done" else 1)
 

@@ -34,7 +34,15 @@ from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.reference import import_csv
 from gateway.signing import SigningClient, file_sha256, sign_digest
-from gateway.store.tables import batch_errors, batches, outbox, record_versions, records, rejections
+from gateway.store.tables import (
+    audit_events,
+    batch_errors,
+    batches,
+    outbox,
+    record_versions,
+    records,
+    rejections,
+)
 from mock_partners.ce_system import Faults
 from mock_partners.files import BAD_KEY, HEALTH_HEADERS, health_rows, write_csv
 from tests.conftest import SECRET_KEY
@@ -240,8 +248,15 @@ def test_golden_file_gives_the_contract_answers_and_reaches_the_management_syste
         outbox_before = count(engine, outbox)
         applied_before = len(applied(mock_url)["applied"])
 
-        # The same file again: every stored row is a duplicate, nothing new is queued or sent.
-        again = upload(client, golden.path, golden.adapter)
+        # The same file again (the resend after a lost 202): the batch that took it answers.
+        resend = client.upload_batch(golden.path, adapter=golden.adapter, kind="monthly",
+                                     period="2026-03")
+        assert resend.status_code == 202, resend.text
+        assert (resend.json()["batch_id"], resend.json()["resent"]) == (batch_id, True)
+        assert resend.json()["status"] == "done"
+        # Its rows again, in the annual batch: every stored row is a duplicate, nothing new is
+        # queued or sent.
+        again = upload(client, golden.path, golden.adapter, kind="annual", period="2026")
         assert again != batch_id
         resent = finished(client, again)
         assert resent["status"] == "done", resent["error"]
@@ -543,3 +558,45 @@ def test_ingest_cli_gives_the_same_answers(tmp_path: Path) -> None:
     refused = cli(env, "ingest", str(make_golden.HEALTH_CSV), "--adapter", "health", "--kind",
                   "monthly", "--period", "2026-3", "--json")
     assert refused.returncode == 2 and refused.stdout == ""
+
+
+def test_the_same_file_again_is_its_batch_unless_that_batch_failed(
+        db_url: str, engine: Engine, tmp_path: Path, make_settings: MakeSettings,
+        new_partner: NewPartner) -> None:
+    """A resend after a lost 202 is answered by the batch that took the file (SPEC §2)."""
+    health, other = new_partner(engine, adapter="health"), new_partner(engine, adapter="health")
+    path = tmp_path / "3月.csv"
+    generated_health(path, 46, 12, bad_ratio=0.0)
+    rows, credits = _file_totals(path)
+    period = f"{YEAR}-03"
+    with gateway(make_settings(db_url, batch_dir=tmp_path / "b")) as url, \
+            signed(url, health) as client, signed(url, other) as neighbour:
+        wrong = finished(client, upload(client, path, "health", period=period, row_count=rows + 1))
+        assert wrong["status"] == "failed"
+        # The failed batch took nothing: the same bytes with right totals are a batch of their own…
+        taken = upload(client, path, "health", period=period, row_count=rows)
+        assert taken != wrong["batch_id"] and finished(client, taken)["status"] == "done"
+        # …and those bytes and totals again are that batch, answered at once, nothing recorded.
+        again = client.upload_batch(path, adapter="health", kind="monthly", period=period,
+                                    row_count=rows)
+        assert again.status_code == 202, again.text
+        assert (again.json()["batch_id"], again.json()["resent"], again.json()["status"]) == (
+            taken, True, "done")
+        # Other totals, another period or another partner: not the same upload.
+        for sender, kwargs in ((client, {"period": period, "total_credits": str(credits)}),
+                               (client, {"period": f"{YEAR}-04"}),
+                               (neighbour, {"period": period})):
+            fresh = sender.upload_batch(path, adapter="health", kind="monthly", **kwargs)
+            assert fresh.status_code == 202 and fresh.json()["resent"] is False, fresh.text
+            assert fresh.json()["batch_id"] not in (taken, wrong["batch_id"])
+    with engine.connect() as conn:
+        mine = conn.execute(select(batches.c.batch_id).where(
+            batches.c.partner_id == health.partner_id)).scalars().all()
+        resent = conn.execute(select(audit_events.c.detail).where(
+            audit_events.c.kind == "batch_resent")).scalars().all()
+    assert len(mine) == 4  # the failed one, the taken one and the two other uploads
+    assert [json.loads(d)["batch_id"] for d in resent] == [taken]
+    with engine.connect() as conn:
+        every = set(conn.execute(select(batches.c.batch_id)).scalars())
+    # The resend's copy is not kept: every stored file is a batch's.
+    assert {p.stem for p in batch_files(tmp_path / "b")} <= every

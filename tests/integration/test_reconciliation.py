@@ -63,7 +63,7 @@ def _ingest(engine: Engine, settings: Settings, partner: Partner, path: Path, ki
     """
     batch = NewBatch(new_batch_id(), partner.partner_id, partner.adapter, kind, period, path,
                      "csv", path.stat().st_size, file_sha256(path))
-    record_batch(engine, batch, actor=partner.partner_id)
+    assert not record_batch(engine, batch, actor=partner.partner_id).resent
     if uploaded_at is not None:
         with engine.begin() as conn:
             conn.execute(update(batches).where(batches.c.batch_id == batch.batch_id)
@@ -312,9 +312,14 @@ def test_sending_the_annual_or_a_month_again_leaves_the_report_as_it_was(
     assert first["totals"]["repeated"] == len(manifest["unchanged"])
     assert first["totals"]["corrected"] == len(manifest["changed"]) > 0
     assert first["totals"]["lacking"] == len(manifest["missing"]) > 0
-    again = _ingest(engine, settings, partner, annual_path, "annual", str(YEAR))
+    # Other exports of the same rows (a byte-identical file is a resend of its batch, never
+    # taken twice: test_batch_journey_review): here a blank line more at the end of each.
+    annual_again, month_again = tmp_path / "annual-again.csv", tmp_path / "month-again.csv"
     month, path = next(iter(paths.items()))
-    _ingest(engine, settings, partner, path, "monthly", f"{YEAR}-{month:02d}")
+    annual_again.write_bytes(annual_path.read_bytes() + b"\r\n")
+    month_again.write_bytes(path.read_bytes() + b"\r\n")
+    again = _ingest(engine, settings, partner, annual_again, "annual", str(YEAR))
+    _ingest(engine, settings, partner, month_again, "monthly", f"{YEAR}-{month:02d}")
     with engine.connect() as conn:
         later = reconcile.report(conn, "health", YEAR, today=AFTER_THE_YEAR)
     assert _as_months(later) == _as_months(first) and later["totals"] == first["totals"]

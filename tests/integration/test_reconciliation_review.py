@@ -58,8 +58,8 @@ class Pusher:
         write_csv(path, rows, HEALTH_HEADERS if partner.adapter == "health" else FINANCE_HEADERS)
         batch = NewBatch(new_batch_id(), partner.partner_id, partner.adapter, kind, period, path,
                          "csv", path.stat().st_size, file_sha256(path))
-        record_batch(self.engine, batch, actor=partner.partner_id)
-        if uploaded_at is not None:
+        taken = record_batch(self.engine, batch, actor=partner.partner_id)
+        if uploaded_at is not None and not taken.resent:
             with self.engine.begin() as conn:
                 conn.execute(update(batches).where(batches.c.batch_id == batch.batch_id)
                              .values(created_at=uploaded_at))
@@ -67,7 +67,7 @@ class Pusher:
             processor = BatchProcessor(self.engine, self.settings, name="review")
             while processor.run_once():
                 pass
-        return batch.batch_id
+        return taken.batch_id  # a byte-identical file: the batch that took it (a resend)
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         with self.engine.connect() as conn:
@@ -340,6 +340,7 @@ class Oracle:
         self.repeated: set[str] = set()
         self.conflicted: set[str] = set()
         self.pushed: set[str] = set()
+        self.files: set[tuple[str, str, str]] = set()
 
     def _key(self, row: Row) -> tuple[str, ...]:
         return (row.get("身份证号") or row.get("证件号码", ""), row.get("项目名称") or row.get("课程名称", ""),
@@ -348,6 +349,10 @@ class Oracle:
     def push(self, rows: list[Row], kind: str, period: str) -> None:
         if kind == "monthly":
             self.pushed.add(period)
+        sent = (kind, period, repr(rows))  # the same rows in the same order: the same file
+        if sent in self.files:
+            return  # a resend: answered by the batch that took the file, never taken twice
+        self.files.add(sent)
         for row in rows:
             rid = row[self.id_column]
             content = (str(parse_decimal(row["学分"])), row.get(self.employer, ""))

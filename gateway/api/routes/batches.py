@@ -114,7 +114,11 @@ def _line_breaks(block: bytes) -> int:
 
 
 @router.post(BATCH_UPLOAD_PATH.removeprefix("/v1"), status_code=202, openapi_extra=UPLOAD,
-             summary="Upload a batch file (CSV, XLSX or NDJSON); 202 with its id at once")
+             summary="Upload a batch file (CSV, XLSX or NDJSON); 202 with its id at once",
+             description="The same file again (same bytes, control totals, adapter, kind and "
+                         "period) from the same partner is a resend: answered 202 with the batch "
+                         "that has it (`resent`: true) unless that batch failed, and never taken "
+                         "twice.")
 async def upload_batch(request: Request, adapter: Annotated[str, Query()],
                        kind: Annotated[str, Query()], period: Annotated[str, Query()]) -> JSONResponse:
     state = state_of(request)
@@ -173,12 +177,15 @@ async def upload_batch(request: Request, adapter: Annotated[str, Query()],
     batch = NewBatch(batch_id, partner.partner_id, adapter, kind, period, final, fmt, size,
                      digest.hexdigest(), declared_rows, declared_credits)
     try:
-        await run_in_threadpool(record_batch, state.engine, batch, partner.partner_id)
+        acknowledged = await run_in_threadpool(record_batch, state.engine, batch, partner.partner_id)
     except BaseException:
         final.unlink(missing_ok=True)  # no batch names it: nobody would ever process or remove it
         raise
-    return JSONResponse(status_code=202, content={"batch_id": batch_id, "status": "queued",
-                                                  "bytes": size, "format": fmt})
+    if acknowledged.resent:  # the batch that has the same file answers for it
+        final.unlink(missing_ok=True)
+    return JSONResponse(status_code=202, content={
+        "batch_id": acknowledged.batch_id, "status": acknowledged.status,
+        "resent": acknowledged.resent, "bytes": size, "format": fmt})
 
 
 @router.get("/batches/{batch_id}", summary="A batch's progress, counts and rejected rows (paged)")
