@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,21 @@ def _failure_of(row: Any) -> dict[str, str] | None:
             "message_zh": f"{zh}（{row['error_zh'] or row['error']}）"}
 
 
-def check_batch_request(adapter: str, kind: str, period: str) -> None:
+# The first CE year a batch may be for (the gateway's data starts in this century).
+FIRST_PERIOD_YEAR = 2000
+
+
+def check_batch_request(adapter: str, kind: str, period: str, open_year: int | None = None,
+                        today: date | None = None) -> None:
+    """Refuse (422 SCHEMA) an adapter/kind pair, or a period, no batch can be for.
+
+    With ``open_year`` (the CE year that closes next, ``ops.overview.year_close``): a period
+    before 2000, or of a later year than that one whose month has not begun by ``today``, is a
+    typo.  Taken, its rows would all be refused OUTSIDE_YEAR and the batch would still count as
+    that month's push, so the missed-push alert would never name the month when it comes
+    (notice 六(四): each month's data is pushed at its end).  A month of the open year not
+    begun yet is let through: past the year's close (31 December) the open year is the next.
+    """
     if (adapter, kind) not in BATCH_ADAPTERS:
         allowed = ", ".join(f"{a}/{k}" for a, k in sorted(BATCH_ADAPTERS))
         raise PayloadRejected("SCHEMA", field="adapter", detail=f"(adapter/kind must be one of {allowed})",
@@ -108,6 +122,16 @@ def check_batch_request(adapter: str, kind: str, period: str) -> None:
         raise PayloadRejected("SCHEMA", field="period",
                               detail="(monthly: YYYY-MM; annual: YYYY; roster: YYYY or YYYY-MM)",
                               detail_zh="（月度：YYYY-MM；年度：YYYY；花名册：YYYY 或 YYYY-MM）")
+    if open_year is None:
+        return
+    today = today or datetime.now(UTC).date()  # callers give the local day (period_bounds)
+    year, month = int(period[:4]), int(period[5:7]) if len(period) == 7 else 1
+    begun = (year, month) <= (today.year, today.month)
+    if year < FIRST_PERIOD_YEAR or not (begun or year <= open_year):
+        raise PayloadRejected("SCHEMA", field="period", detail=(
+            f"(a period from {FIRST_PERIOD_YEAR} to the open CE year {open_year}, or one that "
+            "has begun)"), detail_zh=f"（期间须在 {FIRST_PERIOD_YEAR} 年至当前开放的继续教育年度 "
+                                     f"{open_year} 年之间，或已开始）")
 
 
 def native_column(adapter: str, field: str | None) -> str | None:

@@ -447,6 +447,7 @@ def ingest(
         record_batch,
     )
     from gateway.errors import PayloadRejected, ScopeViolation
+    from gateway.ops.overview import period_bounds
     from gateway.pipeline.rules_tables import BASE_ADAPTERS
     from gateway.signing import file_sha256
     from gateway.store.db import snapshot
@@ -455,7 +456,7 @@ def ingest(
     _setup_logging(settings)
     owner = partner_id or f"{adapter}-local"
     try:  # refused as an upload would be (422), before a batch exists
-        check_batch_request(adapter, kind, period)
+        check_batch_request(adapter, kind, period, *period_bounds(settings))
         if file.stat().st_size == 0:
             raise PayloadRejected("SCHEMA", field="file", detail="(empty file)", detail_zh="（文件为空）")
         with file.open("rb") as handle:

@@ -24,7 +24,7 @@ from gateway.store.tables import batches, outbox, partners, pull_state, records,
 
 __all__ = ["MONTHLY_ADAPTERS", "Backlog", "MissingPushes", "YearClose", "backlog", "dead_letters",
            "first_owed_month", "later_version_alive", "latest_due_month", "missing_pushes",
-           "overview", "pull_lag", "year_close"]
+           "overview", "period_bounds", "pull_lag", "year_close"]
 
 # Partners that push a batch every month (SPEC §2): their missing months are tracked.
 MONTHLY_ADAPTERS = ("health", "finance")
@@ -106,6 +106,12 @@ def year_close(settings: Settings, now: datetime) -> YearClose:
         if closes >= today:
             return YearClose(year, closes, (closes - today).days)
     raise AssertionError("unreachable: next year's close lies ahead")  # pragma: no cover
+
+
+def period_bounds(settings: Settings, now: datetime | None = None) -> tuple[int, date]:
+    """The open CE year (the one that closes next) and today, local: what a batch may be for."""
+    now = now or datetime.now(UTC)
+    return year_close(settings, now).year, now.astimezone(ZoneInfo(settings.timezone)).date()
 
 
 def latest_due_month(settings: Settings, now: datetime) -> str:

@@ -185,14 +185,6 @@ def test_a_late_resend_of_a_month_does_not_undo_the_annuals_corrections(
     assert queued(engine) == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a monthly batch for a month that has not begun (here May of the year after next) is "
-    "acknowledged 202 and, once its rows are all refused OUTSIDE_YEAR, counts as that month's "
-    "push: months_never_pushed (gateway/reconcile.py ARRIVED) will never name it, so the "
-    "missed-push alert (SPEC §2 ops) stays silent for that month.  The notice 六(四) has the "
-    "commission push 'the month's training data' at month end; a period in the future is a "
-    "typo the upload should refuse (422 SCHEMA, field period) like 2026-13 "
-    "(gateway/batches.py check_batch_request checks only the shape)."))
 def test_a_monthly_batch_for_a_month_not_yet_begun_is_refused(
         db_url: str, engine: Engine, tmp_path: Path, make_settings: MakeSettings,
         new_partner: NewPartner) -> None:
@@ -204,3 +196,30 @@ def test_a_monthly_batch_for_a_month_not_yet_begun_is_refused(
         resp = client.upload_batch(path, adapter="health", kind="monthly", period=f"{YEAR + 2}-05")
         assert resp.status_code == 422, resp.text
         assert resp.json()["error"]["field"] == "period"
+
+
+@pytest.mark.parametrize(("today", "open_year", "kind", "period", "taken"), [
+    ("2026-11-28", 2026, "monthly", "2026-11", True), ("2026-11-28", 2026, "monthly", "2025-12", True),
+    ("2026-11-28", 2026, "annual", "2026", True), ("2026-11-28", 2026, "roster", "2026-11", True),
+    ("2026-11-28", 2026, "monthly", "2027-01", False), ("2026-11-28", 2026, "annual", "2027", False),
+    ("2026-11-28", 2026, "roster", "2027", False), ("2026-11-28", 2026, "monthly", "2028-05", False),
+    ("2026-11-28", 2026, "monthly", "1999-12", False), ("2026-11-28", 2026, "annual", "0000", False),
+    # Past the close (31 December) the next year is open; an extended close keeps the last
+    # year open into January, when January has begun all the same.
+    ("2026-12-31", 2027, "monthly", "2027-03", True), ("2027-01-05", 2026, "monthly", "2027-01", True),
+    ("2027-01-05", 2026, "monthly", "2027-02", False)])
+def test_a_period_is_of_the_open_ce_year_or_has_begun(
+        today: str, open_year: int, kind: str, period: str, taken: bool) -> None:
+    from datetime import date
+
+    from gateway.batches import check_batch_request
+    from gateway.errors import PayloadRejected
+
+    adapter = "training_base" if kind == "roster" else "health"
+    day = date.fromisoformat(today)
+    if taken:
+        check_batch_request(adapter, kind, period, open_year, day)
+    else:
+        with pytest.raises(PayloadRejected) as refused:
+            check_batch_request(adapter, kind, period, open_year, day)
+        assert refused.value.field == "period" and str(open_year) in refused.value.message_zh

@@ -61,6 +61,7 @@ from gateway.batches import (
     record_batch,
 )
 from gateway.errors import NotFound, PayloadRejected, PayloadTooLarge, ScopeViolation
+from gateway.ops.overview import period_bounds
 from gateway.pipeline.ingest import Item, ingest_items
 from gateway.store.db import snapshot
 from gateway.store.tables import batches
@@ -124,7 +125,7 @@ async def upload_batch(request: Request, adapter: Annotated[str, Query()],
     state = state_of(request)
     settings = state.settings
     sig = signature_headers(request)  # refuse stale or unsigned uploads before reading a byte
-    check_batch_request(adapter, kind, period)
+    check_batch_request(adapter, kind, period, *period_bounds(settings))
     declared_rows, declared_credits = parse_control_totals(
         request.headers.get("x-ce-row-count"), request.headers.get("x-ce-total-credits"))
     if declared_rows is not None and declared_rows > settings.max_batch_rows:
