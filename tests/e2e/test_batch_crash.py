@@ -213,9 +213,15 @@ def test_sigkill_mid_batch_resumes_after_the_last_chunk_exactly_once(
         assert _count(store, outbox) == len(good)
         assert verified.ok, verified.reason
 
-        # The same file again, after the crash: every row is a duplicate or rejected again.
+        # The same file again, after the crash: the batch that took it answers (a resend) …
+        again = path.with_name("again-" + path.name)  # … and another export of the same rows
+        again.write_bytes(path.read_bytes() + b"\r\n")  # (a blank line more) is taken anew:
         with SigningClient(gw.url, partner.app_key, partner.secret) as client:
-            status = upload_and_wait(client, path, 180)
+            resend = client.upload_batch(path, adapter="health", kind="monthly",
+                                         period=f"{YEAR}-03")
+            assert resend.status_code == 202, resend.text
+            assert (resend.json()["batch_id"], resend.json()["resent"]) == (batch_id, True)
+            status = upload_and_wait(client, again, 180)  # every row a duplicate or rejected again
         assert status["status"] == "done", status["error"]
         assert status["counts"] == {"rows": ROWS, "accepted": 0, "duplicate": len(good),
                                     "corrected": 0, "conflict": 0, "rejected": len(bad)}

@@ -114,8 +114,10 @@ def new_store(url: str, partner: NewPartner) -> Engine:
 
 def register(engine: Engine, path: Path, batch_id: str = BATCH_ID, **declared: Any) -> str:
     fmt = {".xlsx": "xlsx", ".ndjson": "ndjson"}.get(path.suffix, "csv")
-    record_batch(engine, NewBatch(batch_id, PARTNER_ID, "health", "monthly", PERIOD, path, fmt,
-                                  path.stat().st_size, file_sha256(path), **declared), "test")
+    taken = record_batch(engine, NewBatch(batch_id, PARTNER_ID, "health", "monthly", PERIOD, path,
+                                          fmt, path.stat().st_size, file_sha256(path), **declared),
+                         "test")
+    assert not taken.resent, "the same bytes again are a resend of their batch, not a new one"
     return batch_id
 
 
@@ -514,7 +516,8 @@ def test_a_row_with_an_absurd_credits_value_is_rejected_alone_on_postgresql(
             (62, "学分", "SCHEMA")]
 
 
-# -- the same file twice, processed at once (a resend while the first is still processing) ------
+# -- the same rows twice, processed at once (two exports of one file, or two uploads racing past
+# record_batch's resend check on two replicas) ---------------------------------------------------
 
 
 def test_the_same_file_processed_twice_at_once_takes_each_row_once(
@@ -524,7 +527,9 @@ def test_the_same_file_processed_twice_at_once_takes_each_row_once(
     path = tmp_path / "health.csv"
     good, bad = health_file(path, 600, "utf-8", seed=43)
     engine = new_store(db_url, new_partner)
-    first, second = register(engine, path, "B" + "1" * 24), register(engine, path, "B" + "2" * 24)
+    again = tmp_path / "health-again.csv"  # another export: a blank line more at the end
+    again.write_bytes(path.read_bytes() + b"\r\n")
+    first, second = register(engine, path, "B" + "1" * 24), register(engine, again, "B" + "2" * 24)
     settings = settings_for(make_settings, db_url, tmp_path)
     errors: list[BaseException | None] = []
     both = threading.Barrier(2, timeout=30)

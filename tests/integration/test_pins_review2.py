@@ -161,9 +161,10 @@ def _roster_batch(engine: Engine, settings: Settings, base: Partner, tmp_path: P
         writer = csv.DictWriter(out, ROSTER_HEADERS)
         writer.writeheader()
         writer.writerows(rows)
-    batch_id = "B" + uuid.uuid4().hex[:24]
-    record_batch(engine, NewBatch(batch_id, base.partner_id, "training_base", "roster", "2026",
-                                  path, "csv", path.stat().st_size, file_sha256(path)), "test")
+    # The same rows again are the same bytes: a resend, answered by the batch that took them.
+    batch_id = record_batch(engine, NewBatch(
+        "B" + uuid.uuid4().hex[:24], base.partner_id, "training_base", "roster", "2026", path,
+        "csv", path.stat().st_size, file_sha256(path)), "test").batch_id
     processor = BatchProcessor(engine, settings, name="review")
 
     def ended() -> dict[str, Any] | None:

@@ -63,7 +63,9 @@ def _ingest(engine: Engine, settings: Settings, partner: Partner, path: Path, ki
     """
     batch = NewBatch(new_batch_id(), partner.partner_id, partner.adapter, kind, period, path,
                      "csv", path.stat().st_size, file_sha256(path))
-    assert not record_batch(engine, batch, actor=partner.partner_id).resent
+    taken = record_batch(engine, batch, actor=partner.partner_id)
+    if taken.resent:  # the same file again: the batch that took it answers, nothing runs
+        return taken.batch_id
     if uploaded_at is not None:
         with engine.begin() as conn:
             conn.execute(update(batches).where(batches.c.batch_id == batch.batch_id)

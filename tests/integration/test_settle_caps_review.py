@@ -122,8 +122,10 @@ def test_a_successor_first_seen_in_the_chunk_moves_no_share_twice(
     [held, m1] = ingest(engine, a, [x, paper("M1", person, 2)], now=NOW)
     y, moved, n = ingest(engine, a, [x | {"source_record_id": "Y"}, _other_person(x, 530),
                                      paper("N", person, 3)], now=NOW)
-    assert (y.status, moved.status, n.status) == ("duplicate", "corrected", "accepted")
-    assert _row(engine, y.record_id)["status"] == "accepted"  # Y took the activity over
+    # The request is judged as a whole (SPEC §2, §7): X leaves the activity in it, so Y, the
+    # same partner's, is its holder at once, not a duplicate that takes over afterwards.
+    assert (y.status, moved.status, n.status) == ("accepted", "corrected", "accepted")
+    assert _row(engine, y.record_id)["status"] == "accepted"  # Y holds the activity
     assert cap_violations(engine) == []
     assert [_row(engine, r)["credited_hours"] for r in (m1.record_id, y.record_id, n.record_id)
             ] == ["10.0", "10.0", "0.0"]
