@@ -15,7 +15,7 @@ import httpx
 
 class Action(StrEnum):
     DELIVERED = "delivered"  # per-record receipts follow
-    ALREADY_APPLIED = "already_applied"  # 409 on the batch: success, no receipts
+    ALREADY_APPLIED = "already_applied"  # 409 on the batch: success; receipts if its body has them
     RETRY = "retry"  # transient: in-call retry, then the store's schedule
     RATE_LIMITED = "rate_limited"  # transient, honour Retry-After
     SPLIT = "split"  # the request as a whole is refused: bisect to find the bad record

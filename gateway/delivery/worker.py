@@ -215,6 +215,15 @@ class DeliveryWorker:
                 receipts = list(orjson.loads(response.content)["receipts"])
             except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
                 raise RetriableDeliveryError("unreadable receipts", status_code=response.status_code) from exc
+        elif action is Action.ALREADY_APPLIED:
+            # 409 is success whatever its body; a body that repeats the first answer's receipts
+            # still says which record was rejected and what each receipt number is.
+            try:
+                answer = orjson.loads(response.content)
+                receipts = [r for r in answer.get("receipts", []) if isinstance(r, dict)
+                            and isinstance(r.get("version"), int)]
+            except (orjson.JSONDecodeError, AttributeError, TypeError):
+                receipts = []
         return _Reply(action, response.status_code, receipts)
 
     @property
@@ -384,7 +393,8 @@ class DeliveryWorker:
         delivered: list[dict[str, Any]] = []
         for row in claimed.rows:
             receipt = by_key.get((row["record_id"], row["version"]))
-            if reply.action is Action.ALREADY_APPLIED:
+            if reply.action is Action.ALREADY_APPLIED and receipt is None:
+                # Applied before (the first answer was lost), and the 409 says no more of it.
                 receipt = {"status": "duplicate", "receipt_no": None}
             if receipt is None:
                 # No receipt for it: not applied as far as we know; it re-enters a new batch.
