@@ -193,11 +193,6 @@ def test_failed_delivery_filters_return_exactly_their_rows(
 # -- findings ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a lost reply then the retry's 409 marks every record of the batch delivered, also the "
-    "one the management system rejected in the lost reply (the 409 body carries that receipt); "
-    "ops see 'delivered' for a record never applied (SPEC §5: a per-record rejected is "
-    "permanent; §2: dead with reason). Cause: worker._apply_receipts ignores a 409's receipts"))
 def test_a_rejection_answered_again_by_409_is_not_shown_delivered(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker) -> None:
@@ -216,11 +211,6 @@ def test_a_rejection_answered_again_by_409_is_not_shown_delivered(
     assert {d["record_id"] for d in _list(engine, error_code="DOWNSTREAM_REJECTED")} == {bad}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a version applied before its reply was lost, confirmed by the retry's 409, shows "
-    "delivered with no receipt number although the 409 answer carries the management system's "
-    "receipt (SPEC §2: 'delivered with receipt'). Cause: worker._apply_receipts sets "
-    "receipt_no=None for Action.ALREADY_APPLIED and _send reads receipts only on a 200"))
 def test_lost_reply_then_409_shows_one_delivery_with_its_receipt(
         engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
         make_worker: MakeWorker) -> None:
@@ -238,11 +228,6 @@ def test_lost_reply_then_409_shows_one_delivery_with_its_receipt(
     assert done["detail"]["receipt_no"] == receipt
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: GET /v1/records/{id} returns the record's identity number in full under "
-    "record.person.id_number (README: identity numbers are masked everywhere: audit text, logs, "
-    "the ops API and console; the console's record page masks it). Cause: "
-    "gateway/ops/records.record_view returns the stored payload unmasked"))
 def test_record_view_masks_the_identity_number(
         db_url: str, engine: Engine, make_settings: Callable[..., Any],
         new_partner: Callable[..., Partner], new_operator: Callable[..., str]) -> None:

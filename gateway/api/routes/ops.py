@@ -15,7 +15,7 @@ from gateway import audit, compliance, reconcile
 from gateway.accounts import Operator
 from gateway.api.deps import operator, state_of
 from gateway.errors import NotFound, PayloadRejected
-from gateway.masking import mask_text
+from gateway.masking import mask_text, masked
 from gateway.ops.records import record_view
 from gateway.store.db import reading, snapshot
 
@@ -32,7 +32,10 @@ def get_record(record_id: str, request: Request, _: Viewer) -> dict[str, Any]:
     if view is None:
         shown = mask_text(record_id[:64].replace("\x00", "?"))
         raise NotFound(detail=f"(record {shown})", detail_zh=f"（记录 {shown}）")
-    return view
+    # Identity numbers masked, as the console's record page and `records show` show them: ops
+    # read a record by its id; its person's whole number is the management system's to keep.
+    shown_view: dict[str, Any] = masked(view)
+    return shown_view
 
 
 @router.get("/reconciliation/{adapter}/{year}",
