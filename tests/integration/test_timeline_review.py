@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -26,21 +26,8 @@ from gateway.pipeline.ingest import PartnerRef, ingest
 from gateway.store.db import make_engine
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
+from tests.integration.test_delivery_worker import Clock
 from tests.support.servers import uvicorn_thread
-
-T0 = datetime(2026, 3, 2, 9, 0, 0, tzinfo=UTC)
-
-
-class Clock:
-    def __init__(self, start: datetime = T0) -> None:
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
 
 MakeWorker = Callable[..., DeliveryWorker]
 
