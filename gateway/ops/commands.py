@@ -156,9 +156,9 @@ def records_show(record_id: Annotated[str, typer.Argument(help="record id (R…,
             shown = mask_text(record_id[:64].replace("\x00", "?"))
             raise NotFound(field="record_id", detail=f"(no record {shown})",
                            detail_zh=f"（记录 {shown}）")
-    # Masked as the console shows it: terminal output ends up in tickets and logs (the API's
-    # GET /v1/records/{id} answers the whole record to an operator's token).
-    # The structure, not its JSON text, where a line break in a field is an escape (``\n``).
+    # Masked as the console and GET /v1/records/{id} show it: terminal output ends up in
+    # tickets and logs.  The structure, not its JSON text, where a line break in a field is an
+    # escape (``\n``).
     _show(masked(view), "timeline", f"时间线 timeline ({record_id})", as_json)
 
 
