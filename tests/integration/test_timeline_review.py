@@ -9,12 +9,11 @@ mock says it applied (``/_mock/applied``).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import Engine
 
 from gateway.accounts import Partner
@@ -23,30 +22,15 @@ from gateway.delivery.worker import DeliveryWorker
 from gateway.ops.deliveries import DeliveryFilter, list_deliveries, reprocess
 from gateway.ops.records import record_view
 from gateway.pipeline.ingest import PartnerRef, ingest
-from gateway.store.db import make_engine
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
-from tests.integration.test_delivery_worker import Clock
+
+from tests.integration import test_delivery_worker as delivery_tests
+from tests.integration.test_delivery_worker import Clock, MakeWorker
 from tests.support.servers import uvicorn_thread
 
-MakeWorker = Callable[..., DeliveryWorker]
-
-
-@pytest.fixture
-def make_worker(db_url: str, mock_ce: tuple[str, Faults],
-                make_settings: Callable[..., Any]) -> Iterator[MakeWorker]:
-    made: list[DeliveryWorker] = []
-
-    def build(clock: Callable[[], datetime] | None = None, **overrides: Any) -> DeliveryWorker:
-        worker = DeliveryWorker(make_engine(db_url), make_settings(db_url, mock_ce[0], **overrides),
-                                clock=clock)
-        made.append(worker)
-        return worker
-
-    yield build
-    for worker in made:
-        worker.close()
-        worker.engine.dispose()
+# The delivery tests' fixture: workers with a hand-moved clock each, closed afterwards.
+make_worker = delivery_tests.make_worker
 
 
 def _sub(source_id: str, seed: int = 7, **changes: Any) -> dict[str, Any]:
