@@ -24,7 +24,6 @@ from gateway.ops.records import record_view
 from gateway.pipeline.ingest import PartnerRef, ingest
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
-
 from tests.integration import test_delivery_worker as delivery_tests
 from tests.integration.test_delivery_worker import Clock, MakeWorker
 from tests.support.servers import uvicorn_thread
