@@ -212,8 +212,8 @@ def record_batch(engine: Engine, batch: NewBatch, actor: str) -> Acknowledged:
             batches.c.partner_id == batch.partner_id, batches.c.adapter == batch.adapter,
             batches.c.kind == batch.kind, batches.c.period == batch.period,
             batches.c.sha256 == batch.sha256, batches.c.status.in_(_TAKEN),
-            _same(batches.c.declared_rows, batch.declared_rows),
-            _same(batches.c.declared_credits, batch.declared_credits),
+            batches.c.declared_rows.is_not_distinct_from(batch.declared_rows),
+            batches.c.declared_credits.is_not_distinct_from(batch.declared_credits),
         ).order_by(batches.c.created_at).limit(1)).first()
         if earlier is not None:
             audit.append(conn, [audit.Event("batch_resent", actor=actor, detail={
@@ -233,9 +233,6 @@ def record_batch(engine: Engine, batch: NewBatch, actor: str) -> Acknowledged:
             "format": batch.file_format})], now)
     return Acknowledged(batch.batch_id, "queued")
 
-
-def _same(column: Any, value: Any) -> Any:
-    return column.is_(None) if value is None else column == value
 
 
 def fsync_into_place(tmp: Path, final: Path) -> None:
