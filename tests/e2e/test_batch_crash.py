@@ -37,6 +37,7 @@ from gateway.store.tables import (
 from mock_partners.ce_system import Faults
 from mock_partners.files import BAD_KEY, HEALTH_HEADERS, health_rows, write_csv
 from tests.conftest import SECRET_KEY
+from tests.support.files import another_export
 from tests.support.servers import GatewayProcess, poll
 
 ROWS = 3_000  # 12 chunks of 250: the kill lands after the first, well before the last
@@ -214,8 +215,7 @@ def test_sigkill_mid_batch_resumes_after_the_last_chunk_exactly_once(
         assert verified.ok, verified.reason
 
         # The same file again, after the crash: the batch that took it answers (a resend) …
-        again = path.with_name("again-" + path.name)  # … and another export of the same rows
-        again.write_bytes(path.read_bytes() + b"\r\n")  # (a blank line more) is taken anew:
+        again = another_export(path)  # … and another export of the same rows is taken anew:
         with SigningClient(gw.url, partner.app_key, partner.secret) as client:
             resend = client.upload_batch(path, adapter="health", kind="monthly",
                                          period=f"{YEAR}-03")

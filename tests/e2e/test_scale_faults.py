@@ -68,6 +68,7 @@ from tests.e2e.test_batch_crash import (
     open_ce_year,
     upload_and_wait,
 )
+from tests.support.files import another_export
 from tests.support.servers import (
     GatewayProcess,
     WorkerProcess,
@@ -903,8 +904,7 @@ def run_batch_kill(n_rows: int, chunk_rows: int, db_url: str, tmp_path: Path,
 
         if reupload:  # the rows again, in another export (the same bytes are a resend of the
             # batch, answered by it: tests/e2e/test_batch_crash.py): each a duplicate or rejected
-            again = path.with_name("again-" + path.name)
-            again.write_bytes(path.read_bytes() + b"\r\n")
+            again = another_export(path)
             with SigningClient(cluster.replicas[0].url, partner.app_key, partner.secret,
                                timeout=300) as client:
                 status = upload_and_wait(client, again, 600)

@@ -52,6 +52,7 @@ from mock_partners.files import (
     write_ndjson,
     write_xlsx,
 )
+from tests.support.files import another_export
 from tests.support.servers import poll
 
 YEAR = 2026  # kept open by tests/conftest.py (CE_GATEWAY_YEAR_CLOSE_EXTENSIONS)
@@ -527,8 +528,7 @@ def test_the_same_file_processed_twice_at_once_takes_each_row_once(
     path = tmp_path / "health.csv"
     good, bad = health_file(path, 600, "utf-8", seed=43)
     engine = new_store(db_url, new_partner)
-    again = tmp_path / "health-again.csv"  # another export: a blank line more at the end
-    again.write_bytes(path.read_bytes() + b"\r\n")
+    again = another_export(path)
     first, second = register(engine, path, "B" + "1" * 24), register(engine, again, "B" + "2" * 24)
     settings = settings_for(make_settings, db_url, tmp_path)
     errors: list[BaseException | None] = []

@@ -35,6 +35,7 @@ from gateway.store.db import upgrade
 from gateway.store.tables import batch_repeats, batches, outbox, record_versions, records
 from mock_partners.files import FINANCE_HEADERS, HEALTH_HEADERS, write_csv, year_dataset
 from tests.conftest import SECRET_KEY
+from tests.support.files import another_export
 from tests.support.keys import unsafe_downgrade_config
 from tests.support.servers import cli, uvicorn_thread
 
@@ -314,12 +315,9 @@ def test_sending_the_annual_or_a_month_again_leaves_the_report_as_it_was(
     assert first["totals"]["repeated"] == len(manifest["unchanged"])
     assert first["totals"]["corrected"] == len(manifest["changed"]) > 0
     assert first["totals"]["lacking"] == len(manifest["missing"]) > 0
-    # Other exports of the same rows (a byte-identical file is a resend of its batch, never
-    # taken twice: test_batch_journey_review): here a blank line more at the end of each.
-    annual_again, month_again = tmp_path / "annual-again.csv", tmp_path / "month-again.csv"
+    # Other exports of the same rows (a byte-identical file is a resend of its batch).
     month, path = next(iter(paths.items()))
-    annual_again.write_bytes(annual_path.read_bytes() + b"\r\n")
-    month_again.write_bytes(path.read_bytes() + b"\r\n")
+    annual_again, month_again = another_export(annual_path), another_export(path)
     again = _ingest(engine, settings, partner, annual_again, "annual", str(YEAR))
     _ingest(engine, settings, partner, month_again, "monthly", f"{YEAR}-{month:02d}")
     with engine.connect() as conn:
