@@ -4,7 +4,7 @@ A canonical partner and the health commission deliver 2026's records to the mock
 system; corrections and withdrawals come before the close; the close passes (YEAR_CLOSE, no
 extension); late submissions, a late correction, December's monthly batch and the annual batch
 arrive in January; the retention job prunes; then the ops views (record page API and CLI,
-compliance, reconciliation, reprocess, revalidation, audit verify) must still answer the same.
+compliance, reconciliation, reprocess of a dead letter, audit verify) must still answer the same.
 Clocks are moved as tests/integration/test_retention.py moves them (``now=`` on ingest and
 prune, ``drain_at`` for the worker, ``created_at`` of a batch for its arrival).
 """
