@@ -1484,7 +1484,17 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
             _close_rejections(conn, partner, source_record_id, now)
             return RecordAnswer(index=0, source_record_id=source_record_id,
                                 status=RecordStatus.DUPLICATE, record_id=record_id, version=version)
-        chunk = Chunk(conn, partner, now, None, config or RulesConfig.from_settings(Settings()))
+        config = config or RulesConfig.from_settings(Settings())
+        counts_in = int(existing["counts_year"])
+        if existing["status"] == "accepted" and now.astimezone(config.zone).date() > config.closes(counts_in):
+            # R11 for a withdrawal, as for a correction: the year it counts in has closed
+            # (notice 七(四)4: "学时审验工作不得结转到下一年"), so its hours stand.
+            raise PayloadRejected("YEAR_CLOSED", field="year", detail=(
+                f"(it counts in CE year {counts_in}, closed at the end of {config.closes(counts_in)};"
+                " it can no longer be withdrawn)"),
+                detail_zh=f"（该记录计入 {counts_in} 年度，该年度已于 {config.closes(counts_in)} "
+                          "日终关闭，不能再撤回）")
+        chunk = Chunk(conn, partner, now, None, config)
         payload = conn.execute(select(record_versions.c.payload).where(
             record_versions.c.record_id == record_id,
             record_versions.c.version == version)).scalar_one()
