@@ -28,6 +28,7 @@ from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.errors import PayloadRejected
+from gateway.ops.common import OpsConflict
 from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.ops.records import resolve_conflict
 from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest, withdraw
@@ -183,15 +184,13 @@ def test_a_year_lived_closed_and_pruned_leaves_every_ops_view_answering_the_same
             records.c.record_id == ids["YL-W"])).scalar_one() is True
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a withdrawal after the year close is accepted "
-                   "(only a pruned record is refused YEAR_CLOSED), changing the closed year")
 def test_a_withdrawal_after_the_close_is_refused_as_a_correction_is(
         db_url: str, store: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults], tmp_path: Path) -> None:
     """R11 and the notice close the year; a DELETE after the close must not change its hours.
 
     SPEC §4 R11 (a record for year Y arriving after the close -> YEAR_CLOSED); the notice
-    四(3)4 ("未按规定在当年 12 月 30 日前提交学时申请的，系统将无法提交并审验 … 学时审验工作不得
+    七(四)4 ("未按规定在当年 12 月 30 日前提交学时申请的，系统将无法提交并审验 … 学时审验工作不得
     结转到下一年"); docs/retention-and-audit.md ("only while the year is open can the current
     version change"; a withdrawal of a pruned closed-year record is refused 422 YEAR_CLOSED).
     A correction after the close is refused YEAR_CLOSED, and so is a withdrawal once retention
@@ -217,20 +216,19 @@ def test_a_withdrawal_after_the_close_is_refused_as_a_correction_is(
 
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a conflict held against a pruned record cannot be "
-                   "resolved by keeping the new report: 409 NOT_EDITABLE with the editing message")
-def test_a_conflict_held_against_a_pruned_record_can_still_be_resolved_by_ops(
+def test_a_conflict_held_against_a_pruned_record_is_refused_keep_this_and_resolved_keep_existing(
         db_url: str, store: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults], tmp_path: Path) -> None:
     """SPEC §7 Dedup (same key, other hours -> conflict, *held for ops*) and §2 Ops team.
 
     docs/retention-and-audit.md says a report of a pruned record's activity is judged on the
     hours its row keeps, "other hours a conflict held for ops", and lists withdrawal and dedup
-    as the only readers of a closed year's pruned payload.  But ops/records._keep_this needs
-    the holder's payload and refuses: the conflict can only ever be closed as a duplicate, and
-    the refusal reads "Only a dead delivery's current version or an open rejection can be
-    edited" (NOT_EDITABLE), which is not what the operator tried.  Here the second report
-    arrives after the close for a person with an approved deferral (七(二)), counted in 2027.
+    as the only readers of a closed year's pruned payload.  Keeping the new report would
+    withdraw the holder, whose withdrawal is built from its payload, gone with its closed
+    year (ops/records._keep_this): that is refused YEAR_CLOSED on ``keep`` (409), saying to keep
+    the existing record - which resolves it (it once answered NOT_EDITABLE with the editing
+    message, which is not what the operator tried).  Here the second report arrives after the
+    close for a person with an approved deferral (七(二)), counted in 2027.
     """
     settings = _closed(make_settings, db_url, mock_ce[0], tmp_path)
     rules = _rules(settings)
@@ -247,6 +245,13 @@ def test_a_conflict_held_against_a_pruned_record_can_still_be_resolved_by_ops(
     [other] = ingest(store, two, [_changed(sub, "16") | {"source_record_id": "YL-C2"}],
                      now=PRUNE_AT, rules=deferred)
     assert other.status.value == "conflict", other
-    resolved = resolve_conflict(store, settings, str(other.record_id), keep="this",
-                                reason="the base's certificate shows 16 h", actor="ops-li")
-    assert (resolved["status"], resolved["superseded"]) == ("accepted", str(held.record_id))
+    with pytest.raises(OpsConflict) as refused:
+        resolve_conflict(store, settings, str(other.record_id), keep="this",
+                         reason="the base's certificate shows 16 h", actor="ops-li")
+    assert (refused.value.code, refused.value.field, refused.value.status_code) == (
+        "YEAR_CLOSED", "keep", 409)
+    assert str(held.record_id) in refused.value.message and "keep=existing" in refused.value.message
+    assert "保留原有记录" in refused.value.message_zh
+    resolved = resolve_conflict(store, settings, str(other.record_id), keep="existing",
+                                reason="the 2026 record stands", actor="ops-li")
+    assert (resolved["status"], resolved["kept"]) == ("duplicate", str(held.record_id))
