@@ -23,10 +23,14 @@ demo: install
 # idle one steals queued tests from a busy one (--dist worksteal: the slow fault tests no longer
 # leave three waiting on the fourth at the end; 349 s against 381 s, one run each, same tree).
 # TEST_WORKERS=0 runs them in this one process.
+# Bytecode is written (into the git-ignored __pycache__ directories) even where the environment
+# sets PYTHONDONTWRITEBYTECODE, as this machine's does: the suite starts ~170 `ce-gateway`
+# processes and its servers and workers, and each compiled every module of ours from source
+# again (0.15 s of CPU a start), as each xdist worker re-compiled pytest's rewritten tests.
 TEST_WORKERS ?= 4
 
 test: install browser
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # The console's browser tests drive Debian's chromium through Playwright (never a downloaded
 # browser).  This never fails the build: without root or apt the browser tests skip, saying why.
