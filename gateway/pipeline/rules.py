@@ -185,6 +185,12 @@ def _base_plan_assessment(case: _Case) -> None:
                f"备案日期 {plan.filed_on} 晚于 {deadline}")
     else:
         case.plan = plan
+        if plan.category == Category.PUBLIC.value and case.adapter not in PUBLIC_SOURCES:
+            # R2: the plan says what was taught, whatever the adapter calls it (a base's
+            # results are professional by default): public-subject hours only from the college.
+            case.errors.append(coded("PUBLIC_SUBJECT_SOURCE", *_detail(plan_id, (
+                f"a public-subject plan, source: {case.adapter}",
+                f"公需科目培训计划，来源：{case.adapter}")), field="activity.plan_id"))
         return
     case.errors.append(coded("PLAN_NOT_FILED", *_detail(plan_id, why), field="activity.plan_id"))
 
