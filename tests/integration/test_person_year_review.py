@@ -187,11 +187,11 @@ def test_a_worker_s_year_through_every_source_is_credited_as_the_notice_says(
     ops = {"Authorization": f"Bearer {token}"}
 
     settings = make_settings(db_url, mock_ce[0])
-    with uvicorn_thread(create_app(settings, run_worker=True)) as url:
-        as_base = SigningClient(url, base.app_key, base.secret, timeout=30)
-        as_unit = SigningClient(url, unit.app_key, unit.secret, timeout=30)
-        as_dept = SigningClient(url, dept.app_key, dept.secret, timeout=30)
-        as_health = SigningClient(url, health.app_key, health.secret, timeout=30)
+    with (uvicorn_thread(create_app(settings, run_worker=True)) as url,
+          SigningClient(url, base.app_key, base.secret, timeout=30) as as_base,
+          SigningClient(url, unit.app_key, unit.secret, timeout=30) as as_unit,
+          SigningClient(url, dept.app_key, dept.secret, timeout=30) as as_dept,
+          SigningClient(url, health.app_key, health.secret, timeout=30) as as_health):
         pushed = as_base.post("/v1/partners/training_base/records", json={
             "base_code": BASE, "plan_id": PLAN, "results": [_training(person)]})
         assert _statuses(pushed) == ["accepted"], pushed.text
@@ -399,13 +399,6 @@ def _public_plan_reference() -> RulesContext:
                                  starts, ends, date(2026, 3, 1))}), fixture_rules_config())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a training base's result against a plan filed as a public-subject plan "
-    "(plans.category = public) is accepted and credited as professional hours; the plan's "
-    "category is never read (gateway/pipeline/rules.py _base_plan_assessment, adapters/"
-    "training_base sets category=professional). Public-subject hours come only from the "
-    "Cadre Network College (notice 三, SPEC §4 R2 → PUBLIC_SUBJECT_SOURCE), and public-"
-    "subject training is not professional-subject hours (notice 二(一)/(二), 四)"))
 def test_a_base_s_public_subject_plan_earns_no_professional_hours(
         db_url: str, store: Engine, new_partner: Callable[..., Partner]) -> None:
     base = PartnerRef(new_partner(store, adapter="training_base", base_code=BASE).partner_id,
@@ -426,7 +419,7 @@ def test_a_base_s_public_subject_plan_earns_no_professional_hours(
 # -- 6. the same activity from two sources ------------------------------------------------------
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG: the same training (same person, CE year, type, title, completion date and hours) "
+    "KNOWN LIMIT (README, Dedup): the same training (same person, CE year, type, title, completion date and hours) "
     "reported by a training base and by the employer's canonical report is counted twice. "
     "A canonical partner may not name the base (a provider_code is rejected SCOPE_VIOLATION), "
     "and the natural key includes provider_code and plan_id (gateway/pipeline/dedup.py "
