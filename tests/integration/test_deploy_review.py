@@ -121,11 +121,6 @@ def unmigrated_postgres(postgres_url: str) -> str:
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: /readyz on a PostgreSQL store that was never migrated answers reason "
-    "'ProgrammingError' (gateway/api/app.py readyz: the alembic_version query raises before "
-    "migration_gap can say 'store at no migration, code needs … (ce-gateway db upgrade)'); "
-    "docs/operations.md 'Probes': 503 with a reason naming what to do"))
 def test_readyz_on_a_store_never_migrated_names_db_upgrade(
         unmigrated_postgres: str, make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings(unmigrated_postgres), run_worker=False, migrate=False)
@@ -136,12 +131,6 @@ def test_readyz_on_a_store_never_migrated_names_db_upgrade(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: on a PostgreSQL store never migrated, one-shot commands end in a SQLAlchemy "
-    "traceback (exit 1) and `worker` keeps running, logging 'relation … does not exist' every "
-    "cycle (gateway/cli.py _engine checks reachability and person keys, not the revision); "
-    "docs/operations.md 'Releases and migrations' 1 and README 'Configuration': a store the "
-    "command cannot use stops it, coded, exit 2"))
 @pytest.mark.parametrize("command", [("deliveries", "list"), ("worker",)],
                          ids=["deliveries-list", "worker"])
 def test_commands_on_a_store_never_migrated_stop_coded_naming_db_upgrade(
