@@ -160,12 +160,6 @@ def test_db_upgrade_twice_is_harmless(db_url: str) -> None:
 # -- secrets in settings never printed (README: keys and URLs are never echoed) ---------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: httpx logs every request at INFO with its full URL, so a DOWNSTREAM_URL carrying "
-    "credentials (http://user:password@host) appears in the worker's log on each reference "
-    "sync and delivery (the same path puts an ALERT_WEBHOOK_URL's robot key= in the log); "
-    "gateway/config.py treats these URLs as secret (_UNECHOED) and the brief/README say "
-    "secrets are never printed"))
 def test_credentials_in_the_downstream_url_never_reach_the_log(
         sqlite_url: str, mock_ce: tuple[str, Faults], tmp_path: Path) -> None:
     host = mock_ce[0].removeprefix("http://")
