@@ -151,8 +151,34 @@ def _engine(settings: Settings, migrate: bool = True):  # type: ignore[no-untype
     engine = _connected(settings)
     if migrate and is_sqlite(engine):
         upgrade(settings.database_url, person_key_secret=settings.person_key_secret)
+    _check_revision(settings, engine)
     _check_person_keys(settings, engine)
     return engine
+
+
+def _check_revision(settings: Settings, engine) -> None:  # type: ignore[no-untyped-def]
+    """Refuse (exit 2) a store behind this code's migrations, naming ``ce-gateway db upgrade``.
+
+    PostgreSQL is migrated once a release, never by the processes (docs/operations.md): a
+    command on a store nobody migrated would otherwise end in "relation … does not exist", and
+    a worker would log it every cycle while its supervisor sees it running.
+    """
+    from sqlalchemy.engine import make_url
+
+    from gateway.store.db import reading, revision_behind
+
+    with reading(engine) as conn:
+        behind = revision_behind(conn)
+    if behind is None:
+        return
+    engine.dispose()
+    at, head = behind
+    where = make_url(settings.database_url).render_as_string(hide_password=True)
+    en, zh = message("STORE_NOT_MIGRATED")
+    raise _coded("STORE_NOT_MIGRATED", f"{ENV_PREFIX}DATABASE_URL",
+                 f"{en} {where}: store at {at or 'no migration'}, code needs {head}.",
+                 f"{zh}{where}：数据存储{f'处于迁移 {at}' if at else '从未迁移'}，"
+                 f"本版本需要迁移 {head}。")
 
 
 def _connected(settings: Settings):  # type: ignore[no-untyped-def]
@@ -239,10 +265,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
         logging.getLogger("gateway").warning("CE_GATEWAY_SECRET_KEY is the development default: partner secrets are "
                     "sealed with a public key; set your own before serving beyond this machine")
     _warn_dev_person_key(settings)
-    # Fail fast on an unreachable store or a wrong PERSON_KEY_SECRET (exit 2), as `worker`
-    # does; the app makes its own engine (and checks the key again once it has migrated).
-    _engine(settings, migrate=False).dispose()
-    uvicorn.run(create_app(settings, run_worker=not no_worker), host=host, port=port,
+    # Fail fast on an unreachable store, one behind this code (PostgreSQL: `db upgrade` was not
+    # run; SQLite is migrated here) or a wrong PERSON_KEY_SECRET (exit 2), as `worker` does;
+    # the app makes its own engine and checks the key again.
+    _engine(settings).dispose()
+    uvicorn.run(create_app(settings, run_worker=not no_worker, migrate=False), host=host, port=port,
                 log_level="warning", timeout_graceful_shutdown=10)
 
 

@@ -22,6 +22,7 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
@@ -204,6 +205,62 @@ class Settings(BaseSettings):
         if not value.get_secret_value().strip():
             raise _invalid(*_WHAT_A_SECRET_KEYS[info.field_name or ""])
         return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        """A URL SQLAlchemy can read: a port that is no number would escape as a ValueError later.
+
+        The driver is checked where the engine is made (``ce-gateway`` names a missing one).
+        The refusal never quotes the URL: it may hold a password.
+        """
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            port = make_url(value).port
+        except (ArgumentError, ValueError):
+            port = -1
+        if port is not None and not 0 < port < 65536:
+            raise _invalid("Expected a database URL such as postgresql://user:password@host:5432/db "
+                           "or sqlite:///path/to/file.sqlite3 (a port is a number, 1-65535)",
+                           "应为数据库 URL，如 postgresql://user:password@host:5432/db 或 "
+                           "sqlite:///path/to/file.sqlite3（端口为 1–65535 的数字）")
+        return value
+
+    @field_validator("alert_webhook_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # An empty CE_GATEWAY_ALERT_WEBHOOK_URL= turns alerts off, as leaving it unset does.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("downstream_url", "cadre_college_url", "alert_webhook_url")
+    @classmethod
+    def _service_url(cls, value: str | None) -> str | None:
+        """An http(s) URL with a host: "host:8780" alone fails every call, a day of retries later."""
+        if value is None:
+            return value
+        try:
+            parts = urlsplit(value.strip())
+            _ = parts.port  # a port that is no number raises ValueError
+        except ValueError:
+            parts = urlsplit("")
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise _invalid("Expected an http:// or https:// URL with a host, "
+                           "e.g. https://host.internal:8443/path",
+                           "应为带主机名的 http:// 或 https:// URL，如 https://host.internal:8443/path")
+        return value.strip()
+
+    @field_validator("batch_dir")
+    @classmethod
+    def _absolute_dir(cls, value: Path) -> Path:
+        """Resolved against the working directory once, at start: the batch row stores the path.
+
+        A relative path stored in a row would be opened against whatever directory the worker
+        that claims the batch runs in.  Not ``resolve()``: a shared volume's mount point is kept
+        as written, symbolic links and all, so it reads the same on every machine.
+        """
+        return Path(os.path.abspath(value))
 
     @field_validator("log_level")
     @classmethod

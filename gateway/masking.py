@@ -13,7 +13,10 @@ through :func:`mask_id` or :func:`mask_text` first.
   a number whose groups they split.
 - :func:`mask_excerpt` — the first characters of a partner's answer, masked before the cut.
 - :class:`MaskingFilter` — masks a log record before any handler formats it.
-- :func:`install_log_masking` — puts the filter on the root handlers and uvicorn's loggers.
+- :func:`redact_urls` — a URL's userinfo and query values starred (a password, a robot key).
+- :class:`UrlRedactingFilter` — redacts the URLs httpx logs with every request it sends.
+- :func:`install_log_masking` — puts the filters on the root handlers, uvicorn's and httpx's
+  loggers.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import re
 import unicodedata
 from typing import Any
 
-__all__ = ["MaskingFilter", "install_log_masking", "mask_excerpt", "mask_id", "mask_text", "masked"]
+__all__ = ["MaskingFilter", "UrlRedactingFilter", "install_log_masking", "mask_excerpt", "mask_id",
+           "mask_text", "masked", "redact_urls"]
 
 # 17 digits + a digit or X (18-character resident id), or 15 digits (first-generation id);
 # ``\d`` takes full-width digits too (partners' spreadsheets hold them), and so the X may be
@@ -55,6 +59,13 @@ _GROUPED = re.compile(rf"(?<![\dA-Za-z])\d+[XxＸｘ]?(?:{_GAP}\d+[XxＸｘ]?)+(
 _MAX_SPAN = 18 + 17 * _MAX_GAP  # the longest an identity number written in groups can be
 
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.access", "uvicorn.error")
+
+# A URL in running text: scheme, then everything up to white space or a quote.  Its userinfo
+# (``user:password@``) and each query value (a WeCom robot's ``key=``, DingTalk's
+# ``access_token=``) are what a setting's URL may carry as a secret.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
+_USERINFO = re.compile(r"^([^:/?#]+://)[^/?#]*@")
+_QUERY_ITEM = re.compile(r"([?&])([^=&#]*)(=?)[^&#]*")
 
 # Attributes every LogRecord has; anything else came from ``extra=`` and may be formatted.
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -227,6 +238,39 @@ class MaskingFilter(logging.Filter):
         record.msg, record.args = mask_text(rendered), ()
 
 
+def redact_urls(text: str) -> str:
+    """``text`` with every URL's userinfo and query values starred (``http://***@host/p?key=***``).
+
+    The path and the query's names stay: they say which call it was.  A query item without
+    ``=`` is starred whole (it may be a bare token).
+    """
+    if "://" not in text:
+        return text
+    return _URL.sub(_redact_url, text)
+
+
+def _redact_url(url: re.Match[str]) -> str:
+    without_userinfo = _USERINFO.sub(r"\1***@", url.group(0))
+    return _QUERY_ITEM.sub(lambda m: f"{m[1]}{m[2]}=***" if m[3] else f"{m[1]}***",
+                           without_userinfo)
+
+
+class UrlRedactingFilter(logging.Filter):
+    """Redacts the URLs in a record (:func:`redact_urls`): put on the ``httpx`` logger.
+
+    httpx logs each request at INFO as ``HTTP Request: POST <full URL> …``: the URL of
+    ``DOWNSTREAM_URL``, ``CADRE_COLLEGE_URL`` or ``ALERT_WEBHOOK_URL`` with whatever credentials
+    it carries.  Arguments are replaced by their redacted text, so the message renders as before.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_urls(str(a)) if "://" in str(a) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = redact_urls(record.msg)
+        return True
+
+
 def _has_masking(filterer: logging.Filterer) -> bool:
     return any(isinstance(f, MaskingFilter) for f in filterer.filters)
 
@@ -239,6 +283,8 @@ def _add(filterer: logging.Filterer, flt: logging.Filter) -> None:
 def install_log_masking() -> MaskingFilter:
     """Add :class:`MaskingFilter` to the root logger's handlers and uvicorn's loggers.
 
+    And :class:`UrlRedactingFilter` to httpx's logger (the records of its own name: httpx
+    logs on ``httpx`` itself).
     Idempotent: a logger or handler that already has a masking filter gets no second one.
     Handlers added to the root logger later are not covered; call this again after
     reconfiguring logging (uvicorn's own ``dictConfig`` keeps logger filters).
@@ -251,4 +297,7 @@ def install_log_masking() -> MaskingFilter:
         _add(logger, flt)
         for handler in logger.handlers:
             _add(handler, flt)
+    httpx_logger = logging.getLogger("httpx")
+    if not any(isinstance(f, UrlRedactingFilter) for f in httpx_logger.filters):
+        httpx_logger.addFilter(UrlRedactingFilter())
     return flt

@@ -200,13 +200,13 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
         try:
             with reading(state.engine) as conn:  # not queued behind a writer's lock (SQLite)
                 gap = migration_gap(conn)
+                if gap is not None:  # a store never migrated has no partners table to read
+                    return _not_ready(gap)
                 sealed = conn.execute(select(partners.c.secret_enc).where(
                     partners.c.active.is_(True)).limit(1)).scalar()
-                person_check = stored_check(conn) if gap is None else None
+                person_check = stored_check(conn)
         except Exception as exc:  # the probe reports, it does not crash
             return _not_ready(type(exc).__name__)
-        if gap is not None:
-            return _not_ready(gap)
         if person_check is not None and not state.rules_config.keys.matches(person_check):
             _log_wrong_person_key_once()
             return _not_ready("PERSON_KEY_SECRET is not the secret of this store's person keys")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
 if TYPE_CHECKING:
@@ -142,16 +142,28 @@ def code_revisions() -> tuple[str, frozenset[str]]:
     return head, frozenset(rev.revision for rev in script.walk_revisions())
 
 
-def migration_gap(conn: Connection) -> str | None:
-    """Why this code cannot serve the store yet (it is behind the code's migrations), or None.
+def revision_behind(conn: Connection) -> tuple[str | None, str] | None:
+    """``(the store's revision or None if never migrated, the code's head)`` if it is behind.
 
     A store ahead of the code (a newer release migrated it during a rolling upgrade; migrations
-    here only add) is served: the old replicas keep answering until they are replaced.
+    here only add) is served: the old replicas keep answering until they are replaced.  The
+    version table is looked up first: querying it on a store never migrated would fail, and on
+    PostgreSQL abort the caller's transaction.
     """
     head, known = code_revisions()
-    at = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    at = (conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+          if inspect(conn).has_table("alembic_version") else None)
     if at == head or (at is not None and at not in known):
         return None
+    return at, head
+
+
+def migration_gap(conn: Connection) -> str | None:
+    """Why this code cannot serve the store yet (it is behind the code's migrations), or None."""
+    behind = revision_behind(conn)
+    if behind is None:
+        return None
+    at, head = behind
     return f"store at {at or 'no migration'}, code needs {head} (ce-gateway db upgrade)"
 
 

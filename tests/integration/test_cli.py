@@ -256,6 +256,15 @@ def test_serve_and_ops_commands_refuse_an_unreachable_store_at_start() -> None:
         assert "ops:***@127.0.0.1:9" in done.stderr and "pw@" not in done.stderr
 
 
+def test_audit_verify_on_an_sqlite_store_never_migrated_names_db_upgrade(tmp_path: Path) -> None:
+    """Commands migrate SQLite themselves; ``audit verify`` only reads, so it says what to run."""
+    done = cli({"CE_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'new.sqlite3'}"},
+               "audit", "verify", "--json")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert_refused(done.stderr, "STORE_NOT_MIGRATED", "CE_GATEWAY_DATABASE_URL")
+    assert "ce-gateway db upgrade" in done.stderr and "store at no migration" in done.stderr
+
+
 def test_an_sqlite_store_that_cannot_be_made_is_refused(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
     done = cli({"CE_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'file' / 'store.sqlite3'}"},

@@ -82,10 +82,6 @@ def _assert_coded_refusal(code: int | None, out: str, prefix: str) -> None:
 # -- every setting checked at start (README "Configuration", last paragraph) ------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a DATABASE_URL whose port is no number (a typo, or an IPv6 host without its "
-    "closing bracket) escapes _connected() as a ValueError from make_url: Rich traceback, "
-    "exit 1, in every command; README 'Configuration' promises CONFIG_INVALID and exit 2"))
 @pytest.mark.parametrize("command", [("db", "upgrade"), ("deliveries", "list")],
                          ids=["db-upgrade", "deliveries-list"])
 def test_a_database_url_whose_port_is_no_number_is_config_invalid(command: tuple[str, ...]) -> None:
@@ -95,11 +91,6 @@ def test_a_database_url_whose_port_is_no_number_is_config_invalid(command: tuple
     assert "Pa55word" not in done.stdout + done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: DOWNSTREAM_URL, CADRE_COLLEGE_URL and ALERT_WEBHOOK_URL are plain str settings "
-    "(gateway/config.py): a URL without http(s):// is taken and `worker` runs, every delivery "
-    "then fails as a transient error until RETRIES_EXHAUSTED a day later; README "
-    "'Configuration': every setting is checked when a command starts, exit 2 CONFIG_INVALID"))
 @pytest.mark.parametrize(("variable", "value"), [
     ("DOWNSTREAM_URL", "ce-system.internal:8780"),
     ("CADRE_COLLEGE_URL", "127.0.0.1:8781"),
@@ -130,11 +121,6 @@ def unmigrated_postgres(postgres_url: str) -> str:
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: /readyz on a PostgreSQL store that was never migrated answers reason "
-    "'ProgrammingError' (gateway/api/app.py readyz: the alembic_version query raises before "
-    "migration_gap can say 'store at no migration, code needs … (ce-gateway db upgrade)'); "
-    "docs/operations.md 'Probes': 503 with a reason naming what to do"))
 def test_readyz_on_a_store_never_migrated_names_db_upgrade(
         unmigrated_postgres: str, make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings(unmigrated_postgres), run_worker=False, migrate=False)
@@ -145,12 +131,6 @@ def test_readyz_on_a_store_never_migrated_names_db_upgrade(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: on a PostgreSQL store never migrated, one-shot commands end in a SQLAlchemy "
-    "traceback (exit 1) and `worker` keeps running, logging 'relation … does not exist' every "
-    "cycle (gateway/cli.py _engine checks reachability and person keys, not the revision); "
-    "docs/operations.md 'Releases and migrations' 1 and README 'Configuration': a store the "
-    "command cannot use stops it, coded, exit 2"))
 @pytest.mark.parametrize("command", [("deliveries", "list"), ("worker",)],
                          ids=["deliveries-list", "worker"])
 def test_commands_on_a_store_never_migrated_stop_coded_naming_db_upgrade(
@@ -180,12 +160,6 @@ def test_db_upgrade_twice_is_harmless(db_url: str) -> None:
 # -- secrets in settings never printed (README: keys and URLs are never echoed) ---------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: httpx logs every request at INFO with its full URL, so a DOWNSTREAM_URL carrying "
-    "credentials (http://user:password@host) appears in the worker's log on each reference "
-    "sync and delivery (the same path puts an ALERT_WEBHOOK_URL's robot key= in the log); "
-    "gateway/config.py treats these URLs as secret (_UNECHOED) and the brief/README say "
-    "secrets are never printed"))
 def test_credentials_in_the_downstream_url_never_reach_the_log(
         sqlite_url: str, mock_ce: tuple[str, Faults], tmp_path: Path) -> None:
     host = mock_ce[0].removeprefix("http://")
@@ -245,13 +219,6 @@ def _serve(env: dict[str, str], cwd: Path, *args: str) -> Iterator[tuple[subproc
                 proc.wait()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a relative BATCH_DIR (README's own default, var/batches) is taken and the batch row "
-    "stores the file's path relative to the replica's working directory "
-    "(gateway/api/routes/batches.py: directory = Path(settings.batch_dir)); a worker started "
-    "elsewhere opens another path and the acknowledged file is never processed. "
-    "docs/operations.md 'Configuration that must agree': BATCH_DIR is an absolute path, the "
-    "batch row's path is what whichever worker claims the batch opens"))
 def test_a_relative_batch_dir_is_refused_or_stored_as_a_path_any_process_opens(
         sqlite_url: str, new_partner: Callable[..., Partner], tmp_path: Path) -> None:
     eng = make_engine(sqlite_url)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -105,3 +106,35 @@ def test_unknown_variables_are_named_with_the_setting_they_resemble() -> None:
     assert unknown_variables(environ) == [
         ("CE_GATEWAY_DELIVERY_BATCH_SIZ", "CE_GATEWAY_DELIVERY_BATCH_SIZE"),
         ("CE_GATEWAY_SOMETHING_ELSE", None)]
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("downstream_url", "https://ce.example.gov.cn/api"), ("cadre_college_url", "http://10.1.2.3:8781"),
+    ("alert_webhook_url", "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=k"),
+    ("database_url", "postgresql://gw:pw@[::1]:5432/ce"), ("database_url", "sqlite://"),
+])
+def test_service_and_database_urls_that_work_pass(name: str, value: str) -> None:
+    assert getattr(Settings(**{name: value}), name) == value  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("downstream_url", "ce.internal:8780"), ("cadre_college_url", "ftp://host/"),
+    ("alert_webhook_url", "https:///robot/send"), ("downstream_url", "http://host:80x"),
+    ("database_url", "postgresql://gw:Secr3t@db:54x2/ce"), ("database_url", "postgresql://gw:Secr3t@db:70000/ce"),
+    ("database_url", "no url at all"),
+])
+def test_a_url_that_cannot_work_is_refused_without_echoing_it(name: str, value: str) -> None:
+    [(variable, en, zh)] = _errors(**{name: value})
+    assert variable == f"CE_GATEWAY_{name.upper()}"
+    assert CJK.search(zh) and "Secr3t" not in en + zh and value not in en + zh
+
+
+def test_an_empty_alert_webhook_url_is_no_webhook() -> None:
+    assert Settings(alert_webhook_url=" ").alert_webhook_url is None
+
+
+def test_a_relative_batch_dir_is_made_absolute_against_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert Settings(batch_dir="shared/../batches").batch_dir == tmp_path / "batches"  # type: ignore[arg-type]
+    assert Settings(batch_dir="/srv/ce/batches").batch_dir == Path("/srv/ce/batches")  # type: ignore[arg-type]

@@ -8,7 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.masking import MaskingFilter, install_log_masking, mask_excerpt, mask_id, mask_text
+from gateway.masking import (
+    MaskingFilter,
+    install_log_masking,
+    mask_excerpt,
+    mask_id,
+    mask_text,
+    redact_urls,
+)
 
 ID18 = "630102198704139126"
 ID18X = "63212319870413912X"
@@ -258,3 +265,38 @@ def test_cutting_before_masking_leaks_what_mask_excerpt_hides() -> None:
     body = "x" * 191 + "630102198704139126"
     assert "630102198" in mask_text(body[:200])
     assert "630102198" not in mask_excerpt(body)
+
+
+@pytest.mark.parametrize(("text", "redacted"), [
+    ('HTTP Request: POST http://robot:Dr0wssap@ce:8780/v1/x "HTTP/1.1 200 OK"',
+     'HTTP Request: POST http://***@ce:8780/v1/x "HTTP/1.1 200 OK"'),
+    ("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=693a91f6",
+     "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=***"),
+    ("GET https://h/robot/send?access_token=t&since=2026 done", "GET https://h/robot/send?access_token=***&since=*** done"),
+    ("http://h/p?bare-token", "http://h/p?***"),
+    ("no url, user@example.org", "no url, user@example.org"),
+])
+def test_redact_urls_stars_userinfo_and_query_values(text: str, redacted: str) -> None:
+    assert redact_urls(text) == redacted
+
+
+def test_httpx_request_lines_are_logged_without_url_credentials() -> None:
+    """The request line httpx logs at INFO (``HTTP Request: POST <URL> …``, the URL an object)."""
+    import httpx
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("httpx")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        install_log_masking()
+        transport = httpx.MockTransport(lambda request: httpx.Response(200))
+        with httpx.Client(transport=transport) as client:
+            client.get("http://robot:Dr0wssap@ce.internal/v1/ref?key=K3y")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert "ce.internal/v1/ref?key=***" in stream.getvalue()
+    assert "Dr0wssap" not in stream.getvalue() and "K3y" not in stream.getvalue()
