@@ -41,7 +41,7 @@ from gateway.store.tables import batches
 from mock_partners.ce_system import Faults
 from mock_partners.files import HEALTH_HEADERS, health_rows, write_csv
 from tests.conftest import SECRET_KEY
-from tests.support.servers import WorkerProcess, cli, poll, uvicorn_thread
+from tests.support.servers import WorkerProcess, cli, poll, stop_process, uvicorn_thread
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 REFUSE_WITHIN = 5.0  # a refusal at start comes after the settings are read: ~1-2 s
@@ -210,13 +210,7 @@ def _serve(env: dict[str, str], cwd: Path, *args: str) -> Iterator[tuple[subproc
         poll(ready, 30, what="serve readiness")
         yield proc, url
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 20)
 
 
 def test_a_relative_batch_dir_is_refused_or_stored_as_a_path_any_process_opens(
