@@ -146,11 +146,11 @@ def _engine(settings: Settings, migrate: bool = True):  # type: ignore[no-untype
     would otherwise file everyone it writes under a second key (split caps, deferrals and
     compliance, and no command re-keys them), and a report would find nobody.
     """
-    from gateway.store.db import is_sqlite, upgrade
+    from gateway.store.db import is_sqlite, upgrade_if_behind
 
     engine = _connected(settings)
     if migrate and is_sqlite(engine):
-        upgrade(settings.database_url, person_key_secret=settings.person_key_secret)
+        upgrade_if_behind(engine, settings.database_url, person_key_secret=settings.person_key_secret)
     _check_revision(settings, engine)
     _check_person_keys(settings, engine)
     return engine

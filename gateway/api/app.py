@@ -36,7 +36,7 @@ from gateway.pipeline.validate import zh_detail
 from gateway.runtime import Background
 from gateway.secrets_box import WrongSecretKey
 from gateway.state import AppState
-from gateway.store.db import is_sqlite, migration_gap, reading, upgrade
+from gateway.store.db import is_sqlite, migration_gap, reading, upgrade_if_behind
 from gateway.store.tables import partners
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if migrate if migrate is not None else is_sqlite(state.engine):
-            upgrade(settings.database_url, person_key_secret=settings.person_key_secret)
+            upgrade_if_behind(state.engine, settings.database_url,
+                              person_key_secret=settings.person_key_secret)
         # Served with another PERSON_KEY_SECRET, one person would be filed under two keys.
         with reading(state.engine) as conn:
             try:

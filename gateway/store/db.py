@@ -158,6 +158,20 @@ def revision_behind(conn: Connection) -> tuple[str | None, str] | None:
     return at, head
 
 
+def upgrade_if_behind(engine: Engine, url: str, *, person_key_secret: SecretStr | str | None) -> bool:
+    """Migrate the store to this code's head only if it is behind (:func:`revision_behind`).
+
+    A store at the head costs one read, not an Alembic run; one a newer release migrated is left
+    as it is (Alembic would stop on the revision it does not know).  True if it migrated.
+    """
+    with reading(engine) as conn:
+        behind = revision_behind(conn)
+    if behind is None:
+        return False
+    upgrade(url, person_key_secret=person_key_secret)
+    return True
+
+
 def migration_gap(conn: Connection) -> str | None:
     """Why this code cannot serve the store yet (it is behind the code's migrations), or None."""
     behind = revision_behind(conn)
