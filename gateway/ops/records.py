@@ -248,19 +248,19 @@ def _keep_this(conn: Connection, rec: Any, holder: Any, config: RulesConfig, now
     supersede = holder is not None and not holder["withdrawn"]
     holder_payload = None
     if supersede:
+        # What counts in a closed CE year stands (R11, notice 七(四)4), as against a partner's
+        # withdrawal; retention prunes a current version only then, so a pruned holder is one too.
+        closed = config.closed_year_counted(holder, now)
         holder_payload = orjson.loads(conn.execute(select(record_versions.c.payload).where(
             record_versions.c.record_id == holder["record_id"],
             record_versions.c.version == holder["current_version"])).scalar_one())
-        if holder_payload.get("pruned") is True:
-            # Retention prunes a current version only once its CE year closed: the management
-            # system keeps counting the holder, whose withdrawal cannot be built any more.
-            year = holder_payload.get("counts", {}).get("year", holder["counts_year"])
+        if closed is not None or holder_payload.get("pruned") is True:
+            year = closed or holder_payload.get("counts", {}).get("year", holder["counts_year"])
             raise OpsConflict("YEAR_CLOSED", field="keep", detail=(
                 f"(record {holder['record_id']}, which this report conflicts with, counts in the "
-                f"closed CE year {year} and its payload was pruned: it can no longer be withdrawn; "
-                "resolve with keep=existing)"),
+                f"closed CE year {year}: it can no longer be withdrawn; resolve with keep=existing)"),
                 detail_zh=(f"（与本记录冲突的记录 {holder['record_id']} 计入已关闭的 {year} 年度，"
-                           "其内容已按保留期清理，不能再撤回；请选择保留原有记录）"))
+                           "不能再撤回；请选择保留原有记录）"))
     # Caps (R10): the holder's hours leave its group, this record's hours join its group.
     leaving: dict[caps.Group, set[str]] = {}
     if supersede and holder["status"] == "accepted" and holder["cap_type"]:

@@ -440,6 +440,14 @@ _KNOWN_COLUMNS = (records.c.record_id, records.c.source_record_id, records.c.cur
                   records.c.year, records.c.natural_key, records.c.hours)
 
 
+def closed_year_detail(config: RulesConfig, year: int) -> dict[str, str]:
+    """The detail of a YEAR_CLOSED refusal to take back what counts in ``year`` (closed)."""
+    closes = config.closes(year)
+    return {"detail": f"(it counts in CE year {year}, closed at the end of {closes}; it can no "
+                      "longer be withdrawn)",
+            "detail_zh": f"（该记录计入 {year} 年度，该年度已于 {closes} 日终关闭，不能再撤回）"}
+
+
 def _claim(hours: Decimal) -> str:
     """What two reports of one activity compare: the hours each is worth, before caps.
 
@@ -1197,7 +1205,18 @@ class Chunk:
         if item.refused is None or {e.code for e in item.errors} != {"ASSESSMENT_FAILED"}:
             return None
         known = self.by_source.get(item.refused[0])
-        return None if known is None or known.withdrawn else known
+        if known is None or known.withdrawn:
+            return None
+        if known.loaded is not None:  # stored: it may count in a closed year (a deferred
+            # person's late result passes R11), whose hours a failed result no longer takes back
+            stored = self.conn.execute(select(
+                records.c.status, records.c.withdrawn, records.c.counts_year, records.c.year).where(
+                records.c.record_id == known.record_id)).mappings().one()
+            if (closed := self.config.closed_year_counted(stored, self.now)) is not None:
+                item.errors.append(coded("YEAR_CLOSED", field="year",
+                                         **closed_year_detail(self.config, closed)))
+                return None
+        return known
 
     def _forwarded(self, known: _Known) -> bool:
         """Whether the management system has (or will have) a version of the record.
@@ -1485,15 +1504,9 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
             return RecordAnswer(index=0, source_record_id=source_record_id,
                                 status=RecordStatus.DUPLICATE, record_id=record_id, version=version)
         config = config or RulesConfig.from_settings(Settings())
-        counts_in = int(existing["counts_year"])
-        if existing["status"] == "accepted" and now.astimezone(config.zone).date() > config.closes(counts_in):
-            # R11 for a withdrawal, as for a correction: the year it counts in has closed
-            # (notice 七(四)4: "学时审验工作不得结转到下一年"), so its hours stand.
-            raise PayloadRejected("YEAR_CLOSED", field="year", detail=(
-                f"(it counts in CE year {counts_in}, closed at the end of {config.closes(counts_in)};"
-                " it can no longer be withdrawn)"),
-                detail_zh=f"（该记录计入 {counts_in} 年度，该年度已于 {config.closes(counts_in)} "
-                          "日终关闭，不能再撤回）")
+        if (closed_in := config.closed_year_counted(existing, now)) is not None:
+            # R11 for a withdrawal, as for a correction: its hours stand.
+            raise PayloadRejected("YEAR_CLOSED", field="year", **closed_year_detail(config, closed_in))
         chunk = Chunk(conn, partner, now, None, config)
         payload = conn.execute(select(record_versions.c.payload).where(
             record_versions.c.record_id == record_id,

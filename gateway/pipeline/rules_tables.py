@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 from functools import lru_cache
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from zoneinfo import ZoneInfo
 
 from contracts import ActivityType, Unit
@@ -246,6 +246,19 @@ class RulesConfig:
     def closes(self, year: int) -> date:
         """The last day (end of day, ``timezone``) on which ``year``'s hours may be submitted."""
         return self.year_close_extensions.get(year) or on(year, self.year_close)
+
+    def closed_year_counted(self, row: Any, now: datetime) -> int | None:
+        """The closed CE year a stored record counts in at ``now``, if it counts in one (R11).
+
+        ``row``: its ``status``, ``withdrawn``, ``counts_year`` and ``year`` (a row stored before
+        ``counts_year`` existed counts in its own year).  What counts there stands: a partner's
+        withdrawal, a failed result and an ops resolution can no longer take it back (notice
+        七(四)4 "学时审验工作不得结转到下一年").
+        """
+        if row["status"] != "accepted" or row["withdrawn"]:
+            return None
+        year = int(row["counts_year"] if row["counts_year"] is not None else row["year"])
+        return year if now.astimezone(self.zone).date() > self.closes(year) else None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RulesConfig:

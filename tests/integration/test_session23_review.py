@@ -144,14 +144,7 @@ def _pushed(engine: Engine, base: PartnerRef, raw: dict[str, Any], now: datetime
 
 @pytest.mark.parametrize("deferral", [
     pytest.param(False, id="no-deferral"),
-    pytest.param(True, id="deferral", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: a training base's failed result sent after the close withdraws a record that counts "
-        "in the closed year when the person has an approved deferral. ingest.Chunk._failed_"
-        "assessment withdraws when ASSESSMENT_FAILED is the only error; R11 (_year) adds no "
-        "YEAR_CLOSED for a deferred person, so _withdraw_failed withdraws the 2026 record (counts_"
-        "year 2026) in January 2027, bypassing the year check _withdraw now makes. README: a "
-        "withdrawal is refused YEAR_CLOSED once the year the record counts in closes (R11, "
-        "notice 七(四)4 学时审验工作不得结转到下一年)"))),
+    pytest.param(True, id="deferral"),
 ])
 def test_a_failed_result_after_the_close_does_not_withdraw_the_closed_year_s_record(
         db_url: str, store: Engine, new_partner: Callable[..., Partner], deferral: bool) -> None:
@@ -174,11 +167,6 @@ def test_a_failed_result_after_the_close_does_not_withdraw_the_closed_year_s_rec
     assert _professional(store, person) == "23.0"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a withdrawal of a record whose counts_year is NULL (records stored before migration "
-    "0005 added the column without backfilling it; retention reads coalesce(counts_year, year) "
-    "for that reason) fails with TypeError (int(None)) in ingest._withdraw - a 500 on DELETE "
-    "/v1/records/{id} even in the open year. SPEC §5: DELETE withdraws"))
 def test_a_record_stored_before_counts_year_existed_can_still_be_withdrawn(
         db_url: str, store: Engine, new_partner: Callable[..., Partner]) -> None:
     ref = PartnerRef(new_partner(store).partner_id, "canonical")
@@ -195,13 +183,6 @@ def test_a_record_stored_before_counts_year_existed_can_still_be_withdrawn(
 
 # -- (b) ops keep=this against a closed year's record -------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: keep=this against a holder that counts in a closed CE year is refused 409 YEAR_CLOSED "
-    "only when retention has pruned the holder (ops/records._keep_this checks payload.pruned); "
-    "unpruned - the usual case, as retention keeps a holder an open conflict is held against - "
-    "the closed year's counted record is withdrawn and another count forwarded for that year. "
-    "README/docs/retention-and-audit.md: a withdrawal of a counting record is refused YEAR_CLOSED "
-    "from the day after its year's close, pruned or not (R11, notice 七(四)4)"))
 def test_keep_this_does_not_withdraw_a_counted_record_of_a_closed_year(
         db_url: str, store: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner]) -> None:
@@ -261,13 +242,6 @@ def test_a_postgresql_store_a_newer_release_migrated_still_runs_this_release_s_c
         _set_revision(postgres_url, before)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (not new this session, not fixed by it): on SQLite every command that migrates "
-    "(ingest, reconcile, worker, serve - which now migrates in cli._engine too) runs alembic "
-    "upgrade first, which ends in a CommandError traceback \"Can't locate revision identified "
-    "by …\" on a store a newer release migrated (or after rolling a release back); only "
-    "migrate=False commands (audit verify) run. gateway/store/db.revision_behind: 'A store "
-    "ahead of the code ... is served'; docs/operations.md, Releases and migrations"))
 def test_an_sqlite_store_a_newer_release_migrated_still_runs_this_release_s_commands(
         sqlite_url: str, tmp_path: Path) -> None:
     _set_revision(sqlite_url, "9999_newer_release")
