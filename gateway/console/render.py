@@ -44,6 +44,7 @@ EVENT_ZH = {"received": "接收", "queued": "进入投递队列", "attempt": "�
             "retention_pruned": "按保留期清理", "cap_reallocated": "封顶学时重新分配",
             "pull_cursor_reset": "拉取游标重置",
             "batch_received": "接收批量文件", "batch_resent": "重复上传同一文件（按原批次答复）",
+            "batch_done": "批量文件处理完成", "batch_failed": "批量文件处理失败",
             "partner_added": "新增合作方",
             "operator_added": "新增运维人员", "reference_imported": "导入参考数据",
             "reference_synced": "同步参考数据"}
