@@ -19,6 +19,7 @@ from gateway.ops.common import FIRST_YEAR, LAST_YEAR
 from gateway.revalidate import RevalidationFilter, RevalidationRefused
 
 DELIVERY_STATUSES = ("pending", "delivered", "dead", "superseded")
+ALL = "all"  # the status filter's 全部, spelled out so a link keeps it (an empty value is dropped)
 MAX_TEXT = 64
 MAX_REASON = 500
 MAX_IDS = 500
@@ -134,8 +135,15 @@ class DeliveryQuery:
 
 def delivery_query(params: Mapping[str, Any], record_ids: Sequence[str], zone: ZoneInfo,
                    *, default_status: str | None = None) -> DeliveryQuery:
-    """The filter fields of ``params``; a missing ``status`` means ``default_status``."""
-    status = choice(params, "status", DELIVERY_STATUSES) if "status" in params else default_status
+    """The filter fields of ``params``; a missing ``status`` means ``default_status``.
+
+    ``status=all`` (or an empty ``status``, as older links have it) means every status.  ``raw``
+    holds the filter as links and hidden fields carry it: the record ids too, and ``all`` for
+    every status, so a pager link or a form does not fall back to ``default_status``.
+    """
+    status = (choice(params, "status", (*DELIVERY_STATUSES, ALL)) if "status" in params
+              else default_status)
+    status = None if status == ALL else status
     adapter = choice(params, "adapter", sorted(ADAPTERS_WITH_PUSH))
     since, until = period(params, zone)
     ids: dict[str, None] = {}  # in order, each once (a list's `in` was quadratic in the post)
@@ -148,8 +156,10 @@ def delivery_query(params: Mapping[str, Any], record_ids: Sequence[str], zone: Z
     query = DeliveryQuery(status=status, adapter=adapter, partner_id=text(params, "partner_id"),
                           error_code=text(params, "error_code"), since=since, until=until,
                           record_ids=tuple(ids))
-    raw = {k: text(params, k) for k in ("adapter", "partner_id", "error_code", "since", "until")}
-    raw["status"] = status or ""
+    raw: dict[str, Any] = {k: text(params, k)
+                           for k in ("adapter", "partner_id", "error_code", "since", "until")}
+    raw["status"] = status or ALL
+    raw["record_id"] = list(ids)
     return DeliveryQuery(**{**query.__dict__, "raw": raw})
 
 

@@ -33,9 +33,10 @@ from gateway.console.forms import (
     text,
 )
 from gateway.console.records_view import Fields, changes_from, typed_back
-from gateway.console.render import STATUS_ZH, Ident
+from gateway.console.render import Ident
 from gateway.console.web import Actor, ConsoleRoute, Ctx, Viewer, require_role
 from gateway.errors import PayloadRejected
+from gateway.labels import status_zh
 from gateway.masking import mask_id, mask_text
 from gateway.ops.records import edit_rejection, list_rejections
 from gateway.store.db import reading, snapshot
@@ -145,7 +146,7 @@ def _open_rejection(ctx: Ctx, rejection_id: int) -> dict[str, Any]:
         raise ConsoleError(404, "未找到", f"没有驳回记录 {rejection_id}。")
     if row["status"] != "open":
         raise ConsoleError(409, "不能修改", f"驳回记录 {rejection_id} 的状态为“"
-                           f"{STATUS_ZH.get(row['status'], row['status'])}”，只有未处理的驳回记录"
+                           f"{status_zh(row['status'])}”，只有未处理的驳回记录"
                            "可以修改后重新处理。")
     return {**dict(row), "errors": orjson.loads(row["errors"])}
 
@@ -205,7 +206,7 @@ def rejection_edit_submit(rejection_id: str, ctx: Actor) -> Response:
         if exc.status_code != 422:  # gone or taken meanwhile: the error page says so
             raise
         return _edit_page(ctx, row, payload, 422, f"{exc.code}：{exc.message_zh}（{exc.message}）")
-    status = STATUS_ZH.get(result["status"], result["status"])
+    status = status_zh(result["status"])
     # Nothing but constant text, gateway ids, a version number and a status label.
     message = (f"驳回记录 {rid} 已修改并重新处理：生成记录 {result['record_id']}"
                f"（第 {result['version']} 版），判定为“{status}”。")

@@ -23,18 +23,11 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
+from gateway.labels import status_zh
 from gateway.masking import mask_text
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "api" / "templates" / "console"
 
-STATUS_ZH = {
-    "pending": "待投递", "delivered": "已投递", "dead": "死信（投递失败）",
-    "accepted": "已接收", "duplicate": "重复", "conflict": "冲突（待处理）", "stored": "已存储",
-    "corrected": "已更正", "rejected": "已拒收", "superseded": "已被取代", "withdrawn": "已撤回",
-    "revalidated": "已重新校验",
-    "queued": "排队中", "processing": "处理中", "done": "已完成", "failed": "失败",
-    "open": "未处理", "resolved": "已解决", "closed": "已关闭",
-}
 CIRCUIT_ZH = {"closed": "闭合（正常投递）", "open": "断开（暂停投递）", "half_open": "半开（试探投递）"}
 ADAPTER_ZH = {"canonical": "标准接口", "training_base": "培训基地", "health": "卫健委",
               "finance": "财政厅", "cadre_college": "干部网络学院"}
@@ -51,6 +44,7 @@ EVENT_ZH = {"received": "接收", "queued": "进入投递队列", "attempt": "�
             "retention_pruned": "按保留期清理", "cap_reallocated": "封顶学时重新分配",
             "pull_cursor_reset": "拉取游标重置",
             "batch_received": "接收批量文件", "batch_resent": "重复上传同一文件（按原批次答复）",
+            "batch_done": "批量文件处理完成", "batch_failed": "批量文件处理失败",
             "partner_added": "新增合作方",
             "operator_added": "新增运维人员", "reference_imported": "导入参考数据",
             "reference_synced": "同步参考数据"}
@@ -123,7 +117,7 @@ class Renderer:
                                autoescape=select_autoescape(default=True, default_for_string=True),
                                undefined=StrictUndefined, finalize=_finalize,
                                trim_blocks=True, lstrip_blocks=True)
-        self.env.filters.update(local=self.local, age=age_zh, status=lambda s: STATUS_ZH.get(s, s),
+        self.env.filters.update(local=self.local, age=age_zh, status=status_zh,
                                 circuit=lambda s: CIRCUIT_ZH.get(s, s),
                                 adapter=lambda s: ADAPTER_ZH.get(s, s) if s else "",
                                 event=lambda s: EVENT_ZH.get(s, s), query=self.query,

@@ -33,6 +33,7 @@ from contracts import Note, RecordStatus
 from gateway import audit
 from gateway.config import Settings
 from gateway.errors import NotFound, PayloadRejected
+from gateway.labels import status_zh
 from gateway.last_word import stale_rejections
 from gateway.masking import mask_text
 from gateway.ops.common import OpsConflict, apply_changes, record_changed, refuse, require_reason
@@ -109,7 +110,7 @@ def edit_and_requeue(engine: Engine, settings: Settings, record_id: str, changes
         state = "withdrawn" if rec["withdrawn"] else (dead.status if dead else rec["status"])
         raise OpsConflict("NOT_EDITABLE", detail=f"(record {record_id} version {version} is "
                           f"{state}; only a dead delivery can be edited)",
-                          detail_zh=f"（记录 {record_id} 第 {version} 版的状态为 {state}；"
+                          detail_zh=f"（记录 {record_id} 第 {version} 版的状态为“{status_zh(state)}”；"
                           "只有投递失败的死信记录可以修改）")
     stored = orjson.loads(row.payload)
     if row.pruned_at is not None or stored.get("pruned") is True:
@@ -189,7 +190,7 @@ def edit_rejection(engine: Engine, settings: Settings, rejection_id: int, change
         raise NotFound(detail=f"(rejection {rejection_id})", detail_zh=f"（拒收记录 {rejection_id}）")
     if row["status"] != "open":
         raise OpsConflict("NOT_EDITABLE", detail=f"(rejection {rejection_id} is {row['status']})",
-                          detail_zh=f"（拒收记录 {rejection_id} 的状态为 {row['status']}）")
+                          detail_zh=f"（拒收记录 {rejection_id} 的状态为“{status_zh(row['status'])}”）")
     try:
         raw = orjson.loads(row["payload"])
     except orjson.JSONDecodeError:

@@ -29,6 +29,7 @@ from gateway import audit
 from gateway.accounts import ADAPTERS_WITH_PUSH
 from gateway.config import Settings
 from gateway.errors import NotFound
+from gateway.labels import status_zh
 from gateway.masking import mask_text, masked
 from gateway.ops.common import (
     CURSOR_ZH,
@@ -173,7 +174,7 @@ def _claim_conflict(conn: Connection, record_id: str, now: datetime) -> Any:
         raise NotFound(detail=f"(record {record_id})", detail_zh=f"（记录 {record_id}）")
     if not taken:
         raise OpsConflict("NOT_A_CONFLICT", detail=f"(record {record_id} is {rec['status']})",
-                          detail_zh=f"（记录 {record_id} 的状态为 {rec['status']}）")
+                          detail_zh=f"（记录 {record_id} 的状态为“{status_zh(rec['status'])}”）")
     return rec
 
 

@@ -209,11 +209,6 @@ def _next_link(page: str) -> str:
     return _href(found.group(1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the deliveries pager drops the status when it is 全部 (status=''): the next page "
-    "falls back to the default status=dead, so its total and rows are the dead letters only "
-    "(gateway/console/forms.py delivery_query raw['status']='' is left out by Renderer.query; "
-    "routes default_status='dead')"))
 def test_paging_all_deliveries_keeps_the_all_status(day: Day) -> None:
     w = day.world
     viewer, _ = _logged_in(w, w.viewer_token)
@@ -231,10 +226,6 @@ def test_paging_all_deliveries_keeps_the_all_status(day: Day) -> None:
         [w.delivered, w.dead_id, w.dead_title])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the deliveries pager drops the record_id filter (a record's deliveries, as the "
-    "reprocess summary links them): forms.delivery_query keeps record_ids out of `raw`, which "
-    "is all the keyset pager passes on, so page 2 lists every dead letter"))
 def test_paging_a_record_id_filter_keeps_it(day: Day) -> None:
     w = day.world
     viewer, _ = _logged_in(w, w.viewer_token)
@@ -350,11 +341,6 @@ def test_a_failed_batch_shows_its_coded_reason_in_chinese(day: Day) -> None:
     assert w.batch_id not in listed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a conflict resolved twice (a second clerk, or the back button) is refused with a "
-    "Chinese message that names the record's status in English ('记录 … 的状态为 duplicate'): "
-    "gateway/ops/records.py _claim_conflict detail_zh uses rec['status'], not the console's "
-    "STATUS_ZH label (SPEC §2: a zh-CN console)"))
 def test_resolving_a_conflict_twice_names_its_status_in_chinese(day: Day) -> None:
     w = day.world
     operator, csrf = _logged_in(w, w.operator_token)
@@ -368,10 +354,6 @@ def test_resolving_a_conflict_twice_names_its_status_in_chinese(day: Day) -> Non
     assert not re.search(r"[A-Za-z]{4,}", message.group(1).replace(w.conflict, "")), message.group(1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the receipt status on a record page's deliveries is the downstream's English word "
-    "('（accepted）') beside Chinese statuses: templates/console/record.html prints "
-    "d.receipt_status without the status filter (render.STATUS_ZH has 'accepted': '已接收')"))
 def test_a_record_page_shows_the_receipt_status_in_chinese(day: Day) -> None:
     w = day.world
     viewer, _ = _logged_in(w, w.viewer_token)
@@ -381,10 +363,6 @@ def test_a_record_page_shows_the_receipt_status_in_chinese(day: Day) -> None:
     assert "accepted" not in deliveries, deliveries
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the audit check names a batch's own events by their English kind only: the batch "
-    "worker writes batch_done / batch_failed (gateway/batches.py _finish), render.EVENT_ZH has "
-    "no label for either, so /ops/audit shows 'batch_failed（batch_failed）'"))
 def test_the_audit_check_names_a_batch_event_in_chinese(day: Day) -> None:
     w = day.world
     with w.engine.begin() as conn:  # as BatchWorker._finish writes it
