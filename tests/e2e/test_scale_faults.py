@@ -37,6 +37,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, func, select, update
 from sqlalchemy import event as sqlalchemy_event
 
+from adapters.health import HealthAdapter
 from gateway import audit
 from gateway.accounts import Partner
 from gateway.batches import BatchProcessor, LeaseLost, NewBatch, new_batch_id, record_batch
@@ -240,7 +241,8 @@ def test_a_batch_processor_that_lost_its_lease_commits_no_chunk(
 
 def test_a_batch_processor_keeps_its_lease_while_a_chunk_takes_longer_than_the_lease(
         engine: Engine, tmp_path: Path, new_partner: Callable[..., Partner],
-        make_settings: Callable[..., Settings], db_url: str) -> None:
+        make_settings: Callable[..., Settings], db_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The lease measures whether the processor is alive, not how long a chunk takes.
 
     Renewed only at a chunk's commit, a lease shorter than a chunk (a year-end rush slows every
@@ -248,11 +250,20 @@ def test_a_batch_processor_keeps_its_lease_while_a_chunk_takes_longer_than_the_l
     mid-chunk in turn: fenced, nothing doubled, but no chunk ever committed.
     """
     partner = new_partner(engine, adapter="health")
-    # A 1 s lease, renewed every third of it: slack for a renewal delayed on a loaded machine,
-    # and a 6,000-row chunk still takes well over the lease.
-    batch_id, good, bad = _health_batch(engine, tmp_path, partner, 6000, seed=23)
-    settings = make_settings(db_url, batch_chunk_rows=6000, batch_parse_workers=0,
-                             batch_lease_seconds=1.0, batch_dir=tmp_path / "batches")
+    # A 2 s lease, renewed every third of it, and one 150-row chunk whose rows are read slowly
+    # (a year-end rush; 20 ms a row: 3 s).  It was a 1 s lease and a 6,000-row chunk made slow
+    # by its own work: on a loaded machine one SQLite commit of it took longer than the
+    # renewals' slack, and the test failed for the machine, not the lease.
+    batch_id, good, bad = _health_batch(engine, tmp_path, partner, 150, seed=23)
+    settings = make_settings(db_url, batch_chunk_rows=1000, batch_parse_workers=0,
+                             batch_lease_seconds=2.0, batch_dir=tmp_path / "batches")
+    parse = HealthAdapter.parse
+
+    def slow_parse(self: HealthAdapter, raw: Any) -> Any:
+        time.sleep(0.02)  # a slow chunk, not a synchronisation: the thief polls on its own
+        return parse(self, raw)
+
+    monkeypatch.setattr(HealthAdapter, "parse", slow_parse)
     worker = BatchProcessor(engine, settings, name="proc-a")
     thief = BatchProcessor(make_engine(db_url), settings, name="proc-b")
     stolen: list[str] = []
@@ -275,7 +286,7 @@ def test_a_batch_processor_keeps_its_lease_while_a_chunk_takes_longer_than_the_l
     watcher.start()
     try:
         started = time.monotonic()
-        worker.process(claimed)  # one 6,000-row chunk: well over 1 s
+        worker.process(claimed)  # one 150-row chunk: well over 2 s
         took = time.monotonic() - started
     finally:
         done.set()
