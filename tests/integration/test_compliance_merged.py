@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -125,7 +125,8 @@ def test_a_withdrawn_award_stops_covering(
     assert "任职期间" in cover["note_zh"] and "reviewing authority" in cover["note"]
     assert "COVERS_PROFESSIONAL_REQUIREMENT" in [n["code"] for n in covered["notes"]]
     assert covered["compliant"] is True
-    assert withdraw(engine, canonical, "C-1", now=IN_2026) is not None
+    # Withdrawn while 2025 is open (after its close the award stands: YEAR_CLOSED, R11).
+    assert withdraw(engine, canonical, "C-1", now=IN_2025 + timedelta(days=30)) is not None
     after = _report(engine, person, 2026)
     assert after["professional_covered_by"] is None
     assert after["missing"]["professional"] == "90.0" and after["compliant"] is False

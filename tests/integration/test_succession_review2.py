@@ -378,7 +378,13 @@ def test_a_duplicate_whose_payload_was_pruned_is_not_promoted(
             payload=stub(rec["record_id"], int(rec["current_version"]), rec["content_hash"],
                          LATER, None, KEYS), pruned_at=LATER))
         assert _pruned(conn, rec)
-    assert withdraw(engine, a, "A-1", now=LATER) is not None
+    # A-1 goes from the activity: a correction to another course, after 2025 closed, of a person
+    # with an approved deferral (七(二); a withdrawal is refused YEAR_CLOSED by then, R11).
+    deferred = RulesContext(StoreReference.of(KEYS, deferrals=[(mine["person"]["id_number"], DeferralInfo(
+        2025, "illness", date(2025, 12, 1)))]), RulesConfig(person_keys=KEYS))
+    [moved] = ingest(engine, a, [_as(mine, "A-1", activity={"title": "另一期高原医学研修班（补报）"})],
+                     now=LATER, rules=deferred)
+    assert moved.status == "corrected"
     after = _row(engine, dup.record_id)
     assert (after["status"], after["current_version"]) == ("duplicate", 2)  # skipped, unchanged
     # Nobody counts the activity now: by design (a pruned payload cannot be forwarded).
@@ -424,10 +430,13 @@ def test_a_deferred_successor_keeps_its_own_years_cap_group(
     assert dup.status == "duplicate"
     assert int(_row(engine, dup.record_id)["counts_year"]) == 2026
     assert int(_row(engine, held.record_id)["counts_year"]) == 2025
-    assert withdraw(engine, a, "A-1", now=LATER) is not None
+    # A-1 goes from the activity: corrected to another paper after 2025 closed, under the same
+    # deferral (a withdrawal is refused YEAR_CLOSED by then, R11); it stays in 2025's group.
+    [moved] = ingest(engine, a, [in_2025("A-1", 2)], now=LATER, rules=deferred)
+    assert moved.status == "corrected"
     after = _row(engine, dup.record_id)
     assert after["status"] == "accepted"
-    assert Decimal(after["credited_hours"]) == 10  # 2025's cap: A-1 let its 10 h go
+    assert Decimal(after["credited_hours"]) == 10  # 2025's cap (20 h): A-1's 10 h and B-1's 10 h
     assert not violations(engine)
     # 2026's cap group is not the successor's: a 2026 paper going changes nothing of it
     assert withdraw(engine, a, "A-2", now=LATER) is not None
