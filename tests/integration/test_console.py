@@ -97,6 +97,16 @@ class World:
                 .order_by(outbox.c.version))]
 
 
+def prune_delivered(world: World) -> None:
+    """The delivered record's version pruned by retention (ops_interface.md's stub)."""
+    now = datetime.now(UTC)
+    stub = {"pruned": True, "record_id": world.delivered, "version": 1, "content_hash": "0" * 64,
+            "pruned_at": now.isoformat()}
+    with world.engine.begin() as conn:
+        conn.execute(update(record_versions).where(record_versions.c.record_id == world.delivered)
+                     .values(payload=orjson.dumps(stub).decode(), pruned_at=now))
+
+
 @pytest.fixture
 def world(db_url: str, make_settings: MakeSettings, new_partner: Callable[..., Partner],
           new_operator: Callable[..., str], mock_ce: tuple[str, Faults]) -> Iterator[World]:
@@ -323,12 +333,7 @@ def test_every_page_renders_in_chinese_with_masked_ids(world: World) -> None:
     assert local in viewer.get(f"/ops/deliveries?record_id={world.dead_id}").text
 
     # A version whose payload retention pruned shows as such (the stub of ops_interface.md).
-    now = datetime.now(UTC)
-    stub = {"pruned": True, "record_id": world.delivered, "version": 1, "content_hash": "0" * 64,
-            "pruned_at": now.isoformat()}
-    with world.engine.begin() as conn:
-        conn.execute(update(record_versions).where(record_versions.c.record_id == world.delivered)
-                     .values(payload=orjson.dumps(stub).decode(), pruned_at=now))
+    prune_delivered(world)
     pruned = viewer.get(f"/ops/records/{world.delivered}")
     assert pruned.status_code == 200 and "已按保留期清理" in pruned.text
     assert "已投递" in pruned.text

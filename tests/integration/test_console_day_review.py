@@ -32,21 +32,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-import orjson
 import pytest
 from sqlalchemy import insert, select, update
 
 from gateway import audit
 from gateway.pipeline.ingest import PartnerRef, ingest
-from gateway.store.tables import audit_events, batches, record_versions, records, rejections
+from gateway.store.tables import audit_events, batches, records, rejections
 from mock_partners import generators as gen
 from tests.integration.test_console import (
     World,
     _client,
     _logged_in,
     _no_clear_ids,
+    prune_delivered,
     world,
 )
+from tests.integration.test_console_ops_more import _bad_id
 
 __all__ = ["world"]  # the fixture, imported from test_console
 
@@ -75,15 +76,7 @@ def _partner_of(world: World, record_id: str) -> str:
 def day(world: World) -> Iterator[Day]:
     partner_id = _partner_of(world, world.delivered)
     # An open rejection: a resident id whose check digit is wrong.
-    sub = gen.canonical_submission(random.Random(4242), "DAY-REJ-1")
-    good = sub["person"]["id_number"]
-    sub["person"]["id_number"] = bad = gen.corrupt_check_digit(good)
-    [answer] = ingest(world.engine, PartnerRef(partner_id, "canonical"), [sub])
-    assert answer.status == "rejected"
-    world.id_numbers += [good, bad]
-    with world.engine.connect() as conn:
-        rid = int(conn.execute(select(rejections.c.id)
-                               .where(rejections.c.source_record_id == "DAY-REJ-1")).scalar_one())
+    rid, _, _ = _bad_id(world, partner_id, 4242, "DAY-REJ-1")
     # A failed health batch (coded, as the batch worker leaves one), finished late in the UTC
     # day, so its Beijing time falls on the next calendar day.
     failed_at = datetime(2026, 3, 1, 17, 30, 5, tzinfo=UTC)
@@ -95,13 +88,7 @@ def day(world: World) -> Iterator[Day]:
             file_size=10, sha256="1" * 64, rows_done=0, rows_total=0, credits_total="0",
             error="header row missing", error_code="BATCH_FAILED", error_zh="缺少表头行",
             created_at=failed_at, finished_at=failed_at))
-    # The delivered record's version pruned by retention (ops_interface.md's stub).
-    now = datetime.now(UTC)
-    stub = {"pruned": True, "record_id": world.delivered, "version": 1, "content_hash": "0" * 64,
-            "pruned_at": now.isoformat()}
-    with world.engine.begin() as conn:
-        conn.execute(update(record_versions).where(record_versions.c.record_id == world.delivered)
-                     .values(payload=orjson.dumps(stub).decode(), pruned_at=now))
+    prune_delivered(world)
     yield Day(world, partner_id, rid, failed, failed_at)
 
 

@@ -41,21 +41,21 @@ FIELD_INPUT = re.compile(r'name="f:([^"]+)" type="(text|password)" value="([^"]*
 
 BATCH = "B630102199001011234abcdef"  # new_batch_id()'s shape, with an id-number-like run
 
-def _bad_id(world: World) -> tuple[int, str, str]:
-    """A canonical record whose identity number fails its check digit.
+def _bad_id(world: World, partner_id: str = PARTNER, seed: int = 31,
+            source_id: str = "REJ-ID") -> tuple[int, str, str]:
+    """A canonical record whose identity number fails its check digit: an open rejection.
 
     Returns the rejection's id, the clear number and the corrupted number that was sent.
     """
-    rng = random.Random(31)
-    sub = gen.canonical_submission(rng, "REJ-ID")
+    sub = gen.canonical_submission(random.Random(seed), source_id)
     good = sub["person"]["id_number"]
     sub["person"]["id_number"] = bad = gen.corrupt_check_digit(good)
-    [answer] = ingest(world.engine, PartnerRef(PARTNER, "canonical"), [sub])
+    [answer] = ingest(world.engine, PartnerRef(partner_id, "canonical"), [sub])
     assert answer.status == "rejected"
     world.id_numbers += [good, bad]
     with world.engine.connect() as conn:
         rid = conn.execute(select(rejections.c.id).where(
-            rejections.c.source_record_id == "REJ-ID")).scalar_one()
+            rejections.c.source_record_id == source_id)).scalar_one()
     return int(rid), good, bad
 
 
