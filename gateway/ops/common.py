@@ -149,8 +149,10 @@ def decode_cursor(cursor: str | None, kind: str, arity: int) -> list[Any] | None
         raise refuse("cursor", "not a cursor this list gave out", CURSOR_ZH) from exc
     if not (isinstance(values, list) and len(values) == arity + 1 and values[0] == kind):
         raise refuse("cursor", "not a cursor this list gave out", CURSOR_ZH)
-    # A crafted number past what a database integer holds would overflow the driver (a 500).
-    if any(isinstance(v, int) and not -(2**63) <= v < 2**63 for v in values[1:]):
+    # A crafted number past what a database integer holds would overflow the driver (a 500);
+    # no cursor holds a boolean (JSON true is an int to isinstance, and PostgreSQL's 500).
+    if any(isinstance(v, bool) or (isinstance(v, int) and not -(2**63) <= v < 2**63)
+           for v in values[1:]):
         raise refuse("cursor", "not a cursor this list gave out", CURSOR_ZH)
     return values[1:]
 
