@@ -138,6 +138,8 @@ def _item(row: Any) -> dict[str, Any]:
         item[key] = iso(item[key])
     if item["last_error"]:
         item["last_error"] = mask_text(item["last_error"])
+    # A partner may number its records by the person's identity number.
+    item["source_record_id"] = mask_text(item["source_record_id"])
     return item
 
 

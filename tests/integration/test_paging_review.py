@@ -302,10 +302,6 @@ def test_a_crafted_cursor_value_is_a_coded_422(site: Site, kind: str, value: Any
     _coded_422(site.get(path, cursor=_cursor(kind, value)), "cursor")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a crafted cursor holding a JSON boolean passes "
-                   "the isinstance(after[0], int) checks in list_deliveries/list_rejections (bool "
-                   "is an int); `id < True` then raises SQLAlchemy's ArgumentError: a 500 INTERNAL "
-                   "instead of the coded 422 SCHEMA every other bad cursor gets (SPEC §6)")
 @pytest.mark.parametrize("kind", ["deliveries", "rejections"])
 @pytest.mark.parametrize("value", [True, False])
 def test_a_boolean_cursor_is_a_coded_422(site: Site, kind: str, value: bool) -> None:
@@ -348,18 +344,7 @@ def id_sources(site: Site) -> list[str]:
     return ids
 
 
-_LEAKS = ("BUG: list items carry source_record_id unmasked (gateway/ops/deliveries.py _item, "
-          "gateway/ops/records.py list_conflicts and list_rejections): a partner whose source ids are identity "
-          "numbers has them shown whole, while the same lists mask rejection payloads and "
-          "last_error, and the coded errors mask a record id that is an identity number "
-          "(gateway/api/app.py) — SPEC §7 masking")
-
-
-@pytest.mark.parametrize("path", [
-    pytest.param("/v1/deliveries", marks=pytest.mark.xfail(strict=True, reason=_LEAKS)),
-    pytest.param("/v1/conflicts", marks=pytest.mark.xfail(strict=True, reason=_LEAKS)),
-    pytest.param("/v1/rejections", marks=pytest.mark.xfail(strict=True, reason=_LEAKS)),
-])
+@pytest.mark.parametrize("path", ["/v1/deliveries", "/v1/conflicts", "/v1/rejections"])
 def test_identity_numbers_are_masked_in_every_list_item(site: Site, id_sources: list[str],
                                                         path: str) -> None:
     """A partner whose source ids are identity numbers: no list item shows one whole."""
