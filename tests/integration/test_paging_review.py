@@ -119,7 +119,7 @@ def _walk(site: Site, path: str, key: str, limit: int, between: Callable[[int], 
 
 
 def _coded_422(resp: httpx.Response, field: str | None = None) -> dict[str, Any]:
-    assert resp.status_code == 422, (resp.status_code, resp.text)
+    assert resp.status_code == 422, (str(resp.request.url), resp.status_code, resp.text)
     error: dict[str, Any] = resp.json()["error"]
     assert error["code"] == "SCHEMA" and error["message"] and error["message_zh"], error
     if field is not None:
@@ -249,12 +249,15 @@ def test_since_until_take_dates_and_zoned_times_as_documented(
     assert _names(site, edges, since=since, until=until) == {"start", "end"}
 
 
-@pytest.mark.parametrize("bad", ["yesterday", "2026-13-01", "2026-03-01T25:00", "1999-12-31",
-                                 "3000-01-01", "2026-03-01T00:00:00+25:00", "\u0661\u0662"])
-def test_since_until_refuse_what_is_no_time_coded(site: Site, bad: str) -> None:
-    for path in ("/v1/deliveries", "/v1/rejections"):
-        for field in ("since", "until"):
-            _coded_422(site.get(path, **{field: bad}), field)
+# The refusals need no rows, so each group's values go through one site (one test item each
+# would build its hundreds of rows again: the suite's time).
+
+def test_since_until_refuse_what_is_no_time_coded(site: Site) -> None:
+    for bad in ("yesterday", "2026-13-01", "2026-03-01T25:00", "1999-12-31", "3000-01-01",
+                "2026-03-01T00:00:00+25:00", "\u0661\u0662"):
+        for path in ("/v1/deliveries", "/v1/rejections"):
+            for field in ("since", "until"):
+                _coded_422(site.get(path, **{field: bad}), field)
 
 
 # -- limit and cursor bounds -------------------------------------------------------------------
@@ -263,10 +266,10 @@ def test_since_until_refuse_what_is_no_time_coded(site: Site, bad: str) -> None:
 LISTS = ("/v1/deliveries", "/v1/rejections", "/v1/conflicts")
 
 
-@pytest.mark.parametrize("limit", ["0", "-1", "501", "abc", "1.5", "1e3", "99999999999999999999999"])
-def test_limit_out_of_bounds_is_a_coded_422(site: Site, limit: str) -> None:
-    for path in LISTS:
-        _coded_422(site.get(path, limit=limit), "limit")
+def test_limit_out_of_bounds_is_a_coded_422(site: Site) -> None:
+    for limit in ("0", "-1", "501", "abc", "1.5", "1e3", "99999999999999999999999"):
+        for path in LISTS:
+            _coded_422(site.get(path, limit=limit), "limit")
 
 
 def test_limit_1_and_500_are_taken(site: Site) -> None:
@@ -276,14 +279,11 @@ def test_limit_1_and_500_are_taken(site: Site) -> None:
             assert len(page["items"]) == min(limit, page["total"]), (path, limit)
 
 
-@pytest.mark.parametrize("limit", ["0", "1001", "x", "-5"])
-def test_batch_rejected_rows_limit_out_of_bounds_is_a_coded_422(site: Site, limit: str) -> None:
-    _coded_422(site.get("/v1/batches/B000000000000000000000000", limit=limit), "limit")
-
-
-@pytest.mark.parametrize("cursor", ["-1", "abc", "1.5"])
-def test_batch_rejected_rows_bad_cursor_is_a_coded_422(site: Site, cursor: str) -> None:
-    _coded_422(site.get("/v1/batches/B000000000000000000000000", cursor=cursor), "cursor")
+def test_batch_rejected_rows_bad_limit_or_cursor_is_a_coded_422(site: Site) -> None:
+    for limit in ("0", "1001", "x", "-5"):
+        _coded_422(site.get("/v1/batches/B000000000000000000000000", limit=limit), "limit")
+    for cursor in ("-1", "abc", "1.5"):
+        _coded_422(site.get("/v1/batches/B000000000000000000000000", cursor=cursor), "cursor")
 
 
 def test_a_cursor_of_another_list_is_a_coded_422(site: Site) -> None:
@@ -295,17 +295,11 @@ def test_a_cursor_of_another_list_is_a_coded_422(site: Site) -> None:
                 _coded_422(site.get(path, cursor=cursor), "cursor")
 
 
-@pytest.mark.parametrize("kind", ["deliveries", "rejections"])
-@pytest.mark.parametrize("value", [1.5, "7", None, [1], {"a": 1}, 2**63, -(2**64)])
-def test_a_crafted_cursor_value_is_a_coded_422(site: Site, kind: str, value: Any) -> None:
-    path = f"/v1/{kind}"
-    _coded_422(site.get(path, cursor=_cursor(kind, value)), "cursor")
-
-
-@pytest.mark.parametrize("kind", ["deliveries", "rejections"])
-@pytest.mark.parametrize("value", [True, False])
-def test_a_boolean_cursor_is_a_coded_422(site: Site, kind: str, value: bool) -> None:
-    _coded_422(site.get(f"/v1/{kind}", cursor=_cursor(kind, value)), "cursor")
+def test_a_crafted_cursor_value_is_a_coded_422(site: Site) -> None:
+    # True and False too: a bool passed the int check once (a 500 on PostgreSQL).
+    for kind in ("deliveries", "rejections"):
+        for value in (1.5, "7", None, [1], {"a": 1}, 2**63, -(2**64), True, False):
+            _coded_422(site.get(f"/v1/{kind}", cursor=_cursor(kind, value)), "cursor")
 
 
 def test_a_conflicts_cursor_of_any_json_value_is_no_500(site: Site) -> None:
