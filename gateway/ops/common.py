@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from gateway.errors import PayloadRejected
-from gateway.masking import masked
+from gateway.masking import mask_text, masked
 
 MAX_LIMIT = 500
 _CODE = re.compile(r"[A-Z][A-Z0-9_]{0,31}")
@@ -155,6 +155,11 @@ def decode_cursor(cursor: str | None, kind: str, arity: int) -> list[Any] | None
            for v in values[1:]):
         raise refuse("cursor", "not a cursor this list gave out", CURSOR_ZH)
     return values[1:]
+
+
+def masked_source_id(source_record_id: str | None) -> str | None:
+    """A partner's source id as lists show it: it may be an identity number; a rejection may have none."""
+    return None if source_record_id is None else mask_text(source_record_id)
 
 
 def iso(value: datetime | date | None) -> str | None:

@@ -49,6 +49,7 @@ from gateway.ops.common import (
     encode_cursor,
     iso,
     limit_of,
+    masked_source_id,
     refuse,
     require_reason,
 )
@@ -139,7 +140,7 @@ def _item(row: Any) -> dict[str, Any]:
     if item["last_error"]:
         item["last_error"] = mask_text(item["last_error"])
     # A partner may number its records by the person's identity number.
-    item["source_record_id"] = mask_text(item["source_record_id"])
+    item["source_record_id"] = masked_source_id(item["source_record_id"])
     return item
 
 

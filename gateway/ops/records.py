@@ -41,6 +41,7 @@ from gateway.ops.common import (
     encode_cursor,
     iso,
     limit_of,
+    masked_source_id,
     record_changed,
     refuse,
     require_reason,
@@ -160,7 +161,7 @@ def list_conflicts(conn: Connection, *, cursor: str | None = None, limit: int = 
         query = query.where(records.c.record_id > str(after[0]))
     rows = conn.execute(query.order_by(records.c.record_id).limit(limit + 1)).mappings().all()
     items = [{**r, "created_at": iso(r["created_at"]),  # source ids may be identity numbers
-              "source_record_id": mask_text(r["source_record_id"])} for r in rows[:limit]]
+              "source_record_id": masked_source_id(r["source_record_id"])} for r in rows[:limit]]
     return {"items": items, "total": total,
             "next": encode_cursor("conflicts", items[-1]["record_id"]) if len(rows) > limit else None}
 
@@ -341,7 +342,7 @@ def list_rejections(conn: Connection, *, partner_id: str | None = None,
         query = query.where(c.id < after[0])
     rows = conn.execute(query.order_by(c.id.desc()).limit(limit + 1)).mappings().all()
     items = [{"id": r["id"], "partner_id": r["partner_id"], "adapter": r["adapter"],
-              "source_record_id": mask_text(r["source_record_id"]), "batch_id": r["batch_id"],
+              "source_record_id": masked_source_id(r["source_record_id"]), "batch_id": r["batch_id"],
               "status": r["status"], "received_at": iso(r["received_at"]),
               "errors": orjson.loads(r["errors"]),
               "payload": _masked_json(r["payload"])} for r in rows[:limit]]
