@@ -149,9 +149,10 @@ def _engine(settings: Settings, migrate: bool = True):  # type: ignore[no-untype
     from gateway.store.db import is_sqlite, upgrade_if_behind
 
     engine = _connected(settings)
-    if migrate and is_sqlite(engine):
+    if migrate and is_sqlite(engine):  # then at this code's head, or ahead of it
         upgrade_if_behind(engine, settings.database_url, person_key_secret=settings.person_key_secret)
-    _check_revision(settings, engine)
+    else:
+        _check_revision(settings, engine)
     _check_person_keys(settings, engine)
     return engine
 

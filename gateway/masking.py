@@ -255,6 +255,12 @@ def _redact_url(url: re.Match[str]) -> str:
                            without_userinfo)
 
 
+def _redacted_arg(arg: object) -> object:
+    """A log argument as it renders, redacted, if its text holds a URL; else the argument itself."""
+    text = str(arg)
+    return redact_urls(text) if "://" in text else arg
+
+
 class UrlRedactingFilter(logging.Filter):
     """Redacts the URLs in a record (:func:`redact_urls`): put on the ``httpx`` logger.
 
@@ -265,7 +271,7 @@ class UrlRedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(redact_urls(str(a)) if "://" in str(a) else a for a in record.args)
+            record.args = tuple(_redacted_arg(a) for a in record.args)
         if isinstance(record.msg, str):
             record.msg = redact_urls(record.msg)
         return True

@@ -254,11 +254,12 @@ def _keep_this(conn: Connection, rec: Any, holder: Any, config: RulesConfig, now
         # What counts in a closed CE year stands (R11, notice 七(四)4), as against a partner's
         # withdrawal; retention prunes a current version only then, so a pruned holder is one too.
         closed = config.closed_year_counted(holder, now)
-        holder_payload = orjson.loads(conn.execute(select(record_versions.c.payload).where(
-            record_versions.c.record_id == holder["record_id"],
-            record_versions.c.version == holder["current_version"])).scalar_one())
-        if closed is not None or holder_payload.get("pruned") is True:
-            year = closed or holder_payload.get("counts", {}).get("year", holder["counts_year"])
+        if closed is None:  # the withdrawal is built from its payload
+            holder_payload = orjson.loads(conn.execute(select(record_versions.c.payload).where(
+                record_versions.c.record_id == holder["record_id"],
+                record_versions.c.version == holder["current_version"])).scalar_one())
+        if closed is not None or (holder_payload or {}).get("pruned") is True:
+            year = closed or (holder_payload or {}).get("counts", {}).get("year", holder["counts_year"])
             raise OpsConflict("YEAR_CLOSED", field="keep", detail=(
                 f"(record {holder['record_id']}, which this report conflicts with, counts in the "
                 f"closed CE year {year}: it can no longer be withdrawn; resolve with keep=existing)"),
