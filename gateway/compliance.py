@@ -72,7 +72,7 @@ from gateway.store.tables import (
 
 __all__ = ["NOT_COUNTED_CODES", "ComplianceRecord", "ComplianceReport", "Deferral",
            "NotCountedRecord", "ProfessionalCover", "RefusedChange", "ReportNote", "check_person",
-           "report"]
+           "covers_tenure", "report"]
 
 ZERO = Decimal(0)
 ONE_PLACE = Decimal("0.1")
@@ -490,8 +490,14 @@ def _covers(conn: Connection, record_id: str, version: int, column: bool | None)
     body = orjson.loads(row.payload)
     if row.pruned_at is not None or body.get("pruned") is True:
         return column is True  # the payload is gone: the column is all that is left
-    return any(n.get("code") == "COVERS_PROFESSIONAL_REQUIREMENT"
-               for n in body.get("rule_notes") or ())
+    return covers_tenure(body)
+
+
+def covers_tenure(body: object) -> bool:
+    """Whether a stored version's payload says it covers the tenure (its rule note, R7)."""
+    return isinstance(body, dict) and any(
+        isinstance(n, dict) and n.get("code") == "COVERS_PROFESSIONAL_REQUIREMENT"
+        for n in body.get("rule_notes") or ())
 
 
 def _tally(conn: Connection, me: str, year: int, keys: PersonKeys) -> _Tally:

@@ -44,13 +44,14 @@ cutoff and the actor — never a payload.  The ``retention`` job (:data:`RETENTI
 once cluster-wide every ``RETENTION_INTERVAL_SECONDS``; ``ce-gateway retention run`` by hand.
 
 May touch: ``record_versions`` (payload, pruned_at), ``rejections`` (payload of closed rows),
-the audit trail (append); reads ``records``, ``outbox``.
+``records.covers_professional`` (kept from a competition record's payload before it goes), the
+audit trail (append); reads ``records``, ``outbox``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -74,6 +75,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import aliased
 
 from gateway import audit
+from gateway.compliance import covers_tenure
 from gateway.config import Settings
 from gateway.person_keys import PersonKeys
 from gateway.pipeline.caps import counts_of
@@ -247,6 +249,7 @@ def _prune_versions(engine: Engine, where: ColumnElement[bool], now: datetime, c
     while True:
         query = select(record_versions.c.record_id, record_versions.c.version,
                        record_versions.c.content_hash, record_versions.c.payload,
+                       records.c.current_version, records.c.activity_type,
                        ).select_from(_joined()).where(where)
         if after is not None:
             query = query.where(key > tuple_(*after))  # keyset: each chunk starts past the last
@@ -257,6 +260,7 @@ def _prune_versions(engine: Engine, where: ColumnElement[bool], now: datetime, c
             if not rows:
                 break
             keys = [(r.record_id, r.version) for r in rows]
+            _keep_tenure_cover(conn, rows)
             conn.execute(write, [{"rid": r.record_id, "v": r.version,
                                   "stub": stub(r.record_id, int(r.version), r.content_hash, now,
                                                r.payload, person_keys)}
@@ -270,6 +274,31 @@ def _prune_versions(engine: Engine, where: ColumnElement[bool], now: datetime, c
         if progress:
             progress(done, max(total, done))
     return done
+
+
+def _keep_tenure_cover(conn: Connection, rows: Sequence[Any]) -> None:
+    """Set ``records.covers_professional`` from the payloads of competition records pruned now.
+
+    Once its current version is a stub, a competition record's column is all the compliance
+    read-model has to tell whether the award covers the tenure's professional hours (R7,
+    四(二)5; ``compliance._covers``).  Code before migration 0023 left it null, and a replica on
+    it may have left a stale value in a rolling release, so the payload about to go decides.
+    """
+    covers = [{"rid": r.record_id, "v": r.version, "covers": covers_tenure(_parsed(r.payload))}
+              for r in rows if r.activity_type == "competition"
+              and r.version == r.current_version]
+    if covers:
+        conn.execute(update(records).where(
+            records.c.record_id == bindparam("rid"),
+            records.c.current_version == bindparam("v")).values(
+            covers_professional=bindparam("covers")), covers)
+
+
+def _parsed(payload: str | None) -> object:
+    try:
+        return None if payload is None else orjson.loads(payload)
+    except orjson.JSONDecodeError:  # not a record the gateway wrote: it covers nothing
+        return None
 
 
 def _prune_rejections(engine: Engine, cutoff: datetime, now: datetime, chunk_size: int,

@@ -417,13 +417,6 @@ def test_award_before_0023_covers_later_years_after_upgrade(
         engine.dispose()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: migration 0023 leaves covers_professional null on records written before it and "
-    "nothing fills it before retention prunes the payload (gateway/retention.py does not read "
-    "the rule note; compliance._covers trusts only the column once pruned): a national award "
-    "stored before the upgrade stops covering the tenure's professional hours once its closed "
-    "year's payload is pruned — the person's later years turn non-compliant (notice 四(二)5, "
-    "SPEC §7 nothing acknowledged is ever lost)"))
 def test_award_before_0023_still_covers_once_retention_prunes_it(
         bare_url: str, ce: tuple[str, Faults], old_trees: Callable[[str], Path],
         tmp_path: Path) -> None:
