@@ -150,7 +150,8 @@ def _engine(settings: Settings, migrate: bool = True):  # type: ignore[no-untype
 
     engine = _connected(settings)
     if migrate and is_sqlite(engine):  # then at this code's head, or ahead of it
-        upgrade_if_behind(engine, settings.database_url, person_key_secret=settings.person_key_secret)
+        upgrade_if_behind(engine, settings.database_url,
+                          person_key_secret=settings.person_key_secret, settings=settings)
     else:
         _check_revision(settings, engine)
     _check_person_keys(settings, engine)
@@ -329,8 +330,11 @@ def db_upgrade(revision: str = "head") -> None:
 
     settings = _settings()
     _warn_dev_person_key(settings)
-    _connected(settings).dispose()  # an unreachable store: STORE_UNAVAILABLE, exit 2
-    upgrade(settings.database_url, revision, person_key_secret=settings.person_key_secret)
+    engine = _connected(settings)  # an unreachable store: STORE_UNAVAILABLE, exit 2
+    _check_person_keys(settings, engine)  # a data repair files people under the store's keys
+    engine.dispose()
+    upgrade(settings.database_url, revision, person_key_secret=settings.person_key_secret,
+            settings=settings)
     console.print(f"database at revision {escape(revision)}")
 
 

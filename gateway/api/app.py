@@ -149,7 +149,7 @@ def create_app(settings: Settings, *, run_worker: bool = True, migrate: bool | N
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if migrate if migrate is not None else is_sqlite(state.engine):
             upgrade_if_behind(state.engine, settings.database_url,
-                              person_key_secret=settings.person_key_secret)
+                              person_key_secret=settings.person_key_secret, settings=settings)
         # Served with another PERSON_KEY_SECRET, one person would be filed under two keys.
         with reading(state.engine) as conn:
             try:

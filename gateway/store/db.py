@@ -21,6 +21,8 @@ from sqlalchemy.engine import make_url
 if TYPE_CHECKING:
     from alembic.config import Config
 
+    from gateway.config import Settings
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
@@ -112,20 +114,45 @@ def alembic_config(url: str, person_key_secret: SecretStr | str | None = None) -
 
 
 def upgrade(url: str, revision: str = "head", *,
-            person_key_secret: SecretStr | str | None = None) -> None:
+            person_key_secret: SecretStr | str | None = None,
+            settings: Settings | None = None) -> None:
     """Apply Alembic migrations up to ``revision`` (``ce-gateway db upgrade``).
 
     ``person_key_secret``: the deployment's ``PERSON_KEY_SECRET`` (migration 0020 keys the
-    store's person keys with it); None reads it as :class:`~gateway.config.Settings` does
-    (``CE_GATEWAY_PERSON_KEY_SECRET``, else the development default).
+    store's person keys with it); None takes ``settings``'s, else reads it as
+    :class:`~gateway.config.Settings` does (``CE_GATEWAY_PERSON_KEY_SECRET``, else the
+    development default).  At the head, the data repairs the migrations queued are then run
+    with this code (``store_repairs``, :mod:`gateway.repairs`), under ``settings``' rules.
     """
     from alembic import command
 
-    if person_key_secret is None:
-        from gateway.config import Settings
+    from gateway.config import Settings
 
-        person_key_secret = Settings().person_key_secret
+    if settings is None:
+        settings = Settings()
+    if person_key_secret is None:
+        person_key_secret = settings.person_key_secret
+    else:
+        settings = settings.model_copy(update={"person_key_secret": SecretStr(
+            person_key_secret.get_secret_value() if isinstance(person_key_secret, SecretStr)
+            else person_key_secret)})
     command.upgrade(alembic_config(url, person_key_secret), revision)
+    if revision == "head":
+        engine = make_engine(url)
+        try:
+            with reading(engine) as conn:
+                pending = _pending_repairs(conn)
+            if pending:
+                from gateway.repairs import run_pending  # the pipeline, only when needed
+
+                run_pending(engine, settings)
+        finally:
+            engine.dispose()
+
+
+def _pending_repairs(conn: Connection) -> list[str]:
+    """The data repairs queued in ``store_repairs`` (migration 0024), by name."""
+    return list(conn.execute(text("SELECT name FROM store_repairs ORDER BY name")).scalars())
 
 
 @cache
@@ -153,12 +180,17 @@ def revision_behind(conn: Connection) -> tuple[str | None, str] | None:
     head, known = code_revisions()
     at = (conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
           if inspect(conn).has_table("alembic_version") else None)
-    if at == head or (at is not None and at not in known):
+    if at == head:
+        # A data repair a migration queued is part of the upgrade (migration 0024).
+        pending = _pending_repairs(conn)
+        return None if not pending else (f"{at} with repair {', '.join(pending)} pending", head)
+    if at is not None and at not in known:
         return None
     return at, head
 
 
-def upgrade_if_behind(engine: Engine, url: str, *, person_key_secret: SecretStr | str | None) -> bool:
+def upgrade_if_behind(engine: Engine, url: str, *, person_key_secret: SecretStr | str | None,
+                      settings: Settings | None = None) -> bool:
     """Migrate the store to this code's head only if it is behind (:func:`revision_behind`).
 
     A store at the head costs one read, not an Alembic run; one a newer release migrated is left
@@ -168,7 +200,7 @@ def upgrade_if_behind(engine: Engine, url: str, *, person_key_secret: SecretStr 
         behind = revision_behind(conn)
     if behind is None:
         return False
-    upgrade(url, person_key_secret=person_key_secret)
+    upgrade(url, person_key_secret=person_key_secret, settings=settings)
     return True
 
 

@@ -482,6 +482,17 @@ refused_pins = Table(
 )
 
 
+# Data repairs a migration queued for the code at its head (migration 0024, gateway/repairs.py):
+# one row a repair, deleted in the repair's own transaction.  A row left means the upgrade is
+# not finished (``gateway.store.db.revision_behind``).
+store_repairs = Table(
+    "store_repairs",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("queued_at", UTCDateTime, nullable=False),
+    Column("reason", String(500), nullable=False),
+)
+
 # The store's check of PERSON_KEY_SECRET (gateway/person_keys.py): one row, the HMAC of a fixed
 # label under the secret every ``person_key`` above was made with (migration 0020).  A process
 # whose secret gives another value is refused (``serve``, ``worker``, ``/readyz``).

@@ -333,12 +333,6 @@ def test_store_written_before_0013_upgrades_and_serves(
 # -- 0019: a correction the management system refused before the upgrade ----------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: migration 0019 creates refused_pins empty and nothing backfills it: a paper whose "
-    "correction (to another activity type) CE refused before the upgrade still counts 10 h of "
-    "papers at CE, but after the upgrade its cap group gives that share away — a new paper is "
-    "credited 10 h and the person gets 30 h against the 20 h cap (SPEC §4 R10, notice 四(二)1; "
-    "SPEC §7 what CE applied is what counts)"))
 def test_refusal_before_0019_keeps_its_cap_share_after_upgrade(
         bare_url: str, ce: tuple[str, Faults], old_trees: Callable[[str], Path],
         tmp_path: Path) -> None:
@@ -370,6 +364,73 @@ def test_refusal_before_0019_keeps_its_cap_share_after_upgrade(
             credited = conn.execute(select(records.c.credited_hours).where(
                 records.c.record_id == p3.record_id)).scalar_one()
         assert Decimal(credited) == 0, f"P-3 credited {credited} h over the 20 h paper cap"
+    finally:
+        engine.dispose()
+
+
+def _kinds(conn: Any) -> list[str]:
+    return list(conn.execute(text("SELECT kind FROM audit_events ORDER BY seq")).scalars())
+
+
+def test_repair_takes_back_the_share_the_old_code_gave_away_and_runs_once(
+        bare_url: str, ce: tuple[str, Faults], old_trees: Callable[[str], Path],
+        tmp_path: Path) -> None:
+    """The repair queued by 0024 re-allocates the group too, not only later arrivals.
+
+    P-1 and P-2 fill the 20 h paper cap and P-0 is cut to 0 h; CE refuses P-1's correction, so
+    CE still counts P-1's 10 h, but the code before 0019 gave P-1's share to P-0 (re-issued at
+    10 h and delivered: 30 h counted at CE).  The upgrade's repair pins P-1 and re-issues P-0
+    at 0 h; until it has run, the store is behind (every command names db upgrade); a second
+    upgrade changes nothing.
+    """
+    from gateway.store.db import revision_behind
+
+    ce_url, _faults = ce
+    erin = make_person(_rng(24))
+    p1, p2, p0 = paper("P-1", erin, 1), paper("P-2", erin, 2), paper("P-0", erin, 4)
+    moved = {**p1, "activity_type": "training",
+             "activity": {"title": "[REJECT] 高原生态保护专题培训", "mode": "offline",
+                          "started_on": "2026-02-11", "completed_on": "2026-02-11"},
+             "claimed": {"quantity": "10", "unit": "hours"}}
+    out = run_old(old_trees(BEFORE_0019), bare_url, ce_url, [
+        {"op": "partner", "id": "p-old"},
+        {"op": "ingest", "partner": "p-old", "subs": [p1, p2, p0]},
+        {"op": "deliver"},
+        {"op": "ingest", "partner": "p-old", "subs": [moved]},
+        {"op": "deliver"},
+        {"op": "deliver"},  # P-0's re-issue at 10 h, queued by the refusal's re-allocation
+    ], tmp_path)
+    p0_id = out["answers"]["P-0"][0]["record_id"]
+    engine = make_engine(bare_url)
+    try:
+        with engine.connect() as conn:
+            before = conn.execute(select(records.c.credited_hours, records.c.current_version)
+                                  .where(records.c.record_id == p0_id)).one()
+        assert Decimal(before.credited_hours) == 10, before  # the old code's over-credit
+        from alembic import command
+
+        from gateway.store.db import alembic_config
+        command.upgrade(alembic_config(bare_url, Settings().person_key_secret), "head")
+        with reading(engine) as conn:
+            behind = revision_behind(conn)
+        assert behind is not None and "refused_pins" in str(behind[0]), behind
+        upgrade(bare_url)  # `db upgrade` again: the queued repair runs
+        with reading(engine) as conn:
+            assert revision_behind(conn) is None
+            after = conn.execute(select(records.c.credited_hours, records.c.current_version)
+                                 .where(records.c.record_id == p0_id)).one()
+            kinds = _kinds(conn)
+        assert Decimal(after.credited_hours) == 0, after
+        assert after.current_version == before.current_version + 1
+        assert kinds.count("store_repaired") == 1
+        upgrade(bare_url)
+        with engine.connect() as conn:
+            assert _kinds(conn).count("store_repaired") == 1
+        deliver_now(engine, bare_url, ce_url)
+        with engine.connect() as conn:
+            assert conn.execute(select(outbox.c.status).where(
+                outbox.c.record_id == p0_id, outbox.c.version == after.current_version)
+            ).scalar_one() == "delivered"
     finally:
         engine.dispose()
 
