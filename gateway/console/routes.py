@@ -33,14 +33,14 @@ from gateway.console.web import (
     signer_of,
     state_of,
 )
+from gateway.ops.batches import BATCH_ADAPTERS, BATCH_KINDS, BATCH_STATUSES, batch_filters
+from gateway.ops.batches import COLUMNS as BATCH_COLUMNS
 from gateway.ops.overview import overview
 from gateway.store.db import snapshot
 from gateway.store.tables import batches
 
 router = APIRouter(prefix="/ops", route_class=ConsoleRoute, include_in_schema=False)
 
-BATCH_STATUSES = ("queued", "processing", "done", "failed")
-BATCH_KINDS = ("monthly", "annual", "roster")
 RECONCILED = ("health", "finance")
 PAGE = 50
 
@@ -109,24 +109,17 @@ def dashboard(ctx: Viewer) -> Response:
 @router.get("/batches")
 def batch_list(ctx: Viewer) -> Response:
     params = ctx.request.query_params
-    adapter = choice(params, "adapter", ("health", "finance", "training_base"))
+    adapter = choice(params, "adapter", BATCH_ADAPTERS)
     kind = choice(params, "kind", BATCH_KINDS)
     status = choice(params, "status", BATCH_STATUSES)
     partner_id = text(params, "partner_id")
     page = integer(params, "page", 1, 1, 100_000)
-    where = [c for c in (
-        batches.c.adapter == adapter if adapter else None,
-        batches.c.kind == kind if kind else None,
-        batches.c.status == status if status else None,
-        batches.c.partner_id == partner_id if partner_id else None) if c is not None]
+    where = batch_filters(adapter=adapter or None, kind=kind or None, status=status or None,
+                          partner_id=partner_id or None)
     with snapshot(ctx.state.engine) as conn:
         total = conn.execute(select(func.count()).select_from(batches).where(*where)).scalar_one()
         rows = [{**r, "rows_judged": rows_judged(r)} for r in conn.execute(
-            select(batches.c.batch_id, batches.c.partner_id, batches.c.adapter, batches.c.kind,
-                   batches.c.period, batches.c.status, batches.c.rows_done, batches.c.rows_total,
-                   batches.c.accepted, batches.c.duplicate, batches.c.corrected,
-                   batches.c.conflict, batches.c.rejected, batches.c.created_at,
-                   batches.c.finished_at, batches.c.error)
+            select(*BATCH_COLUMNS)
             .where(*where).order_by(batches.c.created_at.desc(), batches.c.batch_id.desc())
             .limit(PAGE).offset((page - 1) * PAGE)).mappings()]
     filters = {"adapter": adapter, "kind": kind, "status": status, "partner_id": partner_id}

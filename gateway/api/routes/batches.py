@@ -61,6 +61,8 @@ from gateway.batches import (
     record_batch,
 )
 from gateway.errors import NotFound, PayloadRejected, PayloadTooLarge, ScopeViolation
+from gateway.ops import batches as batch_list
+from gateway.ops.common import parse_when
 from gateway.ops.overview import period_bounds
 from gateway.pipeline.ingest import Item, ingest_items
 from gateway.store.db import snapshot
@@ -189,18 +191,54 @@ async def upload_batch(request: Request, adapter: Annotated[str, Query()],
         "resent": acknowledged.resent, "bytes": size, "format": fmt})
 
 
+async def _reader(request: Request) -> str | None:
+    """Who reads a batch: an operator (None: every partner's) or the signing partner's id."""
+    if request.headers.get("authorization"):
+        operator(request)
+        return None
+    sig = signature_headers(request)
+    return (await run_in_threadpool(verify_signature, request, sig,
+                                    hashlib.sha256(b"").hexdigest())).partner_id
+
+
+Filter = Annotated[str | None, Query(max_length=64)]
+
+
+@router.get("/batches", summary="Batches, newest first, filtered and paged",
+            description="An operator (`Authorization: Bearer`) sees every partner's batches; a "
+                        "partner signing the request (an empty body) sees its own.  Each item "
+                        "has the counts `GET /v1/batches/{batch_id}` gives, without the "
+                        "rejected rows.  `since`/`until` bound the upload time.")
+async def list_batches(request: Request, partner_id: Filter = None, adapter: Filter = None,
+                       kind: Filter = None, status: Filter = None, period: Filter = None,
+                       since: Filter = None, until: Filter = None,
+                       cursor: Annotated[str | None, Query(max_length=512)] = None,
+                       limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
+    state = state_of(request)
+    owner = await _reader(request)
+    if owner is not None:
+        if partner_id and partner_id != owner:
+            raise ScopeViolation(field="partner_id", detail="(a partner lists its own batches)",
+                                 detail_zh="（合作方只能查看本方的批次）")
+        partner_id = owner
+    zone = state.settings.timezone
+    filters = {"partner_id": partner_id or None, "adapter": adapter or None,
+               "kind": kind or None, "status": status or None, "period": period or None,
+               "since": parse_when(since, "since", zone), "until": parse_when(until, "until", zone)}
+
+    def load() -> dict[str, Any]:
+        with snapshot(state.engine) as conn:
+            return batch_list.list_batches(conn, cursor=cursor, limit=limit, **filters)
+
+    return await run_in_threadpool(load)
+
+
 @router.get("/batches/{batch_id}", summary="A batch's progress, counts and rejected rows (paged)")
 async def get_batch(batch_id: str, request: Request,
                     cursor: Annotated[int, Query(ge=0)] = 0,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     state = state_of(request)
-    owner: str | None = None
-    if request.headers.get("authorization"):
-        operator(request)
-    else:
-        sig = signature_headers(request)
-        owner = (await run_in_threadpool(verify_signature, request, sig,
-                                         hashlib.sha256(b"").hexdigest())).partner_id
+    owner = await _reader(request)
 
     def load() -> dict[str, Any] | None:
         with snapshot(state.engine) as conn:
