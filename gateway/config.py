@@ -217,6 +217,7 @@ class Settings(BaseSettings):
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError
 
+        value = value.strip()  # a value pasted with a space or a line break around it
         try:
             port = make_url(value).port
         except (ArgumentError, ValueError):

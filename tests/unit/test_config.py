@@ -129,6 +129,12 @@ def test_a_url_that_cannot_work_is_refused_without_echoing_it(name: str, value: 
     assert CJK.search(zh) and "Secr3t" not in en + zh and value not in en + zh
 
 
+@pytest.mark.parametrize("name", ["database_url", "downstream_url"])
+def test_a_url_pasted_with_white_space_around_it_is_read_without_it(name: str) -> None:
+    url = "postgresql://gw:pw@db:5432/ce" if name == "database_url" else "https://ce.internal/api"
+    assert getattr(Settings(**{name: f" {url}\n"}), name) == url  # type: ignore[arg-type]
+
+
 def test_an_empty_alert_webhook_url_is_no_webhook() -> None:
     assert Settings(alert_webhook_url=" ").alert_webhook_url is None
 
