@@ -44,7 +44,8 @@ def main(path: Path, rows: int, repeats: int) -> dict[str, Any]:
     from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
     from gateway.config import Settings
     from gateway.person_keys import PersonKeys
-    from gateway.pipeline.ingest import PartnerRef, paused_gc
+    from gateway.pipeline.ingest import paused_gc
+    from gateway.pipeline.items import PartnerRef
     from gateway.signing import file_sha256
 
     engine, url = _store(0)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.procs import sqlite_file
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.store.db import make_engine, upgrade
 from mock_partners.generators import GenPerson, make_person
 

@@ -31,7 +31,8 @@ from sqlalchemy import select
 from benchmarks.capped_chunks import paper
 from benchmarks.procs import postgres_base, postgres_schema
 from gateway.metrics import WRITER_RETRIES
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.store.db import make_engine, upgrade
 from gateway.store.tables import records
 from mock_partners.generators import make_person

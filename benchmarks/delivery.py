@@ -31,7 +31,8 @@ from sqlalchemy import Engine, delete, func, insert, select, text, update
 from benchmarks import procs
 from benchmarks.api_ingest import make_records, year_env, year_extension
 from gateway.config import Settings
-from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
 from gateway.store.db import make_engine, upgrade

@@ -62,11 +62,11 @@ def _instrument(clock: Clock, gc_on: bool) -> None:
     from sqlalchemy.engine.base import Connection
 
     from gateway import audit
-    from gateway.pipeline import ingest
+    from gateway.pipeline import ingest, items
 
     chunk = ingest.Chunk
     targets: list[tuple[Any, str, str]] = [
-        (ingest, "validate_submission", "validate: pydantic + identity"),
+        (items, "validate_submission", "validate: pydantic + identity"),
         (ingest, "prepare", "judge: rules, serialise, hash"),
         (chunk, "_load", "chunk: read what the chunk needs"),
         (chunk, "_decide", "chunk: decide (dedup, ids, rows, events)"),
@@ -94,7 +94,8 @@ def main() -> int:
     from contracts import SubmissionResult  # noqa: F401 - imported before timing starts
     from gateway.api.routes.partner import records_result
     from gateway.config import Settings
-    from gateway.pipeline.ingest import PartnerRef, ingest
+    from gateway.pipeline.ingest import ingest
+    from gateway.pipeline.items import PartnerRef
     from gateway.state import AppState
     from gateway.store.db import upgrade
 

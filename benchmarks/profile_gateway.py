@@ -34,7 +34,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("signature + nonce (event loop)", "gateway/api/deps.py", "signed_partner"),
     ("ingest() in the thread pool", "gateway/pipeline/ingest.py", "ingest"),
     ("  validate: pydantic + identity", "gateway/pipeline/validate.py", "validate_submission"),
-    ("  judge: rules, serialise, hash", "gateway/pipeline/ingest.py", "prepare"),
+    ("  judge: rules, serialise, hash", "gateway/pipeline/items.py", "prepare"),
     ("  chunk: load, decide, build, write", "gateway/pipeline/ingest.py", "run"),
     ("    audit: events, hash chain, insert", "gateway/audit.py", "append"),
     ("    store: bulk inserts (audit's too)", "gateway/store/bulk.py", "bulk_insert"),

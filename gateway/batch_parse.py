@@ -4,7 +4,7 @@ Parsing a row (adapter, validation, identity checks, credit conversion, serialis
 hashing the submission) is the CPU-heavy, database-free half of batch ingest.  With
 ``BATCH_PARSE_WORKERS`` > 0 it runs in that many worker processes while this process keeps
 the single database writer busy: rows travel as plain ``(row_number, cells)`` tuples and come
-back as :class:`~gateway.pipeline.ingest.Prepared` values, which pickle cheaply (the pydantic
+back as :class:`~gateway.pipeline.items.Prepared` values, which pickle cheaply (the pydantic
 models would cost ~25 µs a row each way).  Chunks come back in file order, and at most
 :data:`IN_FLIGHT_PER_WORKER` per worker are in flight, so memory stays flat whatever the file's
 size.
@@ -33,15 +33,8 @@ from adapters.health import HealthAdapter, HealthConfig
 from adapters.registry import BATCH_ADAPTERS, get_adapter
 from contracts import Note
 from gateway.person_keys import PersonKeys
-from gateway.pipeline.ingest import (
-    Item,
-    PartnerRef,
-    Prepared,
-    RulesContext,
-    error_note,
-    paused_gc,
-    prepare,
-)
+from gateway.pipeline.ingest import paused_gc
+from gateway.pipeline.items import Item, PartnerRef, Prepared, RulesContext, error_note, prepare
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
 from gateway.store.db import make_engine

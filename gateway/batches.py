@@ -49,7 +49,8 @@ from gateway.errors import PayloadRejected
 from gateway.masking import mask_excerpt
 from gateway.outage import Outage
 from gateway.person_keys import PersonKeys
-from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items, paused_gc
+from gateway.pipeline.ingest import ingest_items, paused_gc
+from gateway.pipeline.items import Item, PartnerRef, RulesContext
 from gateway.reference import ReferenceCache
 from gateway.signing import file_sha256
 from gateway.store.tables import batch_errors, batches, partners

@@ -883,7 +883,7 @@ def revalidate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from gateway.ops.common import parse_when
-    from gateway.pipeline.ingest import RulesContext
+    from gateway.pipeline.items import RulesContext
     from gateway.pipeline.rules_tables import RulesConfig
     from gateway.reference import ReferenceCache
     from gateway.revalidate import RevalidationFilter, RevalidationRefused

@@ -71,14 +71,8 @@ from gateway.config import Settings
 from gateway.errors import GatewayError, PayloadRejected
 from gateway.last_word import Arrival, parts, stale_rejections
 from gateway.ops.common import check_aware
-from gateway.pipeline.ingest import (
-    Item,
-    PartnerRef,
-    RulesContext,
-    error_note,
-    ingest_items,
-    prepare,
-)
+from gateway.pipeline.ingest import ingest_items
+from gateway.pipeline.items import Item, PartnerRef, RulesContext, error_note, prepare
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.pipeline.validate import validate_submission
 from gateway.reference import ReferenceCache

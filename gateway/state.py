@@ -8,7 +8,7 @@ from sqlalchemy import Engine
 
 from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
-from gateway.pipeline.ingest import RulesContext
+from gateway.pipeline.items import RulesContext
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
 from gateway.secrets_box import SecretBox

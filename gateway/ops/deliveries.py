@@ -55,8 +55,9 @@ from gateway.ops.common import (
 )
 from gateway.ops.overview import later_version_alive
 from gateway.pipeline.caps import REFUSED_FOR_GOOD
-from gateway.pipeline.ingest import reallocate_after_delivery, writer_retries
+from gateway.pipeline.ingest import reallocate_after_delivery
 from gateway.pipeline.rules_tables import RulesConfig
+from gateway.pipeline.writer_retry import writer_retries
 from gateway.store.db import snapshot
 from gateway.store.tables import audit_events, audit_head, delivery_batches, outbox, records
 

@@ -37,7 +37,8 @@ from gateway.labels import status_zh
 from gateway.last_word import stale_rejections
 from gateway.masking import mask_text
 from gateway.ops.common import OpsConflict, apply_changes, record_changed, refuse, require_reason
-from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest_items, item_from_raw, prepare
+from gateway.pipeline.ingest import ingest_items
+from gateway.pipeline.items import PartnerRef, RulesContext, item_from_raw, prepare
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
 from gateway.revalidate import (

@@ -48,15 +48,10 @@ from gateway.ops.common import (
 )
 from gateway.ops.edits import edit_and_requeue, edit_rejection
 from gateway.pipeline import caps
-from gateway.pipeline.ingest import (
-    Chunk,
-    PartnerRef,
-    accept_held,
-    succeed,
-    withdrawn_version,
-    writer_retries,
-)
+from gateway.pipeline.ingest import Chunk, accept_held, succeed, withdrawn_version
+from gateway.pipeline.items import PartnerRef
 from gateway.pipeline.rules_tables import RulesConfig
+from gateway.pipeline.writer_retry import writer_retries
 from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
 
 __all__ = ["PRUNED_NOTE", "delivery_status", "edit_and_requeue", "edit_rejection",

@@ -5,7 +5,7 @@
 - ``natural_key``: who did what and when — id number, CE year, activity identity (type,
   provider, plan, normalised title) and completion date.  Another source with the same key is
   a ``duplicate`` when it is worth the same hours and a ``conflict`` (held for ops) when it is
-  not (``gateway.pipeline.ingest._claim``: the hours, not the unit and quantity claimed).
+  not (``gateway.pipeline.items._claim``: the hours, not the unit and quantity claimed).
   Keyed like ``person_key``: a record's row keeps its year, type and completion date after
   its payload is pruned, so a plain digest would give the number back to a reader who tries
   the candidates against a catalogue of course titles.

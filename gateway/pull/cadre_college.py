@@ -55,7 +55,8 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.masking import mask_excerpt, mask_text
-from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest_items
+from gateway.pipeline.ingest import ingest_items
+from gateway.pipeline.items import Item, PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.reference import ReferenceCache
 from gateway.scheduling import ensure_held
@@ -271,7 +272,7 @@ def _fetch_with_retries(client: httpx.Client, settings: Settings, url: str,
 def _items(data: Sequence[Any], adapter: CadreCollegeAdapter) -> list[Item]:
     items = []
     for index, raw in enumerate(data):
-        # A completion rejected unparsed is named by its ``xh`` (ingest's _source_id_of).
+        # A completion rejected unparsed is named by its ``xh`` (gateway.pipeline.items._source_id_of).
         for row in adapter.parse(raw):
             items.append(Item(raw=row.raw, submission=row.submission, errors=row.errors,
                               warnings=row.warnings, credited_hours=row.credited_hours,

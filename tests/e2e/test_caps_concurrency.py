@@ -23,7 +23,8 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from gateway.accounts import Partner
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.signing import SigningClient
 from gateway.store.db import make_engine
 from gateway.store.tables import caps_ledger, records

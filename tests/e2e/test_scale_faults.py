@@ -45,7 +45,8 @@ from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.demo import free_port
 from gateway.metrics import CIRCUIT_VALUES
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.scheduling import Job, run_job
 from gateway.signing import SigningClient, file_sha256, signed_headers
 from gateway.store.db import make_engine, normalize_url

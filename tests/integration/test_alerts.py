@@ -31,7 +31,8 @@ from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.ops.overview import backlog, overview
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.store.db import make_engine
 from gateway.store.tables import alert_state, batches, outbox, partners
 from mock_partners import webhook_sink

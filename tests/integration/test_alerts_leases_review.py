@@ -29,7 +29,8 @@ from gateway.alerts import evaluate
 from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.ops.overview import missing_pushes
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.retention import prune
 from gateway.scheduling import LeaseLost, run_exclusive
 from gateway.store.tables import partners, record_versions

@@ -25,7 +25,8 @@ from gateway.api.app import create_app
 from gateway.cli import app as cli_app
 from gateway.config import Settings, get_settings
 from gateway.ops.deliveries import DeliveryFilter, reprocess
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.retention import prune
 from gateway.store.db import make_engine, reading
 from gateway.store.tables import audit_events, audit_head

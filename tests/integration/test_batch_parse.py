@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adapters.tabular import iter_rows
 from gateway.batch_parse import ParseJob, RowParser, parse_rows, rules_for
-from gateway.pipeline.ingest import Prepared
+from gateway.pipeline.items import Prepared
 from gateway.store.db import upgrade
 from mock_partners import files
 from tests.support.keys import KEYS

@@ -29,7 +29,8 @@ from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.masking import mask_id
-from gateway.pipeline.ingest import Item, PartnerRef, ingest, ingest_items, withdraw
+from gateway.pipeline.ingest import ingest, ingest_items, withdraw
+from gateway.pipeline.items import Item, PartnerRef
 from mock_partners.generators import GenPerson, canonical_submission, make_person
 from tests.support.keys import KEYS
 from tests.support.servers import uvicorn_thread

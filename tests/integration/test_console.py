@@ -37,7 +37,8 @@ from gateway.console import session as sessions
 from gateway.console.render import Ident, Renderer, _finalize
 from gateway.delivery.worker import DeliveryWorker
 from gateway.masking import mask_id, mask_text
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.store.db import make_engine
 from gateway.store.tables import (
     audit_events,

@@ -36,7 +36,8 @@ import pytest
 from sqlalchemy import insert, select, update
 
 from gateway import audit
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.store.tables import audit_events, batches, records, rejections
 from mock_partners import generators as gen
 from tests.integration.test_console import (

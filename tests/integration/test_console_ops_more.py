@@ -18,7 +18,8 @@ from sqlalchemy import Engine, func, select, update
 
 from gateway.accounts import add_partner
 from gateway.masking import mask_id, mask_text
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.secrets_box import SecretBox
 from gateway.store.tables import audit_events, records, rejections
 from mock_partners import generators as gen

@@ -54,7 +54,8 @@ from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.ops.edits import SUBMISSION_KEYS
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.store.tables import outbox, record_versions, records, rejections
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults

@@ -26,7 +26,8 @@ from gateway import audit
 from gateway.accounts import Partner
 from gateway.compliance import report
 from gateway.ops.records import record_view
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.store.tables import outbox, record_versions, records, rejections
 from mock_partners import generators as gen
 from mock_partners.generators import make_person

@@ -24,7 +24,8 @@ from contracts import RecordAnswer
 from gateway.accounts import Partner
 from gateway.delivery.circuit import CircuitBreaker, CircuitState
 from gateway.delivery.worker import DeliveryWorker
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, delivery_batches, outbox, record_versions
 from mock_partners import generators as gen

@@ -35,7 +35,9 @@ from gateway.config import Settings
 from gateway.ops.common import OpsConflict
 from gateway.ops.records import resolve_conflict
 from gateway.pipeline import ingest as ingest_module
-from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
+from gateway.pipeline import writer_retry
+from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.items import PartnerRef
 from gateway.store.tables import records
 from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_counted_versions import NOW, _ref
@@ -53,12 +55,12 @@ class _Races:
         self.deadlocks = 0
         self._lock = threading.Lock()
         real_check = ingest_module.Chunk._check_reads
-        real_retry = ingest_module._may_retry
+        real_retry = writer_retry._may_retry
 
         def check(chunk: Any) -> None:
             try:
                 real_check(chunk)
-            except ingest_module._KeyRaceLost as exc:
+            except writer_retry._KeyRaceLost as exc:
                 with self._lock:
                     self.lost.append(str(exc))
                 raise
@@ -70,7 +72,7 @@ class _Races:
             return real_retry(exc)
 
         monkeypatch.setattr(ingest_module.Chunk, "_check_reads", check)
-        monkeypatch.setattr(ingest_module, "_may_retry", may_retry)
+        monkeypatch.setattr(writer_retry, "_may_retry", may_retry)
 
 
 # -- 1. single-threaded: the check never fails ------------------------------------------------

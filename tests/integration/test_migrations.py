@@ -19,7 +19,8 @@ from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.pipeline import dedup
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.store.db import code_revisions, make_engine, upgrade
 from gateway.store.tables import audit_head, metadata, record_versions, records
 from mock_partners import generators as gen

@@ -27,7 +27,8 @@ from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.ops import deliveries
 from gateway.ops.deliveries import DeliveryFilter
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, natural_keys, outbox, records, rejections
 from mock_partners.ce_system import Faults

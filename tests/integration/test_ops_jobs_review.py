@@ -38,7 +38,8 @@ from gateway.alerts import evaluate
 from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.errors import ConfigError
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.reference import import_csv, sync
 from gateway.retention import prune
 from gateway.scheduling import acquire

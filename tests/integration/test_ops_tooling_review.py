@@ -20,7 +20,8 @@ from sqlalchemy import Engine, select
 from gateway.accounts import Partner
 from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.store.tables import audit_events, outbox
 from mock_partners.ce_system import Faults
 from mock_partners.generators import canonical_submission

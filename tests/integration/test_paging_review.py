@@ -30,7 +30,8 @@ from sqlalchemy import Engine
 from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from mock_partners.generators import canonical_submission, corrupt_check_digit, make_id_number
 from tests.support.servers import uvicorn_thread
 

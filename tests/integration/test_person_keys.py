@@ -28,7 +28,8 @@ from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.person_keys import PersonKeys, WrongPersonKey, plain_digest
-from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import EmptyReference
 from gateway.reference import StoreReference, import_csv
 from gateway.retention import stub

@@ -32,7 +32,8 @@ from gateway import compliance
 from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
-from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest, ingest_items
+from gateway.pipeline.ingest import ingest, ingest_items
+from gateway.pipeline.items import Item, PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import BaseInfo, PlanInfo, StaticReference
 from gateway.reference import StoreReference
 from gateway.signing import SigningClient

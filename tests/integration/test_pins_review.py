@@ -22,7 +22,8 @@ from sqlalchemy import Engine, func, select
 from gateway.accounts import Partner
 from gateway.config import Settings
 from gateway.ops.edits import edit_and_requeue
-from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest, withdraw
+from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import DeferralInfo, RulesConfig
 from gateway.pull.cadre_college import pull_once
 from gateway.reference import ReferenceCache, StoreReference

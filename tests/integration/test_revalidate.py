@@ -27,7 +27,8 @@ from gateway.accounts import Partner, add_operator, add_partner
 from gateway.api.app import create_app
 from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
 from gateway.config import Settings
-from gateway.pipeline.ingest import Item, PartnerRef, ingest, ingest_items
+from gateway.pipeline.ingest import ingest, ingest_items
+from gateway.pipeline.items import Item, PartnerRef
 from gateway.reference import import_csv
 from gateway.revalidate import RevalidationFilter, revalidate
 from gateway.secrets_box import SecretBox

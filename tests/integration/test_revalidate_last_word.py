@@ -24,7 +24,8 @@ from gateway.accounts import Partner
 from gateway.config import Settings
 from gateway.ops.common import OpsConflict
 from gateway.ops.edits import edit_rejection
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.revalidate import RevalidationFilter, default_rules, revalidate
 from gateway.store.tables import audit_events, outbox, records, rejections
 from mock_partners.generators import canonical_submission

@@ -19,7 +19,8 @@ from sqlalchemy import Engine
 
 from gateway import compliance
 from gateway.accounts import Partner
-from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import DeferralInfo
 from gateway.reference import StoreReference
 from mock_partners.generators import GenPerson, make_person

@@ -20,7 +20,8 @@ from gateway import compliance
 from gateway.accounts import Partner
 from gateway.config import Settings
 from gateway.ops.edits import edit_and_requeue
-from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest, withdraw
+from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import DeferralInfo, RulesConfig
 from gateway.reference import StoreReference
 from gateway.store.tables import records

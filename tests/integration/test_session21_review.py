@@ -39,7 +39,8 @@ from gateway import compliance
 from gateway.accounts import Partner
 from gateway.masking import mask_text
 from gateway.pipeline import ingest as ingest_module
-from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest, withdraw
+from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.reference import StoreReference, import_csv
 from gateway.revalidate import RevalidationFilter, default_rules, revalidate
 from gateway.store.tables import audit_events, outbox, records, rejections

@@ -28,7 +28,8 @@ from gateway.config import Settings
 from gateway.errors import PayloadRejected
 from gateway.ops.common import OpsConflict
 from gateway.ops.records import resolve_conflict
-from gateway.pipeline.ingest import Item, PartnerRef, RulesContext, ingest, ingest_items, withdraw
+from gateway.pipeline.ingest import ingest, ingest_items, withdraw
+from gateway.pipeline.items import Item, PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import (
     BaseInfo,
     DeferralInfo,

@@ -47,7 +47,8 @@ from gateway.batches import BatchProcessor, batch_status
 from gateway.config import Settings
 from gateway.ops.common import OpsConflict
 from gateway.ops.edits import edit_and_requeue
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from gateway.store.db import make_engine, snapshot
 from gateway.store.tables import outbox, records
 from mock_partners import webhook_sink

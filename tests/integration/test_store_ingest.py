@@ -17,14 +17,8 @@ from sqlalchemy.engine import make_url
 
 from gateway import audit
 from gateway.accounts import Partner
-from gateway.pipeline.ingest import (
-    PartnerRef,
-    RulesContext,
-    ingest,
-    ingest_items,
-    item_from_raw,
-    withdraw,
-)
+from gateway.pipeline.ingest import ingest, ingest_items, withdraw
+from gateway.pipeline.items import PartnerRef, RulesContext, item_from_raw
 from gateway.pipeline.rules_tables import EmptyReference, RulesConfig
 from gateway.reference import ReferenceCache
 from gateway.store.bulk import bulk_insert

@@ -39,7 +39,8 @@ from gateway.config import Settings
 from gateway.ops.common import OpsConflict
 from gateway.ops.records import resolve_conflict
 from gateway.pipeline import ingest as ingest_module
-from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
+from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.items import PartnerRef
 from gateway.store.tables import caps_ledger, natural_keys, outbox, record_versions, records
 from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_caps_ledger import paper

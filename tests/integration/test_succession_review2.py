@@ -33,7 +33,8 @@ from gateway import audit
 from gateway.accounts import Partner
 from gateway.config import Settings
 from gateway.pipeline import ingest as ingest_module
-from gateway.pipeline.ingest import PartnerRef, RulesContext, _pruned, ingest, withdraw
+from gateway.pipeline.ingest import _pruned, ingest, withdraw
+from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import DeferralInfo, RulesConfig
 from gateway.reference import StoreReference
 from gateway.retention import prune, stub

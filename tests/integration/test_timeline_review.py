@@ -21,7 +21,8 @@ from gateway.api.app import create_app
 from gateway.delivery.worker import DeliveryWorker
 from gateway.ops.deliveries import DeliveryFilter, list_deliveries, reprocess
 from gateway.ops.records import record_view
-from gateway.pipeline.ingest import PartnerRef, ingest
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.items import PartnerRef
 from mock_partners import generators as gen
 from mock_partners.ce_system import Faults
 from tests.integration import test_delivery_worker as delivery_tests

@@ -31,7 +31,8 @@ from gateway.errors import PayloadRejected
 from gateway.ops.common import OpsConflict
 from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.ops.records import resolve_conflict
-from gateway.pipeline.ingest import PartnerRef, RulesContext, ingest, withdraw
+from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import DeferralInfo, EmptyReference, RulesConfig
 from gateway.reference import StoreReference
 from gateway.retention import prune

@@ -1,4 +1,4 @@
-"""Which writer failures ingest runs again (gateway.pipeline.ingest._may_retry).
+"""Which writer failures ingest runs again (gateway.pipeline.writer_retry._may_retry).
 
 A deadlock PostgreSQL broke, or a serialization failure, rolled the whole transaction back:
 running it again is safe and is what the partner's request needs.  Any other database error
@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from gateway.metrics import WRITER_RETRIES
-from gateway.pipeline.ingest import _KeyRaceLost, _may_retry, writer_retries
+from gateway.pipeline.writer_retry import _KeyRaceLost, _may_retry, writer_retries
 
 REGISTRY_VIEW = CollectorRegistry()  # the process-wide counter, read through a registry of ours
 REGISTRY_VIEW.register(WRITER_RETRIES)

@@ -64,7 +64,8 @@ from gateway.errors import NotFound, PayloadRejected, PayloadTooLarge, ScopeViol
 from gateway.ops import batches as batch_list
 from gateway.ops.common import parse_when
 from gateway.ops.overview import period_bounds
-from gateway.pipeline.ingest import Item, ingest_items
+from gateway.pipeline.ingest import ingest_items
+from gateway.pipeline.items import Item
 from gateway.store.db import snapshot
 from gateway.store.tables import batches
 

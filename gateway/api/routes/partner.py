@@ -15,7 +15,8 @@ from contracts import CESubmission, RecordAnswer, SubmissionResult
 from gateway.accounts import Partner
 from gateway.api.deps import signed_partner, state_of
 from gateway.errors import NotFound, PayloadRejected, PayloadTooLarge, ScopeViolation
-from gateway.pipeline.ingest import PartnerRef, ingest, withdraw
+from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.items import PartnerRef
 from gateway.pipeline.rules_tables import BASE_ADAPTERS
 
 router = APIRouter(prefix="/v1", tags=["partner"])
