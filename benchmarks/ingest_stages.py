@@ -62,7 +62,7 @@ def _instrument(clock: Clock, gc_on: bool) -> None:
     from sqlalchemy.engine.base import Connection
 
     from gateway import audit
-    from gateway.pipeline import ingest, items
+    from gateway.pipeline import chunk_writes, ingest, items
 
     chunk = ingest.Chunk
     targets: list[tuple[Any, str, str]] = [
@@ -75,7 +75,7 @@ def _instrument(clock: Clock, gc_on: bool) -> None:
         (chunk, "_build", "chunk: build each record's JSON"),
         (chunk, "_store_version", "chunk: version + outbox rows, events"),
         (chunk, "_write", "chunk: write (updates, keys check)"),
-        (ingest, "bulk_insert", "store: bulk inserts"),
+        (chunk_writes, "bulk_insert", "store: bulk inserts"),
         (audit, "bulk_insert", "audit: insert events"),
         (audit, "append", "audit: mask, serialise, hash chain"),
         (Connection, "_commit_impl", "commit"),

@@ -13,7 +13,7 @@ Repairs:
 - ``refused_pins``: records the management system refused for good before migration 0019 get
   the ``refused_pins`` row this code writes when such a refusal lands, and their cap groups are
   allocated again (R10, 青人社厅函〔2022〕394号 四(二)1–4) — exactly what the delivery worker does
-  today (:func:`gateway.pipeline.ingest.reallocate_after_delivery`).  Records whose share moved
+  today (:func:`gateway.pipeline.succession.reallocate_after_delivery`).  Records whose share moved
   get a new version, forwarded like any re-allocation.
 
 May touch: ``store_repairs`` (delete), what a repair writes (``refused_pins``, records,
@@ -33,8 +33,8 @@ from gateway import audit
 from gateway.config import Settings
 from gateway.person_keys import verify
 from gateway.pipeline import caps
-from gateway.pipeline.ingest import reallocate_after_delivery
 from gateway.pipeline.rules_tables import RulesConfig
+from gateway.pipeline.succession import reallocate_after_delivery
 from gateway.store.tables import outbox, refused_pins, store_repairs
 
 __all__ = ["ACTOR", "REPAIRS", "run_pending"]

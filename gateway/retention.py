@@ -28,7 +28,7 @@ A version is pruned only when **all** of these hold (each guards a reader of the
   and no open conflict held against it (keeping the conflict supersedes it from its payload).
   Ingest reads a closed year's current payload only when the partner withdraws it (refused
   ``YEAR_CLOSED``); another source's report of the same activity is judged on the hours the
-  record's row keeps; see ``gateway.pipeline.ingest``.
+  record's row keeps; see ``gateway.pipeline.withdraw`` and ``gateway.pipeline.ingest``.
 
 Closed rejections (``revalidated`` or ``superseded``: a record or a fresh open rejection
 carries them on) older than the age get a stub ``{"pruned": true, "rejection_id", "pruned_at"}``
@@ -161,7 +161,7 @@ def _still_read() -> ColumnElement[bool]:
     """A closed year's current version that dedup or ops may still read, so it is kept.
 
     A live duplicate takes its activity over when its holder lets it go and is sent from
-    this payload (``ingest._may_succeed``) — even one that once counted and whose 0-hour
+    this payload (``succession._may_succeed``) — even one that once counted and whose 0-hour
     NOT_COUNTED version was delivered.  A record an open conflict is held against is
     superseded from this payload when ops keep the conflicting report (``resolve_conflict``).
     """

@@ -59,8 +59,8 @@ from gateway.masking import mask_excerpt
 from gateway.outage import Outage
 from gateway.pipeline import caps
 from gateway.pipeline.caps import REFUSED_FOR_GOOD
-from gateway.pipeline.ingest import reallocate_after_delivery
 from gateway.pipeline.rules_tables import RulesConfig
+from gateway.pipeline.succession import reallocate_after_delivery
 from gateway.pipeline.writer_retry import writer_retries
 from gateway.store.tables import delivery_batches, outbox, record_versions
 

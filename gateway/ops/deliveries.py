@@ -19,7 +19,7 @@ the run itself one ``ops_reprocess`` event with the operator, the reason and the
 
 A record refused for good (``DOWNSTREAM_REJECTED``) held no share of its cap group while it
 was dead (R10); requeued, it takes its share back, and the records that lose some are
-re-issued in the same transaction (:func:`gateway.pipeline.ingest.reallocate_after_delivery`).
+re-issued in the same transaction (:func:`gateway.pipeline.succession.reallocate_after_delivery`).
 
 May touch: ``outbox`` (status, attempts, errors of dead rows), the audit trail, and through
 the cap reallocation ``caps_ledger``, ``records``, ``record_versions`` and new ``outbox`` rows;
@@ -55,8 +55,8 @@ from gateway.ops.common import (
 )
 from gateway.ops.overview import later_version_alive
 from gateway.pipeline.caps import REFUSED_FOR_GOOD
-from gateway.pipeline.ingest import reallocate_after_delivery
 from gateway.pipeline.rules_tables import RulesConfig
+from gateway.pipeline.succession import reallocate_after_delivery
 from gateway.pipeline.writer_retry import writer_retries
 from gateway.store.db import snapshot
 from gateway.store.tables import audit_events, audit_head, delivery_batches, outbox, records

@@ -48,9 +48,10 @@ from gateway.ops.common import (
 )
 from gateway.ops.edits import edit_and_requeue, edit_rejection
 from gateway.pipeline import caps
-from gateway.pipeline.ingest import Chunk, accept_held, succeed, withdrawn_version
+from gateway.pipeline.ingest import Chunk, withdrawn_version
 from gateway.pipeline.items import PartnerRef
 from gateway.pipeline.rules_tables import RulesConfig
+from gateway.pipeline.succession import accept_held, succeed
 from gateway.pipeline.writer_retry import writer_retries
 from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
 

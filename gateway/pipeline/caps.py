@@ -17,7 +17,7 @@ A record the management system refused for good (its current version dead-letter
 ``DOWNSTREAM_REJECTED``, and no earlier version of it counted in its group there) counts
 nowhere, so it holds no share: :func:`stored_records` leaves it out, and the delivery worker
 allocates its group again when the refusal lands, as ops reprocessing does when it brings the
-record back (:func:`gateway.pipeline.ingest.reallocate_after_delivery`).  One of which an
+record back (:func:`gateway.pipeline.succession.reallocate_after_delivery`).  One of which an
 earlier version was applied keeps a share at that version's hours, in the group that version
 counts in: ``refused_pins`` says which, since a refused correction may have moved the records
 row to another type, person or year (:func:`pins_for`, :func:`pinned_elsewhere`).

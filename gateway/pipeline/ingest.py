@@ -1,15 +1,24 @@
 """Ingest: judged submissions → dedup → records + versions + outbox + audit, one transaction.
 
-This is the only writer of partner records.  A call takes one request's (or one file chunk's)
-items and commits them together, so a 2xx always means committed (SPEC §7), while one bad
-record never fails its neighbours: it is answered ``rejected`` and kept in ``rejections`` for
-revalidation.
+With the modules named below, this is the only writer of partner records.  A call takes one
+request's (or one file chunk's) items and commits them together, so a 2xx always means
+committed (SPEC §7), while one bad record never fails its neighbours: it is answered
+``rejected`` and kept in ``rejections`` for revalidation.
 
 The work is set-based (STYLE.md, "the hot path"): a handful of ``IN (…)`` reads load what the
 chunk needs to know, the decisions are taken in memory in input order (so a chunk may resend or
 correct its own earlier rows), and every table gets one ``executemany``.  Natural keys are
 claimed with ``ON CONFLICT DO NOTHING`` and read back: if a concurrent replica won a key between
 our read and our write, the chunk is rolled back and judged again.
+
+Where each part lives: what is judged before the store (items, :func:`prepare`) in
+:mod:`gateway.pipeline.items`; the chunk's state in :mod:`gateway.pipeline.chunk_state`, its
+caps (R10) in :mod:`gateway.pipeline.chunk_caps`, integrity flags (R14) in
+:mod:`gateway.pipeline.chunk_integrity` and writes in :mod:`gateway.pipeline.chunk_writes`,
+which :class:`Chunk` inherits; here its reads and decisions.  Succession and allocation after
+delivery in :mod:`gateway.pipeline.succession`, a partner's withdrawal in
+:mod:`gateway.pipeline.withdraw`, and when a writer runs again in
+:mod:`gateway.pipeline.writer_retry`.
 """
 
 from __future__ import annotations
@@ -17,22 +26,28 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime
+from dataclasses import replace
+from datetime import UTC, datetime
 from decimal import Decimal
-from functools import lru_cache
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, bindparam, delete, select, text, update
+from sqlalchemy import Connection, Engine, select
 
 from contracts import CONTRACT_VERSION, Note, RecordAnswer, RecordStatus
-from contracts.records import ActivityType
 from gateway import audit, metrics
-from gateway.config import Settings
-from gateway.errors import PayloadRejected
 from gateway.pipeline import caps
-from gateway.pipeline.credit import allocate, cap_note, coded, day_totals, explain, overlapping
+from gateway.pipeline.chunk_caps import ChunkCaps
+from gateway.pipeline.chunk_integrity import ChunkIntegrity
+from gateway.pipeline.chunk_state import (
+    _KNOWN_COLUMNS,
+    _chunks,
+    _Known,
+    _Pending,
+    _reaches_downstream,
+)
+from gateway.pipeline.chunk_writes import ChunkWrites, _rules_columns
+from gateway.pipeline.credit import coded, explain
 from gateway.pipeline.items import (
     Item,
     PartnerRef,
@@ -46,18 +61,10 @@ from gateway.pipeline.items import (
     new_record_id,
     prepare,
 )
-from gateway.pipeline.rules_tables import TIME_ACTIVITIES, RulesConfig
-from gateway.pipeline.writer_retry import _KeyRaceLost, writer_retries
-from gateway.store.bulk import bulk_insert
-from gateway.store.tables import (
-    HELD,
-    batch_repeats,
-    natural_keys,
-    outbox,
-    record_versions,
-    records,
-    rejections,
-)
+from gateway.pipeline.rules_tables import RulesConfig
+from gateway.pipeline.succession import _holds, succeed
+from gateway.pipeline.writer_retry import writer_retries
+from gateway.store.tables import natural_keys, record_versions, records
 from gateway.store.util import dumps_storable
 
 
@@ -114,30 +121,6 @@ def ingest_items(engine: Engine, partner: PartnerRef, items: Sequence[Item], *,
     return answers
 
 
-@dataclass
-class _Known:
-    """What the chunk knows of a stored (or just decided) record."""
-
-    record_id: str
-    version: int
-    content_hash: str
-    withdrawn: bool
-    status: str
-    duplicate_of: str | None
-    claim: str | None  # the hours its current version is worth (_claim); None: unknown
-    natural_key: str  # of its current version (who, what, when)
-    cap_group: caps.Group | None = None  # the capped group its current version counts in
-    # (version, status, withdrawn) as read from the store; None: first seen in this chunk
-    loaded: tuple[int, str, bool] | None = None
-
-
-# What the chunk reads of a stored record (_Known), not its thirty columns.
-_KNOWN_COLUMNS = (records.c.record_id, records.c.source_record_id, records.c.current_version,
-                  records.c.content_hash, records.c.withdrawn, records.c.status,
-                  records.c.duplicate_of, records.c.cap_type, records.c.person_key,
-                  records.c.year, records.c.natural_key, records.c.hours)
-
-
 def closed_year_detail(config: RulesConfig, year: int) -> dict[str, str]:
     """The detail of a YEAR_CLOSED refusal to take back what counts in ``year`` (closed)."""
     closes = config.closes(year)
@@ -151,128 +134,8 @@ def _stored_claim(hours: str | None) -> str | None:
     return _claim(Decimal(hours)) if hours else None
 
 
-RULES_COLUMNS = ("category", "activity_type", "counts_year", "hours", "credited_hours",
-                 "cap_type", "review_authority", "reference_version", "mode", "started_on",
-                 "time_hours", "covers_professional")
-
-
-def _integrity_span(mode: str, activity_type: str, started_on: date | None, completed_on: date,
-                    time_hours: Decimal | None) -> tuple[bool, date | None, date, Decimal | None]:
-    """What R14 compares across a person's records: (an offline training?, days, time).
-
-    Time counts only for the kinds whose hours are time spent, and only on known days: a
-    record with a completion date alone is a day's work only if it was offline.
-    """
-    timed = activity_type in TIME_ACTIVITIES and (started_on is not None or mode == "offline")
-    return (mode == "offline" and activity_type == ActivityType.TRAINING, started_on,
-            completed_on, time_hours if timed else None)
-
-
-@lru_cache(maxsize=8)
-def _r14_read(windows: int, dialect: str, paramstyle: str) -> str:
-    """R14's read of the stored records meeting ``windows`` (person, CE year, first, last day).
-
-    Plain SQL through the driver: SQLAlchemy compiled a ``values()`` CTE afresh for every
-    execution (its rows are part of the cache key), 50 ms for 500 windows against 2 ms to run.
-    PostgreSQL cannot infer a VALUES column's type from parameters, so they are cast there;
-    SQLite must not cast (``CAST(… AS DATE)`` is numeric affinity: '2026-08-01' → 2026) and
-    compares the ISO text it stores.
-    """
-    marker = "?" if paramstyle == "qmark" else "%s"  # psycopg: format / pyformat
-    if dialect == "sqlite":
-        row = f"({marker}, {marker}, {marker}, {marker})"
-    else:
-        row = (f"(CAST({marker} AS VARCHAR), CAST({marker} AS INTEGER), CAST({marker} AS DATE), "
-               f"CAST({marker} AS DATE))")
-    return (f"WITH w(p, y, a, b) AS (VALUES {', '.join([row] * windows)}) "
-            "SELECT r.record_id, r.person_key, r.counts_year, r.mode, r.activity_type, "
-            "r.started_on, r.completed_on, r.time_hours FROM w JOIN records r "
-            "ON r.person_key = w.p AND r.counts_year = w.y AND r.completed_on >= w.a "
-            "AND coalesce(r.started_on, r.completed_on) <= w.b "
-            "WHERE r.status = 'accepted' AND NOT r.withdrawn")
-
-
-def _day(value: date | str) -> date:
-    """A date read through the driver: SQLite gives the ISO text SQLAlchemy stored."""
-    return date.fromisoformat(value) if isinstance(value, str) else value
-
-
-def _rules_columns(sub: Prepared) -> dict[str, Any]:
-    """The rules' verdict as record columns; ``credited_hours`` is final after caps."""
-    return {"category": sub.category, "activity_type": sub.activity_type,
-            "counts_year": sub.counts_year, "hours": str(sub.hours),
-            "credited_hours": str(sub.hours), "cap_type": sub.cap_type,
-            "review_authority": sub.review_authority, "reference_version": sub.reference_version,
-            "mode": sub.mode, "started_on": sub.started_on,
-            "time_hours": None if sub.time_hours is None else str(sub.time_hours),
-            "covers_professional": sub.covers_professional}
-
-
-@dataclass
-class _Pending:
-    """A version decided in this chunk; its payload is built once caps are allocated."""
-
-    record_id: str
-    version: int
-    sub: Prepared
-    content_hash: str
-    queue: bool
-    row: dict[str, Any]  # its records insert/update row, to carry the credited hours
-    answer: RecordAnswer
-    credited: Decimal
-    cap: tuple[Note, Note] | None = None  # the CAP_APPLIED warning and rule note
-    flags: list[Note] = field(default_factory=list)  # R14 warnings found across records
-    # The NOT_COUNTED warning and rule note of a version that is forwarded with no hours: it
-    # replaces a counted version the management system holds (queue is False: not accepted)
-    uncounted: tuple[Note, Note] | None = None
-    received_at: str | None = None  # the item's own arrival (Item.received_at); None: now
-
-
-class Chunk:
-    def __init__(self, conn: Connection, partner: PartnerRef, now: datetime,
-                 batch_id: str | None, config: RulesConfig,
-                 lock_first: set[caps.Group] | None = None) -> None:
-        self.conn, self.partner, self.now, self.batch_id = conn, partner, now, batch_id
-        self.config = config
-        self.locked: set[caps.Group] = set()  # cap groups this transaction holds
-        # Groups to lock before reading: shared across the attempts of one ingest (see
-        # _lock_groups), so a chunk that met a group late locks it first next time.
-        self.lock_first: set[caps.Group] = lock_first if lock_first is not None else set()
-        self.pending: list[_Pending] = []
-        self.leaving: dict[caps.Group, set[str]] = {}
-        self.unsettled: set[caps.Group] = set()  # groups whose other records _settle_caps re-issues
-        self.recredited: list[dict[str, Any]] = []
-        self.now_iso = now.isoformat()
-        self.events: list[audit.Event] = []
-        self.by_source: dict[str, _Known] = {}
-        self.by_record: dict[str, _Known] = {}
-        self.holders: dict[str, str] = {}  # natural key → record id holding it
-        self.claimed_keys: dict[str, str] = {}  # keys this chunk claims (new)
-        self.moved_keys: dict[str, str] = {}  # keys taken over from withdrawn holders
-        self.released_keys: dict[str, str] = {}  # keys a correction moved its record away from
-        self.new_records: list[dict[str, Any]] = []
-        self.record_updates: list[dict[str, Any]] = []
-        self.versions: list[dict[str, Any]] = []
-        self.outbox_rows: list[dict[str, Any]] = []
-        self.rejected: list[dict[str, Any]] = []
-        self.seen_again: list[dict[str, Any]] = []
-        self.withdrawals: list[dict[str, Any]] = []  # records withdrawn here (a failed assessment)
-        # Activities whose record stopped holding them here (withdrawn, corrected away): another
-        # source's report of one, held as a duplicate of that record, takes over (succeed()).
-        self.freed: dict[str, set[str]] = {}  # natural key → the records that let it go
-        self.stored_holders: dict[str, str] = {}  # natural key → holder in natural_keys
-        self.judged: dict[str, str] = {}  # natural key → the holder a record was judged against
-        self.born: set[str] = set()  # records first seen in this chunk
-        # Stored records pinned where a refused correction's applied version counts (R10,
-        # caps.refused_pins), with that cap group; a version sent from here ends the pin.
-        self.pins: dict[str, caps.Group | None] = {}
-        self.unpinned: list[str] = []
-        # This partner's records met here (record id → its source id), and the activity each
-        # source id's last valid item in the chunk reports (_last_words): where the chunk
-        # leaves the record, so that a record it moves away from an activity does not keep it
-        # from an earlier item of the same request (_let_go_for).
-        self.sources: dict[str, str] = {}
-        self.last_keys: dict[str, str] = {}
+class Chunk(ChunkCaps, ChunkIntegrity, ChunkWrites):
+    """One transaction's items: read what they need, decide in input order, write."""
 
     # -- reads ----------------------------------------------------------------------------
     def _load(self, items: Sequence[Item]) -> None:
@@ -347,121 +210,6 @@ class Chunk:
         audit.append(self.conn, self.events, self.now)
         return answers
 
-    # -- caps (R10) -----------------------------------------------------------------------
-    def _apply_caps(self, last: dict[str, _Pending]) -> None:
-        """Credit this chunk's capped records; their groups' other records are settled later.
-
-        A record that lets an activity go here (withdrawn, corrected away) is succeeded by the
-        next report of it after the writes (:func:`succeed`), which joins the group then.  So
-        that a record behind them is not lifted by one re-issued version and cut back by the
-        next, the successor expected is counted in now (:meth:`_successors`), and the stored
-        records whose share moved are re-issued once, after the succession
-        (:meth:`_settle_caps`), from the group as it then stands.
-        """
-        groups: dict[caps.Group, dict[str, _Pending]] = {}
-        withdrawn = {w["rid"] for w in self.withdrawals}  # a version of this chunk, withdrawn in it
-        # Capped versions forwarded before the record's last word here, with their groups.
-        earlier: list[tuple[_Pending, caps.Group]] = []
-        for p in self.pending:
-            if p.queue and (group := self._group_of(p)) is not None:
-                if p is last[p.record_id] and p.record_id not in withdrawn:
-                    groups.setdefault(group, {})[p.record_id] = p
-                else:
-                    earlier.append((p, group))
-                    groups.setdefault(group, {})
-        for group in self.leaving:
-            groups.setdefault(group, {})
-        joining = self._successors(last) if self.freed else {}
-        for group in joining:
-            groups.setdefault(group, {})
-        claims: dict[caps.Group, dict[str, Decimal]] = {}
-        for group in sorted(groups):  # one lock order for every writer: no deadlocks
-            mine = groups[group]
-            gone = frozenset(self.leaving.get(group, set()) - set(mine))
-            cap = self.config.caps[group[2]]
-            self._lock_groups({group})
-            hours = {**joining.get(group, {}), **{rid: p.sub.hours for rid, p in mine.items()}}
-            credited, stored = caps.reallocate(self.conn, group, cap, self.now, hours,
-                                               gone=gone, keys=self.config.keys)
-            for rid, p in mine.items():
-                self._credit(p, credited[rid], cap)
-            claims[group] = {**{rid: s.hours for rid, s in stored.items() if rid not in gone},
-                             **hours}
-            # Stored records whose share moved are re-issued after the succession; so are those
-            # of a group a successor may join or a record leaves.
-            if group in joining or group in self.leaving or any(
-                    rid not in hours and rid not in gone and credited[rid] != old.credited
-                    for rid, old in stored.items()):
-                self.unsettled.add(group)
-        for p, group in earlier:
-            # Forwarded too (every acknowledged version is), so capped too: as if it were the
-            # record's last word, against the group as this chunk leaves it.
-            cap = self.config.caps[group[2]]
-            alone = allocate(sorted({**claims[group], p.record_id: p.sub.hours}.items()), cap)
-            self._credit(p, alone[p.record_id], cap)
-
-    @staticmethod
-    def _group_of(p: _Pending) -> caps.Group | None:
-        # The activity's year, not the year it counts toward (caps: 四(二)1–4 "当年")
-        cap_type = p.sub.cap_type
-        return (p.sub.person_key, p.sub.year, cap_type) if cap_type else None
-
-    @staticmethod
-    def _credit(p: _Pending, credited: Decimal, cap: Decimal) -> None:
-        p.credited = credited
-        p.row["credited_hours"] = str(credited)
-        p.cap = cap_note(p.sub.hours, credited, cap, p.sub.cap_type or "")
-        if p.cap is not None:
-            p.answer.warnings.append(p.cap[0])
-
-    def _successors(self, last: dict[str, _Pending]) -> dict[caps.Group, dict[str, Decimal]]:
-        """The held reports expected to take over activities let go here, by cap group.
-
-        :func:`succeed` decides after the writes; this reads the same beforehand: the earliest
-        live duplicate of an activity nobody in the chunk holds, in arrival order — a stored
-        report as stored, one this chunk versions or first sees as its last word here says.
-        A guess that misses (a stored report corrected onto the activity here) only costs an
-        extra re-issue: :meth:`_settle_caps` allocates each group again from what was written.
-        """
-        mine = self.born | set(self._versioned_ids())
-        joining: dict[caps.Group, dict[str, Decimal]] = {}
-
-        def held_here(rid: str, key: str) -> _Pending | None:
-            known, p = self.by_record.get(rid), last.get(rid)
-            live = (known is not None and p is not None and not known.withdrawn
-                    and known.status == RecordStatus.DUPLICATE.value and known.natural_key == key)
-            return p if live else None
-
-        for key in sorted(self.freed):
-            holder = self.holders.get(key)
-            if holder is not None and _holds(self.by_record[holder], key):
-                continue
-            stored = self.conn.execute(select(records).where(
-                records.c.natural_key == key, records.c.withdrawn.is_(False))
-                .order_by(records.c.created_at, records.c.record_id)).mappings().all()
-            first: tuple[str, Decimal, caps.Group | None] | None = None
-            for r in stored:
-                if r["record_id"] in mine:
-                    p = held_here(r["record_id"], key)
-                    if p is not None:
-                        first = (p.record_id, p.sub.hours, self._group_of(p))
-                elif _may_succeed(self.conn, r):
-                    first = (r["record_id"], Decimal(r["hours"] or "0"), caps.group_of(r))
-                if first is not None:
-                    break
-            if first is None:  # first seen here (arrived last, in record id order)
-                born = sorted(rid for rid in self.born if held_here(rid, key) is not None)
-                if born:
-                    p = last[born[0]]
-                    first = (p.record_id, p.sub.hours, self._group_of(p))
-            if first is not None and first[2] is not None:
-                joining.setdefault(first[2], {})[first[0]] = first[1]
-        return joining
-
-    def _versioned_ids(self) -> list[str]:
-        """The records this chunk versions (corrections, withdrawals) — not new ones."""
-        return [u["rid"] for u in self.record_updates] + [w["rid"] for w in self.withdrawals]
-
     def _settle_caps(self) -> list[audit.Event]:
         """Re-issue the records whose share of a group this chunk touched has moved.
 
@@ -475,130 +223,6 @@ class Chunk:
             after._reissue(group)
         after._write(with_audit=False)
         return after.events
-
-    def _reissue(self, group: caps.Group, hours: dict[str, Decimal] | None = None,
-                 gone: frozenset[str] = frozenset()) -> dict[str, Decimal]:
-        """Allocate a locked ``group`` again; re-issue its stored records whose share moved.
-
-        ``hours`` are records joining or changing here, ``gone`` records leaving (see
-        :func:`caps.reallocate`); neither is re-issued.  Returns the credited hours by record.
-        """
-        hours = hours or {}
-        cap = self.config.caps[group[2]]
-        credited, stored = caps.reallocate(self.conn, group, cap, self.now, hours, gone=gone,
-                                           keys=self.config.keys)
-        for rid, old in stored.items():
-            if rid not in hours and rid not in gone and credited[rid] != old.credited:
-                self._recredit(old, credited[rid], cap, group[2])
-        return credited
-
-    # -- integrity across records (R14) ------------------------------------------------------
-    def _flag_integrity(self) -> None:
-        """R14 across records: flag, never drop (青人社厅函〔2022〕394号 六(一) 诚信学习).
-
-        Offline trainings of one person that overlap, and days on which the person's records
-        together claim more time than one day holds, are flagged on the records of this chunk.
-        Only trainings overlap (two papers finished on one day do not), and a record dated by
-        its completion alone is spread over no days unless it was offline: an online course
-        finished today may have been studied for weeks.
-        """
-        withdrawn = {w["rid"] for w in self.withdrawals}
-        mine = {p.record_id: p for p in self.pending if p.queue and p.record_id not in withdrawn}
-        # Only a stored record that shares a day with one of this chunk's can matter: read, for
-        # each record of the chunk, its person's records of its CE year that meet its days.  A
-        # stored record starts on or before its completion (validation refuses otherwise), so
-        # its completion bounds it from below: one index range on (person_key, counts_year,
-        # completed_on) a window.  Reading the person's whole year instead (or the chunk's
-        # first-to-last day, a year for an annual batch) read ~10 records a row at a million.
-        windows = sorted({(p.sub.person_key, p.sub.counts_year,
-                           p.sub.started_on or p.sub.completed_on, p.sub.completed_on)
-                          for p in mine.values()})
-        # A record this chunk gives a new version is judged as that version only: its stored
-        # one may be another person's or year's (a correction), or no longer accepted.
-        versioned = {p.record_id for p in self.pending} | withdrawn
-        spans: dict[tuple[str, int], dict[str, tuple[bool, date | None, date, Decimal | None]]] = {}
-        dialect = self.conn.dialect
-        for part in _chunks(windows):
-            # Days as ISO text: what SQLite stores and compares, and what PostgreSQL casts.
-            params = tuple(v for person, year, first, last in part
-                           for v in (person, year, first.isoformat(), last.isoformat()))
-            for rid, person, year, mode, kind, start, end, hours in self.conn.exec_driver_sql(
-                    _r14_read(len(part), dialect.name, dialect.paramstyle), params):
-                if rid in versioned:
-                    continue
-                spans.setdefault((person, int(year or 0)), {})[rid] = _integrity_span(
-                    mode or "", kind or "", _day(start) if start else None, _day(end),
-                    Decimal(hours) if hours else None)
-        for rid, p in mine.items():
-            spans.setdefault((p.sub.person_key, p.sub.counts_year), {})[rid] = _integrity_span(
-                p.sub.mode, p.sub.activity_type, p.sub.started_on, p.sub.completed_on,
-                p.sub.time_hours)
-        limit = self.config.integrity_day_limit_hours
-        for entries in spans.values():
-            if len(entries) < 2 or not mine.keys() & entries.keys():
-                continue
-            offline = overlapping((rid, start or end, end) for rid, (training, start, end, _) in
-                                  entries.items() if training)
-            days = day_totals((start, end, hours) for _, start, end, hours in entries.values()
-                              if hours is not None)
-            heavy = {day for day, total in days.items() if total > limit}
-            for rid in mine.keys() & entries.keys():
-                p, (_, start, end, _) = mine[rid], entries[rid]
-                codes = {w["code"] for w in p.sub.warnings}
-                if rid in offline and "INTEGRITY_OVERLAP" not in codes:
-                    p.flags.append(error_note("INTEGRITY_OVERLAP", "activity",
-                                              "(overlaps another offline training of this person)"))
-                first = start or end
-                if "INTEGRITY_DAY_OVER_24H" not in codes and any(
-                        first <= day <= end for day in heavy):
-                    p.flags.append(error_note("INTEGRITY_DAY_OVER_24H", "claimed.quantity",
-                                              f"(with this person's other records, over {limit} h a day)"))
-        for p in mine.values():
-            p.answer.warnings.extend(p.flags)
-
-    def _lock_groups(self, groups: set[caps.Group]) -> None:
-        """Lock cap groups in the one order every writer keeps (sorted), or start again.
-
-        A group sorting before one already held cannot be locked now without risking a
-        deadlock: it joins ``lock_first`` and the chunk runs again, locking it first.
-        """
-        new = groups - self.locked
-        if not new:
-            return
-        if self.locked and min(new) < max(self.locked):
-            self.lock_first |= new
-            raise _KeyRaceLost("cap groups out of order")
-        caps.lock_groups(self.conn, new, self.now)
-        self.locked |= new
-
-    def _recredit(self, old: caps.Stored, credited: Decimal, cap: Decimal | None,
-                  cap_type: str | None) -> None:
-        """Re-issue a stored record whose credited hours moved, as a version that counts.
-
-        Its share of a cap moved (another record came or went), or a held record was accepted
-        (no cap: ``cap_type`` None).  The notes of a version that did not count go.
-        """
-        payload = self.conn.execute(select(record_versions.c.payload, record_versions.c.content_hash)
-                                    .where(record_versions.c.record_id == old.record_id,
-                                           record_versions.c.version == old.version)).one()
-        record = orjson.loads(payload.payload)
-        note = (cap_note(old.hours, credited, cap, cap_type)
-                if cap is not None and cap_type is not None else None)
-        dropped = ("CAP_APPLIED", "NOT_COUNTED")
-        keep = [n for n in record["warnings"] if n["code"] not in dropped]
-        notes = [n for n in record["rule_notes"] if n["code"] not in dropped]
-        version = old.version + 1
-        record.update(version=version, credited_hours=str(credited),
-                      warnings=keep + ([note[0].model_dump(mode="json")] if note else []),
-                      rule_notes=notes + ([note[1].model_dump(mode="json")] if note else []))
-        record["source"]["received_at"] = self.now_iso
-        self._store_version(old.record_id, version, orjson.dumps(record).decode(),
-                            payload.content_hash, True)
-        self.recredited.append({"rid": old.record_id, "current_version": version,
-                                "credited_hours": str(credited), "updated_at": self.now})
-        self.events.append(audit.Event("recredited", old.record_id, version, "gateway", {
-            "cap_type": cap_type, "credited_hours": str(credited),
-            "previous_credited_hours": str(old.credited)}))
 
     def _decide(self, index: int, item: Item) -> RecordAnswer:
         sub = item.prepared
@@ -727,17 +351,6 @@ class Chunk:
             record["warnings"] += (p.uncounted[0].model_dump(mode="json"),)
             record["rule_notes"] += (p.uncounted[1].model_dump(mode="json"),)
         return orjson.dumps(record).decode()
-
-    def _store_version(self, record_id: str, version: int, payload: str, chash: str,
-                       queue: bool) -> None:
-        self.versions.append({"record_id": record_id, "version": version, "content_hash": chash,
-                              "payload": payload, "batch_id": self.batch_id,
-                              "created_at": self.now})
-        if queue:
-            self.outbox_rows.append({"record_id": record_id, "version": version,
-                                     "status": "pending", "attempts": 0, "created_at": self.now,
-                                     "updated_at": self.now})
-            self.events.append(audit.Event("queued", record_id, version))
 
     def _first_seen(self, index: int, item: Item, sub: Prepared) -> RecordAnswer:
         record_id, key, chash = new_record_id(), sub.natural_key, sub.content_hash
@@ -954,123 +567,6 @@ class Chunk:
             field=e.field) if e.code == "ASSESSMENT_FAILED" else e for e in answer.errors]
         return answer
 
-    # -- writes ---------------------------------------------------------------------------
-    def _check_reads(self) -> None:
-        """Lock, and check, what the decisions read.
-
-        On PostgreSQL another writer may have changed it since (READ COMMITTED); SQLite has
-        one writer, and the checks just pass.
-
-        - Records this chunk versions: still as read (a promotion, a correction, a withdrawal
-          by another replica would otherwise be overwritten).  ``FOR UPDATE``.
-        - Activities a record was judged a repeat or conflict of: still held by that record
-          (else its withdrawal's succession ran before this chunk's record existed, and the
-          record would be nobody's).  ``FOR SHARE``, so such a withdrawal waits for us.
-        - Activities given back here: ``FOR UPDATE``, so a chunk judging against them waits.
-        - The pins of the records it versions (caps.refused_pins): still as read.  A refusal
-          landing meanwhile pinned the record; it locks the record before it writes the pin.
-        A change lost to a twin raises :class:`_KeyRaceLost`: the chunk runs again.
-        """
-        conn = self.conn
-        touched = sorted({u["rid"] for u in self.record_updates}
-                         | {w["rid"] for w in self.withdrawals})
-        for part in _chunks(touched):
-            for r in conn.execute(select(records.c.record_id, records.c.current_version,
-                                         records.c.status, records.c.withdrawn)
-                                  .where(records.c.record_id.in_(part)).with_for_update()):
-                loaded = self.by_record[r.record_id].loaded
-                if loaded is not None and loaded != (int(r.current_version), r.status,
-                                                     bool(r.withdrawn)):
-                    raise _KeyRaceLost(r.record_id)
-        if touched and caps.pins_of(conn, touched) != {
-                rid: self.pins[rid] for rid in touched if rid in self.pins}:
-            raise _KeyRaceLost("refused_pins")
-        freed = sorted(self.freed)
-        for part in _chunks(freed):
-            conn.execute(select(natural_keys.c.natural_key).where(
-                natural_keys.c.natural_key.in_(part)).with_for_update()).all()
-        # Not the keys this chunk writes itself (freed, claimed, moved: checked as written).
-        mine = self.freed.keys() | self.claimed_keys.keys() | self.moved_keys.keys()
-        judged = sorted(k for k, holder in self.judged.items()
-                        if k not in mine and holder not in self.born)
-        for part in _chunks(judged):
-            rows = {r.natural_key: r for r in conn.execute(
-                _NAMED.where(natural_keys.c.natural_key.in_(part))
-                .with_for_update(read=True, of=natural_keys))}
-            for key in part:
-                row = rows.get(key)
-                if (row is None or row.record_id != self.judged[key]
-                        or not _still_holds(row.withdrawn, row.status, row.holds, key)):
-                    raise _KeyRaceLost(key)
-
-    def _check_named(self, wanted: dict[str, str]) -> None:
-        """The natural_keys rows just written name the records this chunk gave them to."""
-        for part in _chunks(sorted(wanted)):
-            for row in self.conn.execute(select(natural_keys.c.natural_key, natural_keys.c.record_id)
-                                         .where(natural_keys.c.natural_key.in_(part))):
-                if wanted[row.natural_key] != row.record_id:
-                    raise _KeyRaceLost(row.natural_key)
-
-    def _write(self, with_audit: bool = True) -> None:
-        conn = self.conn
-        self._check_reads()
-        if self.unpinned:
-            caps.write_pins(conn, self.unpinned, [])
-        if self.released_keys:  # before the claims: a key given back here may be taken here
-            conn.execute(delete(natural_keys).where(
-                natural_keys.c.natural_key == bindparam("k"),
-                natural_keys.c.record_id == bindparam("r")),
-                [{"k": k, "r": r} for k, r in self.released_keys.items()])
-        if self.claimed_keys:
-            rows = [{"natural_key": k, "record_id": r} for k, r in self.claimed_keys.items()]
-            bulk_insert(conn, natural_keys, rows, ignore_conflicts=True)
-            self._check_named(self.claimed_keys)
-        if self.moved_keys:
-            # Only from the record this chunk read there: a concurrent twin that took the key
-            # first wins, and this chunk runs again (it then sees the twin as the holder).
-            conn.execute(update(natural_keys).where(natural_keys.c.natural_key == bindparam("k"),
-                                                    natural_keys.c.record_id == bindparam("was"))
-                         .values(record_id=bindparam("r")),
-                         [{"k": k, "r": r, "was": self.stored_holders.get(k)}
-                          for k, r in self.moved_keys.items()])
-            self._check_named(self.moved_keys)
-        bulk_insert(conn, records, self.new_records)
-        if self.record_updates:
-            conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
-                         .values(current_version=bindparam("current_version"),
-                                 content_hash=bindparam("content_hash"),
-                                 withdrawn=bindparam("withdrawn"), status=bindparam("status"),
-                                 updated_at=bindparam("updated_at"),
-                                 completed_on=bindparam("completed_on"),
-                                 last_batch_id=bindparam("last_batch_id"),
-                                 natural_key=bindparam("natural_key"),
-                                 person_key=bindparam("person_key"), year=bindparam("year"),
-                                 duplicate_of=bindparam("duplicate_of"),
-                                 **{c: bindparam(c) for c in RULES_COLUMNS}),
-                         self.record_updates)
-        if self.withdrawals:
-            conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
-                         .values(current_version=bindparam("current_version"), withdrawn=True,
-                                 credited_hours="0", updated_at=bindparam("updated_at")),
-                         self.withdrawals)
-        if self.recredited:
-            conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
-                         .values(current_version=bindparam("current_version"),
-                                 credited_hours=bindparam("credited_hours"),
-                                 updated_at=bindparam("updated_at")), self.recredited)
-        if self.seen_again:
-            # Reconciliation needs to know which batches repeated a record unchanged: every one
-            # of them (batch_repeats), not only the last (a resent file must not rewrite it).
-            conn.execute(update(records).where(records.c.record_id == bindparam("rid"))
-                         .values(last_batch_id=bindparam("b")), self.seen_again)
-            bulk_insert(conn, batch_repeats, [{"batch_id": r["b"], "record_id": r["rid"]}
-                                              for r in self.seen_again], ignore_conflicts=True)
-        bulk_insert(conn, record_versions, self.versions)
-        bulk_insert(conn, outbox, self.outbox_rows)
-        bulk_insert(conn, rejections, self.rejected)
-        if with_audit:
-            audit.append(conn, self.events, self.now)
-
 
 def _last_words(items: Sequence[Item]) -> dict[str, str]:
     """The activity (natural key) each source id's last valid item in ``items`` reports.
@@ -1089,23 +585,6 @@ def _arrival(item: Item) -> str | None:
     judged it as of then (R11); the management system is told so, not the time of the rerun.
     """
     return None if item.received_at is None else item.received_at.isoformat()
-
-
-def _queued(conn: Connection, record_id: str, version: int | None = None) -> bool:
-    """Whether a version of the record (``version``, or any) was ever queued for delivery."""
-    found = select(outbox.c.record_id).where(outbox.c.record_id == record_id)
-    if version is not None:
-        found = found.where(outbox.c.version == version)
-    return conn.execute(found.limit(1)).first() is not None
-
-
-def _reaches_downstream(conn: Connection, record_id: str, status: str) -> bool:
-    """Whether the management system has (or will have) a version of the record.
-
-    An accepted one, or one that counted once and was told so with a version of no hours
-    (NOT_COUNTED).  Only such a record needs its withdrawal forwarded.
-    """
-    return status == RecordStatus.ACCEPTED.value or _queued(conn, record_id)
 
 
 def withdrawn_version(record: dict[str, Any], version: int, now: datetime) -> str:
@@ -1129,347 +608,3 @@ def _not_counted(status: RecordStatus, holder: str | None) -> tuple[Note, Note]:
         en, zh = f"(repeats record {holder}, which counts it)", f"（与记录 {holder} 重复，已由其计入）"
     return (coded("NOT_COUNTED", en, zh, field="credited_hours"),
             explain("NOT_COUNTED", f"0 h: {en[1:-1]}", f"0 学时：{zh[1:-1]}"))
-
-
-def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(values), size):
-        yield values[start: start + size]
-
-
-def withdraw(engine: Engine, partner: PartnerRef, source_record_id: str,
-             now: datetime | None = None, config: RulesConfig | None = None,
-             ) -> RecordAnswer | None:
-    """Withdraw a partner's record: a new version with ``withdrawn = true``, forwarded.
-
-    A withdrawn record gives its capped hours back: the rest of its cap group is allocated
-    again, and records that gain are re-issued (SPEC §4 R10).  None (404) when the partner has
-    no record of that source id; its open rejections of it are closed ``superseded`` all the
-    same (a ``rejection_withdrawn`` audit event), so revalidation never forwards what the
-    partner withdrew (:func:`_close_rejections`).
-    """
-    now = now or datetime.now(UTC)
-    for attempt in writer_retries():
-        with attempt:
-            return _withdraw(engine, partner, source_record_id, now, config)
-    raise AssertionError("unreachable: the last attempt re-raises")  # pragma: no cover
-
-
-def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: datetime,
-              config: RulesConfig | None) -> RecordAnswer | None:
-    with engine.begin() as conn:
-        # Locked (PostgreSQL) in the order chunks lock: its cap group, the record (against a
-        # correction racing us), then its activity's row (against a chunk judging a report a
-        # repeat of it, see Chunk._check_reads).
-        mine = (records.c.partner_id == partner.partner_id,
-                records.c.source_record_id == source_record_id)
-        seen = conn.execute(select(records).where(*mine)).mappings().first()
-        if seen is None:
-            closed = _close_rejections(conn, partner, source_record_id, now)
-            if not closed and conn.execute(select(records.c.record_id).where(*mine)).first():
-                raise _KeyRaceLost(source_record_id)  # a revalidation made it meanwhile
-            return None
-        # Its groups: where it counts, and where a refused correction's applied version is
-        # pinned (caps.refused_pins); the withdrawal ends the pin.
-        pinned = caps.pins_of(conn, [seen["record_id"]])
-        groups = {g for g in pinned.values() if g}
-        if (group := caps.group_of(seen)) and seen["status"] == "accepted" and not seen["withdrawn"]:
-            groups.add(group)
-        caps.lock_groups(conn, groups, now)
-        existing = conn.execute(select(records).where(*mine).with_for_update()).mappings().one()
-        # Changed meanwhile (a promotion keeps the version but makes it count): start again.
-        if any(existing[c] != seen[c] for c in ("current_version", "status", "withdrawn",
-                                                "person_key", "year", "cap_type")) or (
-                caps.pins_of(conn, [seen["record_id"]]) != pinned):
-            raise _KeyRaceLost(str(existing["record_id"]))
-        conn.execute(select(natural_keys.c.record_id).where(
-            natural_keys.c.natural_key == existing["natural_key"]).with_for_update()).all()
-        record_id, version = str(existing["record_id"]), int(existing["current_version"])
-        if existing["withdrawn"]:
-            # Sent again and refused since it was withdrawn: that rejection is withdrawn too.
-            _close_rejections(conn, partner, source_record_id, now)
-            return RecordAnswer(index=0, source_record_id=source_record_id,
-                                status=RecordStatus.DUPLICATE, record_id=record_id, version=version)
-        config = config or RulesConfig.from_settings(Settings())
-        if (closed_in := config.closed_year_counted(existing, now)) is not None:
-            # R11 for a withdrawal, as for a correction: its hours stand.
-            raise PayloadRejected("YEAR_CLOSED", field="year", **closed_year_detail(config, closed_in))
-        chunk = Chunk(conn, partner, now, None, config)
-        payload = conn.execute(select(record_versions.c.payload).where(
-            record_versions.c.record_id == record_id,
-            record_versions.c.version == version)).scalar_one()
-        record = orjson.loads(payload)
-        if record.get("pruned") is True:  # retention only prunes a current version once its year closed
-            raise PayloadRejected("YEAR_CLOSED", field="year", detail=(
-                "(its payload was pruned after the year closed; it can no longer be withdrawn)"),
-                detail_zh="（该记录的内容已在年度关闭后清除，不能再撤回）")
-        conn.execute(update(records).where(records.c.record_id == record_id).values(
-            current_version=version + 1, withdrawn=True, credited_hours="0", updated_at=now))
-        chunk.events.append(audit.Event("withdrawn", record_id, version + 1, partner.partner_id,
-                                        {"source_record_id": source_record_id}))
-        # Sent: a pinned record had a version applied, so it reaches the management system.
-        chunk._store_version(record_id, version + 1, withdrawn_version(record, version + 1, now),
-                             existing["content_hash"],
-                             queue=_reaches_downstream(conn, record_id, existing["status"]))
-        chunk._write(with_audit=False)
-        if pinned:
-            caps.write_pins(conn, [record_id], [])
-        # The successor first: it joins the cap group in the allocation that lets this record
-        # go, so a record behind them both is not lifted by one version and cut by the next.
-        chunk.events += succeed(conn, chunk.config, now, {str(existing["natural_key"]): {record_id}})
-        if groups:
-            given = Chunk(conn, partner, now, None, chunk.config)
-            for group in sorted(groups):  # locked above
-                given._reissue(group, gone=frozenset({record_id}))
-            given._write(with_audit=False)
-            chunk.events += given.events
-        audit.append(conn, chunk.events, now)
-    return RecordAnswer(index=0, source_record_id=source_record_id, status=RecordStatus.ACCEPTED,
-                        record_id=record_id, version=version + 1)
-
-
-def _close_rejections(conn: Connection, partner: PartnerRef, source_record_id: str,
-                      now: datetime) -> int:
-    """Close the partner's open rejections of ``source_record_id``: its ``DELETE`` overtook them.
-
-    Marked ``superseded`` (revalidation's mark for a rejection a later word overtook), with one
-    ``rejection_withdrawn`` audit event naming the partner (masked by the audit trail).  A
-    rejection a revalidation or an ops edit took meanwhile is no longer open: the withdrawal
-    runs again (:class:`_KeyRaceLost`) and finds the record it made.
-    """
-    mine = (rejections.c.partner_id == partner.partner_id,
-            rejections.c.source_record_id == source_record_id, rejections.c.status == "open")
-    ids = [int(i) for i in conn.execute(
-        select(rejections.c.id).where(*mine).order_by(rejections.c.id)).scalars()]
-    if not ids:
-        return 0
-    if conn.execute(update(rejections).where(*mine, rejections.c.id.in_(ids))
-                    .values(status="superseded")).rowcount != len(ids):
-        raise _KeyRaceLost(source_record_id)
-    audit.append(conn, [audit.Event("rejection_withdrawn", actor=partner.partner_id, detail={
-        "source_record_id": source_record_id, "rejection_ids": ids})], now)
-    return len(ids)
-
-
-def reallocate_after_delivery(conn: Connection, config: RulesConfig, now: datetime,
-                              touched: Iterable[tuple[str, int]], *, actor: str,
-                              reason: str) -> list[audit.Event]:
-    """Allocate again the cap groups of records whose refusal downstream came or went (R10).
-
-    ``touched`` are ``(record_id, version)`` deliveries the caller moved in this transaction:
-    dead-lettered ``DOWNSTREAM_REJECTED`` by the delivery worker, or requeued by ops.  A record
-    whose *current* version is refused for good counts nowhere (the compliance report lists it
-    under ``not_counted``), so :func:`caps.stored_records` leaves it out: its share goes to the
-    rest of its group, and a requeued record takes it back.  Records whose share moved are
-    re-issued and forwarded, as after a withdrawal.  A refused record the management system
-    still counts in its group by an earlier version keeps a share, but of that version's hours
-    (:func:`caps.stored_records`), so its group is allocated again too; a requeued one takes
-    back the hours freed meanwhile.  ``cap_reallocated`` is recorded only when a share moved.
-    An older version's
-    delivery changes nothing, and neither does a record no longer counted (withdrawn, held),
-    which holds no share.
-
-    Locks as ingest does: the groups in sorted order, then the records it re-issues.  A record
-    corrected meanwhile was allocated by its own chunk under the same lock; this allocation then
-    finds nothing to move.  Returns the audit events for the caller to append last.
-    """
-    wanted = dict(touched)
-    # Where a refused record's applied version counts is pinned (caps.refused_pins): its
-    # records row may say another type, person or year.  A requeued record's pin goes: its
-    # version will count where the row says.  The groups of both are allocated again.
-    before = caps.pins_of(conn, wanted)
-    pins = caps.pins_for(conn, caps.refused_now(conn, wanted), now, config.keys)
-    moved = {g for g in before.values() if g} | {
-        g for g in caps.pin_groups(conn, pins).values() if g}
-    current: list[tuple[str, int, caps.Group]] = []
-    for part in _chunks(sorted(wanted)):
-        for r in conn.execute(select(
-                records.c.record_id, records.c.current_version, records.c.person_key,
-                records.c.year, records.c.cap_type).where(
-                records.c.record_id.in_(part), records.c.status == RecordStatus.ACCEPTED.value,
-                records.c.withdrawn.is_(False))).mappings():
-            group = caps.group_of(r)
-            if group is not None and int(r["current_version"]) == wanted[r["record_id"]]:
-                current.append((r["record_id"], int(r["current_version"]), group))
-    groups = {group for _, _, group in current} | moved
-    caps.lock_groups(conn, groups, now)
-    if before or pins:
-        # The records after their groups, the order chunks lock in: a correction committed
-        # meanwhile made the refusal old news, and one waiting sees the pins (_check_reads).
-        ids = sorted(wanted)
-        for part in _chunks(ids):
-            conn.execute(select(records.c.record_id).where(records.c.record_id.in_(part))
-                         .with_for_update(read=True)).all()
-        still = caps.refused_now(conn, [p["record_id"] for p in pins])
-        caps.write_pins(conn, ids, [p for p in pins if p["record_id"] in still])
-    if not groups:
-        return []
-    chunk = Chunk(conn, PartnerRef(actor, "gateway"), now, None, config)
-    for group in sorted(groups):
-        chunk._reissue(group)
-    if not chunk.recredited:
-        return []  # nothing moved (a pinned record kept the hours it held): nothing to say
-    chunk._write(with_audit=False)
-    return [audit.Event("cap_reallocated", rid, version, actor,
-                        {"cap_type": group[2], "reason": reason})
-            for rid, version, group in current] + chunk.events
-
-
-def accept_held(chunk: Chunk, rec: Any, leaving: dict[caps.Group, set[str]] | None = None,
-                joining: Sequence[Any] = ()) -> int:
-    """Accept a held record (a duplicate or a conflict) and queue its current version.
-
-    Its hours join its cap group (R10) in one allocation with the records ``leaving`` theirs
-    and the held records ``joining`` next in this transaction (each accepted by its own call);
-    records whose share moves are re-issued.  It takes its activity's natural key.  Returns
-    the version queued: a new one when its share of a cap differs from what its held version
-    says.  The caller writes the chunk.
-    """
-    conn, now = chunk.conn, chunk.now
-    record_id, version = str(rec["record_id"]), int(rec["current_version"])
-    groups: dict[caps.Group, tuple[dict[str, Decimal], set[str]]] = {
-        group: ({}, set(gone)) for group, gone in (leaving or {}).items()}
-    hours = Decimal(rec["hours"] or "0")
-    credited_this, this_cap = hours, None
-    for other in joining:  # held records accepted next, in this transaction: counted in now
-        if (group := caps.group_of(other)) is not None:
-            groups.setdefault(group, ({}, set()))[0][str(other["record_id"])] = Decimal(
-                other["hours"] or "0")
-    if (group := caps.group_of(rec)) is not None:
-        groups.setdefault(group, ({}, set()))[0][record_id] = hours
-    # Pinned where its refused 0-hour version's predecessor counts (caps.refused_pins): the
-    # version queued now replaces that one there, so the pin ends and that group is freed.
-    pinned = caps.pins_of(conn, [record_id])
-    if pinned:
-        caps.write_pins(conn, [record_id], [])
-        for pin in pinned.values():
-            if pin is not None and pin != group:  # in its own group it claims its hours
-                groups.setdefault(pin, ({}, set()))[1].add(record_id)
-    for group in sorted(groups):  # one lock order for every writer (as ingest)
-        mine, gone = groups[group]
-        caps.lock_group(conn, group, now)
-        credited = chunk._reissue(group, mine, frozenset(gone))
-        if record_id in mine:
-            credited_this, this_cap = credited[record_id], (chunk.config.caps[group[2]], group[2])
-    if _claim_key(conn, rec["natural_key"], record_id) != record_id:
-        raise _KeyRaceLost(rec["natural_key"])  # a live record took the activity first: run again
-    held = orjson.loads(conn.execute(select(record_versions.c.payload).where(
-        record_versions.c.record_id == record_id,
-        record_versions.c.version == version)).scalar_one())
-    stored_credited = Decimal(str(held["credited_hours"]))
-    conn.execute(update(records).where(records.c.record_id == record_id).values(
-        status="accepted", duplicate_of=None, credited_hours=str(credited_this), updated_at=now))
-    if (credited_this != stored_credited or _queued(conn, record_id, version)
-            or any(n["code"] == "NOT_COUNTED" for n in held["warnings"])):
-        # Its held version says other hours (its share of a cap, or none: a correction that
-        # stopped counting was sent so), or was sent already: re-issue it, counting.
-        chunk._recredit(caps.Stored(record_id, version, hours, stored_credited), credited_this,
-                        *(this_cap or (None, None)))
-        return version + 1
-    # Its held version is stored already: only queue it.
-    chunk.outbox_rows.append({"record_id": record_id, "version": version, "status": "pending",
-                              "attempts": 0, "created_at": now, "updated_at": now})
-    chunk.events.append(audit.Event("queued", record_id, version))
-    return version
-
-
-def succeed(conn: Connection, config: RulesConfig, now: datetime,
-            freed: dict[str, set[str]]) -> list[audit.Event]:
-    """Hand each activity a record let go to the next report of it (SPEC §7 "Dedup").
-
-    ``freed`` maps a natural key to the records that let it go here: withdrawn, or corrected
-    to another person, activity or date.  Other sources' reports of that activity were kept
-    as duplicates, not forwarded; left so, the person would lose hours two systems recorded.
-    If a live record holds the key now (a newcomer), they are linked to it.  Otherwise the
-    earliest duplicate takes the key, is accepted and forwarded (its hours join its cap
-    group), and the others are linked to it.  Conflicts (other hours) stay held for ops, who
-    choose with ``resolve_conflict``.  Runs in the caller's transaction, after its writes;
-    returns the audit events for the caller to append last (see :meth:`Chunk.run`).
-    """
-    events: list[audit.Event] = []
-    successors: list[Any] = []
-    for key in sorted(freed):
-        held = conn.execute(select(records).where(
-            records.c.natural_key == key, text(HELD),
-            records.c.withdrawn.is_(False)).order_by(records.c.created_at, records.c.record_id)
-        ).mappings().all()
-        if not held:
-            continue
-        holder = _live_holder(conn, key)
-        successor = None if holder is not None else next(
-            (r for r in held if _may_succeed(conn, r)), None)
-        if successor is not None:
-            holder = _claim_key(conn, key, str(successor["record_id"]))
-        if holder is None:
-            continue  # only conflicts: ops choose
-        if successor is not None and holder == successor["record_id"]:
-            successors.append(successor)
-        others = [r["record_id"] for r in held
-                  if r["record_id"] != holder and r["duplicate_of"] != holder]
-        if others:
-            conn.execute(update(records).where(records.c.record_id.in_(others))
-                         .values(duplicate_of=holder, updated_at=now))
-    # Accepted one by one, each in one allocation with those still to come: a record behind
-    # them in a cap group moves once, not up with the first and down with the next.
-    for i, successor in enumerate(successors):
-        holder = str(successor["record_id"])
-        chunk = Chunk(conn, PartnerRef(successor["partner_id"], successor["adapter"]), now,
-                      None, config)
-        chunk.events.append(audit.Event("succeeded", holder, int(successor["current_version"]),
-                                        "gateway", {"replaces": sorted(freed[successor["natural_key"]])}))
-        accept_held(chunk, successor, joining=successors[i + 1:])
-        chunk._write(with_audit=False)
-        events += chunk.events
-    return events
-
-
-def _still_holds(withdrawn: bool, status: str, natural_key: str, key: str) -> bool:
-    """Whether the record a natural_keys row names for ``key`` still holds that activity.
-
-    Not withdrawn, still counted (not a repeat or conflict), still reporting it.
-    """
-    return not withdrawn and status == RecordStatus.ACCEPTED.value and natural_key == key
-
-
-def _holds(known: _Known, key: str) -> bool:
-    return _still_holds(known.withdrawn, known.status, known.natural_key, key)
-
-
-# The record a natural_keys row names, with what _still_holds needs.
-_NAMED = (select(natural_keys.c.natural_key, natural_keys.c.record_id, records.c.withdrawn,
-                 records.c.status, records.c.natural_key.label("holds"))
-          .join(records, records.c.record_id == natural_keys.c.record_id))
-
-
-def _live_holder(conn: Connection, key: str) -> str | None:
-    """The record holding ``key``: none if the row names one that no longer holds it."""
-    row = conn.execute(_NAMED.where(natural_keys.c.natural_key == key)).first()
-    if row is None or not _still_holds(row.withdrawn, row.status, row.holds, key):
-        return None
-    return str(row.record_id)
-
-
-def _claim_key(conn: Connection, key: str, record_id: str) -> str | None:
-    """Give ``key`` to ``record_id`` unless a live record holds it; its live holder after."""
-    if _live_holder(conn, key) is None:
-        conn.execute(update(natural_keys).where(natural_keys.c.natural_key == key)
-                     .values(record_id=record_id))
-        bulk_insert(conn, natural_keys, [{"natural_key": key, "record_id": record_id}],
-                    ignore_conflicts=True)
-    named = conn.execute(select(natural_keys.c.record_id)
-                         .where(natural_keys.c.natural_key == key)).scalar()
-    return record_id if named == record_id else _live_holder(conn, key)
-
-
-def _may_succeed(conn: Connection, rec: Any) -> bool:
-    """Whether a held record may take over its activity.
-
-    A repeat (not a conflict: ops decide those) whose payload is still there to send.
-    """
-    return rec["status"] == RecordStatus.DUPLICATE.value and not _pruned(conn, rec)
-
-
-def _pruned(conn: Connection, rec: Any) -> bool:
-    payload = conn.execute(select(record_versions.c.payload).where(
-        record_versions.c.record_id == rec["record_id"],
-        record_versions.c.version == rec["current_version"])).scalar()
-    return payload is None or orjson.loads(payload).get("pruned") is True

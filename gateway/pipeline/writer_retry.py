@@ -1,7 +1,8 @@
 """When a writer's transaction may simply run again, and how often it does.
 
 Every writer of records runs in :func:`writer_retries`: ingest and withdrawals
-(:mod:`gateway.pipeline.ingest`), ops edits and the delivery worker.  A chunk's decisions rest on what it read: if a concurrent replica changed that first
+(:mod:`gateway.pipeline.ingest`, :mod:`gateway.pipeline.withdraw`), ops edits and the delivery
+worker.  A chunk's decisions rest on what it read: if a concurrent replica changed that first
 (:class:`_KeyRaceLost`), won a unique row, or PostgreSQL broke a deadlock or a serialization
 failure, the transaction was rolled back and runs again after a short random pause, at most
 8 times.  Any other failure is raised (a bug must not run eight times).

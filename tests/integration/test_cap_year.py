@@ -18,8 +18,9 @@ from sqlalchemy import Engine, select
 
 from gateway.accounts import Partner
 from gateway.pipeline import caps
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from gateway.store.tables import caps_ledger, record_versions, records
 from tests.integration.test_rules_review import IN_2025, IN_2026, _deferred, _paper, _person
 from tests.support.keys import KEYS

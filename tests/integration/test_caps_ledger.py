@@ -30,8 +30,9 @@ from sqlalchemy import Engine, select
 
 from contracts import CERecord
 from gateway.accounts import Partner
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from gateway.store.db import make_engine
 from gateway.store.tables import caps_ledger, outbox, record_versions, records
 from mock_partners.generators import GenPerson, make_person

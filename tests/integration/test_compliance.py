@@ -29,8 +29,9 @@ from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.masking import mask_id
-from gateway.pipeline.ingest import ingest, ingest_items, withdraw
+from gateway.pipeline.ingest import ingest, ingest_items
 from gateway.pipeline.items import Item, PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from mock_partners.generators import GenPerson, canonical_submission, make_person
 from tests.support.keys import KEYS
 from tests.support.servers import uvicorn_thread

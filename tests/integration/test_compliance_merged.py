@@ -19,8 +19,9 @@ from sqlalchemy import Engine, update
 
 from gateway import compliance
 from gateway.accounts import Partner
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef, RulesContext
+from gateway.pipeline.withdraw import withdraw
 from gateway.reference import StoreReference
 from gateway.store.tables import records
 from mock_partners.generators import make_person

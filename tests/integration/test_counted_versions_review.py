@@ -26,8 +26,9 @@ from gateway.compliance import report
 from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.ops.records import resolve_conflict
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef, RulesContext
+from gateway.pipeline.withdraw import withdraw
 from gateway.revalidate import RevalidationFilter, revalidate
 from gateway.store.db import make_engine
 from gateway.store.tables import outbox, record_versions

@@ -69,8 +69,9 @@ from gateway.delivery.worker import DeliveryWorker
 from gateway.ops.common import OpsConflict
 from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.ops.records import resolve_conflict
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from gateway.store.tables import outbox, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person

@@ -36,8 +36,9 @@ from gateway.ops.common import OpsConflict
 from gateway.ops.records import resolve_conflict
 from gateway.pipeline import ingest as ingest_module
 from gateway.pipeline import writer_retry
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from gateway.store.tables import records
 from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_counted_versions import NOW, _ref

@@ -22,9 +22,10 @@ from sqlalchemy import Engine, func, select
 from gateway.accounts import Partner
 from gateway.config import Settings
 from gateway.ops.edits import edit_and_requeue
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import DeferralInfo, RulesConfig
+from gateway.pipeline.withdraw import withdraw
 from gateway.pull.cadre_college import pull_once
 from gateway.reference import ReferenceCache, StoreReference
 from gateway.revalidate import RevalidationFilter, revalidate

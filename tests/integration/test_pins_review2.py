@@ -35,8 +35,9 @@ from gateway.accounts import Partner
 from gateway.batches import BatchProcessor, NewBatch, record_batch
 from gateway.config import Settings
 from gateway.ops.records import resolve_conflict
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from gateway.retention import prune
 from gateway.signing import file_sha256
 from gateway.store.tables import batches, records

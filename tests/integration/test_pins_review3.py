@@ -34,8 +34,9 @@ from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.masking import mask_id
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from gateway.store.tables import outbox, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person

@@ -28,8 +28,8 @@ from gateway import reconcile
 from gateway.accounts import Partner
 from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
 from gateway.config import Settings
-from gateway.pipeline.ingest import withdraw
 from gateway.pipeline.items import PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from gateway.signing import file_sha256
 from gateway.store.tables import batches
 from mock_partners.files import FINANCE_HEADERS, HEALTH_HEADERS, write_csv, year_dataset

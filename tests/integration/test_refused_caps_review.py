@@ -52,9 +52,10 @@ from gateway.ops.edits import edit_and_requeue
 from gateway.ops.records import resolve_conflict
 from gateway.pipeline import caps as caps_module
 from gateway.pipeline.credit import allocate
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
 from gateway.pipeline.rules_tables import RulesConfig
+from gateway.pipeline.withdraw import withdraw
 from gateway.store.tables import audit_events, caps_ledger, outbox, record_versions, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person

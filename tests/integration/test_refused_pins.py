@@ -23,8 +23,8 @@ from sqlalchemy import Engine, select
 
 from gateway import compliance
 from gateway.accounts import Partner
-from gateway.pipeline.ingest import withdraw
 from gateway.pipeline.items import PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from gateway.store.tables import refused_pins
 from mock_partners.ce_system import Faults
 from mock_partners.generators import GenPerson, make_person

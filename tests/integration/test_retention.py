@@ -29,8 +29,9 @@ from gateway.cli import app as cli_app
 from gateway.config import Settings, get_settings
 from gateway.errors import PayloadRejected
 from gateway.ops.records import resolve_conflict
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from gateway.retention import RETENTION_JOB, STUB_KEYS, prune
 from gateway.scheduling import acquire, build_scheduler, release, run_job
 from gateway.store.tables import audit_events, outbox, record_versions, rejections

@@ -35,8 +35,9 @@ from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.ops.records import list_rejections, resolve_conflict
-from gateway.pipeline.ingest import ingest, ingest_items, withdraw
+from gateway.pipeline.ingest import ingest, ingest_items
 from gateway.pipeline.items import Item, PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from gateway.reference import import_csv, sync
 from gateway.retention import prune
 from gateway.revalidate import RevalidationFilter, default_rules, revalidate

@@ -20,9 +20,10 @@ from gateway import compliance
 from gateway.accounts import Partner
 from gateway.config import Settings
 from gateway.ops.edits import edit_and_requeue
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import DeferralInfo, RulesConfig
+from gateway.pipeline.withdraw import withdraw
 from gateway.reference import StoreReference
 from gateway.store.tables import records
 from mock_partners.ce_system import Faults

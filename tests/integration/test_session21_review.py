@@ -38,9 +38,11 @@ from sqlalchemy import Engine, select
 from gateway import compliance
 from gateway.accounts import Partner
 from gateway.masking import mask_text
+from gateway.pipeline import chunk_writes
 from gateway.pipeline import ingest as ingest_module
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef, RulesContext
+from gateway.pipeline.withdraw import withdraw
 from gateway.reference import StoreReference, import_csv
 from gateway.revalidate import RevalidationFilter, default_rules, revalidate
 from gateway.store.tables import audit_events, outbox, records, rejections
@@ -132,14 +134,14 @@ def _award(person: dict[str, Any], tier: str, award: str) -> dict[str, Any]:
 
 def _as_before_0023(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ingest as the code before 0023 wrote a record: its rules columns without the new one."""
-    old_columns = tuple(c for c in ingest_module.RULES_COLUMNS if c != "covers_professional")
+    old_columns = tuple(c for c in chunk_writes.RULES_COLUMNS if c != "covers_professional")
     new_rules_columns = ingest_module._rules_columns
 
     def old_rules_columns(sub: Any) -> dict[str, Any]:
         return {k: v for k, v in new_rules_columns(sub).items() if k != "covers_professional"}
 
-    monkeypatch.setattr(ingest_module, "RULES_COLUMNS", old_columns)
-    monkeypatch.setattr(ingest_module, "_rules_columns", old_rules_columns)
+    monkeypatch.setattr(chunk_writes, "RULES_COLUMNS", old_columns)  # read by Chunk._write
+    monkeypatch.setattr(ingest_module, "_rules_columns", old_rules_columns)  # by its decisions
 
 
 def test_an_award_corrected_by_an_older_replica_stops_covering_the_tenure(

@@ -28,7 +28,7 @@ from gateway.config import Settings
 from gateway.errors import PayloadRejected
 from gateway.ops.common import OpsConflict
 from gateway.ops.records import resolve_conflict
-from gateway.pipeline.ingest import ingest, ingest_items, withdraw
+from gateway.pipeline.ingest import ingest, ingest_items
 from gateway.pipeline.items import Item, PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import (
     BaseInfo,
@@ -38,6 +38,7 @@ from gateway.pipeline.rules_tables import (
     RulesConfig,
     StaticReference,
 )
+from gateway.pipeline.withdraw import withdraw
 from gateway.store.db import make_engine
 from gateway.store.tables import records
 from mock_partners.generators import GenPerson, make_person
@@ -153,7 +154,7 @@ def test_a_failed_result_after_the_close_does_not_withdraw_the_closed_year_s_rec
 
     SPEC §4 R9 ("a failed assessment earns no hours": a base's correction to failed takes the
     hours back) meets R11: after 30 December the closed year's hours stand, whether the partner
-    DELETEs the record (ingest._withdraw, refused YEAR_CLOSED) or corrects it to failed.
+    DELETEs the record (withdraw._withdraw, refused YEAR_CLOSED) or corrects it to failed.
     """
     base = PartnerRef(new_partner(store, adapter="training_base", base_code=BASE).partner_id,
                       "training_base", BASE)

@@ -17,9 +17,10 @@ from sqlalchemy.engine import make_url
 
 from gateway import audit
 from gateway.accounts import Partner
-from gateway.pipeline.ingest import ingest, ingest_items, withdraw
+from gateway.pipeline.ingest import ingest, ingest_items
 from gateway.pipeline.items import PartnerRef, RulesContext, item_from_raw
 from gateway.pipeline.rules_tables import EmptyReference, RulesConfig
+from gateway.pipeline.withdraw import withdraw
 from gateway.reference import ReferenceCache
 from gateway.store.bulk import bulk_insert
 from gateway.store.db import make_engine

@@ -20,7 +20,8 @@ from sqlalchemy import Engine, select
 from gateway import audit
 from gateway.accounts import Partner
 from gateway.compliance import report
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
+from gateway.pipeline.withdraw import withdraw
 from gateway.store.tables import natural_keys
 from mock_partners import generators as gen
 from mock_partners.generators import make_person

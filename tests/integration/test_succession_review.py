@@ -39,8 +39,9 @@ from gateway.config import Settings
 from gateway.ops.common import OpsConflict
 from gateway.ops.records import resolve_conflict
 from gateway.pipeline import ingest as ingest_module
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from gateway.store.tables import caps_ledger, natural_keys, outbox, record_versions, records
 from mock_partners.generators import GenPerson, make_person
 from tests.integration.test_caps_ledger import paper

@@ -33,9 +33,11 @@ from gateway import audit
 from gateway.accounts import Partner
 from gateway.config import Settings
 from gateway.pipeline import ingest as ingest_module
-from gateway.pipeline.ingest import _pruned, ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import DeferralInfo, RulesConfig
+from gateway.pipeline.succession import _pruned
+from gateway.pipeline.withdraw import withdraw
 from gateway.reference import StoreReference
 from gateway.retention import prune, stub
 from gateway.store.tables import outbox, record_versions

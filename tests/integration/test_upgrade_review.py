@@ -30,8 +30,9 @@ from gateway import audit, compliance
 from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.ops.records import record_view
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
+from gateway.pipeline.withdraw import withdraw
 from gateway.store.db import code_revisions, make_engine, normalize_url, reading, upgrade
 from gateway.store.tables import outbox, records
 from mock_partners.ce_system import Faults

@@ -502,7 +502,7 @@ def test_a_withdrawal_of_a_pinned_record_gives_its_share_back(bench: Bench) -> N
 
     The mock takes the withdrawal (its marker no longer matches), the pin ends, B2 gets 20 h.
     """
-    from gateway.pipeline.ingest import withdraw
+    from gateway.pipeline.withdraw import withdraw
 
     ids = _pinned_book(bench)
     bench.faults.reject_title_marker = "[NEVER]"
@@ -532,7 +532,7 @@ def test_resolving_a_conflict_against_a_pinned_holder_gives_its_share_back(
 
 def test_a_pinned_duplicate_taking_an_activity_over_gives_its_old_share_back(
         bench: Bench) -> None:
-    from gateway.pipeline.ingest import withdraw
+    from gateway.pipeline.withdraw import withdraw
 
     ids = {"X": bench.put(0, "X", Item(Q, "book", 0, 0, "other"), "accepted"),
            "B1": bench.put(0, "B1", Item(Q, "book", 1, 0, "first"), "accepted"),

@@ -31,9 +31,10 @@ from gateway.errors import PayloadRejected
 from gateway.ops.common import OpsConflict
 from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.ops.records import resolve_conflict
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.pipeline.rules_tables import DeferralInfo, EmptyReference, RulesConfig
+from gateway.pipeline.withdraw import withdraw
 from gateway.reference import StoreReference
 from gateway.retention import prune
 from gateway.store.tables import outbox, record_versions, records
@@ -195,7 +196,7 @@ def test_a_withdrawal_after_the_close_is_refused_as_a_correction_is(
     结转到下一年"); docs/retention-and-audit.md ("only while the year is open can the current
     version change"; a withdrawal of a pruned closed-year record is refused 422 YEAR_CLOSED).
     A correction after the close is refused YEAR_CLOSED, and so is a withdrawal once retention
-    pruned the record (ingest._withdraw), but the same DELETE a day before the prune is
+    pruned the record (withdraw._withdraw), but the same DELETE a day before the prune is
     accepted, queued downstream, and takes the hours out of the closed year's compliance.
     """
     settings = _closed(make_settings, db_url, mock_ce[0], tmp_path)

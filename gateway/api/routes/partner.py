@@ -15,9 +15,10 @@ from contracts import CESubmission, RecordAnswer, SubmissionResult
 from gateway.accounts import Partner
 from gateway.api.deps import signed_partner, state_of
 from gateway.errors import NotFound, PayloadRejected, PayloadTooLarge, ScopeViolation
-from gateway.pipeline.ingest import ingest, withdraw
+from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
 from gateway.pipeline.rules_tables import BASE_ADAPTERS
+from gateway.pipeline.withdraw import withdraw
 
 router = APIRouter(prefix="/v1", tags=["partner"])
 SignedPartner = Annotated[tuple[Partner, bytes], Depends(signed_partner)]

@@ -2,7 +2,7 @@
 
 When a record lets its activity go (withdrawn, corrected away, superseded), the reports of
 that activity held as duplicates or conflicts are read by natural key, so the earliest can
-take over (``gateway.pipeline.ingest.succeed``).  Partial: most records are accepted.
+take over (``gateway.pipeline.succession.succeed``).  Partial: most records are accepted.
 
 Revision ID: 0017
 Revises: 0016
