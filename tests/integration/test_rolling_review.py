@@ -13,11 +13,9 @@ serves a store ahead of it.  0014's backfill is checked with batches the code be
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -48,6 +46,7 @@ from tests.integration.test_upgrade_review import (
     applied,
     deliver_now,
     paper,
+    run_old,
     training,
 )
 from tests.support.keys import KEYS
@@ -146,18 +145,7 @@ print(json.dumps(out))
 def old(tree: Path, url: str, ce_url: str, steps: list[dict[str, Any]], tmp_path: Path,
         ) -> dict[str, Any]:
     """Run ``steps`` with the old code in ``tree``; it never migrates the store itself."""
-    spec = tmp_path / f"spec_{uuid.uuid4().hex[:6]}.json"
-    spec.write_text(json.dumps({"url": url, "ce": ce_url, "secret": SECRET_KEY, "steps": steps}))
-    driver = tmp_path / "rolling_driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    env.pop("CE_GATEWAY_DATABASE_URL", None)
-    done = subprocess.run([sys.executable, str(driver), str(spec)], cwd=tree, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["gateway"].startswith(str(tree)), out["gateway"]  # really the old code
-    return out
+    return run_old(tree, url, ce_url, steps, tmp_path, driver_source=DRIVER)
 
 
 def _at_head(url: str) -> Engine:

@@ -114,11 +114,12 @@ def old_trees(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]
 
 
 def run_old(tree: Path, url: str, ce_url: str, steps: list[dict[str, Any]],
-            tmp_path: Path) -> dict[str, Any]:
+            tmp_path: Path, driver_source: str = DRIVER) -> dict[str, Any]:
+    """Run ``steps`` with the old code in ``tree`` (``driver_source`` reads them); its output."""
     spec = tmp_path / f"spec_{uuid.uuid4().hex[:6]}.json"
     spec.write_text(json.dumps({"url": url, "ce": ce_url, "secret": SECRET_KEY, "steps": steps}))
-    driver = tmp_path / "old_driver.py"
-    driver.write_text(DRIVER)
+    driver = tmp_path / f"driver_{uuid.uuid4().hex[:6]}.py"
+    driver.write_text(driver_source)
     env = {**os.environ, "PYTHONPATH": str(tree)}
     env.pop("CE_GATEWAY_DATABASE_URL", None)
     done = subprocess.run([sys.executable, str(driver), str(spec)], cwd=tree, env=env,
