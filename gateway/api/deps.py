@@ -68,9 +68,20 @@ async def read_body(request: Request) -> bytes:
 
 
 def _path_with_query(request: Request) -> str:
+    """The request target as the partner sent it: percent-encoded, its query in its own order."""
     raw = request.scope.get("raw_path") or request.url.path.encode()
     query = request.scope.get("query_string") or b""
     return raw.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+
+
+def _signed_targets(request: Request) -> tuple[str, ...]:
+    """What the signature may cover: the target, and with an empty query also ``path?``.
+
+    The server sees no difference between ``/v1/batches`` and ``/v1/batches?`` (ASGI passes an
+    empty query either way), while a client that sends the ``?`` (httpx keeps it) signs it.
+    """
+    target = _path_with_query(request)
+    return (target, target + "?") if "?" not in target else (target,)
 
 
 def _admit(state: AppState, partner: Partner, nonce: str) -> None:
@@ -143,7 +154,9 @@ def signature_headers(request: Request) -> SignatureHeaders:
     if not (ts.isascii() and ts.isdigit() and len(ts) <= 12):
         raise Unauthenticated("UNAUTHENTICATED", detail="(timestamp is not unix seconds)",
                               detail_zh="（时间戳不是 Unix 秒数）")
-    skew = abs(time.time() - int(ts))
+    # Whole seconds on both sides: a timestamp exactly the window old is inside it, as one the
+    # window ahead is (SPEC §7 refuses "more than 300 s off"); the nonces are kept twice as long.
+    skew = abs(int(time.time()) - int(ts))
     if skew > state.settings.signature_window_seconds:
         window = state.settings.signature_window_seconds
         raise Unauthenticated("UNAUTHENTICATED", detail=f"(timestamp outside the {window} s window)",
@@ -192,9 +205,10 @@ def verify_signature(request: Request, sig: SignatureHeaders, body_sha256: str,
     """
     state = state_of(request)
     partner = partner or partner_of(request, sig)
-    expected = sign_digest(partner.secret, request.method, _path_with_query(request),
-                           sig.timestamp, sig.nonce, body_sha256)
-    if not hmac.compare_digest(expected, sig.signature.lower()):
+    given = sig.signature.lower()
+    if not any(hmac.compare_digest(sign_digest(partner.secret, request.method, target,
+                                               sig.timestamp, sig.nonce, body_sha256), given)
+               for target in _signed_targets(request)):
         raise Unauthenticated("UNAUTHENTICATED", detail="(signature does not match)",
                               detail_zh="（签名不匹配）")
     _admit(state, partner, sig.nonce)

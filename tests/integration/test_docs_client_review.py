@@ -15,7 +15,7 @@ work, each documented refusal must be coded as documented (docs/error-codes.md: 
 silent the test takes what a partner would reasonably expect: the path-with-query is the request
 target exactly as the client sends it (percent-encoded, in the client's own parameter order).
 
-Findings (strict xfail, the reason citing the clause):
+Findings of the review, fixed (the gateway or the README):
 
 - an empty query sent as a trailing ``?`` is signed by the client but dropped by the gateway:
   ``test_a_trailing_question_mark_is_signed_as_sent``;
@@ -42,7 +42,6 @@ from urllib.parse import quote
 
 import httpx
 import orjson
-import pytest
 from sqlalchemy import Engine
 
 from gateway.accounts import Partner
@@ -306,12 +305,6 @@ def test_the_timestamp_window_and_format(
             assert_coded(resp, 401, "UNAUTHENTICATED")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a timestamp exactly 300 s behind is refused 401 UNAUTHENTICATED (timestamp outside "
-    "the 300 s window) while 300 s ahead is accepted.  SPEC §7 refuses only 'a timestamp more "
-    "than 300 s off' and the README says 'unix seconds, ±300 s'; gateway/api/deps.py "
-    "signature_headers compares abs(time.time() - int(ts)) with the fractions of the current "
-    "second, so an integer timestamp 300 s old always looks 300.x s off"))
 def test_a_timestamp_exactly_300_s_behind_is_accepted(
         db_url: str, engine: Engine, make_settings: MakeSettings, new_partner: NewPartner) -> None:
     partner = new_partner(engine)
@@ -334,11 +327,6 @@ def test_nonce_lengths_and_characters(
                      401, "UNAUTHENTICATED")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (docs): SPEC §7 and the README ask for 'X-CE-Nonce (16+ random characters)' with no "
-    "upper bound, but the gateway refuses a nonce over 128 characters 401 UNAUTHENTICATED "
-    "(gateway/api/deps.py MAX_NONCE_LENGTH, the nonces column); either document '16–128 "
-    "printable ASCII characters' in README 'Partners: signing a request' or accept longer ones"))
 def test_a_long_nonce_is_accepted_or_its_limit_documented(
         db_url: str, engine: Engine, make_settings: MakeSettings, new_partner: NewPartner) -> None:
     partner = new_partner(engine)
@@ -377,12 +365,6 @@ def test_queries_are_signed_as_sent_in_any_order_and_encoding(
         assert assert_coded(resp, 422, "SCHEMA")["field"] == "period"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a request sent with an empty query ('GET /v1/batches?', as httpx and most URL "
-    "builders keep it) and signed over the path-with-query it sends ('/v1/batches?', SPEC §7) "
-    "is refused 401 UNAUTHENTICATED (signature does not match): gateway/api/deps.py "
-    "_path_with_query drops the '?' when the query string is empty.  The project's own "
-    "SigningClient signs url.raw_path, which keeps it, so it trips too"))
 def test_a_trailing_question_mark_is_signed_as_sent(
         db_url: str, engine: Engine, make_settings: MakeSettings, new_partner: NewPartner) -> None:
     partner = new_partner(engine)
@@ -392,12 +374,6 @@ def test_a_trailing_question_mark_is_signed_as_sent(
         assert resp.status_code == 200, resp.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (docs): SPEC §7 and the README's 'Partners: signing a request' say only "
-    "'path-with-query'; they never say it is the request target exactly as sent "
-    "(percent-encoded, the client's own parameter order), which is what the gateway verifies "
-    "(gateway/api/deps.py _path_with_query: raw_path + raw query).  A partner who signs the "
-    "decoded path of DELETE /v1/records/培训-1, or a re-ordered query, gets 401 with no hint"))
 def test_the_docs_say_the_path_is_signed_as_sent() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Partners: signing a request", 1)[1].split("\n## ", 1)[0]
