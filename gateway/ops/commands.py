@@ -49,10 +49,11 @@ def terminal_actor(name: str | None = None) -> str:
 def _coded() -> Iterator[None]:
     """Print a coded refusal (en + zh) and exit instead of a traceback.
 
-    As every command prints one (:func:`gateway.cli._coded`): ``CODE (field): English`` and
-    ``CODE (field): 中文``, without Rich markup, as the message quotes what the operator typed.
+    As every command prints one (:func:`gateway.cli.common._coded`): ``CODE (field): English``
+    and ``CODE (field): 中文``, without Rich markup, as the message quotes what the operator
+    typed.
     """
-    from gateway.cli import _coded as coded
+    from gateway.cli.common import _coded as coded
 
     try:
         yield
@@ -62,14 +63,14 @@ def _coded() -> Iterator[None]:
 
 
 def _engine() -> Any:
-    from gateway.cli import _engine as make
-    from gateway.cli import _settings
+    from gateway.cli.common import _engine as make
+    from gateway.cli.common import _settings
 
     return make(_settings())
 
 
 def _timezone() -> str:
-    from gateway.cli import _settings
+    from gateway.cli.common import _settings
 
     return _settings().timezone
 
@@ -265,7 +266,7 @@ def conflicts_resolve(
     operator: OperatorName = None, as_json: Json = False,
 ) -> None:
     """Resolve a conflict by choosing a version."""
-    from gateway.cli import _settings
+    from gateway.cli.common import _settings
     from gateway.ops.records import resolve_conflict
 
     with _coded():

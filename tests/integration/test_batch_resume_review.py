@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 import gateway.batches as batches_module
 import gateway.cli as cli_module
+import gateway.cli.intake as cli_intake
 from gateway import audit
 from gateway.batches import BatchProcessor
 from gateway.config import Settings
@@ -115,7 +116,7 @@ def test_local_ingest_resumes_its_own_batch_after_a_transient_store_error(
     url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
     engine = new_store(url, new_partner)
     settings = settings_for(make_settings, url, tmp_path)
-    monkeypatch.setattr(cli_module, "_settings", lambda: settings)
+    monkeypatch.setattr(cli_intake, "_settings", lambda: settings)
     _flaky_ingest(monkeypatch, lambda n: n == 2)  # one blip after the first chunk
 
     result = CliRunner().invoke(cli_module.app, [

@@ -200,7 +200,7 @@ def test_read_commands_refuse_bad_input_with_a_coded_error_not_a_traceback(tmp_p
     assert listed.returncode == 2 and "Traceback" not in listed.stderr, listed.stderr
 
 
-# -- configuration and the store at start (gateway/cli.py _settings, _engine) ----------------------
+# -- configuration and the store at start (gateway/cli/common.py _settings, _engine) ---------------
 
 UNREACHABLE = "postgresql://ops:pw@127.0.0.1:9/ce"  # nothing listens on the discard port
 

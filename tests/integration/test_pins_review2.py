@@ -31,6 +31,7 @@ from sqlalchemy import Engine, select
 from typer.testing import CliRunner
 
 import gateway.cli as cli_module
+import gateway.cli.reports as cli_reports
 from gateway.accounts import Partner
 from gateway.batches import BatchProcessor, NewBatch, record_batch
 from gateway.config import Settings
@@ -358,7 +359,7 @@ def test_the_cli_compliance_output_of_a_pinned_person_matches_the_report(
     drain(make_worker())
     assert _holds(engine, url, ids, q) == PAPER
     settings = make_settings(db_url, url)
-    monkeypatch.setattr(cli_module, "_settings", lambda: settings)
+    monkeypatch.setattr(cli_reports, "_settings", lambda: settings)
     runner = CliRunner()
     as_json = runner.invoke(cli_module.app, ["compliance", q.id_number, "2026", "--json"])
     assert as_json.exit_code == 0, as_json.output[-500:]

@@ -53,7 +53,7 @@ def _count(url: str, table: object) -> int:
 # (ingest, reference import, retention run, revalidate, …) wrote person keys under whatever
 # CE_GATEWAY_PERSON_KEY_SECRET it was given - a one-off `ingest` from a shell without the
 # deployment's secret filed everyone of its file under a second key, with no way to re-key.
-# Fixed: gateway/cli.py _engine checks it for every command that opens the store.
+# Fixed: gateway/cli/common.py _engine checks it for every command that opens the store.
 
 
 def test_cli_ingest_refuses_another_person_key_secret(tmp_path: Path) -> None:

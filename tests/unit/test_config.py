@@ -2,7 +2,7 @@
 
 The review's cases (tests/integration/test_ops_jobs_review.py) pin the values that must be
 refused; these pin the other side — realistic values still pass, the defaults are valid — and
-the bilingual, secret-free wording the CLI prints (gateway/cli.py ``_settings``).
+the bilingual, secret-free wording the CLI prints (gateway/cli/common.py ``_settings``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,194 @@
+"""Looking after a deployment: the store's schema, accounts, audit chain, retention, alerts.
+
+``ce-gateway db``, ``partner``, ``operator``, ``audit``, ``retention`` and ``alerts``:
+migrations (``db upgrade``: the one way PostgreSQL is migrated, once a release), partner and
+operator accounts (their secret or token printed once), the audit chain's check, payload
+retention and one evaluation of the alert conditions, each as the API or the scheduled job
+does it.  Actions are audited under ``cli:<OS user>``, or whom ``--actor`` names where a
+command takes it.
+
+May touch: the schema and what a migration's data repair writes (``db upgrade``);
+``partners`` and ``operators`` (``partner add``, ``operator add``); ``record_versions``
+payloads and closed ``rejections`` (``retention run``); ``alert_state`` (``alerts check``);
+the audit trail (appended to by ``partner add``, ``operator add``, ``retention run`` and a
+migration's data repairs; read by ``audit verify``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from gateway.cli.common import (
+    _check_person_keys,
+    _connected,
+    _engine,
+    _refused,
+    _settings,
+    _setup_logging,
+    _warn_dev_person_key,
+    console,
+    err,
+)
+from gateway.errors import PayloadRejected
+from gateway.ops import commands as ops_commands
+
+db_app = typer.Typer(help="Database migrations", no_args_is_help=True)
+partner_app = typer.Typer(help="Partner registration", no_args_is_help=True)
+operator_app = typer.Typer(help="Operator tokens", no_args_is_help=True)
+audit_app = typer.Typer(help="Audit trail", no_args_is_help=True)
+retention_app = typer.Typer(help="Payload retention (the audit trail is never pruned)",
+                              no_args_is_help=True)
+alerts_app = typer.Typer(help="Alerts to the ops group robot (WeCom / DingTalk)", no_args_is_help=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply Alembic migrations to CE_GATEWAY_DATABASE_URL."""
+    from gateway.store.db import upgrade
+
+    settings = _settings()
+    _warn_dev_person_key(settings)
+    engine = _connected(settings)  # an unreachable store: STORE_UNAVAILABLE, exit 2
+    _check_person_keys(settings, engine)  # a data repair files people under the store's keys
+    engine.dispose()
+    upgrade(settings.database_url, revision, person_key_secret=settings.person_key_secret,
+            settings=settings)
+    console.print(f"database at revision {escape(revision)}")
+
+
+@partner_app.command("add")
+def partner_add(
+    id: Annotated[str, typer.Option("--id", help="partner id, e.g. qh-base-001")],
+    adapter: Annotated[str, typer.Option(help="canonical | training_base | health | finance")],
+    base_code: Annotated[str | None, typer.Option(
+        help="training base code this partner may submit for (required for training_base)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Register a partner; prints its app key and secret ONCE."""
+    from gateway.accounts import RegistrationRefused, add_partner
+    from gateway.secrets_box import SecretBox
+
+    settings = _settings()
+    try:
+        p = add_partner(_engine(settings), SecretBox(settings.secret_key.get_secret_value()),
+                        id, adapter, base_code, actor=ops_commands.terminal_actor())
+    except RegistrationRefused as exc:
+        raise _refused(exc) from exc
+    out = {"partner_id": p.partner_id, "app_key": p.app_key, "secret": p.secret}
+    if as_json:
+        print(json.dumps(out))
+    else:
+        console.print(f"partner [bold]{escape(p.partner_id)}[/bold] ({adapter})\n"
+                      f"  app key: {p.app_key}\n"
+                      f"  secret:  {p.secret}\n[yellow]The secret is shown once; store it now.[/yellow]")
+
+
+@operator_app.command("add")
+def operator_add(
+    name: Annotated[str, typer.Option("--name")],
+    role: Annotated[str, typer.Option("--role", help="viewer | operator")] = "operator",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Create an operator token (shown once; only its hash is stored)."""
+    from gateway.accounts import RegistrationRefused, add_operator
+
+    try:
+        op, token = add_operator(_engine(_settings()), name, role, actor=ops_commands.terminal_actor())
+    except RegistrationRefused as exc:
+        raise _refused(exc) from exc
+    if as_json:
+        print(json.dumps({"name": op.name, "role": op.role, "token": token}))
+    else:
+        console.print(f"operator {escape(op.name)} ({op.role}) token: {token}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    anchor: Annotated[str | None, typer.Option(
+        help="SEQ:HASH, the head_seq and head_hash an earlier --json run printed and you kept "
+             "outside the database: a chain rewritten from that event on is found too")] = None,
+) -> None:
+    """Walk the hash chain; exit 1 and name the first bad event on any edit, deletion or move."""
+    from gateway import audit
+    from gateway.store.db import reading
+
+    try:
+        kept = None if anchor is None else audit.parse_anchor(anchor)
+    except ValueError as exc:
+        raise _refused(PayloadRejected("SCHEMA", field="anchor", detail=f"({exc})",
+                                       detail_zh="（锚点格式为 序号:哈希，即先前 verify --json "
+                                                 "输出的 head_seq 与 head_hash）")) from None
+    engine = _engine(_settings(), migrate=False)
+    with reading(engine) as conn:
+        result = audit.verify(conn, anchor=kept)
+    engine.dispose()
+    if as_json:
+        print(json.dumps(result.as_dict()))
+    elif result.ok:
+        console.print(f"[green]audit chain intact[/green]: {result.checked} events")
+    else:
+        console.print(f"[red]audit chain broken at event {result.first_bad_seq}[/red]: "
+                      f"{escape(result.reason or '')}")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@retention_app.command("run")
+def retention_run(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="count only; change nothing")] = False,
+    actor: Annotated[str | None, typer.Option(
+        help="who is acting (kept in the audit trail; default cli:<OS user>)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Prune old payloads of delivered versions (RETENTION_PAYLOAD_DAYS; progress bar)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from gateway.retention import prune
+
+    settings = _settings()
+    _setup_logging(settings)
+    engine = _engine(settings)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=err, disable=as_json) as bar:
+        task = bar.add_task("counting" if dry_run else "pruning", total=None)
+        result = prune(engine, settings, dry_run=dry_run, actor=actor or ops_commands.terminal_actor(),
+                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+    engine.dispose()
+    if as_json:
+        print(json.dumps(result.as_dict()))
+    elif result.cutoff is None:
+        console.print("retention is off (CE_GATEWAY_RETENTION_PAYLOAD_DAYS=0): nothing pruned")
+    else:
+        verb = "would prune" if dry_run else "pruned"
+        console.print(f"{verb} {result.versions} version payloads and {result.rejections} closed "
+                      f"rejections delivered/received before {result.cutoff.isoformat()}")
+
+
+@alerts_app.command("check")
+def alerts_check(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Evaluate the alert conditions once and send what is new (as the scheduled job does)."""
+    from rich.table import Table
+
+    from gateway.alerts import evaluate
+
+    settings = _settings()
+    result = evaluate(_engine(settings), settings)
+    if as_json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False))
+    else:
+        if not result.configured:
+            console.print("[yellow]CE_GATEWAY_ALERT_WEBHOOK_URL is not set: nothing is sent[/yellow]")
+        outcome = {**dict.fromkeys(result.fired, "[green]sent 已发送"),
+                   **dict.fromkeys(result.already, "sent before 已告警"),
+                   **{k: f"[red]failed 发送失败: {escape(v)}" for k, v in result.failed.items()}}
+        table = Table("condition 告警", "key", "outcome", title=f"alerts at {result.now.isoformat()}")
+        for c in result.active:
+            table.add_row(c.title, c.key, outcome.get(c.key, "not sent 未发送 (no URL)"))
+        console.print(table if result.active else "no active alert conditions 无告警")
+        for key in result.cleared:
+            console.print(f"cleared 已恢复: {key}")
+    raise typer.Exit(1 if result.failed else 0)
