@@ -109,8 +109,14 @@ class Person(_Strict):
 
 class Activity(_Strict):
     title: Text
-    provider_code: Code | None = None
-    plan_id: Code | None = None
+    provider_code: Code | None = Field(default=None, description=(
+        "Who ran the activity: a training base's code (R9); the Cadre Network College's "
+        "(QHGBWY) on its courses."))
+    plan_id: Code | None = Field(default=None, description=(
+        "The activity's number at its provider, read with source.adapter: training_base — "
+        "the plan the base filed (备案, R9); cadre_college — the college's course id (kcbh); "
+        "health — the CME project number (项目编号); canonical — the partner's own number, "
+        "if it sends one; finance — none."))
     mode: Mode = Mode.OFFLINE
     started_on: date | None = None
     completed_on: date

@@ -587,9 +587,18 @@ def _arrival(item: Item) -> str | None:
     return None if item.received_at is None else item.received_at.isoformat()
 
 
+WITHDRAWN_NOTE = explain("WITHDRAWN", "0 h: this version withdraws the record",
+                         "0 学时：本版本撤回该记录").model_dump(mode="json")
+
+
 def withdrawn_version(record: dict[str, Any], version: int, now: datetime) -> str:
-    """The CERecord JSON of a record's withdrawn ``version``, from its current payload."""
-    record.update(version=version, withdrawn=True, credited_hours="0")
+    """The CERecord JSON of a record's withdrawn ``version``, from its current payload.
+
+    Its rule notes say why it counts 0 h: the conversions and caps that explained the version
+    before it explain hours it no longer has (SPEC §3 ``rule_notes``).
+    """
+    record.update(version=version, withdrawn=True, credited_hours="0",
+                  rule_notes=[WITHDRAWN_NOTE])
     record["source"]["received_at"] = now.isoformat()
     return orjson.dumps(record).decode()
 
