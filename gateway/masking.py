@@ -65,7 +65,7 @@ _UVICORN_LOGGERS = ("uvicorn", "uvicorn.access", "uvicorn.error")
 # ``access_token=``) are what a setting's URL may carry as a secret.
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 _USERINFO = re.compile(r"^([^:/?#]+://)[^/?#]*@")
-_QUERY_ITEM = re.compile(r"([?&])([^=&#]*)(=?)[^&#]*")
+_QUERY_ITEM = re.compile(r"(&)([^=&#]*)(=?)[^&#]*")
 
 # Attributes every LogRecord has; anything else came from ``extra=`` and may be formatted.
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -250,9 +250,31 @@ def redact_urls(text: str) -> str:
 
 
 def _redact_url(url: re.Match[str]) -> str:
-    without_userinfo = _USERINFO.sub(r"\1***@", url.group(0))
-    return _QUERY_ITEM.sub(lambda m: f"{m[1]}{m[2]}=***" if m[3] else f"{m[1]}***",
-                           without_userinfo)
+    text, trail = _split_trailing(url.group(0))
+    without_userinfo = _USERINFO.sub(r"\1***@", text)
+    head, mark, query = without_userinfo.partition("?")  # an ``&`` in the path is not a query
+    if not mark:
+        return without_userinfo + trail
+    query, hash_mark, fragment = query.partition("#")
+    query = _QUERY_ITEM.sub(lambda m: f"{m[1]}{m[2]}=***" if m[3] else f"{m[1]}***", "&" + query)[1:]
+    return f"{head}?{query}{hash_mark}{fragment}{trail}"
+
+
+def _split_trailing(url: str) -> tuple[str, str]:
+    """``url`` without the prose punctuation that follows it: ``(see http://h/?k=v), then``.
+
+    Trailing ``.,;:!`` and a closing bracket the URL did not open belong to the sentence, not
+    to the last query value (they would be starred with it).
+    """
+    end = len(url)
+    while end:
+        last = url[end - 1]
+        opener = {")": "(", "]": "["}.get(last)
+        if last in ".,;:!" or (opener and url.count(opener, 0, end) < url.count(last, 0, end)):
+            end -= 1
+        else:
+            break
+    return url[:end], url[end:]
 
 
 def _redacted_arg(arg: object) -> object:

@@ -275,6 +275,12 @@ def test_cutting_before_masking_leaks_what_mask_excerpt_hides() -> None:
     ("GET https://h/robot/send?access_token=t&since=2026 done", "GET https://h/robot/send?access_token=***&since=*** done"),
     ("http://h/p?bare-token", "http://h/p?***"),
     ("no url, user@example.org", "no url, user@example.org"),
+    # Prose around a URL stays: a bracket and comma after it, an ``&`` in its path, a fragment.
+    ("failed (GET http://h/p?key=s3cret), retrying", "failed (GET http://h/p?key=***), retrying"),
+    ("see http://h/a&b/c?x=1.", "see http://h/a&b/c?x=***."),
+    ("http://h/p?a=1&b#frag", "http://h/p?a=***&***#frag"),
+    ("http://h/wiki/A_(b)?t=1", "http://h/wiki/A_(b)?t=***"),
+    ("[http://u:pw@h/x]", "[http://***@h/x]"),
 ])
 def test_redact_urls_stars_userinfo_and_query_values(text: str, redacted: str) -> None:
     assert redact_urls(text) == redacted
