@@ -4,7 +4,9 @@ Real ``ce-gateway`` processes change the credentials while a real gateway (uvico
 127.0.0.1) serves the same store: a rotated partner secret is refused at once and the new one
 works, a disabled partner is 401 until enabled, a revoked operator token is refused by the ops
 API and its console session ends, a reissued one works.  Every action leaves an audit event
-with its reason, never the secret or token, and the chain verifies.
+with its reason, never the secret or token, and the chain verifies.  Migration 0025 is a
+rolling release: the previous release's code (exported with ``git archive``, as
+tests/integration/test_upgrade_review.py does) refuses a revoked token and a disabled partner too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,8 +35,13 @@ from gateway.store.db import upgrade
 from gateway.store.tables import audit_events, operators
 from mock_partners.generators import canonical_submission
 from tests.conftest import SECRET_KEY
+from tests.integration import test_upgrade_review as upgrade_review
+from tests.integration.test_upgrade_review import run_old
 from tests.support.keys import unsafe_downgrade_config
 from tests.support.servers import cli, uvicorn_thread
+
+old_trees = upgrade_review.old_trees  # an old commit's exported tree (git archive)
+BEFORE_0025 = "a01aa06"  # the release before: store at 0024, no revoked_at / disabled_at
 
 MakeSettings = Callable[..., Settings]
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -254,3 +262,53 @@ def test_0025_adds_the_lifecycle_columns_and_downgrades(db_url: str, engine: Eng
     partner = next(p for p in _run(db_url, "partner", "list") if p["partner_id"] == "qh-canon-011")
     operator = next(o for o in _run(db_url, "operator", "list") if o["name"] == "sun")
     assert (partner["enabled"], partner["disabled_at"], operator["revoked_at"]) == (True, None, None)
+
+
+OLD_AUTH = r'''
+import json, sys
+spec = json.load(open(sys.argv[1]))
+import gateway
+from gateway.accounts import operator_by_token, partner_by_app_key
+from gateway.console import session as sessions
+from gateway.secrets_box import SecretBox
+from gateway.store.db import make_engine
+engine = make_engine(spec["url"])
+partner = partner_by_app_key(engine, SecretBox(spec["secret"]), spec["steps"]["app_key"])
+out = {"gateway": gateway.__file__,
+       "tokens": [operator_by_token(engine, t) is not None for t in spec["steps"]["tokens"]],
+       "session": sessions.load(engine, sessions.Signer(spec["secret"]),
+                                spec["steps"]["cookie"]) is not None,
+       "partner_secret": partner.secret if partner else None}
+engine.dispose()
+print(json.dumps(out))
+'''
+
+
+def test_the_release_before_0025_refuses_what_this_code_revoked_and_disabled(
+        db_url: str, engine: Engine, old_trees: Callable[[str], Path], tmp_path: Path) -> None:
+    """A rolling release: a replica of the previous release still serving the store at 0025."""
+    tree = old_trees(BEFORE_0025)
+    token = _run(db_url, "operator", "add", "--name", "zhou")["token"]
+    added = _run(db_url, "partner", "add", "--id", "qh-canon-012", "--adapter", "canonical")
+    logged = sessions.log_in(engine, sessions.Signer(SECRET_KEY), token)  # a console cookie
+    assert logged is not None
+
+    def old_auth(*tokens: str) -> dict[str, Any]:
+        # The driver reads its one step as a dict (``run_old`` passes it through as JSON).
+        step: Any = {"app_key": added["app_key"], "tokens": list(tokens), "cookie": logged[0]}
+        return run_old(tree, db_url, "http://127.0.0.1:9", step, tmp_path, driver_source=OLD_AUTH)
+
+    before = old_auth(token)
+    assert (before["tokens"], before["session"], before["partner_secret"]) == (
+        [True], True, added["secret"])
+
+    _run(db_url, "operator", "revoke", "--name", "zhou", "--reason", "离职")
+    rotated = _run(db_url, "partner", "rotate-secret", "--id", "qh-canon-012", "--reason", "泄露")
+    mid = old_auth(token)
+    assert (mid["tokens"], mid["session"], mid["partner_secret"]) == (
+        [False], False, rotated["secret"])  # the old code checks signatures with the new secret
+
+    _run(db_url, "partner", "disable", "--id", "qh-canon-012", "--reason", "停用")
+    new = _run(db_url, "operator", "reissue", "--name", "zhou", "--reason", "返岗")["token"]
+    after = old_auth(token, new)
+    assert (after["tokens"], after["partner_secret"]) == ([False, True], None)
