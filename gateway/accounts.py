@@ -1,4 +1,7 @@
-"""Partners and operators: registration and lookup (secrets encrypted, tokens hashed)."""
+"""Partners and operators: registration and lookup (secrets encrypted, tokens hashed).
+
+Their later life (list, rotate, disable, revoke, reissue): :mod:`gateway.credentials`.
+"""
 
 from __future__ import annotations
 
@@ -102,8 +105,9 @@ def add_operator(engine: Engine, name: str, role: str, actor: str = "cli") -> tu
     token, now = new_operator_token(), datetime.now(UTC)
     with engine.begin() as conn:
         if conn.execute(select(operators.c.id).where(operators.c.name == name)).first():
-            raise RegistrationRefused("name", f"operator {name!r} already exists",
-                                      f"操作员 {name!r} 已存在")
+            raise RegistrationRefused(
+                "name", f"operator {name!r} already exists (a new token: ce-gateway operator reissue)",
+                f"操作员 {name!r} 已存在（换发令牌：ce-gateway operator reissue）")
         conn.execute(insert(operators).values(name=name, role=role, token_hash=hash_token(token),
                                               created_at=now))
         audit.append(conn, [audit.Event("operator_added", actor=actor,
@@ -113,6 +117,8 @@ def add_operator(engine: Engine, name: str, role: str, actor: str = "cli") -> tu
 
 def operator_by_token(engine: Engine, token: str) -> Operator | None:
     with reading(engine) as conn:
+        # A revoked operator's hash was replaced (gateway/credentials.py); refused here too.
         row = conn.execute(select(operators.c.name, operators.c.role)
-                           .where(operators.c.token_hash == hash_token(token))).first()
+                           .where(operators.c.token_hash == hash_token(token),
+                                  operators.c.revoked_at.is_(None))).first()
     return Operator(row.name, row.role) if row else None

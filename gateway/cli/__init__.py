@@ -10,7 +10,8 @@ in rooms by what they are for, each saying what it may touch:
 :mod:`.serving`         ``serve``, ``worker``: the long-running processes
 :mod:`.intake`          ``ingest``, ``revalidate``, ``pull``, ``reference``
 :mod:`.reports`         ``reconcile``, ``compliance``
-:mod:`.admin`           ``db``, ``partner``, ``operator``, ``audit``, ``retention``, ``alerts``
+:mod:`.accounts`        ``partner``, ``operator``: credentials added, listed, rotated, revoked
+:mod:`.admin`           ``db``, ``audit``, ``retention``, ``alerts``
 :mod:`.mock`            ``mock``, ``demo``
 :mod:`gateway.ops`      ``deliveries``, ``conflicts``, ``records`` (:mod:`gateway.ops.commands`)
 :mod:`.common`          what they share: settings, the store's engine, coded refusals
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import typer
 
-from gateway.cli import admin, intake, mock, reports, serving
+from gateway.cli import accounts, admin, intake, mock, reports, serving
 from gateway.ops import commands as ops_commands
 
 app = typer.Typer(help="CE Gateway — 青海省继续教育学时对接网关", no_args_is_help=True)
@@ -36,8 +37,8 @@ app.command("compliance")(reports.compliance_cmd)
 app.command()(mock.demo)
 app.command()(intake.revalidate)
 app.add_typer(admin.db_app, name="db")
-app.add_typer(admin.partner_app, name="partner")
-app.add_typer(admin.operator_app, name="operator")
+app.add_typer(accounts.partner_app, name="partner")
+app.add_typer(accounts.operator_app, name="operator")
 app.add_typer(admin.audit_app, name="audit")
 app.add_typer(mock.mock_app, name="mock")
 app.add_typer(intake.pull_app, name="pull")

@@ -1,17 +1,15 @@
-"""Looking after a deployment: the store's schema, accounts, audit chain, retention, alerts.
+"""Looking after a deployment: the store's schema, audit chain, retention, alerts.
 
-``ce-gateway db``, ``partner``, ``operator``, ``audit``, ``retention`` and ``alerts``:
-migrations (``db upgrade``: the one way PostgreSQL is migrated, once a release), partner and
-operator accounts (their secret or token printed once), the audit chain's check, payload
-retention and one evaluation of the alert conditions, each as the API or the scheduled job
-does it.  Actions are audited under ``cli:<OS user>``, or whom ``--actor`` names where a
-command takes it.
+``ce-gateway db``, ``audit``, ``retention`` and ``alerts``: migrations (``db upgrade``: the one
+way PostgreSQL is migrated, once a release), the audit chain's check, payload retention and one
+evaluation of the alert conditions, each as the API or the scheduled job does it.  Actions are
+audited under ``cli:<OS user>``, or whom ``--actor`` names where a command takes it.  Partner
+and operator credentials (``partner``, ``operator``) are :mod:`gateway.cli.accounts`.
 
 May touch: the schema and what a migration's data repair writes (``db upgrade``);
-``partners`` and ``operators`` (``partner add``, ``operator add``); ``record_versions``
-payloads and closed ``rejections`` (``retention run``); ``alert_state`` (``alerts check``);
-the audit trail (appended to by ``partner add``, ``operator add``, ``retention run`` and a
-migration's data repairs; read by ``audit verify``).
+``record_versions`` payloads and closed ``rejections`` (``retention run``); ``alert_state``
+(``alerts check``); the audit trail (appended to by ``retention run`` and a migration's data
+repairs; read by ``audit verify``).
 """
 
 from __future__ import annotations
@@ -37,8 +35,6 @@ from gateway.errors import PayloadRejected
 from gateway.ops import commands as ops_commands
 
 db_app = typer.Typer(help="Database migrations", no_args_is_help=True)
-partner_app = typer.Typer(help="Partner registration", no_args_is_help=True)
-operator_app = typer.Typer(help="Operator tokens", no_args_is_help=True)
 audit_app = typer.Typer(help="Audit trail", no_args_is_help=True)
 retention_app = typer.Typer(help="Payload retention (the audit trail is never pruned)",
                               no_args_is_help=True)
@@ -58,52 +54,6 @@ def db_upgrade(revision: str = "head") -> None:
     upgrade(settings.database_url, revision, person_key_secret=settings.person_key_secret,
             settings=settings)
     console.print(f"database at revision {escape(revision)}")
-
-
-@partner_app.command("add")
-def partner_add(
-    id: Annotated[str, typer.Option("--id", help="partner id, e.g. qh-base-001")],
-    adapter: Annotated[str, typer.Option(help="canonical | training_base | health | finance")],
-    base_code: Annotated[str | None, typer.Option(
-        help="training base code this partner may submit for (required for training_base)")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """Register a partner; prints its app key and secret ONCE."""
-    from gateway.accounts import RegistrationRefused, add_partner
-    from gateway.secrets_box import SecretBox
-
-    settings = _settings()
-    try:
-        p = add_partner(_engine(settings), SecretBox(settings.secret_key.get_secret_value()),
-                        id, adapter, base_code, actor=ops_commands.terminal_actor())
-    except RegistrationRefused as exc:
-        raise _refused(exc) from exc
-    out = {"partner_id": p.partner_id, "app_key": p.app_key, "secret": p.secret}
-    if as_json:
-        print(json.dumps(out))
-    else:
-        console.print(f"partner [bold]{escape(p.partner_id)}[/bold] ({adapter})\n"
-                      f"  app key: {p.app_key}\n"
-                      f"  secret:  {p.secret}\n[yellow]The secret is shown once; store it now.[/yellow]")
-
-
-@operator_app.command("add")
-def operator_add(
-    name: Annotated[str, typer.Option("--name")],
-    role: Annotated[str, typer.Option("--role", help="viewer | operator")] = "operator",
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """Create an operator token (shown once; only its hash is stored)."""
-    from gateway.accounts import RegistrationRefused, add_operator
-
-    try:
-        op, token = add_operator(_engine(_settings()), name, role, actor=ops_commands.terminal_actor())
-    except RegistrationRefused as exc:
-        raise _refused(exc) from exc
-    if as_json:
-        print(json.dumps({"name": op.name, "role": op.role, "token": token}))
-    else:
-        console.print(f"operator {escape(op.name)} ({op.role}) token: {token}")
 
 
 @audit_app.command("verify")

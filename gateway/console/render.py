@@ -46,8 +46,10 @@ EVENT_ZH = {"received": "接收", "queued": "进入投递队列", "attempt": "�
             "pull_cursor_reset": "拉取游标重置",
             "batch_received": "接收批量文件", "batch_resent": "重复上传同一文件（按原批次答复）",
             "batch_done": "批量文件处理完成", "batch_failed": "批量文件处理失败",
-            "partner_added": "新增合作方",
-            "operator_added": "新增运维人员", "reference_imported": "导入参考数据",
+            "partner_added": "新增合作方", "partner_secret_rotated": "更换合作方密钥",
+            "partner_disabled": "停用合作方", "partner_enabled": "重新启用合作方",
+            "operator_added": "新增运维人员", "operator_revoked": "吊销运维人员令牌",
+            "operator_reissued": "重新签发运维人员令牌", "reference_imported": "导入参考数据",
             "reference_synced": "同步参考数据"}
 
 

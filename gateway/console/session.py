@@ -1,10 +1,10 @@
 """Console sessions: an HMAC-signed cookie with an expiry, and CSRF tokens bound to it.
 
 The cookie carries no secret: the operator's row id, a binding to the operator's current token
-hash (re-issuing or deleting the operator ends the session), a random session id and the expiry
-— base64url JSON, then ``.`` and HMAC-SHA256 over it with a key derived from ``SECRET_KEY``.
-Every request looks the operator up again, so a deleted operator or a changed role takes effect
-at once.  A form's CSRF token is an HMAC of the session id (base64url); the login form, which
+hash (re-issuing, revoking or deleting the operator ends the session), a random session id
+and the expiry — base64url JSON, then ``.`` and HMAC-SHA256 over it with a key derived from
+``SECRET_KEY``.  Every request looks the operator up again, so a deleted or revoked operator or
+a changed role takes effect at once.  A form's CSRF token is an HMAC of the session id (base64url); the login form, which
 has no session yet, binds its token to a short-lived random cookie instead (double submit,
 signed).  Logging out records the session id until its expiry, so a copy of the cookie is
 refused too.
@@ -134,7 +134,7 @@ def load(engine: Engine, signer: Signer, cookie: str | None, now: float | None =
         return None
     with snapshot(engine) as conn:
         row = conn.execute(select(operators.c.name, operators.c.role, operators.c.token_hash)
-                           .where(operators.c.id == oid)).first()
+                           .where(operators.c.id == oid, operators.c.revoked_at.is_(None))).first()
         ended = conn.execute(select(console_logouts.c.sid)
                              .where(console_logouts.c.sid == sid)).first() is not None
     if ended or row is None or not hmac.compare_digest(signer.token_binding(row.token_hash), binding):

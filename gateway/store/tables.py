@@ -73,6 +73,8 @@ partners = Table(
     Column("secret_enc", Text, nullable=False),
     Column("active", Boolean, nullable=False, default=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # When ``partner disable`` turned it off (migration 0025); ``active`` is what refuses it.
+    Column("disabled_at", UTCDateTime),
 )
 
 operators = Table(
@@ -83,6 +85,9 @@ operators = Table(
     Column("role", String(16), nullable=False),
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # When ``operator revoke`` ended its token (migration 0025): the token hash was replaced
+    # then, so the token and its console sessions are refused by code before 0025 too.
+    Column("revoked_at", UTCDateTime),
 )
 
 # Console sessions ended by logging out, kept until they would have expired anyway: the

@@ -201,7 +201,9 @@ SPEC_CLI = [
 ]
 
 # "--json where a script would read it" (SPEC §5): every command that answers with data.
-SCRIPTED = ["partner add", "operator add", "audit verify", "ingest", "reconcile", "compliance",
+SCRIPTED = ["partner add", "partner list", "partner rotate-secret", "partner disable",
+            "partner enable", "operator add", "operator list", "operator revoke",
+            "operator reissue", "audit verify", "ingest", "reconcile", "compliance",
             "revalidate", "reference import", "reference sync", "deliveries list",
             "deliveries show", "deliveries reprocess", "conflicts list", "conflicts resolve",
             "pull cadre-college", "retention run", "alerts check"]
