@@ -1,7 +1,6 @@
 """The XLSX reader: a census of the workbook against the limits, then openpyxl's read-only mode.
 
-May touch: nothing but the workbook it is given (a file object is left at its start after
-the census, and left open).
+May touch: nothing but the workbook it is given (read only).
 """
 
 from __future__ import annotations
