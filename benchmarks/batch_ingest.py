@@ -85,7 +85,8 @@ def baseline(path: Path, workdir: Path) -> dict[str, float]:
 def gateway(path: Path, workdir: Path) -> dict[str, float]:
     from sqlalchemy import func, select
 
-    from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
+    from gateway.batch_requests import NewBatch, new_batch_id, record_batch
+    from gateway.batches import BatchProcessor
     from gateway.config import Settings
     from gateway.signing import file_sha256
     from gateway.store.db import make_engine, upgrade

@@ -41,7 +41,8 @@ def _store(n: int) -> tuple[Any, str]:
 def main(path: Path, rows: int, repeats: int) -> dict[str, Any]:
     from adapters.tabular import iter_rows
     from gateway.batch_parse import ParseJob, parse_rows, rules_for, to_item
-    from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
+    from gateway.batch_requests import NewBatch, new_batch_id, record_batch
+    from gateway.batches import BatchProcessor
     from gateway.config import Settings
     from gateway.person_keys import PersonKeys
     from gateway.pipeline.ingest import paused_gc

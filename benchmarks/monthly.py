@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.procs import sqlite_file
-from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
+from gateway.batch_requests import NewBatch, new_batch_id, record_batch
+from gateway.batches import BatchProcessor
 from gateway.config import Settings
 from gateway.pipeline import ingest
 from gateway.signing import file_sha256

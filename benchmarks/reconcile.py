@@ -21,7 +21,8 @@ DB = WORK / "recon.sqlite3"
 
 
 def build(per_month: int) -> None:
-    from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
+    from gateway.batch_requests import NewBatch, new_batch_id, record_batch
+    from gateway.batches import BatchProcessor
     from gateway.config import Settings
     from gateway.signing import file_sha256
     from gateway.store.db import make_engine, upgrade

@@ -26,7 +26,8 @@ DEFAULT_URL = f"sqlite:///{WORK / 'rekey.sqlite3'}"
 
 
 def build(rows: int, url: str) -> None:
-    from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
+    from gateway.batch_requests import NewBatch, new_batch_id, record_batch
+    from gateway.batches import BatchProcessor
     from gateway.config import Settings
     from gateway.signing import file_sha256
     from gateway.store.db import make_engine, upgrade

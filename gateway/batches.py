@@ -1,9 +1,8 @@
 """Batch files (health, finance, training-base rosters): accept at once, process streaming.
 
-Accepting (``POST /v1/batches``): the body is streamed to a file under ``BATCH_DIR`` while its
-SHA-256 is computed (the signature covers that hash), fsynced, renamed into place, and the
-``batches`` row committed — only then the 202 with the batch id (SPEC §7: acknowledged means
-durable).
+Accepting (``POST /v1/batches``) is :mod:`gateway.batch_requests`' work: the file is made
+durable and its ``batches`` row committed before the 202 (SPEC §7: acknowledged means
+durable).  What a batch's status shows is :mod:`gateway.batch_status`'s.
 
 Processing (:class:`BatchProcessor`, a thread beside the delivery worker): a batch is claimed
 by lease, its rows read in constant memory, parsed by the adapter and ingested a chunk at a
@@ -17,16 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +33,14 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from adapters.base import Adapter, ParsedRow
 from adapters.finance import COLUMNS_OF as FINANCE_COLUMNS
 from adapters.health import COLUMNS_OF as HEALTH_COLUMNS
-from adapters.registry import BATCH_ADAPTERS
 from adapters.tabular import UnreadableFile, iter_rows
 from adapters.training_base import NATIVE_FIELD as ROSTER_COLUMNS
 from contracts import RecordAnswer
-from contracts.errors import message
 from gateway import audit, metrics
 from gateway.batch_parse import ParseJob, RowParser, make_adapter, rules_for
+from gateway.batch_status import OUTCOMES, rows_judged
 from gateway.config import Settings
 from gateway.delivery.worker import worker_id
-from gateway.errors import PayloadRejected
 from gateway.masking import mask_excerpt
 from gateway.outage import Outage
 from gateway.person_keys import PersonKeys
@@ -57,19 +52,10 @@ from gateway.store.tables import batch_errors, batches, partners
 
 log = logging.getLogger(__name__)
 
-# What a batch row can come to: the batch's counters, in this order wherever they are shown.
-OUTCOMES = ("accepted", "duplicate", "corrected", "conflict", "rejected")
-
-
-def rows_judged(counts: Mapping[Any, Any]) -> int:
-    """Data rows judged so far: the outcomes' sum (``rows_done`` is a file row, header = 1)."""
-    return sum(int(counts[k]) for k in OUTCOMES)
 # Canonical field → the file's column, per adapter: the rules (and scope checks) name canonical
 # fields, but a partner reading ``rejected_rows`` looks for its own headers (SPEC §8).
 NATIVE_COLUMNS: dict[str, Mapping[str, str]] = {
     "health": HEALTH_COLUMNS, "finance": FINANCE_COLUMNS, "training_base": ROSTER_COLUMNS}
-PERIOD = {"monthly": re.compile(r"^\d{4}-(0[1-9]|1[0-2])$"), "annual": re.compile(r"^\d{4}$"),
-          "roster": re.compile(r"^\d{4}(-(0[1-9]|1[0-2]))?$")}
 
 
 @dataclass(frozen=True)
@@ -86,165 +72,10 @@ class Failure:
         return cls(code, mask_excerpt(detail, 500), mask_excerpt(detail_zh, 500))
 
 
-def _failure_of(row: Any) -> dict[str, str] | None:
-    """A failed batch's coded reason, as every coded error is shown (SPEC §6).
-
-    ``error`` holds the English detail; a batch that failed before codes were kept (no
-    ``error_code``) is reported as ``BATCH_FAILED`` with that detail.
-    """
-    if row["status"] != "failed" or not row["error"]:
-        return None
-    code = row["error_code"] or "BATCH_FAILED"
-    en, zh = message(code)
-    return {"code": code, "message": f"{en} ({row['error']})",
-            "message_zh": f"{zh}（{row['error_zh'] or row['error']}）"}
-
-
-# The first CE year a batch may be for (the gateway's data starts in this century).
-FIRST_PERIOD_YEAR = 2000
-
-
-def check_batch_request(adapter: str, kind: str, period: str, open_year: int | None = None,
-                        today: date | None = None) -> None:
-    """Refuse (422 SCHEMA) an adapter/kind pair, or a period, no batch can be for.
-
-    With ``open_year`` (the CE year that closes next, ``ops.overview.year_close``): a period
-    before 2000, or of a later year than that one whose month has not begun by ``today``, is a
-    typo.  Taken, its rows would all be refused OUTSIDE_YEAR and the batch would still count as
-    that month's push, so the missed-push alert would never name the month when it comes
-    (notice 六(四): each month's data is pushed at its end).  A month of the open year not
-    begun yet is let through: past the year's close (31 December) the open year is the next.
-    """
-    if (adapter, kind) not in BATCH_ADAPTERS:
-        allowed = ", ".join(f"{a}/{k}" for a, k in sorted(BATCH_ADAPTERS))
-        raise PayloadRejected("SCHEMA", field="adapter", detail=f"(adapter/kind must be one of {allowed})",
-                              detail_zh=f"（adapter/kind 须为以下之一：{allowed}）")
-    if not PERIOD[kind].match(period or ""):
-        raise PayloadRejected("SCHEMA", field="period",
-                              detail="(monthly: YYYY-MM; annual: YYYY; roster: YYYY or YYYY-MM)",
-                              detail_zh="（月度：YYYY-MM；年度：YYYY；花名册：YYYY 或 YYYY-MM）")
-    if open_year is None:
-        return
-    today = today or datetime.now(UTC).date()  # callers give the local day (period_bounds)
-    year, month = int(period[:4]), int(period[5:7]) if len(period) == 7 else 1
-    begun = (year, month) <= (today.year, today.month)
-    if year < FIRST_PERIOD_YEAR or not (begun or year <= open_year):
-        raise PayloadRejected("SCHEMA", field="period", detail=(
-            f"(a period from {FIRST_PERIOD_YEAR} to the open CE year {open_year}, or one that "
-            "has begun)"), detail_zh=f"（期间须在 {FIRST_PERIOD_YEAR} 年至当前开放的继续教育年度 "
-                                     f"{open_year} 年之间，或已开始）")
-
-
 def native_column(adapter: str, field: str | None) -> str | None:
     if not field:
         return None
     return NATIVE_COLUMNS.get(adapter, {}).get(field, field)[:64]
-
-
-def parse_control_totals(row_count: str | None, credits: str | None) -> tuple[int | None, str | None]:
-    """The optional control totals; a bad one is refused naming its own header."""
-    rows: int | None = None
-    total: Decimal | None = None
-    try:
-        # At most 18 digits: a row count beyond that is no file's, and overflows the column.
-        rows = int(row_count) if row_count not in (None, "") and len(row_count) <= 18 else None
-    except ValueError:
-        pass
-    if row_count not in (None, "") and (rows is None or rows < 0):
-        raise PayloadRejected("SCHEMA", field="X-CE-Row-Count",
-                              detail="(the number of data rows, a whole number)",
-                              detail_zh="（应为数据行数，一个非负整数）")
-    try:
-        total = Decimal(credits) if credits not in (None, "") else None
-    except InvalidOperation:
-        pass
-    if credits not in (None, "") and (total is None or not total.is_finite() or total < 0
-                                      or len(str(total)) > 32):  # the column holds 32
-        raise PayloadRejected("SCHEMA", field="X-CE-Total-Credits",
-                              detail="(the sum of the credits column, a number)",
-                              detail_zh="（应为学分列之和，一个非负数）")
-    return rows, None if total is None else str(total)
-
-
-@dataclass(frozen=True)
-class NewBatch:
-    batch_id: str
-    partner_id: str
-    adapter: str
-    kind: str
-    period: str
-    file_path: Path
-    file_format: str
-    file_size: int
-    sha256: str
-    declared_rows: int | None = None
-    declared_credits: str | None = None
-
-
-def new_batch_id() -> str:
-    return "B" + uuid.uuid4().hex[:24]
-
-
-# A batch that took, or is taking, its file: a byte-identical upload is a resend of it.
-_TAKEN = ("queued", "processing", "done")
-
-
-@dataclass(frozen=True)
-class Acknowledged:
-    """The batch an upload is acknowledged as: its own, or the one that has its file."""
-
-    batch_id: str
-    status: str
-    resent: bool = False
-
-
-def record_batch(engine: Engine, batch: NewBatch, actor: str) -> Acknowledged:
-    """Commit the batch row (the file is already durable): from here it is acknowledged.
-
-    Returns the batch acknowledged.  The same file again (same bytes, totals, adapter, kind
-    and period, from the same partner: the resend after a lost 202) is answered with the batch
-    that has it, queued, processing or done, and nothing is recorded but an audit event: taken
-    twice, a month resent after the annual batch would correct its rows back to the month's
-    (SPEC §2 "resend safely").  After a failed batch the file is taken anew.
-    """
-    now = datetime.now(UTC)
-    with engine.begin() as conn:
-        earlier = conn.execute(select(batches.c.batch_id, batches.c.status).where(
-            batches.c.partner_id == batch.partner_id, batches.c.adapter == batch.adapter,
-            batches.c.kind == batch.kind, batches.c.period == batch.period,
-            batches.c.sha256 == batch.sha256, batches.c.status.in_(_TAKEN),
-            batches.c.declared_rows.is_not_distinct_from(batch.declared_rows),
-            batches.c.declared_credits.is_not_distinct_from(batch.declared_credits),
-        ).order_by(batches.c.created_at).limit(1)).first()
-        if earlier is not None:
-            audit.append(conn, [audit.Event("batch_resent", actor=actor, detail={
-                "batch_id": earlier.batch_id, "adapter": batch.adapter, "kind": batch.kind,
-                "period": batch.period, "bytes": batch.file_size, "sha256": batch.sha256})], now)
-            return Acknowledged(str(earlier.batch_id), str(earlier.status), resent=True)
-        conn.execute(insert(batches).values(
-            batch_id=batch.batch_id, partner_id=batch.partner_id, adapter=batch.adapter,
-            kind=batch.kind, period=batch.period, status="queued", file_path=str(batch.file_path),
-            file_format=batch.file_format, file_size=batch.file_size, sha256=batch.sha256,
-            declared_rows=batch.declared_rows, declared_credits=batch.declared_credits,
-            rows_done=0, accepted=0, duplicate=0, corrected=0, conflict=0, rejected=0,
-            credits_total="0", created_at=now))
-        audit.append(conn, [audit.Event("batch_received", actor=actor, detail={
-            "batch_id": batch.batch_id, "adapter": batch.adapter, "kind": batch.kind,
-            "period": batch.period, "bytes": batch.file_size, "sha256": batch.sha256,
-            "format": batch.file_format})], now)
-    return Acknowledged(batch.batch_id, "queued")
-
-
-
-def fsync_into_place(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # Failures that are not the batch's: it is put back and resumed (BatchProcessor.run).
@@ -580,31 +411,3 @@ class BatchProcessor:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def batch_status(conn: Connection, batch_id: str, cursor: int = 0, limit: int = 100) -> dict[str, Any] | None:
-    cursor = min(cursor, 2**63 - 1)  # past every id; a larger int overflows the drivers
-    # The rows' errors first: a chunk commits them with the batch's counters, so the counters
-    # read after them cover every error listed even when a chunk commits between the two reads
-    # (PostgreSQL's READ COMMITTED sees each statement's own moment).
-    errors = conn.execute(select(batch_errors).where(batch_errors.c.batch_id == batch_id,
-                                                     batch_errors.c.id > cursor)
-                          .order_by(batch_errors.c.id).limit(limit + 1)).mappings().all()
-    row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).mappings().first()
-    if row is None:
-        return None
-    more = len(errors) > limit
-    errors = errors[:limit]
-    counts = {k: int(row[k]) for k in OUTCOMES}
-    return {
-        "batch_id": batch_id, "adapter": row["adapter"], "kind": row["kind"], "period": row["period"],
-        "status": row["status"], "error": row["error"], "failure": _failure_of(row),
-        "counts": {"rows": rows_judged(counts), **counts},
-        "rows_done": int(row["rows_done"]), "credits_total": row["credits_total"],
-        "declared": {"rows": row["declared_rows"], "credits": row["declared_credits"]},
-        "created_at": row["created_at"].isoformat(),
-        "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
-        "rejected_rows": [{"row": int(e["row_no"]), "column": e["column_name"], "code": e["code"],
-                           "message": e["message"], "message_zh": e["message_zh"]} for e in errors],
-        "next": str(errors[-1]["id"]) if more and errors else None,
-    }

@@ -8,10 +8,10 @@ the reference data, and ``revalidate`` hands rejections back to the pipeline aft
 was fixed.  Actions are audited under ``cli:<OS user>``, or whom ``--actor`` names where a
 command takes it.
 
-May touch: through :mod:`gateway.batches`, :mod:`gateway.pull.cadre_college`,
-:mod:`gateway.reference` and :mod:`gateway.revalidate`: ``batches`` and their errors, records,
-versions, outbox, caps ledger, ``rejections``, ``pull_state``, the reference tables and the
-audit trail.
+May touch: through :mod:`gateway.batch_requests`, :mod:`gateway.batches`,
+:mod:`gateway.pull.cadre_college`, :mod:`gateway.reference` and :mod:`gateway.revalidate`:
+``batches`` and their errors, records, versions, outbox, caps ledger, ``rejections``,
+``pull_state``, the reference tables and the audit trail.
 """
 
 from __future__ import annotations
@@ -54,15 +54,9 @@ def ingest(
 
     from adapters.tabular import UnreadableFile, count_rows, detect_format
     from gateway.accounts import registration_of
-    from gateway.batches import (
-        TRANSIENT_FAILURES,
-        BatchProcessor,
-        NewBatch,
-        batch_status,
-        check_batch_request,
-        new_batch_id,
-        record_batch,
-    )
+    from gateway.batch_requests import NewBatch, check_batch_request, new_batch_id, record_batch
+    from gateway.batch_status import batch_status
+    from gateway.batches import TRANSIENT_FAILURES, BatchProcessor
     from gateway.errors import PayloadRejected, ScopeViolation
     from gateway.ops.overview import period_bounds
     from gateway.pipeline.rules_tables import BASE_ADAPTERS

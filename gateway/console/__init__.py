@@ -4,7 +4,7 @@
 asking, may they act); ``render`` renders and masks; ``routes`` is the APIRouter that
 ``gateway.api.app`` mounts, with ``actions`` (deliveries, records, conflicts), ``rejections``
 and ``checks`` (revalidation, audit verification) included.  The console reads and acts only
-through ``gateway.ops`` (deliveries, records, overview), ``gateway.batches``,
+through ``gateway.ops`` (deliveries, records, overview), ``gateway.batch_status``,
 ``gateway.reconcile``, ``gateway.revalidate`` and ``gateway.audit``: it holds no business logic
 of its own.
 """

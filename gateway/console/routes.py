@@ -4,7 +4,7 @@ Actions live in ``actions``; rejections and their edit in ``rejections``; revali
 audit check in ``checks``.
 
 Mounted by ``gateway.api.app`` under ``/ops``.  Reads go through the same modules as the ops
-API (``gateway.ops.overview``, ``gateway.batches``, ``gateway.reconcile``).
+API (``gateway.ops.overview``, ``gateway.batch_status``, ``gateway.reconcile``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import func, select
 
 from gateway import reconcile
-from gateway.batches import batch_status, rows_judged
+from gateway.batch_status import batch_status, rows_judged
 from gateway.console import actions, checks, rejections
 from gateway.console import session as sessions
 from gateway.console.forms import ConsoleError, choice, integer, text

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, func, or_, select
 
-from gateway.batches import OUTCOMES, rows_judged
+from gateway.batch_status import OUTCOMES, rows_judged
 from gateway.ops.common import (
     CURSOR_ZH,
     check_aware,

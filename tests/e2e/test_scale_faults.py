@@ -40,7 +40,8 @@ from sqlalchemy import event as sqlalchemy_event
 from adapters.health import HealthAdapter
 from gateway import audit
 from gateway.accounts import Partner
-from gateway.batches import BatchProcessor, LeaseLost, NewBatch, new_batch_id, record_batch
+from gateway.batch_requests import NewBatch, new_batch_id, record_batch
+from gateway.batches import BatchProcessor, LeaseLost
 from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.demo import free_port

@@ -24,7 +24,9 @@ from adapters.health import HealthAdapter
 from adapters.tabular import iter_csv, iter_xlsx
 from adapters.training_base import TrainingBaseRosterAdapter
 from gateway.accounts import Partner
-from gateway.batches import BatchProcessor, NewBatch, batch_status, new_batch_id, record_batch
+from gateway.batch_requests import NewBatch, new_batch_id, record_batch
+from gateway.batch_status import batch_status
+from gateway.batches import BatchProcessor
 from gateway.config import Settings
 from gateway.signing import file_sha256
 from gateway.store.tables import records

@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from gateway import audit
 from gateway.accounts import Partner
 from gateway.alerts import Evaluation, evaluate
-from gateway.batches import NewBatch, record_batch
+from gateway.batch_requests import NewBatch, record_batch
 from gateway.config import Settings
 from gateway.delivery.worker import DeliveryWorker
 from gateway.ops.deliveries import DeliveryFilter, reprocess

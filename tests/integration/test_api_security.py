@@ -49,7 +49,7 @@ from sqlalchemy import Engine, select, update
 from contracts.errors import CATALOGUE
 from gateway.accounts import Partner
 from gateway.api.app import create_app
-from gateway.batches import NewBatch, new_batch_id, record_batch
+from gateway.batch_requests import NewBatch, new_batch_id, record_batch
 from gateway.config import Settings
 from gateway.masking import mask_id
 from gateway.signing import SigningClient, file_sha256, signed_headers

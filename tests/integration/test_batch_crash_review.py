@@ -31,7 +31,9 @@ from sqlalchemy.exc import OperationalError
 import gateway.batches as batches_module
 from gateway import audit
 from gateway.accounts import Partner
-from gateway.batches import BatchProcessor, NewBatch, record_batch
+from gateway.batch_requests import NewBatch, record_batch
+from gateway.batch_status import batch_status
+from gateway.batches import BatchProcessor
 from gateway.config import Settings
 from gateway.signing import file_sha256
 from gateway.store.db import make_engine, upgrade
@@ -485,7 +487,7 @@ def test_a_file_deleted_after_the_202_fails_the_batch_coded_and_takes_nothing(
     assert claimed is not None
     processor.run(claimed)
     with engine.connect() as conn:
-        status = batches_module.batch_status(conn, BATCH_ID)
+        status = batch_status(conn, BATCH_ID)
     assert status is not None and status["status"] == "failed"
     assert status["failure"]["code"] and status["failure"]["message_zh"]
     assert status["counts"]["rows"] == 0

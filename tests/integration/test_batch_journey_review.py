@@ -179,7 +179,7 @@ def test_a_late_resend_of_a_month_does_not_undo_the_annuals_corrections(
         report = ops.get(f"/v1/reconciliation/health/{YEAR}").json()
     assert report["totals"]["corrected"] == 1  # the report still says the annual corrected it…
     # …so the record must still hold the annual's credits, and nothing new goes downstream:
-    # the same bytes are answered by the batch that took them (gateway/batches.record_batch).
+    # the same bytes are answered by the batch that took them (gateway/batch_requests.record_batch).
     assert resent["batch_id"] == first["batch_id"] and counts(resent) == counts(first)
     assert stored(engine, changed) == (2, "9")
     assert queued(engine) == before
@@ -212,7 +212,7 @@ def test_a_period_is_of_the_open_ce_year_or_has_begun(
         today: str, open_year: int, kind: str, period: str, taken: bool) -> None:
     from datetime import date
 
-    from gateway.batches import check_batch_request
+    from gateway.batch_requests import check_batch_request
     from gateway.errors import PayloadRejected
 
     adapter = "training_base" if kind == "roster" else "health"

@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 
 from contracts.errors import message
-from gateway.batches import NewBatch, new_batch_id, record_batch
+from gateway.batch_requests import NewBatch, new_batch_id, record_batch
 from gateway.config import DEV_SECRET_KEY
 from gateway.signing import file_sha256
 from gateway.store.db import make_engine

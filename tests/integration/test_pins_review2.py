@@ -33,7 +33,8 @@ from typer.testing import CliRunner
 import gateway.cli as cli_module
 import gateway.cli.reports as cli_reports
 from gateway.accounts import Partner
-from gateway.batches import BatchProcessor, NewBatch, record_batch
+from gateway.batch_requests import NewBatch, record_batch
+from gateway.batches import BatchProcessor
 from gateway.config import Settings
 from gateway.ops.records import resolve_conflict
 from gateway.pipeline.ingest import ingest

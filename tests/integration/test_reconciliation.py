@@ -28,7 +28,9 @@ from adapters.normalize import parse_date
 from gateway import reconcile
 from gateway.accounts import Partner
 from gateway.api.app import create_app
-from gateway.batches import BatchProcessor, NewBatch, batch_status, new_batch_id, record_batch
+from gateway.batch_requests import NewBatch, new_batch_id, record_batch
+from gateway.batch_status import batch_status
+from gateway.batches import BatchProcessor
 from gateway.config import Settings
 from gateway.signing import file_sha256
 from gateway.store.db import upgrade

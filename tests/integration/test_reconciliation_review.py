@@ -26,7 +26,8 @@ from adapters.health import CREDIT_CLASSES
 from adapters.normalize import parse_date, parse_decimal
 from gateway import reconcile
 from gateway.accounts import Partner
-from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
+from gateway.batch_requests import NewBatch, new_batch_id, record_batch
+from gateway.batches import BatchProcessor
 from gateway.config import Settings
 from gateway.pipeline.items import PartnerRef
 from gateway.pipeline.withdraw import withdraw

@@ -25,7 +25,8 @@ from adapters.cadre_college import item_to_row
 from adapters.training_base import TrainingBaseAdapter
 from gateway.accounts import Partner, add_operator, add_partner
 from gateway.api.app import create_app
-from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
+from gateway.batch_requests import NewBatch, new_batch_id, record_batch
+from gateway.batches import BatchProcessor
 from gateway.config import Settings
 from gateway.pipeline.ingest import ingest, ingest_items
 from gateway.pipeline.items import Item, PartnerRef

@@ -31,7 +31,8 @@ from sqlalchemy import Engine, func, select
 from adapters.registry import get_adapter
 from adapters.training_base import TrainingBaseAdapter
 from gateway.accounts import Partner
-from gateway.batches import BatchProcessor, NewBatch, new_batch_id, record_batch
+from gateway.batch_requests import NewBatch, new_batch_id, record_batch
+from gateway.batches import BatchProcessor
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.ops.records import list_rejections, resolve_conflict

@@ -43,7 +43,8 @@ from sqlalchemy import Engine, event, select
 from gateway import reconcile
 from gateway.accounts import Partner
 from gateway.alerts import evaluate
-from gateway.batches import BatchProcessor, batch_status
+from gateway.batch_status import batch_status
+from gateway.batches import BatchProcessor
 from gateway.config import Settings
 from gateway.ops.common import OpsConflict
 from gateway.ops.edits import edit_and_requeue

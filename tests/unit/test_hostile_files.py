@@ -27,7 +27,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters import tabular
 from adapters.base import ParsedRow
 from adapters.finance import FinanceAdapter
 from adapters.health import HealthAdapter
@@ -42,6 +41,7 @@ from adapters.tabular import (
     iter_ndjson,
     iter_xlsx,
     xlsx_census,
+    xlsx_reader,  # its limits are patched where the reader reads them
 )
 from adapters.training_base import TrainingBaseRosterAdapter
 from contracts.errors import CATALOGUE
@@ -188,10 +188,10 @@ def _inline_row(number: int, *texts: str) -> bytes:
 def test_a_monstrous_xlsx_row_or_row_number_is_refused_whole(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The limits scaled down 16x and 256x, so the test writes megabytes, not hundreds.
-    monkeypatch.setattr(tabular, "MAX_XLSX_ROW_XML_BYTES", MAX_XLSX_ROW_XML_BYTES >> 4)
-    monkeypatch.setattr(tabular, "MAX_XLSX_SHARED_STRINGS_BYTES", 1 << 20)
+    monkeypatch.setattr(xlsx_reader, "MAX_XLSX_ROW_XML_BYTES", MAX_XLSX_ROW_XML_BYTES >> 4)
+    monkeypatch.setattr(xlsx_reader, "MAX_XLSX_SHARED_STRINGS_BYTES", 1 << 20)
     huge_cell = _workbook(tmp_path / "huge.xlsx", SHEET_HEAD + _inline_row(1, "记录编号") +
-                          _inline_row(2, "A" * (tabular.MAX_XLSX_ROW_XML_BYTES + 1)) + SHEET_TAIL)
+                          _inline_row(2, "A" * (xlsx_reader.MAX_XLSX_ROW_XML_BYTES + 1)) + SHEET_TAIL)
     far_row = _workbook(tmp_path / "far.xlsx", SHEET_HEAD + _inline_row(1, "记录编号") +
                         _inline_row(2_000_000_000, "x") + SHEET_TAIL)
     bomb = _workbook(tmp_path / "bomb.xlsx", SHEET_HEAD + SHEET_TAIL,
@@ -267,7 +267,7 @@ def test_xlsx_merged_ranges_past_the_limit_or_overlapping_are_refused_whole(
     """
     rows = _inline_row(1, "记录编号", "姓名") + b"".join(
         _inline_row(n, f"R-{n}", "x") for n in range(2, 40))
-    monkeypatch.setattr(tabular, "MAX_MERGED_RANGES", 10)
+    monkeypatch.setattr(xlsx_reader, "MAX_MERGED_RANGES", 10)
     many = _workbook(tmp_path / "many.xlsx", SHEET_HEAD + rows + b"</sheetData>" +
                      _merges(*(f"A{n}:A{n + 1}" for n in range(2, 40, 2))) + b"</worksheet>")
     with pytest.raises(WorkbookTooLarge):

@@ -51,15 +51,15 @@ from gateway.api.deps import (
     verify_signature,
 )
 from gateway.api.routes.partner import records_result, scope_partner
-from gateway.batches import (
+from gateway.batch_requests import (
     NewBatch,
-    batch_status,
     check_batch_request,
     fsync_into_place,
     new_batch_id,
     parse_control_totals,
     record_batch,
 )
+from gateway.batch_status import batch_status
 from gateway.errors import NotFound, PayloadRejected, PayloadTooLarge, ScopeViolation
 from gateway.ops import batches as batch_list
 from gateway.ops.common import parse_when
