@@ -74,6 +74,8 @@ def _after(cursor: str | None) -> ColumnElement[bool] | None:
     try:
         if not isinstance(created, str) or not isinstance(batch_id, str):
             raise ValueError("not text")
+        if "\x00" in batch_id or len(batch_id) > 64:  # PostgreSQL refuses a NUL in text (500)
+            raise ValueError("not a batch id")
         at = datetime.fromisoformat(created)
         check_aware("cursor", at)
     except ValueError as exc:

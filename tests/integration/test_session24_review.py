@@ -102,13 +102,10 @@ def test_a_revoked_name_cannot_be_added_again(
 
 # -- 2. GET /v1/batches -------------------------------------------------------------------------
 
-NUL_CURSOR = pytest.mark.xfail(strict=True, reason=(
-    "REVIEW: a batch-list cursor with NUL in its batch id is not refused: PostgreSQL 500, "
-    "SQLite 200; high (500); preamble 'never a 500', docs/error-codes.md SCHEMA"))
-
-
 @pytest.mark.parametrize("forged", [
-    pytest.param(("2026-03-01T00:00:00+00:00", "B\x001"), marks=NUL_CURSOR, id="nul-batch-id"),
+    # Review finding, fixed: a NUL in the cursor's batch id was PostgreSQL's 500 and SQLite's 200.
+    pytest.param(("2026-03-01T00:00:00+00:00", "B\x001"), id="nul-batch-id"),
+    pytest.param(("2026-03-01T00:00:00+00:00", "B" * 65), id="batch-id-too-long"),
     pytest.param(("0001-01-01T00:00:00+08:00", "B1"), id="year-1"),
     pytest.param(("9999-12-31T23:59:59-12:00", "B1"), id="year-10000-utc")])
 def test_a_forged_cursor_is_refused_coded_never_500(
