@@ -15,6 +15,7 @@ repairs; read by ``audit verify``).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -54,6 +55,56 @@ def db_upgrade(revision: str = "head") -> None:
     upgrade(settings.database_url, revision, person_key_secret=settings.person_key_secret,
             settings=settings)
     console.print(f"database at revision {escape(revision)}")
+
+
+@db_app.command("backup")
+def db_backup(
+    to: Annotated[Path, typer.Option("--to", help="the new backup file (never overwritten); its "
+                                     "audit anchor goes to FILE.json beside it")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Copy a SQLite store while the gateway runs, checked; PostgreSQL uses its own tools."""
+    from gateway.backup import backup_sqlite
+
+    try:
+        made = backup_sqlite(_settings().database_url, to)
+    except PayloadRejected as exc:
+        raise _refused(exc) from None
+    if as_json:
+        print(json.dumps(made.as_dict()))
+    elif made.audit_ok:
+        console.print(f"backup written to {escape(made.path)} ({made.records} records, revision "
+                      f"{made.revision}); audit anchor [bold]{made.audit_anchor}[/bold] — keep it, "
+                      f"with {escape(made.path)}.json, off this host")
+    else:
+        console.print(f"[red]backup written to {escape(made.path)}, but its audit chain does not "
+                      "verify[/red]: run `ce-gateway audit verify` on the store")
+    raise typer.Exit(0 if made.audit_ok else 1)
+
+
+@db_app.command("restored")
+def db_restored(
+    reason: Annotated[str, typer.Option(help="why the store was restored (kept in the audit)")],
+    version_gap: Annotated[int, typer.Option(
+        help="how far past its current version each record's next version is numbered")] = 1000,
+    backup_taken_at: Annotated[str | None, typer.Option(
+        help="taken_at from the backup's FILE.json, kept in the audit")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """After restoring a backup, before serving: lift every record's next version number."""
+    from gateway.backup import mark_restored
+
+    try:
+        done = mark_restored(_engine(_settings()), reason, ops_commands.terminal_actor(),
+                             version_gap=version_gap, backup_taken_at=backup_taken_at)
+    except PayloadRejected as exc:
+        raise _refused(exc) from None
+    if as_json:
+        print(json.dumps(done.as_dict()))
+        return
+    console.print(f"store marked restored: the next version of {done.records} records is "
+                  f"numbered at least {done.version_gap} past its current one "
+                  "(docs/operations.md \"Backup and restore\" lists what else to do)")
 
 
 @audit_app.command("verify")

@@ -42,7 +42,7 @@ EVENT_ZH = {"received": "接收", "queued": "进入投递队列", "attempt": "�
             "revalidation": "重新校验", "rejected": "拒收", "withdrawn": "撤回",
             "succeeded": "接替原记录计入学时（原记录已撤回或已更正）",
             "retention_pruned": "按保留期清理", "cap_reallocated": "封顶学时重新分配",
-            "store_repaired": "升级时修复存储数据",
+            "store_repaired": "升级时修复存储数据", "store_restored": "从备份恢复存储后重新编号版本",
             "pull_cursor_reset": "拉取游标重置",
             "batch_received": "接收批量文件", "batch_resent": "重复上传同一文件（按原批次答复）",
             "batch_done": "批量文件处理完成", "batch_failed": "批量文件处理失败",

@@ -40,6 +40,7 @@ from gateway.ops.common import OpsConflict, apply_changes, record_changed, refus
 from gateway.pipeline.ingest import ingest_items
 from gateway.pipeline.items import PartnerRef, RulesContext, item_from_raw, prepare
 from gateway.pipeline.rules_tables import RulesConfig
+from gateway.pipeline.versions import next_version
 from gateway.reference import ReferenceCache
 from gateway.revalidate import (
     AlreadyTaken,
@@ -136,7 +137,7 @@ def edit_and_requeue(engine: Engine, settings: Settings, record_id: str, changes
             raise refuse("changes", f"the edited record was judged {answer.status.value}, "
                          "not a correction; nothing was changed",
                          f"修改后的记录被判定为 {answer.status.value}，不是更正；未做任何更改")
-        if answer.version != version + 1:
+        if answer.version != next_version(version, rec["version_floor"]):
             # A partner's correction was stored after this edit read version ``version``: the
             # edit of that stale content must not supersede it (the partner's stands).
             raise record_changed(record_id, version, answer.version - 1)

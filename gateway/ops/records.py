@@ -52,6 +52,7 @@ from gateway.pipeline.ingest import Chunk, withdrawn_version
 from gateway.pipeline.items import PartnerRef
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.pipeline.succession import accept_held, succeed
+from gateway.pipeline.versions import next_version
 from gateway.pipeline.writer_retry import writer_retries
 from gateway.store.tables import natural_keys, outbox, record_versions, records, rejections
 
@@ -267,7 +268,8 @@ def _keep_this(conn: Connection, rec: Any, holder: Any, config: RulesConfig, now
         leaving[(holder["person_key"], int(holder["year"]), holder["cap_type"])] = {
             holder["record_id"]}
     if supersede and holder_payload is not None:
-        hid, hv = str(holder["record_id"]), int(holder["current_version"]) + 1
+        hid = str(holder["record_id"])
+        hv = next_version(int(holder["current_version"]), holder["version_floor"])
         conn.execute(update(records).where(records.c.record_id == hid).values(
             current_version=hv, withdrawn=True, credited_hours="0", duplicate_of=record_id,
             updated_at=now))

@@ -24,6 +24,7 @@ from gateway.pipeline import caps
 from gateway.pipeline.chunk_state import ChunkState, _Pending
 from gateway.pipeline.credit import allocate, cap_note
 from gateway.pipeline.succession import _holds, _may_succeed
+from gateway.pipeline.versions import next_version
 from gateway.pipeline.writer_retry import _KeyRaceLost
 from gateway.store.tables import record_versions, records
 
@@ -178,22 +179,26 @@ class ChunkCaps(ChunkState):
         self.locked |= new
 
     def _recredit(self, old: caps.Stored, credited: Decimal, cap: Decimal | None,
-                  cap_type: str | None) -> None:
+                  cap_type: str | None) -> int:
         """Re-issue a stored record whose credited hours moved, as a version that counts.
 
         Its share of a cap moved (another record came or went), or a held record was accepted
-        (no cap: ``cap_type`` None).  The notes of a version that did not count go.
+        (no cap: ``cap_type`` None).  The notes of a version that did not count go.  Returns
+        the new version's number.
         """
-        payload = self.conn.execute(select(record_versions.c.payload, record_versions.c.content_hash)
-                                    .where(record_versions.c.record_id == old.record_id,
-                                           record_versions.c.version == old.version)).one()
+        payload = self.conn.execute(
+            select(record_versions.c.payload, record_versions.c.content_hash,
+                   records.c.version_floor)
+            .join(records, records.c.record_id == record_versions.c.record_id)
+            .where(record_versions.c.record_id == old.record_id,
+                   record_versions.c.version == old.version)).one()
         record = orjson.loads(payload.payload)
         note = (cap_note(old.hours, credited, cap, cap_type)
                 if cap is not None and cap_type is not None else None)
         dropped = ("CAP_APPLIED", "NOT_COUNTED")
         keep = [n for n in record["warnings"] if n["code"] not in dropped]
         notes = [n for n in record["rule_notes"] if n["code"] not in dropped]
-        version = old.version + 1
+        version = next_version(old.version, payload.version_floor)
         record.update(version=version, credited_hours=str(credited),
                       warnings=keep + ([note[0].model_dump(mode="json")] if note else []),
                       rule_notes=notes + ([note[1].model_dump(mode="json")] if note else []))
@@ -205,3 +210,4 @@ class ChunkCaps(ChunkState):
         self.events.append(audit.Event("recredited", old.record_id, version, "gateway", {
             "cap_type": cap_type, "credited_hours": str(credited),
             "previous_credited_hours": str(old.credited)}))
+        return version

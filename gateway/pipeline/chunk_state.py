@@ -45,13 +45,16 @@ class _Known:
     cap_group: caps.Group | None = None  # the capped group its current version counts in
     # (version, status, withdrawn) as read from the store; None: first seen in this chunk
     loaded: tuple[int, str, bool] | None = None
+    # Its next version is numbered at least this after a restore (gateway.pipeline.versions)
+    floor: int | None = None
 
 
 # What the chunk reads of a stored record (_Known), not its thirty columns.
 _KNOWN_COLUMNS = (records.c.record_id, records.c.source_record_id, records.c.current_version,
                   records.c.content_hash, records.c.withdrawn, records.c.status,
                   records.c.duplicate_of, records.c.cap_type, records.c.person_key,
-                  records.c.year, records.c.natural_key, records.c.hours)
+                  records.c.year, records.c.natural_key, records.c.hours,
+                  records.c.version_floor)
 
 
 @dataclass

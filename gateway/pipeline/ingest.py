@@ -63,6 +63,7 @@ from gateway.pipeline.items import (
 )
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.pipeline.succession import _holds, succeed
+from gateway.pipeline.versions import next_version
 from gateway.pipeline.writer_retry import writer_retries
 from gateway.store.tables import natural_keys, record_versions, records
 from gateway.store.util import dumps_storable
@@ -168,7 +169,8 @@ class Chunk(ChunkCaps, ChunkIntegrity, ChunkWrites):
             known = _Known(r["record_id"], int(r["current_version"]), r["content_hash"],
                            bool(r["withdrawn"]), r["status"], r["duplicate_of"],
                            _stored_claim(r["hours"]), r["natural_key"], group,
-                           (int(r["current_version"]), r["status"], bool(r["withdrawn"])))
+                           (int(r["current_version"]), r["status"], bool(r["withdrawn"])),
+                           r["version_floor"])
             self.by_record[known.record_id] = known
             if by_source:
                 self.by_source[r["source_record_id"]] = known
@@ -435,7 +437,7 @@ class Chunk(ChunkCaps, ChunkIntegrity, ChunkWrites):
             if known.duplicate_of is not None:
                 status = self._judge(sub, known.duplicate_of)
         known.natural_key = sub.natural_key
-        known.version += 1
+        previous, known.version = known.version, next_version(known.version, known.floor)
         known.content_hash, known.withdrawn, known.status = chash, False, status.value
         known.claim = sub.claim
         new_group = ((sub.person_key, sub.year, sub.cap_type)
@@ -461,7 +463,7 @@ class Chunk(ChunkCaps, ChunkIntegrity, ChunkWrites):
             self.record_updates[-1]["credited_hours"] = "0"
         self.events.append(audit.Event("corrected", known.record_id, known.version,
                                        self.partner.partner_id, {
-                                           "previous_version": known.version - 1, "row": item.row,
+                                           "previous_version": previous, "row": item.row,
                                            "credited_hours": str(sub.hours),
                                            "judged": status.value}))
         answer_status = RecordStatus.CORRECTED if status is RecordStatus.ACCEPTED else status
@@ -539,7 +541,7 @@ class Chunk(ChunkCaps, ChunkIntegrity, ChunkWrites):
         if record.get("pruned") is True:  # a closed year's stub (retention): it stays as it is
             return self._reject(index, item)
         answer = self._reject(index, item)
-        known.version += 1
+        known.version = next_version(known.version, known.floor)
         known.withdrawn = True
         if known.cap_group is not None:  # its capped hours go back to the group's other records
             self.leaving.setdefault(known.cap_group, set()).add(known.record_id)

@@ -150,9 +150,8 @@ def accept_held(chunk: Chunk, rec: Any, leaving: dict[caps.Group, set[str]] | No
             or any(n["code"] == "NOT_COUNTED" for n in held["warnings"])):
         # Its held version says other hours (its share of a cap, or none: a correction that
         # stopped counting was sent so), or was sent already: re-issue it, counting.
-        chunk._recredit(caps.Stored(record_id, version, hours, stored_credited), credited_this,
-                        *(this_cap or (None, None)))
-        return version + 1
+        return chunk._recredit(caps.Stored(record_id, version, hours, stored_credited),
+                               credited_this, *(this_cap or (None, None)))
     # Its held version is stored already: only queue it.
     chunk.outbox_rows.append({"record_id": record_id, "version": version, "status": "pending",
                               "attempts": 0, "created_at": now, "updated_at": now})

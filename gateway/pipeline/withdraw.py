@@ -27,6 +27,7 @@ from gateway.pipeline.ingest import Chunk, closed_year_detail, withdrawn_version
 from gateway.pipeline.items import PartnerRef
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.pipeline.succession import succeed
+from gateway.pipeline.versions import next_version
 from gateway.pipeline.writer_retry import _KeyRaceLost, writer_retries
 from gateway.store.tables import natural_keys, record_versions, records, rejections
 
@@ -97,12 +98,13 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
             raise PayloadRejected("YEAR_CLOSED", field="year", detail=(
                 "(its payload was pruned after the year closed; it can no longer be withdrawn)"),
                 detail_zh="（该记录的内容已在年度关闭后清除，不能再撤回）")
+        new_version = next_version(version, existing["version_floor"])
         conn.execute(update(records).where(records.c.record_id == record_id).values(
-            current_version=version + 1, withdrawn=True, credited_hours="0", updated_at=now))
-        chunk.events.append(audit.Event("withdrawn", record_id, version + 1, partner.partner_id,
+            current_version=new_version, withdrawn=True, credited_hours="0", updated_at=now))
+        chunk.events.append(audit.Event("withdrawn", record_id, new_version, partner.partner_id,
                                         {"source_record_id": source_record_id}))
         # Sent: a pinned record had a version applied, so it reaches the management system.
-        chunk._store_version(record_id, version + 1, withdrawn_version(record, version + 1, now),
+        chunk._store_version(record_id, new_version, withdrawn_version(record, new_version, now),
                              existing["content_hash"],
                              queue=_reaches_downstream(conn, record_id, existing["status"]))
         chunk._write(with_audit=False)
@@ -119,7 +121,7 @@ def _withdraw(engine: Engine, partner: PartnerRef, source_record_id: str, now: d
             chunk.events += given.events
         audit.append(conn, chunk.events, now)
     return RecordAnswer(index=0, source_record_id=source_record_id, status=RecordStatus.ACCEPTED,
-                        record_id=record_id, version=version + 1)
+                        record_id=record_id, version=new_version)
 
 
 def _close_rejections(conn: Connection, partner: PartnerRef, source_record_id: str,

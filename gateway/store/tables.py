@@ -153,6 +153,10 @@ records = Table(
     # rule note while there is one (an older replica's correction leaves this column stale) and
     # trusts this column once retention pruned the payload.  Null: written before 0023.
     Column("covers_professional", Boolean),
+    # After a restore from a backup (``ce-gateway db restored``, migration 0026): its next
+    # version is numbered at least this, past any number the management system may already hold
+    # from before the disaster (gateway.pipeline.versions).  Null: never restored.
+    Column("version_floor", Integer),
     UniqueConstraint("partner_id", "source_record_id"),
     Index("ix_records_batch_id", "batch_id"),
     # R14 reads a person's records of a CE year by completion day; caps and compliance by prefix.

@@ -1,0 +1,157 @@
+"""Backing the store up, and what a restore from a backup must do before serving again.
+
+- :func:`backup_sqlite` (``ce-gateway db backup --to FILE``): a consistent copy of a SQLite
+  store while the gateway runs (SQLite's online backup API; copying the file itself can catch a
+  half-written page or miss the write-ahead log), checked with ``audit verify`` on the copy, with
+  a sidecar ``FILE.json`` holding the copy's audit anchor, its revision and when it was taken.
+  PostgreSQL is backed up with its own tools (docs/operations.md "Backup and restore").
+- :func:`mark_restored` (``ce-gateway db restored``): run once after restoring a backup and
+  before anything serves.  The management system may hold versions the backup does not (made
+  and delivered between the backup and the disaster); it matches a record on (record id,
+  version) and answers ``duplicate`` for a number it holds whatever the content, so the next
+  correction would be numbered as one of those and silently lost.  Every record's next version
+  is lifted past them (``records.version_floor``, :mod:`gateway.pipeline.versions`), in one
+  transaction with its ``store_restored`` audit event.
+
+May touch: the backup file and its sidecar (``backup_sqlite``, never the store);
+``records.version_floor`` and the audit trail (append) (``mark_restored``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy.engine import make_url
+
+from gateway import audit
+from gateway.errors import PayloadRejected
+from gateway.ops.common import refuse, require_reason
+from gateway.store.db import make_engine, normalize_url, reading
+from gateway.store.tables import records
+
+__all__ = ["DEFAULT_VERSION_GAP", "Backup", "Restored", "backup_sqlite", "mark_restored"]
+
+# More versions of one record than the gateway makes between two backups (each correction,
+# withdrawal or cap re-allocation is one).  A gap too large costs nothing: the management
+# system checks that versions rise, not that they follow on.
+DEFAULT_VERSION_GAP = 1000
+MAX_VERSION_GAP = 1_000_000
+_PAGES_PER_STEP = 4096  # copied per step: a writer waits for one step, not the whole copy
+
+
+@dataclass(frozen=True)
+class Backup:
+    path: str
+    taken_at: str
+    revision: str | None
+    records: int
+    audit_anchor: str | None  # SEQ:HASH of the copy's audit head: keep it off the host
+    audit_ok: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Restored:
+    version_gap: int
+    records: int  # records whose next version was lifted
+    backup_taken_at: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sqlite_file(database_url: str) -> Path:
+    url = make_url(normalize_url(database_url))
+    if url.get_backend_name() != "sqlite":
+        raise PayloadRejected(
+            "CONFIG_INVALID", field="CE_GATEWAY_DATABASE_URL",
+            detail="(db backup copies a SQLite store; back PostgreSQL up with its own tools: "
+                   "pg_basebackup with WAL archiving for point-in-time recovery, or pg_dump; "
+                   "see docs/operations.md \"Backup and restore\")",
+            detail_zh="（db backup 仅用于 SQLite 存储；PostgreSQL 请用其自带工具备份："
+                      "pg_basebackup 加 WAL 归档以便按时间点恢复，或 pg_dump；"
+                      "见 docs/operations.md“备份与恢复”）")
+    if not url.database or url.database == ":memory:":
+        raise PayloadRejected("CONFIG_INVALID", field="CE_GATEWAY_DATABASE_URL",
+                              detail="(an in-memory store has nothing to back up)",
+                              detail_zh="（内存数据库没有可备份的内容）")
+    path = Path(url.database)
+    if not path.is_file():
+        raise PayloadRejected("CONFIG_INVALID", field="CE_GATEWAY_DATABASE_URL",
+                              detail=f"(no store at {path})", detail_zh=f"（{path} 处没有存储）")
+    return path
+
+
+def backup_sqlite(database_url: str, dest: Path, now: datetime | None = None) -> Backup:
+    """Copy the SQLite store to ``dest`` (a new file) and write ``dest``'s sidecar JSON."""
+    source = _sqlite_file(database_url)
+    sidecar = dest.with_name(dest.name + ".json")
+    for target in (dest, sidecar):
+        if target.exists():
+            raise refuse("to", f"{target} exists; a backup never overwrites one",
+                         f"{target} 已存在；备份不会覆盖已有文件")
+    if not dest.parent.is_dir():
+        raise refuse("to", f"no directory {dest.parent}", f"目录 {dest.parent} 不存在")
+    if dest.resolve() == source.resolve():
+        raise refuse("to", "that is the store itself", "这就是存储文件本身")
+    taken_at = (now or datetime.now(UTC)).isoformat()
+    partial = dest.with_name(dest.name + ".partial")
+    partial.unlink(missing_ok=True)
+    src = sqlite3.connect(source, timeout=60)
+    try:
+        out = sqlite3.connect(partial)
+        try:
+            src.backup(out, pages=_PAGES_PER_STEP)
+        finally:
+            out.close()
+    finally:
+        src.close()
+    # Checked on the copy, so the anchor kept with it is the copy's own head.
+    engine = make_engine(f"sqlite:///{partial}")
+    try:
+        with reading(engine) as conn:
+            checked = audit.verify(conn)
+            count = int(conn.execute(select(func.count()).select_from(records)).scalar_one())
+            revision = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    finally:
+        engine.dispose()
+    partial.replace(dest)  # only a finished, checked copy carries the backup's name
+    anchor = (f"{checked.head_seq}:{checked.head_hash}"
+              if checked.ok and checked.head_seq is not None else None)
+    result = Backup(str(dest), taken_at, revision, count, anchor, checked.ok)
+    sidecar.write_text(json.dumps(result.as_dict(), indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def mark_restored(engine: Engine, reason: str, actor: str, *,
+                  version_gap: int = DEFAULT_VERSION_GAP, backup_taken_at: str | None = None,
+                  now: datetime | None = None) -> Restored:
+    """Lift every record's next version by ``version_gap`` past its current one, audited."""
+    reason = require_reason(reason)
+    if not 1 <= version_gap <= MAX_VERSION_GAP:
+        raise refuse("version_gap", f"between 1 and {MAX_VERSION_GAP}",
+                     f"取值范围为 1 至 {MAX_VERSION_GAP}")
+    if backup_taken_at is not None:
+        try:
+            datetime.fromisoformat(backup_taken_at)
+        except ValueError:
+            raise refuse("backup_taken_at", "an ISO 8601 time, as the backup's sidecar says",
+                         "应为 ISO 8601 时间，即备份附带文件中的 taken_at") from None
+    now = now or datetime.now(UTC)
+    floor = records.c.current_version + version_gap
+    with engine.begin() as conn:
+        lifted = conn.execute(update(records).where(
+            or_(records.c.version_floor.is_(None), records.c.version_floor < floor))
+            .values(version_floor=floor)).rowcount
+        audit.append(conn, [audit.Event("store_restored", actor=actor, detail={
+            "reason": reason, "version_gap": version_gap, "records": lifted,
+            "backup_taken_at": backup_taken_at})], now)
+    return Restored(version_gap, lifted, backup_taken_at)
