@@ -69,8 +69,13 @@ WRITER_RETRIES = Counter(
     "ce_gateway_writer_retries",
     "Store transactions run again after a lost race or a deadlock (ingest, withdrawals, ops "
     "conflict resolution, delivery outcomes, reprocessing), by cause.", ["cause"], registry=None)
+UNEXPECTED_DUPLICATES = Counter(
+    "ce_gateway_delivery_unexpected_duplicates",
+    "Record versions the management system answered 'duplicate' for on this store's first "
+    "send of them: it holds the number already (a store restored from a backup, or another "
+    "gateway delivering to it).", registry=None)
 PROCESS_COLLECTORS: tuple[Collector, ...] = (INGESTED, DELIVERY_ATTEMPTS, DELIVERY_LATENCY,
-                                             BATCH_ROWS, WRITER_RETRIES)
+                                             BATCH_ROWS, WRITER_RETRIES, UNEXPECTED_DUPLICATES)
 
 # The circuit breaker's state as a number (alert on > 0).
 CIRCUIT_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
@@ -86,6 +91,10 @@ def observe_delivery(outcome: str, seconds: float) -> None:
     """One HTTP post to the management system: its outcome and how long it took."""
     DELIVERY_ATTEMPTS.labels(outcome).inc()
     DELIVERY_LATENCY.observe(seconds)
+
+
+def count_unexpected_duplicates(n: int) -> None:
+    UNEXPECTED_DUPLICATES.inc(n)
 
 
 def count_batch_rows(partner_id: str, adapter: str, rows: int) -> None:

@@ -72,7 +72,8 @@ INTAKE_PATH = "/api/v1/ce-records/batch"
 class Claimed:
     batch_key: str
     attempts: int
-    rows: list[dict[str, Any]]  # outbox id, record_id, version
+    rows: list[dict[str, Any]]  # outbox id, record_id, version (never_sent: see _form_batch)
+    fresh: bool = False  # formed by this claim: nobody sent it before
 
 
 @dataclass
@@ -153,8 +154,12 @@ class DeliveryWorker:
         waiting_for_earlier = exists().where(
             and_(earlier.c.record_id == outbox.c.record_id, earlier.c.version < outbox.c.version,
                  earlier.c.status.not_in(("delivered", "dead", "superseded"))))
+        # Never sent: no attempt, no requeue after a reply without its receipt (last_error) and
+        # no reprocess by ops (queued_at).  A "duplicate" for such a row is news (_apply_receipts).
+        never_sent = and_(outbox.c.attempts == 0, outbox.c.last_error.is_(None),
+                          outbox.c.queued_at.is_(None)).label("never_sent")
         rows = conn.execute(
-            select(outbox.c.id, outbox.c.record_id, outbox.c.version)
+            select(outbox.c.id, outbox.c.record_id, outbox.c.version, never_sent)
             .where(outbox.c.status == "pending", outbox.c.batch_key.is_(None), ~waiting_for_earlier)
             .order_by(outbox.c.id)
             .limit(self.settings.delivery_batch_size)
@@ -168,7 +173,7 @@ class DeliveryWorker:
             updated_at=now, **self._lease(now)))
         ids = [r["id"] for r in rows]
         conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(batch_key=key, updated_at=now))
-        return Claimed(key, 0, [dict(r) for r in rows])
+        return Claimed(key, 0, [dict(r) for r in rows], fresh=True)
 
     # -- sending --------------------------------------------------------------------------
     def _body(self, rows: Sequence[dict[str, Any]]) -> bytes:
@@ -336,7 +341,8 @@ class DeliveryWorker:
                 audit.append(conn, events, now)  # the tries happened; their outcome is not ours
                 return
             if reply.action in (Action.DELIVERED, Action.ALREADY_APPLIED):
-                events += self._apply_receipts(conn, claimed, reply, now)
+                events += self._apply_receipts(conn, claimed, reply, now,
+                                               first_send=claimed.fresh and len(tries) == 1)
             elif reply.action is Action.SPLIT:
                 events += self._split(conn, claimed, reply, now)
             else:
@@ -388,10 +394,20 @@ class DeliveryWorker:
                            {"code": code, "reason": reason[:500], "message_zh": message(code)[1]})
 
     def _apply_receipts(self, conn: Connection, claimed: Claimed, reply: _Reply,
-                        now: datetime) -> list[audit.Event]:
+                        now: datetime, first_send: bool = False) -> list[audit.Event]:
+        """Record each receipt; ``first_send``: this batch's one and only request so far.
+
+        A ``duplicate`` receipt is success (SPEC §5), but for a version this store never sent
+        before, on a batch's first request, it means the management system holds that number
+        already, perhaps with other content: the store was restored from a backup without
+        ``ce-gateway db restored``, or another gateway delivers to it.  Counted
+        (``ce_gateway_delivery_unexpected_duplicates_total``), logged and marked
+        ``unexpected`` on the ``delivered`` event for ops (docs/operations.md).
+        """
         by_key = {(str(r.get("record_id")), int(r.get("version", 0))): r for r in reply.receipts}
         events: list[audit.Event] = []
         delivered: list[dict[str, Any]] = []
+        unexpected: list[dict[str, Any]] = []
         for row in claimed.rows:
             receipt = by_key.get((row["record_id"], row["version"]))
             if reply.action is Action.ALREADY_APPLIED and receipt is None:
@@ -411,9 +427,22 @@ class DeliveryWorker:
                 continue
             delivered.append({"oid": row["id"], "r_status": str(receipt.get("status")),
                               "r_no": receipt.get("receipt_no")})
-            events.append(audit.Event("delivered", row["record_id"], row["version"], self.name, {
-                "receipt_no": receipt.get("receipt_no"), "receipt_status": receipt.get("status"),
-                "batch": claimed.batch_key}))
+            detail = {"receipt_no": receipt.get("receipt_no"),
+                      "receipt_status": receipt.get("status"), "batch": claimed.batch_key}
+            if (first_send and reply.action is Action.DELIVERED and row.get("never_sent")
+                    and receipt.get("status") == "duplicate"):
+                unexpected.append(row)
+                detail["unexpected"] = True
+            events.append(audit.Event("delivered", row["record_id"], row["version"], self.name,
+                                      detail))
+        if unexpected:
+            metrics.count_unexpected_duplicates(len(unexpected))
+            log.warning("delivery batch %s: the management system already held %d record "
+                        "version(s) this store never sent (first: %s version %s); was the store "
+                        "restored from a backup without `ce-gateway db restored`, or does another "
+                        "gateway deliver to it? (docs/operations.md, Backup and restore)",
+                        claimed.batch_key, len(unexpected), unexpected[0]["record_id"],
+                        unexpected[0]["version"])
         if delivered:
             # One executemany for the batch: a statement per row was most of a worker's time.
             conn.execute(update(outbox).where(outbox.c.id == bindparam("oid")).values(

@@ -22,12 +22,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, select, text, update
 from sqlalchemy.engine import make_url
 
 from gateway.accounts import Partner
 from gateway.backup import mark_restored
 from gateway.delivery.worker import DeliveryWorker
+from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
 from gateway.pipeline.withdraw import withdraw
@@ -167,6 +168,7 @@ def test_a_correction_after_a_restore_reaches_the_management_system(
     _drain(worker_for())
     assert _held_downstream(url, rid) == [(1, "16"), (2, "24"), (1001, "32")]
     assert _delivered(db_url, rid) == {1: "accepted", 1001: "accepted"}
+    assert _unexpected(db_url, rid) == {1: False, 1001: False}
 
     # The restore is in the audit, with its reason and who ran it, and the chain verifies.
     after = make_engine(db_url)
@@ -198,6 +200,42 @@ def test_without_marking_the_restore_the_new_content_is_lost_downstream(
     _drain(worker_for())
     assert _held_downstream(url, rid) == [(1, "16"), (2, "24")]  # 32 h never applied
     assert _delivered(db_url, rid)[2] == "duplicate"
+    # ... but it does not pass unseen: a "duplicate" for a version this store never sent is
+    # marked on its delivered event (and counted and logged) for ops.
+    assert _unexpected(db_url, rid) == {1: False, 2: True}
+
+
+def _unexpected(db_url: str, record_id: str) -> dict[int, bool]:
+    """Per delivered version: whether its ``delivered`` event is marked ``unexpected``."""
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return {r.version: bool(orjson.loads(r.detail).get("unexpected")) for r in conn.execute(
+                select(audit_events.c.version, audit_events.c.detail).where(
+                    audit_events.c.record_id == record_id, audit_events.c.kind == "delivered"))}
+    finally:
+        engine.dispose()
+
+
+def test_a_duplicate_for_a_version_sent_before_is_not_unexpected(
+        db_url: str, engine: Engine, new_partner: Callable[..., Partner],
+        mock_ce: tuple[str, Faults], worker_for: Callable[[], DeliveryWorker]) -> None:
+    """A dead letter an operator sends again may have been applied: its duplicate is normal."""
+    url, _ = mock_ce
+    partner = new_partner(engine)
+    rid = _submit(db_url, partner, "16").record_id
+    _drain(worker_for())
+    # As if every reply had been lost: dead-lettered, though the management system applied it.
+    with engine.begin() as conn:
+        conn.execute(update(outbox).where(outbox.c.record_id == rid).values(
+            status="dead", error_code="RETRIES_EXHAUSTED", attempts=8, last_error="HTTP 503"))
+    result = reprocess(engine, DeliveryFilter(record_ids=(rid,)), dry_run=False, reason="resend",
+                       actor="ops")
+    assert result.requeued == 1
+    _drain(worker_for())
+    assert _delivered(db_url, rid) == {1: "duplicate"}
+    assert _unexpected(db_url, rid) == {1: False}
+    assert [v for v, _ in _held_downstream(url, rid)] == [1]
 
 
 def test_every_writer_numbers_past_the_floor(
