@@ -42,7 +42,6 @@ __all__ = ["DEFAULT_VERSION_GAP", "Backup", "Restored", "backup_sqlite", "mark_r
 # system checks that versions rise, not that they follow on.
 DEFAULT_VERSION_GAP = 1000
 MAX_VERSION_GAP = 1_000_000
-_PAGES_PER_STEP = 4096  # copied per step: a writer waits for one step, not the whole copy
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,10 @@ def backup_sqlite(database_url: str, dest: Path, now: datetime | None = None) ->
     try:
         out = sqlite3.connect(partial)
         try:
-            src.backup(out, pages=_PAGES_PER_STEP)
+            # In one step: the store is in WAL mode, so the copy reads one snapshot while
+            # writers go on.  Copied in several steps, every write by another process would
+            # restart the copy, which on a busy store might never finish.
+            src.backup(out)
         finally:
             out.close()
     finally:
