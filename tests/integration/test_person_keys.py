@@ -90,14 +90,16 @@ def _store_at_0019(tmp_path: Path, partner: Partner, engine: Engine, person: Gen
     applicants.write_text(f"id_number,year\n{person.id_number},2026\n", encoding="utf-8")
     assert import_csv(engine, "deferrals", deferrals, actor="t", keys=PLAIN).ok
     assert import_csv(engine, "title-applicants", applicants, actor="t", keys=PLAIN).ok
-    # Today's ingest writes the column a later migration (0023) added; it goes again below.
+    # Today's ingest uses the columns later migrations added (0023, 0026); they go again below.
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE records ADD COLUMN covers_professional BOOLEAN")
+        conn.exec_driver_sql("ALTER TABLE records ADD COLUMN version_floor INTEGER")
     answers = ingest(engine, PartnerRef(partner.partner_id, partner.adapter),
                      [paper("PK-1", person, 1), paper("PK-2", person, 2)], now=NOW,
                      rules=_rules(PLAIN))
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE records DROP COLUMN covers_professional")
+        conn.exec_driver_sql("ALTER TABLE records DROP COLUMN version_floor")
     assert [a.status for a in answers] == ["accepted", "accepted"], answers
     rids = [str(a.record_id) for a in answers]
     with engine.begin() as conn:
