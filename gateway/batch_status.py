@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from contracts.errors import message
+from gateway.ops.common import CURSOR_ZH, decode_cursor, encode_cursor, refuse
 from gateway.store.tables import batch_errors, batches
 
 # What a batch row can come to: the batch's counters, in this order wherever they are shown.
@@ -36,13 +37,34 @@ def _failure_of(row: Any) -> dict[str, str] | None:
             "message_zh": f"{zh}（{row['error_zh'] or row['error']}）"}
 
 
-def batch_status(conn: Connection, batch_id: str, cursor: int = 0, limit: int = 100) -> dict[str, Any] | None:
-    cursor = min(cursor, 2**63 - 1)  # past every id; a larger int overflows the drivers
+# The rejected rows' cursor names its batch with the last row error's id: a cursor from another
+# batch's listing (or a bare id, as cursors once were) is refused, not read as a place in this one.
+ROWS_CURSOR = "batch_rows"
+
+
+def rows_after(cursor: str | None, batch_id: str) -> int:
+    """The last row error's id a cursor of this batch's rejected rows holds (0: from the start)."""
+    after = decode_cursor(cursor, ROWS_CURSOR, 2)
+    if after is None:
+        return 0
+    owner, last = after
+    if owner != batch_id or not isinstance(last, int) or last < 0:
+        raise refuse("cursor", "not a cursor this list gave out", CURSOR_ZH)
+    return last
+
+
+def batch_status(conn: Connection, batch_id: str, cursor: str | None = None,
+                 limit: int = 100) -> dict[str, Any] | None:
+    """The batch's status with a page of its rejected rows; ``None`` if there is no such batch.
+
+    ``cursor`` is a previous page's ``next`` for this batch; any other is a 422 ``SCHEMA``.
+    """
+    after = rows_after(cursor, batch_id)
     # The rows' errors first: a chunk commits them with the batch's counters, so the counters
     # read after them cover every error listed even when a chunk commits between the two reads
     # (PostgreSQL's READ COMMITTED sees each statement's own moment).
     errors = conn.execute(select(batch_errors).where(batch_errors.c.batch_id == batch_id,
-                                                     batch_errors.c.id > cursor)
+                                                     batch_errors.c.id > after)
                           .order_by(batch_errors.c.id).limit(limit + 1)).mappings().all()
     row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).mappings().first()
     if row is None:
@@ -60,5 +82,5 @@ def batch_status(conn: Connection, batch_id: str, cursor: int = 0, limit: int = 
         "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
         "rejected_rows": [{"row": int(e["row_no"]), "column": e["column_name"], "code": e["code"],
                            "message": e["message"], "message_zh": e["message_zh"]} for e in errors],
-        "next": str(errors[-1]["id"]) if more and errors else None,
+        "next": encode_cursor(ROWS_CURSOR, batch_id, int(errors[-1]["id"])) if more and errors else None,
     }

@@ -21,7 +21,7 @@ from gateway import reconcile
 from gateway.batch_status import batch_status, rows_judged
 from gateway.console import actions, checks, rejections
 from gateway.console import session as sessions
-from gateway.console.forms import ConsoleError, choice, integer, text
+from gateway.console.forms import ConsoleError, bad_param, choice, integer, text
 from gateway.console.render import TEMPLATES, Ident
 from gateway.console.web import (
     ConsoleRoute,
@@ -33,6 +33,7 @@ from gateway.console.web import (
     signer_of,
     state_of,
 )
+from gateway.errors import PayloadRejected
 from gateway.ops.batches import BATCH_ADAPTERS, BATCH_KINDS, BATCH_STATUSES, batch_filters
 from gateway.ops.batches import COLUMNS as BATCH_COLUMNS
 from gateway.ops.overview import overview
@@ -131,11 +132,14 @@ def batch_list(ctx: Viewer) -> Response:
 @router.get("/batches/{batch_id}")
 def batch_page(batch_id: str, ctx: Viewer) -> Response:
     params = ctx.request.query_params
-    cursor = integer(params, "cursor", 0, 0, 2**62)
+    cursor = text(params, "cursor", 512)
     if not batch_id or len(batch_id) > 40 or any(ord(ch) < 32 for ch in batch_id):
         raise ConsoleError(404, "未找到", "没有这个批次。")
     with snapshot(ctx.state.engine) as conn:
-        found = batch_status(conn, batch_id, cursor, 100)
+        try:
+            found = batch_status(conn, batch_id, cursor, 100)
+        except PayloadRejected:  # another batch's page, or not a cursor at all
+            raise bad_param("cursor", "无效（请从第一页重新翻页）") from None
     if found is None:
         raise ConsoleError(404, "未找到", f"没有批次 {batch_id}。")
     return ctx.page("batch.html", batch=found, cursor=cursor)

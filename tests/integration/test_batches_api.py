@@ -10,6 +10,7 @@ all duplicates.  Also: paging, scope, signatures, control totals, size limit, ro
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import json
@@ -32,6 +33,7 @@ from adapters.normalize import parse_decimal
 from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.config import Settings
+from gateway.ops.common import encode_cursor
 from gateway.reference import import_csv
 from gateway.signing import SigningClient, file_sha256, sign_digest
 from gateway.store.tables import (
@@ -118,6 +120,24 @@ def triples(status: dict[str, Any]) -> list[tuple[int, str | None, str]]:
     return [(r["row"], r["column"], r["code"]) for r in status["rejected_rows"]]
 
 
+def walk(client: httpx.Client, batch_id: str) -> tuple[list[list[Any]], list[str]]:
+    """Every page of a batch's rejected rows, 5 a page: the pages' triples and the cursors."""
+    pages: list[list[Any]] = []
+    cursors: list[str] = []
+    cursor = None
+    while True:
+        resp = client.get(f"/v1/batches/{batch_id}",
+                          params={"limit": 5, **({"cursor": cursor} if cursor else {})})
+        assert resp.status_code == 200, resp.text
+        page = resp.json()
+        pages.append(triples(page))
+        cursor = page["next"]
+        if cursor is None:
+            return pages, cursors
+        cursors.append(cursor)
+        assert len(pages) < 10, "paging never ends"
+
+
 def file_rows(golden: Golden) -> dict[int, dict[str, object]]:
     return {golden.first_row + i: row for i, row in enumerate(golden.rows())}
 
@@ -161,10 +181,12 @@ def finished(client: httpx.Client, batch_id: str, timeout: float = 60) -> dict[s
     return result
 
 
-def assert_coded(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
+def assert_coded(resp: httpx.Response, status: int, code: str,
+                 field: str | None = None) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     error: dict[str, Any] = resp.json()["error"]
     assert error["code"] == code
+    assert field is None or error["field"] == field, error
     assert error["message"] and error["message_zh"]
     return error
 
@@ -291,29 +313,48 @@ def test_rejected_rows_are_paged_and_batches_are_private(
         assert status["status"] == "done", status["error"]
         assert status["counts"] == expected_counts(expected)
 
-        pages, cursor = [], None
-        while True:
-            query = f"?limit=5&cursor={cursor}" if cursor else "?limit=5"
-            resp = client.get(f"/v1/batches/{batch_id}{query}")
-            assert resp.status_code == 200, resp.text
-            page = resp.json()
-            pages.append(triples(page))
-            cursor = page["next"]
-            if cursor is None:
-                break
-            assert len(pages) < 10, "paging never ends"
+        pages, cursors = walk(client, batch_id)
         assert [len(p) for p in pages] == [5] * (len(want) // 5) + [len(want) % 5]
         assert [t for p in pages for t in p] == want
         exact = client.get(f"/v1/batches/{batch_id}?limit={len(want)}").json()
         assert triples(exact) == want and exact["next"] is None
         assert_coded(client.get(f"/v1/batches/{batch_id}?limit=0"), 422, "SCHEMA")
-        # A cursor past every row (beyond the store's 64-bit integers too) is an empty page,
-        # not a 500 (schemathesis found 2**80 overflowing the driver).
-        for past in (2**63 - 1, 2**63, 2**80):
-            beyond = client.get(f"/v1/batches/{batch_id}?cursor={past}")
-            assert beyond.status_code == 200, beyond.text
-            assert (beyond.json()["rejected_rows"], beyond.json()["next"]) == ([], None)
-            assert beyond.json()["counts"] == status["counts"]
+
+        # The same file again as the annual batch: the same rows rejected, in a second batch.
+        # Each batch's cursors page that batch only: another batch's is refused, not read as a
+        # place in this one (it once was a bare row id, taken by any batch).
+        second = upload(client, path, "health", kind="annual", period=str(YEAR))
+        assert second != batch_id and finished(client, second)["status"] == "done"
+        second_pages, second_cursors = walk(client, second)
+        assert [t for p in second_pages for t in p] == want
+        assert not set(cursors) & set(second_cursors)
+        for mine, theirs in ((batch_id, second_cursors), (second, cursors)):
+            for cursor in theirs:
+                assert_coded(client.get(f"/v1/batches/{mine}", params={"cursor": cursor}),
+                             422, "SCHEMA", field="cursor")
+        # A bare row id (as cursors were), one past every row (beyond 64-bit integers too:
+        # schemathesis found 2**80 overflowing the driver), a garbled or forged one: all 422.
+        with engine.connect() as conn:
+            last_id = conn.execute(select(func.max(batch_errors.c.id))
+                                   .where(batch_errors.c.batch_id == batch_id)).scalar_one()
+        forged = [str(last_id), str(2**63), str(2**80), cursors[0][:-2], cursors[0] + "x",
+                  "abc", encode_cursor("batch_rows", batch_id, -1),
+                  base64.urlsafe_b64encode(f'["batch_rows","{batch_id}",{2**80}]'.encode()).decode(),
+                  encode_cursor("batch_rows", batch_id, "1"),
+                  encode_cursor("batch_rows", batch_id, True),
+                  encode_cursor("batch_rows", 1, 1),
+                  encode_cursor("batch_rows", batch_id),
+                  encode_cursor("rejections", batch_id, 1),
+                  encode_cursor("rejections", 1)]
+        for cursor in forged:
+            assert_coded(client.get(f"/v1/batches/{batch_id}", params={"cursor": cursor}),
+                         422, "SCHEMA", field="cursor")
+        # A cursor this batch gave, past its last row's id: an empty page, not a 500.
+        beyond = client.get(f"/v1/batches/{batch_id}", params={
+            "cursor": encode_cursor("batch_rows", batch_id, 2**63 - 1)})
+        assert beyond.status_code == 200, beyond.text
+        assert (beyond.json()["rejected_rows"], beyond.json()["next"]) == ([], None)
+        assert beyond.json()["counts"] == status["counts"]
 
         # Another partner (another adapter too) cannot tell the batch exists; nor guess one.
         assert_coded(other.get(f"/v1/batches/{batch_id}"), 404, "NOT_FOUND")

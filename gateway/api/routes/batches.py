@@ -236,7 +236,7 @@ async def list_batches(request: Request, partner_id: Filter = None, adapter: Fil
 
 @router.get("/batches/{batch_id}", summary="A batch's progress, counts and rejected rows (paged)")
 async def get_batch(batch_id: str, request: Request,
-                    cursor: Annotated[int, Query(ge=0)] = 0,
+                    cursor: Annotated[str | None, Query(max_length=512)] = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     state = state_of(request)
     owner = await _reader(request)
