@@ -650,6 +650,32 @@ def test_spec_http_surface_is_served_and_in_openapi(
     assert {"status", "adapter", "partner_id", "error_code", "since", "until"} <= params
 
 
+# Paged reads as README "API" documents them: (path, the README's words for it).
+PAGED_IN_README = [("/v1/batches", "`GET /v1/batches?"), ("/v1/batches/{batch_id}", "`rejected_rows`")]
+
+
+@pytest.mark.parametrize(("path", "where"), PAGED_IN_README)
+def test_readme_gives_the_paged_reads_cursor_and_limit_as_served(
+        path: str, where: str, sqlite_url: str, make_settings: Callable[..., Settings]) -> None:
+    """The README gives a paged read's ``cursor`` and ``limit`` as the route takes them.
+
+    Where it describes the read: ``cursor`` named, and ``limit``'s bounds and default
+    (```limit`, 1–N, …default D``) those of the route's OpenAPI.
+    """
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert where in text, where
+    told = text[text.index(where):][:300]
+    assert "`cursor`" in told or "cursor=" in told, told
+    bounds = re.search(r"`limit`,? (\d+)–(\d+)[^)]*?default (\d+)", told)
+    assert bounds, told
+    served = create_app(make_settings(sqlite_url), run_worker=False).openapi()
+    params = {p["name"]: p for p in served["paths"][path]["get"]["parameters"]}
+    assert "cursor" in params
+    schema = params["limit"]["schema"]
+    assert tuple(int(n) for n in bounds.groups()) == (
+        schema["minimum"], schema["maximum"], schema["default"]), told
+
+
 def test_signing_client_has_the_readme_calls() -> None:
     """The README's calls on ``gateway.signing.SigningClient`` exist as written.
 
