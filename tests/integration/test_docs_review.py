@@ -688,6 +688,20 @@ def test_signing_client_has_the_readme_calls() -> None:
     assert hasattr(SigningClient, "__enter__")
 
 
+def test_operations_says_what_the_start_does_with_a_pending_repair() -> None:
+    """docs/operations.md on 0024's repairs: SQLite's start runs one, PostgreSQL's does not.
+
+    As ``test_session24_review.test_serve_runs_a_queued_repair_on_sqlite_and_refuses_to_start_on_postgresql``
+    finds on both stores (only ``db upgrade`` runs it on PostgreSQL).
+    """
+    text = " ".join((ROOT / "docs" / "operations.md").read_text(encoding="utf-8").split())
+    repairs = text[text.index("0024 adds `store_repairs`"):][:2500]
+    assert "On SQLite the gateway's own start runs a pending repair" in repairs
+    assert "`ce-gateway serve` finds the repair queued, runs it" in repairs
+    assert "On PostgreSQL no process runs it" in repairs
+    assert "`STORE_NOT_MIGRATED`, the repair still queued" in repairs
+
+
 # -- product bugs ----------------------------------------------------------------------------------
 
 @pytest.mark.postgres

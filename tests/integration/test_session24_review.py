@@ -28,13 +28,15 @@ from gateway.credentials import (
     rotate_partner_secret,
     set_partner_enabled,
 )
+from gateway.demo import free_port
 from gateway.masking import redact_urls
 from gateway.ops.common import encode_cursor
 from gateway.secrets_box import SecretBox, hash_token
 from gateway.signing import signed_headers
 from gateway.store import db
 from gateway.store.tables import audit_events, operators, partners, store_repairs
-from tests.support.servers import uvicorn_thread
+from tests.conftest import SECRET_KEY
+from tests.support.servers import GatewayProcess, cli, uvicorn_thread
 
 MakeSettings = Callable[..., Settings]
 ID_NUMBER = "11010519491231002X"  # a checksum-valid example identity number
@@ -164,6 +166,29 @@ def test_a_queued_repair_keeps_readyz_503_runs_once_and_survives_a_crash(
         assert db.revision_behind(conn) is None
     with uvicorn_thread(create_app(settings, run_worker=False)) as url:
         assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+
+
+def test_serve_runs_a_queued_repair_on_sqlite_and_refuses_to_start_on_postgresql(
+        db_url: str, engine: Engine, tmp_path: Path) -> None:
+    """What docs/operations.md says of ``ce-gateway serve`` and a pending repair, as a process."""
+    _queue(engine)
+    env = {"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_SECRET_KEY": SECRET_KEY,
+           "CE_GATEWAY_BATCH_DIR": str(tmp_path / "b"), "CE_GATEWAY_PULL_INTERVAL_SECONDS": "0",
+           "CE_GATEWAY_REFERENCE_SYNC_INTERVAL_SECONDS": "0",
+           "CE_GATEWAY_RETENTION_INTERVAL_SECONDS": "0", "CE_GATEWAY_ALERT_INTERVAL_SECONDS": "0"}
+    if _postgres(db_url):
+        # Never migrated nor repaired by a process: exit 2 naming `db upgrade`, the repair queued.
+        done = cli(env, "serve", "--no-worker", "--port", str(free_port()))
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "STORE_NOT_MIGRATED" in done.stderr and "db upgrade" in done.stderr, done.stderr
+        expected = (["refused_pins"], 0)
+    else:
+        gw = GatewayProcess(env, tmp_path / "serve.log", "--no-worker").start()  # /readyz 200
+        gw.stop()
+        expected = ([], 1)
+    with engine.connect() as conn:
+        queued = conn.execute(select(store_repairs.c.name)).scalars().all()
+    assert (queued, _repaired(engine)) == expected
 
 
 # -- 4. signatures: the ``path?`` variant ---------------------------------------------------------
