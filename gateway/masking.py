@@ -13,7 +13,8 @@ through :func:`mask_id` or :func:`mask_text` first.
   a number whose groups they split.
 - :func:`mask_excerpt` — the first characters of a partner's answer, masked before the cut.
 - :class:`MaskingFilter` — masks a log record before any handler formats it.
-- :func:`redact_urls` — a URL's userinfo and query values starred (a password, a robot key).
+- :func:`redact_urls` — a URL's userinfo, query and fragment values and secret-named path
+  parameters starred (a password, a robot key, an access token).
 - :class:`UrlRedactingFilter` — redacts the URLs httpx logs with every request it sends.
 - :func:`install_log_masking` — puts the filters on the root handlers, uvicorn's and httpx's
   loggers.
@@ -66,6 +67,14 @@ _UVICORN_LOGGERS = ("uvicorn", "uvicorn.access", "uvicorn.error")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 _USERINFO = re.compile(r"^([^:/?#]+://)[^/?#]*@")
 _QUERY_ITEM = re.compile(r"(&)([^=&#]*)(=?)[^&#]*")
+# ``name=value`` outside the query: in the fragment (an OAuth implicit grant's
+# ``#access_token=``, a single-page app's ``#/cb?token=``) and in the path (``;token=``,
+# ``&sig=`` with no ``?``), each after a ``;``, ``&``, ``/`` or ``?`` or at the start.
+_PAIR = re.compile(r"(^|[;&/?])([^=;&/?#]*)=([^;&/?#]*)")
+# A name that says its value is a secret: one of these words, whole or after ``_``/``-``
+# (``token``, ``access_token``, ``client-secret``, ``api_key``; not ``monkey`` nor ``keyword``).
+_SECRET_NAME = re.compile(r"(?:^|.*[_-])(?:token|secret|key|apikey|password|passwd|pwd|"
+                          r"signature|sig|credential|auth|sessionid|jsessionid)$", re.IGNORECASE)
 
 # Attributes every LogRecord has; anything else came from ``extra=`` and may be formatted.
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -239,10 +248,13 @@ class MaskingFilter(logging.Filter):
 
 
 def redact_urls(text: str) -> str:
-    """``text`` with every URL's userinfo and query values starred (``http://***@host/p?key=***``).
+    """``text`` with every URL's secrets starred (``http://***@host/p;token=***?key=***#t=***``).
 
-    The path and the query's names stay: they say which call it was.  A query item without
-    ``=`` is starred whole (it may be a bare token).
+    Starred: the userinfo, every query value and every fragment value (``#access_token=…``),
+    and in the path a ``name=value`` whose name says it is a secret (:data:`_SECRET_NAME`:
+    ``;token=…``, ``&sig=…`` with no ``?``).  The path's other parts, the names and a fragment
+    without ``=`` stay: they say which call it was.  A query item without ``=`` is starred whole
+    (it may be a bare token).
     """
     if "://" not in text:
         return text
@@ -252,12 +264,15 @@ def redact_urls(text: str) -> str:
 def _redact_url(url: re.Match[str]) -> str:
     text, trail = _split_trailing(url.group(0))
     without_userinfo = _USERINFO.sub(r"\1***@", text)
-    head, mark, query = without_userinfo.partition("?")  # an ``&`` in the path is not a query
-    if not mark:
-        return without_userinfo + trail
-    query, hash_mark, fragment = query.partition("#")
-    query = _QUERY_ITEM.sub(lambda m: f"{m[1]}{m[2]}=***" if m[3] else f"{m[1]}***", "&" + query)[1:]
-    return f"{head}?{query}{hash_mark}{fragment}{trail}"
+    before, hash_mark, fragment = without_userinfo.partition("#")
+    head, mark, query = before.partition("?")  # an ``&`` in the path is not a query
+    head = _PAIR.sub(lambda m: f"{m[1]}{m[2]}=***" if m[3] and _SECRET_NAME.match(m[2]) else m[0],
+                     head)
+    fragment = _PAIR.sub(lambda m: f"{m[1]}{m[2]}=***", fragment)
+    if mark:
+        query = _QUERY_ITEM.sub(lambda m: f"{m[1]}{m[2]}=***" if m[3] else f"{m[1]}***",
+                                "&" + query)[1:]
+    return f"{head}{mark}{query}{hash_mark}{fragment}{trail}"
 
 
 def _split_trailing(url: str) -> tuple[str, str]:

@@ -286,6 +286,33 @@ def test_redact_urls_stars_userinfo_and_query_values(text: str, redacted: str) -
     assert redact_urls(text) == redacted
 
 
+@pytest.mark.parametrize(("text", "redacted"), [
+    # A fragment's values, as a query's: an OAuth implicit grant's token, a router's query.
+    ("http://h/cb#access_token=abc", "http://h/cb#access_token=***"),
+    ("redirect http://h/cb#access_token=abc&state=xyz&expires_in=3600.",
+     "redirect http://h/cb#access_token=***&state=***&expires_in=***."),
+    ("http://h/p?a=1#token=T0k", "http://h/p?a=***#token=***"),
+    ("http://h/#/login?token=T0k", "http://h/#/login?token=***"),
+    ("(see http://h/cb#access_token=abc), then", "(see http://h/cb#access_token=***), then"),
+    # A secret-named pair in the path, with no ``?`` (or before it).
+    ("http://h/cb;token=abc", "http://h/cb;token=***"),
+    ("GET http://h/cb&token=abc done", "GET http://h/cb&token=*** done"),
+    ("http://h/a;jsessionid=S1D/b?x=1", "http://h/a;jsessionid=***/b?x=***"),
+    ("http://h/send&access_token=abc&sig=s1g;", "http://h/send&access_token=***&sig=***;"),
+    ("http://h/x;Client-Secret=s3;Password=pw", "http://h/x;Client-Secret=***;Password=***"),
+    ("http://h/api_key=K/v", "http://h/api_key=***/v"),
+    ("[http://h/cb;signature=abc]", "[http://h/cb;signature=***]"),
+    # What is not a secret pair in the path stays, an ``&`` and a fragment anchor too.
+    ("see http://h/a&b/c.", "see http://h/a&b/c."),
+    ("http://h/a&page=2;lang=zh/x", "http://h/a&page=2;lang=zh/x"),
+    ("http://h/monkey=1;keyword=x", "http://h/monkey=1;keyword=x"),
+    ("http://h/doc#section-2", "http://h/doc#section-2"),
+    ("http://h/doc#/route", "http://h/doc#/route"),
+])
+def test_redact_urls_stars_fragment_values_and_secret_path_pairs(text: str, redacted: str) -> None:
+    assert redact_urls(text) == redacted
+
+
 def test_httpx_request_lines_are_logged_without_url_credentials() -> None:
     """The request line httpx logs at INFO (``HTTP Request: POST <URL> …``, the URL an object)."""
     import httpx
