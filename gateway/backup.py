@@ -26,16 +26,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import Engine, case, func, select, update
 from sqlalchemy.engine import make_url
 
 from gateway import audit
 from gateway.errors import PayloadRejected
 from gateway.ops.common import refuse, require_reason
 from gateway.store.db import make_engine, normalize_url, reading
-from gateway.store.tables import records
+from gateway.store.tables import outbox, records
 
-__all__ = ["DEFAULT_VERSION_GAP", "Backup", "Restored", "backup_sqlite", "mark_restored"]
+__all__ = ["DEFAULT_VERSION_GAP", "Backup", "Restored", "backup_sqlite", "check_restore",
+           "mark_restored"]
 
 # More versions of one record than the gateway makes between two backups (each correction,
 # withdrawal or cap re-allocation is one).  A gap too large costs nothing: the management
@@ -62,6 +63,7 @@ class Restored:
     version_gap: int
     records: int  # records whose next version was lifted
     backup_taken_at: str | None
+    pending: int  # deliveries pending in the backup, marked as perhaps sent already
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,27 +135,53 @@ def backup_sqlite(database_url: str, dest: Path, now: datetime | None = None) ->
     return result
 
 
-def mark_restored(engine: Engine, reason: str, actor: str, *,
-                  version_gap: int = DEFAULT_VERSION_GAP, backup_taken_at: str | None = None,
-                  now: datetime | None = None) -> Restored:
-    """Lift every record's next version by ``version_gap`` past its current one, audited."""
+# Set on deliveries pending in the backup: they may have been sent between the backup and the
+# disaster, so a "duplicate" answer for them is no news (gateway.delivery.worker never_sent).
+PENDING_AT_RESTORE = ("pending when the store was restored from a backup (ce-gateway db "
+                      "restored): it may have been sent before")
+
+
+def check_restore(reason: str, version_gap: int, backup_taken_at: str | None) -> str:
+    """Refuse bad input before anything is touched; returns the reason as kept."""
     reason = require_reason(reason)
     if not 1 <= version_gap <= MAX_VERSION_GAP:
         raise refuse("version_gap", f"between 1 and {MAX_VERSION_GAP}",
                      f"取值范围为 1 至 {MAX_VERSION_GAP}")
     if backup_taken_at is not None:
         try:
-            datetime.fromisoformat(backup_taken_at)
+            aware = datetime.fromisoformat(backup_taken_at).tzinfo is not None
         except ValueError:
-            raise refuse("backup_taken_at", "an ISO 8601 time, as the backup's sidecar says",
-                         "应为 ISO 8601 时间，即备份附带文件中的 taken_at") from None
+            aware = False
+        if not aware:
+            raise refuse("backup_taken_at",
+                         "an ISO 8601 time with its offset, as the backup's sidecar says",
+                         "应为带时区的 ISO 8601 时间，即备份附带文件中的 taken_at")
+    return reason
+
+
+def mark_restored(engine: Engine, reason: str, actor: str, *,
+                  version_gap: int = DEFAULT_VERSION_GAP, backup_taken_at: str | None = None,
+                  now: datetime | None = None) -> Restored:
+    """Lift every record's next version ``version_gap`` past the number it would get, audited.
+
+    The number it would get is :func:`~gateway.pipeline.versions.next_version`'s: after an
+    earlier restore that is its floor, not its current version + 1, so a second restore
+    (from a backup taken after the first) lifts past the numbers made since.  Run twice for
+    one restore, it lifts twice: a wider gap, which costs nothing.  Deliveries pending in the
+    backup are marked (:data:`PENDING_AT_RESTORE`): the management system may hold them.
+    """
+    reason = check_restore(reason, version_gap, backup_taken_at)
     now = now or datetime.now(UTC)
-    floor = records.c.current_version + version_gap
+    current, floor = records.c.current_version, records.c.version_floor
+    would_get_less_one = case((floor.is_not(None) & (floor - 1 > current), floor - 1),
+                              else_=current)
     with engine.begin() as conn:
-        lifted = conn.execute(update(records).where(
-            or_(records.c.version_floor.is_(None), records.c.version_floor < floor))
-            .values(version_floor=floor)).rowcount
+        lifted = conn.execute(update(records).values(
+            version_floor=would_get_less_one + version_gap)).rowcount
+        pending = conn.execute(update(outbox).where(
+            outbox.c.status == "pending", outbox.c.last_error.is_(None))
+            .values(last_error=PENDING_AT_RESTORE, updated_at=now)).rowcount
         audit.append(conn, [audit.Event("store_restored", actor=actor, detail={
             "reason": reason, "version_gap": version_gap, "records": lifted,
-            "backup_taken_at": backup_taken_at})], now)
-    return Restored(version_gap, lifted, backup_taken_at)
+            "pending_deliveries": pending, "backup_taken_at": backup_taken_at})], now)
+    return Restored(version_gap, lifted, backup_taken_at, pending)

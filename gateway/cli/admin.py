@@ -91,19 +91,36 @@ def db_restored(
         help="taken_at from the backup's FILE.json, kept in the audit")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """After restoring a backup, before serving: lift every record's next version number."""
-    from gateway.backup import mark_restored
+    """After restoring a backup, before serving: lift every record's next version number.
+
+    In this order: the schema is migrated if the backup is from an earlier release, the floors
+    are set, then the data repairs the migrations queued run — after the floors, so the
+    versions a repair makes are numbered past them too.
+    """
+    from gateway.backup import check_restore, mark_restored
+    from gateway.store.db import upgrade
 
     try:
-        done = mark_restored(_engine(_settings()), reason, ops_commands.terminal_actor(),
-                             version_gap=version_gap, backup_taken_at=backup_taken_at)
+        check_restore(reason, version_gap, backup_taken_at)
     except PayloadRejected as exc:
         raise _refused(exc) from None
+    settings = _settings()
+    _warn_dev_person_key(settings)
+    engine = _connected(settings)  # not _engine: on SQLite it would run the repairs first
+    _check_person_keys(settings, engine)
+    upgrade(settings.database_url, person_key_secret=settings.person_key_secret,
+            settings=settings, repairs=False)
+    done = mark_restored(engine, reason, ops_commands.terminal_actor(),
+                         version_gap=version_gap, backup_taken_at=backup_taken_at)
+    engine.dispose()
+    upgrade(settings.database_url, person_key_secret=settings.person_key_secret,
+            settings=settings)  # at the head already: only the queued repairs run
     if as_json:
         print(json.dumps(done.as_dict()))
         return
     console.print(f"store marked restored: the next version of {done.records} records is "
-                  f"numbered at least {done.version_gap} past its current one "
+                  f"numbered {done.version_gap} past the one it would have had; "
+                  f"{done.pending} pending deliveries may have been sent already "
                   "(docs/operations.md \"Backup and restore\" lists what else to do)")
 
 

@@ -115,14 +115,16 @@ def alembic_config(url: str, person_key_secret: SecretStr | str | None = None) -
 
 def upgrade(url: str, revision: str = "head", *,
             person_key_secret: SecretStr | str | None = None,
-            settings: Settings | None = None) -> None:
+            settings: Settings | None = None, repairs: bool = True) -> None:
     """Apply Alembic migrations up to ``revision`` (``ce-gateway db upgrade``).
 
     ``person_key_secret``: the deployment's ``PERSON_KEY_SECRET`` (migration 0020 keys the
     store's person keys with it); None takes ``settings``'s, else reads it as
     :class:`~gateway.config.Settings` does (``CE_GATEWAY_PERSON_KEY_SECRET``, else the
     development default).  At the head, the data repairs the migrations queued are then run
-    with this code (``store_repairs``, :mod:`gateway.repairs`), under ``settings``' rules.
+    with this code (``store_repairs``, :mod:`gateway.repairs`), under ``settings``' rules;
+    ``repairs`` False leaves them queued (``ce-gateway db restored`` runs them once it has
+    lifted the version floors, so the versions they make are numbered past them too).
     """
     from alembic import command
 
@@ -137,7 +139,7 @@ def upgrade(url: str, revision: str = "head", *,
             person_key_secret.get_secret_value() if isinstance(person_key_secret, SecretStr)
             else person_key_secret)})
     command.upgrade(alembic_config(url, person_key_secret), revision)
-    if revision == "head":
+    if revision == "head" and repairs:
         engine = make_engine(url)
         try:
             with reading(engine) as conn:

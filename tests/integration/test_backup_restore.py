@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from alembic import command
 from sqlalchemy import Engine, select, text, update
 from sqlalchemy.engine import make_url
 
@@ -32,12 +33,13 @@ from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
 from gateway.pipeline.withdraw import withdraw
-from gateway.store.db import make_engine
+from gateway.store.db import make_engine, revision_behind
 from gateway.store.tables import audit_events, outbox, records
 from mock_partners.ce_system import Faults
 from mock_partners.generators import canonical_submission, make_person
 from tests.conftest import SECRET_KEY, _schema_of
 from tests.integration.test_caps_ledger import NOW, paper
+from tests.support.keys import unsafe_downgrade_config
 from tests.support.servers import cli
 
 ACTOR = "zhang"
@@ -160,7 +162,8 @@ def test_a_correction_after_a_restore_reaches_the_management_system(
     done = cli(_env(db_url), "db", "restored", "--reason", "disk lost; restored last night's backup",
                "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"version_gap": 1000, "records": 1, "backup_taken_at": None}
+    assert json.loads(done.stdout) == {"version_gap": 1000, "records": 1, "backup_taken_at": None,
+                                       "pending": 0}
 
     # The partner corrects again (32 h): a number the management system has not seen.
     again = _submit(db_url, partner, "32")
@@ -240,20 +243,20 @@ def test_a_duplicate_for_a_version_sent_before_is_not_unexpected(
 
 def test_every_writer_numbers_past_the_floor(
         db_url: str, engine: Engine, new_partner: Callable[..., Partner]) -> None:
-    """A withdrawal, and a second restore that lifts only what is below its new floor."""
+    """A withdrawal after two restores: the second lifts past the number the first gave."""
     partner = new_partner(engine)
     rid = _submit(db_url, partner, "16").record_id
-    assert mark_restored(engine, "restored", "ops", version_gap=5).records == 1
-    # A second mark with a smaller gap lowers nothing.
-    assert mark_restored(engine, "again", "ops", version_gap=2).records == 0
+    assert mark_restored(engine, "restored", "ops", version_gap=5).records == 1  # next: 6
+    # From a backup taken after the first restore: 6 may be held downstream by now.
+    assert mark_restored(engine, "again", "ops", version_gap=2).records == 1  # next: 6 + 2 - 1
     answer = withdraw(engine, PartnerRef(partner.partner_id, "canonical"), "REC-1")
-    assert answer is not None and answer.version == 6
+    assert answer is not None and answer.version == 7
     with engine.connect() as conn:
         row = conn.execute(select(records.c.current_version, records.c.withdrawn).where(
             records.c.record_id == rid)).one()
-    assert (row.current_version, row.withdrawn) == (6, True)
+    assert (row.current_version, row.withdrawn) == (7, True)
     # Past the floor, numbering goes on one by one.
-    assert _submit(db_url, partner, "20").version == 7
+    assert _submit(db_url, partner, "20").version == 8
 
 
 @pytest.mark.parametrize("args, field", [
@@ -349,3 +352,30 @@ def test_a_record_created_after_the_backup_is_not_counted_twice(
     _drain(worker_for())
     applied = httpx.get(f"{url}/_mock/applied", timeout=10).json()["applied"]
     assert {a["record_id"] for a in applied} == {again}, (lost, again)
+
+
+def test_db_restored_migrates_a_backup_from_an_earlier_release_first(
+        db_url: str, engine: Engine, new_partner: Callable[..., Partner]) -> None:
+    """The runbook's one command: schema up to the head, floors set, then the queued repairs."""
+    partner = new_partner(engine)
+    rid = _submit(db_url, partner, "16").record_id
+    engine.dispose()
+    command.downgrade(unsafe_downgrade_config(db_url), "0025")  # the release before 0026
+    done = cli(_env(db_url), "db", "restored", "--reason", "restored an older release's backup",
+               "--backup-taken-at", "2026-11-27T02:00:00+00:00", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["records"] == 1
+    after = make_engine(db_url)
+    try:
+        with after.connect() as conn:
+            assert conn.execute(select(records.c.version_floor).where(
+                records.c.record_id == rid)).scalar_one() == 1001
+            assert revision_behind(conn) is None
+    finally:
+        after.dispose()
+
+
+def test_db_restored_refuses_a_taken_at_without_its_offset(sqlite_url: str) -> None:
+    done = cli(_env(sqlite_url), "db", "restored", "--reason", "r",
+               "--backup-taken-at", "2026-11-27T02:00:00")
+    assert done.returncode == 2 and "SCHEMA (backup_taken_at)" in done.stdout + done.stderr

@@ -1,7 +1,8 @@
 """Review of backup and restore (commits 674d63f, 71b3166): findings and guards.
 
-Findings are strict xfails (they fail today because of the bug and pass once it is fixed);
-the rest are guards of behaviour checked and found right.  A restore is simulated with
+Both findings are fixed and their tests pass now: a second restore lifts past the first
+one's floor (high), and a delivery pending in the backup is not an "unexpected" duplicate
+(medium).  The rest are guards of behaviour checked and found right.  A restore is simulated with
 :func:`gateway.backup.mark_restored` on the live store where the backup's contents do not
 matter (the store *is* the backup then), and with a real ``db backup`` / copy where they do.
 """
@@ -61,10 +62,6 @@ def _row(engine: Engine, record_id: str) -> Any:
 # -- (1) a second restore ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "REVIEW high: a second `db restored` (from a backup taken after the first restore, before "
-    "the record changed) lifts nothing, since current_version + gap equals the old floor; the "
-    "next correction reuses a number made and delivered between backup 2 and disaster 2"))
 def test_a_second_restore_lifts_past_the_numbers_made_after_the_first(
         engine: Engine, new_partner: Callable[..., Partner]) -> None:
     """A second restore must lift past what was made after the first.
@@ -322,11 +319,6 @@ def test_db_backup_refuses_a_missing_dir_an_existing_file_and_the_store(
 # -- (4) after a correct restore ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "REVIEW medium: after a correct restore (db restored run), a version pending at backup time "
-    "and delivered before the disaster is sent again, answered duplicate and flagged "
-    "'unexpected' (metric, warning 'restored without db restored?'); the runbook then tells ops "
-    "to have the partner correct it again: a false alarm on every such record"))
 def test_a_version_pending_at_the_backup_is_not_an_unexpected_duplicate_after_a_restore(
         db_url: str, engine: Engine, new_partner: Callable[..., Partner],
         worker_for: Callable[[], Any], tmp_path: Path) -> None:  # noqa: F811 (the fixture)
