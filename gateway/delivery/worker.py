@@ -83,6 +83,7 @@ class CycleStats:
     dead: int = 0
     retried: int = 0
     http_calls: int = 0
+    unexpected_duplicates: int = 0  # see DeliveryWorker._apply_receipts
 
 
 @dataclass
@@ -330,6 +331,9 @@ class DeliveryWorker:
             with attempt:
                 self.stats = replace(stats)  # a rolled-back attempt counted nothing
                 self._record_once(claimed, reply, tries, now)
+        # Counted once committed: a Prometheus counter cannot take a rolled-back attempt back.
+        if unexpected := self.stats.unexpected_duplicates - stats.unexpected_duplicates:
+            metrics.count_unexpected_duplicates(unexpected)
 
     def _record_once(self, claimed: Claimed, reply: _Reply, tries: list[dict[str, Any]],
                      now: datetime) -> None:
@@ -436,7 +440,7 @@ class DeliveryWorker:
             events.append(audit.Event("delivered", row["record_id"], row["version"], self.name,
                                       detail))
         if unexpected:
-            metrics.count_unexpected_duplicates(len(unexpected))
+            self.stats.unexpected_duplicates += len(unexpected)
             log.warning("delivery batch %s: the management system already held %d record "
                         "version(s) this store never sent (first: %s version %s); was the store "
                         "restored from a backup without `ce-gateway db restored`, or does another "

@@ -26,6 +26,7 @@ from alembic import command
 from sqlalchemy import Engine, select, text, update
 from sqlalchemy.engine import make_url
 
+from gateway import metrics
 from gateway.accounts import Partner
 from gateway.backup import mark_restored
 from gateway.delivery.worker import DeliveryWorker
@@ -200,7 +201,9 @@ def test_without_marking_the_restore_the_new_content_is_lost_downstream(
     engine.dispose()
     _restore(db_url, tmp_path / "before.bak")
     assert _submit(db_url, partner, "32").version == 2
+    counted = metrics.UNEXPECTED_DUPLICATES._value.get()
     _drain(worker_for())
+    assert metrics.UNEXPECTED_DUPLICATES._value.get() == counted + 1
     assert _held_downstream(url, rid) == [(1, "16"), (2, "24")]  # 32 h never applied
     assert _delivered(db_url, rid)[2] == "duplicate"
     # ... but it does not pass unseen: a "duplicate" for a version this store never sent is
