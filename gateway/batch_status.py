@@ -80,6 +80,8 @@ def batch_status(conn: Connection, batch_id: str, cursor: str | None = None,
         "declared": {"rows": row["declared_rows"], "credits": row["declared_credits"]},
         "created_at": row["created_at"].isoformat(),
         "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
+        # When retention deleted the uploaded file (gateway/retention.py); null: still kept.
+        "file_removed_at": row["file_removed_at"].isoformat() if row["file_removed_at"] else None,
         "rejected_rows": [{"row": int(e["row_no"]), "column": e["column_name"], "code": e["code"],
                            "message": e["message"], "message_zh": e["message_zh"]} for e in errors],
         "next": encode_cursor(ROWS_CURSOR, batch_id, int(errors[-1]["id"])) if more and errors else None,

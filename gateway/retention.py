@@ -34,6 +34,14 @@ Closed rejections (``revalidated`` or ``superseded``: a record or a fresh open r
 carries them on) older than the age get a stub ``{"pruned": true, "rejection_id", "pruned_at"}``
 too; open rejections are never pruned (revalidation re-parses them).
 
+Batch files go too: a file in ``BATCH_DIR`` is the partner's upload as it came, every row's
+identity number and name, and nothing reads it once its batch is finished (``done`` or
+``failed``; a resent file is answered from the batch row's SHA-256).  It is deleted the same
+number of days after the batch finished, and ``batches.file_removed_at`` says when.  A file is
+deleted only where its directory is there: a job host without the shared volume mounted skips
+it (and warns) rather than mark a file removed that it never saw.  A ``.part`` file left by an
+upload killed mid-stream (no batch names it) is deleted a day after it was last written.
+
 The audit trail is never pruned by the gateway: its hash chain is the evidence, a deleted
 event would break ``audit verify``, and SPEC §7 wants it kept (≥ 3 years; we keep it all).
 
@@ -44,6 +52,7 @@ cutoff and the actor — never a payload.  The ``retention`` job (:data:`RETENTI
 once cluster-wide every ``RETENTION_INTERVAL_SECONDS``; ``ce-gateway retention run`` by hand.
 
 May touch: ``record_versions`` (payload, pruned_at), ``rejections`` (payload of closed rows),
+``batches.file_removed_at`` and the files in ``BATCH_DIR``,
 ``records.covers_professional`` (kept from a competition record's payload before it goes), the
 audit trail (append); reads ``records``, ``outbox``.
 """
@@ -54,6 +63,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -82,7 +92,7 @@ from gateway.pipeline.caps import counts_of
 from gateway.pipeline.rules_tables import RulesConfig
 from gateway.scheduling import Job, ensure_held, register
 from gateway.store.db import snapshot
-from gateway.store.tables import HELD, outbox, record_versions, records, rejections
+from gateway.store.tables import HELD, batches, outbox, record_versions, records, rejections
 
 __all__ = ["CHUNK_SIZE", "CLOSED_REJECTIONS", "RETENTION_JOB", "STUB_KEYS", "RetentionResult",
            "closed_years", "is_pruned", "prune", "stub"]
@@ -92,6 +102,8 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 1000  # versions per transaction
 STUB_KEYS = frozenset({"pruned", "record_id", "version", "content_hash", "pruned_at", "counts"})
 CLOSED_REJECTIONS = ("revalidated", "superseded")  # gateway/revalidate.py's closing marks
+FINISHED_BATCHES = ("done", "failed")  # nothing reads their files again
+UPLOAD_LEFTOVER_AGE = timedelta(days=1)  # a .part file not written for this long is no upload
 _STUB_PREFIX = '{"pruned":true'  # how every stub written here starts (orjson, no spaces)
 
 
@@ -125,12 +137,19 @@ class RetentionResult:
     closed_years: tuple[int, ...] = ()
     versions: int = 0
     rejections: int = 0
+    batch_files: int = 0  # finished batches' files deleted from BATCH_DIR
+    upload_leftovers: int = 0  # .part files of uploads that never finished
+
+    @property
+    def anything(self) -> bool:
+        return bool(self.versions or self.rejections or self.batch_files or self.upload_leftovers)
 
     def as_dict(self) -> dict[str, Any]:
         return {"dry_run": self.dry_run, "days": self.days,
                 "cutoff": self.cutoff.isoformat() if self.cutoff else None,
                 "closed_years": list(self.closed_years), "versions": self.versions,
-                "rejections": self.rejections}
+                "rejections": self.rejections, "batch_files": self.batch_files,
+                "upload_leftovers": self.upload_leftovers}
 
 
 def closed_years(conn: Connection, settings: Settings, now: datetime) -> tuple[int, ...]:
@@ -203,33 +222,41 @@ def prune(engine: Engine, settings: Settings, *, dry_run: bool = False, actor: s
         total = int(conn.execute(select(func.count()).select_from(_joined()).where(where)).scalar_one())
         closed_rejections = int(conn.execute(select(func.count()).select_from(rejections)
                                              .where(_rejection_filter(cutoff))).scalar_one())
+        batch_files = int(conn.execute(select(func.count()).select_from(batches)
+                                       .where(_batch_file_filter(cutoff))).scalar_one())
     if progress:
         progress(total if dry_run else 0, total)
+    leftovers = _upload_leftovers(Path(settings.batch_dir), now)
     if dry_run:
-        return RetentionResult(True, days, cutoff, years, total, closed_rejections)
+        return RetentionResult(True, days, cutoff, years, total, closed_rejections, batch_files,
+                               len(leftovers))
     done = RetentionResult(False, days, cutoff, years)
     try:
         done.versions = _prune_versions(engine, where, now, chunk_size, total, progress, done,
                                         PersonKeys(settings.person_key_secret))
         done.rejections = _prune_rejections(engine, cutoff, now, chunk_size, done)
+        done.batch_files = _remove_batch_files(engine, cutoff, now, chunk_size, done)
+        done.upload_leftovers = _remove_leftovers(leftovers)
     except BaseException as exc:
         # Stopped part-way (its job lease taken over while it stalled, a store error): what its
         # committed chunks pruned is still audited, with why the run stopped.
         try:
             _audit(engine, done, actor, now, stopped=type(exc).__name__)
         except Exception:  # the store itself is down: say so, and raise what stopped the run
-            log.exception("retention: could not audit the %d payloads pruned before it stopped",
-                          done.versions + done.rejections)
+            log.exception("retention: could not audit the %d payloads and %d files removed "
+                          "before it stopped", done.versions + done.rejections,
+                          done.batch_files + done.upload_leftovers)
         raise
     _audit(engine, done, actor, now)
-    log.info("retention: pruned %d version payloads and %d closed rejections (cutoff %s)",
-             done.versions, done.rejections, cutoff.isoformat())
+    log.info("retention: pruned %d version payloads and %d closed rejections, removed %d "
+             "finished batch files and %d upload leftovers (cutoff %s)", done.versions,
+             done.rejections, done.batch_files, done.upload_leftovers, cutoff.isoformat())
     return done
 
 
 def _audit(engine: Engine, done: RetentionResult, actor: str, now: datetime,
            stopped: str | None = None) -> None:
-    if not (done.versions or done.rejections):
+    if not done.anything:
         return
     detail: dict[str, Any] = {k: v for k, v in done.as_dict().items() if k != "dry_run"}
     if stopped is not None:
@@ -322,6 +349,75 @@ def _prune_rejections(engine: Engine, cutoff: datetime, now: datetime, chunk_siz
                 for rid in ids])
         done += len(ids)
         done_so_far.rejections = done
+
+
+def _batch_file_filter(cutoff: datetime) -> ColumnElement[bool]:
+    finished = func.coalesce(batches.c.finished_at, batches.c.created_at)
+    return and_(batches.c.status.in_(FINISHED_BATCHES), finished < cutoff,
+                batches.c.file_removed_at.is_(None))
+
+
+def _remove_batch_files(engine: Engine, cutoff: datetime, now: datetime, chunk_size: int,
+                        done_so_far: RetentionResult) -> int:
+    """Delete finished batches' files, then mark them removed; a crash between is retried.
+
+    A file whose directory is not there (the shared volume not mounted on this host) is left
+    unmarked, with a warning, for a run on a host that has it.
+    """
+    done, after, unmounted = 0, "", set()
+    while True:
+        ensure_held()
+        with engine.connect() as conn:
+            rows = conn.execute(select(batches.c.batch_id, batches.c.file_path).where(
+                _batch_file_filter(cutoff), batches.c.batch_id > after)
+                .order_by(batches.c.batch_id).limit(chunk_size)).all()
+        if not rows:
+            break
+        after = rows[-1].batch_id
+        removed = []
+        for row in rows:
+            path = Path(row.file_path)
+            if not path.parent.is_dir():
+                unmounted.add(str(path.parent))
+                continue
+            path.unlink(missing_ok=True)  # already gone (removed by hand, or a crash here): mark it
+            removed.append(row.batch_id)
+        if removed:
+            with engine.begin() as conn:
+                done += conn.execute(update(batches).where(
+                    batches.c.batch_id.in_(removed), batches.c.file_removed_at.is_(None))
+                    .values(file_removed_at=now)).rowcount
+        done_so_far.batch_files = done
+    for directory in sorted(unmounted):
+        log.warning("retention: batch directory %s is not there on this host; its finished "
+                    "batches' files were left for a run where it is mounted", directory)
+    return done
+
+
+def _upload_leftovers(directory: Path, now: datetime) -> list[Path]:
+    """``.part`` files (uploads killed mid-stream) not written for a day, in BATCH_DIR."""
+    if not directory.is_dir():
+        return []
+    before = (now - UPLOAD_LEFTOVER_AGE).timestamp()
+    old = []
+    for path in directory.glob("*.part"):
+        try:
+            if path.stat().st_mtime < before:
+                old.append(path)
+        except FileNotFoundError:  # its upload just finished or failed
+            continue
+    return old
+
+
+def _remove_leftovers(paths: Sequence[Path]) -> int:
+    removed = 0
+    for path in paths:
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 # -- the scheduled job ---------------------------------------------------------------------

@@ -162,7 +162,7 @@ def retention_run(
         help="who is acting (kept in the audit trail; default cli:<OS user>)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Prune old payloads of delivered versions (RETENTION_PAYLOAD_DAYS; progress bar)."""
+    """Prune delivered payloads and finished batches' files (RETENTION_PAYLOAD_DAYS)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from gateway.retention import prune
@@ -181,9 +181,11 @@ def retention_run(
     elif result.cutoff is None:
         console.print("retention is off (CE_GATEWAY_RETENTION_PAYLOAD_DAYS=0): nothing pruned")
     else:
-        verb = "would prune" if dry_run else "pruned"
+        verb, removed = ("would prune", "would remove") if dry_run else ("pruned", "removed")
         console.print(f"{verb} {result.versions} version payloads and {result.rejections} closed "
-                      f"rejections delivered/received before {result.cutoff.isoformat()}")
+                      f"rejections delivered/received before {result.cutoff.isoformat()}; "
+                      f"{removed} {result.batch_files} files of batches finished before then "
+                      f"and {result.upload_leftovers} leftovers of uploads that never finished")
 
 
 @alerts_app.command("check")

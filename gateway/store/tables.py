@@ -331,6 +331,8 @@ batches = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("started_at", UTCDateTime),
     Column("finished_at", UTCDateTime),
+    # When retention deleted the finished batch's file from BATCH_DIR (gateway/retention.py).
+    Column("file_removed_at", UTCDateTime),
     Index("ix_batches_adapter_period", "adapter", "period"),
 )
 

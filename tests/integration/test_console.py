@@ -529,3 +529,42 @@ def test_digit_runs_in_gateway_ids_and_edge_dates_do_not_break_the_console(
             assert out.status_code == 303 and out.headers["location"] == "/ops/login"
     finally:
         engine.dispose()
+
+
+def test_a_batch_page_walks_its_rejected_rows_and_says_when_its_file_was_removed(
+        world: World) -> None:
+    """The console follows the API's opaque rows cursor: 100 rows a page, none lost or repeated."""
+    with world.engine.connect() as conn:
+        partner_id = conn.execute(select(batches.c.partner_id).where(
+            batches.c.batch_id == world.batch_id)).scalar_one()
+    big = _batch_with_row_error(world.engine, partner_id, world.id_numbers[0])
+    removed = datetime(2027, 4, 2, 1, 30, tzinfo=UTC)
+    with world.engine.begin() as conn:
+        conn.execute(insert(batch_errors), [
+            {"batch_id": big, "row_no": 3 + n, "column_name": "学时", "code": "SCHEMA",
+             "message": f"row {n}", "message_zh": f"第 {n} 行"} for n in range(1, 150)])
+        conn.execute(update(batches).where(batches.c.batch_id == big)
+                     .values(file_removed_at=removed))
+    viewer, _ = _logged_in(world, world.viewer_token)
+    rows: list[str] = []
+    path, pages = f"/ops/batches/{big}", 0
+    while path:
+        page = viewer.get(path)
+        assert page.status_code == 200, page.text
+        table = page.text.split('id="row-errors"', 1)[1].split("</table>", 1)[0]
+        found = re.findall(r'<tr><td class="num">(\d+)</td>', table)
+        assert found and len(found) <= 100
+        rows += found
+        pages += 1
+        assert ("回到第一页" in page.text) == (pages > 1)
+        assert "已按保留期删除（2027-04-02 09:30:00）" in page.text  # local time (Asia/Shanghai)
+        link = re.search(r'href="(/ops/batches/[^"?]+\?cursor=[^"]+)">下一页', page.text)
+        path = link.group(1) if link else ""
+        _no_clear_ids(page.text, world)
+    assert pages == 2 and rows == [str(n) for n in range(3, 153)]
+    # A page of one batch's rows is not a place in another's.
+    cursor = re.search(r'\?cursor=([^"]+)">下一页', viewer.get(f"/ops/batches/{big}").text)
+    assert cursor is not None
+    other = viewer.get(f"/ops/batches/{world.batch_id}?cursor={cursor.group(1)}")
+    assert other.status_code == 400 and "从第一页重新翻页" in other.text
+    assert "已按保留期删除" not in viewer.get(f"/ops/batches/{world.batch_id}").text
