@@ -53,6 +53,26 @@ def _fixture_year_stays_open() -> Iterator[None]:
         os.environ[key] = before
 
 
+TEST_CLIENT_TIMEOUT = 60.0
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _test_clients_wait_as_a_test_may() -> Iterator[None]:
+    """A test's HTTP client without a timeout of its own waits 60 s, not httpx's 5 s.
+
+    httpx's default is a latency assertion the tests never meant: the CI machine runs the suite
+    about four times slower than a developer's 2 cores, and a console page or ``/readyz`` that
+    answers in 1.5 s here took over 5 s there (ReadTimeout; 9 tests, 2026-11-28).  The default
+    ``Timeout`` object is bound as every client's default argument, so its fields are what can
+    change.  Tests that check a timeout pass their own; the gateway's own clients always do.
+    """
+    default = httpx._config.DEFAULT_TIMEOUT_CONFIG
+    before = (default.connect, default.read, default.write, default.pool)
+    default.connect = default.read = default.write = default.pool = TEST_CLIENT_TIMEOUT
+    yield
+    default.connect, default.read, default.write, default.pool = before
+
+
 def _postgres_schema_url(base: str, prefix: str = "t") -> Iterator[str]:
     schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(normalize_url(base), isolation_level="AUTOCOMMIT")

@@ -109,7 +109,7 @@ def test_operator_reprocesses_a_dead_delivery_and_a_viewer_cannot(
 
         poll(delivered_on_page, 20, interval=0.2, what="the record page to show 已投递")
         assert "运维重新投递" in page.inner_text("#timeline")
-        applied = httpx.get(f"{mock_url}/_mock/applied", timeout=5).json()
+        applied = httpx.get(f"{mock_url}/_mock/applied").json()
         assert [a["record_id"] for a in applied["applied"]].count(record_id) == 1
         assert applied["double_applied"] == []
         assert submission["person"]["id_number"] not in page.content()  # shown masked only

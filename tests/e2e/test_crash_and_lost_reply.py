@@ -38,7 +38,7 @@ def _pending(db_url: str) -> int:
 
 
 def _applied(mock_url: str) -> dict[str, Any]:
-    return dict(httpx.get(f"{mock_url}/_mock/applied", timeout=10).json())
+    return dict(httpx.get(f"{mock_url}/_mock/applied").json())
 
 
 def _assert_exactly_once_in_order(mock: dict[str, Any], acked: set[tuple[str, int]]) -> None:
@@ -78,7 +78,7 @@ def test_sigkill_mid_delivery_loses_and_doubles_nothing(
     stop = threading.Event()
 
     def submit() -> None:
-        with SigningClient(gw.url, partner.app_key, partner.secret, timeout=10) as client:
+        with SigningClient(gw.url, partner.app_key, partner.secret) as client:
             for start in range(0, len(subs), 100):
                 if stop.is_set():
                     return

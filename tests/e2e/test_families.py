@@ -62,7 +62,7 @@ def family_settings(make_settings: Callable[..., Settings], db_url: str, mock_ur
 
 
 def snapshot(mock_url: str) -> dict[str, Any]:
-    return dict(httpx.get(f"{mock_url}/_mock/applied", timeout=10).json())
+    return dict(httpx.get(f"{mock_url}/_mock/applied").json())
 
 
 def applied_pairs(mock_url: str) -> list[Pair]:
@@ -70,7 +70,7 @@ def applied_pairs(mock_url: str) -> list[Pair]:
 
 
 def delivered_body(mock_url: str, record_id: str) -> dict[str, Any]:
-    versions = httpx.get(f"{mock_url}/_mock/applied/{record_id}", timeout=10).json()["versions"]
+    versions = httpx.get(f"{mock_url}/_mock/applied/{record_id}").json()["versions"]
     assert len(versions) == 1, versions
     return dict(versions[0]["record"])
 

@@ -68,7 +68,7 @@ def test_record_timeline_audit_and_verification(
         assert nul_audit.status_code == 200 and nul_audit.json()["total"] == 0, nul_audit.text
 
         def delivered() -> dict[str, Any] | None:
-            resp = httpx.get(path, headers=viewer, timeout=5)
+            resp = httpx.get(path, headers=viewer)
             assert resp.status_code == 200, resp.text
             view: dict[str, Any] = resp.json()
             return view if view["status"] == "delivered" else None

@@ -131,7 +131,7 @@ def test_resend_correction_cross_partner_withdrawal_and_forwarding(
         assert (withdrawal["record_id"], withdrawal["version"]) == (record_id, 3)
 
         def applied() -> dict[str, Any] | None:
-            snap: dict[str, Any] = httpx.get(f"{mock_url}/_mock/applied", timeout=5).json()
+            snap: dict[str, Any] = httpx.get(f"{mock_url}/_mock/applied").json()
             versions = [x["version"] for x in snap["applied"] if x["record_id"] == record_id]
             taken_over = any(x["record_id"] == same["record_id"] for x in snap["applied"])
             return snap if versions == [1, 2, 3] and taken_over else None

@@ -158,7 +158,7 @@ def test_every_kind_of_tampering_is_named_at_its_first_bad_event_by_cli_and_api(
 
     with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
         def api_verify() -> dict[str, Any]:
-            resp = httpx.get(f"{url}/v1/audit/verify", headers=viewer, timeout=10)
+            resp = httpx.get(f"{url}/v1/audit/verify", headers=viewer)
             assert resp.status_code == 200, resp.text
             body: dict[str, Any] = resp.json()
             return body
@@ -300,7 +300,7 @@ def test_a_kept_anchor_finds_a_rewrite_the_chain_alone_hides_by_cli_and_api(
         conn.execute(update(audit_head).values(last_hash=prev))
     viewer = {"Authorization": f"Bearer {new_operator(store, role='viewer')}"}
     with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
-        plain = httpx.get(f"{url}/v1/audit/verify", headers=viewer, timeout=10).json()
+        plain = httpx.get(f"{url}/v1/audit/verify", headers=viewer).json()
         by_api = httpx.get(f"{url}/v1/audit/verify", params={"anchor": anchor},
                            headers=viewer, timeout=10).json()
         bad = httpx.get(f"{url}/v1/audit/verify", params={"anchor": "12:nothex"},

@@ -125,7 +125,7 @@ def _submit(db_url: str, partner: Partner, hours: str) -> Any:
 
 def _held_downstream(url: str, record_id: str) -> list[tuple[int, str]]:
     """(version, hours) the mock management system applied for the record, in order."""
-    body = httpx.get(f"{url}/_mock/applied/{record_id}", timeout=10).json()
+    body = httpx.get(f"{url}/_mock/applied/{record_id}").json()
     return [(v["version"], v["record"]["claimed"]["quantity"]) for v in body["versions"]]
 
 
@@ -353,7 +353,7 @@ def test_a_record_created_after_the_backup_is_not_counted_twice(
     assert cli(_env(db_url), "db", "restored", "--reason", "restored").returncode == 0
     again = _submit(db_url, partner, "16").record_id  # the partner sends it again
     _drain(worker_for())
-    applied = httpx.get(f"{url}/_mock/applied", timeout=10).json()["applied"]
+    applied = httpx.get(f"{url}/_mock/applied").json()["applied"]
     assert {a["record_id"] for a in applied} == {again}, (lost, again)
 
 

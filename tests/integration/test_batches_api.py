@@ -197,7 +197,7 @@ def count(engine: Engine, table: Any, *where: Any) -> int:
 
 
 def applied(mock_url: str) -> dict[str, Any]:
-    return dict(httpx.get(f"{mock_url}/_mock/applied", timeout=10).json())
+    return dict(httpx.get(f"{mock_url}/_mock/applied").json())
 
 
 def applied_body(mock_url: str, record_id: str) -> list[dict[str, Any]]:

@@ -162,7 +162,7 @@ def _batch_with_row_error(engine: Engine, partner_id: str, id_number: str,
 
 
 def _client(world: World) -> httpx.Client:
-    client = httpx.Client(base_url=world.url, follow_redirects=False, timeout=10)
+    client = httpx.Client(base_url=world.url, follow_redirects=False)
     world.clients.append(client)
     return client
 
@@ -504,7 +504,7 @@ def test_digit_runs_in_gateway_ids_and_edge_dates_do_not_break_the_console(
     assert payload is not None
     try:
         with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url, \
-                httpx.Client(base_url=url, follow_redirects=False, timeout=10) as client:
+                httpx.Client(base_url=url, follow_redirects=False) as client:
             client.cookies.set(sessions.COOKIE, signer.sign({**payload, "sid": sid}), path="/ops")
 
             listing = client.get("/ops/batches")

@@ -326,10 +326,10 @@ def test_the_worker_delivers_not_counted_and_withdrawn_versions_to_the_mock_in_o
                               .order_by(outbox.c.version)).all()
     assert [tuple(s) for s in states] == [(1, "delivered", "accepted"), (2, "delivered", "accepted"),
                                           (3, "delivered", "accepted")]
-    applied = httpx.get(f"{url}/_mock/applied/{dup.record_id}", timeout=10).json()["versions"]
+    applied = httpx.get(f"{url}/_mock/applied/{dup.record_id}").json()["versions"]
     assert [(v["version"], v["record"]["credited_hours"], v["record"]["withdrawn"])
             for v in applied] == [(1, "8.0", False), (2, "0", False), (3, "0", True)]
     assert "NOT_COUNTED" in _codes(applied[1]["record"]["warnings"])
-    snap = httpx.get(f"{url}/_mock/applied", timeout=10).json()
+    snap = httpx.get(f"{url}/_mock/applied").json()
     assert snap["out_of_order"] == [] and snap["double_applied"] == []
     assert Decimal(_row(engine, dup.record_id)["credited_hours"]) == 0

@@ -147,7 +147,7 @@ def test_partner_rotate_disable_enable_take_effect_at_once(
 
 
 def _console_login(url: str, token: str) -> httpx.Client:
-    client = httpx.Client(base_url=url, follow_redirects=False, timeout=10)
+    client = httpx.Client(base_url=url, follow_redirects=False)
     page = client.get("/ops/login")
     found = CSRF.search(page.text)
     assert page.status_code == 200 and found is not None

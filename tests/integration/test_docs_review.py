@@ -462,7 +462,7 @@ def test_a_worker_with_metrics_port_serves_its_own_half(
            "CE_GATEWAY_RETENTION_INTERVAL_SECONDS": "0"}
     worker = WorkerProcess(env, tmp_path / "worker.log", "--metrics-port", str(port)).start()
     try:  # prometheus_client's own server: text format 0.0.4 by default, not Scrape's 1.0.0
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
         worker.stop()
     families = {f.name: f for f in text_string_to_metric_families(text)}

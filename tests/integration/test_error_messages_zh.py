@@ -117,11 +117,11 @@ def test_every_refusal_says_in_chinese_what_it_says_in_english(
 
             # -- operators: tokens, roles, filters, lookups --------------------------------
             def get(path: str, headers: dict[str, str] = viewer, **params: Any) -> httpx.Response:
-                return httpx.get(url + path, params=params, headers=headers, timeout=10)
+                return httpx.get(url + path, params=params, headers=headers)
 
             def post(path: str, payload: dict[str, Any],
                      headers: dict[str, str] = operator) -> httpx.Response:
-                return httpx.post(url + path, json=payload, headers=headers, timeout=10)
+                return httpx.post(url + path, json=payload, headers=headers)
 
             check("no bearer token", httpx.get(url + "/v1/deliveries"), 401, "UNAUTHENTICATED")
             check("unknown bearer token", get("/v1/deliveries", {"Authorization": "Bearer nope"}),

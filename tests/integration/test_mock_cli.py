@@ -31,7 +31,7 @@ def _mock(tmp_path: Path, *args: str) -> Iterator[str]:
     def up() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"mock exited with {proc.returncode}: {(tmp_path / 'mock.log').read_text()}")
-        return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        return httpx.get(f"{url}/healthz").status_code == 200
 
     try:
         poll(up, 60, what="the mock to start")
@@ -51,7 +51,7 @@ def mock_process(tmp_path: Path) -> Iterator[str]:
 
 
 def test_the_mock_cli_starts_with_every_fault_it_is_given(mock_process: str) -> None:
-    faults = httpx.get(f"{mock_process}/_mock/faults", timeout=10).json()
+    faults = httpx.get(f"{mock_process}/_mock/faults").json()
     assert {k: faults[k] for k in ("retry_after", "duplicate_receipts", "replay_conflict",
                                    "reject_title_marker", "error_rate", "rate_limit_every",
                                    "latency_ms", "lost_reply_rate", "seed")} == {
@@ -70,8 +70,8 @@ def test_the_mock_college_starts_with_every_fault_it_is_given(tmp_path: Path) ->
     with _mock(tmp_path, "cadre-college", "--outage", "--retry-after", "4", "--error-rate", "0.5",
                "--fail-next", "2", "--rate-limit-every", "3", "--latency-ms", "2",
                "--bad-item-every", "7", "--seed", "5") as url:
-        faults = httpx.get(f"{url}/_mock/faults", timeout=10).json()
-        page = httpx.get(f"{url}/api/completions", timeout=10)
+        faults = httpx.get(f"{url}/_mock/faults").json()
+        page = httpx.get(f"{url}/api/completions")
     assert {k: faults[k] for k in ("outage", "retry_after", "error_rate", "fail_next",
                                    "rate_limit_every", "latency_ms", "bad_item_every", "seed")} == {
         "outage": True, "retry_after": "4", "error_rate": 0.5, "fail_next": 2,

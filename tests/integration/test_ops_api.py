@@ -139,7 +139,7 @@ def test_dead_deliveries_are_listed_reprocessed_and_edited_without_a_second_appl
     settings = make_settings(db_url, mock_url)
     with uvicorn_thread(create_app(settings, run_worker=False)) as url:
         def get(path: str, **params: Any) -> httpx.Response:
-            return httpx.get(f"{url}{path}", params=params, headers=viewer, timeout=10)
+            return httpx.get(f"{url}{path}", params=params, headers=viewer)
 
         # -- reading: filters and keyset paging ------------------------------------------------
         dead = get("/v1/deliveries", status="dead").json()

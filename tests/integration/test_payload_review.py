@@ -104,13 +104,13 @@ class World:
     def bodies(self) -> list[dict[str, Any]]:
         """Every body the mock applied (read once: nothing is delivered after the drive)."""
         if not self._bodies:
-            applied = httpx.get(f"{self.mock_url}/_mock/applied", timeout=10).json()["applied"]
+            applied = httpx.get(f"{self.mock_url}/_mock/applied").json()["applied"]
             for rid in dict.fromkeys(a["record_id"] for a in applied):
                 self._bodies.extend(self.versions(rid))
         return [json.loads(json.dumps(b)) for b in self._bodies]
 
     def versions(self, record_id: str) -> list[dict[str, Any]]:
-        reply = httpx.get(f"{self.mock_url}/_mock/applied/{record_id}", timeout=10).json()
+        reply = httpx.get(f"{self.mock_url}/_mock/applied/{record_id}").json()
         return [dict(v["record"]) for v in reply["versions"]]
 
     def by_sid(self, adapter: str, sid: str) -> list[dict[str, Any]]:
@@ -298,7 +298,7 @@ def wait_delivered(engine: Engine, mock_url: str, expected: int) -> None:
             statuses = [r.status for r in conn.execute(select(outbox.c.status))]
         if "pending" in statuses:
             return False
-        return len(httpx.get(f"{mock_url}/_mock/applied", timeout=10).json()["applied"]) >= expected
+        return len(httpx.get(f"{mock_url}/_mock/applied").json()["applied"]) >= expected
 
     poll(drained, 120, what=f"{expected} deliveries")
 

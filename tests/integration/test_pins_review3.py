@@ -260,7 +260,7 @@ def test_a_pinned_record_behind_an_unsent_move_in_the_api_cli_and_console(
             other = httpx.get(f"{gw}/v1/compliance/{who.id_number}/2026",
                               headers={"Authorization": f"Bearer {viewer}"}).json()
             assert other["refused_changes"] == [] and other["by_type"]["paper"]["credited"] == "10.0"
-        with httpx.Client(base_url=gw, follow_redirects=False, timeout=10) as client:
+        with httpx.Client(base_url=gw, follow_redirects=False) as client:
             page = client.get("/ops/login", params={"next": "/ops"})
             token = CSRF.search(page.text)
             assert token is not None

@@ -167,7 +167,7 @@ def test_only_old_delivered_finished_payloads_are_pruned_and_readers_still_answe
     viewer = {"Authorization": f"Bearer {new_operator(store, role='viewer')}"}
     with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
         for name in "AB":
-            page = httpx.get(f"{url}/v1/records/{ids[name]}", headers=viewer, timeout=10)
+            page = httpx.get(f"{url}/v1/records/{ids[name]}", headers=viewer)
             assert page.status_code == 200, page.text
 
 

@@ -157,7 +157,7 @@ def _at_head(url: str) -> Engine:
 
 
 def _ce_bodies(ce_url: str, record_id: str) -> list[dict[str, Any]]:
-    reply = httpx.get(f"{ce_url}/_mock/applied/{record_id}", timeout=10)
+    reply = httpx.get(f"{ce_url}/_mock/applied/{record_id}")
     reply.raise_for_status()
     got = reply.json()
     return list(got if isinstance(got, list) else got.get("versions", got.get("applied", [])))

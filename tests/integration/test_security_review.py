@@ -141,10 +141,10 @@ def test_an_ops_or_console_body_over_the_limit_is_413(
     token = new_operator(eng)
     big = "x" * 8192
     with gateway(make_settings(db_url, max_body_bytes=4096)) as url:
-        ops = httpx.post(f"{url}/v1/deliveries/reprocess", timeout=10,
+        ops = httpx.post(f"{url}/v1/deliveries/reprocess",
                          headers={"Authorization": f"Bearer {token}"},
                          json={"dry_run": True, "reason": big})
-        login = httpx.post(f"{url}/ops/login", data={"token": big}, timeout=10)
+        login = httpx.post(f"{url}/ops/login", data={"token": big})
     _assert_coded(ops, 413, "PAYLOAD_TOO_LARGE")
     assert login.status_code == 413, login.text[:300]
 
@@ -164,9 +164,9 @@ def test_a_body_sent_without_a_length_is_counted_and_refused_past_the_limit(
 
     with gateway(make_settings(db_url, max_body_bytes=4096)) as url:
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        big = httpx.post(f"{url}/v1/deliveries/reprocess", timeout=10, headers=headers,
+        big = httpx.post(f"{url}/v1/deliveries/reprocess", headers=headers,
                          content=chunks(8192))
-        small = httpx.post(f"{url}/v1/deliveries/reprocess", timeout=10, headers=headers,
+        small = httpx.post(f"{url}/v1/deliveries/reprocess", headers=headers,
                            content=chunks(768))
     assert "content-length" not in big.request.headers
     _assert_coded(big, 413, "PAYLOAD_TOO_LARGE")
@@ -184,12 +184,12 @@ def test_a_replica_whose_secret_key_cannot_open_partner_secrets_refuses_with_401
     with gateway(make_settings(db_url, secret_key="another-replicas-key")) as url, \
             SigningClient(url, partner.app_key, partner.secret) as client:
         resp = client.submit(orjson.loads(_body())["records"])
-        ready = httpx.get(f"{url}/readyz", timeout=10)
+        ready = httpx.get(f"{url}/readyz")
     _assert_coded(resp, 401, "UNAUTHENTICATED")
     # The balancer takes the replica out: no partner request can be checked on it.
     assert ready.status_code == 503 and "SECRET_KEY" in ready.json()["reason"], ready.text
     with gateway(make_settings(db_url)) as url:
-        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/readyz").status_code == 200
 
 
 # -- 3. base-code scope (SPEC §7 "its own adapter and base code") -----------------------------------
@@ -283,7 +283,7 @@ def test_a_full_width_x_check_digit_is_masked_in_answers_and_pages(
     partner, token = new_partner(eng), new_operator(eng)
     with gateway(make_settings(db_url)) as url, \
             SigningClient(url, partner.app_key, partner.secret) as client, \
-            httpx.Client(base_url=url, timeout=10) as browser:
+            httpx.Client(base_url=url) as browser:
         answers = {
             "withdrawal 404": client.delete(f"/v1/records/{full_width}"),
             "batch 404": client.get(f"/v1/batches/{full_width}"),
@@ -317,7 +317,7 @@ def test_a_control_total_that_is_an_identity_number_is_masked_in_the_batch_statu
         target = f"/v1/batches/{upload.json()['batch_id']}"
         status = poll(lambda: (r := client.get(target)).json()["status"] in ("done", "failed")
                       and r, 60, what="batch")
-        ops = httpx.get(url + target, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        ops = httpx.get(url + target, headers={"Authorization": f"Bearer {token}"})
     assert status.json()["failure"]["code"] == "CONTROL_TOTALS_MISMATCH", status.text
     # The declared totals are echoed as data ("declared"); the error texts must not quote it.
     for answer in (status.json(), ops.json()):
@@ -465,7 +465,7 @@ def test_headers_given_twice_and_odd_nonces_never_let_a_request_through(
     body = _body("TWICE-1")
     with gateway(make_settings(db_url)) as url:
         def post(headers: list[tuple[str, str]], content: bytes = body) -> httpx.Response:
-            return httpx.post(url + RECORDS, content=content, timeout=10,
+            return httpx.post(url + RECORDS, content=content,
                               headers=[("Content-Type", "application/json"), *headers])
 
         def signed(nonce: str | None = None, timestamp: int | None = None) -> list[tuple[str, str]]:
@@ -487,7 +487,7 @@ def test_headers_given_twice_and_odd_nonces_never_let_a_request_through(
         # Odd nonces: a tab inside, a non-ASCII character, 129 characters.
         for nonce in ("a" * 8 + "\t" + "b" * 8, "é" * 16, "n" * 129):
             raw = [(k.encode(), v.encode("latin-1")) for k, v in signed(nonce=nonce)]
-            resp = httpx.post(url + RECORDS, content=body, timeout=10,
+            resp = httpx.post(url + RECORDS, content=body,
                               headers=[(b"Content-Type", b"application/json"), *raw])
             _assert_coded(resp, 401, "UNAUTHENTICATED")
         # 128 printable characters of any kind are a nonce.
@@ -535,9 +535,9 @@ def test_secrets_and_tokens_are_nowhere_in_clear_in_the_store(
             for where in ({"params": {"token": token}},
                           {"params": {"access_token": token}},
                           {"headers": {"X-Operator-Token": token}}):
-                resp = httpx.get(f"{url}/v1/deliveries", timeout=10, **where)  # type: ignore[arg-type]
+                resp = httpx.get(f"{url}/v1/deliveries", **where)  # type: ignore[arg-type]
                 _assert_coded(resp, 401, "UNAUTHENTICATED")
-            console = httpx.get(f"{url}/ops", params={"token": token}, timeout=10)
+            console = httpx.get(f"{url}/ops", params={"token": token})
             assert console.status_code == 303 and "/ops/login" in console.headers["location"]
         dump: list[str] = []
         with eng.connect() as conn:
@@ -619,11 +619,11 @@ def test_identity_numbers_put_anywhere_stay_masked_under_serve_at_debug(
                                  ("/v1/deliveries", {"partner_id": ids[1], "since": ids[1]}),
                                  ("/v1/deliveries", {"error_code": fifteen, "until": lower_x}),
                                  (f"/v1/records/{ids[1]}", {}), ("/v1/audit", {"record_id": ids[0]})):
-                answers.append(httpx.get(url + path, params=params, headers=bearer, timeout=10).text)
-            answers.append(httpx.post(f"{url}/v1/deliveries/reprocess", headers=bearer, timeout=10,
+                answers.append(httpx.get(url + path, params=params, headers=bearer).text)
+            answers.append(httpx.post(f"{url}/v1/deliveries/reprocess", headers=bearer,
                                       json={"partner_id": ids[1], "dry_run": False,
                                             "reason": f"查 {ids[1]} 和 {lower_x}"}).text)
-            with httpx.Client(base_url=url, timeout=10) as browser:
+            with httpx.Client(base_url=url) as browser:
                 assert _login(browser, token).status_code == 303
                 for path, params in (("/ops/deliveries", {"partner_id": ids[1]}),
                                      ("/ops/batches", {"partner_id": lower_x}),
@@ -631,9 +631,9 @@ def test_identity_numbers_put_anywhere_stay_masked_under_serve_at_debug(
                                      (f"/ops/records/{fifteen}", {}), ("/ops/audit", {})):
                     answers.append(browser.get(path, params=params).text)
             record_id = resp.json()["results"][0]["record_id"]
-            poll(lambda: httpx.get(f"{mock_url}/_mock/applied/{record_id}", timeout=5)
+            poll(lambda: httpx.get(f"{mock_url}/_mock/applied/{record_id}")
                  .json()["versions"], 30, what="delivery")
-            metrics = httpx.get(f"{url}/metrics", timeout=10).text
+            metrics = httpx.get(f"{url}/metrics").text
         finally:
             gw.stop()
         with eng.connect() as conn:

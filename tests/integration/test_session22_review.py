@@ -130,7 +130,7 @@ def test_http_changes_hold(db_url: str, store: Engine, make_settings: Callable[.
     base = new_partner(store, adapter="training_base", base_code=BASE_CODE)
     viewer = {"Authorization": f"Bearer {new_operator(store, role='viewer')}"}
     with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
-        with httpx.Client(base_url=url, timeout=10) as c:
+        with httpx.Client(base_url=url) as c:
             head = c.head("/healthz")
             assert head.status_code == 200 and head.content == b""
             assert c.head("/readyz").status_code == 200

@@ -152,7 +152,7 @@ def test_an_ops_edit_does_not_overwrite_a_correction_committed_while_it_is_made(
     with engine.connect() as conn:
         current, hours = conn.execute(select(records.c.current_version, records.c.hours)
                                       .where(records.c.record_id == record_id)).one()
-    versions = httpx.get(f"{mock_ce[0]}/_mock/applied/{record_id}", timeout=10).json()["versions"]
+    versions = httpx.get(f"{mock_ce[0]}/_mock/applied/{record_id}").json()["versions"]
     counted = Decimal(versions[-1]["record"]["credited_hours"])
     # Right: the edit is refused; the partner's correction stands and is what is counted.
     # Now: version 3, the edit of version 1's stale payload (8 hours), is current and applied
@@ -280,7 +280,7 @@ def test_an_alert_another_evaluator_just_sent_is_not_cleared_and_sent_again(
     first = evaluate(reader, settings, DEC_27)
     assert done and first.active == [], first.as_dict()
     later = evaluate(engine, settings, DEC_27 + timedelta(hours=1))
-    posts = [m for m in httpx.get(f"{sink}/_mock/received", timeout=10).json()["messages"]
+    posts = [m for m in httpx.get(f"{sink}/_mock/received").json()["messages"]
              if "年度截止" in str(m["body"])]
     assert "year_close:2026-12-30" not in later.fired, (first.cleared, later.as_dict())
     assert len(posts) == 1, f"the year_close alert was posted {len(posts)} times"

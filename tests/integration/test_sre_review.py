@@ -50,7 +50,7 @@ class Scrape:
     """One ``GET /metrics`` (no token), parsed."""
 
     def __init__(self, url: str) -> None:
-        resp = httpx.get(f"{url}/metrics", timeout=10)
+        resp = httpx.get(f"{url}/metrics")
         assert resp.status_code == 200, resp.text
         self.text = resp.text
         self.families = {f.name: f for f in text_string_to_metric_families(self.text)}

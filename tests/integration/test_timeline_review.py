@@ -68,7 +68,7 @@ def _drain(worker: DeliveryWorker, clock: Clock | None = None, step: float = 10)
 
 
 def _applied(url: str) -> dict[tuple[str, int], str]:
-    body = httpx.get(f"{url}/_mock/applied", timeout=10).json()
+    body = httpx.get(f"{url}/_mock/applied").json()
     return {(a["record_id"], a["version"]): a["receipt_no"] for a in body["applied"]}
 
 

@@ -160,7 +160,7 @@ def ce(mock_ce: tuple[str, Faults]) -> tuple[str, Faults]:
 
 
 def applied(ce_url: str) -> dict[str, Any]:
-    reply = httpx.get(f"{ce_url}/_mock/applied", timeout=10)
+    reply = httpx.get(f"{ce_url}/_mock/applied")
     reply.raise_for_status()
     out: dict[str, Any] = reply.json()
     return out

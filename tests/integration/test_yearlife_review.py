@@ -164,14 +164,14 @@ def test_a_year_lived_closed_and_pruned_leaves_every_ops_view_answering_the_same
     viewer = {"Authorization": f"Bearer {new_operator(store, role='viewer')}"}
     env = {"CE_GATEWAY_DATABASE_URL": db_url, "CE_GATEWAY_YEAR_CLOSE_EXTENSIONS": ""}
     with uvicorn_thread(create_app(settings, run_worker=False)) as api:
-        page = httpx.get(f"{api}/v1/records/{ids['YL-A']}", headers=viewer, timeout=10)
+        page = httpx.get(f"{api}/v1/records/{ids['YL-A']}", headers=viewer)
         assert page.status_code == 200, page.text
         assert page.json()["payload_pruned"] is True
         assert person.id_number not in page.text
-        got = httpx.get(f"{api}/v1/compliance/{person.id_number}/{YEAR}", headers=viewer, timeout=10)
+        got = httpx.get(f"{api}/v1/compliance/{person.id_number}/{YEAR}", headers=viewer)
         assert got.status_code == 200, got.text
         assert got.json()["credited"] == before[person.id_number]["credited"]
-        recon = httpx.get(f"{api}/v1/reconciliation/health/{YEAR}", headers=viewer, timeout=10)
+        recon = httpx.get(f"{api}/v1/reconciliation/health/{YEAR}", headers=viewer)
         assert recon.status_code == 200, recon.text
         verified = httpx.get(f"{api}/v1/audit/verify", headers=viewer, timeout=30)
         assert verified.status_code == 200 and verified.json()["ok"] is True, verified.text

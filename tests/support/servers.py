@@ -80,7 +80,7 @@ class GatewayProcess:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited with {self.proc.returncode}; see {self.log_path}")
-            return httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200
+            return httpx.get(f"{self.url}/readyz").status_code == 200
 
         poll(ready, 60, what="gateway readiness")
         return self
