@@ -252,17 +252,18 @@ def test_a_batch_processor_keeps_its_lease_while_a_chunk_takes_longer_than_the_l
     mid-chunk in turn: fenced, nothing doubled, but no chunk ever committed.
     """
     partner = new_partner(engine, adapter="health")
-    # A 2 s lease, renewed every third of it, and one 150-row chunk whose rows are read slowly
-    # (a year-end rush; 20 ms a row: 3 s).  It was a 1 s lease and a 6,000-row chunk made slow
+    # A 5 s lease, renewed every third of it, and one 150-row chunk whose rows are read slowly
+    # (a year-end rush; 50 ms a row: 7.5 s).  It was a 1 s lease and a 6,000-row chunk made slow
     # by its own work: on a loaded machine one SQLite commit of it took longer than the
-    # renewals' slack, and the test failed for the machine, not the lease.
+    # renewals' slack, and the test failed for the machine, not the lease; then a 2 s lease,
+    # which a renewal on the CI machine (four times slower than 2 idle cores) still outwaited.
     batch_id, good, bad = _health_batch(engine, tmp_path, partner, 150, seed=23)
     settings = make_settings(db_url, batch_chunk_rows=1000, batch_parse_workers=0,
-                             batch_lease_seconds=2.0, batch_dir=tmp_path / "batches")
+                             batch_lease_seconds=5.0, batch_dir=tmp_path / "batches")
     parse = HealthAdapter.parse
 
     def slow_parse(self: HealthAdapter, raw: Any) -> Any:
-        time.sleep(0.02)  # a slow chunk, not a synchronisation: the thief polls on its own
+        time.sleep(0.05)  # a slow chunk, not a synchronisation: the thief polls on its own
         return parse(self, raw)
 
     monkeypatch.setattr(HealthAdapter, "parse", slow_parse)
@@ -277,7 +278,7 @@ def test_a_batch_processor_keeps_its_lease_while_a_chunk_takes_longer_than_the_l
             if claimed is not None:
                 stolen.append(claimed["batch_id"])
                 return
-            # A fifth of the lease: a lapsed lease is still seen at once, and the claims (each a
+            # Every 0.2 s: a lapsed lease is still seen at once, and the claims (each a
             # write transaction on SQLite) leave the renewals room on a loaded machine - polled
             # every 20 ms they starved them there, and the lease lapsed under a live processor.
             done.wait(0.2)
@@ -288,7 +289,7 @@ def test_a_batch_processor_keeps_its_lease_while_a_chunk_takes_longer_than_the_l
     watcher.start()
     try:
         started = time.monotonic()
-        worker.process(claimed)  # one 150-row chunk: well over 2 s
+        worker.process(claimed)  # one 150-row chunk: well over 5 s
         took = time.monotonic() - started
     finally:
         done.set()
@@ -765,7 +766,7 @@ def run_outage(records_n: int, outage_s: float, db_url: str, tmp_path: Path,
 
     def scrape() -> dict[str, float]:
         """The first worker's own /metrics (``ce-gateway worker --metrics-port``)."""
-        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         return {name: float(value) for name, _, value in
                 (line.rpartition(" ") for line in text.splitlines() if not line.startswith("#"))}
 

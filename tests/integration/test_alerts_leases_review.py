@@ -220,7 +220,7 @@ def test_a_retention_run_stopped_by_a_lost_lease_audits_what_it_pruned(
 
 # == one upstream request's bound (gateway/upstream.py bounded_request) ========================
 
-def SlowHeaders(every: float = 0.2) -> Trickle:  # noqa: N802 - a server, as the class was
+def SlowHeaders(every: float = 0.1) -> Trickle:  # noqa: N802 - a server, as the class was
     """An HTTP server below HTTP that sends its status line, then trickles a header line.
 
     Each byte comes well within the read timeout (a stuck proxy that relays byte by byte).
@@ -230,7 +230,7 @@ def SlowHeaders(every: float = 0.2) -> Trickle:  # noqa: N802 - a server, as the
 
 def test_a_relay_that_trickles_its_headers_is_cut_off_at_the_deadline() -> None:
     relay = SlowHeaders()
-    timeout = 0.5
+    timeout = 1.0
     with httpx.Client(timeout=timeout) as client:
         held, took, _ = _held(
             lambda: pytest.raises(httpx.HTTPError, bounded_request, client, "GET", relay.url),

@@ -258,7 +258,10 @@ def test_a_college_slower_than_the_timeout_keeps_the_cursor_then_recovers(
 
     slow = pull_once(engine, settings)
 
-    assert slow.error is not None and "Timeout" in slow.error and slow.fetched == 0
+    # A read timed out (0.3 s), or on a loaded machine the answer's whole deadline (3 × 0.3 s)
+    # ran out first: either way the college was slower than the bound and the cursor stays.
+    assert slow.error is not None and slow.fetched == 0
+    assert "Timeout" in slow.error or "AnswerCutOff" in slow.error
     state = read_state(engine)
     assert state is not None and decode_cursor(state.cursor or "") == 20
     assert state.last_error == slow.error

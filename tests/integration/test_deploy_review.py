@@ -45,9 +45,10 @@ from tests.support.servers import WorkerProcess, cli, poll, stop_process, uvicor
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 # A refusal at start comes after the settings are read (~1-2 s on a quiet machine, but 5 s was
-# seen to run out with the suite and two helpers sharing the two cores).  Every caller expects
-# the command to end, so the limit costs time only when the refusal is missing.
-REFUSE_WITHIN = 30.0
+# seen to run out with the suite and two helpers sharing the two cores, and 30 s on the CI
+# machine, which runs the suite about four times slower).  Every caller expects the command to
+# end, so the limit costs time only when the refusal is missing.
+REFUSE_WITHIN = 90.0
 YEAR = 2026  # the suite keeps 2026 open (tests/support/years.py)
 
 
@@ -128,7 +129,7 @@ def test_readyz_on_a_store_never_migrated_names_db_upgrade(
         unmigrated_postgres: str, make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings(unmigrated_postgres), run_worker=False, migrate=False)
     with uvicorn_thread(app) as url:
-        resp = httpx.get(f"{url}/readyz", timeout=10)
+        resp = httpx.get(f"{url}/readyz")
     assert resp.status_code == 503
     assert "ce-gateway db upgrade" in resp.json()["reason"], resp.json()
 
@@ -207,10 +208,10 @@ def _serve(env: dict[str, str], cwd: Path, *args: str) -> Iterator[tuple[subproc
     log.close()
 
     def ready() -> bool:
-        return proc.poll() is not None or httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+        return proc.poll() is not None or httpx.get(f"{url}/readyz").status_code == 200
 
     try:
-        poll(ready, 30, what="serve readiness")
+        poll(ready, 90, what="serve readiness")  # a deadline, not a wait: the CI machine is slow
         yield proc, url
     finally:
         stop_process(proc, 20)

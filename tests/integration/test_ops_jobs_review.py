@@ -198,7 +198,9 @@ def _lease(engine: Engine, name: str) -> tuple[str | None, datetime | None]:
 
 def test_a_holder_that_stalled_past_its_ttl_keeps_the_lease_nobody_took(db_url: str,
                                                                         engine: Engine) -> None:
-    name, ttl = "review:stall", 2.0
+    # 6 s: after the stall, the renewed lease must outlast the test's own next steps; 2 s did
+    # not on the CI machine, which runs the suite about four times slower (2026-11-28).
+    name, ttl = "review:stall", 6.0
     with subprocess.Popen([sys.executable, "-c", STALL_SCRIPT, db_url, name, str(ttl)], cwd=REPO,
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None and proc.stdin is not None
@@ -207,7 +209,7 @@ def test_a_holder_that_stalled_past_its_ttl_keeps_the_lease_nobody_took(db_url: 
             holder, _ = _lease(engine, name)
             os.kill(proc.pid, signal.SIGSTOP)  # a stall: no beat, nobody else around
             poll(lambda: (_lease(engine, name)[1] or datetime.max.replace(tzinfo=UTC))
-                 < datetime.now(UTC) - timedelta(seconds=0.5), 15, interval=0.1,
+                 < datetime.now(UTC) - timedelta(seconds=0.5), 30, interval=0.1,
                  what="the stalled holder's lease to lapse")
             os.kill(proc.pid, signal.SIGCONT)
             # Its job is still running: its next beats must put the lease ahead again.
@@ -373,14 +375,17 @@ def test_the_year_close_alert_counts_only_deliveries_of_the_closing_year(
 class Trickle:
     """An HTTP server below HTTP that answers 200 and then trickles its body, a byte at a time.
 
-    Each byte comes well within the read timeout (a stuck proxy, a half-dead relay).  ``head``
-    and ``drip`` change what it sends first and then byte by byte (a header, for one).
+    Each byte comes well within the read timeout (a stuck proxy, a half-dead relay): a tenth of
+    the 1 s the tests give, so a thread stalled for most of a second on a loaded CI machine does
+    not time a read out (with 0.3 s against 0.5 s, a stall of 0.2 s did, and the test saw a read
+    timeout instead of the deadline it checks).  ``head`` and ``drip`` change what it sends
+    first and then byte by byte (a header, for one).
     """
 
     HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000\r\n\r\n")
 
-    def __init__(self, every: float = 0.3, head: bytes = HEAD, drip: bytes = b" ") -> None:
+    def __init__(self, every: float = 0.1, head: bytes = HEAD, drip: bytes = b" ") -> None:
         self.every, self.stop, self.head, self.drip = every, threading.Event(), head, drip
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
