@@ -222,12 +222,11 @@ def prune(engine: Engine, settings: Settings, *, dry_run: bool = False, actor: s
         total = int(conn.execute(select(func.count()).select_from(_joined()).where(where)).scalar_one())
         closed_rejections = int(conn.execute(select(func.count()).select_from(rejections)
                                              .where(_rejection_filter(cutoff))).scalar_one())
-        batch_files = int(conn.execute(select(func.count()).select_from(batches)
-                                       .where(_batch_file_filter(cutoff))).scalar_one())
     if progress:
         progress(total if dry_run else 0, total)
     leftovers = _upload_leftovers(Path(settings.batch_dir), now)
-    if dry_run:
+    if dry_run:  # the files the real run would delete here: those on an unmounted volume are not
+        batch_files = _remove_batch_files(engine, cutoff, now, chunk_size, None)
         return RetentionResult(True, days, cutoff, years, total, closed_rejections, batch_files,
                                len(leftovers))
     done = RetentionResult(False, days, cutoff, years)
@@ -358,16 +357,18 @@ def _batch_file_filter(cutoff: datetime) -> ColumnElement[bool]:
 
 
 def _remove_batch_files(engine: Engine, cutoff: datetime, now: datetime, chunk_size: int,
-                        done_so_far: RetentionResult) -> int:
+                        done_so_far: RetentionResult | None) -> int:
     """Delete finished batches' files, then mark them removed; a crash between is retried.
 
     A file whose directory is not there (the shared volume not mounted on this host) is left
-    unmarked, with a warning, for a run on a host that has it.
+    unmarked, with a warning, for a run on a host that has it.  Without ``done_so_far`` (a dry
+    run) nothing is deleted or marked: the count is of the files this host would delete.
     """
     done, after, unmounted = 0, "", set()
     while True:
-        ensure_held()
-        with engine.connect() as conn:
+        if done_so_far is not None:
+            ensure_held()
+        with snapshot(engine) as conn:  # a read: on SQLite no write lock (the mark re-checks)
             rows = conn.execute(select(batches.c.batch_id, batches.c.file_path).where(
                 _batch_file_filter(cutoff), batches.c.batch_id > after)
                 .order_by(batches.c.batch_id).limit(chunk_size)).all()
@@ -380,17 +381,21 @@ def _remove_batch_files(engine: Engine, cutoff: datetime, now: datetime, chunk_s
             if not path.parent.is_dir():
                 unmounted.add(str(path.parent))
                 continue
-            path.unlink(missing_ok=True)  # already gone (removed by hand, or a crash here): mark it
+            if done_so_far is not None:
+                path.unlink(missing_ok=True)  # already gone (by hand, or a crash here): mark it
             removed.append(row.batch_id)
-        if removed:
+        if done_so_far is None:
+            done += len(removed)
+        elif removed:
             with engine.begin() as conn:
                 done += conn.execute(update(batches).where(
                     batches.c.batch_id.in_(removed), batches.c.file_removed_at.is_(None))
                     .values(file_removed_at=now)).rowcount
-        done_so_far.batch_files = done
+            done_so_far.batch_files = done
     for directory in sorted(unmounted):
         log.warning("retention: batch directory %s is not there on this host; its finished "
-                    "batches' files were left for a run where it is mounted", directory)
+                    "batches' files %s left for a run where it is mounted", directory,
+                    "would be" if done_so_far is None else "were")
     return done
 
 

@@ -99,6 +99,13 @@ def test_finished_batches_files_and_upload_leftovers_go_once_their_age_has_passe
     with engine.begin() as conn:
         conn.execute(update(batches).where(batches.c.batch_id == failed["batch_id"])
                      .values(file_path=str(elsewhere)))
+    # The dry run counts what this host would delete, as the real run then does: 1, not 2.
+    with caplog.at_level(logging.WARNING, logger="gateway.retention"):
+        assert prune(engine, settings, dry_run=True, now=later).batch_files == 1
+    assert any(str(elsewhere.parent) in r.getMessage() and "would be" in r.getMessage()
+               for r in caplog.records)
+    assert all(p.exists() for p in path_of.values()) and _retention_events(engine) == []
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="gateway.retention"):
         first = prune(engine, settings, actor="ops-lead", now=later)
     assert (first.batch_files, first.upload_leftovers) == (1, 1)
