@@ -651,7 +651,9 @@ def test_spec_http_surface_is_served_and_in_openapi(
 
 
 # Paged reads as README "API" documents them: (path, the README's words for it).
-PAGED_IN_README = [("/v1/batches", "`GET /v1/batches?"), ("/v1/batches/{batch_id}", "`rejected_rows`")]
+PAGED_IN_README = [("/v1/batches", "`GET /v1/batches?"), ("/v1/batches/{batch_id}", "`rejected_rows`"),
+                   *((path, "lists answer") for path in ("/v1/deliveries", "/v1/conflicts",
+                                                         "/v1/rejections"))]
 
 
 @pytest.mark.parametrize(("path", "where"), PAGED_IN_README)
