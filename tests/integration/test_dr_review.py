@@ -26,6 +26,7 @@ from gateway.accounts import Partner
 from gateway.backup import backup_sqlite, mark_restored
 from gateway.config import Settings
 from gateway.errors import PayloadRejected
+from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.ops.edits import edit_and_requeue
 from gateway.ops.records import resolve_conflict
 from gateway.pipeline.ingest import ingest
@@ -33,10 +34,12 @@ from gateway.pipeline.items import PartnerRef
 from gateway.pipeline.withdraw import withdraw
 from gateway.store.db import make_engine
 from gateway.store.tables import audit_events, outbox, records
+from mock_partners.ce_system import Faults
 from mock_partners.generators import canonical_submission, make_person
 from tests.integration.test_backup_restore import (  # noqa: F401 (worker_for: a fixture)
     _backup,
     _drain,
+    _held_downstream,
     _restore,
     _sqlite_file,
     worker_for,
@@ -340,3 +343,50 @@ def test_a_version_pending_at_the_backup_is_not_an_unexpected_duplicate_after_a_
         after.dispose()
     assert [d["receipt_status"] for d in details] == ["duplicate"]
     assert not details[0].get("unexpected"), details
+
+
+def test_a_version_pending_at_the_backup_that_went_dead_before_the_disaster_is_delivered_after(
+        db_url: str, engine: Engine, new_partner: Callable[..., Partner],
+        worker_for: Callable[[], Any], mock_ce: tuple[str, Faults],  # noqa: F811
+        tmp_path: Path) -> None:
+    """Pending in the backup; refused for good by the management system before the disaster.
+
+    The management system never held it, so after the restore it is not a duplicate to expect:
+    sent again (its operators fixed what made them refuse it meanwhile) it is applied once, as
+    any first delivery, and nothing calls it unexpected.  Refused still, it goes dead again
+    with the refusal's code, where ops see it.
+    """
+    url, faults = mock_ce
+    partner = new_partner(engine)
+    rid = ingest(engine, PartnerRef(partner.partner_id, "canonical"), [_sub("16")])[0].record_id
+    backup = tmp_path / "before.bak"
+    _backup(db_url, backup)  # version 1 pending in the backup
+    faults.reject_ids.add(rid)
+    _drain(worker_for())  # ... and refused before the disaster: dead, never held downstream
+    with engine.connect() as conn:
+        dead = conn.execute(select(outbox.c.status, outbox.c.error_code).where(
+            outbox.c.record_id == rid)).one()
+    assert dead.status == "dead" and _held_downstream(url, rid) == [], dead
+    engine.dispose()
+    _restore(db_url, backup)
+    after = make_engine(db_url)
+    try:
+        mark_restored(after, "restored last night's backup", "ops")
+        _drain(worker_for())  # refused again: dead again, with the management system's code
+        with after.connect() as conn:
+            again = conn.execute(select(outbox.c.status, outbox.c.error_code).where(
+                outbox.c.record_id == rid)).one()
+        assert (again.status, again.error_code) == ("dead", dead.error_code)
+        # Its operators fixed it; ops reprocess the dead letter.
+        faults.reject_ids.discard(rid)
+        assert reprocess(after, DeliveryFilter(record_ids=(rid,)), dry_run=False,
+                         reason="管理系统已修正", actor="ops").requeued == 1
+        _drain(worker_for())
+        with after.connect() as conn:
+            details = [orjson.loads(d) for d in conn.execute(select(audit_events.c.detail).where(
+                audit_events.c.kind == "delivered", audit_events.c.record_id == rid)).scalars()]
+    finally:
+        after.dispose()
+    assert [d["receipt_status"] for d in details] == ["accepted"], details
+    assert not details[0].get("unexpected"), details
+    assert [v for v, _ in _held_downstream(url, rid)] == [1]
