@@ -61,8 +61,8 @@ def _test_clients_wait_as_a_test_may() -> Iterator[None]:
     """A test's HTTP client without a timeout of its own waits 60 s, not httpx's 5 s.
 
     httpx's default is a latency assertion the tests never meant: the CI machine runs the suite
-    about four times slower than a developer's 2 cores, and a console page or ``/readyz`` that
-    answers in 1.5 s here took over 5 s there (ReadTimeout; 9 tests, 2026-11-28).  The default
+    about four times slower than a developer's 2 cores, and there a console page, ``/readyz``
+    or a 405 took over 5 s, two over an explicit 10 s (ReadTimeout, stop 23's CI).  The default
     ``Timeout`` object is bound as every client's default argument, so its fields are what can
     change.  Tests that check a timeout pass their own; the gateway's own clients always do.
     """
