@@ -989,10 +989,10 @@ def test_a_stuck_batch_processor_lets_its_lease_go(
 
     first = lease_until()
     with stuck._lease_kept(batch_id):  # noqa: SLF001 - the heartbeat alone, no chunk ever commits
-        poll(lambda: lease_until() > first, 10, what="the heartbeat to renew the lease")
-        poll(lambda: any("letting the lease go" in r.getMessage() for r in caplog.records), 10,
+        poll(lambda: lease_until() > first, 30, what="the heartbeat to renew the lease")
+        poll(lambda: any("letting the lease go" in r.getMessage() for r in caplog.records), 30,
              what="the heartbeat to give up on the stuck batch")
-        poll(lambda: lease_until() < datetime.now(UTC), 10, what="the stuck lease to run out")
+        poll(lambda: lease_until() < datetime.now(UTC), 30, what="the stuck lease to run out")
     other = BatchProcessor(engine, settings, name="proc-other")
     claimed = other.claim()
     assert claimed is not None and claimed["batch_id"] == batch_id

@@ -340,7 +340,7 @@ def _stopped_outside_a_write(pids: list[int], store: Path) -> bool:
     """
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
-    poll(lambda: all(_stopped(pid) for pid in pids), 5, interval=0.005,
+    poll(lambda: all(_stopped(pid) for pid in pids), 30, interval=0.005,
          what="the parse worker to stop")
     probe = sqlite3.connect(str(store), timeout=0, isolation_level=None)
     try:

@@ -172,7 +172,7 @@ def test_credentials_in_the_downstream_url_never_reach_the_log(
     log = tmp_path / "worker.log"
     worker = WorkerProcess(env, log).start()
     try:
-        poll(lambda: "reference sync" in log.read_text(errors="replace"), 10,
+        poll(lambda: "reference sync" in log.read_text(errors="replace"), 60,
              what="the worker's first reference sync")
     finally:
         worker.stop()
