@@ -60,7 +60,7 @@ audit trail (append); reads ``records``, ``outbox``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -226,7 +226,7 @@ def prune(engine: Engine, settings: Settings, *, dry_run: bool = False, actor: s
         progress(total if dry_run else 0, total)
     leftovers = _upload_leftovers(Path(settings.batch_dir), now)
     if dry_run:  # the files the real run would delete here: those on an unmounted volume are not
-        batch_files = _remove_batch_files(engine, cutoff, now, chunk_size, None)
+        batch_files = sum(len(page) for page in _batch_files_here(engine, cutoff, chunk_size))
         return RetentionResult(True, days, cutoff, years, total, closed_rejections, batch_files,
                                len(leftovers))
     done = RetentionResult(False, days, cutoff, years)
@@ -356,46 +356,51 @@ def _batch_file_filter(cutoff: datetime) -> ColumnElement[bool]:
                 batches.c.file_removed_at.is_(None))
 
 
-def _remove_batch_files(engine: Engine, cutoff: datetime, now: datetime, chunk_size: int,
-                        done_so_far: RetentionResult | None) -> int:
-    """Delete finished batches' files, then mark them removed; a crash between is retried.
+def _batch_files_here(engine: Engine, cutoff: datetime, chunk_size: int
+                      ) -> Iterator[list[tuple[str, Path]]]:
+    """Finished batches' files due for deletion, a page at a time: those this host can reach.
 
     A file whose directory is not there (the shared volume not mounted on this host) is left
-    unmarked, with a warning, for a run on a host that has it.  Without ``done_so_far`` (a dry
-    run) nothing is deleted or marked: the count is of the files this host would delete.
+    out, with a warning once the walk ends, for a run on a host that has it.  Each directory
+    is looked at once, not once a file.  Pages are read from a snapshot (on SQLite no write
+    lock); the caller's mark re-checks ``file_removed_at``.
     """
-    done, after, unmounted = 0, "", set()
+    after, mounted = "", {}
     while True:
-        if done_so_far is not None:
-            ensure_held()
-        with snapshot(engine) as conn:  # a read: on SQLite no write lock (the mark re-checks)
+        with snapshot(engine) as conn:
             rows = conn.execute(select(batches.c.batch_id, batches.c.file_path).where(
                 _batch_file_filter(cutoff), batches.c.batch_id > after)
                 .order_by(batches.c.batch_id).limit(chunk_size)).all()
         if not rows:
             break
         after = rows[-1].batch_id
-        removed = []
+        page = []
         for row in rows:
             path = Path(row.file_path)
-            if not path.parent.is_dir():
-                unmounted.add(str(path.parent))
-                continue
-            if done_so_far is not None:
-                path.unlink(missing_ok=True)  # already gone (by hand, or a crash here): mark it
-            removed.append(row.batch_id)
-        if done_so_far is None:
-            done += len(removed)
-        elif removed:
+            if path.parent not in mounted:
+                mounted[path.parent] = path.parent.is_dir()
+            if mounted[path.parent]:
+                page.append((row.batch_id, path))
+        yield page
+    for directory in sorted(str(d) for d, there in mounted.items() if not there):
+        log.warning("retention: batch directory %s is not there on this host; its finished "
+                    "batches' files are left for a run where it is mounted", directory)
+
+
+def _remove_batch_files(engine: Engine, cutoff: datetime, now: datetime, chunk_size: int,
+                        done_so_far: RetentionResult) -> int:
+    """Delete finished batches' files, then mark them removed; a crash between is retried."""
+    done = 0
+    for page in _batch_files_here(engine, cutoff, chunk_size):
+        ensure_held()
+        for _, path in page:
+            path.unlink(missing_ok=True)  # already gone (removed by hand, or a crash here): mark it
+        if page:
             with engine.begin() as conn:
                 done += conn.execute(update(batches).where(
-                    batches.c.batch_id.in_(removed), batches.c.file_removed_at.is_(None))
-                    .values(file_removed_at=now)).rowcount
+                    batches.c.batch_id.in_([batch_id for batch_id, _ in page]),
+                    batches.c.file_removed_at.is_(None)).values(file_removed_at=now)).rowcount
             done_so_far.batch_files = done
-    for directory in sorted(unmounted):
-        log.warning("retention: batch directory %s is not there on this host; its finished "
-                    "batches' files %s left for a run where it is mounted", directory,
-                    "would be" if done_so_far is None else "were")
     return done
 
 

@@ -102,7 +102,7 @@ def test_finished_batches_files_and_upload_leftovers_go_once_their_age_has_passe
     # The dry run counts what this host would delete, as the real run then does: 1, not 2.
     with caplog.at_level(logging.WARNING, logger="gateway.retention"):
         assert prune(engine, settings, dry_run=True, now=later).batch_files == 1
-    assert any(str(elsewhere.parent) in r.getMessage() and "would be" in r.getMessage()
+    assert any(str(elsewhere.parent) in r.getMessage() and "left for a run" in r.getMessage()
                for r in caplog.records)
     assert all(p.exists() for p in path_of.values()) and _retention_events(engine) == []
     caplog.clear()
