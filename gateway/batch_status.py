@@ -1,6 +1,6 @@
 """A batch's status as partners, the CLI and the console read it: counters, failure, row errors.
 
-May touch: nothing (reads ``batches`` and ``batch_errors``).
+May touch: nothing (reads ``batches``, ``batch_errors`` and the batch's ``rejections``).
 """
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, func, select
 
 from contracts.errors import message
 from gateway.ops.common import CURSOR_ZH, decode_cursor, encode_cursor, refuse
-from gateway.store.tables import batch_errors, batches
+from gateway.store.tables import batch_errors, batches, rejections
 
 # What a batch row can come to: the batch's counters, in this order wherever they are shown.
 OUTCOMES = ("accepted", "duplicate", "corrected", "conflict", "rejected")
@@ -53,6 +53,25 @@ def rows_after(cursor: str | None, batch_id: str) -> int:
     return last
 
 
+def _revalidated(conn: Connection, batch_id: str, row_nos: set[int]) -> tuple[int, set[int]]:
+    """How many of the batch's rejected rows a revalidation let through, and which of ``row_nos``.
+
+    ``counts`` stay what the batch judged when it ran; these say what became of its rejections
+    later: ops fixed reference data and ``revalidate`` judged the row again without rejecting
+    it, or an operator edited the rejection through (its record is in the store, or it is held
+    as a conflict).  A row refused again keeps
+    its row number on the fresh rejection, so a row counts once whichever run let it through.
+    Rejections written before migration 0028 have no row number: counted, never marked.
+    """
+    mine = (rejections.c.batch_id == batch_id, rejections.c.status == "revalidated")
+    total = int(conn.execute(select(func.count()).select_from(rejections).where(*mine)).scalar_one())
+    if not total or not row_nos:
+        return total, set()
+    marked = conn.execute(select(rejections.c.row_no).where(
+        *mine, rejections.c.row_no.in_(sorted(row_nos)))).scalars()
+    return total, set(marked)
+
+
 def batch_status(conn: Connection, batch_id: str, cursor: str | None = None,
                  limit: int = 100) -> dict[str, Any] | None:
     """The batch's status with a page of its rejected rows; ``None`` if there is no such batch.
@@ -72,10 +91,13 @@ def batch_status(conn: Connection, batch_id: str, cursor: str | None = None,
     more = len(errors) > limit
     errors = errors[:limit]
     counts = {k: int(row[k]) for k in OUTCOMES}
+    revalidated, passed = _revalidated(conn, batch_id, {int(e["row_no"]) for e in errors})
     return {
         "batch_id": batch_id, "adapter": row["adapter"], "kind": row["kind"], "period": row["period"],
         "status": row["status"], "error": row["error"], "failure": _failure_of(row),
         "counts": {"rows": rows_judged(counts), **counts},
+        # Of the rejected rows, those a later revalidation let through (``_revalidated``).
+        "revalidated": revalidated,
         "rows_done": int(row["rows_done"]), "credits_total": row["credits_total"],
         "declared": {"rows": row["declared_rows"], "credits": row["declared_credits"]},
         "created_at": row["created_at"].isoformat(),
@@ -83,6 +105,7 @@ def batch_status(conn: Connection, batch_id: str, cursor: str | None = None,
         # When retention deleted the uploaded file (gateway/retention.py); null: still kept.
         "file_removed_at": row["file_removed_at"].isoformat() if row["file_removed_at"] else None,
         "rejected_rows": [{"row": int(e["row_no"]), "column": e["column_name"], "code": e["code"],
-                           "message": e["message"], "message_zh": e["message_zh"]} for e in errors],
+                           "message": e["message"], "message_zh": e["message_zh"],
+                           "revalidated": int(e["row_no"]) in passed} for e in errors],
         "next": encode_cursor(ROWS_CURSOR, batch_id, int(errors[-1]["id"])) if more and errors else None,
     }

@@ -309,7 +309,7 @@ def group_entries(conn: Connection, rows: Sequence[Any], rules: RulesContext) ->
         partner = PartnerRef(r.partner_id, r.adapter, base_codes.get(r.partner_id))
         item = Item(raw=parsed.raw, submission=parsed.submission, errors=list(parsed.errors),
                     warnings=list(parsed.warnings), source_record_id=r.source_record_id,
-                    received_at=r.received_at)
+                    received_at=r.received_at, row=r.row_no)
         # Judged as of its arrival (R11): a record sent before the year closed stays in time.
         prepare(item, partner, batch.created_at if batch else r.received_at, rules)
         if not runs or runs[-1][:2] != (partner, r.batch_id):

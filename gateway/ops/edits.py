@@ -178,6 +178,7 @@ class _EditedRow:
     adapter: str
     source_record_id: str | None
     received_at: datetime
+    row_no: int | None  # its batch file row: the edited record's rejection keeps it too
 
 
 def edit_rejection(engine: Engine, settings: Settings, rejection_id: int, changes: dict[str, Any],
@@ -203,7 +204,8 @@ def edit_rejection(engine: Engine, settings: Settings, rejection_id: int, change
     edited, diff = apply_changes(raw, changes)
     rules = _rules(engine, settings, rules)
     fake = _EditedRow(rejection_id, orjson.dumps(edited).decode(), row["batch_id"],
-                      row["partner_id"], row["adapter"], row["source_record_id"], row["received_at"])
+                      row["partner_id"], row["adapter"], row["source_record_id"], row["received_at"],
+                      row["row_no"])
     with engine.connect() as conn:
         if stale_rejections(conn, [fake]):
             raise _overtaken(rejection_id)

@@ -254,7 +254,8 @@ class Chunk(ChunkCaps, ChunkIntegrity, ChunkWrites):
                             else item.source_record_id or _source_id_of(item.raw))
         self.rejected.append({
             "partner_id": self.partner.partner_id, "adapter": self.partner.adapter,
-            "source_record_id": source_id, "batch_id": self.batch_id, "payload": dumps_storable(item.raw),
+            "source_record_id": source_id, "batch_id": self.batch_id, "row_no": item.row,
+            "payload": dumps_storable(item.raw),
             "errors": dumps_storable([e.model_dump(mode="json") for e in item.errors]), "status": "open",
             "received_at": self.now})
         self.events.append(audit.Event("rejected", actor=self.partner.partner_id, detail={
