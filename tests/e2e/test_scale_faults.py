@@ -380,22 +380,26 @@ def test_forming_a_batch_never_compares_every_pending_row_with_every_other(
 # -- clusters of real processes on one PostgreSQL ----------------------------------------------
 
 class CountingMock(MockState):
-    """The mock management system, noting when each intake request came and what it got.
+    """The mock management system, noting when each intake request was judged and what it got.
 
-    Instrumentation only: every answer is still the mock's own.
+    Instrumentation only: every answer is still the mock's own.  The time is taken under the
+    mock's lock just before its outage check, not once the answer is made: a request judged
+    before an outage began, whose 50 records were still being applied when it began, was once
+    noted inside the outage as a 200 (seen on a loaded machine).
     """
 
     def __init__(self, faults: Faults) -> None:
         super().__init__(faults)
         self.calls: list[tuple[float, int, str]] = []  # (monotonic time, status, kind)
 
-    def intake(self, key: str | None, raw: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def _intake(self, key: str | None, raw: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+        at = time.monotonic()  # under the lock, just before the outage check
         replay = key is not None and key in self.replies
-        status, body, headers = super().intake(key, raw)
+        status, body, headers = super()._intake(key, raw)
         error = str(body.get("error", ""))
         kind = ("lost_reply" if "reply lost" in error else "outage" if "outage" in error
                 else "replayed" if status == 200 and replay else str(status))
-        self.calls.append((time.monotonic(), status, kind))  # one event-loop thread appends
+        self.calls.append((at, status, kind))  # under the mock's lock
         return status, body, headers
 
     def tally(self, since: float = 0.0, until: float = float("inf")) -> Counter[str]:
@@ -784,8 +788,10 @@ def run_outage(records_n: int, outage_s: float, db_url: str, tmp_path: Path,
         # The mock answers "outage" until outage_s after the call (its own clock): a request
         # it notes at or after the call's return, and before `before + outage_s`, was answered
         # inside the outage.  Only the window's bounds are read from the clock, never the
-        # moment the test happens to notice the end.
-        window[:] = [time.monotonic(), before + outage_s]
+        # moment the test happens to notice the end.  The end is read 50 ms early: the mock's
+        # window runs on the wall clock (time.time), this one on the monotonic clock, and a
+        # slewing wall clock may drift from it by a few milliseconds over the outage.
+        window[:] = [time.monotonic(), before + outage_s - 0.05]
         return True
 
     try:
