@@ -58,6 +58,16 @@ The dead-letter alert starts from the last alert that was sent or is still lease
 unsent one's dead letters are counted again by the next.  Claim times are the evaluation's
 ``now`` plus the time the evaluation has taken so far: leases run on the evaluations' clock.
 
+Missed pushes go out together.  They come by the dozen at once — the look-back to January of
+the previous CE year when alerts are first turned on, a partner registered late, a day when
+every partner's deadline passes — and a robot takes 20 messages a minute (WeCom refuses the
+rest with ``errcode`` 45009): one message a key would flood the group and leave the alerts
+after them failing until the next tick.  So an evaluation fires the other conditions first, one
+message each, then claims every missed push it fires and posts them as one digest
+(:func:`digest`: per partner, its months as ranges and its years, kept under a robot's message
+size), undone or marked sent together.  Each key keeps its own row, so what was sent, cleared
+or recurs is still per month and partner.
+
 Messages are Chinese with English in brackets, counts and partner ids only: no identity
 number, no payload.  The webhook URL carries the robot's key and is never logged.
 """
@@ -67,7 +77,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -85,8 +95,8 @@ from gateway.reconcile import push_deadline
 from gateway.scheduling import Job, ensure_held, register
 from gateway.store.tables import DEAD_EVENTS, alert_state, audit_events, outbox, records
 
-__all__ = ["ALERTS_JOB", "LEASE_TIMEOUTS", "AlertNotSent", "Condition", "Evaluation", "conditions",
-           "evaluate", "lease", "payload", "send"]
+__all__ = ["ALERTS_JOB", "DIGEST_KINDS", "LEASE_TIMEOUTS", "AlertNotSent", "Condition", "Evaluation",
+           "conditions", "digest", "evaluate", "lease", "payload", "send"]
 
 log = logging.getLogger(__name__)
 PREFIX = "【CE 网关告警】"
@@ -96,6 +106,11 @@ ADAPTER_ZH = {"health": "卫健", "finance": "财政"}
 LEASE_TIMEOUTS = upstream.DEADLINE_TIMEOUTS + 1
 # A robot answers a few dozen bytes ({"errcode":0,"errmsg":"ok"}); more is cut off, not sent.
 ROBOT_ANSWER_BYTES = 64 * 1024
+# Conditions an evaluation posts together as one digest (see the module doc).
+DIGEST_KINDS = frozenset({"missed_push", "missed_annual"})
+# A digest lists partners while its text stays within this many UTF-8 bytes, and counts the
+# rest: WeCom refuses a markdown message over 4,096 (errcode 40058); DingTalk's text takes more.
+DIGEST_MAX_BYTES = 3800
 
 
 class AlertNotSent(GatewayError):
@@ -252,6 +267,62 @@ def conditions(conn: Connection, settings: Settings, now: datetime) -> list[Cond
             *_dead_letters(conn, now, lease(settings)), *_year_close(conn, settings, now)]
 
 
+def _month_runs(months: Sequence[str]) -> str:
+    """``2025-01``…``2025-03``, ``2025-05`` as "2025-01 至 2025-03（3 个月）、2025-05"."""
+    runs: list[list[str]] = []
+    for month in sorted(months):
+        year, mm = int(month[:4]), int(month[5:7])
+        if runs:
+            last = runs[-1][-1]
+            if (int(last[:4]) * 12 + int(last[5:7])) + 1 == year * 12 + mm:
+                runs[-1].append(month)
+                continue
+        runs.append([month])
+    return "、".join(run[0] if len(run) == 1 else f"{run[0]} 至 {run[-1]}（{len(run)} 个月）"
+                    for run in runs)
+
+
+def digest(group: Sequence[Condition], fmt: str = "wecom") -> Condition:
+    """Several missed pushes as one message: a line per partner, under ``DIGEST_MAX_BYTES``.
+
+    Partners that do not fit are counted in a last line; the ops console's overview lists
+    every month (``GET /ops``, ``missing_months``).  The condition's ``detail`` names every key.
+    """
+    owed: dict[str, dict[str, Any]] = {}
+    for c in group:
+        entry = owed.setdefault(c.detail["partner_id"], {"adapter": c.detail["adapter"],
+                                                         "months": [], "years": []})
+        entry["months" if c.kind == "missed_push" else "years"].append(
+            c.detail.get("month") or str(c.detail.get("year")))
+    head = (f"共 {len(group)} 项未按时推送，涉及 {len(owed)} 个合作方 "
+            f"({len(group)} pushes missed, {len(owed)} partners)",)
+    tail = ("请联系对方补推；每月明细见运维控制台 /ops 总览 "
+            "(ask the partners to push; the ops console /ops lists every month)",)
+    title = "合作方数据未按时推送 (partner pushes missed)"
+    lines: list[str] = []
+    for n, (partner_id, entry) in enumerate(owed.items()):
+        parts = ([f"月度 (months) {_month_runs(entry['months'])}"] if entry["months"] else []) + \
+            ([f"年度 (annual) {'、'.join(sorted(entry['years']))}"] if entry["years"] else [])
+        line = (f"{partner_id}（{ADAPTER_ZH.get(entry['adapter'], entry['adapter'])} "
+                f"{entry['adapter']}）：" + "；".join(parts))
+        left = len(owed) - n - 1
+        more = (f"……另有 {left} 个合作方未列出 ({left} more partners not listed)",) if left else ()
+        trial = Condition("digest", "missed_push", title, (*head, *lines, line, *more, *tail), {})
+        if _content_bytes(trial, fmt) > DIGEST_MAX_BYTES and lines:
+            left += 1
+            lines.append(f"……另有 {left} 个合作方未列出 ({left} more partners not listed)")
+            break
+        lines.append(line)
+    return Condition("digest", "missed_push", title, (*head, *lines, *tail),
+                     {"keys": [c.key for c in group]})
+
+
+def _content_bytes(condition: Condition, fmt: str) -> int:
+    body = payload(condition, fmt)
+    text = body["markdown"]["content"] if fmt == "wecom" else body["text"]["content"]
+    return len(str(text).encode())
+
+
 # -- sending --------------------------------------------------------------------------------
 
 def payload(condition: Condition, fmt: str) -> dict[str, Any]:
@@ -338,47 +409,67 @@ def _ours(claim: _Claim) -> tuple[Any, ...]:
             alert_state.c.sent_at.is_(None))
 
 
-def _mark_sent(engine: Engine, claim: _Claim, at: datetime) -> None:
+def _mark_sent(engine: Engine, claims: Sequence[_Claim], at: datetime) -> None:
     with engine.begin() as conn:
-        marked = conn.execute(update(alert_state).where(*_ours(claim)).values(sent_at=at)).rowcount
-    if marked != 1:  # our post outlived the lease: the taker posts it again (at least once)
-        log.warning("alert %s sent after its claim was taken over; it may go out twice", claim.key)
+        for claim in claims:
+            if conn.execute(update(alert_state).where(*_ours(claim)).values(sent_at=at)).rowcount != 1:
+                # Our post outlived the lease: the taker posts it again (at least once).
+                log.warning("alert %s sent after its claim was taken over; it may go out twice",
+                            claim.key)
 
 
-def _undo(engine: Engine, claim: _Claim) -> None:
-    """Give the claim back, so the next tick retries: delete the row inserted, or restore it."""
+def _undo(engine: Engine, claims: Sequence[_Claim]) -> None:
+    """Give the claims back, so the next tick retries: delete the rows inserted, or restore them."""
     with engine.begin() as conn:
-        if claim.before is None:
-            conn.execute(delete(alert_state).where(*_ours(claim)))
-        else:
-            conn.execute(update(alert_state).where(*_ours(claim)).values(**claim.before))
+        for claim in claims:
+            if claim.before is None:
+                conn.execute(delete(alert_state).where(*_ours(claim)))
+            else:
+                conn.execute(update(alert_state).where(*_ours(claim)).values(**claim.before))
 
 
-def _fire(engine: Engine, settings: Settings, client: httpx.Client, condition: Condition,
-          clock: Callable[[], datetime], result: Evaluation) -> None:
-    assert settings.alert_webhook_url is not None
+def _take(engine: Engine, settings: Settings, condition: Condition,
+          clock: Callable[[], datetime]) -> _Claim | None:
     try:
         with engine.begin() as conn:
-            claim = _claim(conn, condition, clock(), lease(settings))
+            return _claim(conn, condition, clock(), lease(settings))
     except IntegrityError:
-        claim = None  # another evaluator inserted the key meanwhile
-    if claim is None:
-        result.already.append(condition.key)
+        return None  # another evaluator inserted the key meanwhile
+
+
+def _fire(engine: Engine, settings: Settings, client: httpx.Client, group: Sequence[Condition],
+          clock: Callable[[], datetime], result: Evaluation) -> None:
+    """Claim the conditions of ``group`` and post those claimed as one message (:func:`digest`)."""
+    assert settings.alert_webhook_url is not None
+    taken: list[tuple[Condition, _Claim]] = []
+    for condition in group:
+        ensure_held()
+        claim = _take(engine, settings, condition, clock)
+        if claim is None:
+            result.already.append(condition.key)
+        else:
+            taken.append((condition, claim))
+    if not taken:
         return
-    # The claim is committed: no transaction (no lock, no pooled connection) is held while posting.
+    fmt = settings.alert_webhook_format
+    message = taken[0][0] if len(taken) == 1 else digest([c for c, _ in taken], fmt)
+    claims = [claim for _, claim in taken]
+    # The claims are committed: no transaction (no lock, no pooled connection) is held while posting.
     try:
-        send(client, settings.alert_webhook_url, payload(condition, settings.alert_webhook_format),
+        send(client, settings.alert_webhook_url, payload(message, fmt),
              timeout_seconds=settings.alert_webhook_timeout_seconds)
     except Exception as exc:
-        _undo(engine, claim)
+        _undo(engine, claims)
         if not isinstance(exc, AlertNotSent):
             raise
-        log.warning("alert %s not sent: %s", condition.key, exc)
-        result.failed[condition.key] = str(exc)
+        for claim in claims:
+            log.warning("alert %s not sent: %s", claim.key, exc)
+            result.failed[claim.key] = str(exc)
         return
-    _mark_sent(engine, claim, clock())
-    log.info("alert %s sent", condition.key)
-    result.fired.append(condition.key)
+    _mark_sent(engine, claims, clock())
+    for claim in claims:
+        log.info("alert %s sent", claim.key)
+        result.fired.append(claim.key)
 
 
 def _live(conn: Connection) -> dict[str, datetime]:
@@ -425,10 +516,13 @@ def evaluate(engine: Engine, settings: Settings, now: datetime | None = None, *,
         return result
     own = client is None
     http = client or httpx.Client(timeout=settings.alert_webhook_timeout_seconds)
+    together = [c for c in result.active if c.kind in DIGEST_KINDS]
     try:
-        for condition in result.active:
-            ensure_held()
-            _fire(engine, settings, http, condition, clock, result)
+        for condition in result.active:  # the others first, one message each
+            if condition.kind not in DIGEST_KINDS:
+                _fire(engine, settings, http, [condition], clock, result)
+        if together:
+            _fire(engine, settings, http, together, clock, result)
     finally:
         if own:
             http.close()

@@ -10,15 +10,21 @@ Endpoints:
 - ``POST /<any path>`` — a message: stored with its path, query and JSON body
 - ``GET /_mock/received`` → ``{"messages": [{"path", "query", "body", "received_at"}, …]}``;
   ``DELETE /_mock/received`` forgets them
-- ``POST /_mock/faults`` ``{"fail_next": n, "status": 500, "errcode": 0, "delay_ms": 0}`` —
-  the next ``n`` messages are refused (HTTP ``status``, or 200 with a robot ``errcode`` when it
-  is not 0) and not stored; every answer waits ``delay_ms`` first; ``GET /healthz``
+- ``POST /_mock/faults`` ``{"fail_next": n, "status": 500, "errcode": 0, "delay_ms": 0,
+  "per_minute": null}`` — the next ``n`` messages are refused (HTTP ``status``, or 200 with a
+  robot ``errcode`` when it is not 0) and not stored; every answer waits ``delay_ms`` first;
+  ``per_minute`` imitates the robots' rate limit (WeCom: 20 messages a minute): a message
+  beyond it within 60 s is answered 200 ``errcode`` 45009 and not stored; ``GET /healthz``
+
+As WeCom does, a markdown message whose content is over 4,096 bytes (UTF-8) is refused 200
+``errcode`` 40058 and not stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,12 +42,18 @@ class SinkFaults(BaseModel):
     status: int = Field(500, ge=200, le=599)
     errcode: int = 0  # ≠ 0: answer 200 with this robot error code instead of ``status``
     delay_ms: int = Field(0, ge=0, le=10_000)  # a slow robot: every answer waits this long
+    per_minute: int | None = Field(None, ge=1)  # the robot's rate limit (WeCom: 20)
+
+
+# WeCom's limit on a markdown message's content, in UTF-8 bytes (errcode 40058 beyond it).
+MARKDOWN_MAX_BYTES = 4096
 
 
 @dataclass
 class _Sink:
     messages: list[dict[str, Any]] = field(default_factory=list)
     faults: SinkFaults = field(default_factory=SinkFaults)
+    taken_at: list[float] = field(default_factory=list)  # monotonic times of messages kept
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -87,6 +99,15 @@ def create_app() -> FastAPI:
                 if faults.errcode:
                     return JSONResponse({"errcode": faults.errcode, "errmsg": "refused by the mock"})
                 return JSONResponse(status_code=faults.status, content={"errmsg": "refused by the mock"})
+            markdown = body.get("markdown") if isinstance(body, dict) else None
+            if isinstance(markdown, dict) and \
+                    len(str(markdown.get("content", "")).encode()) > MARKDOWN_MAX_BYTES:
+                return JSONResponse({"errcode": 40058, "errmsg": "markdown.content exceed max length"})
+            now = time.monotonic()
+            if faults.per_minute is not None and \
+                    sum(1 for t in sink.taken_at if t > now - 60) >= faults.per_minute:
+                return JSONResponse({"errcode": 45009, "errmsg": "api freq out of limit"})
+            sink.taken_at.append(now)
             sink.messages.append({"path": "/" + path, "query": dict(request.query_params),
                                   "body": body, "received_at": datetime.now(UTC).isoformat()})
         return JSONResponse({"errcode": 0, "errmsg": "ok"})

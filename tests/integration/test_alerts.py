@@ -491,3 +491,57 @@ def test_the_annual_batch_is_due_from_the_configured_day_from_partners_registere
 
     annual_batch(engine, old, 2026)
     assert _owed(evaluate(engine, settings, on_the_day + timedelta(days=1)), old) == []
+
+
+def test_missed_pushes_go_out_as_one_digest_after_the_urgent_alerts_within_the_robots_limit(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], sink: str) -> None:
+    """Alerts turned on for partners owing dozens of pushes: one message for them, not 43.
+
+    The sink answers as WeCom does past 20 messages a minute (errcode 45009): a message a key
+    would leave most of them, and any alert fired after them, failing until the next tick.
+    """
+    veteran = registered(engine, new_partner(engine, adapter="finance"),
+                         datetime(2021, 6, 1, 2, 0, tzinfo=UTC))  # 21 months and 2025's annual
+    quiet = registered(engine, new_partner(engine, adapter="health"),
+                       datetime(2025, 3, 10, 2, 0, tzinfo=UTC))  # 19 months and 2025's annual
+    late = registered(engine, new_partner(engine, adapter="health"))  # September 2026 only
+    ingest(engine, PartnerRef(new_partner(engine).partner_id, "canonical"),
+           [canonical_submission(random.Random(28), "Q-1")])
+    with engine.begin() as conn:  # queued two hours before: the backlog is old too
+        conn.execute(update(outbox).values(created_at=OCT_6 - timedelta(hours=2), queued_at=None))
+    httpx.post(f"{sink}/_mock/faults", json={"per_minute": 20}).raise_for_status()
+    settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}",
+                             alert_backlog_age_seconds=600)
+    owed = [c.key for c in evaluate(engine, make_settings(db_url), OCT_6).active
+            if c.kind in ("missed_push", "missed_annual")]
+    assert len(owed) == 22 + 20 + 1
+
+    # The robot refuses both messages: every claim is given back, and the next tick sends all.
+    httpx.post(f"{sink}/_mock/faults", json={"fail_next": 2, "errcode": 93000,
+                                             "per_minute": 20}).raise_for_status()
+    refused = evaluate(engine, settings, OCT_6)
+    assert refused.fired == [] and sorted(refused.failed) == sorted(["backlog_age", *owed])
+    assert received(sink) == [] and state(engine) == {}
+
+    first = evaluate(engine, settings, OCT_6)
+    assert first.failed == {} and first.already == []
+    assert first.fired == ["backlog_age", *owed]  # the urgent alert first
+    assert all(state(engine)[key]["sent_at"] is not None for key in owed)
+    backlog_message, message = received(sink)
+    assert "投递积压超时" in content(backlog_message)
+    text = content(message)
+    assert "合作方数据未按时推送" in text and "(43 pushes missed, 3 partners)" in text
+    assert f"{veteran.partner_id}（财政 finance）：月度 (months) 2025-01 至 2026-09（21 个月）；" \
+           "年度 (annual) 2025" in text
+    assert f"{quiet.partner_id}（卫健 health）：月度 (months) 2025-03 至 2026-09（19 个月）" in text
+    assert f"{late.partner_id}（卫健 health）：月度 (months) 2026-09" in text
+    assert len(text.encode()) <= 4096
+
+    again = evaluate(engine, settings, OCT_6 + timedelta(hours=1))
+    assert again.fired == [] and sorted(again.already) == sorted(["backlog_age", *owed])
+    # The late partner pushes September: its key clears, the others stay sent.
+    monthly_batch(engine, late, "2026-09")
+    cleared = evaluate(engine, settings, OCT_6 + timedelta(hours=2))
+    assert cleared.cleared == [f"missed_push:{late.partner_id}:2026-09"] and cleared.fired == []
+    assert len(received(sink)) == 2

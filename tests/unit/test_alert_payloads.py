@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime
 import httpx
 import pytest
 
-from gateway.alerts import ALERTS_JOB, AlertNotSent, Condition, payload, send
+from gateway.alerts import ALERTS_JOB, AlertNotSent, Condition, digest, payload, send
 from gateway.config import Settings
 from gateway.ops.overview import latest_due_month, year_close
 from gateway.reconcile import due_months, push_deadline
@@ -32,6 +32,45 @@ def test_dingtalk_text_shape() -> None:
         "待投递 (pending)：3 条\n阈值 (threshold)：600 s")}}
     with pytest.raises(ValueError, match="unknown alert webhook format"):
         payload(CONDITION, "slack")
+
+
+def _missed(partner_id: str, months: list[str], years: tuple[int, ...] = ()) -> list[Condition]:
+    adapter = "finance" if partner_id.startswith("fin") else "health"
+    return [Condition(f"missed_push:{partner_id}:{m}", "missed_push", "", (),
+                      {"partner_id": partner_id, "adapter": adapter, "month": m}) for m in months] + \
+        [Condition(f"missed_annual:{partner_id}:{y}", "missed_annual", "", (),
+                   {"partner_id": partner_id, "adapter": adapter, "year": y}) for y in years]
+
+
+def test_a_digest_lists_each_partners_months_as_runs() -> None:
+    group = [*_missed("fin-1", ["2025-01", "2025-02", "2025-03", "2025-05", "2025-12", "2026-01"],
+                      (2025,)),
+             *_missed("wjw-2", ["2026-09"])]
+    found = digest(group)
+    assert found.detail == {"keys": [c.key for c in group]}
+    assert found.lines == (
+        "共 8 项未按时推送，涉及 2 个合作方 (8 pushes missed, 2 partners)",
+        "fin-1（财政 finance）：月度 (months) 2025-01 至 2025-03（3 个月）、2025-05、"
+        "2025-12 至 2026-01（2 个月）；年度 (annual) 2025",
+        "wjw-2（卫健 health）：月度 (months) 2026-09",
+        "请联系对方补推；每月明细见运维控制台 /ops 总览 "
+        "(ask the partners to push; the ops console /ops lists every month)")
+
+
+@pytest.mark.parametrize("fmt", ["wecom", "dingtalk"])
+def test_a_digest_of_many_partners_stays_within_a_robot_message(fmt: str) -> None:
+    """WeCom refuses markdown over 4,096 bytes: partners past that are counted, not listed."""
+    every_other = [f"2025-{m:02d}" for m in range(1, 13, 2)]  # six runs of one month each
+    group = [c for n in range(300) for c in _missed(f"wjw-{n:03d}-{'x' * 40}", every_other, (2025,))]
+    found = digest(group, fmt)
+    body = payload(found, fmt)
+    text = body["markdown"]["content"] if fmt == "wecom" else body["text"]["content"]
+    assert 3000 < len(text.encode()) <= 4096
+    listed = [line for line in found.lines if line.startswith("wjw-")]
+    [more] = [line for line in found.lines if line.startswith("……另有")]
+    assert more == f"……另有 {300 - len(listed)} 个合作方未列出 ({300 - len(listed)} more partners not listed)"
+    assert listed and listed[0].startswith("wjw-000-") and listed[-1].startswith(f"wjw-{len(listed) - 1:03d}-")
+    assert found.lines[0].startswith("共 2100 项未按时推送，涉及 300 个合作方")
 
 
 @pytest.mark.parametrize(("status", "answer", "sent"), [
