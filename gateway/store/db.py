@@ -8,6 +8,8 @@ take no write lock.  PostgreSQL uses psycopg 3.
 
 from __future__ import annotations
 
+import ast
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -157,18 +159,32 @@ def _pending_repairs(conn: Connection) -> list[str]:
     return list(conn.execute(text("SELECT name FROM store_repairs ORDER BY name")).scalars())
 
 
+# A migration file's own ``revision = '0028'`` and ``down_revision = '0027'`` lines.
+_REVISION_LINE = re.compile(r"^(revision|down_revision)\s*(?::[^=]+)?=\s*(.+?)\s*$", re.MULTILINE)
+
+
 @cache
 def code_revisions() -> tuple[str, frozenset[str]]:
-    """The migrations this code ships: (its head, every revision it knows)."""
-    from alembic.config import Config
-    from alembic.script import ScriptDirectory
+    """The migrations this code ships: (its head, every revision it knows).
 
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    script = ScriptDirectory.from_config(cfg)
-    head = script.get_current_head()
-    assert head is not None, "the migrations have one head"
-    return head, frozenset(rev.revision for rev in script.walk_revisions())
+    Read from the migration files' ``revision`` and ``down_revision`` lines, the identifiers
+    Alembic reads from them, rather than through Alembic's script directory: that imports
+    Alembic and runs every migration module, a quarter of a second of every command's start
+    (``tests/unit/test_code_revisions.py`` holds the two to the same answer).
+    """
+    known: set[str] = set()
+    parents: set[str] = set()
+    for path in sorted((MIGRATIONS_DIR / "versions").glob("*.py")):
+        found = {name: ast.literal_eval(value)
+                 for name, value in _REVISION_LINE.findall(path.read_text(encoding="utf-8"))}
+        if "revision" not in found:
+            continue  # the package's __init__.py
+        known.add(found["revision"])
+        down = found.get("down_revision")
+        parents.update(down if isinstance(down, tuple | list) else [down] if down else [])
+    heads = known - parents
+    assert len(heads) == 1, f"the migrations have one head, not {sorted(heads)}"
+    return heads.pop(), frozenset(known)
 
 
 def revision_behind(conn: Connection) -> tuple[str | None, str] | None:
