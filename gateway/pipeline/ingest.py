@@ -254,7 +254,9 @@ class Chunk(ChunkCaps, ChunkIntegrity, ChunkWrites):
                             else item.source_record_id or _source_id_of(item.raw))
         self.rejected.append({
             "partner_id": self.partner.partner_id, "adapter": self.partner.adapter,
-            "source_record_id": source_id, "batch_id": self.batch_id, "row_no": item.row,
+            # A file row only: a push or a page numbers its items too, from 0 (rejections.row_no).
+            "source_record_id": source_id, "batch_id": self.batch_id,
+            "row_no": item.row if self.batch_id is not None else None,
             "payload": dumps_storable(item.raw),
             "errors": dumps_storable([e.model_dump(mode="json") for e in item.errors]), "status": "open",
             "received_at": self.now})

@@ -208,15 +208,16 @@ rejections = Table(
     Column("adapter", String(32), nullable=False),
     Column("source_record_id", String(64)),
     Column("batch_id", String(64)),
-    Column("row_no", BigInteger),  # the batch file's row it came from (null: a push, or before 0028)
+    Column("row_no", BigInteger),  # its batch file's row (null: no batch, or written before 0028)
     Column("payload", Text, nullable=False),  # the raw submission, as received
     Column("errors", Text, nullable=False),  # JSON list of notes
     Column("status", String(16), nullable=False, default="open"),
     Column("received_at", UTCDateTime, nullable=False, index=True),
     # The partner's other submissions of a source id (revalidation replays only its last word)
     Index("ix_rejections_partner_id_source_record_id", "partner_id", "source_record_id"),
-    # A batch's status counts and marks the rows revalidation let through since (batch_status)
-    Index("ix_rejections_batch_id_row_no", "batch_id", "row_no"),
+    # A batch's status counts and marks the rows revalidation let through since (batch_status),
+    # from the index alone: partners poll it, and a batch may hold 100,000s of rejections
+    Index("ix_rejections_batch_id_status_row_no", "batch_id", "status", "row_no"),
 )
 
 # A group of outbox rows sent together under one Idempotency-Key, retried as a whole.

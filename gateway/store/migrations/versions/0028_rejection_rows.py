@@ -1,13 +1,14 @@
-"""A batch row's rejection names its row: ``rejections.row_no`` and an index on the batch.
+"""A batch row's rejection names its row: ``rejections.row_no``, and an index on the batch.
 
 ``GET /v1/batches/{id}`` lists the rows a batch rejected; once ops revalidated them (reference
 data fixed), the batch's counters still say what the batch judged, and nothing said which of
 those rows the gateway has taken since.  The rejection now keeps the file row it came from, and
-``ix_rejections_batch_id_row_no`` lets a batch's status count and mark its revalidated rows
-without reading every rejection in the store.  Nullable, no backfill: rejections written
-before it (and every push's, which has no file row) have no row; their batch still counts
-them.  A rolling release: code before it writes no row number, which only leaves its
-rejections unmarked.
+``ix_rejections_batch_id_status_row_no`` lets a batch's status count and mark its revalidated
+rows from the index alone: partners poll that status while a batch runs, and a late annual
+refused whole holds hundreds of thousands of rejections, none revalidated.  Nullable, no
+backfill: rejections written before it (and every push's or pull's, which come from no file)
+have no row; their batch still counts them.  A rolling release: code before it writes no row
+number, which only leaves its rejections unmarked.
 
 Revision ID: 0028
 Revises: 0027
@@ -28,10 +29,11 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('rejections') as batch_op:
         batch_op.add_column(sa.Column('row_no', sa.BigInteger(), nullable=True))
-        batch_op.create_index('ix_rejections_batch_id_row_no', ['batch_id', 'row_no'], unique=False)
+        batch_op.create_index('ix_rejections_batch_id_status_row_no', ['batch_id', 'status', 'row_no'],
+                              unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('rejections') as batch_op:
-        batch_op.drop_index('ix_rejections_batch_id_row_no')
+        batch_op.drop_index('ix_rejections_batch_id_status_row_no')
         batch_op.drop_column('row_no')
