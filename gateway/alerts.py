@@ -65,7 +65,8 @@ rest with ``errcode`` 45009): one message a key would flood the group and leave 
 after them failing until the next tick.  So an evaluation fires the other conditions first, one
 message each, then claims every missed push it fires and posts them as one digest
 (:func:`digest`: per partner, its months as ranges and its years, kept under a robot's message
-size), undone or marked sent together.  Each key keeps its own row, so what was sent, cleared
+size); the claims' leases start again together just before the post (:func:`_restamp`), and
+they are undone or marked sent together (given back too if the evaluation stops claiming).  Each key keeps its own row, so what was sent, cleared
 or recurs is still per month and partner.
 
 Messages are Chinese with English in brackets, counts and partner ids only: no identity
@@ -428,6 +429,22 @@ def _undo(engine: Engine, claims: Sequence[_Claim]) -> None:
                 conn.execute(update(alert_state).where(*_ours(claim)).values(**claim.before))
 
 
+def _restamp(engine: Engine, taken: Sequence[tuple[Condition, _Claim]], at: datetime,
+             result: Evaluation) -> list[tuple[Condition, _Claim]]:
+    """The claims still this evaluation's, their leases started again at ``at``.
+
+    A claim another evaluator took over meanwhile (its lease ran out) is that one's to post.
+    """
+    kept = []
+    with engine.begin() as conn:
+        for condition, claim in taken:
+            if conn.execute(update(alert_state).where(*_ours(claim)).values(fired_at=at)).rowcount:
+                kept.append((condition, _Claim(claim.key, at, claim.before)))
+            else:
+                result.already.append(claim.key)
+    return kept
+
+
 def _take(engine: Engine, settings: Settings, condition: Condition,
           clock: Callable[[], datetime]) -> _Claim | None:
     try:
@@ -442,13 +459,23 @@ def _fire(engine: Engine, settings: Settings, client: httpx.Client, group: Seque
     """Claim the conditions of ``group`` and post those claimed as one message (:func:`digest`)."""
     assert settings.alert_webhook_url is not None
     taken: list[tuple[Condition, _Claim]] = []
-    for condition in group:
-        ensure_held()
-        claim = _take(engine, settings, condition, clock)
-        if claim is None:
-            result.already.append(condition.key)
-        else:
-            taken.append((condition, claim))
+    try:
+        for condition in group:
+            ensure_held()
+            claim = _take(engine, settings, condition, clock)
+            if claim is None:
+                result.already.append(condition.key)
+            else:
+                taken.append((condition, claim))
+        if len(taken) > 1:
+            # Claimed one by one, the first claims' leases ran while the rest were taken: start
+            # them all again now, so the post has the whole lease, as a single alert's has.
+            taken = _restamp(engine, taken, clock(), result)
+    except BaseException:
+        # The job's lease lost, the store gone: give back what this evaluation took, rather
+        # than leave it to go out only once its lease has run out.
+        _undo(engine, [claim for _, claim in taken])
+        raise
     if not taken:
         return
     fmt = settings.alert_webhook_format

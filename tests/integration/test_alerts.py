@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import Engine, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 
-from gateway import audit
+from gateway import alerts, audit
 from gateway.accounts import Partner
 from gateway.alerts import Evaluation, evaluate
 from gateway.batch_requests import NewBatch, record_batch
@@ -33,6 +33,7 @@ from gateway.ops.deliveries import DeliveryFilter, reprocess
 from gateway.ops.overview import backlog, overview
 from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
+from gateway.scheduling import LeaseLost
 from gateway.store.db import make_engine
 from gateway.store.tables import alert_state, batches, outbox, partners
 from mock_partners import webhook_sink
@@ -545,3 +546,88 @@ def test_missed_pushes_go_out_as_one_digest_after_the_urgent_alerts_within_the_r
     cleared = evaluate(engine, settings, OCT_6 + timedelta(hours=2))
     assert cleared.cleared == [f"missed_push:{late.partner_id}:2026-09"] and cleared.fired == []
     assert len(received(sink)) == 2
+
+
+def _owing_22(engine: Engine, new_partner: Callable[..., Partner]) -> Partner:
+    """A finance partner registered years ago: 21 months and 2025's annual owed at OCT_6."""
+    return registered(engine, new_partner(engine, adapter="finance"),
+                      datetime(2021, 6, 1, 2, 0, tzinfo=UTC))
+
+
+class _Clock:
+    """``time`` as gateway.alerts reads it: monotonic seconds the test moves on."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_digests_claims_start_their_lease_again_just_before_the_post(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], sink: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claimed one by one on a slow store, the first claims' leases would run out unposted.
+
+    Lease 1 s (4 × a 0.25 s webhook timeout); each claim takes 60 ms of the evaluation's clock,
+    22 claims 1.3 s.  At the post every claim carries the post's time, and another replica
+    evaluating then finds each key being posted (``already``): one digest, each key once.
+    """
+    partner = _owing_22(engine, new_partner)
+    settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}",
+                             alert_webhook_timeout_seconds=0.25)
+    clock = _Clock()
+    monkeypatch.setattr(alerts, "time", clock)
+    take, send = alerts._take, alerts.send
+    posting: list[bool] = []
+
+    def slow_take(*args: Any, **kwargs: Any) -> Any:
+        claim = take(*args, **kwargs)
+        if not posting:  # the first evaluation's store is slow
+            clock.now += 0.06
+        return claim
+
+    seen: dict[str, Any] = {}
+
+    def send_while_another_replica_evaluates(client: httpx.Client, url: str,
+                                             body: dict[str, Any], **kwargs: Any) -> None:
+        if not posting:
+            posting.append(True)
+            seen["leases"] = {row["fired_at"] for row in state(engine).values()}
+            seen["other"] = evaluate(engine, settings, OCT_6 + timedelta(seconds=clock.now))
+        send(client, url, body, **kwargs)
+
+    monkeypatch.setattr(alerts, "_take", slow_take)
+    monkeypatch.setattr(alerts, "send", send_while_another_replica_evaluates)
+    first = evaluate(engine, settings, OCT_6)
+    assert clock.now > 4 * 0.25  # the claims took longer than a lease
+    [lease] = seen["leases"]  # one time on all 22, the post's
+    assert abs((lease.replace(tzinfo=UTC) if lease.tzinfo is None else lease)
+               - (OCT_6 + timedelta(seconds=1.32))) < timedelta(milliseconds=1)
+    other: Evaluation = seen["other"]
+    assert len(first.fired) == 22 and other.fired == [] and sorted(other.already) == sorted(first.fired)
+    [message] = received(sink)
+    assert partner.partner_id in content(message)
+
+
+def test_a_lease_lost_while_claiming_gives_the_claims_taken_back(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], sink: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job taken over after five claims: they are given back, not left to their lease."""
+    _owing_22(engine, new_partner)
+    settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}")
+    calls = {"n": 0}
+
+    def ensure_held() -> None:
+        calls["n"] += 1
+        if calls["n"] == 6:  # one before the conditions are read, then one a claim
+            raise LeaseLost("taken over")
+
+    monkeypatch.setattr(alerts, "ensure_held", ensure_held)
+    with pytest.raises(LeaseLost):
+        evaluate(engine, settings, OCT_6)
+    monkeypatch.undo()
+    assert state(engine) == {} and received(sink) == []
+    # The replica that took the job over evaluates next: every month is in its one digest.
+    after = evaluate(engine, settings, OCT_6 + timedelta(seconds=1))
+    assert after.already == [] and len(after.fired) == 22 and len(received(sink)) == 1
