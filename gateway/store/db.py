@@ -9,7 +9,6 @@ take no write lock.  PostgreSQL uses psycopg 3.
 from __future__ import annotations
 
 import ast
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -159,24 +158,34 @@ def _pending_repairs(conn: Connection) -> list[str]:
     return list(conn.execute(text("SELECT name FROM store_repairs ORDER BY name")).scalars())
 
 
-# A migration file's own ``revision = '0028'`` and ``down_revision = '0027'`` lines.
-_REVISION_LINE = re.compile(r"^(revision|down_revision)\s*(?::[^=]+)?=\s*(.+?)\s*$", re.MULTILINE)
+def _revision_lines(source: str) -> dict[str, Any]:
+    """A migration module's top-level ``revision`` and ``down_revision`` values, unrun."""
+    found: dict[str, Any] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id in ("revision", "down_revision"):
+            found[target.id] = ast.literal_eval(value)
+    return found
 
 
 @cache
 def code_revisions() -> tuple[str, frozenset[str]]:
     """The migrations this code ships: (its head, every revision it knows).
 
-    Read from the migration files' ``revision`` and ``down_revision`` lines, the identifiers
-    Alembic reads from them, rather than through Alembic's script directory: that imports
-    Alembic and runs every migration module, a quarter of a second of every command's start
-    (``tests/unit/test_code_revisions.py`` holds the two to the same answer).
+    Read from the migration modules' ``revision`` and ``down_revision`` assignments, which is
+    what Alembic reads from them, parsed rather than through Alembic's script directory: that
+    imports Alembic and runs every migration module, a quarter of a second of every command's
+    start (``tests/unit/test_code_revisions.py`` holds the two to the same answer).
     """
     known: set[str] = set()
     parents: set[str] = set()
     for path in sorted((MIGRATIONS_DIR / "versions").glob("*.py")):
-        found = {name: ast.literal_eval(value)
-                 for name, value in _REVISION_LINE.findall(path.read_text(encoding="utf-8"))}
+        found = _revision_lines(path.read_text(encoding="utf-8"))
         if "revision" not in found:
             continue  # the package's __init__.py
         known.add(found["revision"])
