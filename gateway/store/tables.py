@@ -350,7 +350,8 @@ batch_errors = Table(
     Column("code", String(32), nullable=False),
     Column("message", Text, nullable=False),
     Column("message_zh", Text, nullable=False),
-    Index("ix_batch_errors_batch_row", "batch_id", "row_no"),
+    # A batch's status pages its row errors by id (batch_status): found in order, not sorted
+    Index("ix_batch_errors_batch_id_id", "batch_id", "id"),
 )
 
 # Incremental pulls (the Cadre Network College): the cursor advances in the same transaction

@@ -10,6 +10,11 @@ backfill: rejections written before it (and every push's or pull's, which come f
 have no row; their batch still counts them.  A rolling release: code before it writes no row
 number, which only leaves its rejections unmarked.
 
+The same status pages the batch's row errors by ``id`` (its cursor); SQLite served that from
+``ix_batch_errors_batch_row`` (batch_id, row_no) by sorting all of the batch's errors for each
+page (68 ms a poll at 300,000).  ``ix_batch_errors_batch_id_id`` (batch_id, id) replaces it:
+nothing else reads row errors, and every release pages them the same way.
+
 Revision ID: 0028
 Revises: 0027
 Create Date: 2026-12-26 10:00:00
@@ -31,9 +36,15 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('row_no', sa.BigInteger(), nullable=True))
         batch_op.create_index('ix_rejections_batch_id_status_row_no', ['batch_id', 'status', 'row_no'],
                               unique=False)
+    with op.batch_alter_table('batch_errors') as batch_op:
+        batch_op.create_index('ix_batch_errors_batch_id_id', ['batch_id', 'id'], unique=False)
+        batch_op.drop_index('ix_batch_errors_batch_row')
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('batch_errors') as batch_op:
+        batch_op.create_index('ix_batch_errors_batch_row', ['batch_id', 'row_no'], unique=False)
+        batch_op.drop_index('ix_batch_errors_batch_id_id')
     with op.batch_alter_table('rejections') as batch_op:
         batch_op.drop_index('ix_rejections_batch_id_status_row_no')
         batch_op.drop_column('row_no')
