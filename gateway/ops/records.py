@@ -342,6 +342,7 @@ def list_rejections(conn: Connection, *, partner_id: str | None = None,
     rows = conn.execute(query.order_by(c.id.desc()).limit(limit + 1)).mappings().all()
     items = [{"id": r["id"], "partner_id": r["partner_id"], "adapter": r["adapter"],
               "source_record_id": masked_source_id(r["source_record_id"]), "batch_id": r["batch_id"],
+              "row": r["row_no"],  # its batch file's row (null: no batch, or before 0028)
               "status": r["status"], "received_at": iso(r["received_at"]),
               "errors": orjson.loads(r["errors"]),
               "payload": _masked_json(r["payload"])} for r in rows[:limit]]

@@ -98,6 +98,12 @@ def test_a_batch_status_marks_the_rows_revalidation_let_through(
         assert _rows(before) == {2: ("YEAR_CLOSED", False), 3: ("YEAR_CLOSED", False),
                                  4: ("ID_NUMBER_INVALID", False)}
 
+        # Ops' list of rejections names each one's file row too.
+        listed = httpx.get(f"{url}/v1/rejections", params={"batch_id": batch_id},
+                           headers={"Authorization": f"Bearer {viewer}"})
+        assert listed.status_code == 200, listed.text
+        assert sorted(r["row"] for r in listed.json()["items"]) == [2, 3, 4]
+
         _defer(store, tmp_path, first.id_number)
         assert (revalidate("deferral approved for the first")["accepted"]) == 1
         once = status()
@@ -142,6 +148,9 @@ def test_a_batch_status_marks_the_rows_revalidation_let_through(
             assert re.search(r'<dd id="batch-revalidated">3 行', page.text)
             table = page.text.split('id="row-errors"', 1)[1].split("</table>", 1)[0]
             assert table.count("复核通过") == 3
+            closed = console.get("/ops/rejections", params={"status": "all"})
+            assert closed.status_code == 200, closed.text
+            assert all(f"第 {row} 行" in closed.text for row in (2, 3, 4))
 
     with store.connect() as conn:
         kept = conn.execute(select(rejections.c.row_no, rejections.c.status)
