@@ -65,9 +65,9 @@ rest with ``errcode`` 45009): one message a key would flood the group and leave 
 after them failing until the next tick.  So an evaluation fires the other conditions first, one
 message each, then claims every missed push it fires and posts them as one digest
 (:func:`digest`: per partner, its months as ranges and its years, kept under a robot's message
-size); the claims' leases start again together just before the post (:func:`_restamp`), and
-they are undone or marked sent together (given back too if the evaluation stops claiming).  Each key keeps its own row, so what was sent, cleared
-or recurs is still per month and partner.
+size).  The claims' leases start again together just before the post (:func:`_restamp`); they
+are undone or marked sent together, and given back if the evaluation stops while claiming.
+Each key keeps its own row, so what was sent, cleared or recurs is still per month and partner.
 
 Messages are Chinese with English in brackets, counts and partner ids only: no identity
 number, no payload.  The webhook URL carries the robot's key and is never logged.
