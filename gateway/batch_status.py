@@ -59,9 +59,10 @@ def _revalidated(conn: Connection, batch_id: str, row_nos: set[int]) -> tuple[in
     ``counts`` stay what the batch judged when it ran; these say what became of its rejections
     later: ops fixed reference data and ``revalidate`` judged the row again without rejecting
     it, or an operator edited the rejection through (its record is in the store, or it is held
-    as a conflict).  A row refused again keeps
-    its row number on the fresh rejection, so a row counts once whichever run let it through.
-    Rejections written before migration 0028 have no row number: counted, never marked.
+    as a conflict).  A row refused again keeps its row number on the fresh rejection, so a row
+    counts once whichever run let it through.  Rejections written before migration 0028 have
+    no row number: counted, never marked.  Both reads are served by
+    ``ix_rejections_batch_id_status_row_no`` alone (partners poll this).
     """
     mine = (rejections.c.batch_id == batch_id, rejections.c.status == "revalidated")
     total = int(conn.execute(select(func.count()).select_from(rejections).where(*mine)).scalar_one())
