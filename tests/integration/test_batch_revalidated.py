@@ -147,7 +147,7 @@ def test_a_batch_status_marks_the_rows_revalidation_let_through(
             assert page.status_code == 200, page.text
             assert re.search(r'<dd id="batch-revalidated">3 行', page.text)
             table = page.text.split('id="row-errors"', 1)[1].split("</table>", 1)[0]
-            assert table.count("复核通过") == 3
+            assert table.count("已通过（重新校验或修改）") == 3
             closed = console.get("/ops/rejections", params={"status": "all"})
             assert closed.status_code == 200, closed.text
             assert all(f"第 {row} 行" in closed.text for row in (2, 3, 4))
