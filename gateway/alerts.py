@@ -467,9 +467,10 @@ def _fire(engine: Engine, settings: Settings, client: httpx.Client, group: Seque
                 result.already.append(condition.key)
             else:
                 taken.append((condition, claim))
-        if len(taken) > 1:
-            # Claimed one by one, the first claims' leases ran while the rest were taken: start
-            # them all again now, so the post has the whole lease, as a single alert's has.
+        if taken and len(group) > 1:
+            # Claimed or checked one by one, the first claims' leases ran while the rest of the
+            # group was gone through (a new month ahead of many live ones, too): start them
+            # again now, so the post has the whole lease, as a single alert's has.
             taken = _restamp(engine, taken, clock(), result)
     except BaseException:
         # The job's lease lost, the store gone: give back what this evaluation took, rather

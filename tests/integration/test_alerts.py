@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, func, insert, select, text, update
+from sqlalchemy import Engine, delete, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 
 from gateway import alerts, audit
@@ -631,3 +631,48 @@ def test_a_lease_lost_while_claiming_gives_the_claims_taken_back(
     # The replica that took the job over evaluates next: every month is in its one digest.
     after = evaluate(engine, settings, OCT_6 + timedelta(seconds=1))
     assert after.already == [] and len(after.fired) == 22 and len(received(sink)) == 1
+
+
+def test_one_new_claim_ahead_of_many_live_keys_is_posted_once(
+        db_url: str, engine: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], sink: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tick with one month newly due and 21 already sent: checking the 21 outlasts its lease.
+
+    (Second review: only a digest of several claims was re-stamped, so the one new claim ran out
+    and another replica posted it as well.)
+    """
+    _owing_22(engine, new_partner)
+    settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}",
+                             alert_webhook_timeout_seconds=0.25)  # lease 1 s
+    first = evaluate(engine, settings, OCT_6)
+    assert len(first.fired) == 22
+    new_key = first.fired[0]  # as if newly due: one new claim ahead of 21 live keys
+    with engine.begin() as conn:
+        conn.execute(delete(alert_state).where(alert_state.c.key == new_key))
+    clock = _Clock()
+    monkeypatch.setattr(alerts, "time", clock)
+    take, send = alerts._take, alerts.send
+    posting: list[bool] = []
+
+    def slow_take(*args: Any, **kwargs: Any) -> Any:
+        claim = take(*args, **kwargs)
+        if not posting:
+            clock.now += 0.06  # 60 ms a check
+        return claim
+
+    seen: dict[str, Evaluation] = {}
+
+    def send_while_another_replica_evaluates(client: httpx.Client, url: str,
+                                             body: dict[str, Any], **kwargs: Any) -> None:
+        if not posting:
+            posting.append(True)
+            seen["other"] = evaluate(engine, settings, OCT_6 + timedelta(seconds=clock.now))
+        send(client, url, body, **kwargs)
+
+    monkeypatch.setattr(alerts, "_take", slow_take)
+    monkeypatch.setattr(alerts, "send", send_while_another_replica_evaluates)
+    second = evaluate(engine, settings, OCT_6)
+    assert clock.now > 4 * 0.25
+    assert second.fired == [new_key]
+    assert seen["other"].fired == [] and new_key in seen["other"].already
+    assert len(received(sink)) == 2
