@@ -6,13 +6,14 @@ import copy
 import hashlib
 import random
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, insert, inspect, select, text, update
 
 from contracts import CESubmission
 from gateway.accounts import Partner
@@ -22,7 +23,7 @@ from gateway.pipeline import dedup
 from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef
 from gateway.store.db import code_revisions, make_engine, upgrade
-from gateway.store.tables import audit_head, metadata, record_versions, records
+from gateway.store.tables import audit_head, metadata, record_versions, records, rejections
 from mock_partners import generators as gen
 from tests.support.keys import unsafe_downgrade_config
 from tests.support.servers import uvicorn_thread
@@ -122,3 +123,44 @@ def test_readyz_serves_a_store_ahead_of_the_code_but_not_one_behind(
     assert ready_at("9999_a_newer_release").status_code == 200
     behind = ready_at(older)
     assert behind.status_code == 503 and f"code needs {head}" in behind.json()["reason"], behind.text
+
+
+def _index_columns(engine: Engine, table: str) -> dict[str, list[str]]:
+    with engine.connect() as conn:
+        return {i["name"]: list(i["column_names"]) for i in inspect(conn).get_indexes(table)}
+
+
+def _columns_of(engine: Engine, table: str) -> list[str]:
+    with engine.connect() as conn:
+        return [c["name"] for c in inspect(conn).get_columns(table)]
+
+
+def test_0028_goes_down_to_0027_and_up_again_keeping_the_rejections(db_url: str, engine: Engine) -> None:
+    """Row numbers and the new indexes go; the old row-errors index comes back; nothing is lost."""
+    now = datetime(2026, 10, 1, tzinfo=UTC)
+    with engine.begin() as conn:
+        conn.execute(insert(rejections), [
+            {"partner_id": "p", "adapter": "health", "source_record_id": "s", "batch_id": "B1",
+             "row_no": 7, "payload": "{}", "errors": "[]", "status": "open", "received_at": now},
+            {"partner_id": "p", "adapter": "health", "source_record_id": "t", "batch_id": None,
+             "row_no": None, "payload": "{}", "errors": "[]", "status": "open", "received_at": now}])
+    before_rej, before_be = _index_columns(engine, "rejections"), _index_columns(engine, "batch_errors")
+    assert before_rej["ix_rejections_batch_id_status_row_no"] == ["batch_id", "status", "row_no"]
+    assert before_be == {"ix_batch_errors_batch_id_id": ["batch_id", "id"]}
+    command.downgrade(unsafe_downgrade_config(db_url), "0027")
+    engine.dispose()
+    assert "row_no" not in _columns_of(engine, "rejections")
+    assert _index_columns(engine, "batch_errors") == {"ix_batch_errors_batch_row": ["batch_id", "row_no"]}
+    rej = _index_columns(engine, "rejections")
+    assert "ix_rejections_batch_id_status_row_no" not in rej
+    assert set(rej) == set(before_rej) - {"ix_rejections_batch_id_status_row_no"}
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM rejections")).scalar() == 2
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0027"
+    upgrade(db_url)
+    engine.dispose()
+    assert _index_columns(engine, "rejections") == before_rej
+    assert _index_columns(engine, "batch_errors") == before_be
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        assert conn.execute(select(rejections.c.row_no)).scalars().all() == [None, None]
