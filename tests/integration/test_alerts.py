@@ -564,6 +564,37 @@ class _Clock:
         return self.now
 
 
+def _slow_store_and_a_replica_at_the_post(engine: Engine, settings: Settings,
+                                           monkeypatch: pytest.MonkeyPatch) -> tuple[_Clock, dict[str, Any]]:
+    """A slow store (60 ms of the clock a claim or check) and another replica just before the post.
+
+    Only the next evaluation is slow.  Before its first post another replica evaluates;
+    ``seen`` gets the leases as they stand then (``"leases"``, the rows' ``fired_at``) and that
+    replica's evaluation (``"other"``).
+    """
+    clock = _Clock()
+    monkeypatch.setattr(alerts, "time", clock)
+    take, send = alerts._take, alerts.send
+    seen: dict[str, Any] = {}
+
+    def slow_take(*args: Any, **kwargs: Any) -> Any:
+        claim = take(*args, **kwargs)
+        if "leases" not in seen:  # slow until the first post, the other replica's is not
+            clock.now += 0.06
+        return claim
+
+    def send_while_another_replica_evaluates(client: httpx.Client, url: str,
+                                             body: dict[str, Any], **kwargs: Any) -> None:
+        if "leases" not in seen:  # set first: the other replica's own post comes here too
+            seen["leases"] = {row["fired_at"] for row in state(engine).values()}
+            seen["other"] = evaluate(engine, settings, OCT_6 + timedelta(seconds=clock.now))
+        send(client, url, body, **kwargs)
+
+    monkeypatch.setattr(alerts, "_take", slow_take)
+    monkeypatch.setattr(alerts, "send", send_while_another_replica_evaluates)
+    return clock, seen
+
+
 def test_a_digests_claims_start_their_lease_again_just_before_the_post(
         db_url: str, engine: Engine, make_settings: MakeSettings,
         new_partner: Callable[..., Partner], sink: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -576,29 +607,7 @@ def test_a_digests_claims_start_their_lease_again_just_before_the_post(
     partner = _owing_22(engine, new_partner)
     settings = make_settings(db_url, alert_webhook_url=f"{sink}{ROBOT_PATH}",
                              alert_webhook_timeout_seconds=0.25)
-    clock = _Clock()
-    monkeypatch.setattr(alerts, "time", clock)
-    take, send = alerts._take, alerts.send
-    posting: list[bool] = []
-
-    def slow_take(*args: Any, **kwargs: Any) -> Any:
-        claim = take(*args, **kwargs)
-        if not posting:  # the first evaluation's store is slow
-            clock.now += 0.06
-        return claim
-
-    seen: dict[str, Any] = {}
-
-    def send_while_another_replica_evaluates(client: httpx.Client, url: str,
-                                             body: dict[str, Any], **kwargs: Any) -> None:
-        if not posting:
-            posting.append(True)
-            seen["leases"] = {row["fired_at"] for row in state(engine).values()}
-            seen["other"] = evaluate(engine, settings, OCT_6 + timedelta(seconds=clock.now))
-        send(client, url, body, **kwargs)
-
-    monkeypatch.setattr(alerts, "_take", slow_take)
-    monkeypatch.setattr(alerts, "send", send_while_another_replica_evaluates)
+    clock, seen = _slow_store_and_a_replica_at_the_post(engine, settings, monkeypatch)
     first = evaluate(engine, settings, OCT_6)
     assert clock.now > 4 * 0.25  # the claims took longer than a lease
     [lease] = seen["leases"]  # one time on all 22, the post's
@@ -649,28 +658,7 @@ def test_one_new_claim_ahead_of_many_live_keys_is_posted_once(
     new_key = first.fired[0]  # as if newly due: one new claim ahead of 21 live keys
     with engine.begin() as conn:
         conn.execute(delete(alert_state).where(alert_state.c.key == new_key))
-    clock = _Clock()
-    monkeypatch.setattr(alerts, "time", clock)
-    take, send = alerts._take, alerts.send
-    posting: list[bool] = []
-
-    def slow_take(*args: Any, **kwargs: Any) -> Any:
-        claim = take(*args, **kwargs)
-        if not posting:
-            clock.now += 0.06  # 60 ms a check
-        return claim
-
-    seen: dict[str, Evaluation] = {}
-
-    def send_while_another_replica_evaluates(client: httpx.Client, url: str,
-                                             body: dict[str, Any], **kwargs: Any) -> None:
-        if not posting:
-            posting.append(True)
-            seen["other"] = evaluate(engine, settings, OCT_6 + timedelta(seconds=clock.now))
-        send(client, url, body, **kwargs)
-
-    monkeypatch.setattr(alerts, "_take", slow_take)
-    monkeypatch.setattr(alerts, "send", send_while_another_replica_evaluates)
+    clock, seen = _slow_store_and_a_replica_at_the_post(engine, settings, monkeypatch)
     second = evaluate(engine, settings, OCT_6)
     assert clock.now > 4 * 0.25
     assert second.fired == [new_key]
