@@ -319,22 +319,25 @@ def digest(group: Sequence[Condition], fmt: str = "wecom") -> Condition:
 
 
 def _content_bytes(condition: Condition, fmt: str) -> int:
-    body = payload(condition, fmt)
-    text = body["markdown"]["content"] if fmt == "wecom" else body["text"]["content"]
-    return len(str(text).encode())
+    return len(_content(condition, fmt)[1].encode())
 
 
 # -- sending --------------------------------------------------------------------------------
 
+def _content(condition: Condition, fmt: str) -> tuple[str, str]:
+    """The message type and the text a robot shows (what its size limit counts)."""
+    if fmt == "wecom":
+        return "markdown", (f"**{PREFIX}{condition.title}**\n"
+                            + "\n".join(f"> {line}" for line in condition.lines))
+    if fmt == "dingtalk":
+        return "text", f"{PREFIX}{condition.title}\n" + "\n".join(condition.lines)
+    raise ValueError(f"unknown alert webhook format {fmt!r} (wecom | dingtalk)")
+
+
 def payload(condition: Condition, fmt: str) -> dict[str, Any]:
     """The robot message: WeCom markdown or DingTalk text."""
-    if fmt == "wecom":
-        content = f"**{PREFIX}{condition.title}**\n" + "\n".join(f"> {line}" for line in condition.lines)
-        return {"msgtype": "markdown", "markdown": {"content": content}}
-    if fmt == "dingtalk":
-        return {"msgtype": "text",
-                "text": {"content": f"{PREFIX}{condition.title}\n" + "\n".join(condition.lines)}}
-    raise ValueError(f"unknown alert webhook format {fmt!r} (wecom | dingtalk)")
+    msgtype, content = _content(condition, fmt)
+    return {"msgtype": msgtype, msgtype: {"content": content}}
 
 
 def send(client: httpx.Client, url: str, body: dict[str, Any], *,
