@@ -14,15 +14,15 @@ import csv
 import random
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from sqlalchemy import Connection, Engine, event, insert, select
+from sqlalchemy import Engine, event, select
 
+from benchmarks.batch_status import write_refused_batch
 from gateway.accounts import Partner
 from gateway.api.app import create_app
 from gateway.batch_status import batch_status
@@ -30,7 +30,7 @@ from gateway.batches import BatchProcessor
 from gateway.config import Settings
 from gateway.reference import import_csv
 from gateway.signing import SigningClient
-from gateway.store.tables import batch_errors, batches, rejections
+from gateway.store.tables import rejections
 from mock_partners.generators import make_person
 from tests.support.keys import KEYS
 from tests.support.servers import uvicorn_thread
@@ -181,23 +181,6 @@ def test_a_pushed_results_rejection_keeps_no_row(
     assert kept == [(None, None), (None, None)]
 
 
-def _refused_batch(conn: Connection, batch_id: str, n: int) -> None:
-    """A batch of ``n`` rows, all refused and none revalidated (a late annual, say)."""
-    now = datetime.now(UTC)
-    conn.execute(insert(batches).values(
-        batch_id=batch_id, partner_id="p", adapter="health", kind="annual", period="2025",
-        status="done", file_path="/x", file_format="csv", file_size=1, sha256="0" * 64,
-        rows_done=n + 1, accepted=0, duplicate=0, corrected=0, conflict=0, rejected=n,
-        credits_total="0", created_at=now))
-    conn.execute(insert(rejections), [{
-        "partner_id": "p", "adapter": "health", "source_record_id": f"S{i}", "batch_id": batch_id,
-        "row_no": i + 2, "payload": "{}", "errors": "[]", "status": "open", "received_at": now}
-        for i in range(n)])
-    conn.execute(insert(batch_errors), [{
-        "batch_id": batch_id, "row_no": i + 2, "column_name": None, "code": "YEAR_CLOSED",
-        "message": "m", "message_zh": "m"} for i in range(n)])
-
-
 def test_a_batch_status_finds_its_revalidated_rows_in_an_index(db_url: str, store: Engine) -> None:
     """Partners poll the status: no read of it visits or sorts every row of the batch.
 
@@ -208,7 +191,7 @@ def test_a_batch_status_finds_its_revalidated_rows_in_an_index(db_url: str, stor
     if not db_url.startswith("sqlite"):
         pytest.skip("the plan is read with SQLite's EXPLAIN QUERY PLAN")
     with store.begin() as conn:
-        _refused_batch(conn, "B1", 50)
+        write_refused_batch(conn, "B1", 50)  # the benchmark's batch, small
         conn.execute(rejections.update().where(rejections.c.row_no == 7).values(status="revalidated"))
     statements: list[tuple[str, Any]] = []
 
