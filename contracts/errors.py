@@ -22,10 +22,12 @@ class CodeInfo:
     http_status: int | None
     message_en: str
     message_zh: str
+    # Another status the same code answers with, and where (docs/error-codes.md shows it).
+    other_status: str = ""
 
 
-def _e(code: str, status: int | None, en: str, zh: str) -> CodeInfo:
-    return CodeInfo(code, Severity.ERROR, status, en, zh)
+def _e(code: str, status: int | None, en: str, zh: str, other_status: str = "") -> CodeInfo:
+    return CodeInfo(code, Severity.ERROR, status, en, zh, other_status)
 
 
 def _w(code: str, en: str, zh: str) -> CodeInfo:
@@ -53,7 +55,9 @@ CATALOGUE: dict[str, CodeInfo] = {
         _e("OUTSIDE_YEAR", 422, "The completion date lies outside the continuing-education year.",
            "完成日期不在该继续教育年度内。"),
         _e("YEAR_CLOSED", 422, "The continuing-education year is closed for new records.",
-           "该继续教育年度已关闭，不再接收记录。"),
+           "该继续教育年度已关闭，不再接收记录。",
+           other_status="409 from `POST /v1/conflicts/{record_id}/resolve` keeping a report "
+                        "against a record that counts in a closed year"),
         _e("SCOPE_VIOLATION", 403, "The partner may not submit for this adapter or base code.",
            "合作方无权以该适配器或基地代码提交数据。"),
         _e("CONFLICT_WITH_EXISTING", None, "Another source already reported this activity with different hours; held for review.",

@@ -84,6 +84,8 @@ def render_error_codes_md() -> str:
     rows = []
     for info in CATALOGUE.values():
         status = "—" if info.http_status is None else str(info.http_status)
+        if info.other_status:
+            status += f"; {info.other_status}"
         kind = "error" if info.severity is Severity.ERROR else "warning"
         rows.append(
             f"| `{info.code}` | {kind} | {status} | {_cell(info.message_en)} "
