@@ -130,3 +130,22 @@ def test_messages_are_distinct() -> None:
     chinese = [info.message_zh for info in CATALOGUE.values()]
     assert len(set(english)) == len(english)
     assert len(set(chinese)) == len(chinese)
+
+
+def test_a_codes_other_status_is_what_its_raiser_answers_and_the_doc_shows_it() -> None:
+    """YEAR_CLOSED is 422 for a partner's record, 409 when an operator's resolution is refused.
+
+    The operator's refusal is an ``OpsConflict`` (``gateway/ops/records.py``); the catalogue
+    names its status beside the partner's, and ``docs/error-codes.md`` prints both.
+    """
+    from contracts.export import render_error_codes_md
+    from gateway.ops.common import OpsConflict
+
+    others = {c: i.other_status for c, i in CATALOGUE.items() if i.other_status}
+    assert set(others) == {"YEAR_CLOSED"}
+    assert CATALOGUE["YEAR_CLOSED"].http_status == 422
+    assert others["YEAR_CLOSED"].startswith(f"{OpsConflict.status_code} from ")
+    assert "/v1/conflicts/{record_id}/resolve" in others["YEAR_CLOSED"]
+    [row] = [line for line in render_error_codes_md().splitlines()
+             if line.startswith("| `YEAR_CLOSED` |")]
+    assert row.split(" | ")[2] == f"422; {others['YEAR_CLOSED']}"
