@@ -55,3 +55,13 @@ class Adapter(ABC):
     @abstractmethod
     def parse(self, raw: Any) -> Iterator[ParsedRow]:
         """Yield one :class:`ParsedRow` per native record in ``raw``; never raise on bad data."""
+
+    @classmethod
+    def stored_source_id(cls, sent: str) -> str:
+        """The ``source_record_id`` a record the partner sent as ``sent`` is stored under.
+
+        A withdrawal (``DELETE /v1/records/{id}``) names the id as the partner sent it; the
+        record was stored under what parsing made of it (the contract strips whitespace, full
+        width spaces included), so the withdrawal looks up the same.
+        """
+        return sent.strip()

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["cell_text", "loads_exact", "mangled_number", "parse_date", "parse_decimal",
+__all__ = ["cell_text", "code_text", "loads_exact", "mangled_number", "parse_date", "parse_decimal",
            "show_value", "to_ascii_digits"]
 
 # Lone surrogates come from undecodable bytes (``errors="surrogateescape"``); they are not text
@@ -84,6 +84,14 @@ def to_ascii_digits(s: str) -> str:
     return unicodedata.normalize("NFKC", s).strip()
 
 
+def code_text(s: str) -> str:
+    """A code's text (identity numbers, region codes, record ids): folded, without any space.
+
+    ``"ＪＤ－1 2"`` → ``"JD-12"``.
+    """
+    return "".join(to_ascii_digits(s).split())
+
+
 def _check_text(s: str) -> str:
     if "\x00" in s:
         raise ValueError("contains a NUL character")
@@ -92,16 +100,72 @@ def _check_text(s: str) -> str:
     return s
 
 
-def loads_exact(data: bytes | str) -> Any:
+def loads_exact(data: bytes | str, *, decimals: bool = False) -> Any:
     """JSON as orjson reads it, but integers beyond 64 bits kept exact.
 
     orjson reads ``20261127000000000001`` as the float ``2.0261127e+19``: two record numbers of
     twenty digits would become one id, and their records one (a correction of the other).
     Python's json keeps them as integers; it reads the rare document that has such a number
     again (orjson's errors, lone surrogates and all, are raised first, as before).
+
+    ``decimals=True`` (a partner's pushed records, whose hours are decimals, never floats:
+    SPEC §3): a document with any number that has a fraction or an exponent is read again
+    with every such number a :class:`~decimal.Decimal`, so ``8.000000000000000001`` h is not
+    taken as 8 h but refused by the contract as any other over-precise quantity is.  A number
+    no double holds (``1e400``: valid JSON, which sets no range) is read so too, and refused
+    with its record, not with the whole request.
     """
-    value = orjson.loads(data)
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if decimals and str(exc).startswith("number is infinity"):
+            return _loads_decimal(data, exc)
+        raise
+    if decimals:
+        return _loads_decimal(data, None) if _has_float(value) else value
     return json.loads(data) if _has_huge_number(value) else value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads_decimal(data: bytes | str, orjson_error: orjson.JSONDecodeError | None) -> Any:
+    """Python's json with decimal numbers.
+
+    After an orjson error, that error again unless the number was the document's only fault
+    (Python's json takes lone surrogates and NaN, which orjson refuses).
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        value = json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
+    except ValueError:
+        if orjson_error is None:  # pragma: no cover - orjson read the same text without fault
+            raise
+        raise orjson_error from None
+    if orjson_error is not None and _has_surrogate(value):
+        raise orjson_error
+    return value
+
+
+def _has_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(_has_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_float(v) for v in value)
+    return False
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return not value.isascii() and _SURROGATES.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
 
 
 def _has_huge_number(value: Any) -> bool:

@@ -16,11 +16,11 @@ from typing import Any
 from adapters.base import Adapter, ParsedRow
 from adapters.normalize import (
     cell_text,
+    code_text,
     mangled_number,
     parse_date,
     parse_decimal,
     show_value,
-    to_ascii_digits,
 )
 from adapters.tabular import row_error, row_error_zh
 from contracts import CESubmission, Note
@@ -74,6 +74,10 @@ class TabularAdapter(Adapter):
     ``parse((row_number, cells))`` yields exactly one :class:`ParsedRow` and never raises;
     subclasses implement :meth:`parse_cells`.
     """
+
+    @classmethod
+    def stored_source_id(cls, sent: str) -> str:
+        return code_text(sent)  # as a record-number cell is read (RowBuilder.record_id)
 
     def parse(self, raw: Any) -> Iterator[ParsedRow]:
         row, cells, problem = unpack_row(raw)
@@ -176,7 +180,7 @@ class RowBuilder:
             self._fail(column, str(exc), f"不是有效文本（{_kind_zh(raw)}）")
             return placeholder if required else None
         if code:
-            value = "".join(to_ascii_digits(value).split())
+            value = code_text(value)
         if not value:
             if required:
                 self._fail(column, "empty", "不能为空")

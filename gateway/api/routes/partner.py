@@ -9,8 +9,10 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from adapters.normalize import loads_exact
+from adapters.registry import ADAPTERS
 from contracts import CESubmission, RecordAnswer, SubmissionResult
 from gateway.accounts import Partner
 from gateway.api.deps import signed_partner, state_of
@@ -53,7 +55,7 @@ RECORDS_BODY = {**SIGNED, "requestBody": {"required": True, "content": {"applica
 
 def _records_of(body: bytes, limit: int) -> list[Any]:
     try:
-        data = loads_exact(body)
+        data = loads_exact(body, decimals=True)
     except orjson.JSONDecodeError as exc:
         raise PayloadRejected("SCHEMA", detail=f"(body is not JSON: {exc})", detail_zh=(
             f"（请求体不是有效的 JSON：第 {exc.lineno} 行第 {exc.colno} 列有误）")) from exc
@@ -105,15 +107,38 @@ async def submit_records(request: Request, signed: SignedPartner) -> SubmissionR
     return records_result(answers)
 
 
-# ``:path``: a partner's own id may hold "/" (``JD/2026/1``); sent raw or as %2F, the server
+class _AnyText(Convertor[str]):
+    """Starlette's ``path``, line breaks included.
+
+    ``path``'s ``.*`` stops at one, so an id holding a line break (``JD%0A1``, which ingest
+    takes) matched no withdrawal route at all (405).
+    """
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anytext", _AnyText())
+
+
+# ``:anytext``: a partner's own id may hold "/" (``JD/2026/1``); sent raw or as %2F, the server
 # sees it decoded, and a plain parameter would not match it at all (404, never withdrawable).
-@router.delete("/records/{source_record_id:path}", response_model=RecordAnswer, openapi_extra=SIGNED,
+@router.delete("/records/{source_record_id:anytext}", response_model=RecordAnswer,
+               openapi_extra=SIGNED,
                summary="Withdraw a record the partner sent (a new, withdrawn version)")
 async def withdraw_record(source_record_id: str, request: Request,
                           signed: SignedPartner) -> RecordAnswer:
     partner, _ = signed
     state = state_of(request)
     ref = PartnerRef(partner.partner_id, partner.adapter, partner.base_code)
+    adapter = ADAPTERS.get(partner.adapter)
+    if adapter is not None:  # the id as it was stored (" JD-1\u3000" was stored as "JD-1")
+        source_record_id = adapter.stored_source_id(source_record_id)
     # No stored id holds NUL (ingest refuses it), and PostgreSQL cannot even compare one.
     answer = None if "\x00" in source_record_id else await run_in_threadpool(
         partial(withdraw, config=state.rules_config), state.engine, ref, source_record_id)
