@@ -222,6 +222,21 @@ def _year(case: _Case) -> None:
                                  f" {config.timezone})", f"（{sub.year} 年度已于 {closes} 日终关闭）",
                                  field="year"))
         return
+    # The deferral moves the hours into Y+1, and Y+1 closes too (七(四)4: after 30 December no
+    # submission): one filed after that close is refused, unless Y+1 was deferred in turn, and
+    # so on down the chain.  It counts in Y+1 all the same: the year whose merged judgement
+    # takes Y+1's hours takes it with them (gateway/compliance.py).
+    through = sub.year + 1
+    while case.filed_on > (through_closes := config.closes(through)):
+        if case.reference.deferral(sub.person.id_number, through) is None:
+            case.errors.append(coded(
+                "YEAR_CLOSED", f"(year {sub.year} closed at the end of {closes}, and {through}, "
+                f"the year its approved deferral carries it into, at the end of {through_closes}, "
+                f"{config.timezone})",
+                f"（{sub.year} 年度已于 {closes} 日终关闭，顺延计入的 {through} 年度已于 "
+                f"{through_closes} 日终关闭）", field="year"))
+            return
+        through += 1
     case.counts_toward_year = sub.year + 1
     en, zh = DEFERRAL_REASONS.get(deferral.reason, (deferral.reason, deferral.reason))
     case.rule_notes.append(explain(

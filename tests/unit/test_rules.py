@@ -415,6 +415,33 @@ def test_r11_deferral_moves_a_late_record_to_next_year() -> None:
     assert run(sub()).counts_toward_year == 2026  # on time: the deferral changes nothing
 
 
+def test_r11_a_deferred_record_filed_after_the_next_year_closed_too_is_refused() -> None:
+    """七(二) moves 2026's hours into 2027; 2027 closes on its 30 December as well (七(四)4).
+
+    A 2026 record filed in March 2028 was accepted into closed 2027 (review 32), where nothing
+    may be filed any more and the partner could not even withdraw it.
+    """
+    j = run(sub(), received_at=datetime(2028, 3, 1, tzinfo=CST))
+    assert codes(j.errors) == ["YEAR_CLOSED"] and j.errors[0].field == "year"
+    assert "2027" in j.errors[0].message and "2027" in (j.errors[0].message_zh or "")
+    assert j.hours == 0
+
+
+def test_r11_a_chain_of_deferrals_keeps_a_late_record_open_until_its_end_closes() -> None:
+    """2026 deferred into 2027 and 2027 into 2028: a 2026 record filed in 2028 is taken.
+
+    It counts in 2027, whose hours 2028's merged judgement takes (gateway/compliance.py), and
+    is refused once 2028, which was not deferred, has closed too.
+    """
+    chained = StaticReference(bases=BASES, deferrals={
+        (ID, 2026): DeferralInfo(2026, "illness", date(2026, 11, 2)),
+        (ID, 2027): DeferralInfo(2027, "illness", date(2027, 11, 2))})
+    j = run(sub(), received_at=datetime(2028, 3, 1, tzinfo=CST), reference=chained)
+    assert j.accepted and j.counts_toward_year == 2027, j.errors
+    late = run(sub(), received_at=datetime(2028, 12, 31, tzinfo=CST), reference=chained)
+    assert codes(late.errors) == ["YEAR_CLOSED"] and "2028" in late.errors[0].message
+
+
 @pytest.mark.parametrize(("completed_on", "closed"), [("2026-12-30", False), ("2026-12-31", True)])
 def test_r11_a_pulled_completion_was_filed_at_the_college_when_completed(
         completed_on: str, closed: bool) -> None:
