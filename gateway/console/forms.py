@@ -82,10 +82,11 @@ def moment(params: Mapping[str, Any], name: str, zone: ZoneInfo, *, end_of_day: 
     value = text(params, name)
     if value is None:
         return None
-    whole_day = len(value) == 10
-    try:
-        parsed = (datetime.combine(date.fromisoformat(value), time.min) if whole_day
-                  else datetime.fromisoformat(value))
+    try:  # a date alone, in any ISO form (2026-03-01, 20260301), as the CLI and API read it
+        try:
+            parsed, whole_day = datetime.combine(date.fromisoformat(value), time.min), True
+        except ValueError:
+            parsed, whole_day = datetime.fromisoformat(value), False
     except ValueError:
         raise bad_param(name, "应为日期（如 2026-03-01）或时间（如 2026-03-01T08:30）") from None
     # At the calendar's edges (0001-01-01 in +08:00, 9999-12-31 + 1 day) the arithmetic and the

@@ -32,3 +32,17 @@ def test_what_is_no_time_is_refused_naming_the_field(typed: str) -> None:
     with pytest.raises(PayloadRejected) as refused:
         parse_when(typed, "until")
     assert refused.value.field == "until" and refused.value.message_zh
+
+
+@pytest.mark.parametrize("typed", ["2026-03-01", "20260301", "2026-03-01T08:30",
+                                   "2026-03-01T08:30+00:00", "2026-03-01 10:00"])
+def test_the_console_reads_a_filter_time_as_the_cli_and_api_do(typed: str) -> None:
+    """A reprocess or revalidation previewed in the console selects what the CLI then runs.
+
+    The console took only a 10-character value for a whole day, so ``until=20260301`` left
+    1 March out there and kept it in from the CLI (review 32).
+    """
+    from gateway.console.forms import period
+
+    assert period({"since": typed}, XINING)[0] == parse_when(typed, "since")
+    assert period({"until": typed}, XINING)[1] == parse_when(typed, "until")
