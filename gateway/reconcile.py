@@ -74,8 +74,11 @@ def months_never_pushed(conn: Connection, adapter: str, year: int, *,
     return [m for m in due_months(year, today, push_day=push_day) if m not in pushed]
 
 
-def report(conn: Connection, adapter: str, year: int, *, today: datetime | None = None) -> dict[str, Any]:
+def report(conn: Connection, adapter: str, year: int, *, today: datetime | None = None,
+           timezone: str = "Asia/Shanghai") -> dict[str, Any]:
     """The reconciliation of ``adapter``'s year (see the module doc): per month and in total.
+
+    ``timezone``: the deployment's (``CE_GATEWAY_TIMEZONE``), whose midnight ends a month.
 
     Every batch of the year counts for what it committed, whatever its status: a batch that
     failed part-way kept its committed chunks (those records are stored and forwarded), and one
@@ -121,7 +124,7 @@ def report(conn: Connection, adapter: str, year: int, *, today: datetime | None 
                             for b in monthly],
         # Due by the province's calendar: a month is over at midnight in Xining, not in UTC.
         "months_never_pushed": months_never_pushed(
-            conn, adapter, year, today=today or datetime.now(ZoneInfo("Asia/Shanghai"))),
+            conn, adapter, year, today=today or datetime.now(ZoneInfo(timezone))),
         "months": [{"month": k, **v} for k, v in sorted(months.items())],
         "totals": totals,
         "samples": samples,

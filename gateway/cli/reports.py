@@ -43,8 +43,9 @@ def reconcile(adapter: Annotated[str, typer.Argument(help="health | finance")],
             f"(reconciliation covers the monthly/annual partners: {', '.join(ADAPTERS)})"),
             detail_zh=f"（对账只适用于按月和按年报送的合作方：{'、'.join(ADAPTERS)}）"))
     _check_year(year)
-    with snapshot(_engine(_settings())) as conn:
-        result = report(conn, adapter, year)
+    settings = _settings()
+    with snapshot(_engine(settings)) as conn:
+        result = report(conn, adapter, year, timezone=settings.timezone)
     if as_json:
         print(json.dumps(result, ensure_ascii=False))
         return

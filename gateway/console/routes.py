@@ -152,7 +152,8 @@ def reconciliation(ctx: Viewer) -> Response:
     adapter = choice(params, "adapter", RECONCILED) or "health"
     year = integer(params, "year", this_year, 2000, 2100)
     with snapshot(ctx.state.engine) as conn:
-        report: dict[str, Any] = reconcile.report(conn, adapter, year)
+        report: dict[str, Any] = reconcile.report(conn, adapter, year,
+                                                  timezone=ctx.state.settings.timezone)
     return ctx.page("reconciliation.html", report=report, adapter=adapter, year=year,
                     adapters=RECONCILED)
 

@@ -475,3 +475,37 @@ def test_the_report_matches_an_oracle_of_random_pushes(
     assert report["samples"]["lacking"] == oracle.lacking()[:reconcile.SAMPLE]
     assert report["samples"]["conflicts"] == sorted(oracle.conflict_month)[:reconcile.SAMPLE]
     assert Counter(report["samples"]["added"]) == Counter(sorted(oracle.added_month)[:reconcile.SAMPLE])
+
+
+def test_a_month_is_never_pushed_only_once_it_ended_in_the_deployments_time_zone(
+        db_url: str, engine: Engine, make_settings: Callable[..., Settings],
+        new_operator: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``months_never_pushed`` ends a month at midnight in ``CE_GATEWAY_TIMEZONE``.
+
+    The report took Asia/Shanghai's midnight whatever the setting (review 32): at
+    2026-03-31T17:00Z, still 31 March in UTC, a UTC deployment was told March was never pushed.
+    """
+    import httpx
+
+    from gateway.api.app import create_app
+    from tests.support.servers import uvicorn_thread
+
+    at = datetime(2026, 3, 31, 17, 0, tzinfo=UTC)
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return cls.fromtimestamp(at.timestamp(), tz)
+
+    monkeypatch.setattr(reconcile, "datetime", Clock)
+    token = new_operator(engine, "viewer")
+    never: dict[str, list[str]] = {}
+    for zone in ("UTC", "Asia/Shanghai"):
+        settings = make_settings(db_url, timezone=zone)
+        with uvicorn_thread(create_app(settings, run_worker=False)) as url:
+            answer = httpx.get(f"{url}/v1/reconciliation/health/2026",
+                               headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200, answer.text
+        never[zone] = answer.json()["months_never_pushed"]
+    assert never["UTC"] == ["2026-01", "2026-02"]
+    assert never["Asia/Shanghai"] == ["2026-01", "2026-02", "2026-03"]

@@ -44,8 +44,9 @@ def get_reconciliation(adapter: str, year: Year, request: Request, _: Viewer) ->
     if adapter not in reconcile.ADAPTERS:
         raise NotFound(detail="(reconciliation covers the monthly/annual partners: health, finance)",
                        detail_zh="（对账只适用于按月、按年报送的合作方：health、finance）")
-    with snapshot(state_of(request).engine) as conn:
-        return reconcile.report(conn, adapter, year)
+    state = state_of(request)
+    with snapshot(state.engine) as conn:
+        return reconcile.report(conn, adapter, year, timezone=state.settings.timezone)
 
 
 @router.get("/compliance/{id_number}/{year}", response_model=compliance.ComplianceReport,
