@@ -267,6 +267,9 @@ def overview(conn: Connection, settings: Settings, now: datetime | None = None) 
     pending = backlog(conn)
     rejections_open = conn.execute(select(func.count())
                                    .where(rejections.c.status == "open")).scalar_one()
+    # A conflict its partner withdrew is closed (gateway/ops/records.py, list_conflicts).
+    conflicts_open = conn.execute(select(func.count()).where(
+        records.c.status == "conflict", records.c.withdrawn.is_(False))).scalar_one()
     close = year_close(settings, now)
     return {
         "outbox": {s: int(counts.get(s, 0))
@@ -275,7 +278,7 @@ def overview(conn: Connection, settings: Settings, now: datetime | None = None) 
                     for s in (*RECORD_STATUSES, *sorted(set(record_counts) - set(RECORD_STATUSES)))},
         "backlog": {"size": pending.size, "oldest_age_seconds": pending.oldest_age_seconds(now)},
         "dead_letters": int(counts.get("dead", 0)),
-        "open_conflicts": int(record_counts.get("conflict", 0)),
+        "open_conflicts": int(conflicts_open),
         "rejections_open": int(rejections_open),
         "partners": _partners(conn, settings, now),
         "pull": pull_lag(conn, now),

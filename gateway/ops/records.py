@@ -139,9 +139,12 @@ _OTHER = aliased(records)
 
 
 def list_conflicts(conn: Connection, *, cursor: str | None = None, limit: int = 50) -> dict[str, Any]:
-    """Open conflicts, oldest first (a queue to work down); ``conflicts_with`` holds the key."""
+    """Open conflicts, oldest first (a queue to work down); ``conflicts_with`` holds the key.
+
+    One its partner withdrew is closed: there is no report left to keep.
+    """
     limit = limit_of(limit)
-    where = [records.c.status == "conflict"]
+    where = [records.c.status == "conflict", records.c.withdrawn.is_(False)]
     total = int(conn.execute(select(func.count()).select_from(records).where(*where)).scalar_one())
     holder = func.coalesce(natural_keys.c.record_id, records.c.duplicate_of)
     query = (select(records.c.record_id, records.c.partner_id, records.c.adapter,
@@ -164,13 +167,22 @@ def list_conflicts(conn: Connection, *, cursor: str | None = None, limit: int = 
 
 
 def _claim_conflict(conn: Connection, record_id: str, now: datetime) -> Any:
-    """The record, if it is an open conflict; the guarded UPDATE takes it before reading."""
+    """The record, if it is an open conflict; the guarded UPDATE takes it before reading.
+
+    A conflict its partner withdrew is closed: keeping it would withdraw the other source's
+    record, which its own partner never took back, for a report nobody stands by any more.
+    """
     taken = conn.execute(update(records).where(records.c.record_id == record_id,
-                                               records.c.status == "conflict")
+                                               records.c.status == "conflict",
+                                               records.c.withdrawn.is_(False))
                          .values(updated_at=now)).rowcount
     rec = conn.execute(select(records).where(records.c.record_id == record_id)).mappings().first()
     if rec is None:
         raise NotFound(detail=f"(record {record_id})", detail_zh=f"（记录 {record_id}）")
+    if not taken and rec["status"] == "conflict":
+        raise OpsConflict("NOT_A_CONFLICT", detail=(
+            f"(record {record_id} was withdrawn by its partner: nothing to resolve)"),
+            detail_zh=f"（记录 {record_id} 已被报送方撤回，无需处理）")
     if not taken:
         raise OpsConflict("NOT_A_CONFLICT", detail=f"(record {record_id} is {rec['status']})",
                           detail_zh=f"（记录 {record_id} 的状态为“{status_zh(rec['status'])}”）")

@@ -447,3 +447,42 @@ def test_times_outside_the_years_2000_to_2999_are_a_coded_422_not_a_500(
         edges = httpx.get(f"{url}/v1/deliveries", headers=headers,
                           params={"since": "2000-01-01", "until": "2999-12-31T23:59+00:00"})
         assert edges.status_code == 200 and edges.json()["total"] == 0
+
+
+def test_a_conflict_its_partner_withdrew_is_closed_not_resolved_against_the_holder(
+        db_url: str, store: Engine, make_settings: MakeSettings,
+        new_partner: Callable[..., Partner], new_operator: Callable[..., str]) -> None:
+    """B's report conflicts with A's record; B's partner withdraws it; ops then keep "this".
+
+    Before (review 33): B stayed listed as an open conflict, and keeping it withdrew A — the
+    activity's only live report, which A's partner never took back — and forwarded B, withdrawn,
+    as a record the management system had never had: the person lost the activity's hours.
+    """
+    from gateway.ops.overview import overview
+    from gateway.pipeline.withdraw import withdraw
+
+    ref1 = PartnerRef(new_partner(store).partner_id, "canonical")
+    ref2 = PartnerRef(new_partner(store).partner_id, "canonical")
+    first = canonical_submission(random.Random(34), "A-0", hours="16")
+    second = copy.deepcopy(first)
+    second["source_record_id"], second["claimed"]["quantity"] = "B-0", "24"
+    [holder] = ingest(store, ref1, [first])
+    [held] = ingest(store, ref2, [second])
+    assert (holder.status.value, held.status.value) == ("accepted", "conflict")
+    withdrawn = withdraw(store, ref2, "B-0")
+    assert withdrawn is not None and withdrawn.record_id == held.record_id
+    viewer, op = _bearer(new_operator(store, role="viewer")), _bearer(new_operator(store))
+    with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
+        assert httpx.get(f"{url}/v1/conflicts", headers=viewer).json()["total"] == 0
+        for keep in ("this", "existing"):
+            error = _coded(httpx.post(f"{url}/v1/conflicts/{held.record_id}/resolve", headers=op,
+                                      json={"keep": keep, "reason": "以卫健委数据为准"}),
+                           409, "NOT_A_CONFLICT")
+            assert "withdrawn" in error["message"] and "撤回" in error["message_zh"]
+    with store.connect() as conn:
+        assert overview(conn, make_settings(db_url))["open_conflicts"] == 0  # the console's tile
+        kept = conn.execute(select(records.c.withdrawn, records.c.status, records.c.current_version)
+                            .where(records.c.record_id == holder.record_id)).one()
+        queued = conn.execute(select(outbox.c.record_id, outbox.c.version)).all()
+    assert tuple(kept) == (False, "accepted", 1)
+    assert queued == [(holder.record_id, 1)]  # nothing of B's, and no withdrawal of A
