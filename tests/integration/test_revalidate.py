@@ -348,3 +348,43 @@ def test_a_dry_run_judges_while_a_writer_holds_the_sqlite_lock(sqlite_url: str) 
         writer.close()
         dry_run.join(timeout=90)
         engine.dispose()
+
+
+def test_the_api_reads_a_revalidation_filter_as_the_console_and_cli_do(
+        db_url: str, make_settings: Callable[..., Settings],
+        new_partner: Callable[..., Partner], new_operator: Callable[..., str]) -> None:
+    """An empty field means "any"; a date alone is the whole day; a time without an offset is local.
+
+    Review 33: an empty ``partner_id`` matched no rejection, and ``"2026-03-01"`` was refused
+    422, though the console and ``ce-gateway revalidate`` take both.
+    """
+    from zoneinfo import ZoneInfo
+
+    from mock_partners.generators import corrupt_check_digit
+
+    engine = make_engine(db_url)
+    try:
+        ref = PartnerRef(new_partner(engine).partner_id, "canonical")
+        sub = canonical_submission(random.Random(35), "R-1")
+        sub["person"]["id_number"] = corrupt_check_digit(sub["person"]["id_number"])
+        [answer] = ingest(engine, ref, [sub])
+        assert answer.status.value == "rejected"
+        with engine.connect() as conn:
+            received = conn.execute(select(rejections.c.received_at)).scalar_one()
+        day = received.astimezone(ZoneInfo("Asia/Shanghai")).date().isoformat()
+        op = {"Authorization": f"Bearer {new_operator(engine)}"}
+        with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
+            def matched(**flt: str) -> int:
+                answer = httpx.post(f"{url}/v1/records/revalidate", headers=op,
+                                    json={**flt, "dry_run": True})
+                assert answer.status_code == 200, answer.text
+                return int(answer.json()["matched"])
+
+            assert matched() == 1
+            assert matched(partner_id="", batch_id="", adapter="", error_code="") == 1
+            assert matched(since=day, until=day) == 1  # that whole day, local
+            assert matched(until=day.replace("-", "")) == 1  # 20260301: through that day too
+            assert matched(since=f"{day}T00:00", until=f"{day}T00:00") == 0  # an empty moment
+            assert matched(partner_id="nobody") == 0
+    finally:
+        engine.dispose()

@@ -11,11 +11,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.accounts import Operator
 from gateway.api.deps import operator, state_of
 from gateway.errors import Forbidden, PayloadRejected
+from gateway.ops.common import parse_when
 from gateway.revalidate import RevalidationFilter, RevalidationRefused, revalidate
 
 router = APIRouter(prefix="/v1", tags=["ops"])
@@ -24,7 +25,13 @@ _FILTER_KEYS = ("partner_id", "adapter", "error_code", "batch_id", "since", "unt
 
 
 class RevalidateFilter(BaseModel):
-    """Which open rejections: all set fields must match; ``until`` is exclusive."""
+    """Which open rejections: all set fields must match.
+
+    An empty field means "any", as it does in the console and in the deliveries' filters.
+    ``since`` and ``until`` read as every operator's filter time does
+    (:func:`gateway.ops.common.parse_when`): ISO 8601, local (``CE_GATEWAY_TIMEZONE``) without
+    an offset, a date alone the whole day ("until 2026-03-01" is through that day).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -32,8 +39,13 @@ class RevalidateFilter(BaseModel):
     adapter: str | None = Field(None, max_length=32)
     error_code: str | None = Field(None, max_length=32)
     batch_id: str | None = Field(None, max_length=64)
-    since: AwareDatetime | None = None
-    until: AwareDatetime | None = None
+    since: str | None = Field(None, max_length=64, examples=["2026-03-01", "2026-03-01T08:30+08:00"])
+    until: str | None = Field(None, max_length=64, examples=["2026-03-31"])
+
+    @field_validator("partner_id", "adapter", "error_code", "batch_id", "since", "until")
+    @classmethod
+    def _empty_is_any(cls, value: str | None) -> str | None:
+        return value or None
 
 
 class RevalidateRequest(BaseModel):
@@ -72,8 +84,10 @@ async def post_revalidate(body: RevalidateRequest, request: Request,
         raise PayloadRejected("SCHEMA", field="reason",
                               detail="(a reason is required unless dry_run is true)",
                               detail_zh="（dry_run 不为 true 时必须填写原因）")
+    zone = state.settings.timezone
+    when = {name: parse_when(getattr(body.filter, name), name, zone) for name in ("since", "until")}
     try:
-        flt = RevalidationFilter(**body.filter.model_dump())
+        flt = RevalidationFilter(**{**body.filter.model_dump(), **when})
     except RevalidationRefused as exc:
         raise exc.coded() from exc
     rules = await run_in_threadpool(state.rules)
