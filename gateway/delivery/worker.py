@@ -95,6 +95,21 @@ class _Reply:
     retry_after: float | None = None  # the last try's Retry-After, in seconds
 
 
+RECEIPT_STATUSES = frozenset({"accepted", "duplicate", "rejected"})
+
+
+def _readable(receipt: Any) -> bool:
+    """A receipt as SPEC §5 writes it: a record id, a whole version, a status of the three."""
+    if not isinstance(receipt, dict) or receipt.get("status") not in RECEIPT_STATUSES:
+        return False
+    record_id, version = receipt.get("record_id"), receipt.get("version")
+    if not isinstance(record_id, str) or isinstance(version, bool):
+        return False
+    if isinstance(version, str) and version.isdigit():
+        return True
+    return isinstance(version, int)
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -219,9 +234,14 @@ class DeliveryWorker:
         receipts: list[dict[str, Any]] = []
         if action is Action.DELIVERED:
             try:
-                receipts = list(orjson.loads(response.content)["receipts"])
+                listed = orjson.loads(response.content)["receipts"]
             except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
                 raise RetriableDeliveryError("unreadable receipts", status_code=response.status_code) from exc
+            if not isinstance(listed, list):
+                raise RetriableDeliveryError("unreadable receipts", status_code=response.status_code)
+            # A receipt that is not one of SPEC §5's (a dict naming a record, a whole version
+            # and accepted | duplicate | rejected) says nothing: its row has no receipt.
+            receipts = [r for r in listed if _readable(r)]
         elif action is Action.ALREADY_APPLIED:
             # 409 is success whatever its body; a body that repeats the first answer's receipts
             # still says which record was rejected and what each receipt number is.
@@ -408,21 +428,19 @@ class DeliveryWorker:
         (``ce_gateway_delivery_unexpected_duplicates_total``), logged and marked
         ``unexpected`` on the ``delivered`` event for ops (docs/operations.md).
         """
-        by_key = {(str(r.get("record_id")), int(r.get("version", 0))): r for r in reply.receipts}
+        by_key = {(str(r["record_id"]), int(r["version"])): r for r in reply.receipts
+                  if _readable(r)}
         events: list[audit.Event] = []
         delivered: list[dict[str, Any]] = []
         unexpected: list[dict[str, Any]] = []
+        unanswered: list[dict[str, Any]] = []
         for row in claimed.rows:
             receipt = by_key.get((row["record_id"], row["version"]))
             if reply.action is Action.ALREADY_APPLIED and receipt is None:
                 # Applied before (the first answer was lost), and the 409 says no more of it.
                 receipt = {"status": "duplicate", "receipt_no": None}
             if receipt is None:
-                # No receipt for it: not applied as far as we know; it re-enters a new batch.
-                conn.execute(update(outbox).where(outbox.c.id == row["id"]).values(
-                    batch_key=None, last_error="no receipt in the reply", updated_at=now))
-                events.append(audit.Event("requeued", row["record_id"], row["version"], self.name,
-                                          {"reason": "no receipt"}))
+                unanswered.append(row)  # not applied as far as we know: tried again, later
                 continue
             if receipt.get("status") == "rejected":
                 events.append(self._dead(conn, row, "DOWNSTREAM_REJECTED",
@@ -457,7 +475,36 @@ class DeliveryWorker:
         conn.execute(update(delivery_batches).where(delivery_batches.c.batch_key == claimed.batch_key)
                      .values(status="done", attempts=claimed.attempts + 1, lease_owner=None,
                              lease_until=None, updated_at=now))
+        if unanswered:
+            events += self._retry_unanswered(conn, claimed, unanswered, now)
         return events
+
+    def _retry_unanswered(self, conn: Connection, claimed: Claimed, rows: list[dict[str, Any]],
+                          now: datetime) -> list[audit.Event]:
+        """Rows a 200 gave no (readable) receipt: a failed attempt each, retried on the schedule.
+
+        They were put straight back into the next batch, attempts unchanged: a management system
+        that never answers for one record was sent it again every poll, for ever (review 35).
+        Now they wait in a batch of their own (a new key: the refused answer named nothing of
+        theirs) until ``retry_delay``, and are dead-lettered ``RETRIES_EXHAUSTED`` after
+        ``MAX_ATTEMPTS``, as any failed delivery is.
+        """
+        attempts, reason = claimed.attempts + 1, "no receipt for it in the reply"
+        if attempts >= self.settings.max_attempts:
+            return [self._dead(conn, r, "RETRIES_EXHAUSTED", f"{attempts} attempts; last: {reason}",
+                               now, attempts) for r in rows]
+        due = now + timedelta(seconds=float(self.settings.retry_delay(attempts)))
+        key = uuid.uuid4().hex
+        conn.execute(insert(delivery_batches).values(
+            batch_key=key, status="pending", attempts=attempts, next_attempt_at=due,
+            parent_key=claimed.batch_key, last_error=reason, created_at=now, updated_at=now))
+        conn.execute(update(outbox).where(outbox.c.id.in_([r["id"] for r in rows])).values(
+            batch_key=key, attempts=attempts, last_error=reason, updated_at=now))
+        self.stats.retried += len(rows)
+        detail = {"attempts": attempts, "next_attempt_at": due.isoformat(), "reason": reason,
+                  "batch": key}
+        return [audit.Event("retry_scheduled", r["record_id"], r["version"], self.name, dict(detail))
+                for r in rows]
 
     def _split(self, conn: Connection, claimed: Claimed, reply: _Reply,
                now: datetime) -> list[audit.Event]:
