@@ -465,16 +465,17 @@ def _award(conn: Connection, me: str, year: int) -> dict[str, Any] | None:
         if not _covers(conn, r.record_id, r.current_version, r.covers_professional):
             continue
         award_year = int(r.year)
-        return {"record_id": r.record_id, "source_record_id": r.source_record_id,
+        source_id = mask_text(r.source_record_id)  # a partner's id may hold an identity number
+        return {"record_id": r.record_id, "source_record_id": source_id,
                 "year": award_year,
                 "completed_on": r.completed_on.isoformat() if r.completed_on else None,
                 "note": f"A national vocational skills competition award of {award_year} "
-                        f"({r.source_record_id}) counts as all professional-subject hours of "
+                        f"({source_id}) counts as all professional-subject hours of "
                         f"the tenure: it covers them from {award_year} on while the person "
                         f"stays in the post held at the award, which the reviewing authority "
                         f"confirms ({NOTICE} 四(二)5)",
                 "note_zh": f"{award_year} 年度参加全国职业技能大赛获得优胜奖以上奖项"
-                           f"（{r.source_record_id}），折算为任职期间全部专业课学时：自 "
+                           f"（{source_id}），折算为任职期间全部专业课学时：自 "
                            f"{award_year} 年度起计，以仍在获奖时所任职务为限，由审核单位确认"
                            f"（{NOTICE} 四(二)5）"}
     return None
@@ -544,7 +545,8 @@ def _tally(conn: Connection, me: str, year: int, keys: PersonKeys) -> _Tally:
             refusal = later[r.record_id]
             code, refused_version, reason = refusal.error_code, refusal.version, refusal.last_error
         base = {"record_id": r.record_id, "partner_id": r.partner_id, "adapter": r.adapter,
-                "source_record_id": r.source_record_id, "category": r.category,
+                # A partner's id may hold an identity number: masked, as every ops list does.
+                "source_record_id": mask_text(r.source_record_id), "category": r.category,
                 "activity_type": r.activity_type, "completed_on": r.completed_on.isoformat()
                 if r.completed_on else None, "hours": str(hours)}
         counted_here = r.status == "accepted" and not r.withdrawn

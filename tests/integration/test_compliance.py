@@ -171,3 +171,26 @@ def test_compliance_matches_the_hand_computed_year(
     assert {k: Decimal(v) for k, v in empty["missing"].items()} == {
         "public": 45, "professional": 90, "total": 135}
     assert empty["records"] == [] and empty["compliant"] is False
+
+
+def test_a_source_id_holding_the_identity_number_is_masked_in_the_report(
+    db_url: str, store: Engine, make_settings: Callable[..., Settings],
+    new_partner: Callable[..., Partner], new_operator: Callable[..., str],
+) -> None:
+    """A partner's id that holds an identity number is masked, as every ops answer masks it.
+
+    Review 36: ``records[].source_record_id`` came back whole (``JD-<id number>-1``), where
+    ``GET /v1/records/{id}`` and every ops list mask it.
+    """
+    ref = PartnerRef(new_partner(store).partner_id, "canonical")
+    person = make_person(random.Random(43))
+    sub = canonical_submission(random.Random(43), f"JD-{person.id_number}-1", person=person)
+    assert ingest(store, ref, [sub], now=NOW)[0].status.value == "accepted"
+    token = new_operator(store, role="viewer")
+    with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
+        answer = httpx.get(f"{url}/v1/compliance/{person.id_number}/2026",
+                           headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200, answer.text
+    [listed] = answer.json()["records"]
+    assert listed["source_record_id"] == f"JD-{mask_id(person.id_number)}-1"
+    assert person.id_number not in answer.text
