@@ -230,7 +230,7 @@ def test_a_conflict_held_against_a_pruned_record_is_refused_keep_this_and_resolv
     year (ops/records._keep_this): that is refused YEAR_CLOSED on ``keep`` (409), saying to keep
     the existing record - which resolves it (it once answered NOT_EDITABLE with the editing
     message, which is not what the operator tried).  Here the second report arrives after the
-    close for a person with an approved deferral (七(二)), counted in 2027.
+    close for a person with approved deferrals of 2026 and 2027 (七(二)), counted in 2027.
     """
     settings = _closed(make_settings, db_url, mock_ce[0], tmp_path)
     rules = _rules(settings)
@@ -242,8 +242,11 @@ def test_a_conflict_held_against_a_pruned_record_is_refused_keep_this_and_resolv
     [held] = ingest(store, one, [sub], now=IN_YEAR, rules=rules)
     drain_at(store, settings, IN_YEAR)
     assert prune(store, settings, now=PRUNE_AT).versions == 1
-    deferred = RulesContext(StoreReference.of(KEYS, deferrals=[(person.id_number, DeferralInfo(
-        YEAR, "illness", date(2026, 12, 1)))]), rules.config)
+    # 2027 deferred in turn: after 2027's close too, only a chain of deferrals takes a 2026
+    # report (R11, since session 30), counted in 2027 all the same.
+    deferred = RulesContext(StoreReference.of(KEYS, deferrals=[
+        (person.id_number, DeferralInfo(YEAR, "illness", date(2026, 12, 1))),
+        (person.id_number, DeferralInfo(YEAR + 1, "illness", date(2027, 12, 1)))]), rules.config)
     [other] = ingest(store, two, [_changed(sub, "16") | {"source_record_id": "YL-C2"}],
                      now=PRUNE_AT, rules=deferred)
     assert other.status.value == "conflict", other
