@@ -58,7 +58,13 @@ from sqlalchemy import Connection, and_, or_, select
 from gateway.errors import PayloadRejected
 from gateway.masking import mask_id, mask_text
 from gateway.person_keys import PersonKeys
-from gateway.pipeline.caps import REFUSED_FOR_GOOD, Applied, last_applied, refusals
+from gateway.pipeline.caps import (
+    REFUSED_FOR_GOOD,
+    Applied,
+    last_applied,
+    last_delivered,
+    refusals,
+)
 from gateway.pipeline.credit import compliance_gap
 from gateway.pipeline.identity import resident_id_findings
 from gateway.pipeline.rules_tables import DEFERRAL_REASONS, NOTICE, REQUIREMENT, DeferralInfo
@@ -439,7 +445,9 @@ def _award(conn: Connection, me: str, year: int) -> dict[str, Any] | None:
     all the professional hours of the tenure.  The gateway holds no tenure dates: it covers
     from its year on, flagged, and the reviewing authority confirms the person is still in the
     post held at the award.  A current, accepted, not withdrawn record whose current version
-    the management system did not refuse for good.
+    the management system did not refuse for good — or, when it refused that version (a
+    correction, a withdrawal) for good, the version it last applied, which it goes on counting
+    (review 36: a refused title fix dropped the cover the management system still grants).
 
     The current version's payload decides (its ``COVERS_PROFESSIONAL_REQUIREMENT`` rule note):
     in a rolling release of migration 0023 a replica on the previous code writes a correction's
@@ -453,16 +461,19 @@ def _award(conn: Connection, me: str, year: int) -> dict[str, Any] | None:
     rows = conn.execute(
         select(records.c.record_id, records.c.source_record_id, records.c.year,
                records.c.completed_on, records.c.current_version, records.c.covers_professional,
-               outbox.c.status.label("delivery"), outbox.c.error_code)
+               records.c.withdrawn, outbox.c.status.label("delivery"), outbox.c.error_code)
         .select_from(records.outerjoin(outbox, on_current))
         .where(records.c.person_key == me, records.c.year <= year,
-               records.c.status == "accepted", records.c.withdrawn.is_(False),
-               records.c.activity_type == "competition")
+               records.c.status == "accepted", records.c.activity_type == "competition")
         .order_by(records.c.year, records.c.completed_on, records.c.record_id)).all()
     for r in rows:
         if r.delivery == "dead" and r.error_code in NOT_COUNTED_CODES:
-            continue  # refused for good: the management system does not count it
-        if not _covers(conn, r.record_id, r.current_version, r.covers_professional):
+            # Refused for good: the management system counts the version it applied before.
+            applied = last_delivered(conn, [r.record_id]).get(r.record_id)
+            if applied is None or not _covers(conn, r.record_id, applied, None):
+                continue
+        elif r.withdrawn or not _covers(conn, r.record_id, r.current_version,
+                                        r.covers_professional):
             continue
         award_year = int(r.year)
         source_id = mask_text(r.source_record_id)  # a partner's id may hold an identity number

@@ -19,13 +19,16 @@ from sqlalchemy import Engine, update
 
 from gateway import compliance
 from gateway.accounts import Partner
+from gateway.delivery.worker import DeliveryWorker
 from gateway.pipeline.ingest import ingest
 from gateway.pipeline.items import PartnerRef, RulesContext
 from gateway.pipeline.withdraw import withdraw
 from gateway.reference import StoreReference
 from gateway.store.tables import records
+from mock_partners.ce_system import Faults
 from mock_partners.generators import make_person
 from tests.conftest import SECRET_KEY
+from tests.support.delivery import drain
 from tests.support.keys import KEYS
 from tests.support.reference import store_deferral
 from tests.support.servers import cli
@@ -132,6 +135,38 @@ def test_a_withdrawn_award_stops_covering(
     after = _report(engine, person, 2026)
     assert after["professional_covered_by"] is None
     assert after["missing"]["professional"] == "90.0" and after["compliant"] is False
+
+
+@pytest.mark.parametrize("refused", ["correction", "withdrawal"])
+def test_an_award_whose_change_was_refused_still_covers(
+        engine: Engine, new_partner: Callable[..., Partner], mock_ce: tuple[str, Faults],
+        make_worker: Callable[..., DeliveryWorker], refused: str) -> None:
+    """The management system refused the award's title fix (or withdrawal) for good.
+
+    It goes on counting version 1, the award, and the report counts its hours in 2025 too:
+    2026 must stay covered (review 36: the cover was dropped, 2026 said 90 h missing).
+    """
+    _, faults = mock_ce
+    person = _person(9206)
+    canonical = PartnerRef(new_partner(engine).partner_id, "canonical")
+    [award] = ingest(engine, canonical, [_award(person)], now=IN_2025, rules=RULES)
+    worker = make_worker()
+    drain(worker)  # version 1 applied there
+    _push(engine, COLLEGE, [_hours(person, "GB-1", 2026, "public", 45)], IN_2026)
+    assert _report(engine, person, 2026)["compliant"] is True
+    faults.reject_ids = {str(award.record_id)}
+    later = IN_2025 + timedelta(days=30)
+    if refused == "correction":
+        fixed = _award(person)
+        fixed["activity"]["title"] = "第二届全国职业技能大赛"
+        assert ingest(engine, canonical, [fixed], now=later, rules=RULES)[0].status.value == "corrected"
+    else:
+        assert withdraw(engine, canonical, "C-1", now=later) is not None
+    drain(worker)  # version 2 refused for good: DOWNSTREAM_REJECTED
+    after = _report(engine, person, 2026)
+    assert after["professional_covered_by"] is not None, after
+    assert after["professional_covered_by"]["source_record_id"] == "C-1"
+    assert after["missing"]["professional"] == "0.0" and after["compliant"] is True
 
 
 def test_an_award_stored_before_the_column_is_read_from_its_payload(
