@@ -121,9 +121,16 @@ def loads_exact(data: bytes | str, *, decimals: bool = False) -> Any:
         if decimals and str(exc).startswith("number is infinity"):
             return _loads_decimal(data, exc)
         raise
-    if decimals:
-        return _loads_decimal(data, None) if _has_float(value) else value
-    return json.loads(data) if _has_huge_number(value) else value
+    try:
+        if decimals:
+            return _loads_decimal(data, None) if _has_float(value) else value
+        return json.loads(data) if _has_huge_number(value) else value
+    except RecursionError:  # orjson reads 1,024 levels; Python's walk stops sooner
+        raise _too_deep() from None
+
+
+def _too_deep() -> orjson.JSONDecodeError:
+    return orjson.JSONDecodeError("the document nests too deep", "", 0)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -139,11 +146,10 @@ def _loads_decimal(data: bytes | str, orjson_error: orjson.JSONDecodeError | Non
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
         value = json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
-    except ValueError:
-        if orjson_error is None:  # pragma: no cover - orjson read the same text without fault
-            raise
-        raise orjson_error from None
-    if orjson_error is not None and _has_surrogate(value):
+        surrogate = orjson_error is not None and _has_surrogate(value)
+    except (ValueError, RecursionError):
+        raise (orjson_error or _too_deep()) from None
+    if surrogate and orjson_error is not None:
         raise orjson_error
     return value
 

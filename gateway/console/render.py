@@ -31,6 +31,10 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "api" / "templates" / "cons
 CIRCUIT_ZH = {"closed": "闭合（正常投递）", "open": "断开（暂停投递）", "half_open": "半开（试探投递）"}
 ADAPTER_ZH = {"canonical": "标准接口", "training_base": "培训基地", "health": "卫健委",
               "finance": "财政厅", "cadre_college": "干部网络学院"}
+# Audit kinds no code writes any more, labelled for the events older releases left in a store:
+# "requeued" was a delivery with no receipt in its reply, put back at once (a failed attempt
+# with a "retry_scheduled" event since session 30).
+RETIRED_EVENT_KINDS = frozenset({"requeued"})
 EVENT_ZH = {"received": "接收", "queued": "进入投递队列", "attempt": "投递尝试",
             "retry_scheduled": "安排重试", "delivered": "已投递", "dead": "转入死信",
             "split": "拆分批次", "requeued": "重新排队", "delivery_requeued": "运维重新投递",

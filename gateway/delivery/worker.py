@@ -105,8 +105,8 @@ def _readable(receipt: Any) -> bool:
     record_id, version = receipt.get("record_id"), receipt.get("version")
     if not isinstance(record_id, str) or isinstance(version, bool):
         return False
-    if isinstance(version, str) and version.isdigit():
-        return True
+    if isinstance(version, str):  # "1" as a number's text; not "²", nor 5,000 digits
+        return version.isascii() and version.isdigit() and len(version) <= 18
     return isinstance(version, int)
 
 

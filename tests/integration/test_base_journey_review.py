@@ -256,3 +256,23 @@ def test_a_result_without_passed_is_not_recorded_as_passed(
         [answer] = _push(client, [result])
     assert answer["status"] == "accepted"  # R9 refuses a failed assessment only
     assert _payload(store, answer["record_id"])["evidence"]["assessment"] == "none"
+
+
+def test_a_bases_numbers_as_floats_read_as_its_adapter_always_read_them(
+        db_url: str, store: Engine, make_settings: MakeSettings, new_partner: NewPartner) -> None:
+    """A training base's push is not read with decimal numbers (unlike POST /v1/records).
+
+    Its adapter rounds a double's noise away (16.000000000000004 h from a JavaScript client),
+    and takes 1.0 for passed; a review (37) found both refused while the push was read with
+    decimals, so the push keeps orjson's floats.
+    """
+    rng = random.Random(37)
+    noisy = _result(rng, "F-1", hours=16.000000000000004, passed=1.0)
+    body = orjson.dumps({"base_code": BASE, "plan_id": PLAN, "results": [noisy]})
+    assert b"16.000000000000004" in body
+    with _base_session(db_url, store, make_settings, new_partner) as client:
+        [answer] = client.post("/v1/partners/training_base/records", content=body,
+                               headers={"Content-Type": "application/json"}).json()["results"]
+    assert answer["status"] == "accepted", answer
+    with store.connect() as conn:
+        assert conn.execute(select(records.c.hours)).scalar_one() in ("16", "16.0")

@@ -163,7 +163,10 @@ def test_a_receipt_of_another_status_is_no_delivery_and_the_next_version_waits(
     lambda recs: {"receipts": [{**_receipt(r), "version": None} for r in recs]},
     lambda recs: {"receipts": ["accepted" for _ in recs]},
     lambda recs: {"receipts": "oops"},
-], ids=["version-text", "version-null", "bare-string", "not-a-list"])
+    lambda recs: {"receipts": [{**_receipt(r), "version": "\u00b2"} for r in recs]},
+    lambda recs: {"receipts": [{**_receipt(r), "version": "1" * 5000} for r in recs]},
+], ids=["version-text", "version-null", "bare-string", "not-a-list", "superscript-two",
+        "5000-digits"])
 def test_a_garbled_receipt_is_a_failed_attempt_not_a_crash(
         engine: Engine, new_partner: Callable[..., Partner], scripted: tuple[str, Scripted],
         worker: tuple[DeliveryWorker, Clock], garble: Script) -> None:

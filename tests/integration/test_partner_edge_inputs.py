@@ -117,3 +117,16 @@ def test_a_number_no_double_holds_refuses_its_record_not_the_request(
     assert {e["field"] for e in first["errors"]} == {"claimed.quantity"}
     assert refused.status_code == 422, refused.text
     assert refused.json()["error"]["code"] == "SCHEMA" and "not JSON" in refused.text
+
+
+def test_a_body_nested_deeper_than_python_walks_is_refused_not_a_500(
+        db_url: str, engine: Engine, make_settings: Callable[..., Settings],
+        new_partner: Callable[..., Partner]) -> None:
+    """The parser, orjson, reads 1,024 levels; the walk for floats stops sooner (review 37)."""
+    partner = new_partner(engine)
+    with uvicorn_thread(create_app(make_settings(db_url), run_worker=False)) as url:
+        for leaf in (b"1e400", b"1.5", b"1"):
+            deep = b'{"records":' + b"[" * 700 + leaf + b"]" * 700 + b"}"
+            answer = _send(url, partner, "POST", "/v1/records", deep)
+            assert answer.status_code == 422, (leaf, answer.text)
+            assert answer.json()["error"]["code"] == "SCHEMA", answer.text

@@ -287,7 +287,9 @@ async def native_records(adapter: str, request: Request,
                        detail_zh=f"（没有推送适配器 {adapter!r}；卫生、财会数据请用 /v1/batches）")
     ref = scope_partner(partner, adapter)
     try:
-        document = loads_exact(body, decimals=True)
+        # Not decimals=True: the native format's numbers go through the adapter's own reading
+        # (float noise rounded, Excel serial dates, 1.0 as true), which expects floats.
+        document = loads_exact(body)
     except orjson.JSONDecodeError as exc:
         raise PayloadRejected("SCHEMA", detail=f"(body is not JSON: {exc})", detail_zh=(
             f"（请求体不是有效的 JSON：第 {exc.lineno} 行第 {exc.colno} 列有误）")) from exc
