@@ -18,6 +18,7 @@ import json
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -154,34 +155,27 @@ def _loads_decimal(data: bytes | str, orjson_error: orjson.JSONDecodeError | Non
     return value
 
 
-def _has_float(value: Any) -> bool:
-    if isinstance(value, float):
-        return True
+def _any_leaf(value: Any, test: Callable[[Any], bool], *, keys: bool = False) -> bool:
+    """Whether ``test`` holds for a leaf of a JSON value (and, with ``keys``, an object's key)."""
     if isinstance(value, dict):
-        return any(_has_float(v) for v in value.values())
+        return any((keys and test(k)) or _any_leaf(v, test, keys=keys) for k, v in value.items())
     if isinstance(value, list):
-        return any(_has_float(v) for v in value)
-    return False
+        return any(_any_leaf(v, test, keys=keys) for v in value)
+    return test(value)
+
+
+def _has_float(value: Any) -> bool:
+    return _any_leaf(value, lambda leaf: isinstance(leaf, float))
 
 
 def _has_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        return not value.isascii() and _SURROGATES.search(value) is not None
-    if isinstance(value, dict):
-        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_surrogate(v) for v in value)
-    return False
+    return _any_leaf(value, lambda leaf: isinstance(leaf, str) and not leaf.isascii()
+                     and _SURROGATES.search(leaf) is not None, keys=True)
 
 
 def _has_huge_number(value: Any) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value) or abs(value) >= 2.0 ** 53
-    if isinstance(value, dict):
-        return any(_has_huge_number(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_huge_number(v) for v in value)
-    return False
+    return _any_leaf(value, lambda leaf: isinstance(leaf, float)
+                     and (not math.isfinite(leaf) or abs(leaf) >= 2.0 ** 53))
 
 
 def cell_text(value: object) -> str:
