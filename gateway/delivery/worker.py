@@ -247,8 +247,7 @@ class DeliveryWorker:
             # still says which record was rejected and what each receipt number is.
             try:
                 answer = orjson.loads(response.content)
-                receipts = [r for r in answer.get("receipts", []) if isinstance(r, dict)
-                            and isinstance(r.get("version"), int)]
+                receipts = [r for r in answer.get("receipts", []) if _readable(r)]
             except (orjson.JSONDecodeError, AttributeError, TypeError):
                 receipts = []
         return _Reply(action, response.status_code, receipts)
@@ -428,8 +427,8 @@ class DeliveryWorker:
         (``ce_gateway_delivery_unexpected_duplicates_total``), logged and marked
         ``unexpected`` on the ``delivered`` event for ops (docs/operations.md).
         """
-        by_key = {(str(r["record_id"]), int(r["version"])): r for r in reply.receipts
-                  if _readable(r)}
+        # Every receipt is _readable (send() kept no other).
+        by_key = {(r["record_id"], int(r["version"])): r for r in reply.receipts}
         events: list[audit.Event] = []
         delivered: list[dict[str, Any]] = []
         unexpected: list[dict[str, Any]] = []
@@ -476,35 +475,28 @@ class DeliveryWorker:
                      .values(status="done", attempts=claimed.attempts + 1, lease_owner=None,
                              lease_until=None, updated_at=now))
         if unanswered:
-            events += self._retry_unanswered(conn, claimed, unanswered, now)
+            # No receipt: a failed attempt for those rows, retried on the schedule and
+            # dead-lettered after the last, as any failed delivery (review 35: they went straight
+            # into the next batch, attempts unchanged, sent every poll for ever).  They move to a
+            # batch of their own (a new key: the answer named nothing of theirs).
+            rest = Claimed(self._child_batch(conn, claimed.batch_key, unanswered, now,
+                                             attempts=claimed.attempts),
+                           claimed.attempts, unanswered)
+            events += self._schedule_retry(
+                conn, rest, replace(reply, reason="no receipt for it in the reply",
+                                    retry_after=None), now)
         return events
 
-    def _retry_unanswered(self, conn: Connection, claimed: Claimed, rows: list[dict[str, Any]],
-                          now: datetime) -> list[audit.Event]:
-        """Rows a 200 gave no (readable) receipt: a failed attempt each, retried on the schedule.
-
-        They were put straight back into the next batch, attempts unchanged: a management system
-        that never answers for one record was sent it again every poll, for ever (review 35).
-        Now they wait in a batch of their own (a new key: the refused answer named nothing of
-        theirs) until ``retry_delay``, and are dead-lettered ``RETRIES_EXHAUSTED`` after
-        ``MAX_ATTEMPTS``, as any failed delivery is.
-        """
-        attempts, reason = claimed.attempts + 1, "no receipt for it in the reply"
-        if attempts >= self.settings.max_attempts:
-            return [self._dead(conn, r, "RETRIES_EXHAUSTED", f"{attempts} attempts; last: {reason}",
-                               now, attempts) for r in rows]
-        due = now + timedelta(seconds=float(self.settings.retry_delay(attempts)))
+    def _child_batch(self, conn: Connection, parent_key: str, rows: list[dict[str, Any]],
+                     now: datetime, attempts: int = 0) -> str:
+        """A new batch (a new Idempotency-Key) for ``rows`` of ``parent_key``, due now."""
         key = uuid.uuid4().hex
         conn.execute(insert(delivery_batches).values(
-            batch_key=key, status="pending", attempts=attempts, next_attempt_at=due,
-            parent_key=claimed.batch_key, last_error=reason, created_at=now, updated_at=now))
-        conn.execute(update(outbox).where(outbox.c.id.in_([r["id"] for r in rows])).values(
-            batch_key=key, attempts=attempts, last_error=reason, updated_at=now))
-        self.stats.retried += len(rows)
-        detail = {"attempts": attempts, "next_attempt_at": due.isoformat(), "reason": reason,
-                  "batch": key}
-        return [audit.Event("retry_scheduled", r["record_id"], r["version"], self.name, dict(detail))
-                for r in rows]
+            batch_key=key, status="pending", attempts=attempts, next_attempt_at=now,
+            parent_key=parent_key, created_at=now, updated_at=now))
+        conn.execute(update(outbox).where(outbox.c.id.in_([r["id"] for r in rows]))
+                     .values(batch_key=key, updated_at=now))
+        return key
 
     def _split(self, conn: Connection, claimed: Claimed, reply: _Reply,
                now: datetime) -> list[audit.Event]:
@@ -517,12 +509,7 @@ class DeliveryWorker:
         half = len(claimed.rows) // 2
         for part in (claimed.rows[:half], claimed.rows[half:]):
             # The refused request was not applied, so the halves may carry new keys.
-            key = uuid.uuid4().hex
-            conn.execute(insert(delivery_batches).values(
-                batch_key=key, status="pending", attempts=0, next_attempt_at=now,
-                parent_key=claimed.batch_key, created_at=now, updated_at=now))
-            conn.execute(update(outbox).where(outbox.c.id.in_([r["id"] for r in part]))
-                         .values(batch_key=key, updated_at=now))
+            self._child_batch(conn, claimed.batch_key, part, now)
         return [audit.Event("split", r["record_id"], r["version"], self.name,
                             {"batch": claimed.batch_key, "reason": reply.reason[:300]})
                 for r in claimed.rows]
